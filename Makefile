@@ -1,0 +1,42 @@
+# Colloquy — every entry point a person or CI uses.
+SHELL := /bin/bash
+PY := .venv/bin/python
+PROTO_SRC := $(wildcard protos/colloquy/v1/*.proto)
+PROTO_OUT := build/python/colloquy/v1/.stamp
+
+.PHONY: setup protos kafka-up kafka-down test lint demo up down model bench clean
+
+## setup: install system packages, the Python env and generated code (idempotent)
+setup:
+	@bash scripts/setup.sh
+
+## protos: generate Python code from protos/ (produced by the build, never edited)
+protos: $(PROTO_OUT)
+$(PROTO_OUT): $(PROTO_SRC)
+	@mkdir -p build/python
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=build/python --pyi_out=build/python \
+	  --grpc_python_out=build/python $(PROTO_SRC)
+	@touch $@
+
+## kafka-up / kafka-down: a real single-node KRaft broker on 127.0.0.1:9092
+kafka-up:
+	@bash scripts/kafka.sh up
+kafka-down:
+	@bash scripts/kafka.sh down
+
+## test: the whole test suite against real Kafka, gRPC, Ray Serve and ONNX models
+test: setup
+	@bash scripts/test.sh
+
+lint: setup
+	$(PY) -m ruff check services model tests bench
+
+## demo: set everything up and run the system (README's run command)
+demo: setup
+	@bash scripts/demo.sh
+
+down:
+	@bash scripts/down.sh
+
+clean:
+	rm -rf build var

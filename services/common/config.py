@@ -1,0 +1,143 @@
+"""Configuration from environment variables, validated at startup.
+
+A small dataclass-based loader instead of pydantic-settings: we want the error to name the
+*environment variable* (not a field path) and the process to stop before it serves anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, get_type_hints
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the variable."""
+
+
+def env(
+    name: str,
+    default: Any = dataclasses.MISSING,
+    *,
+    check: Callable[[Any], bool] | None = None,
+    hint: str = "",
+) -> Any:
+    """Declare a config field read from environment variable `name`.
+
+    `check` validates the parsed value; `hint` says what a valid value looks like.
+    """
+    meta = {"env": name, "check": check, "hint": hint}
+    if default is dataclasses.MISSING:
+        return dataclasses.field(metadata=meta, kw_only=True)
+    if isinstance(default, list | dict | set):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, kw_only=True)
+    return dataclasses.field(default=default, metadata=meta, kw_only=True)
+
+
+def _parse(raw: str, typ: Any) -> Any:
+    if typ is bool:
+        low = raw.strip().lower()
+        if low in {"1", "true", "yes", "on"}:
+            return True
+        if low in {"0", "false", "no", "off"}:
+            return False
+        raise ValueError("expected true/false")
+    if typ is int:
+        return int(raw.strip())
+    if typ is float:
+        return float(raw.strip())
+    if typ in (list[str], tuple[str, ...]):
+        return [p.strip() for p in raw.split(",") if p.strip()]
+    return raw
+
+
+def load(cls: type[T], environ: Mapping[str, str] | None = None,
+         defaults: Mapping[str, str] | None = None) -> T:
+    """Build config dataclass `cls` from the environment, raising ConfigError on a bad value.
+
+    `defaults` gives per-service fallbacks for shared fields (e.g. each service's own GRPC_PORT).
+    """
+    environ = os.environ if environ is None else environ
+    if defaults:
+        environ = {**defaults, **environ}
+    hints = get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        var = f.metadata.get("env")
+        if var is None:
+            continue
+        typ = hints[f.name]
+        if var in environ:
+            raw = environ[var]
+            try:
+                value = _parse(raw, typ)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"{var}={raw!r} is not a valid {getattr(typ, '__name__', typ)}"
+                    f"{': ' + f.metadata['hint'] if f.metadata['hint'] else ''} ({exc})"
+                ) from None
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            raise ConfigError(f"{var} is required but not set")
+        check = f.metadata.get("check")
+        if check is not None and not check(value):
+            hint = f.metadata["hint"] or "see the README's configuration table"
+            raise ConfigError(f"{var}={value!r} is out of range: {hint}")
+        values[f.name] = value
+    return cls(**values)
+
+
+def load_or_exit(cls: type[T], defaults: Mapping[str, str] | None = None) -> T:
+    """Load config; on error print one clear line and exit with status 2 (before serving)."""
+    try:
+        return load(cls, defaults=defaults)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def port(value: int) -> bool:
+    """Validator for TCP ports (0 lets the OS choose, used by tests)."""
+    return 0 <= value <= 65535
+
+
+def positive(value: float) -> bool:
+    return value > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class KafkaConfig:
+    """How every service reaches Kafka."""
+
+    bootstrap_servers: str = env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    # Latency over throughput: the default 500 ms would add half a second to every hop.
+    fetch_max_wait_ms: int = env("KAFKA_FETCH_MAX_WAIT_MS", 5, check=lambda v: 0 <= v <= 1000,
+                                 hint="0..1000 milliseconds")
+    max_poll_records: int = env("KAFKA_MAX_POLL_RECORDS", 64, check=lambda v: 1 <= v <= 10000,
+                                hint="1..10000")
+    max_retries: int = env("KAFKA_MAX_RETRIES", 3, check=lambda v: 0 <= v <= 100, hint="0..100")
+    retry_backoff_ms: int = env("KAFKA_RETRY_BACKOFF_MS", 100, check=lambda v: 0 <= v <= 60000,
+                                hint="0..60000 milliseconds")
+    create_topics: bool = env("KAFKA_CREATE_TOPICS", True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """gRPC + metrics endpoints of one service."""
+
+    host: str = env("GRPC_HOST", "127.0.0.1")
+    grpc_port: int = env("GRPC_PORT", 0, check=port, hint="a TCP port 0..65535")
+    metrics_port: int = env("METRICS_PORT", 0, check=port, hint="a TCP port 0..65535")
+    grace_seconds: float = env("SHUTDOWN_GRACE_SECONDS", 20.0, check=positive, hint="seconds > 0")
+    max_message_bytes: int = env("GRPC_MAX_MESSAGE_BYTES", 4 * 1024 * 1024, check=lambda v: v >= 1024,
+                                 hint="bytes >= 1024")
+    instance_id: str = env("INSTANCE_ID", "")
+    log_level: str = env("LOG_LEVEL", "INFO", check=lambda v: v.upper() in
+                         {"DEBUG", "INFO", "WARNING", "ERROR"}, hint="DEBUG, INFO, WARNING or ERROR")

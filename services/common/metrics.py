@@ -1,0 +1,44 @@
+"""Prometheus metrics shared by every service, under the `colloquy_` prefix.
+
+Each process exposes the default registry on its own HTTP port (`METRICS_PORT`).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+GRPC_REQUESTS = Counter(
+    "colloquy_grpc_requests_total", "gRPC calls handled, by service, method and status code",
+    ["service", "method", "code"],
+)
+GRPC_LATENCY = Histogram(
+    "colloquy_grpc_request_duration_seconds", "gRPC call duration (streams: until the last message)",
+    ["service", "method"], buckets=LATENCY_BUCKETS,
+)
+GRPC_IN_FLIGHT = Gauge("colloquy_grpc_in_flight", "gRPC calls being handled", ["service"])
+
+EVENTS_CONSUMED = Counter(
+    "colloquy_events_consumed_total", "Kafka records consumed", ["stage", "topic"])
+EVENTS_PRODUCED = Counter(
+    "colloquy_events_produced_total", "Kafka records produced", ["stage", "topic"])
+EVENTS_FAILED = Counter(
+    "colloquy_events_failed_total", "Processing attempts that raised (before retry or dead-letter)",
+    ["stage", "topic"])
+EVENTS_DEAD_LETTERED = Counter(
+    "colloquy_events_dead_lettered_total", "Records sent to the dead-letter topic", ["stage", "topic"])
+EVENTS_DUPLICATE = Counter(
+    "colloquy_events_duplicate_total", "Redelivered records skipped by event-id dedupe", ["stage", "topic"])
+EVENT_LATENCY = Histogram(
+    "colloquy_event_processing_seconds", "Time to process one Kafka record", ["stage", "topic"],
+    buckets=LATENCY_BUCKETS)
+CONSUMER_LAG = Gauge(
+    "colloquy_kafka_consumer_lag", "Records behind the log end, per consumer group and partition",
+    ["group", "topic", "partition"])
+
+
+def serve_metrics(port: int, host: str = "127.0.0.1") -> int:
+    """Start the /metrics HTTP endpoint; returns the bound port (0 picks a free one)."""
+    server, _thread = start_http_server(port, addr=host)
+    return int(server.server_address[1])

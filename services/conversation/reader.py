@@ -1,0 +1,120 @@
+"""Tails the compacted history topic into a ConversationStore, with read-your-writes waits."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from colloquy.v1 import events_pb2
+from kafka import TopicPartition
+
+from services.common import events, kafka_loop, topics
+from services.common.config import KafkaConfig
+from services.conversation.store import ConversationStore
+
+log = logging.getLogger(__name__)
+
+
+class HistoryReader:
+    """Replays `conversation.turns` from the beginning, then follows it.
+
+    Every replica reads all partitions (no consumer group): the store must hold every
+    conversation a request may name. `wait_caught_up` blocks until everything committed to
+    the topic before the call is applied, so turn N+1 always sees turn N.
+    """
+
+    def __init__(self, kafka: KafkaConfig, store: ConversationStore | None = None,
+                 topic: str = topics.CONVERSATION_TURNS.name) -> None:
+        self.kafka = kafka
+        self.store = store or ConversationStore()
+        self.topic = topic
+        self._stop = threading.Event()
+        self._positions: dict[int, int] = {}
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._consumer = None
+        self._probe = None
+        self._probe_lock = threading.Lock()
+        self.error: BaseException | None = None
+
+    def start(self) -> HistoryReader:
+        self._thread = threading.Thread(target=self._run_guarded, name="history-reader", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._probe_lock:
+            if self._probe is not None:
+                self._probe.close()
+                self._probe = None
+
+    def _run_guarded(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._run()
+            except Exception as exc:  # broker restarts: reconnect and carry on
+                self.error = None
+                log.warning("history reader failed; reconnecting", extra={"error": repr(exc)})
+                time.sleep(1)
+
+    def _run(self) -> None:
+        consumer = kafka_loop.make_consumer(self.kafka, None, "history-reader")
+        try:
+            parts = None
+            while parts is None and not self._stop.is_set():
+                ids = consumer.partitions_for_topic(self.topic)
+                if ids:
+                    parts = [TopicPartition(self.topic, p) for p in sorted(ids)]
+                else:
+                    time.sleep(0.2)
+            if parts is None:
+                return
+            consumer.assign(parts)
+            consumer.seek_to_beginning(*parts)
+            self._consumer = consumer
+            while not self._stop.is_set():
+                batch = consumer.poll(timeout_ms=100)
+                for tp, records in batch.items():
+                    for rec in records:
+                        if rec.value is None:
+                            continue  # tombstone: a deleted turn
+                        try:
+                            self.store.apply(events.decode(rec.value, rec.headers, events_pb2.TurnRecord))
+                        except events.PoisonEvent:
+                            log.error("skipping an undecodable history record",
+                                      extra={"partition": tp.partition, "offset": rec.offset})
+                with self._cond:
+                    for tp in parts:
+                        self._positions[tp.partition] = consumer.position(tp)
+                    self._cond.notify_all()
+        finally:
+            self._consumer = None
+            consumer.close()
+
+    def wait_caught_up(self, timeout: float = 10.0, partitions: list[int] | None = None) -> bool:
+        """Wait until the store reflects every record committed before this call."""
+        with self._probe_lock:  # kafka-python consumers are not thread-safe
+            if self._probe is None:
+                self._probe = kafka_loop.make_consumer(self.kafka, None, "history-probe")
+            try:
+                ids = self._probe.partitions_for_topic(self.topic) or set()
+                wanted = [TopicPartition(self.topic, p) for p in sorted(ids)
+                          if partitions is None or p in partitions]
+                ends = self._probe.end_offsets(wanted) if wanted else {}
+            except Exception:
+                self._probe.close()
+                self._probe = None
+                raise
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if all(self._positions.get(tp.partition, -1) >= end for tp, end in ends.items()):
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)

@@ -1,0 +1,54 @@
+"""Run service processes for tests the way production does: separate OS processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Proc:
+    """A child Python process with captured stderr (JSON logs)."""
+
+    def __init__(self, module: str, env: dict[str, str], args: list[str] | None = None) -> None:
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+        full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "build" / "python")])
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"colloquy-test-{module}-{os.getpid()}-{time.time_ns()}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in wait()
+        self.popen = subprocess.Popen([sys.executable, "-m", module, *(args or [])], env=full_env,
+                                      stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def output(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, predicate: Callable[[str], bool], timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self.output()):
+                return
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"process exited with {self.popen.returncode}:\n{self.output()[-4000:]}")
+            time.sleep(0.05)
+        raise TimeoutError(f"timed out; output:\n{self.output()[-4000:]}")
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        try:
+            return self.popen.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.wait(10)

@@ -1,0 +1,125 @@
+"""The shared consume -> process -> produce loop against the real broker."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+from colloquy.v1 import common_pb2, events_pb2
+
+from services.common import events
+from tests.common.kafka_util import create, produce, read_all
+from tests.common.procs import Proc
+
+pytestmark = pytest.mark.kafka
+
+
+def turn(i: int, text: str = "hello") -> events_pb2.TurnEvent:
+    return events_pb2.TurnEvent(
+        request_id=f"req-{i}", conversation_id=f"conv-{i % 4}", user_id="u1", message=f"{text} {i}",
+        sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=16), deadline_unix_ms=123)
+
+
+def start_stage(bootstrap: str, unique: str, delay: float = 0.0) -> Proc:
+    proc = Proc("tests.common.sample_stage", {
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "STAGE_IN": f"t.in.{unique}", "STAGE_OUT": f"t.out.{unique}",
+        "STAGE_GROUP": f"g.{unique}", "STAGE_DELAY_S": str(delay), "KAFKA_RETRY_BACKOFF_MS": "20",
+        "KAFKA_MAX_POLL_RECORDS": "10"})
+    proc.wait_for(lambda out: "partitions assigned" in out, timeout=60)
+    return proc
+
+
+def test_protobuf_event_round_trip(kafka_bootstrap: str, unique: str) -> None:
+    topic = f"t.roundtrip.{unique}"
+    create(kafka_bootstrap, topic, partitions=1)
+    sent = turn(7, "ünïcödé ✓")
+    produce(kafka_bootstrap, topic, [("conv-3", sent)])
+    [rec] = read_all(kafka_bootstrap, topic, expect=1, settle=0.2)
+    got = events.decode(rec.value, rec.headers, events_pb2.TurnEvent)
+    assert got == sent
+    assert rec.key == b"conv-3"
+    assert events.header(rec.headers, "event-type") == "colloquy.v1.TurnEvent"
+    assert len(events.header(rec.headers, "event-id")) == 36
+    assert events.header(rec.headers, "traceparent").startswith("00-")
+
+
+def test_wrong_payload_type_is_poison() -> None:
+    with pytest.raises(events.PoisonEvent):
+        events.decode(b"\xff\xff\xff", [], events_pb2.TurnEvent)
+    with pytest.raises(events.PoisonEvent):
+        events.decode(b"", [("event-type", b"colloquy.v1.CancelEvent")], events_pb2.TurnEvent)
+
+
+def test_sigkill_mid_batch_loses_nothing_and_applies_nothing_twice(kafka_bootstrap: str, unique: str) -> None:
+    n = 40
+    create(kafka_bootstrap, f"t.in.{unique}", f"t.out.{unique}")
+    produce(kafka_bootstrap, f"t.in.{unique}", [(f"conv-{i % 4}", turn(i)) for i in range(n)])
+    stage = start_stage(kafka_bootstrap, unique, delay=0.05)
+    # Kill it while it is inside a batch: some records processed, their transaction not committed.
+    stage.wait_for(lambda out: out.count("processed req-") >= 15, timeout=60)
+    stage.kill()
+    assert stage.output().count("processed req-") < n
+
+    stage2 = start_stage(kafka_bootstrap, unique)
+    try:
+        records = read_all(kafka_bootstrap, f"t.out.{unique}", expect=n, settle=3.0)
+    finally:
+        stage2.signal(signal.SIGTERM)
+        assert stage2.wait(30) == 0
+    ids = [events.decode(r.value, r.headers, events_pb2.TurnEvent).request_id for r in records]
+    assert sorted(ids) == sorted(f"req-{i}" for i in range(n)), "lost or duplicated outputs"
+    texts = {events.decode(r.value, r.headers, events_pb2.TurnEvent).message for r in records}
+    assert "HELLO 0" in texts
+    # Per conversation, order is kept.
+    by_conv: dict[str, list[int]] = {}
+    for r in records:
+        ev = events.decode(r.value, r.headers, events_pb2.TurnEvent)
+        by_conv.setdefault(ev.conversation_id, []).append(int(ev.request_id.split("-")[1]))
+    assert all(v == sorted(v) for v in by_conv.values())
+
+
+def test_poison_and_failing_messages_go_to_dead_letter_and_flow_continues(
+        kafka_bootstrap: str, unique: str) -> None:
+    create(kafka_bootstrap, f"t.in.{unique}", f"t.out.{unique}", "colloquy.dead-letter")
+    before = len(read_all(kafka_bootstrap, "colloquy.dead-letter", expect=0, settle=0.5))
+    stage = start_stage(kafka_bootstrap, unique)
+    try:
+        produce(kafka_bootstrap, f"t.in.{unique}", [
+            ("conv-0", turn(0)),
+            ("conv-0", b"\x08\x96\x01\xff\xfe garbage"),   # malformed protobuf
+            ("conv-0", turn(1, "fail")),                   # handler raises every time
+            ("conv-0", turn(2)),
+        ])
+        out = read_all(kafka_bootstrap, f"t.out.{unique}", expect=2, settle=1.0)
+        dead = read_all(kafka_bootstrap, "colloquy.dead-letter", expect=before + 2, settle=1.0)[before:]
+    finally:
+        stage.signal(signal.SIGTERM)
+        assert stage.wait(30) == 0
+    assert [events.decode(r.value, r.headers, events_pb2.TurnEvent).request_id for r in out] == \
+        ["req-0", "req-2"]
+    mine = [r for r in dead if events.header(r.headers, "dlq-topic") == f"t.in.{unique}"]
+    assert len(mine) == 2
+    poison, failing = mine
+    assert events.header(poison.headers, "dlq-error-type") == "PoisonEvent"
+    assert "not a valid colloquy.v1.TurnEvent" in events.header(poison.headers, "dlq-reason")
+    assert poison.value == b"\x08\x96\x01\xff\xfe garbage"
+    assert events.header(failing.headers, "dlq-error-type") == "RuntimeError"
+    assert "always fails" in events.header(failing.headers, "dlq-reason")
+    assert events.header(failing.headers, "dlq-stage") == "sample"
+    # The failing record was retried (max_retries=3 -> 4 attempts) before being dead-lettered.
+    assert stage.output().count("handler failed; retrying") == 3
+
+
+def test_topics_are_created_idempotently(kafka_bootstrap: str) -> None:
+    from services.common import topics
+    topics.ensure_topics(kafka_bootstrap)
+    assert topics.ensure_topics(kafka_bootstrap) == []
+    from kafka import KafkaAdminClient
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        names = set(admin.list_topics())
+    finally:
+        admin.close()
+    assert {t.name for t in topics.ALL} <= names
+    time.sleep(0)

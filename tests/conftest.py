@@ -1,0 +1,39 @@
+"""Test harness: one real Kafka broker for the whole session (started if none runs)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+
+BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """A live broker; stopped at the end only if this session started it."""
+    from tests import kafka_broker
+
+    started = kafka_broker.ensure_broker(BOOTSTRAP)
+    os.environ["KAFKA_BOOTSTRAP_SERVERS"] = BOOTSTRAP
+    try:
+        yield BOOTSTRAP
+    finally:
+        if started and not os.environ.get("COLLOQUY_KEEP_KAFKA"):
+            kafka_broker.stop_broker()
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short unique suffix so tests never share topics or consumer groups."""
+    return uuid.uuid4().hex[:10]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
