@@ -15,9 +15,12 @@ from typing import Any
 
 from model.chat_template import CHATML_TEMPLATE
 
-# Keys of the transformers config that describe the loader, not the model.
-_DROP_CONFIG_KEYS = ("quantization_config", "_model_name_or_path", "transformers_version",
-                     "_name_or_path", "torch_dtype", "dtype", "use_cache")
+# The LlamaConfig fields that define the model; anything else describes the loader.
+_CONFIG_KEYS = ("attention_bias", "attention_dropout", "bos_token_id", "eos_token_id", "head_dim",
+                "hidden_act", "hidden_size", "initializer_range", "intermediate_size",
+                "max_position_embeddings", "mlp_bias", "model_type", "num_attention_heads",
+                "num_hidden_layers", "num_key_value_heads", "pad_token_id", "pretraining_tp",
+                "rms_norm_eps", "tie_word_embeddings", "vocab_size")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja")
@@ -76,8 +79,18 @@ def export_tokenizer(gguf: Path, out_dir: Path) -> None:
 
 
 def clean_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A loadable float32 LlamaForCausalLM config: architectures set, loader keys dropped."""
-    out = {k: v for k, v in config.items() if k not in _DROP_CONFIG_KEYS}
+    """A loadable float32 LlamaForCausalLM config: architectures set, loader keys dropped.
+
+    Only the fields that define the model are kept, and RoPE is written both
+    the transformers 4 way (``rope_theta``) and the 5 way (``rope_parameters``),
+    so the file does not depend on which transformers wrote it.
+    """
+    out = {k: config[k] for k in _CONFIG_KEYS if k in config}
+    rope = config.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    out["rope_theta"] = theta
+    out["rope_parameters"] = {"rope_theta": theta, "rope_type": rope.get("rope_type", "default")}
+    out["rope_scaling"] = None
     out["architectures"] = ["LlamaForCausalLM"]
     out["torch_dtype"] = "float32"
     out["use_cache"] = True

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 
 import pytest
 
-
 BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 
 

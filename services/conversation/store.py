@@ -12,6 +12,8 @@ from colloquy.v1 import chat_pb2, events_pb2
 class ConversationView:
     user_id: str
     turns: dict[int, chat_pb2.Turn] = dataclasses.field(default_factory=dict)
+    # The prompt the model saw for each turn (hidden instructions included): for feedback only.
+    prompts: dict[int, str] = dataclasses.field(default_factory=dict)
 
     def ordered(self) -> list[chat_pb2.Turn]:
         return [self.turns[i] for i in sorted(self.turns)]
@@ -36,6 +38,8 @@ class ConversationStore:
             if view.user_id != record.user_id:
                 return  # never let a record move a conversation to another owner
             view.turns[record.turn.index] = record.turn
+            if record.prompt:
+                view.prompts[record.turn.index] = record.prompt
 
     def get(self, conversation_id: str, user_id: str) -> ConversationView | None:
         """The conversation if it exists *and* belongs to `user_id`; else None (NOT_FOUND)."""
@@ -43,7 +47,7 @@ class ConversationStore:
             view = self._convs.get(conversation_id)
             if view is None or view.user_id != user_id:
                 return None
-            return ConversationView(view.user_id, dict(view.turns))
+            return ConversationView(view.user_id, dict(view.turns), dict(view.prompts))
 
     def exists(self, conversation_id: str) -> bool:
         with self._lock:

@@ -19,7 +19,8 @@ class Proc:
     def __init__(self, module: str, env: dict[str, str], args: list[str] | None = None) -> None:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
         full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "build" / "python")])
-        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"colloquy-test-{module}-{os.getpid()}-{time.time_ns()}.log"
+        logs = Path(os.environ.get("TMPDIR", "/tmp"))
+        self.log_path = logs / f"colloquy-test-{module}-{os.getpid()}-{time.time_ns()}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in wait()
         self.popen = subprocess.Popen([sys.executable, "-m", module, *(args or [])], env=full_env,
                                       stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)

@@ -16,7 +16,7 @@ class Counter(tokenizer_pb2_grpc.TokenizerServiceServicer):
     def __init__(self, delay: float) -> None:
         self.delay = delay
 
-    async def CountTokens(self, request, context):  # noqa: N802
+    async def CountTokens(self, request, context):
         await asyncio.sleep(self.delay)
         return tokenizer_pb2.CountTokensResponse(counts=[len(t.split()) for t in request.texts])
 

@@ -6,7 +6,6 @@ record so a test can SIGKILL the process in the middle of a batch."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 
@@ -32,7 +31,7 @@ def main() -> None:
     def handle(ev: kafka_loop.Consumed[events_pb2.TurnEvent]):
         if cfg.delay_s:
             time.sleep(cfg.delay_s)
-        if ev.message.message == "fail":
+        if ev.message.message.startswith("fail"):
             raise RuntimeError("this message always fails")
         out = events_pb2.TurnEvent()
         out.CopyFrom(ev.message)

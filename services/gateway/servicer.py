@@ -1,0 +1,219 @@
+"""ChatService over gRPC: authenticate, validate, publish the turn, relay its replies."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from colloquy.v1 import chat_pb2, chat_pb2_grpc, events_pb2
+from kafka import KafkaProducer
+
+from services.common import events, topics, turns
+from services.conversation.reader import HistoryReader
+from services.gateway import validation
+from services.gateway.auth import KeyRing, key_from_metadata
+from services.gateway.config import GatewayConfig
+from services.gateway.replies import ReplyRouter
+
+log = logging.getLogger(__name__)
+
+NOT_FOUND = "conversation not found"
+
+
+class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
+    def __init__(self, cfg: GatewayConfig, keys: KeyRing, history: HistoryReader, router: ReplyRouter,
+                 producer: KafkaProducer, reply_topic: str) -> None:
+        self.cfg = cfg
+        self.keys = keys
+        self.history = history
+        self.router = router
+        self.producer = producer
+        self.reply_topic = reply_topic
+        self.in_flight: dict[str, str] = {}  # conversation id -> request id being answered
+        self.active = 0
+
+    # -- helpers -------------------------------------------------------------------------------
+    async def _user(self, context: grpc.aio.ServicerContext) -> str:
+        key = key_from_metadata(context.invocation_metadata())
+        user = self.keys.user_for(key) if key else None
+        if not user:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or invalid API key: send metadata 'authorization: Bearer <key>'")
+        return user  # type: ignore[return-value]
+
+    async def _invalid(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def _owned(self, conversation_id: str, user: str):  # type: ignore[no-untyped-def]
+        """The caller's conversation, waiting for the history to catch up if we do not know it yet."""
+        view = self.history.store.get(conversation_id, user)
+        if view is None and not self.history.store.exists(conversation_id):
+            await asyncio.get_running_loop().run_in_executor(None, self.history.wait_caught_up, 5.0)
+            view = self.history.store.get(conversation_id, user)
+        return view
+
+    async def _publish(self, out: events.OutEvent) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def ok(_meta: object) -> None:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+        def failed(exc: BaseException) -> None:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(exc))
+
+        fut = self.producer.send(out.topic, key=out.key.encode(), value=out.message.SerializeToString(),
+                                 headers=out.headers(), partition=out.partition)
+        fut.add_callback(ok)
+        fut.add_errback(failed)
+        await asyncio.wait_for(done, timeout=10)
+
+    def _cancel(self, request_id: str, conversation_id: str, reason: str) -> None:
+        """Fire-and-forget: generation stops this request within one decode step."""
+        msg = events_pb2.CancelEvent(request_id=request_id, conversation_id=conversation_id, reason=reason)
+        try:
+            self.producer.send(topics.CHAT_CANCELS.name, key=conversation_id.encode(),
+                               value=msg.SerializeToString(),
+                               headers=events.OutEvent(topics.CHAT_CANCELS.name, conversation_id, msg,
+                                                       request_id=request_id).headers())
+        except Exception:
+            log.warning("could not publish a cancel event", exc_info=True)
+
+    # -- RPCs ----------------------------------------------------------------------------------
+    async def Chat(self, request: chat_pb2.ChatRequest,
+                   context: grpc.aio.ServicerContext) -> AsyncIterator[chat_pb2.ChatEvent]:
+        user = await self._user(context)
+        try:
+            conv, text, sampling = validation.chat_request(request, self.cfg)
+        except validation.InvalidArgument as exc:
+            await self._invalid(context, exc)
+        if conv:
+            if await self._owned(conv, user) is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, NOT_FOUND)
+        else:
+            conv = str(uuid.uuid4())
+        if conv in self.in_flight:
+            await context.abort(grpc.StatusCode.ABORTED,
+                                "a turn is already being answered in this conversation; wait for it to finish")
+        if self.active >= self.cfg.max_concurrent_chats:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the gateway is at capacity ({self.cfg.max_concurrent_chats} chats); retry shortly")
+
+        request_id = uuid.uuid4().hex
+        remaining = context.time_remaining()
+        budget = self.cfg.default_deadline_s if remaining is None else min(remaining, self.cfg.default_deadline_s)
+        deadline = time.time() + budget
+        turn = events_pb2.TurnEvent(
+            request_id=request_id, conversation_id=conv, user_id=user, message=text, sampling=sampling,
+            reply_topic=self.reply_topic, deadline_unix_ms=int(deadline * 1000),
+            accepted_unix_ms=turns.now_ms())
+        queue = self.router.register(request_id)
+        self.in_flight[conv] = request_id
+        self.active += 1
+        finished = False
+        try:
+            try:
+                await self._publish(events.OutEvent(topics.CHAT_REQUESTS.name, conv, turn, request_id=request_id))
+            except Exception:
+                log.exception("could not publish the turn")
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the chat pipeline is unavailable; retry shortly")
+            sent: dict[int, int] = {}
+            started = False
+            while True:
+                left = deadline - time.time()
+                if left <= 0:
+                    self._cancel(request_id, conv, "deadline")
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the answer did not finish in time")
+                try:
+                    ev = await asyncio.wait_for(queue.get(), timeout=min(left, self.cfg.reply_idle_timeout_s))
+                except TimeoutError:
+                    if deadline - time.time() <= 0:
+                        continue
+                    self._cancel(request_id, conv, "stalled")
+                    await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                        f"no progress from the pipeline for {self.cfg.reply_idle_timeout_s:.0f}s")
+                kind = ev.WhichOneof("reply")
+                if kind == "started":
+                    if not started:
+                        started = True
+                        yield chat_pb2.ChatEvent(started=ev.started)
+                elif kind == "text":
+                    already = sent.get(ev.text.index, 0)
+                    if len(ev.text.text) > already:
+                        sent[ev.text.index] = len(ev.text.text)
+                        yield chat_pb2.ChatEvent(delta=chat_pb2.ChatDelta(
+                            index=ev.text.index, text=ev.text.text[already:]))
+                elif kind == "moderation":
+                    yield chat_pb2.ChatEvent(moderation=ev.moderation)
+                elif kind == "done":
+                    finished = True
+                    yield chat_pb2.ChatEvent(done=ev.done)
+                    return
+                elif kind == "error":
+                    finished = True
+                    code = getattr(grpc.StatusCode, ev.error.code, grpc.StatusCode.UNAVAILABLE)
+                    await context.abort(code, ev.error.message)
+        except asyncio.CancelledError:
+            if not finished:
+                self._cancel(request_id, conv, "client-cancelled")
+            raise
+        finally:
+            self.router.unregister(request_id)
+            if self.in_flight.get(conv) == request_id:
+                del self.in_flight[conv]
+            self.active -= 1
+
+    async def GetConversation(self, request: chat_pb2.GetConversationRequest,
+                              context: grpc.aio.ServicerContext) -> chat_pb2.Conversation:
+        user = await self._user(context)
+        try:
+            conv = validation.conversation_id(request.conversation_id)
+        except validation.InvalidArgument as exc:
+            await self._invalid(context, exc)
+        view = await self._owned(conv, user)
+        if view is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, NOT_FOUND)
+        return chat_pb2.Conversation(conversation_id=conv, turns=view.ordered())
+
+    async def SubmitFeedback(self, request: chat_pb2.SubmitFeedbackRequest,
+                             context: grpc.aio.ServicerContext) -> chat_pb2.SubmitFeedbackResponse:
+        user = await self._user(context)
+        try:
+            conv = validation.conversation_id(request.conversation_id)
+        except validation.InvalidArgument as exc:
+            await self._invalid(context, exc)
+        view = await self._owned(conv, user)
+        if view is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, NOT_FOUND)
+        turn = view.turns.get(request.turn_index)
+        try:
+            validation.feedback(request, turn)
+        except validation.InvalidArgument as exc:
+            await self._invalid(context, exc)
+        feedback_id = uuid.uuid4().hex
+        ev = events_pb2.FeedbackEvent(
+            feedback_id=feedback_id, user_id=user, conversation_id=conv, turn_index=request.turn_index,
+            prompt=view.prompts.get(request.turn_index, ""), answers=turn.answers,
+            model_version=turn.model_version, template_version=turn.template_version,
+            source=_source(context), created_unix_ms=turns.now_ms())
+        if request.HasField("rating"):
+            ev.rating.CopyFrom(request.rating)
+        else:
+            ev.ranking.CopyFrom(request.ranking)
+        try:
+            await self._publish(events.OutEvent(topics.CHAT_FEEDBACK.name, conv, ev, event_id=feedback_id))
+        except Exception:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "could not record the feedback; retry shortly")
+        return chat_pb2.SubmitFeedbackResponse(feedback_id=feedback_id)
+
+
+def _source(context: grpc.aio.ServicerContext) -> str:
+    """Feedback from the simulated-labeler tool says so in metadata; everything else is human."""
+    for k, v in context.invocation_metadata() or ():
+        if k == "x-colloquy-feedback-source" and v == "simulated":
+            return "simulated"
+    return "human"

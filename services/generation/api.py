@@ -1,0 +1,101 @@
+"""Protobuf <-> engine mapping and input validation, shared by the gRPC ingress and the Kafka worker.
+
+Pure functions (no Ray, no I/O): every validation error names the field, in the gateway's
+"field: what is wrong" style, and becomes INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Iterable
+
+from colloquy.v1 import common_pb2, events_pb2, generation_pb2
+
+from services.generation import engine
+
+MAX_STOP = 4
+MAX_STOP_CHARS = 64
+MAX_PROMPT_CHARS = 1 << 20
+MAX_REQUEST_ID = 128
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TOP_P = 1.0
+DEFAULT_MAX_TOKENS = 256
+
+FINISH = {
+    engine.FinishReason.STOP: generation_pb2.FINISH_REASON_STOP,
+    engine.FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
+    engine.FinishReason.CANCELLED: generation_pb2.FINISH_REASON_CANCELLED,
+    engine.FinishReason.ERROR: generation_pb2.FINISH_REASON_ERROR,
+}
+
+
+class InvalidArgument(ValueError):
+    """Bad input; the message starts with the field's name."""
+
+
+def sampling(p: common_pb2.SamplingParams, *, max_tokens_limit: int, max_n: int) -> engine.Sampling:
+    """Check ranges (documented in common.proto) and apply the defaults of unset fields."""
+    temp = p.temperature if p.HasField("temperature") else DEFAULT_TEMPERATURE
+    if not math.isfinite(temp) or temp < 0 or temp > 2:
+        raise InvalidArgument(f"sampling.temperature: {temp} is outside [0, 2]")
+    top_p = p.top_p if p.HasField("top_p") else DEFAULT_TOP_P
+    if not math.isfinite(top_p) or top_p <= 0 or top_p > 1:
+        raise InvalidArgument(f"sampling.top_p: {top_p} is outside (0, 1]")
+    max_tokens = p.max_tokens if p.HasField("max_tokens") else min(DEFAULT_MAX_TOKENS, max_tokens_limit)
+    if max_tokens < 1 or max_tokens > max_tokens_limit:
+        raise InvalidArgument(f"sampling.max_tokens: {max_tokens} is outside [1, {max_tokens_limit}]")
+    n = p.n if p.HasField("n") else 1
+    if n < 1 or n > max_n:
+        raise InvalidArgument(f"sampling.n: {n} is outside [1, {max_n}]")
+    if len(p.stop) > MAX_STOP:
+        raise InvalidArgument(f"sampling.stop: {len(p.stop)} strings, at most {MAX_STOP}")
+    for i, s in enumerate(p.stop):
+        if not s or len(s) > MAX_STOP_CHARS or "\x00" in s:
+            raise InvalidArgument(f"sampling.stop[{i}]: must be 1..{MAX_STOP_CHARS} characters, no NUL")
+    return engine.Sampling(temperature=float(temp), top_p=float(top_p), max_tokens=int(max_tokens),
+                           stop=tuple(p.stop), seed=int(p.seed) if p.HasField("seed") else None, n=int(n))
+
+
+def prompt(text: str) -> str:
+    if not text or not text.strip():
+        raise InvalidArgument("prompt: must not be empty or only whitespace")
+    if "\x00" in text:
+        raise InvalidArgument("prompt: contains a NUL character")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InvalidArgument(f"prompt: {len(text)} characters, at most {MAX_PROMPT_CHARS}")
+    return text
+
+
+def generate_request(req: generation_pb2.GenerateRequest, *, max_tokens_limit: int, max_n: int,
+                     deadline_unix_ms: int = 0) -> engine.Request:
+    """A validated engine request for a GenerateRequest (a request id is made when empty)."""
+    text = prompt(req.prompt)
+    if len(req.request_id) > MAX_REQUEST_ID:
+        raise InvalidArgument(f"request_id: at most {MAX_REQUEST_ID} characters")
+    params = sampling(req.sampling, max_tokens_limit=max_tokens_limit, max_n=max_n)
+    return engine.Request(request_id=req.request_id or str(uuid.uuid4()), prompt=text, sampling=params,
+                          deadline_unix_ms=deadline_unix_ms, conversation_id=req.conversation_id)
+
+
+def turn_request(turn: events_pb2.TurnEvent, *, max_tokens_limit: int, max_n: int) -> engine.Request:
+    """The engine request for a TurnEvent from chat.prompts (the gateway applied the defaults)."""
+    if not turn.request_id:
+        raise InvalidArgument("request_id: required")
+    return engine.Request(request_id=turn.request_id, prompt=prompt(turn.prompt),
+                          sampling=sampling(turn.sampling, max_tokens_limit=max_tokens_limit, max_n=max_n),
+                          deadline_unix_ms=turn.deadline_unix_ms, conversation_id=turn.conversation_id)
+
+
+def responses(deltas: Iterable[engine.Delta]) -> list[generation_pb2.GenerateResponse]:
+    """GenerateResponses for a batch of deltas; usage (this candidate's tokens) on a candidate's last."""
+    out = []
+    for d in deltas:
+        msg = generation_pb2.GenerateResponse(index=d.index, delta=d.text, model_version=d.model_version,
+                                              delta_tokens=d.tokens)
+        if d.finish_reason is not None:
+            msg.finish_reason = FINISH[d.finish_reason]
+            msg.usage.prompt_tokens = d.prompt_tokens
+            msg.usage.completion_tokens = d.completion_tokens
+        out.append(msg)
+    return out

@@ -1,0 +1,81 @@
+"""Generation service configuration (environment variables; see the README's table).
+
+The Serve deployment reads `GENERATION_*` engine variables in its replica processes (Ray passes
+the driver's environment to local workers; on Kubernetes they come from the pod spec), the Kafka
+worker reads the rest in `python -m services.generation`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from services.common import topics
+from services.common.config import env, positive
+
+DEFAULTS = {"METRICS_PORT": "9105"}
+DEFAULT_SERVE_CONFIG = str(Path(__file__).with_name("serve_config.yaml"))
+
+
+def _nonneg(v: int) -> bool:
+    return v >= 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSettings:
+    """What each Serve replica's engine needs (read inside the replica)."""
+
+    # A model directory (genai_config.json, model.onnx, tokenizer); empty: the model registry's
+    # current version of the "generation" deployment.
+    model_dir: str = env("GENERATION_MODEL_DIR", "")
+    # Version label reported with every answer; empty: the registry's, else the directory name.
+    model_version: str = env("GENERATION_MODEL_VERSION", "")
+    provider: str = env("GENERATION_PROVIDER", "auto", check=lambda v: v in {"auto", "cuda", "cpu"},
+                        hint="auto, cuda or cpu")
+    max_running: int = env("GENERATION_MAX_RUNNING", 8, check=lambda v: 1 <= v <= 256, hint="1..256")
+    max_waiting: int = env("GENERATION_MAX_WAITING", 32, check=lambda v: 0 <= v <= 10000, hint="0..10000")
+    prefill_chunk: int = env("GENERATION_PREFILL_CHUNK", 256, check=lambda v: 1 <= v <= 65536,
+                             hint="1..65536 tokens")
+    max_tokens_limit: int = env("GENERATION_MAX_TOKENS_LIMIT", 2048, check=lambda v: 1 <= v <= 1 << 20,
+                                hint="1..1048576")
+    max_n: int = env("GENERATION_MAX_N", 4, check=lambda v: 1 <= v <= 16, hint="1..16")
+    # Each replica serves its own /metrics on the first free port from here (several replicas
+    # may share a node); 0 disables it.
+    replica_metrics_port: int = env("GENERATION_REPLICA_METRICS_PORT", 9110, check=_nonneg,
+                                    hint="a TCP port, 0 = off")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceSettings:
+    """`python -m services.generation`: local Ray + Serve, and the Kafka worker."""
+
+    serve_config: str = env("GENERATION_SERVE_CONFIG", DEFAULT_SERVE_CONFIG)
+    # Empty: start a local Ray instance (sized by the two below); else an existing cluster's address.
+    ray_address: str = env("RAY_ADDRESS", "")
+    ray_num_cpus: int = env("GENERATION_RAY_NUM_CPUS", 2, check=lambda v: v >= 1, hint="CPUs >= 1")
+    ray_object_store_mb: int = env("GENERATION_RAY_OBJECT_STORE_MB", 200, check=lambda v: v >= 80,
+                                   hint="MiB >= 80")
+    # Port of Serve's gRPC proxy; overrides the config file's grpc_options.port when set.
+    grpc_port: int = env("GENERATION_GRPC_PORT", 0, check=_nonneg, hint="a TCP port, 0 = the file's")
+    # Run the Kafka bridge; off: only Ray Serve (gRPC ingress and handles) runs.
+    kafka_worker: bool = env("KAFKA_WORKER", True)
+    app_name: str = env("GENERATION_APP_NAME", "generation")
+    deployment_name: str = env("GENERATION_DEPLOYMENT", "generation")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSettings:
+    """The Kafka bridge."""
+
+    topic_in: str = env("GENERATION_TOPIC_IN", topics.CHAT_PROMPTS.name)
+    topic_cancels: str = env("GENERATION_TOPIC_CANCELS", topics.CHAT_CANCELS.name)
+    topic_out: str = env("GENERATION_TOPIC_OUT", topics.GENERATION_PROGRESS.name)
+    group_id: str = env("GENERATION_GROUP_ID", "colloquy-generation")
+    # Requests generated concurrently by this worker; beyond it the prompt partitions are paused.
+    max_in_flight: int = env("GENERATION_MAX_IN_FLIGHT", 32, check=lambda v: 1 <= v <= 4096,
+                             hint="1..4096")
+    # A progress batch goes out every this many tokens or this many ms, whichever comes first.
+    batch_tokens: int = env("GENERATION_BATCH_TOKENS", 4, check=lambda v: 1 <= v <= 1024, hint="1..1024")
+    batch_ms: float = env("GENERATION_BATCH_MS", 20.0, check=positive, hint="milliseconds > 0")
+    # A request whose stream breaks (replica died) is regenerated this many times (same seed).
+    retries: int = env("GENERATION_RETRIES", 2, check=lambda v: 0 <= v <= 10, hint="0..10")

@@ -1,0 +1,161 @@
+"""The generation engine as a Ray Serve deployment.
+
+Two entrances to one engine per replica:
+- `Generate`: Serve's gRPC proxy (port 9000) routes `colloquy.v1.GenerationService/Generate` here;
+  Serve calls the method named like the RPC with the request proto and `grpc_context`, and
+  streams what this async generator yields. Status codes go through `grpc_context` (set, then
+  raise: Serve keeps a user-set code when the call fails, and a stream that yields nothing would
+  otherwise end OK).
+- `stream`: the Kafka worker's DeploymentHandle call. It yields a status dict first, then lists of
+  `engine.Delta`, so errors arrive as data instead of wrapped Ray exceptions.
+
+Conversation affinity: the deployment uses Serve's `ConsistentHashRouter` (serve_config.yaml), which
+hashes the request's `session_id` onto a ring of replicas with virtual nodes. The worker sets
+`session_id` to the conversation id on its handle; gRPC clients send metadata
+`session_id: <conversation id>`. Every router (proxy, each worker's handle) computes the same
+replica from the same broadcast replica set, without shared state, and scaling moves only about
+1/N of conversations; a full replica falls through to the next one on the ring. A conversation's
+turns thus land where its earlier turns ran, which is what a per-replica KV/prefix cache needs.
+
+Model swap: `reconfigure(user_config)` (Serve calls it on every replica when the config's
+`user_config` changes) loads `model_dir`/`model_version`; in-flight requests finish on the old model.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from colloquy.v1 import generation_pb2
+from grpc_health.v1 import health_pb2
+from ray import serve
+
+from services.common import config
+from services.generation import api, engine, model_ref
+from services.generation.config import EngineSettings
+
+log = logging.getLogger(__name__)
+
+STATUS_OK = "OK"
+
+
+def _start_metrics(base_port: int, host: str = "0.0.0.0", tries: int = 32) -> int:
+    """Serve /metrics on the first free port from `base_port` (replicas may share a node)."""
+    if base_port <= 0:
+        return 0
+    from prometheus_client import start_http_server
+
+    for port in range(base_port, base_port + tries):
+        try:
+            start_http_server(port, addr=host)
+            return port
+        except OSError:
+            continue
+    log.warning("no free metrics port", extra={"from_port": base_port, "tries": tries})
+    return 0
+
+
+@serve.deployment(name="generation")
+class Generation:
+    """One replica: an AsyncEngine over the served model version."""
+
+    def __init__(self, model_dir: str = "", model_version: str = "") -> None:
+        self.settings = config.load(EngineSettings)
+        path, version = model_ref.resolve(model_dir or self.settings.model_dir,
+                                          model_version or self.settings.model_version)
+        s = self.settings
+        self.engine = engine.AsyncEngine(path, version, engine.EngineConfig(
+            max_running=s.max_running, max_waiting=s.max_waiting, prefill_chunk=s.prefill_chunk,
+            provider=s.provider))
+        self.metrics_port = _start_metrics(s.replica_metrics_port)
+        log.info("generation replica ready", extra={
+            "model_version": version, "provider": self.engine.provider, "metrics_port": self.metrics_port,
+            "host": socket.gethostname()})
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Switch the model version named in `user_config` ({model_dir, model_version})."""
+        model_dir = str(user_config.get("model_dir") or "")
+        version = str(user_config.get("model_version") or "")
+        if not model_dir and not version:
+            return
+        path, label = model_ref.resolve(model_dir, version)
+        await self.engine.load_version(path, label)
+
+    # -- gRPC ingress -------------------------------------------------------------------------
+    async def Generate(  # Serve routes the RPC to the method of the same name
+        self, request: generation_pb2.GenerateRequest, grpc_context: Any = None,
+    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        """Stream the candidates' deltas; every message carries the model version."""
+        try:
+            req = api.generate_request(request, max_tokens_limit=self.settings.max_tokens_limit,
+                                       max_n=self.settings.max_n)
+            stream = self.engine.submit(req)
+        except Exception as exc:
+            code, message = _status(exc)
+            if grpc_context is not None:
+                grpc_context.set_code(code)
+                grpc_context.set_details(message)
+            raise
+        async for deltas in stream:
+            for msg in api.responses(deltas):
+                yield msg
+
+    async def Check(  # grpc.health.v1.Health/Check through the same proxy
+        self, request: health_pb2.HealthCheckRequest, grpc_context: Any = None,
+    ) -> health_pb2.HealthCheckResponse:
+        ok = self.engine.loop_error is None
+        return health_pb2.HealthCheckResponse(
+            status=health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    # -- handle API (Kafka worker, other deployments) -------------------------------------------
+    async def stream(self, request: engine.Request) -> AsyncIterator[Any]:
+        """First a status dict {code, message, prompt_tokens, model_version}, then lists of Deltas."""
+        try:
+            stream = self.engine.submit(request)
+        except Exception as exc:
+            code, message = _status(exc)
+            yield {"code": code.name, "message": message, "prompt_tokens": 0,
+                   "model_version": self.engine.model_version}
+            return
+        yield {"code": STATUS_OK, "message": "", "prompt_tokens": stream.prompt_tokens,
+               "model_version": stream.model_version}
+        async for deltas in stream:
+            yield deltas
+
+    def status(self) -> dict[str, Any]:
+        return {**self.engine.stats(), "metrics_port": self.metrics_port}
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose scheduler thread died."""
+        if self.engine.loop_error is not None:
+            raise RuntimeError(f"generation scheduler died: {self.engine.loop_error!r}")
+
+    def __del__(self) -> None:
+        eng = getattr(self, "engine", None)
+        if eng is not None:
+            eng._closed = True
+
+
+def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status for an error raised before a request starts."""
+    if isinstance(exc, api.InvalidArgument):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, engine.InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, engine.Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, engine.DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+    if isinstance(exc, engine.EngineClosed):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    log.error("generation failed", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"generation failed: {type(exc).__name__}"
+
+
+def build(args: dict[str, Any]) -> Any:
+    """Serve application builder (`import_path: services.generation.deployment:build`)."""
+    return Generation.bind(model_dir=str(args.get("model_dir") or ""),
+                           model_version=str(args.get("model_version") or ""))

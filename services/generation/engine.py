@@ -1,0 +1,620 @@
+"""Continuous-batching text generation over ONNX Runtime GenAI, with no Ray and no gRPC.
+
+Like vLLM's engine is separate from its entrypoints, this module only knows prompts, sampling
+options and tokens; `deployment.py` puts it behind Ray Serve and gRPC, `worker.py` behind Kafka.
+
+How it batches. One scheduler thread owns every ONNX Runtime GenAI object that decodes. Each
+candidate answer is one `og.Generator`; every scheduler *round* admits waiting requests into free
+slots (a new request joins the running batch), runs one decode step of every running candidate
+(or one prefill chunk of a new one, so a long prompt never stalls the others for more than a
+chunk), and retires finished candidates (a finished request leaves the batch). Cancellation and
+deadlines are checked before every step of every candidate, so a request stops within one step.
+
+Why Generators stepped round-robin and not `og.Engine` (0.18): on the CPU provider the Engine only
+offers its *static* batch (dynamic batching needs a PagedAttention model, which the builder makes
+for CUDA fp16/bf16 only); in that mode it refuses per-request seeds and stop strings
+("... requires an Engine configured for dynamic batching"), so it cannot give the reproducible,
+per-request answers the pipeline needs, and on this 2-core CPU it was also slower per stream (see
+the numbers in `services/generation/README.md`, measured by `python -m services.generation.measure`).
+On a GPU with a paged build, the Engine (dynamic batching, per-turn seeds, stop strings, KV reuse
+across turns) is the natural next backend behind this same interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ctypes
+import dataclasses
+import enum
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+
+log = logging.getLogger(__name__)
+
+# -- metrics -------------------------------------------------------------------------------------
+_LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_ITL = (0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1)
+TTFT = Histogram("colloquy_generation_time_to_first_token_seconds",
+                 "From submission to the first generated token of a request (queue + prefill)",
+                 buckets=_LAT)
+ITL = Histogram("colloquy_generation_inter_token_latency_seconds",
+                "Time between two consecutive tokens of one candidate", buckets=_ITL)
+E2E = Histogram("colloquy_generation_request_duration_seconds",
+                "From submission to the last token of every candidate of a request", buckets=_LAT)
+QUEUE = Histogram("colloquy_generation_queue_time_seconds",
+                  "From submission until the request's candidates joined the running batch",
+                  buckets=_LAT)
+RUNNING = Gauge("colloquy_generation_running_sequences", "Candidates in the running batch")
+WAITING = Gauge("colloquy_generation_waiting_requests", "Requests waiting for a batch slot")
+BATCH = Histogram("colloquy_generation_batch_size", "Candidates stepped in one scheduler round",
+                  buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
+PROMPT_TOKENS = Counter("colloquy_generation_prompt_tokens_total", "Prompt tokens prefilled")
+GENERATED_TOKENS = Counter("colloquy_generation_generated_tokens_total", "Tokens generated")
+REQUESTS = Counter("colloquy_generation_requests_total", "Requests finished, by outcome", ["outcome"])
+MODEL_INFO = Gauge("colloquy_generation_model_info", "The model version new requests use (value 1)",
+                   ["version", "provider"])
+
+
+# -- public types --------------------------------------------------------------------------------
+class FinishReason(enum.Enum):
+    """Why a candidate stopped; names match `colloquy.v1.FinishReason` without the prefix."""
+
+    STOP = "STOP"  # end-of-turn token or a stop string
+    LENGTH = "LENGTH"  # max_tokens or the context length
+    CANCELLED = "CANCELLED"  # cancel() or the deadline passed
+    ERROR = "ERROR"  # the runtime failed on this candidate
+
+
+class EngineError(Exception):
+    """Base of the errors `submit` raises before anything is generated."""
+
+
+class Overloaded(EngineError):
+    """Running batch and waiting queue are full (gRPC RESOURCE_EXHAUSTED)."""
+
+
+class DeadlineExceeded(EngineError):
+    """The request's deadline had already passed when it arrived (gRPC DEADLINE_EXCEEDED)."""
+
+
+class InvalidRequest(EngineError, ValueError):
+    """The request cannot be served as asked (gRPC INVALID_ARGUMENT); `field` names the culprit."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class EngineClosed(EngineError):
+    """The engine is shutting down (gRPC UNAVAILABLE)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Per-request sampling options (validated by the caller; the engine clamps to the context)."""
+
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int | None = None  # None: derived from the request id, so a retry gives the same answer
+    n: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One prompt to continue."""
+
+    request_id: str
+    prompt: str
+    sampling: Sampling = Sampling()
+    deadline_unix_ms: int = 0  # absolute wall-clock deadline; 0 = none
+    conversation_id: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    """New output of one candidate since its previous delta."""
+
+    index: int
+    text: str
+    tokens: int  # tokens generated in this delta
+    finish_reason: FinishReason | None  # set on the candidate's last delta
+    model_version: str
+    prompt_tokens: int
+    completion_tokens: int  # tokens generated by this candidate so far
+    error: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Capacity and scheduling knobs."""
+
+    max_running: int = 8  # candidates decoding at once (the batch)
+    max_waiting: int = 32  # requests queued for a slot beyond that; more raise Overloaded
+    prefill_chunk: int = 256  # prompt tokens one candidate prefills per round
+    provider: str = "auto"  # "auto" (CUDA when a GPU is present), "cuda" or "cpu"
+
+
+def seed_for(request_id: str, seed: int | None, index: int) -> int:
+    """The sampling seed of candidate `index`: given, or derived from the request id.
+
+    ORT GenAI's `random_seed` is a 31-bit non-negative int (-1 means random), hence the modulus.
+    """
+    base = seed if seed is not None else int.from_bytes(
+        hashlib.sha256(request_id.encode()).digest()[:8], "big")
+    return (base + index) % 2_147_483_647
+
+
+def cuda_device_count() -> int:
+    """GPUs the NVIDIA driver reports; 0 without a driver.
+
+    `og.is_cuda_available()` only says the CUDA build is installed (True on this CPU-only
+    machine), so ask the driver itself.
+    """
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return int(count.value)
+
+
+def resolve_provider(requested: str) -> str:
+    """"auto" -> "cuda" when a GPU is present, else "cpu"; explicit values pass through."""
+    requested = (requested or "auto").lower()
+    if requested not in {"auto", "cuda", "cpu"}:
+        raise ValueError(f"provider must be auto, cuda or cpu, not {requested!r}")
+    if requested != "auto":
+        return requested
+    return "cuda" if cuda_device_count() > 0 else "cpu"
+
+
+class LoadedModel:
+    """One model version: the ORT GenAI model, its tokenizer and what the scheduler needs to know."""
+
+    def __init__(self, path: str | Path, version: str, provider: str = "auto") -> None:
+        import onnxruntime_genai as og
+
+        self.path = Path(path)
+        self.version = version
+        self.provider = resolve_provider(provider)
+        config = og.Config(str(self.path))
+        config.clear_providers()  # a CUDA-targeted build still loads on a CPU-only machine
+        if self.provider == "cuda":
+            config.append_provider("cuda")
+        started = time.perf_counter()
+        self.model = og.Model(config)
+        self.tokenizer = og.Tokenizer(self.model)
+        self.eos = frozenset(int(t) for t in self.tokenizer.eos_token_ids)
+        doc = json.loads((self.path / "genai_config.json").read_text(encoding="utf-8"))
+        self.context_length = int(doc["model"].get("context_length") or doc["search"]["max_length"])
+        log.info("model loaded", extra={"model_version": version, "path": str(self.path),
+                                        "provider": self.provider, "context_length": self.context_length,
+                                        "load_s": round(time.perf_counter() - started, 3)})
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in self.tokenizer.encode(text)]
+
+
+# -- internals -----------------------------------------------------------------------------------
+class _StopMatcher:
+    """Incremental stop-string search that never releases text a stop string might start with."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.held = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """(text safe to emit, whether a stop string matched). Text from the match on is dropped."""
+        if not self.stops:
+            return piece, False
+        buf = self.held + piece
+        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.held = ""
+            return buf[:cut], True
+        keep = 0
+        for s in self.stops:  # longest suffix of buf that is a proper prefix of a stop string
+            for k in range(min(len(s) - 1, len(buf)), keep, -1):
+                if buf.endswith(s[:k]):
+                    keep = k
+                    break
+        self.held = buf[len(buf) - keep:] if keep else ""
+        return buf[:len(buf) - keep], False
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+class _Seq:
+    """One candidate answer being decoded."""
+
+    def __init__(self, req: _Req, index: int) -> None:
+        self.req = req
+        self.index = index
+        self.gen: Any = None
+        self.stream: Any = None
+        self.prefilled = 0
+        self.tokens = 0
+        self.unreported_tokens = 0
+        self.unreported_text = ""
+        self.stops = _StopMatcher(req.request.sampling.stop)
+        self.finish: FinishReason | None = None
+        self.error = ""
+        self.reported_finish = False
+        self.last_token_at = 0.0
+
+
+class _Req:
+    """A submitted request and its candidates; the bridge to the caller's event loop."""
+
+    def __init__(self, request: Request, model: LoadedModel, prompt_ids: list[int],
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.request = request
+        self.model = model
+        self.prompt_ids = prompt_ids
+        self.loop = loop
+        self.queue: asyncio.Queue[tuple[list[Delta], bool]] = asyncio.Queue()
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+        self.first_token_at = 0.0
+        self.seqs = [_Seq(self, i) for i in range(request.sampling.n)]
+        self.done = False
+
+    def deadline_passed(self) -> bool:
+        d = self.request.deadline_unix_ms
+        return bool(d) and time.time() * 1000 > d
+
+
+class Stream:
+    """A submitted request: iterate it for batches of deltas; `cancel()` stops it within a step."""
+
+    def __init__(self, engine: AsyncEngine, req: _Req) -> None:
+        self._engine = engine
+        self._req = req
+        self.request_id = req.request.request_id
+        self.prompt_tokens = len(req.prompt_ids)
+        self.model_version = req.model.version
+        self.first_token_unix_ms = 0
+
+    def cancel(self) -> None:
+        self._req.cancelled = True
+        self._engine._wake()
+
+    async def __aiter__(self) -> AsyncIterator[list[Delta]]:
+        """Yield the deltas ready at each moment (one or more per candidate) until all finished."""
+        finished = False
+        queue = self._req.queue
+        try:
+            while True:
+                deltas, done = await queue.get()
+                while not done and not queue.empty():  # a slow consumer gets fewer, larger batches
+                    more, done = queue.get_nowait()
+                    deltas = merge(deltas + more)
+                if deltas and not self.first_token_unix_ms and any(d.tokens for d in deltas):
+                    self.first_token_unix_ms = int(time.time() * 1000)
+                if deltas:
+                    yield deltas
+                if done:
+                    finished = True
+                    return
+        finally:
+            if not finished:  # the consumer went away (client gone, task cancelled): stop decoding
+                self.cancel()
+
+
+def merge(deltas: Sequence[Delta]) -> list[Delta]:
+    """Coalesce consecutive deltas of each candidate into one (text joined, tokens summed)."""
+    by_index: dict[int, Delta] = {}
+    for d in deltas:
+        prev = by_index.get(d.index)
+        by_index[d.index] = d if prev is None else dataclasses.replace(
+            d, text=prev.text + d.text, tokens=prev.tokens + d.tokens,
+            finish_reason=d.finish_reason or prev.finish_reason, error=d.error or prev.error)
+    return list(by_index.values())
+
+
+class AsyncEngine:
+    """The engine: `submit()` from an asyncio loop, iterate the returned `Stream`."""
+
+    def __init__(self, model_dir: str | Path, version: str, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        if self.config.max_running < 1 or self.config.max_waiting < 0 or self.config.prefill_chunk < 1:
+            raise ValueError(f"invalid engine config {self.config}")
+        self._model = LoadedModel(model_dir, version, self.config.provider)
+        self.provider = self._model.provider
+        MODEL_INFO.labels(version, self.provider).set(1)
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
+        self._waiting: collections.deque[_Req] = collections.deque()
+        self._running: list[_Seq] = []
+        self._by_id: dict[str, list[_Req]] = {}
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop_guarded, name="generation-engine", daemon=True)
+        self._thread.start()
+        self.loop_error: BaseException | None = None
+
+    # -- public API ---------------------------------------------------------------------------
+    @property
+    def model_version(self) -> str:
+        """The version new requests are served by."""
+        return self._model.version
+
+    @property
+    def context_length(self) -> int:
+        return self._model.context_length
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"running": len(self._running), "waiting": len(self._waiting),
+                    "model_version": self._model.version, "provider": self.provider,
+                    "max_running": self.config.max_running, "max_waiting": self.config.max_waiting}
+
+    def submit(self, request: Request) -> Stream:
+        """Queue `request`; raises Overloaded, DeadlineExceeded, InvalidRequest or EngineClosed."""
+        if self._closed:
+            raise EngineClosed("the generation engine is shutting down")
+        n = request.sampling.n
+        if not 1 <= n <= self.config.max_running:
+            raise InvalidRequest("sampling.n", f"{n} is outside [1, {self.config.max_running}]")
+        if request.deadline_unix_ms and time.time() * 1000 > request.deadline_unix_ms:
+            raise DeadlineExceeded("the request's deadline passed before generation started")
+        model = self._model
+        ids = model.encode(request.prompt)
+        if not ids:
+            raise InvalidRequest("prompt", "must not be empty")
+        if len(ids) >= model.context_length:
+            raise InvalidRequest("prompt", f"{len(ids)} tokens, but the model's context is "
+                                           f"{model.context_length} tokens")
+        req = _Req(request, model, ids, asyncio.get_running_loop())
+        with self._cv:
+            waiting_seqs = sum(r.request.sampling.n for r in self._waiting)
+            fits_now = len(self._running) + waiting_seqs + n <= self.config.max_running
+            if not fits_now and len(self._waiting) >= self.config.max_waiting:
+                REQUESTS.labels("overloaded").inc()
+                raise Overloaded(f"generation is at capacity ({len(self._running)} running, "
+                                 f"{len(self._waiting)} waiting); retry later")
+            self._waiting.append(req)
+            self._by_id.setdefault(request.request_id, []).append(req)
+            WAITING.set(len(self._waiting))
+            self._cv.notify()
+        return Stream(self, req)
+
+    async def generate(self, request: Request) -> AsyncIterator[list[Delta]]:
+        """submit() and iterate, for callers that need no handle on the stream."""
+        async for deltas in self.submit(request):
+            yield deltas
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop every in-flight request with this id within one decode step; False if none."""
+        with self._lock:
+            reqs = list(self._by_id.get(request_id, ()))
+        for req in reqs:
+            req.cancelled = True
+        self._wake()
+        return bool(reqs)
+
+    async def load_version(self, path: str | Path, version: str) -> None:
+        """Load another model version; new requests use it, in-flight ones finish on the old one."""
+        if version == self._model.version and Path(path) == self._model.path:
+            return
+        loaded = await asyncio.to_thread(LoadedModel, path, version, self.config.provider)
+        old = self._model
+        self._model = loaded  # one reference swap: submit() binds a request to one model
+        MODEL_INFO.labels(version, loaded.provider).set(1)
+        if old.version != version:
+            with contextlib.suppress(KeyError):
+                MODEL_INFO.remove(old.version, old.provider)
+        log.info("model version switched", extra={"from_version": old.version, "to_version": version})
+
+    async def close(self, grace_s: float = 0.0) -> None:
+        """Stop accepting; let in-flight requests finish for `grace_s`, cancel the rest, stop."""
+        self._closed = True
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._running and not self._waiting:
+                    break
+            await asyncio.sleep(0.05)
+        with self._lock:
+            for reqs in self._by_id.values():
+                for req in reqs:
+                    req.cancelled = True
+            self._cv.notify()
+        await asyncio.to_thread(self._thread.join, 10)
+
+    # -- scheduler thread ---------------------------------------------------------------------
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def _loop_guarded(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # surfaced through stats/health; never silently hang callers
+            self.loop_error = exc
+            log.exception("generation scheduler crashed")
+            with self._lock:
+                reqs = [r for rs in self._by_id.values() for r in rs]
+            for req in reqs:
+                for seq in req.seqs:
+                    if seq.finish is None:
+                        seq.finish, seq.error = FinishReason.ERROR, f"engine crashed: {exc!r}"
+                self._publish(req)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._running and not self._waiting:
+                    if self._closed:
+                        return
+                    self._cv.wait(0.5)
+            self._admit()
+            if self._running:
+                self._round()
+
+    def _admit(self) -> None:
+        """Move waiting requests into free slots (FIFO); drop cancelled or expired ones."""
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    break
+                req = self._waiting[0]
+                dead = req.cancelled or req.deadline_passed()
+                if not dead and len(self._running) + req.request.sampling.n > self.config.max_running:
+                    break
+                self._waiting.popleft()
+                WAITING.set(len(self._waiting))
+            QUEUE.observe(time.perf_counter() - req.submitted)
+            if dead:
+                for seq in req.seqs:
+                    seq.finish = FinishReason.CANCELLED
+                self._publish(req)
+                continue
+            for seq in req.seqs:
+                try:
+                    self._start(seq)
+                except Exception as exc:
+                    log.exception("could not start a candidate", extra={"request_id": req.request.request_id})
+                    seq.finish, seq.error = FinishReason.ERROR, f"{type(exc).__name__}: {exc}"
+            with self._lock:
+                self._running.extend(s for s in req.seqs if s.finish is None)
+                RUNNING.set(len(self._running))
+            if all(s.finish is not None for s in req.seqs):
+                self._publish(req)
+
+    def _start(self, seq: _Seq) -> None:
+        import onnxruntime_genai as og
+
+        req, s = seq.req, seq.req.request.sampling
+        model = req.model
+        params = og.GeneratorParams(model.model)
+        max_length = min(len(req.prompt_ids) + max(1, s.max_tokens), model.context_length)
+        options: dict[str, Any] = {"max_length": max_length, "min_length": 0, "num_beams": 1,
+                                   "random_seed": seed_for(req.request.request_id, s.seed, seq.index)}
+        if s.temperature > 0:
+            options.update(do_sample=True, temperature=float(s.temperature), top_p=float(s.top_p), top_k=0)
+        else:
+            options["do_sample"] = False
+        params.set_search_options(**options)
+        seq.gen = og.Generator(model.model, params)
+        seq.stream = model.tokenizer.create_stream()
+
+    def _round(self) -> None:
+        """One decode step (or prefill chunk) of every running candidate."""
+        with self._lock:
+            batch = list(self._running)
+        BATCH.observe(len(batch))
+        touched: dict[int, _Req] = {}
+        for seq in batch:
+            req = seq.req
+            if seq.finish is None:
+                if req.cancelled or req.deadline_passed():
+                    seq.finish = FinishReason.CANCELLED
+                else:
+                    try:
+                        self._step(seq)
+                    except Exception as exc:
+                        log.exception("decode step failed", extra={"request_id": req.request.request_id})
+                        seq.finish, seq.error = FinishReason.ERROR, f"{type(exc).__name__}: {exc}"
+            touched[id(req)] = req
+        finished = [s for s in batch if s.finish is not None]
+        if finished:
+            with self._lock:
+                self._running = [s for s in self._running if s.finish is None]
+                RUNNING.set(len(self._running))
+        for req in touched.values():
+            self._publish(req)
+
+    def _step(self, seq: _Seq) -> None:
+        req = seq.req
+        ids = req.prompt_ids
+        chunk = self.config.prefill_chunk
+        if seq.prefilled < len(ids):
+            end = min(seq.prefilled + chunk, len(ids))
+            seq.gen.append_tokens(ids[seq.prefilled:end])
+            PROMPT_TOKENS.inc(end - seq.prefilled)
+            seq.prefilled = end
+            if end < len(ids):
+                return  # more prompt to go next round; the others decode meanwhile
+        seq.gen.generate_next_token()
+        token = int(seq.gen.get_next_tokens()[0])
+        now = time.perf_counter()
+        if seq.last_token_at:
+            ITL.observe(now - seq.last_token_at)
+        seq.last_token_at = now
+        if not req.first_token_at:
+            req.first_token_at = now
+            TTFT.observe(now - req.submitted)
+        if token in req.model.eos:
+            seq.finish = FinishReason.STOP
+            return
+        seq.tokens += 1
+        seq.unreported_tokens += 1
+        GENERATED_TOKENS.inc()
+        text, stopped = seq.stops.feed(seq.stream.decode(token))
+        seq.unreported_text += text
+        if stopped:
+            seq.finish = FinishReason.STOP
+        elif seq.tokens >= req.request.sampling.max_tokens or seq.gen.is_done():
+            seq.finish = FinishReason.LENGTH
+
+    def _publish(self, req: _Req) -> None:
+        """Hand the candidates' new output to the caller's loop; retire the request when all ended."""
+        deltas: list[Delta] = []
+        for seq in req.seqs:
+            if seq.finish is not None and not seq.reported_finish:
+                seq.unreported_text += seq.stops.flush()  # held text was no stop string after all
+                seq.gen = seq.stream = None  # free the KV cache now, not when the request ends
+            if seq.unreported_text or seq.unreported_tokens or (seq.finish and not seq.reported_finish):
+                deltas.append(Delta(
+                    index=seq.index, text=seq.unreported_text, tokens=seq.unreported_tokens,
+                    finish_reason=seq.finish if not seq.reported_finish else None,
+                    model_version=req.model.version, prompt_tokens=len(req.prompt_ids),
+                    completion_tokens=seq.tokens, error=seq.error))
+                seq.unreported_text, seq.unreported_tokens = "", 0
+                if seq.finish is not None:
+                    seq.reported_finish = True
+        done = all(s.reported_finish for s in req.seqs)
+        if done and not req.done:
+            req.done = True
+            E2E.observe(time.perf_counter() - req.submitted)
+            outcome = "cancelled" if any(s.finish is FinishReason.CANCELLED for s in req.seqs) else (
+                "error" if any(s.finish is FinishReason.ERROR for s in req.seqs) else "ok")
+            REQUESTS.labels(outcome).inc()
+            with self._lock:
+                reqs = self._by_id.get(req.request.request_id, [])
+                if req in reqs:
+                    reqs.remove(req)
+                if not reqs:
+                    self._by_id.pop(req.request.request_id, None)
+        if deltas or done:
+            try:
+                req.loop.call_soon_threadsafe(req.queue.put_nowait, (deltas, done))
+            except RuntimeError:  # the caller's loop is closed: nobody is listening any more
+                req.cancelled = True
+
+
+def env_engine_config() -> EngineConfig:
+    """EngineConfig from GENERATION_* environment variables (used by the Serve deployment)."""
+    return EngineConfig(
+        max_running=int(os.environ.get("GENERATION_MAX_RUNNING", EngineConfig.max_running)),
+        max_waiting=int(os.environ.get("GENERATION_MAX_WAITING", EngineConfig.max_waiting)),
+        prefill_chunk=int(os.environ.get("GENERATION_PREFILL_CHUNK", EngineConfig.prefill_chunk)),
+        provider=os.environ.get("GENERATION_PROVIDER", EngineConfig.provider),
+    )

@@ -1,0 +1,536 @@
+"""The generation stage on Kafka: chat.prompts (+ chat.cancels) -> Ray Serve -> generation.progress.
+
+Why this is not `kafka_loop.StageWorker`: that loop handles one record at a time inside one Kafka
+transaction per polled batch. Generation does not fit it: one record takes seconds to minutes, so
+handling records one after another would block every conversation on the partition behind one
+answer; and one record yields many output records *while* it runs, which a transaction would hide
+from read_committed consumers until the whole answer was done, defeating streaming. So this loop
+runs many requests at once (up to GENERATION_MAX_IN_FLIGHT, then it pauses the prompt partitions),
+produces progress with a plain idempotent producer as tokens arrive, and commits a chat.prompts
+offset only once every record before it on its partition has produced its final batch (the
+per-partition contiguous-completion point, `OffsetTracker`). A crash therefore redelivers every
+unfinished request: at-least-once, and harmless because progress carries cumulative text and the
+seed is derived from the request id, so the regenerated answer is the same answer.
+
+Cancels: chat.cancels is keyed like chat.prompts and has as many partitions, and both topics are
+consumed in one group with the range assignor, so the worker holding a conversation's prompts also
+gets its cancels. A cancel cancels the Serve call, which cancels the replica's task and the engine
+request within one decode step; the final batch then says CANCELLED.
+
+Threads: kafka-python's consumer is not thread-safe, so every consumer call runs on one dedicated
+I/O thread; everything else runs on this worker's asyncio loop (Serve handles, batching, producing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+from colloquy.v1 import events_pb2, generation_pb2
+from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka.structs import OffsetAndMetadata
+
+from services.common import events, kafka_loop, metrics, turns
+from services.common.config import KafkaConfig
+from services.common.log import request_id_var
+from services.generation import api, engine
+from services.generation.config import EngineSettings, WorkerSettings
+
+log = logging.getLogger(__name__)
+
+STAGE = "generation"
+_EVENT_NS = uuid.UUID("6f0b5f76-3c55-4d0e-9a43-7c1d8d1e6a10")
+_UNFINISHED = generation_pb2.FINISH_REASON_UNSPECIFIED
+
+
+class OffsetTracker:
+    """Per-partition commit points under out-of-order completion.
+
+    The commit point of a partition is its lowest offset still in flight, or one past the highest
+    offset seen when none is: everything before it has produced its final output.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the rebalance listener runs on the Kafka I/O thread
+        self._inflight: dict[TopicPartition, set[int]] = {}
+        self._next: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}
+
+    def started(self, tp: TopicPartition, offset: int) -> None:
+        with self._lock:
+            self._inflight.setdefault(tp, set()).add(offset)
+            self._next[tp] = max(self._next.get(tp, 0), offset + 1)
+
+    def finished(self, tp: TopicPartition, offset: int) -> None:
+        with self._lock:
+            if tp in self._inflight:
+                self._inflight[tp].discard(offset)
+
+    def point(self, tp: TopicPartition) -> int | None:
+        with self._lock:
+            return self._point(tp)
+
+    def _point(self, tp: TopicPartition) -> int | None:
+        if tp not in self._next:
+            return None
+        inflight = self._inflight.get(tp)
+        return min(inflight) if inflight else self._next[tp]
+
+    def to_commit(self, only: set[TopicPartition] | None = None) -> dict[TopicPartition, int]:
+        """Partitions whose commit point moved since the last `committed()`."""
+        out = {}
+        with self._lock:
+            for tp in list(self._next):
+                if only is not None and tp not in only:
+                    continue
+                p = self._point(tp)
+                if p is not None and p != self._committed.get(tp):
+                    out[tp] = p
+        return out
+
+    def committed(self, points: dict[TopicPartition, int]) -> None:
+        with self._lock:
+            self._committed.update({tp: o for tp, o in points.items() if tp in self._next})
+
+    def forget(self, tps: set[TopicPartition]) -> None:
+        """Drop revoked partitions: whoever owns them next resumes from their committed offset."""
+        with self._lock:
+            for tp in tps:
+                self._inflight.pop(tp, None)
+                self._next.pop(tp, None)
+                self._committed.pop(tp, None)
+
+
+@dataclasses.dataclass
+class _Flight:
+    """One request being generated (possibly delivered more than once)."""
+
+    turn: events_pb2.TurnEvent
+    request_id: str
+    traceparent: str
+    offsets: list[tuple[TopicPartition, int]]
+    response: Any = None
+    cancelled: bool = False
+    task: asyncio.Task[None] | None = None
+    last_send: Any = None  # kafka future of the last record produced for this request
+
+
+class _Progress:
+    """Cumulative text per candidate and the batching rule for GenerationProgress records."""
+
+    def __init__(self, turn: events_pb2.TurnEvent, n: int, batch_tokens: int, batch_s: float) -> None:
+        self.turn = turn
+        self.light_turn = events_pb2.TurnEvent()
+        self.light_turn.CopyFrom(turn)
+        self.light_turn.ClearField("prompt")
+        self.texts = [""] * n
+        self.tokens = [0] * n
+        self.finish = [_UNFINISHED] * n
+        self.published = [0] * n  # cumulative text length already sent (a retry must catch up first)
+        self.seq = 0
+        self.pending = 0
+        self.last_flush = time.monotonic()
+        self.model_version = ""
+        self.prompt_tokens = 0
+        self.first_token_unix_ms = 0
+        self.batch_tokens = batch_tokens
+        self.batch_s = batch_s
+
+    def restart(self) -> None:
+        """A retried stream starts over; what was published stays published."""
+        self.texts = [""] * len(self.texts)
+        self.tokens = [0] * len(self.tokens)
+        self.finish = [_UNFINISHED] * len(self.finish)
+        self.pending = 0
+
+    def apply(self, deltas: list[engine.Delta]) -> None:
+        for d in deltas:
+            self.texts[d.index] += d.text
+            self.tokens[d.index] = d.completion_tokens
+            self.pending += d.tokens
+            if d.tokens and not self.first_token_unix_ms:
+                self.first_token_unix_ms = turns.now_ms()
+            if d.finish_reason is not None:
+                self.finish[d.index] = api.FINISH[d.finish_reason]
+
+    def caught_up(self) -> bool:
+        return all(len(t) >= p or f != _UNFINISHED
+                   for t, p, f in zip(self.texts, self.published, self.finish, strict=True))
+
+    def due(self) -> bool:
+        """Time for a batch: the first token, every `batch_tokens` tokens, or `batch_ms` after the last."""
+        if not self.pending or not self.caught_up():
+            return False
+        return (self.seq == 0 or self.pending >= self.batch_tokens
+                or time.monotonic() - self.last_flush >= self.batch_s)
+
+    def wait_s(self) -> float | None:
+        """How long until a pending partial batch is due (None: nothing pending)."""
+        if not self.pending:
+            return None
+        return max(0.0, self.batch_s - (time.monotonic() - self.last_flush))
+
+    def message(self, done: bool) -> events_pb2.GenerationProgress:
+        msg = events_pb2.GenerationProgress(
+            turn=self.turn if self.seq == 0 else self.light_turn, done=done,
+            model_version=self.model_version, seq=self.seq, prompt_tokens=self.prompt_tokens,
+            first_token_unix_ms=self.first_token_unix_ms)
+        for i, text in enumerate(self.texts):
+            msg.candidates.add(index=i, text=text, tokens=self.tokens[i], finish_reason=self.finish[i])
+        self.seq += 1
+        self.pending = 0
+        self.last_flush = time.monotonic()
+        self.published = [max(p, len(t)) for p, t in zip(self.published, self.texts, strict=True)]
+        return msg
+
+
+class GenerationWorker:
+    """Consumes prompts and cancels, streams answers from the Serve deployment, produces progress."""
+
+    def __init__(self, kafka: KafkaConfig, settings: WorkerSettings, handle: Any,
+                 engine_settings: EngineSettings | None = None, instance_id: str = "0") -> None:
+        self.kafka = kafka
+        self.cfg = settings
+        self.handle = handle
+        self.limits = engine_settings or EngineSettings()
+        self.instance_id = instance_id
+        self.error: BaseException | None = None
+        self._ready = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="generation-kafka")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._consumer: Any = None
+        self._producer: Any = None
+        self._tracker = OffsetTracker()
+        self._flights: dict[str, _Flight] = {}
+        self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._paused = False
+        self._last_commit = 0.0
+        self.grace_s = 20.0
+
+    # -- lifecycle (same shape as kafka_loop.StageWorker, so ServiceApp can run it) -------------
+    def start(self) -> GenerationWorker:
+        self._thread = threading.Thread(target=self._run_thread, name="generation-worker", daemon=True)
+        self._thread.start()
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> bool:
+        return self._ready.wait(timeout)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking prompts, let in-flight answers finish for `grace_s`, commit, close."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run_thread(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:
+            self.error = exc
+            log.exception("generation worker crashed")
+        finally:
+            self._io.shutdown(wait=False)
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        """Run a consumer call on the single Kafka I/O thread."""
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._io, fn, *args)
+
+    # -- main loop -------------------------------------------------------------------------------
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        client = f"{STAGE}-{self.instance_id}"
+        self._producer = kafka_loop.make_producer(self.kafka, client)
+        self._consumer = await self._call(self._make_consumer, client)
+        try:
+            while not self._stopping.is_set():
+                batch = await self._call(self._poll)
+                for records in batch.values():
+                    for rec in records:
+                        self._dispatch(rec)
+                await self._maybe_commit()
+                if self.error is not None:
+                    raise self.error
+            await self._drain()
+        finally:
+            await self._call(self._close_consumer)
+            self._producer.close(timeout=10)
+
+    def _make_consumer(self, client: str) -> Any:
+        consumer = kafka_loop.make_consumer(self.kafka, self.cfg.group_id, client)
+        consumer.subscribe([self.cfg.topic_in, self.cfg.topic_cancels], listener=_Rebalance(self))
+        return consumer
+
+    def _close_consumer(self) -> None:
+        self._commit_sync(self._tracker.to_commit())
+        self._consumer.close(autocommit=False)
+
+    def _poll(self) -> dict[TopicPartition, list[Any]]:
+        """One poll on the I/O thread; pauses prompt partitions while at the in-flight limit."""
+        consumer = self._consumer
+        full = len(self._flights) >= self.cfg.max_in_flight
+        if full != self._paused:
+            prompts = [tp for tp in consumer.assignment() if tp.topic == self.cfg.topic_in]
+            if full:
+                consumer.pause(*prompts)
+            else:
+                consumer.resume(*prompts)
+            self._paused = full
+        batch = consumer.poll(timeout_ms=50)
+        if not self._ready.is_set() and consumer.assignment():
+            self._ready.set()
+            log.info("partitions assigned", extra={"stage": STAGE, "partitions": len(consumer.assignment())})
+        return batch
+
+    async def _maybe_commit(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_commit < 0.1:
+            return
+        self._last_commit = now
+        points = self._tracker.to_commit()
+        if points:
+            await self._call(self._commit_sync, points)
+
+    def _commit_sync(self, points: dict[TopicPartition, int]) -> None:
+        if not points:
+            return
+        try:
+            self._consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in points.items()})
+            self._tracker.committed(points)
+        except Exception as exc:  # rebalance in progress: the next owner redoes these records
+            log.warning("offset commit failed", extra={"stage": STAGE, "error": repr(exc)})
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.grace_s
+        while self._flights and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            await self._maybe_commit()
+        for flight in list(self._flights.values()):  # unfinished: redelivered to the next owner
+            if flight.task is not None:
+                flight.task.cancel()
+        await self._maybe_commit(force=True)
+
+    # -- records ---------------------------------------------------------------------------------
+    def _dispatch(self, rec: Any) -> None:
+        tp = TopicPartition(rec.topic, rec.partition)
+        metrics.EVENTS_CONSUMED.labels(STAGE, rec.topic).inc()
+        if rec.topic == self.cfg.topic_cancels:
+            self._on_cancel(rec)
+            return
+        self._tracker.started(tp, rec.offset)
+        try:
+            turn = events.decode(rec.value, rec.headers, events_pb2.TurnEvent)
+        except events.PoisonEvent as exc:
+            self._send(kafka_loop.DeadLetter(rec, STAGE, str(exc), "PoisonEvent", ""))
+            self._tracker.finished(tp, rec.offset)  # flushed before the next commit (_maybe_commit)
+            return
+        existing = self._flights.get(turn.request_id)
+        if existing is not None:  # redelivered while still running here: finish both together
+            existing.offsets.append((tp, rec.offset))
+            return
+        flight = _Flight(turn=turn, request_id=turn.request_id, offsets=[(tp, rec.offset)],
+                         traceparent=events.header(rec.headers, events.H_TRACE))
+        self._flights[turn.request_id] = flight
+        flight.task = asyncio.get_running_loop().create_task(self._run_flight(flight))
+
+    def _on_cancel(self, rec: Any) -> None:
+        try:
+            msg = events.decode(rec.value, rec.headers, events_pb2.CancelEvent)
+        except events.PoisonEvent:
+            return
+        flight = self._flights.get(msg.request_id)
+        if flight is None:  # the prompt may come later (topics are not ordered with each other)
+            self._cancelled[msg.request_id] = None
+            while len(self._cancelled) > 10_000:
+                self._cancelled.popitem(last=False)
+            return
+        log.info("cancelling", extra={"stage": STAGE, "request_id": msg.request_id, "reason": msg.reason})
+        flight.cancelled = True
+        if flight.response is not None:
+            flight.response.cancel()
+
+    async def _run_flight(self, flight: _Flight) -> None:
+        token = request_id_var.set(flight.request_id)
+        try:
+            await self._generate(flight)
+            if flight.last_send is not None:  # acknowledged before its offset may be committed
+                await self._acked(flight.last_send)
+        except asyncio.CancelledError:
+            return  # shutting down: not committed, so the next owner regenerates it
+        except Exception as exc:
+            log.exception("generation stage failed", extra={"stage": STAGE})
+            self.error = exc  # the producer is broken: exit and let redelivery redo the work
+            return
+        finally:
+            request_id_var.reset(token)
+            if self._flights.get(flight.request_id) is flight:
+                del self._flights[flight.request_id]
+        for tp, offset in flight.offsets:
+            self._tracker.finished(tp, offset)
+
+    async def _generate(self, flight: _Flight) -> None:
+        turn = flight.turn
+        if turns.deadline_passed(turn):
+            self._reply(flight, turns.deadline_error(turn, STAGE, flight.traceparent))
+            return
+        try:
+            req = api.turn_request(turn, max_tokens_limit=self.limits.max_tokens_limit,
+                                   max_n=self.limits.max_n)
+        except api.InvalidArgument as exc:
+            self._reply(flight, turns.reply_error(turn, "INVALID_ARGUMENT", str(exc), STAGE, flight.traceparent))
+            return
+        progress = _Progress(turn, req.sampling.n, self.cfg.batch_tokens, self.cfg.batch_ms / 1000)
+        if flight.request_id in self._cancelled or flight.cancelled:
+            progress.finish = [generation_pb2.FINISH_REASON_CANCELLED] * req.sampling.n
+            self._publish(flight, progress, done=True)
+            return
+        for attempt in range(self.cfg.retries + 1):
+            try:
+                status = await self._stream(flight, req, progress)
+            except _StreamBroken as exc:
+                if flight.cancelled or attempt >= self.cfg.retries:
+                    self._fail(flight, progress, "UNAVAILABLE", f"generation stream broke: {exc.cause!r}")
+                    return
+                log.warning("generation stream broke; regenerating", extra={
+                    "stage": STAGE, "attempt": attempt + 1, "error": repr(exc.cause)})
+                progress.restart()
+                await asyncio.sleep(0.2 * (attempt + 1))
+                continue
+            if status is not None:
+                code, message = status
+                if code == "DEADLINE_EXCEEDED":
+                    self._reply(flight, turns.deadline_error(turn, STAGE, flight.traceparent))
+                else:
+                    self._reply(flight, turns.reply_error(turn, code, message, STAGE, flight.traceparent))
+            return
+
+    async def _stream(self, flight: _Flight, req: engine.Request,
+                      progress: _Progress) -> tuple[str, str] | None:
+        """Stream one attempt into progress batches; a (code, message) when refused before starting."""
+        from ray.serve.exceptions import BackPressureError, RequestCancelledError
+
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        done = object()
+
+        async def pump() -> None:
+            try:
+                async for item in flight.response:
+                    queue.put_nowait(item)
+                queue.put_nowait(done)
+            except BaseException as exc:
+                queue.put_nowait(exc)
+
+        flight.response = self.handle.options(
+            stream=True, session_id=req.conversation_id or req.request_id, method_name="stream",
+        ).remote(req)
+        if flight.cancelled:
+            flight.response.cancel()
+        pumper = asyncio.get_running_loop().create_task(pump())
+        try:
+            while True:
+                wait = progress.wait_s()
+                try:
+                    item = await (asyncio.wait_for(queue.get(), wait) if wait is not None else queue.get())
+                except TimeoutError:
+                    if progress.due():
+                        self._publish(flight, progress, done=False)
+                    continue
+                if item is done:
+                    break
+                if isinstance(item, RequestCancelledError) or (
+                        isinstance(item, BaseException) and flight.cancelled):
+                    progress.finish = [f if f != _UNFINISHED else generation_pb2.FINISH_REASON_CANCELLED
+                                       for f in progress.finish]
+                    break
+                if isinstance(item, BackPressureError):
+                    return "RESOURCE_EXHAUSTED", f"generation is at capacity: {item}"
+                if isinstance(item, BaseException):
+                    raise _StreamBroken(item)
+                if isinstance(item, dict):  # the status header
+                    if item["code"] != "OK":
+                        return item["code"], item["message"]
+                    progress.model_version = item["model_version"]
+                    progress.prompt_tokens = item["prompt_tokens"]
+                    continue
+                progress.apply(item)
+                if progress.due():
+                    self._publish(flight, progress, done=False)
+        finally:
+            pumper.cancel()
+        progress.finish = [f if f != _UNFINISHED else generation_pb2.FINISH_REASON_ERROR for f in progress.finish]
+        self._publish(flight, progress, done=True)
+        return None
+
+    # -- output ----------------------------------------------------------------------------------
+    def _publish(self, flight: _Flight, progress: _Progress, done: bool) -> None:
+        seq = progress.seq
+        msg = progress.message(done)
+        flight.last_send = self._send(events.OutEvent(
+            topic=self.cfg.topic_out, key=flight.turn.conversation_id, message=msg,
+            request_id=flight.request_id, traceparent=flight.traceparent,
+            event_id=str(uuid.uuid5(_EVENT_NS, f"{flight.request_id}/{seq}"))))
+
+    def _fail(self, flight: _Flight, progress: _Progress, code: str, message: str) -> None:
+        """Nothing sent yet: fail the turn at the gateway; else end the answer with ERROR."""
+        if progress.seq == 0:
+            self._reply(flight, turns.reply_error(flight.turn, code, message, STAGE, flight.traceparent))
+            return
+        progress.finish = [f if f != _UNFINISHED else generation_pb2.FINISH_REASON_ERROR for f in progress.finish]
+        self._publish(flight, progress, done=True)
+
+    def _reply(self, flight: _Flight, out: events.OutEvent) -> None:
+        if flight.turn.reply_topic:
+            flight.last_send = self._send(out)
+
+    def _send(self, out: events.OutEvent) -> Any:
+        fut = self._producer.send(out.topic, key=out.key.encode(), value=out.message.SerializeToString(),
+                                  headers=out.headers(), partition=out.partition)
+        metrics.EVENTS_PRODUCED.labels(STAGE, out.topic).inc()
+        return fut
+
+    async def _acked(self, kafka_future: Any) -> None:
+        """Await a kafka-python send future. The idempotent producer keeps a partition's records in
+        order, so the last record of a request being acknowledged means all of them were."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def ok(_: Any) -> None:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+        def failed(exc: BaseException) -> None:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(exc))
+
+        kafka_future.add_callback(ok)
+        kafka_future.add_errback(failed)
+        await asyncio.wait_for(done, 60)
+
+
+class _StreamBroken(Exception):
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(repr(cause))
+        self.cause = cause
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    """Commit what is done before partitions move; forget them so stale completions are ignored."""
+
+    def __init__(self, worker: GenerationWorker) -> None:
+        self.worker = worker
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        tps = set(revoked)
+        self.worker._commit_sync(self.worker._tracker.to_commit(tps))
+        self.worker._tracker.forget(tps)
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        log.info("partitions assigned", extra={"stage": STAGE, "count": len(assigned)})
+

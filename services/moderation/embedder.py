@@ -1,0 +1,119 @@
+"""Sentence embeddings from the exported all-MiniLM-L6-v2 on ONNX Runtime (CPU), no torch.
+
+Texts longer than one window are split into overlapping token windows, each embedded on its own,
+so a harmful sentence deep inside a long answer is not averaged away (the caller takes the
+maximum score over a text's windows). Mean pooling over the attention mask, then L2 normalize,
+as sentence-transformers does for this model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from services.moderation import paths
+
+
+class ModelMissing(RuntimeError):
+    """The ONNX model has not been built; the message says how to build it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """One token window of a text: which text, and its span in characters."""
+
+    text_index: int
+    start: int
+    end: int
+    ids: list[int]
+
+
+class Embedder:
+    """Thread-safe: ONNX Runtime sessions may be run concurrently; the tokenizer is per call."""
+
+    dimension = 384
+
+    def __init__(self, model_dir: Path | None = None, threads: int = 0, window_tokens: int = 128,
+                 stride_tokens: int = 96, batch_size: int = 32) -> None:
+        folder = model_dir or paths.model_dir()
+        if not (folder / "model.onnx").exists():
+            raise ModelMissing(f"no moderation model in {folder}: run `python -m services.moderation.build`")
+        self.manifest = json.loads((folder / "manifest.json").read_text())
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), opts,
+                                            providers=["CPUExecutionProvider"])
+        self._tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        self._lock = threading.Lock()
+        # [CLS] and [SEP] take two of the window's positions.
+        self.window_tokens = window_tokens - 2
+        self.stride_tokens = min(stride_tokens, self.window_tokens)
+        self.batch_size = batch_size
+        self.cls_id = self._tok.token_to_id("[CLS]")
+        self.sep_id = self._tok.token_to_id("[SEP]")
+
+    @property
+    def model_id(self) -> str:
+        return f"{paths.EMBEDDER_NAME}-onnx@{self.manifest.get('build_id', '?')}"
+
+    def windows(self, texts: list[str]) -> list[Window]:
+        """Split every text into windows of at most `window_tokens` (with overlap)."""
+        with self._lock:  # Tokenizer objects are not documented as thread-safe
+            encodings = self._tok.encode_batch(texts, add_special_tokens=False)
+        out: list[Window] = []
+        for i, enc in enumerate(encodings):
+            ids, offsets = enc.ids, enc.offsets
+            if not ids:
+                out.append(Window(i, 0, len(texts[i]), [self.cls_id, self.sep_id]))
+                continue
+            start = 0
+            while True:
+                end = min(start + self.window_tokens, len(ids))
+                out.append(Window(i, offsets[start][0], offsets[end - 1][1],
+                                  [self.cls_id, *ids[start:end], self.sep_id]))
+                if end >= len(ids):
+                    break
+                start += self.stride_tokens
+        return out
+
+    def embed_windows(self, windows: list[Window]) -> np.ndarray:
+        """(len(windows), 384) unit vectors; windows are batched by length to limit padding."""
+        result = np.zeros((len(windows), self.dimension), dtype=np.float32)
+        order = sorted(range(len(windows)), key=lambda k: len(windows[k].ids))
+        for b in range(0, len(order), self.batch_size):
+            idx = order[b:b + self.batch_size]
+            longest = max(len(windows[k].ids) for k in idx)
+            ids = np.zeros((len(idx), longest), dtype=np.int64)
+            mask = np.zeros((len(idx), longest), dtype=np.int64)
+            for row, k in enumerate(idx):
+                n = len(windows[k].ids)
+                ids[row, :n] = windows[k].ids
+                mask[row, :n] = 1
+            hidden = self.session.run(None, {"input_ids": ids, "attention_mask": mask,
+                                             "token_type_ids": np.zeros_like(ids)})[0]
+            m = mask[..., None].astype(np.float32)
+            pooled = (hidden * m).sum(axis=1) / np.clip(m.sum(axis=1), 1e-9, None)
+            pooled /= np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
+            result[idx] = pooled
+        return result
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """One vector per text (the mean of its windows' vectors, renormalized): for training."""
+        wins = self.windows(texts)
+        vecs = self.embed_windows(wins)
+        out = np.zeros((len(texts), self.dimension), dtype=np.float32)
+        for w, v in zip(wins, vecs, strict=True):
+            out[w.text_index] += v
+        out /= np.clip(np.linalg.norm(out, axis=1, keepdims=True), 1e-12, None)
+        return out

@@ -1,0 +1,23 @@
+"""Tokenizer service configuration (environment variables; see the README's table)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from services.common import topics
+from services.common.config import env
+
+DEFAULTS = {"GRPC_PORT": "50052", "METRICS_PORT": "9102"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    # A directory with tokenizer.json (or the file itself); empty: the model registry's current
+    # "generation" version, so the tokenizer always matches the served model.
+    tokenizer_path: str = env("TOKENIZER_PATH", "")
+    # Direct-use deployments serve only the gRPC API and need no broker.
+    kafka_worker: bool = env("KAFKA_WORKER", True)
+    # Overridable so a test (or a canary) can run the stage on its own topics and group.
+    topic_in: str = env("TOKENIZER_TOPIC_IN", topics.CHAT_REQUESTS.name)
+    topic_out: str = env("TOKENIZER_TOPIC_OUT", topics.CHAT_TOKENIZED.name)
+    group_id: str = env("TOKENIZER_GROUP_ID", "colloquy-tokenizer")

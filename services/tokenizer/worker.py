@@ -1,0 +1,46 @@
+"""The tokenizer stage: chat.requests -> chat.tokenized with `message_tokens` set."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from colloquy.v1 import events_pb2
+from prometheus_client import Histogram
+
+from services.common import events, kafka_loop, turns
+from services.common.config import KafkaConfig
+from services.tokenizer.config import TokenizerConfig
+from services.tokenizer.domain import TextTokenizer
+
+STAGE = "tokenizer"
+
+MESSAGE_TOKENS = Histogram(
+    "colloquy_tokenizer_message_tokens", "Tokens in each new user message",
+    buckets=(1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192))
+
+
+def make_handler(tok: TextTokenizer, topic_out: str
+                 ) -> kafka_loop.Handler[events_pb2.TurnEvent]:
+    """The stage's handler: count the message's tokens and pass the turn on."""
+
+    def handle(ev: kafka_loop.Consumed[events_pb2.TurnEvent]) -> Iterator[events.OutEvent]:
+        turn = ev.message
+        if turns.deadline_passed(turn):
+            yield turns.deadline_error(turn, STAGE, ev.traceparent)
+            return
+        out = events_pb2.TurnEvent()
+        out.CopyFrom(turn)
+        out.message_tokens = tok.count(turn.message)
+        MESSAGE_TOKENS.observe(out.message_tokens)
+        # The turn's own request id, so the header is right even if an upstream producer left it out.
+        yield events.OutEvent(topic_out, ev.key or turn.conversation_id, out, request_id=turn.request_id,
+                              traceparent=ev.traceparent)
+
+    return handle
+
+
+def make_worker(tok: TextTokenizer, cfg: TokenizerConfig, kafka: KafkaConfig,
+                instance_id: str) -> kafka_loop.StageWorker[events_pb2.TurnEvent]:
+    return kafka_loop.StageWorker(STAGE, [cfg.topic_in], events_pb2.TurnEvent,
+                                  make_handler(tok, cfg.topic_out), kafka,
+                                  group_id=cfg.group_id, instance_id=instance_id)

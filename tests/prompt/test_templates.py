@@ -1,0 +1,55 @@
+"""Prompt template versions: the shipped file and the parser's errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.prompt import templates
+
+
+def test_shipped_templates(shipped: templates.TemplateSet) -> None:
+    assert shipped.current == "v1"
+    assert {"v1", "v2"} <= set(shipped.versions)
+    for version, t in shipped.versions.items():
+        assert t.version == version
+        assert t.before and t.after and t.refusal
+        assert t.after_placement in templates.PLACEMENTS
+    assert shipped.get() is shipped.get("v1")
+    assert shipped.get("v2").before != shipped.get("v1").before
+
+
+def test_unknown_version_lists_the_known_ones(shipped: templates.TemplateSet) -> None:
+    with pytest.raises(templates.UnknownTemplate) as exc:
+        shipped.get("v9")
+    assert str(exc.value) == "unknown version 'v9' (known: v1, v2)"
+
+
+def test_minimal_version_gets_defaults() -> None:
+    ts = templates.parse({"current": "a", "versions": {"a": {"before": "  Be kind.\n"}}})
+    assert ts.get() == templates.PromptTemplate(version="a", before="Be kind.")
+
+
+@pytest.mark.parametrize(("doc", "error"), [
+    ([], "expected a mapping"),
+    ({"current": "a"}, "'versions' must be a non-empty mapping"),
+    ({"current": "b", "versions": {"a": {"before": "x"}}}, "'current' must name one of the versions (a)"),
+    ({"current": "a", "versions": {"a": {"after": "x"}}}, "versions.a.before: must be a non-empty string"),
+    ({"current": "a", "versions": {"a": {"before": "x", "befor": "y"}}}, "unknown keys ['befor']"),
+    ({"current": "a", "versions": {"a": {"before": "x", "after_placement": "middle"}}},
+     "after_placement: must be one of append, system"),
+    ({"current": "a", "versions": {"a": {"before": 3}}}, "versions.a.before: must be a string"),
+    ({"current": "a", "versions": {"a": {"before": "x", "refusal": " "}}}, "refusal: must not be empty"),
+])
+def test_invalid_documents_say_where(doc: object, error: str) -> None:
+    with pytest.raises(templates.TemplateError) as exc:
+        templates.parse(doc, "t.yaml")
+    assert error in str(exc.value)
+    assert str(exc.value).startswith("t.yaml")
+
+
+def test_load_file_reports_yaml_errors(tmp_path) -> None:
+    bad = tmp_path / "t.yaml"
+    bad.write_text("current: [unclosed\n")
+    with pytest.raises(templates.TemplateError) as exc:
+        templates.load_file(bad)
+    assert str(bad) in str(exc.value)
