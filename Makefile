@@ -4,7 +4,7 @@ PY := .venv/bin/python
 PROTO_SRC := $(wildcard protos/colloquy/v1/*.proto)
 PROTO_OUT := build/python/colloquy/v1/.stamp
 
-.PHONY: setup protos kafka-up kafka-down test lint demo up down model bench clean
+.PHONY: setup protos kafka-up kafka-down test lint demo chat up down model bench clean
 
 ## setup: install system packages, the Python env and generated code (idempotent)
 setup:
@@ -35,6 +35,11 @@ lint: setup
 demo: setup
 	@bash scripts/demo.sh
 
+## chat: talk to the running stack in the terminal
+chat:
+	@$(PY) -m services.gateway.cli chat
+
+## down: stop every service and Kafka
 down:
 	@bash scripts/down.sh
 

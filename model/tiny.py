@@ -27,7 +27,7 @@ TINY_CONFIG: dict[str, Any] = {
     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
     "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
     "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
-    "hidden_act": "silu", "initializer_range": 0.02,
+    "hidden_act": "silu", "initializer_range": 0.3,
 }
 TINY_RECIPE = 1
 

@@ -383,12 +383,17 @@ class AsyncEngine:
                                            f"{model.context_length} tokens")
         req = _Req(request, model, ids, asyncio.get_running_loop())
         with self._cv:
-            waiting_seqs = sum(r.request.sampling.n for r in self._waiting)
-            fits_now = len(self._running) + waiting_seqs + n <= self.config.max_running
-            if not fits_now and len(self._waiting) >= self.config.max_waiting:
+            # Waiting requests that fit the free slots are about to run (FIFO); the rest really wait.
+            free, queued = self.config.max_running - len(self._running), 0
+            for r in self._waiting:
+                if not queued and r.request.sampling.n <= free:
+                    free -= r.request.sampling.n
+                else:
+                    queued += 1
+            if (queued or n > free) and queued >= self.config.max_waiting:
                 REQUESTS.labels("overloaded").inc()
-                raise Overloaded(f"generation is at capacity ({len(self._running)} running, "
-                                 f"{len(self._waiting)} waiting); retry later")
+                raise Overloaded(f"generation is at capacity ({len(self._running)} candidates running, "
+                                 f"{queued} requests waiting); retry later")
             self._waiting.append(req)
             self._by_id.setdefault(request.request_id, []).append(req)
             WAITING.set(len(self._waiting))

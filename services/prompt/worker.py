@@ -86,6 +86,9 @@ def make_handler(assembler: Assembler, templates: TemplateSet, tracker: TurnTrac
 
     def handle(ev: kafka_loop.Consumed[events_pb2.TurnEvent]) -> Iterator[events.OutEvent]:
         turn = ev.message
+        if not turn.reply_topic or not turn.conversation_id:
+            # Nobody could be told about this turn; dead-letter it rather than wedge the partition.
+            raise events.PoisonEvent("TurnEvent without reply_topic or conversation_id")
         if turns.deadline_passed(turn):
             TURNS.labels("deadline").inc()
             yield turns.deadline_error(turn, STAGE, ev.traceparent)

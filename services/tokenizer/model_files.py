@@ -43,17 +43,24 @@ def resolve_tokenizer_dir(configured: str, deployment: str = DEPLOYMENT) -> Path
 
 
 def registry_version_dir(deployment: str = DEPLOYMENT) -> Path | None:
-    """The registry's current version directory of `deployment`, if it has a tokenizer.json."""
+    """The registry's current version directory of `deployment`, if it has a tokenizer.json.
+
+    Only the manifest is checked (cheap): the generation deployment verifies checksums when it
+    loads the model, and a half-published version never has a manifest.
+    """
+    from model.registry import Registry, RegistryError
+
+    reg = Registry()
     try:
-        from model import registry  # type: ignore[attr-defined]
-    except ImportError:
+        version = reg.current(deployment)
+        if version is None:
+            return None
+        reg.manifest(version)
+    except RegistryError as exc:
+        log.warning("the model registry has no usable current version",
+                    extra={"deployment": deployment, "error": str(exc)})
         return None
-    try:
-        path = Path(registry.Registry().current_dir(deployment))  # type: ignore[attr-defined]
-    except Exception as exc:  # no registry yet, no current version
-        log.info("no current model version in the registry", extra={"deployment": deployment,
-                                                                      "error": repr(exc)})
-        return None
+    path = reg.version_path(version)
     return path if (path / TOKENIZER_FILE).is_file() else None
 
 

@@ -25,6 +25,9 @@ def make_handler(tok: TextTokenizer, topic_out: str
 
     def handle(ev: kafka_loop.Consumed[events_pb2.TurnEvent]) -> Iterator[events.OutEvent]:
         turn = ev.message
+        if not turn.reply_topic:
+            # Nobody could be told about this turn; dead-letter it rather than wedge the partition.
+            raise events.PoisonEvent("TurnEvent without reply_topic")
         if turns.deadline_passed(turn):
             yield turns.deadline_error(turn, STAGE, ev.traceparent)
             return

@@ -9,7 +9,16 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    """The cached tiny model (built on first use, about a minute; then instant)."""
+    """The cached tiny model, built on first use (about a minute).
+
+    An existing build is used as it is: checking its stamp imports torch and transformers, which
+    costs most of a minute on this machine; `python -m model.tiny` refreshes it.
+    """
+    from model.paths import build_dir
+
+    cached = build_dir() / "tiny"
+    if (cached / "genai_config.json").is_file() and (cached / "tokenizer.json").is_file():
+        return cached
     from model.tiny import cached_tiny_model
 
     return Path(cached_tiny_model())

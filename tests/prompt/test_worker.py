@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,3 +149,16 @@ def test_turns_that_cannot_be_prompted_fail_at_the_gateway(stage: PromptStage, k
     [err] = stage.replies_for(rid, 1)
     assert err.error.code == code and err.error.message.startswith(message), err.error
     assert stage.prompts_now(rid) == []
+
+
+def test_stage_metrics(stage: PromptStage) -> None:
+    stage.send(turn_event(conv(), "frank", "rmx", "Count me", stage.replies))
+    stage.prompts("rmx", settle=0.2)
+    assert stage.proc is not None
+    serving = next(line for line in stage.proc.output().splitlines() if '"msg": "serving"' in line)
+    port = json.loads(serving)["metrics_port"]
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'colloquy_prompt_turns_total{outcome="assembled"}' in body
+    assert "colloquy_prompt_tokens_bucket" in body
+    assert "colloquy_prompt_pending_turns" in body
+    assert f'colloquy_events_consumed_total{{stage="prompt",topic="{stage.topic_in}"}}' in body

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# `make demo`: Kafka + the model (built if missing) + every service, then a scripted conversation.
+# Leaves the stack running; `make chat` to talk to it, `make down` to stop it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+t0=$SECONDS
+if [ -f model/build.py ]; then make --no-print-directory model; fi
+bash scripts/kafka.sh up
+$PY -c 'from services.common import topics; topics.ensure_topics("'"${KAFKA_BOOTSTRAP_SERVERS:-127.0.0.1:9092}"'")'
+bash scripts/stack.sh up
+echo "== stack up in $((SECONDS - t0))s; running the scripted conversation"
+$PY -m services.gateway.demo
+cat <<'MSG'
+
+Colloquy is running.
+  make chat                      talk to it in the terminal (colloquy chat)
+  make down                      stop every service and Kafka
+  scripts/stack.sh status        what runs; logs in var/log/
+MSG

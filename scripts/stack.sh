@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Runs Colloquy's services locally as background processes (pid files in var/run, logs in
+# var/log). Kafka is managed by scripts/kafka.sh.
+#
+#   scripts/stack.sh up [service ...]     start (default: all) and wait until each is SERVING
+#   scripts/stack.sh down [service ...]   SIGTERM (graceful drain), then SIGKILL after 40 s
+#   scripts/stack.sh status
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=$ROOT/.venv/bin/python
+RUN=${COLLOQUY_VAR:-$ROOT/var}/run
+LOGS=${COLLOQUY_VAR:-$ROOT/var}/log
+mkdir -p "$RUN" "$LOGS"
+
+# name  module  grpc-port  metrics-port
+SERVICES=(
+  "tokenizer  services.tokenizer   ${TOKENIZER_PORT:-50052}  9102"
+  "moderation services.moderation  ${MODERATION_PORT:-50053} 9103"
+  "prompt     services.prompt      ${PROMPT_PORT:-50054}     9104"
+  "generation services.generation  ${GENERATION_PORT:-9000}  9105"
+  "gateway    services.gateway     ${GATEWAY_PORT:-50051}    9101"
+  "feedback   services.feedback    ${FEEDBACK_PORT:-50055}   9106"
+)
+
+selected() {
+  local name=$1; shift
+  [ $# -eq 0 ] && return 0
+  for s in "$@"; do [ "$s" = "$name" ] && return 0; done
+  return 1
+}
+
+alive() { [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
+
+up() {
+  for line in "${SERVICES[@]}"; do
+    read -r name module port mport <<<"$line"
+    selected "$name" "$@" || continue
+    if [ ! -d "services/$name" ]; then echo "stack: $name not built yet, skipped"; continue; fi
+    if alive "$name"; then echo "stack: $name already running (pid $(cat "$RUN/$name.pid"))"; continue; fi
+    INSTANCE_ID=${INSTANCE_ID:-local} GRPC_PORT=$port METRICS_PORT=$mport \
+      setsid nohup "$PY" -m "$module" >>"$LOGS/$name.log" 2>&1 < /dev/null &
+    echo $! > "$RUN/$name.pid"
+    echo "stack: started $name (pid $!, gRPC :$port, metrics :$mport, log $LOGS/$name.log)"
+  done
+  for line in "${SERVICES[@]}"; do
+    read -r name module port mport <<<"$line"
+    selected "$name" "$@" || continue
+    [ -f "$RUN/$name.pid" ] || continue
+    local t0=$SECONDS
+    if ! "$PY" -m services.common.health_probe "127.0.0.1:$port" --wait "${STACK_START_TIMEOUT:-300}"; then
+      echo "stack: $name did not become healthy; last log lines:"; tail -n 30 "$LOGS/$name.log"; exit 1
+    fi
+    echo "stack: $name serving on :$port ($((SECONDS - t0))s)"
+  done
+}
+
+down() {
+  for line in "${SERVICES[@]}"; do
+    read -r name _ <<<"$line"
+    selected "$name" "$@" || continue
+    if alive "$name"; then
+      pid=$(cat "$RUN/$name.pid")
+      kill -TERM "$pid" 2>/dev/null || true
+      for _ in $(seq 1 80); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+      if kill -0 "$pid" 2>/dev/null; then kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" || true; fi
+      echo "stack: stopped $name"
+    fi
+    rm -f "$RUN/$name.pid"
+  done
+}
+
+status() {
+  for line in "${SERVICES[@]}"; do
+    read -r name _ port _ <<<"$line"
+    if alive "$name"; then echo "$name: running (pid $(cat "$RUN/$name.pid"), :$port)"; else echo "$name: down"; fi
+  done
+}
+
+cmd=${1:-status}; shift || true
+case "$cmd" in
+  up) up "$@" ;;
+  down) down "$@" ;;
+  status) status ;;
+  *) echo "usage: $0 up|down|status [service ...]" >&2; exit 2 ;;
+esac

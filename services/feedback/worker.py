@@ -1,0 +1,80 @@
+"""Kafka stage: chat.feedback -> Parquet files.
+
+Why not the transactional StageWorker: the output is files, not Kafka records. Offsets are
+committed only after a batch's file is durably renamed into place (at-least-once), and
+duplicates from a redelivered batch are removed by `feedback_id` when the dataset is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from colloquy.v1 import events_pb2
+from kafka.structs import OffsetAndMetadata
+
+from services.common import events, kafka_loop, metrics, topics
+from services.common.config import KafkaConfig
+from services.feedback import dataset
+
+log = logging.getLogger(__name__)
+
+
+class FeedbackSink:
+    def __init__(self, kafka: KafkaConfig, root: Path, instance_id: str = "0") -> None:
+        self.kafka = kafka
+        self.root = root
+        self.instance_id = instance_id
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> FeedbackSink:
+        self._thread = threading.Thread(target=self._guarded, name="feedback-sink", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _guarded(self) -> None:
+        try:
+            self.run()
+        except BaseException as exc:
+            self.error = exc
+            log.exception("feedback sink crashed")
+
+    def run(self) -> None:
+        consumer = kafka_loop.make_consumer(
+            self.kafka, "colloquy-feedback", f"feedback-{self.instance_id}", topics.CHAT_FEEDBACK.name,
+            group_instance_id=f"feedback-{self.instance_id}")
+        producer = None
+        try:
+            while not self._stop.is_set():
+                batch = consumer.poll(timeout_ms=200)
+                offsets = {}
+                for tp, records in batch.items():
+                    rows = []
+                    for rec in records:
+                        metrics.EVENTS_CONSUMED.labels("feedback", rec.topic).inc()
+                        try:
+                            rows.append(dataset.row(events.decode(rec.value, rec.headers, events_pb2.FeedbackEvent)))
+                        except events.PoisonEvent as exc:
+                            if producer is None:
+                                producer = kafka_loop.make_producer(self.kafka, "feedback-dlq")
+                            dl = kafka_loop.DeadLetter(rec, "feedback", str(exc), "PoisonEvent", "")
+                            producer.send(dl.topic, key=dl.key.encode(), value=dl.message.SerializeToString(),
+                                          headers=dl.headers()).get(timeout=10)
+                            metrics.EVENTS_DEAD_LETTERED.labels("feedback", rec.topic).inc()
+                    if rows:
+                        dataset.write_rows(self.root, rows, tp.partition, records[0].offset, records[-1].offset)
+                    offsets[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
+                if offsets:
+                    consumer.commit(offsets)
+        finally:
+            consumer.close(autocommit=False)
+            if producer is not None:
+                producer.close(timeout=5)

@@ -1,0 +1,64 @@
+"""The team's policy data (services/moderation/data/*.jsonl), read the same way by training,
+evaluation and tests.
+
+policy.jsonl: {"text", "labels": [categories], "kind": harmful|lookalike|benign,
+"split": train|heldout}; the split is fixed in the file (assigned once, stratified per label set),
+so held-out examples never reach training. holdout_external.jsonl has the same shape without a
+split: a second held-out set written before any training and never tuned on. responses.jsonl
+({"text", "complies"}) trains the answer-compliance head; context_pairs.jsonl ({"context",
+"text", "labels"}) evaluates output moderation with the user's message as context.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+from services.moderation import paths
+from services.moderation.categories import with_parents
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    text: str
+    labels: frozenset[str]
+    kind: str
+    split: str
+    context: str = ""
+
+
+def _read(path: Path) -> list[dict]:
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as exc:
+                raise ValueError(f"{path.name}:{n}: {exc}") from None
+    return rows
+
+
+def load(name: str = "policy.jsonl", split: str | None = None) -> list[Example]:
+    """Examples of one data file, labels completed with their parents."""
+    out = []
+    for row in _read(paths.DATA_DIR / name):
+        ex = Example(text=row["text"], labels=frozenset(with_parents(row.get("labels", []))),
+                     kind=row.get("kind", "harmful" if row.get("labels") else "benign"),
+                     split=row.get("split", "heldout"), context=row.get("context", ""))
+        if split is None or ex.split == split:
+            out.append(ex)
+    return out
+
+
+def responses() -> list[tuple[str, bool]]:
+    return [(r["text"], bool(r["complies"])) for r in _read(paths.DATA_DIR / "responses.jsonl")]
+
+
+def training_fingerprint() -> str:
+    """sha256 of exactly what training reads (train split + responses), stored with the trained
+    classifier so a test notices weights that are stale against the data."""
+    train = [[e.text, sorted(e.labels)] for e in load(split="train")]
+    text = json.dumps({"policy_train": train, "responses": responses()}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -1,0 +1,105 @@
+"""The moderation policy from config (policy.yaml) and the verdict it makes from scores.
+
+The verdict has the OpenAI moderation shape: flagged, categories, category_scores, plus the
+strictest action over flagged categories and the policy version that decided.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+from colloquy.v1 import common_pb2
+
+from services.moderation.categories import CATEGORIES
+
+ALLOW = common_pb2.MODERATION_ACTION_ALLOW
+WARN = common_pb2.MODERATION_ACTION_WARN
+BLOCK = common_pb2.MODERATION_ACTION_BLOCK
+ACTIONS = {"allow": ALLOW, "warn": WARN, "block": BLOCK}
+_STRICTNESS = {common_pb2.MODERATION_ACTION_UNSPECIFIED: 0, ALLOW: 0, WARN: 1, BLOCK: 2}
+
+
+class PolicyError(ValueError):
+    """The policy file is invalid; the message names the file and the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CategoryPolicy:
+    action: int
+    threshold: float
+    from_context: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    version: str
+    categories: dict[str, CategoryPolicy]
+
+    def decide(self, scores: dict[str, float]) -> common_pb2.ModerationResult:
+        """Scores for every category -> verdict; unknown score names are ignored."""
+        result = common_pb2.ModerationResult(policy_version=self.version, action=ALLOW)
+        for name in CATEGORIES:
+            score = min(1.0, max(0.0, float(scores.get(name, 0.0))))
+            rule = self.categories[name]
+            hit = score >= rule.threshold
+            result.category_scores[name] = score
+            result.categories[name] = hit
+            if hit:
+                result.flagged = True
+                if stricter(rule.action, result.action):
+                    result.action = rule.action
+        return result
+
+
+def stricter(a: int, b: int) -> bool:
+    """True when action `a` is stricter than `b` (BLOCK > WARN > ALLOW)."""
+    return _STRICTNESS[a] > _STRICTNESS[b]
+
+
+def action_name(action: int) -> str:
+    return {ALLOW: "allow", WARN: "warn", BLOCK: "block"}.get(action, "allow")
+
+
+def parse(doc: object, source: str = "policy") -> Policy:
+    if not isinstance(doc, dict):
+        raise PolicyError(f"{source}: expected a mapping with 'version' and 'categories'")
+    version = doc.get("version")
+    if not isinstance(version, str) or not version.strip():
+        raise PolicyError(f"{source}: 'version' must be a non-empty string")
+    cats = doc.get("categories")
+    if not isinstance(cats, dict):
+        raise PolicyError(f"{source}: 'categories' must be a mapping")
+    unknown = sorted(set(cats) - set(CATEGORIES))
+    if unknown:
+        raise PolicyError(f"{source}: unknown categories {unknown}")
+    missing = [c for c in CATEGORIES if c not in cats]
+    if missing:
+        raise PolicyError(f"{source}: categories missing a policy: {missing}")
+    out: dict[str, CategoryPolicy] = {}
+    for name in CATEGORIES:
+        entry = cats[name]
+        where = f"{source}: categories.{name}"
+        if not isinstance(entry, dict):
+            raise PolicyError(f"{where}: expected a mapping with action and threshold")
+        action = entry.get("action")
+        if action not in ACTIONS:
+            raise PolicyError(f"{where}.action: {action!r} is not one of block, warn, allow")
+        threshold = entry.get("threshold")
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold <= 1:
+            raise PolicyError(f"{where}.threshold: {threshold!r} is not a number in (0, 1]")
+        from_context = entry.get("from_context", False)
+        if not isinstance(from_context, bool):
+            raise PolicyError(f"{where}.from_context: expected true or false")
+        out[name] = CategoryPolicy(ACTIONS[action], float(threshold), from_context)
+    return Policy(version=version.strip(), categories=out)
+
+
+def load(path: Path | str) -> Policy:
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise PolicyError(f"{path}: {exc}") from None
+    return parse(doc, str(path))

@@ -1,0 +1,71 @@
+"""Rules, only where a model cannot learn from a few hundred examples. Each one has a test.
+
+1. `normalize`: obfuscated spellings ("k i l l", "k1ll", "$uicide") and euphemisms ("kys",
+   "unalive", "sewer slide") map to plain words before embedding. The sentence encoder has
+   never seen these spellings, and a few examples of each cannot teach a linear head about them.
+2. `minors`: sexual content together with an explicit minor (an age under 18, "child", "7th
+   grade") is sexual/minors. Embeddings barely separate "a 14-year-old" from "a 41-year-old",
+   so the number is read here and the classifier's own sexual score decides what is sexual.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Runs of 3+ single letters separated by a space/dot/dash: "k i l l", "s.u.i.c.i.d.e".
+_SPACED = re.compile(r"(?<![A-Za-z])(?:[A-Za-z][ .\-_*]){2,}[A-Za-z](?![A-Za-z])")
+_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b",
+                       "@": "a", "$": "s", "!": "i", "|": "l"})
+_LEET_TOKEN = re.compile(r"[A-Za-z0-9@$!|]*[0-9@$!|][A-Za-z0-9@$!|]*")
+# De-leeted words worth restoring; anything else (md5, x86, h264, p@ssw0rd) is left alone.
+_WATCH = re.compile(
+    r"^(kill|suicid|bomb|murder|rape|shoot|stab|nazi|slut|whore|bitch|fuck|shit|terroris|"
+    r"explosiv|poison|meth|cocain|heroin|porn|nude|naked|sex|die|dead|hang|cut)[a-z]*$")
+_EUPHEMISMS = [
+    (re.compile(r"\bkys\b", re.I), "kill yourself"),
+    (re.compile(r"(?<![\d.])(?<!\d )\bkms\b", re.I), "kill myself"),
+    (re.compile(r"\bun-?alive\b", re.I), "kill"),
+    (re.compile(r"\bsewer[ -]?slide\b", re.I), "suicide"),
+]
+
+
+def _unleet(match: re.Match[str]) -> str:
+    token = match.group(0)
+    if not re.search(r"[A-Za-z]", token):
+        return token  # a plain number
+    plain = token.lower().translate(_LEET)
+    return plain if _WATCH.match(plain) else token
+
+
+def normalize(text: str) -> str:
+    """Undo common obfuscation so the classifier sees the words people meant."""
+    out = _SPACED.sub(lambda m: re.sub(r"[ .\-_*]", "", m.group(0)), text)
+    out = _LEET_TOKEN.sub(_unleet, out)
+    for pattern, replacement in _EUPHEMISMS:
+        out = pattern.sub(replacement, out)
+    return out
+
+
+_NUM_WORDS = ("one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|fourteen|"
+              "fifteen|sixteen|seventeen")
+_MINOR = re.compile(
+    r"\b(?:(?:[1-9]|1[0-7]|" + _NUM_WORDS + r")[\s-]*(?:years?|yrs?|y/?o)(?:[\s-]*old)?"
+    r"|(?:aged?|age of)\s+(?:[1-9]|1[0-7]|" + _NUM_WORDS + r")\b"
+    r"|(?:[1-9]|1[0-2])(?:st|nd|rd|th)[\s-]*grade(?:r|rs)?"
+    r"|(?:first|second|third|fourth|fifth|sixth|seventh|eighth|ninth)[\s-]*grade(?:r|rs)?"
+    r"|child|children|kids?|minors?|under[\s-]?age|pre-?teens?|teen(?:age|ager)?s?|toddlers?"
+    r"|infants?|school\s?(?:girl|boy)s?|little\s+(?:girl|boy)s?|young\s+(?:girl|boy|teen)s?"
+    r"|middle[\s-]school(?:er)?s?|elementary[\s-]school(?:er)?s?|high[\s-]school(?:er|freshman)s?)\b",
+    re.I)
+
+
+def mentions_minor(text: str) -> bool:
+    return _MINOR.search(text) is not None
+
+
+def minors(text: str, scores: dict[str, float], sexual_threshold: float) -> dict[str, float]:
+    """Sexual content (per the classifier) that names a minor is sexual/minors."""
+    sexual = scores.get("sexual", 0.0)
+    if sexual >= sexual_threshold and mentions_minor(text):
+        scores = {**scores, "sexual/minors": max(scores.get("sexual/minors", 0.0), sexual)}
+    return scores

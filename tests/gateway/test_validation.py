@@ -1,0 +1,111 @@
+"""Gateway input validation and API keys: unit tests of pure functions."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from colloquy.v1 import chat_pb2, common_pb2
+
+from services.common import config
+from services.gateway import validation
+from services.gateway.auth import KeyRing, key_from_metadata
+from services.gateway.config import GatewayConfig
+
+CFG = config.load(GatewayConfig, {})
+
+
+def req(**kw: object) -> chat_pb2.ChatRequest:
+    return chat_pb2.ChatRequest(**{"message": "hello", **kw})
+
+
+def test_defaults_filled_in() -> None:
+    conv, text, s = validation.chat_request(req(), CFG)
+    assert (conv, text) == ("", "hello")
+    assert (s.temperature, s.top_p, s.max_tokens, s.n) == (pytest.approx(0.7), 1.0, 256, 1)
+    assert not s.HasField("seed")
+
+
+@pytest.mark.parametrize(("kw", "field"), [
+    ({"message": ""}, "message"),
+    ({"message": " \n\t "}, "message"),
+    ({"message": "x" * 8193}, "message"),
+    ({"message": "a\x00b"}, "message"),
+    ({"conversation_id": "not-a-uuid"}, "conversation_id"),
+    ({"sampling": common_pb2.SamplingParams(temperature=-0.1)}, "sampling.temperature"),
+    ({"sampling": common_pb2.SamplingParams(temperature=float("nan"))}, "sampling.temperature"),
+    ({"sampling": common_pb2.SamplingParams(top_p=0)}, "sampling.top_p"),
+    ({"sampling": common_pb2.SamplingParams(max_tokens=0)}, "sampling.max_tokens"),
+    ({"sampling": common_pb2.SamplingParams(max_tokens=100000)}, "sampling.max_tokens"),
+    ({"sampling": common_pb2.SamplingParams(n=0)}, "sampling.n"),
+    ({"sampling": common_pb2.SamplingParams(n=5)}, "sampling.n"),
+    ({"sampling": common_pb2.SamplingParams(stop=["a", "b", "c", "d", "e"])}, "sampling.stop"),
+    ({"sampling": common_pb2.SamplingParams(stop=[""])}, "sampling.stop[0]"),
+    ({"client_request_id": "x" * 65}, "client_request_id"),
+])
+def test_bad_input_names_the_field(kw: dict, field: str) -> None:
+    with pytest.raises(validation.InvalidArgument) as exc:
+        validation.chat_request(req(**kw), CFG)
+    assert str(exc.value).startswith(field + ":")
+
+
+def test_multibyte_size_counts_bytes() -> None:
+    with pytest.raises(validation.InvalidArgument, match="bytes"):
+        validation.message("é" * 5000, 8192)  # 10000 bytes
+
+
+def test_uuid_canonical() -> None:
+    u = uuid.uuid4()
+    assert validation.conversation_id(str(u)) == str(u)
+    with pytest.raises(validation.InvalidArgument):
+        validation.conversation_id(u.hex)
+
+
+def turn(n: int, blocked: bool = False) -> chat_pb2.Turn:
+    return chat_pb2.Turn(index=1, blocked=blocked, answers=[chat_pb2.Answer(index=i) for i in range(n)])
+
+
+def test_feedback_checks() -> None:
+    ok = chat_pb2.SubmitFeedbackRequest(turn_index=1, ranking=chat_pb2.Ranking(order=[2, 0, 1]))
+    validation.feedback(ok, turn(3))
+    bad = [
+        (chat_pb2.SubmitFeedbackRequest(turn_index=1, ranking=chat_pb2.Ranking(order=[0, 0, 1])), turn(3),
+         "ranking.order"),
+        (chat_pb2.SubmitFeedbackRequest(turn_index=1, ranking=chat_pb2.Ranking(order=[0, 1])), turn(3),
+         "ranking.order"),
+        (chat_pb2.SubmitFeedbackRequest(turn_index=1, rating=chat_pb2.Rating(answer_index=3)), turn(3),
+         "rating.answer_index"),
+        (chat_pb2.SubmitFeedbackRequest(turn_index=1), turn(1), "feedback"),
+        (chat_pb2.SubmitFeedbackRequest(turn_index=0, rating=chat_pb2.Rating()), turn(1), "turn_index"),
+        (chat_pb2.SubmitFeedbackRequest(turn_index=4, rating=chat_pb2.Rating()), None, "turn_index"),
+        (chat_pb2.SubmitFeedbackRequest(turn_index=1, rating=chat_pb2.Rating()), turn(1, True), "turn_index"),
+    ]
+    for request, t, field in bad:
+        with pytest.raises(validation.InvalidArgument) as exc:
+            validation.feedback(request, t)
+        assert str(exc.value).startswith(field), (request, str(exc.value))
+
+
+def test_keyring_hashed_lookup_and_rotation(tmp_path: Path) -> None:
+    f = tmp_path / "keys.yaml"
+    f.write_text(f"keys:\n  - user: ann\n    sha256: {hashlib.sha256(b'k1').hexdigest()}\n")
+    ring = KeyRing(str(f))
+    assert ring.user_for("k1") == "ann"
+    assert ring.user_for("k2") is None
+    assert ring.user_for("") is None
+    # Rotate: replace k1 by k2 without a restart.
+    f.write_text(f"keys:\n  - user: ann\n    sha256: {hashlib.sha256(b'k2').hexdigest()}\n")
+    later = time.time() + 5
+    os.utime(f, (later, later))
+    assert ring.user_for("k2") == "ann"
+    assert ring.user_for("k1") is None
+
+
+def test_key_from_metadata() -> None:
+    assert key_from_metadata([("authorization", "Bearer abc ")]) == "abc"
+    assert key_from_metadata([("authorization", "abc")]) == "abc"
+    assert key_from_metadata([("x", "y")]) == ""

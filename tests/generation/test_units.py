@@ -1,0 +1,125 @@
+"""Pure parts of the generation service: validation, offset tracking, progress batching, config."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from colloquy.v1 import common_pb2, events_pb2, generation_pb2
+from kafka import TopicPartition
+
+from services.generation import api, engine, serving
+from services.generation.config import DEFAULT_SERVE_CONFIG
+from services.generation.worker import OffsetTracker, _Progress
+
+LIMITS = {"max_tokens_limit": 512, "max_n": 4}
+
+
+def req(prompt: str = "hi", **sampling: object) -> generation_pb2.GenerateRequest:
+    stop = sampling.pop("stop", [])
+    p = common_pb2.SamplingParams(**sampling)  # type: ignore[arg-type]
+    p.stop.extend(stop)  # type: ignore[arg-type]
+    return generation_pb2.GenerateRequest(prompt=prompt, sampling=p, request_id="r1", conversation_id="c1")
+
+
+@pytest.mark.parametrize(("request_", "field"), [
+    (req(""), "prompt"),
+    (req("   \n"), "prompt"),
+    (req("a\x00b"), "prompt"),
+    (req(n=0), "sampling.n"),
+    (req(n=5), "sampling.n"),
+    (req(max_tokens=0), "sampling.max_tokens"),
+    (req(max_tokens=513), "sampling.max_tokens"),
+    (req(temperature=-0.1), "sampling.temperature"),
+    (req(temperature=2.5), "sampling.temperature"),
+    (req(top_p=0.0), "sampling.top_p"),
+    (req(top_p=1.5), "sampling.top_p"),
+    (req(stop=["a", "b", "c", "d", "e"]), "sampling.stop"),
+    (req(stop=["x" * 65]), "sampling.stop[0]"),
+    (req(stop=["ok", ""]), "sampling.stop[1]"),
+])
+def test_invalid_input_names_the_field(request_: generation_pb2.GenerateRequest, field: str) -> None:
+    with pytest.raises(api.InvalidArgument) as err:
+        api.generate_request(request_, **LIMITS)
+    assert str(err.value).startswith(field + ":"), str(err.value)
+
+
+def test_defaults_and_mapping() -> None:
+    r = api.generate_request(req("hello", seed=5, stop=["\n\n"]), **LIMITS)
+    assert r.sampling == engine.Sampling(temperature=0.7, top_p=1.0, max_tokens=256, stop=("\n\n",),
+                                         seed=5, n=1)
+    assert r.request_id == "r1" and r.conversation_id == "c1"
+    assert api.generate_request(generation_pb2.GenerateRequest(prompt="x"), **LIMITS).request_id
+    msgs = api.responses([engine.Delta(1, "ab", 2, engine.FinishReason.STOP, "v7", 9, 12),
+                          engine.Delta(0, "c", 1, None, "v7", 9, 3)])
+    assert msgs[0].finish_reason == generation_pb2.FINISH_REASON_STOP
+    assert (msgs[0].usage.prompt_tokens, msgs[0].usage.completion_tokens) == (9, 12)
+    assert not msgs[1].HasField("usage") and msgs[1].model_version == "v7" and msgs[1].delta_tokens == 1
+
+
+def test_offset_tracker_commits_only_contiguous_completions() -> None:
+    tp, other = TopicPartition("t", 0), TopicPartition("t", 1)
+    t = OffsetTracker()
+    for o in (10, 11, 12):
+        t.started(tp, o)
+    t.started(other, 3)
+    assert t.to_commit() == {tp: 10, other: 3}
+    t.committed(t.to_commit())
+    t.finished(tp, 11)  # out of order: 10 still running
+    assert t.to_commit() == {}
+    t.finished(tp, 10)
+    assert t.to_commit() == {tp: 12}
+    t.finished(tp, 12)
+    t.finished(other, 3)
+    assert t.to_commit() == {tp: 13, other: 4}
+    t.forget({tp})
+    t.finished(tp, 99)  # a stale completion after a revoke is ignored
+    assert tp not in t.to_commit()
+
+
+def test_progress_batches_cumulative_text() -> None:
+    turn = events_pb2.TurnEvent(request_id="r", conversation_id="c", prompt="PROMPT")
+    p = _Progress(turn, 2, batch_tokens=4, batch_s=10.0)
+    d = lambda i, t, f=None: engine.Delta(i, t, 1, f, "v1", 5, 0)  # noqa: E731
+    p.apply([d(0, "a")])
+    assert p.due()  # first token goes out at once
+    first = p.message(done=False)
+    assert first.turn.prompt == "PROMPT" and first.seq == 0 and first.first_token_unix_ms > 0
+    p.apply([d(0, "b"), d(1, "x")])
+    assert not p.due()  # 2 tokens < 4 and 10 s not passed
+    p.apply([d(0, "c"), d(1, "y", engine.FinishReason.LENGTH)])
+    assert p.due()
+    second = p.message(done=False)
+    assert second.turn.prompt == "" and second.turn.request_id == "r" and second.seq == 1
+    assert [(c.index, c.text, c.finish_reason) for c in second.candidates] == [
+        (0, "abc", generation_pb2.FINISH_REASON_UNSPECIFIED), (1, "xy", generation_pb2.FINISH_REASON_LENGTH)]
+    p.batch_s = 0.01
+    p.apply([d(0, "d")])
+    time.sleep(0.02)
+    assert p.due()  # the time rule
+    p.message(done=False)
+    # A retried stream must not publish shorter cumulative text than already sent.
+    p.restart()
+    p.apply([d(0, "ab"), d(1, "xy")])
+    assert not p.caught_up() and not p.due()
+    p.apply([d(0, "cd")])
+    assert p.caught_up()
+
+
+def test_serve_config_is_valid_and_overridable() -> None:
+    cfg = serving.load_config(DEFAULT_SERVE_CONFIG, grpc_port=19999,
+                              deployment_overrides={"autoscaling_config": None, "num_replicas": 1})
+    assert cfg.grpc_options.port == 19999
+    assert "colloquy.v1.generation_pb2_grpc.add_GenerationServiceServicer_to_server" in \
+        cfg.grpc_options.grpc_servicer_functions
+    app = cfg.applications[0]
+    assert app.import_path == "services.generation.deployment:build"
+    dep = app.deployments[0]
+    assert dep.num_replicas == 1
+    base = serving.load_config(DEFAULT_SERVE_CONFIG)
+    auto = base.applications[0].deployments[0].autoscaling_config
+    assert auto["min_replicas"] >= 1 and auto["max_replicas"] >= auto["min_replicas"]
+    assert auto["target_ongoing_requests"] > 0
+    assert base.grpc_options.port == 9000
+    router = base.applications[0].deployments[0].request_router_config
+    assert router["request_router_class"].endswith("ConsistentHashRouter")

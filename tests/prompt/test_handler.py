@@ -1,0 +1,73 @@
+"""The prompt stage's handler as a function over an in-memory history (no broker)."""
+
+from __future__ import annotations
+
+import pytest
+from colloquy.v1 import common_pb2, events_pb2
+
+from services.common import events, kafka_loop
+from services.conversation.store import ConversationStore
+from services.prompt.config import PromptConfig
+from services.prompt.domain import Assembler
+from services.prompt.pending import TurnTracker
+from services.prompt.templates import TemplateSet
+from services.prompt.worker import make_handler
+from services.tokenizer.domain import TextTokenizer
+from tests.prompt.kafka_helpers import record
+
+
+class FakeHistory:
+    """Stands in for HistoryReader: an in-memory store that is caught up, or never."""
+
+    def __init__(self, caught_up: bool = True) -> None:
+        self.store = ConversationStore()
+        self.caught_up = caught_up
+
+    def wait_caught_up(self, timeout: float = 10.0, partitions: list[int] | None = None) -> bool:
+        return self.caught_up
+
+
+def run(handler, turn: events_pb2.TurnEvent) -> list[events.OutEvent]:
+    return list(handler(kafka_loop.Consumed(message=turn, key=turn.conversation_id, event_id="e",
+                                            request_id=turn.request_id, traceparent="", topic="in",
+                                            partition=0, offset=0)))
+
+
+def make(tok: TextTokenizer, shipped: TemplateSet, history: FakeHistory):
+    cfg = PromptConfig(topic_out="prompts")
+    return make_handler(Assembler(tok, 8192), shipped, TurnTracker(60_000), history, cfg)  # type: ignore[arg-type]
+
+
+def turn(rid: str, **kw: object) -> events_pb2.TurnEvent:
+    return events_pb2.TurnEvent(request_id=rid, conversation_id="c1", user_id="u1", message="Hi",
+                                reply_topic="rt", **kw)
+
+
+def test_history_not_caught_up_is_unavailable(tok: TextTokenizer, shipped: TemplateSet) -> None:
+    [out] = run(make(tok, shipped, FakeHistory(caught_up=False)), turn("r1"))
+    assert out.topic == "rt"
+    assert out.message.error.code == "UNAVAILABLE" and "try again" in out.message.error.message
+
+
+def test_prompt_event_and_started_reply(tok: TextTokenizer, shipped: TemplateSet) -> None:
+    history = FakeHistory()
+    history.store.apply(record("c1", "u1", 1, "My dog is called Biscuit.", "Nice!"))
+    prompt, started = run(make(tok, shipped, history), turn("r2"))
+    assert (prompt.topic, prompt.key, prompt.request_id) == ("prompts", "c1", "r2")
+    assert prompt.message.turn_index == 2 and "Biscuit" in prompt.message.prompt
+    assert started.topic == "rt" and started.message.started.turn_index == 2
+
+
+def test_blocked_turn_with_several_candidates(tok: TextTokenizer, shipped: TemplateSet) -> None:
+    blocked = turn("r1", sampling=common_pb2.SamplingParams(n=2), input_moderation=common_pb2.ModerationResult(
+        flagged=True, action=common_pb2.MODERATION_ACTION_BLOCK))
+    rec, started, notice, done = run(make(tok, shipped, FakeHistory()), blocked)
+    assert rec.topic == "conversation.turns" and rec.key == "c1/1"
+    assert [a.index for a in rec.message.turn.answers] == [0, 1]
+    assert [f.reason for f in done.message.done.finish_reasons] == ["blocked", "blocked"]
+    assert started.message.started.turn_index == 1 and notice.message.moderation.stage == "input"
+
+
+def test_turn_nobody_can_be_told_about_is_poison(tok: TextTokenizer, shipped: TemplateSet) -> None:
+    with pytest.raises(events.PoisonEvent):
+        run(make(tok, shipped, FakeHistory()), events_pb2.TurnEvent(request_id="r1", conversation_id="c1"))
