@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 from model import source
-from model.hashing import digest_json
 from model.paths import build_dir, downloads_dir
 from model.registry import DEFAULT_DEPLOYMENT, Registry, VersionExists
 from model.steps import log, run_step
@@ -42,7 +41,8 @@ TOOLS = ("onnxruntime-genai-cuda", "onnxruntime-gpu", "onnx", "onnx-ir", "transf
          "torch", "safetensors", "tokenizers", "gguf", "numpy")
 SPEED_PROMPT = "Write a short story about a robot who learns to paint."
 SPEED_TOKENS = 64
-SPEED_REPEATS = 3
+SPEED_REPEATS = 5
+SPEED_MARGIN = 0.05  # builds this close in speed are a tie; the better score wins
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class Variant:
     execution_provider: str
     extra_options: dict[str, str] = field(default_factory=dict)
     note: str = ""
+    candidate: bool = True  # built by default (``--precisions``); else only via ``--variants``
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
@@ -62,10 +63,14 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("cpu-int4-rtn-last", "int4", "cpu", {"algo_config": "rtn_last"},
             "int4 RTN body, tied LM head int8 (the GGUF keeps it Q8_0)"),
     Variant("cpu-int4-kquant-last", "int4", "cpu", {"algo_config": "k_quant_last"},
-            "int4 k-quant body, LM head int8"),
+            "int4 k-quant body, LM head int8 (measured: slower than rtn_last, no better)",
+            candidate=False),
     Variant("cpu-int4-kquant-mixed", "int4", "cpu", {"algo_config": "k_quant_mixed"},
             "int4 k-quant, LM head and sensitive layers int8"),
-    Variant("cpu-int8", "int8", "cpu", {}, "int8 weights everywhere"),
+    Variant("cpu-int4-rtn-last-pruned", "int4", "cpu",
+            {"algo_config": "rtn_last", "prune_lm_head": "true"},
+            "rtn_last; prefill computes LM-head logits for the last token only"),
+    Variant("cpu-int8", "int8", "cpu", {}, "int8 weights everywhere", candidate=False),
     Variant("cuda-fp16", "fp16", "cuda", {}, "CUDA, float16"),
     Variant("cuda-int4-rtn-last", "int4", "cuda", {"algo_config": "rtn_last"},
             "CUDA, int4 body, LM head int8"),
@@ -178,6 +183,8 @@ def ensure_speed(builds: dict[str, tuple[Path, dict[str, Any]]], root: Path) -> 
 
     Measuring all candidates in the same loop gives them the same machine
     load, which matters on a shared 2-core box more than absolute numbers.
+    Other work on the machine can only slow a run down, so builds are ranked
+    by their best run (``decode_tok_s_best``); the median is kept for reports.
     """
     names = sorted(n for n in builds if VARIANTS[n].execution_provider == "cpu")
     inputs = {"recipe": RECIPE, "models": {n: builds[n][1]["outputs_digest"] for n in names},
@@ -200,6 +207,7 @@ def ensure_speed(builds: dict[str, tuple[Path, dict[str, Any]]], root: Path) -> 
                     samples[name].append(gen.decode_tok_s)
                     prefill[name].append(gen.prefill_tok_s)
         result = {name: {"decode_tok_s": round(statistics.median(samples[name]), 2),
+                         "decode_tok_s_best": round(max(samples[name]), 2),
                          "prefill_tok_s": round(statistics.median(prefill[name]), 2),
                          "decode_samples": [round(x, 2) for x in samples[name]]}
                   for name in names}
@@ -212,15 +220,26 @@ def ensure_speed(builds: dict[str, tuple[Path, dict[str, Any]]], root: Path) -> 
 
 
 def choose_default(quality: dict[str, dict[str, Any]], speed: dict[str, Any]) -> str:
-    """The fastest CPU build scoring within one question of float32 (of the best, without it)."""
+    """The fastest CPU build scoring within one question of float32 (of the best, without it).
+
+    Speeds within :data:`SPEED_MARGIN` of the fastest eligible build count as
+    a tie (timings on a shared machine are that noisy); among tied builds the
+    higher score wins.
+    """
     cpu = [n for n in quality if VARIANTS[n].execution_provider == "cpu" and "score" in quality[n]]
     if not cpu:
         raise RuntimeError("no CPU build has a quality score; cannot choose a served default")
     reference = quality["cpu-fp32"]["score"] if "cpu-fp32" in cpu else max(
         quality[n]["score"] for n in cpu)
     eligible = [n for n in cpu if quality[n]["score"] >= reference - 1]
-    return max(eligible, key=lambda n: (speed.get(n, {}).get("decode_tok_s", 0.0),
-                                        quality[n]["score"]))
+
+    def peak(name: str) -> float:
+        info = speed.get(name) or {}
+        return float(info.get("decode_tok_s_best", info.get("decode_tok_s", 0.0)))
+
+    fastest = max(peak(n) for n in eligible)
+    tied = [n for n in eligible if peak(n) >= (1 - SPEED_MARGIN) * fastest]
+    return max(tied, key=lambda n: (quality[n]["score"], peak(n)))
 
 
 def version_name(variant: Variant, outputs_digest: str) -> str:
@@ -264,7 +283,7 @@ def select_variants(precisions: Sequence[str], names: Sequence[str] | None,
         chosen = [VARIANTS[n] for n in names]
     else:
         chosen = [v for v in VARIANTS.values()
-                  if v.execution_provider == "cpu" and v.precision in precisions]
+                  if v.execution_provider == "cpu" and v.precision in precisions and v.candidate]
     if cuda:
         chosen += [v for v in VARIANTS.values()
                    if v.execution_provider == "cuda" and v not in chosen]
@@ -298,7 +317,8 @@ def build(variants: Sequence[Variant], root: Path, registry: Registry | None,
     report = {
         "served_default": default,
         "served_default_version": versions.get(default),
-        "rule": "fastest CPU build with score >= fp32 score - 1",
+        "rule": (f"fastest CPU build with score >= fp32 score - 1 (best-of-{SPEED_REPEATS} "
+                 f"decode tok/s; within {SPEED_MARGIN:.0%} is a tie, won by the higher score)"),
         "variants": {
             name: {"dir": str(path), "version": versions.get(name),
                    "size_bytes": sum(f["size"] for f in stamp["outputs"].values()),

@@ -92,7 +92,7 @@ class ModelVersion:
 
 def utc_now() -> str:
     """ISO-8601 UTC timestamp with a ``Z``, second precision."""
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace(
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace(
         "+00:00", "Z")
 
 
@@ -345,6 +345,7 @@ class Registry:
         The version is loaded (and by default checksum-verified) first, so a
         corrupt version can never become current.
         """
+        _check_name("deployment", deployment)
         self.load(version, verify=verify)
         with self._locked():
             return self._move(deployment, version, self._forward_history(deployment, version),
@@ -353,6 +354,7 @@ class Registry:
     def set_current_if_unset(self, deployment: str, version: str,
                              verify: bool = True) -> bool:
         """Point ``deployment`` at ``version`` only if it has no pointer; True if it moved."""
+        _check_name("deployment", deployment)
         self.load(version, verify=verify)
         with self._locked():
             if self.pointer(deployment) is not None:

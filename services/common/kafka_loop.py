@@ -79,8 +79,9 @@ class SeenEvents:
 
 def make_producer(cfg: KafkaConfig, client_id: str, transactional_id: str | None = None) -> KafkaProducer:
     """A producer tuned for latency: idempotent, acks=all, no linger."""
+    # max_block_ms bounds how long send() waits for metadata (e.g. a topic that does not exist).
     kwargs: dict = {"bootstrap_servers": cfg.bootstrap_servers, "client_id": client_id, "linger_ms": 0,
-                    "acks": "all", "enable_idempotence": True}
+                    "acks": "all", "enable_idempotence": True, "max_block_ms": 10_000}
     if transactional_id:
         kwargs["transactional_id"] = transactional_id
     return KafkaProducer(**kwargs)

@@ -34,7 +34,7 @@ def main() -> int:
         for text in SCRIPT:
             print(f"\nyou> {text}")
             t0 = time.perf_counter()
-            conv, turn = stream_turn(stub, args.key, conv, text, sampling)
+            conv, _turn = stream_turn(stub, args.key, conv, text, sampling)
             print(f"  ({time.perf_counter() - t0:.2f}s)")
         c = stub.GetConversation(chat_pb2.GetConversationRequest(conversation_id=conv),
                                  metadata=[("authorization", f"Bearer {args.key}")])

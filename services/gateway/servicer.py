@@ -14,7 +14,7 @@ from kafka import KafkaProducer
 
 from services.common import events, topics, turns
 from services.conversation.reader import HistoryReader
-from services.gateway import validation
+from services.gateway import metrics, validation
 from services.gateway.auth import KeyRing, key_from_metadata
 from services.gateway.config import GatewayConfig
 from services.gateway.replies import ReplyRouter
@@ -100,6 +100,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             await context.abort(grpc.StatusCode.ABORTED,
                                 "a turn is already being answered in this conversation; wait for it to finish")
         if self.active >= self.cfg.max_concurrent_chats:
+            metrics.REFUSED.labels("capacity").inc()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"the gateway is at capacity ({self.cfg.max_concurrent_chats} chats); retry shortly")
 
@@ -114,12 +115,17 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         queue = self.router.register(request_id)
         self.in_flight[conv] = request_id
         self.active += 1
+        metrics.ACTIVE_CHATS.inc()
+        accepted = time.perf_counter()
+        first_text = True
+        code = "OK"
         finished = False
         try:
             try:
                 await self._publish(events.OutEvent(topics.CHAT_REQUESTS.name, conv, turn, request_id=request_id))
             except Exception:
                 log.exception("could not publish the turn")
+                metrics.REFUSED.labels("unavailable").inc()
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "the chat pipeline is unavailable; retry shortly")
             sent: dict[int, int] = {}
             started = False
@@ -144,6 +150,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 elif kind == "text":
                     already = sent.get(ev.text.index, 0)
                     if len(ev.text.text) > already:
+                        if first_text:
+                            first_text = False
+                            metrics.TTFT.observe(time.perf_counter() - accepted)
+                        metrics.STREAMED_CHARS.inc(len(ev.text.text) - already)
                         sent[ev.text.index] = len(ev.text.text)
                         yield chat_pb2.ChatEvent(delta=chat_pb2.ChatDelta(
                             index=ev.text.index, text=ev.text.text[already:]))
@@ -155,13 +165,22 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                     return
                 elif kind == "error":
                     finished = True
-                    code = getattr(grpc.StatusCode, ev.error.code, grpc.StatusCode.UNAVAILABLE)
-                    await context.abort(code, ev.error.message)
+                    status = getattr(grpc.StatusCode, ev.error.code, grpc.StatusCode.UNAVAILABLE)
+                    code = status.name
+                    await context.abort(status, ev.error.message)
         except asyncio.CancelledError:
+            code = "CANCELLED"
             if not finished:
                 self._cancel(request_id, conv, "client-cancelled")
             raise
+        except grpc.aio.AbortError:
+            if code == "OK":
+                code = context.code().name if isinstance(context.code(), grpc.StatusCode) else "UNKNOWN"
+            raise
         finally:
+            metrics.ACTIVE_CHATS.dec()
+            metrics.CHATS.labels(code).inc()
+            metrics.CHAT_DURATION.observe(time.perf_counter() - accepted)
             self.router.unregister(request_id)
             if self.in_flight.get(conv) == request_id:
                 del self.in_flight[conv]

@@ -39,6 +39,10 @@ class EngineSettings:
     max_tokens_limit: int = env("GENERATION_MAX_TOKENS_LIMIT", 2048, check=lambda v: 1 <= v <= 1 << 20,
                                 hint="1..1048576")
     max_n: int = env("GENERATION_MAX_N", 4, check=lambda v: 1 <= v <= 16, hint="1..16")
+    # A replica streams at most one message per candidate per interval (tokens are coalesced):
+    # fewer Ray objects per token, and Serve's proxy mostly waits, so client cancels reach us.
+    stream_interval_ms: float = env("GENERATION_STREAM_INTERVAL_MS", 10.0, check=lambda v: 0 <= v <= 1000,
+                                    hint="0..1000 milliseconds")
     # Each replica serves its own /metrics on the first free port from here (several replicas
     # may share a node); 0 disables it.
     replica_metrics_port: int = env("GENERATION_REPLICA_METRICS_PORT", 9110, check=_nonneg,

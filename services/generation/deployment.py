@@ -17,6 +17,12 @@ replica from the same broadcast replica set, without shared state, and scaling m
 1/N of conversations; a full replica falls through to the next one on the ring. A conversation's
 turns thus land where its earlier turns ran, which is what a per-replica KV/prefix cache needs.
 
+Client cancels through the gRPC ingress: Serve's proxy cancels the replica's call only when the
+client's cancel reaches it while it awaits the replica's next message; if it is busy writing a
+message out at that moment, the cancel is lost and the request runs to its end (Ray 2.60). Pacing
+the stream (GENERATION_STREAM_INTERVAL_MS, tokens coalesced) keeps the proxy waiting nearly all the
+time; the Kafka path cancels through the handle, which has no such gap.
+
 Model swap: `reconfigure(user_config)` (Serve calls it on every replica when the config's
 `user_config` changes) loads `model_dir`/`model_version`; in-flight requests finish on the old model.
 """
@@ -99,6 +105,7 @@ class Generation:
                 grpc_context.set_code(code)
                 grpc_context.set_details(message)
             raise
+        stream.min_interval_s = self.settings.stream_interval_ms / 1000
         async for deltas in stream:
             for msg in api.responses(deltas):
                 yield msg
@@ -120,6 +127,7 @@ class Generation:
             yield {"code": code.name, "message": message, "prompt_tokens": 0,
                    "model_version": self.engine.model_version}
             return
+        stream.min_interval_s = self.settings.stream_interval_ms / 1000
         yield {"code": STATUS_OK, "message": "", "prompt_tokens": stream.prompt_tokens,
                "model_version": stream.model_version}
         async for deltas in stream:

@@ -4,11 +4,13 @@ Like vLLM's engine is separate from its entrypoints, this module only knows prom
 options and tokens; `deployment.py` puts it behind Ray Serve and gRPC, `worker.py` behind Kafka.
 
 How it batches. One scheduler thread owns every ONNX Runtime GenAI object that decodes. Each
-candidate answer is one `og.Generator`; every scheduler *round* admits waiting requests into free
-slots (a new request joins the running batch), runs one decode step of every running candidate
-(or one prefill chunk of a new one, so a long prompt never stalls the others for more than a
-chunk), and retires finished candidates (a finished request leaves the batch). Cancellation and
-deadlines are checked before every step of every candidate, so a request stops within one step.
+request is one `og.Generator` whose batch rows are its n candidates (one forward pass for all of
+them, one seed, so the same request gives the same n answers); every scheduler *round* admits
+waiting requests into free slots (a new request joins the running batch), runs one decode step of
+every running request (or one prefill chunk of a new single-candidate one, so a long prompt never
+stalls the others for more than a chunk; ORT GenAI takes a multi-row prompt in one piece), and
+retires finished requests (a finished one leaves the batch). Cancellation and deadlines are
+checked before every step of every request, so a request stops within one decode step.
 
 Why Generators stepped round-robin and not `og.Engine` (0.18): on the CPU provider the Engine only
 offers its *static* batch (dynamic batching needs a PagedAttention model, which the builder makes
@@ -38,6 +40,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
 log = logging.getLogger(__name__)
@@ -247,9 +250,7 @@ class _Seq:
     def __init__(self, req: _Req, index: int) -> None:
         self.req = req
         self.index = index
-        self.gen: Any = None
-        self.stream: Any = None
-        self.prefilled = 0
+        self.stream: Any = None  # the tokenizer's incremental detokenizer for this row
         self.tokens = 0
         self.unreported_tokens = 0
         self.unreported_text = ""
@@ -274,6 +275,8 @@ class _Req:
         self.submitted = time.perf_counter()
         self.first_token_at = 0.0
         self.seqs = [_Seq(self, i) for i in range(request.sampling.n)]
+        self.gen: Any = None  # one og.Generator whose batch rows are the candidates
+        self.prefilled = 0
         self.done = False
 
     def deadline_passed(self) -> bool:
@@ -291,6 +294,9 @@ class Stream:
         self.prompt_tokens = len(req.prompt_ids)
         self.model_version = req.model.version
         self.first_token_unix_ms = 0
+        # Callers across a network (Serve) set this: at most one batch per interval, so a fast
+        # model sends fewer, larger messages, and the relay spends its time waiting, not copying.
+        self.min_interval_s = 0.0
 
     def cancel(self) -> None:
         self._req.cancelled = True
@@ -309,7 +315,10 @@ class Stream:
                 if deltas and not self.first_token_unix_ms and any(d.tokens for d in deltas):
                     self.first_token_unix_ms = int(time.time() * 1000)
                 if deltas:
+                    sent = time.monotonic()
                     yield deltas
+                    if not done and self.min_interval_s > 0:
+                        await asyncio.sleep(self.min_interval_s - (time.monotonic() - sent))
                 if done:
                     finished = True
                     return
@@ -491,11 +500,11 @@ class AsyncEngine:
                     seq.finish = FinishReason.CANCELLED
                 self._publish(req)
                 continue
-            for seq in req.seqs:
-                try:
-                    self._start(seq)
-                except Exception as exc:
-                    log.exception("could not start a candidate", extra={"request_id": req.request.request_id})
+            try:
+                self._start(req)
+            except Exception as exc:
+                log.exception("could not start a request", extra={"request_id": req.request.request_id})
+                for seq in req.seqs:
                     seq.finish, seq.error = FinishReason.ERROR, f"{type(exc).__name__}: {exc}"
             with self._lock:
                 self._running.extend(s for s in req.seqs if s.finish is None)
@@ -503,81 +512,94 @@ class AsyncEngine:
             if all(s.finish is not None for s in req.seqs):
                 self._publish(req)
 
-    def _start(self, seq: _Seq) -> None:
+    def _start(self, req: _Req) -> None:
         import onnxruntime_genai as og
 
-        req, s = seq.req, seq.req.request.sampling
-        model = req.model
+        s, model = req.request.sampling, req.model
         params = og.GeneratorParams(model.model)
         max_length = min(len(req.prompt_ids) + max(1, s.max_tokens), model.context_length)
         options: dict[str, Any] = {"max_length": max_length, "min_length": 0, "num_beams": 1,
-                                   "random_seed": seed_for(req.request.request_id, s.seed, seq.index)}
+                                   "batch_size": s.n,
+                                   "random_seed": seed_for(req.request.request_id, s.seed, 0)}
         if s.temperature > 0:
             options.update(do_sample=True, temperature=float(s.temperature), top_p=float(s.top_p), top_k=0)
         else:
             options["do_sample"] = False
         params.set_search_options(**options)
-        seq.gen = og.Generator(model.model, params)
-        seq.stream = model.tokenizer.create_stream()
+        req.gen = og.Generator(model.model, params)
+        for seq in req.seqs:
+            seq.stream = model.tokenizer.create_stream()
 
     def _round(self) -> None:
-        """One decode step (or prefill chunk) of every running candidate."""
+        """One decode step (or prefill chunk) of every running request."""
         with self._lock:
             batch = list(self._running)
         BATCH.observe(len(batch))
-        touched: dict[int, _Req] = {}
-        for seq in batch:
-            req = seq.req
-            if seq.finish is None:
+        reqs = list({id(seq.req): seq.req for seq in batch}.values())
+        for req in reqs:
+            try:
                 if req.cancelled or req.deadline_passed():
-                    seq.finish = FinishReason.CANCELLED
+                    self._finish_all(req, FinishReason.CANCELLED)
                 else:
-                    try:
-                        self._step(seq)
-                    except Exception as exc:
-                        log.exception("decode step failed", extra={"request_id": req.request.request_id})
-                        seq.finish, seq.error = FinishReason.ERROR, f"{type(exc).__name__}: {exc}"
-            touched[id(req)] = req
-        finished = [s for s in batch if s.finish is not None]
-        if finished:
+                    self._step(req)
+            except Exception as exc:
+                log.exception("decode step failed", extra={"request_id": req.request.request_id})
+                self._finish_all(req, FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
+        if any(s.finish is not None for s in batch):
             with self._lock:
                 self._running = [s for s in self._running if s.finish is None]
                 RUNNING.set(len(self._running))
-        for req in touched.values():
+        for req in reqs:
             self._publish(req)
 
-    def _step(self, seq: _Seq) -> None:
-        req = seq.req
+    @staticmethod
+    def _finish_all(req: _Req, reason: FinishReason, error: str = "") -> None:
+        for seq in req.seqs:
+            if seq.finish is None:
+                seq.finish, seq.error = reason, error
+
+    def _step(self, req: _Req) -> None:
         ids = req.prompt_ids
-        chunk = self.config.prefill_chunk
-        if seq.prefilled < len(ids):
-            end = min(seq.prefilled + chunk, len(ids))
-            seq.gen.append_tokens(ids[seq.prefilled:end])
-            PROMPT_TOKENS.inc(end - seq.prefilled)
-            seq.prefilled = end
+        if req.prefilled < len(ids):
+            n = req.request.sampling.n
+            if n == 1:
+                end = min(req.prefilled + self.config.prefill_chunk, len(ids))
+                req.gen.append_tokens(ids[req.prefilled:end])
+            else:  # a multi-row batch takes its prompt in one append
+                end = len(ids)
+                req.gen.append_tokens(np.asarray([ids] * n, dtype=np.int32))
+            PROMPT_TOKENS.inc((end - req.prefilled) * n)
+            req.prefilled = end
             if end < len(ids):
                 return  # more prompt to go next round; the others decode meanwhile
-        seq.gen.generate_next_token()
-        token = int(seq.gen.get_next_tokens()[0])
+        req.gen.generate_next_token()
+        tokens = req.gen.get_next_tokens()
         now = time.perf_counter()
-        if seq.last_token_at:
-            ITL.observe(now - seq.last_token_at)
-        seq.last_token_at = now
         if not req.first_token_at:
             req.first_token_at = now
             TTFT.observe(now - req.submitted)
-        if token in req.model.eos:
-            seq.finish = FinishReason.STOP
-            return
-        seq.tokens += 1
-        seq.unreported_tokens += 1
-        GENERATED_TOKENS.inc()
-        text, stopped = seq.stops.feed(seq.stream.decode(token))
-        seq.unreported_text += text
-        if stopped:
-            seq.finish = FinishReason.STOP
-        elif seq.tokens >= req.request.sampling.max_tokens or seq.gen.is_done():
-            seq.finish = FinishReason.LENGTH
+        limit = req.request.sampling.max_tokens
+        for seq in req.seqs:
+            if seq.finish is not None:
+                continue  # a finished row still rides along in the batch; its tokens are dropped
+            token = int(tokens[seq.index])
+            if seq.last_token_at:
+                ITL.observe(now - seq.last_token_at)
+            seq.last_token_at = now
+            if token in req.model.eos:
+                seq.finish = FinishReason.STOP
+                continue
+            seq.tokens += 1
+            seq.unreported_tokens += 1
+            GENERATED_TOKENS.inc()
+            text, stopped = seq.stops.feed(seq.stream.decode(token))
+            seq.unreported_text += text
+            if stopped:
+                seq.finish = FinishReason.STOP
+            elif seq.tokens >= limit:
+                seq.finish = FinishReason.LENGTH
+        if req.gen.is_done():
+            self._finish_all(req, FinishReason.LENGTH)  # context length reached
 
     def _publish(self, req: _Req) -> None:
         """Hand the candidates' new output to the caller's loop; retire the request when all ended."""
@@ -585,7 +607,7 @@ class AsyncEngine:
         for seq in req.seqs:
             if seq.finish is not None and not seq.reported_finish:
                 seq.unreported_text += seq.stops.flush()  # held text was no stop string after all
-                seq.gen = seq.stream = None  # free the KV cache now, not when the request ends
+                seq.stream = None
             if seq.unreported_text or seq.unreported_tokens or (seq.finish and not seq.reported_finish):
                 deltas.append(Delta(
                     index=seq.index, text=seq.unreported_text, tokens=seq.unreported_tokens,
@@ -596,6 +618,8 @@ class AsyncEngine:
                 if seq.finish is not None:
                     seq.reported_finish = True
         done = all(s.reported_finish for s in req.seqs)
+        if all(s.finish is not None for s in req.seqs):
+            req.gen = None  # free the KV cache now, not when the caller lets go of the request
         if done and not req.done:
             req.done = True
             E2E.observe(time.perf_counter() - req.submitted)

@@ -103,14 +103,18 @@ def og_engine(model: Any, ids: list[int], tokens: int, streams: int) -> dict[str
             "configured_max_batch_size": engine.get_capabilities().configured_max_batch_size}
 
 
-async def _async_engine(model_dir: str, tokens: int, streams: int, repeats: int) -> dict[str, Any]:
+async def _async_engine(model_dir: str, tokens: int, streams: int, repeats: int,
+                        candidates: int = 1) -> dict[str, Any]:
     from services.generation.engine import AsyncEngine, EngineConfig, Request, Sampling
 
-    eng = AsyncEngine(model_dir, "measure", EngineConfig(max_running=max(streams, 1)))
+    eng = AsyncEngine(model_dir, "measure", EngineConfig(max_running=max(streams * candidates, 1)))
+    # Sampling with EOS suppressed is not offered, so candidates > 1 sample (their rows differ) and
+    # may stop early; decode tok/s counts the tokens really produced.
+    params = Sampling(temperature=0 if candidates == 1 else 0.7, max_tokens=tokens, n=candidates)
 
     async def one(rid: str) -> tuple[int, float, float]:
         n, first, last = 0, 0.0, 0.0
-        async for deltas in eng.submit(Request(rid, PROMPT, Sampling(temperature=0, max_tokens=tokens))):
+        async for deltas in eng.submit(Request(rid, PROMPT, params)):
             for d in deltas:
                 if d.tokens:
                     now = time.perf_counter()
@@ -123,11 +127,11 @@ async def _async_engine(model_dir: str, tokens: int, streams: int, repeats: int)
     try:
         for r in range(repeats + 1):
             res = await asyncio.gather(*(one(f"m{r}-{i}") for i in range(streams)))
-            total = sum(n for n, _, _ in res) - streams
+            total = sum(n for n, _, _ in res) - streams * candidates
             first = max(f for _, f, _ in res)
             last = max(last for _, _, last in res)
             out = {"decode_tok_s": total / (last - first) if last > first else 0.0,
-                   "tokens": total + streams}
+                   "tokens": total + streams * candidates}
             if r and out["decode_tok_s"] > best.get("decode_tok_s", 0):
                 best = out
     finally:
@@ -168,11 +172,11 @@ def main() -> None:
         except Exception as exc:
             res = {"error": f"{type(exc).__name__}: {exc}"}
         print(json.dumps({"contender": name, "prompt_tokens": len(ids), **res}), flush=True)
-    for streams in (1, n):
-        name = f"async_engine_x{streams}"
+    for streams, candidates in ((1, 1), (n, 1), (1, n)):
+        name = f"async_engine_x{streams}" if candidates == 1 else f"async_engine_n{candidates}"
         if only and name not in only:
             continue
-        res = asyncio.run(_async_engine(args.model_dir, args.tokens, streams, args.repeats))
+        res = asyncio.run(_async_engine(args.model_dir, args.tokens, streams, args.repeats, candidates))
         print(json.dumps({"contender": name, "prompt_tokens": len(ids), **res}), flush=True)
 
 

@@ -173,7 +173,7 @@ class _Progress:
 
     def wait_s(self) -> float | None:
         """How long until a pending partial batch is due (None: nothing pending)."""
-        if not self.pending:
+        if not self.pending or not self.caught_up():
             return None
         return max(0.0, self.batch_s - (time.monotonic() - self.last_flush))
 
@@ -439,7 +439,12 @@ class GenerationWorker:
             while True:
                 wait = progress.wait_s()
                 try:
-                    item = await (asyncio.wait_for(queue.get(), wait) if wait is not None else queue.get())
+                    if not queue.empty():
+                        item = queue.get_nowait()
+                    elif wait is None:
+                        item = await queue.get()
+                    else:
+                        item = await asyncio.wait_for(queue.get(), wait)
                 except TimeoutError:
                     if progress.due():
                         self._publish(flight, progress, done=False)

@@ -1,0 +1,18 @@
+"""Gateway metrics: what a client sees end to end (through the whole pipeline)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.common.metrics import LATENCY_BUCKETS
+
+ACTIVE_CHATS = Gauge("colloquy_gateway_active_chats", "Chat streams this replica holds")
+CHATS = Counter("colloquy_gateway_chats_total", "Chat calls by outcome (gRPC status code name)", ["code"])
+TTFT = Histogram("colloquy_gateway_time_to_first_token_seconds",
+                 "From accepting a Chat to sending its first answer text, through every stage",
+                 buckets=LATENCY_BUCKETS)
+CHAT_DURATION = Histogram("colloquy_gateway_chat_duration_seconds", "Whole Chat call, accepted to done",
+                          buckets=LATENCY_BUCKETS)
+STREAMED_CHARS = Counter("colloquy_gateway_streamed_characters_total", "Answer characters sent to clients")
+REFUSED = Counter("colloquy_gateway_refused_total",
+                  "Chats refused before the pipeline, by reason (capacity, rate_limit, unavailable)", ["reason"])

@@ -1,0 +1,83 @@
+"""python -m services.generation: local Ray + Ray Serve (serve_config.yaml) + the Kafka worker.
+
+Serve's gRPC proxy answers GenerationService on GENERATION_GRPC_PORT (default: the config file's
+9000); this process serves the worker's /metrics on METRICS_PORT (9105) and each replica its own
+(GENERATION_REPLICA_METRICS_PORT, 9110 and up). On SIGTERM/SIGINT the worker stops taking prompts
+and lets in-flight answers finish (SHUTDOWN_GRACE_SECONDS), commits, and Serve drains its replicas
+before Ray stops. With RAY_ADDRESS set it deploys onto that cluster instead of starting one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import socket
+import sys
+import threading
+import time
+
+from services.common import config, log, metrics, topics
+from services.generation import model_ref, serving
+from services.generation.config import DEFAULTS, EngineSettings, ServiceSettings, WorkerSettings
+
+
+def main() -> int:
+    server = config.load_or_exit(config.ServerConfig, defaults=DEFAULTS)
+    svc = config.load_or_exit(ServiceSettings)
+    eng = config.load_or_exit(EngineSettings)
+    wcfg = config.load_or_exit(WorkerSettings)
+    kafka = config.load_or_exit(config.KafkaConfig) if svc.kafka_worker else None
+    logger = log.setup("generation", server.log_level)
+    try:  # fail before starting Ray when there is no model to serve
+        path, version = model_ref.resolve(eng.model_dir, eng.model_version)
+    except config.ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    started = time.monotonic()
+    serving.init_ray(svc.ray_address, svc.ray_num_cpus, svc.ray_object_store_mb)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own handlers
+        signal.signal(sig, lambda *_: stop.set())
+    serve_cfg = serving.load_config(svc.serve_config, grpc_port=svc.grpc_port)
+    serving.deploy(serve_cfg)
+    metrics_port = metrics.serve_metrics(server.metrics_port, server.host)
+    worker = None
+    if kafka is not None:
+        from ray import serve
+
+        from services.generation.worker import GenerationWorker
+
+        if kafka.create_topics:  # renamed topics (canaries, tests) keep their kind's settings
+            topics.ensure_topics(kafka.bootstrap_servers, [
+                dataclasses.replace(kind, name=name) for kind, name in (
+                    (topics.CHAT_PROMPTS, wcfg.topic_in), (topics.CHAT_CANCELS, wcfg.topic_cancels),
+                    (topics.GENERATION_PROGRESS, wcfg.topic_out))])
+        handle = serve.get_deployment_handle(svc.deployment_name, svc.app_name)
+        worker = GenerationWorker(kafka, wcfg, handle, eng, server.instance_id or socket.gethostname())
+        worker.grace_s = server.grace_seconds
+        worker.start()
+    logger.info("serving", extra={"grpc_port": serve_cfg.grpc_options.port, "metrics_port": metrics_port,
+                                  "model_version": version, "model_dir": str(path),
+                                  "kafka_worker": worker is not None,
+                                  "startup_s": round(time.monotonic() - started, 1)})
+    code = 0
+    while not stop.wait(1.0):
+        if worker is not None and worker.error is not None:
+            logger.error("the Kafka worker died; exiting so the supervisor restarts us")
+            code = 1
+            break
+    logger.info("shutting down", extra={"grace_s": server.grace_seconds})
+    if worker is not None:
+        worker.stop(timeout=server.grace_seconds + 15)
+    import ray
+    from ray import serve
+
+    if not svc.ray_address:  # our own local Ray: drain the replicas and stop it
+        serve.shutdown()
+        ray.shutdown()
+    logger.info("stopped")
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""``python -m services.moderation``: the ModerationService gRPC API plus the input and output
+Kafka stages (MODERATION_STAGES selects them), in one process sharing one loaded model."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from colloquy.v1 import events_pb2, moderation_pb2_grpc
+
+from services.common import config, grpc_server, kafka_loop, log, topics
+from services.moderation import paths
+from services.moderation.classifier import ClassifierError, Heads
+from services.moderation.config import ModerationConfig
+from services.moderation.domain import Moderator
+from services.moderation.embedder import Embedder, ModelMissing
+from services.moderation.policy import PolicyError
+from services.moderation.policy import load as load_policy
+from services.moderation.servicer import ModerationServicer
+from services.moderation.worker import InputStage, OutputStage
+
+DEFAULTS = {"GRPC_PORT": "50053", "METRICS_PORT": "9103"}
+
+
+def _fail(message: str) -> None:
+    print(f"moderation: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def load_moderator(cfg: ModerationConfig) -> Moderator:
+    """The model, heads and policy, or a one-line error and exit 2 before serving anything."""
+    try:
+        policy = load_policy(cfg.policy_file)
+        heads = Heads.load(cfg.classifier_file)
+        embedder = Embedder(Path(cfg.model_dir) if cfg.model_dir else paths.model_dir(), threads=cfg.threads)
+    except (PolicyError, ClassifierError, ModelMissing) as exc:
+        _fail(str(exc))
+    if heads.meta.get("embedder") != embedder.model_id:
+        logging.getLogger(__name__).warning("classifier was trained on another encoder build", extra={
+            "trained_on": heads.meta.get("embedder"), "serving": embedder.model_id})
+    moderator = Moderator(embedder, heads, policy)
+    moderator.moderate(["warm-up"], ["warm-up"])  # first ONNX run allocates; keep it off a request
+    return moderator
+
+
+async def build() -> grpc_server.ServiceApp:
+    server = config.load_or_exit(config.ServerConfig, defaults=DEFAULTS)
+    cfg = config.load_or_exit(ModerationConfig)
+    log.setup("moderation", server.log_level)
+    if cfg.chunk_max_chars < cfg.chunk_min_chars:
+        _fail("configuration error: MODERATION_CHUNK_MAX_CHARS must be >= MODERATION_CHUNK_MIN_CHARS")
+    moderator = load_moderator(cfg)
+    servicer = ModerationServicer(moderator, cfg.max_inputs, cfg.max_input_bytes)
+    workers = []
+    if cfg.stages:
+        kafka = config.load_or_exit(config.KafkaConfig)
+        if kafka.create_topics:
+            topics.ensure_topics(kafka.bootstrap_servers)
+        instance = server.instance_id or "0"
+        if "input" in cfg.stages:
+            workers.append(kafka_loop.StageWorker(
+                "moderation-input", [topics.CHAT_TOKENIZED.name], events_pb2.TurnEvent,
+                InputStage(moderator).handle, kafka, group_id=cfg.input_group, instance_id=instance))
+        if "output" in cfg.stages:
+            stage = OutputStage(moderator, cfg.chunk_min_chars, cfg.chunk_max_chars)
+            workers.append(kafka_loop.StageWorker(
+                "moderation-output", [topics.GENERATION_PROGRESS.name], events_pb2.GenerationProgress,
+                stage.handle, kafka, group_id=cfg.output_group, instance_id=instance))
+    svc = grpc_server.Service("colloquy.v1.ModerationService",
+                              moderation_pb2_grpc.add_ModerationServiceServicer_to_server, servicer)
+    return grpc_server.ServiceApp("moderation", server, [svc], workers=workers, on_stop=[servicer.close])
+
+
+if __name__ == "__main__":
+    grpc_server.run(build)

@@ -1,0 +1,33 @@
+"""Moderation settings from the environment (see the README's configuration table)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from services.common.config import env
+from services.moderation import paths
+
+STAGES = {"input", "output"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModerationConfig:
+    # Which Kafka stages this process runs: "input,output" (default), one of them, or "" (gRPC only).
+    stages: list[str] = env("MODERATION_STAGES", ["input", "output"], check=lambda v: set(v) <= STAGES,
+                            hint="a comma-separated subset of input,output (empty: gRPC only)")
+    policy_file: str = env("MODERATION_POLICY", str(paths.POLICY_FILE))
+    classifier_file: str = env("MODERATION_CLASSIFIER", str(paths.CLASSIFIER_FILE))
+    # Empty: ${COLLOQUY_CACHE:-~/.cache/colloquy}/moderation/minilm-l6-v2-onnx (built by `build`).
+    model_dir: str = env("MODERATION_MODEL_DIR", "")
+    threads: int = env("MODERATION_THREADS", 0, check=lambda v: 0 <= v <= 64,
+                       hint="ONNX Runtime intra-op threads, 0 = one per core")
+    # Output moderation releases answer text in chunks of about this many characters.
+    chunk_min_chars: int = env("MODERATION_CHUNK_MIN_CHARS", 64, check=lambda v: 1 <= v <= 4096,
+                               hint="1..4096 characters")
+    chunk_max_chars: int = env("MODERATION_CHUNK_MAX_CHARS", 200, check=lambda v: 1 <= v <= 8192,
+                               hint="1..8192 characters, >= MODERATION_CHUNK_MIN_CHARS")
+    input_group: str = env("MODERATION_INPUT_GROUP", "colloquy-moderation-input")
+    output_group: str = env("MODERATION_OUTPUT_GROUP", "colloquy-moderation-output")
+    max_inputs: int = env("MODERATION_MAX_INPUTS", 32, check=lambda v: 1 <= v <= 1024, hint="1..1024")
+    max_input_bytes: int = env("MODERATION_MAX_INPUT_BYTES", 32 * 1024, check=lambda v: v >= 1,
+                               hint="bytes >= 1")

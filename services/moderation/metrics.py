@@ -1,0 +1,39 @@
+"""Moderation metrics (on the process's default registry, served at /metrics)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from colloquy.v1 import common_pb2
+from prometheus_client import Counter, Histogram
+
+from services.common.metrics import LATENCY_BUCKETS
+from services.moderation.policy import action_name
+
+DECISIONS = Counter(
+    "colloquy_moderation_decisions_total",
+    "Moderation verdicts by stage (api, input, output) and category; category \"none\" when nothing "
+    "was flagged. One verdict flagging two categories counts once under each.",
+    ["stage", "category", "action"])
+LATENCY = Histogram(
+    "colloquy_moderation_seconds", "Time to score one batch of texts, by stage", ["stage"],
+    buckets=LATENCY_BUCKETS)
+TEXTS = Counter("colloquy_moderation_texts_total", "Texts scored, by stage", ["stage"])
+
+
+def count(stage: str, result: common_pb2.ModerationResult) -> None:
+    """Count one verdict under every category it flagged, labelled with the action taken."""
+    flagged = [name for name, hit in result.categories.items() if hit]
+    if not flagged:
+        DECISIONS.labels(stage, "none", "allow").inc()
+        return
+    for name in flagged:
+        DECISIONS.labels(stage, name, action_name(result.action)).inc()
+
+
+def observe(stage: str, seconds: float, texts: int,
+            results: Iterable[common_pb2.ModerationResult] = ()) -> None:
+    LATENCY.labels(stage).observe(seconds)
+    TEXTS.labels(stage).inc(texts)
+    for r in results:
+        count(stage, r)

@@ -1,0 +1,90 @@
+"""Incremental output moderation of a streamed answer, as pure functions of the cumulative text.
+
+An answer is released in chunks. Chunk ends are chosen from the text alone and never move as
+the text grows (a boundary at position p depends only on text[:p+1]), so a stage that restarts,
+or a redelivered batch, computes the same chunks and the same verdicts with no stored state.
+Each chunk is checked together with the chunk before it (so a sentence split across a boundary
+is still seen whole); the unchecked tail is held back until it completes a chunk or the answer
+ends. The first chunk that the policy blocks cuts the answer at its start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+from colloquy.v1 import common_pb2
+
+from services.moderation.policy import BLOCK, WARN
+
+SENTENCE_END = ".!?"
+
+
+def chunk_ends(text: str, min_chars: int, max_chars: int, final: bool = False) -> list[int]:
+    """End offsets of the complete chunks of `text` (plus the tail when `final`).
+
+    A chunk ends at the first sentence end (".", "!", "?" followed by whitespace, or a newline)
+    at least `min_chars` after its start; failing one within `max_chars`, at the next whitespace;
+    failing that within 2 * `max_chars`, hard at that length (long tokens, code, URLs).
+    """
+    ends: list[int] = []
+    start, n = 0, len(text)
+    while True:
+        end = _next_end(text, start, min_chars, max_chars)
+        if end is None:
+            break
+        ends.append(end)
+        start = end
+    if final and start < n:
+        ends.append(n)
+    return ends
+
+
+def _next_end(text: str, start: int, min_chars: int, max_chars: int) -> int | None:
+    n = len(text)
+    for i in range(start + min_chars, min(start + max_chars, n)):
+        if text[i].isspace() and (text[i - 1] in SENTENCE_END or text[i] == "\n"):
+            return i
+    if n <= start + max_chars:
+        return None
+    for i in range(start + max_chars, min(start + 2 * max_chars, n)):
+        if text[i].isspace():
+            return i
+    return start + 2 * max_chars if n > start + 2 * max_chars else None
+
+
+def windows(text: str, ends: Sequence[int]) -> list[str]:
+    """The text checked for each chunk: that chunk with the chunk before it."""
+    out = []
+    for k, end in enumerate(ends):
+        begin = ends[k - 2] if k >= 2 else 0
+        out.append(text[begin:end])
+    return out
+
+
+@dataclasses.dataclass
+class CandidateCheck:
+    """What output moderation decided about one candidate's cumulative text so far."""
+
+    released: str  # text that passed, to send to the client (cumulative)
+    blocked: common_pb2.ModerationResult | None  # the verdict that cut the answer, if any
+    warned: common_pb2.ModerationResult | None  # the first WARN verdict among released chunks
+    overall: common_pb2.ModerationResult | None  # max scores over checked chunks (for the audit)
+    complete: bool  # every chunk checked: finished (or cut)
+
+
+def check_candidate(text: str, finished: bool, verdicts: Callable[[list[str]], list[common_pb2.ModerationResult]],
+                    combine: Callable[[list[common_pb2.ModerationResult]], common_pb2.ModerationResult],
+                    min_chars: int, max_chars: int) -> CandidateCheck:
+    """Release the longest checked prefix of `text`; cut at the first blocked chunk."""
+    ends = chunk_ends(text, min_chars, max_chars, final=finished)
+    results = verdicts(windows(text, ends)) if ends else []
+    released_to, warned = 0, None
+    for k, (end, result) in enumerate(zip(ends, results, strict=True)):
+        if result.action == BLOCK:
+            return CandidateCheck(text[:released_to], result, warned, combine(results[:k + 1]), True)
+        if result.action == WARN and warned is None:
+            warned = result
+        released_to = end
+    return CandidateCheck(text[:released_to], None, warned, combine(results) if results else None,
+                          finished)

@@ -1,0 +1,330 @@
+"""Generation on real Ray Serve: the gRPC ingress, and the Kafka worker on the real broker.
+
+One module, one Serve instance (module-scoped): starting Ray on this 2-core machine takes most of
+a minute, so every Ray-based test lives here and shares it. The deployment is the real
+serve_config.yaml with one replica of the tiny model and test ports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from colloquy.v1 import common_pb2, events_pb2, generation_pb2, generation_pb2_grpc
+from kafka import KafkaConsumer, TopicPartition
+
+from services.common.config import KafkaConfig
+from services.generation import serving
+from services.generation.config import DEFAULT_SERVE_CONFIG, EngineSettings, WorkerSettings
+from tests.common import kafka_util
+from tests.conftest import free_port
+
+VERSION = "tiny-serve-test"
+PROMPT = "<|im_start|>user\nTell me a story about the sea.<|im_end|>\n<|im_start|>assistant\n"
+
+
+@dataclasses.dataclass
+class App:
+    grpc_port: int
+    handle: Any
+    channel: grpc.Channel
+
+    def stub(self) -> generation_pb2_grpc.GenerationServiceStub:
+        return generation_pb2_grpc.GenerationServiceStub(self.channel)
+
+    def status(self) -> dict[str, Any]:
+        return self.handle.options(method_name="status").remote().result(timeout_s=30)
+
+
+@pytest.fixture(scope="module")
+def app(tiny_model_dir: Path) -> Iterator[App]:
+    import ray
+    from ray import serve
+
+    # 50 ms pacing: the tiny model decodes far faster than the real one, and Serve's gRPC proxy only
+    # forwards a client's cancel while it waits for the replica (see deployment.py), so let it wait.
+    env = {"GENERATION_MODEL_DIR": str(tiny_model_dir), "GENERATION_MODEL_VERSION": VERSION,
+           "GENERATION_REPLICA_METRICS_PORT": str(free_port()), "GENERATION_MAX_RUNNING": "8",
+           "GENERATION_STREAM_INTERVAL_MS": "50"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # before ray.init: the local workers (replicas) inherit it
+    grpc_port = free_port()
+    cfg = serving.load_config(DEFAULT_SERVE_CONFIG, grpc_port=grpc_port, http_port=free_port(),
+                              deployment_overrides={"autoscaling_config": None, "num_replicas": 1,
+                                                    "ray_actor_options": {"num_cpus": 0.5}})
+    serving.init_ray(num_cpus=2, object_store_mb=200)
+    try:
+        serving.deploy(cfg, timeout_s=600)
+        channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+        yield App(grpc_port, serve.get_deployment_handle("generation", "generation"), channel)
+        channel.close()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def gen_request(max_tokens: int = 30, n: int = 1, **kw: Any) -> generation_pb2.GenerateRequest:
+    return generation_pb2.GenerateRequest(
+        prompt=PROMPT, request_id=kw.pop("request_id", uuid.uuid4().hex), conversation_id="conv-1",
+        sampling=common_pb2.SamplingParams(max_tokens=max_tokens, n=n, temperature=1.0, **kw))
+
+
+# -- gRPC ingress ---------------------------------------------------------------------------------
+def test_generate_streams_deltas_with_model_version(app: App) -> None:
+    msgs = list(app.stub().Generate(gen_request(40, n=2), metadata=[("session_id", "conv-1")], timeout=60))
+    assert len(msgs) >= 2
+    assert {m.model_version for m in msgs} == {VERSION}
+    finals = {m.index: m for m in msgs if m.finish_reason}
+    assert sorted(finals) == [0, 1]
+    for i, final in finals.items():
+        deltas = [m for m in msgs if m.index == i]
+        assert deltas[-1] is final  # nothing after a candidate's last message
+        assert sum(m.delta_tokens for m in deltas) == final.usage.completion_tokens <= 40
+        assert final.usage.prompt_tokens > 10
+        assert final.finish_reason in {generation_pb2.FINISH_REASON_LENGTH, generation_pb2.FINISH_REASON_STOP}
+    texts = {i: "".join(m.delta for m in msgs if m.index == i) for i in finals}
+    assert texts[0] and texts[0] != texts[1]
+
+
+def test_same_request_id_gives_the_same_answer(app: App) -> None:
+    def text() -> str:
+        return "".join(m.delta for m in app.stub().Generate(gen_request(25, request_id="fixed-id"), timeout=60))
+
+    assert text() == text()
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"prompt": "  "}, "prompt"),
+    ({"n": 5}, "sampling.n"),
+    ({"n": 0}, "sampling.n"),
+    ({"max_tokens": 0}, "sampling.max_tokens"),
+    ({"max_tokens": 100_000}, "sampling.max_tokens"),
+    ({"temperature": -1.0}, "sampling.temperature"),
+    ({"top_p": 0.0}, "sampling.top_p"),
+    ({"top_p": 1.01}, "sampling.top_p"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "sampling.stop"),
+    ({"stop": ["y" * 65]}, "sampling.stop[0]"),
+])
+def test_invalid_argument_names_the_field(app: App, change: dict[str, Any], field: str) -> None:
+    sampling = common_pb2.SamplingParams(max_tokens=10)
+    prompt = change.pop("prompt", PROMPT)
+    stop = change.pop("stop", [])
+    for k, v in change.items():
+        setattr(sampling, k, v)
+    sampling.stop.extend(stop)
+    with pytest.raises(grpc.RpcError) as err:
+        list(app.stub().Generate(generation_pb2.GenerateRequest(prompt=prompt, sampling=sampling), timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(field + ":"), err.value.details()
+
+
+def test_health_and_reflection(app: App) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    resp = health_pb2_grpc.HealthStub(app.channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    services = ProtoReflectionDescriptorDatabase(app.channel).get_services()
+    assert "colloquy.v1.GenerationService" in services
+
+
+def test_client_cancel_stops_generation(app: App) -> None:
+    call = app.stub().Generate(gen_request(1900), timeout=120)
+    first = next(call)
+    assert first.model_version == VERSION
+    call.cancel()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if app.status()["running"] == 0:
+            break
+        time.sleep(0.05)
+    assert app.status()["running"] == 0
+
+
+def test_replica_metrics(app: App) -> None:
+    port = app.status()["metrics_port"]
+    assert port
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for name in ("colloquy_generation_time_to_first_token_seconds_bucket",
+                 "colloquy_generation_inter_token_latency_seconds_bucket",
+                 "colloquy_generation_request_duration_seconds_bucket",
+                 "colloquy_generation_queue_time_seconds_bucket", "colloquy_generation_running_sequences",
+                 "colloquy_generation_waiting_requests", "colloquy_generation_batch_size_bucket",
+                 "colloquy_generation_prompt_tokens_total", "colloquy_generation_generated_tokens_total"):
+        assert name in body, name
+    assert f'colloquy_generation_model_info{{provider="cpu",version="{VERSION}"}} 1.0' in body
+
+
+# -- the Kafka worker ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class Stage:
+    bootstrap: str
+    settings: WorkerSettings
+    reply_topic: str
+    worker: Any
+
+
+@pytest.fixture
+def stage(app: App, kafka_bootstrap: str, unique: str) -> Iterator[Stage]:
+    from services.generation.worker import GenerationWorker
+
+    settings = WorkerSettings(topic_in=f"prompts-{unique}", topic_cancels=f"cancels-{unique}",
+                              topic_out=f"progress-{unique}", group_id=f"generation-{unique}")
+    reply = f"replies-{unique}"
+    kafka_util.create(kafka_bootstrap, settings.topic_in, settings.topic_cancels, settings.topic_out, reply)
+    worker = GenerationWorker(KafkaConfig(bootstrap_servers=kafka_bootstrap), settings, app.handle,
+                              EngineSettings(), instance_id=unique)
+    worker.grace_s = 5
+    worker.start()
+    assert worker.wait_ready(60)
+    yield Stage(kafka_bootstrap, settings, reply, worker)
+    worker.stop(30)
+    assert worker.error is None
+
+
+def turn_event(stage: Stage, max_tokens: int = 30, n: int = 1, **kw: Any) -> events_pb2.TurnEvent:
+    return events_pb2.TurnEvent(
+        request_id=kw.pop("request_id", uuid.uuid4().hex), conversation_id=str(uuid.uuid4()),
+        user_id="u1", message="Tell me a story", reply_topic=stage.reply_topic, prompt=PROMPT,
+        prompt_tokens=20, turn_index=1,
+        sampling=common_pb2.SamplingParams(max_tokens=max_tokens, n=n, temperature=1.0, top_p=0.95), **kw)
+
+
+class Reader:
+    """Reads a topic from the start in the background (read_committed, like the stages)."""
+
+    def __init__(self, bootstrap: str, topic: str, message_type: type) -> None:
+        self.consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
+                                      auto_offset_reset="earliest", enable_auto_commit=False,
+                                      isolation_level="read_committed", fetch_max_wait_ms=20)
+        self.type = message_type
+        self.items: list[Any] = []
+
+    def until(self, predicate: Any, timeout: float = 60.0) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for recs in self.consumer.poll(timeout_ms=100).values():
+                for rec in recs:
+                    msg = self.type()
+                    msg.ParseFromString(rec.value)
+                    self.items.append(msg)
+            if predicate(self.items):
+                return self.items
+        raise TimeoutError(f"condition not met; got {len(self.items)} records")
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def done_for(request_id: str) -> Any:
+    return lambda items: any(p.done and p.turn.request_id == request_id for p in items)
+
+
+def committed(stage: Stage) -> int:
+    c = KafkaConsumer(bootstrap_servers=stage.bootstrap, group_id=stage.settings.group_id,
+                      enable_auto_commit=False)
+    try:
+        parts = c.partitions_for_topic(stage.settings.topic_in) or set()
+        return sum(c.committed(TopicPartition(stage.settings.topic_in, p)) or 0 for p in parts)
+    finally:
+        c.close()
+
+
+@pytest.mark.kafka
+def test_worker_turns_prompts_into_cumulative_progress(stage: Stage) -> None:
+    turn = turn_event(stage, max_tokens=40, n=2)
+    reader = Reader(stage.bootstrap, stage.settings.topic_out, events_pb2.GenerationProgress)
+    try:
+        kafka_util.produce(stage.bootstrap, stage.settings.topic_in, [(turn.conversation_id, turn)])
+        items = [p for p in reader.until(done_for(turn.request_id)) if p.turn.request_id == turn.request_id]
+    finally:
+        reader.close()
+    assert [p.seq for p in items] == list(range(len(items)))
+    assert [p.done for p in items] == [False] * (len(items) - 1) + [True]
+    assert items[0].turn.prompt == PROMPT and all(not p.turn.prompt for p in items[1:])
+    assert all(p.turn.reply_topic == stage.reply_topic for p in items)
+    assert {p.model_version for p in items} == {VERSION}
+    assert all(p.prompt_tokens > 10 and p.first_token_unix_ms > 0 for p in items)
+    for i in range(2):  # text is cumulative: every batch extends the previous one
+        texts = [p.candidates[i].text for p in items]
+        assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
+    final = items[-1]
+    assert all(c.finish_reason in (generation_pb2.FINISH_REASON_LENGTH, generation_pb2.FINISH_REASON_STOP)
+               for c in final.candidates)
+    assert all(0 < c.tokens <= 40 for c in final.candidates)
+    deadline = time.monotonic() + 10  # offset committed once the final batch is out
+    while committed(stage) != 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert committed(stage) == 1
+
+
+@pytest.mark.kafka
+def test_worker_cancel_mid_stream(stage: Stage) -> None:
+    turn = turn_event(stage, max_tokens=1900)
+    reader = Reader(stage.bootstrap, stage.settings.topic_out, events_pb2.GenerationProgress)
+    try:
+        kafka_util.produce(stage.bootstrap, stage.settings.topic_in, [(turn.conversation_id, turn)])
+        reader.until(lambda items: any(p.turn.request_id == turn.request_id for p in items))
+        cancel = events_pb2.CancelEvent(request_id=turn.request_id, conversation_id=turn.conversation_id,
+                                        reason="client-cancelled")
+        kafka_util.produce(stage.bootstrap, stage.settings.topic_cancels, [(turn.conversation_id, cancel)])
+        items = reader.until(done_for(turn.request_id), timeout=30)
+    finally:
+        reader.close()
+    final = [p for p in items if p.done][-1]
+    assert final.candidates[0].finish_reason == generation_pb2.FINISH_REASON_CANCELLED
+    assert final.candidates[0].tokens < 1900
+
+
+@pytest.mark.kafka
+def test_worker_redelivered_prompt_gets_the_same_answer(stage: Stage) -> None:
+    turn = turn_event(stage, max_tokens=30)
+    reader = Reader(stage.bootstrap, stage.settings.topic_out, events_pb2.GenerationProgress)
+    try:
+        kafka_util.produce(stage.bootstrap, stage.settings.topic_in, [(turn.conversation_id, turn)])
+        reader.until(done_for(turn.request_id))
+        kafka_util.produce(stage.bootstrap, stage.settings.topic_in, [(turn.conversation_id, turn)])
+        items = reader.until(lambda xs: sum(p.done for p in xs if p.turn.request_id == turn.request_id) == 2)
+    finally:
+        reader.close()
+    first, second = [p for p in items if p.done]
+    assert first.candidates[0].text == second.candidates[0].text
+
+
+@pytest.mark.kafka
+def test_worker_replies_errors_for_expired_and_invalid_turns(stage: Stage) -> None:
+    expired = turn_event(stage, deadline_unix_ms=int(time.time() * 1000) - 1000)
+    invalid = turn_event(stage, n=9)
+    reader = Reader(stage.bootstrap, stage.reply_topic, events_pb2.ReplyEvent)
+    try:
+        kafka_util.produce(stage.bootstrap, stage.settings.topic_in,
+                           [(expired.conversation_id, expired), (invalid.conversation_id, invalid)])
+        items = reader.until(lambda xs: len(xs) >= 2)
+    finally:
+        reader.close()
+    errors = {r.request_id: r.error for r in items}
+    assert errors[expired.request_id].code == "DEADLINE_EXCEEDED"
+    assert errors[invalid.request_id].code == "INVALID_ARGUMENT"
+    assert errors[invalid.request_id].message.startswith("sampling.n:")
+    assert {e.stage for e in errors.values()} == {"generation"}
+
+
+def test_module_threads_are_clean() -> None:
+    """The worker threads of earlier tests are gone (stop() joined them)."""
+    assert not [t for t in threading.enumerate() if t.name == "generation-worker"]

@@ -1,0 +1,203 @@
+"""Every configuration variable a service reads is set in its pods, and set to a valid value.
+
+The variables come from the services' own config dataclasses (`config.env(...)` fields carry the
+variable name in `metadata["env"]`): services/common/config.py (ServerConfig, KafkaConfig) plus
+every dataclass in services/<name>/config.py. A service directory with a config.py that is not
+mapped below fails the test, so a new service cannot go unchecked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.common import config as common_config
+from tests.k8s import manifests
+from tests.k8s.manifests import EnvValue, Obj
+
+SERVICES_DIR = manifests.ROOT / "services"
+GRPC_SERVICES = ("gateway", "tokenizer", "moderation", "prompt", "feedback")
+
+# Variables a service reads that the deployment deliberately leaves at the code's default.
+ALLOWLIST: dict[tuple[str, str], str] = {
+    ("generation", "GRPC_PORT"): "the bridge serves no gRPC itself; Serve's proxy port is in serveConfigV2",
+    ("generation", "GENERATION_GRPC_PORT"): "local runs only: on Kubernetes the port is serveConfigV2's",
+    ("generation", "GENERATION_RAY_NUM_CPUS"): "sizes a local Ray; the bridge joins the RayService's (RAY_ADDRESS)",
+    ("generation", "GENERATION_RAY_OBJECT_STORE_MB"): "sizes a local Ray; the bridge joins the RayService's",
+}
+# Variables set in pods that no config dataclass reads, and who reads them.
+READ_ELSEWHERE: dict[str, str] = {
+    "COLLOQUY_MODEL_REGISTRY": "model/paths.py registry_root()",
+    "COLLOQUY_CACHE": "model/paths.py and services/moderation/paths.py cache_root()",
+    "MY_POD_IP": "builds RAY_ADDRESS in the same pod spec",
+}
+# TLS + SCRAM settings for the Kafka clients: the manifests set them, the services must read
+# them (KafkaConfig, passed to every KafkaProducer/KafkaConsumer/KafkaAdminClient).
+KAFKA_SECURITY = ("KAFKA_SECURITY_PROTOCOL", "KAFKA_SASL_MECHANISM", "KAFKA_SASL_USERNAME",
+                  "KAFKA_SASL_PASSWORD", "KAFKA_SSL_CAFILE")
+
+
+def env_classes(module_name: str) -> list[type]:
+    module = importlib.import_module(module_name)
+    return [obj for obj in vars(module).values()
+            if dataclasses.is_dataclass(obj) and isinstance(obj, type) and obj.__module__ == module.__name__
+            and any("env" in f.metadata for f in dataclasses.fields(obj))]
+
+
+def env_names(classes: list[type]) -> set[str]:
+    return {f.metadata["env"] for cls in classes for f in dataclasses.fields(cls) if "env" in f.metadata}
+
+
+def service_modules() -> list[str]:
+    return sorted(p.parent.name for p in SERVICES_DIR.glob("*/config.py") if p.parent.name != "common")
+
+
+COMMON = [common_config.ServerConfig, common_config.KafkaConfig]
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A container a service's configuration must reach, and which config classes it loads."""
+
+    owner_prefix: str
+    container: str
+    classes: tuple[str, ...] = ("common", "module")  # "engine": only generation's EngineSettings
+
+
+def targets(service: str) -> list[Target]:
+    if service in GRPC_SERVICES:
+        return [Target(f"StatefulSet/{service}", service)]
+    if service == "generation":
+        return [Target("RayService/generation:head", "kafka-bridge"),
+                Target("RayService/generation:head", "ray-head", ("engine",)),
+                Target("RayService/generation:", "ray-worker", ("engine",))]
+    if service == "rlhf":
+        return [Target("RayJob/rlhf-*:head", "ray-head", ("kafka", "module"))]
+    raise AssertionError(f"services/{service}/config.py is not mapped to any pod: add it to targets()")
+
+
+def classes_for(service: str, target: Target) -> list[type]:
+    out: list[type] = []
+    module = f"services.{service}.config"
+    if "common" in target.classes:
+        out += COMMON
+    if "kafka" in target.classes:
+        out.append(common_config.KafkaConfig)
+    if "module" in target.classes:
+        out += env_classes(module)
+    if "engine" in target.classes:
+        out.append(importlib.import_module(module).EngineSettings)
+    return out
+
+
+def _target_env(objects: list[Obj], target: Target) -> tuple[manifests.PodTemplate, dict[str, Any], dict[str, EnvValue]]:
+    pts = manifests.all_pod_templates(objects)
+    configmaps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
+    pt, container = manifests.find_container(pts, target.owner_prefix, target.container)
+    return pt, container, manifests.effective_env(container, configmaps)
+
+
+def resolve(env: dict[str, EnvValue], pod_name: str = "pod-0") -> dict[str, str]:
+    """What the process would see: literals, $(VAR) expanded, refs replaced by stand-ins."""
+    raw: dict[str, str] = {}
+    for name, v in env.items():
+        if v.value is not None:
+            raw[name] = v.value
+        elif v.field_ref == "metadata.name":
+            raw[name] = pod_name
+        elif v.field_ref is not None:
+            raw[name] = "10.0.0.1"
+        else:
+            raw[name] = "from-a-secret"
+    return {k: re.sub(r"\$\((\w+)\)", lambda m: raw.get(m.group(1), m.group(0)), v) for k, v in raw.items()}
+
+
+@pytest.mark.parametrize("service", service_modules())
+def test_service_config_is_mapped(service: str) -> None:
+    assert targets(service)
+
+
+@pytest.mark.parametrize("service", service_modules())
+def test_every_config_key_is_set(objects: list[Obj], service: str) -> None:
+    if service == "rlhf" and not any(o["kind"] == "RayJob" for o in objects):
+        pytest.fail("services/rlhf has a config.py but the overlay has no RLHF RayJob template")
+    for target in targets(service):
+        _, _, env = _target_env(objects, target)
+        wanted = env_names(classes_for(service, target))
+        missing = sorted(v for v in wanted - set(env) if (service, v) not in ALLOWLIST)
+        assert not missing, f"{target.owner_prefix}/{target.container} does not set {missing}"
+
+
+@pytest.mark.parametrize("service", service_modules())
+def test_config_values_load(objects: list[Obj], service: str) -> None:
+    """The services' own loaders accept the values (types, ranges) the manifests give them."""
+    for target in targets(service):
+        _, _, env = _target_env(objects, target)
+        environ = resolve(env)
+        for cls in classes_for(service, target):
+            try:
+                common_config.load(cls, environ=environ)
+            except common_config.ConfigError as exc:
+                pytest.fail(f"{target.owner_prefix}/{target.container}: {exc}")
+
+
+@pytest.mark.parametrize("service", service_modules())
+def test_no_unknown_variables(objects: list[Obj], service: str) -> None:
+    """Catches typos: every variable a service container gets is read by something."""
+    for target in targets(service):
+        _, _, env = _target_env(objects, target)
+        known = env_names(COMMON) | env_names(classes_for(service, target))
+        unknown = sorted(set(env) - known - set(READ_ELSEWHERE) - set(KAFKA_SECURITY))
+        # Ray nodes get the shared ConfigMap too; what they do not read there is harmless.
+        if "engine" in target.classes:
+            unknown = [v for v in unknown if v not in env_names(COMMON)]
+        assert not unknown, f"{target.owner_prefix}/{target.container} sets {unknown}, which nothing reads"
+
+
+@pytest.mark.parametrize("service", GRPC_SERVICES)
+def test_ports_instance_and_kafka_are_set_right(docs: list[Obj], service: str) -> None:
+    pt, container, env = _target_env(docs, targets(service)[0])
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    values = resolve(env)
+    assert values["GRPC_PORT"] == str(ports["grpc"])
+    assert values["METRICS_PORT"] == str(ports["metrics"])
+    assert values["GRPC_HOST"] == "0.0.0.0"  # probes and peers reach the pod IP
+    assert env["INSTANCE_ID"] == EnvValue(field_ref="metadata.name")
+    assert values["KAFKA_BOOTSTRAP_SERVERS"] == f"{manifests.KAFKA_CLUSTER}-kafka-bootstrap:9093"
+    assert values["KAFKA_CREATE_TOPICS"] == ("true" if service == "gateway" else "false")
+
+
+def test_generation_bridge_settings(docs: list[Obj]) -> None:
+    _, container, env = _target_env(docs, targets("generation")[0])
+    values = resolve(env)
+    assert values["METRICS_PORT"] == str(next(p["containerPort"] for p in container["ports"]
+                                              if p["name"] == "bridge-metrics"))
+    assert values["RAY_ADDRESS"] == "10.0.0.1:6379"  # this pod's GCS
+    assert env["INSTANCE_ID"] == EnvValue(field_ref="metadata.name")
+    mount = Path(values["GENERATION_SERVE_CONFIG"]).parent
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert str(mount) in mounts
+
+
+def test_api_keys_file_comes_from_the_secret(docs: list[Obj]) -> None:
+    pt, container, env = _target_env(docs, targets("gateway")[0])
+    path = Path(resolve(env)["API_KEYS_FILE"])
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(path.parent))
+    assert "subPath" not in mount  # a subPath mount would never see a rotated Secret
+    volume = next(v for v in pt.spec["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"].startswith("gateway-api-keys")
+    secrets = manifests.by_kind(docs, "Secret")
+    if volume["secret"]["secretName"] in secrets:  # dev; prod's is created by the operator
+        assert path.name in secrets[volume["secret"]["secretName"]]["data"]
+
+
+def test_kafka_security_settings_are_read_by_the_services() -> None:
+    missing = [v for v in KAFKA_SECURITY if v not in env_names([common_config.KafkaConfig])]
+    if missing:
+        pytest.xfail(f"services/common/config.py KafkaConfig does not read {missing} yet; the manifests "
+                     "set them for the TLS + SCRAM listener (k8s/README.md, 'Changes needed in services')")

@@ -1,0 +1,51 @@
+"""Each rule, one by one (rules live only where a model cannot learn from few examples)."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.moderation import rules
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("k i l l  y o u r s e l f", "kill  yourself"),
+    ("go k1ll yourself", "go kill yourself"),
+    ("$uicide is the answer", "suicide is the answer"),
+    ("b0mb the station", "bomb the station"),
+    ("kys loser", "kill yourself loser"),
+    ("I just want to kms", "I just want to kill myself"),
+    ("I might unalive myself", "I might kill myself"),
+    ("thinking about sewer slide", "thinking about suicide"),
+])
+def test_normalize_undoes_obfuscation(text: str, want: str) -> None:
+    assert rules.normalize(text) == want
+
+
+@pytest.mark.parametrize("text", [
+    "md5 of p@ssw0rd on x86 with h264", "we drove 50 kms today", "I have 3 kids", "Call 911 now!",
+    "version 1.2.3 of the lib", "How do I kill a Python process?",
+])
+def test_normalize_leaves_ordinary_text_alone(text: str) -> None:
+    assert rules.normalize(text) == text
+
+
+@pytest.mark.parametrize(("text", "minor"), [
+    ("a story about a 14-year-old girl", True), ("she is 13yo", True), ("aged 12", True),
+    ("a fifth grader", True), ("in 7th grade", True), ("a little boy", True), ("teenagers", True),
+    ("a 41-year-old woman", False), ("my 30 year old wife", False), ("18 years old", False),
+    ("kidney stones", False), ("two consenting adults", False),
+])
+def test_minor_mentions(text: str, minor: bool) -> None:
+    assert rules.mentions_minor(text) is minor
+
+
+def test_sexual_content_naming_a_minor_is_sexual_minors() -> None:
+    scores = {"sexual": 0.9, "sexual/minors": 0.1}
+    assert rules.minors("an explicit story about a 14-year-old", scores, 0.5)["sexual/minors"] == 0.9
+    assert rules.minors("an explicit story about a 34-year-old", scores, 0.5)["sexual/minors"] == 0.1
+
+
+def test_minor_rule_needs_sexual_content() -> None:
+    scores = {"sexual": 0.2, "sexual/minors": 0.05}
+    out = rules.minors("How do I talk to my 9-year-old about puberty?", scores, 0.5)
+    assert out["sexual/minors"] == 0.05

@@ -1,0 +1,95 @@
+"""Chunking of a streamed answer: stable as the text grows, and the release/cut logic."""
+
+from __future__ import annotations
+
+import random
+
+from colloquy.v1 import common_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.moderation import streaming
+from services.moderation.policy import ALLOW, BLOCK, WARN
+
+TEXT = ("The first sentence is here. And then a second one follows it! Is this the third? "
+        "Yes.\nA new line starts a chunk too. " + "word " * 80 + "end.")
+
+
+def test_chunks_end_at_sentence_ends_and_cover_the_text() -> None:
+    ends = streaming.chunk_ends(TEXT, 20, 60, final=True)
+    assert ends[-1] == len(TEXT)
+    assert ends == sorted(set(ends))
+    assert TEXT[ends[0] - 1] == "." and TEXT[ends[0]].isspace()
+    for a, b in zip([0, *ends], ends, strict=False):
+        assert b - a <= 2 * 60
+
+
+def test_the_unchecked_tail_is_held_back_until_final() -> None:
+    text = "Short sentence one. Short sentence two. and an unfinished tail"
+    ends = streaming.chunk_ends(text, 10, 200)
+    assert ends and ends[-1] < len(text)
+    assert streaming.chunk_ends(text, 10, 200, final=True)[-1] == len(text)
+
+
+def test_text_without_whitespace_is_cut_hard() -> None:
+    text = "x" * 500
+    assert streaming.chunk_ends(text, 10, 100) == [200, 400]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet="ab .!?\n", min_size=0, max_size=600), st.integers(1, 40), st.integers(0, 60))
+def test_chunk_ends_never_move_as_text_grows(text: str, min_chars: int, extra: int) -> None:
+    max_chars = min_chars + extra
+    full = streaming.chunk_ends(text, min_chars, max_chars)
+    for cut in range(0, len(text) + 1, 7):
+        prefix = streaming.chunk_ends(text[:cut], min_chars, max_chars)
+        assert prefix == full[:len(prefix)], "a boundary moved when the text grew"
+
+
+def test_windows_overlap_the_previous_chunk() -> None:
+    text = "aaaa. bbbb. cccc. dddd."
+    ends = streaming.chunk_ends(text, 4, 10, final=True)
+    wins = streaming.windows(text, ends)
+    assert wins[0] == text[:ends[0]]
+    assert wins[2] == text[ends[0]:ends[2]]
+
+
+def _verdict(action: int, score: float = 0.0) -> common_pb2.ModerationResult:
+    r = common_pb2.ModerationResult(action=action, flagged=action != ALLOW, policy_version="t")
+    r.category_scores["violence"] = score
+    return r
+
+
+def _combine(results: list[common_pb2.ModerationResult]) -> common_pb2.ModerationResult:
+    return max(results, key=lambda r: r.category_scores["violence"])
+
+
+def test_release_stops_before_the_first_blocked_chunk() -> None:
+    text = "Fine sentence one here. Fine sentence two here. BAD sentence three. Fine four here."
+
+    def verdicts(wins: list[str]) -> list[common_pb2.ModerationResult]:
+        return [_verdict(BLOCK, 0.9) if "BAD" in w else _verdict(ALLOW) for w in wins]
+
+    check = streaming.check_candidate(text, True, verdicts, _combine, 10, 40)
+    assert check.blocked is not None and check.complete
+    assert "BAD" not in check.released
+    assert check.released.startswith("Fine sentence one here.")
+    assert check.overall is not None and check.overall.category_scores["violence"] > 0.5
+
+
+def test_warned_chunks_are_released_with_a_warning() -> None:
+    text = "Calm sentence here. Edgy sentence here. Calm again, the end."
+    check = streaming.check_candidate(
+        text, True, lambda ws: [_verdict(WARN if "Edgy" in w else ALLOW) for w in ws], _combine, 10, 40)
+    assert check.blocked is None and check.released == text and check.warned is not None
+
+
+def test_random_growth_releases_a_growing_prefix() -> None:
+    rng = random.Random(0)
+    text = " ".join(rng.choice(["alpha", "beta.", "gamma!", "delta\n"]) for _ in range(200))
+    released = ""
+    for cut in range(0, len(text), 13):
+        check = streaming.check_candidate(text[:cut], False, lambda ws: [_verdict(ALLOW) for _ in ws],
+                                          _combine, 30, 90)
+        assert check.released.startswith(released) and text.startswith(check.released)
+        released = check.released
