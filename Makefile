@@ -4,7 +4,7 @@ PY := .venv/bin/python
 PROTO_SRC := $(wildcard protos/colloquy/v1/*.proto)
 PROTO_OUT := build/python/colloquy/v1/.stamp
 
-.PHONY: setup protos kafka-up kafka-down test lint demo chat up down model bench clean
+.PHONY: setup protos kafka-up kafka-down test lint demo chat up down model bench clean images k8s-sync k8s-check
 
 ## setup: install system packages, the Python env and generated code (idempotent)
 setup:
@@ -23,6 +23,10 @@ kafka-up:
 	@bash scripts/kafka.sh up
 kafka-down:
 	@bash scripts/kafka.sh down
+
+## model: build SmolLM2-135M-Instruct to ONNX (fp32 + int4), publish to the registry (cached; no-op when done)
+model: setup
+	@HF_HUB_OFFLINE=1 $(PY) -m model.build
 
 ## test: the whole test suite against real Kafka, gRPC, Ray Serve and ONNX models
 test: setup
@@ -45,3 +49,15 @@ down:
 
 clean:
 	rm -rf build var
+
+## images: build the container images (needs a working docker; skipped otherwise)
+images:
+	@bash scripts/k8s-images.sh
+
+## k8s-sync: regenerate k8s/ files derived from the code (serve config, topics, rules, dashboards)
+k8s-sync:
+	@bash scripts/k8s-sync.sh
+
+## k8s-check: render both overlays and validate them offline
+k8s-check: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests/k8s

@@ -60,7 +60,7 @@ def prompts() -> dict[str, list[dict[str, str]]]:
         long_history += [{"role": "user", "content": user},
                          {"role": "assistant", "content": assistant}]
     long_history.append({"role": "user", "content": "What should I eat in each city?"})
-    medium = long_history[:5] + [long_history[-1]]
+    medium = [*long_history[:5], long_history[-1]]
     return {
         "short": [{"role": "user", "content": "What is the capital of France?"}],
         "medium": medium,
@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="torch intra-op threads for transformers (default: torch's own)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = (args.build_dir or build_dir()).resolve()
@@ -193,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     engines: dict[str, Callable[[list[int], int], tuple[float, float, str]]] = {}
     transformers = TransformersEngine(root / "hf-fp32")
+    if args.torch_threads > 0:
+        transformers.torch.set_num_threads(args.torch_threads)
     engines[TRANSFORMERS] = transformers.run
     ort = {n: OrtEngine(onnx_root / n) for n in names}
     engines.update({f"onnx {n}": e.run for n, e in ort.items()})
@@ -209,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                     "cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
         "tools": tool_versions(),
+        "torch_threads": transformers.torch.get_num_threads(),
         "seconds": round(time.perf_counter() - started, 1),
         "results": results,
         "ratios_vs_transformers": {

@@ -37,9 +37,22 @@ from model.registry import DEFAULT_DEPLOYMENT, Registry, VersionExists
 from model.steps import log, run_step
 
 RECIPE = 1  # bump when a step's code changes what it writes
+ONNX_RECIPE = 2  # 2: producer_version no longer carries the enclosing git checkout's commit
 TOOLS = ("onnxruntime-genai-cuda", "onnxruntime-gpu", "onnx", "onnx-ir", "transformers",
          "torch", "safetensors", "tokenizers", "gguf", "numpy")
-SPEED_PROMPT = "Write a short story about a robot who learns to paint."
+# A few chat turns (~200 tokens): prefill differences show, decode runs at a chat-like context.
+SPEED_CONVERSATION = (
+    {"role": "user", "content": "I am planning a trip to Italy next spring. Can you help?"},
+    {"role": "assistant", "content": "Of course! Spring is a lovely time to visit Italy: mild "
+     "weather, fewer crowds and gardens in bloom. How many days do you have, and which cities "
+     "interest you most?"},
+    {"role": "user", "content": "About ten days. I want to see Rome, Florence and Venice, and I "
+     "love food and museums."},
+    {"role": "assistant", "content": "A good split is four days in Rome for the Colosseum, the "
+     "Vatican Museums and Trastevere, three in Florence for the Uffizi and a day in Tuscany, and "
+     "two or three in Venice for St Mark's Square and the islands of Murano and Burano."},
+    {"role": "user", "content": "Write a short story about a robot who learns to paint."},
+)
 SPEED_TOKENS = 64
 SPEED_REPEATS = 5
 SPEED_MARGIN = 0.05  # builds this close in speed are a tie; the better score wins
@@ -61,7 +74,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("cpu-fp32", "fp32", "cpu", {}, "reference: float32 weights"),
     Variant("cpu-int4-rtn", "int4", "cpu", {}, "plain int4 RTN, LM head int4 too"),
     Variant("cpu-int4-rtn-last", "int4", "cpu", {"algo_config": "rtn_last"},
-            "int4 RTN body, tied LM head int8 (the GGUF keeps it Q8_0)"),
+            "int4 RTN body, tied LM head int8 (the GGUF keeps it Q8_0); superseded by -pruned",
+            candidate=False),
     Variant("cpu-int4-kquant-last", "int4", "cpu", {"algo_config": "k_quant_last"},
             "int4 k-quant body, LM head int8 (measured: slower than rtn_last, no better)",
             candidate=False),
@@ -70,7 +84,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("cpu-int4-rtn-last-pruned", "int4", "cpu",
             {"algo_config": "rtn_last", "prune_lm_head": "true"},
             "rtn_last; prefill computes LM-head logits for the last token only"),
-    Variant("cpu-int8", "int8", "cpu", {}, "int8 weights everywhere", candidate=False),
+    Variant("cpu-int8", "int8", "cpu", {}, "int8 weights everywhere (only with --precisions int8)"),
     Variant("cuda-fp16", "fp16", "cuda", {}, "CUDA, float16"),
     Variant("cuda-int4-rtn-last", "int4", "cuda", {"algo_config": "rtn_last"},
             "CUDA, int4 body, LM head int8"),
@@ -141,7 +155,8 @@ def ensure_hf_fp32(root: Path | None = None) -> tuple[Path, dict[str, Any]]:
 def ensure_onnx(variant: Variant, hf_dir: Path, hf_stamp: dict[str, Any],
                 root: Path) -> tuple[Path, dict[str, Any]]:
     """One ONNX Runtime GenAI build of the float32 checkpoint."""
-    inputs = {"recipe": RECIPE, "hf": hf_stamp["outputs_digest"], "precision": variant.precision,
+    inputs = {"recipe": RECIPE, "onnx_recipe": ONNX_RECIPE, "hf": hf_stamp["outputs_digest"],
+              "precision": variant.precision,
               "execution_provider": variant.execution_provider,
               "extra_options": variant.extra_options, "tools": tool_versions()}
     out = root / "onnx" / variant.name
@@ -160,8 +175,9 @@ def ensure_quality(variant: Variant, onnx_dir: Path, onnx_stamp: dict[str, Any],
     """The quality check of one build (cached: re-run only when the model or questions change)."""
     from model.quality import questions_digest, run_quality
 
+    runtime = {k: tool_versions()[k] for k in ("onnxruntime-gpu", "onnxruntime-genai-cuda")}
     inputs = {"recipe": RECIPE, "model": onnx_stamp["outputs_digest"],
-              "questions": questions_digest()}
+              "questions": questions_digest(), "runtime": runtime}
     out = root / "quality" / variant.name
 
     def action(tmp: Path) -> None:
@@ -188,7 +204,8 @@ def ensure_speed(builds: dict[str, tuple[Path, dict[str, Any]]], root: Path) -> 
     """
     names = sorted(n for n in builds if VARIANTS[n].execution_provider == "cpu")
     inputs = {"recipe": RECIPE, "models": {n: builds[n][1]["outputs_digest"] for n in names},
-              "prompt": SPEED_PROMPT, "tokens": SPEED_TOKENS, "repeats": SPEED_REPEATS}
+              "prompt": list(SPEED_CONVERSATION), "tokens": SPEED_TOKENS,
+              "repeats": SPEED_REPEATS}
     out = root / "speed"
 
     def action(tmp: Path) -> None:
@@ -200,8 +217,7 @@ def ensure_speed(builds: dict[str, tuple[Path, dict[str, Any]]], root: Path) -> 
         prefill: dict[str, list[float]] = {n: [] for n in names}
         for rep in range(SPEED_REPEATS + 1):
             for name, (model, tokenizer) in loaded.items():
-                ids = [int(t) for t in tokenizer.encode(render_chatml(
-                    [{"role": "user", "content": SPEED_PROMPT}]))]
+                ids = [int(t) for t in tokenizer.encode(render_chatml(SPEED_CONVERSATION))]
                 gen = greedy(model, tokenizer, ids, SPEED_TOKENS, stop_at_eos=False)
                 if rep:  # the first round is warm-up
                     samples[name].append(gen.decode_tok_s)
@@ -224,7 +240,7 @@ def choose_default(quality: dict[str, dict[str, Any]], speed: dict[str, Any]) ->
 
     Speeds within :data:`SPEED_MARGIN` of the fastest eligible build count as
     a tie (timings on a shared machine are that noisy); among tied builds the
-    higher score wins.
+    higher score wins, then the faster prefill (time to first token).
     """
     cpu = [n for n in quality if VARIANTS[n].execution_provider == "cpu" and "score" in quality[n]]
     if not cpu:
@@ -237,9 +253,12 @@ def choose_default(quality: dict[str, dict[str, Any]], speed: dict[str, Any]) ->
         info = speed.get(name) or {}
         return float(info.get("decode_tok_s_best", info.get("decode_tok_s", 0.0)))
 
+    def prefill(name: str) -> float:
+        return float((speed.get(name) or {}).get("prefill_tok_s", 0.0))
+
     fastest = max(peak(n) for n in eligible)
     tied = [n for n in eligible if peak(n) >= (1 - SPEED_MARGIN) * fastest]
-    return max(tied, key=lambda n: (quality[n]["score"], peak(n)))
+    return max(tied, key=lambda n: (quality[n]["score"], prefill(n), peak(n)))
 
 
 def version_name(variant: Variant, outputs_digest: str) -> str:
@@ -253,7 +272,12 @@ def publish(registry: Registry, variant: Variant, onnx_dir: Path, stamp: dict[st
     """Publish one build (idempotent: an existing version with the same files is kept)."""
     version = version_name(variant, stamp["outputs_digest"])
     if registry.exists(version):
-        log(f"[publish {variant.name}] {version} up to date")
+        old = registry.manifest(version)
+        if old.get("quality") != quality or old.get("speed") != speed:
+            registry.annotate(version, {"quality": quality, "speed": speed})
+            log(f"[publish {variant.name}] {version} quality/speed updated")
+        else:
+            log(f"[publish {variant.name}] {version} up to date")
         return version
     extra = {"build": {"variant": variant.name, "note": variant.note,
                        "builder": {"precision": variant.precision,
@@ -291,7 +315,7 @@ def select_variants(precisions: Sequence[str], names: Sequence[str] | None,
 
 
 def build(variants: Sequence[Variant], root: Path, registry: Registry | None,
-          deployment: str = DEFAULT_DEPLOYMENT) -> dict[str, Any]:
+          deployment: str = DEFAULT_DEPLOYMENT, promote: bool = False) -> dict[str, Any]:
     """Run every step for ``variants``; publish; return a report (also saved as report.json)."""
     started = time.perf_counter()
     hf_dir, hf_stamp = ensure_hf_fp32(root)
@@ -310,15 +334,23 @@ def build(variants: Sequence[Variant], root: Path, registry: Registry | None,
             versions[variant.name] = publish(registry, variant, onnx_dir, stamp,
                                              quality[variant.name], speed.get(variant.name),
                                              hf_stamp)
-        pointer_set = registry.set_current_if_unset(deployment, versions[default])
+        if promote and registry.current(deployment) != versions[default]:
+            registry.set_current(deployment, versions[default], reason="model.build --promote")
+            pointer_set = True
+        else:
+            pointer_set = registry.set_current_if_unset(deployment, versions[default])
         current = registry.current(deployment)
         log(f"[registry] {deployment} -> {current}"
-            + (" (set now)" if pointer_set else " (unchanged)"))
+            + (" (set now)" if pointer_set else " (unchanged)")
+            + ("" if current == versions[default] else
+               f"; the served default is {versions[default]}: use --promote or "
+               f"`python -m model.registry promote {deployment} {versions[default]}`"))
     report = {
         "served_default": default,
         "served_default_version": versions.get(default),
         "rule": (f"fastest CPU build with score >= fp32 score - 1 (best-of-{SPEED_REPEATS} "
-                 f"decode tok/s; within {SPEED_MARGIN:.0%} is a tie, won by the higher score)"),
+                 f"decode tok/s; within {SPEED_MARGIN:.0%} is a tie, won by the higher score, "
+                 f"then the faster prefill)"),
         "variants": {
             name: {"dir": str(path), "version": versions.get(name),
                    "size_bytes": sum(f["size"] for f in stamp["outputs"].values()),
@@ -364,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="registry root (default $COLLOQUY_MODEL_REGISTRY or <cache>/registry)")
     parser.add_argument("--no-publish", action="store_true", help="build only")
     parser.add_argument("--deployment", default=DEFAULT_DEPLOYMENT)
+    parser.add_argument("--promote", action="store_true",
+                        help="point the deployment at the served default even if it already has "
+                             "a version (default: only when it has none)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
@@ -372,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     if not any(v.execution_provider == "cpu" for v in variants):
         parser.error("at least one CPU variant is needed to choose the served default")
     registry = None if args.no_publish else Registry(args.registry)
-    report = build(variants, (args.out or build_dir()).resolve(), registry, args.deployment)
+    report = build(variants, (args.out or build_dir()).resolve(), registry, args.deployment,
+                   args.promote)
     print_summary(report)
     return 0
 

@@ -25,7 +25,7 @@ class BuilderError(RuntimeError):
 
 def builder_args(hf_dir: Path, out_dir: Path, precision: str, execution_provider: str,
                  cache_dir: Path, extra_options: Mapping[str, str]) -> list[str]:
-    """The builder's command-line arguments (also recorded in build stamps)."""
+    """The builder's command-line arguments (the build log records the full command)."""
     args = ["-i", str(hf_dir), "-o", str(out_dir), "-p", precision,
             "-e", execution_provider, "-c", str(cache_dir)]
     if extra_options:
@@ -33,8 +33,16 @@ def builder_args(hf_dir: Path, out_dir: Path, precision: str, execution_provider
     return args
 
 
+# The builder stamps ``producer_version`` with ``git rev-parse HEAD`` run five
+# directories above its own file: for a venv inside a git checkout that is the
+# *checkout's* commit, so every commit of this repo would change model.onnx.
+# Pointing git at no repository makes it fall back to the wheel's own commit.
+_NO_GIT = {"GIT_DIR": os.devnull, "GIT_CEILING_DIRECTORIES": "/"}
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
+    env.update(_NO_GIT)
     env["HF_HUB_OFFLINE"] = "1"
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env.setdefault("TQDM_DISABLE", "1")
@@ -84,6 +92,8 @@ def _run_in_process(args: list[str], log_path: Path | None) -> None:
     from onnxruntime_genai.models import builder
 
     argv = sys.argv
+    saved = {k: os.environ.get(k) for k in _NO_GIT}
+    os.environ.update(_NO_GIT)
     sink = open(log_path, "w", encoding="utf-8") if log_path else open(os.devnull, "w")  # noqa: SIM115
     try:
         sys.argv = ["builder", *args]
@@ -99,3 +109,8 @@ def _run_in_process(args: list[str], log_path: Path | None) -> None:
         raise BuilderError(f"builder failed: {exc}") from exc
     finally:
         sys.argv = argv
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

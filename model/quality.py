@@ -4,8 +4,11 @@ Quantization costs answers (DESIGN.md, "The model"), so every build is scored
 on the same short questions with known answers: greedy decoding through the
 chat template, and a case-insensitive substring match against the accepted
 answers. Two of the questions (Italy, Spain) are ones the float32 model gets
-wrong too; they stay so the check is not tuned to the reference. The decode
-speed seen during the check is recorded too, so each build has both numbers.
+wrong too; they stay so the check is not tuned to the reference. One question
+needs the conversation history (DESIGN.md's dog called Biscuit): the product
+feeds the whole conversation back every turn, and quantization is known to cost
+exactly this. The decode speed seen during the check is recorded too, so each
+build has both numbers.
 
 ``python -m model.quality MODEL_DIR`` prints the result as JSON.
 """
@@ -24,10 +27,18 @@ from model.hashing import digest_json
 
 @dataclass(frozen=True)
 class Question:
-    """A question and the substrings any one of which makes an answer right."""
+    """A question, the substrings any one of which makes an answer right, and earlier turns."""
 
     prompt: str
     accept: tuple[str, ...]
+    history: tuple[tuple[str, str], ...] = ()  # (user, assistant) turns before the question
+
+    def messages(self) -> list[dict[str, str]]:
+        """The conversation as chat messages, ending with the question."""
+        out = []
+        for user, assistant in self.history:
+            out += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        return [*out, {"role": "user", "content": self.prompt}]
 
 
 QUESTIONS: tuple[Question, ...] = (
@@ -43,6 +54,8 @@ QUESTIONS: tuple[Question, ...] = (
     Question("Who wrote Romeo and Juliet?", ("Shakespeare",)),
     Question("Who painted the Mona Lisa?", ("Leonardo", "da Vinci")),
     Question("What is the largest ocean on Earth?", ("Pacific",)),
+    Question("What is my dog's name?", ("Biscuit",),
+             history=(("I have a dog called Biscuit.", "That is a lovely name for a dog!"),)),
 )
 MAX_NEW_TOKENS = 48
 WARMUP_PROMPT = "Hello!"
@@ -50,7 +63,7 @@ WARMUP_PROMPT = "Hello!"
 
 def questions_digest() -> str:
     """Identity of the check itself, so a changed question set re-runs every check."""
-    return digest_json({"questions": [[q.prompt, list(q.accept)] for q in QUESTIONS],
+    return digest_json({"questions": [[*q.messages(), list(q.accept)] for q in QUESTIONS],
                         "max_new_tokens": MAX_NEW_TOKENS, "scoring": "substring-casefold"})
 
 
@@ -75,8 +88,7 @@ def run_quality(model_dir: Path, provider: str | None = "cpu") -> dict[str, Any]
     decode_tokens = prompt_tokens = 0
     decode_s = prefill_s = 0.0
     for question in QUESTIONS:
-        gen = chat(model, tokenizer, [{"role": "user", "content": question.prompt}],
-                   MAX_NEW_TOKENS)
+        gen = chat(model, tokenizer, question.messages(), MAX_NEW_TOKENS)
         per_question.append({"question": question.prompt, "accept": list(question.accept),
                              "answer": gen.text, "correct": is_correct(gen.text, question.accept)})
         decode_tokens += max(gen.new_tokens - 1, 0)

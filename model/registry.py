@@ -257,6 +257,23 @@ class Registry:
                 raise CorruptVersion(f"version {version!r}: checksum mismatch in {rel}")
         return ModelVersion(version, path, manifest)
 
+    def annotate(self, version: str, updates: Mapping[str, Any]) -> dict[str, Any]:
+        """Replace metadata of a published version (e.g. a re-run quality check), atomically.
+
+        A version's files and identity never change: ``files``, ``version``,
+        ``source``, ``precision``, ``execution_provider``, ``parent_version``,
+        ``schema`` and ``created_at`` are refused. The manifest is rewritten
+        with temp file + rename, so readers see the old or the new one.
+        """
+        frozen = set(REQUIRED_KEYS) & set(updates)
+        if frozen:
+            raise RegistryError(f"cannot change {sorted(frozen)} of published version {version!r}")
+        manifest = self.manifest(version)
+        manifest.update(updates)
+        manifest["updated_at"] = utc_now()
+        _write_atomic(self.version_path(version) / MANIFEST, _dump(manifest))
+        return manifest
+
     def list_versions(self) -> list[str]:
         """Published version names, oldest first (half-written ones are skipped)."""
         if not self.versions_dir.is_dir():
@@ -408,7 +425,8 @@ def _cmd_list(reg: Registry, _: argparse.Namespace) -> int:
         m = reg.manifest(version)
         q = m.get("quality") or {}
         score = f"{q['score']}/{q['total']}" if "score" in q else "-"
-        speed = str(q.get("decode_tok_s", "-"))
+        measured = m.get("speed") or q  # the build's interleaved timing, else the check's
+        speed = str(measured.get("decode_tok_s", "-"))
         rows.append((version, m["precision"], m["execution_provider"], score, speed,
                      m["created_at"], ",".join(serving.get(version, []))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

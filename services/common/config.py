@@ -126,6 +126,26 @@ class KafkaConfig:
     retry_backoff_ms: int = env("KAFKA_RETRY_BACKOFF_MS", 100, check=lambda v: 0 <= v <= 60000,
                                 hint="0..60000 milliseconds")
     create_topics: bool = env("KAFKA_CREATE_TOPICS", True)
+    # Security: PLAINTEXT locally; SASL_SSL with SCRAM-SHA-512 against Strimzi on Kubernetes.
+    security_protocol: str = env("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT",
+                                 check=lambda v: v in {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"},
+                                 hint="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+    sasl_mechanism: str = env("KAFKA_SASL_MECHANISM", "",
+                              check=lambda v: v in {"", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"},
+                              hint="empty, PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
+    sasl_username: str = env("KAFKA_SASL_USERNAME", "")
+    sasl_password: str = env("KAFKA_SASL_PASSWORD", "")
+    ssl_cafile: str = env("KAFKA_SSL_CAFILE", "")
+
+    def client_kwargs(self) -> dict:
+        """Connection settings every kafka-python client (producer, consumer, admin) takes."""
+        kw: dict = {"bootstrap_servers": self.bootstrap_servers, "security_protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            kw.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
+                      sasl_plain_password=self.sasl_password)
+        if self.ssl_cafile:
+            kw["ssl_cafile"] = self.ssl_cafile
+        return kw
 
 
 @dataclasses.dataclass(frozen=True)

@@ -80,7 +80,7 @@ class SeenEvents:
 def make_producer(cfg: KafkaConfig, client_id: str, transactional_id: str | None = None) -> KafkaProducer:
     """A producer tuned for latency: idempotent, acks=all, no linger."""
     # max_block_ms bounds how long send() waits for metadata (e.g. a topic that does not exist).
-    kwargs: dict = {"bootstrap_servers": cfg.bootstrap_servers, "client_id": client_id, "linger_ms": 0,
+    kwargs: dict = {**cfg.client_kwargs(), "client_id": client_id, "linger_ms": 0,
                     "acks": "all", "enable_idempotence": True, "max_block_ms": 10_000}
     if transactional_id:
         kwargs["transactional_id"] = transactional_id
@@ -91,7 +91,7 @@ def make_consumer(cfg: KafkaConfig, group_id: str | None, client_id: str, *topic
                   **overrides: object) -> KafkaConsumer:
     """A read_committed consumer with manual commits and a short fetch wait."""
     kwargs: dict = {
-        "bootstrap_servers": cfg.bootstrap_servers, "group_id": group_id, "client_id": client_id,
+        **cfg.client_kwargs(), "group_id": group_id, "client_id": client_id,
         "enable_auto_commit": False, "isolation_level": "read_committed",
         "auto_offset_reset": "earliest", "fetch_max_wait_ms": cfg.fetch_max_wait_ms,
         "max_poll_records": cfg.max_poll_records,

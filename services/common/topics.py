@@ -13,6 +13,8 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
+from services.common.config import KafkaConfig
+
 log = logging.getLogger(__name__)
 
 DAY_MS = 24 * 3600 * 1000
@@ -58,9 +60,14 @@ def reply_topic(gateway_instance: str) -> Topic:
     return Topic(REPLY_PREFIX + gateway_instance, 1, STREAM, doc="ReplyEvent for one gateway replica")
 
 
-def ensure_topics(bootstrap: str, topics: tuple[Topic, ...] | list[Topic] = ALL) -> list[str]:
-    """Create missing topics; existing ones are left as they are. Returns the names created."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="colloquy-topics")
+def ensure_topics(bootstrap: str, topics: tuple[Topic, ...] | list[Topic] = ALL,
+                  kafka: KafkaConfig | None = None) -> list[str]:
+    """Create missing topics; existing ones are left as they are. Returns the names created.
+
+    `kafka` carries security settings; without it, `bootstrap` is used in plaintext.
+    """
+    conn = kafka.client_kwargs() if kafka is not None else {"bootstrap_servers": bootstrap}
+    admin = KafkaAdminClient(**conn, client_id="colloquy-topics")
     try:
         existing = set(admin.list_topics())
         missing = [t for t in topics if t.name not in existing]

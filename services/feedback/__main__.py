@@ -15,7 +15,7 @@ async def build() -> grpc_server.ServiceApp:
     cfg = config.load_or_exit(FeedbackConfig)
     log.setup("feedback", server.log_level)
     if kafka.create_topics:
-        topics.ensure_topics(kafka.bootstrap_servers)
+        topics.ensure_topics(kafka.bootstrap_servers, kafka=kafka)
     sink = FeedbackSink(kafka, Path(cfg.dataset_dir), server.instance_id or "0")
     return grpc_server.ServiceApp("feedback", server, [], workers=[sink])
 

@@ -60,10 +60,21 @@ def init_ray(address: str = "", num_cpus: int = 2, object_store_mb: int = 200) -
             sys.path.insert(0, p)
     if address:
         ray.init(address=address, namespace="serve", log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, namespace="serve",
-                 object_store_memory=object_store_mb * 1024 * 1024, log_to_driver=True,
-                 configure_logging=False)
+        return
+    # On a loaded 2-core machine the raylet sometimes gives up waiting for its metrics agent
+    # ("The current node timed out during startup"); a fresh attempt then succeeds.
+    for attempt in range(3):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, namespace="serve",
+                     object_store_memory=object_store_mb * 1024 * 1024, log_to_driver=True,
+                     configure_logging=False)
+            return
+        except Exception:
+            if attempt == 2:
+                raise
+            logging.getLogger(__name__).warning("local Ray failed to start; retrying", exc_info=True)
+            ray.shutdown()
+            time.sleep(2)
 
 
 def deploy(config: Any, timeout_s: float = 600.0) -> None:

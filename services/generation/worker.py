@@ -18,7 +18,8 @@ gets its cancels. A cancel cancels the Serve call, which cancels the replica's t
 request within one decode step; the final batch then says CANCELLED.
 
 Threads: kafka-python's consumer is not thread-safe, so every consumer call runs on one dedicated
-I/O thread; everything else runs on this worker's asyncio loop (Serve handles, batching, producing).
+I/O thread; records are handed to the producer on one send thread (in order; `send` can block on
+metadata); everything else runs on this worker's asyncio loop (Serve handles, batching).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -35,6 +37,7 @@ from typing import Any
 
 from colloquy.v1 import events_pb2, generation_pb2
 from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka.errors import KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata
 
 from services.common import events, kafka_loop, metrics, turns
@@ -46,6 +49,9 @@ from services.generation.config import EngineSettings, WorkerSettings
 log = logging.getLogger(__name__)
 
 STAGE = "generation"
+POLL_STUCK_S = 10.0  # a poll (bounded by 200 ms) still running after this is stuck
+PROBE_S = 1.0  # lag probe interval
+STALL_PROBES = 3  # probes with lag but no progress before the consumer is replaced
 _EVENT_NS = uuid.UUID("6f0b5f76-3c55-4d0e-9a43-7c1d8d1e6a10")
 _UNFINISHED = generation_pb2.FINISH_REASON_UNSPECIFIED
 
@@ -206,14 +212,19 @@ class GenerationWorker:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="generation-kafka")
+        # One thread keeps the records of a request in the order they were produced.
+        self._send_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="generation-send")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._consumer: Any = None
         self._producer: Any = None
         self._tracker = OffsetTracker()
         self._flights: dict[str, _Flight] = {}
         self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._paused = False
         self._last_commit = 0.0
+        self._stuck_polls = 0
+        self._last_probe = time.monotonic()
+        self._positions: dict[TopicPartition, int] = {}
+        self._stalled = 0
         self.grace_s = 20.0
 
     # -- lifecycle (same shape as kafka_loop.StageWorker, so ServiceApp can run it) -------------
@@ -239,6 +250,7 @@ class GenerationWorker:
             log.exception("generation worker crashed")
         finally:
             self._io.shutdown(wait=False)
+            self._send_pool.shutdown(wait=False)
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         """Run a consumer call on the single Kafka I/O thread."""
@@ -253,39 +265,107 @@ class GenerationWorker:
         self._consumer = await self._call(self._make_consumer, client)
         try:
             while not self._stopping.is_set():
-                batch = await self._call(self._poll)
+                batch = await self._poll_guarded()
                 for records in batch.values():
                     for rec in records:
                         self._dispatch(rec)
                 await self._maybe_commit()
                 if self.error is not None:
                     raise self.error
+                if time.monotonic() - self._last_probe >= PROBE_S:
+                    self._last_probe = time.monotonic()
+                    if await self._call(self._probe):
+                        await self._replace_consumer(client)
             await self._drain()
         finally:
             await self._call(self._close_consumer)
             self._producer.close(timeout=10)
 
+    async def _poll_guarded(self) -> dict[TopicPartition, list[Any]]:
+        """Poll, with a watchdog: kafka-python 3.0.12 can lose the cross-thread wakeup of a
+        consumer call (seen under CPU contention: poll() blocked forever on its internal Event
+        while its I/O thread idled). A poll bounded by 200 ms that has not returned after
+        POLL_STUCK_S is stuck; fail its waiter so the loop goes on, and give up (exit, so the
+        supervisor restarts us) if that keeps happening."""
+        assert self._loop is not None
+        fut = self._loop.run_in_executor(self._io, self._poll)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), POLL_STUCK_S)
+        except TimeoutError:
+            pass
+        self._stuck_polls += 1
+        log.warning("Kafka poll stuck; unblocking it", extra={"stage": STAGE, "times": self._stuck_polls})
+        if self._stuck_polls > 3:
+            raise RuntimeError("the Kafka consumer keeps getting stuck; restarting the service")
+        fail = getattr(getattr(self._consumer, "_net", None), "_fail_pending_waiters", None)
+        if fail is not None:
+            fail(KafkaTimeoutError("poll watchdog: lost wakeup"))
+        try:
+            return await asyncio.wait_for(fut, POLL_STUCK_S)
+        except KafkaTimeoutError:
+            return {}
+
     def _make_consumer(self, client: str) -> Any:
         consumer = kafka_loop.make_consumer(self.kafka, self.cfg.group_id, client)
-        consumer.subscribe([self.cfg.topic_in, self.cfg.topic_cancels], listener=_Rebalance(self))
+        topics = [self.cfg.topic_in, self.cfg.topic_cancels]
+        # Know the topics before joining the group: an assignment made without their metadata is
+        # empty and is only redone at the next metadata refresh (minutes).
+        deadline = time.monotonic() + 30
+        while not all(consumer.partitions_for_topic(t) for t in topics) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        consumer.subscribe(topics, listener=_Rebalance(self))
         return consumer
 
     def _close_consumer(self) -> None:
         self._commit_sync(self._tracker.to_commit())
         self._consumer.close(autocommit=False)
 
+    def _probe(self) -> bool:
+        """Report lag per partition; True when the consumer has stopped fetching.
+
+        kafka-python 3.0.12 can also lose a fetch (seen under CPU contention: partitions assigned,
+        records waiting, no FetchRequest ever sent again). Lag that stays put over STALL_PROBES
+        probes on unpaused partitions means that: the caller replaces the consumer.
+        """
+        consumer = self._consumer
+        parts = [tp for tp in consumer.assignment() if tp not in consumer.paused()]
+        if not parts:
+            self._stalled = 0
+            return False
+        try:
+            ends = consumer.end_offsets(parts)
+            positions = {tp: consumer.position(tp) for tp in parts}
+        except Exception:
+            log.debug("lag probe failed", exc_info=True)
+            return False
+        stalled = False
+        for tp in parts:
+            lag = max(0, ends.get(tp, positions[tp]) - positions[tp])
+            metrics.CONSUMER_LAG.labels(self.cfg.group_id, tp.topic, str(tp.partition)).set(lag)
+            if lag and self._positions.get(tp) == positions[tp]:
+                stalled = True
+        self._positions = positions
+        self._stalled = self._stalled + 1 if stalled else 0
+        return self._stalled >= STALL_PROBES
+
+    async def _replace_consumer(self, client: str) -> None:
+        """Leave the group with the stuck consumer and join with a new one (in-flight requests go
+        on; a record redelivered to us meanwhile attaches to its running request)."""
+        log.warning("Kafka consumer stopped fetching; replacing it", extra={"stage": STAGE})
+        self._stalled = 0
+        self._positions = {}
+        await self._call(self._close_consumer)  # commits what is done; the revoke forgets the rest
+        self._consumer = await self._call(self._make_consumer, client)
+
     def _poll(self) -> dict[TopicPartition, list[Any]]:
         """One poll on the I/O thread; pauses prompt partitions while at the in-flight limit."""
         consumer = self._consumer
         full = len(self._flights) >= self.cfg.max_in_flight
-        if full != self._paused:
-            prompts = [tp for tp in consumer.assignment() if tp.topic == self.cfg.topic_in]
-            if full:
-                consumer.pause(*prompts)
-            else:
-                consumer.resume(*prompts)
-            self._paused = full
-        batch = consumer.poll(timeout_ms=50)
+        if full:  # every poll: a rebalance hands out partitions unpaused
+            consumer.pause(*[tp for tp in consumer.assignment() if tp.topic == self.cfg.topic_in])
+        elif consumer.paused():
+            consumer.resume(*consumer.paused())
+        batch = consumer.poll(timeout_ms=200)  # records return at once; this bounds idle waits
         if not self._ready.is_set() and consumer.assignment():
             self._ready.set()
             log.info("partitions assigned", extra={"stage": STAGE, "partitions": len(consumer.assignment())})
@@ -330,7 +410,8 @@ class GenerationWorker:
         try:
             turn = events.decode(rec.value, rec.headers, events_pb2.TurnEvent)
         except events.PoisonEvent as exc:
-            self._send(kafka_loop.DeadLetter(rec, STAGE, str(exc), "PoisonEvent", ""))
+            asyncio.get_running_loop().create_task(
+                self._send(kafka_loop.DeadLetter(rec, STAGE, str(exc), "PoisonEvent", "")))
             self._tracker.finished(tp, rec.offset)  # flushed before the next commit (_maybe_commit)
             return
         existing = self._flights.get(turn.request_id)
@@ -380,25 +461,26 @@ class GenerationWorker:
     async def _generate(self, flight: _Flight) -> None:
         turn = flight.turn
         if turns.deadline_passed(turn):
-            self._reply(flight, turns.deadline_error(turn, STAGE, flight.traceparent))
+            await self._reply(flight, turns.deadline_error(turn, STAGE, flight.traceparent))
             return
         try:
             req = api.turn_request(turn, max_tokens_limit=self.limits.max_tokens_limit,
                                    max_n=self.limits.max_n)
         except api.InvalidArgument as exc:
-            self._reply(flight, turns.reply_error(turn, "INVALID_ARGUMENT", str(exc), STAGE, flight.traceparent))
+            await self._reply(flight, turns.reply_error(turn, "INVALID_ARGUMENT", str(exc), STAGE,
+                                                        flight.traceparent))
             return
         progress = _Progress(turn, req.sampling.n, self.cfg.batch_tokens, self.cfg.batch_ms / 1000)
         if flight.request_id in self._cancelled or flight.cancelled:
             progress.finish = [generation_pb2.FINISH_REASON_CANCELLED] * req.sampling.n
-            self._publish(flight, progress, done=True)
+            await self._publish(flight, progress, done=True)
             return
         for attempt in range(self.cfg.retries + 1):
             try:
                 status = await self._stream(flight, req, progress)
             except _StreamBroken as exc:
                 if flight.cancelled or attempt >= self.cfg.retries:
-                    self._fail(flight, progress, "UNAVAILABLE", f"generation stream broke: {exc.cause!r}")
+                    await self._fail(flight, progress, "UNAVAILABLE", f"generation stream broke: {exc.cause!r}")
                     return
                 log.warning("generation stream broke; regenerating", extra={
                     "stage": STAGE, "attempt": attempt + 1, "error": repr(exc.cause)})
@@ -408,9 +490,9 @@ class GenerationWorker:
             if status is not None:
                 code, message = status
                 if code == "DEADLINE_EXCEEDED":
-                    self._reply(flight, turns.deadline_error(turn, STAGE, flight.traceparent))
+                    await self._reply(flight, turns.deadline_error(turn, STAGE, flight.traceparent))
                 else:
-                    self._reply(flight, turns.reply_error(turn, code, message, STAGE, flight.traceparent))
+                    await self._reply(flight, turns.reply_error(turn, code, message, STAGE, flight.traceparent))
             return
 
     async def _stream(self, flight: _Flight, req: engine.Request,
@@ -447,7 +529,7 @@ class GenerationWorker:
                         item = await asyncio.wait_for(queue.get(), wait)
                 except TimeoutError:
                     if progress.due():
-                        self._publish(flight, progress, done=False)
+                        await self._publish(flight, progress, done=False)
                     continue
                 if item is done:
                     break
@@ -468,37 +550,40 @@ class GenerationWorker:
                     continue
                 progress.apply(item)
                 if progress.due():
-                    self._publish(flight, progress, done=False)
+                    await self._publish(flight, progress, done=False)
         finally:
             pumper.cancel()
         progress.finish = [f if f != _UNFINISHED else generation_pb2.FINISH_REASON_ERROR for f in progress.finish]
-        self._publish(flight, progress, done=True)
+        await self._publish(flight, progress, done=True)
         return None
 
     # -- output ----------------------------------------------------------------------------------
-    def _publish(self, flight: _Flight, progress: _Progress, done: bool) -> None:
+    async def _publish(self, flight: _Flight, progress: _Progress, done: bool) -> None:
         seq = progress.seq
         msg = progress.message(done)
-        flight.last_send = self._send(events.OutEvent(
+        flight.last_send = await self._send(events.OutEvent(
             topic=self.cfg.topic_out, key=flight.turn.conversation_id, message=msg,
             request_id=flight.request_id, traceparent=flight.traceparent,
             event_id=str(uuid.uuid5(_EVENT_NS, f"{flight.request_id}/{seq}"))))
 
-    def _fail(self, flight: _Flight, progress: _Progress, code: str, message: str) -> None:
+    async def _fail(self, flight: _Flight, progress: _Progress, code: str, message: str) -> None:
         """Nothing sent yet: fail the turn at the gateway; else end the answer with ERROR."""
         if progress.seq == 0:
-            self._reply(flight, turns.reply_error(flight.turn, code, message, STAGE, flight.traceparent))
+            await self._reply(flight, turns.reply_error(flight.turn, code, message, STAGE, flight.traceparent))
             return
         progress.finish = [f if f != _UNFINISHED else generation_pb2.FINISH_REASON_ERROR for f in progress.finish]
-        self._publish(flight, progress, done=True)
+        await self._publish(flight, progress, done=True)
 
-    def _reply(self, flight: _Flight, out: events.OutEvent) -> None:
+    async def _reply(self, flight: _Flight, out: events.OutEvent) -> None:
         if flight.turn.reply_topic:
-            flight.last_send = self._send(out)
+            flight.last_send = await self._send(out)
 
-    def _send(self, out: events.OutEvent) -> Any:
-        fut = self._producer.send(out.topic, key=out.key.encode(), value=out.message.SerializeToString(),
-                                  headers=out.headers(), partition=out.partition)
+    async def _send(self, out: events.OutEvent) -> Any:
+        """Hand a record to the producer on its own thread: `send` blocks while it fetches a new
+        topic's metadata, which must not stall every other stream on this loop."""
+        fut = await asyncio.get_running_loop().run_in_executor(self._send_pool, functools.partial(
+            self._producer.send, out.topic, key=out.key.encode(), value=out.message.SerializeToString(),
+            headers=out.headers(), partition=out.partition))
         metrics.EVENTS_PRODUCED.labels(STAGE, out.topic).inc()
         return fut
 
@@ -526,15 +611,18 @@ class _StreamBroken(Exception):
 
 
 class _Rebalance(ConsumerRebalanceListener):
-    """Commit what is done before partitions move; forget them so stale completions are ignored."""
+    """Forget revoked partitions so completions that arrive after the move are not committed.
+
+    No commit here: kafka-python 3 runs listeners on its own I/O thread, where a blocking commit
+    is refused. What finished since the last periodic commit (every 100 ms) is redone by the
+    next owner, which is harmless (same seed, cumulative text).
+    """
 
     def __init__(self, worker: GenerationWorker) -> None:
         self.worker = worker
 
     def on_partitions_revoked(self, revoked: Any) -> None:
-        tps = set(revoked)
-        self.worker._commit_sync(self.worker._tracker.to_commit(tps))
-        self.worker._tracker.forget(tps)
+        self.worker._tracker.forget(set(revoked))
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("partitions assigned", extra={"stage": STAGE, "count": len(assigned)})

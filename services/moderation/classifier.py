@@ -1,10 +1,22 @@
-"""Linear heads over sentence embeddings: one calibrated logistic regression per category, and
-one that says whether an answer complies with its request (for context-aware output checks).
+"""Calibrated linear heads over the encoder's layer embeddings.
 
-The trained coefficients live in data/classifier.json (written by `python -m
-services.moderation.train`, a few dozen KB of numbers, committed so serving and evaluation need
-no training step). A score is sigmoid(w . [embedding, profanity] + b), already calibrated (Platt
-scaling folded into w and b).
+Two stages, because a text's harmfulness is learned from every labeled example while each
+category alone has only a few dozen:
+
+* harm head: P(harmful | text), trained on all examples (harmful vs benign look-alikes);
+* category heads: P(category | text, harmful), trained on the harmful examples only, where
+  telling hate from harassment is the whole task.
+
+A category's score is P(harmful) x P(category | harmful) / max over categories of
+P(category | harmful): the most likely category carries the text's harm probability, and others
+carry it in proportion. So a harmful text is flagged even when its category is uncertain, and a
+benign look-alike stays low in every category. A third head scores whether an answer complies
+with its request (for context-aware output moderation).
+
+Features: the L2-normalized mean embeddings of layers 1-6 concatenated, plus alt-profanity-check's
+probability. Each head is sigmoid(w . x + b), with Platt calibration folded into w and b. The
+weights (data/classifier.npz, ~150 KB, committed; see README) come from `python -m
+services.moderation.train`.
 """
 
 from __future__ import annotations
@@ -19,43 +31,68 @@ from services.moderation.categories import CATEGORIES
 
 
 class ClassifierError(RuntimeError):
-    """The classifier file is missing or does not fit the categories/embedder."""
+    """The classifier file is missing or does not fit the categories/encoder."""
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
+def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(x, -40, 40)))
 
 
+def features(embeddings: np.ndarray, profanity: np.ndarray, layers: list[int]) -> np.ndarray:
+    """(n, 7, 384) per-layer unit vectors + (n,) profanity -> (n, len(layers) * 384 + 1)."""
+    n = embeddings.shape[0]
+    return np.hstack([embeddings[:, layers, :].reshape(n, -1),
+                      profanity.reshape(-1, 1)]).astype(np.float32)
+
+
+def combine(harm: np.ndarray, given_harm: np.ndarray) -> np.ndarray:
+    """(n,) P(harmful) and (n, 13) P(category | harmful) -> (n, 13) category scores."""
+    top = np.clip(given_harm.max(axis=1, keepdims=True), 1e-6, None)
+    return harm.reshape(-1, 1) * given_harm / top
+
+
 class Heads:
-    def __init__(self, doc: dict[str, Any]) -> None:
-        self.meta = {k: v for k, v in doc.items() if k not in ("categories", "compliance")}
-        cats = doc["categories"]
-        if list(cats) != list(CATEGORIES):
-            raise ClassifierError(f"classifier categories {list(cats)} differ from {list(CATEGORIES)}")
-        self.w = np.array([cats[c]["w"] for c in CATEGORIES], dtype=np.float32)  # (13, 385)
-        self.b = np.array([cats[c]["b"] for c in CATEGORIES], dtype=np.float32)
-        self.comply_w = np.array(doc["compliance"]["w"], dtype=np.float32)  # (384,)
-        self.comply_b = float(doc["compliance"]["b"])
-        self.version = str(doc.get("version", "?"))
+    def __init__(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        self.meta = meta
+        if list(meta.get("categories", [])) != list(CATEGORIES):
+            raise ClassifierError(f"classifier categories {meta.get('categories')} differ from {list(CATEGORIES)}")
+        self.layers = [int(k) for k in arrays["layers"]]
+        self.harm_w = arrays["harm_w"].astype(np.float32)
+        self.harm_b = float(arrays["harm_b"])
+        self.cat_w = arrays["cat_w"].astype(np.float32)
+        self.cat_b = arrays["cat_b"].astype(np.float32)
+        self.comply_w = arrays["comply_w"].astype(np.float32)
+        self.comply_b = float(arrays["comply_b"])
+        dim = len(self.layers) * 384 + 1
+        if self.harm_w.shape != (dim,) or self.cat_w.shape != (len(CATEGORIES), dim):
+            raise ClassifierError(f"classifier weights do not have {dim} features")
+        self.version = str(meta.get("version", "?"))
 
     @classmethod
     def load(cls, path: Path | str) -> Heads:
         path = Path(path)
         try:
-            return cls(json.loads(path.read_text()))
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
         except FileNotFoundError:
             raise ClassifierError(f"no classifier at {path}: run `python -m services.moderation.train`") from None
-        except (ValueError, KeyError) as exc:
+        except (OSError, ValueError) as exc:
+            raise ClassifierError(f"{path} is not a valid classifier file: {exc}") from None
+        try:
+            meta = json.loads(str(arrays.pop("meta")))
+            return cls(arrays, meta)
+        except (KeyError, ValueError) as exc:
             raise ClassifierError(f"{path} is not a valid classifier file: {exc}") from None
 
-    @staticmethod
-    def features(embeddings: np.ndarray, profanity: np.ndarray) -> np.ndarray:
-        return np.hstack([embeddings, profanity.reshape(-1, 1).astype(np.float32)])
+    def features(self, embeddings: np.ndarray, profanity: np.ndarray) -> np.ndarray:
+        return features(embeddings, profanity, self.layers)
 
-    def scores(self, embeddings: np.ndarray, profanity: np.ndarray) -> np.ndarray:
-        """(n, 13) calibrated probabilities in CATEGORIES order."""
-        return _sigmoid(self.features(embeddings, profanity) @ self.w.T + self.b)
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """(n, 13) category scores in CATEGORIES order, each in [0, 1]."""
+        harm = sigmoid(x @ self.harm_w + self.harm_b)
+        given = sigmoid(x @ self.cat_w.T + self.cat_b)
+        return combine(harm, given)
 
-    def compliance(self, embeddings: np.ndarray) -> np.ndarray:
+    def compliance(self, x: np.ndarray) -> np.ndarray:
         """(n,) probability that each answer goes along with what was asked (vs declines/redirects)."""
-        return _sigmoid(embeddings @ self.comply_w + self.comply_b)
+        return sigmoid(x @ self.comply_w + self.comply_b)

@@ -19,6 +19,9 @@ class ModerationConfig:
     classifier_file: str = env("MODERATION_CLASSIFIER", str(paths.CLASSIFIER_FILE))
     # Empty: ${COLLOQUY_CACHE:-~/.cache/colloquy}/moderation/minilm-l6-v2-onnx (built by `build`).
     model_dir: str = env("MODERATION_MODEL_DIR", "")
+    # Which encoder build runs: int8 (default, what the committed heads were trained on) or fp32.
+    precision: str = env("MODERATION_PRECISION", "int8", check=lambda v: v in {"int8", "fp32"},
+                         hint="int8 or fp32")
     threads: int = env("MODERATION_THREADS", 0, check=lambda v: 0 <= v <= 64,
                        hint="ONNX Runtime intra-op threads, 0 = one per core")
     # Output moderation releases answer text in chunks of about this many characters.

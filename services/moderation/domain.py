@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import threading
-import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -45,19 +44,20 @@ class Moderator:
 
     # -- scoring ---------------------------------------------------------------------------------
     def _raw(self, texts: Sequence[str]) -> tuple[list[Scores], np.ndarray]:
-        """Per-text scores (max over windows) and the embedding of each text's first window."""
+        """Per-text scores (max over windows) and the features of each text's first window."""
         norm = [rules.normalize(t) for t in texts]
         windows = self.embedder.windows(norm)
         emb = self.embedder.embed_windows(windows)
         prof = self.profanity.predict([norm[w.text_index][w.start:w.end] for w in windows])
-        probs = self.heads.scores(emb, prof)
+        x = self.heads.features(emb, prof)
+        probs = self.heads.scores(x)
         best = np.zeros((len(texts), len(CATEGORIES)), dtype=np.float32)
-        first = np.zeros((len(texts), emb.shape[1]), dtype=np.float32)
+        first = np.zeros((len(texts), x.shape[1]), dtype=np.float32)
         seen = [False] * len(texts)
         for k, w in enumerate(windows):
             best[w.text_index] = np.maximum(best[w.text_index], probs[k])
             if not seen[w.text_index]:
-                first[w.text_index] = emb[k]
+                first[w.text_index] = x[k]
                 seen[w.text_index] = True
         sexual_t = self.policy.categories["sexual"].threshold
         out = []
@@ -96,7 +96,7 @@ class Moderator:
         all_scores, first = self._raw([*texts, *(contexts[i] for i in ctx_idx)])
         out = all_scores[:len(texts)]
         if ctx_idx:
-            comply = self.heads.compliance(first[[i for i in ctx_idx]])
+            comply = self.heads.compliance(first[ctx_idx])
             for k, i in enumerate(ctx_idx):
                 out[i] = self.with_context(out[i], all_scores[len(texts) + k], float(comply[k]))
         return out
@@ -143,12 +143,3 @@ class ScoreCache:
 
     def compliance(self, texts: Sequence[str]) -> list[float]:
         return self._get_many("c", texts, self.moderator.compliance)
-
-
-def timed(fn):  # type: ignore[no-untyped-def]
-    """Seconds a call took, with its result (for latency metrics without I/O in the domain)."""
-    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
-        start = time.perf_counter()
-        result = fn(*args, **kwargs)
-        return result, time.perf_counter() - start
-    return wrapper

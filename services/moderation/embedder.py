@@ -1,9 +1,14 @@
 """Sentence embeddings from the exported all-MiniLM-L6-v2 on ONNX Runtime (CPU), no torch.
 
+The graph returns the attention-masked mean of every layer's hidden states (embedding layer +
+6 transformer layers); each is L2-normalized here. Layer 6 is the usual sentence embedding
+(sentence-transformers' mean pooling + normalize); the middle layers keep more of what a text
+*asks for* (syntax, intent) than the last one, which is tuned for topic similarity, so the
+classifier reads several of them.
+
 Texts longer than one window are split into overlapping token windows, each embedded on its own,
 so a harmful sentence deep inside a long answer is not averaged away (the caller takes the
-maximum score over a text's windows). Mean pooling over the attention mask, then L2 normalize,
-as sentence-transformers does for this model.
+maximum score over a text's windows).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from services.moderation import paths
+
+PRECISIONS = {"int8": "model.int8.onnx", "fp32": "model.onnx"}
 
 
 class ModelMissing(RuntimeError):
@@ -38,19 +45,24 @@ class Embedder:
     """Thread-safe: ONNX Runtime sessions may be run concurrently; the tokenizer is per call."""
 
     dimension = 384
+    layers = 7
 
     def __init__(self, model_dir: Path | None = None, threads: int = 0, window_tokens: int = 128,
-                 stride_tokens: int = 96, batch_size: int = 32) -> None:
+                 stride_tokens: int = 96, batch_size: int = 32, precision: str = "int8") -> None:
         folder = model_dir or paths.model_dir()
-        if not (folder / "model.onnx").exists():
-            raise ModelMissing(f"no moderation model in {folder}: run `python -m services.moderation.build`")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}")
+        model_file = folder / PRECISIONS[precision]
+        if not model_file.exists() or not (folder / "manifest.json").exists():
+            raise ModelMissing(f"no moderation model {model_file}: run `python -m services.moderation.build`")
+        self.precision = precision
         self.manifest = json.loads((folder / "manifest.json").read_text())
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), opts,
+        self.session = ort.InferenceSession(str(model_file), opts,
                                             providers=["CPUExecutionProvider"])
         self._tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self._tok.no_truncation()
@@ -65,7 +77,7 @@ class Embedder:
 
     @property
     def model_id(self) -> str:
-        return f"{paths.EMBEDDER_NAME}-onnx@{self.manifest.get('build_id', '?')}"
+        return f"{paths.EMBEDDER_NAME}-onnx-{self.precision}@{self.manifest.get('build_id', '?')}"
 
     def windows(self, texts: list[str]) -> list[Window]:
         """Split every text into windows of at most `window_tokens` (with overlap)."""
@@ -88,8 +100,8 @@ class Embedder:
         return out
 
     def embed_windows(self, windows: list[Window]) -> np.ndarray:
-        """(len(windows), 384) unit vectors; windows are batched by length to limit padding."""
-        result = np.zeros((len(windows), self.dimension), dtype=np.float32)
+        """(len(windows), 7, 384): one unit vector per layer; batched by length to limit padding."""
+        result = np.zeros((len(windows), self.layers, self.dimension), dtype=np.float32)
         order = sorted(range(len(windows)), key=lambda k: len(windows[k].ids))
         for b in range(0, len(order), self.batch_size):
             idx = order[b:b + self.batch_size]
@@ -100,20 +112,21 @@ class Embedder:
                 n = len(windows[k].ids)
                 ids[row, :n] = windows[k].ids
                 mask[row, :n] = 1
-            hidden = self.session.run(None, {"input_ids": ids, "attention_mask": mask,
+            pooled = self.session.run(None, {"input_ids": ids, "attention_mask": mask,
                                              "token_type_ids": np.zeros_like(ids)})[0]
-            m = mask[..., None].astype(np.float32)
-            pooled = (hidden * m).sum(axis=1) / np.clip(m.sum(axis=1), 1e-9, None)
-            pooled /= np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
-            result[idx] = pooled
+            result[idx] = _unit(pooled)
         return result
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        """One vector per text (the mean of its windows' vectors, renormalized): for training."""
+        """(len(texts), 7, 384): per text, the mean of its windows' vectors, renormalized."""
         wins = self.windows(texts)
         vecs = self.embed_windows(wins)
-        out = np.zeros((len(texts), self.dimension), dtype=np.float32)
+        out = np.zeros((len(texts), self.layers, self.dimension), dtype=np.float32)
         for w, v in zip(wins, vecs, strict=True):
             out[w.text_index] += v
-        out /= np.clip(np.linalg.norm(out, axis=1, keepdims=True), 1e-12, None)
-        return out
+        return _unit(out)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """L2-normalize along the last axis."""
+    return x / np.clip(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12, None)

@@ -11,7 +11,7 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent
 DATA_DIR = PACKAGE_DIR / "data"
 POLICY_FILE = PACKAGE_DIR / "policy.yaml"
-CLASSIFIER_FILE = DATA_DIR / "classifier.json"
+CLASSIFIER_FILE = DATA_DIR / "classifier.npz"
 
 EMBEDDER_NAME = "all-MiniLM-L6-v2"
 

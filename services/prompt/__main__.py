@@ -47,7 +47,7 @@ async def build() -> grpc_server.ServiceApp:
         if cfg.kafka_worker:
             wanted |= {cfg.topic_in, cfg.topic_out}
         await asyncio.get_running_loop().run_in_executor(
-            None, topics.ensure_topics, kafka.bootstrap_servers, [t for t in topics.ALL if t.name in wanted])
+            None, topics.ensure_topics, kafka.bootstrap_servers, [t for t in topics.ALL if t.name in wanted], kafka)
     reader = HistoryReader(kafka).start()
     tracker = TurnTracker(ttl_ms=int(cfg.pending_ttl_s * 1000))
     workers = []

@@ -33,7 +33,7 @@ async def build() -> grpc_server.ServiceApp:
         if kafka.create_topics:
             await asyncio.get_running_loop().run_in_executor(
                 None, topics.ensure_topics, kafka.bootstrap_servers,
-                [t for t in topics.ALL if t.name in (cfg.topic_in, cfg.topic_out)])
+                [t for t in topics.ALL if t.name in (cfg.topic_in, cfg.topic_out)], kafka)
         workers.append(make_worker(tok, cfg, kafka, server.instance_id or socket.gethostname()))
     svc = grpc_server.Service("colloquy.v1.TokenizerService",
                               tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server, TokenizerServicer(tok))

@@ -276,3 +276,26 @@ def test_merge_coalesces_per_candidate() -> None:
     out = merge([d(0, "a", 1), d(1, "x", 1), d(0, "b", 2, FinishReason.STOP)])
     assert [(m.index, m.text, m.tokens, m.finish_reason) for m in out] == [
         (0, "ab", 3, FinishReason.STOP), (1, "x", 1, None)]
+
+
+@pytest.mark.model
+def test_real_model_answers_and_stops(real_model_dir: Path) -> None:
+    """The served build answers a question it is known to get right, and stop strings cut it."""
+    from model.chat_template import render_chatml
+
+    eng = AsyncEngine(real_model_dir, "real", EngineConfig(max_running=4))
+    try:
+        prompt = render_chatml([{"role": "user", "content": "What is the capital of France?"}])
+        greedy = Sampling(temperature=0, max_tokens=60)
+        res = asyncio.run(collect(eng, Request("real-1", prompt, greedy)))
+        assert "Paris" in res.text[0]
+        # Greedy int4 builds may ramble to max_tokens instead of ending their turn.
+        assert res.finish[0] in {FinishReason.STOP, FinishReason.LENGTH}
+        cut = asyncio.run(collect(eng, Request("real-1", prompt, Sampling(temperature=0, max_tokens=60,
+                                                                          stop=("Paris",)))))
+        assert cut.text[0] == res.text[0][:res.text[0].index("Paris")]
+        several = asyncio.run(collect(eng, Request("real-2", prompt, Sampling(temperature=0.8, max_tokens=40,
+                                                                              n=3))))
+        assert sorted(several.finish) == [0, 1, 2] and all(several.text.values())
+    finally:
+        asyncio.run(eng.close())

@@ -8,6 +8,7 @@ serve_config.yaml with one replica of the tiny model and test ports.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import threading
 import time
@@ -192,9 +193,11 @@ def stage(app: App, kafka_bootstrap: str, unique: str) -> Iterator[Stage]:
                               EngineSettings(), instance_id=unique)
     worker.grace_s = 5
     worker.start()
-    assert worker.wait_ready(60)
-    yield Stage(kafka_bootstrap, settings, reply, worker)
-    worker.stop(30)
+    try:
+        assert worker.wait_ready(60)
+        yield Stage(kafka_bootstrap, settings, reply, worker)
+    finally:
+        worker.stop(30)
     assert worker.error is None
 
 
@@ -263,7 +266,7 @@ def test_worker_turns_prompts_into_cumulative_progress(stage: Stage) -> None:
     assert all(p.prompt_tokens > 10 and p.first_token_unix_ms > 0 for p in items)
     for i in range(2):  # text is cumulative: every batch extends the previous one
         texts = [p.candidates[i].text for p in items]
-        assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
+        assert all(b.startswith(a) for a, b in itertools.pairwise(texts))
     final = items[-1]
     assert all(c.finish_reason in (generation_pb2.FINISH_REASON_LENGTH, generation_pb2.FINISH_REASON_STOP)
                for c in final.candidates)

@@ -8,6 +8,7 @@ Serve back-pressure, a replica dying mid-stream, out-of-order completion and off
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 import uuid
@@ -45,13 +46,19 @@ class FakeResponse:
         return self
 
     async def __anext__(self) -> Any:
+        if self._cancelled.is_set():
+            raise RequestCancelledError("cancelled")
         nxt = asyncio.ensure_future(self._gen.__anext__())
         cancel = asyncio.ensure_future(self._cancelled.wait())
-        done, _ = await asyncio.wait({nxt, cancel}, return_when=asyncio.FIRST_COMPLETED)
-        if cancel in done:
-            nxt.cancel()
+        try:
+            done, _ = await asyncio.wait({nxt, cancel}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (nxt, cancel):
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())  # no "never retrieved"
+                if not task.done():
+                    task.cancel()
+        if nxt not in done:
             raise RequestCancelledError("cancelled")
-        cancel.cancel()
         return nxt.result()
 
 
@@ -155,9 +162,9 @@ def harness(kafka_bootstrap: str, unique: str) -> Iterator[Callable[..., Harness
 
     def make(script: Script, **settings: Any) -> Harness:
         h = Harness(kafka_bootstrap, unique, script, **settings)
+        made.append(h)
         h.worker.start()
         assert h.worker.wait_ready(60)
-        made.append(h)
         return h
 
     yield make
@@ -197,7 +204,7 @@ def test_replica_dying_mid_stream_is_regenerated_without_going_backwards(
     h.produce(h.settings.topic_in, turn)
     items = h.read(h.settings.topic_out, events_pb2.GenerationProgress, lambda xs: any(p.done for p in xs))
     texts = [p.candidates[0].text for p in items]
-    assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False)), texts
+    assert all(b.startswith(a) for a, b in itertools.pairwise(texts)), texts
     assert texts[-1] == "".join(WORDS)
     assert items[-1].candidates[0].finish_reason == generation_pb2.FINISH_REASON_LENGTH
     assert [p.seq for p in items] == list(range(len(items)))

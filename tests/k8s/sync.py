@@ -6,9 +6,9 @@ re-running the sync fails the tests. Derived files, each with its sources:
 
 | file | from |
 |---|---|
-| k8s/overlays/<o>/generation/serve_config.yaml | services/generation/serve_config.yaml + serve-overrides.yaml (base, overlay) |
+| k8s/overlays/<o>/generation/serve_config.yaml | services/generation/serve_config.yaml + serve-overrides |
 | k8s/base/kafka/topics.yaml | services/common/topics.py `ALL` |
-| k8s/base/kafka/users.yaml | `ACCESS` below (services/README.md's stage table) |
+| k8s/base/kafka/users.yaml | `access()` below (services/README.md's stage table) |
 | k8s/overlays/dev/api-keys.yaml | deploy/dev/api-keys.yaml (byte copy) |
 | k8s/base/monitoring/prometheusrule.yaml | deploy/prometheus/*.yml rule files (placeholder until they exist) |
 | k8s/base/monitoring/dashboards.yaml | deploy/grafana/**/*.json |
@@ -239,7 +239,7 @@ def kafka_users_text() -> str:
                  "authorization": {"type": "simple", "acls": acls(a)}},
     } for a in access()]
     return (GENERATED + "# One KafkaUser per service (SCRAM-SHA-512; Strimzi writes its password to the Secret of\n"
-            "# the same name). ACLs from tests/k8s/sync.py ACCESS, which mirrors services/README.md.\n"
+            "# the same name). ACLs from tests/k8s/sync.py access(), which mirrors services/README.md.\n"
             + dump_all(docs))
 
 

@@ -95,7 +95,8 @@ def classes_for(service: str, target: Target) -> list[type]:
     return out
 
 
-def _target_env(objects: list[Obj], target: Target) -> tuple[manifests.PodTemplate, dict[str, Any], dict[str, EnvValue]]:
+def _target_env(objects: list[Obj], target: Target,
+                ) -> tuple[manifests.PodTemplate, dict[str, Any], dict[str, EnvValue]]:
     pts = manifests.all_pod_templates(objects)
     configmaps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
     pt, container = manifests.find_container(pts, target.owner_prefix, target.container)
@@ -161,7 +162,7 @@ def test_no_unknown_variables(objects: list[Obj], service: str) -> None:
 
 @pytest.mark.parametrize("service", GRPC_SERVICES)
 def test_ports_instance_and_kafka_are_set_right(docs: list[Obj], service: str) -> None:
-    pt, container, env = _target_env(docs, targets(service)[0])
+    _, container, env = _target_env(docs, targets(service)[0])
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     values = resolve(env)
     assert values["GRPC_PORT"] == str(ports["grpc"])
@@ -200,4 +201,4 @@ def test_kafka_security_settings_are_read_by_the_services() -> None:
     missing = [v for v in KAFKA_SECURITY if v not in env_names([common_config.KafkaConfig])]
     if missing:
         pytest.xfail(f"services/common/config.py KafkaConfig does not read {missing} yet; the manifests "
-                     "set them for the TLS + SCRAM listener (k8s/README.md, 'Changes needed in services')")
+                     "set them for the TLS + SCRAM listener (k8s/README.md, 'Changes needed outside k8s/')")

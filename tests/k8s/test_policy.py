@@ -160,7 +160,8 @@ def test_service_monitors_and_services_select_something(docs: list[Obj]) -> None
     services = manifests.by_kind(docs, "Service")
     pods = manifests.all_pod_templates(docs)
     for sm in manifests.by_kind(docs, "ServiceMonitor").values():
-        matched = [s for s in services.values() if manifests.selects(sm["spec"]["selector"], s["metadata"].get("labels", {}))]
+        matched = [s for s in services.values()
+                   if manifests.selects(sm["spec"]["selector"], s["metadata"].get("labels", {}))]
         assert matched, f"ServiceMonitor/{sm['metadata']['name']} selects no Service"
         ports = {p["name"] for s in matched for p in s["spec"]["ports"]}
         assert {e["port"] for e in sm["spec"]["endpoints"]} <= ports

@@ -63,7 +63,8 @@ def test_the_validators_are_strict(render) -> None:  # type: ignore[no-untyped-d
 def test_crd_conversion_rules() -> None:
     crd = {"type": "object", "properties": {
         "port": {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]},
-        "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {"a": {"type": "string"}}},
+        "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                 "properties": {"a": {"type": "string"}}},
         "maybe": {"type": "string", "nullable": True},
     }}
     schema = schemas.crd_to_json_schema(crd)

@@ -110,3 +110,16 @@ def test_dev_api_keys_are_deploy_dev_and_prod_has_none(render) -> None:  # type:
     hashes = [k["sha256"] for k in yaml.safe_load(source)["keys"]]
     assert not [h for h in hashes if h in prod], "development key hashes in the prod render"
     assert not [s for s in manifests.by_kind(render("prod"), "Secret")], "prod renders no Secrets"
+
+
+def test_scrape_jobs_match_the_local_prometheus(docs: list[Obj]) -> None:
+    """ServiceMonitors give targets the job names deploy/prometheus/prometheus.yml uses locally,
+    so the same alert rules and dashboards work in both places."""
+    local = manifests.ROOT / "deploy" / "prometheus" / "prometheus.yml"
+    if not local.is_file():
+        pytest.skip("deploy/prometheus/prometheus.yml does not exist yet")
+    jobs = {j["job_name"] for j in yaml.safe_load(local.read_text(encoding="utf-8"))["scrape_configs"]}
+    for sm in manifests.by_kind(docs, "ServiceMonitor").values():
+        for endpoint in sm["spec"]["endpoints"]:
+            job = [r["replacement"] for r in endpoint.get("relabelings", []) if r.get("targetLabel") == "job"]
+            assert job and job[0] in jobs, f"ServiceMonitor/{sm['metadata']['name']} {endpoint['port']}: {job}"

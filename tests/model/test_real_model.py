@@ -17,6 +17,8 @@ from model.genai import chat, load
 from model.registry import ModelVersion
 from model.source import SOURCE_ID
 
+pytestmark = pytest.mark.model
+
 # Measured max |ONNX - transformers| over the prefill and 16 greedy decode steps:
 # 3e-5 .. 6e-5 on logits whose magnitude reaches ~33 (relative ~2e-6). Both run
 # float32; the difference is summation order in the GEMMs/attention (MLAS vs

@@ -15,6 +15,7 @@ from model.registry import (
     InvalidName,
     PointerError,
     Registry,
+    RegistryError,
     VersionExists,
     VersionNotFound,
 )
@@ -241,6 +242,15 @@ def test_rollback_refuses_corrupt_target(reg: Registry, src: Path) -> None:
     with pytest.raises(CorruptVersion):
         reg.rollback("generation")
     assert reg.current("generation") == "v2"
+
+
+def test_annotate_updates_metadata_not_identity(reg: Registry, src: Path) -> None:
+    publish(reg, src, "v1", quality={"score": 1, "total": 2})
+    manifest = reg.annotate("v1", {"quality": {"score": 2, "total": 3}})
+    assert manifest["quality"] == {"score": 2, "total": 3} and "updated_at" in manifest
+    assert reg.load("v1").manifest["quality"]["total"] == 3
+    with pytest.raises(RegistryError, match="cannot change"):
+        reg.annotate("v1", {"files": {}})
 
 
 def test_set_current_if_unset(reg: Registry, src: Path) -> None:

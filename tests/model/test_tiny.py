@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from model.chat_template import render_chatml
 from model.genai import chat, greedy, load, read_genai_config
 from model.registry import Registry
@@ -72,3 +74,13 @@ def test_tiny_publishes_into_registry(tiny_model_dir: Path, tmp_path: Path) -> N
     assert json.loads((loaded.path / "genai_config.json").read_text())["model"]["vocab_size"] == 49152
     model, tokenizer = load(loaded.path, "cpu")
     assert greedy(model, tokenizer, [1, 2, 3], 4, stop_at_eos=False).new_tokens == 4
+
+
+def test_model_bytes_do_not_depend_on_the_checkout(tiny_model_dir: Path) -> None:
+    """The builder would stamp the enclosing git checkout's commit; ours carries the wheel's."""
+    onnx = pytest.importorskip("onnx")
+    import onnxruntime_genai
+
+    proto = onnx.load(str(tiny_model_dir / "model.onnx"), load_external_data=False)
+    commit = getattr(onnxruntime_genai, "__commit__", "")
+    assert proto.producer_version == f"{onnxruntime_genai.__version__}+{commit[:7]}"

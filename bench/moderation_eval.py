@@ -1,0 +1,193 @@
+"""Evaluate moderation on held-out data: ``python -m bench.moderation_eval`` (trains nothing).
+
+Sets: the held-out split of services/moderation/data/policy.jsonl (never used in training), the
+separate hand-written holdout_external.jsonl (written before training and never tuned on), and
+both together. Per set: per-category precision/recall/F1, flagged-vs-not F1, false-positive rate
+on benign look-alikes, and the category family of flagged harmful texts. Also: answers judged
+with the user's message as context (context_pairs.jsonl), alt-profanity-check alone as a
+baseline on the same texts, and latency per text for a batch of 16 on this CPU.
+Writes bench/results/moderation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from services.moderation import dataset, paths
+from services.moderation.categories import CATEGORIES, family
+from services.moderation.classifier import Heads
+from services.moderation.domain import Moderator
+from services.moderation.embedder import Embedder
+from services.moderation.policy import load as load_policy
+from services.moderation.profanity import Profanity
+
+RESULTS = Path(__file__).resolve().parent / "results" / "moderation.json"
+GOALS = {"flagged_f1": 0.95, "lookalike_fpr": 0.05, "family_accuracy": 0.9, "p50_ms_per_text_batch16": 5.0}
+
+
+def prf(tp: int, fp: int, fn: int) -> dict[str, float]:
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    return {"precision": round(p, 3), "recall": round(r, 3), "f1": round(2 * p * r / (p + r) if p + r else 0.0, 3),
+            "tp": tp, "fp": fp, "fn": fn}
+
+
+def evaluate(moderator: Moderator, examples: list[dataset.Example]) -> dict[str, Any]:
+    texts = [e.text for e in examples]
+    results = []
+    for i in range(0, len(texts), 32):
+        results.extend(moderator.moderate(texts[i:i + 32]))
+    thresholds = {n: moderator.policy.categories[n].threshold for n in CATEGORIES}
+    per_cat = {}
+    for name in CATEGORIES:
+        tp = sum(1 for e, r in zip(examples, results, strict=True) if name in e.labels and r.categories[name])
+        fp = sum(1 for e, r in zip(examples, results, strict=True) if name not in e.labels and r.categories[name])
+        fn = sum(1 for e, r in zip(examples, results, strict=True) if name in e.labels and not r.categories[name])
+        per_cat[name] = {**prf(tp, fp, fn), "positives": tp + fn}
+    harmful = [bool(e.labels) for e in examples]
+    flagged = [r.flagged for r in results]
+    tp = sum(h and f for h, f in zip(harmful, flagged, strict=True))
+    fp = sum(f and not h for h, f in zip(harmful, flagged, strict=True))
+    fn = sum(h and not f for h, f in zip(harmful, flagged, strict=True))
+    look = [r.flagged for e, r in zip(examples, results, strict=True) if e.kind == "lookalike"]
+    plain = [r.flagged for e, r in zip(examples, results, strict=True) if e.kind == "benign"]
+    fam_hits = []
+    errors = []
+    for e, r in zip(examples, results, strict=True):
+        top = max(CATEGORIES, key=lambda n, r=r: r.category_scores[n] / thresholds[n])
+        if e.labels and r.flagged:
+            fam_hits.append(family(top) in {family(c) for c in e.labels})
+        wrong_family = bool(e.labels) and r.flagged and family(top) not in {family(c) for c in e.labels}
+        if bool(e.labels) != r.flagged or wrong_family:
+            errors.append({"text": e.text, "labels": sorted(e.labels), "kind": e.kind,
+                           "flagged": sorted(n for n in CATEGORIES if r.categories[n]),
+                           "top": top, "top_score": round(r.category_scores[top], 3)})
+    macro = statistics.fmean(v["f1"] for v in per_cat.values() if v["positives"])
+    return {
+        "examples": len(examples), "harmful": sum(harmful), "lookalikes": len(look), "plain_benign": len(plain),
+        "flagged": prf(tp, fp, fn),
+        "lookalike_false_positive_rate": round(sum(look) / len(look), 3) if look else None,
+        "plain_benign_false_positive_rate": round(sum(plain) / len(plain), 3) if plain else None,
+        "family_accuracy_among_flagged": round(statistics.fmean(fam_hits), 3) if fam_hits else None,
+        "categories_macro_f1": round(macro, 3),
+        "categories": per_cat,
+        "errors": errors,
+    }
+
+
+def profanity_baseline(examples: list[dataset.Example], profanity: Profanity) -> dict[str, Any]:
+    """alt-profanity-check alone (score >= 0.5 means flagged), on the same texts."""
+    probs = profanity.predict([e.text for e in examples])
+    harmful = [bool(e.labels) for e in examples]
+    flagged = [bool(p >= 0.5) for p in probs]
+    tp = sum(h and f for h, f in zip(harmful, flagged, strict=True))
+    fp = sum(f and not h for h, f in zip(harmful, flagged, strict=True))
+    fn = sum(h and not f for h, f in zip(harmful, flagged, strict=True))
+    look = [f for e, f in zip(examples, flagged, strict=True) if e.kind == "lookalike"]
+    return {"flagged": prf(tp, fp, fn),
+            "lookalike_false_positive_rate": round(sum(look) / len(look), 3) if look else None}
+
+
+def context_eval(moderator: Moderator) -> dict[str, Any]:
+    pairs = dataset.load("context_pairs.jsonl")
+    with_ctx = moderator.moderate([p.text for p in pairs], [p.context for p in pairs])
+    alone = moderator.moderate([p.text for p in pairs])
+    def acc(results: list) -> float:  # type: ignore[type-arg]
+        return round(statistics.fmean(bool(p.labels) == r.flagged for p, r in zip(pairs, results, strict=True)), 3)
+    return {
+        "pairs": len(pairs), "harmful_requests_answered": sum(bool(p.labels) for p in pairs),
+        "accuracy_with_context": acc(with_ctx), "accuracy_answer_alone": acc(alone),
+        "errors_with_context": [{"context": p.context, "text": p.text, "labels": sorted(p.labels),
+                                 "flagged": sorted(n for n in CATEGORIES if r.categories[n])}
+                                for p, r in zip(pairs, with_ctx, strict=True) if bool(p.labels) != r.flagged],
+    }
+
+
+def latency(moderator: Moderator, texts: list[str], repeats: int) -> dict[str, Any]:
+    """Milliseconds per text for batches of 16 (the whole Moderate path, rules and policy included)."""
+    batch = texts[:16]
+    for _ in range(3):
+        moderator.moderate(batch)
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        moderator.moderate(batch)
+        runs.append((time.perf_counter() - start) * 1000 / len(batch))
+    runs.sort()
+    return {"batch": len(batch), "repeats": repeats, "p50_ms_per_text": round(statistics.median(runs), 2),
+            "p90_ms_per_text": round(runs[int(0.9 * (len(runs) - 1))], 2), "min_ms_per_text": round(runs[0], 2),
+            "mean_chars_per_text": round(statistics.fmean(len(t) for t in batch), 1),
+            "cpu_count": os.cpu_count(), "load_average_1m_at_start": round(os.getloadavg()[0], 2),
+            "load_average_1m_at_end": None}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
+    parser.add_argument("--precision", choices=["int8", "fp32"], default="int8",
+                        help="encoder build; the committed heads were trained on int8")
+    args = parser.parse_args(argv)
+
+    policy = load_policy(paths.POLICY_FILE)
+    heads = Heads.load(paths.CLASSIFIER_FILE)
+    embedder = Embedder(threads=args.threads, precision=args.precision)
+    profanity = Profanity()
+    moderator = Moderator(embedder, heads, policy, profanity)
+    heldout = dataset.load(split="heldout")
+    external = dataset.load("holdout_external.jsonl")
+    sets = {"heldout_split": heldout, "external_holdout": external, "combined": heldout + external}
+
+    report: dict[str, Any] = {
+        "model": moderator.model_id, "policy_version": policy.version, "classifier_version": heads.version,
+        "trained_on_examples": heads.meta.get("training", {}).get("examples"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+        "goals": GOALS,
+    }
+    for name, examples in sets.items():
+        report[name] = evaluate(moderator, examples)
+        report[name]["profanity_check_alone"] = profanity_baseline(examples, profanity)
+    report["context"] = context_eval(moderator)
+    lat = latency(moderator, [e.text for e in heldout if e.kind != "benign"][::3], args.repeats)
+    lat["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
+    report["latency"] = lat
+    comb = report["combined"]
+    report["goals_met"] = {
+        "flagged_f1": comb["flagged"]["f1"] >= GOALS["flagged_f1"],
+        "lookalike_fpr": comb["lookalike_false_positive_rate"] <= GOALS["lookalike_fpr"],
+        "family_accuracy": (comb["family_accuracy_among_flagged"] or 0) >= GOALS["family_accuracy"],
+        "p50_ms_per_text_batch16": lat["p50_ms_per_text"] <= GOALS["p50_ms_per_text_batch16"],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+    print(f"moderation eval -> {args.out}   ({moderator.model_id}, policy {policy.version})")
+    for name in sets:
+        r = report[name]
+        base = r["profanity_check_alone"]
+        print(f"  {name:16s} n={r['examples']:3d} flagged F1 {r['flagged']['f1']:.3f} "
+              f"(P {r['flagged']['precision']:.3f} R {r['flagged']['recall']:.3f})  look-alike FPR "
+              f"{r['lookalike_false_positive_rate']}  family acc {r['family_accuracy_among_flagged']}  "
+              f"macro F1 {r['categories_macro_f1']}  | profanity-check alone F1 {base['flagged']['f1']:.3f} "
+              f"FPR {base['lookalike_false_positive_rate']}")
+    ctx = report["context"]
+    print(f"  context pairs    n={ctx['pairs']} accuracy with context {ctx['accuracy_with_context']} "
+          f"(answer alone {ctx['accuracy_answer_alone']})")
+    print(f"  latency          p50 {lat['p50_ms_per_text']} ms/text (batch 16, p90 {lat['p90_ms_per_text']}, "
+          f"load avg {lat['load_average_1m_at_start']}->{lat['load_average_1m_at_end']} on {lat['cpu_count']} CPUs)")
+    print(f"  goals met: {report['goals_met']}")
+    for name in CATEGORIES:
+        c = report["combined"]["categories"][name]
+        print(f"    {name:24s} P {c['precision']:.3f} R {c['recall']:.3f} F1 {c['f1']:.3f} (n={c['positives']})")
+
+
+if __name__ == "__main__":
+    main()
