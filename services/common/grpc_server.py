@@ -37,6 +37,33 @@ class Service:
     servicer: Any
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse (e.g. a string field with bad UTF-8)."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """grpcio answers a parse failure with UNKNOWN; we want INVALID_ARGUMENT and a clear message."""
+    if deserializer is None:
+        return None
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as exc:
+            return _Undecodable(str(exc))
+
+    return parse
+
+
+async def _reject_undecodable(request: Any, ctx: grpc.aio.ServicerContext, method: str) -> None:
+    if isinstance(request, _Undecodable):
+        await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"the {method} request could not be parsed: {request.error}")
+
+
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts calls by method and status code, times them, and binds the request id to logs."""
 
@@ -64,6 +91,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 start, token = _begin(svc, rid)
                 exc: BaseException | None = None
                 try:
+                    await _reject_undecodable(request, ctx, method)
                     return await inner_uu(request, ctx)
                 except BaseException as e:
                     exc = e
@@ -73,7 +101,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                     _done(start, ctx, exc)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, request_deserializer=handler.request_deserializer,
+                unary_unary, request_deserializer=_safe(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         if handler.unary_stream:
             inner_us = handler.unary_stream
@@ -82,6 +110,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 start, token = _begin(svc, rid)
                 exc: BaseException | None = None
                 try:
+                    await _reject_undecodable(request, ctx, method)
                     result = inner_us(request, ctx)
                     if hasattr(result, "__aiter__"):
                         async for item in result:
@@ -96,7 +125,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                     _done(start, ctx, exc)
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, request_deserializer=handler.request_deserializer,
+                unary_stream, request_deserializer=_safe(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         return handler
 

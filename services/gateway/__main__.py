@@ -25,7 +25,8 @@ async def build() -> grpc_server.ServiceApp:
     reply = topics.reply_topic(instance)
     loop = asyncio.get_running_loop()
     if kafka.create_topics:
-        await loop.run_in_executor(None, lambda: topics.ensure_topics(kafka.bootstrap_servers, [*topics.ALL, reply], kafka))
+        await loop.run_in_executor(None, topics.ensure_topics, kafka.bootstrap_servers,
+                                   [*topics.ALL, reply], kafka)
     keys = KeyRing(cfg.api_keys_file)
     history = HistoryReader(kafka).start()
     router = ReplyRouter(kafka, reply.name, loop).start()

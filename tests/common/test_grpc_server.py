@@ -113,3 +113,20 @@ def test_bad_config_value_stops_startup_naming_the_variable() -> None:
     proc = Proc("tests.common.sample_server", {"GRPC_PORT": "70000"})
     assert proc.wait(30) == 2
     assert "GRPC_PORT=70000 is out of range" in proc.output()
+
+
+def test_unparseable_request_is_invalid_argument() -> None:
+    proc, port, _ = start_sample()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = ch.unary_unary("/colloquy.v1.TokenizerService/CountTokens",
+                                  request_serializer=lambda b: b, response_deserializer=lambda b: b)
+            try:
+                call(b"\x0a\x02\xff\xfe", timeout=10)  # texts[0] = 2 bytes of invalid UTF-8
+                raise AssertionError("accepted invalid UTF-8")
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "could not be parsed" in err.details()
+    finally:
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(30) == 0

@@ -145,17 +145,24 @@ def test_health_and_reflection(app: App) -> None:
     assert "colloquy.v1.GenerationService" in services
 
 
+def replica_metric(app: App, name: str) -> float:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{app.status()['metrics_port']}/metrics",
+                                  timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(name))
+
+
 def test_client_cancel_stops_generation(app: App) -> None:
+    cancelled = 'colloquy_generation_requests_total{outcome="cancelled"}'
+    before = replica_metric(app, cancelled)
     call = app.stub().Generate(gen_request(1900), timeout=120)
     first = next(call)
     assert first.model_version == VERSION
     call.cancel()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if app.status()["running"] == 0:
-            break
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and app.status()["running"]:
         time.sleep(0.05)
     assert app.status()["running"] == 0
+    assert replica_metric(app, cancelled) == before + 1  # stopped by the cancel, not by finishing
 
 
 def test_replica_metrics(app: App) -> None:
