@@ -60,6 +60,14 @@ else
   log "maven missing"
   missing+=("$MAVEN_PKG")
 fi
+# Prometheus + promtool (alert-rule unit tests, the local metrics stack) and the Pushgateway
+# the RLHF batch job pushes to: Debian's packages.
+if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then
+  log "prometheus ok ($(command -v prometheus))"
+else
+  log "prometheus missing"
+  missing+=(prometheus prometheus-pushgateway)
+fi
 
 if [[ ${#missing[@]} -eq 0 ]]; then
   exit 0

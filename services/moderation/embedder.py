@@ -47,8 +47,8 @@ class Embedder:
     dimension = 384
     layers = 7
 
-    def __init__(self, model_dir: Path | None = None, threads: int = 0, window_tokens: int = 128,
-                 stride_tokens: int = 96, batch_size: int = 32, precision: str = "int8") -> None:
+    def __init__(self, model_dir: Path | None = None, threads: int = 0, window_tokens: int = 64,
+                 stride_tokens: int = 32, batch_size: int = 32, precision: str = "int8") -> None:
         folder = model_dir or paths.model_dir()
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}")
@@ -80,24 +80,49 @@ class Embedder:
         return f"{paths.EMBEDDER_NAME}-onnx-{self.precision}@{self.manifest.get('build_id', '?')}"
 
     def windows(self, texts: list[str]) -> list[Window]:
-        """Split every text into windows of at most `window_tokens` (with overlap)."""
+        """The spans of each text to embed.
+
+        A text that fits one window is one window (as in training). A longer text is cut into
+        sentences, and each sentence and each pair of adjacent sentences is a window (sentences
+        longer than a window are cut into overlapping token windows): one hateful sentence in a
+        long answer is scored nearly on its own instead of being averaged with its neighbours.
+        """
         with self._lock:  # Tokenizer objects are not documented as thread-safe
             encodings = self._tok.encode_batch(texts, add_special_tokens=False)
         out: list[Window] = []
         for i, enc in enumerate(encodings):
             ids, offsets = enc.ids, enc.offsets
-            if not ids:
-                out.append(Window(i, 0, len(texts[i]), [self.cls_id, self.sep_id]))
+            if len(ids) <= self.window_tokens:
+                out.append(Window(i, 0, len(texts[i]), [self.cls_id, *ids, self.sep_id]))
                 continue
-            start = 0
-            while True:
-                end = min(start + self.window_tokens, len(ids))
-                out.append(Window(i, offsets[start][0], offsets[end - 1][1],
-                                  [self.cls_id, *ids[start:end], self.sep_id]))
-                if end >= len(ids):
-                    break
-                start += self.stride_tokens
+            spans = self._sentences(texts[i], offsets)
+            pieces = [(a, b) for a, b in spans]
+            pieces += [(spans[k][0], spans[k + 1][1]) for k in range(len(spans) - 1)
+                       if spans[k + 1][1] - spans[k][0] <= self.window_tokens]
+            for a, b in pieces:
+                start = a
+                while True:
+                    end = min(start + self.window_tokens, b)
+                    out.append(Window(i, offsets[start][0], offsets[end - 1][1],
+                                      [self.cls_id, *ids[start:end], self.sep_id]))
+                    if end >= b:
+                        break
+                    start += self.stride_tokens
         return out
+
+    @staticmethod
+    def _sentences(text: str, offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Token index spans of sentences: split after ".", "!", "?" or before a line break."""
+        spans, start = [], 0
+        for k in range(len(offsets)):
+            piece = text[offsets[k][0]:offsets[k][1]]
+            next_gap = text[offsets[k][1]:offsets[k + 1][0]] if k + 1 < len(offsets) else ""
+            if piece in {".", "!", "?"} or "\n" in next_gap:
+                spans.append((start, k + 1))
+                start = k + 1
+        if start < len(offsets):
+            spans.append((start, len(offsets)))
+        return spans
 
     def embed_windows(self, windows: list[Window]) -> np.ndarray:
         """(len(windows), 7, 384): one unit vector per layer; batched by length to limit padding."""

@@ -18,7 +18,9 @@ DECISIONS = Counter(
 LATENCY = Histogram(
     "colloquy_moderation_seconds", "Time to score one batch of texts, by stage", ["stage"],
     buckets=LATENCY_BUCKETS)
-TEXTS = Counter("colloquy_moderation_texts_total", "Texts scored, by stage", ["stage"])
+TEXTS = Counter("colloquy_moderation_texts_total",
+                "Texts scored, by stage and the action taken (the block-rate alert divides these)",
+                ["stage", "action"])
 
 
 def count(stage: str, result: common_pb2.ModerationResult) -> None:
@@ -34,6 +36,10 @@ def count(stage: str, result: common_pb2.ModerationResult) -> None:
 def observe(stage: str, seconds: float, texts: int,
             results: Iterable[common_pb2.ModerationResult] = ()) -> None:
     LATENCY.labels(stage).observe(seconds)
-    TEXTS.labels(stage).inc(texts)
+    seen = 0
     for r in results:
+        seen += 1
+        TEXTS.labels(stage, action_name(r.action) if r.flagged else "allow").inc()
         count(stage, r)
+    if texts > seen:
+        TEXTS.labels(stage, "allow").inc(texts - seen)

@@ -68,6 +68,13 @@ def notice_text(stage: str, result: common_pb2.ModerationResult) -> str:
     return text
 
 
+def out(ev: Consumed, turn: events_pb2.TurnEvent, topic: str, message: object) -> events.OutEvent:
+    """Like `ev.out`, with the turn's request id in the headers even if the input record lacked it."""
+    produced = ev.out(topic, message)  # type: ignore[arg-type]
+    produced.request_id = turn.request_id or ev.request_id
+    return produced
+
+
 def decision(turn: events_pb2.TurnEvent, stage: str,
              result: common_pb2.ModerationResult) -> events_pb2.ModerationDecision:
     return events_pb2.ModerationDecision(request_id=turn.request_id, conversation_id=turn.conversation_id,
@@ -87,11 +94,11 @@ class InputStage:
         started = time.perf_counter()
         [result] = self.moderator.moderate([turn.message])
         metrics.observe("input", time.perf_counter() - started, 1, [result])
-        out = events_pb2.TurnEvent()
-        out.CopyFrom(turn)
-        out.input_moderation.CopyFrom(result)
-        produced = [ev.out(CHAT_MODERATED.name, out),
-                    ev.out(MODERATION_DECISIONS.name, decision(turn, "input", result))]
+        moderated = events_pb2.TurnEvent()
+        moderated.CopyFrom(turn)
+        moderated.input_moderation.CopyFrom(result)
+        produced = [out(ev, turn, CHAT_MODERATED.name, moderated),
+                    out(ev, turn, MODERATION_DECISIONS.name, decision(turn, "input", result))]
         if result.action == WARN:
             notice = chat_pb2.ModerationNotice(stage="input", result=result, message=notice_text("input", result))
             produced.append(turns.reply(turn, ev.traceparent, moderation=notice))
@@ -186,12 +193,12 @@ class OutputStage:
         if turns.deadline_passed(turn):
             mem.finished_seq = progress.seq
             return [turns.deadline_error(turn, STAGE, tp),
-                    ev.out(CHAT_CANCELS.name, events_pb2.CancelEvent(
+                    out(ev, turn, CHAT_CANCELS.name, events_pb2.CancelEvent(
                         request_id=turn.request_id, conversation_id=turn.conversation_id, reason="deadline"))]
 
         started = time.perf_counter()
         verdicts = self._verdicts(turn.message)
-        out: list[events.OutEvent] = []
+        produced: list[events.OutEvent] = []
         cands: list[_Candidate] = []
         for c in sorted(progress.candidates, key=lambda c: c.index):
             finished = progress.done or c.finish_reason != generation_pb2.FINISH_REASON_UNSPECIFIED
@@ -199,39 +206,39 @@ class OutputStage:
                                               self.min_chars, self.max_chars)
             finish = "moderated" if check.blocked else _FINISH.get(c.finish_reason, "error")
             cands.append(_Candidate(c.index, check, finish, c.tokens))
-            out.extend(self._candidate_events(ev, mem, c.index, check))
+            produced.extend(self._candidate_events(ev, mem, c.index, check))
         metrics.LATENCY.labels("output").observe(time.perf_counter() - started)
 
         all_complete = all(c.check.complete for c in cands)
         cut = any(c.check.blocked is not None for c in cands)
         if progress.done or (cands and all_complete and cut):
             if not progress.done and mem.should_send("cancel", True, eid):
-                out.append(ev.out(CHAT_CANCELS.name, events_pb2.CancelEvent(
+                produced.append(out(ev, turn, CHAT_CANCELS.name, events_pb2.CancelEvent(
                     request_id=turn.request_id, conversation_id=turn.conversation_id, reason="moderated")))
             if mem.should_send("done", True, eid):
-                out.extend(self._finish(ev, cands))
+                produced.extend(self._finish(ev, cands))
             mem.finished_seq = progress.seq
-        return out
+        return produced
 
     def _candidate_events(self, ev: Consumed[events_pb2.GenerationProgress], mem: RequestMemory,
                           index: int, check: streaming.CandidateCheck) -> list[events.OutEvent]:
         turn, eid, tp = ev.message.turn, ev.event_id, ev.traceparent
-        out = []
+        produced: list[events.OutEvent] = []
         if check.released and mem.should_send(("text", index), len(check.released), eid):
-            out.append(turns.reply(turn, tp, text=events_pb2.ReleasedText(index=index, text=check.released)))
+            produced.append(turns.reply(turn, tp, text=events_pb2.ReleasedText(index=index, text=check.released)))
         if check.warned is not None and mem.should_send(("warn", index), True, eid):
-            out.append(turns.reply(turn, tp, moderation=chat_pb2.ModerationNotice(
+            produced.append(turns.reply(turn, tp, moderation=chat_pb2.ModerationNotice(
                 stage="output", result=check.warned, message=notice_text("output", check.warned), index=index)))
         if check.blocked is not None and mem.should_send(("block", index), True, eid):
-            out.append(turns.reply(turn, tp, moderation=chat_pb2.ModerationNotice(
+            produced.append(turns.reply(turn, tp, moderation=chat_pb2.ModerationNotice(
                 stage="output", result=check.blocked, message=notice_text("output", check.blocked),
                 index=index)))
         if check.complete and mem.should_send(("decision", index), True, eid):
             verdict = check.blocked or check.overall
             if verdict is not None:
-                out.append(ev.out(MODERATION_DECISIONS.name, decision(turn, "output", verdict)))
+                produced.append(out(ev, turn, MODERATION_DECISIONS.name, decision(turn, "output", verdict)))
                 metrics.count("output", verdict)
-        return out
+        return produced
 
     def _finish(self, ev: Consumed[events_pb2.GenerationProgress],
                 cands: list[_Candidate]) -> list[events.OutEvent]:
