@@ -39,7 +39,10 @@ def main() -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own handlers
         signal.signal(sig, lambda *_: stop.set())
     serve_cfg = serving.load_config(svc.serve_config, grpc_port=svc.grpc_port)
-    serving.deploy(serve_cfg)
+    if svc.deploy:
+        serving.deploy(serve_cfg)
+    else:
+        serving.wait_running([a.name for a in serve_cfg.applications], timeout_s=600)
     metrics_port = metrics.serve_metrics(server.metrics_port, server.host)
     worker = None
     if kafka is not None:
@@ -72,7 +75,7 @@ def main() -> int:
     import ray
     from ray import serve
 
-    if not svc.ray_address:  # our own local Ray: drain the replicas and stop it
+    if svc.deploy and not svc.ray_address:  # our own local Ray: drain the replicas and stop it
         serve.shutdown()
         ray.shutdown()
     logger.info("stopped")

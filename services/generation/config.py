@@ -40,7 +40,7 @@ class EngineSettings:
                                 hint="1..1048576")
     max_n: int = env("GENERATION_MAX_N", 4, check=lambda v: 1 <= v <= 16, hint="1..16")
     # A replica streams at most one message per candidate per interval (tokens are coalesced):
-    # fewer Ray objects per token, and Serve's proxy mostly waits, so client cancels reach us.
+    # fewer Ray objects (and proxy work) per token, at most this much added latency per token.
     stream_interval_ms: float = env("GENERATION_STREAM_INTERVAL_MS", 10.0, check=lambda v: 0 <= v <= 1000,
                                     hint="0..1000 milliseconds")
     # Each replica serves its own /metrics on the first free port from here (several replicas
@@ -59,6 +59,9 @@ class ServiceSettings:
     ray_num_cpus: int = env("GENERATION_RAY_NUM_CPUS", 2, check=lambda v: v >= 1, hint="CPUs >= 1")
     ray_object_store_mb: int = env("GENERATION_RAY_OBJECT_STORE_MB", 200, check=lambda v: v >= 80,
                                    hint="MiB >= 80")
+    # Deploy the config file; off: the application is deployed by someone else (KubeRay's
+    # RayService with RAY_ADDRESS set), and this process only waits for it and runs the worker.
+    deploy: bool = env("GENERATION_DEPLOY", True)
     # Port of Serve's gRPC proxy; overrides the config file's grpc_options.port when set.
     grpc_port: int = env("GENERATION_GRPC_PORT", 0, check=_nonneg, hint="a TCP port, 0 = the file's")
     # Run the Kafka bridge; off: only Ray Serve (gRPC ingress and handles) runs.

@@ -51,8 +51,7 @@ def app(tiny_model_dir: Path) -> Iterator[App]:
     import ray
     from ray import serve
 
-    # 50 ms pacing: the tiny model decodes far faster than the real one, and Serve's gRPC proxy only
-    # forwards a client's cancel while it waits for the replica (see deployment.py), so let it wait.
+    # 50 ms pacing: the tiny model decodes far faster than the real one; fewer, larger messages.
     env = {"GENERATION_MODEL_DIR": str(tiny_model_dir), "GENERATION_MODEL_VERSION": VERSION,
            "GENERATION_REPLICA_METRICS_PORT": str(free_port()), "GENERATION_MAX_RUNNING": "8",
            "GENERATION_STREAM_INTERVAL_MS": "50"}
@@ -151,18 +150,48 @@ def replica_metric(app: App, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(name))
 
 
-def test_client_cancel_stops_generation(app: App) -> None:
+def test_cancel_through_a_handle_stops_generation(app: App) -> None:
+    """The Kafka worker's path: cancelling the Serve call cancels the engine request."""
+    import asyncio
+
+    from services.generation.engine import Request, Sampling
+
     cancelled = 'colloquy_generation_requests_total{outcome="cancelled"}'
     before = replica_metric(app, cancelled)
-    call = app.stub().Generate(gen_request(1900), timeout=120)
-    first = next(call)
-    assert first.model_version == VERSION
-    call.cancel()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and app.status()["running"]:
+
+    async def run() -> list[Any]:
+        items: list[Any] = []
+        call = app.handle.options(stream=True, method_name="stream", session_id="conv-c").remote(
+            Request(uuid.uuid4().hex, PROMPT, Sampling(max_tokens=1900, temperature=1.0)))
+        with pytest.raises(Exception, match="cancel"):
+            async for item in call:
+                items.append(item)
+                if len(items) == 2:
+                    call.cancel()
+        return items
+
+    items = asyncio.run(run())
+    assert items[0]["code"] == "OK" and items[0]["model_version"] == VERSION
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and replica_metric(app, cancelled) < before + 1:
         time.sleep(0.05)
+    assert replica_metric(app, cancelled) == before + 1
     assert app.status()["running"] == 0
-    assert replica_metric(app, cancelled) == before + 1  # stopped by the cancel, not by finishing
+
+
+def test_client_cancel_ends_the_call(app: App) -> None:
+    """A gRPC client's cancel ends its call at once. Whether Ray 2.60's proxy passes it on to the
+    replica is best effort (about 6 in 10 here; see deployment.py), so only the end is asserted."""
+    call = app.stub().Generate(gen_request(1900), timeout=120)
+    assert next(call).model_version == VERSION
+    call.cancel()
+    with pytest.raises(grpc.RpcError) as err:
+        list(call)
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and app.status()["running"]:
+        time.sleep(0.1)
+    assert app.status()["running"] == 0
 
 
 def test_replica_metrics(app: App) -> None:

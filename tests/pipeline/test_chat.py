@@ -115,7 +115,8 @@ def test_eight_concurrent_chats_all_complete(chat) -> None:
     assert len({r[0] for r in results}) == 8
     for _, _, _text, evs in results:
         assert evs[-1].WhichOneof("event") == "done"
-        assert [r.reason for r in evs[-1].done.finish_reasons] in (["stop"], ["length"])
+        # "moderated": output moderation cut an answer; the chat still completed with its notice.
+        assert [r.reason for r in evs[-1].done.finish_reasons] in (["stop"], ["length"], ["moderated"])
 
 
 def test_cancelled_chat_stops_generation(chat, kafka_bootstrap: str) -> None:
@@ -129,7 +130,7 @@ def test_cancelled_chat_stops_generation(chat, kafka_bootstrap: str) -> None:
         if ev.WhichOneof("event") == "delta":
             break
     call.cancel()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 150
     final = None
     while time.monotonic() < deadline and final is None:
         for r in read_all(kafka_bootstrap, topics.GENERATION_PROGRESS.name, expect=1, settle=0.5):

@@ -1,0 +1,60 @@
+"""The output stage's handler without Kafka: replay safety and late batches."""
+
+from __future__ import annotations
+
+import uuid
+
+from colloquy.v1 import events_pb2, generation_pb2
+
+from services.common.kafka_loop import Consumed
+from services.moderation.domain import Moderator
+from services.moderation.worker import OutputStage, RequestMemory
+
+PIECES = ["Banana bread is easy to make. ", "Mash three ripe bananas with melted butter. ",
+          "Stir in sugar, an egg, flour and baking soda. ", "Bake for an hour at 175 degrees."]
+
+
+def record(seq: int, text: str, done: bool, rid: str = "r-1") -> Consumed[events_pb2.GenerationProgress]:
+    turn = events_pb2.TurnEvent(request_id=rid, conversation_id="c-1", user_id="u", reply_topic="chat.replies.t",
+                                message="Banana bread recipe?", turn_index=3)
+    cand = events_pb2.CandidateText(index=0, text=text, tokens=seq + 1,
+                                    finish_reason=generation_pb2.FINISH_REASON_STOP if done else 0)
+    msg = events_pb2.GenerationProgress(turn=turn, candidates=[cand], done=done, seq=seq, model_version="m")
+    return Consumed(message=msg, key="c-1", event_id=str(uuid.uuid4()), request_id=rid, traceparent="",
+                    topic="generation.progress", partition=0, offset=seq)
+
+
+def kinds(events: list) -> list[str]:  # type: ignore[type-arg]
+    out = []
+    for e in events:
+        name = e.message.DESCRIPTOR.name
+        out.append(f"reply:{e.message.WhichOneof('reply')}" if name == "ReplyEvent" else name)
+    return out
+
+
+def test_memory_skips_only_values_an_earlier_record_sent() -> None:
+    mem = RequestMemory()
+    assert mem.should_send("k", 10, "e1")
+    assert not mem.should_send("k", 10, "e2")  # e1 already sent it
+    assert mem.should_send("k", 10, "e1")  # e1 redone after an aborted transaction: send again
+    assert mem.should_send("k", 20, "e2")
+
+
+def test_stream_then_redelivery(moderator: Moderator) -> None:
+    stage = OutputStage(moderator, min_chars=20, max_chars=80)
+    records = [record(i, "".join(PIECES[:i + 1]), i == len(PIECES) - 1) for i in range(len(PIECES))]
+    produced = [stage.handle(r) for r in records]
+    final = produced[-1]
+    assert "reply:done" in kinds(final) and "TurnRecord" in kinds(final)
+    record_event = next(e for e in final if kinds([e]) == ["TurnRecord"])
+    assert record_event.message.turn.index == 3 and record_event.message.turn.answers[0].text == "".join(PIECES)
+
+    # The last record redone (aborted transaction): the same outputs again, nothing lost.
+    assert kinds(stage.handle(records[-1])) == kinds(final)
+    # A late batch with a higher seq after the turn finished: nothing.
+    assert stage.handle(record(len(PIECES), "".join(PIECES) + " more", True)) == []
+
+    # A fresh process (no memory) replaying everything ends the same way: cumulative, idempotent.
+    fresh = OutputStage(moderator, min_chars=20, max_chars=80)
+    replay = [fresh.handle(r) for r in records]
+    assert kinds(replay[-1])[-2:] == ["TurnRecord", "reply:done"]
