@@ -4,7 +4,7 @@ PY := .venv/bin/python
 PROTO_SRC := $(wildcard protos/colloquy/v1/*.proto)
 PROTO_OUT := build/python/colloquy/v1/.stamp
 
-.PHONY: setup protos kafka-up kafka-down test lint demo chat up down model model-tiny bench clean images k8s-sync k8s-check
+.PHONY: setup protos kafka-up kafka-down test lint demo chat up down model model-tiny bench clean images k8s-sync k8s-check build-moderation train-moderation eval-moderation
 
 ## setup: install system packages, the Python env and generated code (idempotent)
 setup:
@@ -73,3 +73,12 @@ k8s-sync:
 ## k8s-check: render both overlays and validate them offline
 k8s-check: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests/k8s
+
+## moderation: export MiniLM to ONNX (cached); train-moderation retrains the committed heads
+build-moderation: setup
+	@$(PY) -m services.moderation.build
+train-moderation: build-moderation
+	@$(PY) -m services.moderation.train
+## eval-moderation: per-category precision/recall/F1 on held-out data (trains nothing)
+eval-moderation: build-moderation
+	@$(PY) -m bench.moderation_eval

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 t0=$SECONDS
-if [ -f model/build.py ]; then make --no-print-directory model; fi
+make --no-print-directory model build-moderation
 bash scripts/kafka.sh up
 $PY -c 'from services.common import topics; topics.ensure_topics("'"${KAFKA_BOOTSTRAP_SERVERS:-127.0.0.1:9092}"'")'
 bash scripts/stack.sh up

@@ -15,6 +15,9 @@ if [ -f model/build.py ] && [ -z "${COLLOQUY_SKIP_MODEL_BUILD:-}" ]; then
   make --no-print-directory model
 fi
 
+echo "== moderation encoder (exported to ONNX once, cached outside the repo)"
+make --no-print-directory build-moderation
+
 echo "== kafka"
 started_kafka=0
 if ! bash scripts/kafka.sh status >/dev/null 2>&1; then
