@@ -39,6 +39,8 @@ class Stack:
             "GRPC_PORT": str(self.ports[name]), "METRICS_PORT": str(self.metrics_ports[name]),
             "SHUTDOWN_GRACE_SECONDS": "10",
         }
+        if name == "gateway":
+            env["CHAT_REPLY_IDLE_TIMEOUT_SECONDS"] = "120"  # a loaded 2-core CI box is slow, not stuck
         if name == "generation":
             env.update(GENERATION_GRPC_PORT=str(self.ports[name]), GENERATION_REPLICA_METRICS_PORT="0",
                        GENERATION_RAY_NUM_CPUS="2")
