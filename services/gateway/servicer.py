@@ -56,6 +56,18 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             view = self.history.store.get(conversation_id, user)
         return view
 
+    async def _caller_conversation(self, conversation_id: str, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+        """Authenticate, validate the id and return (user, id, view); NOT_FOUND if not the caller's."""
+        user = await self._user(context)
+        try:
+            conv = validation.conversation_id(conversation_id)
+        except validation.InvalidArgument as exc:
+            await self._invalid(context, exc)
+        view = await self._owned(conv, user)
+        if view is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, NOT_FOUND)
+        return user, conv, view
+
     async def _publish(self, out: events.OutEvent) -> None:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
@@ -188,26 +200,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     async def GetConversation(self, request: chat_pb2.GetConversationRequest,
                               context: grpc.aio.ServicerContext) -> chat_pb2.Conversation:
-        user = await self._user(context)
-        try:
-            conv = validation.conversation_id(request.conversation_id)
-        except validation.InvalidArgument as exc:
-            await self._invalid(context, exc)
-        view = await self._owned(conv, user)
-        if view is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, NOT_FOUND)
+        _user, conv, view = await self._caller_conversation(request.conversation_id, context)
         return chat_pb2.Conversation(conversation_id=conv, turns=view.ordered())
 
     async def SubmitFeedback(self, request: chat_pb2.SubmitFeedbackRequest,
                              context: grpc.aio.ServicerContext) -> chat_pb2.SubmitFeedbackResponse:
-        user = await self._user(context)
-        try:
-            conv = validation.conversation_id(request.conversation_id)
-        except validation.InvalidArgument as exc:
-            await self._invalid(context, exc)
-        view = await self._owned(conv, user)
-        if view is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, NOT_FOUND)
+        user, conv, view = await self._caller_conversation(request.conversation_id, context)
         turn = view.turns.get(request.turn_index)
         try:
             validation.feedback(request, turn)
