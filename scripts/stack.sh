@@ -33,6 +33,13 @@ selected() {
 alive() { [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
 
 up() {
+  # Generation (Ray) first and alone: on 2 cores its raylet gives up waiting for its metrics
+  # agent when the other services import their dependencies at the same moment.
+  if selected generation "$@"; then start_and_wait generation; fi
+  start_and_wait "$@"
+}
+
+start_and_wait() {
   for line in "${SERVICES[@]}"; do
     read -r name module port mport <<<"$line"
     selected "$name" "$@" || continue
