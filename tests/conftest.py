@@ -36,3 +36,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path():  # type: ignore[no-untyped-def]
+    """The served model's tokenizer directory (shared by the tokenizer and prompt suites)."""
+    from tests.tokenizer.files import tokenizer_dir
+
+    return tokenizer_dir()
+
+
+@pytest.fixture(scope="session")
+def tok(tokenizer_path):  # type: ignore[no-untyped-def]
+    from services.tokenizer.domain import TextTokenizer
+
+    return TextTokenizer.from_file(str(tokenizer_path / "tokenizer.json"))
