@@ -84,6 +84,11 @@ def make_producer(cfg: KafkaConfig, client_id: str, transactional_id: str | None
                     "acks": "all", "enable_idempotence": True, "max_block_ms": 10_000}
     if transactional_id:
         kwargs["transactional_id"] = transactional_id
+        # A producer killed mid-transaction holds back every read_committed consumer of the
+        # partitions it wrote (the last stable offset stops) until the coordinator aborts it:
+        # at restart with the same id, or after this timeout. Batches take well under a second,
+        # so 20 s instead of 60 s bounds that stall when a replica is not coming back.
+        kwargs["transaction_timeout_ms"] = 20_000
     return KafkaProducer(**kwargs)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
@@ -80,9 +81,21 @@ def ensure_topics(bootstrap: str, topics: tuple[Topic, ...] | list[Topic] = ALL,
                 pass  # another service created it meanwhile
         if created:
             log.info("created topics", extra={"topics": created})
+            _wait_visible(admin, {t.name for t in topics})
         return created
     finally:
         admin.close()
+
+
+def _wait_visible(admin: KafkaAdminClient, names: set[str], timeout: float = 10.0) -> None:
+    """CreateTopics returns before every broker's metadata lists the topic; callers that
+    produce or list right away should not see it missing."""
+    deadline = time.monotonic() + timeout
+    while not names <= set(admin.list_topics()):
+        if time.monotonic() > deadline:
+            log.warning("created topics are not visible yet", extra={"topics": sorted(names)})
+            return
+        time.sleep(0.1)
 
 
 def partition_for(key: str, partitions: int) -> int:

@@ -95,6 +95,18 @@ class HistoryReader:
             self._consumer = None
             consumer.close()
 
+    def wait_for_turn(self, conversation_id: str, index: int, timeout: float = 5.0) -> bool:
+        """Wait until turn `index` of the conversation is in the store (read-your-writes for a
+        caller that just saw the turn finish: its record and its `done` share a transaction)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self.store.has_turn(conversation_id, index):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
     def wait_caught_up(self, timeout: float = 10.0, partitions: list[int] | None = None) -> bool:
         """Wait until the store reflects every record committed before this call."""
         with self._probe_lock:  # kafka-python consumers are not thread-safe

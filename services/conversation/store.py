@@ -49,6 +49,11 @@ class ConversationStore:
                 return None
             return ConversationView(view.user_id, dict(view.turns), dict(view.prompts))
 
+    def has_turn(self, conversation_id: str, index: int) -> bool:
+        with self._lock:
+            view = self._convs.get(conversation_id)
+            return view is not None and index in view.turns
+
     def exists(self, conversation_id: str) -> bool:
         with self._lock:
             return conversation_id in self._convs

@@ -141,6 +141,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "the chat pipeline is unavailable; retry shortly")
             sent: dict[int, int] = {}
             started = False
+            turn_index = 0
             while True:
                 left = deadline - time.time()
                 if left <= 0:
@@ -156,6 +157,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                                         f"no progress from the pipeline for {self.cfg.reply_idle_timeout_s:.0f}s")
                 kind = ev.WhichOneof("reply")
                 if kind == "started":
+                    turn_index = ev.started.turn_index
                     if not started:
                         started = True
                         yield chat_pb2.ChatEvent(started=ev.started)
@@ -173,6 +175,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                     yield chat_pb2.ChatEvent(moderation=ev.moderation)
                 elif kind == "done":
                     finished = True
+                    # Read-your-writes: a GetConversation or next turn right after `done` must
+                    # see this turn, so wait (briefly) for the history to hold its record.
+                    if turn_index and not await asyncio.get_running_loop().run_in_executor(
+                            None, self.history.wait_for_turn, conv, turn_index, 5.0):
+                        log.warning("history lags behind a finished turn",
+                                    extra={"conversation_id": conv, "turn": turn_index})
                     yield chat_pb2.ChatEvent(done=ev.done)
                     return
                 elif kind == "error":
