@@ -4,7 +4,7 @@ PY := .venv/bin/python
 PROTO_SRC := $(wildcard protos/colloquy/v1/*.proto)
 PROTO_OUT := build/python/colloquy/v1/.stamp
 
-.PHONY: setup protos kafka-up kafka-down test lint demo chat up down model model-tiny bench clean images k8s-sync k8s-check build-moderation train-moderation eval-moderation
+.PHONY: setup protos kafka-up kafka-down test lint demo chat up down model model-tiny bench clean images k8s-sync k8s-check build-moderation train-moderation eval-moderation reliability rollout-status rollback promote
 
 ## setup: install system packages, the Python env and generated code (idempotent)
 setup:
@@ -36,9 +36,14 @@ model: setup
 model-tiny: setup
 	@HF_HUB_OFFLINE=1 $(PY) -m model.tiny
 
-## bench: benchmarks; results in bench/results/
+## bench: the benchmark suite (bench/), tables on stdout, JSON/PNG and REPORT.md in bench/results/;
+## BENCH=engine|stages|pipeline|conversation|report runs some (space-separated), BENCH_ARGS passes options.
+## Stack benchmarks take /tmp/colloquy-stack.lock (flock) while their stack runs.
+BENCH ?=
+BENCH_ARGS ?=
 bench: setup
-	@HF_HUB_OFFLINE=1 $(PY) bench/model_bench.py
+	@bash bench/install.sh
+	@HF_HUB_OFFLINE=1 $(PY) -m bench $(BENCH) $(BENCH_ARGS)
 
 ## test: the whole test suite against real Kafka, gRPC, Ray Serve and ONNX models
 test: setup
@@ -82,3 +87,16 @@ train-moderation: build-moderation
 ## eval-moderation: per-category precision/recall/F1 on held-out data (trains nothing)
 eval-moderation: build-moderation
 	@$(PY) -m bench.moderation_eval
+
+## reliability: load, admission, faults, rolling restarts and hostile input against the real stack
+reliability: setup
+	@HF_HUB_OFFLINE=1 $(PY) bench/reliability.py $(RELIABILITY_ARGS)
+
+## promote VERSION=... [CANARY=10]: serve a registry version (to CANARY% of conversations first);
+## rollback: back to the version served before; rollout-status: what is served
+promote:
+	@$(PY) -m services.generation.updates promote $(VERSION) --canary $(or $(CANARY),100)
+rollback:
+	@$(PY) -m services.generation.updates rollback
+rollout-status:
+	@$(PY) -m services.generation.updates status

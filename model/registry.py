@@ -402,6 +402,34 @@ class Registry:
             self.load(target, verify=verify)
             return self._move(deployment, target, history, "rollback", reason)
 
+    # ---------------------------------------------------------------- canaries
+    def _canary_path(self, deployment: str) -> Path:
+        return self.current_dir / f"{_check_name('deployment', deployment)}.canary"
+
+    def canary(self, deployment: str = DEFAULT_DEPLOYMENT) -> dict[str, Any] | None:
+        """{"version", "percent"} of the deployment's canary, or None."""
+        try:
+            doc = json.loads(self._canary_path(deployment).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise PointerError(f"canary of {deployment!r} is unreadable: {exc}") from exc
+        return doc if doc.get("version") and doc.get("percent") else None
+
+    def set_canary(self, deployment: str, version: str, percent: int, verify: bool = True) -> dict[str, Any]:
+        """Serve ``version`` to ``percent``% (1..99) of conversations beside the current version."""
+        if not 1 <= percent <= 99:
+            raise PointerError(f"canary percent {percent} is outside 1..99")
+        self.load(version, verify=verify)
+        doc = {"deployment": deployment, "version": version, "percent": percent, "updated_at": utc_now()}
+        with self._locked():
+            _write_atomic(self._canary_path(deployment), _dump(doc))
+        return doc
+
+    def clear_canary(self, deployment: str = DEFAULT_DEPLOYMENT) -> None:
+        with self._locked():
+            self._canary_path(deployment).unlink(missing_ok=True)
+
     def deployments(self) -> list[str]:
         """Deployments that have a pointer."""
         if not self.current_dir.is_dir():

@@ -159,5 +159,10 @@ class ServerConfig:
     max_message_bytes: int = env("GRPC_MAX_MESSAGE_BYTES", 4 * 1024 * 1024, check=lambda v: v >= 1024,
                                  hint="bytes >= 1024")
     instance_id: str = env("INSTANCE_ID", "")
+    # The TLS switch (services/common/tls.py): a directory with tls.crt, tls.key and ca.crt.
+    tls_dir: str = env("TLS_DIR", "")
+    # With TLS: "require" a client certificate signed by ca.crt (mutual TLS), or "none".
+    tls_client_auth: str = env("TLS_CLIENT_AUTH", "require", check=lambda v: v in {"require", "none"},
+                               hint="require or none")
     log_level: str = env("LOG_LEVEL", "INFO", check=lambda v: v.upper() in
                          {"DEBUG", "INFO", "WARNING", "ERROR"}, hint="DEBUG, INFO, WARNING or ERROR")

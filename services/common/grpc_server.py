@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import metrics
+from services.common import metrics, tls
 from services.common.config import ServerConfig
 from services.common.log import request_id_var
 
@@ -187,7 +187,12 @@ class ServiceApp:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [s.name for s in self.services] + [health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self.server)
-        self.port = self.server.add_insecure_port(f"{self.cfg.host}:{self.cfg.grpc_port}")
+        address = f"{self.cfg.host}:{self.cfg.grpc_port}"
+        if self.cfg.tls_dir:
+            self.port = self.server.add_secure_port(
+                address, tls.server_credentials(self.cfg.tls_dir, self.cfg.tls_client_auth))
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"could not bind gRPC port {self.cfg.host}:{self.cfg.grpc_port}")
         self.metrics_port = metrics.serve_metrics(self.cfg.metrics_port, self.cfg.host)

@@ -12,10 +12,12 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common import tls
+
 
 def serving(target: str, service: str = "", timeout: float = 1.0) -> bool:
     try:
-        with grpc.insecure_channel(target) as ch:
+        with tls.insecure_or_secure_channel(target) as ch:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
                                                         timeout=timeout)
             return resp.status == health_pb2.HealthCheckResponse.SERVING

@@ -124,6 +124,9 @@ class StageWorker(Generic[M]):
     ) -> None:
         self.stage = stage
         self.topics = topics
+        for topic in topics:  # zero from the start: dashboards and alerts see 0, not "no data"
+            metrics.EVENTS_FAILED.labels(stage, topic)
+            metrics.EVENTS_DEAD_LETTERED.labels(stage, topic)
         self.message_type = message_type
         self.handler = handler
         self.cfg = kafka

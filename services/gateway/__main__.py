@@ -12,6 +12,7 @@ from services.common import config, grpc_server, kafka_loop, log, topics
 from services.conversation.reader import HistoryReader
 from services.gateway.auth import KeyRing
 from services.gateway.config import DEFAULTS, GatewayConfig
+from services.gateway.moderation_guard import ModerationGuard
 from services.gateway.replies import ReplyRouter
 from services.gateway.servicer import ChatServicer
 
@@ -32,10 +33,13 @@ async def build() -> grpc_server.ServiceApp:
     router = ReplyRouter(kafka, reply.name, loop).start()
     await loop.run_in_executor(None, router.wait_ready, 60.0)
     producer = kafka_loop.make_producer(kafka, f"gateway-{instance}")
-    servicer = ChatServicer(cfg, keys, history, router, producer, reply.name)
+    guard = ModerationGuard(cfg.moderation_addr).start() if cfg.moderation_addr else None
+    servicer = ChatServicer(cfg, keys, history, router, producer, reply.name, guard)
     logger.info("gateway ready", extra={"instance": instance, "reply_topic": reply.name})
 
     def close() -> None:
+        if guard is not None:
+            guard.cancel()
         router.stop()
         history.stop()
         producer.close(timeout=5)

@@ -13,6 +13,8 @@ import sys
 import grpc
 from colloquy.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 
+from services.common import tls
+
 HELP = """commands: /up or /down [comment]  rate the last answer
           /rank i j ...  rank the candidates of the last turn, best first (with --n > 1)
           /new  start a new conversation     /history  show this conversation     /quit"""
@@ -52,7 +54,7 @@ def stream_turn(stub: chat_pb2_grpc.ChatServiceStub, key: str, conversation_id: 
 
 def chat(args: argparse.Namespace) -> int:
     sampling = common_pb2.SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, n=args.n)
-    with grpc.insecure_channel(args.target) as channel:
+    with tls.insecure_or_secure_channel(args.target) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         conv, last_turn = args.conversation or "", 0
         print(f"Colloquy at {args.target}. {HELP}")

@@ -6,7 +6,9 @@ import dataclasses
 
 from services.common.config import env, positive
 
-DEFAULTS = {"GRPC_PORT": "50051", "METRICS_PORT": "9101"}
+# The public entrance: with TLS_DIR it serves TLS without asking callers for certificates
+# (they authenticate with API keys); the internal services require them (mutual TLS).
+DEFAULTS = {"GRPC_PORT": "50051", "METRICS_PORT": "9101", "TLS_CLIENT_AUTH": "none"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,3 +25,13 @@ class GatewayConfig:
     max_concurrent_chats: int = env("CHAT_MAX_CONCURRENT", 64, check=lambda v: v >= 1, hint=">= 1")
     reply_idle_timeout_s: float = env("CHAT_REPLY_IDLE_TIMEOUT_SECONDS", 60.0, check=positive,
                                       hint="seconds > 0")
+    # Fail closed: with an address, new chats are refused (UNAVAILABLE) while moderation's health
+    # check fails; empty: no check (a gateway tested alone).
+    moderation_addr: str = env("MODERATION_ADDR", "")
+    # A turn that has not passed the checks before generation (tokenizer, moderation, prompt)
+    # within this time is cancelled and refused (UNAVAILABLE) rather than left waiting.
+    check_timeout_s: float = env("CHAT_CHECK_TIMEOUT_SECONDS", 30.0, check=positive, hint="seconds > 0")
+    # Per-user limit on Chat and SubmitFeedback calls: a sustained rate and a burst (0 = off).
+    user_rate_per_minute: float = env("CHAT_USER_RATE_PER_MINUTE", 60.0, check=lambda v: v >= 0,
+                                      hint="calls per minute >= 0 (0 = no limit)")
+    user_burst: int = env("CHAT_USER_BURST", 10, check=lambda v: v >= 1, hint=">= 1")

@@ -10,9 +10,9 @@ import argparse
 import sys
 import time
 
-import grpc
 from colloquy.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 
+from services.common import tls
 from services.gateway.cli import stream_turn
 
 SCRIPT = [
@@ -28,7 +28,7 @@ def main() -> int:
     p.add_argument("--key", default="colloquy-dev-key")
     args = p.parse_args()
     sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=64)
-    with grpc.insecure_channel(args.target) as channel:
+    with tls.insecure_or_secure_channel(args.target) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         conv = ""
         for text in SCRIPT:

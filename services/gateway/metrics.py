@@ -15,4 +15,5 @@ CHAT_DURATION = Histogram("colloquy_gateway_chat_duration_seconds", "Whole Chat 
                           buckets=LATENCY_BUCKETS)
 STREAMED_CHARS = Counter("colloquy_gateway_streamed_characters_total", "Answer characters sent to clients")
 REFUSED = Counter("colloquy_gateway_refused_total",
-                  "Chats refused before the pipeline, by reason (capacity, rate_limit, unavailable)", ["reason"])
+                  "Chats refused, by reason (capacity, rate_limit, unavailable, moderation_unavailable, "
+                  "moderation_timeout)", ["reason"])

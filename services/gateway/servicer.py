@@ -17,17 +17,26 @@ from services.conversation.reader import HistoryReader
 from services.gateway import metrics, validation
 from services.gateway.auth import KeyRing, key_from_metadata
 from services.gateway.config import GatewayConfig
+from services.gateway.moderation_guard import ModerationGuard
+from services.gateway.ratelimit import RateLimiter, retry_after_seconds
 from services.gateway.replies import ReplyRouter
 
 log = logging.getLogger(__name__)
 
 NOT_FOUND = "conversation not found"
+MODERATION_DOWN = ("moderation is unavailable, so messages cannot be checked; nothing was sent to the model. "
+                   "Retry shortly")
+CHECKS_TIMEOUT = ("the message was not checked by moderation within {s:.0f}s; it was cancelled and not answered. "
+                  "Retry shortly")
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     def __init__(self, cfg: GatewayConfig, keys: KeyRing, history: HistoryReader, router: ReplyRouter,
-                 producer: KafkaProducer, reply_topic: str) -> None:
+                 producer: KafkaProducer, reply_topic: str, moderation: ModerationGuard | None = None) -> None:
         self.cfg = cfg
+        self.moderation = moderation
+        self.limiter = (RateLimiter(cfg.user_rate_per_minute / 60.0, cfg.user_burst)
+                        if cfg.user_rate_per_minute > 0 else None)
         self.keys = keys
         self.history = history
         self.router = router
@@ -44,6 +53,16 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 "missing or invalid API key: send metadata 'authorization: Bearer <key>'")
         return user  # type: ignore[return-value]
+
+    async def _rate_limit(self, user: str, context: grpc.aio.ServicerContext) -> None:
+        """RESOURCE_EXHAUSTED with a retry hint (message and `retry-after` trailer) when over the limit."""
+        wait = self.limiter.take(user) if self.limiter is not None else 0.0
+        if wait > 0:
+            metrics.REFUSED.labels("rate_limit").inc()
+            secs = retry_after_seconds(wait)
+            context.set_trailing_metadata((("retry-after", str(secs)),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"rate limit: too many requests for this API key; retry after {secs}s")
 
     async def _invalid(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -99,6 +118,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def Chat(self, request: chat_pb2.ChatRequest,
                    context: grpc.aio.ServicerContext) -> AsyncIterator[chat_pb2.ChatEvent]:
         user = await self._user(context)
+        await self._rate_limit(user, context)
         try:
             conv, text, sampling = validation.chat_request(request, self.cfg)
         except validation.InvalidArgument as exc:
@@ -115,6 +135,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             metrics.REFUSED.labels("capacity").inc()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"the gateway is at capacity ({self.cfg.max_concurrent_chats} chats); retry shortly")
+
+        if self.moderation is not None and not self.moderation.available:
+            metrics.REFUSED.labels("moderation_unavailable").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, MODERATION_DOWN)
 
         request_id = uuid.uuid4().hex
         remaining = context.time_remaining()
@@ -147,11 +171,19 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 if left <= 0:
                     self._cancel(request_id, conv, "deadline")
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the answer did not finish in time")
+                wait = min(left, self.cfg.reply_idle_timeout_s)
+                if not started:
+                    wait = min(wait, max(0.0, self.cfg.check_timeout_s - (time.perf_counter() - accepted)))
                 try:
-                    ev = await asyncio.wait_for(queue.get(), timeout=min(left, self.cfg.reply_idle_timeout_s))
+                    ev = await asyncio.wait_for(queue.get(), timeout=wait)
                 except TimeoutError:
                     if deadline - time.time() <= 0:
                         continue
+                    if not started:  # never cleared the checks: fail closed, do not leave it queued
+                        self._cancel(request_id, conv, "checks-timeout")
+                        metrics.REFUSED.labels("moderation_timeout").inc()
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, CHECKS_TIMEOUT.format(
+                            s=self.cfg.check_timeout_s))
                     self._cancel(request_id, conv, "stalled")
                     await context.abort(grpc.StatusCode.UNAVAILABLE,
                                         f"no progress from the pipeline for {self.cfg.reply_idle_timeout_s:.0f}s")
@@ -214,6 +246,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def SubmitFeedback(self, request: chat_pb2.SubmitFeedbackRequest,
                              context: grpc.aio.ServicerContext) -> chat_pb2.SubmitFeedbackResponse:
         user, conv, view = await self._caller_conversation(request.conversation_id, context)
+        await self._rate_limit(user, context)
         turn = view.turns.get(request.turn_index)
         try:
             validation.feedback(request, turn)

@@ -38,7 +38,9 @@ def main() -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own handlers
         signal.signal(sig, lambda *_: stop.set())
-    serve_cfg = serving.load_config(svc.serve_config, grpc_port=svc.grpc_port)
+    state = None if (eng.model_dir or eng.model_version) else _registry_state()
+    overrides = {"user_config": state.user_config()} if state is not None else None
+    serve_cfg = serving.load_config(svc.serve_config, grpc_port=svc.grpc_port, deployment_overrides=overrides)
     if svc.deploy:
         serving.deploy(serve_cfg)
     else:
@@ -59,6 +61,9 @@ def main() -> int:
         worker = GenerationWorker(kafka, wcfg, handle, eng, server.instance_id or socket.gethostname())
         worker.grace_s = server.grace_seconds
         worker.start()
+        if state is not None:
+            updates = _updates_worker(kafka, svc, state, server.instance_id or socket.gethostname())
+            updates.start()
     logger.info("serving", extra={"grpc_port": serve_cfg.grpc_options.port, "metrics_port": metrics_port,
                                   "model_version": version, "model_dir": str(path),
                                   "kafka_worker": worker is not None,
@@ -80,6 +85,33 @@ def main() -> int:
         ray.shutdown()
     logger.info("stopped")
     return code
+
+
+def _registry_state():  # type: ignore[no-untyped-def]
+    from model.registry import Registry
+    from services.generation.updates import registry_state
+
+    return registry_state(Registry())
+
+
+def _updates_worker(kafka: config.KafkaConfig, svc: ServiceSettings, state, instance: str):  # type: ignore[no-untyped-def]
+    """Applies `model.updates` events to the running application (a Serve user_config change)."""
+    from colloquy.v1 import events_pb2
+
+    from model.registry import Registry
+    from services.common import kafka_loop
+    from services.generation import updates
+
+    def apply(new) -> None:  # type: ignore[no-untyped-def]
+        cfg = serving.load_config(svc.serve_config, grpc_port=svc.grpc_port,
+                                  deployment_overrides={"user_config": new.user_config()})
+        serving.redeploy(cfg)
+
+    if kafka.create_topics:
+        topics.ensure_topics(kafka.bootstrap_servers, [topics.MODEL_UPDATES], kafka=kafka)
+    handler = updates.make_handler(apply, state, Registry().exists)
+    return kafka_loop.StageWorker("generation-updates", [topics.MODEL_UPDATES.name], events_pb2.ModelUpdate,
+                                  handler, kafka, instance_id=instance)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ handle. Pacing (GENERATION_STREAM_INTERVAL_MS: tokens coalesced into fewer messa
 objects per token.
 
 Model swap: `reconfigure(user_config)` (Serve calls it on every replica when the config's
-`user_config` changes) loads `model_dir`/`model_version`; in-flight requests finish on the old model.
+`user_config` changes) loads `model_dir`/`model_version` and an optional canary version with its
+share of conversations (services/generation/rollout.py); in-flight requests finish on the old model.
 """
 
 from __future__ import annotations
@@ -82,13 +83,24 @@ class Generation:
             "host": socket.gethostname()})
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Switch the model version named in `user_config` ({model_dir, model_version})."""
+        """Apply a rollout ({model_dir | model_version, canary_version, canary_percent}).
+
+        Serve calls this on every replica (and on every new one) when the application's
+        user_config changes: a model.updates event becomes a config change, not a restart.
+        Requests in flight finish on the model they started with.
+        """
         model_dir = str(user_config.get("model_dir") or "")
         version = str(user_config.get("model_version") or "")
-        if not model_dir and not version:
-            return
-        path, label = model_ref.resolve(model_dir, version)
-        await self.engine.load_version(path, label)
+        if model_dir or version:
+            path, label = model_ref.resolve(model_dir, version)
+            await self.engine.load_version(path, label)
+        canary = str(user_config.get("canary_version") or "")
+        percent = int(user_config.get("canary_percent") or 0)
+        if canary and percent > 0:
+            path, label = model_ref.resolve("", canary)
+            await self.engine.set_canary(path, label, percent)
+        else:
+            await self.engine.set_canary(None, "", 0)
 
     # -- gRPC ingress -------------------------------------------------------------------------
     async def Generate(  # Serve routes the RPC to the method of the same name

@@ -43,6 +43,8 @@ from typing import Any
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.generation import rollout
+
 log = logging.getLogger(__name__)
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -67,6 +69,11 @@ GENERATED_TOKENS = Counter("colloquy_generation_generated_tokens_total", "Tokens
 REQUESTS = Counter("colloquy_generation_requests_total", "Requests finished, by outcome", ["outcome"])
 MODEL_INFO = Gauge("colloquy_generation_model_info", "The model version new requests use (value 1)",
                    ["version", "provider"])
+# ORT GenAI sizes no shared block pool on CPU (each Generator holds its own cache), so "use" is the
+# token positions the running requests hold (prompt + generated, per row) over max_running x context.
+KV_TOKENS = Gauge("colloquy_generation_kv_cache_tokens", "Token positions held in running requests' KV caches")
+KV_USAGE = Gauge("colloquy_generation_kv_cache_usage_ratio",
+                 "kv_cache_tokens over max_running x context_length (0..1)")
 
 
 # -- public types --------------------------------------------------------------------------------
@@ -346,6 +353,8 @@ class AsyncEngine:
         if self.config.max_running < 1 or self.config.max_waiting < 0 or self.config.prefill_chunk < 1:
             raise ValueError(f"invalid engine config {self.config}")
         self._model = LoadedModel(model_dir, version, self.config.provider)
+        self._canary: LoadedModel | None = None  # a second version for a share of conversations
+        self._canary_percent = 0
         self.provider = self._model.provider
         MODEL_INFO.labels(version, self.provider).set(1)
         self._lock = threading.Lock()
@@ -372,6 +381,8 @@ class AsyncEngine:
         with self._lock:
             return {"running": len(self._running), "waiting": len(self._waiting),
                     "model_version": self._model.version, "provider": self.provider,
+                    "canary_version": self._canary.version if self._canary else "",
+                    "canary_percent": self._canary_percent,
                     "max_running": self.config.max_running, "max_waiting": self.config.max_waiting}
 
     def submit(self, request: Request) -> Stream:
@@ -383,7 +394,7 @@ class AsyncEngine:
             raise InvalidRequest("sampling.n", f"{n} is outside [1, {self.config.max_running}]")
         if request.deadline_unix_ms and time.time() * 1000 > request.deadline_unix_ms:
             raise DeadlineExceeded("the request's deadline passed before generation started")
-        model = self._model
+        model = self._pick(request)
         ids = model.encode(request.prompt)
         if not ids:
             raise InvalidRequest("prompt", "must not be empty")
@@ -422,6 +433,31 @@ class AsyncEngine:
             req.cancelled = True
         self._wake()
         return bool(reqs)
+
+    def _pick(self, request: Request) -> LoadedModel:
+        """The canary for its share of conversations (by a stable hash), else the stable model."""
+        canary, percent = self._canary, self._canary_percent
+        if canary is not None and rollout.bucket(request.conversation_id or request.request_id) < percent:
+            return canary
+        return self._model
+
+    async def set_canary(self, path: str | Path | None, version: str, percent: int) -> None:
+        """Serve `version` to `percent`% of conversations (None/0: no canary). In-flight requests
+        keep the model they started on."""
+        if path is None or percent <= 0:
+            old, self._canary, self._canary_percent = self._canary, None, 0
+            if old is not None and old.version != self._model.version:
+                with contextlib.suppress(KeyError):
+                    MODEL_INFO.remove(old.version, old.provider)
+            return
+        current = self._canary
+        if current is None or current.version != version or current.path != Path(path):
+            loaded = await asyncio.to_thread(LoadedModel, path, version, self.config.provider)
+            self._canary = loaded
+            MODEL_INFO.labels(version, loaded.provider).set(1)
+        self._canary_percent = percent
+        log.info("canary set", extra={"canary_version": version, "canary_percent": percent,
+                                      "stable_version": self._model.version})
 
     async def load_version(self, path: str | Path, version: str) -> None:
         """Load another model version; new requests use it, in-flight ones finish on the old one."""
@@ -553,6 +589,9 @@ class AsyncEngine:
                 RUNNING.set(len(self._running))
         for req in reqs:
             self._publish(req)
+        held = sum(r.prefilled * len(r.seqs) + sum(q.tokens for q in r.seqs) for r in reqs if r.gen is not None)
+        KV_TOKENS.set(held)
+        KV_USAGE.set(held / (self.config.max_running * self.context_length))
 
     @staticmethod
     def _finish_all(req: _Req, reason: FinishReason, error: str = "") -> None:

@@ -95,6 +95,18 @@ def deploy(config: Any, timeout_s: float = 600.0) -> None:
     wait_running([a.name for a in config.applications], timeout_s)
 
 
+def redeploy(config: Any, timeout_s: float = 600.0) -> None:
+    """Deploy `config`'s applications onto the running Serve (a rollout's user_config change).
+
+    Unlike `deploy`, this does not touch Serve's proxies, so their options need not match.
+    """
+    from ray.serve.context import _get_global_client
+
+    _get_global_client().deploy_apps(config, _blocking=False)
+    time.sleep(0.5)  # the controller marks the application DEPLOYING before wait_running looks
+    wait_running([a.name for a in config.applications], timeout_s)
+
+
 def wait_running(apps: list[str], timeout_s: float) -> None:
     from ray import serve
 

@@ -30,6 +30,8 @@ from tests.common import kafka_util
 from tests.conftest import free_port
 
 VERSION = "tiny-serve-test"
+SERVE_OVERRIDES: dict[str, Any] = {"autoscaling_config": None, "num_replicas": 1,
+                                   "ray_actor_options": {"num_cpus": 0.5}}
 PROMPT = "<|im_start|>user\nTell me a story about the sea.<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -47,20 +49,34 @@ class App:
 
 
 @pytest.fixture(scope="module")
-def app(tiny_model_dir: Path) -> Iterator[App]:
+def rollout_registry(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registry holding the tiny model under two version names, for the rollout test."""
+    from model.registry import Registry
+
+    root = tmp_path_factory.mktemp("registry")
+    reg = Registry(root)
+    reg.publish(tiny_model_dir, "tiny-a", source="tiny-random", precision="fp32", execution_provider="cpu")
+    reg.publish(tiny_model_dir, "tiny-b", source="tiny-random", precision="fp32", execution_provider="cpu",
+                parent_version="tiny-a")
+    reg.set_current("generation", "tiny-a")
+    return root
+
+
+@pytest.fixture(scope="module")
+def app(tiny_model_dir: Path, rollout_registry: Path) -> Iterator[App]:
     import ray
     from ray import serve
 
     # 50 ms pacing: the tiny model decodes far faster than the real one; fewer, larger messages.
     env = {"GENERATION_MODEL_DIR": str(tiny_model_dir), "GENERATION_MODEL_VERSION": VERSION,
+           "COLLOQUY_MODEL_REGISTRY": str(rollout_registry),
            "GENERATION_REPLICA_METRICS_PORT": str(free_port()), "GENERATION_MAX_RUNNING": "8",
            "GENERATION_STREAM_INTERVAL_MS": "50"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # before ray.init: the local workers (replicas) inherit it
     grpc_port = free_port()
     cfg = serving.load_config(DEFAULT_SERVE_CONFIG, grpc_port=grpc_port, http_port=free_port(),
-                              deployment_overrides={"autoscaling_config": None, "num_replicas": 1,
-                                                    "ray_actor_options": {"num_cpus": 0.5}})
+                              deployment_overrides=SERVE_OVERRIDES)
     serving.init_ray(num_cpus=2, object_store_mb=200)
     try:
         serving.deploy(cfg, timeout_s=600)
@@ -79,7 +95,8 @@ def app(tiny_model_dir: Path) -> Iterator[App]:
 
 def gen_request(max_tokens: int = 30, n: int = 1, **kw: Any) -> generation_pb2.GenerateRequest:
     return generation_pb2.GenerateRequest(
-        prompt=PROMPT, request_id=kw.pop("request_id", uuid.uuid4().hex), conversation_id="conv-1",
+        prompt=PROMPT, request_id=kw.pop("request_id", uuid.uuid4().hex),
+        conversation_id=kw.pop("conversation_id", "conv-1"),
         sampling=common_pb2.SamplingParams(max_tokens=max_tokens, n=n, temperature=1.0, **kw))
 
 
@@ -362,6 +379,102 @@ def test_worker_replies_errors_for_expired_and_invalid_turns(stage: Stage) -> No
     assert errors[invalid.request_id].code == "INVALID_ARGUMENT"
     assert errors[invalid.request_id].message.startswith("sampling.n:")
     assert {e.stage for e in errors.values()} == {"generation"}
+
+
+# -- model rollouts (model.updates) ---------------------------------------------------------------
+@pytest.mark.kafka
+def test_model_update_switches_versions_under_load_without_failing_a_request(
+        app: App, kafka_bootstrap: str, unique: str, rollout_registry: Path) -> None:
+    """promote (canary 50%) -> promote 100% -> rollback, each a real ModelUpdate on Kafka applied
+    by the updates handler as a Serve user_config change, while streams run the whole time."""
+    from colloquy.v1 import events_pb2 as ev_pb2
+
+    from model.registry import Registry
+    from services.common import kafka_loop
+    from services.generation import rollout, updates
+
+    topic = f"model-updates-{unique}"
+    kafka_util.create(kafka_bootstrap, topic, partitions=1)
+    reg = Registry(rollout_registry)
+    applied: list[rollout.RolloutState] = []
+
+    def apply(state: rollout.RolloutState) -> None:
+        overrides = {**SERVE_OVERRIDES, "user_config": state.user_config()}
+        serving.redeploy(serving.load_config(DEFAULT_SERVE_CONFIG, grpc_port=app.grpc_port,
+                                             deployment_overrides=overrides), timeout_s=300)
+        applied.append(state)
+
+    handler = updates.make_handler(apply, rollout.RolloutState(VERSION), reg.exists)
+    worker = kafka_loop.StageWorker("generation-updates", [topic], ev_pb2.ModelUpdate, handler,
+                                    KafkaConfig(bootstrap_servers=kafka_bootstrap),
+                                    group_id=f"updates-{unique}", instance_id=unique).start()
+    results: list[tuple[str, set[str], int]] = []  # (conversation, versions, finish reason)
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def load(k: int) -> None:
+        stub = app.stub()
+        for i in itertools.count():
+            if stop.is_set():
+                return
+            conv = f"load-{k}-{i}"
+            try:
+                msgs = list(stub.Generate(gen_request(20, conversation_id=conv), timeout=120))
+                results.append((conv, {m.model_version for m in msgs}, msgs[-1].finish_reason))
+            except grpc.RpcError as exc:
+                failures.append(exc)
+
+    def publish(**kw: Any) -> None:
+        kafka_util.produce(kafka_bootstrap, topic, [("generation", ev_pb2.ModelUpdate(deployment="generation", **kw))])
+
+    def served_versions(n: int = 24) -> dict[str, str]:
+        out = {}
+        for i in range(n):
+            conv = f"probe-{len(applied)}-{i}"
+            msgs = list(app.stub().Generate(gen_request(4, conversation_id=conv), timeout=60))
+            out[conv] = msgs[-1].model_version
+        return out
+
+    threads = [threading.Thread(target=load, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        assert worker.wait_ready(60)
+        publish(version="tiny-b", action="promote", canary_percent=50, parent_version=VERSION)
+        _wait(lambda: len(applied) == 1)
+        seen = served_versions()
+        assert set(seen.values()) == {VERSION, "tiny-b"}  # both, split by conversation
+        assert all((v == "tiny-b") == rollout.in_canary(applied[0], c) for c, v in seen.items())
+        publish(version="tiny-b", action="promote", canary_percent=100)
+        _wait(lambda: len(applied) == 2)
+        assert set(served_versions(4).values()) == {"tiny-b"}
+        publish(version="no-such-version", action="promote")  # poison: dead-lettered, nothing changes
+        publish(version="tiny-a", action="rollback")
+        _wait(lambda: len(applied) == 3)
+        assert set(served_versions(4).values()) == {"tiny-a"}
+        assert [s.user_config() for s in applied] == [
+            {"model_version": VERSION, "canary_version": "tiny-b", "canary_percent": 50},
+            {"model_version": "tiny-b", "canary_version": "", "canary_percent": 0},
+            {"model_version": "tiny-a", "canary_version": "", "canary_percent": 0}]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+        worker.stop(30)
+    assert worker.error is None
+    assert not failures, failures  # no request failed while the versions switched
+    assert len(results) >= 6
+    assert all(len(vs) == 1 for _, vs, _ in results)  # each answer from one version only
+    assert all(r in {generation_pb2.FINISH_REASON_LENGTH, generation_pb2.FINISH_REASON_STOP}
+               for _, _, r in results)
+    assert {v for _, vs, _ in results for v in vs} >= {VERSION, "tiny-b"}
+
+
+def _wait(cond: Any, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
 
 
 def test_module_threads_are_clean() -> None:

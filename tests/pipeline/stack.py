@@ -40,7 +40,10 @@ class Stack:
             "SHUTDOWN_GRACE_SECONDS": "10",
         }
         if name == "gateway":
-            env["CHAT_REPLY_IDLE_TIMEOUT_SECONDS"] = "120"  # a loaded 2-core CI box is slow, not stuck
+            # A loaded 2-core CI box is slow, not stuck.
+            env.update(CHAT_REPLY_IDLE_TIMEOUT_SECONDS="120", CHAT_CHECK_TIMEOUT_SECONDS="120",
+                       MODERATION_ADDR=f"127.0.0.1:{self.ports['moderation']}",
+                       CHAT_USER_RATE_PER_MINUTE="600", CHAT_USER_BURST="30")
         if name == "generation":
             env.update(GENERATION_GRPC_PORT=str(self.ports[name]), GENERATION_REPLICA_METRICS_PORT="0",
                        GENERATION_RAY_NUM_CPUS="2")

@@ -26,15 +26,6 @@ GREEDY = common_pb2.SamplingParams(temperature=0.0, max_tokens=32)
 
 
 @pytest.fixture(scope="module")
-def stack(kafka_bootstrap: str):
-    s = Stack(kafka_bootstrap).start()
-    try:
-        yield s
-    finally:
-        s.stop()
-
-
-@pytest.fixture(scope="module")
 def chat(stack: Stack):
     with grpc.insecure_channel(stack.gateway) as ch:
         yield chat_pb2_grpc.ChatServiceStub(ch)
@@ -107,9 +98,6 @@ def test_blocked_message_never_reaches_generation(chat, kafka_bootstrap: str) ->
     assert view.turns[0].blocked
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "intermittent: under heavy load (load average > 10 on 2 cores) one of 8 chats once saw no reply "
-    "for 60 s; open in issue 4 until the stall is found (suspect kafka-python fetch stalls, see notes)"))
 def test_eight_concurrent_chats_all_complete(chat) -> None:
     questions = [f"What is {i} plus {i}?" for i in range(8)]
     with cf.ThreadPoolExecutor(8) as pool:
@@ -200,6 +188,67 @@ def test_auth_and_ownership(chat) -> None:
     fid = chat.SubmitFeedback(chat_pb2.SubmitFeedbackRequest(
         conversation_id=conv, turn_index=1, rating=chat_pb2.Rating(thumbs_up=True)), metadata=ALICE).feedback_id
     assert fid
+
+
+def test_per_user_rate_limit_says_when_to_retry(chat) -> None:
+    """Bursts past the user's limit get RESOURCE_EXHAUSTED with a retry hint; other users are unaffected."""
+    bob = [("authorization", "Bearer colloquy-dev-key-bob")]
+    refused = None
+    for _ in range(200):
+        try:
+            list(chat.Chat(chat_pb2.ChatRequest(message=""), metadata=bob, timeout=10))
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                refused = exc
+                break
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT  # under the limit: validated as usual
+    assert refused is not None, "200 calls in a burst were never limited"
+    retry = dict(refused.trailing_metadata() or ()).get("retry-after")
+    assert retry and int(retry) >= 1 and f"retry after {retry}s" in refused.details()
+    with pytest.raises(grpc.RpcError) as other:  # alice has her own bucket
+        list(chat.Chat(chat_pb2.ChatRequest(message=""), metadata=[("authorization", "Bearer colloquy-dev-key-alice")],
+                       timeout=10))
+    assert other.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    time.sleep(int(retry))
+    with pytest.raises(grpc.RpcError) as again:
+        list(chat.Chat(chat_pb2.ChatRequest(message=""), metadata=bob, timeout=10))
+    assert again.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_moderation_down_fails_closed(stack: Stack, chat) -> None:
+    """A frozen moderation service (SIGSTOP: up but too slow to answer) makes the gateway refuse new
+    chats with UNAVAILABLE instead of letting text through or hanging; it serves again on SIGCONT."""
+    import urllib.request
+
+    proc = stack.procs["moderation"]
+    proc.signal(signal.SIGSTOP)
+    try:
+        err = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                run_chat(chat, "Hello there!", timeout=5)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE and "moderation" in (exc.details() or ""):
+                    err = exc
+                    break
+            time.sleep(0.5)
+        assert err is not None, "the gateway never refused while moderation was frozen"
+        assert "nothing was sent to the model" in err.details()
+    finally:
+        proc.signal(signal.SIGCONT)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_ports['gateway']}/metrics",
+                                  timeout=10).read().decode()
+    assert 'colloquy_gateway_refused_total{reason="moderation_unavailable"}' in body
+    deadline = time.monotonic() + 60
+    while True:  # back to normal once the health check passes again
+        try:
+            *_, evs = run_chat(chat, "Hello again!", timeout=120)
+            break
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc
+            time.sleep(1)
+    assert evs[-1].WhichOneof("event") == "done"
 
 
 @pytest.mark.parametrize("victim", ["tokenizer", "prompt", "moderation"])

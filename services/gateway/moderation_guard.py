@@ -1,0 +1,74 @@
+"""Fail closed on moderation: the gateway refuses new chats while moderation cannot check them.
+
+In the pipeline no text can skip moderation (only text the moderation stages released reaches a
+gateway), so a moderation outage would otherwise show up as chats that hang until their idle
+timeout. This watches moderation's standard gRPC health (`grpc.health.v1`, the same check
+Kubernetes probes) and lets the servicer refuse at once with UNAVAILABLE and a clear message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common import tls
+
+log = logging.getLogger(__name__)
+
+SERVICE = "colloquy.v1.ModerationService"
+
+
+class ModerationGuard:
+    """`available` is False after `failures` checks in a row fail, time out or say NOT_SERVING."""
+
+    def __init__(self, address: str, interval_s: float = 1.0, timeout_s: float = 1.0, failures: int = 2) -> None:
+        self.address = address
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.failures = failures
+        self._bad = 0
+        self.available = True  # until proven otherwise: the first check runs at once
+        self._task: asyncio.Task[None] | None = None
+        self._channel: grpc.aio.Channel | None = None
+
+    async def check_once(self) -> bool:
+        if self._channel is None:
+            self._channel = tls.insecure_or_secure_channel(self.address, aio=True)  # type: ignore[assignment]
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            res = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=self.timeout_s)
+            ok = res.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError:
+            ok = False
+        self._bad = 0 if ok else self._bad + 1
+        was, self.available = self.available, self._bad < self.failures
+        if was != self.available:
+            log.warning("moderation is %s", "available again" if self.available else "unavailable",
+                        extra={"moderation": self.address})
+        return ok
+
+    async def _run(self) -> None:
+        while True:
+            await self.check_once()
+            await asyncio.sleep(self.interval_s)
+
+    def start(self) -> ModerationGuard:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def cancel(self) -> None:
+        """Stop checking (from synchronous shutdown code)."""
+        if self._task is not None:
+            self._task.cancel()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._channel is not None:
+            await self._channel.close()

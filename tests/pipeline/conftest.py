@@ -1,0 +1,18 @@
+"""One running stack for every pipeline test module (starting it costs a few minutes on 2 cores)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.pipeline.stack import Stack
+
+
+@pytest.fixture(scope="session")
+def stack(kafka_bootstrap: str) -> Iterator[Stack]:
+    s = Stack(kafka_bootstrap).start()
+    try:
+        yield s
+    finally:
+        s.stop()
