@@ -41,7 +41,7 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 
 from services.common import config
-from services.generation import api, engine, model_ref
+from services.generation import api, engine, ingress, model_ref
 from services.generation.config import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -91,13 +91,15 @@ class Generation:
         """
         model_dir = str(user_config.get("model_dir") or "")
         version = str(user_config.get("model_version") or "")
-        if model_dir or version:
+        # A version already loaded is not resolved again (no second checksum pass over the files).
+        if model_dir or (version and version != self.engine.model_version):
             path, label = model_ref.resolve(model_dir, version)
             await self.engine.load_version(path, label)
         canary = str(user_config.get("canary_version") or "")
         percent = int(user_config.get("canary_percent") or 0)
         if canary and percent > 0:
-            path, label = model_ref.resolve("", canary)
+            loaded = self.engine.stats()["canary_version"] == canary
+            path, label = (None, canary) if loaded else model_ref.resolve("", canary)
             await self.engine.set_canary(path, label, percent)
         else:
             await self.engine.set_canary(None, "", 0)
@@ -108,6 +110,8 @@ class Generation:
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         """Stream the candidates' deltas; every message carries the model version."""
         try:
+            if isinstance(request, ingress.Undecodable):
+                raise api.InvalidArgument(f"the Generate request could not be parsed: {request.error}")
             req = api.generate_request(request, max_tokens_limit=self.settings.max_tokens_limit,
                                        max_n=self.settings.max_n)
             stream = self.engine.submit(req)

@@ -444,6 +444,9 @@ class AsyncEngine:
     async def set_canary(self, path: str | Path | None, version: str, percent: int) -> None:
         """Serve `version` to `percent`% of conversations (None/0: no canary). In-flight requests
         keep the model they started on."""
+        if path is None and percent > 0 and self._canary is not None and self._canary.version == version:
+            self._canary_percent = percent  # re-weight the canary already loaded
+            return
         if path is None or percent <= 0:
             old, self._canary, self._canary_percent = self._canary, None, 0
             if old is not None and old.version != self._model.version:

@@ -110,7 +110,7 @@ def test_serve_config_is_valid_and_overridable() -> None:
     cfg = serving.load_config(DEFAULT_SERVE_CONFIG, grpc_port=19999,
                               deployment_overrides={"autoscaling_config": None, "num_replicas": 1})
     assert cfg.grpc_options.port == 19999
-    assert "colloquy.v1.generation_pb2_grpc.add_GenerationServiceServicer_to_server" in \
+    assert "services.generation.ingress.add_GenerationServiceServicer_to_server" in \
         cfg.grpc_options.grpc_servicer_functions
     app = cfg.applications[0]
     assert app.import_path == "services.generation.deployment:build"
@@ -123,3 +123,14 @@ def test_serve_config_is_valid_and_overridable() -> None:
     assert base.grpc_options.port == 9000
     router = base.applications[0].deployments[0].request_router_config
     assert router["request_router_class"].endswith("ConsistentHashRouter")
+
+
+def test_ingress_parser_turns_bad_bytes_into_undecodable() -> None:
+    from colloquy.v1 import generation_pb2
+
+    from services.generation import ingress
+
+    good = generation_pb2.GenerateRequest(prompt="hi").SerializeToString()
+    assert ingress.parse(good).prompt == "hi"
+    bad = ingress.parse(b"\x0a\xff\xff\xff")
+    assert isinstance(bad, ingress.Undecodable) and bad.error
