@@ -117,8 +117,12 @@ class KafkaConfig:
     """How every service reaches Kafka."""
 
     bootstrap_servers: str = env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
-    # Latency over throughput: the default 500 ms would add half a second to every hop.
-    fetch_max_wait_ms: int = env("KAFKA_FETCH_MAX_WAIT_MS", 5, check=lambda v: 0 <= v <= 1000,
+    # How long the broker holds a fetch when there is *nothing* to return (it answers as soon as a
+    # record is readable, fetch_min_bytes=1). Measured on the local broker, delivery after a
+    # transaction commit: p50 15.7 ms at 5 ms, 16.1 ms at 100 ms, 25.0 ms at 500 ms (kafka-python's
+    # default). At 5 ms every idle consumer sent 200 fetches a second: the idle stack used about
+    # 1.3 of this machine's 2 cores just polling.
+    fetch_max_wait_ms: int = env("KAFKA_FETCH_MAX_WAIT_MS", 100, check=lambda v: 0 <= v <= 1000,
                                  hint="0..1000 milliseconds")
     max_poll_records: int = env("KAFKA_MAX_POLL_RECORDS", 64, check=lambda v: 1 <= v <= 10000,
                                 hint="1..10000")

@@ -47,11 +47,11 @@ def env_tls_dir() -> str:
     return os.environ.get("TLS_DIR", "")
 
 
-def insecure_or_secure_channel(target: str, tls_dir: str | None = None,
-                               aio: bool = False) -> grpc.Channel | grpc.aio.Channel:
+def insecure_or_secure_channel(target: str, tls_dir: str | None = None, aio: bool = False,
+                               options: list[tuple[str, int]] | None = None) -> grpc.Channel | grpc.aio.Channel:
     """A channel to another Colloquy service that follows the TLS switch."""
     tls_dir = env_tls_dir() if tls_dir is None else tls_dir
     mod = grpc.aio if aio else grpc
     if not tls_dir:
-        return mod.insecure_channel(target)
-    return mod.secure_channel(target, channel_credentials(tls_dir))
+        return mod.insecure_channel(target, options=options)
+    return mod.secure_channel(target, channel_credentials(tls_dir), options=options)

@@ -25,8 +25,10 @@ SERVICE = "colloquy.v1.ModerationService"
 class ModerationGuard:
     """`available` is False after `failures` checks in a row fail, time out or say NOT_SERVING."""
 
-    def __init__(self, address: str, interval_s: float = 1.0, timeout_s: float = 1.0, failures: int = 2) -> None:
+    def __init__(self, address: str, interval_s: float = 1.0, timeout_s: float = 2.0, failures: int = 3,
+                 service: str = SERVICE) -> None:
         self.address = address
+        self.service = service
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.failures = failures
@@ -37,10 +39,18 @@ class ModerationGuard:
 
     async def check_once(self) -> bool:
         if self._channel is None:
-            self._channel = tls.insecure_or_secure_channel(self.address, aio=True)  # type: ignore[assignment]
+            # grpc's default reconnect backoff grows to minutes while the peer is down; a health
+            # watcher must notice a recovery within a poll, so retry the connection at least every 1 s.
+            self._channel = tls.insecure_or_secure_channel(  # type: ignore[assignment]
+                self.address, aio=True, options=[("grpc.initial_reconnect_backoff_ms", 200),
+                                                 ("grpc.max_reconnect_backoff_ms", 1000),
+                                                 ("grpc.min_reconnect_backoff_ms", 200)])
         stub = health_pb2_grpc.HealthStub(self._channel)
         try:
-            res = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=self.timeout_s)
+            # wait_for_ready: a channel between reconnect attempts waits (within the timeout)
+            # instead of failing the check at once.
+            res = await stub.Check(health_pb2.HealthCheckRequest(service=self.service), timeout=self.timeout_s,
+                                   wait_for_ready=True)
             ok = res.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.aio.AioRpcError:
             ok = False
@@ -50,6 +60,12 @@ class ModerationGuard:
             log.warning("moderation is %s", "available again" if self.available else "unavailable",
                         extra={"moderation": self.address})
         return ok
+
+    async def confirm_unavailable(self) -> bool:
+        """Before refusing a chat, look again: the background check may lag a recovery by a poll."""
+        if self.available:
+            return False
+        return not await self.check_once() and not self.available
 
     async def _run(self) -> None:
         while True:

@@ -136,7 +136,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"the gateway is at capacity ({self.cfg.max_concurrent_chats} chats); retry shortly")
 
-        if self.moderation is not None and not self.moderation.available:
+        if self.moderation is not None and await self.moderation.confirm_unavailable():
             metrics.REFUSED.labels("moderation_unavailable").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, MODERATION_DOWN)
 

@@ -185,7 +185,9 @@ class _Progress:
 
     def message(self, done: bool) -> events_pb2.GenerationProgress:
         msg = events_pb2.GenerationProgress(
-            turn=self.turn if self.seq == 0 else self.light_turn, done=done,
+            # The prompt travels on the first batch and the last (output moderation records it
+            # with the turn, for feedback), not on every batch in between.
+            turn=self.turn if self.seq == 0 or done else self.light_turn, done=done,
             model_version=self.model_version, seq=self.seq, prompt_tokens=self.prompt_tokens,
             first_token_unix_ms=self.first_token_unix_ms)
         for i, text in enumerate(self.texts):

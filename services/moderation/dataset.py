@@ -7,6 +7,7 @@ so held-out examples never reach training. holdout_external.jsonl has the same s
 split: a second held-out set written before any training and never tuned on. responses.jsonl
 ({"text", "complies"}) trains the answer-compliance head; context_pairs.jsonl ({"context",
 "text", "labels"}) evaluates output moderation with the user's message as context.
+holdout/external_v2.jsonl: fresh held-out texts frozen by sha256 (see holdout/README.md).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from pathlib import Path
 
 from services.moderation import paths
 from services.moderation.categories import with_parents
+
+EXTERNAL_V2 = "holdout/external_v2.jsonl"
+EXTERNAL_V2_SHA256 = "ac0a4ff0fa5b088cb6e2e1d5f9da3341423fc98ad42a63f54e61d3f2b5c70722"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,19 +3,27 @@
 Reads only the train split of data/policy.jsonl and data/responses.jsonl (assistant replies:
 benign examples for every head, and the compliance head's labels), embeds them with the same
 ONNX encoder and normalization the service uses, and fits the heads described in
-`classifier.py`: logistic regressions (balanced class weights) whose Platt calibration is fitted
-on 5-fold out-of-fold decision values and folded into the weights.
+`classifier.py`: logistic regressions (balanced class weights) on standardized features, whose
+Platt calibration is fitted on 5-fold out-of-fold decision values; standardization and
+calibration are folded into the weights, so serving stays one dot product per head.
+
+Validation is the train split's own out-of-fold predictions (5 folds): they choose the
+regularization strength and each category's threshold, which are written into policy.yaml
+(`--no-policy` leaves it alone). The held-out split and data/holdout/ are never read here; they
+are for `bench.moderation_eval` only.
 Deterministic: same data and encoder build -> same weights. Writes data/classifier.npz (weights)
-and data/classifier.json (what they were trained on, and 5-fold cross-validated figures of the
-whole scorer on the train split; the held-out data is for `bench.moderation_eval` only).
+and data/classifier.json (what they were trained on, the chosen thresholds, and cross-validated
+figures of the whole scorer on the train split).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import io
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -33,9 +41,13 @@ from services.moderation.policy import load as load_policy
 from services.moderation.profanity import Profanity
 
 LAYERS = [1, 2, 3, 4, 5, 6]
-C_GRID = (4.0, 8.0, 16.0, 32.0)
+# Inverse regularization on standardized features (2305 of them for ~1,100 examples: strong).
+C_GRID = (0.01, 0.02, 0.05)
 FOLDS = 5
 SEED = 0
+# Per-category thresholds: searched on out-of-fold scores, look-alike false positives capped.
+THRESHOLD_GRID = tuple(round(0.35 + 0.05 * k, 2) for k in range(10))  # 0.35 .. 0.8
+LOOKALIKE_FPR_TARGET = 0.04
 
 
 def _fit(x: np.ndarray, y: np.ndarray, c: float) -> LogisticRegression:
@@ -55,21 +67,33 @@ def _oof_decision(x: np.ndarray, y: np.ndarray, c: float) -> np.ndarray:
     return out
 
 
-def head(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, float]:
-    """Calibrated weights and bias: sigmoid(a * (w.x + b0) + b) with a, b fitted out of fold."""
-    oof = _oof_decision(x, y, c)
+def scaler(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and spread: layer embeddings differ a lot in scale between dimensions."""
+    return x.mean(axis=0), np.clip(x.std(axis=0), 1e-6, None)
+
+
+def head(x: np.ndarray, y: np.ndarray, c: float,
+         scale: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, float]:
+    """Calibrated weights and bias on raw features: sigmoid(a * (w.(x - mu) / sd + b0) + b),
+    with the standardization and the Platt a, b (fitted out of fold) folded into w and b."""
+    mu, sd = scale or scaler(x)
+    z = (x - mu) / sd
+    oof = _oof_decision(z, y, c)
     cal = LogisticRegression(C=1e4, max_iter=10_000).fit(oof.reshape(-1, 1), y)
     a, b = float(cal.coef_[0, 0]), float(cal.intercept_[0])
-    model = _fit(x, y, c)
-    return (a * model.coef_[0]).astype(np.float32), a * float(model.intercept_[0]) + b
+    model = _fit(z, y, c)
+    w = model.coef_[0] / sd
+    return (a * w).astype(np.float32), a * (float(model.intercept_[0]) - float(w @ mu)) + b
 
 
 def fit_all(x: np.ndarray, labels: np.ndarray, c: float) -> dict[str, np.ndarray]:
-    """Harm head on everything, category heads on the harmful examples only."""
+    """Harm head on everything, category heads on the harmful examples only (one standardization,
+    from all of `x`, so the category heads see harmful texts relative to everything)."""
     harm = labels.any(axis=1).astype(int)
-    hw, hb = head(x, harm, c)
+    scale = scaler(x)
+    hw, hb = head(x, harm, c, scale)
     xs, ls = x[harm == 1], labels[harm == 1]
-    cat = [head(xs, ls[:, j].astype(int), c) for j in range(len(CATEGORIES))]
+    cat = [head(xs, ls[:, j].astype(int), c, scale) for j in range(len(CATEGORIES))]
     return {"harm_w": hw, "harm_b": np.float32(hb), "cat_w": np.stack([w for w, _ in cat]),
             "cat_b": np.array([b for _, b in cat], dtype=np.float32)}
 
@@ -81,7 +105,9 @@ def predict(arrays: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
 
 def choose_c(x: np.ndarray, harm: np.ndarray) -> tuple[float, dict[str, float]]:
     """Regularization strength by the harm head's out-of-fold average precision."""
-    grid = {str(c): round(float(average_precision_score(harm, _oof_decision(x, harm, c))), 4) for c in C_GRID}
+    mu, sd = scaler(x)
+    z = (x - mu) / sd
+    grid = {str(c): round(float(average_precision_score(harm, _oof_decision(z, harm, c))), 4) for c in C_GRID}
     return max(C_GRID, key=lambda c: (grid[str(c)], -c)), grid
 
 
@@ -93,12 +119,55 @@ def _prf(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
             "f1": round(2 * p * r / (p + r) if p + r else 0.0, 3), "positives": int(y.sum())}
 
 
-def cross_validate(x: np.ndarray, labels: np.ndarray, c: float, thresholds: np.ndarray) -> dict[str, Any]:
-    """The whole scorer (rules aside), 5-fold out of fold on the train split."""
+def oof_scores(x: np.ndarray, labels: np.ndarray, c: float) -> np.ndarray:
+    """The whole scorer (rules aside), 5-fold out of fold on the train split: the validation set."""
     harm = labels.any(axis=1)
     scores = np.zeros(labels.shape)
     for tr, te in _folds(harm.astype(int), seed=SEED + 1).split(x, harm):
         scores[te] = predict(fit_all(x[tr], labels[tr], c), x[te])
+    return scores
+
+
+def _objective(scores: np.ndarray, labels: np.ndarray, lookalike: np.ndarray, thresholds: np.ndarray) -> float:
+    """Flagged-vs-not F1 plus some of the category macro F1 and of the family accuracy, with
+    look-alike false positives over the target penalized hard (they are what users of a
+    moderation API notice first)."""
+    harm = labels.any(axis=1)
+    hits = scores >= thresholds
+    flagged = hits.any(axis=1)
+    f1 = _prf(harm, flagged)["f1"]
+    macro = float(np.mean([_prf(labels[:, j], hits[:, j])["f1"] for j in range(labels.shape[1])]))
+    fpr = float(flagged[lookalike].mean()) if lookalike.any() else 0.0
+    caught = np.where(flagged & harm)[0]
+    top = np.argmax(scores[caught] / thresholds, axis=1)
+    fam = float(np.mean([family(CATEGORIES[t]) in {family(CATEGORIES[j]) for j in np.where(labels[i])[0]}
+                         for i, t in zip(caught, top, strict=True)])) if len(caught) else 0.0
+    return f1 + 0.25 * macro + 0.25 * fam - 10.0 * max(0.0, fpr - LOOKALIKE_FPR_TARGET)
+
+
+def choose_thresholds(scores: np.ndarray, labels: np.ndarray, lookalike: np.ndarray,
+                      start: np.ndarray) -> np.ndarray:
+    """Per-category thresholds by coordinate ascent on out-of-fold scores (validation only)."""
+    best = start.astype(float).copy()
+    value = _objective(scores, labels, lookalike, best)
+    for _ in range(3):
+        changed = False
+        for j in range(len(best)):
+            for t in THRESHOLD_GRID:
+                trial = best.copy()
+                trial[j] = t
+                v = _objective(scores, labels, lookalike, trial)
+                if v > value + 1e-9:
+                    best, value, changed = trial, v, True
+        if not changed:
+            break
+    return best
+
+
+def cross_validate(scores: np.ndarray, labels: np.ndarray, lookalike: np.ndarray,
+                   thresholds: np.ndarray) -> dict[str, Any]:
+    """Figures of out-of-fold `scores` at `thresholds`."""
+    harm = labels.any(axis=1)
     hits = scores >= thresholds
     flagged = hits.any(axis=1)
     caught = np.where(flagged & harm)[0]
@@ -106,18 +175,43 @@ def cross_validate(x: np.ndarray, labels: np.ndarray, c: float, thresholds: np.n
     top = [family(CATEGORIES[int(np.argmax(scores[i] / thresholds))]) for i in caught]
     return {
         "flagged": _prf(harm, flagged),
+        "lookalike_false_positive_rate": round(float(flagged[lookalike].mean()), 3),
         "family_accuracy_among_flagged": round(float(np.mean([t in f for t, f in zip(top, fams, strict=True)])), 3),
         "categories": {name: _prf(labels[:, j].astype(bool), hits[:, j]) for j, name in enumerate(CATEGORIES)},
     }
 
 
-def train(out_dir: Path, model_dir: Path | None = None, precision: str = "int8") -> dict[str, Any]:
+_POLICY_LINE = re.compile(r"^(\s+)([a-z/-]+):(\s*)\{(.*?)threshold:\s*[0-9.]+(.*)\}\s*$")
+
+
+def write_thresholds(path: Path, thresholds: dict[str, float], classifier_version: str) -> bool:
+    """Rewrite the threshold of each category line of policy.yaml (comments kept); when any
+    changes, bump `version` so every decision names the thresholds that made it."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out, changed = [], False
+    for line in lines:
+        m = _POLICY_LINE.match(line)
+        if m and m.group(2) in thresholds:
+            new = (f"{m.group(1)}{m.group(2)}:{m.group(3)}{{{m.group(4)}threshold: "
+                   f"{thresholds[m.group(2)]:.2f}{m.group(5)}}}")
+            changed |= new != line
+            line = new
+        out.append(line)
+    if changed:
+        stamp = f"{datetime.date.today().isoformat()}.{classifier_version[:8]}"
+        out = [f'version: "{stamp}"' if ln.startswith("version:") else ln for ln in out]
+        path.write_text("\n".join(out) + "\n", encoding="utf-8")
+    return changed
+
+
+def train(out_dir: Path, model_dir: Path | None = None, precision: str = "int8",
+          policy_file: Path | None = paths.POLICY_FILE) -> dict[str, Any]:
     started = time.time()
     examples = dataset.load(split="train")
     responses = dataset.responses()
     embedder = Embedder(model_dir, precision=precision)
     prof = Profanity()
-    policy = load_policy(paths.POLICY_FILE)
+    policy = load_policy(policy_file or paths.POLICY_FILE)
 
     def featurize(texts: list[str]) -> np.ndarray:
         norm = [rules.normalize(t) for t in texts]
@@ -130,11 +224,15 @@ def train(out_dir: Path, model_dir: Path | None = None, precision: str = "int8")
     x = np.vstack([featurize([e.text for e in examples]), rx])
     labels = np.array([[c in e.labels for c in CATEGORIES] for e in examples]
                       + [[False] * len(CATEGORIES)] * len(responses), dtype=bool)
+    lookalike = np.array([e.kind == "lookalike" for e in examples] + [False] * len(responses))
     c, grid = choose_c(x, labels.any(axis=1).astype(int))
     arrays = fit_all(x, labels, c)
     cw, cb = head(rx, ry, c)
-    thresholds = np.array([policy.categories[n].threshold for n in CATEGORIES])
-    cv = cross_validate(x, labels, c, thresholds)
+    scores = oof_scores(x, labels, c)
+    before = np.array([policy.categories[n].threshold for n in CATEGORIES])
+    chosen = choose_thresholds(scores, labels, lookalike, np.full(len(CATEGORIES), 0.5))
+    cv = cross_validate(scores, labels, lookalike, chosen)
+    cv["at_thresholds_0.5"] = cross_validate(scores, labels, lookalike, np.full(len(CATEGORIES), 0.5))
     comply_oof = sigmoid(_oof_decision(rx, ry, c))  # uncalibrated, only its sign matters here
     cv["compliance"] = _prf(ry.astype(bool), comply_oof >= 0.5)
 
@@ -144,8 +242,12 @@ def train(out_dir: Path, model_dir: Path | None = None, precision: str = "int8")
         "layers": LAYERS, "features": "L2-normalized mean embedding of each layer in `layers` + profanity",
         "training": {"fingerprint": fingerprint, "examples": len(examples), "responses": len(responses),
                      "C": c, "C_grid_harm_average_precision": grid, "folds": FOLDS,
-                     "class_weight": "balanced", "calibration": "Platt on out-of-fold decisions",
-                     "policy_version_for_cv": policy.version},
+                     "class_weight": "balanced", "standardized": True,
+                     "calibration": "Platt on out-of-fold decisions",
+                     "policy_thresholds_before": dict(zip(CATEGORIES, before.tolist(), strict=True))},
+        "thresholds": {"chosen_on": "5-fold out-of-fold scores of the train split",
+                       "lookalike_fpr_target": LOOKALIKE_FPR_TARGET,
+                       "values": dict(zip(CATEGORIES, [round(float(t), 2) for t in chosen], strict=True))},
         "cv_on_train_split": cv,
     }
     buf = io.BytesIO()
@@ -155,9 +257,15 @@ def train(out_dir: Path, model_dir: Path | None = None, precision: str = "int8")
     (out_dir / "classifier.npz").write_bytes(weights)
     meta["npz_sha256"] = hashlib.sha256(weights).hexdigest()
     (out_dir / "classifier.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    if policy_file is not None and write_thresholds(policy_file, meta["thresholds"]["values"], meta["version"]):
+        print(f"  policy thresholds updated in {policy_file} (version bumped)")
     print(f"trained harm + {len(CATEGORIES)} category heads + compliance on {len(examples)} examples "
           f"(C={c}) in {time.time() - started:.1f}s -> {out_dir / 'classifier.npz'}")
-    print(f"  cv flagged {cv['flagged']}  family accuracy {cv['family_accuracy_among_flagged']}")
+    print(f"  thresholds (chosen out of fold) {meta['thresholds']['values']}")
+    print(f"  cv flagged {cv['flagged']}  look-alike FPR {cv['lookalike_false_positive_rate']}  "
+          f"family accuracy {cv['family_accuracy_among_flagged']}")
+    print(f"  cv at thresholds 0.5: flagged {cv['at_thresholds_0.5']['flagged']}  "
+          f"look-alike FPR {cv['at_thresholds_0.5']['lookalike_false_positive_rate']}")
     for name in CATEGORIES:
         print(f"  cv {name:24s} {cv['categories'][name]}")
     print(f"  cv compliance {cv['compliance']}")
@@ -169,8 +277,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", type=Path, default=paths.DATA_DIR)
     parser.add_argument("--precision", choices=["int8", "fp32"], default="int8",
                         help="encoder build to train on (the one the service will run)")
+    parser.add_argument("--no-policy", action="store_true",
+                        help="do not write the chosen thresholds into policy.yaml")
     args = parser.parse_args(argv)
-    train(args.out_dir, precision=args.precision)
+    train(args.out_dir, precision=args.precision, policy_file=None if args.no_policy else paths.POLICY_FILE)
 
 
 if __name__ == "__main__":

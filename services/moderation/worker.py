@@ -115,6 +115,7 @@ class RequestMemory:
     def __init__(self) -> None:
         self.sent: dict[Hashable, tuple[object, str]] = {}
         self.finished_seq: int | None = None
+        self.prompt = ""  # the prompt the model saw: only the first and last batches carry it
 
     def should_send(self, key: Hashable, value: object, event_id: str) -> bool:
         prev = self.sent.get(key)
@@ -188,6 +189,8 @@ class OutputStage:
         progress = ev.message
         turn, eid, tp = progress.turn, ev.event_id, ev.traceparent
         mem = self.memories.get(turn.request_id)
+        if turn.prompt:
+            mem.prompt = turn.prompt
         if mem.finished_seq is not None and progress.seq > mem.finished_seq:
             return []  # a batch generated before generation saw our cancel
         if turns.deadline_passed(turn):
@@ -216,7 +219,7 @@ class OutputStage:
                 produced.append(out(ev, turn, CHAT_CANCELS.name, events_pb2.CancelEvent(
                     request_id=turn.request_id, conversation_id=turn.conversation_id, reason="moderated")))
             if mem.should_send("done", True, eid):
-                produced.extend(self._finish(ev, cands))
+                produced.extend(self._finish(ev, cands, mem.prompt))
             mem.finished_seq = progress.seq
         return produced
 
@@ -241,7 +244,7 @@ class OutputStage:
         return produced
 
     def _finish(self, ev: Consumed[events_pb2.GenerationProgress],
-                cands: list[_Candidate]) -> list[events.OutEvent]:
+                cands: list[_Candidate], prompt: str = "") -> list[events.OutEvent]:
         progress = ev.message
         turn = progress.turn
         done = chat_pb2.ChatDone(
@@ -253,6 +256,7 @@ class OutputStage:
         created.GetCurrentTime()
         record = events_pb2.TurnRecord(
             conversation_id=turn.conversation_id, user_id=turn.user_id,
+            prompt=turn.prompt or prompt,  # kept for feedback (RLHF); never shown in GetConversation
             turn=chat_pb2.Turn(
                 index=turn.turn_index, user_message=turn.message, created_at=created,
                 answers=[chat_pb2.Answer(index=c.index, text=c.check.released, finish_reason=c.finish)

@@ -3,6 +3,7 @@ guarantees around it: committed weights match the data, serving needs no torch."
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import pytest
 from services.moderation import dataset, paths
 from services.moderation.classifier import Heads
 from services.moderation.domain import Moderator
-from services.moderation.policy import ALLOW, BLOCK, WARN
+from services.moderation.policy import ALLOW, BLOCK, WARN, load
 
 NOT_FLAGGED = [
     "What a fucking great day, I got the job!",
@@ -104,10 +105,26 @@ def test_committed_weights_match_the_training_data() -> None:
 
 
 def test_heldout_examples_never_reach_training() -> None:
-    train = {e.text for e in dataset.load(split="train")}
-    heldout = {e.text for e in dataset.load(split="heldout")}
-    external = {e.text for e in dataset.load("holdout_external.jsonl")}
-    assert heldout and external and not (train & heldout) and not (train & external)
+    train = {e.text.casefold().strip() for e in dataset.load(split="train")}
+    train |= {t.casefold().strip() for t, _ in dataset.responses()}
+    for name, split in [("policy.jsonl", "heldout"), ("holdout_external.jsonl", None), (dataset.EXTERNAL_V2, None)]:
+        held = {e.text.casefold().strip() for e in dataset.load(name, split=split)}
+        assert held and not (train & held), (name, sorted(train & held)[:3])
+
+
+def test_fresh_external_set_is_frozen() -> None:
+    """data/holdout/external_v2.jsonl was written before that round's tuning: editing it would
+    make its figures meaningless (see data/holdout/README.md)."""
+    digest = hashlib.sha256((paths.DATA_DIR / dataset.EXTERNAL_V2).read_bytes()).hexdigest()
+    assert digest == dataset.EXTERNAL_V2_SHA256
+
+
+def test_policy_thresholds_are_the_ones_chosen_on_validation() -> None:
+    """`train` picks each category's threshold on out-of-fold scores of the train split and writes
+    them into policy.yaml; a retrain that moved them without updating the policy fails here."""
+    chosen = Heads.load(paths.CLASSIFIER_FILE).meta["thresholds"]["values"]
+    policy = load(paths.POLICY_FILE)
+    assert {n: round(p.threshold, 2) for n, p in policy.categories.items()} == chosen
 
 
 def test_every_category_has_training_and_heldout_examples() -> None:

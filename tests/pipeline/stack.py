@@ -24,8 +24,11 @@ class Stack:
     def __init__(self, bootstrap: str, extra_env: dict[str, dict[str, str]] | None = None) -> None:
         self.bootstrap = bootstrap
         self.instance = f"t{uuid.uuid4().hex[:8]}"  # stable across restarts: static membership
-        self.ports = {name: free_port() for name in MODULES}
-        self.metrics_ports = {name: free_port() for name in MODULES}
+        # Ports are picked just before their services start (generation's first, the others once
+        # Ray is up): Ray's many workers take ephemeral ports too, so picking every port up front
+        # left time for one of them to take a port meant for a service ("Address already in use").
+        self.ports: dict[str, int] = {}
+        self.metrics_ports: dict[str, int] = {}
         self.extra_env = extra_env or {}
         self.procs: dict[str, Proc] = {}
 
@@ -50,7 +53,13 @@ class Stack:
         env.update(self.extra_env.get(name, {}))
         return env
 
+    def _pick_ports(self, names: list[str]) -> None:
+        for name in names:
+            self.ports.setdefault(name, free_port())
+            self.metrics_ports.setdefault(name, free_port())
+
     def spawn(self, name: str) -> Proc:
+        self._pick_ports([name])
         proc = Proc(MODULES[name], self.env(name))
         self.procs[name] = proc
         return proc
@@ -65,6 +74,7 @@ class Stack:
             # when five other Python services import their dependencies at the same time.
             self.spawn("generation")
             self.wait_serving("generation", timeout=400)
+            self._pick_ports(ORDER[1:])  # all at once: the gateway's env names moderation's port
             for name in ORDER[1:]:
                 self.spawn(name)
             for name in ORDER[1:]:

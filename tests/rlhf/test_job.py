@@ -1,0 +1,95 @@
+"""The whole offline loop on the tiny model, for real: Parquet feedback -> reward model -> PPO on
+Ray Train -> ONNX export -> a new registry version that onnxruntime_genai loads and runs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from model.registry import Registry
+from rlhf import data, job, preference
+from rlhf.config import load_config
+from services.feedback.dataset import write_rows
+from tests.rlhf.synthetic import base_row, candidates, questions, ranking_rows
+
+NOW_MS = 1_800_000_000_000
+
+
+@pytest.fixture(scope="module")
+def tiny_registry(tmp_path_factory: pytest.TempPathFactory) -> tuple[Registry, str]:
+    """A temp registry whose generation pointer serves the tiny random model."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from model.tiny import cached_tiny_model, publish_tiny
+
+    root = tmp_path_factory.mktemp("registry")
+    version = publish_tiny(root, cached_tiny_model())
+    registry = Registry(root)
+    registry.set_current("generation", version)
+    return registry, version
+
+
+def test_offline_loop_publishes_a_child_version(tiny_registry: tuple[Registry, str], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    registry, base = tiny_registry
+    monkeypatch.setenv("COLLOQUY_CACHE", str(tmp_path / "cache"))
+    feedback = tmp_path / "feedback"
+    qs = questions("train")
+    rows = ranking_rows(qs, NOW_MS - 100_000)
+    # Ratings: one prompt rated up and down (a pair), one lone rating (dropped), and one row from
+    # after the window (ignored) -- all through the sink's own writer.
+    q = qs[0]
+    answers = candidates(q)
+    rows += [base_row(q, NOW_MS - 500, kind="rating", answers=answers, rating_answer_index=2, thumbs_up=True),
+             base_row(q, NOW_MS - 400, kind="rating", answers=answers, rating_answer_index=0, thumbs_up=False),
+             base_row(qs[1], NOW_MS - 300, kind="rating", answers=candidates(qs[1]), rating_answer_index=1,
+                      thumbs_up=True),
+             base_row(qs[2], NOW_MS + 1, kind="ranking", answers=candidates(qs[2]), ranking=[0, 1, 2])]
+    write_rows(feedback, rows, partition=0, first_offset=0, last_offset=len(rows) - 1)
+
+    config = load_config(rm_epochs=4, rm_batch_size=4, rm_lr=2e-3, ppo_steps=3, rollout_batch_size=4,
+                         ppo_epochs=2, minibatch_size=2, lr=1e-4, max_new_tokens=12, checkpoint_every=1,
+                         heldout_percent=25, num_workers=2, cpus_per_worker=1, ray_num_cpus=2, use_gpu="false",
+                         eval_max_new_tokens=8, pushgateway_url="")
+    report = job.run(config, registry, dataset_root=feedback, now_ms=NOW_MS)
+
+    version = report["version"]
+    manifest = registry.load(version).manifest  # checksums verified
+    assert manifest["parent_version"] == base
+    assert manifest["source"] == "rlhf"
+    training = manifest["training"]
+    assert training["feedback_window"] == {"since_ms": 0, "until_ms": NOW_MS}
+    assert training["dataset"]["rankings"] == len(qs)  # the ranking after the window is not read
+    assert training["dataset"]["ratings_paired"] == 2 and training["dataset"]["ratings_dropped"] == 1
+    rm = training["reward_model"]
+    assert rm["heldout_pairs"] >= 9
+    # Chance is 0.5; the rule (concise, on topic, full stop, no repetition) is learnable.
+    assert rm["reward_model_accuracy"] >= 0.75, rm
+    history = training["ppo"]["history"]
+    assert [h["step"] for h in history] == [1.0, 2.0, 3.0]
+    for key in ("reward_mean", "kl", "entropy", "clip_fraction", "value_loss", "policy_loss", "approx_kl"):
+        assert all(isinstance(h[key], float) for h in history), key
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout comes from the reference itself
+    assert training["evaluation"]["prompts"] == len(questions("heldout"))
+    assert registry.current("generation") == base  # promotion is a separate command
+
+    # The child loads and generates through onnxruntime_genai, and differs from its parent.
+    from model.genai import chat, load
+
+    model, tokenizer = load(registry.version_path(version), "cpu")
+    out = chat(model, tokenizer, [{"role": "user", "content": "What is the capital of Italy?"}], 8)
+    assert out.new_tokens >= 1
+    assert (registry.version_path(version) / "hf" / "model.safetensors").is_file()
+    parent_onnx = (registry.version_path(base) / "model.onnx.data").read_bytes()
+    assert (registry.version_path(version) / "model.onnx.data").read_bytes() != parent_onnx
+
+    # The next run from the child starts where this window ended: only the late ranking is new,
+    # too little to train on, so nothing is published.
+    assert data.window_since(manifest) == NOW_MS
+    with pytest.raises(job.JobError, match="only 1 training comparisons"):
+        job.run(config, registry, base=version, dataset_root=feedback, now_ms=NOW_MS + 10)
+    run_state = json.loads((tmp_path / "cache" / "rlhf" / "runs" / f"{base}-all" / "run.json").read_text())
+    assert run_state["status"] == "published" and run_state["version"] == version
+    assert preference.score(q, answers[2]) > preference.score(q, answers[0])

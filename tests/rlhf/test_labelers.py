@@ -1,0 +1,60 @@
+"""Simulated labelers against the real stack: gateway -> chat.feedback -> feedback sink -> Parquet,
+read back by the RLHF job's own reader. Served model: the tiny one (answers are noise, rankable)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rlhf import data, labelers, preference
+from tests.pipeline.stack import Stack
+
+pytestmark = [pytest.mark.kafka, pytest.mark.pipeline]
+
+
+@pytest.fixture(scope="module")
+def stack_and_dataset(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Path]]:
+    from model.tiny import cached_tiny_model
+
+    dataset = tmp_path_factory.mktemp("feedback")
+    stack = Stack(kafka_bootstrap, extra_env={
+        "generation": {"GENERATION_MODEL_DIR": str(cached_tiny_model()), "GENERATION_MODEL_VERSION": "tiny"},
+        "feedback": {"FEEDBACK_DATASET_DIR": str(dataset)}}).start()
+    try:
+        yield stack, dataset
+    finally:
+        stack.stop()
+
+
+def test_simulated_rankings_reach_the_dataset(stack_and_dataset: tuple[Stack, Path]) -> None:
+    stack, dataset = stack_and_dataset
+    questions = labelers.train_questions()[:2]
+    labeler = labelers.SimulatedLabeler(stack.gateway, "colloquy-dev-key", n=3, temperature=0.9, max_tokens=12)
+    try:
+        submitted = labelers.run(labeler, questions)
+    finally:
+        labeler.close()
+    assert [s.question for s in submitted] == questions
+    window = data.FeedbackWindow(0, 2**62)
+    deadline = time.monotonic() + 120
+    rows: list[dict] = []
+    while time.monotonic() < deadline and len(rows) < len(submitted):
+        rows = data.read_rows(dataset, "simulated", window)
+        time.sleep(0.5)
+    assert sorted(r["feedback_id"] for r in rows) == sorted(s.feedback_id for s in submitted)
+    by_id = {s.feedback_id: s for s in submitted}
+    for row in rows:
+        sent = by_id[row["feedback_id"]]
+        assert row["kind"] == "ranking" and row["source"] == "simulated"
+        assert len(row["answers"]) == 3
+        assert row["ranking"] == sent.ranking == preference.rank(sent.question, row["answers"])
+    assert data.read_rows(dataset, "human", window) == []
+    # The prompt as the model saw it (hidden instructions included) must reach the dataset: the
+    # reward model learns nothing true from answers without their question.
+    for row in rows:
+        assert by_id[row["feedback_id"]].question in row["prompt"], row["prompt"][:200]
+    items, stats = data.comparisons(rows)
+    assert stats.rankings == len(submitted) and all(len(c.pairs) == 3 for c in items)

@@ -1,0 +1,65 @@
+"""An interrupted run resumes with its own feedback window; a finished one starts the next window."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from model.registry import Registry
+from rlhf import job
+from rlhf.config import load_config
+
+
+@pytest.fixture
+def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
+    monkeypatch.setenv("COLLOQUY_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.onnx").write_bytes(b"not a model")
+    reg = Registry(tmp_path / "registry")
+    reg.publish(src, "base", source="test", precision="fp32", execution_provider="cpu")
+    reg.publish(src, "child", source="rlhf", precision="fp32", execution_provider="cpu", parent_version="base",
+                training={"feedback_window": {"since_ms": 0, "until_ms": 500}})
+    return reg
+
+
+def test_unfinished_run_resumes_with_its_window(registry: Registry) -> None:
+    config = load_config()
+    run_dir, state = job.prepare_run(registry, "base", config, fresh=False, now_ms=100)
+    assert state["feedback_window"] == {"since_ms": 0, "until_ms": 100}
+    (run_dir / "ppo.pt").write_bytes(b"checkpoint")
+    # Interrupted, run again later: same window, checkpoints kept.
+    again, state = job.prepare_run(registry, "base", config, fresh=False, now_ms=200)
+    assert again == run_dir and state["feedback_window"]["until_ms"] == 100
+    assert (run_dir / "ppo.pt").exists()
+    # Other hyperparameters or --fresh: a new run from scratch with a new window.
+    _, state = job.prepare_run(registry, "base", dataclasses.replace(config, lr=0.5), fresh=False, now_ms=300)
+    assert state["feedback_window"]["until_ms"] == 300 and not (run_dir / "ppo.pt").exists()
+    _, state = job.prepare_run(registry, "base", dataclasses.replace(config, lr=0.5), fresh=True, now_ms=400)
+    assert state["feedback_window"]["until_ms"] == 400
+
+
+def test_published_run_is_not_resumed_and_a_child_continues_its_window(registry: Registry) -> None:
+    config = load_config()
+    run_dir, state = job.prepare_run(registry, "base", config, fresh=False, now_ms=100)
+    (run_dir / "run.json").write_text(json.dumps({**state, "status": "published", "version": "x"}))
+    _, state = job.prepare_run(registry, "base", config, fresh=False, now_ms=200)
+    assert state["feedback_window"] == {"since_ms": 0, "until_ms": 200}
+    _, state = job.prepare_run(registry, "child", config, fresh=False, now_ms=900)
+    assert state["feedback_window"] == {"since_ms": 500, "until_ms": 900}
+
+
+def test_version_name_and_export_settings() -> None:
+    from rlhf.data import FeedbackWindow
+
+    name = job.version_name("smollm2-135m-cpu-int4-rtn-last-pruned-7b6c6e6b7f8e-rlhf-20260101T000000Z-aaaa",
+                            FeedbackWindow(0, 1_800_000_000_000), "f6218015deadbeef")
+    assert name == "smollm2-135m-cpu-int4-rtn-last-pruned-7b6c6e6b7f8e-rlhf-20270115T080000Z-f6218015"
+    manifest = {"precision": "int4", "execution_provider": "cpu",
+                "build": {"builder": {"precision": "int4", "execution_provider": "cpu",
+                                      "extra_options": {"algo_config": "rtn_last"}}}}
+    assert job.export_settings(manifest) == ("int4", "cpu", {"algo_config": "rtn_last"})
+    assert job.export_settings({"precision": "fp32", "execution_provider": "cpu"}) == ("fp32", "cpu", {})
