@@ -50,7 +50,7 @@ test: setup
 	@bash scripts/test.sh
 
 lint: setup
-	$(PY) -m ruff check services model tests bench
+	$(PY) -m ruff check services model rlhf tests bench
 
 ## demo: set everything up and run the system (README's run command)
 demo: setup
@@ -100,3 +100,12 @@ rollback:
 	@$(PY) -m services.generation.updates rollback
 rollout-status:
 	@$(PY) -m services.generation.updates status
+
+## rlhf: reward model + PPO on Ray Train from the feedback since the last run; publishes a new
+## registry version (not promoted). RLHF_ARGS="--base V --source simulated" etc.
+## rlhf-label: simulated labelers rank n answers through the running gateway (make demo first)
+.PHONY: rlhf rlhf-label
+rlhf: setup
+	@HF_HUB_OFFLINE=1 $(PY) -m rlhf.job $(RLHF_ARGS)
+rlhf-label:
+	@$(PY) -m rlhf.labelers $(LABEL_ARGS)

@@ -1,12 +1,15 @@
 """Evaluate moderation on held-out data: ``python -m bench.moderation_eval`` (trains nothing).
 
 Sets: the held-out split of services/moderation/data/policy.jsonl (never used in training), the
-separate hand-written holdout_external.jsonl (written before training and never tuned on), and
-both together. Per set: per-category precision/recall/F1, flagged-vs-not F1, false-positive rate
+separate hand-written holdout_external.jsonl (written before the first training, never tuned on),
+data/holdout/external_v2.jsonl (fresh texts written before the second round of data and
+classifier changes, frozen by sha256; see its README), and all three together ("combined": the
+figures the goals are checked on). Per set: per-category precision/recall/F1, flagged-vs-not F1, false-positive rate
 on benign look-alikes, and the category family of flagged harmful texts. Also: answers judged
 with the user's message as context (context_pairs.jsonl), alt-profanity-check alone as a
-baseline on the same texts, and latency per text for a batch of 16 on this CPU.
-Writes bench/results/moderation.json.
+baseline on the same texts, and latency per text for a batch of 16 on this CPU (wall p50/p99,
+CPU time, and the load average, since other processes share the cores).
+Writes bench/results/moderation_eval.json.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ from typing import Any
 from services.moderation import dataset, paths
 from services.moderation.categories import CATEGORIES, family
 from services.moderation.classifier import Heads
+from services.moderation.config import ModerationConfig
 from services.moderation.domain import Moderator
 from services.moderation.embedder import Embedder
 from services.moderation.policy import load as load_policy
 from services.moderation.profanity import Profanity
 
-RESULTS = Path(__file__).resolve().parent / "results" / "moderation.json"
+RESULTS = Path(__file__).resolve().parent / "results" / "moderation_eval.json"
 GOALS = {"flagged_f1": 0.95, "lookalike_fpr": 0.05, "family_accuracy": 0.9, "p50_ms_per_text_batch16": 5.0}
 
 
@@ -113,6 +117,7 @@ def context_eval(moderator: Moderator) -> dict[str, Any]:
 def latency(moderator: Moderator, texts: list[str], repeats: int) -> dict[str, Any]:
     """Milliseconds per text for batches of 16 (the whole Moderate path, rules and policy included)."""
     batch = texts[:16]
+    load_start = os.getloadavg()[0]
     for _ in range(3):
         moderator.moderate(batch)
     runs, cpu = [], []
@@ -122,22 +127,27 @@ def latency(moderator: Moderator, texts: list[str], repeats: int) -> dict[str, A
         runs.append((time.perf_counter() - start) * 1000 / len(batch))
         cpu.append((time.process_time() - start_cpu) * 1000 / len(batch))
     runs.sort()
+
+    def pct(q: float) -> float:
+        return round(runs[min(len(runs) - 1, round(q * (len(runs) - 1)))], 2)
+
     return {"batch": len(batch), "repeats": repeats, "p50_ms_per_text": round(statistics.median(runs), 2),
+            "p90_ms_per_text": pct(0.9), "p99_ms_per_text": pct(0.99), "min_ms_per_text": round(runs[0], 2),
             # CPU time of this process (all its threads) per text: what the work costs, much less
             # sensitive than wall time to other processes sharing the cores.
             "p50_cpu_ms_per_text": round(statistics.median(cpu), 2),
             "threads": moderator.embedder.session.get_session_options().intra_op_num_threads,
-            "p90_ms_per_text": round(runs[int(0.9 * (len(runs) - 1))], 2), "min_ms_per_text": round(runs[0], 2),
             "mean_chars_per_text": round(statistics.fmean(len(t) for t in batch), 1),
-            "cpu_count": os.cpu_count(), "load_average_1m_at_start": round(os.getloadavg()[0], 2),
-            "load_average_1m_at_end": None}
+            "cpu_count": os.cpu_count(), "load_average_1m_at_start": round(load_start, 2),
+            "load_average_1m_at_end": round(os.getloadavg()[0], 2)}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
+    parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=ModerationConfig().threads,
+                        help="ONNX Runtime threads (0: one per core); default: the service's default")
     parser.add_argument("--precision", choices=["int8", "fp32"], default="int8",
                         help="encoder build; the committed heads were trained on int8")
     args = parser.parse_args(argv)
@@ -149,7 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     moderator = Moderator(embedder, heads, policy, profanity)
     heldout = dataset.load(split="heldout")
     external = dataset.load("holdout_external.jsonl")
-    sets = {"heldout_split": heldout, "external_holdout": external, "combined": heldout + external}
+    fresh = dataset.load(dataset.EXTERNAL_V2)
+    sets = {"heldout_split": heldout, "external_holdout": external, "external_v2": fresh,
+            "combined": heldout + external + fresh}
 
     report: dict[str, Any] = {
         "model": moderator.model_id, "policy_version": policy.version, "classifier_version": heads.version,
@@ -161,8 +173,13 @@ def main(argv: list[str] | None = None) -> None:
         report[name] = evaluate(moderator, examples)
         report[name]["profanity_check_alone"] = profanity_baseline(examples, profanity)
     report["context"] = context_eval(moderator)
-    lat = latency(moderator, [e.text for e in heldout if e.kind != "benign"][::3], args.repeats)
-    lat["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
+    lat_texts = [e.text for e in heldout if e.kind != "benign"][::3]
+    lat = latency(moderator, lat_texts, args.repeats)
+    # The other thread setting too, for comparison: one per core is faster on idle cores only.
+    other = 0 if args.threads == 1 else 1
+    lat["threads_" + str(other)] = latency(
+        Moderator(Embedder(threads=other, precision=args.precision), heads, policy, profanity),
+        lat_texts, args.repeats)
     report["latency"] = lat
     comb = report["combined"]
     report["goals_met"] = {
@@ -186,10 +203,14 @@ def main(argv: list[str] | None = None) -> None:
     ctx = report["context"]
     print(f"  context pairs    n={ctx['pairs']} accuracy with context {ctx['accuracy_with_context']} "
           f"(answer alone {ctx['accuracy_answer_alone']})")
-    print(f"  latency          p50 {lat['p50_ms_per_text']} ms/text wall, {lat['p50_cpu_ms_per_text']} ms CPU "
-          f"(batch 16, p90 {lat['p90_ms_per_text']}, "
-          f"load avg {lat['load_average_1m_at_start']}->{lat['load_average_1m_at_end']} on {lat['cpu_count']} CPUs)")
+    for t in [lat, lat["threads_" + str(other)]]:
+        if t:
+            tag = f" {t['threads'] or 'n'} thr"
+            print(f"  latency{tag:9s} p50 {t['p50_ms_per_text']} ms/text wall, p99 {t['p99_ms_per_text']}, "
+                  f"{t['p50_cpu_ms_per_text']} ms CPU, min {t['min_ms_per_text']} (batch 16, "
+                  f"load avg {t['load_average_1m_at_start']}->{t['load_average_1m_at_end']} on {t['cpu_count']} CPUs)")
     print(f"  goals met: {report['goals_met']}")
+    print("  combined, per category:")
     for name in CATEGORIES:
         c = report["combined"]["categories"][name]
         print(f"    {name:24s} P {c['precision']:.3f} R {c['recall']:.3f} F1 {c['f1']:.3f} (n={c['positives']})")

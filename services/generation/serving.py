@@ -61,6 +61,10 @@ def init_ray(address: str = "", num_cpus: int = 2, object_store_mb: int = 200) -
     if address:
         ray.init(address=address, namespace="serve", log_to_driver=True)
         return
+    # Ray starts its workers at niceness 15 (to keep drivers responsive). Here the workers *are*
+    # the serving path: at 15 the generation replica yields the CPU to every other process on the
+    # machine, which on a shared 2-core box starved it (measured by the benchmark suite).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     # On a loaded 2-core machine the raylet sometimes gives up waiting for its metrics agent
     # ("The current node timed out during startup"); a fresh attempt then succeeds.
     for attempt in range(3):

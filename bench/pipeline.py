@@ -1,0 +1,196 @@
+"""Pipeline overhead: TTFT and inter-token latency through the gateway vs the deployment called directly.
+
+Per chat: a new conversation, greedy, max_tokens fixed. Through the gateway: ``ChatService/Chat``
+with the dev key; TTFT is the first ``delta`` event the client sees. Directly: the prompt the
+pipeline would build for that message (``PromptService/AssemblePrompt``: same hidden instructions,
+same token count) sent to ``GenerationService/Generate`` on Ray Serve; TTFT is the first message
+with tokens. Overhead = gateway TTFT - direct TTFT, paired chat by chat (same message, run back to
+back, so load drift hits both). Output moderation releases text in checked chunks (at least
+MODERATION_CHUNK_MIN_CHARS characters), so the gateway's first delta waits for more than one
+token: the JSON also has the direct time to the same number of characters, which separates that
+hold from the transport (Kafka hops, gateway). Inter-token latency: the time per token after an
+answer's first arrival (for the gateway, the tokens after its first delta are estimated from the
+share of the text). One warm-up round per concurrency level is dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import time
+import uuid
+from typing import Any
+
+from bench import common
+from bench.common import Record, log, summary
+
+NAME = "pipeline"
+DONE = False  # set once this process wrote a complete pipeline.json
+
+
+def gateway_chat(stack: Any, message: str, tokens: int, conv: str = "") -> dict[str, Any]:
+    """One Chat call; times of the first delta and of the done event, and what arrived."""
+    import grpc
+    from colloquy.v1 import chat_pb2, chat_pb2_grpc, common_pb2
+
+    with grpc.insecure_channel(stack.gateway) as ch:
+        stub = chat_pb2_grpc.ChatServiceStub(ch)
+        start = time.perf_counter()
+        first, first_chars, gaps, last, conv_id, turn = 0.0, 0, [], 0.0, conv, 0
+        text = ""
+        usage = 0
+        for ev in stub.Chat(chat_pb2.ChatRequest(
+                conversation_id=conv, message=message,
+                sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=tokens)),
+                metadata=common.DEV_KEY, timeout=600):
+            now = time.perf_counter()
+            kind = ev.WhichOneof("event")
+            if kind == "started":
+                conv_id, turn = ev.started.conversation_id, ev.started.turn_index
+            elif kind == "delta" and ev.delta.index == 0 and ev.delta.text:
+                if not first:
+                    first, first_chars = now, len(ev.delta.text)
+                else:
+                    gaps.append(now - last)
+                last = now
+                text += ev.delta.text
+            elif kind == "done":
+                usage = ev.done.usage.completion_tokens
+    return {"start": start, "ttft_s": first - start if first else None, "first_chars": first_chars,
+            "gaps_s": gaps, "stream_s": last - first if first else 0.0, "tokens": usage, "text": text,
+            "conversation_id": conv_id, "turn": turn}
+
+
+def assembled_prompt(stack: Any, message: str) -> str:
+    """What the prompt stage would send to generation for this message in a new conversation."""
+    import grpc
+    from colloquy.v1 import prompt_pb2, prompt_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{stack.ports['prompt']}") as ch:
+        resp = prompt_pb2_grpc.PromptServiceStub(ch).AssemblePrompt(
+            prompt_pb2.AssemblePromptRequest(conversation_id=str(uuid.uuid4()), message=message, user_id="dev"),
+            timeout=60)
+    return resp.prompt
+
+
+def direct_generate(stack: Any, prompt: str, tokens: int, chars_mark: int = 0) -> dict[str, Any]:
+    """One Generate call on Ray Serve's gRPC proxy (no Kafka, no gateway)."""
+    import grpc
+    from colloquy.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+
+    rid = f"bench-{uuid.uuid4().hex}"
+    with grpc.insecure_channel(f"127.0.0.1:{stack.ports['generation']}") as ch:
+        stub = generation_pb2_grpc.GenerationServiceStub(ch)
+        start = time.perf_counter()
+        first, last, gaps, n, text, mark, first_tokens = 0.0, 0.0, [], 0, "", None, 0
+        for msg in stub.Generate(generation_pb2.GenerateRequest(
+                prompt=prompt, request_id=rid, sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=tokens)),
+                metadata=(("session_id", rid),), timeout=600):
+            if not msg.delta_tokens:
+                continue
+            now = time.perf_counter()
+            if not first:
+                first, first_tokens = now, msg.delta_tokens
+            else:
+                gaps.append(now - last)
+            last = now
+            n += msg.delta_tokens
+            text += msg.delta
+            if mark is None and chars_mark and len(text) >= chars_mark:
+                mark = now - start
+    return {"start": start, "ttft_s": first - start if first else None, "gaps_s": gaps,
+            "stream_s": last - first if first else 0.0, "tokens": n, "time_to_chars_s": mark,
+            "tokens_after_first": n - first_tokens}
+
+
+def _itl(r: dict[str, Any]) -> float | None:
+    """Mean time per token after the first arrival of one answer (seconds).
+
+    The first arrival carries several tokens (the deployment coalesces a stream interval; the
+    gateway's first delta is output moderation's first checked chunk), so only the tokens that
+    came after it count: known for the direct call, estimated from the share of the text for the
+    gateway (its deltas carry text, not token counts).
+    """
+    after = r.get("tokens_after_first")
+    if after is None and r.get("text"):
+        after = r["tokens"] * (1 - r["first_chars"] / len(r["text"]))
+    return r["stream_s"] / after if after and after >= 1 and r["stream_s"] else None
+
+
+def measure(stack: Any, concurrency: int, rounds: int, tokens: int, prompts: dict[str, str]) -> dict[str, Any]:
+    msgs = list(prompts)
+    pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
+
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        for r in range(rounds + 1):
+            batch = [msgs[(r * concurrency + i) % len(msgs)] for i in range(concurrency)]
+            gw = list(pool.map(lambda m: gateway_chat(stack, m, tokens), batch))
+            di = list(pool.map(lambda mg: direct_generate(stack, prompts[mg[0]], tokens, mg[1]["first_chars"]),
+                               zip(batch, gw, strict=True)))
+            if r == 0:
+                continue  # warm-up
+            pairs += list(zip(gw, di, strict=True))
+    ok = [(g, d) for g, d in pairs if g["ttft_s"] is not None and d["ttft_s"] is not None]
+    ms = 1000.0
+    over = [(g["ttft_s"] - d["ttft_s"]) * ms for g, d in ok]
+    over_chars = [(g["ttft_s"] - d["time_to_chars_s"]) * ms for g, d in ok if d["time_to_chars_s"] is not None]
+    return {
+        "chats": len(pairs), "complete": len(ok),
+        "gateway_ttft_ms": summary([g["ttft_s"] * ms for g, _ in ok], 1),
+        "direct_ttft_ms": summary([d["ttft_s"] * ms for _, d in ok], 1),
+        "ttft_overhead_ms": summary(over, 1),
+        "direct_time_to_first_delta_chars_ms": summary([d["time_to_chars_s"] * ms for _, d in ok
+                                                        if d["time_to_chars_s"] is not None], 1),
+        "ttft_overhead_beyond_moderation_hold_ms": summary(over_chars, 1),
+        "first_delta_chars": summary([g["first_chars"] for g, _ in ok], 0),
+        "gateway_itl_ms": summary([x * ms for g, _ in ok if (x := _itl(g)) is not None], 2),
+        "direct_itl_ms": summary([x * ms for _, d in ok if (x := _itl(d)) is not None], 2),
+        "gateway_delta_gap_ms": summary([x * ms for g, _ in ok for x in g["gaps_s"]], 1),
+        "direct_message_gap_ms": summary([x * ms for _, d in ok for x in d["gaps_s"]], 1),
+        "gateway_tokens": summary([g["tokens"] for g, _ in ok], 0),
+        "direct_tokens": summary([d["tokens"] for _, d in ok], 0),
+    }
+
+
+def run(args: argparse.Namespace, stack: Any = None) -> dict[str, Any]:
+    levels = [int(c) for c in str(args.concurrency).split(",") if c]
+    _, version = common.served_model()
+    rec = Record(NAME, {"model_version": version, "max_tokens": args.tokens, "concurrency": levels,
+                        "rounds": {str(c): _rounds(args, c) for c in levels}, "prompts": common.QUESTIONS,
+                        "method": __doc__.split("\n\n")[1].replace("\n", " ")})
+    with common.stack() if stack is None else contextlib.nullcontext(stack) as s:
+        prompts = {q: assembled_prompt(s, q) for q in common.QUESTIONS}
+        rec.doc["params"]["assembled_prompt_chars"] = {q: len(p) for q, p in prompts.items()}
+        for c in levels:
+            log(f"pipeline: {c} concurrent chats")
+            rec.results[str(c)] = measure(s, c, _rounds(args, c), args.tokens, prompts)
+    doc = rec.finish()
+    global DONE
+    DONE = True
+    print(render(doc))
+    return doc
+
+
+def _rounds(args: argparse.Namespace, concurrency: int) -> int:
+    """Rounds per level: at least ``--samples`` chats in all (a round is ``concurrency`` chats)."""
+    return max(args.min_rounds, -(-args.samples // concurrency))
+
+
+def render(doc: dict[str, Any]) -> str:
+    head = ["chats", "gateway TTFT p50/p99", "direct TTFT p50/p99", "overhead p50/p99",
+            "overhead beyond mod. hold p50", "ITL gateway/direct ms"]
+    body = []
+    for c, r in doc["results"].items():
+        body.append([f"{c} concurrent", f"{r['gateway_ttft_ms']['median']}/{r['gateway_ttft_ms']['p99']}",
+                     f"{r['direct_ttft_ms']['median']}/{r['direct_ttft_ms']['p99']}",
+                     f"{r['ttft_overhead_ms']['median']}/{r['ttft_overhead_ms']['p99']}",
+                     r["ttft_overhead_beyond_moderation_hold_ms"]["median"],
+                     f"{r['gateway_itl_ms']['median']}/{r['direct_itl_ms']['median']}"])
+    return common.table(body, head) + "\n(times in ms)"
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--concurrency", default="1,16")
+    p.add_argument("--samples", type=int, default=8, help="chats per concurrency level (at least)")
+    p.add_argument("--min-rounds", type=int, default=2)

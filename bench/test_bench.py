@@ -1,0 +1,111 @@
+"""Unit tests of the suite's own logic (no model, no broker): ``pytest bench/test_bench.py``.
+
+The benchmarks themselves are measured, not asserted; what is tested here is the arithmetic and
+the report's verdicts, which would silently mislead if wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import common, engine, report, stages
+
+
+def test_percentile_interpolates_and_summary_carries_median_and_p99() -> None:
+    xs = list(range(1, 101))
+    assert common.percentile(xs, 50) == pytest.approx(50.5)
+    assert common.percentile(xs, 99) == pytest.approx(99.01)
+    assert common.percentile([7.0], 99) == 7.0
+    s = common.summary([3.0, 1.0, 2.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 3.0, 3)
+    assert common.summary([])["median"] is None
+
+
+def test_stamps_spread_coalesced_tokens_over_their_interval() -> None:
+    # 1 token at t=1, then 4 tokens arriving together at t=2: 4 tokens after the first in 1 s.
+    r = engine._stamps_result(10, 0.0, [1.0, 2.0], [1, 4])
+    assert r["tokens"] == 5 and r["ttft_s"] == 1.0
+    assert r["decode_tok_s"] == pytest.approx(4.0)
+    assert r["itl_s"] == pytest.approx([0.25] * 4)
+
+
+def test_collapsed_stacks_rank_own_and_inclusive_time() -> None:
+    text = "main (a.py:1);handle (w.py:2);encode (t.py:3) 30\nmain (a.py:1);poll (k.py:9) 70\n"
+    top = stages.collapsed_top(text, 5)
+    assert top["samples"] == 100
+    assert top["top_self"][0] == {"function": "poll (k.py:9)", "pct": 70.0}
+    assert {"function": "main (a.py:1)", "pct": 100.0} in top["top_inclusive"]
+
+
+def test_redirected_handler_sends_every_output_to_the_bench_topic() -> None:
+    @dataclasses.dataclass
+    class Out:
+        topic: str
+        partition: int | None = None
+
+    handle = stages.redirected(lambda ev: [Out("chat.moderated"), Out("chat.replies.x", 0)], "bench.out")
+    assert [(o.topic, o.partition) for o in handle(None)] == [("bench.out", None), ("bench.out", None)]
+
+
+def _doc(name: str, results: dict, params: dict | None = None, load: float = 1.0) -> dict:
+    return {"benchmark": name, "machine": {"cpus": 2, "processor": "cpu", "platform": "linux",
+                                           "loadavg_before": [load, 0, 0], "loadavg_after": [load, 0, 0]},
+            "params": params or {}, "results": results, "skipped": {}, "seconds": 1.0,
+            "noisy": load / 2 > common.NOISY_LOAD_PER_CPU}
+
+
+PIPELINE_KEYS = ("gateway_ttft_ms", "direct_ttft_ms", "ttft_overhead_beyond_moderation_hold_ms", "first_delta_chars",
+                 "direct_itl_ms", "gateway_delta_gap_ms")
+
+
+def test_report_judges_each_goal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    single = lambda tps: {"decode_tok_s": {"median": tps}, "itl_ms": {"median": 1, "p99": 2},  # noqa: E731
+                          "ttft_ms": {"median": 5}}
+    docs = {
+        "engine": _doc("engine", {
+            "ort-genai": {"single": single(100.0), "streams": {"1": {"median": 100.0}, "16": {"median": 400.0}}},
+            "colloquy": {"single": single(95.0), "streams": {"1": {"median": 90.0}, "16": {"median": 180.0}}},
+        }, {"streams": [1, 16], "max_tokens": 8, "model_version": "v"}, load=8.0),
+        "pipeline": _doc("pipeline", {"1": {**{k: {"median": 1.0, "p99": 2.0} for k in PIPELINE_KEYS},
+                                            "ttft_overhead_ms": {"median": 40.0, "p99": 50.0},
+                                            "gateway_itl_ms": {"median": 12.5, "p99": 20.0}}}),
+        "conversation": _doc("conversation", {"gateway": {"1": {"ttft_ms": {"median": 100.0}},
+                                                          "20": {"ttft_ms": {"median": 140.0}}},
+                                              "kv_reuse": {"turns": {}}}, {"turns": 20}),
+    }
+    for name, doc in docs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(doc))
+    rows = {r[0]: r for r in report.goals({n: json.loads((tmp_path / f"{n}.json").read_text()) for n in docs})}
+    assert rows["single-stream decode through the pipeline"][3] == "**not met**"  # 1000/12.5 = 80 < 90
+    assert rows["16-stream aggregate (Colloquy deployment)"][3] == "**not met**"  # 2x
+    assert rows["gateway TTFT overhead p50 (1 chat)"][3] == "**not met**"  # 40 ms
+    assert rows["turn-20 TTFT (gateway)"][3] == "met"  # 1.4x
+    engine.ratios(docs["engine"]["results"])
+    text = report.write(tmp_path / "REPORT.md").read_text()
+    assert "**noisy**" in text and "not run" in text  # stages.json is missing
+
+
+def test_stack_cpu_counts_a_process_and_its_children(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import subprocess
+    import sys
+    import types
+
+    child = subprocess.Popen([sys.executable, "-c", "sum(range(3_000_000)); import time; time.sleep(5)"])
+    try:
+        fake = types.SimpleNamespace(procs={"me": types.SimpleNamespace(popen=types.SimpleNamespace(pid=os.getpid()))})
+        import time
+
+        time.sleep(1.0)
+        cpu = common.stack_cpu(fake)
+        assert cpu["me"] > 0
+    finally:
+        child.kill()
+        child.wait()
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    assert json.loads(common.write_json("x", {"a": 1}).read_text()) == {"a": 1}

@@ -1,0 +1,83 @@
+"""The RLHF job's configuration: one frozen dataclass, every field overridable by environment.
+
+Same loader as the services (``services.common.config``): a bad value stops the job before it
+starts, with one line naming the variable. Defaults suit the real 135M model on a small
+machine; the integration test shrinks them for the tiny model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from services.common.config import env, load, positive
+
+
+def _fraction(value: float) -> bool:
+    return 0.0 <= value <= 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RLHFConfig:
+    """Hyperparameters, the KL bound, data selection and the Ray Train workers."""
+
+    # Data
+    source: str = env("RLHF_SOURCE", "all", check=lambda v: v in {"simulated", "human", "all"},
+                      hint="simulated, human or all")
+    heldout_percent: int = env("RLHF_HELDOUT_PERCENT", 20, check=lambda v: 0 <= v < 100, hint="0..99")
+    min_comparisons: int = env("RLHF_MIN_COMPARISONS", 4, check=lambda v: v >= 1, hint=">= 1")
+    max_prompt_tokens: int = env("RLHF_MAX_PROMPT_TOKENS", 256, check=lambda v: v >= 8, hint=">= 8")
+    max_answer_tokens: int = env("RLHF_MAX_ANSWER_TOKENS", 96, check=lambda v: v >= 4, hint=">= 4")
+    seed: int = env("RLHF_SEED", 0)
+    # Reward model
+    rm_epochs: int = env("RLHF_RM_EPOCHS", 2, check=lambda v: v >= 1, hint=">= 1")
+    rm_batch_size: int = env("RLHF_RM_BATCH_SIZE", 4, check=lambda v: v >= 1, hint=">= 1 prompts")
+    rm_lr: float = env("RLHF_RM_LR", 1e-5, check=positive, hint="> 0")
+    # PPO
+    ppo_steps: int = env("RLHF_PPO_STEPS", 20, check=lambda v: v >= 1, hint=">= 1")
+    rollout_batch_size: int = env("RLHF_ROLLOUT_BATCH_SIZE", 8, check=lambda v: v >= 1, hint=">= 1")
+    ppo_epochs: int = env("RLHF_PPO_EPOCHS", 4, check=lambda v: v >= 1, hint=">= 1")
+    minibatch_size: int = env("RLHF_MINIBATCH_SIZE", 4, check=lambda v: v >= 1, hint=">= 1")
+    lr: float = env("RLHF_LR", 1e-6, check=positive, hint="> 0")
+    kl_coef: float = env("RLHF_KL_COEF", 0.05, check=lambda v: v >= 0, hint=">= 0")
+    # The KL bound: a rollout's PPO epochs stop once approx KL(old || new) passes it.
+    target_kl: float = env("RLHF_TARGET_KL", 0.1, check=positive, hint="> 0")
+    clip_range: float = env("RLHF_CLIP_RANGE", 0.2, check=lambda v: 0 < v < 1, hint="0..1")
+    clip_range_value: float = env("RLHF_CLIP_RANGE_VALUE", 0.2, check=positive, hint="> 0")
+    vf_coef: float = env("RLHF_VF_COEF", 0.1, check=lambda v: v >= 0, hint=">= 0")
+    ent_coef: float = env("RLHF_ENT_COEF", 0.0, check=lambda v: v >= 0, hint=">= 0")
+    gamma: float = env("RLHF_GAMMA", 1.0, check=_fraction, hint="0..1")
+    lam: float = env("RLHF_LAM", 0.95, check=_fraction, hint="0..1")
+    max_grad_norm: float = env("RLHF_MAX_GRAD_NORM", 1.0, check=positive, hint="> 0")
+    max_new_tokens: int = env("RLHF_MAX_NEW_TOKENS", 48, check=lambda v: v >= 1, hint=">= 1")
+    checkpoint_every: int = env("RLHF_CHECKPOINT_EVERY", 5, check=lambda v: v >= 1, hint=">= 1 steps")
+    temperature: float = env("RLHF_TEMPERATURE", 1.0, check=positive, hint="> 0")
+    # Ray Train
+    num_workers: int = env("RLHF_NUM_WORKERS", 1, check=lambda v: v >= 1, hint=">= 1")
+    cpus_per_worker: int = env("RLHF_CPUS_PER_WORKER", 1, check=lambda v: v >= 1, hint=">= 1")
+    use_gpu: str = env("RLHF_USE_GPU", "auto", check=lambda v: v in {"auto", "true", "false"},
+                       hint="auto, true or false")
+    ray_address: str = env("RLHF_RAY_ADDRESS", "", hint="empty starts a local Ray")
+    ray_num_cpus: int = env("RLHF_RAY_NUM_CPUS", 0, check=lambda v: v >= 0,
+                            hint="CPUs for a local Ray (0: all)")
+    # Evaluation and metrics
+    eval_max_new_tokens: int = env("RLHF_EVAL_MAX_NEW_TOKENS", 48, check=lambda v: v >= 1, hint=">= 1")
+    pushgateway_url: str = env("PUSHGATEWAY_URL", "")
+
+    def gpu(self) -> bool:
+        """Train on GPUs when asked, or (``auto``) when torch sees one."""
+        if self.use_gpu == "auto":
+            import torch
+
+            return torch.cuda.is_available()
+        return self.use_gpu == "true"
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Everything that shapes the trained weights (recorded in the manifest)."""
+        skip = {"ray_address", "ray_num_cpus", "pushgateway_url", "use_gpu"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+def load_config(**overrides: Any) -> RLHFConfig:
+    """The config from the environment, then ``overrides`` (tests and the CLI)."""
+    return dataclasses.replace(load(RLHFConfig), **overrides)

@@ -1,0 +1,339 @@
+"""The offline RLHF job: feedback since the last run -> reward model -> PPO -> ONNX -> new registry version.
+
+``python -m rlhf.job [--base VERSION] [--registry DIR] [--dataset DIR] [--source all] [--fresh]``
+(``make rlhf``). Steps:
+
+1. Start from the registry's current ``generation`` version (or ``--base``) and its float32
+   weights (:func:`base_hf_dir`), and take the feedback created since the window end that
+   the base's manifest records (``rlhf.data``).
+2. On Ray Train (``TorchTrainer``, ``ScalingConfig`` from ``rlhf.config``): train the reward
+   model, then run PPO on the policy (``rlhf.train``); every step is reported to Ray Train
+   and, with ``PUSHGATEWAY_URL``, to a Prometheus Pushgateway.
+3. Export the policy with the model build's ONNX path (``model.onnx_export.run_builder``, the
+   parent's precision and builder options), judge parent and child answers on the held-out
+   prompts of ``rlhf/prompts.yaml`` with ``rlhf.preference.score``, and publish a new version
+   whose manifest names its parent, the feedback window and the metrics. The ``generation``
+   pointer does not move: promotion is ``python -m model.registry promote generation V``.
+
+A run's state lives in ``<cache>/rlhf/runs/<base>-<source>/`` (``run.json``, the reward model
+and PPO checkpoints): running the job again after an interruption resumes it with the same
+feedback window; ``--fresh`` discards it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from model.paths import build_dir, cache_root
+from model.registry import DEFAULT_DEPLOYMENT, Registry, RegistryError
+from rlhf import data
+from rlhf.config import RLHFConfig, load_config
+from rlhf.metrics import JobMetrics
+
+log = logging.getLogger("rlhf.job")
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS_FILE = Path(__file__).resolve().parent / "prompts.yaml"
+SOURCE = "rlhf"
+
+
+class JobError(RuntimeError):
+    """The job cannot run as asked (no base model, no weights, too little feedback)."""
+
+
+def runs_dir() -> Path:
+    return cache_root() / "rlhf" / "runs"
+
+
+# ----------------------------------------------------------------- the base model
+def base_hf_dir(registry: Registry, version: str, run_dir: Path) -> Path:
+    """The float32 Hugging Face weights a registry version was built from.
+
+    * an RLHF version carries them in its ``hf/`` folder;
+    * a model build names the float32 checkpoint by digest (``build.hf_fp32_digest``), found
+      in the build cache (``make model`` puts it there);
+    * the tiny random test model is rebuilt from its seed (same torch, same weights).
+    """
+    from model.steps import read_stamp
+
+    manifest = registry.manifest(version)
+    own = registry.version_path(version) / "hf"
+    if (own / "model.safetensors").is_file():
+        return own
+    digest = (manifest.get("build") or {}).get("hf_fp32_digest")
+    if digest:
+        hf = build_dir() / "hf-fp32"
+        stamp = read_stamp(hf)
+        if stamp and stamp.get("outputs_digest") == digest:
+            return hf
+        raise JobError(f"{version} was built from float32 weights {digest[:12]} that are not in {hf}: "
+                       "run `make model` to rebuild them")
+    from model.tiny import SEED, TINY_CONFIG, TINY_SOURCE
+
+    if manifest.get("source") == TINY_SOURCE:
+        out = run_dir / "base-hf"
+        if not (out / "model.safetensors").is_file():
+            import torch
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            from model.hf_export import copy_tokenizer, save_checkpoint
+
+            torch.manual_seed(SEED)
+            save_checkpoint(LlamaForCausalLM(LlamaConfig(**TINY_CONFIG)), out)
+            copy_tokenizer(registry.version_path(version), out)
+        return out
+    raise JobError(f"no float32 weights known for {version} (source {manifest.get('source')!r})")
+
+
+def export_settings(manifest: dict[str, Any]) -> tuple[str, str, dict[str, str]]:
+    """Precision, execution provider and builder options of the parent, so the child is served alike."""
+    builder = (manifest.get("build") or {}).get("builder") or {}
+    return (builder.get("precision", manifest["precision"]),
+            builder.get("execution_provider", manifest["execution_provider"]),
+            dict(builder.get("extra_options") or {}))
+
+
+# ----------------------------------------------------------------- run state
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def prepare_run(registry: Registry, base: str, config: RLHFConfig, fresh: bool,
+                now_ms: int | None = None) -> tuple[Path, dict[str, Any]]:
+    """The run directory and its ``run.json``: resumed when an unfinished run of the same base,
+    source and hyperparameters is there, else started with the window ``[since, now)``."""
+    run_dir = runs_dir() / f"{base}-{config.source}"
+    state_file = run_dir / "run.json"
+    if state_file.is_file() and not fresh:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        if state.get("status") == "training" and state.get("hyperparameters") == config.hyperparameters():
+            log.info("resuming run in %s (window %s)", run_dir, state["feedback_window"])
+            return run_dir, state
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    since = data.window_since(registry.manifest(base))
+    window = data.FeedbackWindow(since, now_ms if now_ms is not None else _now_ms())
+    state = {"base_version": base, "source": config.source, "feedback_window": window.as_dict(),
+             "hyperparameters": config.hyperparameters(), "status": "training",
+             "started_at": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()}
+    _write_json(state_file, state)
+    return run_dir, state
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------- Ray Train
+def train_on_ray(config: RLHFConfig, loop_config: dict[str, Any], run_dir: Path) -> None:
+    """Run ``rlhf.train.train_loop_per_worker`` on a ``TorchTrainer``; Ray retries a failed worker
+    group once, and the file checkpoints make the retry resume."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from rlhf.train import train_loop_per_worker
+
+    started_ray = False
+    if not ray.is_initialized():
+        path = os.pathsep.join([str(REPO), str(REPO / "build" / "python"), os.environ.get("PYTHONPATH", "")])
+        ray.init(address=config.ray_address or None, num_cpus=config.ray_num_cpus or None,
+                 include_dashboard=False, configure_logging=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": path.rstrip(os.pathsep), "HF_HUB_OFFLINE": "1",
+                                           "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}})
+        started_ray = True
+    try:
+        trainer = TorchTrainer(
+            train_loop_per_worker, train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.gpu(),
+                                         resources_per_worker={"CPU": config.cpus_per_worker}),
+            run_config=RunConfig(name="rlhf", storage_path=str((run_dir / "ray").resolve()),
+                                 failure_config=FailureConfig(max_failures=1)))
+        trainer.fit()
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+# ----------------------------------------------------------------- evaluation
+def heldout_prompts() -> list[str]:
+    """The held-out questions of ``rlhf/prompts.yaml`` (never used to label or train)."""
+    import yaml
+
+    return list(yaml.safe_load(PROMPTS_FILE.read_text(encoding="utf-8"))["heldout"])
+
+
+def evaluate(parent_dir: Path, child_dir: Path, questions: list[str], max_new_tokens: int) -> dict[str, Any]:
+    """Greedy answers of parent and child on held-out questions, judged by the preference rule."""
+    from model.genai import chat, load
+    from rlhf.preference import score
+
+    def answers(model_dir: Path) -> list[str]:
+        model, tokenizer = load(model_dir, "cpu")
+        return [chat(model, tokenizer, [{"role": "user", "content": q}], max_new_tokens).text for q in questions]
+
+    parent, child = answers(parent_dir), answers(child_dir)
+    parent_scores = [score(q, a) for q, a in zip(questions, parent, strict=True)]
+    child_scores = [score(q, a) for q, a in zip(questions, child, strict=True)]
+    wins = sum(c > p for c, p in zip(child_scores, parent_scores, strict=True))
+    losses = sum(c < p for c, p in zip(child_scores, parent_scores, strict=True))
+    n = len(questions)
+    return {"prompts": n, "parent_score_mean": sum(parent_scores) / n if n else None,
+            "child_score_mean": sum(child_scores) / n if n else None, "child_wins": wins, "child_losses": losses,
+            "ties": n - wins - losses, "judge": "rlhf.preference.score",
+            "examples": [{"question": q, "parent": p[:200], "child": c[:200]}
+                         for q, p, c in list(zip(questions, parent, child, strict=True))[:3]]}
+
+
+# ----------------------------------------------------------------- the job
+def version_name(base: str, window: data.FeedbackWindow, weights_digest: str) -> str:
+    """``<family>-rlhf-<window end, UTC>-<weights digest>``: sortable and content-tied."""
+    family = base.split("-rlhf-")[0][:80]
+    stamp = dt.datetime.fromtimestamp(window.until_ms / 1000, tz=dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{family}-rlhf-{stamp}-{weights_digest[:8]}"
+
+
+def run(config: RLHFConfig, registry: Registry, base: str | None = None, dataset_root: Path | None = None,
+        fresh: bool = False, now_ms: int | None = None, deployment: str = DEFAULT_DEPLOYMENT) -> dict[str, Any]:
+    """Run the whole job; returns a report naming the published version (also in ``report.json``)."""
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    base = base or registry.current(deployment)
+    if not base:
+        raise JobError(f"deployment {deployment!r} has no current version in {registry.root}; pass --base")
+    base_manifest = registry.load(base).manifest
+    run_dir, state = prepare_run(registry, base, config, fresh, now_ms)
+    window = data.FeedbackWindow(**state["feedback_window"])
+    root = dataset_root or data.dataset_dir()
+    items, stats = data.comparisons(data.read_rows(root, config.source, window))
+    train, held = data.split(items, config.heldout_percent)
+    log.info("feedback %s in %s: %s; %d train / %d held-out comparisons", config.source, window,
+             stats.as_dict(), len(train), len(held))
+    if len(train) < config.min_comparisons:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise JobError(f"only {len(train)} training comparisons in window {window.as_dict()} "
+                       f"(need {config.min_comparisons}); nothing published")
+    hf_dir = base_hf_dir(registry, base, run_dir)
+    timings["prepare"] = time.perf_counter() - clock
+
+    loop_config = {"run_dir": str(run_dir.resolve()), "base_hf_dir": str(hf_dir.resolve()),
+                   "hp": config.hyperparameters(), "pushgateway_url": config.pushgateway_url,
+                   "train": [dataclasses.asdict(c) for c in train],
+                   "held_out": [dataclasses.asdict(c) for c in held],
+                   "prompts": data.prompts_of(train)}
+    clock = time.perf_counter()
+    train_on_ray(config, loop_config, run_dir)
+    timings["train"] = time.perf_counter() - clock
+    from rlhf.train import METRICS_FILE, POLICY_DIR
+
+    metrics = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))
+    policy_dir = run_dir / POLICY_DIR
+
+    clock = time.perf_counter()
+    from model.hashing import sha256_file
+    from model.onnx_export import run_builder
+
+    precision, provider, extra = export_settings(base_manifest)
+    export_dir = run_dir / "export"
+    shutil.rmtree(export_dir, ignore_errors=True)
+    export_dir.mkdir()
+    run_builder(policy_dir, export_dir, precision, provider, extra, log_path=run_dir / "builder.log",
+                in_process=True)
+    shutil.copytree(policy_dir, export_dir / "hf")
+    timings["export"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    evaluation = evaluate(registry.version_path(base), export_dir, heldout_prompts(), config.eval_max_new_tokens)
+    quality = None
+    if "score" in (base_manifest.get("quality") or {}):
+        # The parent passed the build's question check: measure the child the same way, so an
+        # operator sees a regression before promoting (`model.registry list` shows both).
+        from model.quality import run_quality
+
+        quality = run_quality(export_dir, provider="cpu")
+        quality["provider"] = "cpu"
+    timings["evaluate"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    version = version_name(base, window, sha256_file(policy_dir / "model.safetensors"))
+    ppo_history = metrics["ppo"]
+    training = {
+        "method": "reward model + PPO (rlhf.job)",
+        "feedback_window": window.as_dict(),
+        "feedback_source": config.source,
+        "dataset": {"root": str(root), **stats.as_dict(), "train_comparisons": len(train),
+                    "heldout_comparisons": len(held)},
+        "reward_model": metrics["reward_model"],
+        "ppo": {"steps": len(ppo_history), "final": ppo_history[-1] if ppo_history else None,
+                "history": ppo_history},
+        "evaluation": evaluation,
+        "hyperparameters": config.hyperparameters(),
+        "phase_seconds": {**metrics["phase_seconds"], **timings},
+    }
+    extra_manifest = {"build": {"variant": f"rlhf-{precision}-{provider}",
+                                "builder": {"precision": precision, "execution_provider": provider,
+                                            "extra_options": extra}}}
+    published = registry.publish(export_dir, version, source=SOURCE, precision=precision,
+                                 execution_provider=provider, parent_version=base, quality=quality,
+                                 training=training, extra=extra_manifest)
+    timings["publish"] = time.perf_counter() - clock
+    state.update(status="published", version=version)
+    _write_json(run_dir / "run.json", state)
+    for leftover in ("export", "ray", "base-hf"):
+        shutil.rmtree(run_dir / leftover, ignore_errors=True)
+
+    gauges = JobMetrics(config.pushgateway_url)
+    final = {**metrics["reward_model"], **(ppo_history[-1] if ppo_history else {})}
+    gauges.update({k: v for k, v in final.items() if isinstance(v, int | float)},
+                  {**metrics["phase_seconds"], **timings})
+    report = {"version": version, "parent_version": base, "path": str(published.path),
+              "feedback_window": window.as_dict(), "reward_model": metrics["reward_model"],
+              "ppo_final": training["ppo"]["final"], "evaluation": evaluation,
+              "phase_seconds": training["phase_seconds"]}
+    _write_json(run_dir / "report.json", report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m rlhf.job``; exits 2 when there is nothing to do or it cannot run."""
+    parser = argparse.ArgumentParser(prog="python -m rlhf.job", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default=None, help="start from this version (default: the deployment's current)")
+    parser.add_argument("--deployment", default=DEFAULT_DEPLOYMENT)
+    parser.add_argument("--registry", type=Path, default=None,
+                        help="registry root (default $COLLOQUY_MODEL_REGISTRY or <cache>/registry)")
+    parser.add_argument("--dataset", type=Path, default=None,
+                        help="comparison dataset (default FEEDBACK_DATASET_DIR, as the feedback sink)")
+    parser.add_argument("--source", choices=data.SOURCES, default=None, help="feedback source (RLHF_SOURCE)")
+    parser.add_argument("--fresh", action="store_true", help="discard an unfinished run instead of resuming it")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from services.common.config import ConfigError
+
+    try:
+        config = load_config(**({"source": args.source} if args.source else {}))
+        report = run(config, Registry(args.registry), args.base, args.dataset, args.fresh,
+                     deployment=args.deployment)
+    except (ConfigError, JobError, RegistryError) as exc:
+        print(f"rlhf: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: report[k] for k in ("version", "parent_version", "feedback_window", "evaluation")},
+                     indent=2))
+    print(f"published {report['version']} (not promoted: "
+          f"python -m model.registry promote {args.deployment} {report['version']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Simulated labelers: rank n sampled answers by a transparent rule and submit the ranking.
+
+``python -m rlhf.labelers [--target 127.0.0.1:50051] [--n 3] [--rounds 1] [--limit N]``
+(``make rlhf-label``) drives the real gateway like any client: for each *train* question of
+``rlhf/prompts.yaml`` it opens a conversation (``ChatService.Chat`` with ``SamplingParams``
+``n`` > 1 and ``temperature`` > 0), reads the candidates back as the gateway stored them
+(``GetConversation``), ranks them with :func:`rlhf.preference.rank` and submits the ranking
+(``SubmitFeedback``) with the metadata ``x-colloquy-feedback-source: simulated``, so the
+dataset marks them simulated and ``RLHF_SOURCE=human`` leaves them out. Held-out questions
+are never labelled. These are not people: they are a rule, named as such everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from rlhf.preference import PreferenceWeights, rank, score, weights_from_env
+
+PROMPTS_FILE = Path(__file__).resolve().parent / "prompts.yaml"
+SOURCE_HEADER = ("x-colloquy-feedback-source", "simulated")
+
+
+def train_questions(path: Path = PROMPTS_FILE) -> list[str]:
+    """The questions labelers may use (``train``), never the held-out ones."""
+    return list(yaml.safe_load(path.read_text(encoding="utf-8"))["train"])
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """One submitted ranking, for the run's summary."""
+
+    question: str
+    conversation_id: str
+    turn_index: int
+    ranking: list[int]
+    scores: list[float]
+    feedback_id: str
+
+
+class SimulatedLabeler:
+    """A gRPC client of the gateway that ranks candidates by :mod:`rlhf.preference`."""
+
+    def __init__(self, target: str, key: str, n: int = 3, temperature: float = 0.9, max_tokens: int = 64,
+                 weights: PreferenceWeights | None = None, timeout: float = 300.0, retries: int = 10) -> None:
+        if n < 2:
+            raise ValueError("a ranking needs at least 2 candidates (n >= 2)")
+        if temperature <= 0:
+            raise ValueError("identical greedy candidates rank nothing: temperature must be > 0")
+        from services.common import tls
+
+        self.channel = tls.insecure_or_secure_channel(target)
+        from colloquy.v1 import chat_pb2_grpc
+
+        self.stub = chat_pb2_grpc.ChatServiceStub(self.channel)
+        self.key = key
+        self.n, self.temperature, self.max_tokens = n, temperature, max_tokens
+        self.weights = weights or weights_from_env()
+        self.timeout = timeout
+        self.retries = retries
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _metadata(self, feedback: bool = False) -> list[tuple[str, str]]:
+        md = [("authorization", f"Bearer {self.key}")]
+        return [*md, SOURCE_HEADER] if feedback else md
+
+    def _ask(self, request: object) -> tuple[str, int]:
+        """Run one chat turn to the end; retry when the gateway says to (UNAVAILABLE or
+        RESOURCE_EXHAUSTED before the turn started: nothing reached the model)."""
+        import grpc
+
+        for attempt in range(self.retries + 1):
+            conversation_id, turn_index = "", 0
+            try:
+                for event in self.stub.Chat(request, metadata=self._metadata(), timeout=self.timeout):
+                    if event.WhichOneof("event") == "started":
+                        conversation_id, turn_index = event.started.conversation_id, event.started.turn_index
+                return conversation_id, turn_index
+            except grpc.RpcError as exc:
+                retryable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+                if conversation_id or not retryable or attempt == self.retries:
+                    raise
+                time.sleep(min(2.0 * (attempt + 1), 10.0))
+        raise AssertionError("unreachable")
+
+    def label(self, question: str, seed: int | None = None) -> Labelled | None:
+        """Ask, rank, submit; None when the turn produced fewer than two answers (e.g. blocked)."""
+        from colloquy.v1 import chat_pb2, common_pb2
+
+        sampling = common_pb2.SamplingParams(n=self.n, temperature=self.temperature, max_tokens=self.max_tokens)
+        if seed is not None:
+            sampling.seed = seed
+        conversation_id, turn_index = self._ask(chat_pb2.ChatRequest(message=question, sampling=sampling))
+        conversation = self.stub.GetConversation(chat_pb2.GetConversationRequest(conversation_id=conversation_id),
+                                                 metadata=self._metadata(), timeout=self.timeout)
+        turn = next((t for t in conversation.turns if t.index == turn_index), None)
+        if turn is None or turn.blocked or len(turn.answers) < 2:
+            return None
+        answers = [a.text for a in sorted(turn.answers, key=lambda a: a.index)]
+        order = rank(question, answers, self.weights)
+        reply = self.stub.SubmitFeedback(
+            chat_pb2.SubmitFeedbackRequest(conversation_id=conversation_id, turn_index=turn_index,
+                                           ranking=chat_pb2.Ranking(order=order)),
+            metadata=self._metadata(feedback=True), timeout=self.timeout)
+        return Labelled(question, conversation_id, turn_index, order,
+                        [round(score(question, a, self.weights), 4) for a in answers], reply.feedback_id)
+
+
+def run(labeler: SimulatedLabeler, questions: Sequence[str], rounds: int = 1, seed: int = 0) -> list[Labelled]:
+    """Label every question ``rounds`` times; returns what was submitted."""
+    done = []
+    for r in range(rounds):
+        for i, question in enumerate(questions):
+            result = labeler.label(question, seed=seed + r * len(questions) + i)
+            if result is not None:
+                done.append(result)
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m rlhf.labelers``."""
+    parser = argparse.ArgumentParser(prog="python -m rlhf.labelers", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", default=os.environ.get("COLLOQUY_TARGET", "127.0.0.1:50051"))
+    parser.add_argument("--key", default=os.environ.get("COLLOQUY_API_KEY", "colloquy-dev-key"))
+    parser.add_argument("--n", type=int, default=3, help="candidates per question (>= 2)")
+    parser.add_argument("--temperature", type=float, default=0.9)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=1, help="times each question is asked")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N questions (0: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    questions = train_questions()
+    if args.limit:
+        questions = questions[: args.limit]
+    labeler = SimulatedLabeler(args.target, args.key, args.n, args.temperature, args.max_tokens)
+    started = time.perf_counter()
+    try:
+        done = run(labeler, questions, args.rounds, args.seed)
+    finally:
+        labeler.close()
+    for item in done:
+        print(json.dumps(item.__dict__))
+    print(f"simulated labelers submitted {len(done)} rankings in {time.perf_counter() - started:.1f} s",
+          file=sys.stderr)
+    return 0 if done else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,403 @@
+"""What each Ray Train worker runs: train the reward model, then PPO on the policy.
+
+Every worker holds a full copy of each model (135M parameters fit anywhere); data is sharded by
+rank and gradients are averaged by DDP (``ray.train.torch.prepare_model``), so one worker or
+several give the same algorithm. Rank 0 writes the checkpoints and the final policy into the
+run directory; a restarted job finds them and continues where it stopped (the reward model
+is not retrained, PPO resumes at its last saved step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rlhf import ppo
+from rlhf.reward import RewardModel, pairwise_loss, position_ids
+
+RM_CHECKPOINT = "reward_model.pt"
+PPO_CHECKPOINT = "ppo.pt"
+POLICY_DIR = "policy-hf"
+METRICS_FILE = "metrics.json"
+
+
+# ----------------------------------------------------------------- tokens
+class Encoder:
+    """Prompt and answer token ids with the model's own tokenizer (``tokenizer.json``)."""
+
+    def __init__(self, tokenizer_file: Path, max_prompt_tokens: int, max_answer_tokens: int) -> None:
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self.eos = self.tokenizer.token_to_id("<|im_end|>")
+        self.max_prompt = max_prompt_tokens
+        self.max_answer = max_answer_tokens
+
+    def prompt(self, text: str) -> list[int]:
+        """The prompt as the model saw it; cut from the left so the question and the assistant
+        header (at the end) survive."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids[-self.max_prompt:]
+
+    def answer(self, text: str) -> list[int]:
+        """The answer followed by ``<|im_end|>``, as the model would have ended it."""
+        return [*self.tokenizer.encode(text, add_special_tokens=False).ids[:self.max_answer - 1], self.eos]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([i for i in ids if i != self.eos])
+
+
+def pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, attention_mask)`` padded to the longest row (left padding for generation)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def response_mask(response: torch.Tensor, eos: int) -> torch.Tensor:
+    """1 on generated tokens up to and including the first ``<|im_end|>``, 0 after it."""
+    is_eos = (response == eos).long()
+    ended_before = torch.cumsum(is_eos, dim=1) - is_eos  # eos tokens strictly before t
+    return (ended_before == 0).long()
+
+
+# ----------------------------------------------------------------- models
+def load_lm(hf_dir: Path) -> Any:
+    """The float32 causal LM of a checkpoint directory."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+
+
+class PolicyWithValue(nn.Module):
+    """The policy LM and a value head on the same hidden states (one forward gives both)."""
+
+    def __init__(self, lm: Any) -> None:
+        super().__init__()
+        self.lm = lm
+        self.value_head = nn.Linear(lm.config.hidden_size, 1)
+        nn.init.normal_(self.value_head.weight, std=1.0 / (lm.config.hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+        return self.lm.lm_head(hidden).float(), self.value_head(hidden).squeeze(-1).float()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP (or the module itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum across workers (identity with one worker)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------- reward model
+def comparison_batch(items: Sequence[dict[str, Any]], enc: Encoder) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """All answers of the batch's comparisons as right-padded rows, and each element's pairs."""
+    rows: list[list[int]] = []
+    groups: list[list[tuple[int, int]]] = []
+    for item in items:
+        prompt = enc.prompt(item["prompt"])
+        offset = len(rows)
+        rows.extend(prompt + enc.answer(a) for a in item["answers"])
+        groups.append([(offset + b, offset + w) for b, w in item["pairs"]])
+    ids, mask = pad(rows, enc.eos, left=False)
+    return ids, mask, groups
+
+
+def shard_batches(n: int, batch_size: int, rank: int, world: int, seed: int) -> list[list[int]]:
+    """This worker's batches of one epoch: same count on every worker (DDP needs it)."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    per_step = batch_size * world
+    steps = max(1, -(-n // per_step))
+    order = (order * (steps * per_step // max(n, 1) + 1))[: steps * per_step]
+    return [order[s * per_step + rank * batch_size: s * per_step + (rank + 1) * batch_size] for s in range(steps)]
+
+
+def evaluate_reward_model(rm: nn.Module, items: Sequence[dict[str, Any]], enc: Encoder, rank: int, world: int,
+                          device: torch.device, batch_size: int) -> dict[str, float]:
+    """Pair accuracy and loss on ``items`` (sharded, summed over workers)."""
+    rm.eval()
+    correct = pairs = 0
+    loss_sum = elements = 0.0
+    mine = list(items)[rank::world]
+    with torch.no_grad():
+        for start in range(0, len(mine), batch_size):
+            ids, mask, groups = comparison_batch(mine[start:start + batch_size], enc)
+            result = pairwise_loss(unwrap(rm)(ids.to(device), mask.to(device)), groups)
+            correct += result.correct
+            pairs += result.pairs
+            n = sum(1 for g in groups if g)
+            loss_sum += result.loss.item() * n
+            elements += n
+    correct, pairs, loss_sum, elements = _all_sum([correct, pairs, loss_sum, elements], device)
+    rm.train()
+    # None (not 0) when there is nothing to measure: an empty held-out set is not a 0 % model.
+    return {"accuracy": correct / pairs if pairs else None, "loss": loss_sum / elements if elements else None,
+            "pairs": int(pairs)}
+
+
+def train_reward_model(cfg: dict[str, Any], enc: Encoder, device: torch.device, rank: int, world: int,
+                       report: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """Phase 1: fit the reward model on the training comparisons; held-out pair accuracy."""
+    from ray.train.torch import prepare_model
+
+    run_dir = Path(cfg["run_dir"])
+    hp = cfg["hp"]
+    rm = RewardModel.from_causal_lm(load_lm(Path(cfg["base_hf_dir"])))
+    checkpoint = run_dir / RM_CHECKPOINT
+    if checkpoint.is_file():  # resumed run: phase 1 is done
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        rm.load_state_dict(saved["state"])
+        rm.to(device).eval()
+        report({**saved["metrics"], "phase": "reward_model", "resumed": 1.0})
+        return rm, saved["metrics"]
+    started = time.perf_counter()
+    rm = prepare_model(rm)
+    optimizer = torch.optim.AdamW(rm.parameters(), lr=hp["rm_lr"])
+    train, held = cfg["train"], cfg["held_out"]
+    last_loss = 0.0
+    for epoch in range(hp["rm_epochs"]):
+        for batch in shard_batches(len(train), hp["rm_batch_size"], rank, world, hp["seed"] + epoch):
+            ids, mask, groups = comparison_batch([train[i] for i in batch], enc)
+            result = pairwise_loss(rm(ids.to(device), mask.to(device)), groups)
+            optimizer.zero_grad(set_to_none=True)
+            result.loss.backward()
+            torch.nn.utils.clip_grad_norm_(rm.parameters(), hp["max_grad_norm"])
+            optimizer.step()
+            last_loss = result.loss.item()
+    train_eval = evaluate_reward_model(rm, train, enc, rank, world, device, hp["rm_batch_size"])
+    held_eval = evaluate_reward_model(rm, held, enc, rank, world, device, hp["rm_batch_size"])
+    # Centre the scores on the training answers so PPO's rewards start near zero.
+    offset = _mean_score(unwrap(rm), train, enc, device, hp["rm_batch_size"])
+    metrics = {"reward_model_accuracy": held_eval["accuracy"], "reward_model_loss": held_eval["loss"],
+               "reward_model_train_accuracy": train_eval["accuracy"],
+               "reward_model_train_loss": train_eval["loss"], "reward_model_last_batch_loss": last_loss,
+               "heldout_pairs": held_eval["pairs"], "train_pairs": train_eval["pairs"], "reward_offset": offset,
+               "reward_model_seconds": time.perf_counter() - started}
+    rm = unwrap(rm)
+    rm.eval()
+    if rank == 0:
+        _save_atomic({"state": rm.state_dict(), "metrics": metrics}, checkpoint)
+    _barrier()
+    report({**metrics, "phase": "reward_model"}, phase_seconds={"reward_model": metrics["reward_model_seconds"]})
+    return rm, metrics
+
+
+def _mean_score(rm: nn.Module, items: Sequence[dict[str, Any]], enc: Encoder, device: torch.device,
+                batch_size: int) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            ids, mask, _ = comparison_batch(items[start:start + batch_size], enc)
+            scores = rm(ids.to(device), mask.to(device))
+            total += float(scores.sum())
+            count += scores.numel()
+    return total / count if count else 0.0
+
+
+# ----------------------------------------------------------------- PPO
+def rollout(policy: nn.Module, reference: nn.Module, rm: nn.Module, prompts: Sequence[str], enc: Encoder,
+            hp: dict[str, Any], reward_offset: float, device: torch.device) -> dict[str, torch.Tensor]:
+    """Sample answers from the policy and score them: everything PPO's epochs need, detached."""
+    ids, pmask = pad([enc.prompt(p) for p in prompts], enc.eos, left=True)
+    ids, pmask = ids.to(device), pmask.to(device)
+    width = ids.shape[1]
+    lm = unwrap(policy).lm
+    with torch.no_grad():
+        out = lm.generate(input_ids=ids, attention_mask=pmask, do_sample=True, temperature=hp["temperature"],
+                          top_k=0, top_p=1.0, max_new_tokens=hp["max_new_tokens"], pad_token_id=enc.eos,
+                          eos_token_id=enc.eos)
+        response = out[:, width:]
+        rmask = response_mask(response, enc.eos)
+        seq = out
+        attn = torch.cat([pmask, rmask], dim=1)
+        logits, values = unwrap(policy)(seq, attn)
+        logits = logits[:, width - 1:-1]
+        logprobs = ppo.logprobs_from_logits(logits, response)
+        entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), rmask)
+        values = values[:, width - 1:-1]
+        ref_logits, _ = reference(seq, attn)
+        ref_logprobs = ppo.logprobs_from_logits(ref_logits[:, width - 1:-1], response)
+        scores = rm(seq, attn) - reward_offset
+    rewards, kl = ppo.kl_penalized_rewards(scores, logprobs, ref_logprobs, rmask, hp["kl_coef"])
+    advantages, returns = ppo.gae(rewards, values, rmask, hp["gamma"], hp["lam"])
+    advantages = ppo.masked_whiten(advantages, rmask)
+    return {"seq": seq, "attn": attn, "response": response, "mask": rmask, "logprobs": logprobs,
+            "values": values, "advantages": advantages, "returns": returns, "scores": scores,
+            "kl": kl.sum(1), "entropy": entropy, "width": torch.tensor(width)}
+
+
+def ppo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+               hp: dict[str, Any], step_seed: int, device: torch.device) -> dict[str, float]:
+    """Several PPO epochs over one rollout batch, stopping early past the KL bound."""
+    width = int(batch["width"])
+    n = batch["seq"].shape[0]
+    rng = random.Random(step_seed)
+    stats: dict[str, float] = {}
+    epochs_run = 0
+    for _ in range(hp["ppo_epochs"]):
+        order = list(range(n))
+        rng.shuffle(order)
+        sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0,
+                "value_clip_fraction": 0.0}
+        minibatches = 0
+        for start in range(0, n, hp["minibatch_size"]):
+            idx = torch.tensor(order[start:start + hp["minibatch_size"]], device=device)
+            logits, values = policy(batch["seq"][idx], batch["attn"][idx])
+            logprobs = ppo.logprobs_from_logits(logits[:, width - 1:-1], batch["response"][idx])
+            values = values[:, width - 1:-1]
+            mask = batch["mask"][idx]
+            pl = ppo.policy_loss(logprobs, batch["logprobs"][idx], batch["advantages"][idx], mask, hp["clip_range"])
+            vl, vclip = ppo.value_loss(values, batch["values"][idx], batch["returns"][idx], mask,
+                                       hp["clip_range_value"])
+            loss = pl.loss + hp["vf_coef"] * vl
+            if hp["ent_coef"]:
+                loss = loss - hp["ent_coef"] * ppo.masked_mean(ppo.entropy_from_logits(logits[:, width - 1:-1]), mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), hp["max_grad_norm"])
+            optimizer.step()
+            for key, value in (("policy_loss", pl.loss), ("value_loss", vl), ("clip_fraction", pl.clip_fraction),
+                               ("approx_kl", pl.approx_kl), ("value_clip_fraction", vclip)):
+                sums[key] += float(value.detach())
+            minibatches += 1
+        totals = _all_sum([*sums.values(), float(minibatches)], device)
+        stats = {key: total / totals[-1] for key, total in zip(sums, totals[:-1], strict=True)}
+        epochs_run += 1
+        if stats["approx_kl"] > hp["target_kl"]:
+            break
+    stats["ppo_epochs_run"] = float(epochs_run)
+    return stats
+
+
+def train_ppo(cfg: dict[str, Any], rm: nn.Module, rm_metrics: dict[str, Any], enc: Encoder, device: torch.device,
+              rank: int, world: int, report: Any) -> list[dict[str, float]]:
+    """Phase 2: PPO steps (rollout, score, GAE, clipped epochs), checkpointed for resumption."""
+    from ray.train.torch import prepare_model
+
+    run_dir = Path(cfg["run_dir"])
+    hp = cfg["hp"]
+    base = Path(cfg["base_hf_dir"])
+    policy = PolicyWithValue(load_lm(base))
+    reference = PolicyWithValue(load_lm(base)).to(device).eval()
+    reference.requires_grad_(False)
+    rm.requires_grad_(False)
+    history: list[dict[str, float]] = []
+    first_step = 0
+    optimizer_state = None
+    checkpoint = run_dir / PPO_CHECKPOINT
+    if checkpoint.is_file():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        policy.load_state_dict(saved["policy"])
+        optimizer_state = saved["optimizer"]
+        history = saved["history"]
+        first_step = saved["step"]
+    policy = prepare_model(policy)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=hp["lr"])
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    prompts = cfg["prompts"]
+    started = time.perf_counter() - sum(h.get("step_seconds", 0.0) for h in history)
+    for step in range(first_step, hp["ppo_steps"]):
+        step_start = time.perf_counter()
+        rng = random.Random(hp["seed"] * 1_000_003 + step * world + rank)
+        chosen = [prompts[rng.randrange(len(prompts))] for _ in range(hp["rollout_batch_size"])]
+        torch.manual_seed(hp["seed"] * 7919 + step * world + rank)
+        policy.eval()
+        batch = rollout(policy, reference, rm, chosen, enc, hp, rm_metrics.get("reward_offset", 0.0), device)
+        policy.train()
+        stats = ppo_update(policy, optimizer, batch, hp, hp["seed"] + step, device)
+        sums = _all_sum([float(batch["scores"].mean()), float(batch["kl"].mean()), float(batch["entropy"]),
+                         float(batch["mask"].sum(1).float().mean()), 1.0], device)
+        metrics = {"step": float(step + 1), "reward_mean": sums[0] / sums[4], "kl": sums[1] / sums[4],
+                   "entropy": sums[2] / sums[4], "response_tokens": sums[3] / sums[4], **stats,
+                   "step_seconds": time.perf_counter() - step_start}
+        history.append(metrics)
+        if rank == 0 and ((step + 1) % hp["checkpoint_every"] == 0 or step + 1 == hp["ppo_steps"]):
+            _save_atomic({"step": step + 1, "policy": unwrap(policy).state_dict(),
+                          "optimizer": optimizer.state_dict(), "history": history}, checkpoint)
+        report({**metrics, "phase": "ppo"})
+    _barrier()
+    seconds = time.perf_counter() - started
+    report({"phase": "ppo_done", "ppo_seconds": seconds}, phase_seconds={"ppo": seconds})
+    if rank == 0:
+        from model.hf_export import copy_tokenizer, save_checkpoint
+
+        out = run_dir / POLICY_DIR
+        tmp = run_dir / f".{POLICY_DIR}.tmp"
+        save_checkpoint(unwrap(policy).lm, tmp)
+        copy_tokenizer(base, tmp)
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        value_head = {"value_head": unwrap(policy).value_head.state_dict()}
+        _save_atomic(value_head, run_dir / "value_head.pt")
+        (run_dir / METRICS_FILE).write_text(json.dumps({"reward_model": rm_metrics, "ppo": history,
+                                                        "phase_seconds": {"reward_model": rm_metrics.get(
+                                                            "reward_model_seconds", 0.0), "ppo": seconds}},
+                                                       indent=2) + "\n", encoding="utf-8")
+    _barrier()
+    return history
+
+
+# ----------------------------------------------------------------- entry point
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """Ray Train's per-worker function: reward model, then PPO; rank 0 writes the results."""
+    import ray.train
+    from ray.train.torch import get_device
+
+    from rlhf.metrics import JobMetrics
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(cfg["hp"]["cpus_per_worker"])))
+    torch.manual_seed(cfg["hp"]["seed"] + rank)
+    device = get_device()
+    gauges = JobMetrics(cfg.get("pushgateway_url", "")) if rank == 0 else None
+
+    def report(metrics: dict[str, Any], phase_seconds: dict[str, float] | None = None) -> None:
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        if gauges is not None:
+            gauges.update(numeric, phase_seconds)
+        ray.train.report({**numeric, "phase": metrics.get("phase", "")})
+
+    hp = cfg["hp"]
+    enc = Encoder(Path(cfg["base_hf_dir"]) / "tokenizer.json", hp["max_prompt_tokens"], hp["max_answer_tokens"])
+    rm, rm_metrics = train_reward_model(cfg, enc, device, rank, world, report)
+    train_ppo(cfg, rm, rm_metrics, enc, device, rank, world, report)
