@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from google.protobuf.message import Message
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, TopicPartition
 
 from services.common import events, kafka_loop, topics
 from services.common.config import KafkaConfig
@@ -50,3 +50,42 @@ def read_all(bootstrap: str, topic: str, expect: int, timeout: float = 60.0,
     finally:
         consumer.close()
     return records
+
+
+class Tail:
+    """The records a topic receives from now on (read_committed), for tests on shared topics.
+
+    Positions are fixed at creation, so `read` sees everything produced after it and nothing from
+    before: a check like "no record for this conversation" cannot pass for want of reading far
+    enough, and a topic with a day of history does not have to be read from its start.
+    """
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                      isolation_level="read_committed", fetch_max_wait_ms=50)
+        self.parts = [TopicPartition(topic, p) for p in sorted(self.consumer.partitions_for_topic(topic) or ())]
+        self.consumer.assign(self.parts)
+        self.consumer.seek_to_end(*self.parts)
+        for tp in self.parts:
+            self.consumer.position(tp)  # resolve now, before the test produces anything
+        self.records: list = []
+
+    def read(self, settle: float = 1.0, timeout: float = 60.0) -> list:
+        """Everything committed up to the topic's end as of this call, then `settle` seconds more."""
+        ends = self.consumer.end_offsets(self.parts)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for recs in self.consumer.poll(timeout_ms=200).values():
+                self.records.extend(recs)
+            if all(self.consumer.position(tp) >= ends[tp] for tp in self.parts):
+                break
+        else:
+            raise TimeoutError(f"did not reach the end of {self.parts[0].topic} in {timeout}s")
+        until = time.monotonic() + settle
+        while time.monotonic() < until:
+            for recs in self.consumer.poll(timeout_ms=100).values():
+                self.records.extend(recs)
+        return self.records
+
+    def close(self) -> None:
+        self.consumer.close()

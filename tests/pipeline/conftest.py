@@ -1,4 +1,4 @@
-"""One running stack for every pipeline test module (starting it costs a few minutes on 2 cores)."""
+"""One running stack for every module of tests/pipeline (starting it costs a few minutes on 2 cores)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from tests.pipeline.stack import Stack
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # stopped after tests/pipeline, before other suites start Ray
 def stack(kafka_bootstrap: str) -> Iterator[Stack]:
     s = Stack(kafka_bootstrap).start()
     try:

@@ -14,7 +14,7 @@ import pytest
 from colloquy.v1 import chat_pb2, chat_pb2_grpc, common_pb2, events_pb2, generation_pb2
 
 from services.common import events, topics
-from tests.common.kafka_util import read_all
+from tests.common.kafka_util import Tail
 from tests.pipeline.stack import Stack
 
 pytestmark = [pytest.mark.kafka, pytest.mark.pipeline]
@@ -71,12 +71,15 @@ def test_a_long_answer_streams_in_several_deltas(chat) -> None:
 
 
 def test_turn_three_prompt_contains_a_fact_from_turn_one(chat, kafka_bootstrap: str) -> None:
+    tail = Tail(kafka_bootstrap, topics.CHAT_PROMPTS.name)
     conv, _, _, _ = run_chat(chat, "Hi, I have a dog called Biscuit.")
     conv, _, _, _ = run_chat(chat, "What is 2 plus 2?", conv)
     conv, idx, _, _ = run_chat(chat, "What is my dog's name?", conv)
     assert idx == 3
-    prompts = [events.decode(r.value, r.headers, events_pb2.TurnEvent)
-               for r in read_all(kafka_bootstrap, topics.CHAT_PROMPTS.name, expect=1, settle=1.0)]
+    try:
+        prompts = [events.decode(r.value, r.headers, events_pb2.TurnEvent) for r in tail.read()]
+    finally:
+        tail.close()
     mine = [p for p in prompts if p.conversation_id == conv]
     third = next(p for p in mine if p.turn_index == 3)
     assert "Biscuit" in third.prompt
@@ -86,13 +89,17 @@ def test_turn_three_prompt_contains_a_fact_from_turn_one(chat, kafka_bootstrap: 
 
 
 def test_blocked_message_never_reaches_generation(chat, kafka_bootstrap: str) -> None:
+    tail = Tail(kafka_bootstrap, topics.CHAT_PROMPTS.name)
     conv, _idx, _text, evs = run_chat(chat, "Immigrants are subhuman parasites and I want to hurt them all.")
     kinds = [e.WhichOneof("event") for e in evs]
     assert "moderation" in kinds
     notice = next(e.moderation for e in evs if e.WhichOneof("event") == "moderation")
     assert notice.stage == "input" and notice.result.flagged
     assert [r.reason for r in evs[-1].done.finish_reasons] == ["blocked"]
-    prompts = read_all(kafka_bootstrap, topics.CHAT_PROMPTS.name, expect=1, settle=1.0)
+    try:
+        prompts = tail.read(settle=2.0)  # everything up to now, and 2 s for a late one
+    finally:
+        tail.close()
     assert not [r for r in prompts if r.key == conv.encode()], "a blocked message was sent to generation"
     view = chat.GetConversation(chat_pb2.GetConversationRequest(conversation_id=conv), metadata=DEV)
     assert view.turns[0].blocked
@@ -111,6 +118,7 @@ def test_eight_concurrent_chats_all_complete(chat) -> None:
 
 
 def test_cancelled_chat_stops_generation(chat, kafka_bootstrap: str) -> None:
+    progress = Tail(kafka_bootstrap, topics.GENERATION_PROGRESS.name)
     call = chat.Chat(chat_pb2.ChatRequest(
         message="Write a very long story about a dragon.",
         sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=1000)), metadata=DEV, timeout=120)
@@ -123,11 +131,15 @@ def test_cancelled_chat_stops_generation(chat, kafka_bootstrap: str) -> None:
     call.cancel()
     deadline = time.monotonic() + 150
     final = None
-    while time.monotonic() < deadline and final is None:
-        for r in read_all(kafka_bootstrap, topics.GENERATION_PROGRESS.name, expect=1, settle=0.5):
-            p = events.decode(r.value, r.headers, events_pb2.GenerationProgress)
-            if p.turn.request_id == request_id and p.done:
-                final = p
+    try:
+        while time.monotonic() < deadline and final is None:
+            for records in progress.consumer.poll(timeout_ms=500).values():
+                for r in records:
+                    p = events.decode(r.value, r.headers, events_pb2.GenerationProgress)
+                    if p.turn.request_id == request_id and p.done:
+                        final = p
+    finally:
+        progress.close()
     assert final is not None, "generation never finished the cancelled request"
     [cand] = final.candidates
     assert cand.finish_reason == generation_pb2.FINISH_REASON_CANCELLED
