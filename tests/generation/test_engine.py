@@ -102,9 +102,16 @@ def test_new_request_joins_running_batch_and_leaves_it(engine) -> None:
                 a.add(deltas)
             a.finished_at = time.perf_counter()
 
+        async def watch() -> None:  # A's deltas are paced; sample the batch size between them too
+            while not task.done():
+                running_seen.append(eng.stats()["running"])
+                await asyncio.sleep(0.001)
+
         task = asyncio.create_task(drain_a())
+        watcher = asyncio.create_task(watch())
         b = await collect(eng, b_req)
         await task
+        await watcher
         return a, b, a_tokens_before_b, running_seen
 
     a, b, before, running_seen = asyncio.run(scenario())

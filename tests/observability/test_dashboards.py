@@ -85,8 +85,8 @@ def system(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> It
     push = Pushgateway(workdir)
     prom = None
     try:
+        stack.start()  # first: the stack picks its ports as it starts its services
         prom = Prometheus(workdir, _scrape_configs(stack, replica_port, push), scrape_s=SCRAPE_S)
-        stack.start()
         sys_ = System(stack, prom, push)
         _drive(stack, kafka_bootstrap)
         _wait_for_data(sys_)

@@ -288,3 +288,16 @@ def test_sigkill_a_stage_mid_chat_loses_and_duplicates_no_turn(stack: Stack, cha
     view = chat.GetConversation(chat_pb2.GetConversationRequest(conversation_id=conv), metadata=DEV)
     assert [t.index for t in view.turns] == [1, 2]
     assert view.turns[1].answers[0].text == text
+
+
+def test_logs_carry_no_message_text_or_keys(stack: Stack, chat) -> None:
+    """At the default level no service logs what users wrote, what the model answered, or API keys."""
+    marker = f"zebra{uuid.uuid4().hex[:10]}"
+    _, _, text, _ = run_chat(chat, f"Please remember the code word {marker} for me.")
+    time.sleep(1.0)  # let the stages log whatever they log about this turn
+    for name, proc in stack.procs.items():
+        out = proc.output()
+        assert marker not in out, f"{name} logged the user's message"
+        assert "colloquy-dev-key" not in out, f"{name} logged an API key"
+        if len(text) > 40:
+            assert text[:40] not in out, f"{name} logged the answer"
