@@ -88,6 +88,7 @@ def system(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> It
         stack.start()  # first: the stack picks its ports as it starts its services
         prom = Prometheus(workdir, _scrape_configs(stack, replica_port, push), scrape_s=SCRAPE_S)
         sys_ = System(stack, prom, push)
+        _wait_first_scrape(prom)  # rates need a sample from before the chats
         _drive(stack, kafka_bootstrap)
         _wait_for_data(sys_)
         yield sys_
@@ -129,6 +130,19 @@ def _drive(stack: Stack, bootstrap: str) -> None:
                       headers=[(events.H_TYPE, b"colloquy.v1.NoSuchEvent")]).get(timeout=30)
     finally:
         producer.close()
+
+
+def _wait_first_scrape(prom: Prometheus, timeout: float = 60.0) -> None:
+    """Until every target has been scraped once: Prometheus starts after the stack (which picks its
+    ports as it starts), and a counter first seen after the chats would show a rate of 0."""
+    started = time.time()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        targets = prom.targets()
+        if targets and all(_unix(t["lastScrape"]) > started for t in targets):
+            break
+        time.sleep(0.25)
+    time.sleep(2 * SCRAPE_S)  # and one more round, so every series has a sample before the drive
 
 
 def _wait_for_data(sys_: System, timeout: float = 120.0) -> None:
