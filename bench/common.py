@@ -82,6 +82,21 @@ def cpu_model() -> str:
     return platform.processor()
 
 
+def token_clock(stamps: list[float]) -> Any:
+    """A transformers streamer that appends perf_counter() at each put(): first the prompt, then
+    one per generated token (transformers is imported here, only by the benchmarks that use it)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def put(self, value: Any) -> None:
+            stamps.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    return Clock()
+
+
 class Record:
     """One benchmark's result document; `finish()` stamps the end load and writes the JSON."""
 

@@ -117,19 +117,9 @@ class Transformers:
         return (out.shape[1] - len(ids)) * streams
 
     def single(self, ids: list[int], tokens: int) -> dict[str, Any]:
-        from transformers.generation.streamers import BaseStreamer
-
         stamps: list[float] = []
-
-        class Clock(BaseStreamer):
-            def put(self, value: Any) -> None:  # first call is the prompt, then one per token
-                stamps.append(time.perf_counter())
-
-            def end(self) -> None:
-                pass
-
         start = time.perf_counter()
-        self._generate(ids, tokens, 1, Clock())
+        self._generate(ids, tokens, 1, common.token_clock(stamps))
         return _stamps_result(len(ids), start, stamps[1:])
 
     def batch(self, ids: list[int], tokens: int, streams: int) -> int:

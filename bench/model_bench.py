@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import common  # noqa: E402
 from model.build import VARIANTS, tool_versions  # noqa: E402
 from model.chat_template import render_chatml  # noqa: E402
 from model.paths import build_dir  # noqa: E402
@@ -100,23 +101,13 @@ class TransformersEngine:
         self.model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
 
     def run(self, ids: list[int], tokens: int) -> tuple[float, float, str]:
-        from transformers.generation.streamers import BaseStreamer
-
         stamps: list[float] = []
-
-        class Clock(BaseStreamer):
-            def put(self, value: Any) -> None:  # first call is the prompt, then one per token
-                stamps.append(time.perf_counter())
-
-            def end(self) -> None:
-                pass
-
         input_ids = self.torch.tensor([ids])
         with self.torch.inference_mode():
             start = time.perf_counter()
             out = self.model.generate(input_ids, attention_mask=self.torch.ones_like(input_ids),
                                       max_new_tokens=tokens, min_new_tokens=tokens,
-                                      do_sample=False, streamer=Clock(), pad_token_id=2)
+                                      do_sample=False, streamer=common.token_clock(stamps), pad_token_id=2)
             end = time.perf_counter()
         new = out.shape[1] - len(ids)
         if new != tokens:
@@ -209,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         "method": __doc__.split("\n\n")[2].replace("\n", " "),
         "tokens": args.tokens, "repeats": args.repeats,
         "prompt_tokens": {p: len(ids) for p, ids in encoded.items()},
-        "machine": {"platform": platform.platform(), "processor": _cpu_model(),
+        "machine": {"platform": platform.platform(), "processor": common.cpu_model(),
                     "cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
         "tools": tool_versions(),
@@ -230,16 +221,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(load average {report['machine']['loadavg_before'][0]} -> "
           f"{report['machine']['loadavg_after'][0]} on {os.cpu_count()} CPUs; wrote {args.out})")
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "build" / "python")]
 import grpc  # noqa: E402
 from colloquy.v1 import chat_pb2, chat_pb2_grpc, common_pb2  # noqa: E402
 
+from bench import common  # noqa: E402
 from tests.pipeline.stack import Stack  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -80,21 +81,7 @@ def chat_once(stub: chat_pb2_grpc.ChatServiceStub, message: str, conversation: s
 
 
 def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return round(values[min(len(values) - 1, int(q * len(values)))], 3)
-
-
-def rss_mb(stack: Stack) -> dict[str, float]:
-    out = {}
-    for name, proc in stack.procs.items():
-        try:
-            with open(f"/proc/{proc.popen.pid}/status") as fh:
-                out[name] = round(int(next(x for x in fh if x.startswith("VmRSS")).split()[1]) / 1024, 1)
-        except (OSError, StopIteration):
-            out[name] = 0.0
-    return out
+    return round(common.percentile(values, q * 100), 3) if values else None
 
 
 # -- 1. load and admission -----------------------------------------------------------------------
@@ -102,7 +89,7 @@ def phase_load(stack: Stack, stub: chat_pb2_grpc.ChatServiceStub, capacity: int,
     rows = []
     for mult in (1, 2, 4):
         n = capacity * mult
-        before = rss_mb(stack)
+        before = {k: round(v, 1) for k, v in stack.rss_mb().items()}
         outcomes: list[Outcome] = []
         for r in range(rounds):
             with cf.ThreadPoolExecutor(n) as pool:
@@ -118,7 +105,7 @@ def phase_load(stack: Stack, stub: chat_pb2_grpc.ChatServiceStub, capacity: int,
             "ttft_p50_s": pct([o.ttft_s for o in ok if o.ttft_s is not None], 0.5),
             "ttft_p99_s": pct([o.ttft_s for o in ok if o.ttft_s is not None], 0.99),
             "refusal_p50_s": pct([o.total_s for o in refused], 0.5),
-            "rss_mb_before": before, "rss_mb_after": rss_mb(stack),
+            "rss_mb_before": before, "rss_mb_after": {k: round(v, 1) for k, v in stack.rss_mb().items()},
         })
         print(f"load {mult}x ({n} concurrent): completed {len(ok)}/{len(outcomes)}, refused {len(refused)}, "
               f"ttft p50 {rows[-1]['ttft_p50_s']} p99 {rows[-1]['ttft_p99_s']} s", flush=True)

@@ -46,25 +46,26 @@ def make_handler(apply: Callable[[rollout.RolloutState], None], state: rollout.R
                  version_exists: Callable[[str], bool],
                  deployment: str = DEPLOYMENT) -> kafka_loop.Handler[events_pb2.ModelUpdate]:
     """The `model.updates` handler: validate, compute the new state, apply it (idempotent)."""
-    current = [state]
+    current = state
 
     def handle(ev: kafka_loop.Consumed[events_pb2.ModelUpdate]) -> Iterable[events.OutEvent]:
+        nonlocal current
         upd = ev.message
         if upd.deployment and upd.deployment != deployment:
             return []  # another deployment's rollout
         try:
-            new = rollout.apply(current[0], upd.action, upd.version, upd.canary_percent)
+            new = rollout.apply(current, upd.action, upd.version, upd.canary_percent)
         except rollout.InvalidUpdate as exc:
             raise events.PoisonEvent(f"invalid model update: {exc}") from None
-        serving = {current[0].version, current[0].canary_version}
+        serving = {current.version, current.canary_version}
         for v in filter(None, (new.version, new.canary_version)):
             if v not in serving and not version_exists(v):  # only what is to be loaded
                 raise events.PoisonEvent(f"invalid model update: version {v!r} is not in the registry")
-        if new != current[0]:
-            log.info("applying a model update", extra={"from": current[0].user_config(), "to": new.user_config(),
+        if new != current:
+            log.info("applying a model update", extra={"from": current.user_config(), "to": new.user_config(),
                                                         "action": upd.action})
             apply(new)
-            current[0] = new
+            current = new
         return []
 
     return handle

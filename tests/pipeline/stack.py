@@ -92,6 +92,17 @@ class Stack:
         self.spawn(name)
         self.wait_serving(name)
 
+    def rss_mb(self) -> dict[str, float]:
+        """Resident memory of each service process, in MiB (0 for one that is gone)."""
+        out = {}
+        for name, proc in self.procs.items():
+            try:
+                with open(f"/proc/{proc.popen.pid}/status") as fh:
+                    out[name] = int(next(x for x in fh if x.startswith("VmRSS")).split()[1]) / 1024
+            except (OSError, StopIteration):
+                out[name] = 0.0
+        return out
+
     def stop(self) -> None:
         for name in reversed(ORDER):
             proc = self.procs.get(name)

@@ -138,25 +138,11 @@ def _call(stack: Stack, service: str, method: str, streaming: bool, payload: byt
     return grpc.StatusCode.OK
 
 
-def _rss_mb(stack: Stack) -> dict[str, float]:
-    out = {}
-    for name, proc in stack.procs.items():
-        with open(f"/proc/{proc.popen.pid}/status") as fh:
-            rss = next(line for line in fh if line.startswith("VmRSS"))
-        out[name] = int(rss.split()[1]) / 1024
-    return out
-
-
-@pytest.fixture(scope="module")
-def fuzz_stack(stack: Stack) -> Stack:
-    return stack
-
-
 @pytest.mark.parametrize(("service", "method", "req", "resp", "streaming"), RPCS,
                          ids=[m.rsplit("/", 1)[1] for _, m, *_ in RPCS])
 def test_random_messages_and_bytes_never_crash_or_fail_internally(
-        fuzz_stack: Stack, service: str, method: str, req: type, resp: type, streaming: bool) -> None:
-    before = _rss_mb(fuzz_stack)
+        stack: Stack, service: str, method: str, req: type, resp: type, streaming: bool) -> None:
+    before = stack.rss_mb()
     seen: set[grpc.StatusCode] = set()
 
     @settings(max_examples=25, deadline=None, database=None,
@@ -182,23 +168,23 @@ def test_random_messages_and_bytes_never_crash_or_fail_internally(
                     payload = msg.SerializeToString()
             except Exception:
                 pass
-        seen.add(_call(fuzz_stack, service, method, streaming, payload))
+        seen.add(_call(stack, service, method, streaming, payload))
 
     fuzz()
-    for name, proc in fuzz_stack.procs.items():
+    for name, proc in stack.procs.items():
         assert proc.popen.poll() is None, f"{name} died"
-    after = _rss_mb(fuzz_stack)
+    after = stack.rss_mb()
     assert after[service] - before[service] < 150, (before, after)  # bounded, not a leak per call
     assert grpc.StatusCode.INVALID_ARGUMENT in seen or grpc.StatusCode.UNAUTHENTICATED in seen \
         or grpc.StatusCode.NOT_FOUND in seen, seen
 
 
 @pytest.mark.parametrize("service", ["gateway", "tokenizer", "moderation", "prompt"])
-def test_a_message_over_the_size_limit_is_refused_clearly(fuzz_stack: Stack, service: str) -> None:
+def test_a_message_over_the_size_limit_is_refused_clearly(stack: Stack, service: str) -> None:
     method = {"gateway": "/colloquy.v1.ChatService/GetConversation",
               "tokenizer": "/colloquy.v1.TokenizerService/CountTokens",
               "moderation": "/colloquy.v1.ModerationService/Moderate",
               "prompt": "/colloquy.v1.PromptService/AssemblePrompt"}[service]
     huge = b"\x0a" + b"\x80\x80\x80\x03" + b"x" * (6 * 1024 * 1024)  # field 1, 6 MiB (limit: 4 MiB)
-    code = _call(fuzz_stack, service, method, False, huge)
+    code = _call(stack, service, method, False, huge)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
