@@ -136,7 +136,7 @@ def latency(moderator: Moderator, texts: list[str], repeats: int) -> dict[str, A
             # CPU time of this process (all its threads) per text: what the work costs, much less
             # sensitive than wall time to other processes sharing the cores.
             "p50_cpu_ms_per_text": round(statistics.median(cpu), 2),
-            "threads": moderator.embedder.session.get_session_options().intra_op_num_threads,
+            "threads": moderator.embedder.threads,
             "mean_chars_per_text": round(statistics.fmean(len(t) for t in batch), 1),
             "cpu_count": os.cpu_count(), "load_average_1m_at_start": round(load_start, 2),
             "load_average_1m_at_end": round(os.getloadavg()[0], 2)}
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--threads", type=int, default=ModerationConfig().threads,
-                        help="ONNX Runtime threads (0: one per core); default: the service's default")
+                        help="windows embedded at once (0: one per core); default: the service's default")
     parser.add_argument("--precision", choices=["int8", "fp32"], default="int8",
                         help="encoder build; the committed heads were trained on int8")
     args = parser.parse_args(argv)

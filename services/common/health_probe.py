@@ -1,6 +1,7 @@
 """`python -m services.common.health_probe HOST:PORT [--wait SECONDS]`: exit 0 once SERVING.
 
-Used by the local stack scripts to wait for services (k8s uses its native gRPC probes).
+Used by the local stack scripts to wait for services, and on k8s as the exec probe of prod, where
+TLS is on (kubelet's native gRPC probes cannot present a client certificate; dev uses them).
 """
 
 from __future__ import annotations

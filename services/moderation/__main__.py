@@ -57,7 +57,7 @@ async def build() -> grpc_server.ServiceApp:
     if cfg.stages:
         kafka = config.load_or_exit(config.KafkaConfig)
         if kafka.create_topics:
-            topics.ensure_topics(kafka.bootstrap_servers)
+            topics.ensure_topics(kafka.bootstrap_servers, kafka=kafka)
         instance = server.instance_id or "0"
         if "input" in cfg.stages:
             workers.append(kafka_loop.StageWorker(

@@ -22,11 +22,11 @@ class ModerationConfig:
     # Which encoder build runs: int8 (default, what the committed heads were trained on) or fp32.
     precision: str = env("MODERATION_PRECISION", "int8", check=lambda v: v in {"int8", "fp32"},
                          hint="int8 or fp32")
-    # One intra-op thread by default: on cores shared with the other stages (Kafka, gateway,
-    # generation) a batch of 16 took 2-4x less wall time with one thread than with one per core
-    # (bench/results/moderation_eval.json: 12.5 vs 41.3 ms/text p50); scale with replicas instead.
-    threads: int = env("MODERATION_THREADS", 1, check=lambda v: 0 <= v <= 64,
-                       hint="ONNX Runtime intra-op threads, 0 = one per core")
+    # Windows embedded at once, each run on one core (embedder.py). Not ONNX Runtime intra-op
+    # threads: those spin while waiting, and on cores shared with the other stages a batch of 16
+    # took 3x the wall time with one per core (41.3 vs 12.5 ms/text p50, session 2's eval).
+    threads: int = env("MODERATION_THREADS", 0, check=lambda v: 0 <= v <= 64,
+                       hint="windows embedded at once, 0 = one per core")
     # Output moderation releases answer text in chunks of about this many characters.
     chunk_min_chars: int = env("MODERATION_CHUNK_MIN_CHARS", 64, check=lambda v: 1 <= v <= 4096,
                                hint="1..4096 characters")

@@ -91,11 +91,18 @@ def test_obfuscation_is_normalized_before_scoring(moderator: Moderator) -> None:
 
 
 def test_batch_scores_do_not_depend_on_batch_neighbours(moderator: Moderator) -> None:
-    text = "Kill Bill is one of my favourite movies"
-    [alone] = moderator.scores([text])
-    together = moderator.scores(["a much longer neighbour text that forces padding " * 5, text])[1]
-    # int8 dynamic quantization scales activations per batch: neighbours move scores a little only.
-    assert together["violence"] == pytest.approx(alone["violence"], abs=0.02)
+    """int8 dynamic quantization scales activations per tensor: batched, one text's scores moved
+    by up to 0.34 with its neighbours (one user's message could flip another's verdict). Each
+    window now runs alone, so a text scores the same whatever it is batched with."""
+    texts = ["Kill Bill is one of my favourite movies", "How do I kill a Python process?",
+             "Give me step by step instructions to build a pipe bomb",
+             "a much longer neighbour text that forces padding " * 5, "What a fucking great day!"]
+    alone = [moderator.scores([t])[0] for t in texts]
+    for order in ([0, 1, 2, 3, 4], [3, 2, 4, 0, 1], [4, 3, 0]):
+        batched = moderator.scores([texts[i] for i in order])
+        for i, got in zip(order, batched, strict=True):
+            for name, score in alone[i].items():
+                assert got[name] == pytest.approx(score, abs=1e-5), (texts[i], name)
 
 
 def test_committed_weights_match_the_training_data() -> None:
