@@ -4,7 +4,11 @@ Runs the real stack (tests/pipeline/stack.py: real Kafka, gRPC services, Ray Ser
 ONNX model) on loopback only, with a fixed number of chats per phase, and writes
 bench/results/reliability.json and reliability.md:
 
-1. load: C concurrent chats (C = the gateway's admission limit) at 1x, 2x and 4x C: completed,
+0. capacity: with admission wide open, raise concurrent chats (1, 2, 4, 6, 8, 12, 16) until one
+   level breaks the SLO (a chat fails, or time to first token above --slo-ttft; with this few
+   chats per level, p99 is the maximum). Capacity C is the last level that held, and the gateway
+   is restarted with C as its admission limit (CHAT_MAX_CONCURRENT).
+1. load: C concurrent chats (C = the measured capacity) at 1x, 2x and 4x C: completed,
    refused fast (RESOURCE_EXHAUSTED), other errors, time to first token p50/p99 of the accepted,
    time to refusal, and the services' memory before/after.
 2. faults: while chats run, SIGKILL each service in turn (gateway, tokenizer, moderation, prompt,
@@ -23,12 +27,9 @@ import concurrent.futures as cf
 import json
 import os
 import signal
-import subprocess
 import sys
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,48 +37,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "build" / "python")]
 
 import grpc  # noqa: E402
-from colloquy.v1 import chat_pb2, chat_pb2_grpc, common_pb2  # noqa: E402
+from colloquy.v1 import chat_pb2_grpc  # noqa: E402
 
 from bench import common  # noqa: E402
+from tests.pipeline.load import (  # noqa: E402
+    QUESTIONS,
+    Load,
+    Outcome,
+    chat_once,
+    history_check,
+    probe_until_ok,
+    replica_pids,
+)
 from tests.pipeline.stack import Stack  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-KEYS = [("authorization", f"Bearer {k}") for k in ("colloquy-dev-key", "colloquy-dev-key-alice",
-                                                    "colloquy-dev-key-bob")]
-SAMPLING = common_pb2.SamplingParams(temperature=0.0, max_tokens=24)
-QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "What is 2 plus 2?",
-             "Say hello in Spanish.", "What do bees make?", "What is ice made of?"]
-
-
-@dataclass
-class Outcome:
-    conversation: str = ""
-    request_id: str = ""
-    code: str = "OK"
-    detail: str = ""
-    ttft_s: float | None = None
-    total_s: float = 0.0
-    done: bool = False
-
-
-def chat_once(stub: chat_pb2_grpc.ChatServiceStub, message: str, conversation: str = "", key: int = 0,
-              timeout: float = 240.0, wait_for_ready: bool = False) -> Outcome:
-    out = Outcome(conversation=conversation)
-    t0 = time.perf_counter()
-    try:
-        for ev in stub.Chat(chat_pb2.ChatRequest(conversation_id=conversation, message=message, sampling=SAMPLING),
-                            metadata=[KEYS[key % len(KEYS)]], timeout=timeout, wait_for_ready=wait_for_ready):
-            kind = ev.WhichOneof("event")
-            if kind == "started":
-                out.conversation, out.request_id = ev.started.conversation_id, ev.started.request_id
-            elif kind == "delta" and out.ttft_s is None:
-                out.ttft_s = time.perf_counter() - t0
-            elif kind == "done":
-                out.done = True
-    except grpc.RpcError as exc:
-        out.code, out.detail = exc.code().name, exc.details() or ""
-    out.total_s = time.perf_counter() - t0
-    return out
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -85,16 +59,43 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 # -- 1. load and admission -----------------------------------------------------------------------
+def burst(stub: chat_pb2_grpc.ChatServiceStub, n: int, rounds: int) -> list[Outcome]:
+    """`rounds` waves of `n` chats started together, each a fresh conversation."""
+    outcomes: list[Outcome] = []
+    for r in range(rounds):
+        with cf.ThreadPoolExecutor(n) as pool:
+            outcomes += list(pool.map(lambda i, r=r: chat_once(stub, QUESTIONS[(i + r) % len(QUESTIONS)], key=i),
+                                      range(n)))
+    return outcomes
+
+
+def phase_capacity(stub: chat_pb2_grpc.ChatServiceStub, levels: list[int], slo_ttft_s: float,
+                   rounds: int) -> dict[str, Any]:
+    """Raise concurrency until the SLO breaks. Capacity: the highest level at which every chat
+    completed and every time to first token stayed within `slo_ttft_s` (admission wide open)."""
+    rows, capacity = [], 0
+    for n in levels:
+        outcomes = burst(stub, n, rounds)
+        ok = [o for o in outcomes if o.done]
+        ttft = [o.ttft_s for o in ok if o.ttft_s is not None]
+        meets = len(ok) == len(outcomes) and bool(ttft) and max(ttft) <= slo_ttft_s
+        rows.append({"concurrent": n, "chats": len(outcomes), "completed": len(ok),
+                     "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99), "meets_slo": meets})
+        print(f"capacity search: {n} concurrent: {len(ok)}/{len(outcomes)} completed, ttft p50 "
+              f"{rows[-1]['ttft_p50_s']} p99 {rows[-1]['ttft_p99_s']} s -> {'ok' if meets else 'SLO broken'}",
+              flush=True)
+        if not meets:
+            break
+        capacity = n
+    return {"slo_ttft_p99_s": slo_ttft_s, "levels": rows, "capacity": max(1, capacity)}
+
+
 def phase_load(stack: Stack, stub: chat_pb2_grpc.ChatServiceStub, capacity: int, rounds: int) -> dict[str, Any]:
     rows = []
     for mult in (1, 2, 4):
         n = capacity * mult
         before = {k: round(v, 1) for k, v in stack.rss_mb().items()}
-        outcomes: list[Outcome] = []
-        for r in range(rounds):
-            with cf.ThreadPoolExecutor(n) as pool:
-                outcomes += list(pool.map(lambda i, r=r: chat_once(stub, QUESTIONS[(i + r) % len(QUESTIONS)], key=i),
-                                          range(n)))
+        outcomes = burst(stub, n, rounds)
         ok = [o for o in outcomes if o.done]
         refused = [o for o in outcomes if o.code == "RESOURCE_EXHAUSTED"]
         rows.append({
@@ -110,83 +111,6 @@ def phase_load(stack: Stack, stub: chat_pb2_grpc.ChatServiceStub, capacity: int,
         print(f"load {mult}x ({n} concurrent): completed {len(ok)}/{len(outcomes)}, refused {len(refused)}, "
               f"ttft p50 {rows[-1]['ttft_p50_s']} p99 {rows[-1]['ttft_p99_s']} s", flush=True)
     return {"capacity": capacity, "rows": rows}
-
-
-# -- 2 and 3. faults and rolling restarts under load -----------------------------------------------
-@dataclass
-class Load:
-    """Clients holding multi-turn conversations until stopped; every outcome kept."""
-
-    stub: chat_pb2_grpc.ChatServiceStub
-    clients: int
-    outcomes: list[Outcome] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-    threads: list[threading.Thread] = field(default_factory=list)
-
-    def start(self) -> Load:
-        for k in range(self.clients):
-            t = threading.Thread(target=self._client, args=(k,), daemon=True)
-            t.start()
-            self.threads.append(t)
-        return self
-
-    def _client(self, k: int) -> None:
-        conv, turn = "", 0
-        while not self.stop.is_set():
-            o = chat_once(self.stub, QUESTIONS[(k + turn) % len(QUESTIONS)], conv, key=k, wait_for_ready=True)
-            self.outcomes.append(o)
-            if o.done:
-                conv, turn = o.conversation, turn + 1
-                if turn >= 6:
-                    conv, turn = "", 0
-            else:
-                time.sleep(1.0)  # a failed turn: back off, then continue the same conversation
-            if o.code == "NOT_FOUND":
-                conv = ""
-
-    def finish(self, timeout: float = 300) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout)
-
-
-def probe_until_ok(stub: chat_pb2_grpc.ChatServiceStub, timeout: float = 300) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if chat_once(stub, "Hello!", timeout=120, wait_for_ready=True).done:
-            return round(time.monotonic() - t0, 1)
-        time.sleep(0.5)
-    return float("inf")
-
-
-def replica_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "ServeReplica:generation"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def history_check(stub: chat_pb2_grpc.ChatServiceStub, outcomes: list[Outcome]) -> dict[str, int]:
-    """Lost: a `done` the client saw but the history lacks; duplicated: a request recorded twice."""
-    by_conv: dict[str, list[Outcome]] = {}
-    for o in outcomes:
-        if o.conversation:
-            by_conv.setdefault(o.conversation, []).append(o)
-    lost = dup = checked = 0
-    for conv, outs in by_conv.items():
-        view = None
-        for key in range(len(KEYS)):  # the owner's key is the one that finds it
-            try:
-                view = stub.GetConversation(chat_pb2.GetConversationRequest(conversation_id=conv),
-                                            metadata=[KEYS[key]], timeout=30)
-                break
-            except grpc.RpcError:
-                continue
-        recorded = [t.request_id for t in view.turns] if view is not None else []
-        dup += len(recorded) - len(set(recorded))
-        for o in outs:
-            if o.done:
-                checked += 1
-                lost += o.request_id not in recorded
-    return {"turns_checked": checked, "lost": lost, "duplicated": dup}
 
 
 def phase_faults(stack: Stack, stub: chat_pb2_grpc.ChatServiceStub, clients: int, dwell: float) -> dict[str, Any]:
@@ -276,9 +200,15 @@ def write_report(result: dict[str, Any]) -> None:
     previous = RESULTS / "reliability.json"
     if previous.is_file():  # a run of some phases keeps the other phases' last figures
         kept = json.loads(previous.read_text())
-        result = {**{k: v for k, v in kept.items() if k in ("load", "faults", "rolling", "fuzz")}, **result}
+        result = {**{k: v for k, v in kept.items() if k in PHASES}, **result}
     (RESULTS / "reliability.json").write_text(json.dumps(result, indent=2))
     lines = ["| what | figure |", "|---|---|"]
+    cap = result.get("capacity")
+    if cap:
+        steps = ", ".join(f"{r['concurrent']}: p99 {r['ttft_p99_s']} s{'' if r['meets_slo'] else ' (broken)'}"
+                          for r in cap["levels"])
+        lines.append(f"| capacity search (TTFT p99 <= {cap['slo_ttft_p99_s']} s, all complete) | "
+                     f"**{cap['capacity']}** concurrent chats; {steps} |")
     load = result.get("load")
     if load:
         lines.append(f"| capacity (gateway admission limit) | {load['capacity']} concurrent chats |")
@@ -308,21 +238,31 @@ def write_report(result: dict[str, Any]) -> None:
     print("\n".join(lines))
 
 
+PHASES = ("capacity", "load", "faults", "rolling", "fuzz")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--capacity", type=int, default=8, help="the gateway's admission limit (CHAT_MAX_CONCURRENT)")
+    ap.add_argument("--capacity", type=int, default=0,
+                    help="the gateway's admission limit (CHAT_MAX_CONCURRENT); 0: measure it (phase capacity)")
+    ap.add_argument("--levels", default="1,2,4,6,8,12,16", help="concurrency levels of the capacity search")
+    ap.add_argument("--slo-ttft", type=float, default=5.0, help="capacity SLO: time to first token p99, seconds")
     ap.add_argument("--rounds", type=int, default=2, help="rounds per load level")
     ap.add_argument("--clients", type=int, default=4, help="concurrent clients during faults and restarts")
     ap.add_argument("--dwell", type=float, default=8.0, help="seconds of load between faults")
     ap.add_argument("--fuzz", type=int, default=40, help="random inputs per RPC")
-    ap.add_argument("--phases", default="load,faults,rolling,fuzz")
+    ap.add_argument("--phases", default=",".join(PHASES))
     args = ap.parse_args()
     from tests import kafka_broker
 
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     kafka_broker.ensure_broker(bootstrap)
-    env = {"gateway": {"CHAT_MAX_CONCURRENT": str(args.capacity), "CHAT_USER_RATE_PER_MINUTE": "0"},
-           "generation": {"GENERATION_MAX_RUNNING": str(args.capacity), "GENERATION_MAX_WAITING": str(args.capacity)}}
+    levels = [int(x) for x in args.levels.split(",")]
+    # Generation's queues stay bounded at the search's highest level; the gateway admits the
+    # capacity (first wide open for the search, then the measured or given limit).
+    bound = str(max([*levels, args.capacity]))
+    env = {"gateway": {"CHAT_MAX_CONCURRENT": str(args.capacity or max(levels)), "CHAT_USER_RATE_PER_MINUTE": "0"},
+           "generation": {"GENERATION_MAX_RUNNING": bound, "GENERATION_MAX_WAITING": bound}}
     stack = Stack(bootstrap, extra_env=env).start()
     result: dict[str, Any] = {"started_unix": time.time(), "load_average_start": os.getloadavg(),
                               "args": vars(args), "run_id": uuid.uuid4().hex[:8]}
@@ -331,8 +271,15 @@ def main() -> int:
             stub = chat_pb2_grpc.ChatServiceStub(ch)
             probe_until_ok(stub)
             phases = args.phases.split(",")
+            capacity = args.capacity
+            if not capacity:
+                result["capacity"] = phase_capacity(stub, levels, args.slo_ttft, args.rounds)
+                capacity = result["capacity"]["capacity"]
+                stack.extra_env["gateway"]["CHAT_MAX_CONCURRENT"] = str(capacity)
+                stack.restart("gateway")  # same port: the channel reconnects
+                probe_until_ok(stub)
             if "load" in phases:
-                result["load"] = phase_load(stack, stub, args.capacity, args.rounds)
+                result["load"] = phase_load(stack, stub, capacity, args.rounds)
             if "faults" in phases:
                 result["faults"] = phase_faults(stack, stub, args.clients, args.dwell)
             if "rolling" in phases:

@@ -119,7 +119,8 @@ def build(name: str) -> Stage:
         if name == "moderation-input":
             return Stage(name, events_pb2.TurnEvent, InputStage(moderator).handle, turn_events)
         return Stage(name, events_pb2.GenerationProgress,
-                     OutputStage(moderator, cfg.chunk_min_chars, cfg.chunk_max_chars).handle, progress_events)
+                     OutputStage(moderator, cfg.chunk_min_chars, cfg.chunk_max_chars,
+                                 first_chars=cfg.chunk_first_chars).handle, progress_events)
     if name == "prompt":
         from services.conversation.reader import HistoryReader
         from services.prompt import templates as templates_mod

@@ -64,7 +64,8 @@ async def build() -> grpc_server.ServiceApp:
                 "moderation-input", [topics.CHAT_TOKENIZED.name], events_pb2.TurnEvent,
                 InputStage(moderator).handle, kafka, group_id=cfg.input_group, instance_id=instance))
         if "output" in cfg.stages:
-            stage = OutputStage(moderator, cfg.chunk_min_chars, cfg.chunk_max_chars)
+            stage = OutputStage(moderator, cfg.chunk_min_chars, cfg.chunk_max_chars,
+                                first_chars=cfg.chunk_first_chars)
             workers.append(kafka_loop.StageWorker(
                 "moderation-output", [topics.GENERATION_PROGRESS.name], events_pb2.GenerationProgress,
                 stage.handle, kafka, group_id=cfg.output_group, instance_id=instance))

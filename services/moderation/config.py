@@ -32,6 +32,10 @@ class ModerationConfig:
                                hint="1..4096 characters")
     chunk_max_chars: int = env("MODERATION_CHUNK_MAX_CHARS", 200, check=lambda v: 1 <= v <= 8192,
                                hint="1..8192 characters, >= MODERATION_CHUNK_MIN_CHARS")
+    # The first chunk is shorter: the time to the first text a person sees (streaming.py).
+    # 0: the first chunk is like the others.
+    chunk_first_chars: int = env("MODERATION_CHUNK_FIRST_CHARS", 24, check=lambda v: 0 <= v <= 4096,
+                                 hint="0..4096 characters (0: like the other chunks)")
     input_group: str = env("MODERATION_INPUT_GROUP", "colloquy-moderation-input")
     output_group: str = env("MODERATION_OUTPUT_GROUP", "colloquy-moderation-output")
     max_inputs: int = env("MODERATION_MAX_INPUTS", 32, check=lambda v: 1 <= v <= 1024, hint="1..1024")

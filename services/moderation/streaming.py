@@ -6,6 +6,10 @@ or a redelivered batch, computes the same chunks and the same verdicts with no s
 Each chunk is checked together with the chunk before it (so a sentence split across a boundary
 is still seen whole); the unchecked tail is held back until it completes a chunk or the answer
 ends. The first chunk that the policy blocks cuts the answer at its start.
+
+The first chunk may be shorter (`first_chars`, a word or a few): it is what a person waits for
+before seeing anything, and an answer's opening is what the context check reads ("Sure, here are
+the steps" after a harmful request), so checking it early costs little safety.
 """
 
 from __future__ import annotations
@@ -20,17 +24,23 @@ from services.moderation.policy import BLOCK, WARN
 SENTENCE_END = ".!?"
 
 
-def chunk_ends(text: str, min_chars: int, max_chars: int, final: bool = False) -> list[int]:
+def chunk_ends(text: str, min_chars: int, max_chars: int, final: bool = False,
+               first_chars: int = 0) -> list[int]:
     """End offsets of the complete chunks of `text` (plus the tail when `final`).
 
     A chunk ends at the first sentence end (".", "!", "?" followed by whitespace, or a newline)
     at least `min_chars` after its start; failing one within `max_chars`, at the next whitespace;
-    failing that within 2 * `max_chars`, hard at that length (long tokens, code, URLs).
+    failing that within 2 * `max_chars`, hard at that length (long tokens, code, URLs). With
+    `first_chars` (> 0), the first chunk ends at the first whitespace at least that far in (hard
+    at twice that).
     """
     ends: list[int] = []
     start, n = 0, len(text)
     while True:
-        end = _next_end(text, start, min_chars, max_chars)
+        if not ends and first_chars > 0:
+            end = _next_end(text, start, first_chars, first_chars)
+        else:
+            end = _next_end(text, start, min_chars, max_chars)
         if end is None:
             break
         ends.append(end)
@@ -75,9 +85,9 @@ class CandidateCheck:
 
 def check_candidate(text: str, finished: bool, verdicts: Callable[[list[str]], list[common_pb2.ModerationResult]],
                     combine: Callable[[list[common_pb2.ModerationResult]], common_pb2.ModerationResult],
-                    min_chars: int, max_chars: int) -> CandidateCheck:
+                    min_chars: int, max_chars: int, first_chars: int = 0) -> CandidateCheck:
     """Release the longest checked prefix of `text`; cut at the first blocked chunk."""
-    ends = chunk_ends(text, min_chars, max_chars, final=finished)
+    ends = chunk_ends(text, min_chars, max_chars, final=finished, first_chars=first_chars)
     results = verdicts(windows(text, ends)) if ends else []
     released_to, warned = 0, None
     for k, (end, result) in enumerate(zip(ends, results, strict=True)):

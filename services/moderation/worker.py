@@ -158,12 +158,14 @@ class OutputStage:
     """Releases checked answer text, cuts flagged answers, and closes the turn."""
 
     def __init__(self, moderator: Moderator, min_chars: int = 64, max_chars: int = 200,
-                 cache: ScoreCache | None = None, memories: Memories | None = None) -> None:
+                 cache: ScoreCache | None = None, memories: Memories | None = None,
+                 first_chars: int = 0) -> None:
         self.moderator = moderator
         self.cache = cache or ScoreCache(moderator)
         self.memories = memories or Memories()
         self.min_chars = min_chars
         self.max_chars = max_chars
+        self.first_chars = first_chars
 
     # -- verdicts --------------------------------------------------------------------------------
     def _verdicts(self, context: str):  # type: ignore[no-untyped-def]
@@ -206,7 +208,7 @@ class OutputStage:
         for c in sorted(progress.candidates, key=lambda c: c.index):
             finished = progress.done or c.finish_reason != generation_pb2.FINISH_REASON_UNSPECIFIED
             check = streaming.check_candidate(c.text, finished, verdicts, self._combine,
-                                              self.min_chars, self.max_chars)
+                                              self.min_chars, self.max_chars, self.first_chars)
             finish = "moderated" if check.blocked else _FINISH.get(c.finish_reason, "error")
             cands.append(_Candidate(c.index, check, finish, c.tokens))
             produced.extend(self._candidate_events(ev, mem, c.index, check))

@@ -37,13 +37,22 @@ def test_text_without_whitespace_is_cut_hard() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.text(alphabet="ab .!?\n", min_size=0, max_size=600), st.integers(1, 40), st.integers(0, 60))
-def test_chunk_ends_never_move_as_text_grows(text: str, min_chars: int, extra: int) -> None:
+@given(st.text(alphabet="ab .!?\n", min_size=0, max_size=600), st.integers(1, 40), st.integers(0, 60),
+       st.integers(0, 30))
+def test_chunk_ends_never_move_as_text_grows(text: str, min_chars: int, extra: int, first: int) -> None:
     max_chars = min_chars + extra
-    full = streaming.chunk_ends(text, min_chars, max_chars)
+    full = streaming.chunk_ends(text, min_chars, max_chars, first_chars=first)
     for cut in range(0, len(text) + 1, 7):
-        prefix = streaming.chunk_ends(text[:cut], min_chars, max_chars)
+        prefix = streaming.chunk_ends(text[:cut], min_chars, max_chars, first_chars=first)
         assert prefix == full[:len(prefix)], "a boundary moved when the text grew"
+
+
+def test_the_first_chunk_is_short_and_ends_between_words() -> None:
+    text = "Sure, here are the steps you asked for. First, take the thing. Then do more."
+    ends = streaming.chunk_ends(text, 40, 80, first_chars=10)
+    assert ends[0] == text.index(" ", 10)  # "Sure, here" + " ": the first word boundary past 10
+    assert ends[1] - ends[0] >= 40  # later chunks keep their size
+    assert streaming.chunk_ends(text, 40, 80)[0] > 40  # without it, the first chunk is a full one
 
 
 def test_windows_overlap_the_previous_chunk() -> None:

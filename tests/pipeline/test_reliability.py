@@ -1,0 +1,83 @@
+"""Faults and rolling restarts under load, on the real stack: no accepted chat is lost or doubled.
+
+Clients hold multi-turn conversations the whole time (tests/pipeline/load.py, the same driver as
+`make reliability`). Afterwards every turn a client saw finish must be in the history exactly once
+(`GetConversation`), and every chat that did not finish must have ended with a status and a
+message. SIGKILL of the tokenizer, prompt and moderation stages mid-chat is in test_chat.py; these
+cover the gateway, the generation replica, the feedback sink, the Kafka broker, and SIGTERM of
+every service in turn. This module runs last in the package: it restarts the shared stack's parts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from colloquy.v1 import chat_pb2_grpc
+
+from tests import kafka_broker
+from tests.pipeline.load import Load, Outcome, history_check, probe_until_ok, replica_pids
+from tests.pipeline.stack import Stack
+
+DWELL_S = 4.0  # load between two faults, so each fault lands on chats in flight
+
+
+@pytest.fixture
+def stub(stack: Stack) -> Iterator[chat_pb2_grpc.ChatServiceStub]:
+    with grpc.insecure_channel(stack.gateway) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        assert probe_until_ok(stub, timeout=240) < float("inf")
+        yield stub
+
+
+def _check(stub: chat_pb2_grpc.ChatServiceStub, outcomes: list[Outcome]) -> dict[str, int]:
+    unclear = [o for o in outcomes if not o.done and not o.detail]
+    assert not unclear, f"chats ended without a clear error: {[(o.code, o.request_id) for o in unclear]}"
+    history = history_check(stub, outcomes)
+    assert history["turns_checked"] > 0
+    assert history["lost"] == 0, history
+    assert history["duplicated"] == 0, history
+    return history
+
+
+def test_rolling_restart_under_load_fails_no_chat(stack: Stack, stub: chat_pb2_grpc.ChatServiceStub) -> None:
+    load = Load(stub, clients=2).start()
+    try:
+        time.sleep(DWELL_S)
+        for name in ["tokenizer", "moderation", "prompt", "feedback", "gateway"]:
+            stack.restart(name)  # SIGTERM: stop taking work, finish what is in flight, exit
+            time.sleep(DWELL_S)
+    finally:
+        load.finish()
+    failed = [(o.code, o.detail) for o in load.outcomes if not o.done]
+    assert not failed, f"{len(failed)} of {len(load.outcomes)} chats failed during the rolling restart: {failed}"
+    _check(stub, load.outcomes)
+
+
+def test_sigkill_and_broker_restart_under_load_lose_no_turn(stack: Stack,
+                                                           stub: chat_pb2_grpc.ChatServiceStub) -> None:
+    load = Load(stub, clients=2).start()
+    try:
+        time.sleep(DWELL_S)
+        for victim in ["gateway", "generation-replica", "feedback", "kafka"]:
+            if victim == "kafka":
+                kafka_broker.restart_broker(stack.bootstrap)
+            elif victim == "generation-replica":
+                pids = replica_pids()
+                assert pids, "no Serve replica process found"
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)  # Serve's controller starts a new replica
+            else:
+                stack.procs[victim].signal(signal.SIGKILL)
+                stack.procs[victim].wait(10)
+                stack.restart(victim)
+            assert probe_until_ok(stub, timeout=240) < float("inf"), f"no recovery after {victim}"
+            time.sleep(DWELL_S)
+    finally:
+        load.finish()
+    assert any(o.done for o in load.outcomes)
+    _check(stub, load.outcomes)
