@@ -36,6 +36,16 @@ class EngineSettings:
     max_waiting: int = env("GENERATION_MAX_WAITING", 32, check=lambda v: 0 <= v <= 10000, hint="0..10000")
     prefill_chunk: int = env("GENERATION_PREFILL_CHUNK", 256, check=lambda v: 1 <= v <= 65536,
                              hint="1..65536 tokens")
+    # Conversation KV reuse between turns (engine.py's prefix cache): conversations kept per
+    # replica (0 = off), the KV positions they may hold allocated together, the shortest common
+    # prefix worth reusing, and the room a conversation's Generator gets for later turns.
+    prefix_cache_conversations: int = env("GENERATION_PREFIX_CACHE_CONVERSATIONS", 16,
+                                          check=lambda v: 0 <= v <= 100000, hint="0..100000")
+    prefix_cache_tokens: int = env("GENERATION_PREFIX_CACHE_TOKENS", 32768, check=_nonneg, hint="tokens >= 0")
+    prefix_cache_min_tokens: int = env("GENERATION_PREFIX_CACHE_MIN_TOKENS", 32, check=lambda v: v >= 1,
+                                       hint="tokens >= 1")
+    prefix_cache_reserve_tokens: int = env("GENERATION_PREFIX_CACHE_RESERVE_TOKENS", 1024, check=_nonneg,
+                                           hint="tokens >= 0")
     max_tokens_limit: int = env("GENERATION_MAX_TOKENS_LIMIT", 2048, check=lambda v: 1 <= v <= 1 << 20,
                                 hint="1..1048576")
     max_n: int = env("GENERATION_MAX_N", 4, check=lambda v: 1 <= v <= 16, hint="1..16")

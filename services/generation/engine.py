@@ -20,6 +20,27 @@ per-request answers the pipeline needs, and on this 2-core CPU it was also slowe
 the numbers in `services/generation/README.md`, measured by `python -m services.generation.measure`).
 On a GPU with a paged build, the Engine (dynamic batching, per-turn seeds, stop strings, KV reuse
 across turns) is the natural next backend behind this same interface.
+
+Conversation KV reuse (prefix cache). A finished single-candidate request that names a conversation
+leaves its Generator (its KV cache and the token ids it holds) in a bounded per-engine LRU
+(`EngineConfig.prefix_cache_*`: at most so many conversations and so many allocated KV positions).
+The next turn of that conversation on the same model takes it back, `rewind_to`s the longest
+common prefix of the kept ids and its own prompt ids (within the kept turn's prompt: see
+`_resume` for why decoded positions are not reused), and prefills only the rest; a prefix shorter
+than `prefix_cache_min_tokens`, a Generator too small for prompt + max_tokens, or another model
+version starts fresh. The router sends a conversation's turns to one replica (consistent hash on
+the conversation id), so the cache is where the next turn lands. On the CPU provider
+(`past_present_share_buffer`) a Generator allocates its whole `max_length` of KV up front and cannot
+grow, so a conversation's Generator is created with room to spare (`prefix_cache_reserve_tokens`,
+at least doubling), and outgrowing it costs one full prefill.
+
+Sampling stays reproducible with reuse: single-candidate Generators are all created greedy (search
+options cannot change after creation, and a kept Generator's random stream would continue where the
+previous turn left it), and the engine samples a sampled request's tokens itself from the logits
+(temperature, the model's top_k, top_p) with a NumPy generator seeded like before. So an answer
+depends only on the prompt ids, the sampling options and the seed, whether its prefix came from
+the cache or not, and a redelivered request still gets the same answer. Multi-candidate requests
+keep ORT GenAI's own batched sampling and are never cached.
 """
 
 from __future__ import annotations
@@ -71,9 +92,22 @@ MODEL_INFO = Gauge("colloquy_generation_model_info", "The model version new requ
                    ["version", "provider"])
 # ORT GenAI sizes no shared block pool on CPU (each Generator holds its own cache), so "use" is the
 # token positions the running requests hold (prompt + generated, per row) over max_running x context.
-KV_TOKENS = Gauge("colloquy_generation_kv_cache_tokens", "Token positions held in running requests' KV caches")
+KV_TOKENS = Gauge("colloquy_generation_kv_cache_tokens",
+                  "Token positions held in KV caches: running requests' and conversations kept between turns")
 KV_USAGE = Gauge("colloquy_generation_kv_cache_usage_ratio",
-                 "kv_cache_tokens over max_running x context_length (0..1)")
+                 "kv_cache_tokens over max_running x context_length + prefix_cache_max_tokens (0..1)")
+# Conversation KV reuse between turns (the prefix cache; see the module docstring).
+PREFIX_LOOKUPS = Counter("colloquy_generation_prefix_cache_lookups_total",
+                         "Single-candidate conversation requests by prefix-cache result (hit: a kept KV "
+                         "cache was continued; miss: prefilled from scratch)", ["result"])
+PREFIX_REUSED_TOKENS = Counter("colloquy_generation_prefix_cache_reused_tokens_total",
+                               "Prompt tokens not prefilled because a kept KV cache already held them")
+PREFIX_EVICTIONS = Counter("colloquy_generation_prefix_cache_evictions_total",
+                           "Kept conversation KV caches dropped, by reason", ["reason"])
+PREFIX_CONVERSATIONS = Gauge("colloquy_generation_prefix_cache_conversations",
+                             "Conversations whose KV cache is kept between turns")
+PREFIX_TOKENS = Gauge("colloquy_generation_prefix_cache_tokens",
+                      "KV positions allocated by the kept conversation caches (their max_length)")
 
 
 # -- public types --------------------------------------------------------------------------------
@@ -155,6 +189,16 @@ class EngineConfig:
     max_waiting: int = 32  # requests queued for a slot beyond that; more raise Overloaded
     prefill_chunk: int = 256  # prompt tokens one candidate prefills per round
     provider: str = "auto"  # "auto" (CUDA when a GPU is present), "cuda" or "cpu"
+    # Conversation KV reuse between turns: at most this many conversations kept (0 = off) ...
+    prefix_cache_conversations: int = 16
+    # ... holding at most this many allocated KV positions together (a kept Generator holds its
+    # whole max_length: about 44 KiB per position for SmolLM2-135M with an fp32 cache) ...
+    prefix_cache_max_tokens: int = 32768
+    # ... reused only when the common prefix is at least this long ...
+    prefix_cache_min_tokens: int = 32
+    # ... and a conversation's Generator gets room for this many positions beyond prompt +
+    # max_tokens (at least as many again as those), so later turns fit without a fresh prefill.
+    prefix_cache_reserve_tokens: int = 1024
 
 
 def seed_for(request_id: str, seed: int | None, index: int) -> int:
@@ -212,6 +256,8 @@ class LoadedModel:
         self.eos = frozenset(int(t) for t in self.tokenizer.eos_token_ids)
         doc = json.loads((self.path / "genai_config.json").read_text(encoding="utf-8"))
         self.context_length = int(doc["model"].get("context_length") or doc["search"]["max_length"])
+        # ORT GenAI samples from the model's own top_k (50 for SmolLM2, as in HF); so does the engine.
+        self.top_k = int(doc["search"].get("top_k", 50) or 0)
         log.info("model loaded", extra={"model_version": version, "path": str(self.path),
                                         "provider": self.provider, "context_length": self.context_length,
                                         "load_s": round(time.perf_counter() - started, 3)})
@@ -221,6 +267,43 @@ class LoadedModel:
 
 
 # -- internals -----------------------------------------------------------------------------------
+def sample_token(logits: np.ndarray, temperature: float, top_p: float, top_k: int,
+                 rng: np.random.Generator) -> int:
+    """One token drawn from `logits` (one row): temperature, then top_k, then top_p (nucleus)."""
+    z = np.asarray(logits, dtype=np.float64).reshape(-1)
+    idx = np.argpartition(z, -top_k)[-top_k:] if 0 < top_k < z.size else np.arange(z.size)
+    v = z[idx] / temperature
+    order = np.argsort(-v, kind="stable")
+    idx, v = idx[order], v[order]
+    p = np.exp(v - v[0])
+    p /= p.sum()
+    if top_p < 1.0:
+        cut = int(np.searchsorted(np.cumsum(p), top_p)) + 1
+        idx, p = idx[:cut], p[:cut] / p[:cut].sum()
+    return int(idx[min(int(np.searchsorted(np.cumsum(p), rng.random(), side="right")), len(idx) - 1)])
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token id sequences."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    x, y = np.asarray(a[:n], dtype=np.int64), np.asarray(b[:n], dtype=np.int64)
+    diff = np.flatnonzero(x != y)
+    return int(diff[0]) if diff.size else n
+
+
+@dataclasses.dataclass
+class _Kept:
+    """A finished conversation turn's Generator, kept for the conversation's next turn."""
+
+    gen: Any
+    model: LoadedModel
+    ids: list[int]  # the Generator's sequence: its prompt, then what it generated
+    prefilled: int  # the first this many ids went in as prompt (their KV is reused, not the rest's)
+    capacity: int  # the max_length it was created with: the KV positions it holds allocated
+
+
 class _StopMatcher:
     """Incremental stop-string search that never releases text a stop string might start with."""
 
@@ -283,7 +366,11 @@ class _Req:
         self.first_token_at = 0.0
         self.seqs = [_Seq(self, i) for i in range(request.sampling.n)]
         self.gen: Any = None  # one og.Generator whose batch rows are the candidates
+        self.capacity = 0  # its max_length
         self.prefilled = 0
+        self.reused = 0  # prompt tokens whose KV came from the conversation's kept Generator
+        self.rng: np.random.Generator | None = None  # set: the engine samples (n == 1, temperature > 0)
+        self.pending: int | None = None  # a token the engine sampled, to append before the next step
         self.done = False
 
     def deadline_passed(self) -> bool:
@@ -350,7 +437,10 @@ class AsyncEngine:
 
     def __init__(self, model_dir: str | Path, version: str, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
-        if self.config.max_running < 1 or self.config.max_waiting < 0 or self.config.prefill_chunk < 1:
+        c = self.config
+        if (c.max_running < 1 or c.max_waiting < 0 or c.prefill_chunk < 1 or c.prefix_cache_conversations < 0
+                or c.prefix_cache_max_tokens < 0 or c.prefix_cache_min_tokens < 1
+                or c.prefix_cache_reserve_tokens < 0):
             raise ValueError(f"invalid engine config {self.config}")
         self._model = LoadedModel(model_dir, version, self.config.provider)
         self._canary: LoadedModel | None = None  # a second version for a share of conversations
@@ -362,6 +452,10 @@ class AsyncEngine:
         self._waiting: collections.deque[_Req] = collections.deque()
         self._running: list[_Seq] = []
         self._by_id: dict[str, list[_Req]] = {}
+        # conversation id -> its last turn's Generator, least recently used first (under _lock)
+        self._kept: collections.OrderedDict[str, _Kept] = collections.OrderedDict()
+        self._kept_capacity = 0  # sum of the kept Generators' max_length
+        self._running_held = 0  # token positions of the running requests (last round)
         self._closed = False
         self.loop_error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop_guarded, name="generation-engine", daemon=True)
@@ -383,7 +477,9 @@ class AsyncEngine:
                     "model_version": self._model.version, "provider": self.provider,
                     "canary_version": self._canary.version if self._canary else "",
                     "canary_percent": self._canary_percent,
-                    "max_running": self.config.max_running, "max_waiting": self.config.max_waiting}
+                    "max_running": self.config.max_running, "max_waiting": self.config.max_waiting,
+                    "prefix_cache_conversations": len(self._kept),
+                    "prefix_cache_tokens": self._kept_capacity}
 
     def submit(self, request: Request) -> Stream:
         """Queue `request`; raises Overloaded, DeadlineExceeded, InvalidRequest or EngineClosed."""
@@ -452,12 +548,16 @@ class AsyncEngine:
             if old is not None and old.version != self._model.version:
                 with contextlib.suppress(KeyError):
                     MODEL_INFO.remove(old.version, old.provider)
+            if old is not None:
+                self._drop_kept("model", lambda k: k.model is old)
             return
         current = self._canary
         if current is None or current.version != version or current.path != Path(path):
             loaded = await asyncio.to_thread(LoadedModel, path, version, self.config.provider)
             self._canary = loaded
             MODEL_INFO.labels(version, loaded.provider).set(1)
+            if current is not None:
+                self._drop_kept("model", lambda k: k.model is current)
         self._canary_percent = percent
         log.info("canary set", extra={"canary_version": version, "canary_percent": percent,
                                       "stable_version": self._model.version})
@@ -470,6 +570,7 @@ class AsyncEngine:
         old = self._model
         self._model = loaded  # one reference swap: submit() binds a request to one model
         MODEL_INFO.labels(version, loaded.provider).set(1)
+        self._drop_kept("model", lambda k: k.model is old)
         if old.version != version:
             with contextlib.suppress(KeyError):
                 MODEL_INFO.remove(old.version, old.provider)
@@ -490,6 +591,7 @@ class AsyncEngine:
                     req.cancelled = True
             self._cv.notify()
         await asyncio.to_thread(self._thread.join, 10)
+        self._drop_kept("close", lambda k: True)
 
     # -- scheduler thread ---------------------------------------------------------------------
     def _wake(self) -> None:
@@ -555,12 +657,22 @@ class AsyncEngine:
         import onnxruntime_genai as og
 
         s, model = req.request.sampling, req.model
+        seed = seed_for(req.request.request_id, s.seed, 0)
+        needed = min(len(req.prompt_ids) + max(1, s.max_tokens), model.context_length)
+        for seq in req.seqs:
+            seq.stream = model.tokenizer.create_stream()
+        if s.n == 1 and s.temperature > 0:
+            req.rng = np.random.default_rng(seed)  # the engine samples; the Generator stays greedy
+        conversation = req.request.conversation_id if s.n == 1 and self._cache_on() else ""
+        if conversation:
+            if self._resume(req, conversation, needed):
+                return
+            # Room for the next turns: a CPU Generator cannot grow its KV cache.
+            needed = min(model.context_length, needed + max(self.config.prefix_cache_reserve_tokens, needed))
         params = og.GeneratorParams(model.model)
-        max_length = min(len(req.prompt_ids) + max(1, s.max_tokens), model.context_length)
-        options: dict[str, Any] = {"max_length": max_length, "min_length": 0, "num_beams": 1,
-                                   "batch_size": s.n,
-                                   "random_seed": seed_for(req.request.request_id, s.seed, 0)}
-        if s.temperature > 0:
+        options: dict[str, Any] = {"max_length": needed, "min_length": 0, "num_beams": 1,
+                                   "batch_size": s.n, "random_seed": seed}
+        if s.temperature > 0 and s.n > 1:
             # top_k stays the model's own (genai_config search.top_k, 50 for SmolLM2, as in HF):
             # top_k=0 with top_p=1 takes ORT GenAI's full-vocabulary sampling path, ~40% slower here.
             options.update(do_sample=True, temperature=float(s.temperature), top_p=float(s.top_p))
@@ -568,8 +680,107 @@ class AsyncEngine:
             options["do_sample"] = False
         params.set_search_options(**options)
         req.gen = og.Generator(model.model, params)
-        for seq in req.seqs:
-            seq.stream = model.tokenizer.create_stream()
+        req.capacity = needed
+
+    # -- prefix cache (conversation KV reuse) ---------------------------------------------------
+    def _cache_on(self) -> bool:
+        c = self.config
+        return c.prefix_cache_conversations > 0 and c.prefix_cache_max_tokens > 0
+
+    def _resume(self, req: _Req, conversation: str, needed: int) -> bool:
+        """Continue the conversation's kept Generator if it pays; False: start fresh (it is dropped)."""
+        with self._lock:
+            kept = self._kept.pop(conversation, None)
+            if kept is not None:
+                self._kept_capacity -= kept.capacity
+        if kept is None:
+            PREFIX_LOOKUPS.labels("miss").inc()
+            return False
+        # Only the kept turn's *prompt* positions are reused, and at least two prompt tokens are
+        # appended: on the CPU provider the int4 MatMul takes another code path for a single row,
+        # and KV computed one token at a time (decode) differs in the last bits from the same
+        # positions prefilled (logits moved by up to 0.5 on SmolLM2), which can flip a greedy
+        # choice; multi-row prefills of any split are bit-identical. So a reused turn gives exactly
+        # a fresh turn's tokens. Costs nothing with the prompt service's templates: the hidden
+        # reminder on the newest user message ends the common prefix inside the previous prompt.
+        lcp = min(common_prefix(kept.ids, req.prompt_ids), kept.prefilled, len(req.prompt_ids) - 2)
+        reason = ("model" if kept.model is not req.model else
+                  "short_prefix" if lcp < self.config.prefix_cache_min_tokens else
+                  "too_small" if kept.capacity < needed else "")
+        if not reason:
+            try:
+                kept.gen.rewind_to(lcp)
+            except Exception:
+                log.exception("rewinding a kept generator failed", extra={"request_id": req.request.request_id})
+                reason = "error"
+        self._gauge_kept()
+        if reason:
+            PREFIX_EVICTIONS.labels(reason).inc()
+            PREFIX_LOOKUPS.labels("miss").inc()
+            return False
+        req.gen, req.capacity, req.prefilled, req.reused = kept.gen, kept.capacity, lcp, lcp
+        PREFIX_LOOKUPS.labels("hit").inc()
+        PREFIX_REUSED_TOKENS.inc(lcp)
+        return True
+
+    def _keep(self, req: _Req) -> None:
+        """Keep a finished conversation turn's Generator for the next turn (LRU, bounded)."""
+        gen, req.gen = req.gen, None
+        conversation = req.request.conversation_id
+        if (not conversation or len(req.seqs) != 1 or not self._cache_on() or req.capacity <= 0
+                or req.capacity > self.config.prefix_cache_max_tokens
+                or any(s.finish is FinishReason.ERROR for s in req.seqs)):
+            return
+        try:
+            if gen.is_done():
+                return  # full: the next turn cannot fit anyway
+            ids = [int(t) for t in gen.get_sequence(0)]
+        except Exception:
+            log.exception("reading a finished generator failed", extra={"request_id": req.request.request_id})
+            return
+        if req.prefilled < 2:
+            return
+        evicted: list[tuple[_Kept, str]] = []
+        with self._lock:
+            if self._closed or req.model not in (self._model, self._canary):
+                return
+            old = self._kept.pop(conversation, None)
+            if old is not None:  # a concurrent turn of the same conversation finished first
+                self._kept_capacity -= old.capacity
+                evicted.append((old, "replaced"))
+            self._kept[conversation] = _Kept(gen, req.model, ids, req.prefilled, req.capacity)
+            self._kept_capacity += req.capacity
+            while (len(self._kept) > self.config.prefix_cache_conversations
+                   or self._kept_capacity > self.config.prefix_cache_max_tokens):
+                _, lru = self._kept.popitem(last=False)
+                self._kept_capacity -= lru.capacity
+                evicted.append((lru, "lru"))
+        for _, reason in evicted:
+            PREFIX_EVICTIONS.labels(reason).inc()
+        self._gauge_kept()
+
+    def _drop_kept(self, reason: str, which: Any) -> None:
+        """Drop the kept Generators `which(kept)` selects (model switched, closing)."""
+        with self._lock:
+            gone = [c for c, k in self._kept.items() if which(k)]
+            dropped = [self._kept.pop(c) for c in gone]
+            self._kept_capacity -= sum(k.capacity for k in dropped)
+        if dropped:
+            PREFIX_EVICTIONS.labels(reason).inc(len(dropped))
+            log.info("prefix cache dropped", extra={"reason": reason, "conversations": len(dropped)})
+        del dropped
+        self._gauge_kept()
+
+    def _gauge_kept(self) -> None:
+        with self._lock:
+            conversations, capacity = len(self._kept), self._kept_capacity
+            positions = sum(len(k.ids) for k in self._kept.values())
+        PREFIX_CONVERSATIONS.set(conversations)
+        PREFIX_TOKENS.set(capacity)
+        held = self._running_held + positions
+        KV_TOKENS.set(held)
+        KV_USAGE.set(min(1.0, held / (self.config.max_running * self.context_length
+                                     + self.config.prefix_cache_max_tokens)))
 
     def _round(self) -> None:
         """One decode step (or prefill chunk) of every running request."""
@@ -592,9 +803,9 @@ class AsyncEngine:
                 RUNNING.set(len(self._running))
         for req in reqs:
             self._publish(req)
-        held = sum(r.prefilled * len(r.seqs) + sum(q.tokens for q in r.seqs) for r in reqs if r.gen is not None)
-        KV_TOKENS.set(held)
-        KV_USAGE.set(held / (self.config.max_running * self.context_length))
+        self._running_held = sum(r.prefilled * len(r.seqs) + sum(q.tokens for q in r.seqs)
+                                 for r in reqs if r.gen is not None)
+        self._gauge_kept()
 
     @staticmethod
     def _finish_all(req: _Req, reason: FinishReason, error: str = "") -> None:
@@ -608,6 +819,8 @@ class AsyncEngine:
             n = req.request.sampling.n
             if n == 1:
                 end = min(req.prefilled + self.config.prefill_chunk, len(ids))
+                if len(ids) - end == 1:
+                    end = len(ids)  # no one-token last chunk (see _resume: one row computes differently)
                 req.gen.append_tokens(ids[req.prefilled:end])
             else:  # a multi-row batch takes its prompt in one append
                 end = len(ids)
@@ -616,8 +829,21 @@ class AsyncEngine:
             req.prefilled = end
             if end < len(ids):
                 return  # more prompt to go next round; the others decode meanwhile
-        req.gen.generate_next_token()
-        tokens = req.gen.get_next_tokens()
+        elif req.pending is not None:  # the token the engine sampled last step goes in now
+            req.gen.append_tokens([req.pending])
+            req.pending = None
+        if req.rng is not None:
+            s = req.request.sampling
+            token = sample_token(req.gen.get_logits()[0, -1], s.temperature, s.top_p, req.model.top_k, req.rng)
+            tokens: Any = (token,)
+            # Appended next round (or never, if this was the last token): the same positions a
+            # greedy Generator would hold, and the context bound it would reach.
+            req.pending = token
+            full = len(ids) + req.seqs[0].tokens + 1 >= req.capacity
+        else:
+            req.gen.generate_next_token()
+            tokens = req.gen.get_next_tokens()
+            full = False
         now = time.perf_counter()
         if not req.first_token_at:
             req.first_token_at = now
@@ -642,7 +868,7 @@ class AsyncEngine:
                 seq.finish = FinishReason.STOP
             elif seq.tokens >= limit:
                 seq.finish = FinishReason.LENGTH
-        if req.gen.is_done():
+        if full or req.gen.is_done():
             self._finish_all(req, FinishReason.LENGTH)  # context length reached
 
     def _publish(self, req: _Req) -> None:
@@ -662,8 +888,10 @@ class AsyncEngine:
                 if seq.finish is not None:
                     seq.reported_finish = True
         done = all(s.reported_finish for s in req.seqs)
-        if all(s.finish is not None for s in req.seqs):
-            req.gen = None  # free the KV cache now, not when the caller lets go of the request
+        if req.gen is not None and all(s.finish is not None for s in req.seqs):
+            # Keep the KV cache for the conversation's next turn, or free it now (not when the
+            # caller lets go of the request).
+            self._keep(req)
         if done and not req.done:
             req.done = True
             E2E.observe(time.perf_counter() - req.submitted)
@@ -690,4 +918,12 @@ def env_engine_config() -> EngineConfig:
         max_waiting=int(os.environ.get("GENERATION_MAX_WAITING", EngineConfig.max_waiting)),
         prefill_chunk=int(os.environ.get("GENERATION_PREFILL_CHUNK", EngineConfig.prefill_chunk)),
         provider=os.environ.get("GENERATION_PROVIDER", EngineConfig.provider),
+        prefix_cache_conversations=int(os.environ.get("GENERATION_PREFIX_CACHE_CONVERSATIONS",
+                                                      EngineConfig.prefix_cache_conversations)),
+        prefix_cache_max_tokens=int(os.environ.get("GENERATION_PREFIX_CACHE_TOKENS",
+                                                   EngineConfig.prefix_cache_max_tokens)),
+        prefix_cache_min_tokens=int(os.environ.get("GENERATION_PREFIX_CACHE_MIN_TOKENS",
+                                                   EngineConfig.prefix_cache_min_tokens)),
+        prefix_cache_reserve_tokens=int(os.environ.get("GENERATION_PREFIX_CACHE_RESERVE_TOKENS",
+                                                       EngineConfig.prefix_cache_reserve_tokens)),
     )

@@ -19,7 +19,9 @@ from services.generation.engine import (
     Request,
     Sampling,
     _StopMatcher,
+    common_prefix,
     merge,
+    sample_token,
     seed_for,
 )
 
@@ -306,3 +308,164 @@ def test_real_model_answers_and_stops(real_model_dir: Path) -> None:
         assert sorted(several.finish) == [0, 1, 2] and all(several.text.values())
     finally:
         asyncio.run(eng.close())
+
+
+# -- conversation KV reuse (the prefix cache) ----------------------------------------------------
+SYSTEM = ("You are Colloquy, a helpful assistant. Answer briefly and kindly, say so when you do not "
+          "know, and never make up facts about people or places.")
+QUESTIONS = ["Tell me a story about the sea.", "What happened to the sailor next?",
+             "Did the storm ever end?", "How does the story finish?"]
+
+
+def chat(turns: list[tuple[str, str]], new: str) -> str:
+    """ChatML like the prompt service's: a hidden reminder only on the newest user message."""
+    out = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n"
+    for user, answer in turns:
+        out += f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n"
+    return out + f"<|im_start|>user\n{new}\n(Reminder: stay brief.)<|im_end|>\n<|im_start|>assistant\n"
+
+
+def metric(name: str, **labels: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels or None) or 0.0
+
+
+def hits() -> float:
+    return metric("colloquy_generation_prefix_cache_lookups_total", result="hit")
+
+
+def misses() -> float:
+    return metric("colloquy_generation_prefix_cache_lookups_total", result="miss")
+
+
+GREEDY = Sampling(temperature=0, max_tokens=24)
+REUSED = "colloquy_generation_prefix_cache_reused_tokens_total"
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, Sampling(temperature=0.9, top_p=0.9, max_tokens=24, seed=11),
+                                      Sampling(temperature=1.0, max_tokens=24)],
+                         ids=["greedy", "seeded", "derived-seed"])
+def test_reused_turn_equals_a_fresh_generator(engine, sampling: Sampling) -> None:
+    """Turns 2..4 continue the kept KV cache (hits) and give exactly the tokens a fresh prefill gives."""
+    cached, fresh = engine(), engine()
+    turns: list[tuple[str, str]] = []
+    for t, question in enumerate(QUESTIONS):
+        prompt = chat(turns, question)
+        rid = f"r-{sampling.temperature}-{t}"
+        h, m = hits(), misses()
+        prefilled, reused = metric("colloquy_generation_prompt_tokens_total"), metric(REUSED)
+        a = asyncio.run(collect(cached, Request(rid, prompt, sampling, conversation_id="conv-reuse")))
+        assert (hits() - h, misses() - m) == ((1, 0) if t else (0, 1))
+        n_prompt, reused = a.deltas[0].prompt_tokens, metric(REUSED) - reused
+        # Only the tail after the common prefix was prefilled; the prefix ends where the previous
+        # user message lost its reminder, so from turn 3 on most of the conversation is reused.
+        assert metric("colloquy_generation_prompt_tokens_total") - prefilled == n_prompt - reused
+        assert reused == 0 if not t else reused > (n_prompt / 2 if t >= 2 else 30)
+        b = asyncio.run(collect(fresh, Request(rid, prompt, sampling, conversation_id=f"conv-fresh-{t}")))
+        assert a.text == b.text and a.tokens == b.tokens and a.finish == b.finish
+        # Token ids, not only text: both engines kept their Generator's whole sequence.
+        assert cached._kept["conv-reuse"].ids == fresh._kept[f"conv-fresh-{t}"].ids
+        turns.append((question, a.text[0]))
+    assert cached.stats()["prefix_cache_conversations"] == 1
+
+
+def test_prefix_cache_is_bounded_lru(engine) -> None:
+    eng = engine(prefix_cache_conversations=2)
+    for c in ("c1", "c2", "c3"):
+        asyncio.run(collect(eng, Request(f"{c}-1", chat([], QUESTIONS[0]), GREEDY, conversation_id=c)))
+    assert list(eng._kept) == ["c2", "c3"] and eng.stats()["prefix_cache_conversations"] == 2
+    h = hits()
+    asyncio.run(collect(eng, Request("c2-2", chat([(QUESTIONS[0], "Once upon a time.")], QUESTIONS[1]), GREEDY,
+                                     conversation_id="c2")))
+    assert hits() - h == 1 and list(eng._kept) == ["c3", "c2"]  # c2 is now the most recent
+    m = misses()
+    asyncio.run(collect(eng, Request("c1-2", chat([(QUESTIONS[0], "Once upon a time.")], QUESTIONS[1]), GREEDY,
+                                     conversation_id="c1")))
+    assert misses() - m == 1 and list(eng._kept) == ["c2", "c1"]  # c1 was evicted; c3 is now the LRU one
+    # The token cap counts allocated KV positions (max_length): a small cap keeps nothing.
+    small = engine(prefix_cache_max_tokens=100)
+    asyncio.run(collect(small, Request("s-1", chat([], QUESTIONS[0]), GREEDY, conversation_id="s")))
+    assert small.stats()["prefix_cache_conversations"] == 0
+    assert eng.stats()["prefix_cache_tokens"] == sum(k.capacity for k in eng._kept.values()) > 0
+
+
+def test_prefix_cache_only_for_single_candidate_conversations(engine) -> None:
+    eng = engine()
+    asyncio.run(collect(eng, Request("a", chat([], QUESTIONS[0]), GREEDY)))  # no conversation id
+    asyncio.run(collect(eng, Request("b", chat([], QUESTIONS[0]), sample(10, n=2), conversation_id="multi")))
+    assert eng.stats()["prefix_cache_conversations"] == 0
+    off = engine(prefix_cache_conversations=0)
+    asyncio.run(collect(off, Request("c", chat([], QUESTIONS[0]), GREEDY, conversation_id="c")))
+    assert off.stats()["prefix_cache_conversations"] == 0
+
+
+def test_prefix_cache_misses_start_fresh(engine) -> None:
+    """Another prompt, a longer answer than the kept Generator has room for: fresh, same answer."""
+    eng, ref = engine(prefix_cache_reserve_tokens=0), engine(prefix_cache_conversations=0)
+    asyncio.run(collect(eng, Request("x-1", chat([], QUESTIONS[0]), GREEDY, conversation_id="x")))
+    short = "<|im_start|>user\nSomething else entirely.<|im_end|>\n<|im_start|>assistant\n"
+    m = misses()
+    out = asyncio.run(collect(eng, Request("x-2", short, GREEDY, conversation_id="x")))
+    assert misses() - m == 1
+    assert out.text == asyncio.run(collect(ref, Request("x-2", short, GREEDY))).text
+    # Room for prompt + max_tokens, twice (no reserve): a turn asking for far more does not fit.
+    asyncio.run(collect(eng, Request("y-1", chat([], QUESTIONS[0]), GREEDY, conversation_id="y")))
+    long_turn = Sampling(temperature=0, max_tokens=400)
+    prompt = chat([(QUESTIONS[0], "Once.")], QUESTIONS[1])
+    m, h = misses(), hits()
+    out = asyncio.run(collect(eng, Request("y-2", prompt, long_turn, conversation_id="y")))
+    assert (misses() - m, hits() - h) == (1, 0)
+    assert out.text == asyncio.run(collect(ref, Request("y-2", prompt, long_turn))).text
+
+
+def test_prefix_cache_dropped_on_model_switch_and_close(engine, tiny_model_dir: Path) -> None:
+    eng = engine()
+    asyncio.run(collect(eng, Request("m-1", chat([], QUESTIONS[0]), GREEDY, conversation_id="m")))
+    assert eng.stats()["prefix_cache_conversations"] == 1
+    asyncio.run(eng.load_version(tiny_model_dir, "tiny-v2"))
+    assert eng.stats()["prefix_cache_conversations"] == 0
+    m = misses()
+    res = asyncio.run(collect(eng, Request("m-2", chat([(QUESTIONS[0], "Hm.")], QUESTIONS[1]), GREEDY,
+                                           conversation_id="m")))
+    assert misses() - m == 1 and {d.model_version for d in res.deltas} == {"tiny-v2"}
+    assert eng.stats()["prefix_cache_conversations"] == 1
+    asyncio.run(eng.close())
+    assert eng.stats()["prefix_cache_conversations"] == 0 and eng.stats()["prefix_cache_tokens"] == 0
+
+
+def test_sample_token_and_common_prefix() -> None:
+    import numpy as np
+
+    logits = np.array([0.0, 5.0, 1.0, 4.9, -3.0], dtype=np.float32)
+    rng = lambda: np.random.default_rng(5)  # noqa: E731
+    assert sample_token(logits, 1.0, 1.0, 1, rng()) == 1  # top_k 1 is greedy
+    assert sample_token(logits, 1e-4, 1.0, 0, rng()) == 1  # a tiny temperature too
+    assert sample_token(logits, 1.0, 0.01, 0, rng()) == 1  # and a tiny nucleus
+    draws = [sample_token(logits, 1.0, 1.0, 2, np.random.default_rng(s)) for s in range(200)]
+    assert set(draws) == {1, 3}  # top_k 2 keeps the two best, both drawn
+    assert draws == [sample_token(logits, 1.0, 1.0, 2, np.random.default_rng(s)) for s in range(200)]
+    assert common_prefix([1, 2, 3, 4], [1, 2, 5]) == 2
+    assert common_prefix([1, 2], [1, 2, 3]) == 2 and common_prefix([], [1]) == 0
+
+
+@pytest.mark.model
+def test_real_model_reused_turns_match_fresh(real_model_dir: Path) -> None:
+    """The served build: a 3-turn greedy conversation, later turns from the kept KV cache."""
+    from model.chat_template import render_chatml
+
+    cached = AsyncEngine(real_model_dir, "real", EngineConfig(max_running=2))
+    fresh = AsyncEngine(real_model_dir, "real", EngineConfig(max_running=2, prefix_cache_conversations=0))
+    try:
+        messages: list[dict[str, str]] = []
+        for t, q in enumerate(["What is the capital of France?", "And of Italy?", "Which one is bigger?"]):
+            prompt = render_chatml([*messages, {"role": "user", "content": q}])
+            h = hits()
+            a = asyncio.run(collect(cached, Request(f"real-c{t}", prompt, GREEDY, conversation_id="real-conv")))
+            assert hits() - h == (1 if t else 0)
+            b = asyncio.run(collect(fresh, Request(f"real-c{t}", prompt, GREEDY, conversation_id="real-conv")))
+            assert a.text == b.text and a.tokens == b.tokens
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a.text[0]}]
+    finally:
+        asyncio.run(cached.close())
+        asyncio.run(fresh.close())

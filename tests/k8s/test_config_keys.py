@@ -2,8 +2,9 @@
 
 The variables come from the services' own config dataclasses (`config.env(...)` fields carry the
 variable name in `metadata["env"]`): services/common/config.py (ServerConfig, KafkaConfig) plus
-every dataclass in services/<name>/config.py. A service directory with a config.py that is not
-mapped below fails the test, so a new service cannot go unchecked.
+every dataclass in services/<name>/config.py, and for the RLHF job (rlhf/ at the repository root)
+every dataclass in JOB_MODULES. A service directory with a config.py that is not mapped below
+fails the test, so a new service cannot go unchecked.
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ READ_ELSEWHERE: dict[str, str] = {
     "COLLOQUY_MODEL_REGISTRY": "model/paths.py registry_root()",
     "COLLOQUY_CACHE": "model/paths.py and services/moderation/paths.py cache_root()",
     "MY_POD_IP": "builds RAY_ADDRESS in the same pod spec",
+    "FEEDBACK_DATASET_DIR": "rlhf/data.py dataset_dir() (the feedback sink's FeedbackConfig)",
+}
+# Jobs outside services/: their name -> the modules whose env() dataclasses they load.
+JOB_MODULES: dict[str, tuple[str, ...]] = {"rlhf": ("rlhf.config", "rlhf.preference")}
+# A job's hyperparameters stay at the code's (tuned) defaults unless an overlay overrides one; what
+# the deployment must set is where the job runs, reads, writes and reports (k8s/base/rlhf/trigger.yaml).
+JOB_REQUIRED: dict[str, frozenset[str]] = {
+    "rlhf": frozenset({"RLHF_RAY_ADDRESS", "RLHF_RAY_NUM_CPUS", "RLHF_NUM_WORKERS", "RLHF_CPUS_PER_WORKER",
+                       "RLHF_USE_GPU", "PUSHGATEWAY_URL", "FEEDBACK_DATASET_DIR", "COLLOQUY_CACHE"}),
 }
 # TLS + SCRAM settings for the Kafka clients: the manifests set them, the services must read
 # them (KafkaConfig, passed to every KafkaProducer/KafkaConsumer/KafkaAdminClient).
@@ -54,7 +64,13 @@ def env_names(classes: list[type]) -> set[str]:
 
 
 def service_modules() -> list[str]:
-    return sorted(p.parent.name for p in SERVICES_DIR.glob("*/config.py") if p.parent.name != "common")
+    services = {p.parent.name for p in SERVICES_DIR.glob("*/config.py") if p.parent.name != "common"}
+    jobs = {name for name in JOB_MODULES if (manifests.ROOT / name / "config.py").is_file()}
+    return sorted(services | jobs)
+
+
+def config_modules(service: str) -> tuple[str, ...]:
+    return JOB_MODULES.get(service, (f"services.{service}.config",))
 
 
 COMMON = [common_config.ServerConfig, common_config.KafkaConfig]
@@ -66,7 +82,9 @@ class Target:
 
     owner_prefix: str
     container: str
-    classes: tuple[str, ...] = ("common", "module")  # "engine": only generation's EngineSettings
+    # "common": ServerConfig + KafkaConfig; "module": the service's own config classes;
+    # "engine": only generation's EngineSettings.
+    classes: tuple[str, ...] = ("common", "module")
 
 
 def targets(service: str) -> list[Target]:
@@ -77,21 +95,21 @@ def targets(service: str) -> list[Target]:
                 Target("RayService/generation:head", "ray-head", ("engine",)),
                 Target("RayService/generation:", "ray-worker", ("engine",))]
     if service == "rlhf":
-        return [Target("RayJob/rlhf-*:head", "ray-head", ("kafka", "module"))]
+        # The entrypoint (python -m rlhf.job) runs on the RayJob's head; its Ray Train workers
+        # get their settings from it (train_loop_config), not from the environment.
+        return [Target("RayJob/rlhf-*:head", "ray-head", ("module",))]
     raise AssertionError(f"services/{service}/config.py is not mapped to any pod: add it to targets()")
 
 
 def classes_for(service: str, target: Target) -> list[type]:
     out: list[type] = []
-    module = f"services.{service}.config"
     if "common" in target.classes:
         out += COMMON
-    if "kafka" in target.classes:
-        out.append(common_config.KafkaConfig)
     if "module" in target.classes:
-        out += env_classes(module)
+        for module in config_modules(service):
+            out += env_classes(module)
     if "engine" in target.classes:
-        out.append(importlib.import_module(module).EngineSettings)
+        out.append(importlib.import_module(f"services.{service}.config").EngineSettings)
     return out
 
 
@@ -126,10 +144,14 @@ def test_service_config_is_mapped(service: str) -> None:
 @pytest.mark.parametrize("service", service_modules())
 def test_every_config_key_is_set(objects: list[Obj], service: str) -> None:
     if service == "rlhf" and not any(o["kind"] == "RayJob" for o in objects):
-        pytest.fail("services/rlhf has a config.py but the overlay has no RLHF RayJob template")
+        pytest.fail("rlhf/config.py exists but the overlay has no RLHF RayJob template")
     for target in targets(service):
         _, _, env = _target_env(objects, target)
         wanted = env_names(classes_for(service, target))
+        if service in JOB_REQUIRED:
+            stale = JOB_REQUIRED[service] - wanted - set(READ_ELSEWHERE)
+            assert not stale, f"{service}: JOB_REQUIRED names {sorted(stale)}, which the job no longer reads"
+            wanted = set(JOB_REQUIRED[service])
         missing = sorted(v for v in wanted - set(env) if (service, v) not in ALLOWLIST)
         assert not missing, f"{target.owner_prefix}/{target.container} does not set {missing}"
 
@@ -198,7 +220,24 @@ def test_api_keys_file_comes_from_the_secret(docs: list[Obj]) -> None:
 
 
 def test_kafka_security_settings_are_read_by_the_services() -> None:
-    missing = [v for v in KAFKA_SECURITY if v not in env_names([common_config.KafkaConfig])]
-    if missing:
-        pytest.xfail(f"services/common/config.py KafkaConfig does not read {missing} yet; the manifests "
-                     "set them for the TLS + SCRAM listener (k8s/README.md, 'Changes needed outside k8s/')")
+    """The manifests' TLS + SCRAM settings reach every Kafka client the services make."""
+    assert set(KAFKA_SECURITY) <= env_names([common_config.KafkaConfig])
+    cfg = common_config.load(common_config.KafkaConfig, environ={
+        "KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "KAFKA_SASL_USERNAME": "colloquy-gateway", "KAFKA_SASL_PASSWORD": "secret",
+        "KAFKA_SSL_CAFILE": "/etc/colloquy/kafka-ca/ca.crt"})
+    assert cfg.client_kwargs() == {
+        "bootstrap_servers": cfg.bootstrap_servers, "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": "colloquy-gateway",
+        "sasl_plain_password": "secret", "ssl_cafile": "/etc/colloquy/kafka-ca/ca.crt"}
+    # Every producer, consumer and admin client is built from client_kwargs() (kafka_loop's
+    # make_producer/make_consumer, topics.ensure_topics): no module builds one without it.
+    clients = re.compile(r"\bKafka(Producer|Consumer|AdminClient)\(")
+    makers = []
+    for top in ("services", "model", "rlhf"):
+        for path in sorted((manifests.ROOT / top).rglob("*.py")):
+            source = path.read_text(encoding="utf-8")
+            if clients.search(source):
+                makers.append(path.relative_to(manifests.ROOT).as_posix())
+                assert "client_kwargs()" in source, f"{path}: a Kafka client without KafkaConfig.client_kwargs()"
+    assert makers, "no Kafka clients found: the search moved"

@@ -12,6 +12,7 @@ from tests.k8s import manifests, sync
 from tests.k8s.manifests import Obj
 
 PROD_REPLICAS = 3
+PROD_MIN_ISR = 2
 
 
 def _kafka(docs: list[Obj]) -> Obj:
@@ -25,9 +26,13 @@ def test_kafka_topics_match_topics_py(docs: list[Obj], overlay: str) -> None:
     for t in topics.ALL:
         spec = found[t.name]["spec"]
         assert spec["partitions"] == t.partitions, t.name
-        assert {k: str(v) for k, v in spec["config"].items()} == t.configs, t.name
+        # prod: acks=all needs two in-sync copies of every declared topic (set per topic: see
+        # test_reply_topics_can_be_written for why not broker-wide).
+        extra = {} if overlay == "dev" else {"min.insync.replicas": str(PROD_MIN_ISR)}
+        assert {k: str(v) for k, v in spec["config"].items()} == {**t.configs, **extra}, t.name
         # dev: exactly topics.py's replication; prod: three copies on three brokers.
         assert spec["replicas"] == (t.replication if overlay == "dev" else max(t.replication, PROD_REPLICAS))
+        assert int(spec["config"].get("min.insync.replicas", 1)) < spec["replicas"] or overlay == "dev"
         assert found[t.name]["metadata"]["labels"]["strimzi.io/cluster"] == manifests.KAFKA_CLUSTER
 
 
@@ -39,6 +44,14 @@ def test_reply_topics_are_left_to_the_gateway(docs: list[Obj]) -> None:
                   if u["metadata"]["name"] == "colloquy-gateway"]
     rules = _rules(gateway)
     assert {"Create", "Read", "Describe"} <= rules[("topic", topics.REPLY_PREFIX, "prefix")]
+
+
+def test_reply_topics_can_be_written(docs: list[Obj]) -> None:
+    """The gateway creates its reply topic at run time with topics.py's replication; the broker's
+    default min.insync.replicas applies to it, and acks=all producers (kafka_loop.make_producer)
+    get NOT_ENOUGH_REPLICAS on every reply when that default exceeds the replication."""
+    config = _kafka(docs)["spec"]["kafka"]["config"]
+    assert config["min.insync.replicas"] <= topics.reply_topic("gateway-0").replication
 
 
 def test_kraft_cluster_with_authenticated_listener(docs: list[Obj], overlay: str) -> None:
@@ -62,6 +75,7 @@ def test_kraft_cluster_with_authenticated_listener(docs: list[Obj], overlay: str
     assert config["transaction.state.log.min.isr"] <= config["transaction.state.log.replication.factor"]
     if overlay == "prod":  # survive one broker down with acks=all
         assert config["min.insync.replicas"] < config["default.replication.factor"]
+        assert config["transaction.state.log.min.isr"] < config["transaction.state.log.replication.factor"]
     topic_replicas = {t["spec"]["replicas"] for t in manifests.by_kind(docs, "KafkaTopic").values()}
     assert max(topic_replicas) <= brokers
 

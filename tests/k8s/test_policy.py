@@ -4,7 +4,8 @@ Rules, for every container of every pod template (Deployments, StatefulSets, Job
 the Ray head and worker groups of the RayService and of the RLHF RayJob template):
 - requests and limits for cpu and memory (GPU requests equal GPU limits);
 - readiness and liveness probes, except in pods that run to completion (Job, CronJob) and in init
-  containers, where a probe has nothing to report; gRPC services probe natively (`grpc.port`);
+  containers, where a probe has nothing to report; gRPC services probe natively (`grpc.port`),
+  except with TLS (prod), where an exec probe speaks it (tests/k8s/test_tls.py);
 - non-root (runAsNonRoot and a non-zero runAsUser), no privilege escalation, read-only root
   filesystem with an emptyDir at /tmp, all capabilities dropped, seccomp RuntimeDefault;
 - a pinned image: registry/name:tag with a version tag (never `latest`) or a digest.
@@ -24,7 +25,10 @@ IMAGE = re.compile(r"^(?P<repo>[a-z0-9.-]+(:\d+)?(/[a-z0-9._-]+)+)"
                    r"(:(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(@sha256:[0-9a-f]{64})?$")
 # Secrets the render references but does not contain, by who makes them.
 STRIMZI_SECRETS = {f"{manifests.KAFKA_CLUSTER}-cluster-ca-cert"}  # + one per KafkaUser (added below)
-OPERATOR_SECRETS = {"prod": {"gateway-api-keys"}, "dev": set()}  # created by whoever deploys (README)
+# Created by whoever deploys (README): prod's API keys and each gRPC service's TLS Secret.
+OPERATOR_SECRETS = {"prod": {"gateway-api-keys"} | {f"{s}-tls" for s in
+                                                   ("gateway", "tokenizer", "moderation", "prompt", "feedback")},
+                    "dev": set()}
 OPERATOR_NAMESPACES = {"kuberay-system", "monitoring"}
 
 
@@ -61,13 +65,18 @@ def test_server_containers_have_probes(objects: list[Obj]) -> None:
     assert not bad, "\n".join(bad)
 
 
-def test_grpc_services_use_native_grpc_probes(docs: list[Obj]) -> None:
+def test_grpc_services_probe_grpc_health(docs: list[Obj]) -> None:
+    """grpc.health.v1.Health on the service's own port: natively in plaintext, through
+    services.common.health_probe (which follows TLS_DIR) where TLS is on."""
     checked = 0
     for sts in manifests.by_kind(docs, "StatefulSet").values():
         for c in sts["spec"]["template"]["spec"]["containers"]:
             port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-                assert c[probe].get("grpc", {}).get("port") == port, f"{sts['metadata']['name']} {probe}"
+                native = c[probe].get("grpc", {}).get("port") == port
+                execd = c[probe].get("exec", {}).get("command") == [
+                    "python", "-m", "services.common.health_probe", f"127.0.0.1:{port}"]
+                assert native != execd, f"{sts['metadata']['name']} {probe}"
             checked += 1
     assert checked == 5  # gateway, tokenizer, moderation, prompt, feedback
 
@@ -299,3 +308,72 @@ def test_ray_clusters_talk_only_among_themselves(render, app: str) -> None:  # t
     pol = _policies(render("prod"))[f"ray-{app}-cluster"]["spec"]
     same = [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": app}}}]
     assert pol["ingress"] == [{"from": same}] and pol["egress"] == [{"to": same}]
+
+
+# -- The Pushgateway: the RLHF job pushes, Prometheus scrapes ------------------------------------
+
+
+def _port_matches(rule_port: Any, number: int, name: str) -> bool:
+    return rule_port.get("port") in (number, name)
+
+
+def _peer_selects(peer: dict[str, Any], labels: dict[str, str]) -> bool:
+    # Same-namespace pod peers only (a namespaceSelector would widen the peer beyond colloquy).
+    return "namespaceSelector" not in peer and "ipBlock" not in peer and \
+        manifests.selects(peer.get("podSelector"), labels)
+
+
+def _flow_allowed(docs: list[Obj], src: dict[str, str], dst: dict[str, str], number: int, name: str) -> bool:
+    """Both ends admit src -> dst:port: an egress rule for src and an ingress rule for dst."""
+    def admits(policies: list[Obj], direction: str, key: str, peer_labels: dict[str, str]) -> bool:
+        for pol in policies:
+            for rule in pol["spec"].get(direction, []):
+                peers_ok = not rule.get(key) or any(_peer_selects(p, peer_labels) for p in rule[key])
+                ports_ok = not rule.get("ports") or any(_port_matches(p, number, name) for p in rule["ports"])
+                if peers_ok and ports_ok:
+                    return True
+        return False
+
+    return admits(_applying(docs, src, "Egress"), "egress", "to", dst) and \
+        admits(_applying(docs, dst, "Ingress"), "ingress", "from", src)
+
+
+def _pushgateway(docs: list[Obj]) -> tuple[PodTemplate, int]:
+    (pt,) = [p for p in manifests.all_pod_templates(docs) if p.owner == "Deployment/pushgateway"]
+    (port,) = [p["containerPort"] for c in pt.containers() for p in c["ports"] if p["name"] == "metrics"]
+    return pt, port
+
+
+def test_pushgateway_is_deployed_and_scraped_with_the_pushed_labels(docs: list[Obj]) -> None:
+    pt, port = _pushgateway(docs)
+    (c,) = pt.containers()
+    assert c["image"].split("@")[0].rsplit(":", 1)[0].endswith("prom/pushgateway")
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["port"] in ("metrics", port)
+    assert c["readinessProbe"]["httpGet"]["path"] == "/-/ready"
+    (sm,) = [s for s in manifests.by_kind(docs, "ServiceMonitor").values()
+             if s["metadata"]["name"] == "pushgateway"]
+    assert all(e.get("honorLabels") is True for e in sm["spec"]["endpoints"])
+    scrape = _policies(docs)["prometheus-scrape"]["spec"]
+    assert manifests.selects(scrape["podSelector"], pt.labels)
+
+
+def test_rlhf_job_pushes_to_the_pushgateway_and_only_it_may(objects: list[Obj]) -> None:
+    from urllib.parse import urlparse
+
+    docs = [o for o in objects if o["kind"] != "RayJob"]
+    pt, port = _pushgateway(docs)
+    service = manifests.by_kind(docs, "Service")["pushgateway"]
+    rlhf_pods = [p for p in manifests.all_pod_templates(objects) if p.owner.startswith("RayJob/")]
+    assert rlhf_pods
+    # The head (job.py) and the rank-0 training worker (train.py) both push.
+    for rlhf in rlhf_pods:
+        assert _flow_allowed(docs, rlhf.labels, pt.labels, port, "metrics"), rlhf.owner
+    # The job is told where: the Service, on its port.
+    url = urlparse(manifests.by_kind(docs, "ConfigMap")["rlhf-config"]["data"]["PUSHGATEWAY_URL"])
+    assert url.hostname == service["metadata"]["name"]
+    assert url.port in {p["port"] for p in service["spec"]["ports"]}
+    # Nothing else in the namespace may push (or delete) metrics.
+    for other in manifests.all_pod_templates(docs):
+        if other.owner != pt.owner:
+            assert not _flow_allowed(docs, other.labels, pt.labels, port, "metrics"), other.owner

@@ -118,8 +118,15 @@ def test_scrape_jobs_match_the_local_prometheus(docs: list[Obj]) -> None:
     local = manifests.ROOT / "deploy" / "prometheus" / "prometheus.yml"
     if not local.is_file():
         pytest.skip("deploy/prometheus/prometheus.yml does not exist yet")
-    jobs = {j["job_name"] for j in yaml.safe_load(local.read_text(encoding="utf-8"))["scrape_configs"]}
+    configs = {j["job_name"]: j for j in yaml.safe_load(local.read_text(encoding="utf-8"))["scrape_configs"]}
+    covered = set()
     for sm in manifests.by_kind(docs, "ServiceMonitor").values():
         for endpoint in sm["spec"]["endpoints"]:
             job = [r["replacement"] for r in endpoint.get("relabelings", []) if r.get("targetLabel") == "job"]
-            assert job and job[0] in jobs, f"ServiceMonitor/{sm['metadata']['name']} {endpoint['port']}: {job}"
+            where = f"ServiceMonitor/{sm['metadata']['name']} {endpoint['port']}"
+            assert job and job[0] in configs, f"{where}: {job}"
+            # e.g. the Pushgateway: the labels a job pushed win over the target's.
+            assert endpoint.get("honorLabels", False) == configs[job[0]].get("honor_labels", False), where
+            covered.add(job[0])
+    # Every local scrape job has its counterpart here (prometheus itself excepted).
+    assert set(configs) - {"prometheus"} <= covered, sorted(set(configs) - covered)
