@@ -29,6 +29,11 @@ class RLHFConfig:
     max_prompt_tokens: int = env("RLHF_MAX_PROMPT_TOKENS", 256, check=lambda v: v >= 8, hint=">= 8")
     max_answer_tokens: int = env("RLHF_MAX_ANSWER_TOKENS", 96, check=lambda v: v >= 4, hint=">= 4")
     seed: int = env("RLHF_SEED", 0)
+    # Train only the top N decoder layers (+ final norm and the heads) of the reward model and the
+    # policy; 0 trains every weight. A CPU-sized setting for small machines.
+    train_layers: int = env("RLHF_TRAIN_LAYERS", 0, check=lambda v: v >= 0, hint=">= 0 (0: all)")
+    # Learning rate of the new scalar heads (reward, value); 0: the model's own (RLHF_RM_LR, RLHF_LR)
+    head_lr: float = env("RLHF_HEAD_LR", 0.0, check=lambda v: v >= 0, hint=">= 0")
     # Reward model
     rm_epochs: int = env("RLHF_RM_EPOCHS", 2, check=lambda v: v >= 1, hint=">= 1")
     rm_batch_size: int = env("RLHF_RM_BATCH_SIZE", 4, check=lambda v: v >= 1, hint=">= 1 prompts")
@@ -40,8 +45,13 @@ class RLHFConfig:
     minibatch_size: int = env("RLHF_MINIBATCH_SIZE", 4, check=lambda v: v >= 1, hint=">= 1")
     lr: float = env("RLHF_LR", 1e-6, check=positive, hint="> 0")
     kl_coef: float = env("RLHF_KL_COEF", 0.05, check=lambda v: v >= 0, hint=">= 0")
-    # The KL bound: a rollout's PPO epochs stop once approx KL(old || new) passes it.
+    # The per-update trust region: a rollout's PPO epochs stop once approx KL(old || new) passes it
+    # (per token; the bound on the distance to the parent is kl_bound below).
     target_kl: float = env("RLHF_TARGET_KL", 0.1, check=positive, hint="> 0")
+    # The bound on the policy's KL to its parent (the frozen reference), in nats per answer: PPO
+    # stops before an update once a rollout's mean KL(policy || reference) passes it, and the
+    # evaluation checks the child's KL to its parent on the held-out prompts against it.
+    kl_bound: float = env("RLHF_KL_BOUND", 6.0, check=positive, hint="> 0 nats per answer")
     clip_range: float = env("RLHF_CLIP_RANGE", 0.2, check=lambda v: 0 < v < 1, hint="0..1")
     clip_range_value: float = env("RLHF_CLIP_RANGE_VALUE", 0.2, check=positive, hint="> 0")
     vf_coef: float = env("RLHF_VF_COEF", 0.1, check=lambda v: v >= 0, hint=">= 0")
@@ -62,6 +72,8 @@ class RLHFConfig:
                             hint="CPUs for a local Ray (0: all)")
     # Evaluation and metrics
     eval_max_new_tokens: int = env("RLHF_EVAL_MAX_NEW_TOKENS", 48, check=lambda v: v >= 1, hint=">= 1")
+    # Answers sampled per held-out prompt from parent and child (reward model and KL estimates; 0: skip)
+    eval_samples: int = env("RLHF_EVAL_SAMPLES", 4, check=lambda v: v >= 0, hint=">= 0")
     pushgateway_url: str = env("PUSHGATEWAY_URL", "")
 
     def gpu(self) -> bool:
@@ -74,7 +86,7 @@ class RLHFConfig:
 
     def hyperparameters(self) -> dict[str, Any]:
         """Everything that shapes the trained weights (recorded in the manifest)."""
-        skip = {"ray_address", "ray_num_cpus", "pushgateway_url", "use_gpu"}
+        skip = {"ray_address", "ray_num_cpus", "pushgateway_url", "use_gpu", "eval_samples"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 

@@ -174,26 +174,38 @@ def heldout_prompts() -> list[str]:
     return list(yaml.safe_load(PROMPTS_FILE.read_text(encoding="utf-8"))["heldout"])
 
 
-def evaluate(parent_dir: Path, child_dir: Path, questions: list[str], max_new_tokens: int) -> dict[str, Any]:
-    """Greedy answers of parent and child on held-out questions, judged by the preference rule."""
-    from model.genai import chat, load
+def evaluate(parent_dir: Path, child_dir: Path, questions: list[str], max_new_tokens: int,
+             sampled_with: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Parent vs child on held-out questions (``rlhf.evaluation``): greedy answers of the exported
+    (served) models in the served prompt layout, judged by the preference rule; then, with
+    ``sampled_with`` (the keyword arguments of :func:`rlhf.evaluation.sampled` but the answers),
+    the reward model's view and the KL of the child to its parent."""
+    from model.genai import greedy, load
+    from rlhf import evaluation
     from rlhf.preference import score
+
+    prompts, template_version = evaluation.served_prompts(questions)
 
     def answers(model_dir: Path) -> list[str]:
         model, tokenizer = load(model_dir, "cpu")
-        return [chat(model, tokenizer, [{"role": "user", "content": q}], max_new_tokens).text for q in questions]
+        return [greedy(model, tokenizer, [int(t) for t in tokenizer.encode(p)], max_new_tokens).text
+                for p in prompts]
 
+    clock = time.perf_counter()
     parent, child = answers(parent_dir), answers(child_dir)
-    parent_scores = [score(q, a) for q, a in zip(questions, parent, strict=True)]
-    child_scores = [score(q, a) for q, a in zip(questions, child, strict=True)]
-    wins = sum(c > p for c, p in zip(child_scores, parent_scores, strict=True))
-    losses = sum(c < p for c, p in zip(child_scores, parent_scores, strict=True))
-    n = len(questions)
-    return {"prompts": n, "parent_score_mean": sum(parent_scores) / n if n else None,
-            "child_score_mean": sum(child_scores) / n if n else None, "child_wins": wins, "child_losses": losses,
-            "ties": n - wins - losses, "judge": "rlhf.preference.score",
-            "examples": [{"question": q, "parent": p[:200], "child": c[:200]}
-                         for q, p, c in list(zip(questions, parent, child, strict=True))[:3]]}
+    result: dict[str, Any] = {**evaluation.judge(questions, parent, child, score), "judge": "rlhf.preference.score",
+                              "answers": "greedy, exported ONNX models", "prompt_template": template_version,
+                              "max_new_tokens": max_new_tokens,
+                              "examples": [{"question": q, "parent": p[:300], "child": c[:300]}
+                                           for q, p, c in zip(questions, parent, child, strict=True)]}
+    seconds = {"greedy": time.perf_counter() - clock}
+    if sampled_with:
+        clock = time.perf_counter()
+        result.update(evaluation.sampled(prompts=prompts, questions=questions,
+                                         greedy={"parent": parent, "child": child}, **sampled_with))
+        seconds["sampled"] = time.perf_counter() - clock
+    result["seconds"] = seconds
+    return result
 
 
 # ----------------------------------------------------------------- the job
@@ -254,7 +266,14 @@ def run(config: RLHFConfig, registry: Registry, base: str | None = None, dataset
     timings["export"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    evaluation = evaluate(registry.version_path(base), export_dir, heldout_prompts(), config.eval_max_new_tokens)
+    from rlhf.train import RM_CHECKPOINT
+
+    sampled_with = None
+    if config.eval_samples:
+        sampled_with = {"parent_hf": hf_dir, "child_hf": policy_dir, "reward_model_file": run_dir / RM_CHECKPOINT,
+                        "hp": config.hyperparameters(), "samples": config.eval_samples, "bound": config.kl_bound}
+    evaluation = evaluate(registry.version_path(base), export_dir, heldout_prompts(), config.eval_max_new_tokens,
+                          sampled_with)
     quality = None
     if "score" in (base_manifest.get("quality") or {}):
         # The parent passed the build's question check: measure the child the same way, so an
@@ -299,7 +318,8 @@ def run(config: RLHFConfig, registry: Registry, base: str | None = None, dataset
                   {**metrics["phase_seconds"], **timings})
     report = {"version": version, "parent_version": base, "path": str(published.path),
               "feedback_window": window.as_dict(), "reward_model": metrics["reward_model"],
-              "ppo_final": training["ppo"]["final"], "evaluation": evaluation,
+              "ppo_final": training["ppo"]["final"], "ppo_history": ppo_history, "evaluation": evaluation,
+              "hyperparameters": config.hyperparameters(),
               "phase_seconds": training["phase_seconds"]}
     _write_json(run_dir / "report.json", report)
     return report

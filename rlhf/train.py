@@ -74,6 +74,17 @@ def response_mask(response: torch.Tensor, eos: int) -> torch.Tensor:
     return (ended_before == 0).long()
 
 
+def with_final_eos(seq: torch.Tensor, attn: torch.Tensor, rmask: torch.Tensor,
+                   eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reward model's view of sampled answers: as in training (``Encoder.answer``), every
+    answer ends with ``<|im_end|>``, so one cut off at ``max_new_tokens`` gets it appended
+    (a column with attention 1 on those rows only) and the score is read off that token, as
+    for the cut-off labelled answers, rather than off a mid-sentence token it never saw scored."""
+    ended = ((seq[:, -rmask.shape[1]:] == eos) & rmask.bool()).any(dim=1)
+    extra = torch.full((seq.shape[0], 1), eos, dtype=seq.dtype, device=seq.device)
+    return torch.cat([seq, extra], dim=1), torch.cat([attn, (~ended).long().unsqueeze(1).to(attn.dtype)], dim=1)
+
+
 # ----------------------------------------------------------------- models
 def load_lm(hf_dir: Path) -> Any:
     """The float32 causal LM of a checkpoint directory."""
@@ -96,6 +107,32 @@ class PolicyWithValue(nn.Module):
         hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
         return self.lm.lm_head(hidden).float(), self.value_head(hidden).squeeze(-1).float()
+
+
+def train_only_top_layers(body: nn.Module, layers: int) -> None:
+    """Leave only the top ``layers`` decoder layers and the final norm of a transformer body
+    trainable (``0``: everything). A CPU-sized setting: the embeddings (tied to the LM head)
+    and the lower layers stay as the parent had them, and backward stops at the first
+    trainable layer. Heads added on top (reward, value) are trained either way."""
+    if layers <= 0:
+        return
+    body.requires_grad_(False)
+    for layer in body.layers[-layers:]:
+        layer.requires_grad_(True)
+    body.norm.requires_grad_(True)
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def optimizer_for(model: nn.Module, head: nn.Module, lr: float, head_lr: float) -> torch.optim.Optimizer:
+    """AdamW over the trainable weights; the freshly initialised scalar ``head`` (reward or value)
+    at ``head_lr`` (0: the same ``lr``), since a few steps at a fine-tuning rate barely move it."""
+    head_ids = {id(p) for p in head.parameters()}
+    body = [p for p in trainable(model) if id(p) not in head_ids]
+    return torch.optim.AdamW([{"params": body, "lr": lr},
+                              {"params": list(head.parameters()), "lr": head_lr or lr}])
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -186,27 +223,44 @@ def train_reward_model(cfg: dict[str, Any], enc: Encoder, device: torch.device, 
         report({**saved["metrics"], "phase": "reward_model", "resumed": 1.0})
         return rm, saved["metrics"]
     started = time.perf_counter()
+    train_only_top_layers(rm.body, hp.get("train_layers", 0))
     rm = prepare_model(rm)
-    optimizer = torch.optim.AdamW(rm.parameters(), lr=hp["rm_lr"])
+    optimizer = optimizer_for(rm, unwrap(rm).head, hp["rm_lr"], hp.get("head_lr", 0.0))
     train, held = cfg["train"], cfg["held_out"]
     last_loss = 0.0
+    # Train accuracy, loss and the score offset are measured on the last epoch's batches as they
+    # pass (before each update), not by another pass over the data: a pass costs minutes on CPU.
+    correct = pairs = 0
+    loss_sum = elements = score_sum = scores_seen = 0.0
     for epoch in range(hp["rm_epochs"]):
+        last_epoch = epoch == hp["rm_epochs"] - 1
         for batch in shard_batches(len(train), hp["rm_batch_size"], rank, world, hp["seed"] + epoch):
             ids, mask, groups = comparison_batch([train[i] for i in batch], enc)
-            result = pairwise_loss(rm(ids.to(device), mask.to(device)), groups)
+            scores = rm(ids.to(device), mask.to(device))
+            result = pairwise_loss(scores, groups)
             optimizer.zero_grad(set_to_none=True)
             result.loss.backward()
-            torch.nn.utils.clip_grad_norm_(rm.parameters(), hp["max_grad_norm"])
+            torch.nn.utils.clip_grad_norm_(trainable(rm), hp["max_grad_norm"])
             optimizer.step()
             last_loss = result.loss.item()
-    train_eval = evaluate_reward_model(rm, train, enc, rank, world, device, hp["rm_batch_size"])
+            if last_epoch:
+                correct += result.correct
+                pairs += result.pairs
+                n = sum(1 for g in groups if g)
+                loss_sum += last_loss * n
+                elements += n
+                score_sum += float(scores.detach().sum())
+                scores_seen += scores.numel()
+    correct, pairs, loss_sum, elements, score_sum, scores_seen = _all_sum(
+        [correct, pairs, loss_sum, elements, score_sum, scores_seen], device)
     held_eval = evaluate_reward_model(rm, held, enc, rank, world, device, hp["rm_batch_size"])
     # Centre the scores on the training answers so PPO's rewards start near zero.
-    offset = _mean_score(unwrap(rm), train, enc, device, hp["rm_batch_size"])
+    offset = score_sum / scores_seen if scores_seen else 0.0
     metrics = {"reward_model_accuracy": held_eval["accuracy"], "reward_model_loss": held_eval["loss"],
-               "reward_model_train_accuracy": train_eval["accuracy"],
-               "reward_model_train_loss": train_eval["loss"], "reward_model_last_batch_loss": last_loss,
-               "heldout_pairs": held_eval["pairs"], "train_pairs": train_eval["pairs"], "reward_offset": offset,
+               "reward_model_train_accuracy": correct / pairs if pairs else None,
+               "reward_model_train_loss": loss_sum / elements if elements else None,
+               "reward_model_last_batch_loss": last_loss,
+               "heldout_pairs": held_eval["pairs"], "train_pairs": int(pairs), "reward_offset": offset,
                "reward_model_seconds": time.perf_counter() - started}
     rm = unwrap(rm)
     rm.eval()
@@ -215,18 +269,6 @@ def train_reward_model(cfg: dict[str, Any], enc: Encoder, device: torch.device, 
     _barrier()
     report({**metrics, "phase": "reward_model"}, phase_seconds={"reward_model": metrics["reward_model_seconds"]})
     return rm, metrics
-
-
-def _mean_score(rm: nn.Module, items: Sequence[dict[str, Any]], enc: Encoder, device: torch.device,
-                batch_size: int) -> float:
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(items), batch_size):
-            ids, mask, _ = comparison_batch(items[start:start + batch_size], enc)
-            scores = rm(ids.to(device), mask.to(device))
-            total += float(scores.sum())
-            count += scores.numel()
-    return total / count if count else 0.0
 
 
 # ----------------------------------------------------------------- PPO
@@ -252,7 +294,7 @@ def rollout(policy: nn.Module, reference: nn.Module, rm: nn.Module, prompts: Seq
         values = values[:, width - 1:-1]
         ref_logits, _ = reference(seq, attn)
         ref_logprobs = ppo.logprobs_from_logits(ref_logits[:, width - 1:-1], response)
-        scores = rm(seq, attn) - reward_offset
+        scores = rm(*with_final_eos(seq, attn, rmask, enc.eos)) - reward_offset
     rewards, kl = ppo.kl_penalized_rewards(scores, logprobs, ref_logprobs, rmask, hp["kl_coef"])
     advantages, returns = ppo.gae(rewards, values, rmask, hp["gamma"], hp["lam"])
     advantages = ppo.masked_whiten(advantages, rmask)
@@ -289,7 +331,7 @@ def ppo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[
                 loss = loss - hp["ent_coef"] * ppo.masked_mean(ppo.entropy_from_logits(logits[:, width - 1:-1]), mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), hp["max_grad_norm"])
+            torch.nn.utils.clip_grad_norm_(trainable(policy), hp["max_grad_norm"])
             optimizer.step()
             for key, value in (("policy_loss", pl.loss), ("value_loss", vl), ("clip_fraction", pl.clip_fraction),
                                ("approx_kl", pl.approx_kl), ("value_clip_fraction", vclip)):
@@ -325,9 +367,10 @@ def train_ppo(cfg: dict[str, Any], rm: nn.Module, rm_metrics: dict[str, Any], en
         policy.load_state_dict(saved["policy"])
         optimizer_state = saved["optimizer"]
         history = saved["history"]
-        first_step = saved["step"]
+        first_step = hp["ppo_steps"] if saved.get("stopped_at_kl_bound") else saved["step"]
+    train_only_top_layers(policy.lm.model, hp.get("train_layers", 0))
     policy = prepare_model(policy)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=hp["lr"])
+    optimizer = optimizer_for(policy, unwrap(policy).value_head, hp["lr"], hp.get("head_lr", 0.0))
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     prompts = cfg["prompts"]
@@ -339,18 +382,25 @@ def train_ppo(cfg: dict[str, Any], rm: nn.Module, rm_metrics: dict[str, Any], en
         torch.manual_seed(hp["seed"] * 7919 + step * world + rank)
         policy.eval()
         batch = rollout(policy, reference, rm, chosen, enc, hp, rm_metrics.get("reward_offset", 0.0), device)
-        policy.train()
-        stats = ppo_update(policy, optimizer, batch, hp, hp["seed"] + step, device)
         sums = _all_sum([float(batch["scores"].mean()), float(batch["kl"].mean()), float(batch["entropy"]),
                          float(batch["mask"].sum(1).float().mean()), 1.0], device)
         metrics = {"step": float(step + 1), "reward_mean": sums[0] / sums[4], "kl": sums[1] / sums[4],
-                   "entropy": sums[2] / sums[4], "response_tokens": sums[3] / sums[4], **stats,
-                   "step_seconds": time.perf_counter() - step_start}
+                   "entropy": sums[2] / sums[4], "response_tokens": sums[3] / sums[4]}
+        # The KL bound: once the policy's rollouts are this far from the reference, stop before
+        # another update (the same all-reduced value on every worker, so all stop together).
+        stop = metrics["kl"] > hp.get("kl_bound", float("inf"))
+        if not stop:
+            policy.train()
+            metrics.update(ppo_update(policy, optimizer, batch, hp, hp["seed"] + step, device))
+        metrics.update(stopped_at_kl_bound=float(stop), step_seconds=time.perf_counter() - step_start)
         history.append(metrics)
-        if rank == 0 and ((step + 1) % hp["checkpoint_every"] == 0 or step + 1 == hp["ppo_steps"]):
+        if rank == 0 and (stop or (step + 1) % hp["checkpoint_every"] == 0 or step + 1 == hp["ppo_steps"]):
             _save_atomic({"step": step + 1, "policy": unwrap(policy).state_dict(),
-                          "optimizer": optimizer.state_dict(), "history": history}, checkpoint)
+                          "optimizer": optimizer.state_dict(), "history": history, "stopped_at_kl_bound": stop},
+                         checkpoint)
         report({**metrics, "phase": "ppo"})
+        if stop:
+            break
     _barrier()
     seconds = time.perf_counter() - started
     report({"phase": "ppo_done", "ppo_seconds": seconds}, phase_seconds={"ppo": seconds})

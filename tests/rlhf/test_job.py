@@ -52,7 +52,7 @@ def test_offline_loop_publishes_a_child_version(tiny_registry: tuple[Registry, s
     config = load_config(rm_epochs=4, rm_batch_size=4, rm_lr=2e-3, ppo_steps=3, rollout_batch_size=4,
                          ppo_epochs=2, minibatch_size=2, lr=1e-4, max_new_tokens=12, checkpoint_every=1,
                          heldout_percent=25, num_workers=2, cpus_per_worker=1, ray_num_cpus=2, use_gpu="false",
-                         eval_max_new_tokens=8, pushgateway_url="")
+                         eval_max_new_tokens=8, eval_samples=1, kl_bound=1e6, pushgateway_url="")
     report = job.run(config, registry, dataset_root=feedback, now_ms=NOW_MS)
 
     version = report["version"]
@@ -72,7 +72,14 @@ def test_offline_loop_publishes_a_child_version(tiny_registry: tuple[Registry, s
     for key in ("reward_mean", "kl", "entropy", "clip_fraction", "value_loss", "policy_loss", "approx_kl"):
         assert all(isinstance(h[key], float) for h in history), key
     assert history[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout comes from the reference itself
-    assert training["evaluation"]["prompts"] == len(questions("heldout"))
+    evaluation = training["evaluation"]
+    assert evaluation["prompts"] == len(questions("heldout"))
+    assert evaluation["child_wins"] + evaluation["ties"] + evaluation["child_losses"] == evaluation["prompts"]
+    kl = evaluation["kl_to_parent"]
+    assert kl["answers"] == len(questions("heldout")) and kl["kl_per_answer"] is not None and kl["within_bound"]
+    for key in ("parent_rm_mean", "child_rm_mean", "parent_rule_mean", "child_rule_mean"):
+        assert isinstance(evaluation["sampled"][key], float), key
+    assert isinstance(evaluation["greedy_reward_model"]["child_mean"], float)
     assert registry.current("generation") == base  # promotion is a separate command
 
     # The child loads and generates through onnxruntime_genai, and differs from its parent.

@@ -1,0 +1,181 @@
+"""The job's evaluation of a child version against its parent on held-out prompts.
+
+Held-out questions (``rlhf/prompts.yaml``: never labelled, never a PPO prompt) are put to both
+models in the layout the service gives a fresh conversation (:func:`served_prompt`: the prompt
+template's hidden instructions around the question), and measured three ways:
+
+* **the rule** (:mod:`rlhf.preference`, the simulated labelers' own judge) on each model's
+  greedy answer through the exported ONNX models, as served: mean score and the child's
+  wins / ties / losses (:func:`judge`). The reward model alone can be gamed; the rule cannot
+  be, by construction, since PPO never saw it;
+* **the reward model** the run trained, on the same greedy answers and on answers sampled as
+  PPO samples (temperature ``RLHF_TEMPERATURE``), parent vs child;
+* **KL(child || parent)** per answer, estimated on answers sampled from the child: the mean
+  over samples of ``log pi_child(y|x) - log pi_parent(y|x)`` summed over the answer's tokens
+  (:func:`sequence_kl`), compared with the configured bound ``RLHF_KL_BOUND``
+  (:func:`kl_summary`).
+
+The pure functions here are unit-tested (tests/rlhf/test_evaluation.py); :func:`sampled` needs
+the float32 weights of both models and the reward model checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from model.chat_template import render_chatml
+
+REPO = Path(__file__).resolve().parent.parent
+TEMPLATES_FILE = REPO / "services" / "prompt" / "templates.yaml"
+
+
+# ----------------------------------------------------------------- prompts
+def served_prompt(question: str, before: str, after: str = "", after_placement: str = "append") -> str:
+    """A fresh conversation's first prompt as the prompt service assembles it: the ``before``
+    system message, the question with the ``after`` reminder appended after a blank line (or,
+    with ``after_placement`` ``system``, as a system message after it), then the assistant header."""
+    user = f"{question}\n\n{after}" if after and after_placement == "append" else question
+    messages = [{"role": "system", "content": before}, {"role": "user", "content": user}]
+    if after and after_placement == "system":
+        messages.append({"role": "system", "content": after})
+    return render_chatml(messages, add_generation_prompt=True)
+
+
+def served_prompts(questions: Sequence[str], templates_file: Path = TEMPLATES_FILE) -> tuple[list[str], str]:
+    """Every question in the current prompt template's layout; returns (prompts, template version)."""
+    from services.prompt.templates import load_file
+
+    template = load_file(templates_file).get()
+    return ([served_prompt(q, template.before, template.after, template.after_placement) for q in questions],
+            template.version)
+
+
+# ----------------------------------------------------------------- pure summaries
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def judge(questions: Sequence[str], parent: Sequence[str], child: Sequence[str],
+          score: Callable[[str, str], float]) -> dict[str, Any]:
+    """Score each question's parent and child answer; means and the child's wins / ties / losses."""
+    parent_scores = [score(q, a) for q, a in zip(questions, parent, strict=True)]
+    child_scores = [score(q, a) for q, a in zip(questions, child, strict=True)]
+    wins = sum(c > p for c, p in zip(child_scores, parent_scores, strict=True))
+    losses = sum(c < p for c, p in zip(child_scores, parent_scores, strict=True))
+    n = len(questions)
+    return {"prompts": n, "parent_score_mean": _mean(parent_scores), "child_score_mean": _mean(child_scores),
+            "child_wins": wins, "child_losses": losses, "ties": n - wins - losses,
+            "parent_scores": [round(s, 4) for s in parent_scores],
+            "child_scores": [round(s, 4) for s in child_scores]}
+
+
+def sequence_kl(logprobs: Any, ref_logprobs: Any, mask: Any) -> Any:
+    """Per answer, ``sum_t mask * (logp - ref_logp)``: the sample estimate of KL(policy || ref)
+    of one answer drawn from the policy ([B, T] tensors -> [B])."""
+    return ((logprobs - ref_logprobs) * mask).sum(-1)
+
+
+def kl_summary(per_answer: Sequence[float], tokens: Sequence[float], bound: float) -> dict[str, Any]:
+    """Mean KL per answer (with its standard error) and per token, and whether the mean is
+    inside ``bound`` (nats per answer)."""
+    n = len(per_answer)
+    mean = _mean(per_answer)
+    stderr = None
+    if n > 1 and mean is not None:
+        stderr = math.sqrt(sum((k - mean) ** 2 for k in per_answer) / (n - 1) / n)
+    total_tokens = sum(tokens)
+    return {"answers": n, "kl_per_answer": mean, "kl_per_answer_stderr": stderr,
+            "kl_per_token": sum(per_answer) / total_tokens if total_tokens else None,
+            "bound_per_answer": bound, "within_bound": mean is not None and mean <= bound}
+
+
+# ----------------------------------------------------------------- torch
+def _response_logprobs(lm: Any, seq: Any, attn: Any, width: int, response: Any) -> Any:
+    from rlhf import ppo
+    from rlhf.reward import position_ids
+
+    hidden = lm.model(input_ids=seq, attention_mask=attn, position_ids=position_ids(attn),
+                      use_cache=False).last_hidden_state
+    logits = lm.lm_head(hidden[:, width - 1:-1]).float()
+    return ppo.logprobs_from_logits(logits, response)
+
+
+def sampled(parent_hf: Path, child_hf: Path, reward_model_file: Path, prompts: Sequence[str],
+            questions: Sequence[str], greedy: dict[str, Sequence[str]], hp: dict[str, Any], samples: int,
+            bound: float, batch_size: int = 16) -> dict[str, Any]:
+    """Reward model and KL measurements with the float32 weights (see the module docstring).
+
+    ``greedy`` holds the served (ONNX) greedy answers, ``{"parent": [...], "child": [...]}``,
+    scored by the reward model here; ``samples`` answers per prompt are drawn from each model
+    with the PPO sampling settings of ``hp`` and scored by the reward model and by the rule;
+    the child's samples give the KL estimate.
+    """
+    import torch
+
+    from rlhf import preference
+    from rlhf.reward import RewardModel
+    from rlhf.train import Encoder, comparison_batch, load_lm, pad, response_mask, with_final_eos
+
+    enc = Encoder(Path(child_hf) / "tokenizer.json", hp["max_prompt_tokens"], hp["max_answer_tokens"])
+    parent = load_lm(Path(parent_hf)).eval()
+    child = load_lm(Path(child_hf)).eval()
+    saved = torch.load(reward_model_file, map_location="cpu", weights_only=False)
+    rm = RewardModel.from_causal_lm(load_lm(Path(parent_hf)))
+    rm.load_state_dict(saved["state"])
+    rm.eval()
+    offset = float(saved["metrics"].get("reward_offset", 0.0))
+
+    def rm_text(answers: Sequence[str]) -> list[float]:
+        items = [{"prompt": p, "answers": [a], "pairs": []} for p, a in zip(prompts, answers, strict=True)]
+        out: list[float] = []
+        with torch.no_grad():
+            for start in range(0, len(items), batch_size):
+                ids, mask, _ = comparison_batch(items[start:start + batch_size], enc)
+                out.extend((rm(ids, mask) - offset).tolist())
+        return out
+
+    result: dict[str, Any] = {"reward_offset": offset, "samples_per_prompt": samples,
+                              "temperature": hp["temperature"], "max_new_tokens": hp["max_new_tokens"]}
+    greedy_rm = {name: rm_text(answers) for name, answers in greedy.items()}
+    result["greedy_reward_model"] = {f"{name}_mean": _mean(scores) for name, scores in greedy_rm.items()}
+    if "parent" in greedy_rm and "child" in greedy_rm:
+        result["greedy_reward_model"]["child_wins"] = sum(
+            c > p for c, p in zip(greedy_rm["child"], greedy_rm["parent"], strict=True))
+
+    rows = [(i, p) for i, p in enumerate(prompts) for _ in range(samples)]
+    torch.manual_seed(int(hp.get("seed", 0)) + 12345)
+    per_model: dict[str, dict[str, list[float]]] = {}
+    kl_answers: list[float] = []
+    kl_tokens: list[float] = []
+    for name, lm in (("parent", parent), ("child", child)):
+        stats: dict[str, list[float]] = {"rm": [], "rule": [], "tokens": []}
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            ids, pmask = pad([enc.prompt(p) for _, p in chunk], enc.eos, left=True)
+            width = ids.shape[1]
+            with torch.no_grad():
+                out = lm.generate(input_ids=ids, attention_mask=pmask, do_sample=True, temperature=hp["temperature"],
+                                  top_k=0, top_p=1.0, max_new_tokens=hp["max_new_tokens"], pad_token_id=enc.eos,
+                                  eos_token_id=enc.eos)
+                response = out[:, width:]
+                rmask = response_mask(response, enc.eos)
+                attn = torch.cat([pmask, rmask], dim=1)
+                stats["rm"].extend((rm(*with_final_eos(out, attn, rmask, enc.eos)) - offset).tolist())
+                stats["tokens"].extend(rmask.sum(1).float().tolist())
+                if name == "child":
+                    kl = sequence_kl(_response_logprobs(child, out, attn, width, response),
+                                     _response_logprobs(parent, out, attn, width, response), rmask)
+                    kl_answers.extend(kl.tolist())
+                    kl_tokens.extend(rmask.sum(1).float().tolist())
+            for (i, _), row, m in zip(chunk, response, rmask, strict=True):
+                text = enc.decode(row[: int(m.sum())].tolist())
+                stats["rule"].append(preference.score(questions[i], text))
+        per_model[name] = stats
+    result["sampled"] = {
+        f"{name}_{key}_mean": _mean(stats[key]) for name, stats in per_model.items()
+        for key in ("rm", "rule", "tokens")}
+    result["kl_to_parent"] = kl_summary(kl_answers, kl_tokens, bound)
+    return result

@@ -1,0 +1,147 @@
+"""Write a run of the job on the real model into ``bench/results/`` (JSON + a short Markdown table).
+
+``python -m rlhf.report --run RUN_DIR [--labels LABELS.jsonl --label-seconds S --label-command CMD]
+[--machine TEXT] [--out bench/results/rlhf_real]``: ``RUN_DIR`` is the job's run directory
+(``<cache>/rlhf/runs/<base>-<source>``, holding ``report.json``); the labelling figures come from
+the simulated labelers' output (one JSON line per submitted ranking) and its wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+PPO_KEYS = ("step", "reward_mean", "kl", "entropy", "clip_fraction", "approx_kl", "value_loss", "policy_loss",
+            "response_tokens", "ppo_epochs_run", "stopped_at_kl_bound", "step_seconds")
+
+
+def _f(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def summary(report: dict[str, Any], labels: list[dict[str, Any]], label_seconds: float | None,
+            label_command: str, machine: str) -> dict[str, Any]:
+    """The figures the issue asks for, from the job's report and the labelling run."""
+    ev = report["evaluation"]
+    history = report.get("ppo_history") or []
+    phases = dict(report.get("phase_seconds") or {})
+    kl = ev.get("kl_to_parent") or {}
+    out = {
+        "machine": machine,
+        "parent_version": report["parent_version"], "child_version": report["version"],
+        "served_pointer_moved": None,  # filled by main() from the registry
+        "labelling": {"command": label_command, "rankings": len(labels), "seconds": label_seconds,
+                      "candidates_per_prompt": len(labels[0]["ranking"]) if labels else None},
+        "reward_model": {k: report["reward_model"].get(k) for k in (
+            "reward_model_accuracy", "heldout_pairs", "reward_model_loss", "reward_model_train_accuracy",
+            "train_pairs", "reward_offset", "reward_model_seconds")},
+        "ppo_history": [{k: h.get(k) for k in PPO_KEYS} for h in history],
+        "heldout": {
+            "prompts": ev["prompts"],
+            "rule_greedy": {"parent_mean": ev["parent_score_mean"], "child_mean": ev["child_score_mean"],
+                            "child_wins": ev["child_wins"], "ties": ev["ties"], "child_losses": ev["child_losses"]},
+            "reward_model_greedy": ev.get("greedy_reward_model"),
+            "sampled": ev.get("sampled"),
+            "kl_to_parent": kl,
+        },
+        "phase_seconds": {
+            "labelling": label_seconds,
+            "reward_model": phases.get("reward_model"), "ppo": phases.get("ppo"),
+            "train_total_incl_ray": phases.get("train"), "export": phases.get("export"),
+            "evaluate": phases.get("evaluate"), "evaluate_parts": ev.get("seconds"),
+            "publish": phases.get("publish"), "prepare": phases.get("prepare")},
+        "hyperparameters": report.get("hyperparameters"),
+        "examples": ev.get("examples", [])[:6],
+    }
+    return out
+
+
+def markdown(s: dict[str, Any]) -> str:
+    h = s["heldout"]
+    rule, kl, rmg, smp = h["rule_greedy"], h["kl_to_parent"], h["reward_model_greedy"] or {}, h["sampled"] or {}
+    rm = s["reward_model"]
+    lines = [
+        "# RLHF on the real model (smollm2-135m), simulated preference",
+        "",
+        f"Machine: {s['machine']}. Parent `{s['parent_version']}` -> child `{s['child_version']}` "
+        f"(published, not promoted; `generation` pointer moved: {s['served_pointer_moved']}).",
+        "",
+        "| measure | parent | child |",
+        "|---|---|---|",
+        f"| rule score, greedy served answers, {h['prompts']} held-out prompts (mean) | "
+        f"{_f(rule['parent_mean'])} | {_f(rule['child_mean'])} |",
+        f"| reward model score, same greedy answers (mean) | {_f(rmg.get('parent_mean'))} | "
+        f"{_f(rmg.get('child_mean'))} |",
+        f"| reward model score, sampled answers (mean) | {_f(smp.get('parent_rm_mean'))} | "
+        f"{_f(smp.get('child_rm_mean'))} |",
+        f"| rule score, sampled answers (mean) | {_f(smp.get('parent_rule_mean'))} | "
+        f"{_f(smp.get('child_rule_mean'))} |",
+        f"| answer tokens, sampled (mean) | {_f(smp.get('parent_tokens_mean'), 1)} | "
+        f"{_f(smp.get('child_tokens_mean'), 1)} |",
+        "",
+        f"Child vs parent under the rule (greedy, held-out): **{rule['child_wins']} wins / {rule['ties']} ties / "
+        f"{rule['child_losses']} losses**.",
+        "",
+        f"KL(child || parent) on held-out prompts ({kl.get('answers')} sampled answers): "
+        f"**{_f(kl.get('kl_per_answer'))} ± {_f(kl.get('kl_per_answer_stderr'))} nats per answer** "
+        f"({_f(kl.get('kl_per_token'), 4)} per token); configured bound {_f(kl.get('bound_per_answer'))}: "
+        f"within bound = {kl.get('within_bound')}.",
+        "",
+        f"Reward model: held-out pair accuracy **{_f(rm['reward_model_accuracy'])}** on {rm['heldout_pairs']} pairs "
+        f"(chance 0.5); last-epoch train accuracy {_f(rm['reward_model_train_accuracy'])} on {rm['train_pairs']} "
+        "pairs.",
+        "",
+        "## PPO steps",
+        "",
+        "| step | reward mean | KL to ref | entropy | clip frac | approx KL | value loss | tokens | s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in s["ppo_history"]:
+        lines.append(f"| {_f(r['step'], 0)} | {_f(r['reward_mean'])} | {_f(r['kl'])} | {_f(r['entropy'])} | "
+                     f"{_f(r['clip_fraction'])} | {_f(r['approx_kl'], 4)} | {_f(r['value_loss'])} | "
+                     f"{_f(r['response_tokens'], 1)} | {_f(r['step_seconds'], 0)} |")
+    p = s["phase_seconds"]
+    lines += ["", "## Wall time per phase (s)", "", "| phase | seconds |", "|---|---|"]
+    for key in ("labelling", "reward_model", "ppo", "train_total_incl_ray", "export", "evaluate", "publish"):
+        lines.append(f"| {key} | {_f(p.get(key), 0)} |")
+    lines += ["", f"Labelling: `{s['labelling']['command']}` ({s['labelling']['rankings']} rankings of "
+              f"{s['labelling']['candidates_per_prompt']} candidates through the real gateway).", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rlhf.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="the job's run directory (report.json)")
+    parser.add_argument("--labels", type=Path, default=None)
+    parser.add_argument("--label-seconds", type=float, default=None)
+    parser.add_argument("--label-command", default="")
+    parser.add_argument("--machine", default="")
+    parser.add_argument("--notes", type=Path, default=None, help="Markdown appended to the .md")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/rlhf_real"))
+    args = parser.parse_args(argv)
+    report = json.loads((args.run / "report.json").read_text(encoding="utf-8"))
+    labels = []
+    if args.labels:
+        labels = [json.loads(line) for line in args.labels.read_text(encoding="utf-8").splitlines() if line.strip()]
+    s = summary(report, labels, args.label_seconds, args.label_command, args.machine)
+    from model.registry import Registry
+
+    s["served_pointer_moved"] = Registry().current("generation") != report["parent_version"]
+    args.out.with_suffix(".json").write_text(json.dumps(s, indent=2) + "\n", encoding="utf-8")
+    md = markdown(s)
+    if args.notes:
+        md += "\n" + args.notes.read_text(encoding="utf-8")
+    args.out.with_suffix(".md").write_text(md, encoding="utf-8")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
