@@ -117,7 +117,7 @@ def sampled(parent_hf: Path, child_hf: Path, reward_model_file: Path, prompts: S
 
     from rlhf import preference
     from rlhf.reward import RewardModel
-    from rlhf.train import Encoder, comparison_batch, load_lm, pad, response_mask, with_final_eos
+    from rlhf.train import Encoder, comparison_batch, load_lm, sample_answers, with_final_eos
 
     enc = Encoder(Path(child_hf) / "tokenizer.json", hp["max_prompt_tokens"], hp["max_answer_tokens"])
     parent = load_lm(Path(parent_hf)).eval()
@@ -154,15 +154,8 @@ def sampled(parent_hf: Path, child_hf: Path, reward_model_file: Path, prompts: S
         stats: dict[str, list[float]] = {"rm": [], "rule": [], "tokens": []}
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
-            ids, pmask = pad([enc.prompt(p) for _, p in chunk], enc.eos, left=True)
-            width = ids.shape[1]
             with torch.no_grad():
-                out = lm.generate(input_ids=ids, attention_mask=pmask, do_sample=True, temperature=hp["temperature"],
-                                  top_k=0, top_p=1.0, max_new_tokens=hp["max_new_tokens"], pad_token_id=enc.eos,
-                                  eos_token_id=enc.eos)
-                response = out[:, width:]
-                rmask = response_mask(response, enc.eos)
-                attn = torch.cat([pmask, rmask], dim=1)
+                out, attn, response, rmask, width = sample_answers(lm, [p for _, p in chunk], enc, hp)
                 stats["rm"].extend((rm(*with_final_eos(out, attn, rmask, enc.eos)) - offset).tolist())
                 stats["tokens"].extend(rmask.sum(1).float().tolist())
                 if name == "child":

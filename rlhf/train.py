@@ -272,21 +272,32 @@ def train_reward_model(cfg: dict[str, Any], enc: Encoder, device: torch.device, 
 
 
 # ----------------------------------------------------------------- PPO
+def sample_answers(lm: nn.Module, prompts: Sequence[str], enc: Encoder, hp: dict[str, Any],
+                   device: torch.device | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Pure sampling at `hp["temperature"]` (no top-k/top-p: PPO's log-probs are of this policy).
+
+    Returns the sequences, their attention mask, the answers, the answers' mask (up to and
+    including the first EOS) and the prompt width (prompts are left-padded to it).
+    """
+    ids, pmask = pad([enc.prompt(p) for p in prompts], enc.eos, left=True)
+    if device is not None:
+        ids, pmask = ids.to(device), pmask.to(device)
+    width = ids.shape[1]
+    out = lm.generate(input_ids=ids, attention_mask=pmask, do_sample=True, temperature=hp["temperature"],
+                      top_k=0, top_p=1.0, max_new_tokens=hp["max_new_tokens"], pad_token_id=enc.eos,
+                      eos_token_id=enc.eos)
+    response = out[:, width:]
+    rmask = response_mask(response, enc.eos)
+    return out, torch.cat([pmask, rmask], dim=1), response, rmask, width
+
+
 def rollout(policy: nn.Module, reference: nn.Module, rm: nn.Module, prompts: Sequence[str], enc: Encoder,
             hp: dict[str, Any], reward_offset: float, device: torch.device) -> dict[str, torch.Tensor]:
     """Sample answers from the policy and score them: everything PPO's epochs need, detached."""
-    ids, pmask = pad([enc.prompt(p) for p in prompts], enc.eos, left=True)
-    ids, pmask = ids.to(device), pmask.to(device)
-    width = ids.shape[1]
     lm = unwrap(policy).lm
     with torch.no_grad():
-        out = lm.generate(input_ids=ids, attention_mask=pmask, do_sample=True, temperature=hp["temperature"],
-                          top_k=0, top_p=1.0, max_new_tokens=hp["max_new_tokens"], pad_token_id=enc.eos,
-                          eos_token_id=enc.eos)
-        response = out[:, width:]
-        rmask = response_mask(response, enc.eos)
-        seq = out
-        attn = torch.cat([pmask, rmask], dim=1)
+        seq, attn, response, rmask, width = sample_answers(lm, prompts, enc, hp, device)
         logits, values = unwrap(policy)(seq, attn)
         logits = logits[:, width - 1:-1]
         logprobs = ppo.logprobs_from_logits(logits, response)
