@@ -4,8 +4,14 @@ Clients hold multi-turn conversations the whole time (tests/pipeline/load.py, th
 `make reliability`). Afterwards every turn a client saw finish must be in the history exactly once
 (`GetConversation`), and every chat that did not finish must have ended with a status and a
 message. SIGKILL of the tokenizer, prompt and moderation stages mid-chat is in test_chat.py; these
-cover the gateway, the generation replica, the feedback sink, the Kafka broker, and SIGTERM of
-every service in turn. This module runs last in the package: it restarts the shared stack's parts.
+cover the gateway, the generation replica, the feedback sink, and SIGTERM of every service in turn.
+This module runs last in the package: it restarts the shared stack's parts.
+
+The Kafka broker restart stays in `make reliability` only: once here, a restart under load left a
+*hanging transaction* (producer 11006, the output moderation stage: its transaction stayed open on
+four partitions for 40 minutes, and consumers of its group got UnstableOffsetCommit until it was
+aborted with `scripts/kafka.sh tool TransactionsCommand abort`). On the broker every suite
+shares, that stalls every later test; see services/README.md, "Hanging transactions".
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ import grpc
 import pytest
 from colloquy.v1 import chat_pb2_grpc
 
-from tests import kafka_broker
 from tests.pipeline.load import Load, Outcome, history_check, probe_until_ok, replica_pids
 from tests.pipeline.stack import Stack
 
@@ -59,16 +64,14 @@ def test_rolling_restart_under_load_fails_no_chat(stack: Stack, stub: chat_pb2_g
     _check(stub, load.outcomes)
 
 
-@pytest.mark.timeout(1200)  # the broker restart alone took 54 s in `make reliability`
-def test_sigkill_and_broker_restart_under_load_lose_no_turn(stack: Stack,
+@pytest.mark.timeout(900)  # three kills with load between them, on 2 shared cores
+def test_sigkill_under_load_loses_no_turn(stack: Stack,
                                                            stub: chat_pb2_grpc.ChatServiceStub) -> None:
     load = Load(stub, clients=2).start()
     try:
         time.sleep(DWELL_S)
-        for victim in ["gateway", "generation-replica", "feedback", "kafka"]:
-            if victim == "kafka":
-                kafka_broker.restart_broker(stack.bootstrap)
-            elif victim == "generation-replica":
+        for victim in ["gateway", "generation-replica", "feedback"]:
+            if victim == "generation-replica":
                 pids = replica_pids()
                 assert pids, "no Serve replica process found"
                 for pid in pids:
