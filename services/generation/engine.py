@@ -54,7 +54,6 @@ import enum
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -728,7 +727,7 @@ class AsyncEngine:
         gen, req.gen = req.gen, None
         conversation = req.request.conversation_id
         if (not conversation or len(req.seqs) != 1 or not self._cache_on() or req.capacity <= 0
-                or req.capacity > self.config.prefix_cache_max_tokens
+                or req.capacity > self.config.prefix_cache_max_tokens or req.prefilled < 2
                 or any(s.finish is FinishReason.ERROR for s in req.seqs)):
             return
         try:
@@ -737,8 +736,6 @@ class AsyncEngine:
             ids = [int(t) for t in gen.get_sequence(0)]
         except Exception:
             log.exception("reading a finished generator failed", extra={"request_id": req.request.request_id})
-            return
-        if req.prefilled < 2:
             return
         evicted: list[tuple[_Kept, str]] = []
         with self._lock:
@@ -909,21 +906,3 @@ class AsyncEngine:
                 req.loop.call_soon_threadsafe(req.queue.put_nowait, (deltas, done))
             except RuntimeError:  # the caller's loop is closed: nobody is listening any more
                 req.cancelled = True
-
-
-def env_engine_config() -> EngineConfig:
-    """EngineConfig from GENERATION_* environment variables (used by the Serve deployment)."""
-    return EngineConfig(
-        max_running=int(os.environ.get("GENERATION_MAX_RUNNING", EngineConfig.max_running)),
-        max_waiting=int(os.environ.get("GENERATION_MAX_WAITING", EngineConfig.max_waiting)),
-        prefill_chunk=int(os.environ.get("GENERATION_PREFILL_CHUNK", EngineConfig.prefill_chunk)),
-        provider=os.environ.get("GENERATION_PROVIDER", EngineConfig.provider),
-        prefix_cache_conversations=int(os.environ.get("GENERATION_PREFIX_CACHE_CONVERSATIONS",
-                                                      EngineConfig.prefix_cache_conversations)),
-        prefix_cache_max_tokens=int(os.environ.get("GENERATION_PREFIX_CACHE_TOKENS",
-                                                   EngineConfig.prefix_cache_max_tokens)),
-        prefix_cache_min_tokens=int(os.environ.get("GENERATION_PREFIX_CACHE_MIN_TOKENS",
-                                                   EngineConfig.prefix_cache_min_tokens)),
-        prefix_cache_reserve_tokens=int(os.environ.get("GENERATION_PREFIX_CACHE_RESERVE_TOKENS",
-                                                       EngineConfig.prefix_cache_reserve_tokens)),
-    )
