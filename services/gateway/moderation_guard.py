@@ -65,6 +65,11 @@ class ModerationGuard:
         """Before refusing a chat, look again: the background check may lag a recovery by a poll."""
         if self.available:
             return False
+        if self._channel is not None and self._channel.get_state() != grpc.ChannelConnectivity.READY:
+            # A channel in reconnect backoff may not dial again within the check's timeout (the
+            # backoff is up to 1 s plus 20% jitter); a fresh channel dials at once.
+            await self._channel.close()
+            self._channel = None
         return not await self.check_once() and not self.available
 
     async def _run(self) -> None:
