@@ -10,7 +10,10 @@ MODERATION_CHUNK_MIN_CHARS characters), so the gateway's first delta waits for m
 token: the JSON also has the direct time to the same number of characters, which separates that
 hold from the transport (Kafka hops, gateway). Inter-token latency: the time per token after an
 answer's first arrival (for the gateway, the tokens after its first delta are estimated from the
-share of the text). One warm-up round per concurrency level is dropped.
+share of the text). One warm-up round per concurrency level is dropped. Baseline for decode speed:
+at 1 chat, ONNX Runtime GenAI used directly in this process runs the same prompt, back to back
+with the two calls above, so "decode through the pipeline vs ORT GenAI direct" compares figures
+taken under the same load.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def gateway_chat(stack: Any, message: str, tokens: int, conv: str = "") -> dict[
 
     with grpc.insecure_channel(stack.gateway) as ch:
         stub = chat_pb2_grpc.ChatServiceStub(ch)
-        start = time.perf_counter()
+        start, wall = time.perf_counter(), time.time()
         first, first_chars, gaps, last, conv_id, turn = 0.0, 0, [], 0.0, conv, 0
         text = ""
         usage = 0
@@ -57,7 +60,9 @@ def gateway_chat(stack: Any, message: str, tokens: int, conv: str = "") -> dict[
                 text += ev.delta.text
             elif kind == "done":
                 usage = ev.done.usage.completion_tokens
-    return {"start": start, "ttft_s": first - start if first else None, "first_chars": first_chars,
+    return {"start": start, "wall_start_ms": wall * 1000,
+            "first_wall_ms": (wall + first - start) * 1000 if first else None,
+            "ttft_s": first - start if first else None, "first_chars": first_chars,
             "gaps_s": gaps, "stream_s": last - first if first else 0.0, "tokens": usage, "text": text,
             "conversation_id": conv_id, "turn": turn}
 
@@ -118,9 +123,65 @@ def _itl(r: dict[str, Any]) -> float | None:
     return r["stream_s"] / after if after and after >= 1 and r["stream_s"] else None
 
 
-def measure(stack: Any, concurrency: int, rounds: int, tokens: int, prompts: dict[str, str]) -> dict[str, Any]:
+# The path of a chat's first tokens: each stage's output topic, in order (keys: conversation id).
+HOPS = (("gateway accepts, produces", "chat.requests"), ("tokenizer", "chat.tokenized"),
+        ("input moderation", "chat.moderated"), ("prompt assembly", "chat.prompts"),
+        ("generation: prefill, first tokens", "generation.progress"),
+        ("output moderation: first chunk", "chat.replies."), ("gateway to client", None))
+
+
+def hop_breakdown(bootstrap: str, chats: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where a chat's time to first token goes, hop by hop, from the Kafka record timestamps.
+
+    Each record's timestamp is its producer's send time (CreateTime, one clock: one machine), so
+    a hop's figure runs from the previous stage's send to this one's: the previous transaction's
+    commit, the fetch, and this stage's work. The generation hop holds the model's prefill; the
+    output-moderation hop holds the wait for the first checked chunk's characters.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+
+    chats = [c for c in chats if c.get("first_wall_ms") and c.get("conversation_id")]
+    if not chats:
+        return {}
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed",
+                             enable_auto_commit=False, consumer_timeout_ms=3000)
+    try:
+        names = [t for t in consumer.topics() if any(t == h or (h.endswith(".") and t.startswith(h))
+                                                     for _, h in HOPS if h)]
+        parts = [TopicPartition(t, p) for t in names for p in consumer.partitions_for_topic(t) or ()]
+        consumer.assign(parts)
+        since = int(min(c["wall_start_ms"] for c in chats)) - 1000
+        for tp, found in consumer.offsets_for_times({tp: since for tp in parts}).items():
+            if found is None:
+                consumer.seek_to_end(tp)
+            else:
+                consumer.seek(tp, found.offset)
+        keys = {c["conversation_id"] for c in chats}
+        first: dict[tuple[str, str], int] = {}
+        for rec in consumer:
+            key = rec.key.decode("utf-8", "replace") if rec.key else ""
+            if key in keys:
+                hop = next(h for _, h in HOPS if h and (rec.topic == h or rec.topic.startswith(h)))
+                first[(key, hop)] = min(first.get((key, hop), rec.timestamp), rec.timestamp)
+    finally:
+        consumer.close()
+    per_hop: dict[str, list[float]] = {name: [] for name, _ in HOPS}
+    for c in chats:
+        seen = [first.get((c["conversation_id"], h)) for _, h in HOPS if h]
+        marks = [c["wall_start_ms"], *seen, c["first_wall_ms"]]
+        if any(m is None for m in marks):
+            continue
+        for (name, _), a, b in zip(HOPS, marks[:-1], marks[1:], strict=True):
+            per_hop[name].append(b - a)
+    return {name: summary(v, 1) for name, v in per_hop.items() if v}
+
+
+def measure(stack: Any, concurrency: int, rounds: int, tokens: int, prompts: dict[str, str],
+            ort: Any = None) -> dict[str, Any]:
+    """`ort`: an in-process ORT GenAI (bench.engine.OrtGenai) run after each round, at 1 chat."""
     msgs = list(prompts)
     pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    baseline: list[dict[str, Any]] = []
 
     with cf.ThreadPoolExecutor(concurrency) as pool:
         for r in range(rounds + 1):
@@ -128,14 +189,25 @@ def measure(stack: Any, concurrency: int, rounds: int, tokens: int, prompts: dic
             gw = list(pool.map(lambda m: gateway_chat(stack, m, tokens), batch))
             di = list(pool.map(lambda mg: direct_generate(stack, prompts[mg[0]], tokens, mg[1]["first_chars"]),
                                zip(batch, gw, strict=True)))
+            base = [ort.single(ort.encode(prompts[m]), tokens) for m in batch] if ort is not None else []
             if r == 0:
                 continue  # warm-up
             pairs += list(zip(gw, di, strict=True))
+            baseline += base
     ok = [(g, d) for g, d in pairs if g["ttft_s"] is not None and d["ttft_s"] is not None]
     ms = 1000.0
     over = [(g["ttft_s"] - d["ttft_s"]) * ms for g, d in ok]
     over_chars = [(g["ttft_s"] - d["time_to_chars_s"]) * ms for g, d in ok if d["time_to_chars_s"] is not None]
-    return {
+    extra: dict[str, Any] = {}
+    if concurrency == 1:
+        try:
+            extra["hops_ms"] = hop_breakdown(stack.bootstrap, [g for g, _ in ok])
+        except Exception as exc:  # a diagnostic: the goal figures stand without it
+            log(f"pipeline: hop breakdown failed: {exc}")
+    if baseline:
+        extra = {"ort_direct_itl_ms": summary([1000 / b["decode_tok_s"] for b in baseline if b["decode_tok_s"]], 2),
+                 "ort_direct_ttft_ms": summary([b["ttft_s"] * ms for b in baseline], 1)}
+    return {**extra,
         "chats": len(pairs), "complete": len(ok),
         "gateway_ttft_ms": summary([g["ttft_s"] * ms for g, _ in ok], 1),
         "direct_ttft_ms": summary([d["ttft_s"] * ms for _, d in ok], 1),
@@ -159,12 +231,17 @@ def run(args: argparse.Namespace, stack: Any = None) -> dict[str, Any]:
     rec = Record(NAME, {"model_version": version, "max_tokens": args.tokens, "concurrency": levels,
                         "rounds": {str(c): _rounds(args, c) for c in levels}, "prompts": common.QUESTIONS,
                         "method": __doc__.split("\n\n")[1].replace("\n", " ")})
+    ort = None
+    if 1 in levels:
+        from bench.engine import OrtGenai
+
+        ort = OrtGenai(str(common.served_model()[0]))
     with common.stack() if stack is None else contextlib.nullcontext(stack) as s:
         prompts = {q: assembled_prompt(s, q) for q in common.QUESTIONS}
         rec.doc["params"]["assembled_prompt_chars"] = {q: len(p) for q, p in prompts.items()}
         for c in levels:
             log(f"pipeline: {c} concurrent chats")
-            rec.results[str(c)] = measure(s, c, _rounds(args, c), args.tokens, prompts)
+            rec.results[str(c)] = measure(s, c, _rounds(args, c), args.tokens, prompts, ort if c == 1 else None)
     doc = rec.finish()
     global DONE
     DONE = True
@@ -187,7 +264,12 @@ def render(doc: dict[str, Any]) -> str:
                      f"{r['ttft_overhead_ms']['median']}/{r['ttft_overhead_ms']['p99']}",
                      r["ttft_overhead_beyond_moderation_hold_ms"]["median"],
                      f"{r['gateway_itl_ms']['median']}/{r['direct_itl_ms']['median']}"])
-    return common.table(body, head) + "\n(times in ms)"
+    out = common.table(body, head) + "\n(times in ms)"
+    hops = doc["results"].get("1", {}).get("hops_ms")
+    if hops:
+        out += "\n\nwhere the gateway's time to first token goes, 1 chat (p50 ms, from Kafka record timestamps):\n"
+        out += common.table([[name, h["median"], h["p99"]] for name, h in hops.items()], ["hop", "p50", "p99"])
+    return out
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

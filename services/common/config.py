@@ -130,6 +130,10 @@ class KafkaConfig:
     retry_backoff_ms: int = env("KAFKA_RETRY_BACKOFF_MS", 100, check=lambda v: 0 <= v <= 60000,
                                 hint="0..60000 milliseconds")
     create_topics: bool = env("KAFKA_CREATE_TOPICS", True)
+    # Hanging-transaction sweeps (services/common/transactions.py): 0 turns them off (k8s runs
+    # them as a CronJob with its own Kafka user). The age must well exceed a batch's transaction.
+    hanging_txn_check_s: float = env("KAFKA_HANGING_TXN_CHECK_S", 30.0, check=lambda v: v >= 0, hint="seconds >= 0")
+    hanging_txn_age_s: float = env("KAFKA_HANGING_TXN_AGE_S", 120.0, check=lambda v: v >= 1, hint="seconds >= 1")
     # Security: PLAINTEXT locally; SASL_SSL with SCRAM-SHA-512 against Strimzi on Kubernetes.
     security_protocol: str = env("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT",
                                  check=lambda v: v in {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"},

@@ -25,9 +25,10 @@ from typing import Generic, TypeVar
 from google.protobuf.message import Message
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from services.common import events, metrics
+from services.common import events, metrics, transactions
 from services.common.config import KafkaConfig
 from services.common.log import request_id_var
 from services.common.topics import DEAD_LETTER
@@ -108,6 +109,30 @@ def make_consumer(cfg: KafkaConfig, group_id: str | None, client_id: str, *topic
     return KafkaConsumer(*topics, **kwargs)
 
 
+_outage_logged: dict[str, float] = {}
+
+
+def poll_through_outages(consumer: KafkaConsumer, timeout_ms: int, who: str) -> dict:
+    """`consumer.poll`, riding out a broker restart.
+
+    kafka-python 3 raises retriable errors out of poll() itself (KafkaConnectionError while the
+    group coordinator cannot be reached). Left alone that ends the worker thread and so the
+    service, which nothing restarts outside Kubernetes; the consumer reconnects by itself if we
+    simply poll again. Other errors still propagate.
+    """
+    try:
+        return consumer.poll(timeout_ms=timeout_ms)
+    except KafkaError as exc:
+        if not exc.retriable:
+            raise
+        now = time.monotonic()
+        if now - _outage_logged.get(who, 0.0) >= 5:  # one line per 5 s, not one per poll
+            _outage_logged[who] = now
+            log.warning("Kafka unreachable; polling again", extra={"stage": who, "error": repr(exc)})
+        time.sleep(min(0.5, timeout_ms / 1000))
+        return {}
+
+
 class StageWorker(Generic[M]):
     """Runs one stage: consume `topics` as `group_id`, call `handler`, produce its events."""
 
@@ -140,6 +165,7 @@ class StageWorker(Generic[M]):
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> StageWorker[M]:
+        transactions.start_sweeper(self.cfg)
         self._thread = threading.Thread(target=self._run_guarded, name=f"{self.stage}-worker", daemon=True)
         self._thread.start()
         return self
@@ -171,7 +197,7 @@ class StageWorker(Generic[M]):
         producer = self._new_producer(client)
         try:
             while not self._stop.is_set():
-                batch = consumer.poll(timeout_ms=200)
+                batch = poll_through_outages(consumer, 200, self.stage)
                 if not self._ready.is_set() and consumer.assignment():
                     self._ready.set()
                     log.info("partitions assigned", extra={"stage": self.stage,

@@ -57,7 +57,7 @@ class FeedbackSink:
         producer = None
         try:
             while not self._stop.is_set():
-                batch = consumer.poll(timeout_ms=200)
+                batch = kafka_loop.poll_through_outages(consumer, 200, "feedback")
                 offsets = {}
                 for tp, records in batch.items():
                     rows = []

@@ -367,7 +367,8 @@ class GenerationWorker:
             consumer.pause(*[tp for tp in consumer.assignment() if tp.topic == self.cfg.topic_in])
         elif consumer.paused():
             consumer.resume(*consumer.paused())
-        batch = consumer.poll(timeout_ms=200)  # records return at once; this bounds idle waits
+        # Records return at once; 200 ms bounds idle waits.
+        batch = kafka_loop.poll_through_outages(consumer, 200, STAGE)
         if not self._ready.is_set() and consumer.assignment():
             self._ready.set()
             log.info("partitions assigned", extra={"stage": STAGE, "partitions": len(consumer.assignment())})

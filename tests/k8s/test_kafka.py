@@ -85,13 +85,18 @@ def _rules(user: Obj) -> dict[tuple[str, str, str], set[str]]:
     for acl in user["spec"]["authorization"]["acls"]:
         assert acl.get("type", "allow") == "allow"
         res = acl["resource"]
-        out.setdefault((res["type"], res["name"], res.get("patternType", "literal")), set()).update(acl["operations"])
+        # A `cluster` resource has no name (Strimzi: the one cluster, "kafka-cluster" in Kafka).
+        key = (res["type"], res.get("name", ""), res.get("patternType", "literal"))
+        out.setdefault(key, set()).update(acl["operations"])
     return out
 
 
 def allowed(user: Obj, resource: str, name: str, op: str) -> bool:
+    """Whether `user`'s ACLs allow `op` on the resource, as Kafka matches them: a literal name,
+    a prefix, or the literal wildcard `*`."""
     for (rtype, rname, pattern), ops in _rules(user).items():
-        if rtype == resource and op in ops and (rname == name if pattern == "literal" else name.startswith(rname)):
+        matches = rname in (name, "*") if pattern == "literal" else name.startswith(rname)
+        if rtype == resource and op in ops and matches:
             return True
     return False
 
@@ -102,7 +107,8 @@ def _users(docs: list[Obj]) -> dict[str, Obj]:
 
 def test_one_user_per_service_with_scram(docs: list[Obj]) -> None:
     users = _users(docs)
-    assert set(users) == {a.user for a in sync.access()}
+    # One per service, plus the hanging-transaction janitor's (tests/k8s/test_txn_janitor.py).
+    assert set(users) == {a.user for a in sync.access()} | {sync.JANITOR_USER}
     for user in users.values():
         assert user["spec"]["authentication"]["type"] == "scram-sha-512"
         assert user["metadata"]["labels"]["strimzi.io/cluster"] == manifests.KAFKA_CLUSTER

@@ -358,7 +358,7 @@ def test_pushgateway_is_deployed_and_scraped_with_the_pushed_labels(docs: list[O
     assert manifests.selects(scrape["podSelector"], pt.labels)
 
 
-def test_rlhf_job_pushes_to_the_pushgateway_and_only_it_may(objects: list[Obj]) -> None:
+def test_rlhf_job_and_janitor_push_to_the_pushgateway_and_only_they_may(objects: list[Obj]) -> None:
     from urllib.parse import urlparse
 
     docs = [o for o in objects if o["kind"] != "RayJob"]
@@ -373,7 +373,11 @@ def test_rlhf_job_pushes_to_the_pushgateway_and_only_it_may(objects: list[Obj]) 
     url = urlparse(manifests.by_kind(docs, "ConfigMap")["rlhf-config"]["data"]["PUSHGATEWAY_URL"])
     assert url.hostname == service["metadata"]["name"]
     assert url.port in {p["port"] for p in service["spec"]["ports"]}
+    # The hanging-transaction janitor pushes too (a one-shot Job has no scrape endpoint).
+    janitor = [p for p in manifests.all_pod_templates(docs)
+               if p.labels.get("app.kubernetes.io/name") == "kafka-txn-janitor"]
+    assert janitor and all(_flow_allowed(docs, j.labels, pt.labels, port, "metrics") for j in janitor)
     # Nothing else in the namespace may push (or delete) metrics.
     for other in manifests.all_pod_templates(docs):
-        if other.owner != pt.owner:
+        if other.owner != pt.owner and other not in janitor:
             assert not _flow_allowed(docs, other.labels, pt.labels, port, "metrics"), other.owner

@@ -41,6 +41,8 @@ class Stack:
             "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap, "INSTANCE_ID": self.instance,
             "GRPC_PORT": str(self.ports[name]), "METRICS_PORT": str(self.metrics_ports[name]),
             "SHUTDOWN_GRACE_SECONDS": "10",
+            # Hanging-transaction sweeps often enough to heal within a test's recovery wait.
+            "KAFKA_HANGING_TXN_CHECK_S": "5", "KAFKA_HANGING_TXN_AGE_S": "45",
         }
         if name == "gateway":
             # A loaded 2-core CI box is slow, not stuck.
