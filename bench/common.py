@@ -30,6 +30,8 @@ DEV_KEY = [("authorization", "Bearer colloquy-dev-key")]
 BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 # Above this 1-minute load average per CPU the figures are called noisy in the report.
 NOISY_LOAD_PER_CPU = 1.5
+# Seconds a benchmark waits for the load left by the previous one (its stack, say) to fall.
+SETTLE_S = 90.0
 STACK_LOCK = "/tmp/colloquy-stack.lock"
 
 # Prompts every contender gets. Questions with long answers, so that the deployment (which stops
@@ -100,8 +102,9 @@ def token_clock(stamps: list[float]) -> Any:
 class Record:
     """One benchmark's result document; `finish()` stamps the end load and writes the JSON."""
 
-    def __init__(self, name: str, params: dict[str, Any]) -> None:
+    def __init__(self, name: str, params: dict[str, Any], settle_s: float = 0.0) -> None:
         self.name = name
+        waited = settle(settle_s) if settle_s else 0.0
         self.doc: dict[str, Any] = {
             "benchmark": name,
             "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -111,6 +114,8 @@ class Record:
             "results": {},
             "skipped": {},
         }
+        if waited:
+            self.doc["machine"]["settled_s"] = waited
         self._t0 = time.perf_counter()
 
     @classmethod
@@ -154,9 +159,21 @@ class Record:
 
 
 def is_noisy(doc: dict[str, Any]) -> bool:
+    """Judged on the load when the benchmark started: during it, the load is largely its own."""
     cpus = doc["machine"].get("cpus") or 1
-    peak = max(doc["machine"].get("loadavg_before", [0])[0], doc["machine"].get("loadavg_after", [0])[0])
-    return peak / cpus > NOISY_LOAD_PER_CPU
+    return doc["machine"].get("loadavg_before", [0])[0] / cpus > NOISY_LOAD_PER_CPU
+
+
+def settle(max_wait_s: float = 90.0, per_cpu: float = NOISY_LOAD_PER_CPU / 2) -> float:
+    """Wait until the 1-minute load average falls to `per_cpu` per CPU (a previous benchmark's
+    stack, say), at most `max_wait_s`; returns the seconds waited."""
+    cpus = os.cpu_count() or 1
+    t0 = time.monotonic()
+    if loadavg()[0] / cpus > per_cpu:
+        log(f"waiting up to {max_wait_s:.0f} s for the load average ({loadavg()[0]}) to settle")
+    while loadavg()[0] / cpus > per_cpu and time.monotonic() - t0 < max_wait_s:
+        time.sleep(5)
+    return round(time.monotonic() - t0, 1)
 
 
 def table(rows: Sequence[Sequence[Any]], head: Sequence[str]) -> str:

@@ -206,7 +206,7 @@ def start(args: argparse.Namespace) -> Record:
     _, version = common.served_model()
     return Record(NAME, {"model_version": version, "max_tokens": args.tokens, "turns": args.turns,
                          "conversations": args.conversations, "kv_conversations": args.kv_conversations,
-                         "method": __doc__.split("\n", 2)[2].strip().replace("\n", " ")})
+                         "method": __doc__.split("\n", 2)[2].strip().replace("\n", " ")}, settle_s=common.SETTLE_S)
 
 
 def run_kv(rec: Record, args: argparse.Namespace) -> None:

@@ -249,7 +249,8 @@ def run_inprocess(args: argparse.Namespace) -> Record:
     model_dir, version = common.served_model()
     rec = Record(NAME, {"model_version": version, "model_dir": str(model_dir), "max_tokens": tokens,
                         "repeats": repeats, "stream_repeats": srepeats, "streams": streams,
-                        "prompts": common.QUESTIONS, "method": __doc__.split("\n\n")[2].replace("\n", " ")})
+                        "prompts": common.QUESTIONS, "method": __doc__.split("\n\n")[2].replace("\n", " ")},
+                 settle_s=common.SETTLE_S)
     ort = OrtGenai(str(model_dir))
     ids = [ort.encode(common.chat_prompt(q)) for q in common.QUESTIONS]
     rec.doc["params"]["prompt_tokens"] = [len(i) for i in ids]

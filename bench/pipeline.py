@@ -27,6 +27,7 @@ from typing import Any
 
 from bench import common
 from bench.common import Record, log, summary
+from services.common import topics
 
 NAME = "pipeline"
 DONE = False  # set once this process wrote a complete pipeline.json
@@ -62,6 +63,7 @@ def gateway_chat(stack: Any, message: str, tokens: int, conv: str = "") -> dict[
                 usage = ev.done.usage.completion_tokens
     return {"start": start, "wall_start_ms": wall * 1000,
             "first_wall_ms": (wall + first - start) * 1000 if first else None,
+            "last_wall_ms": (wall + last - start) * 1000 if last else None,
             "ttft_s": first - start if first else None, "first_chars": first_chars,
             "gaps_s": gaps, "stream_s": last - first if first else 0.0, "tokens": usage, "text": text,
             "conversation_id": conv_id, "turn": turn}
@@ -127,11 +129,12 @@ def _itl(r: dict[str, Any]) -> float | None:
 HOPS = (("gateway accepts, produces", "chat.requests"), ("tokenizer", "chat.tokenized"),
         ("input moderation", "chat.moderated"), ("prompt assembly", "chat.prompts"),
         ("generation: prefill, first tokens", "generation.progress"),
-        ("output moderation: first chunk", "chat.replies."), ("gateway to client", None))
+        ("output moderation: first chunk", topics.REPLY_PREFIX), ("gateway to client", None))
 
 
 def hop_breakdown(bootstrap: str, chats: list[dict[str, Any]]) -> dict[str, Any]:
-    """Where a chat's time to first token goes, hop by hop, from the Kafka record timestamps.
+    """Where a chat's time to first token goes, hop by hop, from the Kafka record timestamps;
+    and the decode speed a person sees through the pipeline.
 
     Each record's timestamp is its producer's send time (CreateTime, one clock: one machine), so
     a hop's figure runs from the previous stage's send to this one's: the previous transaction's
@@ -158,11 +161,18 @@ def hop_breakdown(bootstrap: str, chats: list[dict[str, Any]]) -> dict[str, Any]
                 consumer.seek(tp, found.offset)
         keys = {c["conversation_id"] for c in chats}
         first: dict[tuple[str, str], int] = {}
+        first_token: dict[str, int] = {}  # when generation made each chat's first token
         for rec in consumer:
             key = rec.key.decode("utf-8", "replace") if rec.key else ""
             if key in keys:
                 hop = next(h for _, h in HOPS if h and (rec.topic == h or rec.topic.startswith(h)))
+                if hop == topics.REPLY_PREFIX and not _is_text_reply(rec):
+                    continue  # "started" and other replies come before any text
                 first[(key, hop)] = min(first.get((key, hop), rec.timestamp), rec.timestamp)
+                if hop == "generation.progress":
+                    made = _first_token_ms(rec)
+                    if made:
+                        first_token[key] = min(first_token.get(key, made), made)
     finally:
         consumer.close()
     per_hop: dict[str, list[float]] = {name: [] for name, _ in HOPS}
@@ -173,7 +183,36 @@ def hop_breakdown(bootstrap: str, chats: list[dict[str, Any]]) -> dict[str, Any]
             continue
         for (name, _), a, b in zip(HOPS, marks[:-1], marks[1:], strict=True):
             per_hop[name].append(b - a)
-    return {name: summary(v, 1) for name, v in per_hop.items() if v}
+    # Decode as the person sees it: tokens after the first, from the moment generation made the
+    # first token to the moment the last text reached the client (output moderation's last check
+    # and every hop included). Biased neither by the first chunk's hold nor by chunking.
+    delivered = [(c["tokens"] - 1) / ((c["last_wall_ms"] - first_token[c["conversation_id"]]) / 1000)
+                 for c in chats if c.get("last_wall_ms") and c.get("tokens", 0) > 1
+                 and c["conversation_id"] in first_token and c["last_wall_ms"] > first_token[c["conversation_id"]]]
+    return {"hops_ms": {name: summary(v, 1) for name, v in per_hop.items() if v},
+            "delivered_decode_tok_s": summary(delivered, 1)}
+
+
+def _first_token_ms(rec: Any) -> int:
+    from colloquy.v1 import events_pb2
+
+    from services.common import events
+
+    try:
+        return int(events.decode(rec.value, rec.headers, events_pb2.GenerationProgress).first_token_unix_ms)
+    except events.PoisonEvent:
+        return 0
+
+
+def _is_text_reply(rec: Any) -> bool:
+    from colloquy.v1 import events_pb2
+
+    from services.common import events
+
+    try:
+        return events.decode(rec.value, rec.headers, events_pb2.ReplyEvent).WhichOneof("reply") == "text"
+    except events.PoisonEvent:
+        return False
 
 
 def measure(stack: Any, concurrency: int, rounds: int, tokens: int, prompts: dict[str, str],
@@ -201,12 +240,12 @@ def measure(stack: Any, concurrency: int, rounds: int, tokens: int, prompts: dic
     extra: dict[str, Any] = {}
     if concurrency == 1:
         try:
-            extra["hops_ms"] = hop_breakdown(stack.bootstrap, [g for g, _ in ok])
+            extra.update(hop_breakdown(stack.bootstrap, [g for g, _ in ok]))
         except Exception as exc:  # a diagnostic: the goal figures stand without it
             log(f"pipeline: hop breakdown failed: {exc}")
     if baseline:
-        extra = {"ort_direct_itl_ms": summary([1000 / b["decode_tok_s"] for b in baseline if b["decode_tok_s"]], 2),
-                 "ort_direct_ttft_ms": summary([b["ttft_s"] * ms for b in baseline], 1)}
+        extra["ort_direct_itl_ms"] = summary([1000 / b["decode_tok_s"] for b in baseline if b["decode_tok_s"]], 2)
+        extra["ort_direct_ttft_ms"] = summary([b["ttft_s"] * ms for b in baseline], 1)
     return {**extra,
         "chats": len(pairs), "complete": len(ok),
         "gateway_ttft_ms": summary([g["ttft_s"] * ms for g, _ in ok], 1),
@@ -230,7 +269,7 @@ def run(args: argparse.Namespace, stack: Any = None) -> dict[str, Any]:
     _, version = common.served_model()
     rec = Record(NAME, {"model_version": version, "max_tokens": args.tokens, "concurrency": levels,
                         "rounds": {str(c): _rounds(args, c) for c in levels}, "prompts": common.QUESTIONS,
-                        "method": __doc__.split("\n\n")[1].replace("\n", " ")})
+                        "method": __doc__.split("\n\n")[1].replace("\n", " ")}, settle_s=common.SETTLE_S)
     ort = None
     if 1 in levels:
         from bench.engine import OrtGenai

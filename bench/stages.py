@@ -316,7 +316,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     names = [s for s in str(args.stages).split(",") if s]
     rec = Record(NAME, {"events": args.events, "repeats": args.stage_repeats, "stages": names,
                         "max_poll_records": os.environ.get("KAFKA_MAX_POLL_RECORDS", "64 (default)"),
-                        "method": __doc__.split("\n\n")[1].replace("\n", " ")})
+                        "method": __doc__.split("\n\n")[1].replace("\n", " ")}, settle_s=common.SETTLE_S)
     built: dict[str, Stage] = {}
     for name in names:
         log(f"stages: {name}")
