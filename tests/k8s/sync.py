@@ -245,8 +245,10 @@ def janitor_acls() -> list[tuple[str, dict[str, Any]]]:
     """
     from services.common import topics
 
-    def watched() -> list[str]:  # a new list each time: no YAML anchors in the output
-        return ["Describe", "Read"]
+    def rule(rtype: str, name: str | None = None, pattern: str = "literal",
+             ops: tuple[str, ...] = ("Describe", "Read")) -> dict[str, Any]:
+        resource = {"type": rtype} if name is None else {"type": rtype, "name": name, "patternType": pattern}
+        return {"resource": resource, "operations": list(ops)}  # a new list: no YAML anchors in the output
 
     out: list[tuple[str, dict[str, Any]]] = []
     for i, t in enumerate(sorted(topics.ALL, key=lambda t: t.name)):
@@ -256,30 +258,26 @@ def janitor_acls() -> list[tuple[str, dict[str, Any]]]:
                "DescribeTransactions answers (the broker leaves out partitions of topics the caller\n"
                "may not describe: a live transaction would look hanging there). Read: DescribeProducers,\n"
                "a partition's open transactions, requires Read on the topic.")
-        out.append((why, {"resource": {"type": "topic", "name": t.name, "patternType": "literal"},
-                          "operations": watched()}))
+        out.append((why, rule("topic", t.name)))
     out.append(("The gateways' reply topics chat.replies.<instance>: the stages write replies inside\n"
                 "their transactions, so those can hang there too. Same rights, same reasons.",
-                {"resource": {"type": "topic", "name": REPLIES_PREFIX, "patternType": "prefix"},
-                 "operations": watched()}))
+                rule("topic", REPLIES_PREFIX, "prefix")))
     out.append(("The offsets topic: each stage commits its offsets inside its transaction, and a\n"
                 "hanging one blocks its group's offset fetches (UnstableOffsetCommitError). Same rights,\n"
                 "same reasons (Read lets it fetch the topic's raw records too: offsets and group\n"
                 "metadata, no chat content; it gives no right on any group).",
-                {"resource": {"type": "topic", "name": OFFSETS_TOPIC, "patternType": "literal"},
-                 "operations": watched()}))
+                rule("topic", OFFSETS_TOPIC)))
     out.append(("Every transactional id (a literal `*` is Kafka's wildcard): ListTransactions and\n"
                 "DescribeTransactions return only the ids the caller may describe, and the janitor must\n"
                 "see every live transaction, or it would take that one for hanging and abort it.\n"
                 "FindCoordinator for a transactional id needs it too. Describe only: without Write it\n"
                 "cannot produce under any stage's transactional id.",
-                {"resource": {"type": "transactionalId", "name": "*", "patternType": "literal"},
-                 "operations": ["Describe"]}))
+                rule("transactionalId", "*", ops=("Describe",))))
     out.append(("The cluster. ClusterAction: WriteTxnMarkers, the request that writes the abort marker\n"
                 "(what `kafka-transactions.sh abort` sends), is an inter-broker request and needs it;\n"
                 "it is a broker's right otherwise, so this user's Secret stays with the CronJob.\n"
                 "Describe: the admin client's cluster-level metadata (DescribeCluster).",
-                {"resource": {"type": "cluster"}, "operations": ["Describe", "ClusterAction"]}))
+                rule("cluster", ops=("Describe", "ClusterAction"))))
     return out
 
 

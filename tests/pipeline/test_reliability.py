@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
@@ -67,46 +67,50 @@ def test_rolling_restart_under_load_fails_no_chat(stack: Stack, stub: chat_pb2_g
     _check(stub, load.outcomes)
 
 
-@pytest.mark.timeout(900)  # three kills with load between them, on 2 shared cores
-def test_sigkill_under_load_loses_no_turn(stack: Stack,
-                                                           stub: chat_pb2_grpc.ChatServiceStub) -> None:
+def _faults_under_load(stub: chat_pb2_grpc.ChatServiceStub, faults: list[tuple[str, Callable[[], None]]],
+                      recovery_s: float) -> list[Outcome]:
+    """Each fault in turn while clients chat; after each, a new chat must complete in time."""
     load = Load(stub, clients=2).start()
     try:
         time.sleep(DWELL_S)
-        for victim in ["gateway", "generation-replica", "feedback"]:
-            if victim == "generation-replica":
-                pids = replica_pids()
-                assert pids, "no Serve replica process found"
-                for pid in pids:
-                    os.kill(pid, signal.SIGKILL)  # Serve's controller starts a new replica
-            else:
-                stack.procs[victim].signal(signal.SIGKILL)
-                stack.procs[victim].wait(10)
-                stack.restart(victim)
+        for name, fault in faults:
             t0 = time.monotonic()
-            assert probe_until_ok(stub, timeout=240) < float("inf"), f"no recovery after {victim}"
-            print(f"{victim}: a new chat completed {time.monotonic() - t0:.1f} s after the fault", flush=True)
+            fault()
+            assert probe_until_ok(stub, timeout=recovery_s) < float("inf"), f"no recovery after {name}"
+            print(f"{name}: a new chat completed {time.monotonic() - t0:.1f} s after the fault began", flush=True)
             time.sleep(DWELL_S)
     finally:
         load.finish()
     assert any(o.done for o in load.outcomes)
-    _check(stub, load.outcomes)
+    return load.outcomes
+
+
+@pytest.mark.timeout(900)  # three kills with load between them, on 2 shared cores
+def test_sigkill_under_load_loses_no_turn(stack: Stack, stub: chat_pb2_grpc.ChatServiceStub) -> None:
+    def kill_replica() -> None:
+        pids = replica_pids()
+        assert pids, "no Serve replica process found"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)  # Serve's controller starts a new replica
+
+    def kill_and_restart(name: str) -> Callable[[], None]:
+        def fault() -> None:
+            stack.procs[name].signal(signal.SIGKILL)
+            stack.procs[name].wait(10)
+            stack.restart(name)
+        return fault
+
+    outcomes = _faults_under_load(stub, [("gateway", kill_and_restart("gateway")),
+                                         ("generation-replica", kill_replica),
+                                         ("feedback", kill_and_restart("feedback"))], recovery_s=240)
+    _check(stub, outcomes)
 
 
 @pytest.mark.timeout(900)  # a broker restart, the stack's reconnects and a recovery wait
 def test_broker_restart_under_load_loses_no_turn(stack: Stack, stub: chat_pb2_grpc.ChatServiceStub) -> None:
-    load = Load(stub, clients=2).start()
-    try:
-        time.sleep(DWELL_S)
-        t0 = time.monotonic()
-        kafka_broker.restart_broker(stack.bootstrap)
-        assert probe_until_ok(stub, timeout=300) < float("inf"), "no chat completed after the broker restart"
-        print(f"kafka: a new chat completed {time.monotonic() - t0:.1f} s after the restart began", flush=True)
-        time.sleep(DWELL_S)
-    finally:
-        load.finish()
-    assert any(o.done for o in load.outcomes)
-    _check(stub, load.outcomes)
+    outcomes = _faults_under_load(stub, [("kafka", lambda: kafka_broker.restart_broker(stack.bootstrap))],
+                                  recovery_s=300)
+    _check(stub, outcomes)
     # Nothing left for a reader to wait behind: no transaction open without a coordinator
     # (dry run, over every Colloquy topic and the offsets topic).
     janitor = Janitor(KafkaConfig(bootstrap_servers=stack.bootstrap), older_than_ms=60_000, dry_run=True)
