@@ -39,8 +39,9 @@ from kafka.admin._transactions import AbortTransactionSpec, TransactionState
 from kafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, push_to_gateway
 
-from services.common import topics
 from services.common.config import KafkaConfig
+from services.common.topics import ALL as COLLOQUY_TOPICS
+from services.common.topics import REPLY_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,8 @@ def find_hanging(open_txns: Iterable[OpenTransaction], coordinator: Mapping[int,
 def watched_topics(names: Iterable[str]) -> list[str]:
     """Colloquy's topics, the per-gateway reply topics and the offsets topic (where a pending
     offset commit inside a hanging transaction blocks a whole consumer group)."""
-    ours = {t.name for t in topics.ALL}
-    return sorted(n for n in names if n in ours or n.startswith(topics.REPLY_PREFIX) or n == OFFSETS_TOPIC)
+    ours = {t.name for t in COLLOQUY_TOPICS}
+    return sorted(n for n in names if n in ours or n.startswith(REPLY_PREFIX) or n == OFFSETS_TOPIC)
 
 
 class Janitor:
@@ -110,6 +111,8 @@ class Janitor:
                  topics: Iterable[str] | None = None) -> None:
         self.kafka = kafka
         self.topics = None if topics is None else sorted(topics)  # None: `watched_topics` of the cluster
+        for name in [*(t.name for t in COLLOQUY_TOPICS), OFFSETS_TOPIC]:
+            HANGING_ABORTED.labels(name)  # zero from the start: alerts and dashboards see 0, not "no data"
         self.older_than_ms = older_than_ms
         self.dry_run = dry_run
         self._admin: KafkaAdminClient | None = None

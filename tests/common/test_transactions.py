@@ -189,6 +189,9 @@ def test_cli_dry_run_pushes_its_metrics(kafka_bootstrap: str) -> None:
     assert path == "/metrics/job/kafka-txn-janitor"
     assert b"colloquy_kafka_hanging_transactions 0.0" in body
     assert b"colloquy_kafka_hanging_transaction_sweeps_failed_total 0.0" in body
+    # Every watched topic's abort counter exists at 0 (alerts and dashboards need the series).
+    assert b'colloquy_kafka_hanging_transactions_aborted_total{topic="chat.prompts"} 0.0' in body
+    assert b'colloquy_kafka_hanging_transactions_aborted_total{topic="__consumer_offsets"} 0.0' in body
 
 
 def test_poll_rides_out_a_broker_outage() -> None:
