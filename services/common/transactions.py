@@ -26,6 +26,7 @@ every transactional id, ClusterAction), so k8s turns it off in the services and 
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import logging
 import os
@@ -171,6 +172,7 @@ class Janitor:
 
 _started: threading.Thread | None = None
 _lock = threading.Lock()
+_stop = threading.Event()
 
 
 def start_sweeper(kafka: KafkaConfig) -> None:
@@ -185,17 +187,28 @@ def start_sweeper(kafka: KafkaConfig) -> None:
         _started = threading.Thread(target=_sweep_forever, args=(janitor, kafka.hanging_txn_check_s),
                                     name="txn-janitor", daemon=True)
         _started.start()
+        # Stop between sweeps at exit and close the admin client (its I/O thread), rather than
+        # leave a daemon thread in the middle of a request while the interpreter is torn down.
+        atexit.register(_stop_sweeper)
+
+
+def _stop_sweeper(timeout_s: float = 5.0) -> None:
+    _stop.set()
+    if _started is not None:
+        _started.join(timeout_s)
 
 
 def _sweep_forever(janitor: Janitor, interval_s: float) -> None:
-    while True:
-        time.sleep(interval_s)
-        try:
-            janitor.sweep()
-        except Exception:  # a broker restart or a missing right must not kill the process
-            SWEEPS_FAILED.inc()
-            log.warning("hanging-transaction sweep failed", exc_info=True)
-            janitor.close()
+    try:
+        while not _stop.wait(interval_s):
+            try:
+                janitor.sweep()
+            except Exception:  # a broker restart or a missing right must not kill the process
+                SWEEPS_FAILED.inc()
+                log.warning("hanging-transaction sweep failed", exc_info=True)
+                janitor.close()
+    finally:
+        janitor.close()
 
 
 def push_metrics(url: str) -> None:

@@ -37,44 +37,63 @@ class ModerationGuard:
         self._task: asyncio.Task[None] | None = None
         self._channel: grpc.aio.Channel | None = None
 
-    async def check_once(self) -> bool:
-        if self._channel is None:
-            # grpc's default reconnect backoff grows to minutes while the peer is down; a health
-            # watcher must notice a recovery within a poll, so retry the connection at least every 1 s.
-            self._channel = tls.insecure_or_secure_channel(  # type: ignore[assignment]
-                self.address, aio=True, options=[("grpc.initial_reconnect_backoff_ms", 200),
-                                                 ("grpc.max_reconnect_backoff_ms", 1000),
-                                                 ("grpc.min_reconnect_backoff_ms", 200)])
-        stub = health_pb2_grpc.HealthStub(self._channel)
+    def _new_channel(self) -> grpc.aio.Channel:
+        # grpc's default reconnect backoff grows to minutes while the peer is down; a health
+        # watcher must notice a recovery within a poll, so retry the connection at least every 1 s.
+        return tls.insecure_or_secure_channel(  # type: ignore[return-value]
+            self.address, aio=True, options=[("grpc.initial_reconnect_backoff_ms", 200),
+                                             ("grpc.max_reconnect_backoff_ms", 1000),
+                                             ("grpc.min_reconnect_backoff_ms", 200)])
+
+    async def _check(self, channel: grpc.aio.Channel) -> bool:
         try:
             # wait_for_ready: a channel between reconnect attempts waits (within the timeout)
             # instead of failing the check at once.
-            res = await stub.Check(health_pb2.HealthCheckRequest(service=self.service), timeout=self.timeout_s,
-                                   wait_for_ready=True)
-            ok = res.status == health_pb2.HealthCheckResponse.SERVING
+            res = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=self.service), timeout=self.timeout_s, wait_for_ready=True)
+            return res.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.aio.AioRpcError:
-            ok = False
+            return False
+
+    def _record(self, ok: bool) -> None:
         self._bad = 0 if ok else self._bad + 1
         was, self.available = self.available, self._bad < self.failures
         if was != self.available:
             log.warning("moderation is %s", "available again" if self.available else "unavailable",
                         extra={"moderation": self.address})
+
+    async def check_once(self) -> bool:
+        if self._channel is None:
+            self._channel = self._new_channel()
+        ok = await self._check(self._channel)
+        self._record(ok)
         return ok
 
     async def confirm_unavailable(self) -> bool:
         """Before refusing a chat, look again: the background check may lag a recovery by a poll."""
         if self.available:
             return False
-        if self._channel is not None and self._channel.get_state() != grpc.ChannelConnectivity.READY:
+        if self._channel is not None and self._channel.get_state() == grpc.ChannelConnectivity.READY:
+            ok = await self._check(self._channel)
+        else:
             # A channel in reconnect backoff may not dial again within the check's timeout (the
-            # backoff is up to 1 s plus 20% jitter); a fresh channel dials at once.
-            await self._channel.close()
-            self._channel = None
-        return not await self.check_once() and not self.available
+            # backoff is up to 1 s plus 20% jitter); a fresh one dials at once. It is a channel of
+            # its own: closing the shared one would cancel the background check in flight on it.
+            fresh = self._new_channel()
+            try:
+                ok = await self._check(fresh)
+            finally:
+                await fresh.close()
+        self._record(ok)
+        return not ok and not self.available
 
     async def _run(self) -> None:
         while True:
-            await self.check_once()
+            try:
+                await self.check_once()
+            except Exception:  # the watcher must outlive any one check: a dead one never flips back
+                log.exception("moderation health check failed unexpectedly")
+                self._record(False)
             await asyncio.sleep(self.interval_s)
 
     def start(self) -> ModerationGuard:

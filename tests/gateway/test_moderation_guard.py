@@ -39,3 +39,23 @@ def test_down_then_up_then_frozen() -> None:
         return seen
 
     assert asyncio.run(scenario()) == [False, False, True, False, False]
+
+
+
+def test_a_confirm_leaves_the_background_watch_running() -> None:
+    """A confirm on a channel that is not READY dials a channel of its own. Closing the shared one
+    instead cancelled the background check in flight on it (grpc.aio raises CancelledError there),
+    which ended the watch for good: the guard then stayed "available" through a later outage."""
+
+    async def scenario() -> tuple[bool, bool]:
+        guard = ModerationGuard(f"127.0.0.1:{free_port()}", interval_s=0.1, timeout_s=2.0, failures=1,
+                                service="colloquy.v1.TokenizerService").start()
+        await asyncio.sleep(0.3)  # its first check is in flight: nothing listens, it waits for ready
+        guard.available = False
+        refused = await guard.confirm_unavailable()
+        await asyncio.sleep(0.1)
+        alive = guard._task is not None and not guard._task.done()
+        await guard.stop()
+        return refused, alive
+
+    assert asyncio.run(scenario()) == (True, True)
