@@ -164,7 +164,7 @@ def is_noisy(doc: dict[str, Any]) -> bool:
     return doc["machine"].get("loadavg_before", [0])[0] / cpus > NOISY_LOAD_PER_CPU
 
 
-def settle(max_wait_s: float = 90.0, per_cpu: float = NOISY_LOAD_PER_CPU / 2) -> float:
+def settle(max_wait_s: float = SETTLE_S, per_cpu: float = NOISY_LOAD_PER_CPU / 2) -> float:
     """Wait until the 1-minute load average falls to `per_cpu` per CPU (a previous benchmark's
     stack, say), at most `max_wait_s`; returns the seconds waited."""
     cpus = os.cpu_count() or 1

@@ -149,8 +149,7 @@ def hop_breakdown(bootstrap: str, chats: list[dict[str, Any]]) -> dict[str, Any]
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed",
                              enable_auto_commit=False, consumer_timeout_ms=3000)
     try:
-        names = [t for t in consumer.topics() if any(t == h or (h.endswith(".") and t.startswith(h))
-                                                     for _, h in HOPS if h)]
+        names = [t for t in consumer.topics() if _hop_of(t)]
         parts = [TopicPartition(t, p) for t in names for p in consumer.partitions_for_topic(t) or ()]
         consumer.assign(parts)
         since = int(min(c["wall_start_ms"] for c in chats)) - 1000
@@ -165,12 +164,15 @@ def hop_breakdown(bootstrap: str, chats: list[dict[str, Any]]) -> dict[str, Any]
         for rec in consumer:
             key = rec.key.decode("utf-8", "replace") if rec.key else ""
             if key in keys:
-                hop = next(h for _, h in HOPS if h and (rec.topic == h or rec.topic.startswith(h)))
-                if hop == topics.REPLY_PREFIX and not _is_text_reply(rec):
-                    continue  # "started" and other replies come before any text
+                hop = _hop_of(rec.topic)
+                if hop == topics.REPLY_PREFIX:
+                    reply = _decode(rec, "ReplyEvent")
+                    if reply is None or reply.WhichOneof("reply") != "text":
+                        continue  # "started" and other replies come before any text
                 first[(key, hop)] = min(first.get((key, hop), rec.timestamp), rec.timestamp)
                 if hop == "generation.progress":
-                    made = _first_token_ms(rec)
+                    progress = _decode(rec, "GenerationProgress")
+                    made = progress.first_token_unix_ms if progress is not None else 0
                     if made:
                         first_token[key] = min(first_token.get(key, made), made)
     finally:
@@ -193,26 +195,21 @@ def hop_breakdown(bootstrap: str, chats: list[dict[str, Any]]) -> dict[str, Any]
             "delivered_decode_tok_s": summary(delivered, 1)}
 
 
-def _first_token_ms(rec: Any) -> int:
+def _hop_of(topic: str) -> str | None:
+    """The HOPS topic `topic` stands for (reply topics by their prefix), or None."""
+    return next((h for _, h in HOPS if h and (topic == h or (h.endswith(".") and topic.startswith(h)))), None)
+
+
+def _decode(rec: Any, type_name: str) -> Any:
+    """The record as `colloquy.v1.<type_name>`, or None if it is not one."""
     from colloquy.v1 import events_pb2
 
     from services.common import events
 
     try:
-        return int(events.decode(rec.value, rec.headers, events_pb2.GenerationProgress).first_token_unix_ms)
+        return events.decode(rec.value, rec.headers, getattr(events_pb2, type_name))
     except events.PoisonEvent:
-        return 0
-
-
-def _is_text_reply(rec: Any) -> bool:
-    from colloquy.v1 import events_pb2
-
-    from services.common import events
-
-    try:
-        return events.decode(rec.value, rec.headers, events_pb2.ReplyEvent).WhichOneof("reply") == "text"
-    except events.PoisonEvent:
-        return False
+        return None
 
 
 def measure(stack: Any, concurrency: int, rounds: int, tokens: int, prompts: dict[str, str],
@@ -266,7 +263,7 @@ def measure(stack: Any, concurrency: int, rounds: int, tokens: int, prompts: dic
 
 def run(args: argparse.Namespace, stack: Any = None) -> dict[str, Any]:
     levels = [int(c) for c in str(args.concurrency).split(",") if c]
-    _, version = common.served_model()
+    model_dir, version = common.served_model()
     rec = Record(NAME, {"model_version": version, "max_tokens": args.tokens, "concurrency": levels,
                         "rounds": {str(c): _rounds(args, c) for c in levels}, "prompts": common.QUESTIONS,
                         "method": __doc__.split("\n\n")[1].replace("\n", " ")}, settle_s=common.SETTLE_S)
@@ -274,7 +271,7 @@ def run(args: argparse.Namespace, stack: Any = None) -> dict[str, Any]:
     if 1 in levels:
         from bench.engine import OrtGenai
 
-        ort = OrtGenai(str(common.served_model()[0]))
+        ort = OrtGenai(str(model_dir))
     with common.stack() if stack is None else contextlib.nullcontext(stack) as s:
         prompts = {q: assembled_prompt(s, q) for q in common.QUESTIONS}
         rec.doc["params"]["assembled_prompt_chars"] = {q: len(p) for q, p in prompts.items()}

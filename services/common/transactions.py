@@ -112,11 +112,11 @@ class Janitor:
                  topics: Iterable[str] | None = None) -> None:
         self.kafka = kafka
         self.topics = None if topics is None else sorted(topics)  # None: `watched_topics` of the cluster
-        for name in [*(t.name for t in COLLOQUY_TOPICS), OFFSETS_TOPIC]:
-            HANGING_ABORTED.labels(name)  # zero from the start: alerts and dashboards see 0, not "no data"
         self.older_than_ms = older_than_ms
         self.dry_run = dry_run
         self._admin: KafkaAdminClient | None = None
+        for name in [*(t.name for t in COLLOQUY_TOPICS), OFFSETS_TOPIC]:
+            HANGING_ABORTED.labels(name)  # zero from the start: alerts and dashboards see 0, not "no data"
 
     def _client(self) -> KafkaAdminClient:
         if self._admin is None:
@@ -153,16 +153,17 @@ class Janitor:
 
     def sweep(self) -> list[OpenTransaction]:
         """One pass: find, then abort (unless a dry run). Returns what was found hanging."""
-        open_txns = self.open_transactions()
-        old = [t for t in open_txns if int(time.time() * 1000) - t.last_write_ms >= self.older_than_ms]
-        views = self.coordinator_views({t.producer_id for t in old})
-        hanging = find_hanging(old, views, int(time.time() * 1000), self.older_than_ms)
+        now_ms = int(time.time() * 1000)
+        # Only idle ones need the coordinators' word (find_hanging applies the same age rule).
+        idle = [t for t in self.open_transactions() if now_ms - t.last_write_ms >= self.older_than_ms]
+        hanging = find_hanging(idle, self.coordinator_views({t.producer_id for t in idle}), now_ms,
+                               self.older_than_ms)
         HANGING_FOUND.set(len(hanging))
         for txn in hanging:
             log.warning("hanging transaction%s", " (dry run: left open)" if self.dry_run else "; aborting it", extra={
                 "topic": txn.partition.topic, "partition": txn.partition.partition,
                 "producer_id": txn.producer_id, "producer_epoch": txn.producer_epoch,
-                "start_offset": txn.start_offset, "idle_s": round((time.time() * 1000 - txn.last_write_ms) / 1000)})
+                "start_offset": txn.start_offset, "idle_s": round((now_ms - txn.last_write_ms) / 1000)})
             if not self.dry_run:
                 self._client().abort_transaction(
                     AbortTransactionSpec(txn.partition, txn.producer_id, txn.producer_epoch))
