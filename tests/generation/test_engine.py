@@ -1,4 +1,4 @@
-"""The continuous-batching engine on the tiny model (real ONNX Runtime GenAI, no Ray, no gRPC)."""
+"""The continuous-batching engine on the tiny model (real ONNX Runtime, no Ray, no gRPC)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ from services.generation.engine import (
     Overloaded,
     Request,
     Sampling,
-    _StopMatcher,
-    common_prefix,
+    StopMatcher,
     merge,
     sample_token,
     seed_for,
@@ -137,8 +136,8 @@ def test_cancel_stops_within_one_decode_step(engine) -> None:
         async for deltas in stream:
             res.add(deltas)
             if at_cancel < 0 and sum(d.tokens for d in res.deltas) >= 5:
-                seq = eng._running[0]  # the scheduler's own count, not what reached us so far
-                at_cancel = seq.tokens
+                cand = eng._sched[id(eng._model)].running[0]  # the scheduler's count, not what reached us
+                at_cancel = len(cand.generated)
                 assert eng.cancel("r-cancel")
         return at_cancel, res
 
@@ -268,16 +267,16 @@ def test_model_swap_keeps_in_flight_requests_on_the_old_version(engine, tiny_mod
 
 
 def test_stop_matcher_holds_back_possible_prefixes() -> None:
-    m = _StopMatcher(["END", "\n\n"])
+    m = StopMatcher(["END", "\n\n"])
     assert m.feed("hello E") == ("hello ", False)
     assert m.feed("N") == ("", False)
     assert m.feed("X") == ("ENX", False)
     assert m.feed(" a\n") == (" a", False)
     assert m.feed("\nrest") == ("", True)
-    m2 = _StopMatcher(["abc"])
+    m2 = StopMatcher(["abc"])
     assert m2.feed("xxab") == ("xx", False)
     assert m2.flush() == "ab"
-    assert _StopMatcher([]).feed("abc") == ("abc", False)
+    assert StopMatcher([]).feed("abc") == ("abc", False)
 
 
 def test_merge_coalesces_per_candidate() -> None:
@@ -310,11 +309,137 @@ def test_real_model_answers_and_stops(real_model_dir: Path) -> None:
         asyncio.run(eng.close())
 
 
-# -- conversation KV reuse (the prefix cache) ----------------------------------------------------
+
+
+# -- scheduling, driven pass by pass ---------------------------------------------------------------
+def test_prefill_chunks_alternate_with_decode_passes(tiny_model_dir: Path) -> None:
+    """A long prompt is prefilled in budget-sized chunks, each followed by a decode pass of the running rows."""
+    import threading
+
+    from services.generation.runner import LoadedModel
+    from services.generation.scheduler import Job, Scheduler
+
+    model = LoadedModel(tiny_model_dir, "tiny-v1", "cpu")
+    sched = Scheduler(model, EngineConfig(max_running=4, prefill_chunk=8, prefix_cache_conversations=0),
+                      threading.Lock())
+    greedy = Sampling(temperature=0, max_tokens=200)
+    a = Job(Request("a", PROMPT, greedy), model, model.encode(PROMPT))
+    sched.waiting.append(a)
+    while not sched.running:
+        sched.step()
+    long_prompt = PROMPT * 4
+    b = Job(Request("b", long_prompt, greedy), model, model.encode(long_prompt))
+    sched.waiting.append(b)
+    kinds = []
+    while len(sched.running) < 2:
+        before = len(a.cands[0].generated), b.prefilled
+        sched.step()
+        kinds.append("decode" if len(a.cands[0].generated) > before[0] else "prefill")
+        assert b.prefilled - before[1] <= 8
+    assert "prefill,prefill" not in ",".join(kinds)  # a running stream waits at most one chunk
+    assert kinds.count("prefill") >= len(b.ids) // 8
+    assert [c.job for c in sched.running] == [a, b]  # b joined behind a, in slot 1
+    a.cancelled = True
+    sched.step()
+    assert [c.job for c in sched.running] == [b]  # a left; b moved into slot 0 and decodes on
+    n = len(b.cands[0].generated)
+    sched.step()
+    assert len(b.cands[0].generated) == n + 1
+
+
+def test_n_candidates_share_one_prefill(engine) -> None:
+    """n=3 prefills the prompt once (its KV copied into 3 slots); greedy candidates are all the answer."""
+    from prometheus_client import REGISTRY
+
+    eng = engine(max_running=4, prefix_cache_conversations=0)
+    before = REGISTRY.get_sample_value("colloquy_generation_prompt_tokens_total") or 0.0
+    three = asyncio.run(collect(eng, Request("n3", PROMPT, Sampling(temperature=0, max_tokens=20, n=3))))
+    prefilled = (REGISTRY.get_sample_value("colloquy_generation_prompt_tokens_total") or 0.0) - before
+    assert prefilled == three.deltas[0].prompt_tokens
+    one = asyncio.run(collect(eng, Request("n1", PROMPT, Sampling(temperature=0, max_tokens=20))))
+    assert three.text == {i: one.text[0] for i in range(3)}
+
+
+def test_queued_prompt_tokens_bound_overloads(engine) -> None:
+    eng = engine(max_running=1, max_waiting=10, max_queued_prompt_tokens=20)
+
+    async def scenario() -> None:
+        streams = [eng.submit(Request("q0", PROMPT, sample(1500)))]
+        while eng.stats()["running"] < 1:  # the first one starts ...
+            await asyncio.sleep(0.005)
+        streams.append(eng.submit(Request("q1", PROMPT, sample(1500))))  # ... the second waits, 17 tokens
+        with pytest.raises(Overloaded, match="prompt tokens"):
+            eng.submit(Request("q-big", PROMPT, sample(10)))
+        for i in range(2):
+            eng.cancel(f"q{i}")
+        for st in streams:
+            async for _ in st:
+                pass
+
+    asyncio.run(scenario())
+
+
+# -- sampling ----------------------------------------------------------------------------------------
+def test_sample_token_top_k_top_p() -> None:
+    import numpy as np
+
+    logits = np.array([0.0, 5.0, 1.0, 4.9, -3.0], dtype=np.float32)
+    rng = lambda: np.random.default_rng(5)  # noqa: E731
+    assert sample_token(logits, 1.0, 1.0, 1, rng()) == 1  # top_k 1 is greedy
+    assert sample_token(logits, 1e-4, 1.0, 0, rng()) == 1  # a tiny temperature too
+    assert sample_token(logits, 1.0, 0.01, 0, rng()) == 1  # and a tiny nucleus
+    draws = [sample_token(logits, 1.0, 1.0, 2, np.random.default_rng(s)) for s in range(200)]
+    assert set(draws) == {1, 3}  # top_k 2 keeps the two best, both drawn
+    assert draws == [sample_token(logits, 1.0, 1.0, 2, np.random.default_rng(s)) for s in range(200)]
+
+
+def test_repetition_penalty_is_ctrl_style_over_distinct_recent_tokens() -> None:
+    import numpy as np
+
+    from services.generation.sampler import apply_repetition_penalty, next_token
+
+    logits = np.array([2.0, -1.0, 3.0, 0.5], dtype=np.float32)
+    out = apply_repetition_penalty(logits, [2, 1, 2, 2], 2.0)
+    assert out.tolist() == [2.0, -2.0, 1.5, 0.5]  # positive / penalty, negative * penalty, once each
+    assert logits.tolist() == [2.0, -1.0, 3.0, 0.5]  # the bound logits buffer is not written
+    assert apply_repetition_penalty(logits, [2], 1.0) is logits
+    greedy = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "rng": None}
+    assert next_token(logits, penalty=1.0, recent=[2], **greedy) == 2
+    assert next_token(logits, penalty=2.0, recent=[2], **greedy) == 0  # greedy requests too
+    assert next_token(logits, penalty=2.0, recent=[], **greedy) == 2
+
+
+def test_repetition_penalty_looks_at_generated_tokens_only(engine) -> None:
+    """Greedy with a penalty repeats less; the prompt's own tokens are not penalized."""
+    eng = engine()
+
+    async def run(penalty: float) -> list[int]:
+        stream = eng.submit(Request("rp", "The", Sampling(temperature=0, max_tokens=120, repetition_penalty=penalty)))
+        async for _ in stream:
+            pass
+        return stream._job.cands[0].generated
+
+    plain, penalized = asyncio.run(run(1.0)), asyncio.run(run(1.5))
+    assert len(set(penalized)) > len(set(plain))  # the tiny model repeats itself less
+    # The first token sees no generated tokens yet: the same as without a penalty, prompt or not.
+    assert penalized[0] == plain[0] and penalized != plain
+
+
+def test_top_k_per_request(engine) -> None:
+    eng = engine()
+    greedy = asyncio.run(collect(eng, Request("k", PROMPT, Sampling(temperature=0, max_tokens=20)))).text
+    top1 = asyncio.run(collect(eng, Request("k", PROMPT, Sampling(temperature=1.0, max_tokens=20, top_k=1)))).text
+    assert top1 == greedy
+    free = asyncio.run(collect(eng, Request("k", PROMPT, Sampling(temperature=1.0, max_tokens=20, top_k=0)))).text
+    assert free != greedy
+
+
+# -- the prefix cache -----------------------------------------------------------------------------
 SYSTEM = ("You are Colloquy, a helpful assistant. Answer briefly and kindly, say so when you do not "
           "know, and never make up facts about people or places.")
 QUESTIONS = ["Tell me a story about the sea.", "What happened to the sailor next?",
              "Did the storm ever end?", "How does the story finish?"]
+GREEDY = Sampling(temperature=0, max_tokens=24)
 
 
 def chat(turns: list[tuple[str, str]], new: str) -> str:
@@ -331,141 +456,77 @@ def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels or None) or 0.0
 
 
-def hits() -> float:
-    return metric("colloquy_generation_prefix_cache_lookups_total", result="hit")
-
-
-def misses() -> float:
-    return metric("colloquy_generation_prefix_cache_lookups_total", result="miss")
-
-
-GREEDY = Sampling(temperature=0, max_tokens=24)
-REUSED = "colloquy_generation_prefix_cache_reused_tokens_total"
-
-
 @pytest.mark.parametrize("sampling", [GREEDY, Sampling(temperature=0.9, top_p=0.9, max_tokens=24, seed=11),
                                       Sampling(temperature=1.0, max_tokens=24)],
                          ids=["greedy", "seeded", "derived-seed"])
-def test_reused_turn_equals_a_fresh_generator(engine, sampling: Sampling) -> None:
-    """Turns 2..4 continue the kept KV cache (hits) and give exactly the tokens a fresh prefill gives."""
-    cached, fresh = engine(), engine()
+def test_conversation_turns_hit_the_cache_and_equal_fresh_answers(engine, sampling: Sampling) -> None:
+    """Turns 2..4 reuse the earlier turns' blocks (hits, counted in tokens) and answer exactly as without."""
+    cached, fresh = engine(), engine(prefix_cache_conversations=0)
     turns: list[tuple[str, str]] = []
-    for t, question in enumerate(QUESTIONS):
-        prompt = chat(turns, question)
-        rid = f"r-{sampling.temperature}-{t}"
-        h, m = hits(), misses()
-        prefilled, reused = metric("colloquy_generation_prompt_tokens_total"), metric(REUSED)
-        a = asyncio.run(collect(cached, Request(rid, prompt, sampling, conversation_id="conv-reuse")))
-        assert (hits() - h, misses() - m) == ((1, 0) if t else (0, 1))
-        n_prompt, reused = a.deltas[0].prompt_tokens, metric(REUSED) - reused
-        # Only the tail after the common prefix was prefilled; the prefix ends where the previous
-        # user message lost its reminder, so from turn 3 on most of the conversation is reused.
-        assert metric("colloquy_generation_prompt_tokens_total") - prefilled == n_prompt - reused
-        assert reused == 0 if not t else reused > (n_prompt / 2 if t >= 2 else 30)
-        b = asyncio.run(collect(fresh, Request(rid, prompt, sampling, conversation_id=f"conv-fresh-{t}")))
-        assert a.text == b.text and a.tokens == b.tokens and a.finish == b.finish
-        # Token ids, not only text: both engines kept their Generator's whole sequence.
-        assert cached._kept["conv-reuse"].ids == fresh._kept[f"conv-fresh-{t}"].ids
-        turns.append((question, a.text[0]))
-    assert cached.stats()["prefix_cache_conversations"] == 1
+    previous: list[int] = []
+    for t, q in enumerate(QUESTIONS):
+        prompt = chat(turns, q)
+        queries, hits = metric("colloquy_generation_prefix_cache_queries_total"), metric(
+            "colloquy_generation_prefix_cache_hits_total")
+        a = asyncio.run(collect(cached, Request(f"c-{t}", prompt, sampling, conversation_id="c")))
+        n_prompt = a.deltas[0].prompt_tokens
+        assert metric("colloquy_generation_prefix_cache_queries_total") - queries == n_prompt
+        hit = metric("colloquy_generation_prefix_cache_hits_total") - hits
+        ids = cached._model.encode(prompt)
+        if t:  # the previous prompt's blocks up to where the prompts part (its hidden reminder)
+            common = next(i for i, (x, y) in enumerate(zip(ids, previous, strict=False)) if x != y)
+            assert hit == common // 16 * 16 > 0, (hit, common)
+        previous = ids
+        b = asyncio.run(collect(fresh, Request(f"c-{t}", prompt, sampling, conversation_id="c")))
+        assert a.text == b.text and a.tokens == b.tokens
+        turns.append((q, a.text[0]))
 
 
-def test_prefix_cache_is_bounded_lru(engine) -> None:
-    eng = engine(prefix_cache_conversations=2)
-    for c in ("c1", "c2", "c3"):
-        asyncio.run(collect(eng, Request(f"{c}-1", chat([], QUESTIONS[0]), GREEDY, conversation_id=c)))
-    assert list(eng._kept) == ["c2", "c3"] and eng.stats()["prefix_cache_conversations"] == 2
-    h = hits()
-    asyncio.run(collect(eng, Request("c2-2", chat([(QUESTIONS[0], "Once upon a time.")], QUESTIONS[1]), GREEDY,
-                                     conversation_id="c2")))
-    assert hits() - h == 1 and list(eng._kept) == ["c3", "c2"]  # c2 is now the most recent
-    m = misses()
-    asyncio.run(collect(eng, Request("c1-2", chat([(QUESTIONS[0], "Once upon a time.")], QUESTIONS[1]), GREEDY,
-                                     conversation_id="c1")))
-    assert misses() - m == 1 and list(eng._kept) == ["c2", "c1"]  # c1 was evicted; c3 is now the LRU one
-    # The token cap counts allocated KV positions (max_length): a small cap keeps nothing.
-    small = engine(prefix_cache_max_tokens=100)
-    asyncio.run(collect(small, Request("s-1", chat([], QUESTIONS[0]), GREEDY, conversation_id="s")))
-    assert small.stats()["prefix_cache_conversations"] == 0
-    assert eng.stats()["prefix_cache_tokens"] == sum(k.capacity for k in eng._kept.values()) > 0
-
-
-def test_prefix_cache_only_for_single_candidate_conversations(engine) -> None:
+def test_shared_system_prompt_is_prefilled_once(engine) -> None:
     eng = engine()
-    asyncio.run(collect(eng, Request("a", chat([], QUESTIONS[0]), GREEDY)))  # no conversation id
-    asyncio.run(collect(eng, Request("b", chat([], QUESTIONS[0]), sample(10, n=2), conversation_id="multi")))
-    assert eng.stats()["prefix_cache_conversations"] == 0
-    off = engine(prefix_cache_conversations=0)
-    asyncio.run(collect(off, Request("c", chat([], QUESTIONS[0]), GREEDY, conversation_id="c")))
-    assert off.stats()["prefix_cache_conversations"] == 0
+    asyncio.run(collect(eng, Request("s-1", chat([], QUESTIONS[0]), GREEDY)))
+    hits = metric("colloquy_generation_prefix_cache_hits_total")
+    asyncio.run(collect(eng, Request("s-2", chat([], QUESTIONS[2]), GREEDY)))  # another conversation
+    system_tokens = len(eng._model.encode(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n"))
+    assert metric("colloquy_generation_prefix_cache_hits_total") - hits == system_tokens // 16 * 16
 
 
-def test_prefix_cache_misses_start_fresh(engine) -> None:
-    """Another prompt, a longer answer than the kept Generator has room for: fresh, same answer."""
-    eng, ref = engine(prefix_cache_reserve_tokens=0), engine(prefix_cache_conversations=0)
-    asyncio.run(collect(eng, Request("x-1", chat([], QUESTIONS[0]), GREEDY, conversation_id="x")))
-    short = "<|im_start|>user\nSomething else entirely.<|im_end|>\n<|im_start|>assistant\n"
-    m = misses()
-    out = asyncio.run(collect(eng, Request("x-2", short, GREEDY, conversation_id="x")))
-    assert misses() - m == 1
-    assert out.text == asyncio.run(collect(ref, Request("x-2", short, GREEDY))).text
-    # Room for prompt + max_tokens, twice (no reserve): a turn asking for far more does not fit.
-    asyncio.run(collect(eng, Request("y-1", chat([], QUESTIONS[0]), GREEDY, conversation_id="y")))
-    long_turn = Sampling(temperature=0, max_tokens=400)
-    prompt = chat([(QUESTIONS[0], "Once.")], QUESTIONS[1])
-    m, h = misses(), hits()
-    out = asyncio.run(collect(eng, Request("y-2", prompt, long_turn, conversation_id="y")))
-    assert (misses() - m, hits() - h) == (1, 0)
-    assert out.text == asyncio.run(collect(ref, Request("y-2", prompt, long_turn))).text
+def test_prefix_cache_lru_byte_budget() -> None:
+    """Unit: the byte budget holds; the least recently used chain goes first, a prefix outlives its extensions."""
+    import numpy as np
+
+    from services.generation.prefix_cache import PrefixCache
+
+    cache = PrefixCache("v1", block=4, budget_bytes=5 * 4 * 8, bytes_per_token=8)  # 5 blocks
+    kv = lambda a, b: np.arange(a, b, dtype=np.float32).reshape(1, 1, 1, b - a, 1).repeat(2, 1)  # noqa: E731
+    a, b = list(range(100, 114)), list(range(100, 108)) + list(range(200, 210))
+    cache.insert(a, kv)  # 3 blocks
+    assert cache.tokens == 12 and cache.nbytes == 3 * 32
+    assert [int(x[0, 0, 0, 0, 0]) for x in cache.lookup(a)] == [0, 4, 8]
+    cache.insert(b, kv)  # shares a's first 2 blocks; 2 new ones
+    assert cache.tokens == 20
+    cache.insert(list(range(300, 310)), kv)  # 2 more: over budget, a's 3rd block (LRU) goes
+    assert cache.nbytes <= 5 * 32
+    assert len(cache.lookup(a)) == 2 and len(cache.lookup(b)) == 3  # the two oldest tails went; the prefix stays
+    assert len(PrefixCache("v2", 4, 1000, 8).lookup(a)) == 0  # another model version: its own cache
+    assert len(cache.lookup(a[:9])) == 1  # at least two tokens are always left to prefill
+    cache.close("model")
+    assert cache.tokens == 0
+    cache.insert(a, kv)
+    assert cache.tokens == 0  # a retired version's cache takes nothing more
 
 
 def test_prefix_cache_dropped_on_model_switch_and_close(engine, tiny_model_dir: Path) -> None:
     eng = engine()
     asyncio.run(collect(eng, Request("m-1", chat([], QUESTIONS[0]), GREEDY, conversation_id="m")))
-    assert eng.stats()["prefix_cache_conversations"] == 1
+    assert eng.stats()["prefix_cache_tokens"] > 0
     asyncio.run(eng.load_version(tiny_model_dir, "tiny-v2"))
-    assert eng.stats()["prefix_cache_conversations"] == 0
-    m = misses()
+    assert eng.stats()["prefix_cache_tokens"] == 0  # never shared across versions
+    hits = metric("colloquy_generation_prefix_cache_hits_total")
     res = asyncio.run(collect(eng, Request("m-2", chat([(QUESTIONS[0], "Hm.")], QUESTIONS[1]), GREEDY,
                                            conversation_id="m")))
-    assert misses() - m == 1 and {d.model_version for d in res.deltas} == {"tiny-v2"}
-    assert eng.stats()["prefix_cache_conversations"] == 1
+    assert metric("colloquy_generation_prefix_cache_hits_total") == hits
+    assert {d.model_version for d in res.deltas} == {"tiny-v2"}
+    assert eng.stats()["prefix_cache_tokens"] > 0
     asyncio.run(eng.close())
-    assert eng.stats()["prefix_cache_conversations"] == 0 and eng.stats()["prefix_cache_tokens"] == 0
-
-
-def test_sample_token_and_common_prefix() -> None:
-    import numpy as np
-
-    logits = np.array([0.0, 5.0, 1.0, 4.9, -3.0], dtype=np.float32)
-    rng = lambda: np.random.default_rng(5)  # noqa: E731
-    assert sample_token(logits, 1.0, 1.0, 1, rng()) == 1  # top_k 1 is greedy
-    assert sample_token(logits, 1e-4, 1.0, 0, rng()) == 1  # a tiny temperature too
-    assert sample_token(logits, 1.0, 0.01, 0, rng()) == 1  # and a tiny nucleus
-    draws = [sample_token(logits, 1.0, 1.0, 2, np.random.default_rng(s)) for s in range(200)]
-    assert set(draws) == {1, 3}  # top_k 2 keeps the two best, both drawn
-    assert draws == [sample_token(logits, 1.0, 1.0, 2, np.random.default_rng(s)) for s in range(200)]
-    assert common_prefix([1, 2, 3, 4], [1, 2, 5]) == 2
-    assert common_prefix([1, 2], [1, 2, 3]) == 2 and common_prefix([], [1]) == 0
-
-
-@pytest.mark.model
-def test_real_model_reused_turns_match_fresh(real_model_dir: Path) -> None:
-    """The served build: a 3-turn greedy conversation, later turns from the kept KV cache."""
-    from model.chat_template import render_chatml
-
-    cached = AsyncEngine(real_model_dir, "real", EngineConfig(max_running=2))
-    fresh = AsyncEngine(real_model_dir, "real", EngineConfig(max_running=2, prefix_cache_conversations=0))
-    try:
-        messages: list[dict[str, str]] = []
-        for t, q in enumerate(["What is the capital of France?", "And of Italy?", "Which one is bigger?"]):
-            prompt = render_chatml([*messages, {"role": "user", "content": q}])
-            h = hits()
-            a = asyncio.run(collect(cached, Request(f"real-c{t}", prompt, GREEDY, conversation_id="real-conv")))
-            assert hits() - h == (1 if t else 0)
-            b = asyncio.run(collect(fresh, Request(f"real-c{t}", prompt, GREEDY, conversation_id="real-conv")))
-            assert a.text == b.text and a.tokens == b.tokens
-            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a.text[0]}]
-    finally:
-        asyncio.run(cached.close())
-        asyncio.run(fresh.close())
+    assert eng.stats()["prefix_cache_tokens"] == 0

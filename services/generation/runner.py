@@ -1,0 +1,167 @@
+"""One model version on a plain `onnxruntime.InferenceSession`, and its two kinds of forward pass.
+
+The ORT GenAI builder's graph (engine-notes.md): inputs `input_ids` [B, S], `attention_mask`
+[B, total] and `past_key_values.N.{key,value}` [B, kv_heads, past, head_dim]; outputs `logits`
+([B, S, V], or [B, 1, V] when the builder pruned to the last position) and `present.N.*`.
+GroupQueryAttention takes each row's length from its mask's count of ones, so:
+- a *prefill* pass is batch 1 (the op refuses several new tokens per row with past at B > 1):
+  one chunk of one prompt into the staging slot;
+- a *decode* pass is one token for each of rows 0..B-1, whatever their lengths.
+`present` is bound to the same memory as `past` (IOBinding), so the op writes in place.
+ORT GenAI is not used here: its builder makes the model, `tokenizers` reads its tokenizer.json.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.generation.kv_cache import SlotKV
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def cuda_device_count() -> int:
+    """GPUs the NVIDIA driver reports; 0 without a driver (an installed CUDA build proves nothing)."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return int(count.value)
+
+
+def resolve_provider(requested: str) -> str:
+    """"auto" -> "cuda" when a GPU is present, else "cpu"; explicit values pass through."""
+    requested = (requested or "auto").lower()
+    if requested not in {"auto", "cuda", "cpu"}:
+        raise ValueError(f"provider must be auto, cuda or cpu, not {requested!r}")
+    if requested != "auto":
+        return requested
+    return "cuda" if cuda_device_count() > 0 else "cpu"
+
+
+class LoadedModel:
+    """One model version: its session, tokenizer and the graph facts the scheduler needs."""
+
+    def __init__(self, path: str | Path, version: str, provider: str = "auto", threads: int = 0) -> None:
+        import onnxruntime as ort
+        import tokenizers
+
+        self.path = Path(path)
+        self.version = version
+        self.provider = resolve_provider(provider)
+        started = time.perf_counter()
+        doc = json.loads((self.path / "genai_config.json").read_text(encoding="utf-8"))
+        m, dec = doc["model"], doc["model"]["decoder"]
+        self.context_length = int(m.get("context_length") or doc["search"]["max_length"])
+        self.top_k = int(doc["search"].get("top_k", 50) or 0)  # the model's default; HF's is 50 too
+        eos = m.get("eos_token_id", [])
+        self.eos = frozenset(int(t) for t in (eos if isinstance(eos, list) else [eos]))
+        self.layers = int(dec["num_hidden_layers"])
+        self.kv_heads, self.head_dim = int(dec["num_key_value_heads"]), int(dec["head_size"])
+        names = dec["inputs"]
+        self.past = [(names["past_key_names"] % i, names["past_value_names"] % i) for i in range(self.layers)]
+        outs = dec["outputs"]
+        self.present = [(outs["present_key_names"] % i, outs["present_value_names"] % i) for i in range(self.layers)]
+        self.input_ids, self.mask, self.logits = names["input_ids"], names["attention_mask"], outs["logits"]
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if self.provider == "cuda":
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": 0}))
+        self.session = ort.InferenceSession(str(self.path / dec["filename"]), opts, providers=providers)
+        ins = {i.name: i for i in self.session.get_inputs()}
+        out = {o.name: o for o in self.session.get_outputs()}
+        self.kv_dtype = _DTYPES[ins[self.past[0][0]].type]
+        self.logits_dtype = _DTYPES[out[self.logits].type]
+        self.vocab = int(out[self.logits].shape[-1])
+        self.last_only = out[self.logits].shape[1] == 1  # builder pruned logits to the last position
+        self.tokenizer = tokenizers.Tokenizer.from_file(str(self.path / "tokenizer.json"))
+        log.info("model loaded", extra={"model_version": version, "path": str(self.path), "provider": self.provider,
+                                        "context_length": self.context_length,
+                                        "load_s": round(time.perf_counter() - started, 3)})
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def kv_bytes_per_token(self) -> int:
+        return self.layers * 2 * self.kv_heads * self.head_dim * np.dtype(self.kv_dtype).itemsize
+
+    def new_kv(self, slots: int, tokens: int) -> SlotKV:
+        return SlotKV(self.layers, self.kv_heads, self.head_dim, slots, tokens, self.kv_dtype,
+                      "cuda" if self.provider == "cuda" else "cpu")
+
+
+class Forward:
+    """The two passes over one SlotKV, with IOBindings kept between calls (rebound only on change)."""
+
+    def __init__(self, model: LoadedModel, kv: SlotKV) -> None:
+        self.model, self.kv = model, kv
+        self._dev = "cuda" if kv.device == "cuda" else "cpu"
+        self._decode = model.session.io_binding()
+        self._decode_rows = 0
+        self._decode_logits = np.empty((kv.slots, 1, model.vocab), model.logits_dtype)
+        self._prefill = model.session.io_binding()
+        self._prefill_logits = np.empty((1, 1, model.vocab), model.logits_dtype)
+        self._prefill_width = 0
+        self._bind_kv(self._prefill, kv.staging, 1)
+
+    def _bind_kv(self, io: Any, slot: int, rows: int) -> None:
+        kv = self.kv
+        shape = [rows, kv.heads, kv.tokens, kv.dim]
+        for layer, (names_in, names_out) in enumerate(zip(self.model.past, self.model.present, strict=True)):
+            for kind in range(2):
+                ptr = kv.ptr(layer, kind, slot)
+                io.bind_input(names_in[kind], self._dev, 0, kv.dtype.type, shape, ptr)
+                io.bind_output(names_out[kind], self._dev, 0, kv.dtype.type, shape, ptr)
+
+    def _run(self, io: Any) -> None:
+        self.model.session.run_with_iobinding(io)
+        if self._dev != "cpu":
+            io.synchronize_outputs()
+
+    def prefill(self, ids: list[int], past: int) -> np.ndarray:
+        """Prefill `ids` at positions past.. of the staging slot; the last position's logits [V] (a copy)."""
+        m, n = self.model, len(ids)
+        io = self._prefill
+        width = 1 if m.last_only else n
+        if width != self._prefill_width:
+            if width > self._prefill_logits.shape[1]:
+                self._prefill_logits = np.empty((1, width, m.vocab), m.logits_dtype)
+            io.bind_output(m.logits, "cpu", 0, m.logits_dtype, [1, width, m.vocab], self._prefill_logits.ctypes.data)
+            self._prefill_width = width
+        io.bind_cpu_input(m.input_ids, np.asarray([ids], dtype=np.int64))
+        io.bind_cpu_input(m.mask, np.ones((1, past + n), dtype=np.int64))
+        self._run(io)
+        return np.array(self._prefill_logits[0, width - 1], dtype=np.float32)
+
+    def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """One token for each row 0..B-1 (row i holds lengths[i] positions); logits [B, V].
+
+        The result is a view of the bound buffer: valid until the next decode pass.
+        """
+        m, rows = self.model, len(tokens)
+        io = self._decode
+        if rows != self._decode_rows:
+            self._bind_kv(io, 0, rows)
+            io.bind_output(m.logits, "cpu", 0, m.logits_dtype, [rows, 1, m.vocab], self._decode_logits.ctypes.data)
+            self._decode_rows = rows
+        width = int(lengths.max()) + 1
+        mask = (np.arange(width)[None, :] <= lengths[:, None]).astype(np.int64)
+        io.bind_cpu_input(m.input_ids, tokens.reshape(rows, 1).astype(np.int64))
+        io.bind_cpu_input(m.mask, mask)
+        self._run(io)
+        out = self._decode_logits[:rows, 0]
+        return out if out.dtype == np.float32 else out.astype(np.float32)

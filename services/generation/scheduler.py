@@ -1,0 +1,272 @@
+"""Continuous batching for one model version: every `step()` is one forward pass.
+
+A pass is either one batch-1 chunk of one prompt's prefill (into the staging slot) or one decode
+token for every running candidate (rows 0..B-1 of the slot buffers). The two alternate while both
+have work, so a running stream waits at most one prefill chunk (`prefill_chunk` tokens, the
+per-step budget) between two of its tokens, like vLLM's chunked prefill; GroupQueryAttention
+cannot mix both in one pass (engine-notes.md). Requests join when their prefill ends (the prompt
+KV is copied from staging into one slot per candidate: n candidates share one prefill) and leave
+as soon as they finish (the last row moves into the freed slot). Cancellation and deadlines are
+checked at every step. The engine thread is the only caller of `step()`; `submit` only appends
+to `waiting` under the shared lock.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from tokenizers.decoders import DecodeStream
+
+from services.generation import metrics as M
+from services.generation.prefix_cache import PrefixCache
+from services.generation.runner import Forward, LoadedModel
+from services.generation.sampler import next_token
+from services.generation.schema import EngineConfig, FinishReason, Request, seed_for
+from services.generation.stop import StopMatcher
+
+log = logging.getLogger(__name__)
+
+
+class Cand:
+    """One candidate answer: its tokens, its slot's fill and what the caller has not seen yet."""
+
+    def __init__(self, job: Job, index: int) -> None:
+        s = job.request.sampling
+        self.job, self.index = job, index
+        self.rng = np.random.default_rng(seed_for(job.request.request_id, s.seed, index)) if s.temperature > 0 else None
+        self.generated: list[int] = []
+        self.length = 0  # KV positions its slot holds
+        self.last = -1  # the token to feed in the next decode pass
+        self.detok = DecodeStream(skip_special_tokens=True)
+        self.stops = StopMatcher(s.stop)
+        self.finish: FinishReason | None = None
+        self.error = ""
+        self.text = ""  # not reported yet
+        self.new_tokens = 0  # not reported yet
+        self.reported_finish = False
+        self.last_token_at = 0.0
+
+
+class Job:
+    """A submitted request in the scheduler; `bridge` is the engine's link to the caller."""
+
+    def __init__(self, request: Request, model: LoadedModel, ids: list[int], bridge: Any = None) -> None:
+        self.request, self.model, self.ids, self.bridge = request, model, ids, bridge
+        self.cands = [Cand(self, i) for i in range(request.sampling.n)]
+        self.prefilled = 0
+        self.reused = 0  # prompt tokens whose KV came from the prefix cache
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+        self.first_token_at = 0.0
+        self.done = False
+
+    def dead(self) -> bool:
+        d = self.request.deadline_unix_ms
+        return self.cancelled or (bool(d) and time.time() * 1000 > d)
+
+    def finish_all(self, reason: FinishReason, error: str = "") -> None:
+        for c in self.cands:
+            if c.finish is None:
+                c.finish, c.error = reason, error
+
+
+class Scheduler:
+    """Waiting queue, one prefilling job, the running rows and their KV slots, for one model."""
+
+    def __init__(self, model: LoadedModel, config: EngineConfig, lock: threading.Lock) -> None:
+        self.model, self.config, self.lock = model, config, lock
+        self.slot_tokens = min(model.context_length, config.slot_tokens or 2048)
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.queued_tokens = 0  # prompt tokens in `waiting`
+        self.prefilling: Job | None = None
+        self.running: list[Cand] = []  # row i decodes in slot i
+        self.cache: PrefixCache | None = None
+        if config.prefix_cache_conversations > 0:
+            budget = (config.prefix_cache_bytes if config.prefix_cache_bytes is not None
+                      else config.prefix_cache_max_tokens * model.kv_bytes_per_token())
+            self.cache = PrefixCache(model.version, config.prefix_cache_block, budget, model.kv_bytes_per_token(),
+                                     config.prefix_cache_min_tokens)
+        self._fw: Forward | None = None  # allocated on first use, freed by release()
+        self._last = "decode"
+
+    # -- state read by the engine (under its lock) -------------------------------------------
+    def busy_slots(self) -> int:
+        return len(self.running) + (len(self.prefilling.cands) if self.prefilling else 0)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
+
+    def release(self) -> None:
+        """Free the KV slots and the prefix cache (a retired model version, or close)."""
+        self._fw = None
+        if self.cache is not None:
+            self.cache.close("model")
+
+    # -- one pass ------------------------------------------------------------------------------
+    def step(self) -> set[Job]:
+        """Reap dead jobs, admit one, run one pass; the jobs with news for their callers."""
+        touched: set[Job] = set()
+        self._reap(touched)
+        self._admit(touched)
+        kind = ""
+        started = time.perf_counter()
+        if self.prefilling is not None and (not self.running or self._last == "decode"):
+            kind = "prefill"
+            self._guard(self._prefill, touched, [self.prefilling])
+        elif self.running:
+            kind = "decode"
+            self._guard(self._decode, touched, list({id(c.job): c.job for c in self.running}.values()))
+        if kind:
+            self._last = kind
+            M.STEP.labels(kind).observe(time.perf_counter() - started)
+        self._compact()
+        return touched
+
+    def _guard(self, run: Callable[[set[Job]], None], touched: set[Job], jobs: list[Job]) -> None:
+        """A failing pass ends the jobs it carried with ERROR; the scheduler goes on."""
+        try:
+            run(touched)
+        except Exception as exc:
+            log.exception("forward pass failed", extra={"model_version": self.model.version})
+            for job in jobs:
+                job.finish_all(FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
+                touched.add(job)
+            if self.prefilling in jobs:
+                self.prefilling = None
+
+    def _reap(self, touched: set[Job]) -> None:
+        with self.lock:
+            dead = [j for j in self.waiting if j.dead()]
+            for j in dead:
+                self.waiting.remove(j)
+                self.queued_tokens -= len(j.ids)
+        if self.prefilling is not None and self.prefilling.dead():
+            dead.append(self.prefilling)
+            self.prefilling = None
+        dead += list({id(c.job): c.job for c in self.running if c.job.dead()}.values())
+        for job in dead:
+            job.finish_all(FinishReason.CANCELLED)
+            touched.add(job)
+
+    def _admit(self, touched: set[Job]) -> None:
+        """Start the next waiting job's prefill when its candidates will have slots."""
+        if self.prefilling is not None:
+            return
+        with self.lock:
+            if not self.waiting or len(self.running) + len(self.waiting[0].cands) > self.config.max_running:
+                return
+            job = self.waiting.popleft()
+            self.queued_tokens -= len(job.ids)
+        M.QUEUE.observe(time.perf_counter() - job.submitted)
+        try:
+            fw = self._forward()
+            if self.cache is not None:
+                blocks = self.cache.lookup(job.ids)
+                if blocks:
+                    fw.kv.write(fw.kv.staging, 0, np.concatenate(blocks, axis=3))
+                    job.prefilled = job.reused = len(blocks) * self.cache.block
+            self.prefilling = job
+        except Exception as exc:
+            log.exception("could not start a request", extra={"request_id": job.request.request_id})
+            job.finish_all(FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
+            touched.add(job)
+
+    def _forward(self) -> Forward:
+        if self._fw is None:
+            kv = self.model.new_kv(self.config.max_running + 1, self.slot_tokens)
+            self._fw = Forward(self.model, kv)
+            log.info("kv slots allocated", extra={"model_version": self.model.version, "slots": kv.slots,
+                                                  "slot_tokens": kv.tokens, "bytes": kv.nbytes})
+        return self._fw
+
+    def _prefill(self, touched: set[Job]) -> None:
+        job, fw = self.prefilling, self._forward()
+        assert job is not None
+        pos, rest = job.prefilled, len(job.ids) - job.prefilled
+        n = min(self.config.prefill_chunk, rest)
+        if rest - n == 1:  # never a one-token last chunk (one row computes differently: see prefix_cache)
+            n = n - 1 if n >= 3 else rest
+        logits = fw.prefill(job.ids[pos:pos + n], pos)
+        job.prefilled += n
+        M.PROMPT_TOKENS.inc(n)
+        if job.prefilled < len(job.ids):
+            return
+        self.prefilling = None
+        if self.cache is not None:
+            self.cache.insert(job.ids, lambda a, b: fw.kv.read(fw.kv.staging, a, b))
+        now = time.perf_counter()
+        job.first_token_at = now
+        M.TTFT.observe(now - job.submitted)
+        touched.add(job)
+        for cand in job.cands:
+            if cand.finish is not None:
+                continue
+            self._emit(cand, self._choose(cand, logits), now)
+            if cand.finish is None:
+                fw.kv.move(fw.kv.staging, len(self.running), len(job.ids))
+                cand.length = len(job.ids)
+                self.running.append(cand)
+
+    def _decode(self, touched: set[Job]) -> None:
+        rows, fw = self.running, self._forward()
+        M.BATCH.observe(len(rows))
+        tokens = np.fromiter((c.last for c in rows), np.int64, len(rows))
+        lengths = np.fromiter((c.length for c in rows), np.int64, len(rows))
+        logits = fw.decode(tokens, lengths)
+        now = time.perf_counter()
+        for i, cand in enumerate(rows):
+            cand.length += 1
+            self._emit(cand, self._choose(cand, logits[i]), now)
+            touched.add(cand.job)
+
+    def _choose(self, cand: Cand, logits: np.ndarray) -> int:
+        s = cand.job.request.sampling
+        window = self.config.repetition_window
+        recent = cand.generated[-window:] if s.repetition_penalty != 1.0 and window > 0 else ()
+        return next_token(logits, temperature=s.temperature, top_p=s.top_p,
+                          top_k=self.model.top_k if s.top_k is None else s.top_k,
+                          penalty=s.repetition_penalty, recent=recent, rng=cand.rng)
+
+    def _emit(self, cand: Cand, token: int, now: float) -> None:
+        """Account one new token of a candidate: EOS, detokenize, stop strings, limits."""
+        if cand.last_token_at:
+            M.ITL.observe(now - cand.last_token_at)
+        cand.last_token_at = now
+        if token in self.model.eos:
+            cand.finish = FinishReason.STOP
+            return
+        cand.generated.append(token)
+        cand.new_tokens += 1
+        M.GENERATED_TOKENS.inc()
+        text, stopped = cand.stops.feed(cand.detok.step(self.model.tokenizer, token) or "")
+        cand.text += text
+        job = cand.job
+        if stopped:
+            cand.finish = FinishReason.STOP
+        elif (len(cand.generated) >= job.request.sampling.max_tokens
+              or len(job.ids) + len(cand.generated) >= self.slot_tokens):
+            cand.finish = FinishReason.LENGTH  # asked length, or no KV position left for this token
+        else:
+            cand.last = token
+
+    def _compact(self) -> None:
+        """Drop finished rows; the last row moves into each freed slot (rows stay 0..B-1)."""
+        rows, i = self.running, 0
+        while i < len(rows):
+            if rows[i].finish is None:
+                i += 1
+            elif i == len(rows) - 1:
+                rows.pop()
+            else:
+                last = rows.pop()
+                if last.finish is None:
+                    assert self._fw is not None
+                    self._fw.kv.move(len(rows), i, last.length)
+                    rows[i] = last
+                    i += 1
