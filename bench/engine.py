@@ -1,21 +1,25 @@
 """Engine benchmark: decode tok/s at batch 1 and aggregate tok/s at 1..32 concurrent streams.
 
 Contenders, all on the served model's weights (registry pointer "generation"):
+- ``colloquy-engine``: the generation engine itself (``services.generation.engine.AsyncEngine``:
+  continuous batching on plain ONNX Runtime) in this process, no Ray, no gRPC; N streams are N
+  concurrent requests over the three prompts in turn (rows of different lengths), prefix cache off;
 - ``colloquy``: the generation deployment (Ray Serve gRPC ``GenerationService/Generate``), started
   alone (``python -m services.generation`` with ``KAFKA_WORKER=false``) and called over gRPC;
 - ``ort-genai``: ONNX Runtime GenAI in this process on the same ONNX build (one ``Generator``; N
-  streams are N batch rows of one Generator);
+  streams are N batch rows of one Generator: a static batch, the bound without join/leave);
 - ``transformers``: ``generate()`` on the float32 HF checkpoint the builds came from (N streams: a
   batch of N rows);
 - ``llama.cpp``: ``llama-cpp-python`` on the GGUF the build came from (batch 1 only: its Python
   API has no multi-sequence generate).
 
 Method: greedy, the same prompts and max_tokens for everyone; the in-process contenders are pinned
-to exactly max_tokens (EOS masked), the deployment stops at EOS like in production (its token
-counts are in the JSON). One warm-up run per contender is dropped (at batch 1, and before the
-stream counts). Batch-1 decode tok/s excludes the first token (prefill); aggregate tok/s is all
-new tokens over the wall-clock time from the first request to the last token. In-process
-contenders run before the deployment starts, so Ray's processes do not compete with them.
+to exactly max_tokens (EOS masked; the engine with ``ignore_eos``), the deployment stops at EOS
+like in production (its token counts are in the JSON). One warm-up run per contender is dropped
+(at batch 1, and before the stream counts). Batch-1 decode tok/s excludes the first token
+(prefill); aggregate tok/s is all new tokens over the wall-clock time from the first request to
+the last token. In-process contenders run before the deployment starts, so Ray's processes do not
+compete with them.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from bench import common
 from bench.common import Record, log, summary
 
 NAME = "engine"
-STREAMS = (1, 4, 16, 32)
+STREAMS = (1, 4, 16)
 EOS = 2  # <|im_end|> / </s> of SmolLM2
 
 
@@ -95,6 +99,47 @@ class OrtGenai:
             gen.generate_next_token()
             steps += 1
         return steps * streams
+
+
+class ColloquyEngine:
+    """Colloquy's batching engine in this process (AsyncEngine), prefix cache off, EOS ignored."""
+
+    name = "colloquy-engine"
+
+    def __init__(self, model_dir: str, max_running: int, provider: str = "cpu") -> None:
+        from services.generation.engine import AsyncEngine, EngineConfig
+
+        self.engine = AsyncEngine(model_dir, "bench", EngineConfig(
+            max_running=max_running, max_waiting=1024, provider=provider, prefix_cache_conversations=0))
+
+    async def _one(self, prompt: str, tokens: int) -> dict[str, Any]:
+        from services.generation.engine import Request, Sampling
+
+        req = Request(f"bench-{uuid.uuid4().hex}", prompt, Sampling(temperature=0.0, max_tokens=tokens,
+                                                                   ignore_eos=True))
+        start = time.perf_counter()
+        stamps: list[float] = []
+        counts: list[int] = []
+        async for deltas in self.engine.submit(req):
+            n = sum(d.tokens for d in deltas)
+            if n:
+                stamps.append(time.perf_counter())
+                counts.append(n)
+        return {"start": start, "stamps": stamps, "counts": counts}
+
+    def single(self, prompt: str, n_prompt: int, tokens: int) -> dict[str, Any]:
+        r = asyncio.run(self._one(prompt, tokens))
+        return _stamps_result(n_prompt, r["start"], r["stamps"], r["counts"])
+
+    def batch(self, prompts: list[str], tokens: int, streams: int) -> int:
+        async def go() -> int:
+            runs = await asyncio.gather(*(self._one(prompts[i % len(prompts)], tokens) for i in range(streams)))
+            return sum(sum(r["counts"]) for r in runs)
+
+        return asyncio.run(go())
+
+    def close(self) -> None:
+        asyncio.run(self.engine.close())
 
 
 class Transformers:
@@ -258,6 +303,17 @@ def run_inprocess(args: argparse.Namespace) -> Record:
     log(f"engine: ort-genai on {version}")
     res["ort-genai"] = {"single": measure_single(lambda i: ort.single(ids[i], tokens), len(ids), repeats),
                         "streams": measure_streams(lambda n: ort.batch(ids[0], tokens, n), streams, srepeats)}
+    if "colloquy-engine" not in args.skip:
+        log("engine: colloquy-engine (AsyncEngine in process)")
+        ce = ColloquyEngine(str(model_dir), max(streams))
+        prompts = [common.chat_prompt(q) for q in common.QUESTIONS]
+        res["colloquy-engine"] = {
+            "single": measure_single(lambda i: ce.single(prompts[i], len(ids[i]), tokens), len(ids), repeats),
+            "streams": measure_streams(lambda n: ce.batch(prompts, tokens, n), streams, srepeats)}
+        ce.close()
+        # ORT GenAI again: the machine is shared, so the reference is taken before and after.
+        again = measure_single(lambda i: ort.single(ids[i], tokens), len(ids), repeats)
+        rec.doc["params"]["ort_genai_after_decode_tok_s"] = again["decode_tok_s"]
     if "transformers" not in args.skip:
         tf = _contender(rec, "transformers", Transformers)
         if tf is not None:

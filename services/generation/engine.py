@@ -149,7 +149,7 @@ class AsyncEngine:
         self._thread.start()
 
     def _load(self, path: str | Path, version: str) -> LoadedModel:
-        model = LoadedModel(path, version, self.config.provider, self.config.threads)
+        model = LoadedModel(path, version, self.config.provider, self.config.threads, self.config.spin)
         with self._lock:
             self._sched[id(model)] = Scheduler(model, self.config, self._lock)
         M.MODEL_INFO.labels(version, model.provider).set(1)

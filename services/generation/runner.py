@@ -54,7 +54,8 @@ def resolve_provider(requested: str) -> str:
 class LoadedModel:
     """One model version: its session, tokenizer and the graph facts the scheduler needs."""
 
-    def __init__(self, path: str | Path, version: str, provider: str = "auto", threads: int = 0) -> None:
+    def __init__(self, path: str | Path, version: str, provider: str = "auto", threads: int = 0,
+                 spin: bool = False) -> None:
         import onnxruntime as ort
         import tokenizers
 
@@ -78,6 +79,7 @@ class LoadedModel:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         providers: list[Any] = ["CPUExecutionProvider"]
         if self.provider == "cuda":
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": 0}))

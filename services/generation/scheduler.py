@@ -238,7 +238,8 @@ class Scheduler:
         if cand.last_token_at:
             M.ITL.observe(now - cand.last_token_at)
         cand.last_token_at = now
-        if token in self.model.eos:
+        job = cand.job
+        if token in self.model.eos and not job.request.sampling.ignore_eos:
             cand.finish = FinishReason.STOP
             return
         cand.generated.append(token)
@@ -246,7 +247,6 @@ class Scheduler:
         M.GENERATED_TOKENS.inc()
         text, stopped = cand.stops.feed(cand.detok.step(self.model.tokenizer, token) or "")
         cand.text += text
-        job = cand.job
         if stopped:
             cand.finish = FinishReason.STOP
         elif (len(cand.generated) >= job.request.sampling.max_tokens

@@ -58,6 +58,7 @@ class Sampling:
     # CTRL/HF-style penalty on the distinct tokens among the candidate's last
     # EngineConfig.repetition_window generated tokens (not the prompt); 1.0 = off.
     repetition_penalty: float = 1.0
+    ignore_eos: bool = False  # as vLLM's: generate max_tokens whatever comes (benchmarks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +116,9 @@ class EngineConfig:
     prefix_cache_reserve_tokens: int = 1024
     repetition_window: int = 64  # generated tokens the repetition penalty looks back over
     threads: int = 0  # ONNX Runtime intra-op threads; 0: its default (one per core)
+    # ORT's intra-op threads spin-wait between ops by default: on a small shared CPU that steals
+    # the cores the other thread needs (measured on 2 busy cores: 30 tok/s spinning, 50 not).
+    spin: bool = False
 
 
 def seed_for(request_id: str, seed: int | None, index: int) -> int:
