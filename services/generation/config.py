@@ -34,11 +34,17 @@ class EngineSettings:
                         hint="auto, cuda or cpu")
     max_running: int = env("GENERATION_MAX_RUNNING", 8, check=lambda v: 1 <= v <= 256, hint="1..256")
     max_waiting: int = env("GENERATION_MAX_WAITING", 32, check=lambda v: 0 <= v <= 10000, hint="0..10000")
-    prefill_chunk: int = env("GENERATION_PREFILL_CHUNK", 256, check=lambda v: 1 <= v <= 65536,
+    prefill_chunk: int = env("GENERATION_PREFILL_CHUNK", 64, check=lambda v: 1 <= v <= 65536,
                              hint="1..65536 tokens")
-    # Conversation KV reuse between turns (engine.py's prefix cache): conversations kept per
-    # replica (0 = off), the KV positions they may hold allocated together, the shortest common
-    # prefix worth reusing, and the room a conversation's Generator gets for later turns.
+    # KV positions per slot (prompt + answer): memory is (max_running + 1) x this x the model's
+    # KV bytes per token (46 KB for SmolLM2-135M, fp32 cache).
+    slot_tokens: int = env("GENERATION_SLOT_TOKENS", 2048, check=lambda v: 16 <= v <= 1 << 20, hint="16..1048576")
+    # Prompt tokens waiting for their prefill beyond which new requests get RESOURCE_EXHAUSTED.
+    max_queued_prompt_tokens: int = env("GENERATION_MAX_QUEUED_PROMPT_TOKENS", 65536, check=lambda v: v >= 1,
+                                        hint="tokens >= 1")
+    # The prefix cache (prompt KV by 16-token blocks, LRU): on unless CONVERSATIONS is 0; its budget
+    # in KV positions (x the model's KV bytes per token); hits shorter than MIN_TOKENS are not used.
+    # RESERVE_TOKENS is read but unused (the old per-conversation cache's).
     prefix_cache_conversations: int = env("GENERATION_PREFIX_CACHE_CONVERSATIONS", 16,
                                           check=lambda v: 0 <= v <= 100000, hint="0..100000")
     prefix_cache_tokens: int = env("GENERATION_PREFIX_CACHE_TOKENS", 32768, check=_nonneg, hint="tokens >= 0")
