@@ -13,18 +13,20 @@ import os
 import sys
 import time
 
-from bench import common, conversation, engine, pipeline, report, stages
+from bench import common, conversation, engine, model_quality, pipeline, report, stages
 
 ALL = ("engine", "stages", "pipeline", "conversation")
+EXTRA = ("model",)  # run only when named: the quality gate of every build (minutes per build)
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    p.add_argument("names", nargs="*", help=f"benchmarks to run: {', '.join(ALL)}, report (default: all)")
+    p.add_argument("names", nargs="*",
+                   help=f"benchmarks to run: {', '.join((*ALL, *EXTRA))}, report (default: {', '.join(ALL)}, report)")
     p.add_argument("--tokens", type=int, default=64, help="max_tokens for every contender")
     p.add_argument("--resume", action="store_true",
                    help="keep the in-process parts of engine.json/conversation.json and run only the stack parts")
-    for mod in (engine, pipeline, conversation, stages):
+    for mod in (engine, pipeline, conversation, stages, model_quality):
         mod.add_args(p.add_argument_group(mod.NAME))
     return p
 
@@ -33,12 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.skip = {s.strip() for s in str(args.skip).split(",") if s.strip()}
     names = [n for part in args.names for n in part.replace(",", " ").split()] or [*ALL, "report"]
-    unknown = [n for n in names if n not in (*ALL, "report")]
+    unknown = [n for n in names if n not in (*ALL, *EXTRA, "report")]
     if unknown:
-        print(f"unknown benchmark(s) {unknown}; choose from {', '.join((*ALL, 'report'))}", file=sys.stderr)
+        print(f"unknown benchmark(s) {unknown}; choose from {', '.join((*ALL, *EXTRA, 'report'))}",
+              file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
+    if "model" in names:
+        model_quality.run(args)
     eng = None
     if "engine" in names:
         eng = common.Record.resume(engine.NAME) if args.resume else None

@@ -31,13 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model import source
+from model import sampling, source
 from model.paths import build_dir, downloads_dir
+from model.quality import GATE_POINTS
 from model.registry import DEFAULT_DEPLOYMENT, Registry, VersionExists
 from model.steps import log, run_step
 
 RECIPE = 1  # bump when a step's code changes what it writes
 ONNX_RECIPE = 2  # 2: producer_version no longer carries the enclosing git checkout's commit
+CARRY_RECIPE = 1  # bump when model.carry_blocks changes what it writes
 TOOLS = ("onnxruntime-genai-cuda", "onnxruntime-gpu", "onnx", "onnx-ir", "transformers",
          "torch", "safetensors", "tokenizers", "gguf", "numpy")
 # A few chat turns (~200 tokens): prefill differences show, decode runs at a chat-like context.
@@ -68,6 +70,11 @@ class Variant:
     extra_options: dict[str, str] = field(default_factory=dict)
     note: str = ""
     candidate: bool = True  # built by default (``--precisions``); else only via ``--variants``
+    # Carried builds: the graph of builder variant ``carry_from`` with the GGUF's own blocks put
+    # into its MatMulNBits nodes (model.carry_blocks) instead of the builder's re-quantization.
+    carry_from: str | None = None
+    accuracy_level: int = 4
+    exact_top_k: int = 0
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
@@ -84,6 +91,13 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("cpu-int4-rtn-last-pruned", "int4", "cpu",
             {"algo_config": "rtn_last", "prune_lm_head": "true"},
             "rtn_last; prefill computes LM-head logits for the last token only"),
+    Variant("cpu-int4-gguf", "int4", "cpu", {},
+            "the GGUF's own Q4_1/Q8_0 blocks in the rtn-last-pruned graph; int8 activations "
+            "(accuracy level 4), LM head's top 16 logits rescored exactly",
+            carry_from="cpu-int4-rtn-last-pruned", accuracy_level=4, exact_top_k=16),
+    Variant("cpu-int4-gguf-f32act", "int4", "cpu", {},
+            "cpu-int4-gguf with float32 activations in the 4-bit nodes (accuracy level 0)",
+            carry_from="cpu-int4-rtn-last-pruned", accuracy_level=0, exact_top_k=16),
     Variant("cpu-int8", "int8", "cpu", {}, "int8 weights everywhere (only with --precisions int8)"),
     Variant("cuda-fp16", "fp16", "cuda", {}, "CUDA, float16"),
     Variant("cuda-int4-rtn-last", "int4", "cuda", {"algo_config": "rtn_last"},
@@ -170,6 +184,30 @@ def ensure_onnx(variant: Variant, hf_dir: Path, hf_stamp: dict[str, Any],
     return out, run_step(f"onnx {variant.name}", out, inputs, action)
 
 
+def ensure_carried(variant: Variant, base: tuple[Path, dict[str, Any]],
+                   gguf: tuple[Path, dict[str, Any]], root: Path) -> tuple[Path, dict[str, Any]]:
+    """A builder graph with the GGUF's own 4-/8-bit blocks carried in (no second rounding)."""
+    base_dir, base_stamp = base
+    gguf_path, gguf_stamp = gguf
+    inputs = {"recipe": RECIPE, "carry_recipe": CARRY_RECIPE,
+              "base": base_stamp["outputs_digest"], "gguf": gguf_stamp["outputs_digest"],
+              "accuracy_level": variant.accuracy_level, "exact_top_k": variant.exact_top_k,
+              "tools": {k: tool_versions()[k] for k in ("onnx", "gguf", "numpy")}}
+    out = root / "onnx" / variant.name
+
+    def action(tmp: Path) -> None:
+        from model.carry_blocks import carry, gguf_weights
+
+        doc = json.loads((base_dir / "genai_config.json").read_text(encoding="utf-8"))
+        decoder = doc["model"]["decoder"]
+        counts = carry(base_dir, tmp, gguf_weights(gguf_path, decoder["num_attention_heads"],
+                                                   decoder["num_key_value_heads"]),
+                       accuracy_level=variant.accuracy_level, exact_top_k=variant.exact_top_k)
+        log(f"[onnx {variant.name}] carried {counts}")
+
+    return out, run_step(f"onnx {variant.name}", out, inputs, action)
+
+
 def ensure_quality(variant: Variant, onnx_dir: Path, onnx_stamp: dict[str, Any],
                    root: Path) -> dict[str, Any]:
     """The quality check of one build (cached: re-run only when the model or questions change)."""
@@ -235,19 +273,26 @@ def ensure_speed(builds: dict[str, tuple[Path, dict[str, Any]]], root: Path) -> 
     return json.loads((out / "speed.json").read_text(encoding="utf-8"))
 
 
-def choose_default(quality: dict[str, dict[str, Any]], speed: dict[str, Any]) -> str:
-    """The fastest CPU build scoring within one question of float32 (of the best, without it).
+def _pct(result: dict[str, Any]) -> float:
+    from model.quality import percent
 
-    Speeds within :data:`SPEED_MARGIN` of the fastest eligible build count as
-    a tie (timings on a shared machine are that noisy); among tied builds the
-    higher score wins, then the faster prefill (time to first token).
+    return float(result.get("score_pct", percent(result["score"], result["total"])))
+
+
+def choose_default(quality: dict[str, dict[str, Any]], speed: dict[str, Any]) -> str:
+    """The fastest CPU build whose gate score is within ``GATE_POINTS`` of float32's.
+
+    (Of the best build's, when float32 was not built.) Speeds within :data:`SPEED_MARGIN` of the
+    fastest eligible build count as a tie (timings on a shared machine are that noisy); among
+    tied builds the higher score wins, then the faster prefill (time to first token).
     """
+    from model.quality import within_gate
+
     cpu = [n for n in quality if VARIANTS[n].execution_provider == "cpu" and "score" in quality[n]]
     if not cpu:
         raise RuntimeError("no CPU build has a quality score; cannot choose a served default")
-    reference = quality["cpu-fp32"]["score"] if "cpu-fp32" in cpu else max(
-        quality[n]["score"] for n in cpu)
-    eligible = [n for n in cpu if quality[n]["score"] >= reference - 1]
+    reference = _pct(quality["cpu-fp32"]) if "cpu-fp32" in cpu else max(_pct(quality[n]) for n in cpu)
+    eligible = [n for n in cpu if within_gate(_pct(quality[n]), reference)]
 
     def peak(name: str) -> float:
         info = speed.get(name) or {}
@@ -258,7 +303,7 @@ def choose_default(quality: dict[str, dict[str, Any]], speed: dict[str, Any]) ->
 
     fastest = max(peak(n) for n in eligible)
     tied = [n for n in eligible if peak(n) >= (1 - SPEED_MARGIN) * fastest]
-    return max(tied, key=lambda n: (quality[n]["score"], prefill(n), peak(n)))
+    return max(tied, key=lambda n: (_pct(quality[n]), prefill(n), peak(n)))
 
 
 def version_name(variant: Variant, outputs_digest: str) -> str:
@@ -273,9 +318,11 @@ def publish(registry: Registry, variant: Variant, onnx_dir: Path, stamp: dict[st
     version = version_name(variant, stamp["outputs_digest"])
     if registry.exists(version):
         old = registry.manifest(version)
-        if old.get("quality") != quality or old.get("speed") != speed:
-            registry.annotate(version, {"quality": quality, "speed": speed})
-            log(f"[publish {variant.name}] {version} quality/speed updated")
+        if (old.get("quality") != quality or old.get("speed") != speed
+                or old.get(sampling.MANIFEST_KEY) != sampling.SMOLLM2_135M_INSTRUCT):
+            registry.annotate(version, {"quality": quality, "speed": speed,
+                                        sampling.MANIFEST_KEY: sampling.SMOLLM2_135M_INSTRUCT})
+            log(f"[publish {variant.name}] {version} quality/speed/sampling updated")
         else:
             log(f"[publish {variant.name}] {version} up to date")
         return version
@@ -286,7 +333,11 @@ def publish(registry: Registry, variant: Variant, onnx_dir: Path, stamp: dict[st
                        "hf_fp32_digest": hf_stamp["outputs_digest"],
                        "outputs_digest": stamp["outputs_digest"],
                        "tools": stamp["inputs"]["tools"]},
-             "speed": speed}
+             "speed": speed, sampling.MANIFEST_KEY: sampling.SMOLLM2_135M_INSTRUCT}
+    if variant.carry_from:
+        extra["build"]["carried"] = {"graph_from": variant.carry_from, "weights": "gguf blocks",
+                                     "accuracy_level": variant.accuracy_level,
+                                     "exact_top_k": variant.exact_top_k}
     try:
         registry.publish(onnx_dir, version, source=source.SOURCE_ID, precision=variant.precision,
                          execution_provider=variant.execution_provider, parent_version=None,
@@ -295,6 +346,19 @@ def publish(registry: Registry, variant: Variant, onnx_dir: Path, stamp: dict[st
     except VersionExists:
         log(f"[publish {variant.name}] {version} up to date")
     return version
+
+
+BUILD_REASON = "model.build: new served default"
+
+
+def build_owns_pointer(pointer: dict[str, Any] | None) -> bool:
+    """Whether the build may move the pointer: its last move was the build's own (the first
+    pointer, or a served default the build chose), not an operator's promote or rollback."""
+    events = (pointer or {}).get("events") or []
+    if not events:
+        return False
+    last = events[-1]
+    return last.get("action") == "initial" or last.get("reason") == BUILD_REASON
 
 
 def select_variants(precisions: Sequence[str], names: Sequence[str] | None,
@@ -321,9 +385,22 @@ def build(variants: Sequence[Variant], root: Path, registry: Registry | None,
     hf_dir, hf_stamp = ensure_hf_fp32(root)
     builds: dict[str, tuple[Path, dict[str, Any]]] = {}
     quality: dict[str, dict[str, Any]] = {}
+    bases: dict[str, tuple[Path, dict[str, Any]]] = {}
     for variant in variants:
-        builds[variant.name] = ensure_onnx(variant, hf_dir, hf_stamp, root)
+        if variant.carry_from:
+            base = VARIANTS[variant.carry_from]
+            if base.name not in bases:
+                bases[base.name] = builds.get(base.name) or ensure_onnx(base, hf_dir, hf_stamp, root)
+            builds[variant.name] = ensure_carried(variant, bases[base.name], ensure_gguf(root), root)
+        else:
+            builds[variant.name] = ensure_onnx(variant, hf_dir, hf_stamp, root)
         quality[variant.name] = ensure_quality(variant, *builds[variant.name], root)
+    if "cpu-fp32" in quality and "per_question" in quality["cpu-fp32"]:
+        reference = [q["answer"] for q in quality["cpu-fp32"]["per_question"]]
+        for result in quality.values():
+            if "per_question" in result:  # greedy: the same text is the same tokens
+                result["same_answer_as_fp32"] = sum(
+                    q["answer"] == r for q, r in zip(result["per_question"], reference, strict=True))
     speed = ensure_speed(builds, root)
     default = choose_default(quality, speed)
     versions: dict[str, str] = {}
@@ -334,8 +411,10 @@ def build(variants: Sequence[Variant], root: Path, registry: Registry | None,
             versions[variant.name] = publish(registry, variant, onnx_dir, stamp,
                                              quality[variant.name], speed.get(variant.name),
                                              hf_stamp)
-        if promote and registry.current(deployment) != versions[default]:
-            registry.set_current(deployment, versions[default], reason="model.build --promote")
+        if (promote or build_owns_pointer(registry.pointer(deployment))) and \
+                registry.current(deployment) != versions[default]:
+            registry.set_current(deployment, versions[default],
+                                 reason="model.build --promote" if promote else BUILD_REASON)
             pointer_set = True
         else:
             pointer_set = registry.set_current_if_unset(deployment, versions[default])
@@ -348,7 +427,8 @@ def build(variants: Sequence[Variant], root: Path, registry: Registry | None,
     report = {
         "served_default": default,
         "served_default_version": versions.get(default),
-        "rule": (f"fastest CPU build with score >= fp32 score - 1 (best-of-{SPEED_REPEATS} "
+        "rule": (f"fastest CPU build scoring within {GATE_POINTS:g} points (percent) of fp32 "
+                 f"on the quality gate (best-of-{SPEED_REPEATS} "
                  f"decode tok/s; within {SPEED_MARGIN:.0%} is a tie, won by the higher score, "
                  f"then the faster prefill)"),
         "variants": {
@@ -368,14 +448,20 @@ def build(variants: Sequence[Variant], root: Path, registry: Registry | None,
 
 def print_summary(report: dict[str, Any]) -> None:
     """A human-readable table of the builds on stdout."""
-    print(f"{'variant':24} {'MB':>7} {'score':>6} {'decode tok/s':>13}  version")
+    print(f"{'variant':26} {'MB':>6} {'gate':>8} {'%':>6} {'capitals':>8} {'=fp32':>6} "
+          f"{'decode tok/s':>12} {'prefill tok/s':>13}  version")
     for name, info in report["variants"].items():
         q = info["quality"]
         score = f"{q['score']}/{q['total']}" if "score" in q else "skip"
+        pct = f"{_pct(q):.1f}" if "score" in q else "-"
+        caps = q.get("capitals_16") or {}
+        capitals = f"{caps['score']}/{caps['total']}" if caps else "-"
+        same = q.get("same_answer_as_fp32", "-")
         speed = (info["speed"] or {}).get("decode_tok_s", "-")
+        prefill = (info["speed"] or {}).get("prefill_tok_s", "-")
         mark = " *" if name == report["served_default"] else ""
-        print(f"{name:24} {info['size_bytes'] / 1e6:7.1f} {score:>6} {speed!s:>13}  "
-              f"{info['version'] or '-'}{mark}")
+        print(f"{name:26} {info['size_bytes'] / 1e6:6.1f} {score:>8} {pct:>6} {capitals:>8} "
+              f"{same!s:>6} {speed!s:>12} {prefill!s:>13}  {info['version'] or '-'}{mark}")
     print(f"* served default: {report['served_default']} ({report['rule']}); "
           f"{report['seconds']} s")
 

@@ -76,6 +76,21 @@ class PointerError(RegistryError):
     """A deployment pointer that is missing, unreadable, or cannot move as asked."""
 
 
+class FailedQualityGate(PointerError):
+    """A version whose manifest records a failed quality gate cannot be served (promote/canary)."""
+
+
+def check_quality_gate(version: str, manifest: Mapping[str, Any]) -> None:
+    """Refuse a version whose recorded quality gate failed (an RLHF child scored more than the
+    gate's points below its own float32 weights: the export lost what training gained)."""
+    gate = (manifest.get("quality") or {}).get("gate")
+    if isinstance(gate, Mapping) and gate.get("passed") is False:
+        raise FailedQualityGate(
+            f"version {version!r} failed the quality gate ({gate.get('score_pct')}% against "
+            f"{gate.get('reference')} {gate.get('reference_pct')}%, at most {gate.get('points')} "
+            "points below allowed): it cannot be promoted")
+
+
 @dataclass(frozen=True)
 class ModelVersion:
     """A loaded version: where its files are and what its manifest says."""
@@ -363,7 +378,7 @@ class Registry:
         corrupt version can never become current.
         """
         _check_name("deployment", deployment)
-        self.load(version, verify=verify)
+        check_quality_gate(version, self.load(version, verify=verify).manifest)
         with self._locked():
             return self._move(deployment, version, self._forward_history(deployment, version),
                               "promote", reason)
@@ -420,7 +435,7 @@ class Registry:
         """Serve ``version`` to ``percent``% (1..99) of conversations beside the current version."""
         if not 1 <= percent <= 99:
             raise PointerError(f"canary percent {percent} is outside 1..99")
-        self.load(version, verify=verify)
+        check_quality_gate(version, self.load(version, verify=verify).manifest)
         doc = {"deployment": deployment, "version": version, "percent": percent, "updated_at": utc_now()}
         with self._locked():
             _write_atomic(self._canary_path(deployment), _dump(doc))

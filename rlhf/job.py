@@ -9,11 +9,14 @@
 2. On Ray Train (``TorchTrainer``, ``ScalingConfig`` from ``rlhf.config``): train the reward
    model, then run PPO on the policy (``rlhf.train``); every step is reported to Ray Train
    and, with ``PUSHGATEWAY_URL``, to a Prometheus Pushgateway.
-3. Export the policy with the model build's ONNX path (``model.onnx_export.run_builder``, the
-   parent's precision and builder options), judge parent and child answers on the held-out
-   prompts of ``rlhf/prompts.yaml`` with ``rlhf.preference.score``, and publish a new version
-   whose manifest names its parent, the feedback window and the metrics. The ``generation``
-   pointer does not move: promotion is ``python -m model.registry promote generation V``.
+3. Export the policy as the parent is served (``rlhf.export``: the GGUF-carried construction
+   from the child's float32 weights, or the parent's builder settings), score it against the
+   child's own float32 export on the quality gate (int8 when 4-bit loses too much), judge
+   parent and child answers on the held-out prompts of ``rlhf/prompts.yaml`` with
+   ``rlhf.preference.score``, and publish a new version whose manifest names its parent, the
+   feedback window, the metrics and the gate's outcome. The ``generation`` pointer does not
+   move: promotion is ``python -m model.registry promote generation V`` (refused when the
+   child failed the gate).
 
 A run's state lives in ``<cache>/rlhf/runs/<base>-<source>/`` (``run.json``, the reward model
 and PPO checkpoints): running the job again after an interruption resumes it with the same
@@ -34,10 +37,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from model import sampling
 from model.paths import build_dir, cache_root
 from model.registry import DEFAULT_DEPLOYMENT, Registry, RegistryError
 from rlhf import data
 from rlhf.config import RLHFConfig, load_config
+from rlhf.export import export_within_gate
 from rlhf.metrics import JobMetrics
 
 log = logging.getLogger("rlhf.job")
@@ -92,14 +97,6 @@ def base_hf_dir(registry: Registry, version: str, run_dir: Path) -> Path:
             copy_tokenizer(registry.version_path(version), out)
         return out
     raise JobError(f"no float32 weights known for {version} (source {manifest.get('source')!r})")
-
-
-def export_settings(manifest: dict[str, Any]) -> tuple[str, str, dict[str, str]]:
-    """Precision, execution provider and builder options of the parent, so the child is served alike."""
-    builder = (manifest.get("build") or {}).get("builder") or {}
-    return (builder.get("precision", manifest["precision"]),
-            builder.get("execution_provider", manifest["execution_provider"]),
-            dict(builder.get("extra_options") or {}))
 
 
 # ----------------------------------------------------------------- run state
@@ -254,14 +251,9 @@ def run(config: RLHFConfig, registry: Registry, base: str | None = None, dataset
 
     clock = time.perf_counter()
     from model.hashing import sha256_file
-    from model.onnx_export import run_builder
 
-    precision, provider, extra = export_settings(base_manifest)
-    export_dir = run_dir / "export"
-    shutil.rmtree(export_dir, ignore_errors=True)
-    export_dir.mkdir()
-    run_builder(policy_dir, export_dir, precision, provider, extra, log_path=run_dir / "builder.log",
-                in_process=True)
+    exported = export_within_gate(policy_dir, run_dir, base_manifest)
+    export_dir = exported.path
     shutil.copytree(policy_dir, export_dir / "hf")
     timings["export"] = time.perf_counter() - clock
 
@@ -274,14 +266,7 @@ def run(config: RLHFConfig, registry: Registry, base: str | None = None, dataset
                         "hp": config.hyperparameters(), "samples": config.eval_samples, "bound": config.kl_bound}
     evaluation = evaluate(registry.version_path(base), export_dir, heldout_prompts(), config.eval_max_new_tokens,
                           sampled_with)
-    quality = None
-    if "score" in (base_manifest.get("quality") or {}):
-        # The parent passed the build's question check: measure the child the same way, so an
-        # operator sees a regression before promoting (`model.registry list` shows both).
-        from model.quality import run_quality
-
-        quality = run_quality(export_dir, provider="cpu")
-        quality["provider"] = "cpu"
+    quality = exported.quality  # the gate's outcome: the registry refuses to promote a failed child
     timings["evaluate"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -300,16 +285,16 @@ def run(config: RLHFConfig, registry: Registry, base: str | None = None, dataset
         "hyperparameters": config.hyperparameters(),
         "phase_seconds": {**metrics["phase_seconds"], **timings},
     }
-    extra_manifest = {"build": {"variant": f"rlhf-{precision}-{provider}",
-                                "builder": {"precision": precision, "execution_provider": provider,
-                                            "extra_options": extra}}}
-    published = registry.publish(export_dir, version, source=SOURCE, precision=precision,
-                                 execution_provider=provider, parent_version=base, quality=quality,
+    extra_manifest = {"build": exported.build,
+                      sampling.MANIFEST_KEY: sampling.defaults_for(base_manifest)}
+    published = registry.publish(export_dir, version, source=SOURCE, precision=exported.precision,
+                                 execution_provider=exported.execution_provider, parent_version=base,
+                                 quality=quality,
                                  training=training, extra=extra_manifest)
     timings["publish"] = time.perf_counter() - clock
     state.update(status="published", version=version)
     _write_json(run_dir / "run.json", state)
-    for leftover in ("export", "ray", "base-hf"):
+    for leftover in ("export", "export-graph", "export-fp32", "export-int8", "ray", "base-hf"):
         shutil.rmtree(run_dir / leftover, ignore_errors=True)
 
     gauges = JobMetrics(config.pushgateway_url)
@@ -320,6 +305,8 @@ def run(config: RLHFConfig, registry: Registry, base: str | None = None, dataset
               "feedback_window": window.as_dict(), "reward_model": metrics["reward_model"],
               "ppo_final": training["ppo"]["final"], "ppo_history": ppo_history, "evaluation": evaluation,
               "hyperparameters": config.hyperparameters(),
+              "quality": {"exports": exported.scores, "gate": (quality or {}).get("gate"),
+                          "served_export": exported.build["variant"]},
               "phase_seconds": training["phase_seconds"]}
     _write_json(run_dir / "report.json", report)
     return report

@@ -57,6 +57,7 @@ def summary(report: dict[str, Any], labels: list[dict[str, Any]], label_seconds:
             "train_total_incl_ray": phases.get("train"), "export": phases.get("export"),
             "evaluate": phases.get("evaluate"), "evaluate_parts": ev.get("seconds"),
             "publish": phases.get("publish"), "prepare": phases.get("prepare")},
+        "quality_gate": report.get("quality"),  # child fp32 vs the served export's quiz scores
         "hyperparameters": report.get("hyperparameters"),
         "examples": ev.get("examples", [])[:6],
     }
@@ -107,6 +108,18 @@ def markdown(s: dict[str, Any]) -> str:
         lines.append(f"| {_f(r['step'], 0)} | {_f(r['reward_mean'])} | {_f(r['kl'])} | {_f(r['entropy'])} | "
                      f"{_f(r['clip_fraction'])} | {_f(r['approx_kl'], 4)} | {_f(r['value_loss'])} | "
                      f"{_f(r['response_tokens'], 1)} | {_f(r['step_seconds'], 0)} |")
+    gate = s.get("quality_gate") or {}
+    if gate.get("exports"):
+        lines += ["", "## Quality gate: the child's float32 weights against its exports", "",
+                  "| export | gate score | % | capitals |", "|---|---|---|---|"]
+        for name, q in gate["exports"].items():
+            caps = q.get("capitals_16") or {}
+            lines.append(f"| {name} | {q['score']}/{q['total']} | {_f(q.get('score_pct'), 1)} | "
+                         f"{caps.get('score', '-')}/{caps.get('total', '-')} |")
+        verdict = gate.get("gate") or {}
+        lines.append(f"\nServed export: {gate.get('served_export')}; gate "
+                     f"{'passed' if verdict.get('passed') else 'FAILED'} (at most "
+                     f"{verdict.get('points')} points below the child's fp32).")
     p = s["phase_seconds"]
     lines += ["", "## Wall time per phase (s)", "", "| phase | seconds |", "|---|---|"]
     for key in ("labelling", "reward_model", "ppo", "train_total_incl_ray", "export", "evaluate", "publish"):

@@ -53,7 +53,9 @@ def stream_turn(stub: chat_pb2_grpc.ChatServiceStub, key: str, conversation_id: 
 
 
 def chat(args: argparse.Namespace) -> int:
-    sampling = common_pb2.SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, n=args.n)
+    sampling = common_pb2.SamplingParams(max_tokens=args.max_tokens, n=args.n)
+    if args.temperature is not None:  # unset: the served model's default (its manifest's)
+        sampling.temperature = args.temperature
     with tls.insecure_or_secure_channel(args.target) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         conv, last_turn = args.conversation or "", 0
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--target", default=os.environ.get("COLLOQUY_TARGET", "127.0.0.1:50051"))
     c.add_argument("--key", default=os.environ.get("COLLOQUY_API_KEY", "colloquy-dev-key"))
     c.add_argument("--conversation", default="")
-    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (default: the served model's, 0.2 for SmolLM2)")
     c.add_argument("--max-tokens", type=int, default=200)
     c.add_argument("--n", type=int, default=1)
     args = p.parse_args(argv)

@@ -27,7 +27,7 @@ def main() -> int:
     p.add_argument("--target", default="127.0.0.1:50051")
     p.add_argument("--key", default="colloquy-dev-key")
     args = p.parse_args()
-    sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=64)
+    sampling = common_pb2.SamplingParams(max_tokens=64)  # the served model's default sampling
     with tls.insecure_or_secure_channel(args.target) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         conv = ""

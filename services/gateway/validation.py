@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import uuid
 
 from colloquy.v1 import chat_pb2, common_pb2
 
+from services.common import sampling as common_sampling
 from services.gateway.config import GatewayConfig
 
-MAX_STOP = 4
-MAX_STOP_CHARS = 64
 MAX_CLIENT_REQUEST_ID = 64
 MAX_COMMENT_BYTES = 2048
 
@@ -45,32 +43,18 @@ def message(text: str, max_bytes: int) -> str:
 
 
 def sampling(p: common_pb2.SamplingParams, cfg: GatewayConfig) -> common_pb2.SamplingParams:
-    """Check ranges and fill in defaults, so every later stage sees explicit values."""
+    """Check ranges; fill in max_tokens and n. The model-dependent fields stay unset: the model
+    version that answers fills them from its manifest (so a rollout can change them)."""
+    try:
+        common_sampling.check(p, max_tokens_limit=cfg.max_tokens_limit, max_n=cfg.max_n)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
     out = common_pb2.SamplingParams()
-    temp = p.temperature if p.HasField("temperature") else 0.7
-    if not math.isfinite(temp) or temp < 0 or temp > 2:
-        raise InvalidArgument(f"sampling.temperature: {temp} is outside [0, 2]")
-    out.temperature = temp
-    top_p = p.top_p if p.HasField("top_p") else 1.0
-    if not math.isfinite(top_p) or top_p <= 0 or top_p > 1:
-        raise InvalidArgument(f"sampling.top_p: {top_p} is outside (0, 1]")
-    out.top_p = top_p
-    max_tokens = p.max_tokens if p.HasField("max_tokens") else cfg.default_max_tokens
-    if max_tokens < 1 or max_tokens > cfg.max_tokens_limit:
-        raise InvalidArgument(f"sampling.max_tokens: {max_tokens} is outside [1, {cfg.max_tokens_limit}]")
-    out.max_tokens = max_tokens
-    n = p.n if p.HasField("n") else 1
-    if n < 1 or n > cfg.max_n:
-        raise InvalidArgument(f"sampling.n: {n} is outside [1, {cfg.max_n}]")
-    out.n = n
-    if len(p.stop) > MAX_STOP:
-        raise InvalidArgument(f"sampling.stop: {len(p.stop)} strings, at most {MAX_STOP}")
-    for i, s in enumerate(p.stop):
-        if not s or len(s) > MAX_STOP_CHARS:
-            raise InvalidArgument(f"sampling.stop[{i}]: must be 1..{MAX_STOP_CHARS} characters")
-    out.stop.extend(p.stop)
-    if p.HasField("seed"):
-        out.seed = p.seed
+    out.CopyFrom(p)
+    if not p.HasField("max_tokens"):
+        out.max_tokens = cfg.default_max_tokens
+    if not p.HasField("n"):
+        out.n = 1
     return out
 
 

@@ -23,11 +23,19 @@ def req(**kw: object) -> chat_pb2.ChatRequest:
     return chat_pb2.ChatRequest(**{"message": "hello", **kw})
 
 
-def test_defaults_filled_in() -> None:
+def test_defaults_filled_in_model_dependent_ones_left_to_the_model() -> None:
     conv, text, s = validation.chat_request(req(), CFG)
     assert (conv, text) == ("", "hello")
-    assert (s.temperature, s.top_p, s.max_tokens, s.n) == (pytest.approx(0.7), 1.0, 256, 1)
-    assert not s.HasField("seed")
+    assert (s.max_tokens, s.n) == (256, 1)
+    for field in ("seed", "temperature", "top_p", "top_k", "repetition_penalty"):
+        assert not s.HasField(field), field
+
+
+def test_explicit_sampling_values_pass_through() -> None:
+    sampling = common_pb2.SamplingParams(temperature=0.0, top_p=0.5, top_k=7, repetition_penalty=1.3)
+    _, _, s = validation.chat_request(req(sampling=sampling), CFG)
+    assert (s.temperature, s.top_p, s.top_k) == (0.0, 0.5, 7)
+    assert s.repetition_penalty == pytest.approx(1.3)
 
 
 @pytest.mark.parametrize(("kw", "field"), [
@@ -45,6 +53,11 @@ def test_defaults_filled_in() -> None:
     ({"sampling": common_pb2.SamplingParams(n=5)}, "sampling.n"),
     ({"sampling": common_pb2.SamplingParams(stop=["a", "b", "c", "d", "e"])}, "sampling.stop"),
     ({"sampling": common_pb2.SamplingParams(stop=[""])}, "sampling.stop[0]"),
+    ({"sampling": common_pb2.SamplingParams(stop=["a\x00"])}, "sampling.stop[0]"),
+    ({"sampling": common_pb2.SamplingParams(repetition_penalty=0.9)}, "sampling.repetition_penalty"),
+    ({"sampling": common_pb2.SamplingParams(repetition_penalty=float("inf"))},
+     "sampling.repetition_penalty"),
+    ({"sampling": common_pb2.SamplingParams(top_k=1001)}, "sampling.top_k"),
     ({"client_request_id": "x" * 65}, "client_request_id"),
 ])
 def test_bad_input_names_the_field(kw: dict, field: str) -> None:

@@ -289,3 +289,21 @@ def test_cli(reg: Registry, src: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert regmod.main(["--root", root, "verify", "v2"]) == 2
     assert "checksum mismatch" in capsys.readouterr().err
     assert regmod.main(["--root", root, "current", "other"]) == 1
+
+
+def test_a_version_that_failed_its_quality_gate_is_never_served(reg: Registry, src: Path) -> None:
+    from model.registry import FailedQualityGate
+
+    publish(reg, src, "good")
+    gate = {"passed": False, "score_pct": 60.0, "reference": "child fp32", "reference_pct": 70.0,
+            "points": 2.0}
+    publish(reg, src, "lossy", quality={"score": 90, "total": 150, "gate": gate})
+    reg.set_current("generation", "good")
+    with pytest.raises(FailedQualityGate, match=r"lossy.*quality gate"):
+        reg.set_current("generation", "lossy")
+    with pytest.raises(FailedQualityGate):
+        reg.set_canary("generation", "lossy", 10)
+    assert reg.current("generation") == "good" and reg.canary("generation") is None
+    publish(reg, src, "fine", quality={"score": 100, "total": 150, "gate": {**gate, "passed": True}})
+    reg.set_current("generation", "fine")
+    assert reg.current("generation") == "fine"

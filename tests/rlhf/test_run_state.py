@@ -11,6 +11,7 @@ import pytest
 from model.registry import Registry
 from rlhf import job
 from rlhf.config import load_config
+from rlhf.export import export_settings
 
 
 @pytest.fixture
@@ -61,5 +62,5 @@ def test_version_name_and_export_settings() -> None:
     manifest = {"precision": "int4", "execution_provider": "cpu",
                 "build": {"builder": {"precision": "int4", "execution_provider": "cpu",
                                       "extra_options": {"algo_config": "rtn_last"}}}}
-    assert job.export_settings(manifest) == ("int4", "cpu", {"algo_config": "rtn_last"})
-    assert job.export_settings({"precision": "fp32", "execution_provider": "cpu"}) == ("fp32", "cpu", {})
+    assert export_settings(manifest) == ("int4", "cpu", {"algo_config": "rtn_last"})
+    assert export_settings({"precision": "fp32", "execution_provider": "cpu"}) == ("fp32", "cpu", {})

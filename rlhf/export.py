@@ -1,0 +1,119 @@
+"""Export an RLHF child the way its parent is served, keeping the fidelity the quality gate asks for.
+
+A parent built from the GGUF's own blocks (``build.carried`` in its manifest) gets a child made the
+same way from the child's float32 weights: the builder's graph, then ggml's Q4_1 rounding of every
+projection with the split correction and the Q8_0 tied table (``model.carry_blocks.fp32_weights``);
+the same quantizer reproduces the GGUF's blocks from the base's weights, so parent and child are
+rounded alike. Other parents are exported with their own builder settings.
+
+When the parent passed the build's quality gate, the child is scored too, against its own float32
+export: if the served export falls more than the gate's points below it, an int8 export is tried
+(4-bit lost too much); the manifest's ``quality.gate`` records the outcome and the registry refuses
+to promote a child that failed it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Export:
+    """The served export of a child, how it was made, and its quality (None when not scored)."""
+
+    path: Path
+    precision: str
+    execution_provider: str
+    build: dict[str, Any]
+    quality: dict[str, Any] | None = None
+    scores: dict[str, Any] = field(default_factory=dict)  # every export's quiz summary, for the report
+
+
+def _summary(result: dict[str, Any]) -> dict[str, Any]:
+    return {"score": result["score"], "total": result["total"], "score_pct": result.get("score_pct"),
+            "capitals_16": result.get("capitals_16")}
+
+
+def export_settings(manifest: dict[str, Any]) -> tuple[str, str, dict[str, str]]:
+    """Precision, execution provider and builder options of the parent, so the child is served alike."""
+    builder = (manifest.get("build") or {}).get("builder") or {}
+    return (builder.get("precision", manifest["precision"]),
+            builder.get("execution_provider", manifest["execution_provider"]),
+            dict(builder.get("extra_options") or {}))
+
+
+def _builder(policy_dir: Path, out: Path, precision: str, provider: str, extra: dict[str, str],
+             log_path: Path) -> Path:
+    from model.onnx_export import run_builder
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    run_builder(policy_dir, out, precision, provider, extra, log_path=log_path, in_process=True)
+    return out
+
+
+def export_like_parent(policy_dir: Path, run_dir: Path, parent: dict[str, Any]) -> Export:
+    """The child's served export, in ``run_dir/export`` (no scoring)."""
+    precision, provider, extra = export_settings(parent)
+    carried = (parent.get("build") or {}).get("carried")
+    out = run_dir / "export"
+    shutil.rmtree(out, ignore_errors=True)
+    build: dict[str, Any] = {"builder": {"precision": precision, "execution_provider": provider,
+                                         "extra_options": extra}}
+    if carried:
+        from safetensors.numpy import load_file
+
+        from model.carry_blocks import carry, fp32_weights
+
+        graph = _builder(policy_dir, run_dir / "export-graph", precision, provider, extra,
+                         run_dir / "builder.log")
+        counts = carry(graph, out, fp32_weights(load_file(str(policy_dir / "model.safetensors"))),
+                       accuracy_level=int(carried["accuracy_level"]),
+                       exact_top_k=int(carried["exact_top_k"]))
+        shutil.rmtree(graph, ignore_errors=True)
+        build["carried"] = {**carried, "weights": "child fp32 -> Q4_1 / Q8_0 (ggml rounding)"}
+        build["variant"] = f"rlhf-carried-{precision}-{provider}"
+        log.info("child exported with carried blocks: %s", counts)
+    else:
+        _builder(policy_dir, out, precision, provider, extra, run_dir / "builder.log")
+        build["variant"] = f"rlhf-{precision}-{provider}"
+    return Export(out, precision, provider, build)
+
+
+def export_within_gate(policy_dir: Path, run_dir: Path, parent: dict[str, Any]) -> Export:
+    """The served export, scored against the child's float32 export; int8 when 4-bit loses too much."""
+    from model.quality import GATE_POINTS, run_quality, within_gate
+
+    served = export_like_parent(policy_dir, run_dir, parent)
+    if "score" not in (parent.get("quality") or {}):
+        return served  # the parent was never scored (the tiny test model): nothing to compare with
+    fp32_dir = _builder(policy_dir, run_dir / "export-fp32", "fp32", "cpu", {}, run_dir / "builder-fp32.log")
+    reference = run_quality(fp32_dir, provider="cpu")
+    shutil.rmtree(fp32_dir, ignore_errors=True)
+    result = run_quality(served.path, provider="cpu")
+    served.scores = {"child_fp32": _summary(reference), served.build["variant"]: _summary(result)}
+    if served.precision != "fp32" and not within_gate(result["score_pct"], reference["score_pct"]):
+        log.warning("child's %s export scored %.1f%% against its fp32's %.1f%%: trying int8",
+                    served.build["variant"], result["score_pct"], reference["score_pct"])
+        int8_dir = _builder(policy_dir, run_dir / "export-int8", "int8", "cpu", {}, run_dir / "builder-int8.log")
+        int8 = run_quality(int8_dir, provider="cpu")
+        served.scores["rlhf-int8-cpu"] = _summary(int8)
+        if int8["score_pct"] > result["score_pct"]:
+            shutil.rmtree(served.path, ignore_errors=True)
+            int8_dir.rename(served.path)
+            served.precision, served.execution_provider, result = "int8", "cpu", int8
+            served.build = {"variant": "rlhf-int8-cpu", "builder": {
+                "precision": "int8", "execution_provider": "cpu", "extra_options": {}}}
+        shutil.rmtree(int8_dir, ignore_errors=True)
+    result["provider"] = "cpu"
+    result["gate"] = {"reference": "child fp32", "reference_pct": reference["score_pct"],
+                      "score_pct": result["score_pct"], "points": GATE_POINTS,
+                      "passed": within_gate(result["score_pct"], reference["score_pct"])}
+    served.quality = result
+    return served
