@@ -18,8 +18,9 @@ to exactly max_tokens (EOS masked; the engine with ``ignore_eos``), the deployme
 like in production (its token counts are in the JSON). One warm-up run per contender is dropped
 (at batch 1, and before the stream counts). Batch-1 decode tok/s excludes the first token
 (prefill); aggregate tok/s is all new tokens over the wall-clock time from the first request to
-the last token. In-process contenders run before the deployment starts, so Ray's processes do not
-compete with them.
+the last token. ``ort-genai`` and ``colloquy-engine`` take turns run by run (on a shared machine
+the load moves within a minute). In-process contenders run before the deployment starts, so Ray's
+processes do not compete with them.
 """
 
 from __future__ import annotations
@@ -276,6 +277,41 @@ def measure_streams(batch: Callable[[int], int], streams: list[int], repeats: in
     return out
 
 
+def measure_interleaved(pairs: dict[str, tuple[Callable[[int], dict[str, Any]], Callable[[int], int]]],
+                        prompts: int, streams: list[int], repeats: int, srepeats: int) -> dict[str, Any]:
+    """measure_single and measure_streams for several contenders, taking turns run by run.
+
+    On a shared machine the load moves within a minute: contenders measured one after the other
+    see different machines, contenders taking turns see the same one.
+    """
+    for single, batch in pairs.values():  # warm-ups, excluded
+        single(0)
+        batch(streams[0])
+    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in pairs}
+    for _ in range(repeats):
+        for p in range(prompts):
+            for name, (single, _b) in pairs.items():
+                samples[name].append(single(p))
+    rates: dict[str, dict[int, list[float]]] = {name: {n: [] for n in streams} for name in pairs}
+    for n in streams:
+        for _ in range(srepeats):
+            for name, (_s, batch) in pairs.items():
+                start = time.perf_counter()
+                produced = batch(n)
+                rates[name][n].append(produced / (time.perf_counter() - start))
+        log(f"  {n} streams: " + ", ".join(f"{name} {summary(r[n], 1)['median']} tok/s" for name, r in rates.items()))
+    out: dict[str, Any] = {}
+    for name in pairs:
+        ss = samples[name]
+        out[name] = {"single": {"decode_tok_s": summary([s["decode_tok_s"] for s in ss], 1),
+                                "ttft_ms": summary([s["ttft_s"] * 1000 for s in ss], 1),
+                                "itl_ms": summary([x * 1000 for s in ss for x in s["itl_s"]], 2),
+                                "tokens": summary([s["tokens"] for s in ss], 0),
+                                "prompt_tokens": sorted({s["prompt_tokens"] for s in ss})},
+                     "streams": {str(n): summary(rates[name][n], 1) for n in streams}}
+    return out
+
+
 def _contender(rec: Record, name: str, make: Callable[[], Any]) -> Any:
     try:
         return make()
@@ -301,21 +337,19 @@ def run_inprocess(args: argparse.Namespace) -> Record:
     ids = [ort.encode(common.chat_prompt(q)) for q in common.QUESTIONS]
     rec.doc["params"]["prompt_tokens"] = [len(i) for i in ids]
     res = rec.results
-    log(f"engine: ort-genai on {version}")
-    res["ort-genai"] = {"single": measure_single(lambda i: ort.single(ids[i], tokens), len(ids), repeats),
-                        "streams": measure_streams(lambda n: ort.batch(ids[0], tokens, n), streams, srepeats)}
+    prompts = [common.chat_prompt(q) for q in common.QUESTIONS]
+    pairs: dict[str, tuple[Callable[[int], dict[str, Any]], Callable[[int], int]]] = {
+        "ort-genai": (lambda i: ort.single(ids[i], tokens), lambda n: ort.batch(ids[0], tokens, n))}
+    ce = None
     if "colloquy-engine" not in args.skip:
-        log("engine: colloquy-engine (AsyncEngine in process)")
         ce = ColloquyEngine(str(model_dir), max(streams))
-        prompts = [common.chat_prompt(q) for q in common.QUESTIONS]
-        res["colloquy-engine"] = {
-            "single": measure_single(lambda i: ce.single(prompts[i], len(ids[i]), tokens), len(ids), repeats),
-            "streams": measure_streams(lambda n: ce.batch(prompts, tokens, n), streams, srepeats)}
+        pairs["colloquy-engine"] = (lambda i: ce.single(prompts[i], len(ids[i]), tokens),
+                                    lambda n: ce.batch(prompts, tokens, n))
+    log(f"engine: {' and '.join(pairs)} on {version}, interleaved")
+    res.update(measure_interleaved(pairs, len(ids), streams, repeats, srepeats))
+    if ce is not None:
         ce.close()
         res["colloquy-engine"]["prefix_cache_ttft"] = measure_cached_ttft(str(model_dir), repeats)
-        # ORT GenAI again: the machine is shared, so the reference is taken before and after.
-        again = measure_single(lambda i: ort.single(ids[i], tokens), len(ids), repeats)
-        rec.doc["params"]["ort_genai_after_decode_tok_s"] = again["decode_tok_s"]
     if "transformers" not in args.skip:
         tf = _contender(rec, "transformers", Transformers)
         if tf is not None:

@@ -113,6 +113,7 @@ class Scheduler:
         """Reap dead jobs, admit one, run one pass; the jobs with news for their callers."""
         touched: set[Job] = set()
         self._reap(touched)
+        self._compact()  # a cancelled row must not ride along in this pass
         self._admit(touched)
         kind = ""
         started = time.perf_counter()

@@ -340,8 +340,10 @@ def test_prefill_chunks_alternate_with_decode_passes(tiny_model_dir: Path) -> No
     assert kinds.count("prefill") >= len(b.ids) // 8
     assert [c.job for c in sched.running] == [a, b]  # b joined behind a, in slot 1
     a.cancelled = True
+    n_a = len(a.cands[0].generated)
     sched.step()
     assert [c.job for c in sched.running] == [b]  # a left; b moved into slot 0 and decodes on
+    assert len(a.cands[0].generated) == n_a and a.cands[0].finish is FinishReason.CANCELLED
     n = len(b.cands[0].generated)
     sched.step()
     assert len(b.cands[0].generated) == n + 1
