@@ -117,8 +117,8 @@ class ColloquyEngine:
     async def _one(self, prompt: str, tokens: int) -> dict[str, Any]:
         from services.generation.engine import Request, Sampling
 
-        req = Request(f"bench-{uuid.uuid4().hex}", prompt, Sampling(temperature=0.0, max_tokens=tokens,
-                                                                   ignore_eos=True))
+        req = Request(f"bench-{uuid.uuid4().hex}", prompt, Sampling(
+            temperature=0.0, repetition_penalty=1.0, max_tokens=tokens, ignore_eos=True))
         start = time.perf_counter()
         stamps: list[float] = []
         counts: list[int] = []

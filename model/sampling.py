@@ -26,4 +26,4 @@ MANIFEST_KEY = "sampling"
 def defaults_for(manifest: dict[str, Any] | None) -> dict[str, Any]:
     """A version's defaults: its manifest's, else (older versions) the base model's."""
     recorded = (manifest or {}).get(MANIFEST_KEY)
-    return dict(recorded) if isinstance(recorded, dict) else dict(SMOLLM2_135M_INSTRUCT)
+    return {**SMOLLM2_135M_INSTRUCT, **(recorded if isinstance(recorded, dict) else {})}

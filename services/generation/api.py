@@ -6,20 +6,16 @@ Pure functions (no Ray, no I/O): every validation error names the field, in the 
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Iterable
 
 from colloquy.v1 import common_pb2, events_pb2, generation_pb2
 
+from services.common import sampling as common_sampling
 from services.generation import engine
 
-MAX_STOP = 4
-MAX_STOP_CHARS = 64
 MAX_PROMPT_CHARS = 1 << 20
 MAX_REQUEST_ID = 128
-DEFAULT_TEMPERATURE = 0.7
-DEFAULT_TOP_P = 1.0
 DEFAULT_MAX_TOKENS = 256
 
 FINISH = {
@@ -35,26 +31,22 @@ class InvalidArgument(ValueError):
 
 
 def sampling(p: common_pb2.SamplingParams, *, max_tokens_limit: int, max_n: int) -> engine.Sampling:
-    """Check ranges (documented in common.proto) and apply the defaults of unset fields."""
-    temp = p.temperature if p.HasField("temperature") else DEFAULT_TEMPERATURE
-    if not math.isfinite(temp) or temp < 0 or temp > 2:
-        raise InvalidArgument(f"sampling.temperature: {temp} is outside [0, 2]")
-    top_p = p.top_p if p.HasField("top_p") else DEFAULT_TOP_P
-    if not math.isfinite(top_p) or top_p <= 0 or top_p > 1:
-        raise InvalidArgument(f"sampling.top_p: {top_p} is outside (0, 1]")
-    max_tokens = p.max_tokens if p.HasField("max_tokens") else min(DEFAULT_MAX_TOKENS, max_tokens_limit)
-    if max_tokens < 1 or max_tokens > max_tokens_limit:
-        raise InvalidArgument(f"sampling.max_tokens: {max_tokens} is outside [1, {max_tokens_limit}]")
-    n = p.n if p.HasField("n") else 1
-    if n < 1 or n > max_n:
-        raise InvalidArgument(f"sampling.n: {n} is outside [1, {max_n}]")
-    if len(p.stop) > MAX_STOP:
-        raise InvalidArgument(f"sampling.stop: {len(p.stop)} strings, at most {MAX_STOP}")
-    for i, s in enumerate(p.stop):
-        if not s or len(s) > MAX_STOP_CHARS or "\x00" in s:
-            raise InvalidArgument(f"sampling.stop[{i}]: must be 1..{MAX_STOP_CHARS} characters, no NUL")
-    return engine.Sampling(temperature=float(temp), top_p=float(top_p), max_tokens=int(max_tokens),
-                           stop=tuple(p.stop), seed=int(p.seed) if p.HasField("seed") else None, n=int(n))
+    """Check ranges (documented in common.proto, shared with the gateway); max_tokens and n get
+    their defaults here, the model-dependent fields stay None for the answering version to fill."""
+    try:
+        common_sampling.check(p, max_tokens_limit=max_tokens_limit, max_n=max_n)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+    def opt(name: str) -> float | None:
+        return float(getattr(p, name)) if p.HasField(name) else None
+
+    return engine.Sampling(
+        temperature=opt("temperature"), top_p=opt("top_p"),
+        top_k=int(p.top_k) if p.HasField("top_k") else None, repetition_penalty=opt("repetition_penalty"),
+        max_tokens=int(p.max_tokens) if p.HasField("max_tokens") else min(DEFAULT_MAX_TOKENS, max_tokens_limit),
+        stop=tuple(p.stop), seed=int(p.seed) if p.HasField("seed") else None,
+        n=int(p.n) if p.HasField("n") else 1)
 
 
 def prompt(text: str) -> str:

@@ -133,7 +133,7 @@ class AsyncEngine:
         self.config = c = config or EngineConfig()
         if (c.max_running < 1 or c.max_waiting < 0 or c.prefill_chunk < 1 or c.prefix_cache_conversations < 0
                 or c.prefix_cache_max_tokens < 0 or c.prefix_cache_min_tokens < 1 or c.prefix_cache_block < 1
-                or c.slot_tokens < 0 or c.max_queued_prompt_tokens < 1 or c.repetition_window < 0):
+                or c.slot_tokens < 0 or c.max_queued_prompt_tokens < 1):
             raise ValueError(f"invalid engine config {c}")
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)

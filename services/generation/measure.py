@@ -110,7 +110,8 @@ async def _async_engine(model_dir: str, tokens: int, streams: int, repeats: int,
     eng = AsyncEngine(model_dir, "measure", EngineConfig(max_running=max(streams * candidates, 1)))
     # Sampling with EOS suppressed is not offered, so candidates > 1 sample (their rows differ) and
     # may stop early; decode tok/s counts the tokens really produced.
-    params = Sampling(temperature=0 if candidates == 1 else 0.7, max_tokens=tokens, n=candidates)
+    params = Sampling(temperature=0 if candidates == 1 else 0.7, repetition_penalty=1.0, max_tokens=tokens,
+                      n=candidates)
 
     async def one(rid: str) -> tuple[int, float, float]:
         n, first, last = 0, 0.0, 0.0

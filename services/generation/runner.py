@@ -14,6 +14,7 @@ ORT GenAI is not used here: its builder makes the model, `tokenizers` reads its 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import logging
 import time
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from services.generation.kv_cache import SlotKV
+from services.generation.schema import Sampling
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,21 @@ def resolve_provider(requested: str) -> str:
     return "cuda" if cuda_device_count() > 0 else "cpu"
 
 
+def sampling_defaults(path: Path, genai_config: dict[str, Any]) -> dict[str, Any]:
+    """A model directory's default sampling: its registry manifest's ``sampling`` (a registry
+    version's directory holds its manifest), else the base model's (``model.sampling``); top_k
+    falls back to the model's own ``genai_config`` value."""
+    from model.sampling import defaults_for
+
+    try:
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = None
+    out = defaults_for(manifest)
+    out.setdefault("top_k", int(genai_config["search"].get("top_k", 50) or 0))
+    return out
+
+
 class LoadedModel:
     """One model version: its session, tokenizer and the graph facts the scheduler needs."""
 
@@ -66,7 +83,8 @@ class LoadedModel:
         doc = json.loads((self.path / "genai_config.json").read_text(encoding="utf-8"))
         m, dec = doc["model"], doc["model"]["decoder"]
         self.context_length = int(m.get("context_length") or doc["search"]["max_length"])
-        self.top_k = int(doc["search"].get("top_k", 50) or 0)  # the model's default; HF's is 50 too
+        self.sampling = sampling_defaults(self.path, doc)
+        self.top_k = int(self.sampling["top_k"])
         eos = m.get("eos_token_id", [])
         self.eos = frozenset(int(t) for t in (eos if isinstance(eos, list) else [eos]))
         self.layers = int(dec["num_hidden_layers"])
@@ -94,6 +112,17 @@ class LoadedModel:
         log.info("model loaded", extra={"model_version": version, "path": str(self.path), "provider": self.provider,
                                         "context_length": self.context_length,
                                         "load_s": round(time.perf_counter() - started, 3)})
+
+    def resolve(self, sampling: Sampling) -> Sampling:
+        """``sampling`` with every unset model-dependent field taken from this version's defaults."""
+        d = self.sampling
+        return dataclasses.replace(
+            sampling,
+            temperature=d["temperature"] if sampling.temperature is None else sampling.temperature,
+            top_p=d["top_p"] if sampling.top_p is None else sampling.top_p,
+            top_k=self.top_k if sampling.top_k is None else sampling.top_k,
+            repetition_penalty=(d["repetition_penalty"] if sampling.repetition_penalty is None
+                                else sampling.repetition_penalty))
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)

@@ -14,6 +14,7 @@ to `waiting` under the shared lock.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -57,6 +58,8 @@ class Job:
     """A submitted request in the scheduler; `bridge` is the engine's link to the caller."""
 
     def __init__(self, request: Request, model: LoadedModel, ids: list[int], bridge: Any = None) -> None:
+        # The answering model fills what the request left unset (its manifest's defaults).
+        request = dataclasses.replace(request, sampling=model.resolve(request.sampling))
         self.request, self.model, self.ids, self.bridge = request, model, ids, bridge
         self.cands = [Cand(self, i) for i in range(request.sampling.n)]
         self.prefilled = 0
@@ -228,10 +231,10 @@ class Scheduler:
 
     def _choose(self, cand: Cand, logits: np.ndarray) -> int:
         s = cand.job.request.sampling
-        window = self.config.repetition_window
+        window = int(self.model.sampling["repetition_window"])
         recent = cand.generated[-window:] if s.repetition_penalty != 1.0 and window > 0 else ()
         return next_token(logits, temperature=s.temperature, top_p=s.top_p,
-                          top_k=self.model.top_k if s.top_k is None else s.top_k,
+                          top_k=s.top_k,
                           penalty=s.repetition_penalty, recent=recent, rng=cand.rng)
 
     def _emit(self, cand: Cand, token: int, now: float) -> None:

@@ -46,18 +46,23 @@ class EngineClosed(EngineError):
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """Per-request sampling options (validated by the caller; the engine clamps to the context)."""
+    """Per-request sampling options (validated by the caller; the engine clamps to the context).
 
-    temperature: float = 0.7  # 0 = greedy
-    top_p: float = 1.0
+    None means "the model's default": the answering version's manifest ``sampling`` (see
+    `runner.LoadedModel.resolve`), so a rollout changes defaults with the model; a value set here
+    always wins.
+    """
+
+    temperature: float | None = None  # 0 = greedy
+    top_p: float | None = None
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int | None = None  # None: derived from the request id, so a retry gives the same answer
     n: int = 1
-    top_k: int | None = None  # None: the model's own (genai_config search.top_k); 0: no top-k cut
+    top_k: int | None = None  # 0: no top-k cut
     # CTRL/HF-style penalty on the distinct tokens among the candidate's last
-    # EngineConfig.repetition_window generated tokens (not the prompt); 1.0 = off.
-    repetition_penalty: float = 1.0
+    # model's repetition_window (its manifest's sampling) generated tokens (not the prompt); 1.0 = off.
+    repetition_penalty: float | None = None
     ignore_eos: bool = False  # as vLLM's: generate max_tokens whatever comes (benchmarks)
 
 
@@ -114,7 +119,6 @@ class EngineConfig:
     prefix_cache_block: int = 16
     # Unused by the batching engine (slots are preallocated); kept so old configs still load.
     prefix_cache_reserve_tokens: int = 1024
-    repetition_window: int = 64  # generated tokens the repetition penalty looks back over
     threads: int = 0  # ONNX Runtime intra-op threads; 0: its default (one per core)
     # ORT's intra-op threads spin-wait between ops by default: on a small shared CPU that steals
     # the cores the other thread needs (measured on 2 busy cores: 30 tok/s spinning, 50 not).

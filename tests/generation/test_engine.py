@@ -293,15 +293,17 @@ def test_real_model_answers_and_stops(real_model_dir: Path) -> None:
 
     eng = AsyncEngine(real_model_dir, "real", EngineConfig(max_running=4))
     try:
-        prompt = render_chatml([{"role": "user", "content": "What is the capital of France?"}])
-        greedy = Sampling(temperature=0, max_tokens=60)
+        # Japan: every build answers it greedy (France is a near-tie on the int8-activation build:
+        # "The" vs "L'" as the first token; the quality gate judges builds on 184 questions).
+        prompt = render_chatml([{"role": "user", "content": "What is the capital of Japan?"}])
+        greedy = Sampling(temperature=0, repetition_penalty=1.0, max_tokens=60)
         res = asyncio.run(collect(eng, Request("real-1", prompt, greedy)))
-        assert "Paris" in res.text[0]
+        assert "Tokyo" in res.text[0]
         # Greedy int4 builds may ramble to max_tokens instead of ending their turn.
         assert res.finish[0] in {FinishReason.STOP, FinishReason.LENGTH}
-        cut = asyncio.run(collect(eng, Request("real-1", prompt, Sampling(temperature=0, max_tokens=60,
-                                                                          stop=("Paris",)))))
-        assert cut.text[0] == res.text[0][:res.text[0].index("Paris")]
+        cut = asyncio.run(collect(eng, Request("real-1", prompt, Sampling(
+            temperature=0, repetition_penalty=1.0, max_tokens=60, stop=("Tokyo",)))))
+        assert cut.text[0] == res.text[0][:res.text[0].index("Tokyo")]
         several = asyncio.run(collect(eng, Request("real-2", prompt, Sampling(temperature=0.8, max_tokens=40,
                                                                               n=3))))
         assert sorted(several.finish) == [0, 1, 2] and all(several.text.values())
@@ -322,7 +324,7 @@ def test_prefill_chunks_alternate_with_decode_passes(tiny_model_dir: Path) -> No
     model = LoadedModel(tiny_model_dir, "tiny-v1", "cpu")
     sched = Scheduler(model, EngineConfig(max_running=4, prefill_chunk=8, prefix_cache_conversations=0),
                       threading.Lock())
-    greedy = Sampling(temperature=0, max_tokens=200)
+    greedy = Sampling(temperature=0, repetition_penalty=1.0, max_tokens=200)
     a = Job(Request("a", PROMPT, greedy), model, model.encode(PROMPT))
     sched.waiting.append(a)
     while not sched.running:
@@ -441,7 +443,7 @@ SYSTEM = ("You are Colloquy, a helpful assistant. Answer briefly and kindly, say
           "know, and never make up facts about people or places.")
 QUESTIONS = ["Tell me a story about the sea.", "What happened to the sailor next?",
              "Did the storm ever end?", "How does the story finish?"]
-GREEDY = Sampling(temperature=0, max_tokens=24)
+GREEDY = Sampling(temperature=0, repetition_penalty=1.0, max_tokens=24)
 
 
 def chat(turns: list[tuple[str, str]], new: str) -> str:

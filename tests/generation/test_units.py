@@ -46,8 +46,12 @@ def test_invalid_input_names_the_field(request_: generation_pb2.GenerateRequest,
 
 def test_defaults_and_mapping() -> None:
     r = api.generate_request(req("hello", seed=5, stop=["\n\n"]), **LIMITS)
-    assert r.sampling == engine.Sampling(temperature=0.7, top_p=1.0, max_tokens=256, stop=("\n\n",),
-                                         seed=5, n=1)
+    # temperature, top_p, top_k and the repetition penalty stay unset: the answering model fills them
+    assert r.sampling == engine.Sampling(max_tokens=256, stop=("\n\n",), seed=5, n=1)
+    assert r.sampling.temperature is None and r.sampling.repetition_penalty is None
+    explicit = req("hello", temperature=0.0, top_k=3, repetition_penalty=1.5)
+    s = api.generate_request(explicit, **LIMITS).sampling
+    assert (s.temperature, s.top_k, s.repetition_penalty) == (0.0, 3, 1.5)
     assert r.request_id == "r1" and r.conversation_id == "c1"
     assert api.generate_request(generation_pb2.GenerateRequest(prompt="x"), **LIMITS).request_id
     msgs = api.responses([engine.Delta(1, "ab", 2, engine.FinishReason.STOP, "v7", 9, 12),
@@ -134,3 +138,24 @@ def test_ingress_parser_turns_bad_bytes_into_undecodable() -> None:
     assert ingress.parse(good).prompt == "hi"
     bad = ingress.parse(b"\x0a\xff\xff\xff")
     assert isinstance(bad, ingress.Undecodable) and bad.error
+
+
+def test_unset_sampling_comes_from_the_answering_versions_manifest(tmp_path) -> None:
+    import json
+    from types import SimpleNamespace
+
+    from services.generation.runner import LoadedModel, sampling_defaults
+
+    genai = {"search": {"top_k": 40}}
+    base = sampling_defaults(tmp_path, genai)  # no manifest (an explicit model dir): the base model's
+    assert (base["temperature"], base["top_p"], base["repetition_penalty"]) == (0.2, 0.9, 1.1)
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"sampling": {"temperature": 0.5, "top_p": 0.8, "top_k": 7, "repetition_penalty": 1.3,
+                      "repetition_window": 32}}))
+    d = sampling_defaults(tmp_path, genai)
+    model = SimpleNamespace(sampling=d, top_k=d["top_k"])
+    s = LoadedModel.resolve(model, engine.Sampling(max_tokens=5))  # type: ignore[arg-type]
+    assert (s.temperature, s.top_p, s.top_k, s.repetition_penalty) == (0.5, 0.8, 7, 1.3)
+    s = LoadedModel.resolve(model, engine.Sampling(temperature=0.0, top_p=1.0, top_k=0,  # type: ignore[arg-type]
+                                                   repetition_penalty=1.0))
+    assert (s.temperature, s.top_p, s.top_k, s.repetition_penalty) == (0.0, 1.0, 0, 1.0)  # explicit wins
