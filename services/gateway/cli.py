@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--key", default=os.environ.get("COLLOQUY_API_KEY", "colloquy-dev-key"))
     c.add_argument("--conversation", default="")
     c.add_argument("--temperature", type=float, default=None,
-                   help="sampling temperature (default: the served model's, 0.2 for SmolLM2)")
+                   help="sampling temperature (default: the served model's: greedy for SmolLM2)")
     c.add_argument("--max-tokens", type=int, default=200)
     c.add_argument("--n", type=int, default=1)
     args = p.parse_args(argv)

@@ -64,7 +64,13 @@ def sampling_defaults(path: Path, genai_config: dict[str, Any]) -> dict[str, Any
     except (OSError, ValueError):
         manifest = None
     out = defaults_for(manifest)
-    out.setdefault("top_k", int(genai_config["search"].get("top_k", 50) or 0))
+    search = genai_config.get("search", {})
+    out.setdefault("temperature", 0.0)  # what a manifest leaves out: neutral values
+    out.setdefault("candidates_temperature", out["temperature"])
+    out.setdefault("top_p", 1.0)
+    out.setdefault("top_k", int(search.get("top_k", 50) or 0))
+    out.setdefault("repetition_penalty", 1.0)
+    out.setdefault("repetition_window", 64)
     return out
 
 
@@ -114,11 +120,13 @@ class LoadedModel:
                                         "load_s": round(time.perf_counter() - started, 3)})
 
     def resolve(self, sampling: Sampling) -> Sampling:
-        """``sampling`` with every unset model-dependent field taken from this version's defaults."""
+        """``sampling`` with every unset model-dependent field taken from this version's defaults
+        (several candidates get the version's ``candidates_temperature``: greedy ones would be equal)."""
         d = self.sampling
+        default_temperature = d["temperature"] if sampling.n == 1 else d["candidates_temperature"]
         return dataclasses.replace(
             sampling,
-            temperature=d["temperature"] if sampling.temperature is None else sampling.temperature,
+            temperature=default_temperature if sampling.temperature is None else sampling.temperature,
             top_p=d["top_p"] if sampling.top_p is None else sampling.top_p,
             top_k=self.top_k if sampling.top_k is None else sampling.top_k,
             repetition_penalty=(d["repetition_penalty"] if sampling.repetition_penalty is None

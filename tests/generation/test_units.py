@@ -148,7 +148,8 @@ def test_unset_sampling_comes_from_the_answering_versions_manifest(tmp_path) -> 
 
     genai = {"search": {"top_k": 40}}
     base = sampling_defaults(tmp_path, genai)  # no manifest (an explicit model dir): the base model's
-    assert (base["temperature"], base["top_p"], base["repetition_penalty"]) == (0.2, 0.9, 1.1)
+    assert (base["temperature"], base["top_p"], base["repetition_penalty"]) == (0.0, 0.9, 1.1)
+    assert base["candidates_temperature"] == 0.2
     (tmp_path / "manifest.json").write_text(json.dumps(
         {"sampling": {"temperature": 0.5, "top_p": 0.8, "top_k": 7, "repetition_penalty": 1.3,
                       "repetition_window": 32}}))
@@ -156,6 +157,10 @@ def test_unset_sampling_comes_from_the_answering_versions_manifest(tmp_path) -> 
     model = SimpleNamespace(sampling=d, top_k=d["top_k"])
     s = LoadedModel.resolve(model, engine.Sampling(max_tokens=5))  # type: ignore[arg-type]
     assert (s.temperature, s.top_p, s.top_k, s.repetition_penalty) == (0.5, 0.8, 7, 1.3)
+    several = LoadedModel.resolve(model, engine.Sampling(max_tokens=5, n=3))  # type: ignore[arg-type]
+    assert several.temperature == 0.5  # this manifest names no candidates_temperature
+    d["candidates_temperature"] = 0.9
+    assert LoadedModel.resolve(model, engine.Sampling(max_tokens=5, n=3)).temperature == 0.9  # type: ignore[arg-type]
     s = LoadedModel.resolve(model, engine.Sampling(temperature=0.0, top_p=1.0, top_k=0,  # type: ignore[arg-type]
                                                    repetition_penalty=1.0))
     assert (s.temperature, s.top_p, s.top_k, s.repetition_penalty) == (0.0, 1.0, 0, 1.0)  # explicit wins
