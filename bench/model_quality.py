@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import common  # noqa: E402
-from model.build import SPEED_CONVERSATION, VARIANTS  # noqa: E402
+from model.build import SPEED_TOKENS, VARIANTS, interleaved_speed  # noqa: E402
 from model.paths import build_dir  # noqa: E402
 
 NAME = "model_quality"
@@ -36,7 +36,7 @@ FP32 = "cpu-fp32"
 BUILDER_INT4 = "cpu-int4-rtn-last-pruned"
 DEFAULT_BUILDS = (FP32, BUILDER_INT4, "cpu-int4-gguf", "cpu-int4-gguf-f32act")
 PREFILL_TOKENS = 200
-DECODE_TOKENS = 64
+DECODE_TOKENS = SPEED_TOKENS
 
 
 def add_args(p: Any) -> None:
@@ -57,25 +57,11 @@ def _quality(name: str, path: Path, cached: bool) -> dict[str, Any]:
 
 
 def _speed(paths: dict[str, Path], repeats: int) -> dict[str, dict[str, Any]]:
-    from model.chat_template import render_chatml
-    from model.genai import greedy, load
-
-    loaded = {n: load(p, "cpu") for n, p in paths.items()}
-    decode: dict[str, list[float]] = {n: [] for n in paths}
-    prefill: dict[str, list[float]] = {n: [] for n in paths}
-    for rnd in range(repeats + 1):
-        for name, (model, tokenizer) in loaded.items():
-            ids = [int(t) for t in tokenizer.encode(render_chatml(SPEED_CONVERSATION))]
-            gen = greedy(model, tokenizer, ids, DECODE_TOKENS, stop_at_eos=False)
-            ids200 = (ids * (PREFILL_TOKENS // len(ids) + 1))[:PREFILL_TOKENS]
-            first = greedy(model, tokenizer, ids200, 1, stop_at_eos=False)
-            if rnd:
-                decode[name].append(gen.decode_tok_s)
-                prefill[name].append(first.prefill_s * 1000)
-    return {n: {"decode_tok_s": round(statistics.median(decode[n]), 1),
-                "decode_tok_s_best": round(max(decode[n]), 1),
-                "prefill_ms_200": round(statistics.median(prefill[n]), 1),
-                "decode_samples": [round(x, 1) for x in decode[n]]} for n in paths}
+    runs = interleaved_speed(paths, repeats, prefill_tokens=PREFILL_TOKENS)
+    return {n: {"decode_tok_s": round(statistics.median(r["decode_tok_s"]), 1),
+                "decode_tok_s_best": round(max(r["decode_tok_s"]), 1),
+                "prefill_ms_200": round(statistics.median(r["prefill_ms"]), 1),
+                "decode_samples": [round(x, 1) for x in r["decode_tok_s"]]} for n, r in runs.items()}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -232,6 +232,37 @@ def ensure_quality(variant: Variant, onnx_dir: Path, onnx_stamp: dict[str, Any],
     return json.loads((out / "quality.json").read_text(encoding="utf-8"))
 
 
+def interleaved_speed(dirs: dict[str, Path], repeats: int,
+                      prefill_tokens: int = 0) -> dict[str, dict[str, list[float]]]:
+    """Per CPU build and timed round: decode tok/s of :data:`SPEED_TOKENS` tokens after
+    :data:`SPEED_CONVERSATION`, its prefill tok/s and, with ``prefill_tokens``, the ms to the
+    first token of exactly that many prompt tokens.
+
+    Builds run round-robin within each round (one warm-up round dropped), so load from other
+    work on a shared 2-core machine hits them alike.
+    """
+    from model.chat_template import render_chatml
+    from model.genai import greedy, load
+
+    loaded = {n: load(d, "cpu") for n, d in dirs.items()}
+    out: dict[str, dict[str, list[float]]] = {
+        n: {"decode_tok_s": [], "prefill_tok_s": [], "prefill_ms": []} for n in dirs}
+    for rep in range(repeats + 1):
+        for name, (model, tokenizer) in loaded.items():
+            ids = [int(t) for t in tokenizer.encode(render_chatml(SPEED_CONVERSATION))]
+            gen = greedy(model, tokenizer, ids, SPEED_TOKENS, stop_at_eos=False)
+            first = None
+            if prefill_tokens:
+                fixed = (ids * (prefill_tokens // len(ids) + 1))[:prefill_tokens]
+                first = greedy(model, tokenizer, fixed, 1, stop_at_eos=False)
+            if rep:  # the first round is warm-up
+                out[name]["decode_tok_s"].append(gen.decode_tok_s)
+                out[name]["prefill_tok_s"].append(gen.prefill_tok_s)
+                if first is not None:
+                    out[name]["prefill_ms"].append(first.prefill_s * 1000)
+    return out
+
+
 def ensure_speed(builds: dict[str, tuple[Path, dict[str, Any]]], root: Path) -> dict[str, Any]:
     """Decode speed of every CPU build, measured interleaved (round-robin) on one prompt.
 
@@ -247,24 +278,12 @@ def ensure_speed(builds: dict[str, tuple[Path, dict[str, Any]]], root: Path) -> 
     out = root / "speed"
 
     def action(tmp: Path) -> None:
-        from model.chat_template import render_chatml
-        from model.genai import greedy, load
-
-        loaded = {n: load(builds[n][0], "cpu") for n in names}
-        samples: dict[str, list[float]] = {n: [] for n in names}
-        prefill: dict[str, list[float]] = {n: [] for n in names}
-        for rep in range(SPEED_REPEATS + 1):
-            for name, (model, tokenizer) in loaded.items():
-                ids = [int(t) for t in tokenizer.encode(render_chatml(SPEED_CONVERSATION))]
-                gen = greedy(model, tokenizer, ids, SPEED_TOKENS, stop_at_eos=False)
-                if rep:  # the first round is warm-up
-                    samples[name].append(gen.decode_tok_s)
-                    prefill[name].append(gen.prefill_tok_s)
-        result = {name: {"decode_tok_s": round(statistics.median(samples[name]), 2),
-                         "decode_tok_s_best": round(max(samples[name]), 2),
-                         "prefill_tok_s": round(statistics.median(prefill[name]), 2),
-                         "decode_samples": [round(x, 2) for x in samples[name]]}
-                  for name in names}
+        runs = interleaved_speed({n: builds[n][0] for n in names}, SPEED_REPEATS)
+        result = {name: {"decode_tok_s": round(statistics.median(r["decode_tok_s"]), 2),
+                         "decode_tok_s_best": round(max(r["decode_tok_s"]), 2),
+                         "prefill_tok_s": round(statistics.median(r["prefill_tok_s"]), 2),
+                         "decode_samples": [round(x, 2) for x in r["decode_tok_s"]]}
+                  for name, r in runs.items()}
         result["_conditions"] = {"loadavg_after": [round(x, 2) for x in os.getloadavg()],
                                  "cpus": os.cpu_count()}
         (tmp / "speed.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
