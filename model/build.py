@@ -330,6 +330,13 @@ def version_name(variant: Variant, outputs_digest: str) -> str:
     return f"smollm2-135m-{variant.name}-{outputs_digest[:12]}"
 
 
+def builder_settings(variant: Variant) -> dict[str, Any]:
+    """How the builder made the variant's graph (a carried build's is its base's)."""
+    graph = VARIANTS[variant.carry_from] if variant.carry_from else variant
+    return {"precision": graph.precision, "execution_provider": graph.execution_provider,
+            "extra_options": graph.extra_options}
+
+
 def publish(registry: Registry, variant: Variant, onnx_dir: Path, stamp: dict[str, Any],
             quality: dict[str, Any], speed: dict[str, Any] | None,
             hf_stamp: dict[str, Any]) -> str:
@@ -346,9 +353,7 @@ def publish(registry: Registry, variant: Variant, onnx_dir: Path, stamp: dict[st
             log(f"[publish {variant.name}] {version} up to date")
         return version
     extra = {"build": {"variant": variant.name, "note": variant.note,
-                       "builder": {"precision": variant.precision,
-                                   "execution_provider": variant.execution_provider,
-                                   "extra_options": variant.extra_options},
+                       "builder": builder_settings(variant),
                        "hf_fp32_digest": hf_stamp["outputs_digest"],
                        "outputs_digest": stamp["outputs_digest"],
                        "tools": stamp["inputs"]["tools"]},

@@ -141,7 +141,8 @@ def carry(src_dir: Path, out_dir: Path, weights: BlockSource, *,
             continue
         match = _NODE_WEIGHT.match(weight)
         if not match or match.group(3) not in PROJECTIONS:
-            raise CarryError(f"unexpected MatMulNBits weight {weight!r}")
+            raise CarryError(f"unexpected MatMulNBits weight {weight!r}: the graph must come from the "
+                             "builder's int4 with algo_config=rtn_last (block 32)")
         if len(node.input) > 3 and node.input[3]:
             raise CarryError(f"{node.name} has zero points; expected a symmetric builder build")
         layer, proj = int(match.group(1)), match.group(3)

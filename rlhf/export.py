@@ -60,8 +60,15 @@ def _builder(policy_dir: Path, out: Path, precision: str, provider: str, extra: 
 
 def export_like_parent(policy_dir: Path, run_dir: Path, parent: dict[str, Any]) -> Export:
     """The child's served export, in ``run_dir/export`` (no scoring)."""
-    precision, provider, extra = export_settings(parent)
     carried = (parent.get("build") or {}).get("carried")
+    if carried:  # the graph is the base variant's builder output, whatever an older manifest says
+        from model.build import VARIANTS, builder_settings
+
+        graph_settings = builder_settings(VARIANTS[carried["graph_from"]])
+        precision, provider = graph_settings["precision"], graph_settings["execution_provider"]
+        extra = dict(graph_settings["extra_options"])
+    else:
+        precision, provider, extra = export_settings(parent)
     out = run_dir / "export"
     shutil.rmtree(out, ignore_errors=True)
     build: dict[str, Any] = {"builder": {"precision": precision, "execution_provider": provider,
