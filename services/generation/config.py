@@ -44,14 +44,11 @@ class EngineSettings:
                                         hint="tokens >= 1")
     # The prefix cache (prompt KV by 16-token blocks, LRU): on unless CONVERSATIONS is 0; its budget
     # in KV positions (x the model's KV bytes per token); hits shorter than MIN_TOKENS are not used.
-    # RESERVE_TOKENS is read but unused (the old per-conversation cache's).
     prefix_cache_conversations: int = env("GENERATION_PREFIX_CACHE_CONVERSATIONS", 16,
                                           check=lambda v: 0 <= v <= 100000, hint="0..100000")
     prefix_cache_tokens: int = env("GENERATION_PREFIX_CACHE_TOKENS", 32768, check=_nonneg, hint="tokens >= 0")
     prefix_cache_min_tokens: int = env("GENERATION_PREFIX_CACHE_MIN_TOKENS", 32, check=lambda v: v >= 1,
                                        hint="tokens >= 1")
-    prefix_cache_reserve_tokens: int = env("GENERATION_PREFIX_CACHE_RESERVE_TOKENS", 1024, check=_nonneg,
-                                           hint="tokens >= 0")
     max_tokens_limit: int = env("GENERATION_MAX_TOKENS_LIMIT", 2048, check=lambda v: 1 <= v <= 1 << 20,
                                 hint="1..1048576")
     max_n: int = env("GENERATION_MAX_N", 4, check=lambda v: 1 <= v <= 16, hint="1..16")

@@ -78,7 +78,7 @@ class Generation:
             max_running=s.max_running, max_waiting=s.max_waiting, prefill_chunk=s.prefill_chunk,
             provider=s.provider, prefix_cache_conversations=s.prefix_cache_conversations,
             prefix_cache_max_tokens=s.prefix_cache_tokens, prefix_cache_min_tokens=s.prefix_cache_min_tokens,
-            prefix_cache_reserve_tokens=s.prefix_cache_reserve_tokens, slot_tokens=s.slot_tokens,
+            slot_tokens=s.slot_tokens,
             max_queued_prompt_tokens=s.max_queued_prompt_tokens))
         self.metrics_port = _start_metrics(s.replica_metrics_port)
         log.info("generation replica ready", extra={

@@ -118,7 +118,6 @@ class EngineConfig:
     # ... and the block size in tokens (vLLM's default).
     prefix_cache_block: int = 16
     # Unused by the batching engine (slots are preallocated); kept so old configs still load.
-    prefix_cache_reserve_tokens: int = 1024
     threads: int = 0  # ONNX Runtime intra-op threads; 0: its default (one per core)
     # ORT's intra-op threads spin-wait between ops by default: on a small shared CPU that steals
     # the cores the other thread needs (measured on 2 busy cores: 30 tok/s spinning, 50 not).
