@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     need_gateway_conv = conv is not None and args.conversations > 0
     if eng is not None and "colloquy" not in args.skip and "pipeline" not in names and not need_gateway_conv:
         engine.run_deployment_alone(eng, args)  # only the generation service: no whole stack needed
-    elif "pipeline" in names or need_gateway_conv or eng is not None:
+    elif "pipeline" in names or need_gateway_conv or (eng is not None and "colloquy" not in args.skip):
         try:
             with common.stack() as s:  # one stack (one Ray start, one lock) for every stack benchmark
                 if eng is not None:

@@ -301,7 +301,8 @@ def stack(services: Sequence[str] | None = None,
             for name in [n for n in ORDER if n in services]:
                 s.spawn(name)
                 s.wait_serving(name, timeout=400)
-        log(f"stack up: gateway {s.gateway}, generation 127.0.0.1:{s.ports['generation']}")
+        # Only the services asked for have ports: the generation service alone has no gateway.
+        log("stack up: " + ", ".join(f"{n} 127.0.0.1:{p}" for n, p in s.ports.items() if n in s.procs))
         cpu0 = stack_cpu(s)
         t0 = time.perf_counter()
         yield s

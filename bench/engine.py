@@ -10,8 +10,9 @@ Contenders, all on the served model's weights (registry pointer "generation"):
   streams are N batch rows of one Generator: a static batch, the bound without join/leave);
 - ``transformers``: ``generate()`` on the float32 HF checkpoint the builds came from (N streams: a
   batch of N rows);
-- ``llama.cpp``: ``llama-cpp-python`` on the GGUF the build came from (batch 1 only: its Python
-  API has no multi-sequence generate).
+- ``llama.cpp-server``: llama.cpp's server (``llama-server -np 16 -c 16384 -t 2``: 16 slots,
+  continuous batching) on the GGUF the build came from, over HTTP ``/completion``
+  (bench/engine_llamacpp.py; built by bench/build_llama_server.sh): the CPU anchor that batches.
 
 Method: greedy, the same prompts and max_tokens for everyone; the in-process contenders are pinned
 to exactly max_tokens (EOS masked; the engine with ``ignore_eos``), the deployment stops at EOS
@@ -19,25 +20,30 @@ like in production (its token counts are in the JSON). One warm-up run per conte
 (at batch 1, and before the stream counts). Batch-1 decode tok/s excludes the first token
 (prefill); aggregate tok/s is all new tokens over the wall-clock time from the first request to
 the last token. ``ort-genai`` and ``colloquy-engine`` take turns run by run (on a shared machine
-the load moves within a minute). In-process contenders run before the deployment starts, so Ray's
-processes do not compete with them.
+the load moves within a minute); so does llama.cpp's server (a separate process, idle between its
+requests). Inter-token latency at N streams: each stream's gaps between arrivals (coalesced tokens
+spread evenly). In-process contenders run before the deployment starts, so Ray's processes do not
+compete with them; the deployment is measured in the same script right after.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from bench import common
-from bench.common import Record, log, summary
+from bench.common import Record, fmt, log, summary
 
 NAME = "engine"
 STREAMS = (1, 4, 16)
 EOS = 2  # <|im_end|> / </s> of SmolLM2
+LLAMA = "llama.cpp-server"
 
 
 # -- one timed generation --------------------------------------------------------------------------
@@ -55,6 +61,25 @@ def _stamps_result(n_prompt: int, start: float, stamps: list[float], counts: lis
     itl = [(b - a) / n for a, b, n in zip(stamps, stamps[1:], counts[1:], strict=False) for _ in range(n)]
     return {"prompt_tokens": n_prompt, "tokens": total, "ttft_s": stamps[0] - start,
             "decode_tok_s": (total - counts[0]) / decode if decode > 0 else 0.0, "itl_s": itl}
+
+
+def produced(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tokens of concurrent streams and every stream's inter-token gaps (``{"stamps", "counts"}`` each).
+
+    What a batch run returns, so that the aggregate rate and the ITL at N streams come from the
+    same runs.
+    """
+    itl = [(b - a) / n for r in runs
+           for a, b, n in zip(r["stamps"], r["stamps"][1:], r["counts"][1:], strict=False) for _ in range(n)]
+    return {"tokens": sum(sum(r["counts"]) for r in runs), "itl_s": itl}
+
+
+def _tokens(out: int | dict[str, Any]) -> int:
+    return out if isinstance(out, int) else int(out["tokens"])
+
+
+def _itl_ms(out: int | dict[str, Any]) -> list[float]:
+    return [] if isinstance(out, int) else [x * 1000 for x in out["itl_s"]]
 
 
 class OrtGenai:
@@ -85,8 +110,8 @@ class OrtGenai:
             stamps.append(time.perf_counter())
         return _stamps_result(len(ids), start, stamps)
 
-    def batch(self, ids: list[int], tokens: int, streams: int) -> int:
-        """N rows of one Generator; returns the tokens generated."""
+    def batch(self, ids: list[int], tokens: int, streams: int) -> dict[str, Any]:
+        """N rows of one Generator: the tokens generated, and the step times (every row's ITL)."""
         import numpy as np
         import onnxruntime_genai as og
 
@@ -95,11 +120,11 @@ class OrtGenai:
         params.set_search_options(max_length=total, min_length=total, do_sample=False, batch_size=streams)
         gen = og.Generator(self.model, params)
         gen.append_tokens(np.asarray([ids] * streams, dtype=np.int32))
-        steps = 0
+        stamps: list[float] = []
         while not gen.is_done():
             gen.generate_next_token()
-            steps += 1
-        return steps * streams
+            stamps.append(time.perf_counter())
+        return {"tokens": len(stamps) * streams, "itl_s": [b - a for a, b in itertools.pairwise(stamps)]}
 
 
 class ColloquyEngine:
@@ -133,10 +158,10 @@ class ColloquyEngine:
         r = asyncio.run(self._one(prompt, tokens))
         return _stamps_result(n_prompt, r["start"], r["stamps"], r["counts"])
 
-    def batch(self, prompts: list[str], tokens: int, streams: int) -> int:
-        async def go() -> int:
-            runs = await asyncio.gather(*(self._one(prompts[i % len(prompts)], tokens) for i in range(streams)))
-            return sum(sum(r["counts"]) for r in runs)
+    def batch(self, prompts: list[str], tokens: int, streams: int) -> dict[str, Any]:
+        async def go() -> dict[str, Any]:
+            return produced(list(await asyncio.gather(
+                *(self._one(prompts[i % len(prompts)], tokens) for i in range(streams)))))
 
         return asyncio.run(go())
 
@@ -173,34 +198,6 @@ class Transformers:
         return self._generate(ids, tokens, streams)
 
 
-class LlamaCpp:
-    """llama.cpp through llama-cpp-python on the GGUF (Q4_1)."""
-
-    name = "llama.cpp"
-
-    def __init__(self, threads: int) -> None:
-        from llama_cpp import Llama
-
-        self.llm = Llama(model_path=str(common.gguf_path()), n_ctx=2048, n_threads=threads,
-                         n_threads_batch=threads, verbose=False, seed=0)
-
-    def single(self, ids: list[int], tokens: int) -> dict[str, Any]:
-        self.llm.reset()
-        stamps: list[float] = []
-        start = time.perf_counter()
-        for _ in self.llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, reset=True,
-                                   logits_processor=[_ban_eos]):
-            stamps.append(time.perf_counter())
-            if len(stamps) >= tokens:
-                break
-        return _stamps_result(len(ids), start, stamps)
-
-
-def _ban_eos(_ids: Any, logits: Any) -> Any:
-    logits[EOS] = -float("inf")
-    return logits
-
-
 # -- the deployment over gRPC ----------------------------------------------------------------------
 class Deployment:
     """Colloquy's generation deployment: Ray Serve's gRPC proxy, one aio channel."""
@@ -215,7 +212,8 @@ class Deployment:
 
         req = generation_pb2.GenerateRequest(
             prompt=prompt, request_id=f"bench-{uuid.uuid4().hex}",
-            sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=tokens))
+            # No repetition penalty, as for the other contenders (unset, the model's manifest sets one).
+            sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=tokens, repetition_penalty=1.0))
         md = (("session_id", req.request_id),)
         start = time.perf_counter()
         stamps: list[float] = []
@@ -237,15 +235,17 @@ class Deployment:
 
         return asyncio.run(go())
 
-    def batch(self, prompt: str, tokens: int, streams: int) -> int:
-        async def go() -> int:
+    def batch(self, prompts: list[str], tokens: int, streams: int) -> dict[str, Any]:
+        """N concurrent streams over the prompts in turn, like the in-process engine's."""
+        async def go() -> dict[str, Any]:
             import grpc
             from colloquy.v1 import generation_pb2_grpc
 
             async with grpc.aio.insecure_channel(self.target) as ch:
                 stub = generation_pb2_grpc.GenerationServiceStub(ch)
-                runs = await asyncio.gather(*(self._one(stub, prompt, tokens) for _ in range(streams)))
-            return sum(sum(r["counts"]) for r in runs)
+                runs = await asyncio.gather(*(self._one(stub, prompts[i % len(prompts)], tokens)
+                                              for i in range(streams)))
+            return produced(list(runs))
 
         return asyncio.run(go())
 
@@ -262,22 +262,28 @@ def measure_single(run: Callable[[int], dict[str, Any]], prompts: int, repeats: 
             "prompt_tokens": sorted({s["prompt_tokens"] for s in samples})}
 
 
-def measure_streams(batch: Callable[[int], int], streams: list[int], repeats: int) -> dict[str, Any]:
-    """Aggregate tok/s at each stream count, after one warm-up run."""
+Batch = Callable[[int], "int | dict[str, Any]"]
+
+
+def measure_streams(batch: Batch, streams: list[int], repeats: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Aggregate tok/s and inter-token latency at each stream count, after one warm-up run."""
     out: dict[str, Any] = {}
+    itl: dict[str, Any] = {}
     batch(streams[0])  # warm-up, excluded (one per contender: the model is warm for every count)
     for n in streams:
-        rates = []
+        rates, gaps = [], []
         for _ in range(repeats):
             start = time.perf_counter()
-            produced = batch(n)
-            rates.append(produced / (time.perf_counter() - start))
-        out[str(n)] = summary(rates, 1)
-        log(f"  {n} streams: {out[str(n)]['median']} tok/s")
-    return out
+            made = batch(n)
+            rates.append(_tokens(made) / (time.perf_counter() - start))
+            gaps += _itl_ms(made)
+        out[str(n)], itl[str(n)] = summary(rates, 1), summary(gaps, 2)
+        log(f"  {n} streams: {out[str(n)]['median']} tok/s, ITL p50/p99 {itl[str(n)]['median']}/"
+            f"{itl[str(n)]['p99']} ms")
+    return out, itl
 
 
-def measure_interleaved(pairs: dict[str, tuple[Callable[[int], dict[str, Any]], Callable[[int], int]]],
+def measure_interleaved(pairs: dict[str, tuple[Callable[[int], dict[str, Any]], Batch]],
                         prompts: int, streams: list[int], repeats: int, srepeats: int) -> dict[str, Any]:
     """measure_single and measure_streams for several contenders, taking turns run by run.
 
@@ -293,12 +299,14 @@ def measure_interleaved(pairs: dict[str, tuple[Callable[[int], dict[str, Any]], 
             for name, (single, _b) in pairs.items():
                 samples[name].append(single(p))
     rates: dict[str, dict[int, list[float]]] = {name: {n: [] for n in streams} for name in pairs}
+    gaps: dict[str, dict[int, list[float]]] = {name: {n: [] for n in streams} for name in pairs}
     for n in streams:
         for _ in range(srepeats):
             for name, (_s, batch) in pairs.items():
                 start = time.perf_counter()
-                produced = batch(n)
-                rates[name][n].append(produced / (time.perf_counter() - start))
+                made = batch(n)
+                rates[name][n].append(_tokens(made) / (time.perf_counter() - start))
+                gaps[name][n] += _itl_ms(made)
         log(f"  {n} streams: " + ", ".join(f"{name} {summary(r[n], 1)['median']} tok/s" for name, r in rates.items()))
     out: dict[str, Any] = {}
     for name in pairs:
@@ -308,7 +316,8 @@ def measure_interleaved(pairs: dict[str, tuple[Callable[[int], dict[str, Any]], 
                                 "itl_ms": summary([x * 1000 for s in ss for x in s["itl_s"]], 2),
                                 "tokens": summary([s["tokens"] for s in ss], 0),
                                 "prompt_tokens": sorted({s["prompt_tokens"] for s in ss})},
-                     "streams": {str(n): summary(rates[name][n], 1) for n in streams}}
+                     "streams": {str(n): summary(rates[name][n], 1) for n in streams},
+                     "streams_itl_ms": {str(n): summary(gaps[name][n], 2) for n in streams}}
     return out
 
 
@@ -316,9 +325,8 @@ def _contender(rec: Record, name: str, make: Callable[[], Any]) -> Any:
     try:
         return make()
     except ModuleNotFoundError as exc:
-        rec.skip(name, f"{exc.name} is not installed: the `bench` extra (requirements/bench.lock) provides it; "
-                       "llama-cpp-python builds from source there (bench/install.sh), and that build failed or "
-                       "was not run")
+        rec.skip(name, f"{exc.name} is not installed: the `bench` extra (requirements/bench.lock, "
+                       "bench/install.sh) provides it")
     except Exception as exc:  # a contender that cannot load is skipped, with the reason
         rec.skip(name, f"{type(exc).__name__}: {exc}")
     return None
@@ -338,15 +346,25 @@ def run_inprocess(args: argparse.Namespace) -> Record:
     rec.doc["params"]["prompt_tokens"] = [len(i) for i in ids]
     res = rec.results
     prompts = [common.chat_prompt(q) for q in common.QUESTIONS]
-    pairs: dict[str, tuple[Callable[[int], dict[str, Any]], Callable[[int], int]]] = {
+    pairs: dict[str, tuple[Callable[[int], dict[str, Any]], Batch]] = {
         "ort-genai": (lambda i: ort.single(ids[i], tokens), lambda n: ort.batch(ids[0], tokens, n))}
     ce = None
     if "colloquy-engine" not in args.skip:
         ce = ColloquyEngine(str(model_dir), max(streams))
         pairs["colloquy-engine"] = (lambda i: ce.single(prompts[i], len(ids[i]), tokens),
                                     lambda n: ce.batch(prompts, tokens, n))
-    log(f"engine: {' and '.join(pairs)} on {version}, interleaved")
-    res.update(measure_interleaved(pairs, len(ids), streams, repeats, srepeats))
+    with contextlib.ExitStack() as servers:
+        if LLAMA not in args.skip:
+            from bench import engine_llamacpp
+
+            try:
+                srv = servers.enter_context(engine_llamacpp.running(threads=2))
+                rec.doc["params"]["llama_server_args"] = srv.args[1:]
+                pairs[LLAMA] = (lambda i: srv.single(ids[i], tokens), lambda n: srv.batch(ids, tokens, n))
+            except Exception as exc:  # not built, or it would not start: said in the JSON and the table
+                rec.skip(LLAMA, f"{type(exc).__name__}: {str(exc)[-600:]}")
+        log(f"engine: {', '.join(pairs)} on {version}, interleaved")
+        res.update(measure_interleaved(pairs, len(ids), streams, repeats, srepeats))
     if ce is not None:
         ce.close()
         res["colloquy-engine"]["prefix_cache_ttft"] = measure_cached_ttft(str(model_dir), repeats)
@@ -354,21 +372,10 @@ def run_inprocess(args: argparse.Namespace) -> Record:
         tf = _contender(rec, "transformers", Transformers)
         if tf is not None:
             log(f"engine: transformers fp32 ({tf.torch.get_num_threads()} torch threads)")
+            agg, _ = measure_streams(lambda n: tf.batch(ids[0], tokens, n), streams, srepeats)
             res["transformers"] = {
-                "single": measure_single(lambda i: tf.single(ids[i], tokens), len(ids), repeats),
-                "streams": measure_streams(lambda n: tf.batch(ids[0], tokens, n), streams, srepeats)}
+                "single": measure_single(lambda i: tf.single(ids[i], tokens), len(ids), repeats), "streams": agg}
             del tf
-    if "llama.cpp" not in args.skip:
-        import os
-
-        lc = _contender(rec, "llama.cpp", lambda: LlamaCpp(os.cpu_count() or 2))
-        if lc is not None:
-            log("engine: llama.cpp")
-            res["llama.cpp"] = {"single": measure_single(lambda i: lc.single(ids[i], tokens), len(ids), repeats),
-                                "streams": {}}
-            rec.doc["skipped"]["llama.cpp streams>1"] = (
-                "llama-cpp-python's Llama generates one sequence at a time (no batched multi-sequence API)")
-            del lc
     return rec
 
 
@@ -408,23 +415,38 @@ def run_deployment(rec: Record, args: argparse.Namespace, stack: Any) -> None:
 
     if "colloquy" in args.skip:
         return
-    settings = config.load(EngineSettings)
+    # The service's settings: its environment is this process's plus what the stack gave it.
+    with _environ(stack.extra_env.get("generation", {})):
+        settings = config.load(EngineSettings)
     rec.doc["params"]["colloquy_engine"] = {"max_running": settings.max_running, "max_waiting": settings.max_waiting,
-                                            "stream_interval_ms": settings.stream_interval_ms}
+                                            "stream_interval_ms": settings.stream_interval_ms,
+                                            "prefix_cache_conversations": settings.prefix_cache_conversations}
     p = rec.doc["params"]
     prompts = [common.chat_prompt(q) for q in common.QUESTIONS]
     dep = Deployment(f"127.0.0.1:{stack.ports['generation']}")
     log("engine: colloquy deployment (Ray Serve gRPC)")
     before = common.loadavg()
     try:
-        rec.results["colloquy"] = {
-            "single": measure_single(lambda i: dep.single(prompts[i], p["prompt_tokens"][i], args.tokens),
-                                     len(prompts), args.repeats),
-            "streams": measure_streams(lambda n: dep.batch(prompts[0], args.tokens, n), p["streams"],
-                                       args.stream_repeats),
-            "loadavg": {"before": before, "after": common.loadavg()}}
+        single = measure_single(lambda i: dep.single(prompts[i], p["prompt_tokens"][i], args.tokens),
+                                len(prompts), args.repeats)
+        agg, itl = measure_streams(lambda n: dep.batch(prompts, args.tokens, n), p["streams"], args.stream_repeats)
+        rec.results["colloquy"] = {"single": single, "streams": agg, "streams_itl_ms": itl,
+                                   "loadavg": {"before": before, "after": common.loadavg()}}
     except Exception as exc:
         rec.skip("colloquy", f"{type(exc).__name__}: {str(exc)[-600:]}")
+
+
+@contextlib.contextmanager
+def _environ(extra: dict[str, str]) -> Iterator[None]:
+    import os
+
+    old = dict(os.environ)
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
 
 
 def finish(rec: Record) -> dict[str, Any]:
@@ -436,15 +458,34 @@ def finish(rec: Record) -> dict[str, Any]:
         rec.doc["plot"] = common.plot(common.RESULTS / "engine.png",
                                       f"Aggregate decode, {rec.doc['params']['model_version']}",
                                       "concurrent streams", "tokens/s (all streams)", series, logx=True)
+    rec.doc["goals"] = [dict(zip(GOAL_HEAD, g, strict=True)) for g in goals(rec.doc)]
     doc = rec.finish()
     print(render(doc))
+    path = common.RESULTS / "engine.md"
+    path.write_text(markdown(doc), encoding="utf-8")
+    log(f"engine: wrote {path}")
     return doc
+
+
+def deployment_env(streams: list[int]) -> dict[str, str]:
+    """The generation service's settings for the benchmark, beside its defaults.
+
+    As many running rows as the most streams (the default, 8, would queue half of 16 streams where
+    llama.cpp's server runs 16 slots) and the prefix cache off, like every other contender here
+    (llama.cpp's ``cache_prompt`` included): the figures compare batching, not prompt reuse, which
+    the cached-TTFT goal measures on its own.
+    """
+    top = str(max(streams))
+    return {"GENERATION_MAX_RUNNING": top, "GENERATION_MAX_WAITING": top,
+            "GENERATION_PREFIX_CACHE_CONVERSATIONS": "0"}
 
 
 def run_deployment_alone(rec: Record, args: argparse.Namespace) -> None:
     """The Colloquy contender on the generation service alone (no Kafka bridge, no other service)."""
+    env = {"KAFKA_WORKER": "false", **deployment_env(rec.doc["params"]["streams"])}
+    rec.doc["params"]["colloquy_env"] = env
     try:
-        with common.stack(["generation"], {"generation": {"KAFKA_WORKER": "false"}}) as s:
+        with common.stack(["generation"], {"generation": env}) as s:
             run_deployment(rec, args, s)
     except Exception as exc:
         rec.skip("colloquy", f"{type(exc).__name__}: {str(exc)[-600:]}")
@@ -477,16 +518,65 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a and b else None
 
 
+GOAL_HEAD = ["subject", "goal (issue 15)", "target", "measured", "status"]
+SUBJECTS = {"colloquy": "deployment (Ray Serve gRPC)", "colloquy-engine": "engine in process"}
+
+
+def goals(doc: dict[str, Any]) -> list[list[Any]]:
+    """Issue 15's measured goals, each a ratio of two figures from this one run: met / not met.
+
+    Stated for the deployment; the in-process engine is judged the same way beside it, so that
+    what Ray Serve and gRPC cost shows. A figure that was not measured is "unknown", never met.
+    """
+    res = doc.get("results", {})
+    g = lambda *keys: _dig(res, *keys)  # noqa: E731
+    out: list[list[Any]] = []
+    for subject, label in SUBJECTS.items():
+        a1, a16 = g(subject, "streams", "1", "median"), g(subject, "streams", "16", "median")
+        lc16, o16 = g(LLAMA, "streams", "16", "median"), g("ort-genai", "streams", "16", "median")
+        b1, ob1 = g(subject, "single", "decode_tok_s", "median"), g("ort-genai", "single", "decode_tok_s", "median")
+        p50, p99 = g(subject, "streams_itl_ms", "16", "median"), g(subject, "streams_itl_ms", "16", "p99")
+        checks = [
+            ("aggregate@16 vs llama.cpp server (16 slots) @16", 1.2, a16, lc16, True),
+            ("aggregate@16 vs its own single stream", 3.0, a16, a1, True),
+            ("aggregate@16 vs ORT GenAI static batch of 16", 0.9, a16, o16, True),
+            ("single-stream decode vs ORT GenAI Generator b1", 0.95, b1, ob1, True),
+            ("ITL p99 / p50 @16 streams", 3.0, p99, p50, False),
+        ]
+        if subject == "colloquy-engine":
+            ttft = g(subject, "prefix_cache_ttft")
+            checks.append(("TTFT, hidden instructions cached vs cache off", 0.6,
+                           _dig(ttft, "cache_on", "median"), _dig(ttft, "cache_off", "median"), False))
+        for goal, bound, num, den, at_least in checks:
+            r = _ratio(num, den)
+            target = f"{'>=' if at_least else '<='} {bound}x"
+            measured = f"{fmt(num)} / {fmt(den)} = {r}x" if r is not None else "not measured"
+            status = "unknown" if r is None else ("met" if (r >= bound if at_least else r <= bound) else "not met")
+            out.append([label, goal, target, measured, status])
+    return out
+
+
+def _dig(d: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
 def rows(doc: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     streams = [str(n) for n in doc["params"]["streams"]]
+    top = streams[-1]
     head = ["contender", "decode tok/s b1", "ITL p50/p99 ms", "TTFT ms"] + [f"agg@{n}" for n in streams] + [
-        "b1 vs ORT", *(f"@{n} vs ORT" for n in streams if n != "1")]
+        f"ITL@{top} p50/p99 ms", "b1 vs ORT", *(f"@{n} vs ORT" for n in streams if n != "1")]
     out = []
     for name, r in doc["results"].items():
         s = r["single"]
         rat = doc.get("ratios", {}).get(name, {})
+        itl = r.get("streams_itl_ms", {}).get(top) or {}
         out.append([name, s["decode_tok_s"]["median"], f"{s['itl_ms']['median']}/{s['itl_ms']['p99']}",
                     s["ttft_ms"]["median"], *(r["streams"].get(n, {}).get("median") for n in streams),
+                    f"{itl['median']}/{itl['p99']}" if itl.get("median") is not None else "-",
                     f"{rat.get('decode_batch1')}x", *(f"{rat.get(f'aggregate_{n}')}x" if rat.get(
                         f"aggregate_{n}") else "-" for n in streams if n != "1")])
     return head, out
@@ -495,9 +585,31 @@ def rows(doc: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
 def render(doc: dict[str, Any]) -> str:
     head, body = rows(doc)
     text = common.table(body, head)
+    text += "\n\n" + common.table(goals(doc), GOAL_HEAD)
     for what, why in doc.get("skipped", {}).items():
         text += f"\n(skipped {what}: {why})"
     return text
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """bench/results/engine.md: the figures, issue 15's goals, and how they were taken."""
+    head, body = rows(doc)
+    p, m = doc["params"], doc["machine"]
+    lines = [f"# Engine benchmark ({doc['started']})", "",
+             f"Model `{p.get('model_version')}`, greedy, {p.get('max_tokens')} new tokens, prompts of "
+             f"{p.get('prompt_tokens')} tokens, streams {p.get('streams')}; {m.get('cpus')} CPUs "
+             f"({m.get('processor')}), load {m['loadavg_before'][0]} -> {m['loadavg_after'][0]}"
+             f"{' (**noisy**)' if doc.get('noisy') else ''}; {doc.get('seconds')} s. tok/s are medians; "
+             "agg@N = all new tokens of N concurrent streams over the wall-clock time.", "",
+             common.markdown_table(body, head), "", "## Issue 15's goals (ratios within this run)", "",
+             common.markdown_table(goals(doc), GOAL_HEAD), ""]
+    if p.get("llama_server_args"):
+        lines += [f"llama.cpp server: `llama-server {' '.join(p['llama_server_args'])}`.", ""]
+    if p.get("colloquy_engine"):
+        lines += [f"Deployment engine settings: {p['colloquy_engine']}.", ""]
+    lines += [f"Method: {p.get('method', '')}", ""]
+    lines += [f"- skipped {what}: {why}" for what, why in doc.get("skipped", {}).items()]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
