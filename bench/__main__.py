@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # The whole run holds the machine (the cores are shared): in-process figures and the stack's
+    # come from one quiet stretch, and no other heavy run starts between them.
+    with common.stack_lock():
+        return _run(args, names)
+
+
+def _run(args: argparse.Namespace, names: list[str]) -> int:
     started = time.perf_counter()
     if "model" in names:
         model_quality.run(args)

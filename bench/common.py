@@ -267,19 +267,15 @@ def stack(services: Sequence[str] | None = None,
     """The test harness's Stack (separate OS processes, free ports), or only some of its services.
 
     Holds ``flock /tmp/colloquy-stack.lock`` (the same flock(2) lock the tests' runs take) while
-    the stack lives, and only then: two stacks on two cores starve each other, and the in-process
-    benchmarks need no lock.
+    the stack lives (``stack_lock``: a run that holds it already keeps it): two stacks on two
+    cores starve each other.
     """
-    import fcntl
-
     from services.common import topics
     from tests import kafka_broker
     from tests.pipeline.stack import ORDER, Stack
 
-    lock = open(STACK_LOCK, "a")  # noqa: SIM115 - closed below
-    if not _try_lock(lock):
-        log(f"waiting for {STACK_LOCK} (another stack is running)")
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock = stack_lock()
+    lock.__enter__()
     kafka_broker.ensure_broker(BOOTSTRAP)
     # The harness writes each service's log to $TMPDIR/colloquy-test-*.log and reads it back to see
     # "serving"; other sessions' clean-ups remove those in /tmp, so ours go to a folder of our own
@@ -316,11 +312,39 @@ def stack(services: Sequence[str] | None = None,
         except Exception as exc:  # a diagnostic only
             log(f"stack CPU accounting failed: {exc}")
         s.stop()
-        lock.close()  # releases the flock
+        lock.__exit__(None, None, None)  # releases the flock unless an outer run holds it
         if old_tmp is None:
             os.environ.pop("TMPDIR", None)
         else:
             os.environ["TMPDIR"] = old_tmp
+
+
+_held = 0  # stack_lock() depth in this process
+
+
+@contextlib.contextmanager
+def stack_lock() -> Iterator[None]:
+    """``flock STACK_LOCK`` for a heavy run (a stack, or in-process contenders): exclusive use of
+    the shared cores. Reentrant in this process, so that a benchmark holding it across its
+    in-process part and its stack keeps the machine in between; with COLLOQUY_STACK_LOCK_HELD=1
+    the caller holds it (``flock /tmp/colloquy-stack.lock make bench ...``) and this takes nothing.
+    """
+    import fcntl
+
+    global _held
+    f = None
+    if _held == 0 and os.environ.get("COLLOQUY_STACK_LOCK_HELD") != "1":
+        f = open(STACK_LOCK, "a")  # noqa: SIM115 - closed below
+        if not _try_lock(f):
+            log(f"waiting for {STACK_LOCK} (another heavy run holds it)")
+            fcntl.flock(f, fcntl.LOCK_EX)
+    _held += 1
+    try:
+        yield
+    finally:
+        _held -= 1
+        if f is not None:
+            f.close()  # releases the flock
 
 
 def stack_cpu(s: Any) -> dict[str, float]:

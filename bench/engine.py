@@ -492,11 +492,12 @@ def run_deployment_alone(rec: Record, args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Standalone: in-process contenders, then the generation service alone."""
-    rec = run_inprocess(args)
-    if "colloquy" not in args.skip:
-        run_deployment_alone(rec, args)
-    return finish(rec)
+    """Standalone: in-process contenders, then the generation service alone, one lock held."""
+    with common.stack_lock():
+        rec = run_inprocess(args)
+        if "colloquy" not in args.skip:
+            run_deployment_alone(rec, args)
+        return finish(rec)
 
 
 def ratios(res: dict[str, Any]) -> dict[str, Any]:

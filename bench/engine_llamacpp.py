@@ -164,7 +164,7 @@ def main() -> None:
     out: dict[str, Any] = {"benchmark": "engine-llamacpp", "model_version": version, "gguf": str(common.gguf_path()),
                            "max_tokens": tokens, "repeats": repeats, "prompts": common.QUESTIONS,
                            "loadavg_before": common.loadavg()}
-    with running() as srv:
+    with common.stack_lock(), running() as srv:
         out["server_args"] = srv.args[1:]
         out["results"] = engine.measure_interleaved(
             {"ort-genai": (lambda i: ort.single(ids[i], tokens), lambda n: ort.batch(ids[0], tokens, n)),
