@@ -4,10 +4,12 @@ Runs the real stack (tests/pipeline/stack.py: real Kafka, gRPC services, Ray Ser
 ONNX model) on loopback only, with a fixed number of chats per phase, and writes
 bench/results/reliability.json and reliability.md:
 
-0. capacity: with admission wide open, raise concurrent chats (1, 2, 4, 6, 8, 12, 16) until one
-   level breaks the SLO (a chat fails, or time to first token above --slo-ttft; with this few
+0. capacity: with admission wide open, raise concurrent chats (1, 2, 4, 8, 12, 16, 24, 32) until
+   one level breaks the SLO (a chat fails, or time to first token above --slo-ttft; with this few
    chats per level, p99 is the maximum). Capacity C is the last level that held, and the gateway
-   is restarted with C as its admission limit (CHAT_MAX_CONCURRENT).
+   is restarted with C as its admission limit (CHAT_MAX_CONCURRENT). Levels go past 16 because a
+   batching engine's capacity is meant to be 3x the old engine's 8 (issue 15); the capacity a new
+   search replaces is kept in the JSON as ``capacity_previous`` (with the commit it ran on).
 1. load: C concurrent chats (C = the measured capacity) at 1x, 2x and 4x C: completed,
    refused fast (RESOURCE_EXHAUSTED), other errors, time to first token p50/p99 of the accepted,
    time to refusal, and the services' memory before/after.
@@ -87,7 +89,17 @@ def phase_capacity(stub: chat_pb2_grpc.ChatServiceStub, levels: list[int], slo_t
         if not meets:
             break
         capacity = n
-    return {"slo_ttft_p99_s": slo_ttft_s, "levels": rows, "capacity": max(1, capacity)}
+    return {"slo_ttft_p99_s": slo_ttft_s, "levels": rows, "capacity": max(1, capacity),
+            "measured_unix": time.time(), "commit": _commit()}
+
+
+def _commit() -> str | None:
+    """The checkout's commit: which engine a capacity figure belongs to."""
+    import subprocess
+
+    out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         check=False)
+    return out.stdout.strip() or None
 
 
 def phase_load(stack: Stack, stub: chat_pb2_grpc.ChatServiceStub, capacity: int, rounds: int) -> dict[str, Any]:
@@ -200,6 +212,10 @@ def write_report(result: dict[str, Any]) -> None:
     previous = RESULTS / "reliability.json"
     if previous.is_file():  # a run of some phases keeps the other phases' last figures
         kept = json.loads(previous.read_text())
+        if "capacity" in result and "capacity" in kept:  # the figure a new search replaces, for comparison
+            result["capacity_previous"] = {**kept["capacity"], "run_started_unix": kept.get("started_unix")}
+        elif "capacity_previous" in kept:
+            result["capacity_previous"] = kept["capacity_previous"]
         result = {**{k: v for k, v in kept.items() if k in PHASES}, **result}
     (RESULTS / "reliability.json").write_text(json.dumps(result, indent=2))
     lines = ["| what | figure |", "|---|---|"]
@@ -209,6 +225,10 @@ def write_report(result: dict[str, Any]) -> None:
                           for r in cap["levels"])
         lines.append(f"| capacity search (TTFT p99 <= {cap['slo_ttft_p99_s']} s, all complete) | "
                      f"**{cap['capacity']}** concurrent chats; {steps} |")
+        prev = result.get("capacity_previous")
+        if prev:
+            lines.append(f"| capacity found by the search before (commit {prev.get('commit') or 'older'}, another "
+                         f"run) | {prev['capacity']} concurrent chats: now {cap['capacity'] / prev['capacity']:.1f}x |")
     load = result.get("load")
     if load:
         lines.append(f"| capacity (gateway admission limit) | {load['capacity']} concurrent chats |")
@@ -245,7 +265,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--capacity", type=int, default=0,
                     help="the gateway's admission limit (CHAT_MAX_CONCURRENT); 0: measure it (phase capacity)")
-    ap.add_argument("--levels", default="1,2,4,6,8,12,16", help="concurrency levels of the capacity search")
+    ap.add_argument("--levels", default="1,2,4,8,12,16,24,32", help="concurrency levels of the capacity search")
     ap.add_argument("--slo-ttft", type=float, default=5.0, help="capacity SLO: time to first token p99, seconds")
     ap.add_argument("--rounds", type=int, default=2, help="rounds per load level")
     ap.add_argument("--clients", type=int, default=4, help="concurrent clients during faults and restarts")
@@ -263,6 +283,8 @@ def main() -> int:
     bound = str(max([*levels, args.capacity]))
     env = {"gateway": {"CHAT_MAX_CONCURRENT": str(args.capacity or max(levels)), "CHAT_USER_RATE_PER_MINUTE": "0"},
            "generation": {"GENERATION_MAX_RUNNING": bound, "GENERATION_MAX_WAITING": bound}}
+    lock = common.stack_lock()  # the whole stack's run holds the shared cores
+    lock.__enter__()
     stack = Stack(bootstrap, extra_env=env).start()
     result: dict[str, Any] = {"started_unix": time.time(), "load_average_start": os.getloadavg(),
                               "args": vars(args), "run_id": uuid.uuid4().hex[:8]}
@@ -289,6 +311,7 @@ def main() -> int:
     finally:
         result["load_average_end"] = os.getloadavg()
         stack.stop()
+        lock.__exit__(None, None, None)
         write_report(result)
     return 0
 
