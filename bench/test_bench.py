@@ -114,3 +114,28 @@ def test_stack_cpu_counts_a_process_and_its_children(tmp_path: Path, monkeypatch
         child.wait()
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     assert json.loads(common.write_json("x", {"a": 1}).read_text()) == {"a": 1}
+
+
+def test_engine_goals_judge_each_ratio_and_call_missing_figures_unknown() -> None:
+    agg = lambda one, sixteen: {"1": {"median": one}, "16": {"median": sixteen}}  # noqa: E731
+    single = lambda tps: {"decode_tok_s": {"median": tps}}  # noqa: E731
+    doc = {"results": {
+        "ort-genai": {"single": single(100.0), "streams": agg(50.0, 200.0)},
+        engine.LLAMA: {"single": single(80.0), "streams": agg(60.0, 150.0)},
+        "colloquy": {"single": single(96.0), "streams": agg(50.0, 170.0),
+                     "streams_itl_ms": {"16": {"median": 40.0, "p99": 130.0}}},
+    }}
+    rows = {(r[0], r[1]): r for r in engine.goals(doc)}
+    dep = engine.SUBJECTS["colloquy"]
+    assert rows[(dep, "aggregate@16 vs llama.cpp server (16 slots) @16")][4] == "not met"  # 1.13x < 1.2x
+    assert rows[(dep, "aggregate@16 vs its own single stream")][4] == "met"  # 3.4x
+    assert rows[(dep, "aggregate@16 vs ORT GenAI static batch of 16")][4] == "not met"  # 0.85x
+    assert rows[(dep, "single-stream decode vs ORT GenAI Generator b1")][4] == "met"  # 0.96x
+    assert rows[(dep, "ITL p99 / p50 @16 streams")][4] == "not met"  # 3.25x > 3x
+    eng = engine.SUBJECTS["colloquy-engine"]
+    assert {r[4] for k, r in rows.items() if k[0] == eng} == {"unknown"}
+
+
+def test_produced_spreads_each_streams_coalesced_tokens() -> None:
+    out = engine.produced([{"stamps": [1.0, 2.0], "counts": [1, 2]}, {"stamps": [0.5], "counts": [3]}])
+    assert out["tokens"] == 6 and out["itl_s"] == pytest.approx([0.5, 0.5])
