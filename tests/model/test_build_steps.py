@@ -47,9 +47,10 @@ def test_failed_step_leaves_previous_output(tmp_path: Path) -> None:
 
 
 def test_choose_default_is_fastest_within_two_points() -> None:
-    quality = {"cpu-fp32": {"score": 150, "total": 200}, "cpu-int4-rtn": {"score": 145, "total": 200},
-               "cpu-int4-rtn-last": {"score": 146, "total": 200},
-               "cpu-int4-kquant-mixed": {"score": 150, "total": 200},
+    quality = {"cpu-fp32": {"score": 150, "total": 200, "same_answer_as_fp32": 200},
+               "cpu-int4-rtn": {"score": 145, "total": 200, "same_answer_as_fp32": 200},
+               "cpu-int4-rtn-last": {"score": 146, "total": 200, "same_answer_as_fp32": 200},
+               "cpu-int4-kquant-mixed": {"score": 150, "total": 200, "same_answer_as_fp32": 200},
                "cuda-fp16": {"skipped": "no GPU"}}
     speed = {"cpu-fp32": {"decode_tok_s": 30.0}, "cpu-int4-rtn": {"decode_tok_s": 140.0},
              "cpu-int4-rtn-last": {"decode_tok_s": 120.0},
@@ -60,8 +61,9 @@ def test_choose_default_is_fastest_within_two_points() -> None:
 
 
 def test_choose_default_breaks_speed_ties_by_score() -> None:
-    quality = {"cpu-fp32": {"score": 100, "total": 100}, "cpu-int4-rtn": {"score": 99, "total": 100},
-               "cpu-int4-rtn-last": {"score": 100, "total": 100}}
+    quality = {"cpu-fp32": {"score": 100, "total": 100, "same_answer_as_fp32": 100},
+               "cpu-int4-rtn": {"score": 99, "total": 100, "same_answer_as_fp32": 100},
+               "cpu-int4-rtn-last": {"score": 100, "total": 100, "same_answer_as_fp32": 100}}
     speed = {"cpu-fp32": {"decode_tok_s_best": 30.0}, "cpu-int4-rtn": {"decode_tok_s_best": 104.0},
              "cpu-int4-rtn-last": {"decode_tok_s_best": 100.0}}
     assert choose_default(quality, speed) == "cpu-int4-rtn-last"  # within 5%: score wins
@@ -70,6 +72,17 @@ def test_choose_default_breaks_speed_ties_by_score() -> None:
     del quality["cpu-fp32"]  # without fp32 the best score is the reference
     quality["cpu-int4-rtn"]["score"] = 97
     assert choose_default(quality, speed) == "cpu-int4-rtn-last"
+
+
+def test_choose_default_needs_fp32s_answers_not_only_its_score() -> None:
+    quality = {"cpu-fp32": {"score": 146, "total": 184, "same_answer_as_fp32": 184},
+               "cpu-int4-gguf": {"score": 147, "total": 184, "same_answer_as_fp32": 115},
+               "cpu-int4-gguf-f32act": {"score": 146, "total": 184, "same_answer_as_fp32": 184}}
+    speed = {"cpu-fp32": {"decode_tok_s_best": 24.0}, "cpu-int4-gguf": {"decode_tok_s_best": 65.0},
+             "cpu-int4-gguf-f32act": {"decode_tok_s_best": 50.0}}
+    assert choose_default(quality, speed) == "cpu-int4-gguf-f32act"  # 115/184 answers differ: out
+    quality["cpu-int4-gguf"]["same_answer_as_fp32"] = 170  # 92%: eligible, and faster
+    assert choose_default(quality, speed) == "cpu-int4-gguf"
 
 
 def test_select_variants() -> None:
