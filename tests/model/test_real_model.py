@@ -79,7 +79,7 @@ def test_fp32_onnx_logits_match_transformers(hf_fp32_dir: Path, onnx_fp32_dir: P
 @pytest.mark.parametrize(("country", "capital"), [("Japan", "Tokyo"), ("Germany", "Berlin"),
                                                 ("Egypt", "Cairo")])
 def test_served_default_names_capitals(served_version: ModelVersion, country: str, capital: str) -> None:
-    """Questions every build answers greedy. (France is a near-tie on the served int8-activation
+    """Questions every build answers greedy. (France is a near-tie on the int8-activation
     build, "The" against "L'" as the first token, and comes out in French; the quality gate
     judges builds on 184 questions, and the pipeline check through the hidden instructions.)"""
     model, tokenizer = load(served_version.path, "cpu")
