@@ -67,19 +67,26 @@ def produced(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Tokens of concurrent streams and every stream's inter-token gaps (``{"stamps", "counts"}`` each).
 
     What a batch run returns, so that the aggregate rate and the ITL at N streams come from the
-    same runs.
+    same runs. ``itl_steady_s``: only the gaps that begin once every stream has its first token,
+    to tell the stalls of streams joining (prefills between decode steps) from steady decoding.
     """
-    itl = [(b - a) / n for r in runs
-           for a, b, n in zip(r["stamps"], r["stamps"][1:], r["counts"][1:], strict=False) for _ in range(n)]
-    return {"tokens": sum(sum(r["counts"]) for r in runs), "itl_s": itl}
+    steady_from = max((r["stamps"][0] for r in runs if r["stamps"]), default=0.0)
+    itl, steady = [], []
+    for r in runs:
+        for a, b, n in zip(r["stamps"], r["stamps"][1:], r["counts"][1:], strict=False):
+            itl += [(b - a) / n] * n
+            if a >= steady_from:
+                steady += [(b - a) / n] * n
+    return {"tokens": sum(sum(r["counts"]) for r in runs), "itl_s": itl, "itl_steady_s": steady}
 
 
 def _tokens(out: int | dict[str, Any]) -> int:
     return out if isinstance(out, int) else int(out["tokens"])
 
 
-def _itl_ms(out: int | dict[str, Any]) -> list[float]:
-    return [] if isinstance(out, int) else [x * 1000 for x in out["itl_s"]]
+def _itl_ms(out: int | dict[str, Any], key: str = "itl_s") -> list[float]:
+    """A batch run's gaps in ms (``itl_steady_s``: a static batch's rows start together, all steady)."""
+    return [] if isinstance(out, int) else [x * 1000 for x in out.get(key, out["itl_s"])]
 
 
 class OrtGenai:
@@ -271,13 +278,15 @@ def measure_streams(batch: Batch, streams: list[int], repeats: int) -> tuple[dic
     itl: dict[str, Any] = {}
     batch(streams[0])  # warm-up, excluded (one per contender: the model is warm for every count)
     for n in streams:
-        rates, gaps = [], []
+        rates, gaps, steady = [], [], []
         for _ in range(repeats):
             start = time.perf_counter()
             made = batch(n)
             rates.append(_tokens(made) / (time.perf_counter() - start))
             gaps += _itl_ms(made)
+            steady += _itl_ms(made, "itl_steady_s")
         out[str(n)], itl[str(n)] = summary(rates, 1), summary(gaps, 2)
+        itl[f"{n}_steady"] = summary(steady, 2)
         log(f"  {n} streams: {out[str(n)]['median']} tok/s, ITL p50/p99 {itl[str(n)]['median']}/"
             f"{itl[str(n)]['p99']} ms")
     return out, itl
@@ -300,6 +309,7 @@ def measure_interleaved(pairs: dict[str, tuple[Callable[[int], dict[str, Any]], 
                 samples[name].append(single(p))
     rates: dict[str, dict[int, list[float]]] = {name: {n: [] for n in streams} for name in pairs}
     gaps: dict[str, dict[int, list[float]]] = {name: {n: [] for n in streams} for name in pairs}
+    steady: dict[str, dict[int, list[float]]] = {name: {n: [] for n in streams} for name in pairs}
     for n in streams:
         for _ in range(srepeats):
             for name, (_s, batch) in pairs.items():
@@ -307,6 +317,7 @@ def measure_interleaved(pairs: dict[str, tuple[Callable[[int], dict[str, Any]], 
                 made = batch(n)
                 rates[name][n].append(_tokens(made) / (time.perf_counter() - start))
                 gaps[name][n] += _itl_ms(made)
+                steady[name][n] += _itl_ms(made, "itl_steady_s")
         log(f"  {n} streams: " + ", ".join(f"{name} {summary(r[n], 1)['median']} tok/s" for name, r in rates.items()))
     out: dict[str, Any] = {}
     for name in pairs:
@@ -317,7 +328,8 @@ def measure_interleaved(pairs: dict[str, tuple[Callable[[int], dict[str, Any]], 
                                 "tokens": summary([s["tokens"] for s in ss], 0),
                                 "prompt_tokens": sorted({s["prompt_tokens"] for s in ss})},
                      "streams": {str(n): summary(rates[name][n], 1) for n in streams},
-                     "streams_itl_ms": {str(n): summary(gaps[name][n], 2) for n in streams}}
+                     "streams_itl_ms": {**{str(n): summary(gaps[name][n], 2) for n in streams},
+                                        **{f"{n}_steady": summary(steady[name][n], 2) for n in streams}}}
     return out
 
 
@@ -537,12 +549,15 @@ def goals(doc: dict[str, Any]) -> list[list[Any]]:
         lc16, o16 = g(LLAMA, "streams", "16", "median"), g("ort-genai", "streams", "16", "median")
         b1, ob1 = g(subject, "single", "decode_tok_s", "median"), g("ort-genai", "single", "decode_tok_s", "median")
         p50, p99 = g(subject, "streams_itl_ms", "16", "median"), g(subject, "streams_itl_ms", "16", "p99")
+        s50, s99 = (g(subject, "streams_itl_ms", "16_steady", "median"),
+                    g(subject, "streams_itl_ms", "16_steady", "p99"))
         checks = [
             ("aggregate@16 vs llama.cpp server (16 slots) @16", 1.2, a16, lc16, True),
             ("aggregate@16 vs its own single stream", 3.0, a16, a1, True),
             ("aggregate@16 vs ORT GenAI static batch of 16", 0.9, a16, o16, True),
             ("single-stream decode vs ORT GenAI Generator b1", 0.95, b1, ob1, True),
             ("ITL p99 / p50 @16 streams", 3.0, p99, p50, False),
+            ("(diagnostic) the same once all 16 have their first token", 3.0, s99, s50, False),
         ]
         if subject == "colloquy-engine":
             ttft = g(subject, "prefix_cache_ttft")
@@ -569,15 +584,18 @@ def rows(doc: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     streams = [str(n) for n in doc["params"]["streams"]]
     top = streams[-1]
     head = ["contender", "decode tok/s b1", "ITL p50/p99 ms", "TTFT ms"] + [f"agg@{n}" for n in streams] + [
-        f"ITL@{top} p50/p99 ms", "b1 vs ORT", *(f"@{n} vs ORT" for n in streams if n != "1")]
+        f"ITL@{top} p50/p99 ms", f"ITL@{top} steady p50/p99", "b1 vs ORT",
+        *(f"@{n} vs ORT" for n in streams if n != "1")]
     out = []
     for name, r in doc["results"].items():
         s = r["single"]
         rat = doc.get("ratios", {}).get(name, {})
         itl = r.get("streams_itl_ms", {}).get(top) or {}
+        steady = r.get("streams_itl_ms", {}).get(f"{top}_steady") or {}
         out.append([name, s["decode_tok_s"]["median"], f"{s['itl_ms']['median']}/{s['itl_ms']['p99']}",
                     s["ttft_ms"]["median"], *(r["streams"].get(n, {}).get("median") for n in streams),
                     f"{itl['median']}/{itl['p99']}" if itl.get("median") is not None else "-",
+                    f"{steady['median']}/{steady['p99']}" if steady.get("median") is not None else "-",
                     f"{rat.get('decode_batch1')}x", *(f"{rat.get(f'aggregate_{n}')}x" if rat.get(
                         f"aggregate_{n}") else "-" for n in streams if n != "1")])
     return head, out
