@@ -218,6 +218,13 @@ def write_report(result: dict[str, Any]) -> None:
             result["capacity_previous"] = kept["capacity_previous"]
         result = {**{k: v for k, v in kept.items() if k in PHASES}, **result}
     (RESULTS / "reliability.json").write_text(json.dumps(result, indent=2))
+    text = render(result)
+    (RESULTS / "reliability.md").write_text(text)
+    print(text, end="")
+
+
+def render(result: dict[str, Any]) -> str:
+    """reliability.md's table from reliability.json's phases (each from its last run)."""
     lines = ["| what | figure |", "|---|---|"]
     cap = result.get("capacity")
     if cap:
@@ -231,7 +238,9 @@ def write_report(result: dict[str, Any]) -> None:
                          f"run) | {prev['capacity']} concurrent chats: now {cap['capacity'] / prev['capacity']:.1f}x |")
     load = result.get("load")
     if load:
-        lines.append(f"| capacity (gateway admission limit) | {load['capacity']} concurrent chats |")
+        earlier = " (load phase of an earlier run, at that run's capacity)" if cap and cap["capacity"] != load[
+            "capacity"] else ""
+        lines.append(f"| capacity (gateway admission limit){earlier} | {load['capacity']} concurrent chats |")
         for r in load["rows"]:
             lines.append(f"| load {r['multiple']}x ({r['concurrent']} concurrent) | {r['completed']}/{r['chats']} "
                          f"completed, {r['refused_resource_exhausted']} refused fast; TTFT p50 {r['ttft_p50_s']} s, "
@@ -254,8 +263,7 @@ def write_report(result: dict[str, Any]) -> None:
     if fuzz:
         lines.append(f"| hostile input | {fuzz['tried']} random messages/bytes to {len(fuzz['by_method'])} RPCs, "
                      f"{fuzz['internal_or_unknown']} INTERNAL/UNKNOWN, services alive: {fuzz['alive']} |")
-    (RESULTS / "reliability.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 PHASES = ("capacity", "load", "faults", "rolling", "fuzz")
