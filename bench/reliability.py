@@ -4,12 +4,12 @@ Runs the real stack (tests/pipeline/stack.py: real Kafka, gRPC services, Ray Ser
 ONNX model) on loopback only, with a fixed number of chats per phase, and writes
 bench/results/reliability.json and reliability.md:
 
-0. capacity: with admission wide open, raise concurrent chats (1, 2, 4, 8, 12, 16, 24, 32) until
+0. capacity: with admission wide open, raise concurrent chats (1, 2, 4, 8, 12, 16, 20, 24, 32) until
    one level breaks the SLO (a chat fails, or time to first token above --slo-ttft; with this few
    chats per level, p99 is the maximum). Capacity C is the last level that held, and the gateway
    is restarted with C as its admission limit (CHAT_MAX_CONCURRENT). Levels go past 16 because a
    batching engine's capacity is meant to be 3x the old engine's 8 (issue 15); the capacity a new
-   search replaces is kept in the JSON as ``capacity_previous`` (with the commit it ran on).
+   search replaces is kept in the JSON's ``capacity_history`` (with the commit it ran on).
 1. load: C concurrent chats (C = the measured capacity) at 1x, 2x and 4x C: completed,
    refused fast (RESOURCE_EXHAUSTED), other errors, time to first token p50/p99 of the accepted,
    time to refusal, and the services' memory before/after.
@@ -212,10 +212,11 @@ def write_report(result: dict[str, Any]) -> None:
     previous = RESULTS / "reliability.json"
     if previous.is_file():  # a run of some phases keeps the other phases' last figures
         kept = json.loads(previous.read_text())
-        if "capacity" in result and "capacity" in kept:  # the figure a new search replaces, for comparison
-            result["capacity_previous"] = {**kept["capacity"], "run_started_unix": kept.get("started_unix")}
-        elif "capacity_previous" in kept:
-            result["capacity_previous"] = kept["capacity_previous"]
+        history = kept.get("capacity_history") or [kept[k] for k in ("capacity_previous",) if k in kept]
+        if "capacity" in result and "capacity" in kept:  # the figures new searches replaced, for comparison
+            history = [*history, {**kept["capacity"], "run_started_unix": kept.get("started_unix")}]
+        if history:
+            result["capacity_history"] = history
         result = {**{k: v for k, v in kept.items() if k in PHASES}, **result}
     (RESULTS / "reliability.json").write_text(json.dumps(result, indent=2))
     text = render(result)
@@ -232,10 +233,10 @@ def render(result: dict[str, Any]) -> str:
                           for r in cap["levels"])
         lines.append(f"| capacity search (TTFT p99 <= {cap['slo_ttft_p99_s']} s, all complete) | "
                      f"**{cap['capacity']}** concurrent chats; {steps} |")
-        prev = result.get("capacity_previous")
-        if prev:
-            lines.append(f"| capacity found by the search before (commit {prev.get('commit') or 'older'}, another "
-                         f"run) | {prev['capacity']} concurrent chats: now {cap['capacity'] / prev['capacity']:.1f}x |")
+        for prev in result.get("capacity_history", []):
+            commit = prev.get("commit") or "before the batching engine"
+            lines.append(f"| capacity found by an earlier search (commit {commit}) | {prev['capacity']} concurrent "
+                         f"chats: now {cap['capacity'] / prev['capacity']:.1f}x |")
     load = result.get("load")
     if load:
         earlier = " (load phase of an earlier run, at that run's capacity)" if cap and cap["capacity"] != load[
@@ -273,7 +274,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--capacity", type=int, default=0,
                     help="the gateway's admission limit (CHAT_MAX_CONCURRENT); 0: measure it (phase capacity)")
-    ap.add_argument("--levels", default="1,2,4,8,12,16,24,32", help="concurrency levels of the capacity search")
+    ap.add_argument("--levels", default="1,2,4,8,12,16,20,24,32", help="concurrency levels of the capacity search")
     ap.add_argument("--slo-ttft", type=float, default=5.0, help="capacity SLO: time to first token p99, seconds")
     ap.add_argument("--rounds", type=int, default=2, help="rounds per load level")
     ap.add_argument("--clients", type=int, default=4, help="concurrent clients during faults and restarts")
