@@ -266,9 +266,9 @@ def stack(services: Sequence[str] | None = None,
           extra_env: dict[str, dict[str, str]] | None = None) -> Iterator[Any]:
     """The test harness's Stack (separate OS processes, free ports), or only some of its services.
 
-    Holds ``flock /tmp/colloquy-stack.lock`` (the same flock(2) lock the tests' runs take) while
-    the stack lives (``stack_lock``: a run that holds it already keeps it): two stacks on two
-    cores starve each other.
+    Holds ``flock /tmp/colloquy-stack.lock`` while the stack lives (``stack_lock``: a run that
+    holds it already keeps it): two stacks on two cores starve each other. scripts/test.sh does
+    not take it: ``flock /tmp/colloquy-stack.lock make test`` keeps benchmarks off a test run.
     """
     from services.common import topics
     from tests import kafka_broker
