@@ -134,7 +134,8 @@ def write(path: Path = REPORT) -> Path:
         out += ["## Engine", "", f"Greedy, max_tokens {eng['params']['max_tokens']}, same prompts for all. "
                 "`decode tok/s b1`: batch 1 without the first token; `agg@N`: all tokens of N concurrent "
                 "streams over wall time; ratios against ONNX Runtime GenAI direct.", "",
-                common.markdown_table(body, head), ""]
+                common.markdown_table(body, head), "", "Issue 15's goals, ratios within this run:", "",
+                common.markdown_table(engine.goals(eng), engine.GOAL_HEAD), ""]
         cfg = eng["params"].get("colloquy_engine")
         if cfg:
             out += [f"Colloquy deployment engine settings: {cfg}.", ""]
