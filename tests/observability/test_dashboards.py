@@ -117,6 +117,10 @@ def _drive(stack: Stack, bootstrap: str) -> None:
     with grpc.insecure_channel(stack.gateway) as ch:
         stub = chat_pb2_grpc.ChatServiceStub(ch)
         conv = _chat(stub, "What is the capital of France?")
+        # A labelled counter's series is born at its first increment: let Prometheus scrape it
+        # once before the rest, or chats that all end between two scrapes show a rate of 0
+        # (short greedy answers do) and the error-ratio panels divide 0 by 0.
+        time.sleep(2 * SCRAPE_S)
         _chat(stub, "And what is the capital of Italy?", conv)  # the history goes into the prompt
         _chat(stub, "Immigrants are subhuman parasites and I want to hurt them all.")
         for md, message, code in [([("authorization", "Bearer wrong-key")], "Hi", grpc.StatusCode.UNAUTHENTICATED),
