@@ -163,9 +163,13 @@ class ServiceApp:
 
     def __init__(self, name: str, cfg: ServerConfig, services: list[Service],
                  workers: list[Any] | None = None,
-                 on_stop: list[Callable[[], Awaitable[None] | None]] | None = None) -> None:
+                 on_stop: list[Callable[[], Awaitable[None] | None]] | None = None,
+                 max_receive_bytes: int | None = None) -> None:
         self.name = name
         self.cfg = cfg
+        # A public front sets this to its largest valid request: gRPC refuses a bigger message
+        # (RESOURCE_EXHAUSTED) before any handler, key check or parse runs.
+        self.max_receive_bytes = max_receive_bytes or cfg.max_message_bytes
         self.services = services
         self.workers = workers or []
         self.on_stop = on_stop or []
@@ -177,7 +181,7 @@ class ServiceApp:
 
     async def start(self) -> None:
         opts = [
-            ("grpc.max_receive_message_length", self.cfg.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_receive_bytes),
             ("grpc.max_send_message_length", self.cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]

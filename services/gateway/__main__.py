@@ -47,7 +47,7 @@ async def build() -> grpc_server.ServiceApp:
     return grpc_server.ServiceApp(
         "gateway", server,
         [grpc_server.Service("colloquy.v1.ChatService", chat_pb2_grpc.add_ChatServiceServicer_to_server, servicer)],
-        on_stop=[close])
+        on_stop=[close], max_receive_bytes=cfg.max_request_bytes)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from services.common.config import env, positive
 # The public entrance: with TLS_DIR it serves TLS without asking callers for certificates
 # (they authenticate with API keys); the internal services require them (mutual TLS).
 DEFAULTS = {"GRPC_PORT": "50051", "METRICS_PORT": "9101", "TLS_CLIENT_AUTH": "none"}
+REQUEST_OVERHEAD_BYTES = 8192  # every ChatService request field but the message, with room to spare
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,3 +36,10 @@ class GatewayConfig:
     user_rate_per_minute: float = env("CHAT_USER_RATE_PER_MINUTE", 60.0, check=lambda v: v >= 0,
                                       hint="calls per minute >= 0 (0 = no limit)")
     user_burst: int = env("CHAT_USER_BURST", 10, check=lambda v: v >= 1, hint=">= 1")
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The largest valid request on the wire: a message of ``max_message_bytes`` plus the
+        other fields (ids, sampling with 4 stop strings of 64 characters, a 2 KiB feedback
+        comment) well within 8 KiB. The gRPC server refuses anything bigger before parsing."""
+        return self.max_message_bytes + REQUEST_OVERHEAD_BYTES

@@ -162,6 +162,22 @@ def test_bad_input_is_invalid_argument_naming_the_field(chat, kw: dict, field: s
     assert exc.value.details().startswith(field)
 
 
+def test_a_request_bigger_than_any_valid_one_is_refused_before_the_key_check(chat) -> None:
+    """The gateway's receive limit fits its largest valid request (a message of
+    CHAT_MAX_MESSAGE_BYTES plus 8 KiB): a 64 KiB message is refused by gRPC itself, even with a
+    wrong key, so nothing parses or authenticates it; one just over the message limit still gets
+    the field-naming INVALID_ARGUMENT."""
+    bad_key = [("authorization", "Bearer wrong-key")]
+    with pytest.raises(grpc.RpcError) as exc:
+        list(chat.Chat(chat_pb2.ChatRequest(message="x" * 65536), metadata=bad_key, timeout=10))
+    assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in exc.value.details()
+    with pytest.raises(grpc.RpcError) as exc:
+        list(chat.Chat(chat_pb2.ChatRequest(message="x" * 12000), metadata=DEV, timeout=10))
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert exc.value.details().startswith("message:")
+
+
 def test_invalid_utf8_bytes_are_refused(stack: Stack) -> None:
     """A client that sends raw bytes that are not UTF-8 in a string field gets INVALID_ARGUMENT."""
     raw = b"\x12\x04\xff\xfe\xfd\xfc"  # field 2 (message), 4 bytes of invalid UTF-8
