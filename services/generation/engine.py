@@ -138,6 +138,9 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._sched: dict[int, Scheduler] = {}  # id(model) -> its scheduler, retired ones included
+        # Versions no new request will use; their schedulers go once idle. Explicit, not "neither
+        # stable nor canary": a version being loaded is neither yet, and must not be dropped.
+        self._retired: set[int] = set()
         self._model = self._load(model_dir, version)
         self._canary: LoadedModel | None = None  # a second version for a share of conversations
         self._canary_percent = 0
@@ -270,6 +273,7 @@ class AsyncEngine:
             return
         with self._lock:
             sched = self._sched.get(id(model))
+            self._retired.add(id(model))
         if sched is not None and sched.cache is not None:
             sched.cache.close("model")
         if model.version not in (self._model.version, self._canary.version if self._canary else ""):
@@ -327,10 +331,10 @@ class AsyncEngine:
             self._gauges()
 
     def _drop_retired(self) -> None:
-        live = {id(self._model), id(self._canary)}
         with self._lock:
-            for key in [k for k, s in self._sched.items() if k not in live and not s.has_work()]:
+            for key in [k for k in self._retired if k in self._sched and not self._sched[k].has_work()]:
                 self._sched.pop(key).release()
+                self._retired.discard(key)
 
     def _gauges(self) -> None:
         with self._lock:

@@ -74,8 +74,7 @@ class Stack:
         try:
             # Ray first and alone: on 2 cores its raylet gives up waiting for its metrics agent
             # when five other Python services import their dependencies at the same time.
-            self.spawn("generation")
-            self.wait_serving("generation", timeout=400)
+            self._start_generation()
             self._pick_ports(ORDER[1:])  # all at once: the gateway's env names moderation's port
             for name in ORDER[1:]:
                 self.spawn(name)
@@ -85,6 +84,21 @@ class Stack:
             self.stop()
             raise
         return self
+
+    def _start_generation(self) -> None:
+        """Generation, with one retry on new ports: its ports are picked before Ray starts, and
+        Ray's own processes bind ports of their own in between, so one can be taken already
+        (seen once in CI: the worker's metrics port, "Address already in use")."""
+        for attempt in range(2):
+            self.spawn("generation")
+            try:
+                self.wait_serving("generation", timeout=400)
+                return
+            except RuntimeError as exc:
+                if attempt or "Address already in use" not in str(exc):
+                    raise
+                self.ports.pop("generation")
+                self.metrics_ports.pop("generation")
 
     def restart(self, name: str) -> None:
         old = self.procs.get(name)
