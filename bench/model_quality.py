@@ -30,6 +30,7 @@ if str(ROOT) not in sys.path:
 from bench import common  # noqa: E402
 from model.build import SPEED_TOKENS, VARIANTS, interleaved_speed  # noqa: E402
 from model.paths import build_dir  # noqa: E402
+from model.quality import same_answers  # noqa: E402
 
 NAME = "model_quality"
 FP32 = "cpu-fp32"
@@ -74,12 +75,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                "prefill_tokens": PREFILL_TOKENS, "cached_quality": args.cached_quality})
     quality = {n: _quality(n, p, args.cached_quality) for n, p in paths.items()}
     speed = _speed(paths, args.model_repeats)
-    ref_answers = [q["answer"] for q in quality[FP32]["per_question"]] if FP32 in quality else None
     rows = []
     for n in names:
         q, s = quality[n], speed[n]
-        same = (sum(a["answer"] == r for a, r in zip(q["per_question"], ref_answers, strict=True))
-                if ref_answers else None)
+        same = same_answers(q, quality[FP32]) if FP32 in quality else None
         caps = q.get("capitals_16") or {}
         rec.results[n] = {"gate_score": q["score"], "gate_total": q["total"], "gate_pct": q.get("score_pct"),
                           "capitals_16": caps.get("score"), "same_greedy_answer_as_fp32": same,

@@ -33,7 +33,7 @@ from typing import Any
 
 from model import sampling, source
 from model.paths import build_dir, downloads_dir
-from model.quality import GATE_POINTS
+from model.quality import GATE_POINTS, same_answers
 from model.registry import DEFAULT_DEPLOYMENT, Registry, VersionExists
 from model.steps import log, run_step
 
@@ -418,21 +418,21 @@ def build(variants: Sequence[Variant], root: Path, registry: Registry | None,
     builds: dict[str, tuple[Path, dict[str, Any]]] = {}
     quality: dict[str, dict[str, Any]] = {}
     bases: dict[str, tuple[Path, dict[str, Any]]] = {}
+    gguf = ensure_gguf(root) if any(v.carry_from for v in variants) else None
     for variant in variants:
         if variant.carry_from:
+            assert gguf is not None
             base = VARIANTS[variant.carry_from]
             if base.name not in bases:
                 bases[base.name] = builds.get(base.name) or ensure_onnx(base, hf_dir, hf_stamp, root)
-            builds[variant.name] = ensure_carried(variant, bases[base.name], ensure_gguf(root), root)
+            builds[variant.name] = ensure_carried(variant, bases[base.name], gguf, root)
         else:
             builds[variant.name] = ensure_onnx(variant, hf_dir, hf_stamp, root)
         quality[variant.name] = ensure_quality(variant, *builds[variant.name], root)
     if "cpu-fp32" in quality and "per_question" in quality["cpu-fp32"]:
-        reference = [q["answer"] for q in quality["cpu-fp32"]["per_question"]]
         for result in quality.values():
-            if "per_question" in result:  # greedy: the same text is the same tokens
-                result["same_answer_as_fp32"] = sum(
-                    q["answer"] == r for q, r in zip(result["per_question"], reference, strict=True))
+            if "per_question" in result:
+                result["same_answer_as_fp32"] = same_answers(result, quality["cpu-fp32"])
     speed = ensure_speed(builds, root)
     default = choose_default(quality, speed)
     versions: dict[str, str] = {}

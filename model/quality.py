@@ -32,7 +32,7 @@ from model.hashing import digest_json
 from model.quality_questions import CAPITALS_16, QUESTIONS, Question
 
 __all__ = ["CAPITALS_16", "GATE_POINTS", "MAX_NEW_TOKENS", "QUESTIONS", "Question", "is_correct",
-           "percent", "questions_digest", "run_quality", "within_gate"]
+           "percent", "questions_digest", "run_quality", "same_answers", "within_gate"]
 
 MAX_NEW_TOKENS = 32  # short answers come first; the loop stops at <|im_end|> before this
 WARMUP_PROMPT = "Hello!"
@@ -68,6 +68,13 @@ def is_correct(answer: str, accept: Iterable[str]) -> bool:
 def percent(score: int, total: int) -> float:
     """``score`` of ``total`` as a percent rounded to 2 places (0 for an empty set)."""
     return round(100.0 * score / total, 2) if total else 0.0
+
+
+def same_answers(result: dict[str, Any], reference: dict[str, Any]) -> int:
+    """How many of ``result``'s answers equal ``reference``'s, question by question (both greedy
+    runs of this check: the same text is the same tokens)."""
+    return sum(a["answer"] == b["answer"]
+               for a, b in zip(result["per_question"], reference["per_question"], strict=True))
 
 
 def within_gate(score_pct: float, reference_pct: float, points: float = GATE_POINTS) -> bool:

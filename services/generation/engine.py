@@ -57,11 +57,7 @@ __all__ = ["AsyncEngine", "DeadlineExceeded", "Delta", "EngineClosed", "EngineCo
            "FinishReason", "InvalidRequest", "LoadedModel", "Overloaded", "Request", "Sampling", "StopMatcher",
            "Stream", "cuda_device_count", "merge", "resolve_provider", "sample_token", "seed_for"]
 
-_StopMatcher = StopMatcher  # the old private name, for callers that used it
 log = logging.getLogger(__name__)
-# Metric objects under their old names (engine.TTFT, ...), for callers that import them from here.
-TTFT, ITL, E2E, QUEUE, RUNNING, WAITING = M.TTFT, M.ITL, M.E2E, M.QUEUE, M.RUNNING, M.WAITING
-REQUESTS, MODEL_INFO = M.REQUESTS, M.MODEL_INFO
 
 
 class _Bridge:
