@@ -1,53 +1,144 @@
-"""API keys: stored as SHA-256 hashes, looked up in constant time, reloaded when the file changes."""
+"""API keys: stored as SHA-256 hashes, looked up in constant time, reloaded when the file changes.
+
+A reload is all or nothing: a file that does not parse or does not match the schema (a
+half-written rewrite, a typo) is rejected whole, the last good keys stay in use, and one error
+line and a metric say so. Only a valid file changes the keys, so removing an entry (or writing
+`keys: []`) revokes, while a truncated or empty file does not silently revoke everything.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import hashlib
 import hmac
+import logging
 import os
 import sys
 import threading
+from typing import Any
 
 import yaml
 
+from services.gateway import metrics
+
+log = logging.getLogger(__name__)
+
+
+class KeyFileError(ValueError):
+    """The key file is not a valid key list (the message says where)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """Who a key belongs to; `labeler` keys may label their feedback as simulated."""
+
+    user: str
+    labeler: bool = False
+
+
+def parse_keys(doc: Any) -> list[tuple[bytes, Identity]]:
+    """The (hash, identity) entries of a parsed key file; KeyFileError on any schema error.
+
+    `keys` must be present (an empty file is a failed write, not a revocation).
+    """
+    if not isinstance(doc, dict) or "keys" not in doc:
+        raise KeyFileError("the file must be a mapping with a 'keys' list (use 'keys: []' to revoke every key)")
+    items = doc["keys"]
+    if not isinstance(items, list):
+        raise KeyFileError("'keys' must be a list")
+    entries: list[tuple[bytes, Identity]] = []
+    seen: set[bytes] = set()
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise KeyFileError(f"keys[{i}] must be a mapping with 'sha256' and 'user'")
+        digest, user, labeler = item.get("sha256"), item.get("user"), item.get("labeler", False)
+        if not isinstance(user, str) or not user.strip():
+            raise KeyFileError(f"keys[{i}].user must be a non-empty string")
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise KeyFileError(f"keys[{i}].sha256 must be 64 hex characters")
+        try:
+            raw = bytes.fromhex(digest)
+        except ValueError:
+            raise KeyFileError(f"keys[{i}].sha256 must be 64 hex characters") from None
+        if not isinstance(labeler, bool):
+            raise KeyFileError(f"keys[{i}].labeler must be true or false")
+        if raw in seen:
+            raise KeyFileError(f"keys[{i}].sha256 appears twice")
+        seen.add(raw)
+        entries.append((raw, Identity(user, labeler)))
+    return entries
+
 
 class KeyRing:
-    """Maps a presented API key to a user id. Reloads its file when the mtime changes."""
+    """Maps a presented API key to an identity. Reloads its file when it changes (mtime, size, inode)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._mtime = -1.0
-        self._entries: list[tuple[bytes, str]] = []
+        self._version: tuple[int, int, int] | None = None  # of the file last read, good or bad
+        self._entries: list[tuple[bytes, Identity]] = []
         self._lock = threading.Lock()
-        self._load()
+        version = self._stat()
+        self._entries = self._read()  # a bad file at startup stops the gateway with the reason
+        self._version = version
+        metrics.KEYS_RELOAD_OK.set(1)
 
-    def _load(self) -> None:
-        mtime = os.stat(self.path).st_mtime
-        if mtime == self._mtime:
+    def _stat(self) -> tuple[int, int, int]:
+        st = os.stat(self.path)
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def _read(self) -> list[tuple[bytes, Identity]]:
+        try:
+            with open(self.path) as fh:
+                doc = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            raise KeyFileError(f"{self.path}: not valid YAML ({exc.__class__.__name__})") from None
+        except UnicodeDecodeError:
+            raise KeyFileError(f"{self.path}: not UTF-8 text") from None
+        try:
+            return parse_keys(doc)
+        except KeyFileError as exc:
+            raise KeyFileError(f"{self.path}: {exc}") from None
+
+    def _reload(self) -> None:
+        """Apply a changed file, or keep the last good keys and report the bad version once."""
+        try:
+            version = self._stat()
+        except OSError:
+            return  # mid-rename or briefly missing: keep serving; the next call looks again
+        if version == self._version:
             return
-        with open(self.path) as fh:
-            doc = yaml.safe_load(fh) or {}
-        entries = []
-        for i, item in enumerate(doc.get("keys", [])):
-            digest, user = str(item.get("sha256", "")), str(item.get("user", ""))
-            if len(digest) != 64 or not user:
-                raise ValueError(f"{self.path}: keys[{i}] needs a 64-hex 'sha256' and a 'user'")
-            entries.append((bytes.fromhex(digest), user))
         with self._lock:
-            self._entries, self._mtime = entries, mtime
+            if version == self._version:
+                return
+            self._version = version  # good or bad, this version is handled once
+            try:
+                entries = self._read()
+            except (KeyFileError, OSError) as exc:
+                metrics.KEY_RELOAD_ERRORS.inc()
+                metrics.KEYS_RELOAD_OK.set(0)
+                log.error("API key file rejected; still serving the last good keys",
+                          extra={"error": str(exc)})
+                return
+            self._entries = entries
+            metrics.KEYS_RELOAD_OK.set(1)
+            log.info("API key file reloaded", extra={"keys": len(entries)})
+
+    def identity(self, key: str) -> Identity | None:
+        """Who holds `key`, or None. Compares every stored hash (no early exit)."""
+        self._reload()
+        digest = hashlib.sha256(key.encode()).digest()
+        found: Identity | None = None
+        with self._lock:
+            entries = self._entries
+        for stored, who in entries:
+            if hmac.compare_digest(stored, digest):
+                found = who
+        return found
 
     def user_for(self, key: str) -> str | None:
-        """The user id for `key`, or None. Compares every stored hash (no early exit)."""
-        with contextlib.suppress(OSError, ValueError):  # keep the last good keys mid-rewrite
-            self._load()
-        digest = hashlib.sha256(key.encode()).digest()
-        found: str | None = None
-        with self._lock:
-            for stored, user in self._entries:
-                if hmac.compare_digest(stored, digest):
-                    found = user
-        return found
+        """The user id for `key`, or None."""
+        who = self.identity(key)
+        return who.user if who is not None else None
 
 
 def key_from_metadata(metadata: tuple | list | None) -> str:

@@ -17,3 +17,7 @@ STREAMED_CHARS = Counter("colloquy_gateway_streamed_characters_total", "Answer c
 REFUSED = Counter("colloquy_gateway_refused_total",
                   "Chats refused, by reason (capacity, rate_limit, unavailable, moderation_unavailable, "
                   "moderation_timeout)", ["reason"])
+KEY_RELOAD_ERRORS = Counter("colloquy_gateway_api_key_reload_errors_total",
+                            "Versions of the API key file that were rejected (the last good keys stay in use)")
+KEYS_RELOAD_OK = Gauge("colloquy_gateway_api_keys_last_reload_ok",
+                       "1 when the API key file on disk is the one in use; 0 while a rejected version is on disk")
