@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import math
 import threading
 from collections.abc import Sequence
 
@@ -81,7 +82,9 @@ class Moderator:
         out = dict(answer)
         for name, rule in self.policy.categories.items():
             if rule.from_context:
-                out[name] = max(out[name], context[name] * complies)
+                raised = context[name] * complies
+                # max() would drop a NaN here; keep it so the policy fails closed on it.
+                out[name] = raised if not math.isfinite(raised) else max(out[name], raised)
         return consistent(out)
 
     def score_batch(self, texts: Sequence[str], contexts: Sequence[str] | None = None) -> list[Scores]:

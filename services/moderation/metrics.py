@@ -8,7 +8,6 @@ from colloquy.v1 import common_pb2
 from prometheus_client import Counter, Histogram
 
 from services.common.metrics import LATENCY_BUCKETS
-from services.moderation.policy import action_name
 
 DECISIONS = Counter(
     "colloquy_moderation_decisions_total",
@@ -18,9 +17,19 @@ DECISIONS = Counter(
 LATENCY = Histogram(
     "colloquy_moderation_seconds", "Time to score one batch of texts, by stage", ["stage"],
     buckets=LATENCY_BUCKETS)
+INVALID_SCORES = Counter(
+    "colloquy_moderation_invalid_scores_total",
+    "Scores that were not finite numbers (NaN/inf: a broken encoder run or weights), by category; "
+    "each one blocked its text (policy.py fails closed)", ["category"])
 TEXTS = Counter("colloquy_moderation_texts_total",
                 "Texts scored, by stage and the action taken (the block-rate alert divides these)",
                 ["stage", "action"])
+
+
+def action_name(action: int) -> str:
+    """The metric label of an action (policy.py imports this module, so the names live here)."""
+    return {common_pb2.MODERATION_ACTION_WARN: "warn",
+            common_pb2.MODERATION_ACTION_BLOCK: "block"}.get(action, "allow")
 
 
 def count(stage: str, result: common_pb2.ModerationResult) -> None:

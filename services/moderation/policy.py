@@ -2,17 +2,27 @@
 
 The verdict has the OpenAI moderation shape: flagged, categories, category_scores, plus the
 strictest action over flagged categories and the policy version that decided.
+
+A score that is not a finite number (NaN from a broken encoder run or weights) fails closed: the
+category is flagged with score 1 and the verdict is BLOCK whatever the category's own action,
+with an error log line and `colloquy_moderation_invalid_scores_total`. Clamping NaN would read
+it as 0, i.e. allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 from pathlib import Path
 
 import yaml
 from colloquy.v1 import common_pb2
 
+from services.moderation import metrics
 from services.moderation.categories import CATEGORIES
+
+log = logging.getLogger(__name__)
 
 ALLOW = common_pb2.MODERATION_ACTION_ALLOW
 WARN = common_pb2.MODERATION_ACTION_WARN
@@ -41,15 +51,22 @@ class Policy:
         """Scores for every category -> verdict; unknown score names are ignored."""
         result = common_pb2.ModerationResult(policy_version=self.version, action=ALLOW)
         for name in CATEGORIES:
-            score = min(1.0, max(0.0, float(scores.get(name, 0.0))))
+            raw = float(scores.get(name, 0.0))
             rule = self.categories[name]
+            if math.isfinite(raw):
+                score, action = min(1.0, max(0.0, raw)), rule.action
+            else:
+                log.error("moderation score is not a finite number; blocking the text",
+                          extra={"category": name, "score": repr(raw)})
+                metrics.INVALID_SCORES.labels(name).inc()
+                score, action = 1.0, BLOCK
             hit = score >= rule.threshold
             result.category_scores[name] = score
             result.categories[name] = hit
             if hit:
                 result.flagged = True
-                if stricter(rule.action, result.action):
-                    result.action = rule.action
+                if stricter(action, result.action):
+                    result.action = action
         return result
 
 
@@ -58,8 +75,7 @@ def stricter(a: int, b: int) -> bool:
     return _STRICTNESS[a] > _STRICTNESS[b]
 
 
-def action_name(action: int) -> str:
-    return {ALLOW: "allow", WARN: "warn", BLOCK: "block"}.get(action, "allow")
+action_name = metrics.action_name
 
 
 def parse(doc: object, source: str = "policy") -> Policy:

@@ -64,3 +64,36 @@ def test_subcategories_imply_their_parents() -> None:
         with_parents(["hateful"])
     scores = consistent({**dict.fromkeys(CATEGORIES, 0.0), "self-harm/intent": 0.7})
     assert scores["self-harm"] == 0.7
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_score_fails_closed_with_a_block_a_log_line_and_a_metric(
+        bad: float, caplog: pytest.LogCaptureFixture) -> None:
+    """A NaN/inf score (a broken encoder run or weights) must not read as 0 = allowed: the
+    category is flagged with score 1 and the verdict is BLOCK, even for a warn category."""
+    from prometheus_client import REGISTRY
+
+    def counted() -> float:
+        return REGISTRY.get_sample_value("colloquy_moderation_invalid_scores_total",
+                                         {"category": "harassment"}) or 0.0
+
+    policy = load(paths.POLICY_FILE)
+    assert policy.categories["harassment"].action == WARN  # fail closed means stricter than its action
+    before = counted()
+    with caplog.at_level("ERROR", logger="services.moderation.policy"):
+        result = policy.decide({**dict.fromkeys(CATEGORIES, 0.01), "harassment": bad})
+    assert result.flagged and result.categories["harassment"]
+    assert result.category_scores["harassment"] == 1.0
+    assert result.action == BLOCK
+    assert any("not a finite number" in r.getMessage() for r in caplog.records)
+    assert counted() == before + 1
+
+
+def test_non_finite_context_score_is_not_dropped_by_the_answer_rule(moderator) -> None:  # type: ignore[no-untyped-def]
+    """score(message) x compliance raised with max() would drop a NaN and keep the answer's own
+    low score; the NaN must reach the policy, which blocks."""
+    quiet = dict.fromkeys(CATEGORIES, 0.01)
+    raised = moderator.with_context(quiet, {**quiet, "illicit": float("nan")}, 0.9)
+    assert moderator.policy.decide(raised).action == BLOCK
+    raised = moderator.with_context(quiet, quiet, float("nan"))
+    assert moderator.policy.decide(raised).action == BLOCK
