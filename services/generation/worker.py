@@ -15,7 +15,8 @@ seed is derived from the request id, so the regenerated answer is the same answe
 Cancels: chat.cancels is keyed like chat.prompts and has as many partitions, and both topics are
 consumed in one group with the range assignor, so the worker holding a conversation's prompts also
 gets its cancels. A cancel cancels the Serve call, which cancels the replica's task and the engine
-request within one decode step; the final batch then says CANCELLED.
+request within one decode step; the final batch then says CANCELLED. A cancel's offset is committed
+with the answer it stopped (or at once when that answer is not running here).
 
 Threads: kafka-python's consumer is not thread-safe, so every consumer call runs on one dedicated
 I/O thread; records are handed to the producer on one send thread (in order; `send` can block on
@@ -222,6 +223,7 @@ class GenerationWorker:
         self._tracker = OffsetTracker()
         self._flights: dict[str, _Flight] = {}
         self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._side_tasks: set[asyncio.Task[None]] = set()
         self._last_commit = 0.0
         self._stuck_polls = 0
         self._last_probe = time.monotonic()
@@ -406,16 +408,14 @@ class GenerationWorker:
     def _dispatch(self, rec: Any) -> None:
         tp = TopicPartition(rec.topic, rec.partition)
         metrics.EVENTS_CONSUMED.labels(STAGE, rec.topic).inc()
-        if rec.topic == self.cfg.topic_cancels:
-            self._on_cancel(rec)
-            return
         self._tracker.started(tp, rec.offset)
+        if rec.topic == self.cfg.topic_cancels:
+            self._on_cancel(rec, tp)
+            return
         try:
             turn = events.decode(rec.value, rec.headers, events_pb2.TurnEvent)
         except events.PoisonEvent as exc:
-            asyncio.get_running_loop().create_task(
-                self._send(kafka_loop.DeadLetter(rec, STAGE, str(exc), "PoisonEvent", "")))
-            self._tracker.finished(tp, rec.offset)  # flushed before the next commit (_maybe_commit)
+            self._dead_letter(rec, tp, str(exc))
             return
         existing = self._flights.get(turn.request_id)
         if existing is not None:  # redelivered while still running here: finish both together
@@ -426,21 +426,46 @@ class GenerationWorker:
         self._flights[turn.request_id] = flight
         flight.task = asyncio.get_running_loop().create_task(self._run_flight(flight))
 
-    def _on_cancel(self, rec: Any) -> None:
+    def _on_cancel(self, rec: Any, tp: TopicPartition) -> None:
+        """Stop the request a cancel names. Its offset is committed with the cancelled answer when
+        that answer is running here (a crash redelivers both), else at once: a cancel for a prompt
+        not seen yet is only remembered in memory, which a restart loses (the gateway's deadline
+        still ends that turn)."""
         try:
             msg = events.decode(rec.value, rec.headers, events_pb2.CancelEvent)
-        except events.PoisonEvent:
+        except events.PoisonEvent as exc:
+            self._dead_letter(rec, tp, str(exc))
             return
         flight = self._flights.get(msg.request_id)
         if flight is None:  # the prompt may come later (topics are not ordered with each other)
             self._cancelled[msg.request_id] = None
             while len(self._cancelled) > 10_000:
                 self._cancelled.popitem(last=False)
+            self._tracker.finished(tp, rec.offset)
             return
         log.info("cancelling", extra={"stage": STAGE, "request_id": msg.request_id, "reason": msg.reason})
+        flight.offsets.append((tp, rec.offset))
         flight.cancelled = True
         if flight.response is not None:
             flight.response.cancel()
+
+    def _dead_letter(self, rec: Any, tp: TopicPartition, reason: str) -> None:
+        """Dead-letter an undecodable record; its offset counts as done once the broker has it."""
+        metrics.EVENTS_DEAD_LETTERED.labels(STAGE, rec.topic).inc()
+        log.error("dead-lettered a record", extra={"stage": STAGE, "topic": rec.topic, "partition": rec.partition,
+                                                   "offset": rec.offset, "reason": reason})
+
+        async def send() -> None:
+            try:
+                await self._acked(await self._send(kafka_loop.DeadLetter(rec, STAGE, reason, "PoisonEvent", "")))
+            except Exception as exc:
+                self.error = exc  # the producer is broken: exit and let redelivery redo it
+                return
+            self._tracker.finished(tp, rec.offset)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._side_tasks.add(task)  # asyncio keeps only weak references to tasks
+        task.add_done_callback(self._side_tasks.discard)
 
     async def _run_flight(self, flight: _Flight) -> None:
         token = request_id_var.set(flight.request_id)

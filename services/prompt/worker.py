@@ -38,6 +38,15 @@ TURNS = Counter("colloquy_prompt_turns_total", "Turns handled by the prompt stag
 PENDING = Gauge("colloquy_prompt_pending_turns", "Turns assigned an index but not yet recorded")
 
 
+UNMODERATED = "the message was not checked by moderation, so it was not answered"
+
+
+def moderated(turn: events_pb2.TurnEvent) -> bool:
+    """Input moderation decided on this turn (it always sets an action; unset means it never ran)."""
+    return (turn.HasField("input_moderation")
+            and turn.input_moderation.action != common_pb2.MODERATION_ACTION_UNSPECIFIED)
+
+
 def answer_budget(turn: events_pb2.TurnEvent) -> int:
     return turn.sampling.max_tokens if turn.sampling.HasField("max_tokens") else DEFAULT_ANSWER_BUDGET
 
@@ -92,6 +101,12 @@ def make_handler(assembler: Assembler, templates: TemplateSet, tracker: TurnTrac
         if turns.deadline_passed(turn):
             TURNS.labels("deadline").inc()
             yield turns.deadline_error(turn, STAGE, ev.traceparent)
+            return
+        if not moderated(turn):
+            # Fail closed: a turn that skipped input moderation (a misrouted topic, a stage bug)
+            # must never reach the model as if it had been allowed.
+            log.error("turn without an input moderation decision; refused", extra={"stage": STAGE})
+            yield fail(ev, "INTERNAL", UNMODERATED, "unmoderated")
             return
         blocked = turn.input_moderation.action == common_pb2.MODERATION_ACTION_BLOCK
         now = clock()

@@ -21,6 +21,7 @@ from kafka import KafkaConsumer, TopicPartition
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
+from services.common import topics
 from services.common.config import KafkaConfig
 from services.generation.config import EngineSettings, WorkerSettings
 from services.generation.engine import Delta, FinishReason, Request
@@ -147,13 +148,19 @@ class Harness:
             consumer.close()
         raise TimeoutError(f"condition not met; got {items}")
 
-    def committed(self) -> int:
+    def committed(self, topic: str = "") -> int:
         c = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=self.settings.group_id,
                           enable_auto_commit=False)
         try:
-            return c.committed(TopicPartition(self.settings.topic_in, 0)) or 0
+            return c.committed(TopicPartition(topic or self.settings.topic_in, 0)) or 0
         finally:
             c.close()
+
+    def wait_committed(self, topic: str, offset: int, timeout: float = 15) -> int:
+        deadline = time.monotonic() + timeout
+        while (got := self.committed(topic)) != offset and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return got
 
 
 @pytest.fixture
@@ -260,3 +267,32 @@ def test_cancel_mid_stream_and_cancel_before_prompt(harness: Callable[..., Harne
     assert finals[running.request_id].candidates[0].text.startswith("alpha")
     assert len(finals[running.request_id].candidates[0].text) < len("".join(WORDS))
     assert early.request_id not in {rid for rid, _ in h.handle.calls}  # never generated
+
+
+def test_cancel_offsets_are_committed_and_a_poison_cancel_is_dead_lettered(
+        harness: Callable[..., Harness], kafka_bootstrap: str) -> None:
+    """chat.cancels is read in the worker's group: its offsets must advance (else every restart
+    replays the topic's day of cancels), and an undecodable cancel goes to the dead-letter topic."""
+    h = harness(lambda req, attempt: words(req, attempt, delay=0.5))
+    dead = kafka_util.Tail(kafka_bootstrap, topics.DEAD_LETTER.name)
+    running, unseen = h.turn(), h.turn()
+    h.produce(h.settings.topic_in, running)
+    h.read(h.settings.topic_out, events_pb2.GenerationProgress,
+           lambda xs: any(p.turn.request_id == running.request_id for p in xs))
+    h.produce(h.settings.topic_cancels, events_pb2.CancelEvent(
+        request_id=unseen.request_id, conversation_id=unseen.conversation_id, reason="client-cancelled"))
+    assert h.wait_committed(h.settings.topic_cancels, 1) == 1, "a cancel for a prompt not seen yet"
+    kafka_util.produce(kafka_bootstrap, h.settings.topic_cancels, [(running.conversation_id, b"\x08\xff")])
+    assert h.wait_committed(h.settings.topic_cancels, 2) == 2, "a poison cancel"
+    h.produce(h.settings.topic_cancels, events_pb2.CancelEvent(
+        request_id=running.request_id, conversation_id=running.conversation_id, reason="client-cancelled"))
+    items = h.read(h.settings.topic_out, events_pb2.GenerationProgress,
+                   lambda xs: any(p.done and p.turn.request_id == running.request_id for p in xs))
+    assert items[-1].candidates[0].finish_reason == generation_pb2.FINISH_REASON_CANCELLED
+    assert h.wait_committed(h.settings.topic_cancels, 3) == 3, "the cancel of a running answer"
+    try:
+        [poison] = [r for r in dead.read() if r.key == running.conversation_id.encode()]
+    finally:
+        dead.close()
+    assert dict(poison.headers)["dlq-stage"] == b"generation"
+    assert dict(poison.headers)["dlq-topic"] == h.settings.topic_cancels.encode()

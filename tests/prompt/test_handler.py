@@ -38,7 +38,11 @@ def make(tok: TextTokenizer, shipped: TemplateSet, history: FakeHistory):
     return make_handler(Assembler(tok, 8192), shipped, TurnTracker(60_000), history, cfg)  # type: ignore[arg-type]
 
 
+ALLOWED = common_pb2.ModerationResult(action=common_pb2.MODERATION_ACTION_ALLOW, policy_version="p1")
+
+
 def turn(rid: str, **kw: object) -> events_pb2.TurnEvent:
+    kw.setdefault("input_moderation", ALLOWED)
     return events_pb2.TurnEvent(request_id=rid, conversation_id="c1", user_id="u1", message="Hi",
                                 reply_topic="rt", **kw)
 
@@ -71,3 +75,22 @@ def test_blocked_turn_with_several_candidates(tok: TextTokenizer, shipped: Templ
 def test_turn_nobody_can_be_told_about_is_poison(tok: TextTokenizer, shipped: TemplateSet) -> None:
     with pytest.raises(events.PoisonEvent):
         run(make(tok, shipped, FakeHistory()), events_pb2.TurnEvent(request_id="r1", conversation_id="c1"))
+
+
+@pytest.mark.parametrize("moderation", [None, common_pb2.ModerationResult(flagged=False, policy_version="p1")],
+                         ids=["no-result", "no-action"])
+def test_turn_without_an_input_moderation_decision_is_refused_not_assembled(
+        tok: TextTokenizer, shipped: TemplateSet, moderation: common_pb2.ModerationResult | None) -> None:
+    """Fail closed: a turn that skipped input moderation is answered INTERNAL, never prompted,
+    and claims no turn index (the conversation's next turn is still 1)."""
+    history = FakeHistory()
+    handler = make(tok, shipped, history)
+    unmoderated = turn("r1")
+    unmoderated.ClearField("input_moderation")
+    if moderation is not None:
+        unmoderated.input_moderation.CopyFrom(moderation)
+    [out] = run(handler, unmoderated)
+    assert out.topic == "rt" and out.message.error.code == "INTERNAL"
+    assert out.message.error.message == "the message was not checked by moderation, so it was not answered"
+    prompt, started = run(handler, turn("r2"))
+    assert prompt.message.turn_index == 1 and started.message.started.turn_index == 1
