@@ -24,6 +24,10 @@ class GatewayConfig:
     default_deadline_s: float = env("CHAT_DEFAULT_DEADLINE_SECONDS", 120.0, check=positive,
                                     hint="seconds > 0")
     max_concurrent_chats: int = env("CHAT_MAX_CONCURRENT", 64, check=lambda v: v >= 1, hint=">= 1")
+    # Chats one API key may hold open at once on this replica (0 = no per-user cap), so one key
+    # cannot take every slot of CHAT_MAX_CONCURRENT.
+    max_chats_per_user: int = env("CHAT_MAX_CONCURRENT_PER_USER", 4, check=lambda v: v >= 0,
+                                  hint=">= 0 (0 = no per-user cap)")
     reply_idle_timeout_s: float = env("CHAT_REPLY_IDLE_TIMEOUT_SECONDS", 60.0, check=positive,
                                       hint="seconds > 0")
     # Fail closed: with an address, new chats are refused (UNAVAILABLE) while moderation's health
@@ -32,7 +36,7 @@ class GatewayConfig:
     # A turn that has not passed the checks before generation (tokenizer, moderation, prompt)
     # within this time is cancelled and refused (UNAVAILABLE) rather than left waiting.
     check_timeout_s: float = env("CHAT_CHECK_TIMEOUT_SECONDS", 30.0, check=positive, hint="seconds > 0")
-    # Per-user limit on Chat and SubmitFeedback calls: a sustained rate and a burst (0 = off).
+    # Per-user limit on every ChatService call: a sustained rate and a burst (0 = off).
     user_rate_per_minute: float = env("CHAT_USER_RATE_PER_MINUTE", 60.0, check=lambda v: v >= 0,
                                       hint="calls per minute >= 0 (0 = no limit)")
     user_burst: int = env("CHAT_USER_BURST", 10, check=lambda v: v >= 1, hint=">= 1")

@@ -15,6 +15,7 @@ from kafka import KafkaProducer
 from services.common import events, topics, turns
 from services.conversation.reader import HistoryReader
 from services.gateway import metrics, validation
+from services.gateway.admission import Admission
 from services.gateway.auth import KeyRing, key_from_metadata
 from services.gateway.config import GatewayConfig
 from services.gateway.moderation_guard import ModerationGuard
@@ -43,7 +44,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self.producer = producer
         self.reply_topic = reply_topic
         self.in_flight: dict[str, str] = {}  # conversation id -> request id being answered
-        self.active = 0
+        self.admission = Admission(cfg.max_concurrent_chats, cfg.max_chats_per_user)
 
     # -- helpers -------------------------------------------------------------------------------
     async def _user(self, context: grpc.aio.ServicerContext) -> str:
@@ -76,8 +77,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         return view
 
     async def _caller_conversation(self, conversation_id: str, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
-        """Authenticate, validate the id and return (user, id, view); NOT_FOUND if not the caller's."""
+        """Authenticate, rate-limit, validate the id and return (user, id, view); NOT_FOUND if not
+        the caller's. The limit comes before the lookup, so probing ids costs the caller's budget."""
         user = await self._user(context)
+        await self._rate_limit(user, context)
         try:
             conv = validation.conversation_id(conversation_id)
         except validation.InvalidArgument as exc:
@@ -119,6 +122,24 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                    context: grpc.aio.ServicerContext) -> AsyncIterator[chat_pb2.ChatEvent]:
         user = await self._user(context)
         await self._rate_limit(user, context)
+        refusal = self.admission.acquire(user)  # before any lookup or await: no race for a slot
+        if refusal == "capacity":
+            metrics.REFUSED.labels("capacity").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the gateway is at capacity ({self.cfg.max_concurrent_chats} chats); retry shortly")
+        elif refusal is not None:
+            metrics.REFUSED.labels("user_concurrency").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, (
+                f"too many chats at once for this API key (at most {self.cfg.max_chats_per_user} on one gateway); "
+                "wait for one to finish"))
+        try:
+            async for ev in self._chat(user, request, context):
+                yield ev
+        finally:
+            self.admission.release(user)
+
+    async def _chat(self, user: str, request: chat_pb2.ChatRequest,
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[chat_pb2.ChatEvent]:
         try:
             conv, text, sampling = validation.chat_request(request, self.cfg)
         except validation.InvalidArgument as exc:
@@ -131,10 +152,6 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         if conv in self.in_flight:
             await context.abort(grpc.StatusCode.ABORTED,
                                 "a turn is already being answered in this conversation; wait for it to finish")
-        if self.active >= self.cfg.max_concurrent_chats:
-            metrics.REFUSED.labels("capacity").inc()
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"the gateway is at capacity ({self.cfg.max_concurrent_chats} chats); retry shortly")
 
         if self.moderation is not None and await self.moderation.confirm_unavailable():
             metrics.REFUSED.labels("moderation_unavailable").inc()
@@ -150,7 +167,6 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             accepted_unix_ms=turns.now_ms())
         queue = self.router.register(request_id)
         self.in_flight[conv] = request_id
-        self.active += 1
         metrics.ACTIVE_CHATS.inc()
         accepted = time.perf_counter()
         first_text = True
@@ -236,7 +252,6 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             self.router.unregister(request_id)
             if self.in_flight.get(conv) == request_id:
                 del self.in_flight[conv]
-            self.active -= 1
 
     async def GetConversation(self, request: chat_pb2.GetConversationRequest,
                               context: grpc.aio.ServicerContext) -> chat_pb2.Conversation:
@@ -246,7 +261,6 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def SubmitFeedback(self, request: chat_pb2.SubmitFeedbackRequest,
                              context: grpc.aio.ServicerContext) -> chat_pb2.SubmitFeedbackResponse:
         user, conv, view = await self._caller_conversation(request.conversation_id, context)
-        await self._rate_limit(user, context)
         turn = view.turns.get(request.turn_index)
         try:
             validation.feedback(request, turn)
