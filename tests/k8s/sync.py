@@ -12,8 +12,11 @@ re-running the sync fails the tests. Derived files, each with its sources:
 | k8s/overlays/dev/api-keys.yaml | deploy/dev/api-keys.yaml (byte copy) |
 | k8s/base/monitoring/prometheusrule.yaml | deploy/prometheus/*.yml rule files (placeholder until they exist) |
 | k8s/base/monitoring/dashboards.yaml | deploy/grafana/**/*.json |
+| k8s/base/network/dials.yaml | the rendered overlays: every address a container dials (connectivity.py) |
 
-Kept next to the tests because the tests are what enforce it; it imports nothing from them.
+Kept next to the tests because the tests are what enforce it; it imports none of the tests, only
+the helpers that render and read the manifests (manifests.py, connectivity.py). dials.yaml is the
+one output made from the render itself, so `main` writes it after the others (and needs kubectl).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import copy
 import dataclasses
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -390,6 +393,129 @@ def dashboards_text() -> str:
             + dump({"apiVersion": "v1", "kind": "List", "items": items}))
 
 
+# -- Network: the flows the containers are configured to dial ------------------------------------
+
+DIALS_FILE = K8S / "base" / "network" / "dials.yaml"
+DIALS_PREFIX = "dials-"  # egress: what one kind of pod dials
+DIALED_PREFIX = "dialed-"  # ingress: who dials one Service
+NAME_LABEL = "app.kubernetes.io/name"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+
+Render = Callable[[str], list[dict[str, Any]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Flow:
+    """One configured connection, reduced to what a NetworkPolicy names."""
+
+    owner: str  # the source pod template, e.g. "StatefulSet/gateway"
+    source: tuple[tuple[str, str], ...]  # its labels
+    service: str
+    selector: tuple[tuple[str, str], ...]  # the Service's selector
+    port: int  # the container port the Service sends to
+    port_name: str | None
+    why: str  # "MODERATION_ADDR=moderation:50053"
+
+
+def dial_flows(render: Render) -> list[Flow]:
+    """Every flow to a Service of the render, over every overlay. Kafka is left out: its egress
+    is the kafka-clients policy and its ingress Strimzi's, both keyed on the kafka-client label
+    that test_policy ties to the Kafka credentials (and test_connectivity checks the flows)."""
+    from tests.k8s import connectivity, manifests
+
+    flows: set[Flow] = set()
+    for overlay in OVERLAYS:
+        docs = render(overlay)
+        objects = docs + manifests.embedded_objects(docs)
+        for dial in connectivity.dials(objects):
+            target = connectivity.resolve(objects, dial)
+            if not target.what.startswith("Service/"):
+                continue
+            flows.add(Flow(dial.source.owner, tuple(sorted(dial.source.labels.items())),
+                           target.what.removeprefix("Service/"),
+                           tuple(sorted(target.selector["matchLabels"].items())),
+                           target.port, target.port_name, f"{dial.var}={dial.value}"))
+    return sorted(flows, key=lambda f: (f.owner, f.service, f.port, f.why))
+
+
+def _source_selectors(render: Render, flows: list[Flow]) -> dict[str, dict[str, str]]:
+    """A podSelector per source pod template: its name label, plus its component label where pods
+    of the same name dial different things (a policy must not open a flow to pods that never use it)."""
+    from tests.k8s import manifests
+
+    by_owner: dict[str, set[tuple[str, int]]] = {}
+    for f in flows:
+        by_owner.setdefault(f.owner, set()).add((f.service, f.port))
+    labels: dict[str, dict[str, str]] = {}
+    for overlay in OVERLAYS:
+        docs = render(overlay)
+        for pt in manifests.all_pod_templates(docs + manifests.embedded_objects(docs)):
+            labels.setdefault(pt.owner, pt.labels)
+    out: dict[str, dict[str, str]] = {}
+    for owner in by_owner:
+        own = labels[owner]
+        for keys in ((NAME_LABEL,), (NAME_LABEL, COMPONENT_LABEL)):
+            if not all(k in own for k in keys):
+                continue
+            selector = {k: own[k] for k in keys}
+            peers = [o for o, lab in labels.items() if all(lab.get(k) == v for k, v in selector.items())]
+            if all(by_owner.get(o) == by_owner[owner] for o in peers):
+                out[owner] = selector
+                break
+        else:
+            raise ValueError(f"{owner}: no {NAME_LABEL}[/{COMPONENT_LABEL}] selector picks only pods that "
+                             "dial the same addresses; give its pods distinct labels")
+    return out
+
+
+def dial_policies_docs(render: Render) -> tuple[list[dict[str, Any]], list[Flow]]:
+    """`dials-<pod>` egress and `dialed-<service>` ingress policies for every derived flow."""
+    flows = dial_flows(render)
+    selectors = _source_selectors(render, flows)
+
+    def policy_id(selector: dict[str, str]) -> str:
+        return k8s_name("-".join(selector[k] for k in (NAME_LABEL, COMPONENT_LABEL) if k in selector))
+
+    egress: dict[str, tuple[dict[str, str], dict[tuple[Any, ...], dict[str, Any]]]] = {}
+    ingress: dict[str, tuple[dict[str, str], dict[Any, dict[str, Any]]]] = {}
+    for f in flows:
+        source = selectors[f.owner]
+        _, rules = egress.setdefault(policy_id(source), (source, {}))
+        rules[(f.selector, f.port)] = {"to": [{"podSelector": {"matchLabels": dict(f.selector)}}],
+                                       "ports": [{"protocol": "TCP", "port": f.port}]}
+        _, callers = ingress.setdefault(f.service, (dict(f.selector), {}))
+        rule = callers.setdefault(f.port_name or f.port, {"from": [], "ports": [
+            {"protocol": "TCP", "port": f.port_name or f.port}]})
+        peer = {"podSelector": {"matchLabels": source}}
+        if peer not in rule["from"]:
+            rule["from"].append(peer)
+    docs: list[dict[str, Any]] = []
+    for pid, (selector, rules) in sorted(egress.items()):
+        docs.append({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                     "metadata": {"name": DIALS_PREFIX + pid},
+                     "spec": {"podSelector": {"matchLabels": selector}, "policyTypes": ["Egress"],
+                              "egress": [rules[k] for k in sorted(rules)]}})
+    for service, (selector, callers) in sorted(ingress.items()):
+        for rule in callers.values():
+            rule["from"].sort(key=lambda p: sorted(p["podSelector"]["matchLabels"].items()))
+        docs.append({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                     "metadata": {"name": DIALED_PREFIX + k8s_name(service)},
+                     "spec": {"podSelector": {"matchLabels": selector}, "policyTypes": ["Ingress"],
+                              "ingress": [callers[k] for k in sorted(callers, key=str)]}})
+    return docs, flows
+
+
+def dial_policies_text(render: Render) -> str:
+    docs, flows = dial_policies_docs(render)
+    lines = "".join(f"#   {f.owner} {f.why} -> Service/{f.service} port {f.port}"
+                    + (f" ({f.port_name})" if f.port_name else "") + "\n" for f in flows)
+    body = dump_all(docs) if docs else dump({"apiVersion": "v1", "kind": "List", "items": []})
+    return (GENERATED + "# The NetworkPolicies for every address a container is configured to dial (every *_ADDR,\n"
+            "# *_URL, ... in the rendered overlays; tests/k8s/connectivity.py), at both ends: `dials-<pod>`\n"
+            "# lets the source out, `dialed-<service>` lets it in. Kafka's flows are the kafka-clients\n"
+            "# policy and Strimzi's (policies.yaml). Derived from:\n" + lines + body)
+
+
 # -- Driver --------------------------------------------------------------------------------------
 
 
@@ -416,15 +542,48 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.check:
         bad = stale()
+        render = _renderer()
+        if render is None:
+            return 2
+        if not DIALS_FILE.is_file() or DIALS_FILE.read_text(encoding="utf-8") != dial_policies_text(render):
+            bad.append(DIALS_FILE)
         for path in bad:
             print(f"stale: {_rel(path)} (run scripts/k8s-sync.sh)", file=sys.stderr)
         return 1 if bad else 0
     for path, text in outputs().items():
-        if not path.is_file() or path.read_text(encoding="utf-8") != text:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
-            print(f"wrote {_rel(path)}")
+        _write(path, text)
+    render = _renderer()
+    if render is None:
+        return 2
+    if not DIALS_FILE.is_file():  # the base lists it: kustomize needs it before the first render
+        _write(DIALS_FILE, GENERATED + dump({"apiVersion": "v1", "kind": "List", "items": []}))
+    _write(DIALS_FILE, dial_policies_text(render))
     return 0
+
+
+def _write(path: Path, text: str) -> None:
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        print(f"wrote {_rel(path)}")
+
+
+def _renderer() -> Render | None:
+    """Renders overlays with kubectl (once each); None, with the install hint, without kubectl."""
+    from tests.k8s import manifests
+
+    kubectl = manifests.find_kubectl()
+    if kubectl is None:
+        print(f"cannot derive {_rel(DIALS_FILE)}: {manifests.KUBECTL_HINT}", file=sys.stderr)
+        return None
+    cache: dict[str, list[dict[str, Any]]] = {}
+
+    def render(overlay: str) -> list[dict[str, Any]]:
+        if overlay not in cache:
+            cache[overlay] = manifests.render(overlay, kubectl)
+        return cache[overlay]
+
+    return render
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.k8s import manifests
+from tests.k8s import connectivity, manifests, sync
 from tests.k8s.manifests import Obj, PodTemplate
 
 IMAGE = re.compile(r"^(?P<repo>[a-z0-9.-]+(:\d+)?(/[a-z0-9._-]+)+)"
@@ -257,11 +257,20 @@ def test_only_the_gateway_is_open_beyond_the_namespace(docs: list[Obj]) -> None:
                     assert ns.get("matchLabels", {}).get("kubernetes.io/metadata.name") in OPERATOR_NAMESPACES, name
 
 
-def test_services_reach_only_kafka_and_dns(docs: list[Obj]) -> None:
+def test_services_reach_dns_kafka_and_only_the_addresses_they_dial(docs: list[Obj]) -> None:
+    """Egress of every service: DNS, Kafka, and its generated dials-<name> policy exactly when it is
+    configured to dial a Service (the gateway: moderation, for its fail-closed health watch).
+    This test once asserted Kafka and DNS only, the rule that refused every Chat (issue 16)."""
+    dialers = {d.source.owner for d in connectivity.dials(docs)
+               if connectivity.resolve(docs, d).what.startswith("Service/")}
+    assert "StatefulSet/gateway" in dialers
     for sts in manifests.by_kind(docs, "StatefulSet").values():
+        name = sts["metadata"]["name"]
         labels = sts["spec"]["template"]["metadata"]["labels"]
         names = {p["metadata"]["name"] for p in _applying(docs, labels, "Egress")}
-        assert names == {"default-deny", "allow-dns", "kafka-clients"}, (sts["metadata"]["name"], names)
+        expected = {"default-deny", "allow-dns", "kafka-clients"} | (
+            {f"{sync.DIALS_PREFIX}{name}"} if f"StatefulSet/{name}" in dialers else set())
+        assert names == expected, (name, names)
     kafka = _policies(docs)["kafka-clients"]["spec"]["egress"]
     assert kafka == [{"to": [{"podSelector": {"matchLabels": {"strimzi.io/cluster": "colloquy",
                                                               "strimzi.io/kind": "Kafka"}}}],

@@ -174,7 +174,7 @@ def test_janitor_connects_to_kafka_like_the_services(docs: list[Obj]) -> None:
 def test_janitor_reaches_only_kafka_dns_and_the_pushgateway(docs: list[Obj]) -> None:
     pt, container, _ = _janitor(docs)
     egress = {p["metadata"]["name"] for p in _applying(docs, pt.labels, "Egress")}
-    assert egress == {"default-deny", "allow-dns", "kafka-clients", "txn-janitor-pushgateway-egress"}, egress
+    assert egress == {"default-deny", "allow-dns", "kafka-clients", f"{sync.DIALS_PREFIX}{CRONJOB}"}, egress
     env = {e["name"]: e.get("value") for e in container.get("env", [])}
     assert env.get("PUSHGATEWAY_URL") == "http://pushgateway:9091"  # a one-shot run pushes its metrics
     # Nothing may reach it: it listens on nothing, and only default-deny and the metrics-port
