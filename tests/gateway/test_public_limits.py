@@ -32,10 +32,11 @@ def gateway(kafka_bootstrap: str) -> Iterator[Gateway]:
         yield gw
 
 
-def wait_active(gw: Gateway, n: int, timeout: float = 20.0) -> None:
+def wait_active(gw: Gateway, n: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
-    while gw.metric("colloquy_gateway_active_chats") != n:
-        assert time.monotonic() < deadline, f"the gateway never held {n} chats"
+    while (held := gw.metric("colloquy_gateway_active_chats")) != n:
+        assert time.monotonic() < deadline, (f"the gateway holds {held} chats, not {n}; its log:\n"
+                                             f"{gw.proc.output()[-3000:] if gw.proc else ''}")
         time.sleep(0.05)
 
 
