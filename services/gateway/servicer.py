@@ -14,7 +14,7 @@ from kafka import KafkaProducer
 
 from services.common import events, topics, turns
 from services.conversation.reader import HistoryReader
-from services.gateway import metrics, validation
+from services.gateway import errors, metrics, validation
 from services.gateway.admission import Admission
 from services.gateway.auth import KeyRing, key_from_metadata
 from services.gateway.config import GatewayConfig
@@ -64,6 +64,14 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             context.set_trailing_metadata((("retry-after", str(secs)),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"rate limit: too many requests for this API key; retry after {secs}s")
+
+    async def _internal(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        """An unexpected error: logged with its traceback, the caller gets INTERNAL in plain words
+        (grpcio would send "Unexpected <class ...>: <text>" with UNKNOWN)."""
+        if isinstance(exc, grpc.aio.AbortError):
+            raise exc
+        log.error("unexpected error in a ChatService call", exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, errors.internal_error(""))
 
     async def _invalid(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -135,6 +143,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         try:
             async for ev in self._chat(user, request, context):
                 yield ev
+        except Exception as exc:
+            await self._internal(context, exc)
         finally:
             self.admission.release(user)
 
@@ -233,9 +243,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                     return
                 elif kind == "error":
                     finished = True
-                    status = getattr(grpc.StatusCode, ev.error.code, grpc.StatusCode.UNAVAILABLE)
+                    status, public = errors.stage_error(ev.error, request_id)
+                    log.warning("a stage failed the turn", extra={
+                        "stage": ev.error.stage, "code": ev.error.code, "error": ev.error.message,
+                        "request_id": request_id})
                     code = status.name
-                    await context.abort(status, ev.error.message)
+                    await context.abort(status, public)
         except asyncio.CancelledError:
             code = "CANCELLED"
             if not finished:
@@ -255,11 +268,23 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     async def GetConversation(self, request: chat_pb2.GetConversationRequest,
                               context: grpc.aio.ServicerContext) -> chat_pb2.Conversation:
-        _user, conv, view = await self._caller_conversation(request.conversation_id, context)
-        return chat_pb2.Conversation(conversation_id=conv, turns=view.ordered())
+        try:
+            _user, conv, view = await self._caller_conversation(request.conversation_id, context)
+            return chat_pb2.Conversation(conversation_id=conv, turns=view.ordered())
+        except Exception as exc:
+            await self._internal(context, exc)
+            raise
 
     async def SubmitFeedback(self, request: chat_pb2.SubmitFeedbackRequest,
                              context: grpc.aio.ServicerContext) -> chat_pb2.SubmitFeedbackResponse:
+        try:
+            return await self._submit_feedback(request, context)
+        except Exception as exc:
+            await self._internal(context, exc)
+            raise
+
+    async def _submit_feedback(self, request: chat_pb2.SubmitFeedbackRequest,
+                               context: grpc.aio.ServicerContext) -> chat_pb2.SubmitFeedbackResponse:
         user, conv, view = await self._caller_conversation(request.conversation_id, context)
         turn = view.turns.get(request.turn_index)
         try:
