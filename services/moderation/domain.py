@@ -22,7 +22,7 @@ from colloquy.v1 import common_pb2
 from services.moderation import rules
 from services.moderation.categories import CATEGORIES, consistent
 from services.moderation.classifier import Heads
-from services.moderation.embedder import Embedder
+from services.moderation.embedder import Embedder, TextTooLong
 from services.moderation.policy import Policy
 from services.moderation.profanity import Profanity
 
@@ -96,7 +96,12 @@ class Moderator:
             return []
         contexts = list(contexts or [])
         ctx_idx = [i for i, c in enumerate(contexts) if c]
-        all_scores, first = self._raw([*texts, *(contexts[i] for i in ctx_idx)])
+        try:
+            all_scores, first = self._raw([*texts, *(contexts[i] for i in ctx_idx)])
+        except TextTooLong as exc:  # name the caller's field, not our batch position
+            k = exc.index
+            name = f"inputs[{k}]" if k < len(texts) else f"contexts[{ctx_idx[k - len(texts)]}]"
+            raise TextTooLong(k, exc.tokens, name) from None
         out = all_scores[:len(texts)]
         if ctx_idx:
             comply = self.heads.compliance(first[ctx_idx])

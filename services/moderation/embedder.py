@@ -6,9 +6,18 @@ The graph returns the attention-masked mean of every layer's hidden states (embe
 *asks for* (syntax, intent) than the last one, which is tuned for topic similarity, so the
 classifier reads several of them.
 
-Texts longer than one window are split into overlapping token windows, each embedded on its own,
-so a harmful sentence deep inside a long answer is not averaged away (the caller takes the
-maximum score over a text's windows).
+Texts longer than one window are split into windows (sentences and adjacent sentence pairs),
+each embedded on its own, so a harmful sentence deep inside a long answer is not averaged away
+(the caller takes the maximum score over a text's windows).
+
+The windows of one text are bounded (`MAX_WINDOWS` encoder runs), since a hostile text of tiny
+sentences ("a. a. a." x 2,700 in 8 KiB) used to be 5,459 runs. Identical windows are run once (a
+text's scores are the max over its windows, so this changes no score). A text whose distinct
+sentence windows still exceed the bound is packed instead: consecutive whole sentences merged
+into windows of 126, then 254, then 510 tokens (the encoder's 512 positions), plus a window over
+each seam between two packed windows; failing that, plain 510-token chunks. Every character is
+in some window at every step; larger windows dilute one bad sentence among many others, which is
+the price of the bound. A text longer than `MAX_WINDOWS` full windows raises `TextTooLong`.
 
 Every window runs through the graph **alone**, never padded into a batch with other texts. The
 int8 model quantizes activations dynamically with one scale per tensor, so in a batch a text's
@@ -36,6 +45,17 @@ from tokenizers import Tokenizer
 from services.moderation import paths
 
 PRECISIONS = {"int8": "model.int8.onnx", "fp32": "model.onnx"}
+MAX_WINDOWS = 64  # encoder runs per text at most
+MAX_POSITIONS = 512  # all-MiniLM-L6-v2's position embeddings, [CLS] and [SEP] included
+
+
+class TextTooLong(ValueError):
+    """A text needs more than MAX_WINDOWS full-length windows to be checked whole."""
+
+    def __init__(self, index: int, tokens: int, name: str = "") -> None:
+        self.index, self.tokens = index, tokens
+        super().__init__(f"{name or f'text {index}'}: {tokens} tokens is too long to moderate "
+                         f"(at most {MAX_WINDOWS} windows of {MAX_POSITIONS - 2} tokens)")
 
 
 class ModelMissing(RuntimeError):
@@ -84,6 +104,8 @@ class Embedder:
         # [CLS] and [SEP] take two of the window's positions.
         self.window_tokens = window_tokens - 2
         self.stride_tokens = min(stride_tokens, self.window_tokens)
+        self.max_tokens = MAX_POSITIONS - 2
+        self.max_windows = MAX_WINDOWS
         self.threads = threads or os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="embed") if self.threads > 1 else None
         self.cls_id = self._tok.token_to_id("[CLS]")
@@ -94,12 +116,13 @@ class Embedder:
         return f"{paths.EMBEDDER_NAME}-onnx-{self.precision}@{self.manifest.get('build_id', '?')}"
 
     def windows(self, texts: list[str]) -> list[Window]:
-        """The spans of each text to embed.
+        """The spans of each text to embed, at most MAX_WINDOWS per text, together covering it.
 
         A text that fits one window is one window (as in training). A longer text is cut into
         sentences, and each sentence and each pair of adjacent sentences is a window (sentences
         longer than a window are cut into overlapping token windows): one hateful sentence in a
         long answer is scored nearly on its own instead of being averaged with its neighbours.
+        Identical windows of a text are listed once; beyond MAX_WINDOWS, see the module doc.
         """
         with self._lock:  # Tokenizer objects are not documented as thread-safe
             encodings = self._tok.encode_batch(texts, add_special_tokens=False)
@@ -109,20 +132,47 @@ class Embedder:
             if len(ids) <= self.window_tokens:
                 out.append(Window(i, 0, len(texts[i]), [self.cls_id, *ids, self.sep_id]))
                 continue
-            spans = self._sentences(texts[i], offsets)
-            pieces = [(a, b) for a, b in spans]
-            pieces += [(spans[k][0], spans[k + 1][1]) for k in range(len(spans) - 1)
-                       if spans[k + 1][1] - spans[k][0] <= self.window_tokens]
-            for a, b in pieces:
-                start = a
-                while True:
-                    end = min(start + self.window_tokens, b)
-                    out.append(Window(i, offsets[start][0], offsets[end - 1][1],
-                                      [self.cls_id, *ids[start:end], self.sep_id]))
-                    if end >= b:
-                        break
-                    start += self.stride_tokens
+            for a, b in self._plan(i, texts[i], offsets):
+                out.append(Window(i, offsets[a][0], offsets[b - 1][1], [self.cls_id, *ids[a:b], self.sep_id]))
         return out
+
+    def _plan(self, index: int, text: str, offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Token spans of a long text's windows: the finest plan that fits MAX_WINDOWS."""
+        sentences = self._sentences(text, offsets)
+        plan = self._distinct(text, offsets, self._cut(_sentence_pieces(sentences, self.window_tokens),
+                                                       self.window_tokens, self.stride_tokens))
+        size = self.window_tokens
+        while len(plan) > self.max_windows and size < self.max_tokens:
+            size = min(2 * size + 2, self.max_tokens)  # 62 -> 126 -> 254 -> 510 tokens
+            plan = self._distinct(text, offsets, self._cut(_packed_pieces(sentences, size), size, size // 2))
+        if len(plan) > self.max_windows:
+            plan = self._distinct(text, offsets, self._cut([(0, len(offsets))], size, size))
+        if len(plan) > self.max_windows:
+            raise TextTooLong(index, len(offsets))
+        return plan
+
+    @staticmethod
+    def _cut(pieces: list[tuple[int, int]], size: int, stride: int) -> list[tuple[int, int]]:
+        """Each token span as windows of at most `size` tokens, `stride` apart."""
+        out = []
+        for a, b in pieces:
+            start = a
+            while True:
+                end = min(start + size, b)
+                out.append((start, end))
+                if end >= b:
+                    break
+                start += stride
+        return out
+
+    @staticmethod
+    def _distinct(text: str, offsets: list[tuple[int, int]],
+                  spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The first of each set of windows with the same text (same text, same scores)."""
+        seen: dict[str, tuple[int, int]] = {}
+        for a, b in spans:
+            seen.setdefault(text[offsets[a][0]:offsets[b - 1][1]], (a, b))
+        return list(seen.values())
 
     @staticmethod
     def _sentences(text: str, offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -161,6 +211,27 @@ class Embedder:
         for w, v in zip(wins, vecs, strict=True):
             out[w.text_index] += v
         return _unit(out)
+
+
+def _sentence_pieces(sentences: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """Every sentence, and every pair of adjacent sentences that fits `size` tokens."""
+    pairs = [(sentences[k][0], sentences[k + 1][1]) for k in range(len(sentences) - 1)
+             if sentences[k + 1][1] - sentences[k][0] <= size]
+    return [*sentences, *pairs]
+
+
+def _packed_pieces(sentences: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """Consecutive whole sentences merged up to `size` tokens, plus each seam between two packs
+    (the last sentence of one with the first of the next) that fits."""
+    packs: list[list[tuple[int, int]]] = []
+    for sentence in sentences:
+        if packs and sentence[1] - packs[-1][0][0] <= size:
+            packs[-1].append(sentence)
+        else:
+            packs.append([sentence])
+    seams = [(packs[k][-1][0], packs[k + 1][0][1]) for k in range(len(packs) - 1)
+             if packs[k + 1][0][1] - packs[k][-1][0] <= size]
+    return [*((p[0][0], p[-1][1]) for p in packs), *seams]
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

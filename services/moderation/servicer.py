@@ -16,6 +16,7 @@ from colloquy.v1 import moderation_pb2, moderation_pb2_grpc
 
 from services.moderation import metrics
 from services.moderation.domain import Moderator
+from services.moderation.embedder import TextTooLong
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServiceServicer):
         loop = asyncio.get_running_loop()
         try:
             results = await loop.run_in_executor(self.pool, self.moderator.moderate, inputs, contexts)
+        except TextTooLong as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception:
             log.exception("moderation failed")
             await context.abort(grpc.StatusCode.INTERNAL, "moderation failed; see the service logs")

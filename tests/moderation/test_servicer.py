@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import signal
 import urllib.request
 from collections.abc import Iterator
@@ -12,6 +13,8 @@ from colloquy.v1 import common_pb2, moderation_pb2, moderation_pb2_grpc
 
 from tests.common.procs import Proc
 from tests.conftest import free_port
+
+_PUNCTUATION = "".join(random.Random(5).choices(",;:-+=*&%$#@^~", k=32700))
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +62,8 @@ def test_contexts_catch_an_answer_to_a_harmful_request(stub: moderation_pb2_grpc
     (moderation_pb2.ModerateRequest(inputs=["ok", "é" * 20000]), "inputs[1]: 40000 bytes"),
     (moderation_pb2.ModerateRequest(inputs=["a", "b"], contexts=["c"]), "contexts: 1 given for 2 inputs"),
     (moderation_pb2.ModerateRequest(inputs=["a"], contexts=["x" * 40000]), "contexts[0]: 40000 bytes"),
+    # Within the byte limit, but every byte a distinct token: more than 64 windows of 510 tokens.
+    (moderation_pb2.ModerateRequest(inputs=["ok", _PUNCTUATION]), "inputs[1]: 32700 tokens is too long"),
 ])
 def test_invalid_requests_name_the_field(stub: moderation_pb2_grpc.ModerationServiceStub,
                                          request_: moderation_pb2.ModerateRequest, message: str) -> None:
