@@ -6,7 +6,8 @@ prompt and unit tests check truncation exactly.
 The prompt is [system `before`] + every earlier, non-blocked turn (user message + answer of
 candidate 0) + the new user message (+ the `after` reminder), rendered with ChatML and the
 assistant header. When it does not fit in context - answer budget, the oldest turns go first;
-the instructions and the new message are never cut.
+the instructions and the new message are never cut. Only the newest turns that can fit are
+tokenized, so a long history costs no more than a short one.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from collections.abc import Iterable, Sequence
 from colloquy.v1 import chat_pb2
 
 from services.prompt.templates import PromptTemplate
-from services.tokenizer.domain import ChatMessage, InvalidArgument, TextTokenizer
+from services.tokenizer.domain import MAX_SEQUENCES, ChatMessage, InvalidArgument, TextTokenizer
 
 DEFAULT_ANSWER_BUDGET = 256
+# English text averages about 4 characters per BPE token; only sizes tokenizer batches (a wrong
+# guess costs an extra call or some extra tokenizing, never a different prompt).
+GUESS_CHARS_PER_TOKEN = 4
 
 
 class PromptTooLong(InvalidArgument):
@@ -66,6 +70,16 @@ def chosen_answer(turn: chat_pb2.Turn) -> str:
     return turn.answers[0].text if turn.answers else ""
 
 
+def max_token_bytes(tok: TextTokenizer) -> int:
+    """The most UTF-8 bytes any one token decodes to (81 for SmolLM2: a run of 80 spaces and a
+    newline); a token that is part of a character decodes to U+FFFD, which over-counts: safe."""
+    longest = 1
+    for start in range(0, tok.vocab_size, MAX_SEQUENCES):
+        ids = [[i] for i in range(start, min(start + MAX_SEQUENCES, tok.vocab_size))]
+        longest = max(longest, *(len(text.encode("utf-8")) for text in tok.decode_batch(ids)))
+    return longest
+
+
 def past_turns(turns: Iterable[chat_pb2.Turn]) -> list[PastTurn]:
     """Earlier turns in index order, without blocked ones (their text never reaches the model)."""
     return [PastTurn(t.index, t.user_message, chosen_answer(t))
@@ -84,6 +98,12 @@ class Assembler:
         # so the template adds no default system prompt to it.
         self._probe = ChatMessage("system", "")
         self._probe_tokens = self.tok.count(self.tok.render([self._probe], add_generation_prompt=False))
+        self.max_token_bytes = max_token_bytes(tokenizer)
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on the tokens of `text`, without tokenizing it: no token covers more
+        than `max_token_bytes` bytes, and a character is at least one byte."""
+        return -(-len(text) // self.max_token_bytes)
 
     def _segment_counts(self, messages: Sequence[ChatMessage]) -> list[int]:
         """Tokens each message adds to a rendered prompt.
@@ -122,17 +142,9 @@ class Assembler:
             own = self.tok.count(new_message)
             raise PromptTooLong(own, max(0, budget - (fixed - own)))
 
-        pairs = [[ChatMessage("user", clean(t.user)), ChatMessage("assistant", clean(t.assistant))]
-                 for t in history]
-        counts = self._segment_counts([m for pair in pairs for m in pair])
-        # Keep the longest run of newest turns that fits; everything older is dropped.
-        used, keep = fixed, 0
-        for i in range(len(pairs) - 1, -1, -1):
-            cost = counts[2 * i] + counts[2 * i + 1]
-            if used + cost > budget:
-                break
-            used += cost
-            keep += 1
+        newest_first = self._newest_that_fit(history, budget - fixed)
+        keep = len(newest_first)
+        pairs = newest_first[::-1]
         while True:
             kept = pairs[len(pairs) - keep:] if keep else []
             messages = head + [m for pair in kept for m in pair] + tail
@@ -142,4 +154,41 @@ class Assembler:
                 break
             keep -= 1
         return AssembledPrompt(messages=messages, prompt=prompt, prompt_tokens=tokens,
-                               dropped_turns=len(pairs) - keep, template_version=template.version)
+                               dropped_turns=len(history) - keep, template_version=template.version)
+
+    def _newest_that_fit(self, history: Sequence[PastTurn], room: int) -> list[list[ChatMessage]]:
+        """The longest run of newest turns whose messages fit in `room` tokens, newest first.
+
+        Work is bounded by what fits, not by the history's length: turns are walked newest first
+        and the walk stops at the first one that does not fit. Turns are tokenized in batches (one
+        tokenizer call each) of about what is left to fill, guessed at GUESS_CHARS_PER_TOKEN; a
+        turn joins a batch only while the batch's lower bound (`min_tokens`) still fits, so at
+        most `room` x `max_token_bytes` message characters are tokenized per prompt whatever the
+        history holds, and a message too long to fit is never tokenized.
+        """
+        clean = self.tok.neutralize_special_tokens
+        kept: list[list[ChatMessage]] = []
+        i = len(history)
+        while i > 0:
+            batch: list[PastTurn] = []
+            bound = guess = 0
+            while i - len(batch) > 0 and guess < room:
+                t = history[i - len(batch) - 1]
+                bound += self.min_tokens(t.user) + self.min_tokens(t.assistant)
+                if bound > room:
+                    break
+                guess += (len(t.user) + len(t.assistant)) // GUESS_CHARS_PER_TOKEN + 1
+                batch.append(t)
+            if not batch:
+                return kept
+            pairs = [[ChatMessage("user", clean(t.user)), ChatMessage("assistant", clean(t.assistant))]
+                     for t in batch]
+            counts = self._segment_counts([m for pair in pairs for m in pair])
+            for k, pair in enumerate(pairs):
+                cost = counts[2 * k] + counts[2 * k + 1]
+                if cost > room:
+                    return kept
+                room -= cost
+                kept.append(pair)
+            i -= len(batch)
+        return kept

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import pytest
 from colloquy.v1 import chat_pb2
 from hypothesis import given, settings
@@ -161,3 +164,83 @@ def test_token_count_is_exact_for_any_text(tok: TextTokenizer, turns: list[tuple
     assert got.prompt_tokens == tok.count(got.prompt)
     segs = a._segment_counts(got.messages)
     assert sum(segs) + tok.count("<|im_start|>assistant\n") == got.prompt_tokens
+
+
+class CountingTokenizer(TextTokenizer):
+    """The real tokenizer, counting the characters and calls it is asked to tokenize."""
+
+    chars = 0
+    calls = 0
+
+    def count(self, text: str) -> int:
+        self.chars += len(text)
+        self.calls += 1
+        return super().count(text)
+
+    def count_all(self, texts: Sequence[str]) -> list[int]:
+        self.chars += sum(len(t) for t in texts)
+        self.calls += 1
+        return super().count_all(texts)
+
+
+@pytest.fixture(scope="module")
+def counting(tokenizer_path: Path) -> CountingTokenizer:
+    return CountingTokenizer.from_file(str(tokenizer_path / "tokenizer.json"))
+
+
+def tokenized(tok: CountingTokenizer, assembler: Assembler, past: list[PastTurn],
+              message: str = "And now?") -> tuple[domain.AssembledPrompt, int, int]:
+    tok.chars = tok.calls = 0
+    got = assembler.assemble(V1, past, message, 256)
+    return got, tok.chars, tok.calls
+
+
+def test_a_long_history_costs_no_more_tokenizing_than_a_short_one(counting: CountingTokenizer) -> None:
+    """Cost per prompt is bounded by what fits: 20,000 turns (2.4 MB) are tokenized no more
+    than 200 turns that already overflow the context, and far less than the history."""
+    assembler = Assembler(counting, 2048)
+    long_past = history(20_000)
+    short, short_chars, short_calls = tokenized(counting, assembler, long_past[-200:])
+    got, chars, calls = tokenized(counting, assembler, long_past)
+    assert got.prompt == short.prompt and got.prompt_tokens == short.prompt_tokens
+    assert got.dropped_turns == 20_000 - (200 - short.dropped_turns) and 0 < short.dropped_turns < 200
+    assert chars <= short_chars * 1.1 and calls <= short_calls + 1
+    history_chars = sum(len(t.user) + len(t.assistant) for t in long_past)
+    assert chars < history_chars / 50, (chars, history_chars)
+    # The documented bound: what is left of the context x the longest token, in message characters.
+    kept_chars = sum(len(m.content) for m in got.messages)
+    assert chars - kept_chars <= 2048 * assembler.max_token_bytes
+
+
+def test_a_message_too_long_to_fit_is_never_tokenized(counting: CountingTokenizer) -> None:
+    assembler = Assembler(counting, 2048)
+    huge = "word " * 200_000  # 1 MB answer: cannot fit 2048 tokens whatever it holds
+    past = [*history(3), PastTurn(4, "Write a lot.", huge)]
+    got, chars, _ = tokenized(counting, assembler, past)
+    assert got.dropped_turns == 4, "the newest turn does not fit, so neither does anything older"
+    assert chars < 10_000, chars
+
+
+@settings(max_examples=60, deadline=None)
+@given(turns=st.lists(st.tuples(text, text), max_size=30), context=st.integers(60, 400))
+def test_bounded_assembly_keeps_the_same_turns_as_tokenizing_everything(
+        tok: TextTokenizer, turns: list[tuple[str, str]], context: int) -> None:
+    """The newest-first walk keeps exactly the turns the tokenize-the-whole-history rule kept."""
+    past = [PastTurn(i + 1, u, a) for i, (u, a) in enumerate(turns)]
+    a = Assembler(tok, context)
+    try:
+        got = a.assemble(V1, past, "Next?", 8)
+    except PromptTooLong:
+        return
+    clean = tok.neutralize_special_tokens
+    fixed = tok.count(tok.render([ChatMessage("system", V1.before), ChatMessage("user", f"Next?\n\n{V1.after}")]))
+    counts = a._segment_counts([ChatMessage(r, clean(x)) for t in past
+                                for r, x in (("user", t.user), ("assistant", t.assistant))])
+    used, keep = fixed, 0
+    for i in range(len(past) - 1, -1, -1):
+        if used + counts[2 * i] + counts[2 * i + 1] > context - 8:
+            break
+        used += counts[2 * i] + counts[2 * i + 1]
+        keep += 1
+    assert got.dropped_turns == len(past) - keep
+    assert got.prompt_tokens == used == tok.count(got.prompt)
