@@ -16,7 +16,7 @@ from services.common import events, topics, turns
 from services.conversation.reader import HistoryReader
 from services.gateway import errors, metrics, validation
 from services.gateway.admission import Admission
-from services.gateway.auth import KeyRing, key_from_metadata
+from services.gateway.auth import Identity, KeyRing, key_from_metadata
 from services.gateway.config import GatewayConfig
 from services.gateway.moderation_guard import ModerationGuard
 from services.gateway.ratelimit import RateLimiter, retry_after_seconds
@@ -47,13 +47,16 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self.admission = Admission(cfg.max_concurrent_chats, cfg.max_chats_per_user)
 
     # -- helpers -------------------------------------------------------------------------------
-    async def _user(self, context: grpc.aio.ServicerContext) -> str:
+    async def _caller(self, context: grpc.aio.ServicerContext) -> Identity:
         key = key_from_metadata(context.invocation_metadata())
-        user = self.keys.user_for(key) if key else None
-        if not user:
+        who = self.keys.identity(key) if key else None
+        if who is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 "missing or invalid API key: send metadata 'authorization: Bearer <key>'")
-        return user  # type: ignore[return-value]
+        return who  # type: ignore[return-value]
+
+    async def _user(self, context: grpc.aio.ServicerContext) -> str:
+        return (await self._caller(context)).user
 
     async def _rate_limit(self, user: str, context: grpc.aio.ServicerContext) -> None:
         """RESOURCE_EXHAUSTED with a retry hint (message and `retry-after` trailer) when over the limit."""
@@ -84,11 +87,14 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             view = self.history.store.get(conversation_id, user)
         return view
 
-    async def _caller_conversation(self, conversation_id: str, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
-        """Authenticate, rate-limit, validate the id and return (user, id, view); NOT_FOUND if not
-        the caller's. The limit comes before the lookup, so probing ids costs the caller's budget."""
-        user = await self._user(context)
-        await self._rate_limit(user, context)
+    async def _caller_conversation(self, conversation_id: str, context: grpc.aio.ServicerContext,
+                                   user: str = ""):  # type: ignore[no-untyped-def]
+        """Authenticate (unless `user` is given), rate-limit, validate the id and return (user, id,
+        view); NOT_FOUND if not the caller's. The limit comes before the lookup, so probing ids
+        costs the caller's budget."""
+        if not user:
+            user = await self._user(context)
+            await self._rate_limit(user, context)
         try:
             conv = validation.conversation_id(conversation_id)
         except validation.InvalidArgument as exc:
@@ -285,7 +291,14 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     async def _submit_feedback(self, request: chat_pb2.SubmitFeedbackRequest,
                                context: grpc.aio.ServicerContext) -> chat_pb2.SubmitFeedbackResponse:
-        user, conv, view = await self._caller_conversation(request.conversation_id, context)
+        who = await self._caller(context)
+        await self._rate_limit(who.user, context)
+        source = _source(context)
+        if source == "simulated" and not who.labeler:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, (
+                "this API key may not submit simulated feedback (x-colloquy-feedback-source: simulated): "
+                "only keys marked 'labeler: true' in the key file may; drop the header to submit it as yours"))
+        user, conv, view = await self._caller_conversation(request.conversation_id, context, who.user)
         turn = view.turns.get(request.turn_index)
         try:
             validation.feedback(request, turn)
@@ -296,7 +309,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             feedback_id=feedback_id, user_id=user, conversation_id=conv, turn_index=request.turn_index,
             prompt=view.prompts.get(request.turn_index, ""), answers=turn.answers,
             model_version=turn.model_version, template_version=turn.template_version,
-            source=_source(context), created_unix_ms=turns.now_ms())
+            source=source, created_unix_ms=turns.now_ms())
         if request.HasField("rating"):
             ev.rating.CopyFrom(request.rating)
         else:
@@ -309,7 +322,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
 
 def _source(context: grpc.aio.ServicerContext) -> str:
-    """Feedback from the simulated-labeler tool says so in metadata; everything else is human."""
+    """Feedback from the simulated-labeler tool says so in metadata (honoured for labeler keys
+    only: the servicer refuses it from others); everything else is human."""
     for k, v in context.invocation_metadata() or ():
         if k == "x-colloquy-feedback-source" and v == "simulated":
             return "simulated"
