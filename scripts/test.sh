@@ -15,6 +15,13 @@ if [ -f model/build.py ] && [ -z "${COLLOQUY_SKIP_MODEL_BUILD:-}" ]; then
   make --no-print-directory model
 fi
 
+echo "== cyclonus (offline NetworkPolicy engine for tests/k8s/test_netpol_tool.py; installed once)"
+if command -v go >/dev/null 2>&1; then
+  bash scripts/k8s-netpol-check.sh --install-only || echo "cyclonus did not install: its tests will skip" >&2
+else
+  echo "go not found: cyclonus's tests will skip" >&2
+fi
+
 echo "== moderation encoder (exported to ONNX once, cached outside the repo)"
 make --no-print-directory build-moderation
 
