@@ -15,10 +15,13 @@ from services.moderation.classifier import ClassifierError, Heads
 from services.moderation.config import ModerationConfig
 from services.moderation.domain import Moderator
 from services.moderation.embedder import Embedder, ModelMissing
+from services.moderation.leak import LeakDetector, hidden_texts
 from services.moderation.policy import PolicyError
 from services.moderation.policy import load as load_policy
 from services.moderation.servicer import ModerationServicer
 from services.moderation.worker import InputStage, OutputStage
+from services.prompt.templates import TemplateError
+from services.prompt.templates import load_file as load_templates
 
 DEFAULTS = {"GRPC_PORT": "50053", "METRICS_PORT": "9103"}
 
@@ -45,6 +48,23 @@ def load_moderator(cfg: ModerationConfig) -> Moderator:
     return moderator
 
 
+def load_leak_detector(cfg: ModerationConfig, moderator: Moderator) -> LeakDetector | None:
+    """The hidden instructions of every template version, or None when the policy has no
+    system_prompt_leak entry; a bad templates file is a one-line error and exit 2."""
+    rule = moderator.policy.leak
+    if rule is None:
+        logging.getLogger(__name__).warning("policy has no system_prompt_leak entry: answers are not "
+                                            "checked for the hidden instructions")
+        return None
+    try:
+        templates = load_templates(cfg.templates_file)
+        return LeakDetector(hidden_texts((t.version, t.before, t.after) for t in templates.versions.values()),
+                            rule.ngram, rule.threshold, rule.min_ngrams)
+    except (TemplateError, ValueError) as exc:
+        _fail(f"MODERATION_TEMPLATES_FILE: {' '.join(str(exc).split())}")  # YAML errors span lines
+    return None
+
+
 async def build() -> grpc_server.ServiceApp:
     server = config.load_or_exit(config.ServerConfig, defaults=DEFAULTS)
     cfg = config.load_or_exit(ModerationConfig)
@@ -65,7 +85,7 @@ async def build() -> grpc_server.ServiceApp:
                 InputStage(moderator).handle, kafka, group_id=cfg.input_group, instance_id=instance))
         if "output" in cfg.stages:
             stage = OutputStage(moderator, cfg.chunk_min_chars, cfg.chunk_max_chars,
-                                first_chars=cfg.chunk_first_chars)
+                                first_chars=cfg.chunk_first_chars, leak=load_leak_detector(cfg, moderator))
             workers.append(kafka_loop.StageWorker(
                 "moderation-output", [topics.GENERATION_PROGRESS.name], events_pb2.GenerationProgress,
                 stage.handle, kafka, group_id=cfg.output_group, instance_id=instance))

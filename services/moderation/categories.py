@@ -15,6 +15,10 @@ CATEGORIES: tuple[str, ...] = (
     "illicit", "illicit/violent",
 )
 
+# Not a classifier category: output moderation's check for the hidden instructions (leak.py),
+# decided by policy.yaml's `system_prompt_leak` entry; only output verdicts carry it.
+SYSTEM_PROMPT_LEAK = "system_prompt_leak"
+
 PARENT: dict[str, str] = {c: c.split("/")[0] for c in CATEGORIES if "/" in c}
 
 FAMILIES: tuple[str, ...] = ("harassment", "hate", "self-harm", "sexual", "violence", "illicit")

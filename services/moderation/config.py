@@ -36,6 +36,9 @@ class ModerationConfig:
     # 0: the first chunk is like the others.
     chunk_first_chars: int = env("MODERATION_CHUNK_FIRST_CHARS", 24, check=lambda v: 0 <= v <= 4096,
                                  hint="0..4096 characters (0: like the other chunks)")
+    # The hidden instructions output moderation checks answers against (every version's `before`
+    # and `after`): the prompt service's file. Set it too when PROMPT_TEMPLATES_FILE is changed.
+    templates_file: str = env("MODERATION_TEMPLATES_FILE", str(paths.TEMPLATES_FILE))
     input_group: str = env("MODERATION_INPUT_GROUP", "colloquy-moderation-input")
     output_group: str = env("MODERATION_OUTPUT_GROUP", "colloquy-moderation-output")
     max_inputs: int = env("MODERATION_MAX_INPUTS", 32, check=lambda v: 1 <= v <= 1024, hint="1..1024")

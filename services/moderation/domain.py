@@ -149,5 +149,9 @@ class ScoreCache:
     def scores(self, texts: Sequence[str]) -> list[Scores]:
         return self._get_many("s", texts, self.moderator.scores)
 
+    def memo(self, kind: str, texts: Sequence[str], compute) -> list:  # type: ignore[no-untyped-def]
+        """Any other per-text value (e.g. an answer prefix's leak score), memoized under `kind`."""
+        return self._get_many(kind, texts, compute)
+
     def compliance(self, texts: Sequence[str]) -> list[float]:
         return self._get_many("c", texts, self.moderator.compliance)

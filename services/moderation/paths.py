@@ -12,6 +12,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 DATA_DIR = PACKAGE_DIR / "data"
 POLICY_FILE = PACKAGE_DIR / "policy.yaml"
 CLASSIFIER_FILE = DATA_DIR / "classifier.npz"
+# The prompt service's hidden instructions (output moderation checks answers for them).
+TEMPLATES_FILE = PACKAGE_DIR.parent / "prompt" / "templates.yaml"
 
 EMBEDDER_NAME = "all-MiniLM-L6-v2"
 

@@ -20,7 +20,7 @@ import yaml
 from colloquy.v1 import common_pb2
 
 from services.moderation import metrics
-from services.moderation.categories import CATEGORIES
+from services.moderation.categories import CATEGORIES, SYSTEM_PROMPT_LEAK
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +43,33 @@ class CategoryPolicy:
 
 
 @dataclasses.dataclass(frozen=True)
+class LeakPolicy:
+    """Output only: how much of a hidden instruction text an answer may reproduce (leak.py)."""
+
+    action: int
+    threshold: float
+    ngram: int = 4
+    min_ngrams: int = 6
+
+
+@dataclasses.dataclass(frozen=True)
 class Policy:
     version: str
     categories: dict[str, CategoryPolicy]
+    leak: LeakPolicy | None = None
 
     def decide(self, scores: dict[str, float]) -> common_pb2.ModerationResult:
-        """Scores for every category -> verdict; unknown score names are ignored."""
+        """Scores for every category -> verdict; unknown score names are ignored. The
+        system_prompt_leak score is decided only when given (output moderation) and configured."""
         result = common_pb2.ModerationResult(policy_version=self.version, action=ALLOW)
-        for name in CATEGORIES:
+        names: list[str] = list(CATEGORIES)
+        rules: dict[str, CategoryPolicy] = dict(self.categories)
+        if self.leak is not None and SYSTEM_PROMPT_LEAK in scores:
+            names.append(SYSTEM_PROMPT_LEAK)
+            rules[SYSTEM_PROMPT_LEAK] = CategoryPolicy(self.leak.action, self.leak.threshold)
+        for name in names:
             raw = float(scores.get(name, 0.0))
-            rule = self.categories[name]
+            rule = rules[name]
             if math.isfinite(raw):
                 score, action = min(1.0, max(0.0, raw)), rule.action
             else:
@@ -109,7 +126,33 @@ def parse(doc: object, source: str = "policy") -> Policy:
         if not isinstance(from_context, bool):
             raise PolicyError(f"{where}.from_context: expected true or false")
         out[name] = CategoryPolicy(ACTIONS[action], float(threshold), from_context)
-    return Policy(version=version.strip(), categories=out)
+    return Policy(version=version.strip(), categories=out, leak=_parse_leak(doc, source))
+
+
+def _parse_leak(doc: dict, source: str) -> LeakPolicy | None:  # type: ignore[type-arg]
+    """The optional `system_prompt_leak` entry; absent: answers are not checked for it."""
+    entry = doc.get(SYSTEM_PROMPT_LEAK)
+    if entry is None:
+        return None
+    where = f"{source}: {SYSTEM_PROMPT_LEAK}"
+    if not isinstance(entry, dict):
+        raise PolicyError(f"{where}: expected a mapping with action, threshold, ngram, min_ngrams")
+    unknown = sorted(set(entry) - {"action", "threshold", "ngram", "min_ngrams"})
+    if unknown:
+        raise PolicyError(f"{where}: unknown keys {unknown}")
+    action = entry.get("action")
+    if action not in ACTIONS:
+        raise PolicyError(f"{where}.action: {action!r} is not one of block, warn, allow")
+    threshold = entry.get("threshold")
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold <= 1:
+        raise PolicyError(f"{where}.threshold: {threshold!r} is not a number in (0, 1]")
+    ints = {}
+    for key, default in (("ngram", 4), ("min_ngrams", 6)):
+        value = entry.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+            raise PolicyError(f"{where}.{key}: {value!r} is not a whole number in 1..64")
+        ints[key] = value
+    return LeakPolicy(ACTIONS[action], float(threshold), **ints)
 
 
 def load(path: Path | str) -> Policy:

@@ -83,12 +83,20 @@ class CandidateCheck:
     complete: bool  # every chunk checked: finished (or cut)
 
 
-def check_candidate(text: str, finished: bool, verdicts: Callable[[list[str]], list[common_pb2.ModerationResult]],
+Verdicts = Callable[[list[str], list[str]], list[common_pb2.ModerationResult]]
+
+
+def check_candidate(text: str, finished: bool, verdicts: Verdicts,
                     combine: Callable[[list[common_pb2.ModerationResult]], common_pb2.ModerationResult],
                     min_chars: int, max_chars: int, first_chars: int = 0) -> CandidateCheck:
-    """Release the longest checked prefix of `text`; cut at the first blocked chunk."""
+    """Release the longest checked prefix of `text`; cut at the first blocked chunk.
+
+    `verdicts(windows, prefixes)` judges each chunk from its window (the chunk with the one
+    before it) and its prefix (the whole answer up to the chunk's end: what a check for the
+    hidden instructions reads, since a leak can be spread over chunks).
+    """
     ends = chunk_ends(text, min_chars, max_chars, final=finished, first_chars=first_chars)
-    results = verdicts(windows(text, ends)) if ends else []
+    results = verdicts(windows(text, ends), [text[:end] for end in ends]) if ends else []
     released_to, warned = 0, None
     for k, (end, result) in enumerate(zip(ends, results, strict=True)):
         if result.action == BLOCK:

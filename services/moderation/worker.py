@@ -24,8 +24,9 @@ from services.common import events, turns
 from services.common.kafka_loop import Consumed
 from services.common.topics import CHAT_CANCELS, CHAT_MODERATED, MODERATION_DECISIONS
 from services.moderation import metrics, streaming
-from services.moderation.categories import CATEGORIES
+from services.moderation.categories import CATEGORIES, SYSTEM_PROMPT_LEAK
 from services.moderation.domain import Moderator, ScoreCache
+from services.moderation.leak import LeakDetector
 from services.moderation.policy import BLOCK, WARN
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ _HUMAN = {
     "self-harm/intent": "self-harm", "self-harm/instructions": "self-harm instructions",
     "sexual": "sexual content", "sexual/minors": "sexual content involving minors",
     "violence": "violence", "violence/graphic": "graphic violence", "illicit": "illegal activity",
-    "illicit/violent": "violent wrongdoing",
+    "illicit/violent": "violent wrongdoing", SYSTEM_PROMPT_LEAK: "the assistant's hidden instructions",
 }
 _FINISH = {
     generation_pb2.FINISH_REASON_STOP: "stop", generation_pb2.FINISH_REASON_LENGTH: "length",
@@ -51,7 +52,7 @@ CRISIS_LINE = ("If you are thinking about harming yourself, please reach out: ca
 
 def flagged_names(result: common_pb2.ModerationResult) -> list[str]:
     """Human names of the flagged categories, most specific first, without repeats."""
-    names = [_HUMAN[c] for c in reversed(CATEGORIES) if result.categories.get(c)]
+    names = [_HUMAN[c] for c in (SYSTEM_PROMPT_LEAK, *reversed(CATEGORIES)) if result.categories.get(c)]
     return list(dict.fromkeys(names))
 
 
@@ -155,12 +156,17 @@ class _Candidate:
 
 
 class OutputStage:
-    """Releases checked answer text, cuts flagged answers, and closes the turn."""
+    """Releases checked answer text, cuts flagged answers, and closes the turn.
+
+    With a `leak` detector (and the policy's `system_prompt_leak` entry), each chunk's verdict
+    also carries the system_prompt_leak score of the answer up to that chunk's end.
+    """
 
     def __init__(self, moderator: Moderator, min_chars: int = 64, max_chars: int = 200,
                  cache: ScoreCache | None = None, memories: Memories | None = None,
-                 first_chars: int = 0) -> None:
+                 first_chars: int = 0, leak: LeakDetector | None = None) -> None:
         self.moderator = moderator
+        self.leak = leak if moderator.policy.leak is not None else None
         self.cache = cache or ScoreCache(moderator)
         self.memories = memories or Memories()
         self.min_chars = min_chars
@@ -171,19 +177,24 @@ class OutputStage:
     def _verdicts(self, context: str):  # type: ignore[no-untyped-def]
         policy = self.moderator.policy
 
-        def run(windows: list[str]) -> list[common_pb2.ModerationResult]:
+        def run(windows: list[str], prefixes: list[str]) -> list[common_pb2.ModerationResult]:
             scores = self.cache.scores(windows)
             if context:
                 [ctx] = self.cache.scores([context])
                 [complies] = self.cache.compliance([windows[0]])
                 scores = [self.moderator.with_context(s, ctx, complies) for s in scores]
+            if self.leak is not None:
+                leak = self.leak
+                leaks = self.cache.memo("leak", prefixes, lambda ps: [leak.score(p).score for p in ps])
+                scores = [{**s, SYSTEM_PROMPT_LEAK: v} for s, v in zip(scores, leaks, strict=True)]
             return [policy.decide(s) for s in scores]
 
         return run
 
     def _combine(self, results: list[common_pb2.ModerationResult]) -> common_pb2.ModerationResult:
         """One verdict for a whole answer: the highest score of each category over its chunks."""
-        best = {c: max(r.category_scores[c] for r in results) for c in CATEGORIES}
+        names = [*CATEGORIES, *([SYSTEM_PROMPT_LEAK] if self.leak is not None else [])]
+        best = {c: max(r.category_scores[c] for r in results) for c in names}
         return self.moderator.policy.decide(best)
 
     # -- the handler -----------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def _combine(results: list[common_pb2.ModerationResult]) -> common_pb2.Moderatio
 def test_release_stops_before_the_first_blocked_chunk() -> None:
     text = "Fine sentence one here. Fine sentence two here. BAD sentence three. Fine four here."
 
-    def verdicts(wins: list[str]) -> list[common_pb2.ModerationResult]:
+    def verdicts(wins: list[str], prefixes: list[str]) -> list[common_pb2.ModerationResult]:
         return [_verdict(BLOCK, 0.9) if "BAD" in w else _verdict(ALLOW) for w in wins]
 
     check = streaming.check_candidate(text, True, verdicts, _combine, 10, 40)
@@ -89,7 +89,7 @@ def test_release_stops_before_the_first_blocked_chunk() -> None:
 def test_warned_chunks_are_released_with_a_warning() -> None:
     text = "Calm sentence here. Edgy sentence here. Calm again, the end."
     check = streaming.check_candidate(
-        text, True, lambda ws: [_verdict(WARN if "Edgy" in w else ALLOW) for w in ws], _combine, 10, 40)
+        text, True, lambda ws, _: [_verdict(WARN if "Edgy" in w else ALLOW) for w in ws], _combine, 10, 40)
     assert check.blocked is None and check.released == text and check.warned is not None
 
 
@@ -98,7 +98,7 @@ def test_random_growth_releases_a_growing_prefix() -> None:
     text = " ".join(rng.choice(["alpha", "beta.", "gamma!", "delta\n"]) for _ in range(200))
     released = ""
     for cut in range(0, len(text), 13):
-        check = streaming.check_candidate(text[:cut], False, lambda ws: [_verdict(ALLOW) for _ in ws],
+        check = streaming.check_candidate(text[:cut], False, lambda ws, _: [_verdict(ALLOW) for _ in ws],
                                           _combine, 30, 90)
         assert check.released.startswith(released) and text.startswith(check.released)
         released = check.released
