@@ -39,18 +39,22 @@ CHAT_MODERATED = Topic("chat.moderated", 6, EVENTS, doc="TurnEvent that passed i
 CHAT_PROMPTS = Topic("chat.prompts", 6, EVENTS, doc="TurnEvent with the assembled prompt")
 GENERATION_PROGRESS = Topic("generation.progress", 6, STREAM, doc="GenerationProgress batches")
 CHAT_CANCELS = Topic("chat.cancels", 6, STREAM, doc="CancelEvent")
+CHAT_UNANSWERED = Topic("chat.unanswered", 6, STREAM,
+                        doc="TurnUnanswered: a turn generation failed, never recorded; frees its conversation")
 CONVERSATION_TURNS = Topic("conversation.turns", 6, STATE,
                            doc="TurnRecord keyed <conversation>/<turn>, compacted: the history")
 MODERATION_DECISIONS = Topic("moderation.decisions", 3, EVENTS, doc="ModerationDecision audit trail")
 CHAT_FEEDBACK = Topic("chat.feedback", 3, {**EVENTS, "retention.ms": str(30 * DAY_MS)},
                       doc="FeedbackEvent")
 MODEL_UPDATES = Topic("model.updates", 1, EVENTS, doc="ModelUpdate")
-DEAD_LETTER = Topic("colloquy.dead-letter", 3, {**EVENTS, "retention.ms": str(30 * DAY_MS)},
+# Holds user text from every topic a stage reads, so it keeps it no longer than the shortest of
+# them (generation.progress and the reply topics: a day); tests/common/test_topics.py checks.
+DEAD_LETTER = Topic("colloquy.dead-letter", 3, STREAM,
                     doc="records no stage could process, with the reason in headers")
 
 ALL: tuple[Topic, ...] = (
     CHAT_REQUESTS, CHAT_TOKENIZED, CHAT_MODERATED, CHAT_PROMPTS, GENERATION_PROGRESS, CHAT_CANCELS,
-    CONVERSATION_TURNS, MODERATION_DECISIONS, CHAT_FEEDBACK, MODEL_UPDATES, DEAD_LETTER,
+    CHAT_UNANSWERED, CONVERSATION_TURNS, MODERATION_DECISIONS, CHAT_FEEDBACK, MODEL_UPDATES, DEAD_LETTER,
 )
 
 REPLY_PREFIX = "chat.replies."

@@ -41,7 +41,7 @@ from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.errors import KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata
 
-from services.common import events, kafka_loop, metrics, turns
+from services.common import events, kafka_loop, metrics, topics, turns
 from services.common.config import KafkaConfig
 from services.common.log import request_id_var
 from services.generation import api, engine
@@ -55,6 +55,15 @@ PROBE_S = 1.0  # lag probe interval
 STALL_PROBES = 3  # probes with lag but no progress before the consumer is replaced
 _EVENT_NS = uuid.UUID("6f0b5f76-3c55-4d0e-9a43-7c1d8d1e6a10")
 _UNFINISHED = generation_pb2.FINISH_REASON_UNSPECIFIED
+
+
+def unanswered(request_id: str, conversation_id: str, code: str, traceparent: str = "") -> events.OutEvent:
+    """The TurnUnanswered event that frees a conversation whose turn generation gave up on."""
+    msg = events_pb2.TurnUnanswered(request_id=request_id, conversation_id=conversation_id, code=code,
+                                    stage=STAGE)
+    return events.OutEvent(topic=topics.CHAT_UNANSWERED.name, key=conversation_id, message=msg,
+                           request_id=request_id, traceparent=traceparent,
+                           event_id=str(uuid.uuid5(_EVENT_NS, f"{request_id}/unanswered")))
 
 
 class OffsetTracker:
@@ -455,8 +464,13 @@ class GenerationWorker:
         log.error("dead-lettered a record", extra={"stage": STAGE, "topic": rec.topic, "partition": rec.partition,
                                                    "offset": rec.offset, "reason": reason})
 
+        key = rec.key.decode("utf-8", "replace") if rec.key else ""
+        request_id = events.header(rec.headers, events.H_REQUEST_ID)
+
         async def send() -> None:
             try:
+                if rec.topic == self.cfg.topic_in and key and request_id:  # a turn nobody will answer
+                    await self._acked(await self._send(unanswered(request_id, key, "DEAD_LETTERED")))
                 await self._acked(await self._send(kafka_loop.DeadLetter(rec, STAGE, reason, "PoisonEvent", "")))
             except Exception as exc:
                 self.error = exc  # the producer is broken: exit and let redelivery redo it
@@ -489,13 +503,13 @@ class GenerationWorker:
     async def _generate(self, flight: _Flight) -> None:
         turn = flight.turn
         if turns.deadline_passed(turn):
-            await self._reply(flight, turns.deadline_error(turn, STAGE, flight.traceparent))
+            await self._refuse(flight, turns.deadline_error(turn, STAGE, flight.traceparent))
             return
         try:
             req = api.turn_request(turn, max_tokens_limit=self.limits.max_tokens_limit,
                                    max_n=self.limits.max_n)
         except api.InvalidArgument as exc:
-            await self._reply(flight, turns.reply_error(turn, "INVALID_ARGUMENT", str(exc), STAGE,
+            await self._refuse(flight, turns.reply_error(turn, "INVALID_ARGUMENT", str(exc), STAGE,
                                                         flight.traceparent))
             return
         progress = _Progress(turn, req.sampling.n, self.cfg.batch_tokens, self.cfg.batch_ms / 1000)
@@ -518,9 +532,9 @@ class GenerationWorker:
             if status is not None:
                 code, message = status
                 if code == "DEADLINE_EXCEEDED":
-                    await self._reply(flight, turns.deadline_error(turn, STAGE, flight.traceparent))
+                    await self._refuse(flight, turns.deadline_error(turn, STAGE, flight.traceparent))
                 else:
-                    await self._reply(flight, turns.reply_error(turn, code, message, STAGE, flight.traceparent))
+                    await self._refuse(flight, turns.reply_error(turn, code, message, STAGE, flight.traceparent))
             return
 
     async def _stream(self, flight: _Flight, req: engine.Request,
@@ -597,14 +611,20 @@ class GenerationWorker:
     async def _fail(self, flight: _Flight, progress: _Progress, code: str, message: str) -> None:
         """Nothing sent yet: fail the turn at the gateway; else end the answer with ERROR."""
         if progress.seq == 0:
-            await self._reply(flight, turns.reply_error(flight.turn, code, message, STAGE, flight.traceparent))
+            await self._refuse(flight, turns.reply_error(flight.turn, code, message, STAGE, flight.traceparent))
             return
         progress.finish = [f if f != _UNFINISHED else generation_pb2.FINISH_REASON_ERROR for f in progress.finish]
         await self._publish(flight, progress, done=True)
 
-    async def _reply(self, flight: _Flight, out: events.OutEvent) -> None:
+    async def _refuse(self, flight: _Flight, error: events.OutEvent) -> None:
+        """Fail a turn that produced no answer: nothing will record it, so first tell the prompt
+        stage to free its conversation (acknowledged before the error goes out, so the client's
+        retry finds the conversation free), then send the error to the gateway."""
+        code = error.message.error.code
+        await self._acked(await self._send(unanswered(flight.request_id, flight.turn.conversation_id, code,
+                                                      flight.traceparent)))
         if flight.turn.reply_topic:
-            flight.last_send = await self._send(out)
+            flight.last_send = await self._send(error)
 
     async def _send(self, out: events.OutEvent) -> Any:
         """Hand a record to the producer on its own thread: `send` blocks while it fetches a new

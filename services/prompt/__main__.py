@@ -15,7 +15,7 @@ from services.prompt.config import DEFAULTS, PromptConfig
 from services.prompt.domain import Assembler
 from services.prompt.pending import TurnTracker
 from services.prompt.servicer import PromptServicer
-from services.prompt.worker import make_handler, make_worker
+from services.prompt.worker import make_handler, make_unanswered_handler, make_unanswered_worker, make_worker
 from services.tokenizer import model_files
 from services.tokenizer.domain import TextTokenizer
 
@@ -45,7 +45,7 @@ async def build() -> grpc_server.ServiceApp:
     if kafka.create_topics:
         wanted = {topics.CONVERSATION_TURNS.name}
         if cfg.kafka_worker:
-            wanted |= {cfg.topic_in, cfg.topic_out}
+            wanted |= {cfg.topic_in, cfg.topic_out, topics.CHAT_UNANSWERED.name}
         await asyncio.get_running_loop().run_in_executor(
             None, topics.ensure_topics, kafka.bootstrap_servers, [t for t in topics.ALL if t.name in wanted], kafka)
     reader = HistoryReader(kafka).start()
@@ -53,7 +53,9 @@ async def build() -> grpc_server.ServiceApp:
     workers = []
     if cfg.kafka_worker:
         handler = make_handler(assembler, templates, tracker, reader, cfg)
-        workers.append(make_worker(handler, cfg, kafka, server.instance_id or socket.gethostname()))
+        instance = server.instance_id or socket.gethostname()
+        workers.append(make_worker(handler, cfg, kafka, instance))
+        workers.append(make_unanswered_worker(make_unanswered_handler(tracker), cfg, kafka, instance))
     svc = grpc_server.Service("colloquy.v1.PromptService", prompt_pb2_grpc.add_PromptServiceServicer_to_server,
                               PromptServicer(assembler, templates, tracker, reader, cfg))
     return grpc_server.ServiceApp("prompt", server, [svc], workers=workers, on_stop=[reader.stop])

@@ -2,8 +2,10 @@
 
 The history topic only learns of a turn when it finishes, so between "prompt assembled" and
 "answer recorded" this tracker is what knows a turn is in flight. It is safe to lose on a
-restart: the prompt stage's transaction rolls back whatever it had not committed, and a turn
-whose answer never gets recorded (a crash downstream) stops counting after its expiry.
+restart: the prompt stage's transaction rolls back whatever it had not committed. A turn that
+generation gives up on (refused, dead-lettered) is never recorded either: generation says so on
+chat.unanswered and `forget_unanswered` frees it at once; one lost some other way (a crash
+downstream) stops counting after its expiry.
 """
 
 from __future__ import annotations
@@ -104,6 +106,16 @@ class TurnTracker:
         with self._lock:
             self._prune(conversation_id, recorded, now_ms)
             return self._next_index(conversation_id, owner, user_id, recorded)[0]
+
+    def forget_unanswered(self, request_id: str, conversation_id: str) -> bool:
+        """Free a turn generation gave up on: it will never be recorded, so the conversation's
+        next turn may go on (and takes its index). False when this process holds no such turn."""
+        with self._lock:
+            p = self._by_request.get(request_id)
+            if p is None or p.conversation_id != conversation_id:
+                return False
+            del self._by_request[request_id]
+            return True
 
     def release(self, request_id: str) -> None:
         """Forget a claim whose turn was refused before anything was produced for it."""

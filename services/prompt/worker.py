@@ -14,7 +14,7 @@ from colloquy.v1 import chat_pb2, common_pb2, events_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.common import events, kafka_loop, turns
+from services.common import events, kafka_loop, topics, turns
 from services.common.config import KafkaConfig
 from services.conversation.reader import HistoryReader
 from services.prompt.config import PromptConfig
@@ -36,6 +36,8 @@ DROPPED_TURNS = Counter("colloquy_prompt_dropped_turns_total",
 TURNS = Counter("colloquy_prompt_turns_total", "Turns handled by the prompt stage, by outcome",
                 ["outcome"])
 PENDING = Gauge("colloquy_prompt_pending_turns", "Turns assigned an index but not yet recorded")
+UNANSWERED = Counter("colloquy_prompt_unanswered_turns_total",
+                     "Pending turns freed because generation gave up on them (chat.unanswered)")
 
 
 UNMODERATED = "the message was not checked by moderation, so it was not answered"
@@ -165,3 +167,28 @@ def make_worker(handler: kafka_loop.Handler[events_pb2.TurnEvent], cfg: PromptCo
                 instance_id: str) -> kafka_loop.StageWorker[events_pb2.TurnEvent]:
     return kafka_loop.StageWorker(STAGE, [cfg.topic_in], events_pb2.TurnEvent, handler, kafka,
                                   group_id=cfg.group_id, instance_id=instance_id)
+
+
+def make_unanswered_handler(tracker: TurnTracker) -> kafka_loop.Handler[events_pb2.TurnUnanswered]:
+    """Frees the conversation of a turn generation gave up on, so a retry is not refused ABORTED
+    until the turn expires (nothing will ever record that turn in the history)."""
+
+    def handle(ev: kafka_loop.Consumed[events_pb2.TurnUnanswered]) -> list[events.OutEvent]:
+        msg = ev.message
+        if tracker.forget_unanswered(msg.request_id, msg.conversation_id):
+            UNANSWERED.inc()
+            PENDING.set(len(tracker))
+            log.info("turn unanswered by generation; conversation freed", extra={"code": msg.code})
+        return []
+
+    return handle
+
+
+def make_unanswered_worker(handler: kafka_loop.Handler[events_pb2.TurnUnanswered], cfg: PromptConfig,
+                           kafka: KafkaConfig, instance_id: str) -> kafka_loop.StageWorker[events_pb2.TurnUnanswered]:
+    """Reads every partition of chat.unanswered: a group of its own per replica, because the
+    replica holding a turn is whichever owns its chat.moderated partition, which another
+    group's assignment cannot follow. Releasing a turn another replica holds is a no-op."""
+    return kafka_loop.StageWorker(f"{STAGE}-unanswered", [topics.CHAT_UNANSWERED.name], events_pb2.TurnUnanswered,
+                                  handler, kafka, group_id=f"{cfg.group_id}-unanswered-{instance_id}",
+                                  instance_id=instance_id)

@@ -21,7 +21,7 @@ from kafka import KafkaConsumer, TopicPartition
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
-from services.common import topics
+from services.common import events, kafka_loop, topics
 from services.common.config import KafkaConfig
 from services.generation.config import EngineSettings, WorkerSettings
 from services.generation.engine import Delta, FinishReason, Request
@@ -296,3 +296,45 @@ def test_cancel_offsets_are_committed_and_a_poison_cancel_is_dead_lettered(
         dead.close()
     assert dict(poison.headers)["dlq-stage"] == b"generation"
     assert dict(poison.headers)["dlq-topic"] == h.settings.topic_cancels.encode()
+
+
+def test_turns_generation_gives_up_on_are_announced_unanswered_before_the_error(
+        harness: Callable[..., Harness], kafka_bootstrap: str) -> None:
+    """A refused turn and a dead-lettered one are never recorded: chat.unanswered tells the prompt
+    stage to free their conversations (the refusal's notice is acknowledged before the gateway
+    hears of it); an answered turn is not announced."""
+    async def script(req: Request, attempt: int) -> AsyncIterator[Any]:
+        if req.conversation_id.startswith("busy"):
+            yield {"code": "RESOURCE_EXHAUSTED", "message": "generation is at capacity", "prompt_tokens": 0,
+                   "model_version": "fake-v1"}
+            return
+        async for item in words(req, attempt):
+            yield item
+
+    h = harness(script)
+    tail = kafka_util.Tail(kafka_bootstrap, topics.CHAT_UNANSWERED.name)
+    refused, answered = h.turn(conversation_id="busy-" + uuid.uuid4().hex), h.turn()
+    invalid = h.turn()
+    invalid.sampling.n = 99
+    poison_conversation, poison_request = str(uuid.uuid4()), uuid.uuid4().hex
+    producer = kafka_loop.make_producer(KafkaConfig(bootstrap_servers=kafka_bootstrap), "test-poison")
+    producer.send(h.settings.topic_in, key=poison_conversation.encode(), value=b"\x08\xff",
+                  headers=[("event-type", b"colloquy.v1.TurnEvent"), ("request-id", poison_request.encode())])
+    producer.flush()
+    producer.close()
+    h.produce(h.settings.topic_in, refused, answered, invalid)
+    replies = h.read(h.reply_topic, events_pb2.ReplyEvent, lambda xs: len(xs) >= 2)
+    codes = {r.request_id: r.error.code for r in replies}
+    assert codes == {refused.request_id: "RESOURCE_EXHAUSTED", invalid.request_id: "INVALID_ARGUMENT"}
+    h.read(h.settings.topic_out, events_pb2.GenerationProgress,
+           lambda xs: any(p.done and p.turn.request_id == answered.request_id for p in xs))
+    assert h.wait_committed(h.settings.topic_in, 4) == 4
+    try:
+        notices = [events.decode(r.value, r.headers, events_pb2.TurnUnanswered) for r in tail.read()]
+    finally:
+        tail.close()
+    got = {(n.request_id, n.conversation_id, n.code, n.stage) for n in notices}
+    assert got >= {(refused.request_id, refused.conversation_id, "RESOURCE_EXHAUSTED", "generation"),
+                   (invalid.request_id, invalid.conversation_id, "INVALID_ARGUMENT", "generation"),
+                   (poison_request, poison_conversation, "DEAD_LETTERED", "generation")}
+    assert answered.request_id not in {n.request_id for n in notices}

@@ -120,7 +120,7 @@ class PromptStage:
         self.topic_in, self.topic_out = f"t.moderated.{unique}", f"t.prompts.{unique}"
         self.replies = f"t.replies.{unique}"
         create(bootstrap, self.topic_in, self.topic_out, self.replies)
-        topics.ensure_topics(bootstrap, [topics.CONVERSATION_TURNS])
+        topics.ensure_topics(bootstrap, [topics.CONVERSATION_TURNS, topics.CHAT_UNANSWERED])
         self.env = {"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "GRPC_PORT": "0", "METRICS_PORT": "0",
                     "TOKENIZER_PATH": str(tokenizer_path), "PROMPT_TOPIC_IN": self.topic_in,
                     "PROMPT_TOPIC_OUT": self.topic_out, "PROMPT_GROUP_ID": f"g.prompt.{unique}",
@@ -129,7 +129,8 @@ class PromptStage:
 
     def start(self) -> PromptStage:
         self.proc = Proc("services.prompt", self.env)
-        self.proc.wait_for(lambda out: "partitions assigned" in out, timeout=90)
+        # Two workers: the stage, and its chat.unanswered reader.
+        self.proc.wait_for(lambda out: out.count("partitions assigned") >= 2, timeout=90)
         return self
 
     def send(self, *turn_events: events_pb2.TurnEvent) -> None:
@@ -144,6 +145,13 @@ class PromptStage:
     def prompts_now(self, request_id: str) -> list[events_pb2.TurnEvent]:
         return collect_now(self.bootstrap, self.topic_out, events_pb2.TurnEvent,
                            lambda e: e.request_id == request_id)
+
+    def unanswered(self, turn: events_pb2.TurnEvent, code: str = "RESOURCE_EXHAUSTED") -> None:
+        """What generation publishes when it gives up on a turn (chat.unanswered)."""
+        from tests.common.kafka_util import produce
+
+        produce(self.bootstrap, topics.CHAT_UNANSWERED.name, [(turn.conversation_id, events_pb2.TurnUnanswered(
+            request_id=turn.request_id, conversation_id=turn.conversation_id, code=code, stage="generation"))])
 
     def replies_for(self, request_id: str, expect: int, **kw: float) -> list[events_pb2.ReplyEvent]:
         return collect(self.bootstrap, self.replies, events_pb2.ReplyEvent,

@@ -93,3 +93,15 @@ def test_peek_and_release_claim_nothing() -> None:
     assert t.peek(conversation_id="c1", user_id="u1", owner="u1", recorded=recorded(1), now_ms=NOW) == 3
     t.release("r2")
     assert claim(t, "r3", rec=recorded(1)).index == 2
+
+
+def test_a_turn_generation_gave_up_on_frees_its_conversation_at_once() -> None:
+    t = TurnTracker(60_000)
+    claim(t, "r2", rec=recorded(1), deadline=NOW + 120_000)
+    assert not t.forget_unanswered("r2", "other-conversation"), "only the conversation it names"
+    assert not t.forget_unanswered("r9", "c1"), "an unknown request frees nothing"
+    with pytest.raises(TurnInProgress):
+        claim(t, "r3", rec=recorded(1))
+    assert t.forget_unanswered("r2", "c1")
+    assert claim(t, "r3", rec=recorded(1)).index == 2, "the retry takes the unrecorded turn's index"
+    assert not t.forget_unanswered("r2", "c1"), "a second notice changes nothing"

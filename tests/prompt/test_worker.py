@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -123,6 +124,27 @@ def test_one_turn_at_a_time_and_redelivery_keeps_the_index(stage: PromptStage) -
     assert err.error.code == "ABORTED" and err.error.stage == "prompt"
     assert err.error.message == "a turn is already being answered in this conversation"
     assert stage.prompts_now("rz") == []
+
+
+def test_a_turn_generation_gave_up_on_frees_the_conversation_for_a_retry(stage: PromptStage) -> None:
+    """chat.unanswered: a retry right after generation refused the turn is accepted (today it was
+    refused ABORTED until the turn expired, two minutes later) and takes the unrecorded index."""
+    c = conv()
+    failed = turn_event(c, "erin", "ru1", "First try", stage.replies)
+    stage.send(failed)
+    [out] = stage.prompts("ru1")
+    stage.unanswered(failed)
+    deadline = time.monotonic() + 30
+    while True:  # the notice and the retry travel on different topics: allow for its consumer
+        rid = f"ru-retry-{uuid.uuid4().hex[:6]}"
+        stage.send(turn_event(c, "erin", rid, "Second try", stage.replies))
+        [reply] = stage.replies_for(rid, 1, settle=0.2)
+        if reply.WhichOneof("reply") == "started" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert reply.WhichOneof("reply") == "started", reply
+    [retry] = stage.prompts(rid, settle=0.2)
+    assert out.turn_index == retry.turn_index == 1
 
 
 def test_someone_elses_conversation_is_not_found(stage: PromptStage, kafka_bootstrap: str) -> None:
