@@ -56,7 +56,8 @@ def main() -> int:
             topics.ensure_topics(kafka.bootstrap_servers, [
                 dataclasses.replace(kind, name=name) for kind, name in (
                     (topics.CHAT_PROMPTS, wcfg.topic_in), (topics.CHAT_CANCELS, wcfg.topic_cancels),
-                    (topics.GENERATION_PROGRESS, wcfg.topic_out))], kafka=kafka)
+                    (topics.GENERATION_PROGRESS, wcfg.topic_out),
+                    (topics.CHAT_UNANSWERED, topics.CHAT_UNANSWERED.name))], kafka=kafka)
         handle = serve.get_deployment_handle(svc.deployment_name, svc.app_name)
         worker = GenerationWorker(kafka, wcfg, handle, eng, server.instance_id or socket.gethostname())
         worker.grace_s = server.grace_seconds
