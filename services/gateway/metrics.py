@@ -21,3 +21,6 @@ KEY_RELOAD_ERRORS = Counter("colloquy_gateway_api_key_reload_errors_total",
                             "Versions of the API key file that were rejected (the last good keys stay in use)")
 KEYS_RELOAD_OK = Gauge("colloquy_gateway_api_keys_last_reload_ok",
                        "1 when the API key file on disk is the one in use; 0 while a rejected version is on disk")
+IDEMPOTENT_RETRIES = Counter("colloquy_gateway_idempotent_retries_total",
+                             "Chats answered with a turn their client_request_id had made already: replayed from "
+                             "the history or attached to the stream in flight", ["how"])

@@ -1,7 +1,9 @@
 """Routes this replica's reply topic to the Chat streams waiting on it.
 
 Each gateway replica reads only `chat.replies.<instance>` (named in every TurnEvent it sends),
-so a token never reaches a replica that does not hold its client's stream.
+so a token never reaches a replica that does not hold its client's stream. A retry with the same
+client_request_id on the same replica listens to the same request id: every listener gets every
+reply, and one that attaches late first gets what it missed.
 """
 
 from __future__ import annotations
@@ -20,26 +22,79 @@ from services.common.config import KafkaConfig
 log = logging.getLogger(__name__)
 
 
+class ReplyChannel:
+    """One request's replies so far, for a listener that attaches late (an idempotent retry).
+
+    Text is cumulative, so the latest text per candidate stands for all earlier ones.
+    """
+
+    def __init__(self) -> None:
+        self.listeners: list[asyncio.Queue[events_pb2.ReplyEvent]] = []
+        self._started: events_pb2.ReplyEvent | None = None
+        self._texts: dict[int, events_pb2.ReplyEvent] = {}
+        self._notices: list[events_pb2.ReplyEvent] = []
+        self._final: events_pb2.ReplyEvent | None = None
+
+    def record(self, ev: events_pb2.ReplyEvent) -> None:
+        kind = ev.WhichOneof("reply")
+        if kind == "started":
+            self._started = self._started or ev
+        elif kind == "text":
+            seen = self._texts.get(ev.text.index)
+            if seen is None or len(ev.text.text) > len(seen.text.text):
+                self._texts[ev.text.index] = ev
+        elif kind == "moderation":
+            self._notices.append(ev)
+        elif kind in ("done", "error"):
+            self._final = self._final or ev
+
+    def backlog(self) -> list[events_pb2.ReplyEvent]:
+        """What a listener attaching now has missed, in an order a stream can replay."""
+        out = [self._started] if self._started is not None else []
+        out += [self._texts[i] for i in sorted(self._texts)] + self._notices
+        return out + ([self._final] if self._final is not None else [])
+
+
 class ReplyRouter:
+    """Fans each reply out to every Chat stream listening to its request id.
+
+    Channels are touched only on the event loop's thread (the Kafka thread hands records over
+    with call_soon_threadsafe), so registering and delivering never race.
+    """
+
     def __init__(self, kafka: KafkaConfig, topic: str, loop: asyncio.AbstractEventLoop) -> None:
         self.kafka = kafka
         self.topic = topic
         self.loop = loop
-        self._queues: dict[str, asyncio.Queue[events_pb2.ReplyEvent]] = {}
-        self._lock = threading.Lock()
+        self._channels: dict[str, ReplyChannel] = {}
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
 
     def register(self, request_id: str) -> asyncio.Queue[events_pb2.ReplyEvent]:
+        """A queue of this request's replies; a second listener first gets what it missed."""
         q: asyncio.Queue[events_pb2.ReplyEvent] = asyncio.Queue()
-        with self._lock:
-            self._queues[request_id] = q
+        channel = self._channels.get(request_id)
+        if channel is None:
+            channel = self._channels[request_id] = ReplyChannel()
+        else:
+            for ev in channel.backlog():
+                q.put_nowait(ev)
+        channel.listeners.append(q)
         return q
 
-    def unregister(self, request_id: str) -> None:
-        with self._lock:
-            self._queues.pop(request_id, None)
+    def unregister(self, request_id: str, queue: asyncio.Queue[events_pb2.ReplyEvent]) -> None:
+        channel = self._channels.get(request_id)
+        if channel is None:
+            return
+        if queue in channel.listeners:
+            channel.listeners.remove(queue)
+        if not channel.listeners:
+            del self._channels[request_id]
+
+    def listeners(self, request_id: str) -> int:
+        channel = self._channels.get(request_id)
+        return len(channel.listeners) if channel is not None else 0
 
     def start(self) -> ReplyRouter:
         self._thread = threading.Thread(target=self._run_forever, name="reply-router", daemon=True)
@@ -88,7 +143,12 @@ class ReplyRouter:
         except events.PoisonEvent:
             log.error("undecodable reply record skipped", extra={"offset": rec.offset})
             return
-        with self._lock:
-            q = self._queues.get(ev.request_id)
-        if q is not None:
-            self.loop.call_soon_threadsafe(q.put_nowait, ev)
+        self.loop.call_soon_threadsafe(self._deliver, ev)
+
+    def _deliver(self, ev: events_pb2.ReplyEvent) -> None:
+        channel = self._channels.get(ev.request_id)
+        if channel is None:
+            return  # nobody listens here (any more): the turn is in the history when it ends
+        channel.record(ev)
+        for q in channel.listeners:
+            q.put_nowait(ev)

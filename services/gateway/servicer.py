@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import uuid
@@ -14,7 +15,7 @@ from kafka import KafkaProducer
 
 from services.common import events, topics, turns
 from services.conversation.reader import HistoryReader
-from services.gateway import errors, metrics, validation
+from services.gateway import errors, idempotency, metrics, validation
 from services.gateway.admission import Admission
 from services.gateway.auth import Identity, KeyRing, key_from_metadata
 from services.gateway.config import GatewayConfig
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 NOT_FOUND = "conversation not found"
 MODERATION_DOWN = ("moderation is unavailable, so messages cannot be checked; nothing was sent to the model. "
                    "Retry shortly")
+HISTORY_POLL_S = 1.0  # how often a keyed chat with no reply looks for its turn in the history
 CHECKS_TIMEOUT = ("the message was not checked by moderation within {s:.0f}s; it was cancelled and not answered. "
                   "Retry shortly")
 
@@ -43,7 +45,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self.router = router
         self.producer = producer
         self.reply_topic = reply_topic
-        self.in_flight: dict[str, str] = {}  # conversation id -> request id being answered
+        # conversation id -> (request id, message) of the turn this replica is answering in it
+        self.in_flight: dict[str, tuple[str, str]] = {}
         self.admission = Admission(cfg.max_concurrent_chats, cfg.max_chats_per_user)
 
     # -- helpers -------------------------------------------------------------------------------
@@ -160,71 +163,116 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             conv, text, sampling = validation.chat_request(request, self.cfg)
         except validation.InvalidArgument as exc:
             await self._invalid(context, exc)
-        if conv:
-            if await self._owned(conv, user) is None:
+        key = request.client_request_id
+        derived = idempotency.conversation_id(user, key) if key else ""
+        if conv and conv != derived:
+            view = await self._owned(conv, user)
+            if view is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, NOT_FOUND)
+        elif key:  # the conversation this key starts: new, or the one an earlier try started
+            conv = derived
+            view = await self._owned(conv, user)  # None while its first turn is not recorded
+            if view is None and self.history.store.exists(conv):
                 await context.abort(grpc.StatusCode.NOT_FOUND, NOT_FOUND)
         else:
-            conv = str(uuid.uuid4())
-        if conv in self.in_flight:
-            await context.abort(grpc.StatusCode.ABORTED,
-                                "a turn is already being answered in this conversation; wait for it to finish")
-
-        if self.moderation is not None and await self.moderation.confirm_unavailable():
+            conv, view = str(uuid.uuid4()), None
+        request_id = idempotency.request_id(user, conv, key) if key else uuid.uuid4().hex
+        done_turn = idempotency.recorded(view.turns.values(), request_id) if key and view is not None else None
+        if done_turn is not None:  # answered already: the same turn again, nothing new is sent
+            await self._same_message(context, done_turn.user_message, text)
+            metrics.IDEMPOTENT_RETRIES.labels("replayed").inc()
+            metrics.CHATS.labels("OK").inc()
+            for out in idempotency.replay(done_turn, conv, {}, started=False):
+                yield out
+            return
+        joining = self.in_flight.get(conv, ("", ""))[0] == request_id  # a retry of a stream held here
+        if not joining and self.moderation is not None and await self.moderation.confirm_unavailable():
             metrics.REFUSED.labels("moderation_unavailable").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, MODERATION_DOWN)
-
-        request_id = uuid.uuid4().hex
-        remaining = context.time_remaining()
-        budget = self.cfg.default_deadline_s if remaining is None else min(remaining, self.cfg.default_deadline_s)
-        deadline = time.time() + budget
-        turn = events_pb2.TurnEvent(
-            request_id=request_id, conversation_id=conv, user_id=user, message=text, sampling=sampling,
-            reply_topic=self.reply_topic, deadline_unix_ms=int(deadline * 1000),
-            accepted_unix_ms=turns.now_ms())
+        holder = self.in_flight.get(conv)  # from here to the claim below: no await
+        if holder is not None and holder[0] != request_id:
+            await context.abort(grpc.StatusCode.ABORTED,
+                                "a turn is already being answered in this conversation; wait for it to finish")
+        attached = holder is not None  # a retry reaching the replica that holds its stream
+        if attached:
+            await self._same_message(context, holder[1], text)
+            metrics.IDEMPOTENT_RETRIES.labels("attached").inc()
+        else:
+            self.in_flight[conv] = (request_id, text)  # no await since the check above
         queue = self.router.register(request_id)
-        self.in_flight[conv] = request_id
         metrics.ACTIVE_CHATS.inc()
         accepted = time.perf_counter()
-        first_text = True
         code = "OK"
         finished = False
         try:
-            try:
-                await self._publish(events.OutEvent(topics.CHAT_REQUESTS.name, conv, turn, request_id=request_id))
-            except Exception:
-                log.exception("could not publish the turn")
-                metrics.REFUSED.labels("unavailable").inc()
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "the chat pipeline is unavailable; retry shortly")
+            remaining = context.time_remaining()
+            budget = self.cfg.default_deadline_s if remaining is None else min(remaining, self.cfg.default_deadline_s)
+            deadline = time.time() + budget
+            if not attached:
+                turn = events_pb2.TurnEvent(
+                    request_id=request_id, conversation_id=conv, user_id=user, message=text, sampling=sampling,
+                    reply_topic=self.reply_topic, deadline_unix_ms=int(deadline * 1000),
+                    accepted_unix_ms=turns.now_ms())
+                try:
+                    await self._publish(events.OutEvent(topics.CHAT_REQUESTS.name, conv, turn, request_id=request_id))
+                except Exception:
+                    log.exception("could not publish the turn")
+                    metrics.REFUSED.labels("unavailable").inc()
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "the chat pipeline is unavailable; retry shortly")
+            # A keyed turn may end where this replica cannot hear it (a gateway that was killed
+            # sent it, or the prompt stage found it recorded already): look in the history too.
+            poll = HISTORY_POLL_S if key else None
             sent: dict[int, int] = {}
+            # A retry of a turn still being answered can hear the first try's replies (on this
+            # replica's reply topic) before its own `started`: they wait here until it comes.
+            early: list[events_pb2.ReplyEvent] = []
+            ready: collections.deque[events_pb2.ReplyEvent] = collections.deque()
             started = False
+            first_text = True
             turn_index = 0
+            last_reply = time.perf_counter()
             while True:
+                now = time.perf_counter()
                 left = deadline - time.time()
                 if left <= 0:
-                    self._cancel(request_id, conv, "deadline")
+                    self._give_up(request_id, conv, "deadline")
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the answer did not finish in time")
-                wait = min(left, self.cfg.reply_idle_timeout_s)
+                wait = min(left, last_reply + self.cfg.reply_idle_timeout_s - now)
                 if not started:
-                    wait = min(wait, max(0.0, self.cfg.check_timeout_s - (time.perf_counter() - accepted)))
+                    wait = min(wait, accepted + self.cfg.check_timeout_s - now)
+                wait = max(0.0, wait)
+                slice_s = min(wait, poll) if poll is not None else wait
                 try:
-                    ev = await asyncio.wait_for(queue.get(), timeout=wait)
+                    ev = ready.popleft() if ready else await asyncio.wait_for(queue.get(), timeout=slice_s)
                 except TimeoutError:
-                    if deadline - time.time() <= 0:
+                    if poll is not None and (done_turn := self._recorded(conv, user, request_id)) is not None:
+                        finished = True
+                        metrics.IDEMPOTENT_RETRIES.labels("replayed").inc()
+                        for out in idempotency.replay(done_turn, conv, sent, started):
+                            yield out
+                        return
+                    if slice_s < wait or deadline - time.time() <= 0:
                         continue
                     if not started:  # never cleared the checks: fail closed, do not leave it queued
-                        self._cancel(request_id, conv, "checks-timeout")
+                        self._give_up(request_id, conv, "checks-timeout")
                         metrics.REFUSED.labels("moderation_timeout").inc()
                         await context.abort(grpc.StatusCode.UNAVAILABLE, CHECKS_TIMEOUT.format(
                             s=self.cfg.check_timeout_s))
-                    self._cancel(request_id, conv, "stalled")
+                    self._give_up(request_id, conv, "stalled")
                     await context.abort(grpc.StatusCode.UNAVAILABLE,
                                         f"no progress from the pipeline for {self.cfg.reply_idle_timeout_s:.0f}s")
+                last_reply = time.perf_counter()
                 kind = ev.WhichOneof("reply")
+                if not started and poll is not None and kind in ("text", "moderation", "done"):
+                    early.append(ev)
+                    continue
                 if kind == "started":
                     turn_index = ev.started.turn_index
                     if not started:
                         started = True
                         yield chat_pb2.ChatEvent(started=ev.started)
+                        ready.extend(early)
+                        early.clear()
                 elif kind == "text":
                     already = sent.get(ev.text.index, 0)
                     if len(ev.text.text) > already:
@@ -258,7 +306,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         except asyncio.CancelledError:
             code = "CANCELLED"
             if not finished:
-                self._cancel(request_id, conv, "client-cancelled")
+                self._give_up(request_id, conv, "client-cancelled")
             raise
         except grpc.aio.AbortError:
             if code == "OK":
@@ -268,9 +316,26 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             metrics.ACTIVE_CHATS.dec()
             metrics.CHATS.labels(code).inc()
             metrics.CHAT_DURATION.observe(time.perf_counter() - accepted)
-            self.router.unregister(request_id)
-            if self.in_flight.get(conv) == request_id:
+            self.router.unregister(request_id, queue)
+            held = self.in_flight.get(conv)
+            if held is not None and held[0] == request_id and not self.router.listeners(request_id):
                 del self.in_flight[conv]
+
+    def _give_up(self, request_id: str, conversation_id: str, reason: str) -> None:
+        """Stop generating for a stream that ends unanswered, unless a retry still listens to it."""
+        if self.router.listeners(request_id) <= 1:
+            self._cancel(request_id, conversation_id, reason)
+
+    def _recorded(self, conversation_id: str, user: str, request_id: str) -> chat_pb2.Turn | None:
+        view = self.history.store.get(conversation_id, user)
+        return idempotency.recorded(view.turns.values(), request_id) if view is not None else None
+
+    async def _same_message(self, context: grpc.aio.ServicerContext, earlier: str, text: str) -> None:
+        """A key names one message: reusing it for another is a client bug, not a retry."""
+        if earlier != text:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "client_request_id: already used for a different message in this conversation; "
+                                "use a new key for a new message")
 
     async def GetConversation(self, request: chat_pb2.GetConversationRequest,
                               context: grpc.aio.ServicerContext) -> chat_pb2.Conversation:
