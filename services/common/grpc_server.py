@@ -164,7 +164,8 @@ class ServiceApp:
     def __init__(self, name: str, cfg: ServerConfig, services: list[Service],
                  workers: list[Any] | None = None,
                  on_stop: list[Callable[[], Awaitable[None] | None]] | None = None,
-                 max_receive_bytes: int | None = None) -> None:
+                 max_receive_bytes: int | None = None,
+                 readiness: Callable[[], bool] | None = None) -> None:
         self.name = name
         self.cfg = cfg
         # A public front sets this to its largest valid request: gRPC refuses a bigger message
@@ -173,6 +174,10 @@ class ServiceApp:
         self.services = services
         self.workers = workers or []
         self.on_stop = on_stop or []
+        # Health says NOT_SERVING while this returns False (e.g. a store still catching up);
+        # checked at start and then every second. None: SERVING once started.
+        self.readiness = readiness
+        self._serving: bool | None = None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
@@ -203,7 +208,7 @@ class ServiceApp:
         for w in self.workers:
             w.start()
         await self.server.start()
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        await self._refresh_health()
         log.info("serving", extra={"grpc_port": self.port, "metrics_port": self.metrics_port,
                                    "services": [s.name for s in self.services]})
 
@@ -213,12 +218,27 @@ class ServiceApp:
             if asyncio.iscoroutine(res):
                 await res
 
+    async def _refresh_health(self) -> None:
+        """SERVING when ready (always, without a readiness check), NOT_SERVING otherwise."""
+        try:
+            ready = self.readiness is None or bool(self.readiness())
+        except Exception:
+            log.exception("readiness check failed")
+            ready = False
+        if ready != self._serving:
+            self._serving = ready
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING if ready
+                                   else health_pb2.HealthCheckResponse.NOT_SERVING)
+            if self.readiness is not None:
+                log.info("health changed", extra={"serving": ready})
+
     def request_stop(self) -> None:
         self._stopping.set()
 
     async def stop(self) -> None:
         """Graceful shutdown: not serving -> no new calls -> drain -> stop workers."""
         log.info("shutting down", extra={"grace_s": self.cfg.grace_seconds})
+        self._serving = False
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.server is not None:
             await self.server.stop(self.cfg.grace_seconds)
@@ -242,6 +262,7 @@ class ServiceApp:
             try:
                 await asyncio.wait_for(self._stopping.wait(), timeout=1.0)
             except TimeoutError:
+                await self._refresh_health()
                 dead = [w for w in self.workers if getattr(w, "error", None) is not None]
                 if dead:
                     log.error("a Kafka worker died; exiting so the supervisor restarts us")

@@ -1,0 +1,34 @@
+"""Conversation store and materializer configuration (CONVERSATION_*, DATABASE_URL)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from services.common import topics
+from services.common.config import env
+
+DEFAULTS = {"GRPC_PORT": "50056", "METRICS_PORT": "9107"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversationConfig:
+    # PostgreSQL in production (postgresql+psycopg://user:pass@host/db; postgresql:// works too).
+    # Empty: the embedded SQLite file CONVERSATION_DB.
+    database_url: str = env("DATABASE_URL", "")
+    db_path: str = env("CONVERSATION_DB", os.path.join(os.environ.get("COLLOQUY_VAR", "var"), "conversations.db"))
+    topic: str = env("CONVERSATION_TOPIC", topics.CONVERSATION_TURNS.name)
+    # Names the offsets stored in the database (and the Kafka group that splits partitions).
+    group_id: str = env("CONVERSATION_GROUP_ID", "colloquy-conversation")
+    busy_timeout_ms: int = env("CONVERSATION_DB_BUSY_TIMEOUT_MS", 5000, check=lambda v: 0 <= v <= 600_000,
+                               hint="0..600000 milliseconds (SQLite's wait for a locked database)")
+    retry_seconds: float = env("CONVERSATION_DB_RETRY_SECONDS", 1.0, check=lambda v: 0 < v <= 60,
+                               hint="seconds between attempts while the database cannot be reached, 0..60")
+    # Test hook (tests/conversation): SIGKILL this process after writing batch N's rows, before its
+    # commit. 0 = off; never set it in a deployment.
+    fault_kill_before_commit: int = env("CONVERSATION_FAULT_KILL_BEFORE_COMMIT", 0, check=lambda v: v >= 0,
+                                        hint="a batch number >= 1, or 0 (off)")
+
+    @property
+    def url(self) -> str:
+        return self.database_url or f"sqlite:///{self.db_path}"
