@@ -204,7 +204,10 @@ class Embedder:
                                        "token_type_ids": np.zeros_like(ids)})[0][0]
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        """(len(texts), 7, 384): per text, the mean of its windows' vectors, renormalized."""
+        """(len(texts), 7, 384): per text, the mean of its (distinct) windows' vectors, renormalized.
+
+        Training uses it; every training text fits one window, so this is that window's vector.
+        """
         wins = self.windows(texts)
         vecs = self.embed_windows(wins)
         out = np.zeros((len(texts), self.layers, self.dimension), dtype=np.float32)
