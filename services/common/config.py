@@ -130,6 +130,17 @@ class KafkaConfig:
     retry_backoff_ms: int = env("KAFKA_RETRY_BACKOFF_MS", 100, check=lambda v: 0 <= v <= 60000,
                                 hint="0..60000 milliseconds")
     create_topics: bool = env("KAFKA_CREATE_TOPICS", True)
+    # A stage's transaction: the coordinator aborts one open longer than this. A stage commits
+    # what it has done once a batch has run for the budget (0: a third of the timeout), so a
+    # backlog of expensive records is committed in parts instead of timing out and being redone.
+    transaction_timeout_ms: int = env("KAFKA_TRANSACTION_TIMEOUT_MS", 20_000,
+                                      check=lambda v: 1000 <= v <= 900_000, hint="1000..900000 milliseconds")
+    batch_time_budget_ms: int = env("KAFKA_BATCH_TIME_BUDGET_MS", 0, check=lambda v: v >= 0,
+                                    hint="milliseconds >= 0, at most half of KAFKA_TRANSACTION_TIMEOUT_MS")
+    # How long an output topic found writable is trusted before a stage asks the broker again
+    # (a deleted reply topic is found by the next check, or by a send that does not complete).
+    output_check_ttl_ms: int = env("KAFKA_OUTPUT_CHECK_TTL_MS", 1000, check=lambda v: 0 <= v <= 3_600_000,
+                                   hint="0..3600000 milliseconds")
     # Hanging-transaction sweeps (services/common/transactions.py): 0 turns them off (k8s runs
     # them as a CronJob with its own Kafka user). The age must well exceed a batch's transaction.
     hanging_txn_check_s: float = env("KAFKA_HANGING_TXN_CHECK_S", 30.0, check=lambda v: v >= 0, hint="seconds >= 0")
@@ -144,6 +155,16 @@ class KafkaConfig:
     sasl_username: str = env("KAFKA_SASL_USERNAME", "")
     sasl_password: str = env("KAFKA_SASL_PASSWORD", "")
     ssl_cafile: str = env("KAFKA_SSL_CAFILE", "")
+
+    def __post_init__(self) -> None:
+        if self.batch_time_budget_ms * 2 > self.transaction_timeout_ms:
+            raise ConfigError(f"KAFKA_BATCH_TIME_BUDGET_MS={self.batch_time_budget_ms} is out of range: at most half"
+                              f" of KAFKA_TRANSACTION_TIMEOUT_MS ({self.transaction_timeout_ms})")
+
+    @property
+    def batch_budget_s(self) -> float:
+        """How long a stage works on a batch before it commits what it has done."""
+        return (self.batch_time_budget_ms or self.transaction_timeout_ms / 3) / 1000
 
     def client_kwargs(self) -> dict:
         """Connection settings every kafka-python client (producer, consumer, admin) takes."""

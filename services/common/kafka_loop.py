@@ -8,24 +8,32 @@ dedupe on the event id itself (`SeenEvents` helps).
 
 Failure: a record that cannot be decoded goes straight to the dead-letter topic; a handler
 error is retried with exponential backoff a bounded number of times and then dead-lettered,
-with the reason in its headers, while the loop carries on with the next record.
+with the reason in its headers, while the loop carries on with the next record. So is a record
+whose output topic cannot be written (a gone gateway's reply topic, a topic the stage may not
+write): a send there would stall the whole transaction, so outputs are checked before sending.
+
+Time: a stage commits what it has done once a batch has run `KAFKA_BATCH_TIME_BUDGET_MS` and
+goes on with the rest in the next transaction, so a backlog of expensive records is committed
+in parts rather than outlasting the transaction timeout and being redone from its start.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import Message
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import errors as kafka_errors
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata
 
 from services.common import events, metrics, transactions
@@ -87,9 +95,10 @@ def make_producer(cfg: KafkaConfig, client_id: str, transactional_id: str | None
         kwargs["transactional_id"] = transactional_id
         # A producer killed mid-transaction holds back every read_committed consumer of the
         # partitions it wrote (the last stable offset stops) until the coordinator aborts it:
-        # at restart with the same id, or after this timeout. Batches take well under a second,
-        # so 20 s instead of 60 s bounds that stall when a replica is not coming back.
-        kwargs["transaction_timeout_ms"] = 20_000
+        # at restart with the same id, or after this timeout. A stage's transaction spans only
+        # its sends and commit (StageWorker), so 20 s instead of 60 s bounds that stall when a
+        # replica is not coming back.
+        kwargs["transaction_timeout_ms"] = cfg.transaction_timeout_ms
     return KafkaProducer(**kwargs)
 
 
@@ -107,6 +116,21 @@ def make_consumer(cfg: KafkaConfig, group_id: str | None, client_id: str, *topic
         kwargs.update(session_timeout_ms=10_000, heartbeat_interval_ms=1_000)
     kwargs.update(overrides)
     return KafkaConsumer(*topics, **kwargs)
+
+
+def close_now(producer: KafkaProducer) -> None:
+    """Close a producer whose sends will never complete.
+
+    kafka-python's `close` flushes first and raises when a send is incomplete, before it stops
+    its sender thread, which would then retry forever; this does what `close` does next.
+    """
+    try:
+        producer.close(timeout=0)
+    except KafkaError:
+        sender = getattr(producer, "_sender", None)
+        if sender is not None:
+            sender.force_close()
+        producer._closed = True  # or __del__ tries (and fails) to flush it again
 
 
 _outage_logged: dict[str, float] = {}
@@ -131,6 +155,81 @@ def poll_through_outages(consumer: KafkaConsumer, timeout_ms: int, who: str) -> 
             log.warning("Kafka unreachable; polling again", extra={"stage": who, "error": repr(exc)})
         time.sleep(min(0.5, timeout_ms / 1000))
         return {}
+
+
+UNWRITABLE_TOPIC = "UnwritableTopic"  # dlq-error-type of a record whose output topic cannot be written
+# Topic-level metadata errors that no retry will clear.
+_UNWRITABLE_CODES = {kafka_errors.UnknownTopicOrPartitionError.errno, kafka_errors.TopicAuthorizationFailedError.errno,
+                     kafka_errors.InvalidTopicError.errno}
+
+
+class OutputTopics:
+    """Asks the broker which output topics can be written, before a stage sends to them.
+
+    Why: kafka-python's transactional producer stalls the whole transaction on one bad topic. A
+    topic that does not exist blocks `send` for `max_block_ms` and then raises; one deleted after
+    the producer cached its metadata never completes (AddPartitionsToTxn is retried forever, and
+    commit and abort wait on it). A topic found writable is trusted for `output_check_ttl_ms`.
+    """
+
+    def __init__(self, kafka: KafkaConfig, client_id: str) -> None:
+        self._kafka = kafka
+        self._client_id = client_id
+        self._admin: KafkaAdminClient | None = None
+        self._ok_until: dict[str, float] = {}
+
+    def unwritable(self, topics: Iterable[str], *, fresh: bool = False) -> dict[str, str]:
+        """The topics among `topics` that cannot be written, each with the broker's reason.
+
+        Raises when the broker cannot be asked (the caller treats it as a failed batch).
+        """
+        now = time.monotonic()
+        ask = sorted({t for t in topics if fresh or self._ok_until.get(t, 0.0) <= now})
+        if not ask:
+            return {}
+        if self._admin is None:
+            self._admin = KafkaAdminClient(**self._kafka.client_kwargs(), client_id=self._client_id)
+        try:
+            described = self._admin.describe_topics(ask)
+        except Exception:
+            self.close()
+            raise
+        bad: dict[str, str] = {}
+        for topic in described:
+            name, code = topic["name"], topic["error_code"]
+            ops = topic.get("authorized_operations") or []
+            if code in _UNWRITABLE_CODES:
+                bad[name] = kafka_errors.for_code(code).__name__
+            elif ops and "WRITE" not in ops:
+                bad[name] = "no WRITE permission"
+            elif code == 0:
+                self._ok_until[name] = now + self._kafka.output_check_ttl_ms / 1000
+        for name in bad:
+            self._ok_until.pop(name, None)
+        return bad
+
+    def forget(self, topics: Iterable[str] | None = None) -> None:
+        """Ask the broker again next time about `topics` (default: all), after a failed batch."""
+        if topics is None:
+            self._ok_until.clear()
+        for topic in topics or ():
+            self._ok_until.pop(topic, None)
+
+    def close(self) -> None:
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
+
+
+class _SendsStuck(Exception):
+    """Sends of a transaction did not complete; the producer must be replaced (abort would hang)."""
+
+    def __init__(self, topics: set[str]) -> None:
+        super().__init__(f"sends to {sorted(topics)} did not complete")
+        self.topics = topics
+
+
+Done = list[tuple[ConsumerRecord, list[events.OutEvent]]]
 
 
 class StageWorker(Generic[M]):
@@ -162,6 +261,11 @@ class StageWorker(Generic[M]):
         self._ready = threading.Event()
         self._last_lag = 0.0
         self.error: BaseException | None = None
+        self._outputs = OutputTopics(kafka, f"{stage}-{instance_id}-topics")
+        # Records whose output the broker refused for good (not retriable), by (topic, partition,
+        # offset): dead-lettered when the batch is redone instead of failing it again.
+        self._refused: dict[tuple[str, int, int], str] = {}
+        metrics.BATCHES_CUT.labels(stage)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> StageWorker[M]:
@@ -175,7 +279,8 @@ class StageWorker(Generic[M]):
         return self._ready.wait(timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the batch in hand, commit it, and close: used on SIGTERM."""
+        """Finish and commit the batch in hand (or its part within the time budget), and close:
+        used on SIGTERM."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -207,11 +312,21 @@ class StageWorker(Generic[M]):
                     continue
                 try:
                     self._process_batch(consumer, producer, batch)
+                except _SendsStuck as exc:
+                    # On the redo a topic found unwritable, or an output refused for good, sends
+                    # its record to the dead-letter topic. Otherwise (a slow broker) the batch is
+                    # simply redone, like any failed one.
+                    self._outputs.forget(exc.topics)
+                    log.error("sends did not complete; replacing the producer and redoing the batch",
+                              extra={"stage": self.stage, "topics": sorted(exc.topics)})
+                    producer = self._recover(consumer, producer, batch, client, discard=True)
                 except Exception:
                     log.exception("batch failed; aborting the transaction and redoing it",
                                   extra={"stage": self.stage})
+                    self._outputs.forget()  # e.g. a send that timed out on a topic deleted since its check
                     producer = self._recover(consumer, producer, batch, client)
         finally:
+            self._outputs.close()
             consumer.close(autocommit=False)
             producer.close(timeout=10)
 
@@ -222,29 +337,90 @@ class StageWorker(Generic[M]):
 
     def _process_batch(self, consumer: KafkaConsumer, producer: KafkaProducer,
                        batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        """Handle the batch, committing in parts: one transaction per `batch_budget_s` of work.
+
+        Handlers run before the transaction's sends, so the broker-side transaction lasts only
+        the sends and the commit; the budget bounds how much work a failure redoes and how long
+        the other conversations on these partitions wait for their outputs.
+        """
+        budget = self.cfg.batch_budget_s
+        records = [rec for recs in batch.values() for rec in recs]
+        started = time.monotonic()
+        done: Done = []
+        for i, rec in enumerate(records):
+            done.append((rec, self._process_record(rec)))
+            if i + 1 < len(records) and time.monotonic() - started >= budget:
+                self._commit(consumer, producer, done)
+                metrics.BATCHES_CUT.labels(self.stage).inc()
+                log.info("batch over its time budget: committed a part", extra={
+                    "stage": self.stage, "records": len(done), "left": len(records) - i - 1,
+                    "budget_s": budget})
+                done, started = [], time.monotonic()
+                if self._stop.is_set():
+                    return  # the rest is not committed: whoever owns the partitions next redoes it
+        if done:
+            self._commit(consumer, producer, done)
+
+    def _commit(self, consumer: KafkaConsumer, producer: KafkaProducer, done: Done) -> None:
+        """One transaction: the outputs of `done` and its offsets. A record whose outputs need a
+        topic that cannot be written is dead-lettered instead, alone."""
+        bad = self._outputs.unwritable(out.topic for _, outs in done for out in outs)
+        if bad or self._refused:
+            done = [(rec, self._route_unwritable(rec, outs, bad)) for rec, outs in done]
         producer.begin_transaction()
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-        produced: list[str] = []
-        for tp, records in batch.items():
-            for rec in records:
-                for out in self._process_record(rec):
-                    producer.send(out.topic, key=out.key.encode(), value=out.message.SerializeToString(),
-                                  headers=out.headers(), partition=out.partition)
-                    produced.append(out.topic)
-                offsets[tp] = OffsetAndMetadata(rec.offset + 1, "", -1)
+        sent: list[tuple[ConsumerRecord, str, Any]] = []
+        for rec, outs in done:
+            for out in outs:
+                sent.append((rec, out.topic, producer.send(
+                    out.topic, key=out.key.encode(), value=out.message.SerializeToString(),
+                    headers=out.headers(), partition=out.partition)))
+            offsets[TopicPartition(rec.topic, rec.partition)] = OffsetAndMetadata(rec.offset + 1, "", -1)
+        with contextlib.suppress(KafkaTimeoutError):  # sends take milliseconds; this bounds one that never ends
+            producer.flush(timeout=self.cfg.transaction_timeout_ms / 4000)
+        stuck = set()
+        for rec, topic, future in sent:
+            if not future.is_done or future.failed():
+                stuck.add(topic)
+            if future.is_done and future.failed() and not getattr(future.exception, "retriable", False):
+                self._refused[(rec.topic, rec.partition, rec.offset)] = f"{topic!r} refused: {future.exception!r}"
+        if stuck:
+            raise _SendsStuck(stuck)
+        for rec, _ in done:
+            self._refused.pop((rec.topic, rec.partition, rec.offset), None)
         producer.send_offsets_to_transaction(offsets, consumer.group_metadata())
         producer.commit_transaction()
-        for topic in produced:
+        for _, topic, _ in sent:
             metrics.EVENTS_PRODUCED.labels(self.stage, topic).inc()
 
+    def _route_unwritable(self, rec: ConsumerRecord, outs: list[events.OutEvent],
+                          bad: dict[str, str]) -> list[events.OutEvent]:
+        """`outs` as they are, or only a dead letter when one of them needs an unwritable topic
+        (none of the record's outputs are sent: a record's outputs go out together or not at all)."""
+        refused = self._refused.get((rec.topic, rec.partition, rec.offset))
+        if refused:
+            return [self._dead_letter(rec, f"an output was refused by the broker: {refused}", UNWRITABLE_TOPIC)]
+        for out in outs:
+            if out.topic in bad:
+                return [self._dead_letter(rec, f"output topic {out.topic!r} cannot be written: {bad[out.topic]}",
+                                          UNWRITABLE_TOPIC)]
+        return outs
+
     def _recover(self, consumer: KafkaConsumer, producer: KafkaProducer,
-                 batch: dict[TopicPartition, list[ConsumerRecord]], client: str) -> KafkaProducer:
-        """Abort, rewind to the last committed offsets, and hand back a usable producer."""
+                 batch: dict[TopicPartition, list[ConsumerRecord]], client: str,
+                 *, discard: bool = False) -> KafkaProducer:
+        """Abort, rewind to the last committed offsets, and hand back a usable producer.
+
+        `discard`: close the producer without aborting (its abort would wait on sends that never
+        complete); the next producer's init_transactions aborts the open transaction.
+        """
         try:
+            if discard:
+                raise _SendsStuck(set())
             producer.abort_transaction()
         except Exception:
             # A fatal producer error (fenced, broker gone mid-commit): start a fresh producer.
-            producer.close(timeout=5)
+            close_now(producer) if discard else producer.close(timeout=5)
             producer = None  # type: ignore[assignment]
         for tp in batch:
             try:

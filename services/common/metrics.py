@@ -28,6 +28,9 @@ EVENTS_FAILED = Counter(
     ["stage", "topic"])
 EVENTS_DEAD_LETTERED = Counter(
     "colloquy_events_dead_lettered_total", "Records sent to the dead-letter topic", ["stage", "topic"])
+BATCHES_CUT = Counter(
+    "colloquy_batches_cut_total", "Batches committed in parts because they ran past KAFKA_BATCH_TIME_BUDGET_MS",
+    ["stage"])
 EVENTS_DUPLICATE = Counter(
     "colloquy_events_duplicate_total", "Redelivered records skipped by event-id dedupe", ["stage", "topic"])
 EVENT_LATENCY = Histogram(

@@ -1,8 +1,9 @@
 """A pipeline stage built on the shared Kafka loop, used to test delivery guarantees.
 
 It reads TurnEvents from STAGE_IN, upper-cases the message and writes it to STAGE_OUT.
-A message "fail" always raises (to be dead-lettered after retries); STAGE_DELAY_S slows each
-record so a test can SIGKILL the process in the middle of a batch."""
+A message "fail" always raises (to be dead-lettered after retries); a message "to:<topic> ..."
+is written to <topic> instead (a reply topic, say); STAGE_DELAY_S slows each record so a test
+can SIGKILL the process in the middle of a batch."""
 
 from __future__ import annotations
 
@@ -36,8 +37,10 @@ def main() -> None:
         out = events_pb2.TurnEvent()
         out.CopyFrom(ev.message)
         out.message = ev.message.message.upper()
+        first = ev.message.message.split(" ", 1)[0]
+        topic = first[3:] if first.startswith("to:") else cfg.topic_out
         print(f"processed {ev.message.request_id}", flush=True)
-        yield ev.out(cfg.topic_out, out)
+        yield ev.out(topic, out)
 
     worker = kafka_loop.StageWorker("sample", [cfg.topic_in], events_pb2.TurnEvent, handle, kafka,
                                     group_id=cfg.group)

@@ -33,3 +33,11 @@ def test_errors_name_the_variable(env: dict[str, str], needle: str) -> None:
     with pytest.raises(config.ConfigError) as exc:
         config.load(Example, env)
     assert needle in str(exc.value)
+
+
+def test_batch_time_budget_defaults_to_a_third_of_the_transaction_timeout_and_may_not_pass_half() -> None:
+    assert config.load(config.KafkaConfig, {}).batch_budget_s == pytest.approx(20 / 3)
+    assert config.load(config.KafkaConfig, {"KAFKA_TRANSACTION_TIMEOUT_MS": "6000"}).batch_budget_s == 2.0
+    assert config.load(config.KafkaConfig, {"KAFKA_BATCH_TIME_BUDGET_MS": "5000"}).batch_budget_s == 5.0
+    with pytest.raises(config.ConfigError, match=r"KAFKA_BATCH_TIME_BUDGET_MS=15000 .*at most half"):
+        config.load(config.KafkaConfig, {"KAFKA_BATCH_TIME_BUDGET_MS": "15000"})

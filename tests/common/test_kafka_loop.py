@@ -7,8 +7,9 @@ import time
 
 import pytest
 from colloquy.v1 import common_pb2, events_pb2
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
-from services.common import events
+from services.common import events, topics
 from tests.common.kafka_util import Tail, create, produce, read_all
 from tests.common.procs import Proc
 
@@ -21,11 +22,11 @@ def turn(i: int, text: str = "hello") -> events_pb2.TurnEvent:
         sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=16), deadline_unix_ms=123)
 
 
-def start_stage(bootstrap: str, unique: str, delay: float = 0.0) -> Proc:
+def start_stage(bootstrap: str, unique: str, delay: float = 0.0, **env: str) -> Proc:
     proc = Proc("tests.common.sample_stage", {
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "STAGE_IN": f"t.in.{unique}", "STAGE_OUT": f"t.out.{unique}",
         "STAGE_GROUP": f"g.{unique}", "STAGE_DELAY_S": str(delay), "KAFKA_RETRY_BACKOFF_MS": "20",
-        "KAFKA_MAX_POLL_RECORDS": "10"})
+        "KAFKA_MAX_POLL_RECORDS": "10", **env})
     proc.wait_for(lambda out: "partitions assigned" in out, timeout=60)
     return proc
 
@@ -127,3 +128,117 @@ def test_topics_are_created_idempotently(kafka_bootstrap: str) -> None:
     finally:
         admin.close()
     assert {t.name for t in topics.ALL} <= names
+
+
+def request_ids(records: list) -> list[str]:
+    return [events.decode(r.value, r.headers, events_pb2.TurnEvent).request_id for r in records]
+
+
+def dead_letters_from(tail: Tail, topic: str, expect: int, timeout: float = 60.0) -> list:
+    """The dead-letter records that came from `topic`, once `expect` of them have landed."""
+    deadline = time.monotonic() + timeout
+    mine: list = []
+    while time.monotonic() < deadline and len(mine) < expect:
+        mine = [r for r in tail.read(settle=0.5) if events.header(r.headers, "dlq-topic") == topic]
+    return mine
+
+
+def test_record_whose_reply_topic_does_not_exist_is_dead_lettered_alone_and_the_batch_goes_on(
+        kafka_bootstrap: str, unique: str) -> None:
+    """Before: the send blocked 10 s on metadata, raised, and the whole batch was redone forever."""
+    create(kafka_bootstrap, f"t.in.{unique}", f"t.out.{unique}", partitions=1)
+    topics.ensure_topics(kafka_bootstrap, [topics.DEAD_LETTER])
+    gone = f"{topics.REPLY_PREFIX}gone-{unique}"  # never created; the broker does not auto-create
+    produce(kafka_bootstrap, f"t.in.{unique}", [  # one partition, one poll: one batch
+        ("conv-0", turn(0)), ("conv-0", turn(1, f"to:{gone}")), ("conv-0", turn(2)), ("conv-0", turn(3))])
+    dead_tail = Tail(kafka_bootstrap, topics.DEAD_LETTER.name)
+    stage = start_stage(kafka_bootstrap, unique)
+    try:
+        out = read_all(kafka_bootstrap, f"t.out.{unique}", expect=3, timeout=40, settle=1.0)
+        dead = dead_letters_from(dead_tail, f"t.in.{unique}", expect=1)
+    finally:
+        dead_tail.close()
+        stage.signal(signal.SIGTERM)
+        assert stage.wait(30) == 0
+    assert request_ids(out) == ["req-0", "req-2", "req-3"]
+    assert len(dead) == 1
+    assert events.decode(dead[0].value, dead[0].headers, events_pb2.TurnEvent).request_id == "req-1"
+    assert events.header(dead[0].headers, "dlq-error-type") == "UnwritableTopic"
+    reason = events.header(dead[0].headers, "dlq-reason")
+    assert gone in reason and "UnknownTopicOrPartition" in reason
+    logs = stage.output()
+    assert "batch failed" not in logs and "sends did not complete" not in logs
+    assert logs.count("processed req-0") == 1, "the batch was redone: the loop spun"
+
+
+def test_reply_topic_deleted_after_the_stage_wrote_to_it_dead_letters_its_record_and_does_not_stall(
+        kafka_bootstrap: str, unique: str) -> None:
+    """The producer still has the deleted topic's metadata: before, the transaction's
+    AddPartitionsToTxn was retried forever and the commit never returned (the stage hung)."""
+    reply = f"{topics.REPLY_PREFIX}gw-{unique}"
+    create(kafka_bootstrap, f"t.in.{unique}", f"t.out.{unique}", reply, partitions=1)
+    topics.ensure_topics(kafka_bootstrap, [topics.DEAD_LETTER])
+    dead_tail = Tail(kafka_bootstrap, topics.DEAD_LETTER.name)
+    # Trust a checked topic for 10 minutes, so the stage sends to the deleted topic and must find
+    # out from the send itself (the check before sending is the other test).
+    stage = start_stage(kafka_bootstrap, unique, KAFKA_OUTPUT_CHECK_TTL_MS="600000")
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        produce(kafka_bootstrap, f"t.in.{unique}", [("conv-0", turn(0, f"to:{reply}"))])
+        assert request_ids(read_all(kafka_bootstrap, reply, expect=1, timeout=30, settle=0.1)) == ["req-0"]
+        admin.delete_topics([reply])
+        deadline = time.monotonic() + 30
+        while reply in admin.list_topics() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        produce(kafka_bootstrap, f"t.in.{unique}", [("conv-0", turn(1, f"to:{reply}")), ("conv-0", turn(2))])
+        out = read_all(kafka_bootstrap, f"t.out.{unique}", expect=1, timeout=60, settle=1.0)
+        dead = dead_letters_from(dead_tail, f"t.in.{unique}", expect=1)
+    finally:
+        admin.close()
+        dead_tail.close()
+        stage.signal(signal.SIGTERM)
+        assert stage.wait(30) == 0
+    assert request_ids(out) == ["req-2"]
+    assert [events.decode(r.value, r.headers, events_pb2.TurnEvent).request_id for r in dead] == ["req-1"]
+    assert events.header(dead[0].headers, "dlq-error-type") == "UnwritableTopic"
+    assert reply in events.header(dead[0].headers, "dlq-reason")
+
+
+def test_backlog_of_slow_records_longer_than_the_transaction_timeout_drains_exactly_once(
+        kafka_bootstrap: str, unique: str) -> None:
+    """36 records of 1 s each in one poll: 36 s of work in one batch. Before, that batch's one
+    transaction outlived the coordinator's timeout (20 s, then the abort sweep every 10 s), was
+    aborted and redone from the start, forever; nothing on the partition got through."""
+    n = 36
+    create(kafka_bootstrap, f"t.in.{unique}", f"t.out.{unique}", partitions=1)
+    produce(kafka_bootstrap, f"t.in.{unique}", [(f"conv-{i % 4}", turn(i)) for i in range(n)])
+    stage = start_stage(kafka_bootstrap, unique, delay=1.0, KAFKA_MAX_POLL_RECORDS="40",
+                        KAFKA_TRANSACTION_TIMEOUT_MS="6000")  # budget: a third, 2 s
+    started = time.monotonic()
+    consumer = KafkaConsumer(f"t.out.{unique}", bootstrap_servers=kafka_bootstrap, group_id=None,
+                             auto_offset_reset="earliest", enable_auto_commit=False,
+                             isolation_level="read_committed", fetch_max_wait_ms=50)
+    records: list = []
+    first_after: float | None = None
+    try:
+        deadline = time.monotonic() + 120
+        while len(records) < n and time.monotonic() < deadline:
+            for recs in consumer.poll(timeout_ms=200).values():
+                records.extend(recs)
+            if records and first_after is None:
+                first_after = time.monotonic() - started
+        records.extend(read_all(kafka_bootstrap, f"t.out.{unique}", expect=0, settle=2.0)[len(records):])
+        group = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=f"g.{unique}", enable_auto_commit=False)
+        try:  # the stage's group, asked for its committed offset (not joined: nothing is assigned)
+            committed = group.committed(TopicPartition(f"t.in.{unique}", 0))
+        finally:
+            group.close()
+    finally:
+        consumer.close()
+        stage.signal(signal.SIGTERM)
+        assert stage.wait(30) == 0
+    assert sorted(request_ids(records)) == sorted(f"req-{i}" for i in range(n)), "lost or duplicated outputs"
+    assert committed == n, "consumer lag is not 0"
+    # Committed in parts: the first outputs were readable long before the backlog was done.
+    assert first_after is not None and first_after < 12, first_after
+    assert "batch over its time budget" in stage.output()
