@@ -1,19 +1,27 @@
 """The comparison dataset: rows from FeedbackEvents, Parquet files partitioned by date.
 
-Append-only. A file is named after the Kafka partition and offsets it holds, so a batch
-written again after a crash overwrites itself; readers still dedupe on `feedback_id`.
+Append-only, like the Kafka log it is written from. A file is named after the Kafka partition
+and offsets it holds, so a batch written again after a crash overwrites itself. A file is
+fsynced, renamed into place and its directory fsynced before the sink commits its offsets, so
+a committed offset never points past rows a power cut could lose.
+
+`read` gives the dataset a trainer uses: one rating and one ranking per (user, conversation,
+turn), the one submitted last. A re-submission replaces the earlier one there; both stay in
+the files and on `chat.feedback`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from colloquy.v1 import events_pb2
+
+log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema([
     ("feedback_id", pa.string()),
@@ -56,38 +64,65 @@ def date_of(ms: int) -> str:
 
 
 def write_rows(root: Path, rows: list[dict], partition: int, first_offset: int, last_offset: int) -> list[Path]:
-    """Write rows grouped by date; atomic per file (temp + rename)."""
+    """Write rows grouped by date; each file atomic (temp + rename) and durable (fsynced, and so
+    is its directory) when this returns."""
     by_date: dict[str, list[dict]] = {}
     for r in rows:
         by_date.setdefault(date_of(r["created_unix_ms"]), []).append(r)
     written = []
     for day, day_rows in sorted(by_date.items()):
         folder = root / f"date={day}"
-        folder.mkdir(parents=True, exist_ok=True)
+        if not folder.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(root)  # the new folder's entry, or a power cut can lose the folder
         path = folder / f"part-p{partition}-{first_offset:012d}-{last_offset:012d}.parquet"
         tmp = path.with_suffix(".parquet.tmp")
         pq.write_table(pa.Table.from_pylist(day_rows, schema=SCHEMA), tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the bytes, before the rename makes them the file readers see
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+        _fsync_dir(folder)  # the rename itself
         written.append(path)
     return written
 
 
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def feedback_key(r: dict) -> tuple[str, str, int, str]:
+    """What a submission replaces: the same user's earlier rating (or ranking) of the same turn."""
+    return (r["user_id"], r["conversation_id"], r["turn_index"], r["kind"])
+
+
 def read(root: Path, source: str | None = None, since_ms: int = 0, until_ms: int | None = None) -> pa.Table:
-    """The dataset (deduplicated by feedback_id), optionally one source and a time window."""
-    if not root.exists() or not any(root.glob("date=*/*.parquet")):
-        return SCHEMA.empty_table()
-    table = pads.dataset(str(root), format="parquet", partitioning="hive",
-                         exclude_invalid_files=True).to_table(columns=SCHEMA.names)
-    rows = table.to_pylist()
-    seen: set[str] = set()
-    keep = []
-    for r in sorted(rows, key=lambda r: r["created_unix_ms"]):
-        if r["feedback_id"] in seen:
-            continue
-        if source and r["source"] != source:
-            continue
-        if r["created_unix_ms"] < since_ms or (until_ms is not None and r["created_unix_ms"] >= until_ms):
-            continue
-        seen.add(r["feedback_id"])
-        keep.append(r)
+    """The dataset: per `feedback_key` the latest submission, then optionally one source and a
+    time window (`created_unix_ms` in [since_ms, until_ms)), oldest first.
+
+    Latest is by `created_unix_ms` (the gateway's accept time), ties in Kafka log order: one
+    conversation's feedback is keyed to one partition, and files are read in (date, partition,
+    offset) order. The latest is chosen before the window, so a re-submission after a window
+    also replaces the earlier one within it. A redelivered copy (same `feedback_id`) is the same
+    submission and changes nothing.
+    """
+    files = sorted(root.glob("date=*/*.parquet")) if root.exists() else []
+    rows: list[dict] = []
+    for path in files:
+        try:
+            rows.extend(pq.read_table(path, columns=SCHEMA.names).to_pylist())
+        except (pa.ArrowInvalid, OSError) as exc:  # e.g. a file from before writes were fsynced
+            log.warning("skipping an unreadable dataset file", extra={"path": str(path), "error": repr(exc)})
+    latest: dict[tuple[str, str, int, str], dict] = {}
+    for r in sorted(rows, key=lambda r: r["created_unix_ms"]):  # stable: ties keep log order
+        latest[feedback_key(r)] = r
+    keep = [r for r in sorted(latest.values(), key=lambda r: r["created_unix_ms"])
+            if (not source or r["source"] == source) and r["created_unix_ms"] >= since_ms
+            and (until_ms is None or r["created_unix_ms"] < until_ms)]
     return pa.Table.from_pylist(keep, schema=SCHEMA)

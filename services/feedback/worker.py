@@ -1,8 +1,10 @@
 """Kafka stage: chat.feedback -> Parquet files.
 
 Why not the transactional StageWorker: the output is files, not Kafka records. Offsets are
-committed only after a batch's file is durably renamed into place (at-least-once), and
-duplicates from a redelivered batch are removed by `feedback_id` when the dataset is read.
+committed only after a batch's file is fsynced, renamed into place and its directory fsynced
+(`dataset.write_rows`), so a power cut cannot lose rows whose offsets are committed
+(at-least-once); a redelivered batch rewrites the same file, and `dataset.read` keeps one row
+per submission.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ log = logging.getLogger(__name__)
 
 
 class FeedbackSink:
-    def __init__(self, kafka: KafkaConfig, root: Path, instance_id: str = "0") -> None:
+    def __init__(self, kafka: KafkaConfig, root: Path, instance_id: str = "0", *,
+                 topic: str = topics.CHAT_FEEDBACK.name, group_id: str = "colloquy-feedback") -> None:
         self.kafka = kafka
         self.root = root
         self.instance_id = instance_id
+        self.topic = topic
+        self.group_id = group_id
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -49,7 +54,7 @@ class FeedbackSink:
 
     def run(self) -> None:
         consumer = kafka_loop.make_consumer(
-            self.kafka, "colloquy-feedback", f"feedback-{self.instance_id}", topics.CHAT_FEEDBACK.name,
+            self.kafka, self.group_id, f"feedback-{self.instance_id}", self.topic,
             group_instance_id=f"feedback-{self.instance_id}",
             # Feedback is not on a user's critical path: a long fetch wait instead of the stages'
             # 5 ms, so an idle sink does not spend a share of a core asking for records every 5 ms.

@@ -1,0 +1,54 @@
+"""The comparison dataset as trainers read it: one rating and one ranking per (user, turn)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlhf import data
+from services.feedback import dataset
+
+
+def fb(fid: str, kind: str, created_ms: int, user: str = "u", conv: str = "c", turn: int = 1,
+       **fields: object) -> dict:
+    base = {"feedback_id": fid, "user_id": user, "conversation_id": conv, "turn_index": turn, "kind": kind,
+            "prompt": "<|im_start|>user\nhi", "answers": ["a0", "a1", "a2"], "answer_finish_reasons": [],
+            "comment": "", "model_version": "v1", "template_version": "t1", "source": "human",
+            "created_unix_ms": created_ms, "rating_answer_index": None, "thumbs_up": None, "ranking": None}
+    return {**base, **fields}
+
+
+def test_resubmitted_rating_and_ranking_replace_the_earlier_ones_of_the_same_user_and_turn(tmp_path: Path) -> None:
+    """Before: every submission was a row of its own, so the same ranking sent five times was five
+    comparisons in the reward model's data."""
+    rows = [
+        fb("rank-1", "ranking", 1_000, ranking=[0, 1, 2]),
+        fb("rate-1", "rating", 1_001, rating_answer_index=0, thumbs_up=True),
+        fb("rank-2", "ranking", 2_000, ranking=[2, 1, 0]),                        # replaces rank-1
+        fb("rate-2", "rating", 2_001, rating_answer_index=1, thumbs_up=False),   # replaces rate-1
+        fb("rank-other-user", "ranking", 1_500, user="v", ranking=[1, 0, 2]),     # another user: kept
+        fb("rank-other-turn", "ranking", 1_600, turn=2, ranking=[1, 2, 0]),       # another turn: kept
+        fb("rank-other-conv", "ranking", 1_700, conv="d", ranking=[0, 2, 1]),     # another conversation
+    ]
+    dataset.write_rows(tmp_path, rows[:2], partition=0, first_offset=0, last_offset=1)
+    dataset.write_rows(tmp_path, rows[2:], partition=0, first_offset=2, last_offset=6)
+    dataset.write_rows(tmp_path, rows[2:4], partition=0, first_offset=2, last_offset=3)  # a redelivered batch
+    got = {r["feedback_id"]: r for r in dataset.read(tmp_path).to_pylist()}
+    assert sorted(got) == ["rank-2", "rank-other-conv", "rank-other-turn", "rank-other-user", "rate-2"]
+    assert got["rank-2"]["ranking"] == [2, 1, 0] and got["rate-2"]["thumbs_up"] is False
+    # What the RLHF job reads: the one ranking of that turn, as last submitted.
+    rows_read = data.read_rows(tmp_path, "all", data.FeedbackWindow(0, 10_000))
+    assert [r["ranking"] for r in rows_read if r["user_id"] == "u" and r["conversation_id"] == "c"
+            and r["turn_index"] == 1 and r["kind"] == "ranking"] == [[2, 1, 0]]
+
+
+def test_resubmission_after_a_window_still_replaces_the_earlier_one_inside_it(tmp_path: Path) -> None:
+    dataset.write_rows(tmp_path, [fb("rank-1", "ranking", 1_000, ranking=[0, 1, 2]),
+                                  fb("rank-2", "ranking", 5_000, ranking=[2, 1, 0])], 0, 0, 1)
+    assert dataset.read(tmp_path, until_ms=2_000).num_rows == 0
+    assert [r["feedback_id"] for r in dataset.read(tmp_path, since_ms=2_000).to_pylist()] == ["rank-2"]
+
+
+def test_same_millisecond_resubmission_is_ordered_by_the_kafka_log(tmp_path: Path) -> None:
+    dataset.write_rows(tmp_path, [fb("first", "ranking", 1_000, ranking=[0, 1, 2])], 0, 9, 9)
+    dataset.write_rows(tmp_path, [fb("second", "ranking", 1_000, ranking=[1, 0, 2])], 0, 10, 10)
+    assert [r["feedback_id"] for r in dataset.read(tmp_path).to_pylist()] == ["second"]
