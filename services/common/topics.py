@@ -47,7 +47,9 @@ MODERATION_DECISIONS = Topic("moderation.decisions", 3, EVENTS, doc="ModerationD
 CHAT_FEEDBACK = Topic("chat.feedback", 3, {**EVENTS, "retention.ms": str(30 * DAY_MS)},
                       doc="FeedbackEvent")
 MODEL_UPDATES = Topic("model.updates", 1, EVENTS, doc="ModelUpdate")
-DEAD_LETTER = Topic("colloquy.dead-letter", 3, {**EVENTS, "retention.ms": str(30 * DAY_MS)},
+# Holds user text from every topic a stage reads, so it keeps it no longer than the shortest of
+# them (generation.progress and the reply topics: a day); tests/common/test_topics.py checks.
+DEAD_LETTER = Topic("colloquy.dead-letter", 3, STREAM,
                     doc="records no stage could process, with the reason in headers")
 
 ALL: tuple[Topic, ...] = (
