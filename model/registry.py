@@ -19,8 +19,11 @@ Why this shape:
   a lock, so the generation service can poll one file; ``history`` makes
   ``rollback`` a pointer move, never a copy.
 
-CLI: ``python -m model.registry [--root DIR] list|show V|current D|promote D V|
-rollback D|verify V|gc``.
+CLI: ``python -m model.registry [--root DIR] list|show V|current D|promote D V [--canary P]|
+rollback D|verify V|gc``. ``promote`` and ``rollback`` are the rollout of ``make promote`` and
+``make rollback`` (``services.generation.updates``): the registry records it and a
+``ModelUpdate`` on ``model.updates`` tells the running replicas, so no path moves the pointer
+without them hearing of it.
 """
 
 from __future__ import annotations
@@ -492,17 +495,25 @@ def _cmd_current(reg: Registry, args: argparse.Namespace) -> int:
     return 0
 
 
+def _rollout(reg: Registry, deployment: str, *command: str) -> int:
+    """The announced rollout (imported here: the generation service imports this module)."""
+    from services.generation import updates
+
+    return updates.main(["--deployment", deployment, "--registry", str(reg.root), *command])
+
+
 def _cmd_promote(reg: Registry, args: argparse.Namespace) -> int:
-    pointer = reg.set_current(args.deployment, args.version, verify=not args.no_verify,
-                              reason=args.reason)
-    print(f"{args.deployment} -> {pointer['version']}")
-    return 0
+    if reg.current(args.deployment) is None:
+        # Nothing serves this deployment from the registry yet, so nobody is to be told (and the
+        # rollout needs a version to start from): the first pointer is simply set.
+        pointer = reg.set_current(args.deployment, args.version, reason="first version")
+        print(f"{args.deployment} -> {pointer['version']}")
+        return 0
+    return _rollout(reg, args.deployment, "promote", args.version, "--canary", str(args.canary))
 
 
 def _cmd_rollback(reg: Registry, args: argparse.Namespace) -> int:
-    pointer = reg.rollback(args.deployment, verify=not args.no_verify, reason=args.reason)
-    print(f"{args.deployment} -> {pointer['version']}")
-    return 0
+    return _rollout(reg, args.deployment, "rollback")
 
 
 def _cmd_verify(reg: Registry, args: argparse.Namespace) -> int:
@@ -533,13 +544,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("version")
     p = sub.add_parser("current", help="print a deployment's pointer")
     p.add_argument("deployment")
-    for name, needs_version in (("promote", True), ("rollback", False)):
-        p = sub.add_parser(name, help=f"{name} a deployment")
-        p.add_argument("deployment")
-        if needs_version:
-            p.add_argument("version")
-        p.add_argument("--reason", default=None)
-        p.add_argument("--no-verify", action="store_true", help="skip checksum verification")
+    p = sub.add_parser("promote", help="serve VERSION (to --canary percent of conversations first): "
+                                       "recorded and announced on model.updates, as `make promote`")
+    p.add_argument("deployment")
+    p.add_argument("version")
+    p.add_argument("--canary", type=int, default=100, metavar="PERCENT", help="1..99 for a canary; 100: all")
+    p = sub.add_parser("rollback", help="back to the version served before, announced as `make rollback`")
+    p.add_argument("deployment")
     p = sub.add_parser("verify", help="check every file of a version against its manifest")
     p.add_argument("version")
     p = sub.add_parser("gc", help="remove leftovers of crashed publishes")

@@ -272,8 +272,9 @@ def test_cli(reg: Registry, src: Path, capsys: pytest.CaptureFixture[str]) -> No
     root = str(reg.root)
     publish(reg, src, "v1", quality={"score": 11, "total": 12, "decode_tok_s": 100.0})
     publish(reg, src, "v2", parent_version="v1")
-    assert regmod.main(["--root", root, "promote", "generation", "v1"]) == 0
-    assert regmod.main(["--root", root, "promote", "generation", "v2"]) == 0
+    assert regmod.main(["--root", root, "promote", "generation", "v1"]) == 0  # the first version: no rollout
+    assert capsys.readouterr().out.strip() == "generation -> v1"
+    reg.set_current("generation", "v2")  # a promote through the CLI announces it: the next test
     assert regmod.main(["--root", root, "list"]) == 0
     out = capsys.readouterr().out
     assert "11/12" in out and "generation" in out
@@ -281,8 +282,6 @@ def test_cli(reg: Registry, src: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert json.loads(capsys.readouterr().out)["parent_version"] == "v1"
     assert regmod.main(["--root", root, "current", "generation"]) == 0
     assert json.loads(capsys.readouterr().out)["version"] == "v2"
-    assert regmod.main(["--root", root, "rollback", "generation"]) == 0
-    assert capsys.readouterr().out.strip() == "generation -> v1"
     assert regmod.main(["--root", root, "verify", "v1"]) == 0
     assert "OK" in capsys.readouterr().out
     (reg.version_path("v2") / "model.onnx").write_bytes(b"ONNX-GRAPH")
@@ -307,3 +306,48 @@ def test_a_version_that_failed_its_quality_gate_is_never_served(reg: Registry, s
     publish(reg, src, "fine", quality={"score": 100, "total": 150, "gate": {**gate, "passed": True}})
     reg.set_current("generation", "fine")
     assert reg.current("generation") == "fine"
+
+
+@pytest.mark.kafka
+def test_registry_cli_promote_and_rollback_are_announced_to_running_replicas_like_make_promote(
+        reg: Registry, src: Path, kafka_bootstrap: str, unique: str) -> None:
+    """Before: `python -m model.registry promote` moved the pointer and told no one, so running
+    replicas kept serving the old version until restarted; `make promote` announced it."""
+    from colloquy.v1 import events_pb2
+
+    from services.common import events, topics
+    from services.generation import updates
+    from tests.common.kafka_util import Tail
+
+    root, dep = str(reg.root), f"test-{unique}"  # a deployment no running service serves
+    for version in ("v1", "v2", "v3"):
+        publish(reg, src, version)
+    assert regmod.main(["--root", root, "promote", dep, "v1"]) == 0  # the first pointer: nobody serves it yet
+    topics.ensure_topics(kafka_bootstrap, [topics.MODEL_UPDATES])
+    tail = Tail(kafka_bootstrap, topics.MODEL_UPDATES.name)
+
+    def announced(expect: int) -> list[events_pb2.ModelUpdate]:
+        deadline = time.monotonic() + 30
+        mine: list[events_pb2.ModelUpdate] = []
+        while len(mine) < expect and time.monotonic() < deadline:
+            mine = [events.decode(r.value, r.headers, events_pb2.ModelUpdate) for r in tail.read(settle=0.2)
+                    if r.key == dep.encode()]
+        return mine
+
+    try:
+        assert regmod.main(["--root", root, "promote", dep, "v2"]) == 0
+        assert reg.current(dep) == "v2"
+        assert [(u.action, u.version) for u in announced(1)] == [("promote", "v2")]
+        assert regmod.main(["--root", root, "promote", dep, "v3", "--canary", "10"]) == 0
+        assert reg.canary(dep) == {**reg.canary(dep), "version": "v3", "percent": 10}
+        assert regmod.main(["--root", root, "rollback", dep]) == 0  # drops the canary
+        assert reg.canary(dep) is None and reg.current(dep) == "v2"
+        # `make promote`'s path, for comparison: the same event for the same move.
+        assert updates.main(["--deployment", dep, "--registry", root, "promote", "v3"]) == 0
+        mine = announced(4)
+    finally:
+        tail.close()
+    assert [(u.action, u.version, u.canary_percent, u.parent_version) for u in mine] == [
+        ("promote", "v2", 100, "v1"), ("promote", "v3", 10, "v2"), ("rollback", "v2", 0, "v2"),
+        ("promote", "v3", 100, "v2")]
+    assert reg.current(dep) == "v3"
