@@ -264,7 +264,7 @@ class StageWorker(Generic[M]):
         self._outputs = OutputTopics(kafka, f"{stage}-{instance_id}-topics")
         # Records whose output the broker refused for good (not retriable), by (topic, partition,
         # offset): dead-lettered when the batch is redone instead of failing it again.
-        self._refused: dict[tuple[str, int, int], str] = {}
+        self._refused: dict[tuple[str, int, int], tuple[str, str]] = {}
         metrics.BATCHES_CUT.labels(stage)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -317,7 +317,7 @@ class StageWorker(Generic[M]):
                     # its record to the dead-letter topic. Otherwise (a slow broker) the batch is
                     # simply redone, like any failed one.
                     self._outputs.forget(exc.topics)
-                    log.error("sends did not complete; replacing the producer and redoing the batch",
+                    log.error("sends did not complete or were refused; replacing the producer and redoing the batch",
                               extra={"stage": self.stage, "topics": sorted(exc.topics)})
                     producer = self._recover(consumer, producer, batch, client, discard=True)
                 except Exception:
@@ -383,7 +383,9 @@ class StageWorker(Generic[M]):
             if not future.is_done or future.failed():
                 stuck.add(topic)
             if future.is_done and future.failed() and not getattr(future.exception, "retriable", False):
-                self._refused[(rec.topic, rec.partition, rec.offset)] = f"{topic!r} refused: {future.exception!r}"
+                self._refused[(rec.topic, rec.partition, rec.offset)] = (
+                    f"the broker refused its output to {topic!r}: {future.exception}",
+                    type(future.exception).__name__)
         if stuck:
             raise _SendsStuck(stuck)
         for rec, _ in done:
@@ -395,11 +397,12 @@ class StageWorker(Generic[M]):
 
     def _route_unwritable(self, rec: ConsumerRecord, outs: list[events.OutEvent],
                           bad: dict[str, str]) -> list[events.OutEvent]:
-        """`outs` as they are, or only a dead letter when one of them needs an unwritable topic
-        (none of the record's outputs are sent: a record's outputs go out together or not at all)."""
+        """`outs` as they are, or only a dead letter when one of them needs an unwritable topic or
+        the broker refused one for good on an earlier try (none of the record's outputs are sent:
+        a record's outputs go out together or not at all)."""
         refused = self._refused.get((rec.topic, rec.partition, rec.offset))
         if refused:
-            return [self._dead_letter(rec, f"an output was refused by the broker: {refused}", UNWRITABLE_TOPIC)]
+            return [self._dead_letter(rec, *refused)]
         for out in outs:
             if out.topic in bad:
                 return [self._dead_letter(rec, f"output topic {out.topic!r} cannot be written: {bad[out.topic]}",
@@ -414,14 +417,16 @@ class StageWorker(Generic[M]):
         `discard`: close the producer without aborting (its abort would wait on sends that never
         complete); the next producer's init_transactions aborts the open transaction.
         """
-        try:
-            if discard:
-                raise _SendsStuck(set())
-            producer.abort_transaction()
-        except Exception:
-            # A fatal producer error (fenced, broker gone mid-commit): start a fresh producer.
-            close_now(producer) if discard else producer.close(timeout=5)
+        if discard:
+            close_now(producer)
             producer = None  # type: ignore[assignment]
+        else:
+            try:
+                producer.abort_transaction()
+            except Exception:
+                # A fatal producer error (fenced, broker gone mid-commit): start a fresh producer.
+                close_now(producer)
+                producer = None  # type: ignore[assignment]
         for tp in batch:
             try:
                 committed = consumer.committed(tp)

@@ -167,7 +167,7 @@ def test_record_whose_reply_topic_does_not_exist_is_dead_lettered_alone_and_the_
     reason = events.header(dead[0].headers, "dlq-reason")
     assert gone in reason and "UnknownTopicOrPartition" in reason
     logs = stage.output()
-    assert "batch failed" not in logs and "sends did not complete" not in logs
+    assert "batch failed" not in logs and "replacing the producer" not in logs
     assert logs.count("processed req-0") == 1, "the batch was redone: the loop spun"
 
 
@@ -202,6 +202,30 @@ def test_reply_topic_deleted_after_the_stage_wrote_to_it_dead_letters_its_record
     assert [events.decode(r.value, r.headers, events_pb2.TurnEvent).request_id for r in dead] == ["req-1"]
     assert events.header(dead[0].headers, "dlq-error-type") == "UnwritableTopic"
     assert reply in events.header(dead[0].headers, "dlq-reason")
+
+
+def test_record_the_broker_refuses_for_good_is_dead_lettered_alone_and_the_batch_goes_on(
+        kafka_bootstrap: str, unique: str) -> None:
+    """An output too large for its topic (max.message.bytes): the broker refuses the send, which
+    before failed the transaction and so the batch, again on every redo."""
+    small = f"t.small.{unique}"
+    create(kafka_bootstrap, f"t.in.{unique}", f"t.out.{unique}", partitions=1)
+    topics.ensure_topics(kafka_bootstrap, [topics.Topic(small, 1, {"max.message.bytes": "2000"}), topics.DEAD_LETTER])
+    produce(kafka_bootstrap, f"t.in.{unique}", [
+        ("conv-0", turn(0)), ("conv-0", turn(1, f"to:{small} " + "x" * 5000)), ("conv-0", turn(2))])
+    dead_tail = Tail(kafka_bootstrap, topics.DEAD_LETTER.name)
+    stage = start_stage(kafka_bootstrap, unique)
+    try:
+        out = read_all(kafka_bootstrap, f"t.out.{unique}", expect=2, timeout=40, settle=1.0)
+        dead = dead_letters_from(dead_tail, f"t.in.{unique}", expect=1)
+    finally:
+        dead_tail.close()
+        stage.signal(signal.SIGTERM)
+        assert stage.wait(30) == 0
+    assert request_ids(out) == ["req-0", "req-2"]
+    assert request_ids(dead) == ["req-1"]
+    assert small in events.header(dead[0].headers, "dlq-reason")
+    assert stage.output().count("processed req-0") <= 2, "the batch was redone more than once"
 
 
 def test_backlog_of_slow_records_longer_than_the_transaction_timeout_drains_exactly_once(
