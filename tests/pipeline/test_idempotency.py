@@ -115,7 +115,12 @@ def own_gateway(stack: Stack) -> Iterator[Gateway]:
 
 
 @pytest.mark.timeout(600)
-def test_retry_after_the_gateway_is_killed_mid_stream_gets_the_same_turn(own_gateway: Gateway) -> None:
+@pytest.mark.parametrize("replica", ["restarted", "another"])
+def test_retry_after_the_gateway_is_killed_mid_stream_gets_the_same_turn(own_gateway: Gateway,
+                                                                         replica: str) -> None:
+    """"restarted": the same replica comes back (its reply topic still gets the first try's
+    replies); "another": a replica with its own reply topic, which hears none of them and finds
+    the turn in the history."""
     key = uuid.uuid4().hex
     message = "Write a long story about a dragon who learns to bake bread."
     sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=160)
@@ -135,7 +140,9 @@ def test_retry_after_the_gateway_is_killed_mid_stream_gets_the_same_turn(own_gat
         own_gateway.proc.wait(30)  # type: ignore[union-attr]
     assert before and before[0].WhichOneof("event") == "started"
     started = before[0].started
-    own_gateway.start()  # same instance id (its reply topic) and port, like a restarted pod
+    if replica == "another":
+        own_gateway.instance = own_gateway.env["INSTANCE_ID"] = f"gwt{uuid.uuid4().hex[:8]}"
+    own_gateway.start()  # same port; same instance id (reply topic) unless "another"
     with grpc.insecure_channel(own_gateway.address) as ch:
         stub = chat_pb2_grpc.ChatServiceStub(ch)
         t0 = time.monotonic()
