@@ -74,7 +74,7 @@ class KeyRing:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._version: tuple[int, int, int] | None = None  # of the file last read, good or bad
+        self._version: tuple[int, int, int] | None = None  # of the file last read, good or bad (None: gone)
         self._entries: list[tuple[bytes, Identity]] = []
         self._lock = threading.Lock()
         version = self._stat()
@@ -102,9 +102,9 @@ class KeyRing:
     def _reload(self) -> None:
         """Apply a changed file, or keep the last good keys and report the bad version once."""
         try:
-            version = self._stat()
+            version: tuple[int, int, int] | None = self._stat()
         except OSError:
-            return  # mid-rename or briefly missing: keep serving; the next call looks again
+            version = None  # gone (an unmounted Secret, a deleted file): as bad as a broken one
         if version == self._version:
             return
         with self._lock:
@@ -112,6 +112,8 @@ class KeyRing:
                 return
             self._version = version  # good or bad, this version is handled once
             try:
+                if version is None:
+                    raise KeyFileError(f"{self.path}: the file is missing")
                 entries = self._read()
             except (KeyFileError, OSError) as exc:
                 metrics.KEY_RELOAD_ERRORS.inc()

@@ -121,3 +121,17 @@ def test_labeler_flag_is_read_per_key(tmp_path: Path) -> None:
     assert (ann.user, ann.labeler) == ("ann", False)
     assert (bob.user, bob.labeler) == ("bob", True)
     assert keys.identity("nope") is None
+
+
+def test_a_deleted_key_file_keeps_the_last_good_keys_and_is_reported_once(
+        ring: tuple[KeyRing, Path], caplog: pytest.LogCaptureFixture) -> None:
+    keys, f = ring
+    caplog.set_level(logging.ERROR, logger="services.gateway.auth")
+    f.unlink()
+    for _ in range(5):
+        assert keys.user_for("k1") == "ann"
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
+    assert last_reload_ok() == 0.0
+    rewrite(f, GOOD.split("  - user: bob")[0])  # back, without bob: applied
+    assert keys.user_for("k2") is None
+    assert last_reload_ok() == 1.0
