@@ -73,7 +73,10 @@ def write_rows(root: Path, rows: list[dict], partition: int, first_offset: int, 
     for day, day_rows in sorted(by_date.items()):
         folder = root / f"date={day}"
         if not folder.exists():
+            new_root = not root.exists()
             folder.mkdir(parents=True, exist_ok=True)
+            if new_root:
+                _fsync_dir(root.parent)
             _fsync_dir(root)  # the new folder's entry, or a power cut can lose the folder
         path = folder / f"part-p{partition}-{first_offset:012d}-{last_offset:012d}.parquet"
         tmp = path.with_suffix(".parquet.tmp")
