@@ -15,6 +15,10 @@ MAX_STOP = 4
 MAX_STOP_CHARS = 64
 MAX_TOP_K = 1000
 REPETITION_PENALTY_RANGE = (1.0, 2.0)
+# KV positions a generation slot holds (prompt + answer), GENERATION_SLOT_TOKENS: generation refuses
+# a longer prompt, so the prompt stage reads the same setting and fits every prompt inside it.
+SLOT_TOKENS_ENV = "GENERATION_SLOT_TOKENS"
+SLOT_TOKENS_DEFAULT = 2048
 
 
 def check(p: common_pb2.SamplingParams, *, max_tokens_limit: int, max_n: int) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from services.common import topics
 from services.common.config import env, positive
+from services.common.sampling import SLOT_TOKENS_DEFAULT, SLOT_TOKENS_ENV
 
 DEFAULTS = {"METRICS_PORT": "9105"}
 DEFAULT_SERVE_CONFIG = str(Path(__file__).with_name("serve_config.yaml"))
@@ -38,7 +39,9 @@ class EngineSettings:
                              hint="1..65536 tokens")
     # KV positions per slot (prompt + answer): memory is (max_running + 1) x this x the model's
     # KV bytes per token (46 KB for SmolLM2-135M, fp32 cache).
-    slot_tokens: int = env("GENERATION_SLOT_TOKENS", 2048, check=lambda v: 16 <= v <= 1 << 20, hint="16..1048576")
+    # The prompt stage reads the same setting (services.common.sampling) to fit prompts inside it.
+    slot_tokens: int = env(SLOT_TOKENS_ENV, SLOT_TOKENS_DEFAULT, check=lambda v: 16 <= v <= 1 << 20,
+                           hint="16..1048576")
     # Prompt tokens waiting for their prefill beyond which new requests get RESOURCE_EXHAUSTED.
     max_queued_prompt_tokens: int = env("GENERATION_MAX_QUEUED_PROMPT_TOKENS", 65536, check=lambda v: v >= 1,
                                         hint="tokens >= 1")

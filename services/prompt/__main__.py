@@ -32,7 +32,7 @@ async def build() -> grpc_server.ServiceApp:
     logger = log.setup("prompt", server.log_level)
     try:
         path = model_files.resolve_tokenizer_dir(cfg.tokenizer_path)
-        context = model_files.context_tokens(path, cfg.context_tokens)
+        context = min(model_files.context_tokens(path, cfg.context_tokens), cfg.slot_tokens)
         templates = templates_mod.load_file(cfg.templates_file)
     except (config.ConfigError, templates_mod.TemplateError) as exc:
         _exit_config_error(exc)

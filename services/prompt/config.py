@@ -7,6 +7,7 @@ from pathlib import Path
 
 from services.common import topics
 from services.common.config import env, positive
+from services.common.sampling import SLOT_TOKENS_DEFAULT, SLOT_TOKENS_ENV
 
 DEFAULTS = {"GRPC_PORT": "50054", "METRICS_PORT": "9104"}
 DEFAULT_TEMPLATES = str(Path(__file__).with_name("templates.yaml"))
@@ -21,6 +22,10 @@ class PromptConfig:
     # 0: the model's genai_config.json model.context_length (8192 for SmolLM2-135M) or 8192.
     context_tokens: int = env("MODEL_CONTEXT_TOKENS", 0, check=lambda v: 0 <= v <= 1 << 20,
                               hint="0 (from the model) or a token count")
+    # Generation's KV slot (prompt + answer; the same variable generation reads): prompts are
+    # assembled within min(context, slot), or generation would refuse every turn of a long chat.
+    slot_tokens: int = env(SLOT_TOKENS_ENV, SLOT_TOKENS_DEFAULT, check=lambda v: 16 <= v <= 1 << 20,
+                           hint="16..1048576")
     max_message_bytes: int = env("PROMPT_MAX_MESSAGE_BYTES", 8192, check=lambda v: 1 <= v <= 1 << 20,
                                  hint="1..1048576 bytes")
     # Read-your-writes: how long a turn waits for the history to include everything before it.

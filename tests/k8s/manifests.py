@@ -153,7 +153,12 @@ def effective_env(container: dict[str, Any], configmaps: dict[str, Obj]) -> dict
             env[item["name"]] = EnvValue(secret=(ref["secretKeyRef"]["name"], ref["secretKeyRef"]["key"]))
         elif "configMapKeyRef" in ref:
             cm_ref = ref["configMapKeyRef"]
-            env[item["name"]] = EnvValue(configmap=(cm_ref["name"], cm_ref["key"]))
+            data = (configmaps.get(cm_ref["name"]) or {}).get("data") or {}
+            if cm_ref["key"] not in data and not cm_ref.get("optional"):
+                raise AssertionError(f"container {container['name']}: {item['name']} reads key "
+                                     f"{cm_ref['key']!r} of ConfigMap {cm_ref['name']!r}, not in the render")
+            env[item["name"]] = EnvValue(value=None if cm_ref["key"] not in data else str(data[cm_ref["key"]]),
+                                         configmap=(cm_ref["name"], cm_ref["key"]))
         else:
             env[item["name"]] = EnvValue()
     return env

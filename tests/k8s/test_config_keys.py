@@ -241,3 +241,12 @@ def test_kafka_security_settings_are_read_by_the_services() -> None:
                 makers.append(path.relative_to(manifests.ROOT).as_posix())
                 assert "client_kwargs()" in source, f"{path}: a Kafka client without KafkaConfig.client_kwargs()"
     assert makers, "no Kafka clients found: the search moved"
+
+
+def test_prompt_fits_prompts_in_generations_slot_from_generations_own_configmap(objects: list[Obj]) -> None:
+    """The prompt stage assembles within GENERATION_SLOT_TOKENS; reading it from generation's
+    ConfigMap (not a copy) keeps a changed slot from making generation refuse long chats."""
+    _pt, _container, env = _target_env(objects, Target("StatefulSet/prompt", "prompt"))
+    engine_cm = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "generation-engine")
+    assert env["GENERATION_SLOT_TOKENS"].configmap == ("generation-engine", "GENERATION_SLOT_TOKENS")
+    assert env["GENERATION_SLOT_TOKENS"].value == engine_cm["data"]["GENERATION_SLOT_TOKENS"]

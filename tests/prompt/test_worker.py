@@ -158,9 +158,10 @@ def test_someone_elses_conversation_is_not_found(stage: PromptStage, kafka_boots
 
 @pytest.mark.parametrize(("kwargs", "code", "message"), [
     ({"deadline_ms": 1}, "DEADLINE_EXCEEDED", "the request's deadline passed before the prompt stage"),
-    ({"max_tokens": 8192}, "INVALID_ARGUMENT",
-     "sampling.max_tokens: must be less than the model's context (8192 tokens)"),
-    ({"max_tokens": 8000, "message": "word " * 400}, "INVALID_ARGUMENT",
+    # The served context is generation's slot (GENERATION_SLOT_TOKENS, 2048), not the model's 8192.
+    ({"max_tokens": 2048}, "INVALID_ARGUMENT",
+     "sampling.max_tokens: must be less than the model's context (2048 tokens)"),
+    ({"max_tokens": 1900, "message": "word " * 400}, "INVALID_ARGUMENT",
      "message: too long for the model's context ("),
 ])
 def test_turns_that_cannot_be_prompted_fail_at_the_gateway(stage: PromptStage, kwargs: dict, code: str,
