@@ -250,3 +250,30 @@ def test_prompt_fits_prompts_in_generations_slot_from_generations_own_configmap(
     engine_cm = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "generation-engine")
     assert env["GENERATION_SLOT_TOKENS"].configmap == ("generation-engine", "GENERATION_SLOT_TOKENS")
     assert env["GENERATION_SLOT_TOKENS"].value == engine_cm["data"]["GENERATION_SLOT_TOKENS"]
+
+
+
+def _image_file(value: str) -> Path:
+    return manifests.ROOT / value.removeprefix("/app/")
+
+
+def test_every_image_path_a_pod_is_given_exists_in_the_sources(objects: list[Obj]) -> None:
+    """A setting that names a file under /app (the image copies services/, model/, rlhf/ there)
+    must name one the image has."""
+    missing = [f"ConfigMap/{cm['metadata']['name']} {key}={value}"
+               for cm in objects if cm["kind"] == "ConfigMap"
+               for key, value in (cm.get("data") or {}).items()
+               if isinstance(value, str) and value.startswith("/app/") and not _image_file(value).exists()]
+    assert not missing, "paths the image does not have:\n  " + "\n  ".join(missing)
+
+
+def test_moderation_pods_load_the_classifier_and_policy_they_are_given(objects: list[Obj]) -> None:
+    """MODERATION_CLASSIFIER once named classifier.json (the training report) instead of the
+    .npz the loader reads: every moderation pod would have exited at startup."""
+    from services.moderation.classifier import Heads
+    from services.moderation.policy import load as load_policy
+
+    _pt, _container, env = _target_env(objects, Target("StatefulSet/moderation", "moderation"))
+    heads = Heads.load(_image_file(env["MODERATION_CLASSIFIER"].value or ""))
+    assert heads.meta
+    load_policy(_image_file(env["MODERATION_POLICY"].value or ""))
