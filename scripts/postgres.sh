@@ -16,7 +16,9 @@
 #   POSTGRES_START_TIMEOUT=60    seconds `up` waits for the server to answer
 #
 # PostgreSQL refuses to run as root: as root the cluster belongs to Debian's `postgres` user and
-# every server command runs as that user (runuser).
+# every server command runs as that user (runuser). When that user cannot reach var/ (a checkout
+# under a private home directory), the cluster lives in /var/tmp/colloquy-postgres-<hash of the
+# var path> instead, and var/postgres/cluster-dir says where.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -24,13 +26,35 @@ readonly REPO
 readonly PORT="${POSTGRES_PORT:-55432}"
 readonly VAR_DIR="${COLLOQUY_VAR:-$REPO/var}"
 readonly STATE_DIR="$VAR_DIR/postgres"
-readonly DATA_DIR="$STATE_DIR/data"
-readonly LOG_FILE="$STATE_DIR/postgres.log"
 readonly LOCK_FILE="$STATE_DIR/postgres.lock"
 readonly START_TIMEOUT="${POSTGRES_START_TIMEOUT:-60}"
 readonly SUPERUSER=postgres
 
 log() { printf 'postgres.sh: %s\n' "$*" >&2; }
+
+# Where the cluster (data, log, socket) lives: var/postgres, or the fallback recorded by `up`.
+RUN_DIR="$STATE_DIR"
+if [[ -f "$STATE_DIR/cluster-dir" ]]; then RUN_DIR=$(cat "$STATE_DIR/cluster-dir"); fi
+DATA_DIR="$RUN_DIR/data"
+LOG_FILE="$RUN_DIR/postgres.log"
+
+# As root: make sure the postgres user can reach RUN_DIR, else move it out of the checkout.
+choose_run_dir() {
+  [[ $(id -u) -eq 0 ]] || return 0
+  id postgres >/dev/null 2>&1 || { log "no 'postgres' user (Debian's package creates it)"; exit 1; }
+  mkdir -p "$RUN_DIR"
+  chown postgres: "$RUN_DIR"
+  if ! runuser -u postgres -- test -w "$RUN_DIR"; then
+    RUN_DIR="/var/tmp/colloquy-postgres-$(printf '%s' "$STATE_DIR" | cksum | cut -d' ' -f1)"
+    log "the postgres user cannot reach $STATE_DIR; the cluster lives in $RUN_DIR"
+    mkdir -p "$RUN_DIR"
+    chown postgres: "$RUN_DIR"
+    chmod 700 "$RUN_DIR"
+    printf '%s\n' "$RUN_DIR" >"$STATE_DIR/cluster-dir"
+  fi
+  DATA_DIR="$RUN_DIR/data"
+  LOG_FILE="$RUN_DIR/postgres.log"
+}
 
 # Newest /usr/lib/postgresql/<major>/bin (Debian's layout), or nothing.
 pg_bin() {
@@ -80,11 +104,8 @@ answers() {
 url() { printf 'postgresql+psycopg://%s@127.0.0.1:%s/postgres\n' "$SUPERUSER" "$PORT"; }
 
 init_cluster() {
-  mkdir -p "$STATE_DIR"
-  if [[ $(id -u) -eq 0 ]]; then
-    id postgres >/dev/null 2>&1 || { log "no 'postgres' user (Debian's package creates it)"; exit 1; }
-    chown postgres: "$STATE_DIR"
-  fi
+  mkdir -p "$RUN_DIR"
+  choose_run_dir
   if [[ ! -f "$DATA_DIR/PG_VERSION" ]]; then
     log "initdb $DATA_DIR"
     as_owner "$BIN/initdb" -D "$DATA_DIR" -U "$SUPERUSER" -A trust -E UTF8 --locale=C.UTF-8 >/dev/null
@@ -92,7 +113,7 @@ init_cluster() {
     cat >>"$DATA_DIR/postgresql.conf" <<EOF
 # scripts/postgres.sh
 listen_addresses = '127.0.0.1'
-unix_socket_directories = '$STATE_DIR'
+unix_socket_directories = '$RUN_DIR'
 shared_buffers = 32MB
 max_connections = 100
 fsync = off
@@ -112,7 +133,8 @@ up() {
   init_cluster
   [[ -f "$LOG_FILE" ]] || { touch "$LOG_FILE"; [[ $(id -u) -ne 0 ]] || chown postgres: "$LOG_FILE"; }
   log "starting on 127.0.0.1:$PORT"
-  as_owner "$BIN/pg_ctl" -D "$DATA_DIR" -l "$LOG_FILE" -o "-p $PORT" -w -t "$START_TIMEOUT" start >/dev/null
+  # 9>&-: the server must not inherit the lock, or `down` would wait for it forever.
+  as_owner "$BIN/pg_ctl" -D "$DATA_DIR" -l "$LOG_FILE" -o "-p $PORT" -w -t "$START_TIMEOUT" start >/dev/null 9>&-
   answers || { log "started but does not answer; see $LOG_FILE"; exit 1; }
   url
 }
