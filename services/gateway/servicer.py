@@ -1,4 +1,5 @@
-"""ChatService over gRPC: authenticate, validate, publish the turn, relay its replies."""
+"""ChatService over gRPC: authenticate, limit, validate, publish the turn (or join or replay a keyed
+retry's turn), relay its replies."""
 
 from __future__ import annotations
 
