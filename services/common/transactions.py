@@ -36,7 +36,7 @@ import time
 from collections.abc import Iterable, Mapping
 
 from kafka import KafkaAdminClient
-from kafka.admin._transactions import AbortTransactionSpec, TransactionState
+from services.common.private_api import AbortTransactionSpec, TransactionState
 from kafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, push_to_gateway
 

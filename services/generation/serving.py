@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from services.common import private_api
+
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,10 +89,9 @@ def deploy(config: Any, timeout_s: float = 600.0) -> None:
     There is no public Python call that deploys a whole config file; this is what `serve run
     config.yaml` does (serve_start + deploy_apps).
     """
-    from ray.serve._private import api as serve_api
     from ray.serve.config import gRPCOptions
 
-    client = serve_api.serve_start(
+    client = private_api.serve_start(
         http_options=config.http_options.model_dump(),
         grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
         proxy_location=config.proxy_location,
@@ -104,9 +105,7 @@ def redeploy(config: Any, timeout_s: float = 600.0) -> None:
 
     Unlike `deploy`, this does not touch Serve's proxies, so their options need not match.
     """
-    from ray.serve.context import _get_global_client
-
-    _get_global_client().deploy_apps(config, _blocking=False)
+    private_api.serve_client().deploy_apps(config, _blocking=False)
     time.sleep(0.5)  # the controller marks the application DEPLOYING before wait_running looks
     wait_running([a.name for a in config.applications], timeout_s)
 

@@ -41,7 +41,7 @@ from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.errors import KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata
 
-from services.common import events, kafka_loop, metrics, topics, turns
+from services.common import events, kafka_loop, metrics, private_api, topics, turns
 from services.common.config import KafkaConfig
 from services.common.log import request_id_var
 from services.generation import api, engine
@@ -310,9 +310,7 @@ class GenerationWorker:
         log.warning("Kafka poll stuck; unblocking it", extra={"stage": STAGE, "times": self._stuck_polls})
         if self._stuck_polls > 3:
             raise RuntimeError("the Kafka consumer keeps getting stuck; restarting the service")
-        fail = getattr(getattr(self._consumer, "_net", None), "_fail_pending_waiters", None)
-        if fail is not None:
-            fail(KafkaTimeoutError("poll watchdog: lost wakeup"))
+        private_api.fail_pending_waiters(self._consumer, KafkaTimeoutError("poll watchdog: lost wakeup"))
         try:
             return await asyncio.wait_for(fut, POLL_STUCK_S)
         except KafkaTimeoutError:

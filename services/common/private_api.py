@@ -1,0 +1,47 @@
+"""Every use of a library's private API, behind one adapter each, so an upgrade fails in one place.
+
+kafka-python and Ray Serve offer no public call for three things Colloquy needs; the test
+``tests/common/test_private_api.py`` checks that each private symbol still exists with the shape
+used here, so an upgrade that moves one fails that test loudly instead of a service at run time.
+
+- kafka-python 3.0: the admin client's transaction types live in ``kafka.admin._transactions``
+  (the public ``KafkaAdminClient.abort_transaction`` takes an ``AbortTransactionSpec``, which is
+  not re-exported), used by the hanging-transaction sweeper (services/common/transactions.py).
+- kafka-python 3.0: ``KafkaConsumer._net._fail_pending_waiters`` unblocks a poll stuck on a lost
+  wakeup (generation's poll watchdog, services/generation/worker.py).
+- Ray Serve 2.60: deploying a whole config file from Python (what ``serve run config.yaml`` does)
+  needs ``ray.serve._private.api.serve_start`` and the global client's ``deploy_apps``
+  (services/generation/serving.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kafka.admin._transactions import AbortTransactionSpec, TransactionState
+
+__all__ = ["AbortTransactionSpec", "TransactionState", "fail_pending_waiters", "serve_client", "serve_start"]
+
+
+def fail_pending_waiters(consumer: Any, exc: BaseException) -> bool:
+    """Fail the consumer's pending network waiters with ``exc``; False when this kafka-python
+    has no such hook (the caller then waits for the poll's own timeout)."""
+    fail = getattr(getattr(consumer, "_net", None), "_fail_pending_waiters", None)
+    if fail is None:
+        return False
+    fail(exc)
+    return True
+
+
+def serve_start(**options: Any) -> Any:
+    """Start Serve (controller and proxies with ``options``) and return its client."""
+    from ray.serve._private import api as serve_api
+
+    return serve_api.serve_start(**options)
+
+
+def serve_client() -> Any:
+    """The running Serve's client (its ``deploy_apps`` takes a whole config)."""
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client()

@@ -1,0 +1,47 @@
+"""The private library APIs Colloquy uses still exist with the shape it uses (services/common/private_api.py).
+
+These fail loudly on an upgrade that moves one, instead of a service failing at run time (the
+poll watchdog silently doing nothing, the sweeper or a Serve deploy crashing).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from kafka import KafkaConsumer
+
+from services.common import private_api
+
+
+def test_kafka_transaction_types_still_live_where_the_sweeper_imports_them() -> None:
+    spec = private_api.AbortTransactionSpec
+    assert list(inspect.signature(spec).parameters)[:3] == ["topic_partition", "producer_id", "producer_epoch"], (
+        inspect.signature(spec))
+    states = {s.name for s in private_api.TransactionState}
+    assert {"ONGOING", "PREPARE_COMMIT", "PREPARE_ABORT", "PREPARE_EPOCH_FENCE"} <= states, states
+
+
+def test_kafka_consumer_still_has_the_waiter_hook_the_poll_watchdog_calls() -> None:
+    consumer = KafkaConsumer(bootstrap_servers="127.0.0.1:1", api_version=(3, 0))
+    try:
+        hook = getattr(getattr(consumer, "_net", None), "_fail_pending_waiters", None)
+        assert callable(hook), "kafka-python moved KafkaConsumer._net._fail_pending_waiters"
+        assert private_api.fail_pending_waiters(consumer, TimeoutError("test")) is True
+    finally:
+        consumer.close()
+
+
+def test_the_adapter_reports_a_consumer_without_the_hook() -> None:
+    assert private_api.fail_pending_waiters(object(), TimeoutError("test")) is False
+
+
+def test_ray_serve_private_start_and_client_still_exist_with_the_arguments_used() -> None:
+    from ray.serve._private import api as serve_api
+    from ray.serve.context import _get_global_client
+
+    params = inspect.signature(serve_api.serve_start).parameters
+    assert {"http_options", "grpc_options", "proxy_location"} <= set(params), params
+    assert callable(_get_global_client)
+    from ray.serve._private.client import ServeControllerClient
+
+    assert "_blocking" in inspect.signature(ServeControllerClient.deploy_apps).parameters
