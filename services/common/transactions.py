@@ -36,11 +36,11 @@ import time
 from collections.abc import Iterable, Mapping
 
 from kafka import KafkaAdminClient
-from services.common.private_api import AbortTransactionSpec, TransactionState
 from kafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, push_to_gateway
 
 from services.common.config import KafkaConfig
+from services.common.private_api import AbortTransactionSpec, TransactionState
 from services.common.topics import ALL as COLLOQUY_TOPICS
 from services.common.topics import REPLY_PREFIX
 
