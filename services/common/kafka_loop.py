@@ -36,7 +36,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata
 
-from services.common import events, metrics, transactions
+from services.common import events, metrics, private_api, transactions
 from services.common.config import KafkaConfig
 from services.common.log import request_id_var
 from services.common.topics import DEAD_LETTER
@@ -127,10 +127,7 @@ def close_now(producer: KafkaProducer) -> None:
     try:
         producer.close(timeout=0)
     except KafkaError:
-        sender = getattr(producer, "_sender", None)
-        if sender is not None:
-            sender.force_close()
-        producer._closed = True  # or __del__ tries (and fails) to flush it again
+        private_api.force_close_producer(producer)
 
 
 _outage_logged: dict[str, float] = {}

@@ -9,6 +9,9 @@ used here, so an upgrade that moves one fails that test loudly instead of a serv
   not re-exported), used by the hanging-transaction sweeper (services/common/transactions.py).
 - kafka-python 3.0: ``KafkaConsumer._net._fail_pending_waiters`` unblocks a poll stuck on a lost
   wakeup (generation's poll watchdog, services/generation/worker.py).
+- kafka-python 3.0: a producer whose sends will never complete cannot be closed publicly
+  (``close`` flushes first and raises); ``_sender.force_close()`` and ``_closed`` do what
+  ``close`` does next (services/common/kafka_loop.py ``close_now``).
 - Ray Serve 2.60: deploying a whole config file from Python (what ``serve run config.yaml`` does)
   needs ``ray.serve._private.api.serve_start`` and the global client's ``deploy_apps``
   (services/generation/serving.py).
@@ -20,7 +23,8 @@ from typing import Any
 
 from kafka.admin._transactions import AbortTransactionSpec, TransactionState
 
-__all__ = ["AbortTransactionSpec", "TransactionState", "fail_pending_waiters", "serve_client", "serve_start"]
+__all__ = ["AbortTransactionSpec", "TransactionState", "fail_pending_waiters", "force_close_producer",
+           "serve_client", "serve_start"]
 
 
 def fail_pending_waiters(consumer: Any, exc: BaseException) -> bool:
@@ -31,6 +35,15 @@ def fail_pending_waiters(consumer: Any, exc: BaseException) -> bool:
         return False
     fail(exc)
     return True
+
+
+def force_close_producer(producer: Any) -> None:
+    """Stop a producer's sender thread without flushing, and mark it closed (or ``__del__``
+    tries, and fails, to flush it again)."""
+    sender = getattr(producer, "_sender", None)
+    if sender is not None:
+        sender.force_close()
+    producer._closed = True
 
 
 def serve_start(**options: Any) -> Any:

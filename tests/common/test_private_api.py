@@ -31,6 +31,19 @@ def test_kafka_consumer_still_has_the_waiter_hook_the_poll_watchdog_calls() -> N
         consumer.close()
 
 
+def test_kafka_producer_still_has_the_sender_and_closed_flag_close_now_uses() -> None:
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers="127.0.0.1:1", api_version=(3, 0))
+    assert callable(getattr(getattr(producer, "_sender", None), "force_close", None)), (
+        "kafka-python moved KafkaProducer._sender.force_close")
+    assert producer._closed is False, "kafka-python renamed KafkaProducer._closed"
+    private_api.force_close_producer(producer)
+    assert producer._closed is True
+    producer._sender.join(5)
+    assert not producer._sender.is_alive()
+
+
 def test_the_adapter_reports_a_consumer_without_the_hook() -> None:
     assert private_api.fail_pending_waiters(object(), TimeoutError("test")) is False
 
