@@ -231,9 +231,16 @@ class Materializer:
         self._batches += 1
         number = self._batches
         started = time.perf_counter()
-        try:
-            if poison:
+        if poison:
+            try:
                 self._dead_letter(poison)
+            except Exception as exc:
+                log.error("dead-lettering failed; redoing the batch from the stored offsets",
+                          extra={"error": repr(exc)[:500]})
+                self._reseek(new)
+                time.sleep(self.retry_seconds)
+                return
+        try:
             hook = (lambda: self.before_commit(number)) if self.before_commit is not None else None
             outcome = self.db.apply(self.group_id, self.topic, changes,
                                     {p: self._expected.get(p) for p in new}, new, before_commit=hook)

@@ -184,3 +184,55 @@ def test_tombstones_delete_and_unreadable_records_are_dead_lettered_without_stop
         dlq.close()
         db.close()
     assert worker.error is None
+
+
+def _wait_stored(db: ConversationDB, group: str, topic: str, total: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while sum(db.stored_offsets(group, topic).values()) < total:
+        assert time.monotonic() < deadline, f"stored {db.stored_offsets(group, topic)}, want {total} in all"
+        time.sleep(0.1)
+
+
+def _assigned(worker: Materializer) -> set[int]:
+    consumer = worker._consumer
+    return {tp.partition for tp in consumer.assignment()} if consumer is not None else set()
+
+
+def test_replicas_that_split_and_hand_over_partitions_store_every_turn_once(
+        kafka_bootstrap: str, db_url: str, unique: str) -> None:
+    topic, group = f"test.conversation.turns.{unique}", f"test-conversation-{unique}"
+    create(kafka_bootstrap, topic, partitions=PARTITIONS)
+    kafka = KafkaConfig(bootstrap_servers=kafka_bootstrap, max_poll_records=5)
+    db = ConversationDB(db_url)
+    db.migrate()
+
+    def batch(n: int) -> list:
+        return [record(f"conv-{unique}-{n}-{c}", "carol", i) for c in range(10) for i in (1, 2, 3)]
+
+    recs = batch(1)
+    a = Materializer(db, kafka, topic=topic, group_id=group, instance_id=f"{unique}-a", retry_seconds=0.2).start()
+    b = None
+    try:
+        _produce(kafka_bootstrap, topic, _turn_items(recs))
+        _wait_stored(db, group, topic, len(recs))
+        b = Materializer(db, kafka, topic=topic, group_id=group, instance_id=f"{unique}-b", retry_seconds=0.2).start()
+        deadline = time.monotonic() + 60
+        while not (_assigned(a) and _assigned(b)):  # the group split the partitions between them
+            assert time.monotonic() < deadline, (_assigned(a), _assigned(b))
+            time.sleep(0.1)
+        recs += batch(2)
+        _produce(kafka_bootstrap, topic, _turn_items(batch(2)))
+        _wait_stored(db, group, topic, len(recs))
+        a.stop()  # b takes a's partitions over, from the offsets a stored
+        recs += batch(3)
+        _produce(kafka_bootstrap, topic, _turn_items(batch(3)))
+        _wait_stored(db, group, topic, len(recs))
+        assert _assigned(b) == set(range(PARTITIONS))
+        rows = _stored_turns(db)
+        assert sorted((c, i) for c, i, _, _ in rows) == sorted((r.conversation_id, r.turn.index) for r in recs)
+        assert a.error is None and b.error is None
+    finally:
+        a.stop()
+        if b is not None:
+            b.stop()
+        db.close()
