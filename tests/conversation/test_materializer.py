@@ -79,10 +79,9 @@ def _wait_serving(port: int, timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
-def _consumed(metrics_port: int, topic: str) -> float:
+def _metric(metrics_port: int, series: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    m = re.search(r'colloquy_events_consumed_total\{stage="conversation",topic="' + re.escape(topic)
-                  + r'"\} ([0-9.e+]+)', text)
+    m = re.search(re.escape(series) + r" ([0-9.e+]+)", text)
     return float(m.group(1)) if m else 0.0
 
 
@@ -116,7 +115,9 @@ def test_a_kill_before_commit_loses_and_doubles_nothing_and_the_restart_resumes_
         resumed = {json.loads(ln[ln.index("{"):])["partition"]: json.loads(ln[ln.index("{"):])["offset"]
                    for ln in proc.output().splitlines() if "resuming partition from the stored offset" in ln}
         assert resumed == {p: stored.get(p) for p in range(PARTITIONS)}
-        assert _consumed(metrics_port, topic) == len(recs) - sum(stored.values())
+        left = len(recs) - sum(stored.values())
+        assert _metric(metrics_port, f'colloquy_events_consumed_total{{stage="conversation",topic="{topic}"}}') == left
+        assert _metric(metrics_port, 'colloquy_conversation_store_changes_total{outcome="written"}') == left
     finally:
         proc.kill()
         db.close()
@@ -235,4 +236,28 @@ def test_replicas_that_split_and_hand_over_partitions_store_every_turn_once(
         a.stop()
         if b is not None:
             b.stop()
+        db.close()
+
+
+def test_health_drops_to_not_serving_when_the_database_goes_away(
+        kafka_bootstrap: str, new_pg_database, unique: str) -> None:  # type: ignore[no-untyped-def]
+    import psycopg
+
+    topic, group = f"test.conversation.turns.{unique}", f"test-conversation-{unique}"
+    create(kafka_bootstrap, topic, partitions=PARTITIONS)
+    url = new_pg_database()
+    db = ConversationDB(url)
+    worker = Materializer(db, KafkaConfig(bootstrap_servers=kafka_bootstrap), topic=topic, group_id=group,
+                          instance_id=unique, retry_seconds=0.2).start()
+    try:
+        assert worker.wait_ready(60), worker.error
+        admin = url.rsplit("/", 1)[0].replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+        deadline = time.monotonic() + 10
+        while worker.ready():
+            assert time.monotonic() < deadline, "still ready without its database"
+            time.sleep(0.2)
+    finally:
+        worker.stop()
         db.close()
