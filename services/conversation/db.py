@@ -254,11 +254,15 @@ class ConversationDB:
         expected one any more. Returns what happened, counted by outcome."""
         outcome: Counter[str] = Counter()
         with self._write() as conn:
+            run: list[domain.UpsertTurn] = []  # consecutive upserts are written together
             for change in changes:
                 if isinstance(change, domain.UpsertTurn):
-                    outcome[self._upsert(conn, change)] += 1
+                    run.append(change)
                 elif isinstance(change, domain.DeleteTurn):
+                    outcome += self._upsert_run(conn, run)
+                    run = []
                     outcome[self._delete_turn(conn, change)] += 1
+            outcome += self._upsert_run(conn, run)
             for partition, offset in sorted(new.items()):
                 self._advance(conn, group_id, topic, partition, expected.get(partition), offset)
             if before_commit is not None:
@@ -284,41 +288,73 @@ class ConversationDB:
     def _insert(self):  # type: ignore[no-untyped-def]
         return postgresql.insert if self.dialect == "postgresql" else sqlite.insert
 
-    def _upsert(self, conn: Connection, change: domain.UpsertTurn) -> str:
-        rec = change.record
+    def _upsert_run(self, conn: Connection, run: list[domain.UpsertTurn]) -> Counter[str]:
+        """Write consecutive upserts with a few statements, with the outcome applying them one by
+        one would have: the first record creates a conversation and names its owner, a record for
+        another owner or a deleted conversation is ignored, the lowest turn index gives the title,
+        and a later record for the same turn wins."""
+        outcome: Counter[str] = Counter()
+        if not run:
+            return outcome
         c = conversations
-        row = conn.execute(sa.select(c.c.user_id, c.c.deleted_ms).where(c.c.id == rec.conversation_id)).first()
-        if row is None:
-            conn.execute(sa.insert(c).values(id=rec.conversation_id, user_id=rec.user_id,
-                                             title=domain.title_of(rec.turn.user_message),
-                                             created_ms=change.created_ms, last_activity_ms=change.created_ms))
-        elif row.user_id != rec.user_id:
-            return "ignored_other_owner"  # a record never moves a conversation to another owner
-        elif row.deleted_ms is not None:
-            return "ignored_deleted"
-        else:
-            first = conn.execute(sa.select(sa.func.min(turns.c.turn_index))
-                                 .where(turns.c.conversation_id == rec.conversation_id)).scalar()
-            values: dict = {
-                "last_activity_ms": sa.case((c.c.last_activity_ms < change.created_ms, change.created_ms),
-                                            else_=c.c.last_activity_ms),
-                "created_ms": sa.case((c.c.created_ms > change.created_ms, change.created_ms), else_=c.c.created_ms),
+        ids = sorted({ch.record.conversation_id for ch in run})
+        known = {r.id: (r.user_id, r.deleted_ms is not None)
+                 for r in conn.execute(sa.select(c.c.id, c.c.user_id, c.c.deleted_ms).where(c.c.id.in_(ids)))}
+        firsts = {r[0]: r[1] for r in conn.execute(
+            sa.select(turns.c.conversation_id, sa.func.min(turns.c.turn_index))
+            .where(turns.c.conversation_id.in_(ids)).group_by(turns.c.conversation_id))}
+        owners = dict(known)
+        spans: dict[str, list] = {}  # conversation -> [created, last activity, (lowest index, its message)]
+        rows: dict[tuple[str, int], dict] = {}
+        for ch in run:
+            rec, cid = ch.record, ch.record.conversation_id
+            owner = owners.setdefault(cid, (rec.user_id, False))
+            if owner[0] != rec.user_id:
+                outcome["ignored_other_owner"] += 1  # a record never moves a conversation to another owner
+                continue
+            if owner[1]:
+                outcome["ignored_deleted"] += 1
+                continue
+            span = spans.setdefault(cid, [ch.created_ms, ch.created_ms, (rec.turn.index, rec.turn.user_message)])
+            span[0], span[1] = min(span[0], ch.created_ms), max(span[1], ch.created_ms)
+            if rec.turn.index <= span[2][0]:
+                span[2] = (rec.turn.index, rec.turn.user_message)
+            rows[(cid, rec.turn.index)] = {
+                "conversation_id": cid, "turn_index": rec.turn.index, "user_message": rec.turn.user_message,
+                "turn": rec.turn.SerializeToString(), "prompt": rec.prompt, "request_id": rec.turn.request_id,
+                "created_ms": ch.created_ms, "source_partition": ch.partition, "source_offset": ch.offset,
             }
-            if first is None or rec.turn.index <= first:
-                values["title"] = domain.title_of(rec.turn.user_message)
-            conn.execute(sa.update(c).where(c.c.id == rec.conversation_id).values(**values))
-        row_values = {
-            "conversation_id": rec.conversation_id, "turn_index": rec.turn.index,
-            "user_message": rec.turn.user_message, "turn": rec.turn.SerializeToString(), "prompt": rec.prompt,
-            "request_id": rec.turn.request_id, "created_ms": change.created_ms,
-            "source_partition": change.partition, "source_offset": change.offset,
+            outcome["written"] += 1
+        fresh = [{"id": cid, "user_id": owners[cid][0], "title": domain.title_of(span[2][1]), "created_ms": span[0],
+                  "last_activity_ms": span[1]} for cid, span in spans.items() if cid not in known]
+        if fresh:
+            conn.execute(sa.insert(c), fresh)
+        retitled, same_title = [], []
+        for cid, span in spans.items():
+            if cid in known:
+                first = firsts.get(cid)
+                params = {"b_id": cid, "b_created": span[0], "b_last": span[1], "b_title": domain.title_of(span[2][1])}
+                (retitled if first is None or span[2][0] <= first else same_title).append(params)
+        times = {
+            "last_activity_ms": sa.case((c.c.last_activity_ms < sa.bindparam("b_last"), sa.bindparam("b_last")),
+                                        else_=c.c.last_activity_ms),
+            "created_ms": sa.case((c.c.created_ms > sa.bindparam("b_created"), sa.bindparam("b_created")),
+                                  else_=c.c.created_ms),
         }
-        stmt = self._insert()(turns).values(**row_values)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[turns.c.conversation_id, turns.c.turn_index],
-            set_={k: stmt.excluded[k] for k in row_values if k not in ("conversation_id", "turn_index")})
-        conn.execute(stmt)
-        return "written"
+        if retitled:
+            conn.execute(sa.update(c).where(c.c.id == sa.bindparam("b_id"))
+                         .values(**times, title=sa.bindparam("b_title")), retitled)
+        if same_title:
+            conn.execute(sa.update(c).where(c.c.id == sa.bindparam("b_id")).values(**times),
+                         [{k: v for k, v in p.items() if k != "b_title"} for p in same_title])
+        if rows:
+            stmt = self._insert()(turns)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[turns.c.conversation_id, turns.c.turn_index],
+                set_={col.name: stmt.excluded[col.name] for col in turns.columns
+                      if col.name not in ("conversation_id", "turn_index")})
+            conn.execute(stmt, list(rows.values()))
+        return outcome
 
     def _delete_turn(self, conn: Connection, change: domain.DeleteTurn) -> str:
         gone = conn.execute(sa.delete(turns).where(turns.c.conversation_id == change.conversation_id,

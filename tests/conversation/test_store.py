@@ -198,3 +198,20 @@ def test_page_tokens_from_elsewhere_are_refused(store: ConversationDB) -> None:
         store.list_conversations("alice", page_token="not-a-token!")
     with pytest.raises(ValueError):
         store.list_conversations("alice", page_size=-1)
+
+
+def test_one_batch_has_the_outcome_of_its_records_applied_one_by_one(store: ConversationDB) -> None:
+    feed, conv, other = Feeder(store), _conv(), _conv()
+    feed.put(record(conv, "alice", 3, "third", created_ms=3000),
+             record(conv, "mallory", 4, "not hers"),  # after alice's first record named the owner
+             record(conv, "alice", 1, "first v1", created_ms=1000),
+             record(other, "bob", 1, "bob's"),
+             record(conv, "alice", 1, "first v2", answer="v2", created_ms=1000),
+             record(conv, "alice", 2, "second", created_ms=2000))
+    page = store.get_conversation(conv, "alice")
+    assert page is not None and [t.index for t in page.turns] == [1, 2, 3]
+    assert page.turns[0].answers[0].text == "v2"
+    [summary] = store.list_conversations("alice").conversations
+    assert (summary.title, summary.created_ms, summary.last_activity_ms) == ("first v2", 1000, 3000)
+    assert store.get_conversation(conv, "mallory") is None
+    assert [s.conversation_id for s in store.list_conversations("bob").conversations] == [other]
