@@ -11,11 +11,30 @@ from services.common.config import env
 DEFAULTS = {"GRPC_PORT": "50056", "METRICS_PORT": "9107"}
 
 
+def _database_url(value: str) -> bool:
+    """Empty, PostgreSQL, or a SQLite file (the service stops at startup on anything else)."""
+    if not value:
+        return True
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from services.conversation.db import normalize_url
+
+    try:
+        url = make_url(normalize_url(value))
+    except ArgumentError:
+        return False
+    if url.get_backend_name() == "sqlite":
+        return bool(url.database) and url.database != ":memory:"
+    return url.drivername == "postgresql+psycopg"
+
+
 @dataclasses.dataclass(frozen=True)
 class ConversationConfig:
     # PostgreSQL in production (postgresql+psycopg://user:pass@host/db; postgresql:// works too).
     # Empty: the embedded SQLite file CONVERSATION_DB.
-    database_url: str = env("DATABASE_URL", "")
+    database_url: str = env("DATABASE_URL", "", check=_database_url,
+                            hint="postgresql+psycopg://user:password@host:port/database or sqlite:///path/file.db")
     db_path: str = env("CONVERSATION_DB", os.path.join(os.environ.get("COLLOQUY_VAR", "var"), "conversations.db"))
     topic: str = env("CONVERSATION_TOPIC", topics.CONVERSATION_TURNS.name)
     # Names the offsets stored in the database (and the Kafka group that splits partitions).
