@@ -131,7 +131,8 @@ def make_engine(url: str, busy_timeout_ms: int = 5000) -> Engine:
     url = normalize_url(url)
     parsed = sa.make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return sa.create_engine(url, pool_pre_ping=True)
+        # A database that does not answer fails a connection in 5 s instead of hanging the worker.
+        return sa.create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 5})
     if not parsed.database or parsed.database == ":memory:":
         raise ValueError("the SQLite store needs a file (sqlite:///path/to/conversations.db)")
     Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)

@@ -102,16 +102,9 @@ class Materializer:
             self._thread.join(timeout)
 
     def ready(self) -> bool:
-        """Health: migrated, the database answered last time, and caught up once with the end
-        offsets the topic had when this worker started."""
-        now = time.monotonic()
-        if self._migrated.is_set() and now - self._last_ping >= 1.0:  # an idle worker asks nothing
-            self._last_ping = now
-            try:
-                self.db.ping()
-                self._db_ok = True
-            except Exception as exc:
-                self._db_failed("the store does not answer", exc)
+        """Health: migrated, the database answered last time it was asked (at least once a
+        second), and caught up once with the end offsets the topic had when this worker started.
+        Reads flags only: it runs on the server's event loop."""
         ok = self._migrated.is_set() and self._caught_up.is_set() and self._db_ok
         conv_metrics.READY.set(1 if ok else 0)
         return ok
@@ -156,6 +149,7 @@ class Materializer:
                 else:
                     self._store_positions()
                 self._check_caught_up()
+                self._ping_if_idle()
                 self._report_lag()
         finally:
             self._consumer = None
@@ -293,6 +287,18 @@ class Materializer:
             return
         self._db_ok = True
         self._expected.update(new)
+
+    def _ping_if_idle(self) -> None:
+        """An idle worker asks the database nothing; ask once a second so health notices it going."""
+        now = time.monotonic()
+        if now - self._last_ping < 1.0:
+            return
+        self._last_ping = now
+        try:
+            self.db.ping()
+            self._db_ok = True
+        except Exception as exc:
+            self._db_failed("the store does not answer", exc)
 
     def _check_caught_up(self) -> None:
         if self._caught_up.is_set() or self._targets is None:
