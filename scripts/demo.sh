@@ -16,6 +16,8 @@ cat <<'MSG'
 
 Colloquy is running.
   make chat                      talk to it in the terminal (colloquy chat)
+  http://127.0.0.1:8080/v1       the OpenAI-compatible HTTP API (README: OpenAI-compatible HTTP API), e.g.
+                                 curl -s 127.0.0.1:8080/v1/models -H 'Authorization: Bearer colloquy-dev-key'
   make down                      stop every service and Kafka
   scripts/stack.sh status        what runs; logs in var/log/
   http://127.0.0.1:9090          Prometheus (every service's metrics, alert rules); dashboards to import

@@ -21,7 +21,9 @@ SERVICES=(
   "generation services.generation  ${GENERATION_PORT:-9000}  9105"
   "gateway    services.gateway     ${GATEWAY_PORT:-50051}    9101"
   "feedback   services.feedback    ${FEEDBACK_PORT:-50055}   9106"
+  "web        services.web         ${WEB_PORT:-8080}         ${WEB_PORT:-8080}"
 )
+# web is HTTP (the OpenAI-compatible API): one port for the API, /readyz and /metrics.
 
 selected() {
   local name=$1; shift
@@ -45,7 +47,12 @@ start_and_wait() {
     selected "$name" "$@" || continue
     if [ ! -d "services/$name" ]; then echo "stack: $name not built yet, skipped"; continue; fi
     if alive "$name"; then echo "stack: $name already running (pid $(cat "$RUN/$name.pid"))"; continue; fi
-    INSTANCE_ID=${INSTANCE_ID:-local} GRPC_PORT=$port METRICS_PORT=$mport \
+    extra=()
+    if [ "$name" = web ]; then
+      extra=(WEB_PORT="$port" GATEWAY_ADDR="127.0.0.1:${GATEWAY_PORT:-50051}"
+             MODERATION_ADDR="127.0.0.1:${MODERATION_PORT:-50053}")
+    fi
+    env INSTANCE_ID="${INSTANCE_ID:-local}" GRPC_PORT="$port" METRICS_PORT="$mport" "${extra[@]}" \
       setsid nohup "$PY" -m "$module" >>"$LOGS/$name.log" 2>&1 < /dev/null &
     echo $! > "$RUN/$name.pid"
     echo "stack: started $name (pid $!, gRPC :$port, metrics :$mport, log $LOGS/$name.log)"
@@ -55,7 +62,9 @@ start_and_wait() {
     selected "$name" "$@" || continue
     [ -f "$RUN/$name.pid" ] || continue
     local t0=$SECONDS
-    if ! "$PY" -m services.common.health_probe "127.0.0.1:$port" --wait "${STACK_START_TIMEOUT:-300}"; then
+    if [ "$name" = web ]; then probe=(-m services.web.probe "http://127.0.0.1:$port/readyz")
+    else probe=(-m services.common.health_probe "127.0.0.1:$port"); fi
+    if ! "$PY" "${probe[@]}" --wait "${STACK_START_TIMEOUT:-300}"; then
       echo "stack: $name did not become healthy; last log lines:"; tail -n 30 "$LOGS/$name.log"; exit 1
     fi
     echo "stack: $name serving on :$port ($((SECONDS - t0))s)"

@@ -102,6 +102,9 @@ def targets(service: str) -> list[Target]:
 
 
 def classes_for(service: str, target: Target) -> list[type]:
+    if service == "web":
+        # Issue 18's first slice runs the HTTP front locally (make demo, tests/pipeline) only.
+        pytest.skip("services/web has no Kubernetes manifests yet (issue 18): nothing to check")
     out: list[type] = []
     if "common" in target.classes:
         out += COMMON

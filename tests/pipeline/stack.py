@@ -16,8 +16,9 @@ MODULES = {
     "generation": "services.generation",
     "gateway": "services.gateway",
     "feedback": "services.feedback",
+    "web": "services.web",
 }
-ORDER = ["generation", "tokenizer", "moderation", "prompt", "feedback", "gateway"]
+ORDER = ["generation", "tokenizer", "moderation", "prompt", "feedback", "gateway", "web"]
 
 
 class Stack:
@@ -36,6 +37,11 @@ class Stack:
     def gateway(self) -> str:
         return f"127.0.0.1:{self.ports['gateway']}"
 
+    @property
+    def web(self) -> str:
+        """Base URL of the OpenAI-compatible HTTP front."""
+        return f"http://127.0.0.1:{self.ports['web']}"
+
     def env(self, name: str) -> dict[str, str]:
         env = {
             "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap, "INSTANCE_ID": self.instance,
@@ -52,6 +58,9 @@ class Stack:
                        # Suites and benchmarks (bench/ uses this harness) run up to 32 chats at
                        # once on one or three keys; tests/gateway/test_public_limits.py checks the cap.
                        CHAT_MAX_CONCURRENT_PER_USER="0")
+        if name == "web":
+            env.update(WEB_PORT=str(self.ports[name]), GATEWAY_ADDR=self.gateway,
+                       MODERATION_ADDR=f"127.0.0.1:{self.ports['moderation']}")
         if name == "generation":
             env.update(GENERATION_GRPC_PORT=str(self.ports[name]), GENERATION_REPLICA_METRICS_PORT="0",
                        GENERATION_RAY_NUM_CPUS="2")

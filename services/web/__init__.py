@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP front over the gateway's ChatService and ModerationService."""

@@ -1,0 +1,242 @@
+"""services/web/domain.py: OpenAI request bodies -> ChatRequest, ChatEvents -> chunks and
+completions, gRPC statuses -> OpenAI errors, moderation verdicts -> OpenAI's 13 categories."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import pytest
+from colloquy.v1 import chat_pb2, common_pb2, moderation_pb2
+
+from services.web import domain
+
+SERVED = ["colloquy", "smollm2-v1"]
+CONV = "0b7e3b53-3a1e-4bbd-9d1f-5e0c3f1a2b3c"
+
+
+def body(**kw: object) -> dict:
+    return {"model": "colloquy", "messages": [{"role": "user", "content": "Hi"}], **kw}
+
+
+def err(fn, *args, **kw) -> domain.ApiError:
+    with pytest.raises(domain.ApiError) as exc:
+        fn(*args, **kw)
+    return exc.value
+
+
+def test_chat_plan_maps_every_sampling_parameter() -> None:
+    plan = domain.chat_plan(body(temperature=0.5, top_p=0.9, max_completion_tokens=40, n=2, stop=["\n", "END"],
+                                 seed=3, user="u1", stream=True, stream_options={"include_usage": True}), SERVED)
+    s = plan.request.sampling
+    assert (s.temperature, round(s.top_p, 5), s.max_tokens, s.n, list(s.stop), s.seed) == (0.5, 0.9, 40, 2,
+                                                                                           ["\n", "END"], 3)
+    assert plan.request.message == "Hi" and plan.stream and plan.include_usage and plan.user == "u1"
+    assert plan.renames == {"max_tokens": "max_completion_tokens"}
+
+
+def test_unset_sampling_stays_unset_so_the_models_defaults_apply() -> None:
+    s = domain.chat_plan(body(), SERVED).request.sampling
+    assert not any(s.HasField(f) for f in ("temperature", "top_p", "max_tokens", "n", "seed"))
+
+
+def test_a_single_stop_string_and_text_parts_are_accepted() -> None:
+    plan = domain.chat_plan({"model": "colloquy", "stop": "x", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]}]}, SERVED)
+    assert plan.request.message == "Hello" and list(plan.request.sampling.stop) == ["x"]
+
+
+def test_conversation_id_comes_from_the_field_or_the_header_but_not_two_different_ones() -> None:
+    assert domain.chat_plan(body(conversation_id=CONV), SERVED).request.conversation_id == CONV
+    assert domain.chat_plan(body(), SERVED, header_conversation=CONV).request.conversation_id == CONV
+    e = err(domain.chat_plan, body(conversation_id=CONV), SERVED, header_conversation=str(uuid.uuid4()))
+    assert e.status == 400 and e.param == "conversation_id"
+
+
+@pytest.mark.parametrize(("kw", "param"), [
+    ({"temperature": "hot"}, "temperature"),
+    ({"temperature": True}, "temperature"),
+    ({"max_tokens": -1}, "max_tokens"),
+    ({"max_tokens": 10, "max_completion_tokens": 20}, "max_completion_tokens"),
+    ({"n": 0}, "n"),
+    ({"seed": -5}, "seed"),
+    ({"stop": [1, 2]}, "stop"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"logprobs": True}, "logprobs"),
+    ({"tools": [{"type": "function"}]}, "tools"),
+    ({"frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"bogus": 1}, "bogus"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages[0]"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content[0]"),
+    ({"messages": [{"role": "tool", "content": "x"}, {"role": "user", "content": "hi"}]}, "messages[0].role"),
+])
+def test_bad_chat_bodies_are_400_naming_the_parameter(kw: dict, param: str) -> None:
+    e = err(domain.chat_plan, body(**kw), SERVED)
+    assert (e.status, e.param) == (400, param), e.message
+    assert e.message.startswith(param.split("[")[0]) or param in e.message
+
+
+def test_earlier_history_without_a_way_to_seed_it_is_refused_with_directions() -> None:
+    e = err(domain.chat_plan, body(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                             {"role": "user", "content": "c"}]), SERVED)
+    assert e.param == "messages" and "conversation_id" in e.message and "X-Colloquy-Conversation-Id" in e.message
+
+
+def test_a_system_message_is_refused_as_not_supported_yet() -> None:
+    e = err(domain.chat_plan, body(messages=[{"role": "system", "content": "be a pirate"},
+                                             {"role": "user", "content": "hi"}]), SERVED)
+    assert e.param == "messages[0]" and "not supported yet" in e.message
+
+
+def test_model_must_be_served_else_404_model_not_found() -> None:
+    assert domain.chat_plan(body(model="smollm2-v1"), SERVED).model == "smollm2-v1"
+    e = err(domain.chat_plan, body(model="gpt-4o"), SERVED)
+    assert (e.status, e.code, e.param) == (404, "model_not_found", "model") and "colloquy" in e.message
+    assert err(domain.chat_plan, {"messages": [{"role": "user", "content": "x"}]}, SERVED).param == "model"
+
+
+def test_gateway_field_names_become_openai_parameters() -> None:
+    e = domain.from_grpc(grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature: 3.0 is outside [0, 2]")
+    assert (e.status, e.param, e.message) == (400, "temperature", "temperature: 3.0 is outside [0, 2]")
+    e = domain.from_grpc(grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens: 0 is outside [1, 1024]",
+                         renames={"max_tokens": "max_completion_tokens"})
+    assert e.param == "max_completion_tokens" and e.message.startswith("max_completion_tokens: 0")
+    e = domain.from_grpc(grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop[1]: must be 1..64 characters, no NUL")
+    assert e.param == "stop" and e.message.startswith("stop[1]:")
+    e = domain.from_grpc(grpc.StatusCode.INVALID_ARGUMENT, "message: must not be empty or only whitespace")
+    assert e.param == "messages"
+
+
+@pytest.mark.parametrize(("code", "status", "type_"), [
+    (grpc.StatusCode.UNAUTHENTICATED, 401, "authentication_error"),
+    (grpc.StatusCode.PERMISSION_DENIED, 403, "permission_error"),
+    (grpc.StatusCode.NOT_FOUND, 404, "invalid_request_error"),
+    (grpc.StatusCode.ABORTED, 409, "invalid_request_error"),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error"),
+    (grpc.StatusCode.UNAVAILABLE, 503, "server_error"),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, 504, "server_error"),
+    (grpc.StatusCode.INTERNAL, 500, "server_error"),
+])
+def test_grpc_status_maps_to_http_status_and_error_type(code: grpc.StatusCode, status: int, type_: str) -> None:
+    e = domain.from_grpc(code, "words for a person")
+    assert (e.status, e.type) == (status, type_)
+    assert e.body() == {"error": {"message": e.message, "type": type_, "param": e.param, "code": e.code}}
+    assert e.message == "words for a person" or code is grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_unauthenticated_tells_http_callers_which_header_to_send() -> None:
+    e = domain.from_grpc(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key: send metadata 'authorization'")
+    assert "Authorization: Bearer" in e.message and e.code == "invalid_api_key"
+
+
+def test_rate_limit_carries_the_gateways_retry_after_trailer() -> None:
+    e = domain.from_grpc(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit", trailers=[("retry-after", "7")])
+    assert e.retry_after == 7
+    assert domain.from_grpc(grpc.StatusCode.RESOURCE_EXHAUSTED, "at capacity").retry_after == 1
+
+
+def events(*evs: chat_pb2.ChatEvent) -> domain.Turn:
+    turn = domain.Turn()
+    for ev in evs:
+        turn.apply(ev)
+    return turn
+
+
+STARTED = chat_pb2.ChatEvent(started=chat_pb2.ChatStarted(conversation_id=CONV, turn_index=2, request_id="r1"))
+
+
+def delta(text: str, index: int = 0) -> chat_pb2.ChatEvent:
+    return chat_pb2.ChatEvent(delta=chat_pb2.ChatDelta(index=index, text=text))
+
+
+def done(*reasons: str) -> chat_pb2.ChatEvent:
+    return chat_pb2.ChatEvent(done=chat_pb2.ChatDone(
+        finish_reasons=[chat_pb2.FinishReasonEntry(index=i, reason=r) for i, r in enumerate(reasons)],
+        usage=common_pb2.Usage(prompt_tokens=30, completion_tokens=5), model_version="v1"))
+
+
+def test_completion_assembles_candidates_usage_and_conversation() -> None:
+    turn = events(STARTED, delta("Par"), delta("A", 1), delta("is"), done("stop", "length"))
+    out = domain.completion(turn, "colloquy", 100)
+    assert out["id"] == "chatcmpl-r1" and out["conversation_id"] == CONV and out["turn_index"] == 2
+    assert [(c["message"]["content"], c["finish_reason"]) for c in out["choices"]] == [("Paris", "stop"),
+                                                                                       ("A", "length")]
+    assert out["usage"] == {"prompt_tokens": 30, "completion_tokens": 5, "total_tokens": 35}
+    assert out["model_version"] == "v1"
+
+
+def test_an_input_block_is_content_filter_with_the_notice_as_refusal() -> None:
+    notice = chat_pb2.ChatEvent(moderation=chat_pb2.ModerationNotice(
+        stage="input", message="Your message was not sent: hate.",
+        result=common_pb2.ModerationResult(flagged=True, categories={"hate": True},
+                                           action=common_pb2.MODERATION_ACTION_BLOCK)))
+    turn = events(STARTED, notice, done("blocked"))
+    [choice] = domain.completion(turn, "colloquy", 1)["choices"]
+    assert choice["finish_reason"] == "content_filter" and choice["message"]["refusal"].startswith("Your message")
+    chunks = domain.chunks_for(done("blocked"), turn, "colloquy", 1, False, 1)
+    assert chunks[0]["choices"][0] == {"index": 0, "delta": {"refusal": "Your message was not sent: hate."},
+                                       "finish_reason": "content_filter", "logprobs": None}
+    assert domain.completion(turn, "colloquy", 1)["moderation"][0]["categories"] == ["hate"]
+
+
+def test_stream_chunks_role_then_text_then_finish_then_usage() -> None:
+    turn = domain.Turn()
+    out = []
+    for ev in (STARTED, delta("Hi"), done("stop")):
+        turn.apply(ev)
+        out += domain.chunks_for(ev, turn, "colloquy", 9, True, 1)
+    assert [c["choices"][0]["delta"] if c["choices"] else None for c in out] == [
+        {"role": "assistant", "content": ""}, {"content": "Hi"}, {}, None]
+    assert out[2]["choices"][0]["finish_reason"] == "stop"
+    assert [c["usage"] for c in out[:-1]] == [None, None, None]
+    assert out[-1]["usage"]["total_tokens"] == 35 and out[-1]["choices"] == []
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == "chatcmpl-r1" for c in out)
+
+
+def test_without_include_usage_chunks_carry_no_usage_key() -> None:
+    turn = events(STARTED, done("stop"))
+    assert all("usage" not in c for c in domain.chunks_for(done("stop"), turn, "colloquy", 1, False, 1))
+
+
+def test_response_ids_round_trip_a_conversation_and_turn() -> None:
+    rid = domain.response_id(CONV, 12)
+    assert domain.parse_response_id(rid) == (CONV, 12)
+    for bad in ("resp_xyz", "chatcmpl-1", 5, f"resp_{uuid.UUID(CONV).hex}_"):
+        assert err(domain.parse_response_id, bad).param == "previous_response_id"
+
+
+def test_response_plan_continues_the_conversation_of_previous_response_id() -> None:
+    plan = domain.response_plan({"model": "colloquy", "input": "And then?", "max_output_tokens": 20,
+                                 "previous_response_id": domain.response_id(CONV, 3)}, SERVED)
+    assert plan.request.conversation_id == CONV and plan.request.sampling.max_tokens == 20
+    assert err(domain.response_plan, {"model": "colloquy", "input": "x", "instructions": "be brief"},
+               SERVED).param == "instructions"
+    assert err(domain.response_plan, {"model": "colloquy", "input": "x", "store": False}, SERVED).param == "store"
+
+
+def test_response_object_marks_a_length_cut_incomplete() -> None:
+    turn = events(STARTED, delta("Par"), done("length"))
+    out = domain.response_object(turn, "colloquy", 1, None)
+    assert out["status"] == "incomplete" and out["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert out["output"][0]["content"][0]["text"] == "Par" and out["usage"]["output_tokens"] == 5
+
+
+def test_moderation_result_has_openais_13_categories_with_unscored_ones_at_zero() -> None:
+    r = common_pb2.ModerationResult(flagged=True, categories={"hate": True, "system_prompt_leak": True},
+                                    category_scores={"hate": 0.9, "violence": 0.2})
+    out = domain.moderation_result(r)
+    assert list(out["categories"]) == list(domain.OPENAI_MODERATION_CATEGORIES) and len(out["categories"]) == 13
+    assert out["categories"]["hate"] and not out["categories"]["violence"]
+    assert out["category_scores"]["violence"] == pytest.approx(0.2) and out["category_scores"]["sexual"] == 0.0
+    assert "system_prompt_leak" not in out["categories"] and out["flagged"]
+    assert domain.UNSCORED_CATEGORIES == ()  # Colloquy's classifier scores every OpenAI category today
+
+
+def test_moderation_inputs_accept_strings_and_text_parts_only() -> None:
+    assert domain.moderation_inputs({"input": "a"}) == ["a"]
+    assert domain.moderation_inputs({"input": ["a", {"type": "text", "text": "b"}]}) == ["a", "b"]
+    assert err(domain.moderation_inputs, {"input": [{"type": "image_url"}]}).param == "input[0]"
+    assert err(domain.moderation_inputs, {"input": []}).param == "input"
+    resp = moderation_pb2.ModerateResponse(model="m1", results=[common_pb2.ModerationResult()])
+    assert domain.moderation_response(resp, "x")["model"] == "m1"
