@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-readonly SERVICES=(gateway tokenizer moderation prompt feedback)
+readonly SERVICES=(gateway tokenizer moderation prompt feedback conversation)
 OUT=${OUT:-var/k8s-tls}
 NAMESPACE=${NAMESPACE:-colloquy}
 DAYS=${DAYS:-365}

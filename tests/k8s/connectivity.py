@@ -5,7 +5,9 @@ allowed out, so every Chat was refused on a cluster that enforces policies). Her
 from what the containers are configured to dial:
 
 - every variable named like an address (`*_ADDR`, `*_ADDRESS`, `*_URL`, `*_BOOTSTRAP_SERVERS`,
-  `*_ENDPOINT`) and every value shaped like one (`host:port`, `scheme://host[:port]`);
+  `*_ENDPOINT`) and every value shaped like one (`host:port`, `scheme://[user[:password]@]host[:port]`);
+  database URLs count too (`DATABASE_URL=postgresql+psycopg://user@postgres:5432/db`: the host and
+  port, or the scheme's default port; `sqlite:///file` names no peer);
 - `KAFKA_BOOTSTRAP_SERVERS` counts only in containers with a Kafka user (`KAFKA_SASL_USERNAME`):
   `colloquy-common` hands it to every process, but the only listener requires SCRAM
   (`test_connectivity` checks that), so a container without a user never connects.
@@ -29,14 +31,17 @@ from tests.k8s import manifests
 from tests.k8s.manifests import Obj, PodTemplate
 
 ADDRESS_VAR = re.compile(r"_(ADDR|ADDRESS|URL|BOOTSTRAP_SERVERS|ENDPOINT)$")
-ADDRESS_VALUE = re.compile(r"^(?:[a-z][a-z0-9+.-]*://)?[A-Za-z0-9.$()_-]+:\d{1,5}(?:/.*)?$")
+ADDRESS_VALUE = re.compile(r"^(?:[a-z][a-z0-9+.-]*://(?:[^/@\s]+@)?)?[A-Za-z0-9.$()_-]+:\d{1,5}(?:/.*)?$")
 # Values an address variable may hold that name no peer: unset, or Ray's "the cluster on this node".
 LOCAL_VALUES = {"", "auto"}
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 KAFKA_BOOTSTRAP = "KAFKA_BOOTSTRAP_SERVERS"
 KAFKA_USER = "KAFKA_SASL_USERNAME"
 POD_IP = "<pod-ip>"  # stands in for fieldRef status.podIP: the pod itself
-DEFAULT_SCHEME_PORTS = {"http": 80, "https": 443}
+# Ports of URLs that name none, by scheme; SQLAlchemy's `dialect+driver` counts as its dialect.
+DEFAULT_SCHEME_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "postgres": 5432}
+# URL schemes that name a local file, not a peer (SQLAlchemy's embedded SQLite).
+LOCAL_SCHEMES = {"sqlite"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +90,10 @@ def _split(value: str) -> list[tuple[str, int]]:
     for item in (part.strip() for part in value.split(",")):
         if "://" in item:
             url = urlsplit(item)
-            port = url.port or DEFAULT_SCHEME_PORTS.get(url.scheme)
+            scheme = url.scheme.split("+", 1)[0]
+            if scheme in LOCAL_SCHEMES:
+                continue
+            port = url.port or DEFAULT_SCHEME_PORTS.get(scheme)
             if not url.hostname or port is None:
                 raise ValueError(f"no host or port in {item!r}")
             out.append((url.hostname, port))

@@ -155,7 +155,8 @@ def kafka_topics_text() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Access:
-    """What one service's KafkaUser may do (services/README.md's table, plus feedback and RLHF)."""
+    """What one service's KafkaUser may do (services/README.md's table, plus feedback, conversation
+    and RLHF)."""
 
     service: str
     reads: tuple[str, ...] = ()
@@ -200,6 +201,9 @@ def access() -> tuple[Access, ...]:
                writes=(t.GENERATION_PROGRESS.name, t.CHAT_UNANSWERED.name, dlq),
                group=True, transactional=True, writes_replies=True),
         Access("feedback", reads=(t.CHAT_FEEDBACK.name,), writes=(dlq,), group=True),
+        # The materializer (services/conversation/worker.py): a plain consumer in its group (offsets
+        # live in the database, never committed to Kafka), an idempotent producer for dead letters.
+        Access("conversation", reads=(t.CONVERSATION_TURNS.name,), writes=(dlq,), group=True),
         Access("rlhf", writes=(t.MODEL_UPDATES.name,)),
     )
 

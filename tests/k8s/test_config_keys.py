@@ -22,7 +22,7 @@ from tests.k8s import manifests
 from tests.k8s.manifests import EnvValue, Obj
 
 SERVICES_DIR = manifests.ROOT / "services"
-GRPC_SERVICES = ("gateway", "tokenizer", "moderation", "prompt", "feedback")
+GRPC_SERVICES = ("gateway", "tokenizer", "moderation", "prompt", "feedback", "conversation")
 
 # Variables a service reads that the deployment deliberately leaves at the code's default.
 ALLOWLIST: dict[tuple[str, str], str] = {
@@ -30,6 +30,9 @@ ALLOWLIST: dict[tuple[str, str], str] = {
     ("generation", "GENERATION_GRPC_PORT"): "local runs only: on Kubernetes the port is serveConfigV2's",
     ("generation", "GENERATION_RAY_NUM_CPUS"): "sizes a local Ray; the bridge joins the RayService's (RAY_ADDRESS)",
     ("generation", "GENERATION_RAY_OBJECT_STORE_MB"): "sizes a local Ray; the bridge joins the RayService's",
+    ("conversation", "CONVERSATION_DB"): "the embedded SQLite file, unused while DATABASE_URL names PostgreSQL",
+    ("conversation", "CONVERSATION_DB_BUSY_TIMEOUT_MS"): "SQLite's lock wait, unused with PostgreSQL",
+    ("conversation", "CONVERSATION_FAULT_KILL_BEFORE_COMMIT"): "a test hook (SIGKILL before a commit): never deployed",
 }
 # Variables set in pods that no config dataclass reads, and who reads them.
 READ_ELSEWHERE: dict[str, str] = {
@@ -37,6 +40,7 @@ READ_ELSEWHERE: dict[str, str] = {
     "COLLOQUY_CACHE": "model/paths.py and services/moderation/paths.py cache_root()",
     "MY_POD_IP": "builds RAY_ADDRESS in the same pod spec",
     "FEEDBACK_DATASET_DIR": "rlhf/data.py dataset_dir() (the feedback sink's FeedbackConfig)",
+    "PGPASSWORD": "libpq (psycopg) when DATABASE_URL has no password: the `postgres` Secret's, unescaped",
 }
 # Jobs outside services/: their name -> the modules whose env() dataclasses they load.
 JOB_MODULES: dict[str, tuple[str, ...]] = {"rlhf": ("rlhf.config", "rlhf.preference")}

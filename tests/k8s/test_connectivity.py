@@ -132,3 +132,38 @@ def test_kafka_bootstrap_counts_only_with_a_kafka_user() -> None:
         {"name": "KAFKA_SASL_USERNAME", "value": "colloquy-job"})
     (dial,) = connectivity.dials(docs)
     assert (dial.host, dial.port) == ("colloquy-kafka-bootstrap", 9093)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("postgresql+psycopg://colloquy@postgres:5432/colloquy", ("postgres", 5432)),
+    ("postgresql+psycopg://colloquy:$(POSTGRES_PASSWORD)@postgres.colloquy.svc:5432/colloquy",
+     ("postgres.colloquy.svc", 5432)),
+    ("postgresql://colloquy@postgres/colloquy", ("postgres", 5432)),  # libpq's default port
+])
+def test_database_urls_resolve_to_their_host_and_port(value: str, expected: tuple[str, int]) -> None:
+    """DATABASE_URL forms (SQLAlchemy's dialect+driver, user[:password]@, no port) are addresses."""
+    (dial,) = connectivity.dials([_pod("conversation", {"DATABASE_URL": value})])
+    assert (dial.host, dial.port) == expected
+
+
+def test_a_database_url_under_any_name_is_an_address() -> None:
+    """Found by its shape too, credentials and all, like host:port values are."""
+    (dial,) = connectivity.dials([_pod("reader", {"STORE_DSN": "postgresql://colloquy:pw@postgres:5432/db"})])
+    assert (dial.var, dial.host, dial.port) == ("STORE_DSN", "postgres", 5432)
+
+
+def test_an_sqlite_url_names_no_peer() -> None:
+    assert connectivity.dials([_pod("conversation", {"DATABASE_URL": "sqlite:///var/conversations.db"})]) == []
+
+
+def test_checker_reports_a_database_dial_without_policies_and_resolves_it_to_the_service() -> None:
+    docs = [_pod("conversation", {"DATABASE_URL": "postgresql+psycopg://colloquy@postgres:5432/colloquy"}),
+            _pod("postgres", {}, ports={"postgres": 5432}),
+            {"kind": "Service", "metadata": {"name": "postgres"},
+             "spec": {"selector": {"app.kubernetes.io/name": "postgres"},
+                      "ports": [{"name": "postgres", "port": 5432, "targetPort": "postgres"}]}}, DENY]
+    (dial,) = connectivity.dials(docs)
+    target = connectivity.resolve(docs, dial)
+    assert (target.what, target.port, target.port_name) == ("Service/postgres", 5432, "postgres")
+    (line,) = connectivity.blocked(docs)
+    assert "DATABASE_URL" in line and "no egress at the source and no ingress at the target" in line

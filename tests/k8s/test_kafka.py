@@ -120,6 +120,7 @@ CONFIGURED_TOPICS = [
     ("prompt", "PROMPT_TOPIC_IN", "Read"), ("prompt", "PROMPT_TOPIC_OUT", "Write"),
     ("generation", "GENERATION_TOPIC_IN", "Read"), ("generation", "GENERATION_TOPIC_CANCELS", "Read"),
     ("generation", "GENERATION_TOPIC_OUT", "Write"),
+    ("conversation", "CONVERSATION_TOPIC", "Read"),
 ]
 CONFIGURED_GROUPS = [("tokenizer", "TOKENIZER_GROUP_ID"), ("prompt", "PROMPT_GROUP_ID"),
                      ("generation", "GENERATION_GROUP_ID"), ("moderation", "MODERATION_INPUT_GROUP"),
@@ -146,6 +147,16 @@ def test_configured_groups_and_transactional_ids_are_allowed(docs: list[Obj], se
     assert allowed(user, "group", group, "Read")
     # kafka_loop.StageWorker: transactional id "<group>-<instance>"
     assert allowed(user, "transactionalId", f"{group}-{service}-0", "Write")
+
+
+def test_conversation_consumes_in_its_group_without_transactions(docs: list[Obj]) -> None:
+    """The materializer stores its offsets in the database: a consumer group (partitions split
+    between replicas) but no Kafka transactions, so its user gets no transactional id."""
+    user = _users(docs)["colloquy-conversation"]
+    assert allowed(user, "group", _config_value(docs, "CONVERSATION_GROUP_ID"), "Read")
+    assert not any(acl["resource"]["type"] == "transactionalId" for acl in user["spec"]["authorization"]["acls"])
+    assert allowed(user, "topic", topics.DEAD_LETTER.name, "Write")
+    assert not allowed(user, "topic", topics.CONVERSATION_TURNS.name, "Write")  # a reader of the log only
 
 
 def test_every_stage_may_dead_letter(docs: list[Obj]) -> None:

@@ -11,7 +11,9 @@ from tests.k8s import manifests
 from tests.k8s.manifests import Obj
 
 GPU = "nvidia.com/gpu"
-STAGES = ("gateway", "tokenizer", "moderation", "prompt", "feedback")
+STAGES = ("gateway", "tokenizer", "moderation", "prompt", "feedback", "conversation")
+# StatefulSets that are not Colloquy services: the conversation store's database.
+DATABASES = ("postgres",)
 HPA_TARGETS = ("gateway", "tokenizer", "moderation", "prompt")
 
 
@@ -29,7 +31,7 @@ def test_both_overlays_render_every_component(docs: list[Obj]) -> None:
     kinds = {d["kind"] for d in docs}
     assert {"Kafka", "KafkaNodePool", "KafkaTopic", "KafkaUser", "RayService", "CronJob", "StatefulSet",
             "Service", "ServiceMonitor", "PrometheusRule", "NetworkPolicy", "PersistentVolumeClaim"} <= kinds
-    assert set(manifests.by_kind(docs, "StatefulSet")) == set(STAGES)
+    assert set(manifests.by_kind(docs, "StatefulSet")) == set(STAGES) | set(DATABASES)
 
 
 def test_dev_is_one_replica_on_cpu(render) -> None:  # type: ignore[no-untyped-def]
@@ -81,6 +83,8 @@ def test_prod_autoscalers_own_the_replica_counts(render) -> None:  # type: ignor
                         ("moderation", topics.CHAT_TOKENIZED)):
         assert hpas[name]["spec"]["maxReplicas"] <= partitions[topic.name], name
     assert sts["feedback"]["spec"]["replicas"] >= 2
+    # Materializers split conversation.turns' partitions; more than it has would idle.
+    assert 2 <= sts["conversation"]["spec"]["replicas"] <= partitions[topics.CONVERSATION_TURNS.name]
 
 
 def test_prod_disruption_budgets_cover_every_replicated_workload(render) -> None:  # type: ignore[no-untyped-def]

@@ -26,8 +26,10 @@ IMAGE = re.compile(r"^(?P<repo>[a-z0-9.-]+(:\d+)?(/[a-z0-9._-]+)+)"
 # Secrets the render references but does not contain, by who makes them.
 STRIMZI_SECRETS = {f"{manifests.KAFKA_CLUSTER}-cluster-ca-cert"}  # + one per KafkaUser (added below)
 # Created by whoever deploys (README): prod's API keys and each gRPC service's TLS Secret.
-OPERATOR_SECRETS = {"prod": {"gateway-api-keys"} | {f"{s}-tls" for s in
-                                                   ("gateway", "tokenizer", "moderation", "prompt", "feedback")},
+# prod: also PostgreSQL's passwords (Secret `postgres`; dev generates it).
+OPERATOR_SECRETS = {"prod": {"gateway-api-keys", "postgres"} | {
+                        f"{s}-tls" for s in ("gateway", "tokenizer", "moderation", "prompt", "feedback",
+                                             "conversation")},
                     "dev": set()}
 OPERATOR_NAMESPACES = {"kuberay-system", "monitoring"}
 
@@ -70,6 +72,8 @@ def test_grpc_services_probe_grpc_health(docs: list[Obj]) -> None:
     services.common.health_probe (which follows TLS_DIR) where TLS is on."""
     checked = 0
     for sts in manifests.by_kind(docs, "StatefulSet").values():
+        if sts["metadata"]["name"] == "postgres":
+            continue  # not a gRPC service: pg_isready (test_postgres.py)
         for c in sts["spec"]["template"]["spec"]["containers"]:
             port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -78,7 +82,7 @@ def test_grpc_services_probe_grpc_health(docs: list[Obj]) -> None:
                     "python", "-m", "services.common.health_probe", f"127.0.0.1:{port}"]
                 assert native != execd, f"{sts['metadata']['name']} {probe}"
             checked += 1
-    assert checked == 5  # gateway, tokenizer, moderation, prompt, feedback
+    assert checked == 6  # gateway, tokenizer, moderation, prompt, feedback, conversation
 
 
 def _pod_sc(pt: PodTemplate) -> dict[str, Any]:
@@ -185,6 +189,9 @@ def test_references_resolve(docs: list[Obj], objects: list[Obj], overlay: str) -
             ("ConfigMap", "Secret", "PersistentVolumeClaim", "ServiceAccount")}
     have["Secret"] |= STRIMZI_SECRETS | set(manifests.by_kind(docs, "KafkaUser")) | OPERATOR_SECRETS[overlay]
     have["ServiceAccount"].add("default")
+    # A StatefulSet's volumeClaimTemplates are volumes of its pods too (postgres' data).
+    claims = {manifests.ident(o): {t["metadata"]["name"] for t in o["spec"].get("volumeClaimTemplates", [])}
+              for o in objects if o["kind"] == "StatefulSet"}
     missing = []
     for pt in manifests.all_pod_templates(objects):
         refs: list[tuple[str, str]] = [("ServiceAccount", pt.spec.get("serviceAccountName", "default"))]
@@ -206,7 +213,7 @@ def test_references_resolve(docs: list[Obj], objects: list[Obj], overlay: str) -
                 if "configMapKeyRef" in ref:
                     refs.append(("ConfigMap", ref["configMapKeyRef"]["name"]))
             mounts = {m["name"] for m in c.get("volumeMounts", [])}
-            unknown = mounts - {v["name"] for v in pt.spec.get("volumes", [])}
+            unknown = mounts - {v["name"] for v in pt.spec.get("volumes", [])} - claims.get(pt.owner, set())
             assert not unknown, f"{pt.owner}/{c['name']} mounts undefined volumes {unknown}"
         missing.extend(f"{pt.owner}: {kind}/{name}" for kind, name in refs if name not in have[kind])
     assert not missing, "\n".join(missing)
@@ -259,16 +266,18 @@ def test_only_the_gateway_is_open_beyond_the_namespace(docs: list[Obj]) -> None:
 
 def test_services_reach_dns_kafka_and_only_the_addresses_they_dial(docs: list[Obj]) -> None:
     """Egress of every service: DNS, Kafka, and its generated dials-<name> policy exactly when it is
-    configured to dial a Service (the gateway: moderation, for its fail-closed health watch).
+    configured to dial a Service (the gateway: moderation, for its fail-closed health watch; the
+    conversation service: postgres). PostgreSQL itself: DNS only.
     This test once asserted Kafka and DNS only, the rule that refused every Chat (issue 16)."""
     dialers = {d.source.owner for d in connectivity.dials(docs)
                if connectivity.resolve(docs, d).what.startswith("Service/")}
-    assert "StatefulSet/gateway" in dialers
+    assert {"StatefulSet/gateway", "StatefulSet/conversation"} <= dialers
     for sts in manifests.by_kind(docs, "StatefulSet").values():
         name = sts["metadata"]["name"]
         labels = sts["spec"]["template"]["metadata"]["labels"]
         names = {p["metadata"]["name"] for p in _applying(docs, labels, "Egress")}
-        expected = {"default-deny", "allow-dns", "kafka-clients"} | (
+        kafka = {"kafka-clients"} if labels.get("colloquy.io/kafka-client") == "true" else set()
+        expected = {"default-deny", "allow-dns"} | kafka | (
             {f"{sync.DIALS_PREFIX}{name}"} if f"StatefulSet/{name}" in dialers else set())
         assert names == expected, (name, names)
     kafka = _policies(docs)["kafka-clients"]["spec"]["egress"]

@@ -63,7 +63,8 @@ def test_services_do_not_sweep(objects: list[Obj]) -> None:
             assert cfg.hanging_txn_check_s == 0, f"{pt.owner}/{c['name']}"
             clients.append(f"{pt.owner}/{c['name']}")
     # The stage processes must be among them (the search would otherwise pass vacuously).
-    stages = {f"StatefulSet/{s}/{s}" for s in ("gateway", "tokenizer", "moderation", "prompt", "feedback")}
+    stages = {f"StatefulSet/{s}/{s}" for s in ("gateway", "tokenizer", "moderation", "prompt", "feedback",
+                                                "conversation")}
     assert stages | {"RayService/generation:head/kafka-bridge"} <= set(clients), clients
 
 
@@ -146,7 +147,9 @@ def test_janitor_runs_the_module_from_the_services_image(docs: list[Obj]) -> Non
     # No args: a sweep that aborts, with KAFKA_HANGING_TXN_AGE_S. Only the module's flags otherwise.
     args = " ".join(container.get("args", []))
     assert re.fullmatch(r"(\s*(--dry-run|--older-than[= ]\d+(\.\d+)?))*\s*", args), args
+    # The services: the StatefulSets that are Kafka clients (postgres runs its own image).
     images = {c["image"] for s in manifests.by_kind(docs, "StatefulSet").values()
+              if s["spec"]["template"]["metadata"]["labels"].get("colloquy.io/kafka-client") == "true"
               for c in s["spec"]["template"]["spec"]["containers"]}
     assert images == {container["image"]}, "the janitor runs the services' (serving) image"
 
