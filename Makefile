@@ -4,7 +4,7 @@ PY := .venv/bin/python
 PROTO_SRC := $(wildcard protos/colloquy/v1/*.proto)
 PROTO_OUT := build/python/colloquy/v1/.stamp
 
-.PHONY: setup protos kafka-up kafka-down test lint demo chat up down model model-tiny bench clean images k8s-sync k8s-check build-moderation train-moderation eval-moderation reliability rollout-status rollback promote
+.PHONY: setup protos kafka-up kafka-down test check lint demo chat up down model model-tiny bench clean images k8s-sync k8s-check build-moderation train-moderation eval-moderation reliability rollout-status rollback promote
 
 ## setup: install system packages, the Python env and generated code (idempotent)
 setup:
@@ -49,6 +49,12 @@ bench: setup
 test: setup
 	@bash scripts/test.sh
 
+## check: the quick check for a change: lint + every test that needs no broker, model or stack
+## (markers kafka, model, pipeline deselected; a few minutes on 2 cores). `make test` is the whole suite.
+check: setup
+	$(PY) -m ruff check services model rlhf tests bench
+	$(PY) -m pytest -p no:cacheprovider -q -m "not kafka and not model and not pipeline"
+
 lint: setup
 	$(PY) -m ruff check services model rlhf tests bench
 
@@ -88,7 +94,8 @@ train-moderation: build-moderation
 eval-moderation: build-moderation
 	@$(PY) -m bench.moderation_eval
 
-## reliability: load, admission, faults, rolling restarts and hostile input against the real stack
+## reliability: load, admission, faults, rolling restarts, hostile input, keyed retries, the per-user cap
+## and a hostile backlog against the real stack (RELIABILITY_ARGS="--phases backlog": some phases only)
 reliability: setup
 	@HF_HUB_OFFLINE=1 $(PY) bench/reliability.py $(RELIABILITY_ARGS)
 

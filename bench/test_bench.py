@@ -139,3 +139,87 @@ def test_engine_goals_judge_each_ratio_and_call_missing_figures_unknown() -> Non
 def test_produced_spreads_each_streams_coalesced_tokens() -> None:
     out = engine.produced([{"stamps": [1.0, 2.0], "counts": [1, 2]}, {"stamps": [0.5], "counts": [3]}])
     assert out["tokens"] == 6 and out["itl_s"] == pytest.approx([0.5, 0.5])
+
+
+# -- bench/reliability.py's new phases: the arithmetic behind their figures ----------------------
+def test_max_overlap_counts_chats_held_at_once_and_a_slot_handed_over_is_not_two() -> None:
+    from bench import reliability
+
+    assert reliability.max_overlap([]) == 0
+    assert reliability.max_overlap([(0, 2), (1, 3), (1.5, 4)]) == 3
+    # One chat ends at the instant the next starts: the slot was handed over, never held twice.
+    assert reliability.max_overlap([(0, 1), (1, 2), (2, 3)]) == 1
+    assert reliability.max_overlap((a, a + 1.5) for a in range(5)) == 2  # a generator, as the phase passes
+
+
+def test_drain_time_is_the_first_sample_of_the_final_run_of_zero_lag() -> None:
+    from bench import reliability
+
+    samples = [(0.0, {"a": 0, "b": 0}), (2.0, {"a": 5, "b": 0}), (4.0, {"a": 0, "b": 0}),
+               (6.0, {"a": 0, "b": 3}), (8.0, {"a": 0, "b": 0}), (10.0, {"a": 0, "b": 0})]
+    assert reliability.drain_time(samples) == 8.0  # the zero at 4.0 was between two bursts
+    assert reliability.drain_time(samples[:4]) is None  # still lagging at the end: not drained
+    assert reliability.peak_lag(samples) == {"a": 5, "b": 3}
+
+
+def test_repeats_counts_extra_copies_of_a_request_id() -> None:
+    from bench import reliability
+
+    assert reliability.repeats([]) == 0
+    assert reliability.repeats(["r1", "r2", "r1", "r1", "r3"]) == 2
+
+
+def test_metric_sum_adds_the_samples_whose_labels_match() -> None:
+    from bench import reliability
+
+    page = ("# HELP colloquy_events_consumed_total Kafka records consumed\n"
+            "# TYPE colloquy_events_consumed_total counter\n"
+            'colloquy_events_consumed_total{stage="prompt",topic="chat.moderated"} 7.0\n'
+            'colloquy_events_consumed_total{stage="prompt",topic="chat.unanswered"} 2.0\n'
+            'colloquy_events_consumed_total{stage="tokenizer",topic="chat.requests"} 5.0\n')
+    assert reliability.metric_sum(page, "colloquy_events_consumed_total", stage="prompt") == 9.0
+    assert reliability.metric_sum(page, "colloquy_events_consumed_total", stage="prompt",
+                                  topic="chat.moderated") == 7.0
+    assert reliability.metric_sum(page, "colloquy_batches_cut_total", stage="prompt") == 0.0
+    assert reliability.metric_sum("", "colloquy_events_consumed_total") == 0.0
+
+
+def test_backlog_messages_fit_the_gateway_limit_and_repeat_no_sentence() -> None:
+    from bench import reliability
+
+    for text in (reliability.random_word_sentences(8192, 1), reliability.plain_sentences(6144, 1)):
+        assert len(text.encode()) <= 8192
+        sentences = [s for s in text.split(". ") if s]
+        assert len(sentences) > 100
+    plain = reliability.plain_sentences(6144, 1).split(". ")[:-1]
+    assert len(set(plain)) == len(plain)  # numbered: no two alike
+    assert reliability.random_word_sentences(8192, 1) != reliability.random_word_sentences(8192, 2)
+
+
+def test_report_rows_of_the_new_phases() -> None:
+    from bench import reliability
+
+    case = {"tries": 3, "same_turn": 3, "recorded_once": 3, "extra_turns": 0, "retry_p50_s": 0.2, "retry_max_s": 0.4}
+    result = {
+        "idempotent": {"cases": {"replay": case, "join": case, "sigkill": case},
+                       "tries": {"sigkill": [{"gateway_restart_s": 9.0}] * 3}, "load_chats": 40,
+                       "load_history": {"turns_checked": 38, "lost": 0, "duplicated": 0}},
+        "usercap": {"cap": 2, "flood_threads": 8, "seconds": 30.0, "rows": [
+            {"who": "another user", "chats": 5, "completed": 5, "refused_per_key_cap": 0, "refusal_p50_s": None,
+             "most_held_at_once": 1, "ttft_p50_s": 1.0, "ttft_p99_s": 2.0, "refused_other": []}]},
+        "backlog": {"chats": 2, "drained": True, "drain_s": 40.0, "all_backlog_ended_s": 38.0,
+                    "by_kind": [{"kind": "k", "chats": 2, "completed": 2, "codes": {"OK": 2}, "latency_p50_s": 3.0,
+                                 "latency_max_s": 5.0}],
+                    "stages": [{"stage": "prompt", "topic": "chat.moderated", "peak_lag": 9, "records_in": 2,
+                                "processed": 2, "processed_again": 0, "batches_cut": 1, "outputs": 2,
+                                "outputs_repeated": 0}],
+                    "normal_before": {"latency_s": 1.0},
+                    "normal_during": [{"sent_at_s": 3.0, "done": True, "latency_s": 4.0, "ttft_s": 3.5}],
+                    "history": {"turns_checked": 2, "lost": 0, "duplicated": 0}},
+    }
+    text = reliability.render(result)
+    assert "after a gateway SIGKILL mid-stream (gateway restarted) (under load) | 3/3 the same turn" in text
+    assert "another user | 5/5 completed, 0 refused by the per-key cap" in text
+    assert "**40.0 s** to drain" in text and "0 records processed twice, 0 outputs written twice" in text
+    assert "batches committed in parts: prompt 1" in text
+    assert "| prompt | chat.moderated | 9 | 2 | 2 | 0 | 1 | 2 | 0 |" in text
