@@ -243,3 +243,128 @@ def test_prod_gives_the_database_and_its_writers_production_sizes(render, name: 
 
     assert (memory(dev), storage(dev)) == ("1Gi", "5Gi")
     assert (memory(prod), storage(prod)) == ("4Gi", "100Gi")
+
+
+# -- The manifests' database scripts against a real PostgreSQL (Debian's package; skipped without) --
+
+# The restore command k8s/README.md gives ("PostgreSQL" / "Restore"), run below against a real server.
+RESTORE = 'pg_restore --clean --if-exists --no-owner --single-transaction --exit-on-error --dbname="$DATABASE_URL"'
+# URL-unsafe on purpose: the password never goes into a URL.
+TRICKY_PASSWORD = "p@ss/w:rd#?%&'"
+
+
+def _pg_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    return found[-1].parent if found else None
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> Any:
+    """A throwaway server with password authentication over TCP, like the image's: (bin, port).
+    As root (PostgreSQL refuses to run as root) its files belong to Debian's `postgres` user."""
+    import pwd
+    import shutil
+    import socket
+    import tempfile
+
+    bin_dir = _pg_bin()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL binaries (/usr/lib/postgresql/*/bin: Debian's postgresql package)")
+    owner = []
+    base = Path(tempfile.mkdtemp(prefix="colloquy-k8s-pg-"))
+    if os.geteuid() == 0:
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root without a postgres user to own the server")
+        os.chown(base, user.pw_uid, user.pw_gid)
+        owner = ["runuser", "-u", "postgres", "--"]
+    (base / "pw").write_text("superuser-secret\n", encoding="utf-8")
+    if owner:
+        os.chown(base / "pw", user.pw_uid, user.pw_gid)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = base / "data"
+
+    def run(*args: str) -> None:
+        subprocess.run([*owner, *args], check=True, capture_output=True, timeout=120)
+
+    try:
+        run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--pwfile", str(base / "pw"),
+            "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8")
+        run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-t", "60",
+            "-o", f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    except subprocess.CalledProcessError as exc:
+        shutil.rmtree(base, ignore_errors=True)
+        pytest.fail(f"could not start a test PostgreSQL: {exc.stderr!r}")
+    try:
+        yield bin_dir, base, port
+    finally:
+        subprocess.run([*owner, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60, check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_init_script_url_password_backup_and_restore_work_on_a_real_postgresql(
+        render, pg_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The chain the manifests rely on, with real binaries: the init script (as the image's
+    entrypoint runs it) creates the role and database; the conversation service's DATABASE_URL
+    plus PGPASSWORD (a password no URL could carry unescaped) migrates the store as that role;
+    the backup script's pg_dump writes a dump; the README's restore command restores it."""
+    from services.conversation.db import ConversationDB
+
+    bin_dir, socket_dir, port = pg_server
+    objects = render("dev")
+    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    script = tmp_path / "10-colloquy.sh"
+    script.write_text(manifests.by_kind(objects, "ConfigMap")["postgres-init"]["data"]["10-colloquy.sh"],
+                      encoding="utf-8")
+    script.chmod(stat.S_IRWXU)
+    # The entrypoint's environment: its temporary server on the local socket, the superuser.
+    init = subprocess.run([str(script)], env={"PATH": path, "POSTGRES_USER": "postgres", "POSTGRES_DB": "postgres",
+                                              "COLLOQUY_PASSWORD": TRICKY_PASSWORD, "PGHOST": str(socket_dir),
+                                              "PGPORT": str(port)},
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert init.returncode == 0, init.stderr
+
+    def here(url: str) -> str:  # the Service's address -> this server
+        assert "@postgres:5432/" in url, url
+        return url.replace("@postgres:5432/", f"@127.0.0.1:{port}/")
+
+    _, container = _pod(objects, "StatefulSet/conversation")
+    url = here(_env(objects, container)["DATABASE_URL"].value or "")
+    monkeypatch.setenv("PGPASSWORD", "not-the-password")
+    refused = ConversationDB(url)
+    with pytest.raises(Exception, match="password authentication failed"):
+        refused.ping()
+    refused.close()
+    monkeypatch.setenv("PGPASSWORD", TRICKY_PASSWORD)
+    db = ConversationDB(url)
+    try:
+        assert db.migrate()
+        revision = db.schema_revision()
+        assert revision
+    finally:
+        db.close()
+
+    _, backup = _pod(objects, BACKUP)
+    env = {**test_config_keys.resolve(_env(objects, backup)), "PGPASSWORD": TRICKY_PASSWORD, "PATH": path}
+    env["DATABASE_URL"] = here(env["DATABASE_URL"])
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    dumped = subprocess.run(["sh", "-c", _backup_script(objects).replace("/backups", str(backups))], env=env,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert dumped.returncode == 0, dumped.stderr
+    (dump,) = backups.glob("colloquy-*.dump")
+
+    readme = (manifests.K8S / "README.md").read_text(encoding="utf-8")
+    assert RESTORE.replace('"', '\\"') in readme, "k8s/README.md's restore command changed: update RESTORE"
+    restored = subprocess.run(["sh", "-c", f"{RESTORE} {dump}"], env=env, capture_output=True, text=True,
+                              timeout=120, check=False)
+    assert restored.returncode == 0, restored.stderr
+    db = ConversationDB(url)
+    try:
+        assert db.schema_revision() == revision and db.migrate() == []
+    finally:
+        db.close()
