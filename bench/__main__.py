@@ -14,10 +14,11 @@ import os
 import sys
 import time
 
-from bench import common, conversation, engine, model_quality, pipeline, report, stages
+from bench import common, conversation, engine, model_quality, pipeline, report, stages, web
 
 ALL = ("engine", "stages", "pipeline", "conversation")
-EXTRA = ("model",)  # run only when named: the quality gate of every build (minutes per build)
+# Run only when named: the quality gate of every build (minutes per build); the HTTP front's overhead.
+EXTRA = ("model", "web")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=64, help="max_tokens for every contender")
     p.add_argument("--resume", action="store_true",
                    help="keep the in-process parts of engine.json/conversation.json and run only the stack parts")
-    for mod in (engine, pipeline, conversation, stages, model_quality):
+    for mod in (engine, pipeline, conversation, stages, model_quality, web):
         mod.add_args(p.add_argument_group(mod.NAME))
     return p
 
@@ -73,15 +74,19 @@ def _run(args: argparse.Namespace, names: list[str]) -> int:
             common.log("conversation: resuming bench/results/conversation.json (KV-reuse part kept)")
             conv.unskip("gateway")
     need_gateway_conv = conv is not None and args.conversations > 0
-    if eng is not None and "colloquy" not in args.skip and "pipeline" not in names and not need_gateway_conv:
+    if (eng is not None and "colloquy" not in args.skip and "pipeline" not in names and "web" not in names
+            and not need_gateway_conv):
         engine.run_deployment_alone(eng, args)  # only the generation service: no whole stack needed
-    elif "pipeline" in names or need_gateway_conv or (eng is not None and "colloquy" not in args.skip):
+    elif ("pipeline" in names or "web" in names or need_gateway_conv
+          or (eng is not None and "colloquy" not in args.skip)):
         try:
             with common.stack() as s:  # one stack (one Ray start, one lock) for every stack benchmark
                 if eng is not None:
                     engine.run_deployment(eng, args, s)
                 if "pipeline" in names:
                     pipeline.run(args, s)
+                if "web" in names:
+                    web.run(args, s)
                 if need_gateway_conv:
                     conversation.run_gateway(conv, args, s)
         except Exception as exc:  # the stack did not come up (or died): the report says so
