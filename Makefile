@@ -49,11 +49,11 @@ bench: setup
 test: setup
 	@bash scripts/test.sh
 
-## check: the quick check for a change: lint + every test that needs no broker, model or stack
-## (markers kafka, model, pipeline deselected; a few minutes on 2 cores). `make test` is the whole suite.
+## check: the quick check for a change: lint + every test that needs no broker, Ray, model or stack
+## (markers kafka, ray, model, pipeline deselected). `make test` is the whole suite (CI runs it).
 check: setup
 	$(PY) -m ruff check services model rlhf tests bench
-	$(PY) -m pytest -p no:cacheprovider -q -m "not kafka and not model and not pipeline"
+	$(PY) -m pytest -p no:cacheprovider -q -m "not kafka and not ray and not model and not pipeline"
 
 lint: setup
 	$(PY) -m ruff check services model rlhf tests bench

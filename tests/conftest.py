@@ -77,3 +77,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_exit_status)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that takes the broker or the stack carries its marker even if its module forgot it,
+    so `make check` (-m "not kafka and not model and not pipeline") never needs either."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if "kafka_bootstrap" in names:
+            item.add_marker(pytest.mark.kafka)
+        if "stack" in names:
+            item.add_marker(pytest.mark.pipeline)

@@ -8,24 +8,29 @@ from __future__ import annotations
 
 import inspect
 
+import kafka
+import ray
 from kafka import KafkaConsumer
 
 from services.common import private_api
+
+KAFKA = f"kafka-python {kafka.__version__}"
+RAY = f"ray {ray.__version__}"
 
 
 def test_kafka_transaction_types_still_live_where_the_sweeper_imports_them() -> None:
     spec = private_api.AbortTransactionSpec
     assert list(inspect.signature(spec).parameters)[:3] == ["topic_partition", "producer_id", "producer_epoch"], (
-        inspect.signature(spec))
+        f"{KAFKA}: AbortTransactionSpec{inspect.signature(spec)}")
     states = {s.name for s in private_api.TransactionState}
-    assert {"ONGOING", "PREPARE_COMMIT", "PREPARE_ABORT", "PREPARE_EPOCH_FENCE"} <= states, states
+    assert {"ONGOING", "PREPARE_COMMIT", "PREPARE_ABORT", "PREPARE_EPOCH_FENCE"} <= states, f"{KAFKA}: {states}"
 
 
 def test_kafka_consumer_still_has_the_waiter_hook_the_poll_watchdog_calls() -> None:
     consumer = KafkaConsumer(bootstrap_servers="127.0.0.1:1", api_version=(3, 0))
     try:
         hook = getattr(getattr(consumer, "_net", None), "_fail_pending_waiters", None)
-        assert callable(hook), "kafka-python moved KafkaConsumer._net._fail_pending_waiters"
+        assert callable(hook), f"{KAFKA} moved KafkaConsumer._net._fail_pending_waiters"
         assert private_api.fail_pending_waiters(consumer, TimeoutError("test")) is True
     finally:
         consumer.close()
@@ -36,8 +41,8 @@ def test_kafka_producer_still_has_the_sender_and_closed_flag_close_now_uses() ->
 
     producer = KafkaProducer(bootstrap_servers="127.0.0.1:1", api_version=(3, 0))
     assert callable(getattr(getattr(producer, "_sender", None), "force_close", None)), (
-        "kafka-python moved KafkaProducer._sender.force_close")
-    assert producer._closed is False, "kafka-python renamed KafkaProducer._closed"
+        f"{KAFKA} moved KafkaProducer._sender.force_close")
+    assert producer._closed is False, f"{KAFKA} renamed KafkaProducer._closed"
     private_api.force_close_producer(producer)
     assert producer._closed is True
     producer._sender.join(5)
@@ -53,8 +58,9 @@ def test_ray_serve_private_start_and_client_still_exist_with_the_arguments_used(
     from ray.serve.context import _get_global_client
 
     params = inspect.signature(serve_api.serve_start).parameters
-    assert {"http_options", "grpc_options", "proxy_location"} <= set(params), params
-    assert callable(_get_global_client)
+    assert {"http_options", "grpc_options", "proxy_location"} <= set(params), f"{RAY}: serve_start{params}"
+    assert callable(_get_global_client), f"{RAY} moved ray.serve.context._get_global_client"
     from ray.serve._private.client import ServeControllerClient
 
-    assert "_blocking" in inspect.signature(ServeControllerClient.deploy_apps).parameters
+    assert "_blocking" in inspect.signature(ServeControllerClient.deploy_apps).parameters, (
+        f"{RAY}: ServeControllerClient.deploy_apps lost _blocking")

@@ -29,6 +29,8 @@ from services.generation.config import DEFAULT_SERVE_CONFIG, EngineSettings, Wor
 from tests.common import kafka_util
 from tests.conftest import free_port
 
+pytestmark = pytest.mark.ray  # Ray Serve on a local Ray
+
 VERSION = "tiny-serve-test"
 SERVE_OVERRIDES: dict[str, Any] = {"autoscaling_config": None, "num_replicas": 1,
                                    "ray_actor_options": {"num_cpus": 0.5}}

@@ -15,6 +15,8 @@ from rlhf.config import load_config
 from services.feedback.dataset import write_rows
 from tests.rlhf.synthetic import base_row, candidates, questions, ranking_rows
 
+pytestmark = pytest.mark.ray  # Ray Train on a local Ray
+
 NOW_MS = 1_800_000_000_000
 
 
