@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import socket
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar, get_type_hints
+from typing import Any, NoReturn, TypeVar, get_type_hints
 
 T = TypeVar("T")
 
@@ -99,8 +101,13 @@ def load_or_exit(cls: type[T], defaults: Mapping[str, str] | None = None) -> T:
     try:
         return load(cls, defaults=defaults)
     except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        exit_config_error(exc)
+
+
+def exit_config_error(exc: Exception) -> NoReturn:
+    """Print `configuration error: ...` on one line and exit 2, before anything is served."""
+    print(f"configuration error: {exc}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
 
 
 def port(value: int) -> bool:
@@ -187,7 +194,10 @@ class ServerConfig:
     grace_seconds: float = env("SHUTDOWN_GRACE_SECONDS", 20.0, check=positive, hint="seconds > 0")
     max_message_bytes: int = env("GRPC_MAX_MESSAGE_BYTES", 4 * 1024 * 1024, check=lambda v: v >= 1024,
                                  hint="bytes >= 1024")
-    instance_id: str = env("INSTANCE_ID", "")
+    # Read through `instance()`, never directly: it names Kafka static members, transactional ids
+    # and the gateway's reply topic, so it must be a valid topic-name part.
+    instance_id: str = env("INSTANCE_ID", "", check=lambda v: re.fullmatch(r"[A-Za-z0-9._-]{0,200}", v) is not None,
+                           hint="letters, digits, '.', '_' and '-', at most 200")
     # The TLS switch (services/common/tls.py): a directory with tls.crt, tls.key and ca.crt.
     tls_dir: str = env("TLS_DIR", "")
     # With TLS: "require" a client certificate signed by ca.crt (mutual TLS), or "none".
@@ -195,3 +205,22 @@ class ServerConfig:
                                hint="require or none")
     log_level: str = env("LOG_LEVEL", "INFO", check=lambda v: v.upper() in
                          {"DEBUG", "INFO", "WARNING", "ERROR"}, hint="DEBUG, INFO, WARNING or ERROR")
+
+    def instance(self) -> str:
+        """This replica's id: INSTANCE_ID, else `<hostname>-<port>` (GRPC_PORT, or METRICS_PORT
+        for a service without one).
+
+        Why the port: two replicas on one host cannot listen on one port, so the id is unique
+        per replica; a restarted replica listens on its port again, so the id is stable, and it
+        takes back its transactional id (fencing its own dead predecessor, not a live sibling)
+        and its reply topic. With both ports 0 (chosen by the OS) there is no stable id to
+        derive: INSTANCE_ID is then required.
+        """
+        if self.instance_id:
+            return self.instance_id
+        port = self.grpc_port or self.metrics_port
+        if not port:
+            raise ConfigError("INSTANCE_ID is required when GRPC_PORT and METRICS_PORT are 0 "
+                              "(a replica id is derived from the host name and a fixed port)")
+        host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:180] or "host"
+        return f"{host}-{port}"

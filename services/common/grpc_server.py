@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from services.common import metrics, tls
 from services.common.config import ServerConfig
 from services.common.log import request_id_var
+from services.common.runtime import ThreadWorker, first_dead
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ class ServiceApp:
     """A running service: gRPC server, health, reflection, metrics and background workers."""
 
     def __init__(self, name: str, cfg: ServerConfig, services: list[Service],
-                 workers: list[Any] | None = None,
+                 workers: list[ThreadWorker] | None = None,
                  on_stop: list[Callable[[], Awaitable[None] | None]] | None = None,
                  max_receive_bytes: int | None = None,
                  readiness: Callable[[], bool] | None = None) -> None:
@@ -264,9 +265,10 @@ class ServiceApp:
                 await asyncio.wait_for(self._stopping.wait(), timeout=1.0)
             except TimeoutError:
                 await self._refresh_health()
-                dead = [w for w in self.workers if getattr(w, "error", None) is not None]
-                if dead:
-                    log.error("a Kafka worker died; exiting so the supervisor restarts us")
+                dead = first_dead(self.workers)
+                if dead is not None:
+                    log.error("a worker died; exiting so the supervisor restarts us",
+                              extra={"worker": getattr(dead, "name", type(dead).__name__)})
                     code = 1
                     break
         await self.stop()

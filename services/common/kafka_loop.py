@@ -19,26 +19,28 @@ in parts rather than outlasting the transaction timeout and being redone from it
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import dataclasses
 import logging
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 from google.protobuf.message import Message
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka import errors as kafka_errors
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
 
 from services.common import events, metrics, private_api, transactions
 from services.common.config import KafkaConfig
 from services.common.log import request_id_var
+from services.common.runtime import ThreadWorker
 from services.common.topics import DEAD_LETTER
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,39 @@ def make_producer(cfg: KafkaConfig, client_id: str, transactional_id: str | None
         # replica is not coming back.
         kwargs["transaction_timeout_ms"] = cfg.transaction_timeout_ms
     return KafkaProducer(**kwargs)
+
+
+def send_event(producer: KafkaProducer, out: events.OutEvent) -> FutureRecordMetadata:
+    """Hand one event (key, serialized message, headers, partition) to the producer; no wait."""
+    return producer.send(out.topic, key=out.key.encode(), value=out.message.SerializeToString(),
+                         headers=out.headers(), partition=out.partition)
+
+
+def acked(future: FutureRecordMetadata) -> asyncio.Future[None]:
+    """The asyncio side of a kafka-python send future, on the running loop: resolved when the
+    broker acknowledged the record, failed with the send's error.
+
+    Why a bridge: kafka-python completes its futures on the producer's I/O thread, where an
+    asyncio future must not be touched; the callbacks hop over with call_soon_threadsafe."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(exc: BaseException | None) -> None:
+        if done.done():
+            return
+        if exc is None:
+            done.set_result(None)
+        else:
+            done.set_exception(exc)
+
+    future.add_callback(lambda _meta: loop.call_soon_threadsafe(settle, None))
+    future.add_errback(lambda exc: loop.call_soon_threadsafe(settle, exc))
+    return done
+
+
+async def publish(producer: KafkaProducer, out: events.OutEvent, timeout: float) -> None:
+    """Send one event and wait (at most `timeout` seconds) for the broker's acknowledgement."""
+    await asyncio.wait_for(acked(send_event(producer, out)), timeout)
 
 
 def make_consumer(cfg: KafkaConfig, group_id: str | None, client_id: str, *topics: str,
@@ -229,8 +264,11 @@ class _SendsStuck(Exception):
 Done = list[tuple[ConsumerRecord, list[events.OutEvent]]]
 
 
-class StageWorker(Generic[M]):
-    """Runs one stage: consume `topics` as `group_id`, call `handler`, produce its events."""
+class StageWorker(ThreadWorker, Generic[M]):
+    """Runs one stage: consume `topics` as `group_id`, call `handler`, produce its events.
+
+    Ready once the consumer has partitions assigned; `stop` finishes and commits the batch in
+    hand (or its part within the time budget) and closes, as on SIGTERM."""
 
     def __init__(
         self,
@@ -241,8 +279,9 @@ class StageWorker(Generic[M]):
         kafka: KafkaConfig,
         *,
         group_id: str | None = None,
-        instance_id: str = "0",
+        instance_id: str,
     ) -> None:
+        super().__init__(f"{stage}-worker")
         self.stage = stage
         self.topics = topics
         for topic in topics:  # zero from the start: dashboards and alerts see 0, not "no data"
@@ -253,41 +292,16 @@ class StageWorker(Generic[M]):
         self.cfg = kafka
         self.group_id = group_id or f"colloquy-{stage}"
         self.instance_id = instance_id
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
         self._last_lag = 0.0
-        self.error: BaseException | None = None
         self._outputs = OutputTopics(kafka, f"{stage}-{instance_id}-topics")
         # Records whose output the broker refused for good (not retriable), by (topic, partition,
         # offset): dead-lettered when the batch is redone instead of failing it again.
         self._refused: dict[tuple[str, int, int], tuple[str, str]] = {}
         metrics.BATCHES_CUT.labels(stage)
 
-    # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> StageWorker[M]:
+    def start(self) -> Self:
         transactions.start_sweeper(self.cfg)
-        self._thread = threading.Thread(target=self._run_guarded, name=f"{self.stage}-worker", daemon=True)
-        self._thread.start()
-        return self
-
-    def wait_ready(self, timeout: float = 30.0) -> bool:
-        """True once the consumer has its partitions assigned (tests wait for this)."""
-        return self._ready.wait(timeout)
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Finish and commit the batch in hand (or its part within the time budget), and close:
-        used on SIGTERM."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _run_guarded(self) -> None:
-        try:
-            self.run()
-        except BaseException as exc:  # surfaced to the service so it can exit non-zero
-            self.error = exc
-            log.exception("stage worker crashed", extra={"stage": self.stage})
+        return super().start()
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -298,10 +312,10 @@ class StageWorker(Generic[M]):
                                  group_instance_id=f"{self.stage}-{self.instance_id}")
         producer = self._new_producer(client)
         try:
-            while not self._stop.is_set():
+            while not self.stopping:
                 batch = poll_through_outages(consumer, 200, self.stage)
-                if not self._ready.is_set() and consumer.assignment():
-                    self._ready.set()
+                if not self.is_ready and consumer.assignment():
+                    self.mark_ready()
                     log.info("partitions assigned", extra={"stage": self.stage,
                                                            "partitions": len(consumer.assignment())})
                 self._report_lag(consumer)
@@ -353,7 +367,7 @@ class StageWorker(Generic[M]):
                     "stage": self.stage, "records": len(done), "left": len(records) - i - 1,
                     "budget_s": budget})
                 done, started = [], time.monotonic()
-                if self._stop.is_set():
+                if self.stopping:
                     return  # the rest is not committed: whoever owns the partitions next redoes it
         if done:
             self._commit(consumer, producer, done)
@@ -369,9 +383,7 @@ class StageWorker(Generic[M]):
         sent: list[tuple[ConsumerRecord, str, Any]] = []
         for rec, outs in done:
             for out in outs:
-                sent.append((rec, out.topic, producer.send(
-                    out.topic, key=out.key.encode(), value=out.message.SerializeToString(),
-                    headers=out.headers(), partition=out.partition)))
+                sent.append((rec, out.topic, send_event(producer, out)))
             offsets[TopicPartition(rec.topic, rec.partition)] = OffsetAndMetadata(rec.offset + 1, "", -1)
         with contextlib.suppress(KafkaTimeoutError):  # sends take milliseconds; this bounds one that never ends
             producer.flush(timeout=self.cfg.transaction_timeout_ms / 4000)
@@ -434,7 +446,7 @@ class StageWorker(Generic[M]):
             else:
                 consumer.seek(tp, committed)
         time.sleep(self.cfg.retry_backoff_ms / 1000)
-        while producer is None and not self._stop.is_set():
+        while producer is None and not self.stopping:
             try:
                 producer = self._new_producer(client)
             except Exception:

@@ -60,6 +60,11 @@ ALL: tuple[Topic, ...] = (
 REPLY_PREFIX = "chat.replies."
 
 
+def renamed(kind: Topic, name: str) -> Topic:
+    """`kind`'s partitions and settings under another name (a test's or a canary's topic)."""
+    return dataclasses.replace(kind, name=name)
+
+
 def reply_topic(gateway_instance: str) -> Topic:
     """Per-gateway-replica reply topic: a replica reads only the replies to its own streams."""
     return Topic(REPLY_PREFIX + gateway_instance, 1, STREAM, doc="ReplyEvent for one gateway replica")

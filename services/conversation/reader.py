@@ -11,12 +11,13 @@ from kafka import TopicPartition
 
 from services.common import events, kafka_loop, topics
 from services.common.config import KafkaConfig
+from services.common.runtime import ThreadWorker
 from services.conversation.store import ConversationStore
 
 log = logging.getLogger(__name__)
 
 
-class HistoryReader:
+class HistoryReader(ThreadWorker):
     """Replays `conversation.turns` from the beginning, then follows it.
 
     Every replica reads all partitions (no consumer group): the store must hold every
@@ -26,38 +27,28 @@ class HistoryReader:
 
     def __init__(self, kafka: KafkaConfig, store: ConversationStore | None = None,
                  topic: str = topics.CONVERSATION_TURNS.name) -> None:
+        super().__init__("history-reader")
         self.kafka = kafka
         self.store = store or ConversationStore()
         self.topic = topic
-        self._stop = threading.Event()
         self._positions: dict[int, int] = {}
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
         self._consumer = None
         self._probe = None
         self._probe_lock = threading.Lock()
-        self.error: BaseException | None = None
-
-    def start(self) -> HistoryReader:
-        self._thread = threading.Thread(target=self._run_guarded, name="history-reader", daemon=True)
-        self._thread.start()
-        return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        super().stop(timeout)
         with self._probe_lock:
             if self._probe is not None:
                 self._probe.close()
                 self._probe = None
 
-    def _run_guarded(self) -> None:
-        while not self._stop.is_set():
+    def run(self) -> None:
+        while not self.stopping:
             try:
                 self._run()
             except Exception as exc:  # broker restarts: reconnect and carry on
-                self.error = None
                 log.warning("history reader failed; reconnecting", extra={"error": repr(exc)})
                 time.sleep(1)
 
@@ -65,7 +56,7 @@ class HistoryReader:
         consumer = kafka_loop.make_consumer(self.kafka, None, "history-reader")
         try:
             parts = None
-            while parts is None and not self._stop.is_set():
+            while parts is None and not self.stopping:
                 ids = consumer.partitions_for_topic(self.topic)
                 if ids:
                     parts = [TopicPartition(self.topic, p) for p in sorted(ids)]
@@ -76,7 +67,8 @@ class HistoryReader:
             consumer.assign(parts)
             consumer.seek_to_beginning(*parts)
             self._consumer = consumer
-            while not self._stop.is_set():
+            self.mark_ready()
+            while not self.stopping:
                 batch = consumer.poll(timeout_ms=100)
                 for tp, records in batch.items():
                     for rec in records:

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.common import config, grpc_server, log, topics
+from services.common import config, grpc_server, runtime
 from services.feedback.config import DEFAULTS, FeedbackConfig
 from services.feedback.worker import FeedbackSink
 
 
 async def build() -> grpc_server.ServiceApp:
-    server = config.load_or_exit(config.ServerConfig, defaults=DEFAULTS)
-    kafka = config.load_or_exit(config.KafkaConfig)
+    boot = runtime.bootstrap("feedback", DEFAULTS)
     cfg = config.load_or_exit(FeedbackConfig)
-    log.setup("feedback", server.log_level)
-    if kafka.create_topics:
-        topics.ensure_topics(kafka.bootstrap_servers, kafka=kafka)
-    sink = FeedbackSink(kafka, Path(cfg.dataset_dir), server.instance_id or "0")
-    return grpc_server.ServiceApp("feedback", server, [], workers=[sink])
+    await boot.ensure_topics()
+    sink = FeedbackSink(boot.kafka, Path(cfg.dataset_dir), boot.instance)
+    return grpc_server.ServiceApp("feedback", boot.server, [], workers=[sink])
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ per submission.
 
 from __future__ import annotations
 
-import logging
-import threading
 from pathlib import Path
 
 from colloquy.v1 import events_pb2
@@ -18,39 +16,21 @@ from kafka.structs import OffsetAndMetadata
 
 from services.common import events, kafka_loop, metrics, topics
 from services.common.config import KafkaConfig
+from services.common.runtime import ThreadWorker
 from services.feedback import dataset
 
-log = logging.getLogger(__name__)
 
+class FeedbackSink(ThreadWorker):
+    """Writes chat.feedback to the dataset; ready once it holds partitions."""
 
-class FeedbackSink:
-    def __init__(self, kafka: KafkaConfig, root: Path, instance_id: str = "0", *,
+    def __init__(self, kafka: KafkaConfig, root: Path, instance_id: str, *,
                  topic: str = topics.CHAT_FEEDBACK.name, group_id: str = "colloquy-feedback") -> None:
+        super().__init__("feedback-sink")
         self.kafka = kafka
         self.root = root
         self.instance_id = instance_id
         self.topic = topic
         self.group_id = group_id
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.error: BaseException | None = None
-
-    def start(self) -> FeedbackSink:
-        self._thread = threading.Thread(target=self._guarded, name="feedback-sink", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 30.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _guarded(self) -> None:
-        try:
-            self.run()
-        except BaseException as exc:
-            self.error = exc
-            log.exception("feedback sink crashed")
 
     def run(self) -> None:
         consumer = kafka_loop.make_consumer(
@@ -61,8 +41,10 @@ class FeedbackSink:
             fetch_max_wait_ms=500)
         producer = None
         try:
-            while not self._stop.is_set():
+            while not self.stopping:
                 batch = kafka_loop.poll_through_outages(consumer, 200, "feedback")
+                if not self.is_ready and consumer.assignment():
+                    self.mark_ready()
                 offsets = {}
                 for tp, records in batch.items():
                     rows = []
@@ -74,8 +56,7 @@ class FeedbackSink:
                             if producer is None:
                                 producer = kafka_loop.make_producer(self.kafka, "feedback-dlq")
                             dl = kafka_loop.DeadLetter(rec, "feedback", str(exc), "PoisonEvent", "")
-                            producer.send(dl.topic, key=dl.key.encode(), value=dl.message.SerializeToString(),
-                                          headers=dl.headers()).get(timeout=10)
+                            kafka_loop.send_event(producer, dl).get(timeout=10)
                             metrics.EVENTS_DEAD_LETTERED.labels("feedback", rec.topic).inc()
                     if rows:
                         dataset.write_rows(self.root, rows, tp.partition, records[0].offset, records[-1].offset)

@@ -3,51 +3,46 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import uuid
 
 from colloquy.v1 import chat_pb2_grpc
 
-from services.common import config, grpc_server, kafka_loop, log, topics
+from services.common import config, grpc_server, kafka_loop, runtime, topics
 from services.conversation.reader import HistoryReader
+from services.gateway import reply_topics
 from services.gateway.auth import KeyRing
 from services.gateway.config import DEFAULTS, GatewayConfig
 from services.gateway.moderation_guard import ModerationGuard
 from services.gateway.replies import ReplyRouter
+from services.gateway.reply_topics import ReplyTopicJanitor
 from services.gateway.servicer import ChatServicer
 
 
 async def build() -> grpc_server.ServiceApp:
-    server = config.load_or_exit(config.ServerConfig, defaults=DEFAULTS)
-    kafka = config.load_or_exit(config.KafkaConfig)
+    boot = runtime.bootstrap("gateway", DEFAULTS)
     cfg = config.load_or_exit(GatewayConfig)
-    logger = log.setup("gateway", server.log_level)
-    instance = server.instance_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
-    reply = topics.reply_topic(instance)
+    reply = topics.reply_topic(boot.instance)
     loop = asyncio.get_running_loop()
-    if kafka.create_topics:
-        await loop.run_in_executor(None, topics.ensure_topics, kafka.bootstrap_servers,
-                                   [*topics.ALL, reply], kafka)
+    await boot.ensure_topics(reply)
     keys = KeyRing(cfg.api_keys_file)
-    history = HistoryReader(kafka).start()
-    router = ReplyRouter(kafka, reply.name, loop).start()
-    await loop.run_in_executor(None, router.wait_ready, 60.0)
-    producer = kafka_loop.make_producer(kafka, f"gateway-{instance}")
+    history = HistoryReader(boot.kafka)
+    router = ReplyRouter(boot.kafka, reply.name, loop,
+                         reply_topics.mark_interval_s(cfg.reply_topic_max_idle_s)).start()
+    await loop.run_in_executor(None, router.wait_ready, 60.0)  # no chat before its replies can be heard
+    producer = kafka_loop.make_producer(boot.kafka, f"gateway-{boot.instance}")
     guard = ModerationGuard(cfg.moderation_addr).start() if cfg.moderation_addr else None
+    janitor = ReplyTopicJanitor(boot.kafka, reply.name, cfg.reply_topic_max_idle_s)  # gone gateways' topics
     servicer = ChatServicer(cfg, keys, history, router, producer, reply.name, guard)
-    logger.info("gateway ready", extra={"instance": instance, "reply_topic": reply.name})
+    boot.log.info("gateway ready", extra={"instance": boot.instance, "reply_topic": reply.name})
 
     def close() -> None:
         if guard is not None:
             guard.cancel()
-        router.stop()
-        history.stop()
         producer.close(timeout=5)
 
     return grpc_server.ServiceApp(
-        "gateway", server,
+        "gateway", boot.server,
         [grpc_server.Service("colloquy.v1.ChatService", chat_pb2_grpc.add_ChatServiceServicer_to_server, servicer)],
-        on_stop=[close], max_receive_bytes=cfg.max_request_bytes)
+        workers=[router, history, janitor], on_stop=[close], max_receive_bytes=cfg.max_request_bytes)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,10 @@ class GatewayConfig:
     user_rate_per_minute: float = env("CHAT_USER_RATE_PER_MINUTE", 60.0, check=lambda v: v >= 0,
                                       hint="calls per minute >= 0 (0 = no limit)")
     user_burst: int = env("CHAT_USER_BURST", 10, check=lambda v: v >= 1, hint=">= 1")
+    # A reply topic whose gateway has not marked it alive for this long is deleted by the other
+    # gateways' sweep (services/gateway/reply_topics.py); live ones mark it every min(60 s, 1/4).
+    reply_topic_max_idle_s: float = env("REPLY_TOPIC_MAX_IDLE_SECONDS", 3600.0, check=lambda v: v >= 1,
+                                        hint="seconds >= 1")
 
     @property
     def max_request_bytes(self) -> int:

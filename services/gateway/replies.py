@@ -1,4 +1,4 @@
-"""Routes this replica's reply topic to the Chat streams waiting on it.
+"""Routes this replica's reply topic to the Chat streams waiting on it, and marks it alive.
 
 Each gateway replica reads only `chat.replies.<instance>` (named in every TurnEvent it sends),
 so a token never reaches a replica that does not hold its client's stream. A retry with the same
@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 
 from colloquy.v1 import events_pb2
-from kafka import TopicPartition
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
 
 from services.common import events, kafka_loop
 from services.common.config import KafkaConfig
+from services.common.runtime import ThreadWorker
+from services.gateway import reply_topics
 
 log = logging.getLogger(__name__)
 
@@ -55,21 +58,22 @@ class ReplyChannel:
         return out + ([self._final] if self._final is not None else [])
 
 
-class ReplyRouter:
+class ReplyRouter(ThreadWorker):
     """Fans each reply out to every Chat stream listening to its request id.
 
     Channels are touched only on the event loop's thread (the Kafka thread hands records over
     with call_soon_threadsafe), so registering and delivering never race.
     """
 
-    def __init__(self, kafka: KafkaConfig, topic: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, kafka: KafkaConfig, topic: str, loop: asyncio.AbstractEventLoop,
+                 mark_interval_s: float = 60.0) -> None:
+        super().__init__("reply-router")
         self.kafka = kafka
         self.topic = topic
         self.loop = loop
+        self.mark_interval_s = mark_interval_s
+        self._position: int | None = None
         self._channels: dict[str, ReplyChannel] = {}
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def register(self, request_id: str) -> asyncio.Queue[events_pb2.ReplyEvent]:
         """A queue of this request's replies; a second listener first gets what it missed."""
@@ -96,46 +100,43 @@ class ReplyRouter:
         channel = self._channels.get(request_id)
         return len(channel.listeners) if channel is not None else 0
 
-    def start(self) -> ReplyRouter:
-        self._thread = threading.Thread(target=self._run_forever, name="reply-router", daemon=True)
-        self._thread.start()
-        return self
-
-    def wait_ready(self, timeout: float = 30.0) -> bool:
-        return self._ready.wait(timeout)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _run_forever(self) -> None:
-        position: int | None = None
-        while not self._stop.is_set():
+    def run(self) -> None:
+        while not self.stopping:
             try:
-                position = self._run(position)
+                self._run()
             except Exception as exc:  # broker restart: reconnect where we left off
                 log.warning("reply router failed; reconnecting", extra={"error": repr(exc)})
                 time.sleep(0.5)
 
-    def _run(self, position: int | None) -> int | None:
-        consumer = kafka_loop.make_consumer(self.kafka, None, f"gateway-replies-{self.topic}")
+    def _run(self) -> None:
+        # Reads by assignment; the group named after the topic only holds the liveness mark.
+        consumer = kafka_loop.make_consumer(self.kafka, self.topic, f"gateway-replies-{self.topic}")
         tp = TopicPartition(self.topic, 0)
         try:
             consumer.assign([tp])
-            if position is None:
+            if self._position is None:
                 consumer.seek_to_end(tp)
-                position = consumer.position(tp)  # replies older than this replica are not ours
-            consumer.seek(tp, position)
-            self._ready.set()
-            while not self._stop.is_set():
+                self._position = consumer.position(tp)  # replies older than this replica are not ours
+            consumer.seek(tp, self._position)
+            next_mark = 0.0
+            while not self.stopping:
+                if time.monotonic() >= next_mark:
+                    self._mark_alive(consumer, tp)
+                    next_mark = time.monotonic() + self.mark_interval_s
+                self.mark_ready()
                 for recs in consumer.poll(timeout_ms=100).values():
                     for rec in recs:
                         self._dispatch(rec)
-                position = consumer.position(tp)
-            return position
+                self._position = consumer.position(tp)
         finally:
             consumer.close()
+
+    def _mark_alive(self, consumer: KafkaConsumer, tp: TopicPartition) -> None:
+        """Tell the reply-topic sweep (reply_topics.py) this topic's gateway is alive."""
+        try:
+            consumer.commit({tp: OffsetAndMetadata(self._position or 0, reply_topics.mark(), -1)})
+        except KafkaError as exc:  # not fatal: the sweep allows REPLY_TOPIC_MAX_IDLE_SECONDS
+            log.warning("could not mark the reply topic alive", extra={"error": repr(exc)})
 
     def _dispatch(self, rec) -> None:  # type: ignore[no-untyped-def]
         try:

@@ -14,7 +14,7 @@ import grpc
 from colloquy.v1 import chat_pb2, chat_pb2_grpc, events_pb2
 from kafka import KafkaProducer
 
-from services.common import events, topics, turns
+from services.common import events, kafka_loop, topics, turns
 from services.conversation.reader import HistoryReader
 from services.gateway import errors, idempotency, metrics, validation
 from services.gateway.admission import Admission
@@ -109,20 +109,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         return user, conv, view
 
     async def _publish(self, out: events.OutEvent) -> None:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-
-        def ok(_meta: object) -> None:
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
-
-        def failed(exc: BaseException) -> None:
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(exc))
-
-        fut = self.producer.send(out.topic, key=out.key.encode(), value=out.message.SerializeToString(),
-                                 headers=out.headers(), partition=out.partition)
-        fut.add_callback(ok)
-        fut.add_errback(failed)
-        await asyncio.wait_for(done, timeout=10)
+        await kafka_loop.publish(self.producer, out, timeout=10)
 
     def _cancel(self, request_id: str, conversation_id: str, reason: str) -> None:
         """Fire-and-forget: generation stops this request within one decode step."""

@@ -9,35 +9,25 @@ before Ray stops. With RAY_ADDRESS set it deploys onto that cluster instead of s
 
 from __future__ import annotations
 
-import dataclasses
-import signal
-import socket
-import sys
-import threading
 import time
 
-from services.common import config, log, metrics, topics
+from services.common import config, metrics, runtime, topics
 from services.generation import model_ref, serving
 from services.generation.config import DEFAULTS, EngineSettings, ServiceSettings, WorkerSettings
 
 
 def main() -> int:
-    server = config.load_or_exit(config.ServerConfig, defaults=DEFAULTS)
+    boot = runtime.bootstrap("generation", DEFAULTS)
     svc = config.load_or_exit(ServiceSettings)
     eng = config.load_or_exit(EngineSettings)
     wcfg = config.load_or_exit(WorkerSettings)
-    kafka = config.load_or_exit(config.KafkaConfig) if svc.kafka_worker else None
-    logger = log.setup("generation", server.log_level)
     try:  # fail before starting Ray when there is no model to serve
         path, version = model_ref.resolve(eng.model_dir, eng.model_version)
     except config.ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        config.exit_config_error(exc)
     started = time.monotonic()
     serving.init_ray(svc.ray_address, svc.ray_num_cpus, svc.ray_object_store_mb)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own handlers
-        signal.signal(sig, lambda *_: stop.set())
+    stop = runtime.stop_on_signals()  # after ray.init, which installs its own handlers
     state = None if (eng.model_dir or eng.model_version) else _registry_state()
     overrides = {"user_config": state.user_config()} if state is not None else None
     serve_cfg = serving.load_config(svc.serve_config, grpc_port=svc.grpc_port, deployment_overrides=overrides)
@@ -45,46 +35,33 @@ def main() -> int:
         serving.deploy(serve_cfg)
     else:
         serving.wait_running([a.name for a in serve_cfg.applications], timeout_s=600)
-    metrics_port = metrics.serve_metrics(server.metrics_port, server.host)
-    worker = None
-    if kafka is not None:
+    metrics_port = metrics.serve_metrics(boot.server.metrics_port, boot.server.host)
+    workers: list[runtime.ThreadWorker] = []
+    if svc.kafka_worker:
         from ray import serve
 
         from services.generation.worker import GenerationWorker
 
-        if kafka.create_topics:  # renamed topics (canaries, tests) keep their kind's settings
-            topics.ensure_topics(kafka.bootstrap_servers, [
-                dataclasses.replace(kind, name=name) for kind, name in (
-                    (topics.CHAT_PROMPTS, wcfg.topic_in), (topics.CHAT_CANCELS, wcfg.topic_cancels),
-                    (topics.GENERATION_PROGRESS, wcfg.topic_out),
-                    (topics.CHAT_UNANSWERED, topics.CHAT_UNANSWERED.name))], kafka=kafka)
+        runtime.ensure_topics(boot.kafka, [  # renamed topics (canaries, tests) keep their kind's settings
+            topics.renamed(topics.CHAT_PROMPTS, wcfg.topic_in), topics.renamed(topics.CHAT_CANCELS, wcfg.topic_cancels),
+            topics.renamed(topics.GENERATION_PROGRESS, wcfg.topic_out)])
         handle = serve.get_deployment_handle(svc.deployment_name, svc.app_name)
-        worker = GenerationWorker(kafka, wcfg, handle, eng, server.instance_id or socket.gethostname())
-        worker.grace_s = server.grace_seconds
-        worker.start()
+        worker = GenerationWorker(boot.kafka, wcfg, handle, eng, boot.instance)
+        worker.grace_s = boot.server.grace_seconds
+        workers.append(worker)
         if state is not None:
-            updates = _updates_worker(kafka, svc, state, server.instance_id or socket.gethostname())
-            updates.start()
-    logger.info("serving", extra={"grpc_port": serve_cfg.grpc_options.port, "metrics_port": metrics_port,
-                                  "model_version": version, "model_dir": str(path),
-                                  "kafka_worker": worker is not None,
-                                  "startup_s": round(time.monotonic() - started, 1)})
-    code = 0
-    while not stop.wait(1.0):
-        if worker is not None and worker.error is not None:
-            logger.error("the Kafka worker died; exiting so the supervisor restarts us")
-            code = 1
-            break
-    logger.info("shutting down", extra={"grace_s": server.grace_seconds})
-    if worker is not None:
-        worker.stop(timeout=server.grace_seconds + 15)
+            workers.append(_updates_worker(boot.kafka, svc, state, boot.instance))
+    code = runtime.run_workers(workers, stop, boot.log, {
+        "grpc_port": serve_cfg.grpc_options.port, "metrics_port": metrics_port, "model_version": version,
+        "model_dir": str(path), "kafka_worker": bool(workers), "startup_s": round(time.monotonic() - started, 1)},
+        stop_timeout=boot.server.grace_seconds + 15)
     import ray
     from ray import serve
 
     if svc.deploy and not svc.ray_address:  # our own local Ray: drain the replicas and stop it
         serve.shutdown()
         ray.shutdown()
-    logger.info("stopped")
+    boot.log.info("stopped")
     return code
 
 
@@ -108,8 +85,6 @@ def _updates_worker(kafka: config.KafkaConfig, svc: ServiceSettings, state, inst
                                   deployment_overrides={"user_config": new.user_config()})
         serving.redeploy(cfg)
 
-    if kafka.create_topics:
-        topics.ensure_topics(kafka.bootstrap_servers, [topics.MODEL_UPDATES], kafka=kafka)
     handler = updates.make_handler(apply, state, Registry().exists)
     return kafka_loop.StageWorker("generation-updates", [topics.MODEL_UPDATES.name], events_pb2.ModelUpdate,
                                   handler, kafka, instance_id=instance)

@@ -29,7 +29,6 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
-import functools
 import logging
 import threading
 import time
@@ -44,6 +43,7 @@ from kafka.structs import OffsetAndMetadata
 from services.common import events, kafka_loop, metrics, private_api, topics, turns
 from services.common.config import KafkaConfig
 from services.common.log import request_id_var
+from services.common.runtime import ThreadWorker
 from services.generation import api, engine
 from services.generation.config import EngineSettings, WorkerSettings
 
@@ -209,20 +209,21 @@ class _Progress:
         return msg
 
 
-class GenerationWorker:
-    """Consumes prompts and cancels, streams answers from the Serve deployment, produces progress."""
+class GenerationWorker(ThreadWorker):
+    """Consumes prompts and cancels, streams answers from the Serve deployment, produces progress.
+
+    Ready once it holds partitions. `stop` stops taking prompts, lets in-flight answers finish
+    for `grace_s`, commits and closes. A failed send sets `error` from the loop (the producer is
+    broken): the loop then exits and redelivery redoes the unfinished work."""
 
     def __init__(self, kafka: KafkaConfig, settings: WorkerSettings, handle: Any,
-                 engine_settings: EngineSettings | None = None, instance_id: str = "0") -> None:
+                 engine_settings: EngineSettings | None, instance_id: str) -> None:
+        super().__init__("generation-worker")
         self.kafka = kafka
         self.cfg = settings
         self.handle = handle
         self.limits = engine_settings or EngineSettings()
         self.instance_id = instance_id
-        self.error: BaseException | None = None
-        self._ready = threading.Event()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="generation-kafka")
         # One thread keeps the records of a request in the order they were produced.
         self._send_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="generation-send")
@@ -240,27 +241,10 @@ class GenerationWorker:
         self._stalled = 0
         self.grace_s = 20.0
 
-    # -- lifecycle (same shape as kafka_loop.StageWorker, so ServiceApp can run it) -------------
-    def start(self) -> GenerationWorker:
-        self._thread = threading.Thread(target=self._run_thread, name="generation-worker", daemon=True)
-        self._thread.start()
-        return self
-
-    def wait_ready(self, timeout: float = 30.0) -> bool:
-        return self._ready.wait(timeout)
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop taking prompts, let in-flight answers finish for `grace_s`, commit, close."""
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _run_thread(self) -> None:
+    # -- lifecycle (ThreadWorker) ----------------------------------------------------------------
+    def run(self) -> None:
         try:
             asyncio.run(self._main())
-        except BaseException as exc:
-            self.error = exc
-            log.exception("generation worker crashed")
         finally:
             self._io.shutdown(wait=False)
             self._send_pool.shutdown(wait=False)
@@ -277,7 +261,7 @@ class GenerationWorker:
         self._producer = kafka_loop.make_producer(self.kafka, client)
         self._consumer = await self._call(self._make_consumer, client)
         try:
-            while not self._stopping.is_set():
+            while not self.stopping:
                 batch = await self._poll_guarded()
                 for records in batch.values():
                     for rec in records:
@@ -378,8 +362,8 @@ class GenerationWorker:
             consumer.resume(*consumer.paused())
         # Records return at once; 200 ms bounds idle waits.
         batch = kafka_loop.poll_through_outages(consumer, 200, STAGE)
-        if not self._ready.is_set() and consumer.assignment():
-            self._ready.set()
+        if not self.is_ready and consumer.assignment():
+            self.mark_ready()
             log.info("partitions assigned", extra={"stage": STAGE, "partitions": len(consumer.assignment())})
         return batch
 
@@ -627,27 +611,15 @@ class GenerationWorker:
     async def _send(self, out: events.OutEvent) -> Any:
         """Hand a record to the producer on its own thread: `send` blocks while it fetches a new
         topic's metadata, which must not stall every other stream on this loop."""
-        fut = await asyncio.get_running_loop().run_in_executor(self._send_pool, functools.partial(
-            self._producer.send, out.topic, key=out.key.encode(), value=out.message.SerializeToString(),
-            headers=out.headers(), partition=out.partition))
+        fut = await asyncio.get_running_loop().run_in_executor(
+            self._send_pool, kafka_loop.send_event, self._producer, out)
         metrics.EVENTS_PRODUCED.labels(STAGE, out.topic).inc()
         return fut
 
     async def _acked(self, kafka_future: Any) -> None:
         """Await a kafka-python send future. The idempotent producer keeps a partition's records in
         order, so the last record of a request being acknowledged means all of them were."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-
-        def ok(_: Any) -> None:
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
-
-        def failed(exc: BaseException) -> None:
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(exc))
-
-        kafka_future.add_callback(ok)
-        kafka_future.add_errback(failed)
-        await asyncio.wait_for(done, 60)
+        await asyncio.wait_for(kafka_loop.acked(kafka_future), 60)
 
 
 class _StreamBroken(Exception):

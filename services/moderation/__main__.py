@@ -9,7 +9,7 @@ from pathlib import Path
 
 from colloquy.v1 import events_pb2, moderation_pb2_grpc
 
-from services.common import config, grpc_server, kafka_loop, log, topics
+from services.common import config, grpc_server, kafka_loop, runtime, topics
 from services.moderation import paths
 from services.moderation.classifier import ClassifierError, Heads
 from services.moderation.config import ModerationConfig
@@ -66,32 +66,28 @@ def load_leak_detector(cfg: ModerationConfig, moderator: Moderator) -> LeakDetec
 
 
 async def build() -> grpc_server.ServiceApp:
-    server = config.load_or_exit(config.ServerConfig, defaults=DEFAULTS)
+    boot = runtime.bootstrap("moderation", DEFAULTS)
     cfg = config.load_or_exit(ModerationConfig)
-    log.setup("moderation", server.log_level)
     if cfg.chunk_max_chars < cfg.chunk_min_chars:
         _fail("configuration error: MODERATION_CHUNK_MAX_CHARS must be >= MODERATION_CHUNK_MIN_CHARS")
     moderator = load_moderator(cfg)
     servicer = ModerationServicer(moderator, cfg.max_inputs, cfg.max_input_bytes)
     workers = []
     if cfg.stages:
-        kafka = config.load_or_exit(config.KafkaConfig)
-        if kafka.create_topics:
-            topics.ensure_topics(kafka.bootstrap_servers, kafka=kafka)
-        instance = server.instance_id or "0"
+        await boot.ensure_topics()
         if "input" in cfg.stages:
             workers.append(kafka_loop.StageWorker(
                 "moderation-input", [topics.CHAT_TOKENIZED.name], events_pb2.TurnEvent,
-                InputStage(moderator).handle, kafka, group_id=cfg.input_group, instance_id=instance))
+                InputStage(moderator).handle, boot.kafka, group_id=cfg.input_group, instance_id=boot.instance))
         if "output" in cfg.stages:
             stage = OutputStage(moderator, cfg.chunk_min_chars, cfg.chunk_max_chars,
                                 first_chars=cfg.chunk_first_chars, leak=load_leak_detector(cfg, moderator))
             workers.append(kafka_loop.StageWorker(
                 "moderation-output", [topics.GENERATION_PROGRESS.name], events_pb2.GenerationProgress,
-                stage.handle, kafka, group_id=cfg.output_group, instance_id=instance))
+                stage.handle, boot.kafka, group_id=cfg.output_group, instance_id=boot.instance))
     svc = grpc_server.Service("colloquy.v1.ModerationService",
                               moderation_pb2_grpc.add_ModerationServiceServicer_to_server, servicer)
-    return grpc_server.ServiceApp("moderation", server, [svc], workers=workers, on_stop=[servicer.close])
+    return grpc_server.ServiceApp("moderation", boot.server, [svc], workers=workers, on_stop=[servicer.close])
 
 
 if __name__ == "__main__":

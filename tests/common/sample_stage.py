@@ -12,7 +12,7 @@ import time
 
 from colloquy.v1 import events_pb2
 
-from services.common import config, grpc_server, kafka_loop, log
+from services.common import config, grpc_server, kafka_loop, runtime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,9 +25,7 @@ class StageConfig:
 
 def main() -> None:
     cfg = config.load_or_exit(StageConfig)
-    kafka = config.load_or_exit(config.KafkaConfig)
-    server = config.load_or_exit(config.ServerConfig)
-    log.setup("sample-stage", server.log_level)
+    boot = runtime.bootstrap("sample-stage")
 
     def handle(ev: kafka_loop.Consumed[events_pb2.TurnEvent]):
         if cfg.delay_s:
@@ -42,11 +40,11 @@ def main() -> None:
         print(f"processed {ev.message.request_id}", flush=True)
         yield ev.out(topic, out)
 
-    worker = kafka_loop.StageWorker("sample", [cfg.topic_in], events_pb2.TurnEvent, handle, kafka,
-                                    group_id=cfg.group)
+    worker = kafka_loop.StageWorker("sample", [cfg.topic_in], events_pb2.TurnEvent, handle, boot.kafka,
+                                    group_id=cfg.group, instance_id=boot.instance)
 
     async def build() -> grpc_server.ServiceApp:
-        return grpc_server.ServiceApp("sample-stage", server, [], workers=[worker])
+        return grpc_server.ServiceApp("sample-stage", boot.server, [], workers=[worker])
 
     grpc_server.run(build)
 

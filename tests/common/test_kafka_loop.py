@@ -26,7 +26,7 @@ def start_stage(bootstrap: str, unique: str, delay: float = 0.0, **env: str) -> 
     proc = Proc("tests.common.sample_stage", {
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "STAGE_IN": f"t.in.{unique}", "STAGE_OUT": f"t.out.{unique}",
         "STAGE_GROUP": f"g.{unique}", "STAGE_DELAY_S": str(delay), "KAFKA_RETRY_BACKOFF_MS": "20",
-        "KAFKA_MAX_POLL_RECORDS": "10", **env})
+        "KAFKA_MAX_POLL_RECORDS": "10", "INSTANCE_ID": f"stage-{unique}", **env})
     proc.wait_for(lambda out: "partitions assigned" in out, timeout=60)
     return proc
 

@@ -208,7 +208,7 @@ def access() -> tuple[Access, ...]:
     )
 
 
-OPERATION_ORDER = ("Create", "Describe", "Read", "Write")
+OPERATION_ORDER = ("Create", "Delete", "Describe", "Read", "Write")
 
 
 def acls(a: Access) -> list[dict[str, Any]]:
@@ -226,11 +226,16 @@ def acls(a: Access) -> list[dict[str, Any]]:
     rules = [{"resource": {"type": "topic", "name": name, "patternType": "literal"},
               "operations": [o for o in OPERATION_ORDER if o in found]}
              for name, found in sorted(ops.items())]
+    # A gateway makes its own reply topic, and deletes those of gateways that are gone
+    # (services/gateway/reply_topics.py), whose liveness marks live in groups named after them.
     replies = ({"Describe", "Write"} if a.writes_replies else set()) | (
-        {"Create", "Describe", "Read"} if a.owns_replies else set())
+        {"Create", "Delete", "Describe", "Read"} if a.owns_replies else set())
     if replies:
         rules.append({"resource": {"type": "topic", "name": REPLIES_PREFIX, "patternType": "prefix"},
                       "operations": [o for o in OPERATION_ORDER if o in replies]})
+    if a.owns_replies:
+        rules.append({"resource": {"type": "group", "name": REPLIES_PREFIX, "patternType": "prefix"},
+                      "operations": ["Delete", "Describe", "Read"]})
     if a.group:
         rules.append({"resource": {"type": "group", "name": a.prefix, "patternType": "prefix"},
                       "operations": ["Read"]})
