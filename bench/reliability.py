@@ -345,6 +345,7 @@ class Timed:
     turn_index: int = 0
     request_id: str = ""
     text: str = ""
+    moderated: str = ""  # the stage of a moderation notice: "input" (refused), "output" (cut)
 
 
 def timed_chat(stub: chat_pb2_grpc.ChatServiceStub, message: str, key: int, max_tokens: int = 24,
@@ -367,6 +368,8 @@ def timed_chat(stub: chat_pb2_grpc.ChatServiceStub, message: str, key: int, max_
                     out.ttft_s = time.monotonic() - out.started_at
                 if ev.delta.index == 0:
                     out.text += ev.delta.text
+            elif kind == "moderation":
+                out.moderated = ev.moderation.stage
             elif kind == "done":
                 out.done = True
                 out.ended_at = time.monotonic()  # the slot is freed about now, not at the trailers
@@ -621,6 +624,23 @@ class LagProbe:
         return out
 
 
+def keyed_request_id(key: int, client_request_id: str) -> str:
+    """The request id the gateway gives a keyed chat that starts a conversation (derived from the
+    key's user and the client key, services/gateway/idempotency.py): a chat refused before the
+    pipeline's `started` never tells its client, and the backlog's outputs are matched by it."""
+    import hashlib
+
+    import yaml
+
+    from services.gateway import idempotency
+
+    plain = KEYS[key % len(KEYS)][1].removeprefix("Bearer ")
+    digest = hashlib.sha256(plain.encode()).hexdigest()
+    entries = yaml.safe_load((ROOT / "deploy" / "dev" / "api-keys.yaml").read_text())["keys"]
+    user = next(e["user"] for e in entries if e["sha256"] == digest)
+    return idempotency.request_id(user, idempotency.conversation_id(user, client_request_id), client_request_id)
+
+
 def _request_ids(records: Iterable[Any]) -> list[str]:
     from services.common import events
 
@@ -646,7 +666,9 @@ def phase_backlog(stack: Stack, stub: chat_pb2_grpc.ChatServiceStub, n: int, adm
                     for i in range(n)]
         t0 = time.monotonic()
         pool = cf.ThreadPoolExecutor(n)
-        futures = [pool.submit(timed_chat, stub, text, i, 24, timeout=600) for i, (_, text) in enumerate(messages)]
+        keys = [uuid.uuid4().hex for _ in messages]  # keyed: each one's request id is known (keyed_request_id)
+        futures = [pool.submit(timed_chat, stub, text, i, 24, keys[i], timeout=600)
+                   for i, (_, text) in enumerate(messages)]
         samples: list[tuple[float, dict[str, int]]] = []
         normal: list[tuple[float, Timed]] = []  # (sent, seconds after the backlog), outcome
         stop = threading.Event()
@@ -680,7 +702,8 @@ def phase_backlog(stack: Stack, stub: chat_pb2_grpc.ChatServiceStub, n: int, adm
     finally:
         probe.close()
         restart_gateway(stack, stub, CHAT_MAX_CONCURRENT=str(admission))
-    mine = {o.request_id for o in [baseline, *outs, *(o for _, o in normal)] if o.request_id}
+    mine = {o.request_id for o in [baseline, *(o for _, o in normal)] if o.request_id}
+    mine |= {keyed_request_id(i, k) for i, k in enumerate(keys)}
     stages = []
     for stage, (inp, out) in stage_io.items():
         row: dict[str, Any] = {"stage": stage, "topic": inp, "peak_lag": peak_lag(samples).get(stage, 0),
@@ -702,7 +725,9 @@ def phase_backlog(stack: Stack, stub: chat_pb2_grpc.ChatServiceStub, n: int, adm
     by_kind = []
     for kind in kinds:
         ko = [o for (k, _), o in zip(messages, outs, strict=True) if k == kind]
-        by_kind.append({"kind": kind, "chats": len(ko), "completed": sum(o.done for o in ko),
+        by_kind.append({"kind": kind, "chats": len(ko), "completed": sum(o.done and not o.moderated for o in ko),
+                        "refused_by_input_moderation": sum(o.done and o.moderated == "input" for o in ko),
+                        "cut_by_output_moderation": sum(o.done and o.moderated == "output" for o in ko),
                         "codes": {c: sum(o.code == c for o in ko) for c in sorted({o.code for o in ko})},
                         "details": sorted({o.detail[:120] for o in ko if o.detail}),
                         "latency_p50_s": pct([o.ended_at - o.started_at for o in ko], 0.5),
@@ -711,7 +736,11 @@ def phase_backlog(stack: Stack, stub: chat_pb2_grpc.ChatServiceStub, n: int, adm
     drained = drain_time(samples)
     print(f"backlog: {n} chats, drained in {drained} s; normal chats took "
           f"{[round(o.ended_at - o.started_at, 1) for _, o in normal]} s", flush=True)
-    return {"chats": n, "lag_before": before, "drained": drained is not None, "drain_s": drained,
+    seen = [(o.request_id, keyed_request_id(i, k)) for i, (o, k) in enumerate(zip(outs, keys, strict=True))
+            if o.request_id]
+    return {"chats": n, "lag_before": before,
+            "derived_request_ids_match": f"{sum(a == b for a, b in seen)}/{len(seen)}",
+            "drained": drained is not None, "drain_s": drained,
             "all_backlog_ended_s": round(max(o.ended_at for o in outs) - t0, 1),
             "batch_time_budget_ms": stack.env("moderation").get("KAFKA_BATCH_TIME_BUDGET_MS"),
             "stages": stages, "by_kind": by_kind,
@@ -826,7 +855,9 @@ def render_new(result: dict[str, Any]) -> list[str]:
                      f"written twice; batches committed in parts: {cut or 'none'} |")
         for k in bl["by_kind"]:
             codes = ", ".join(f"{c} {n}" for c, n in k["codes"].items())
-            lines.append(f"| hostile backlog: {k['kind']} | {k['completed']}/{k['chats']} answered ({codes}); "
+            flagged = (f", {k.get('refused_by_input_moderation', 0)} refused by input moderation, "
+                       f"{k.get('cut_by_output_moderation', 0)} cut by output moderation")
+            lines.append(f"| hostile backlog: {k['kind']} | {k['completed']}/{k['chats']} answered{flagged} ({codes}); "
                          f"ended p50 {k['latency_p50_s']} s, max {k['latency_max_s']} s |")
         before = bl["normal_before"]
         during = "; ".join(f"sent at {o['sent_at_s']} s: {'done' if o['done'] else o['code']} in {o['latency_s']} s "

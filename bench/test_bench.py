@@ -196,6 +196,15 @@ def test_backlog_messages_fit_the_gateway_limit_and_repeat_no_sentence() -> None
     assert reliability.random_word_sentences(8192, 1) != reliability.random_word_sentences(8192, 2)
 
 
+def test_keyed_request_id_is_the_gateways_for_the_keys_user() -> None:
+    from bench import reliability
+    from services.gateway import idempotency
+
+    conv = idempotency.conversation_id("alice", "k1")
+    assert reliability.keyed_request_id(1, "k1") == idempotency.request_id("alice", conv, "k1")
+    assert reliability.keyed_request_id(2, "k1") != reliability.keyed_request_id(1, "k1")  # bob's own
+
+
 def test_report_rows_of_the_new_phases() -> None:
     from bench import reliability
 
