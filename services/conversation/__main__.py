@@ -3,25 +3,22 @@
 
 from __future__ import annotations
 
-from services.common import config, grpc_server, log, topics
+from services.common import config, grpc_server, runtime, topics
 from services.conversation.config import DEFAULTS, ConversationConfig
 from services.conversation.db import ConversationDB
 from services.conversation.worker import Materializer, kill_before_commit
 
 
 async def build() -> grpc_server.ServiceApp:
-    server = config.load_or_exit(config.ServerConfig, defaults=DEFAULTS)
-    kafka = config.load_or_exit(config.KafkaConfig)
+    boot = runtime.bootstrap("conversation", DEFAULTS)
     cfg = config.load_or_exit(ConversationConfig)
-    log.setup("conversation", server.log_level)
-    if kafka.create_topics:
-        topics.ensure_topics(kafka.bootstrap_servers, kafka=kafka)
+    await boot.ensure_topics(topics.renamed(topics.CONVERSATION_TURNS, cfg.topic))
     db = ConversationDB(cfg.url, cfg.busy_timeout_ms)
     worker = Materializer(
-        db, kafka, topic=cfg.topic, group_id=cfg.group_id, instance_id=server.instance_id or "0",
+        db, boot.kafka, topic=cfg.topic, group_id=cfg.group_id, instance_id=boot.instance,
         retry_seconds=cfg.retry_seconds,
         before_commit=kill_before_commit(cfg.fault_kill_before_commit) if cfg.fault_kill_before_commit else None)
-    return grpc_server.ServiceApp("conversation", server, [], workers=[worker], on_stop=[db.close],
+    return grpc_server.ServiceApp("conversation", boot.server, [], workers=[worker], on_stop=[db.close],
                                   readiness=worker.ready)
 
 

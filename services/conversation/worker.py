@@ -29,6 +29,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from services.common import kafka_loop, metrics
 from services.common.config import KafkaConfig
+from services.common.runtime import ThreadWorker
 from services.conversation import domain
 from services.conversation import metrics as conv_metrics
 from services.conversation.db import ConversationDB, OffsetsMoved
@@ -54,12 +55,14 @@ class _Seeker(ConsumerRebalanceListener):
         self.worker._seek_stored()
 
 
-class Materializer:
-    """Consumes the history topic into a ConversationDB; run as a ServiceApp worker."""
+class Materializer(ThreadWorker):
+    """Consumes the history topic into a ConversationDB; run as a ServiceApp worker. Ready
+    (`ready`, `wait_ready`) means the store is migrated, answering and caught up."""
 
     def __init__(self, db: ConversationDB, kafka: KafkaConfig, *, topic: str, group_id: str,
-                 instance_id: str = "0", retry_seconds: float = 1.0,
+                 instance_id: str, retry_seconds: float = 1.0,
                  before_commit: Callable[[int], None] | None = None) -> None:
+        super().__init__("conversation-materializer")
         self.db = db
         self.kafka = kafka
         self.topic = topic
@@ -69,9 +72,6 @@ class Materializer:
         # Called with the batch number after a batch's rows are written, before its commit
         # (the test hook that SIGKILLs the process there).
         self.before_commit = before_commit
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
         self._expected: dict[int, int | None] = {}  # partition -> offset stored in the database
@@ -89,18 +89,7 @@ class Materializer:
             conv_metrics.STORE_CHANGES.labels(outcome)
         metrics.EVENTS_DEAD_LETTERED.labels(STAGE, topic)
 
-    # -- lifecycle ------------------------------------------------------------------------------
-    def start(self) -> Materializer:
-        self._thread = threading.Thread(target=self._guarded, name="conversation-materializer", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Finish the batch in hand (it commits or rolls back as a whole) and close."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
+    # -- lifecycle (ThreadWorker: `stop` lets the batch in hand commit or roll back as a whole) ---
     def ready(self) -> bool:
         """Health: migrated, the database answered last time it was asked (at least once a
         second), and caught up once with the end offsets the topic had when this worker started.
@@ -118,13 +107,6 @@ class Materializer:
                 return False
             time.sleep(0.05)
         return self.ready()
-
-    def _guarded(self) -> None:
-        try:
-            self.run()
-        except BaseException as exc:  # surfaced to ServiceApp, which exits non-zero
-            self.error = exc
-            log.exception("conversation materializer crashed")
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> None:
