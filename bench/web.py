@@ -135,6 +135,9 @@ def write_md(doc: dict[str, Any]) -> None:
         f"min {o['min']} ms, max {o['max']} ms. Goal: p50 <= {GOAL_MS:g} ms: "
         f"**{'met' if r['met'] else 'not met'}**.", "",
         "The two paths differ only by services/web (JSON parsing, one gRPC call on a kept channel, SSE "
-        "framing); a single chat's TTFT through the pipeline varies by tens of milliseconds on 2 cores "
-        "(Kafka hops, moderation), so the paired p50 is the figure to read, not one pair.", ""])
+        "framing); a single chat's TTFT through the pipeline varies by tens to hundreds of milliseconds on 2 cores "
+        "(Kafka hops, moderation), so the paired p50 is the figure to read, not one pair.", "",
+        *([f"This run was noisy (load {doc['machine']['loadavg_before'][0]} on {doc['machine']['cpus']} CPUs): "
+           "pairs differ by far more than the goal either way; rerun on a quiet machine before judging it.", ""]
+          if doc.get("noisy") else [])])
     (common.RESULTS / f"{NAME}.md").write_text(text, encoding="utf-8")

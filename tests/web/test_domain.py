@@ -240,3 +240,24 @@ def test_moderation_inputs_accept_strings_and_text_parts_only() -> None:
     assert err(domain.moderation_inputs, {"input": []}).param == "input"
     resp = moderation_pb2.ModerateResponse(model="m1", results=[common_pb2.ModerationResult()])
     assert domain.moderation_response(resp, "x")["model"] == "m1"
+
+
+def test_feedback_request_carries_a_rating_or_a_ranking() -> None:
+    req = domain.feedback_request({"conversation_id": CONV, "turn_index": 2,
+                                   "rating": {"answer_index": 1, "thumbs_up": False, "comment": "off topic"}})
+    assert (req.conversation_id, req.turn_index, req.WhichOneof("feedback")) == (CONV, 2, "rating")
+    assert (req.rating.answer_index, req.rating.thumbs_up, req.rating.comment) == (1, False, "off topic")
+    req = domain.feedback_request({"conversation_id": CONV, "turn_index": 1, "ranking": {"order": [2, 0, 1]}})
+    assert list(req.ranking.order) == [2, 0, 1]
+
+
+@pytest.mark.parametrize(("fb", "param"), [
+    ({"turn_index": 1, "ranking": {"order": [0, 1]}}, "conversation_id"),
+    ({"conversation_id": CONV, "ranking": {"order": [0, 1]}}, "turn_index"),
+    ({"conversation_id": CONV, "turn_index": 1}, "rating"),
+    ({"conversation_id": CONV, "turn_index": 1, "rating": {"thumbs_up": True}, "ranking": {"order": [0]}}, "rating"),
+    ({"conversation_id": CONV, "turn_index": 1, "rating": {"answer_index": 0}}, "rating.thumbs_up"),
+    ({"conversation_id": CONV, "turn_index": 1, "ranking": {"order": ["a"]}}, "ranking.order"),
+])
+def test_bad_feedback_is_400_naming_the_field(fb: dict, param: str) -> None:
+    assert err(domain.feedback_request, fb).param == param
