@@ -193,7 +193,7 @@ class Run:
         worker = kafka_loop.StageWorker(self.stage.name, [self.topic_in], self.stage.message_type,
                                         redirected(self.stage.handler, self.topic_out), self.kafka,
                                         group_id=self.group, instance_id="bench")
-        target = wrap(worker._run_guarded) if wrap else worker._run_guarded
+        target = wrap(worker._guarded) if wrap else worker._guarded
         worker._thread = threading.Thread(target=target, name=f"{self.stage.name}-worker", daemon=True)
         admin = KafkaAdminClient(**self.kafka.client_kwargs(), client_id="bench-offsets")
         try:
