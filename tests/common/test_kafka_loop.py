@@ -12,6 +12,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from services.common import events, topics
 from tests.common.kafka_util import Tail, create, produce, read_all
 from tests.common.procs import Proc
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.kafka
 
@@ -266,3 +267,24 @@ def test_backlog_of_slow_records_longer_than_the_transaction_timeout_drains_exac
     # Committed in parts: the first outputs were readable long before the backlog was done.
     assert first_after is not None and first_after < 12, first_after
     assert "batch over its time budget" in stage.output()
+
+
+def test_two_replicas_without_INSTANCE_ID_share_the_work_without_fencing_each_other(
+        kafka_bootstrap: str, unique: str) -> None:
+    """Their ids come from their ports (the old fallback "0" gave both one static-membership and
+    one transactional id: the second fenced the first, whose worker died)."""
+    n = 30
+    create(kafka_bootstrap, f"t.in.{unique}", f"t.out.{unique}")
+    replicas = [start_stage(kafka_bootstrap, unique, INSTANCE_ID="", GRPC_PORT=str(free_port()))
+                for _ in range(2)]
+    try:
+        produce(kafka_bootstrap, f"t.in.{unique}", [(f"conv-{i % 4}", turn(i)) for i in range(n)])
+        records = read_all(kafka_bootstrap, f"t.out.{unique}", expect=n, settle=3.0)
+        ids = sorted(events.decode(r.value, r.headers, events_pb2.TurnEvent).request_id for r in records)
+        assert ids == sorted(f"req-{i}" for i in range(n)), "lost or duplicated outputs"
+        assert [p.popen.poll() for p in replicas] == [None, None], [p.output()[-2000:] for p in replicas]
+        assert not any("Fenced" in p.output() for p in replicas)
+    finally:
+        for p in replicas:
+            p.signal(signal.SIGTERM)
+    assert [p.wait(30) for p in replicas] == [0, 0]
