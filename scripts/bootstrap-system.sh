@@ -68,6 +68,13 @@ else
   log "prometheus missing"
   missing+=(prometheus prometheus-pushgateway)
 fi
+# Headless Chromium and its WebDriver: the web page's browser test (tests/pipeline/test_web_page.py).
+if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+  log "chromium ok ($(command -v chromium))"
+else
+  log "chromium missing"
+  missing+=(chromium chromium-driver)
+fi
 
 if [[ ${#missing[@]} -eq 0 ]]; then
   exit 0

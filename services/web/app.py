@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,8 +23,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from model.registry import DEFAULT_DEPLOYMENT, Registry, RegistryError
 from services.common import tls
@@ -32,6 +34,7 @@ from services.web import domain, metrics
 from services.web.config import WebConfig
 
 log = logging.getLogger(__name__)
+STATIC = Path(__file__).resolve().parent / "static"  # the page: plain HTML/JS/CSS, no build step
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -375,4 +378,6 @@ def build_app(backend: Backend) -> Starlette:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
+        Route("/", lambda _request: FileResponse(STATIC / "index.html"), methods=["GET"]),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ])
