@@ -116,16 +116,11 @@ def parse(doc: object, source: str = "policy") -> Policy:
         where = f"{source}: categories.{name}"
         if not isinstance(entry, dict):
             raise PolicyError(f"{where}: expected a mapping with action and threshold")
-        action = entry.get("action")
-        if action not in ACTIONS:
-            raise PolicyError(f"{where}.action: {action!r} is not one of block, warn, allow")
-        threshold = entry.get("threshold")
-        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold <= 1:
-            raise PolicyError(f"{where}.threshold: {threshold!r} is not a number in (0, 1]")
+        action, threshold = _action_and_threshold(entry, where)
         from_context = entry.get("from_context", False)
         if not isinstance(from_context, bool):
             raise PolicyError(f"{where}.from_context: expected true or false")
-        out[name] = CategoryPolicy(ACTIONS[action], float(threshold), from_context)
+        out[name] = CategoryPolicy(action, threshold, from_context)
     return Policy(version=version.strip(), categories=out, leak=_parse_leak(doc, source))
 
 
@@ -140,19 +135,25 @@ def _parse_leak(doc: dict, source: str) -> LeakPolicy | None:  # type: ignore[ty
     unknown = sorted(set(entry) - {"action", "threshold", "ngram", "min_ngrams"})
     if unknown:
         raise PolicyError(f"{where}: unknown keys {unknown}")
-    action = entry.get("action")
-    if action not in ACTIONS:
-        raise PolicyError(f"{where}.action: {action!r} is not one of block, warn, allow")
-    threshold = entry.get("threshold")
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold <= 1:
-        raise PolicyError(f"{where}.threshold: {threshold!r} is not a number in (0, 1]")
+    action, threshold = _action_and_threshold(entry, where)
     ints = {}
     for key, default in (("ngram", 4), ("min_ngrams", 6)):
         value = entry.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
             raise PolicyError(f"{where}.{key}: {value!r} is not a whole number in 1..64")
         ints[key] = value
-    return LeakPolicy(ACTIONS[action], float(threshold), **ints)
+    return LeakPolicy(action, threshold, **ints)
+
+
+def _action_and_threshold(entry: dict, where: str) -> tuple[int, float]:  # type: ignore[type-arg]
+    """A policy entry's `action` (block, warn, allow) and `threshold` in (0, 1], or PolicyError."""
+    action = entry.get("action")
+    if action not in ACTIONS:
+        raise PolicyError(f"{where}.action: {action!r} is not one of block, warn, allow")
+    threshold = entry.get("threshold")
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold <= 1:
+        raise PolicyError(f"{where}.threshold: {threshold!r} is not a number in (0, 1]")
+    return ACTIONS[action], float(threshold)
 
 
 def load(path: Path | str) -> Policy:

@@ -15,6 +15,7 @@ from colloquy.v1 import chat_pb2, chat_pb2_grpc, common_pb2, events_pb2, generat
 
 from services.common import events, topics
 from tests.common.kafka_util import Tail
+from tests.pipeline.progress import final_progress
 from tests.pipeline.stack import Stack
 
 pytestmark = [pytest.mark.kafka, pytest.mark.pipeline]
@@ -129,17 +130,7 @@ def test_cancelled_chat_stops_generation(chat, kafka_bootstrap: str) -> None:
         if ev.WhichOneof("event") == "delta":
             break
     call.cancel()
-    deadline = time.monotonic() + 150
-    final = None
-    try:
-        while time.monotonic() < deadline and final is None:
-            for records in progress.consumer.poll(timeout_ms=500).values():
-                for r in records:
-                    p = events.decode(r.value, r.headers, events_pb2.GenerationProgress)
-                    if p.turn.request_id == request_id and p.done:
-                        final = p
-    finally:
-        progress.close()
+    final = final_progress(progress, request_id)
     assert final is not None, "generation never finished the cancelled request"
     [cand] = final.candidates
     assert cand.finish_reason == generation_pb2.FINISH_REASON_CANCELLED

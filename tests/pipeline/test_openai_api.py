@@ -11,10 +11,11 @@ import uuid
 import grpc
 import openai
 import pytest
-from colloquy.v1 import chat_pb2, chat_pb2_grpc, events_pb2, generation_pb2
+from colloquy.v1 import chat_pb2, chat_pb2_grpc, generation_pb2
 
-from services.common import events, topics
+from services.common import topics
 from tests.common.kafka_util import Tail
+from tests.pipeline.progress import final_progress
 from tests.pipeline.stack import Stack
 
 pytestmark = [pytest.mark.kafka, pytest.mark.pipeline]
@@ -244,17 +245,7 @@ def test_client_that_disconnects_mid_stream_cancels_generation(client: openai.Op
         if c.choices and c.choices[0].delta.content:
             break
     stream.close()  # the HTTP connection goes away mid-answer
-    deadline = time.monotonic() + 150
-    final = None
-    try:
-        while time.monotonic() < deadline and final is None:
-            for records in progress.consumer.poll(timeout_ms=500).values():
-                for r in records:
-                    p = events.decode(r.value, r.headers, events_pb2.GenerationProgress)
-                    if p.turn.request_id == request_id and p.done:
-                        final = p
-    finally:
-        progress.close()
+    final = final_progress(progress, request_id)
     assert final is not None, "generation never finished the abandoned request"
     [cand] = final.candidates
     say("disconnect after the first chunk -> generation", generation_pb2.FinishReason.Name(cand.finish_reason),
