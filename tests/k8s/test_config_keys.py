@@ -103,8 +103,9 @@ def targets(service: str) -> list[Target]:
         # get their settings from it (train_loop_config), not from the environment.
         return [Target("RayJob/rlhf-*:head", "ray-head", ("module",))]
     if service == "web":
-        # Issue 18's first slice runs the HTTP front locally (make demo, tests/pipeline) only.
-        pytest.skip("services/web has no Kubernetes manifests yet (issue 18): nothing to check")
+        # python -m services.web loads WebConfig only (no ServerConfig, no Kafka: it is a gRPC
+        # client of the gateway and moderation); colloquy-common reaches it all the same.
+        return [Target("Deployment/web", "web", ("module",))]
     raise AssertionError(f"services/{service}/config.py is not mapped to any pod: add it to targets()")
 
 

@@ -38,6 +38,7 @@ def test_dev_is_one_replica_on_cpu(render) -> None:  # type: ignore[no-untyped-d
     docs = render("dev")
     objects = docs + manifests.embedded_objects(docs)
     assert {s["spec"]["replicas"] for s in manifests.by_kind(docs, "StatefulSet").values()} == {1}
+    assert manifests.by_kind(docs, "Deployment")["web"]["spec"]["replicas"] == 1
     assert not _gpu_requests(objects)
     assert manifests.by_kind(docs, "ConfigMap")["generation-engine"]["data"]["GENERATION_PROVIDER"] == "cpu"
     cluster = _rayservice(docs)["rayClusterConfig"]
@@ -83,6 +84,11 @@ def test_prod_autoscalers_own_the_replica_counts(render) -> None:  # type: ignor
                         ("moderation", topics.CHAT_TOKENIZED)):
         assert hpas[name]["spec"]["maxReplicas"] <= partitions[topic.name], name
     assert sts["feedback"]["spec"]["replicas"] >= 2
+    # web, the HTTP front, scales like the gateway it translates for.
+    ref = hpas["web"]["spec"]["scaleTargetRef"]
+    assert (ref["kind"], ref["name"]) == ("Deployment", "web")
+    assert "replicas" not in manifests.by_kind(docs, "Deployment")["web"]["spec"], "web: the HPA owns spec.replicas"
+    assert hpas["web"]["spec"]["minReplicas"] >= 2
     # Materializers split conversation.turns' partitions; more than it has would idle.
     assert 2 <= sts["conversation"]["spec"]["replicas"] <= partitions[topics.CONVERSATION_TURNS.name]
 
@@ -91,7 +97,9 @@ def test_prod_disruption_budgets_cover_every_replicated_workload(render) -> None
     docs = render("prod")
     pdbs = list(manifests.by_kind(docs, "PodDisruptionBudget").values())
     targets = [pt for pt in manifests.all_pod_templates(docs)
-               if pt.owner.startswith("StatefulSet/") or pt.owner.startswith("RayService/generation:gpu")]
+               if pt.owner.startswith("StatefulSet/") or pt.owner.startswith("RayService/generation:gpu")
+               or pt.owner == "Deployment/web"]
+    assert "Deployment/web" in {pt.owner for pt in targets}
     for pt in targets:
         matching = [p for p in pdbs if manifests.selects(p["spec"]["selector"], pt.labels)]
         assert len(matching) == 1, pt.owner

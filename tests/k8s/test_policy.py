@@ -25,12 +25,15 @@ IMAGE = re.compile(r"^(?P<repo>[a-z0-9.-]+(:\d+)?(/[a-z0-9._-]+)+)"
                    r"(:(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(@sha256:[0-9a-f]{64})?$")
 # Secrets the render references but does not contain, by who makes them.
 STRIMZI_SECRETS = {f"{manifests.KAFKA_CLUSTER}-cluster-ca-cert"}  # + one per KafkaUser (added below)
-# Created by whoever deploys (README): prod's API keys and each gRPC service's TLS Secret.
+# Created by whoever deploys (README): prod's API keys and each gRPC service's TLS Secret (and
+# web's, a gRPC client of the gateway and moderation).
 # prod: also PostgreSQL's passwords (Secret `postgres`; dev generates it).
 OPERATOR_SECRETS = {"prod": {"gateway-api-keys", "postgres"} | {
                         f"{s}-tls" for s in ("gateway", "tokenizer", "moderation", "prompt", "feedback",
-                                             "conversation")},
+                                             "conversation", "web")},
                     "dev": set()}
+# The public fronts: the only pods open beyond the namespace, each on one port, by one policy.
+PUBLIC_INGRESS = {"gateway-ingress": ("gateway", "grpc"), "web-ingress": ("web", "http")}
 OPERATOR_NAMESPACES = {"kuberay-system", "monitoring"}
 
 
@@ -248,14 +251,18 @@ def test_default_deny(docs: list[Obj]) -> None:
     assert "ingress" not in deny and "egress" not in deny
 
 
-def test_only_the_gateway_is_open_beyond_the_namespace(docs: list[Obj]) -> None:
-    for name, pol in _policies(docs).items():
+def test_only_the_public_fronts_are_open_beyond_the_namespace(docs: list[Obj]) -> None:
+    """The gateway's gRPC port and web's HTTP port, nothing else (and both are there)."""
+    policies = _policies(docs)
+    assert set(PUBLIC_INGRESS) <= set(policies)
+    for name, pol in policies.items():
         for rule in pol["spec"].get("ingress", []):
             peers = rule.get("from")
             if not peers:  # open to every source
-                assert name == "gateway-ingress", f"{name} admits traffic from anywhere"
-                assert pol["spec"]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "gateway"}}
-                assert [p["port"] for p in rule["ports"]] == ["grpc"]
+                assert name in PUBLIC_INGRESS, f"{name} admits traffic from anywhere"
+                app, port = PUBLIC_INGRESS[name]
+                assert pol["spec"]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": app}}
+                assert [p["port"] for p in rule["ports"]] == [port]
                 continue
             for peer in peers:
                 assert "ipBlock" not in peer, f"{name}: ipBlock ingress"
@@ -267,18 +274,20 @@ def test_only_the_gateway_is_open_beyond_the_namespace(docs: list[Obj]) -> None:
 def test_services_reach_dns_kafka_and_only_the_addresses_they_dial(docs: list[Obj]) -> None:
     """Egress of every service: DNS, Kafka, and its generated dials-<name> policy exactly when it is
     configured to dial a Service (the gateway: moderation, for its fail-closed health watch; the
-    conversation service: postgres). PostgreSQL itself: DNS only.
+    conversation service: postgres; web: the gateway and moderation). PostgreSQL itself: DNS only.
     This test once asserted Kafka and DNS only, the rule that refused every Chat (issue 16)."""
     dialers = {d.source.owner for d in connectivity.dials(docs)
                if connectivity.resolve(docs, d).what.startswith("Service/")}
-    assert {"StatefulSet/gateway", "StatefulSet/conversation"} <= dialers
-    for sts in manifests.by_kind(docs, "StatefulSet").values():
-        name = sts["metadata"]["name"]
-        labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert {"StatefulSet/gateway", "StatefulSet/conversation", "Deployment/web"} <= dialers
+    workloads = [("StatefulSet", sts) for sts in manifests.by_kind(docs, "StatefulSet").values()]
+    workloads.append(("Deployment", manifests.by_kind(docs, "Deployment")["web"]))
+    for kind, workload in workloads:
+        name = workload["metadata"]["name"]
+        labels = workload["spec"]["template"]["metadata"]["labels"]
         names = {p["metadata"]["name"] for p in _applying(docs, labels, "Egress")}
         kafka = {"kafka-clients"} if labels.get("colloquy.io/kafka-client") == "true" else set()
         expected = {"default-deny", "allow-dns"} | kafka | (
-            {f"{sync.DIALS_PREFIX}{name}"} if f"StatefulSet/{name}" in dialers else set())
+            {f"{sync.DIALS_PREFIX}{name}"} if f"{kind}/{name}" in dialers else set())
         assert names == expected, (name, names)
     kafka = _policies(docs)["kafka-clients"]["spec"]["egress"]
     assert kafka == [{"to": [{"podSelector": {"matchLabels": {"strimzi.io/cluster": "colloquy",
