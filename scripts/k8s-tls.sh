@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-readonly SERVICES=(gateway tokenizer moderation prompt feedback conversation)
+readonly SERVICES=(gateway tokenizer moderation prompt feedback conversation web)
 OUT=${OUT:-var/k8s-tls}
 NAMESPACE=${NAMESPACE:-colloquy}
 DAYS=${DAYS:-365}
