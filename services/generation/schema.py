@@ -38,6 +38,13 @@ class InvalidRequest(EngineError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Ray carries a replica's exception to Serve's gRPC proxy pickled; the default rebuilds it
+        # from `args` (one string) and fails on the two-argument __init__, so the caller got
+        # INTERNAL "Failed to deserialize exception" instead of INVALID_ARGUMENT.
+        return (type(self), (self.field, self.message))
 
 
 class EngineClosed(EngineError):

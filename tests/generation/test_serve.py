@@ -137,6 +137,9 @@ def test_same_request_id_gives_the_same_answer(app: App) -> None:
     ({"top_p": 1.01}, "sampling.top_p"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "sampling.stop"),
     ({"stop": ["y" * 65]}, "sampling.stop[0]"),
+    # Refused by the engine inside the replica (longer than a KV slot): the exception crosses from
+    # the replica to Serve's proxy pickled, and came out INTERNAL when it could not be rebuilt.
+    ({"prompt": "word " * 5000}, "prompt"),
 ])
 def test_invalid_argument_names_the_field(app: App, change: dict[str, Any], field: str) -> None:
     sampling = common_pb2.SamplingParams(max_tokens=10)

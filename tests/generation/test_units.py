@@ -164,3 +164,20 @@ def test_unset_sampling_comes_from_the_answering_versions_manifest(tmp_path) -> 
     s = LoadedModel.resolve(model, engine.Sampling(temperature=0.0, top_p=1.0, top_k=0,  # type: ignore[arg-type]
                                                    repetition_penalty=1.0))
     assert (s.temperature, s.top_p, s.top_k, s.repetition_penalty) == (0.0, 1.0, 0, 1.0)  # explicit wins
+
+
+@pytest.mark.parametrize("exc", [
+    engine.InvalidRequest("prompt", "2250 tokens, but the model's context is 2048 tokens"),
+    engine.Overloaded("generation is at capacity"),
+    engine.DeadlineExceeded("deadline passed"),
+    engine.EngineClosed("shutting down"),
+    api.InvalidArgument("sampling.n: must be at least 1"),
+])
+def test_errors_a_replica_raises_survive_ray_pickling_with_their_type_and_text(exc: Exception) -> None:
+    """Ray pickles a replica's exception for Serve's gRPC proxy: one that cannot be rebuilt reaches
+    the caller as INTERNAL "Failed to deserialize exception" instead of its own status."""
+    import pickle
+
+    back = pickle.loads(pickle.dumps(exc))
+    assert type(back) is type(exc) and str(back) == str(exc)
+    assert getattr(back, "field", None) == getattr(exc, "field", None)

@@ -39,7 +39,8 @@ def binary(name: str) -> str:
 def local_metrics_ports() -> dict[str, int]:
     """service -> metrics port of the local stack (scripts/stack.sh's SERVICES table)."""
     text = STACK_SH.read_text(encoding="utf-8")
-    rows = re.findall(r'^\s*"(\w+)\s+services\.\w+\s+\S+\s+(\d+)"\s*$', text, flags=re.M)
+    # The metrics column is a number, or `${VAR:-number}` where it is the service's own port (web).
+    rows = re.findall(r'^\s*"(\w+)\s+services\.\w+\s+\S+\s+(?:\$\{\w+:-)?(\d+)\}?"\s*$', text, flags=re.M)
     return {name: int(port) for name, port in rows}
 
 
