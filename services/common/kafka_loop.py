@@ -503,17 +503,22 @@ class StageWorker(ThreadWorker, Generic[M]):
         if now - self._last_lag < 5:
             return
         self._last_lag = now
-        parts = consumer.assignment()
-        if not parts:
-            return
-        try:
-            ends = consumer.end_offsets(list(parts))
-            for tp in parts:
-                pos = consumer.position(tp)
-                metrics.CONSUMER_LAG.labels(self.group_id, tp.topic, str(tp.partition)).set(
-                    max(0, ends.get(tp, pos) - pos))
-        except Exception:
-            log.debug("lag probe failed", exc_info=True)
+        report_lag(consumer, self.group_id)
+
+
+def report_lag(consumer: KafkaConsumer, group_id: str) -> None:
+    """Set the consumer-lag gauge of each assigned partition (end offset minus position); a failed
+    probe only logs, it must never stop the loop that calls it."""
+    parts = list(consumer.assignment())
+    if not parts:
+        return
+    try:
+        ends = consumer.end_offsets(parts)
+        for tp in parts:
+            pos = consumer.position(tp)
+            metrics.CONSUMER_LAG.labels(group_id, tp.topic, str(tp.partition)).set(max(0, ends.get(tp, pos) - pos))
+    except Exception:
+        log.debug("lag probe failed", exc_info=True)
 
 
 class DeadLetter(events.OutEvent):

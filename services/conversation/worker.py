@@ -321,17 +321,7 @@ class Materializer(ThreadWorker):
         if consumer is None or now - self._last_lag < 5:
             return
         self._last_lag = now
-        parts = list(consumer.assignment())
-        if not parts:
-            return
-        try:
-            ends = consumer.end_offsets(parts)
-            for tp in parts:
-                pos = consumer.position(tp)
-                metrics.CONSUMER_LAG.labels(self.group_id, tp.topic, str(tp.partition)).set(
-                    max(0, ends.get(tp, pos) - pos))
-        except Exception:
-            log.debug("lag probe failed", exc_info=True)
+        kafka_loop.report_lag(consumer, self.group_id)
 
 
 def kill_before_commit(batch: int) -> Callable[[int], None]:
