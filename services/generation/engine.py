@@ -149,8 +149,12 @@ class AsyncEngine:
 
     def _load(self, path: str | Path, version: str) -> LoadedModel:
         model = LoadedModel(path, version, self.config.provider, self.config.threads, self.config.spin)
+        sched = Scheduler(model, self.config, self._lock)
+        if self.config.warm_up:  # before the loop can see it: nothing else uses its slots yet
+            log.info("engine warmed up", extra={"model_version": version, "rows": self.config.max_running,
+                                                "seconds": round(sched.warm_up(), 2)})
         with self._lock:
-            self._sched[id(model)] = Scheduler(model, self.config, self._lock)
+            self._sched[id(model)] = sched
         M.MODEL_INFO.labels(version, model.provider).set(1)
         return model
 

@@ -189,6 +189,22 @@ class Scheduler:
                                                   "slot_tokens": kv.tokens, "bytes": kv.nbytes})
         return self._fw
 
+    def warm_up(self) -> float:
+        """One decode pass at every batch size and one prefill, before any request; the seconds it took.
+
+        ONNX Runtime's first pass at a new input shape is slow: on 2 cores the first decode at each
+        of 1..16 rows took 208-682 ms, a second visit 18-49 ms. Unwarmed, every join of a fresh
+        engine's first 16 streams stalled all of them that long (the ITL p99 of a cold benchmark).
+        vLLM captures its CUDA graphs per batch size at start-up for the same reason. The passes
+        write only free slots (rows start at length 0), which a request's KV overwrites when it joins.
+        """
+        started = time.perf_counter()
+        fw = self._forward()
+        fw.prefill(list(range(1, 9)), 0)
+        for rows in range(1, self.config.max_running + 1):
+            fw.decode(np.zeros(rows, np.int64), np.zeros(rows, np.int64))
+        return time.perf_counter() - started
+
     def _prefill(self, touched: set[Job]) -> None:
         job, fw = self.prefilling, self._forward()
         assert job is not None

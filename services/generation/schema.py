@@ -113,6 +113,8 @@ class EngineConfig:
     slot_tokens: int = 0
     # Prompt tokens queued (waiting, not yet prefilled) beyond which submit() says Overloaded.
     max_queued_prompt_tokens: int = 65536
+    # One decode pass per batch size at load (Scheduler.warm_up): no first-visit stalls later.
+    warm_up: bool = True
     # The prefix cache (KV by blocks of prompt tokens, LRU): 0 conversations = off (the name is
     # the old per-conversation cache's; any positive value turns the block cache on) ...
     prefix_cache_conversations: int = 16
