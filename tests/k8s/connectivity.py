@@ -81,7 +81,7 @@ def _expand(env: dict[str, manifests.EnvValue]) -> dict[str, str]:
             raw[name] = v.value
         elif v.field_ref == "status.podIP":
             raw[name] = POD_IP
-    return {k: re.sub(r"\$\((\w+)\)", lambda m: raw.get(m.group(1), m.group(0)), v) for k, v in raw.items()}
+    return manifests.expand_vars(raw)
 
 
 def _split(value: str) -> list[tuple[str, int]]:

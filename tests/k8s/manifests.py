@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -127,6 +128,11 @@ class EnvValue:
     field_ref: str | None = None  # e.g. "metadata.name"
     secret: tuple[str, str] | None = None  # (Secret name, key)
     configmap: tuple[str, str] | None = None  # (ConfigMap name, key) for configMapKeyRef
+
+
+def expand_vars(raw: dict[str, str]) -> dict[str, str]:
+    """Each value with Kubernetes' $(VAR) references to the other variables expanded (unknown ones kept)."""
+    return {k: re.sub(r"\$\((\w+)\)", lambda m: raw.get(m.group(1), m.group(0)), v) for k, v in raw.items()}
 
 
 def effective_env(container: dict[str, Any], configmaps: dict[str, Obj]) -> dict[str, EnvValue]:

@@ -141,7 +141,7 @@ def resolve(env: dict[str, EnvValue], pod_name: str = "pod-0") -> dict[str, str]
             raw[name] = "10.0.0.1"
         else:
             raw[name] = "from-a-secret"
-    return {k: re.sub(r"\$\((\w+)\)", lambda m: raw.get(m.group(1), m.group(0)), v) for k, v in raw.items()}
+    return manifests.expand_vars(raw)
 
 
 @pytest.mark.parametrize("service", service_modules())
