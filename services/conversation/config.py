@@ -43,6 +43,12 @@ class ConversationConfig:
                                hint="0..600000 milliseconds (SQLite's wait for a locked database)")
     retry_seconds: float = env("CONVERSATION_DB_RETRY_SECONDS", 1.0, check=lambda v: 0 < v <= 60,
                                hint="seconds between attempts while the database cannot be reached, 0..60")
+    # Conversations idle (no new turn) longer than this are deleted like DeleteConversation does;
+    # 0 keeps them forever. Checked every CONVERSATION_RETENTION_SWEEP_SECONDS.
+    retention_days: float = env("CONVERSATION_RETENTION_DAYS", 0.0, check=lambda v: v >= 0,
+                                hint="days >= 0 (0 = keep forever)")
+    retention_sweep_s: float = env("CONVERSATION_RETENTION_SWEEP_SECONDS", 3600.0, check=lambda v: v >= 1,
+                                   hint="seconds >= 1")
     # Test hook (tests/conversation): SIGKILL this process after writing batch N's rows, before its
     # commit. 0 = off; never set it in a deployment.
     fault_kill_before_commit: int = env("CONVERSATION_FAULT_KILL_BEFORE_COMMIT", 0, check=lambda v: v >= 0,

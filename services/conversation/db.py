@@ -113,6 +113,14 @@ class History:
 
 
 @dataclasses.dataclass(frozen=True)
+class Owner:
+    """Who a conversation belongs to, and whether it was deleted."""
+
+    user_id: str
+    deleted: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class StoredTurn:
     turn: chat_pb2.Turn
     prompt: str
@@ -432,6 +440,32 @@ class ConversationDB:
             rows = conn.execute(sa.select(turns.c.turn).where(turns.c.conversation_id == conversation_id)
                                 .order_by(turns.c.turn_index)).all()
         return History(row.user_id, row.deleted_ms is not None, [_turn(r.turn) for r in rows])
+
+    def owner(self, conversation_id: str) -> Owner | None:
+        """The conversation's owner (None: never recorded). For "someone else's or deleted"
+        checks that must not load its turns."""
+        c = conversations
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(c.c.user_id, c.c.deleted_ms).where(c.c.id == conversation_id)).first()
+        return None if row is None else Owner(row.user_id, row.deleted_ms is not None)
+
+    def turn_indexes(self, conversation_id: str, user_id: str) -> list[int] | None:
+        """The turn indexes of the caller's conversation (None: not the caller's, or deleted):
+        the keys a deletion writes tombstones for."""
+        with self.engine.connect() as conn:
+            if conn.execute(self._owned(conversation_id, user_id)).first() is None:
+                return None
+            return [int(r[0]) for r in conn.execute(sa.select(turns.c.turn_index).where(
+                turns.c.conversation_id == conversation_id).order_by(turns.c.turn_index))]
+
+    def idle_conversations(self, before_ms: int, limit: int = 500) -> list[tuple[str, str]]:
+        """(conversation, owner) of live conversations whose last activity is before `before_ms`,
+        oldest first, at most `limit`: what the retention sweep deletes."""
+        c = conversations
+        q = (sa.select(c.c.id, c.c.user_id).where(c.c.deleted_ms.is_(None), c.c.last_activity_ms < before_ms)
+             .order_by(c.c.last_activity_ms, c.c.id).limit(limit))
+        with self.engine.connect() as conn:
+            return [(r.id, r.user_id) for r in conn.execute(q)]
 
     def turn_recorded(self, conversation_id: str, index: int) -> bool:
         """Whether turn `index` is in the store (read-your-writes waits poll this)."""

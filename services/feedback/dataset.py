@@ -8,6 +8,9 @@ a committed offset never points past rows a power cut could lose.
 `read` gives the dataset a trainer uses: one rating and one ranking per (user, conversation,
 turn), the one submitted last. A re-submission replaces the earlier one there; both stay in
 the files and on `chat.feedback`.
+
+Deleting a conversation (`ConversationErased` on `chat.feedback`) removes its rows from the
+files (`erase`): a deleted conversation's feedback never reaches training again.
 """
 
 from __future__ import annotations
@@ -90,6 +93,44 @@ def write_rows(root: Path, rows: list[dict], partition: int, first_offset: int, 
         _fsync_dir(folder)  # the rename itself
         written.append(path)
     return written
+
+
+def erase(root: Path, conversation_ids: set[str]) -> int:
+    """Remove every row of these conversations (deleted by their owner or by retention) from the
+    dataset's files; returns the rows removed. Each changed file is replaced atomically and
+    durably like `write_rows` does (a file left with no rows is removed), so a crash leaves
+    either the old or the new file and erasing again finishes the job."""
+    if not conversation_ids or not root.exists():
+        return 0
+    import pyarrow.compute as pc
+
+    wanted = pa.array(sorted(conversation_ids), pa.string())
+    removed = 0
+    for path in sorted(root.glob("date=*/*.parquet")):
+        try:
+            table = pq.read_table(path, columns=SCHEMA.names)
+        except (pa.ArrowInvalid, OSError) as exc:
+            log.warning("skipping an unreadable dataset file", extra={"path": str(path), "error": repr(exc)})
+            continue
+        hit = pc.is_in(table["conversation_id"], value_set=wanted)
+        gone = pc.sum(hit).as_py() or 0
+        if not gone:
+            continue
+        keep = table.filter(pc.invert(hit))
+        if keep.num_rows:
+            tmp = path.with_suffix(".parquet.tmp")
+            pq.write_table(keep, tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        else:
+            path.unlink()
+        _fsync_dir(path.parent)
+        removed += gone
+    return removed
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -1,4 +1,4 @@
-"""Kafka stage: chat.feedback -> Parquet files.
+"""Kafka stage: chat.feedback -> Parquet files (and a deleted conversation's rows out of them).
 
 Why not the transactional StageWorker: the output is files, not Kafka records. Offsets are
 committed only after a batch's file is fsynced, renamed into place and its directory fsynced
@@ -9,15 +9,24 @@ per submission.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from colloquy.v1 import events_pb2
 from kafka.structs import OffsetAndMetadata
+from prometheus_client import Counter
 
 from services.common import events, kafka_loop, metrics, topics
 from services.common.config import KafkaConfig
 from services.common.runtime import ThreadWorker
 from services.feedback import dataset
+
+log = logging.getLogger(__name__)
+
+
+ERASED = events_pb2.ConversationErased.DESCRIPTOR.full_name
+ERASED_ROWS = Counter("colloquy_feedback_erased_rows_total",
+                      "Dataset rows removed because their conversation was deleted")
 
 
 class FeedbackSink(ThreadWorker):
@@ -31,6 +40,13 @@ class FeedbackSink(ThreadWorker):
         self.instance_id = instance_id
         self.topic = topic
         self.group_id = group_id
+
+    @staticmethod
+    def _erasure(value: bytes | None, headers: list[tuple[str, bytes]] | None) -> str:
+        msg = events.decode(value, headers, events_pb2.ConversationErased)
+        if not msg.conversation_id:
+            raise events.PoisonEvent("ConversationErased without a conversation_id")
+        return msg.conversation_id
 
     def run(self) -> None:
         consumer = kafka_loop.make_consumer(
@@ -48,9 +64,13 @@ class FeedbackSink(ThreadWorker):
                 offsets = {}
                 for tp, records in batch.items():
                     rows = []
+                    erased: set[str] = set()
                     for rec in records:
                         metrics.EVENTS_CONSUMED.labels("feedback", rec.topic).inc()
                         try:
+                            if events.header(rec.headers, events.H_TYPE) == ERASED:
+                                erased.add(self._erasure(rec.value, rec.headers))
+                                continue
                             rows.append(dataset.row(events.decode(rec.value, rec.headers, events_pb2.FeedbackEvent)))
                         except events.PoisonEvent as exc:
                             if producer is None:
@@ -60,6 +80,11 @@ class FeedbackSink(ThreadWorker):
                             metrics.EVENTS_DEAD_LETTERED.labels("feedback", rec.topic).inc()
                     if rows:
                         dataset.write_rows(self.root, rows, tp.partition, records[0].offset, records[-1].offset)
+                    if erased:  # after this batch's rows: feedback that raced the deletion goes too
+                        removed = dataset.erase(self.root, erased)
+                        ERASED_ROWS.inc(removed)
+                        log.info("erased deleted conversations' feedback",
+                                 extra={"conversations": len(erased), "rows": removed})
                     offsets[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
                 if offsets:
                     consumer.commit(offsets)

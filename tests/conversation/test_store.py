@@ -215,3 +215,19 @@ def test_one_batch_has_the_outcome_of_its_records_applied_one_by_one(store: Conv
     assert (summary.title, summary.created_ms, summary.last_activity_ms) == ("first v2", 1000, 3000)
     assert store.get_conversation(conv, "mallory") is None
     assert [s.conversation_id for s in store.list_conversations("bob").conversations] == [other]
+
+
+def test_owner_turn_indexes_and_idle_conversations_for_deletion(store: ConversationDB) -> None:
+    """What DeleteConversation and the retention sweep read: the owner, the caller's turn keys,
+    and live conversations idle since before a cutoff (oldest first, deleted ones left out)."""
+    feed, old, new, gone = Feeder(store), _conv(), _conv(), _conv()
+    feed.put(record(old, "alice", 1, created_ms=1_000), record(old, "alice", 2, created_ms=2_000),
+             record(new, "bob", 1, created_ms=9_000), record(gone, "alice", 1, created_ms=500))
+    assert store.delete_conversation(gone, "alice")
+    assert store.owner(old) is not None and store.owner(old).user_id == "alice" and not store.owner(old).deleted
+    assert store.owner(gone) is not None and store.owner(gone).deleted and store.owner(_conv()) is None
+    assert store.turn_indexes(old, "alice") == [1, 2]
+    assert store.turn_indexes(old, "bob") is None and store.turn_indexes(gone, "alice") is None
+    assert store.idle_conversations(5_000) == [(old, "alice")]
+    assert store.idle_conversations(10_000) == [(old, "alice"), (new, "bob")]
+    assert store.idle_conversations(10_000, limit=1) == [(old, "alice")]

@@ -52,3 +52,23 @@ def test_same_millisecond_resubmission_is_ordered_by_the_kafka_log(tmp_path: Pat
     dataset.write_rows(tmp_path, [fb("first", "ranking", 1_000, ranking=[0, 1, 2])], 0, 9, 9)
     dataset.write_rows(tmp_path, [fb("second", "ranking", 1_000, ranking=[1, 0, 2])], 0, 10, 10)
     assert [r["feedback_id"] for r in dataset.read(tmp_path).to_pylist()] == ["second"]
+
+
+def test_erase_removes_a_deleted_conversations_rows_from_every_file(tmp_path: Path) -> None:
+    """A deleted conversation's feedback leaves the dataset the trainer reads; other rows stay,
+    a file left empty is removed, and erasing again changes nothing."""
+    from colloquy.v1 import events_pb2
+
+    from services.feedback import dataset as ds
+
+    def r(fid: str, conv: str, day_ms: int) -> dict:
+        return {**ds.row(events_pb2.FeedbackEvent(feedback_id=fid, user_id="u", conversation_id=conv, turn_index=1,
+                                                  created_unix_ms=day_ms)), "kind": "rating"}
+
+    day = 86_400_000
+    ds.write_rows(tmp_path, [r("a1", "gone", 0), r("k1", "kept", 1)], 0, 0, 1)
+    ds.write_rows(tmp_path, [r("a2", "gone", day)], 0, 2, 2)
+    assert ds.erase(tmp_path, {"gone"}) == 2
+    assert [x["feedback_id"] for x in ds.read(tmp_path).to_pylist()] == ["k1"]
+    assert len(list(tmp_path.glob("date=*/*.parquet"))) == 1
+    assert ds.erase(tmp_path, {"gone"}) == 0 and ds.erase(tmp_path / "missing", {"gone"}) == 0
