@@ -36,6 +36,18 @@ EVENTS_DUPLICATE = Counter(
 EVENT_LATENCY = Histogram(
     "colloquy_event_processing_seconds", "Time to process one Kafka record", ["stage", "topic"],
     buckets=LATENCY_BUCKETS)
+# Where a transactional stage's time goes (kafka_loop.StageWorker), fine-grained for the pipeline
+# benchmark: arrival (per record: the upstream producer's send to this stage's poll: the upstream's
+# commit and this consumer's fetch), process (per transaction: the handlers), send (the outputs
+# produced and acknowledged), commit (offsets + EndTxn).
+STAGE_SECONDS = Histogram(
+    "colloquy_stage_seconds", "A transactional stage's time, by part (arrival, process, send, commit)",
+    ["stage", "part"],
+    buckets=(.0005, .001, .002, .003, .004, .005, .006, .008, .01, .012, .015, .02, .025, .03, .04, .05,
+             .075, .1, .15, .2, .3, .5, 1, 2, 5))
+STAGE_BATCH_RECORDS = Histogram(
+    "colloquy_stage_batch_records", "Records committed in one transaction of a stage", ["stage"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 CONSUMER_LAG = Gauge(
     "colloquy_kafka_consumer_lag", "Records behind the log end, per consumer group and partition",
     ["group", "topic", "partition"])

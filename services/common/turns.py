@@ -21,7 +21,7 @@ def deadline_passed(turn: events_pb2.TurnEvent) -> bool:
 def reply(turn: events_pb2.TurnEvent, traceparent: str = "", **oneof: object) -> events.OutEvent:
     """A ReplyEvent for the gateway replica holding this turn's stream.
 
-    Pass exactly one of started=, text=, moderation=, done=, error=.
+    Pass exactly one of started=, text=, moderation=, done=, error=, retraction=.
     """
     msg = events_pb2.ReplyEvent(request_id=turn.request_id, conversation_id=turn.conversation_id, **oneof)
     return events.OutEvent(topic=turn.reply_topic, key=turn.conversation_id, message=msg,

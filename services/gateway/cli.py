@@ -1,6 +1,8 @@
 """`colloquy chat`: a terminal client for the gateway.
 
 Streams answers as they arrive, keeps the conversation across turns, shows moderation notices,
+withdraws text that stream-first moderation retracted (printed text cannot be unprinted, so the
+answer is shown again as it stands, with the withdrawn part removed),
 and lets the person rate the last answer (/up, /down, /rank 1 0) — the comparison data RLHF uses.
 """
 
@@ -40,6 +42,12 @@ def stream_turn(stub: chat_pb2_grpc.ChatServiceStub, key: str, conversation_id: 
                 out.write(f"\n[candidate {ev.delta.index}] ")
             answers[ev.delta.index] = answers.get(ev.delta.index, "") + ev.delta.text
             out.write(ev.delta.text)
+        elif kind == "retraction":
+            index, kept = ev.retraction.index, ev.retraction.kept_chars
+            withdrawn = len(answers.get(index, "")) - kept
+            answers[index] = answers.get(index, "")[:kept]
+            out.write(f"\n[withdrawn by moderation: the last {withdrawn} characters; the answer stands as:]\n"
+                      f"{answers[index]}")
         elif kind == "moderation":
             cats = [c for c, hit in ev.moderation.result.categories.items() if hit]
             out.write(f"\n[moderation {ev.moderation.stage}: {ev.moderation.message}"

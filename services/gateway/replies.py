@@ -17,7 +17,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from services.common import events, kafka_loop
+from services.common import events, kafka_loop, metrics
 from services.common.config import KafkaConfig
 from services.common.runtime import ThreadWorker
 from services.gateway import reply_topics
@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 class ReplyChannel:
     """One request's replies so far, for a listener that attaches late (an idempotent retry).
 
-    Text is cumulative, so the latest text per candidate stands for all earlier ones.
+    Text is cumulative, so the latest text per candidate stands for all earlier ones; a
+    retraction (stream-first moderation) follows the text it cuts.
     """
 
     def __init__(self) -> None:
@@ -36,6 +37,7 @@ class ReplyChannel:
         self._started: events_pb2.ReplyEvent | None = None
         self._texts: dict[int, events_pb2.ReplyEvent] = {}
         self._notices: list[events_pb2.ReplyEvent] = []
+        self._retractions: list[events_pb2.ReplyEvent] = []
         self._final: events_pb2.ReplyEvent | None = None
 
     def record(self, ev: events_pb2.ReplyEvent) -> None:
@@ -48,13 +50,15 @@ class ReplyChannel:
                 self._texts[ev.text.index] = ev
         elif kind == "moderation":
             self._notices.append(ev)
+        elif kind == "retraction":
+            self._retractions.append(ev)
         elif kind in ("done", "error"):
             self._final = self._final or ev
 
     def backlog(self) -> list[events_pb2.ReplyEvent]:
         """What a listener attaching now has missed, in an order a stream can replay."""
         out = [self._started] if self._started is not None else []
-        out += [self._texts[i] for i in sorted(self._texts)] + self._notices
+        out += [self._texts[i] for i in sorted(self._texts)] + self._retractions + self._notices
         return out + ([self._final] if self._final is not None else [])
 
 
@@ -139,14 +143,21 @@ class ReplyRouter(ThreadWorker):
             log.warning("could not mark the reply topic alive", extra={"error": repr(exc)})
 
     def _dispatch(self, rec) -> None:  # type: ignore[no-untyped-def]
+        # The reply path's split (colloquy_stage_seconds{stage="gateway-replies"}): arrival = the
+        # stage's send to this poll (its commit and our fetch), loop = the hop onto the event loop.
+        polled = time.time()
+        arrival_s = max(0.0, polled - rec.timestamp / 1000)
+        metrics.STAGE_SECONDS.labels("gateway-replies", "arrival").observe(arrival_s)
         try:
             ev = events.decode(rec.value, rec.headers, events_pb2.ReplyEvent)
         except events.PoisonEvent:
             log.error("undecodable reply record skipped", extra={"offset": rec.offset})
             return
-        self.loop.call_soon_threadsafe(self._deliver, ev)
+        self.loop.call_soon_threadsafe(self._deliver, ev, polled)
 
-    def _deliver(self, ev: events_pb2.ReplyEvent) -> None:
+    def _deliver(self, ev: events_pb2.ReplyEvent, polled: float | None = None) -> None:
+        if polled is not None:
+            metrics.STAGE_SECONDS.labels("gateway-replies", "loop").observe(max(0.0, time.time() - polled))
         channel = self._channels.get(ev.request_id)
         if channel is None:
             return  # nobody listens here (any more): the turn is in the history when it ends

@@ -251,7 +251,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                                         f"no progress from the pipeline for {self.cfg.reply_idle_timeout_s:.0f}s")
                 last_reply = time.perf_counter()
                 kind = ev.WhichOneof("reply")
-                if not started and poll is not None and kind in ("text", "moderation", "done"):
+                if not started and poll is not None and kind in ("text", "retraction", "moderation", "done"):
                     early.append(ev)
                     continue
                 if kind == "started":
@@ -271,6 +271,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                         sent[ev.text.index] = len(ev.text.text)
                         yield chat_pb2.ChatEvent(delta=chat_pb2.ChatDelta(
                             index=ev.text.index, text=ev.text.text[already:]))
+                elif kind == "retraction":  # stream-first moderation cut text this stream already sent
+                    if sent.get(ev.retraction.index, 0) > ev.retraction.kept_chars:
+                        sent[ev.retraction.index] = ev.retraction.kept_chars
+                        yield chat_pb2.ChatEvent(retraction=ev.retraction)
                 elif kind == "moderation":
                     yield chat_pb2.ChatEvent(moderation=ev.moderation)
                 elif kind == "done":

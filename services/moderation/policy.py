@@ -52,11 +52,47 @@ class LeakPolicy:
     min_ngrams: int = 6
 
 
+HOLD = "hold"
+STREAM_FIRST = "stream_first"
+OUTPUT_MODES = (HOLD, STREAM_FIRST)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputPolicy:
+    """How output moderation releases answer text (see the README's "Hold or stream first").
+
+    `hold`: text reaches the client only once its chunk is checked. `stream_first`: text is
+    released as generated while the checker runs over it; a blocked chunk cuts the answer and the
+    client is told to withdraw what it was shown past the cut. Under stream_first a turn is held
+    and checked like `hold`, from the start, when the user's message scored a `hold_categories`
+    category at `hold_at` x its threshold or more, and from the first checked chunk of the answer
+    that does.
+    """
+
+    mode: str = HOLD
+    hold_categories: tuple[str, ...] = ()
+    hold_at: float = 0.5
+
+
 @dataclasses.dataclass(frozen=True)
 class Policy:
     version: str
     categories: dict[str, CategoryPolicy]
     leak: LeakPolicy | None = None
+    output: OutputPolicy = OutputPolicy()
+
+    def threshold(self, name: str) -> float:
+        """The flagging threshold of a category or of system_prompt_leak (1.0 when not configured)."""
+        if name == SYSTEM_PROMPT_LEAK:
+            return self.leak.threshold if self.leak is not None else 1.0
+        return self.categories[name].threshold
+
+    def suspects_hold(self, result: common_pb2.ModerationResult) -> bool:
+        """True when `result` scores a hold category at hold_at x its threshold or more (stream_first)."""
+        out = self.output
+        return any(name in result.category_scores
+                   and result.category_scores[name] >= out.hold_at * self.threshold(name)
+                   for name in out.hold_categories)
 
     def decide(self, scores: dict[str, float]) -> common_pb2.ModerationResult:
         """Scores for every category -> verdict; unknown score names are ignored. The
@@ -121,7 +157,35 @@ def parse(doc: object, source: str = "policy") -> Policy:
         if not isinstance(from_context, bool):
             raise PolicyError(f"{where}.from_context: expected true or false")
         out[name] = CategoryPolicy(action, threshold, from_context)
-    return Policy(version=version.strip(), categories=out, leak=_parse_leak(doc, source))
+    return Policy(version=version.strip(), categories=out, leak=_parse_leak(doc, source),
+                  output=_parse_output(doc, source))
+
+
+def _parse_output(doc: dict, source: str) -> OutputPolicy:  # type: ignore[type-arg]
+    """The optional `output` entry (release mode); absent: hold-and-check."""
+    entry = doc.get("output")
+    if entry is None:
+        return OutputPolicy()
+    where = f"{source}: output"
+    if not isinstance(entry, dict):
+        raise PolicyError(f"{where}: expected a mapping with mode, hold_categories, hold_at")
+    unknown = sorted(set(entry) - {"mode", "hold_categories", "hold_at"})
+    if unknown:
+        raise PolicyError(f"{where}: unknown keys {unknown}")
+    mode = entry.get("mode", HOLD)
+    if mode not in OUTPUT_MODES:
+        raise PolicyError(f"{where}.mode: {mode!r} is not one of {', '.join(OUTPUT_MODES)}")
+    cats = entry.get("hold_categories", [])
+    known = (*CATEGORIES, SYSTEM_PROMPT_LEAK)
+    if not isinstance(cats, list) or not all(isinstance(c, str) for c in cats):
+        raise PolicyError(f"{where}.hold_categories: expected a list of category names")
+    bad = sorted(set(cats) - set(known))
+    if bad:
+        raise PolicyError(f"{where}.hold_categories: unknown categories {bad}")
+    hold_at = entry.get("hold_at", 0.5)
+    if isinstance(hold_at, bool) or not isinstance(hold_at, int | float) or not 0 < hold_at <= 1:
+        raise PolicyError(f"{where}.hold_at: {hold_at!r} is not a number in (0, 1]")
+    return OutputPolicy(mode, tuple(dict.fromkeys(cats)), float(hold_at))
 
 
 def _parse_leak(doc: dict, source: str) -> LeakPolicy | None:  # type: ignore[type-arg]

@@ -7,6 +7,12 @@ Each chunk is checked together with the chunk before it (so a sentence split acr
 is still seen whole); the unchecked tail is held back until it completes a chunk or the answer
 ends. The first chunk that the policy blocks cuts the answer at its start.
 
+Stream first (`stream_first`): everything generated so far is released at once while the same
+chunks are checked as they complete; the first blocked chunk cuts the answer at its start as in
+hold mode, and the released text shrinks to that cut (the worker tells the client to withdraw
+the rest). A `hold` test on each chunk's verdict (a hold category scored high) switches the rest
+of the answer back to hold-and-check from that chunk on.
+
 The first chunk may be shorter (`first_chars`, a word or a few): it is what a person waits for
 before seeing anything, and an answer's opening is what the context check reads ("Sure, here are
 the steps" after a harmful request), so checking it early costs little safety.
@@ -88,21 +94,28 @@ Verdicts = Callable[[list[str], list[str]], list[common_pb2.ModerationResult]]
 
 def check_candidate(text: str, finished: bool, verdicts: Verdicts,
                     combine: Callable[[list[common_pb2.ModerationResult]], common_pb2.ModerationResult],
-                    min_chars: int, max_chars: int, first_chars: int = 0) -> CandidateCheck:
-    """Release the longest checked prefix of `text`; cut at the first blocked chunk.
+                    min_chars: int, max_chars: int, first_chars: int = 0, *, stream_first: bool = False,
+                    hold: Callable[[common_pb2.ModerationResult], bool] | None = None) -> CandidateCheck:
+    """Release the longest checked prefix of `text` (or, `stream_first`, all of it); cut at the
+    first blocked chunk.
 
     `verdicts(windows, prefixes)` judges each chunk from its window (the chunk with the one
     before it) and its prefix (the whole answer up to the chunk's end: what a check for the
-    hidden instructions reads, since a leak can be spread over chunks).
+    hidden instructions reads, since a leak can be spread over chunks). With `stream_first`, a
+    chunk whose verdict `hold` accepts makes the rest of the answer wait for its checks.
     """
     ends = chunk_ends(text, min_chars, max_chars, final=finished, first_chars=first_chars)
     results = verdicts(windows(text, ends), [text[:end] for end in ends]) if ends else []
-    released_to, warned = 0, None
+    released_to, warned, holding = 0, None, not stream_first
     for k, (end, result) in enumerate(zip(ends, results, strict=True)):
         if result.action == BLOCK:
             return CandidateCheck(text[:released_to], result, warned, combine(results[:k + 1]), True)
         if result.action == WARN and warned is None:
             warned = result
         released_to = end
+        if not holding and hold is not None and hold(result):
+            holding = True
+    if not holding:
+        released_to = len(text)
     return CandidateCheck(text[:released_to], None, warned, combine(results) if results else None,
                           finished)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Hashable
@@ -27,7 +28,7 @@ from services.moderation import metrics, streaming
 from services.moderation.categories import CATEGORIES, SYSTEM_PROMPT_LEAK
 from services.moderation.domain import Moderator, ScoreCache
 from services.moderation.leak import LeakDetector
-from services.moderation.policy import BLOCK, WARN
+from services.moderation.policy import BLOCK, STREAM_FIRST, WARN
 
 log = logging.getLogger(__name__)
 
@@ -82,18 +83,38 @@ def decision(turn: events_pb2.TurnEvent, stage: str,
                                          stage=stage, result=result, decided_unix_ms=turns.now_ms())
 
 
+def seed_texts(seed: chat_pb2.ConversationSeed) -> list[str]:
+    """Every text of a new conversation's seed: it reaches the model like the message does."""
+    texts = [seed.system] if seed.system else []
+    for ex in seed.exchanges:
+        texts += [t for t in (ex.user, ex.assistant) if t]
+    return texts
+
+
 class InputStage:
-    """Moderates the user's message; the prompt stage turns a BLOCK into the refusal."""
+    """Moderates the user's message (and a new conversation's seed with it); the prompt stage
+    turns a BLOCK into the refusal."""
 
     def __init__(self, moderator: Moderator) -> None:
         self.moderator = moderator
+
+    def verdict(self, texts: list[str]) -> common_pb2.ModerationResult:
+        """One verdict for the message and its seed: the highest score of each category over
+        the texts (a non-finite score stays, so the policy fails closed on it)."""
+        if len(texts) == 1:
+            return self.moderator.moderate(texts)[0]
+        scores = self.moderator.score_batch(texts)
+        worst = {c: (math.nan if any(not math.isfinite(s[c]) for s in scores) else max(s[c] for s in scores))
+                 for c in scores[0]}
+        return self.moderator.policy.decide(worst)
 
     def handle(self, ev: Consumed[events_pb2.TurnEvent]) -> list[events.OutEvent]:
         turn = ev.message
         if turns.deadline_passed(turn):
             return [turns.deadline_error(turn, STAGE, ev.traceparent)]
         started = time.perf_counter()
-        [result] = self.moderator.moderate([turn.message])
+        texts = [turn.message, *seed_texts(turn.seed)]
+        result = self.verdict(texts)
         metrics.observe("input", time.perf_counter() - started, 1, [result])
         moderated = events_pb2.TurnEvent()
         moderated.CopyFrom(turn)
@@ -158,6 +179,11 @@ class _Candidate:
 class OutputStage:
     """Releases checked answer text, cuts flagged answers, and closes the turn.
 
+    The policy's `output.mode` chooses when text is released: once checked (`hold`), or as
+    generated (`stream_first`), with a `retraction` reply telling the gateway how much of what
+    was released stands when a chunk is blocked. Either way the TurnRecord holds only text whose
+    every chunk passed.
+
     With a `leak` detector (and the policy's `system_prompt_leak` entry), each chunk's verdict
     also carries the system_prompt_leak score of the answer up to that chunk's end.
     """
@@ -214,15 +240,19 @@ class OutputStage:
 
         started = time.perf_counter()
         verdicts = self._verdicts(turn.message)
+        policy = self.moderator.policy
+        stream_first = policy.output.mode == STREAM_FIRST and not (
+            turn.HasField("input_moderation") and policy.suspects_hold(turn.input_moderation))
         produced: list[events.OutEvent] = []
         cands: list[_Candidate] = []
         for c in sorted(progress.candidates, key=lambda c: c.index):
             finished = progress.done or c.finish_reason != generation_pb2.FINISH_REASON_UNSPECIFIED
             check = streaming.check_candidate(c.text, finished, verdicts, self._combine,
-                                              self.min_chars, self.max_chars, self.first_chars)
+                                              self.min_chars, self.max_chars, self.first_chars,
+                                              stream_first=stream_first, hold=policy.suspects_hold)
             finish = "moderated" if check.blocked else _FINISH.get(c.finish_reason, "error")
             cands.append(_Candidate(c.index, check, finish, c.tokens))
-            produced.extend(self._candidate_events(ev, mem, c.index, check))
+            produced.extend(self._candidate_events(ev, mem, c.index, check, stream_first))
         metrics.LATENCY.labels("output").observe(time.perf_counter() - started)
 
         all_complete = all(c.check.complete for c in cands)
@@ -237,11 +267,17 @@ class OutputStage:
         return produced
 
     def _candidate_events(self, ev: Consumed[events_pb2.GenerationProgress], mem: RequestMemory,
-                          index: int, check: streaming.CandidateCheck) -> list[events.OutEvent]:
+                          index: int, check: streaming.CandidateCheck,
+                          stream_first: bool = False) -> list[events.OutEvent]:
         turn, eid, tp = ev.message.turn, ev.event_id, ev.traceparent
         produced: list[events.OutEvent] = []
         if check.released and mem.should_send(("text", index), len(check.released), eid):
             produced.append(turns.reply(turn, tp, text=events_pb2.ReleasedText(index=index, text=check.released)))
+        if stream_first and check.blocked is not None and mem.should_send(("retract", index), True, eid):
+            # Text past the cut may have been released by earlier records: the gateway withdraws
+            # it from the client (and forwards nothing when it never sent past the cut).
+            produced.append(turns.reply(turn, tp, retraction=chat_pb2.ChatRetraction(
+                index=index, kept_chars=len(check.released))))
         if check.warned is not None and mem.should_send(("warn", index), True, eid):
             produced.append(turns.reply(turn, tp, moderation=chat_pb2.ModerationNotice(
                 stage="output", result=check.warned, message=notice_text("output", check.warned), index=index)))
@@ -275,6 +311,6 @@ class OutputStage:
                 answers=[chat_pb2.Answer(index=c.index, text=c.check.released, finish_reason=c.finish)
                          for c in cands],
                 model_version=progress.model_version, template_version=turn.template_version,
-                request_id=turn.request_id))
+                request_id=turn.request_id, seed=turn.seed))
         return [turns.turn_record_event(record, turn.request_id, ev.traceparent),
                 turns.reply(turn, ev.traceparent, done=done)]

@@ -424,6 +424,9 @@ class Turn:
             self.request_id = ev.started.request_id
         elif kind == "delta":
             self.texts[ev.delta.index] = self.texts.get(ev.delta.index, "") + ev.delta.text
+        elif kind == "retraction":  # stream-first moderation withdrew text past kept_chars
+            text = self.texts.get(ev.retraction.index, "")
+            self.texts[ev.retraction.index] = text[:ev.retraction.kept_chars]
         elif kind == "moderation":
             note = notice(ev.moderation)
             self.notices.append(note)
@@ -507,6 +510,9 @@ def chunks_for(ev: chat_pb2.ChatEvent, turn: Turn, model: str, created: int, inc
                       include_usage)]
     if kind == "delta":
         return [chunk(turn, model, created, [choice(ev.delta.index, {"content": ev.delta.text})], include_usage)]
+    if kind == "retraction":  # an extension field, like `moderation`: OpenAI's chunks cannot withdraw text
+        return [chunk(turn, model, created, [], include_usage, retraction={
+            "index": ev.retraction.index, "kept_chars": ev.retraction.kept_chars})]
     if kind == "moderation":
         note = turn.notices[-1]
         if note["action"] != "block" or note["stage"] == "input":  # an input block is told with every candidate's end

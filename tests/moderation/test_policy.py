@@ -97,3 +97,24 @@ def test_non_finite_context_score_is_not_dropped_by_the_answer_rule(moderator) -
     assert moderator.policy.decide(raised).action == BLOCK
     raised = moderator.with_context(quiet, quiet, float("nan"))
     assert moderator.policy.decide(raised).action == BLOCK
+
+
+def test_output_mode_parses_with_hold_categories_and_bad_entries_are_named() -> None:
+    from services.moderation.policy import HOLD, STREAM_FIRST
+
+    shipped = load(paths.POLICY_FILE).output
+    assert shipped.mode == HOLD and "sexual/minors" in shipped.hold_categories
+    doc = copy.deepcopy(DOC)
+    doc["output"] = {"mode": "stream_first", "hold_categories": ["sexual/minors"], "hold_at": 0.4}
+    policy = parse(doc)
+    assert policy.output.mode == STREAM_FIRST and policy.output.hold_at == 0.4
+    t = policy.categories["sexual/minors"].threshold
+    low, high = dict.fromkeys(CATEGORIES, 0.0), {**dict.fromkeys(CATEGORIES, 0.0), "sexual/minors": 0.4 * t}
+    assert not policy.suspects_hold(policy.decide(low)) and policy.suspects_hold(policy.decide(high))
+    del doc["output"]
+    assert parse(doc).output.mode == HOLD  # absent: hold
+    for bad, where in (({"mode": "fast"}, "output.mode"), ({"hold_categories": ["nope"]}, "hold_categories"),
+                       ({"hold_at": 0}, "output.hold_at"), ({"extra": 1}, "unknown keys")):
+        doc["output"] = bad
+        with pytest.raises(PolicyError, match=where):
+            parse(doc)

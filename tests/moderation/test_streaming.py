@@ -102,3 +102,28 @@ def test_random_growth_releases_a_growing_prefix() -> None:
                                           _combine, 30, 90)
         assert check.released.startswith(released) and text.startswith(check.released)
         released = check.released
+
+
+def test_stream_first_releases_everything_then_cuts_like_hold() -> None:
+    growing = "Fine sentence one here. Fine sentence two here. half a senten"
+    allow = lambda ws, _: [_verdict(ALLOW) for _ in ws]  # noqa: E731
+    held = streaming.check_candidate(growing, False, allow, _combine, 10, 40)
+    first = streaming.check_candidate(growing, False, allow, _combine, 10, 40, stream_first=True)
+    assert first.released == growing and held.released != growing  # the unchecked tail goes out too
+
+    text = "Fine sentence one here. Fine sentence two here. BAD sentence three. Fine four here."
+
+    def verdicts(wins: list[str], prefixes: list[str]) -> list[common_pb2.ModerationResult]:
+        return [_verdict(BLOCK, 0.9) if "BAD" in w else _verdict(ALLOW) for w in wins]
+
+    cut = streaming.check_candidate(text, True, verdicts, _combine, 10, 40, stream_first=True)
+    same = streaming.check_candidate(text, True, verdicts, _combine, 10, 40)
+    assert cut.blocked is not None and cut.released == same.released and "BAD" not in cut.released
+
+
+def test_stream_first_holds_from_a_suspect_chunk_on() -> None:
+    text = "Fine sentence one here. Odd sentence two here. and an unchecked tail"
+    verdicts = lambda ws, _: [_verdict(ALLOW, 0.3 if "Odd" in w else 0.0) for w in ws]  # noqa: E731
+    check = streaming.check_candidate(text, False, verdicts, _combine, 10, 40, stream_first=True,
+                                      hold=lambda r: r.category_scores["violence"] >= 0.2)
+    assert check.released == text[:text.index(" and")]  # checked prefix only: the tail waits

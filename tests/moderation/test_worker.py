@@ -85,3 +85,39 @@ def test_innocent_looking_answer_to_a_harmful_request_is_cut(moderator: Moderato
     # The same words after a harmless question are released whole.
     assert "reply:moderation" not in kinds(benign)
     assert _released(benign) == COMPLYING_ANSWER
+
+
+def _stream_first(moderator: Moderator, hold: tuple[str, ...] = ()) -> Moderator:
+    import dataclasses
+
+    from services.moderation.policy import STREAM_FIRST, OutputPolicy
+
+    policy = dataclasses.replace(moderator.policy, output=OutputPolicy(STREAM_FIRST, hold, 0.5))
+    return Moderator(moderator.embedder, moderator.heads, policy, moderator.profanity)
+
+
+def test_stream_first_releases_at_once_and_retracts_a_cut_answer(moderator: Moderator) -> None:
+    stage = OutputStage(_stream_first(moderator), min_chars=20, max_chars=80, first_chars=24)
+    early = stage.handle(record(0, "Sure, here", False, rid="r-sf", message=BOMB_REQUEST))
+    assert _released(early) == "Sure, here"  # before any chunk is complete, let alone checked
+    later = stage.handle(record(1, COMPLYING_ANSWER, True, rid="r-sf", message=BOMB_REQUEST))
+    retract = [e.message.retraction for e in later if kinds([e]) == ["reply:retraction"]]
+    assert len(retract) == 1 and retract[0].kept_chars == 0  # the whole answer is withdrawn
+    assert kinds(later).index("reply:retraction") < kinds(later).index("reply:moderation")
+    stored = next(e for e in later if kinds([e]) == ["TurnRecord"]).message.turn.answers[0]
+    assert stored.text == "" and stored.finish_reason == "moderated"
+
+    # The same answer to a harmless question streams whole and is never withdrawn.
+    calm = OutputStage(_stream_first(moderator), min_chars=20, max_chars=80, first_chars=24)
+    out = [calm.handle(record(i, "".join(PIECES[:i + 1]), i == len(PIECES) - 1, rid="r-calm"))
+           for i in range(len(PIECES))]
+    assert _released(out[0]) == PIECES[0] and "reply:retraction" not in kinds(out[-1])
+
+
+def test_stream_first_holds_a_turn_whose_message_scored_a_hold_category(moderator: Moderator) -> None:
+    sf = _stream_first(moderator, hold=("illicit/violent",))
+    turn_scores = sf.moderate([BOMB_REQUEST])[0]
+    assert sf.policy.suspects_hold(turn_scores)
+    rec = record(0, "Sure, here are", False, rid="r-held", message=BOMB_REQUEST)
+    rec.message.turn.input_moderation.CopyFrom(turn_scores)
+    assert _released(OutputStage(sf, min_chars=20, max_chars=80, first_chars=24).handle(rec)) == ""

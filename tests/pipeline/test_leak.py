@@ -130,3 +130,50 @@ def test_no_answer_quality_prompt_is_cut_as_a_leak_on_fp32(stack: Stack, fp32: s
         print(f"\n{len(cut)} of {len(answers)} answer-quality answers cut as leaks; highest leak score "
               f"{scores[-1]:.2f} (threshold {POLICY.leak.threshold})")
     assert not cut, cut
+
+
+@pytest.fixture
+def stream_first(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Moderation restarted on the shipped policy with `output.mode: stream_first` and no hold
+    categories (so the leak is streamed, then withdrawn), and restarted back afterwards."""
+    import yaml
+
+    doc = yaml.safe_load(paths.POLICY_FILE.read_text(encoding="utf-8"))
+    doc["output"] = {"mode": "stream_first", "hold_categories": []}
+    path = tmp_path_factory.mktemp("policy") / "stream_first.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    env = stack.extra_env.setdefault("moderation", {})
+    env["MODERATION_POLICY"] = str(path)
+    stack.restart("moderation")
+    try:
+        yield
+    finally:
+        env.pop("MODERATION_POLICY", None)
+        stack.restart("moderation")
+
+
+@pytest.mark.kafka
+@pytest.mark.pipeline
+def test_stream_first_shows_the_leak_then_withdraws_it_and_never_stores_it(
+        stack: Stack, fp32: str, stream_first: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """Stream-first (services/moderation/README.md): the repeated system message reaches the
+    client as generated; when its chunk is blocked a retraction withdraws it, and the stored
+    answer (GetConversation) is only the kept text."""
+    with grpc.insecure_channel(stack.gateway) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        events = list(stub.Chat(chat_pb2.ChatRequest(message=REPEAT, sampling=common_pb2.SamplingParams(
+            max_tokens=96)), metadata=DEV, timeout=240))
+        kinds = [e.WhichOneof("event") for e in events]
+        shown = "".join(e.delta.text for e in events if e.WhichOneof("event") == "delta" and e.delta.index == 0)
+        [retraction] = [e.retraction for e in events if e.WhichOneof("event") == "retraction"]
+        kept = shown[:retraction.kept_chars]
+        conv = events[0].started.conversation_id
+        stored = stub.GetConversation(chat_pb2.GetConversationRequest(conversation_id=conv), metadata=DEV, timeout=30)
+    with capsys.disabled():
+        print(f"\nstream-first on {fp32}: shown {len(shown)} chars, kept {len(kept)}: {kept!r}; "
+              f"withdrawn {shown[len(kept):]!r}")
+    assert retraction.index == 0 and len(shown) > retraction.kept_chars  # text was shown, then withdrawn
+    assert kinds.index("retraction") < kinds.index("moderation") < kinds.index("done")
+    assert DETECTOR.score(kept).score < POLICY.leak.threshold  # what stands is not the leak
+    [answer] = stored.turns[-1].answers
+    assert answer.text == kept and answer.finish_reason == "moderated"

@@ -261,3 +261,12 @@ def test_feedback_request_carries_a_rating_or_a_ranking() -> None:
 ])
 def test_bad_feedback_is_400_naming_the_field(fb: dict, param: str) -> None:
     assert err(domain.feedback_request, fb).param == param
+
+
+def test_a_retraction_keeps_only_the_kept_text_and_streams_as_an_extension_chunk() -> None:
+    retract = chat_pb2.ChatEvent(retraction=chat_pb2.ChatRetraction(index=0, kept_chars=3))
+    turn = events(STARTED, delta("Héllo"), delta(" world"), retract, done("moderated"))
+    [choice] = domain.completion(turn, "colloquy", 1)["choices"]
+    assert choice["message"]["content"] == "Hél" and choice["finish_reason"] == "content_filter"
+    [chunk] = domain.chunks_for(retract, turn, "colloquy", 1, False, 1)
+    assert chunk["choices"] == [] and chunk["retraction"] == {"index": 0, "kept_chars": 3}

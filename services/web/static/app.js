@@ -181,6 +181,11 @@ async function send(text, n) {
         if (data === "[DONE]") { finished = true; continue; }
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.message);
+        if (chunk.retraction) { // stream-first moderation withdrew text: keep kept_chars code points
+          const card = answerCard(turnEl, chunk.retraction.index);
+          card.dataset.text = Array.from(card.dataset.text).slice(0, chunk.retraction.kept_chars).join("");
+          card.querySelector(".text").innerHTML = markdown(card.dataset.text);
+        }
         if (chunk.moderation && chunk.moderation.action === "warn") {
           answerCard(turnEl, chunk.moderation.index).querySelector(".notice").textContent = chunk.moderation.message;
         }
