@@ -17,6 +17,12 @@ class GatewayConfig:
     api_keys_file: str = env("API_KEYS_FILE", "deploy/dev/api-keys.yaml")
     max_message_bytes: int = env("CHAT_MAX_MESSAGE_BYTES", 8192, check=lambda v: 1 <= v <= 1 << 20,
                                  hint="1..1048576 bytes")
+    # A new conversation's seed (ChatRequest.seed): earlier exchanges and the client's system
+    # text, bounded in count and in total bytes (each text is also held to CHAT_MAX_MESSAGE_BYTES).
+    max_seed_exchanges: int = env("CHAT_MAX_SEED_EXCHANGES", 32, check=lambda v: 0 <= v <= 1024,
+                                  hint="0..1024 (0 = no seeds)")
+    max_seed_bytes: int = env("CHAT_MAX_SEED_BYTES", 32768, check=lambda v: 0 <= v <= 1 << 22,
+                              hint="0..4194304 bytes")
     max_tokens_limit: int = env("CHAT_MAX_TOKENS_LIMIT", 1024, check=lambda v: 1 <= v <= 8192,
                                 hint="1..8192")
     default_max_tokens: int = env("CHAT_DEFAULT_MAX_TOKENS", 256, check=lambda v: v >= 1, hint=">= 1")
@@ -49,5 +55,7 @@ class GatewayConfig:
     def max_request_bytes(self) -> int:
         """The largest valid request on the wire: a message of ``max_message_bytes`` plus the
         other fields (ids, sampling with 4 stop strings of 64 characters, a 2 KiB feedback
-        comment) well within 8 KiB. The gRPC server refuses anything bigger before parsing."""
-        return self.max_message_bytes + REQUEST_OVERHEAD_BYTES
+        comment) well within 8 KiB, plus a seed of ``max_seed_bytes`` and its framing (a few
+        bytes per text). The gRPC server refuses anything bigger before parsing."""
+        seed = self.max_seed_bytes + 16 * (2 * self.max_seed_exchanges + 1) if self.max_seed_exchanges else 0
+        return self.max_message_bytes + seed + REQUEST_OVERHEAD_BYTES

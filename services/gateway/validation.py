@@ -58,12 +58,43 @@ def sampling(p: common_pb2.SamplingParams, cfg: GatewayConfig) -> common_pb2.Sam
     return out
 
 
+def _seed_text(text: str, field: str, max_bytes: int, required: bool) -> int:
+    """UTF-8 size of one seed text, checked like a message (empty allowed where not required)."""
+    if "\x00" in text:
+        raise InvalidArgument(f"{field}: contains a NUL character")
+    if required and not text.strip():
+        raise InvalidArgument(f"{field}: must not be empty or only whitespace")
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise InvalidArgument(f"{field}: {size} bytes, at most {max_bytes} allowed")
+    return size
+
+
+def seed(s: chat_pb2.ConversationSeed, conv: str, cfg: GatewayConfig) -> None:
+    """A new conversation's seed: only without a conversation id, bounded in count and bytes."""
+    if not s.system and not s.exchanges:
+        return
+    if conv:
+        raise InvalidArgument("seed: only a new conversation can be seeded (conversation_id must be empty); "
+                              "its earlier turns are already its history")
+    if len(s.exchanges) > cfg.max_seed_exchanges:
+        raise InvalidArgument(f"seed.exchanges: {len(s.exchanges)} exchanges, at most {cfg.max_seed_exchanges} "
+                              "allowed")
+    total = _seed_text(s.system, "seed.system", cfg.max_message_bytes, required=False)
+    for i, ex in enumerate(s.exchanges):
+        total += _seed_text(ex.user, f"seed.exchanges[{i}].user", cfg.max_message_bytes, required=True)
+        total += _seed_text(ex.assistant, f"seed.exchanges[{i}].assistant", cfg.max_message_bytes, required=False)
+    if total > cfg.max_seed_bytes:
+        raise InvalidArgument(f"seed: {total} bytes of text in all, at most {cfg.max_seed_bytes} allowed")
+
+
 def chat_request(req: chat_pb2.ChatRequest, cfg: GatewayConfig) -> tuple[str, str, common_pb2.SamplingParams]:
-    """Returns (conversation_id or "", message, sampling with defaults)."""
+    """Returns (conversation_id or "", message, sampling with defaults); checks the seed too."""
     conv = conversation_id(req.conversation_id, required=False)
     text = message(req.message, cfg.max_message_bytes)
     if len(req.client_request_id) > MAX_CLIENT_REQUEST_ID:
         raise InvalidArgument(f"client_request_id: at most {MAX_CLIENT_REQUEST_ID} characters")
+    seed(req.seed, conv, cfg)
     return conv, text, sampling(req.sampling, cfg)
 
 

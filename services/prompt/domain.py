@@ -3,17 +3,19 @@
 Plain code over the shared tokenizer (no I/O), so the Kafka stage and the gRPC API build the same
 prompt and unit tests check truncation exactly.
 
-The prompt is [system `before`] + every earlier, non-blocked turn (user message + answer of
+The prompt is [system `before`, then the client's own system text of a seeded conversation] +
+the seed's earlier exchanges + every earlier, non-blocked turn (user message + answer of
 candidate 0) + the new user message (+ the `after` reminder), rendered with ChatML and the
-assistant header. When it does not fit in context - answer budget, the oldest turns go first;
-the instructions and the new message are never cut. Only the newest turns that can fit are
+assistant header. When it does not fit in context - answer budget, the oldest exchanges go first
+(the seed's before the recorded turns); the instructions, the client's system text and the new
+message are never cut. Only the newest turns that can fit are
 tokenized, so a long history costs no more than a short one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from colloquy.v1 import chat_pb2
 
@@ -86,6 +88,22 @@ def past_turns(turns: Iterable[chat_pb2.Turn]) -> list[PastTurn]:
             for t in sorted(turns, key=lambda t: t.index) if not t.blocked]
 
 
+def conversation_seed(recorded: Mapping[int, chat_pb2.Turn],
+                      new_seed: chat_pb2.ConversationSeed | None = None) -> tuple[str, list[PastTurn]]:
+    """(client system text, seeded exchanges as turns with index 0) of a conversation.
+
+    The seed is stored with turn 1; before turn 1 is recorded, the new turn's own seed is used
+    (it can only be turn 1: the gateway accepts a seed only for a new conversation). A turn 1
+    refused by input moderation takes its seed with it: moderation judged them together, so
+    its text never reaches the model, like a blocked turn's.
+    """
+    first = recorded.get(1)
+    seed = new_seed if first is None else None if first.blocked else first.seed
+    if seed is None:
+        return "", []
+    return seed.system, [PastTurn(0, ex.user, ex.assistant) for ex in seed.exchanges]
+
+
 class Assembler:
     """Builds prompts for one model: its tokenizer and its context length."""
 
@@ -119,8 +137,12 @@ class Assembler:
 
     def assemble(self, template: PromptTemplate, history: Sequence[PastTurn], message: str,
                  answer_budget: int = DEFAULT_ANSWER_BUDGET,
-                 budget_field: str = "answer_budget") -> AssembledPrompt:
-        """The prompt for `message` after `history`, within context - `answer_budget` tokens."""
+                 budget_field: str = "answer_budget", system: str = "") -> AssembledPrompt:
+        """The prompt for `message` after `history`, within context - `answer_budget` tokens.
+
+        `system` (the client's own instructions) joins the leading system message after the
+        operator's `before`, in the same message: SmolLM2-Instruct was tuned on ChatML with one
+        leading system message, and the operator's text stays first and whole."""
         if answer_budget < 1:
             raise InvalidArgument(budget_field, "must be at least 1")
         if answer_budget >= self.context_tokens:
@@ -128,7 +150,8 @@ class Assembler:
                                                 f"({self.context_tokens} tokens)")
         budget = self.context_tokens - answer_budget
         clean = self.tok.neutralize_special_tokens
-        head = [ChatMessage("system", template.before)]
+        operator = [ChatMessage("system", template.before)]
+        head = [ChatMessage("system", f"{template.before}\n\n{clean(system)}")] if system.strip() else operator
         new_message = clean(message)
         if template.after and template.after_placement == "append":
             tail = [ChatMessage("user", f"{new_message}\n\n{template.after}")]
@@ -139,8 +162,12 @@ class Assembler:
 
         fixed = self.tok.count(self.tok.render(head + tail))
         if fixed > budget:
-            own = self.tok.count(new_message)
-            raise PromptTooLong(own, max(0, budget - (fixed - own)))
+            without = self.tok.count(self.tok.render(operator + tail)) if head is not operator else fixed
+            if without > budget:
+                own = self.tok.count(new_message)
+                raise PromptTooLong(own, max(0, budget - (without - own)))
+            raise InvalidArgument("seed.system", f"too long for the model's context with this message "
+                                                 f"({fixed - without} tokens, at most {budget - without})")
 
         newest_first = self._newest_that_fit(history, budget - fixed)
         keep = len(newest_first)

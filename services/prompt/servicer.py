@@ -15,7 +15,14 @@ from colloquy.v1 import common_pb2, prompt_pb2, prompt_pb2_grpc
 from services.common import turns
 from services.conversation.reader import HistoryReader
 from services.prompt.config import PromptConfig
-from services.prompt.domain import DEFAULT_ANSWER_BUDGET, AssembledPrompt, Assembler, check_message, past_turns
+from services.prompt.domain import (
+    DEFAULT_ANSWER_BUDGET,
+    AssembledPrompt,
+    Assembler,
+    check_message,
+    conversation_seed,
+    past_turns,
+)
 from services.prompt.history import HistoryUnavailable, lookup
 from services.prompt.pending import ConversationNotFound, TurnTracker
 from services.prompt.templates import TemplateSet, UnknownTemplate
@@ -56,8 +63,10 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
                 index = self.tracker.peek(conversation_id=request.conversation_id,
                                           user_id=request.user_id, owner=owner, recorded=recorded,
                                           now_ms=turns.now_ms())
+            system, seeded = conversation_seed(recorded)
             assembled: AssembledPrompt = await asyncio.to_thread(
-                self.assembler.assemble, template, past_turns(recorded.values()), request.message, budget)
+                self.assembler.assemble, template, seeded + past_turns(recorded.values()), request.message, budget,
+                system=system)
         except InvalidArgument as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except ConversationNotFound:

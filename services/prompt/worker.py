@@ -18,7 +18,7 @@ from services.common import events, kafka_loop, topics, turns
 from services.common.config import KafkaConfig
 from services.conversation.reader import HistoryReader
 from services.prompt.config import PromptConfig
-from services.prompt.domain import DEFAULT_ANSWER_BUDGET, Assembler, past_turns
+from services.prompt.domain import DEFAULT_ANSWER_BUDGET, Assembler, conversation_seed, past_turns
 from services.prompt.history import HistoryUnavailable, lookup
 from services.prompt.pending import ConversationNotFound, TurnInProgress, TurnTracker
 from services.prompt.templates import PromptTemplate, TemplateSet
@@ -70,7 +70,7 @@ def blocked_events(turn: events_pb2.TurnEvent, template: PromptTemplate,
             answers=[chat_pb2.Answer(index=i, text=template.refusal, finish_reason="blocked")
                      for i in range(n)],
             created_at=created, template_version=template.version, blocked=True,
-            request_id=turn.request_id))
+            request_id=turn.request_id, seed=turn.seed if turn.turn_index == 1 else None))
     notice = chat_pb2.ModerationNotice(stage="input", result=turn.input_moderation,
                                        message=template.refusal)
     done = chat_pb2.ChatDone(
@@ -142,9 +142,13 @@ def make_handler(assembler: Assembler, templates: TemplateSet, tracker: TurnTrac
             TURNS.labels("blocked").inc()
             yield from blocked_events(out, template, ev.traceparent)
             return
+        if claim.index != 1:
+            out.ClearField("seed")  # only turn 1 records the conversation's seed
+        system, seeded = conversation_seed(recorded, out.seed)
         try:
-            assembled = assembler.assemble(template, past_turns(recorded.values()), turn.message,
-                                           answer_budget(turn), budget_field="sampling.max_tokens")
+            assembled = assembler.assemble(template, seeded + past_turns(recorded.values()), turn.message,
+                                           answer_budget(turn), budget_field="sampling.max_tokens",
+                                           system=system)
         except InvalidArgument as exc:
             tracker.release(turn.request_id)
             PENDING.set(len(tracker))

@@ -3,7 +3,7 @@
 The web front is a translator: every check the gateway already makes (key, limits, ranges,
 moderation) stays in the gateway, and its gRPC errors are translated back here. What this module
 checks itself is only what gRPC cannot carry: JSON types, OpenAI parameters Colloquy has no
-equivalent for, and message lists it cannot honour yet (earlier history, system messages).
+equivalent for, and message lists it cannot map onto a conversation (see `chat_plan`).
 """
 
 from __future__ import annotations
@@ -119,6 +119,7 @@ STATUS_HTTP = {
     grpc.StatusCode.CANCELLED: (499, "cancelled"),
 }
 _FIELD = re.compile(r"^([a-z_]+(?:\.[a-z_]+)?)(\[\d+\])?:\s*")
+_PATH = re.compile(r"^([a-z_]+(?:\.[a-z_]+)*(?:\[\d+\](?:\.[a-z_]+)*)?):\s*")  # seed.exchanges[2].user
 
 
 def from_grpc(code: grpc.StatusCode, details: str, trailers: Iterable[tuple[str, Any]] = (),
@@ -130,7 +131,11 @@ def from_grpc(code: grpc.StatusCode, details: str, trailers: Iterable[tuple[str,
     status, err_code = STATUS_HTTP.get(code, (500, "internal_error"))
     message = details or "the request failed"
     param: str | None = None
-    if code is grpc.StatusCode.INVALID_ARGUMENT and (m := _FIELD.match(message)):
+    if (code is grpc.StatusCode.INVALID_ARGUMENT and (p := _PATH.match(message))
+            and p.group(1) in (renames or {})):  # a field this request named exactly (a seed message)
+        param = (renames or {})[p.group(1)]
+        message = f"{param}: {message[p.end():]}"
+    elif code is grpc.StatusCode.INVALID_ARGUMENT and (m := _FIELD.match(message)):
         field = m.group(1)
         param = GATEWAY_FIELDS.get(field, field)
         param = (renames or {}).get(param, param)
@@ -280,6 +285,47 @@ def sampling(body: Mapping[str, Any], max_tokens_names: tuple[str, ...]) -> comm
     return p
 
 
+def conversation_seed(parsed: list[tuple[str, str]]) -> tuple[chat_pb2.ConversationSeed, dict[str, str]]:
+    """The messages before the last (a user message) as a new conversation's seed, and the
+    gateway's seed field names mapped to the messages they came from (for its errors).
+
+    System (or developer) messages come first and are joined; then user and assistant messages
+    alternate, each user message answered by the assistant message after it (or by nothing, if
+    the next message is a user's: an empty answer). Colloquy shows the model the operator's
+    instructions first, then these, then the new message.
+    """
+    seed = chat_pb2.ConversationSeed()
+    fields: dict[str, str] = {}
+    i = 0
+    systems: list[str] = []
+    while i < len(parsed) - 1 and parsed[i][0] in ("system", "developer"):
+        systems.append(parsed[i][1])
+        i += 1
+    if systems:
+        seed.system = "\n\n".join(systems)
+        fields["seed.system"] = "messages[0].content" if len(systems) == 1 else "messages"
+    while i < len(parsed) - 1:
+        role, text = parsed[i]
+        if role in ("system", "developer"):
+            raise bad(f"messages[{i}]", f"messages[{i}]: {role} messages are accepted only before the first "
+                                        "user message (they follow the operator's instructions)")
+        if role != "user":
+            raise bad(f"messages[{i}]", f"messages[{i}]: an assistant message must answer a user message "
+                                        "(earlier messages alternate user, assistant)")
+        k = len(seed.exchanges)
+        fields[f"seed.exchanges[{k}].user"] = f"messages[{i}].content"
+        answer = ""
+        if parsed[i + 1][0] == "assistant" and i + 1 < len(parsed) - 1:
+            answer = parsed[i + 1][1]
+            fields[f"seed.exchanges[{k}].assistant"] = f"messages[{i + 1}].content"
+            i += 1
+        seed.exchanges.add(user=text, assistant=answer)
+        i += 1
+    if fields:
+        fields.update({"seed": "messages", "seed.exchanges": "messages"})
+    return seed, fields
+
+
 @dataclasses.dataclass
 class ChatPlan:
     """What one /v1/chat/completions request asks of the gateway, and how to answer it."""
@@ -308,20 +354,17 @@ def chat_plan(body: Any, served: Iterable[str], header_conversation: str = "") -
             raise bad(f"messages[{i}]", f"messages[{i}]: must be an object with a \"role\" string")
         parsed.append((m["role"], _text_content(m.get("content"), f"messages[{i}].content")))
     for i, (role, _) in enumerate(parsed):
-        if role in ("system", "developer"):
-            raise bad(f"messages[{i}]", (
-                f"messages[{i}]: {role} messages are not supported yet: Colloquy's operator instructions "
-                "frame every turn; send the user's message only"))
-        if role not in ("user", "assistant"):
+        if role not in ("user", "assistant", "system", "developer"):
             raise bad(f"messages[{i}].role", f"messages[{i}].role: {role[:40]!r} is not supported; "
-                                             "use \"user\" (and \"assistant\" in history)")
+                                             "use \"system\", \"user\" or \"assistant\"")
     if parsed[-1][0] != "user":
         raise bad(f"messages[{len(parsed) - 1}]", "messages: the last message must be the user's (role \"user\")")
-    if len(parsed) > 1:
+    if conv and len(parsed) > 1:
         raise bad("messages", (
-            "messages: earlier messages cannot be sent as history yet. Send only the new user message, and "
-            "continue a conversation by its id: \"conversation_id\" in the body or the X-Colloquy-Conversation-Id "
-            "header (both are returned with every answer)"))
+            "messages: a conversation named by \"conversation_id\" (or the X-Colloquy-Conversation-Id header) "
+            "already has its history; send only the new user message. Without a conversation id, the earlier "
+            "messages start a new conversation"))
+    seed, seed_fields = conversation_seed(parsed)
     stream = _boolean(body, "stream")
     options = body.get("stream_options")
     include_usage = False
@@ -336,7 +379,10 @@ def chat_plan(body: Any, served: Iterable[str], header_conversation: str = "") -
         raise bad("user", f"user: must be a string, got {_kind(user)}")
     names = tuple(n for n in ("max_tokens", "max_completion_tokens") if body.get(n) is not None)
     renames = {"max_tokens": names[-1]} if names else {}
-    req = chat_pb2.ChatRequest(conversation_id=conv, message=parsed[-1][1],
+    renames.update(seed_fields)
+    if seed_fields:
+        renames["message"] = f"messages[{len(parsed) - 1}].content"
+    req = chat_pb2.ChatRequest(conversation_id=conv, message=parsed[-1][1], seed=seed if seed_fields else None,
                                sampling=sampling(body, ("max_tokens", "max_completion_tokens")))
     return ChatPlan(req, model, stream, include_usage, user or "", renames)
 

@@ -122,3 +122,34 @@ def test_key_from_metadata() -> None:
     assert key_from_metadata([("authorization", "Bearer abc ")]) == "abc"
     assert key_from_metadata([("authorization", "abc")]) == "abc"
     assert key_from_metadata([("x", "y")]) == ""
+
+
+def seed(system: str = "", *exchanges: tuple[str, str]) -> chat_pb2.ConversationSeed:
+    return chat_pb2.ConversationSeed(system=system, exchanges=[chat_pb2.SeedExchange(user=u, assistant=a)
+                                                               for u, a in exchanges])
+
+
+def test_a_seed_starts_a_new_conversation_only() -> None:
+    validation.chat_request(req(seed=seed("Be brief.", ("My cat is Pixel.", "Nice!"), ("Hi", ""))), CFG)
+    with pytest.raises(validation.InvalidArgument, match=r"^seed: only a new conversation"):
+        validation.chat_request(req(conversation_id=str(uuid.uuid4()), seed=seed("Be brief.")), CFG)
+
+
+@pytest.mark.parametrize(("s", "field"), [
+    (seed("", ("  ", "x")), "seed.exchanges[0].user"),
+    (seed("", ("a", "b"), ("c", "d\x00")), "seed.exchanges[1].assistant"),
+    (seed("x" * 9000), "seed.system"),
+    (seed("", *[("q", "a")] * 33), "seed.exchanges"),
+    (seed("", *[("q" * 4000, "a" * 4000)] * 5), "seed"),
+])
+def test_a_bad_seed_names_its_field(s: chat_pb2.ConversationSeed, field: str) -> None:
+    with pytest.raises(validation.InvalidArgument) as exc:
+        validation.chat_request(req(seed=s), CFG)
+    assert str(exc.value).startswith(f"{field}: ")
+
+
+def test_the_receive_limit_fits_the_largest_seed() -> None:
+    biggest = req(message="m" * CFG.max_message_bytes, client_request_id="k" * 64, seed=chat_pb2.ConversationSeed(
+        exchanges=[chat_pb2.SeedExchange(user="u" * 512, assistant="a" * 512)] * CFG.max_seed_exchanges))
+    validation.chat_request(biggest, CFG)
+    assert biggest.ByteSize() < CFG.max_request_bytes < 65536

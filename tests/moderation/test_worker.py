@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import uuid
 
-from colloquy.v1 import events_pb2, generation_pb2
+from colloquy.v1 import chat_pb2, common_pb2, events_pb2, generation_pb2
 
 from services.common.kafka_loop import Consumed
 from services.moderation.domain import Moderator
-from services.moderation.worker import OutputStage, RequestMemory
+from services.moderation.worker import InputStage, OutputStage, RequestMemory
 
 PIECES = ["Banana bread is easy to make. ", "Mash three ripe bananas with melted butter. ",
           "Stir in sugar, an egg, flour and baking soda. ", "Bake for an hour at 175 degrees."]
@@ -121,3 +121,27 @@ def test_stream_first_holds_a_turn_whose_message_scored_a_hold_category(moderato
     rec = record(0, "Sure, here are", False, rid="r-held", message=BOMB_REQUEST)
     rec.message.turn.input_moderation.CopyFrom(turn_scores)
     assert _released(OutputStage(sf, min_chars=20, max_chars=80, first_chars=24).handle(rec)) == ""
+
+
+def test_a_seed_is_moderated_with_the_message_and_recorded_with_turn_1(moderator: Moderator) -> None:
+    """A harmful text hidden in a new conversation's seed blocks the turn like the message would;
+    the answer's TurnRecord carries the seed, so later turns of the conversation see it."""
+    def seeded(assistant: str) -> Consumed[events_pb2.TurnEvent]:
+        turn = events_pb2.TurnEvent(request_id="r-s", conversation_id="c-s", user_id="u", reply_topic="r",
+                                    message="Please continue from where you left off.",
+                                    seed=chat_pb2.ConversationSeed(system="Be brief.", exchanges=[
+                                        chat_pb2.SeedExchange(user="Tell me more.", assistant=assistant)]))
+        return Consumed(message=turn, key="c-s", event_id=str(uuid.uuid4()), request_id="r-s", traceparent="",
+                        topic="chat.tokenized", partition=0, offset=0)
+
+    stage = InputStage(moderator)
+    calm = stage.handle(seeded("Banana bread needs ripe bananas."))[0].message.input_moderation
+    hidden = stage.handle(seeded(BOMB_REQUEST))[0].message.input_moderation
+    alone = moderator.moderate(["Please continue from where you left off."])[0]
+    assert calm.action == alone.action == common_pb2.MODERATION_ACTION_ALLOW
+    assert hidden.action == common_pb2.MODERATION_ACTION_BLOCK
+
+    rec = record(0, "".join(PIECES), True)
+    rec.message.turn.seed.CopyFrom(chat_pb2.ConversationSeed(system="Be brief."))
+    final = OutputStage(moderator, min_chars=20, max_chars=80).handle(rec)
+    assert next(e for e in final if kinds([e]) == ["TurnRecord"]).message.turn.seed.system == "Be brief."

@@ -244,3 +244,56 @@ def test_bounded_assembly_keeps_the_same_turns_as_tokenizing_everything(
         keep += 1
     assert got.dropped_turns == len(past) - keep
     assert got.prompt_tokens == used == tok.count(got.prompt)
+
+
+def seeded(system: str = "", *exchanges: tuple[str, str]) -> chat_pb2.ConversationSeed:
+    return chat_pb2.ConversationSeed(system=system, exchanges=[chat_pb2.SeedExchange(user=u, assistant=a)
+                                                               for u, a in exchanges])
+
+
+def test_a_seed_follows_the_operator_instructions_then_recorded_turns_then_the_message(tok: TextTokenizer) -> None:
+    seed = seeded("Always answer in French.", ("My cat is called Pixel.", "Nice name!"))
+    first = chat_pb2.Turn(index=1, user_message="Hi", seed=seed,
+                          answers=[chat_pb2.Answer(index=0, text="Bonjour !", finish_reason="stop")])
+    recorded = {1: first}
+    system, exchanges = domain.conversation_seed(recorded, chat_pb2.ConversationSeed())
+    got = Assembler(tok, 8192).assemble(V1, exchanges + domain.past_turns(recorded.values()), "What is my cat called?",
+                                        system=system)
+    assert got.prompt == (
+        "<|im_start|>system\nYou are Colloquy. Be helpful.\n\nAlways answer in French.<|im_end|>\n"
+        "<|im_start|>user\nMy cat is called Pixel.<|im_end|>\n"
+        "<|im_start|>assistant\nNice name!<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nBonjour !<|im_end|>\n"
+        "<|im_start|>user\nWhat is my cat called?\n\nAnswer briefly.<|im_end|>\n"
+        "<|im_start|>assistant\n")
+    # Before turn 1 is recorded, the new turn's own seed is the conversation's.
+    assert domain.conversation_seed({}, seed) == ("Always answer in French.",
+                                                  [PastTurn(0, "My cat is called Pixel.", "Nice name!")])
+
+
+def test_a_blocked_first_turn_takes_its_seed_with_it() -> None:
+    first = chat_pb2.Turn(index=1, user_message="bad", blocked=True, seed=seeded("x", ("a", "b")))
+    assert domain.conversation_seed({1: first}) == ("", [])
+    assert domain.conversation_seed({}) == ("", [])
+
+
+def test_seeded_exchanges_are_dropped_first_and_the_client_system_text_is_never_cut(tok: TextTokenizer) -> None:
+    seed = [PastTurn(0, f"Seed question {i} about a topic.", f"Seed answer {i}.") for i in range(20)]
+    past = seed + history(3)
+    system = "Always answer in French."
+    full = Assembler(tok, 100_000).assemble(V1, past, "And now?", 100, system=system)
+    context = full.prompt_tokens + 100 - 60
+    got = Assembler(tok, context).assemble(V1, past, "And now?", 100, system=system)
+    assert 0 < got.dropped_turns < len(seed)
+    assert got.prompt_tokens <= context - 100
+    assert got.messages[0].content.endswith(system) and got.messages[0].content.startswith(V1.before)
+    assert "Question number 1:" in got.prompt and "Seed question 0 " not in got.prompt
+
+
+def test_a_client_system_text_too_long_for_the_context_names_the_seed(tok: TextTokenizer) -> None:
+    with pytest.raises(InvalidArgument) as exc:
+        Assembler(tok, 300).assemble(V1, [], "Hi", 100, system="word " * 400)
+    assert str(exc.value).startswith("seed.system: too long")
+    with pytest.raises(PromptTooLong):
+        Assembler(tok, 300).assemble(V1, [], "word " * 400, 100, system="Be brief.")

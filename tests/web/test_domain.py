@@ -77,16 +77,53 @@ def test_bad_chat_bodies_are_400_naming_the_parameter(kw: dict, param: str) -> N
     assert e.message.startswith(param.split("[")[0]) or param in e.message
 
 
-def test_earlier_history_without_a_way_to_seed_it_is_refused_with_directions() -> None:
-    e = err(domain.chat_plan, body(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                                             {"role": "user", "content": "c"}]), SERVED)
-    assert e.param == "messages" and "conversation_id" in e.message and "X-Colloquy-Conversation-Id" in e.message
+def test_earlier_messages_seed_a_new_conversation_system_first() -> None:
+    plan = domain.chat_plan(body(messages=[
+        {"role": "system", "content": "Always answer in French."}, {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "My cat is called Pixel."}, {"role": "assistant", "content": "Nice name!"},
+        {"role": "user", "content": "Hello"}, {"role": "user", "content": [{"type": "text", "text": "What is "},
+                                                                             {"type": "text", "text": "his name?"}]}]),
+        SERVED)
+    seed = plan.request.seed
+    assert plan.request.message == "What is his name?" and not plan.request.conversation_id
+    assert seed.system == "Always answer in French.\n\nBe brief."
+    assert [(e.user, e.assistant) for e in seed.exchanges] == [("My cat is called Pixel.", "Nice name!"),
+                                                               ("Hello", "")]
+    # The gateway's seed fields name the messages they came from.
+    e = domain.from_grpc(grpc.StatusCode.INVALID_ARGUMENT, "seed.exchanges[1].user: contains a NUL character",
+                         renames=plan.renames)
+    assert (e.param, e.message) == ("messages[4].content", "messages[4].content: contains a NUL character")
+    e = domain.from_grpc(grpc.StatusCode.INVALID_ARGUMENT, "seed.exchanges[0].assistant: 9000 bytes, at most 8192",
+                         renames=plan.renames)
+    assert e.param == "messages[3].content"
+    assert domain.from_grpc(grpc.StatusCode.INVALID_ARGUMENT, "seed.system: too long", renames=plan.renames).param \
+        == "messages"
+    assert domain.from_grpc(grpc.StatusCode.INVALID_ARGUMENT, "seed.exchanges: 40 exchanges, at most 32 allowed",
+                            renames=plan.renames).param == "messages"
+    assert domain.from_grpc(grpc.StatusCode.INVALID_ARGUMENT, "message: too long for the model's context",
+                            renames=plan.renames).param == "messages[5].content"
+    assert not domain.chat_plan(body(), SERVED).request.HasField("seed")
 
 
-def test_a_system_message_is_refused_as_not_supported_yet() -> None:
-    e = err(domain.chat_plan, body(messages=[{"role": "system", "content": "be a pirate"},
-                                             {"role": "user", "content": "hi"}]), SERVED)
-    assert e.param == "messages[0]" and "not supported yet" in e.message
+@pytest.mark.parametrize(("messages", "param", "words"), [
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}],
+     "messages[1]", "only before the first user message"),
+    ([{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "c"}], "messages[0]",
+     "must answer a user message"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "assistant", "content": "b"},
+      {"role": "user", "content": "c"}], "messages[2]", "must answer a user message"),
+])
+def test_messages_that_cannot_seed_a_conversation_are_400_naming_the_message(messages: list, param: str,
+                                                                              words: str) -> None:
+    e = err(domain.chat_plan, body(messages=messages), SERVED)
+    assert e.param == param and words in e.message
+
+
+def test_earlier_messages_with_a_named_conversation_are_refused_with_directions() -> None:
+    e = err(domain.chat_plan, body(conversation_id=str(uuid.uuid4()), messages=[
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]),
+        SERVED)
+    assert e.param == "messages" and "send only the new user message" in e.message
 
 
 def test_model_must_be_served_else_404_model_not_found() -> None:
