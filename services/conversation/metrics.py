@@ -9,7 +9,8 @@ from services.common.metrics import LATENCY_BUCKETS
 STORE_CHANGES = Counter(
     "colloquy_conversation_store_changes_total",
     "Records applied to the conversation store, by outcome: written (a turn inserted or replaced), "
-    "deleted_turn / deleted_conversation / tombstone_noop (tombstones), ignored_other_owner, ignored_deleted",
+    "deleted_turn / deleted_conversation / tombstone_noop (tombstones), ignored_other_owner, ignored_deleted, "
+    "late_tombstoned (a turn of a deleted conversation, given a tombstone on the topic)",
     ["outcome"])
 BATCH_SECONDS = Histogram(
     "colloquy_conversation_batch_seconds", "One batch's database transaction (rows and offsets), until commit",

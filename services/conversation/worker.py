@@ -30,6 +30,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from services.common import kafka_loop, metrics
 from services.common.config import KafkaConfig
 from services.common.runtime import ThreadWorker
+from services.common.turns import history_key
 from services.conversation import domain
 from services.conversation import metrics as conv_metrics
 from services.conversation.db import ConversationDB, OffsetsMoved
@@ -85,7 +86,7 @@ class Materializer(ThreadWorker):
         self._last_ping = 0.0
         conv_metrics.READY.set(0)
         for outcome in ("written", "deleted_turn", "deleted_conversation", "tombstone_noop",
-                        "ignored_other_owner", "ignored_deleted"):
+                        "ignored_other_owner", "ignored_deleted", "late_tombstoned"):
             conv_metrics.STORE_CHANGES.labels(outcome)
         metrics.EVENTS_DEAD_LETTERED.labels(STAGE, topic)
 
@@ -235,6 +236,39 @@ class Materializer(ThreadWorker):
         self._expected.update(new)
         for name, n in outcome.items():
             conv_metrics.STORE_CHANGES.labels(name).inc(n)
+        if outcome.get("ignored_deleted"):
+            self._tombstone_late(changes)
+
+    def _tombstone_late(self, changes: list[domain.Change]) -> None:
+        """Turns recorded after their conversation was deleted (a turn still being answered when
+        DeleteConversation ran) are ignored by the store; tombstone their keys too, so the
+        compacted log keeps nothing of a deleted conversation. Best effort: a failure is logged
+        (the store stays right either way)."""
+        try:
+            deleted: dict[str, bool] = {}
+            late = []
+            for ch in changes:
+                if not isinstance(ch, domain.UpsertTurn):
+                    continue
+                cid = ch.record.conversation_id
+                if cid not in deleted:
+                    owner = self.db.owner(cid)
+                    deleted[cid] = owner is not None and owner.deleted
+                if deleted[cid]:
+                    late.append(ch)
+            if not late:
+                return
+            if self._producer is None:
+                self._producer = kafka_loop.make_producer(self.kafka, f"{STAGE}-{self.instance_id}-dlq")
+            futures = [self._producer.send(self.topic, key=history_key(ch.record.conversation_id,
+                                                                       ch.record.turn.index).encode(),
+                                           value=None, partition=ch.partition) for ch in late]
+            for f in futures:
+                f.get(timeout=10)
+            conv_metrics.STORE_CHANGES.labels("late_tombstoned").inc(len(late))
+            log.info("tombstoned turns recorded after their conversation was deleted", extra={"turns": len(late)})
+        except Exception as exc:
+            log.error("could not tombstone turns of a deleted conversation", extra={"error": repr(exc)[:500]})
 
     def _reseek(self, partitions: dict[int, int]) -> None:
         self._unseeked.update(TopicPartition(self.topic, p) for p in partitions)

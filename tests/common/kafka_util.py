@@ -89,3 +89,25 @@ class Tail:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+def read_to_end(bootstrap: str, topic: str, partitions: list[int] | None = None, timeout: float = 30.0) -> list:
+    """Every record of `topic` (tombstones included; all partitions or those named) from the
+    beginning to the end offsets taken now."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
+                 if partitions is None or p in partitions]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        ends = consumer.end_offsets(parts)
+        out: list = []
+        deadline = time.monotonic() + timeout
+        while any(consumer.position(tp) < end for tp, end in ends.items()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read {topic} to its end")
+            for recs in consumer.poll(timeout_ms=200).values():
+                out.extend(recs)
+        return out
+    finally:
+        consumer.close()

@@ -4,43 +4,22 @@ feedback erasure) and what is left in the store."""
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
 from colloquy.v1 import events_pb2
-from kafka import KafkaConsumer, TopicPartition
 
 from services.common import events, kafka_loop, topics
 from services.common.config import KafkaConfig
 from services.conversation.db import ConversationDB
 from services.conversation.deletion import Eraser
 from services.conversation.retention import DAY_MS, RetentionSweeper
-from tests.common.kafka_util import create
+from tests.common.kafka_util import create, read_to_end
 from tests.conversation.records import Feeder, record
 
 pytestmark = pytest.mark.kafka
 
 NOW_MS = 1_800_000_000_000
-
-
-def _read(bootstrap: str, topic: str) -> list:
-    """Every record of `topic` (all partitions, from the start to the end offsets taken now)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    try:
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
-        ends = consumer.end_offsets(parts)
-        out: list = []
-        deadline = time.monotonic() + 30
-        while any(consumer.position(tp) < end for tp, end in ends.items()):
-            assert time.monotonic() < deadline, f"could not read {topic} to its end"
-            for recs in consumer.poll(timeout_ms=200).values():
-                out.extend(recs)
-        return out
-    finally:
-        consumer.close()
 
 
 def test_retention_deletes_idle_conversations_everywhere_and_keeps_active_ones(
@@ -65,11 +44,11 @@ def test_retention_deletes_idle_conversations_everywhere_and_keeps_active_ones(
             sweeper._producer.close()
     assert store.get_conversation(idle, "alice") is None and store.owner(idle).deleted
     assert [c.conversation_id for c in store.list_conversations("alice").conversations] == [active]
-    stones = _read(kafka_bootstrap, turns_topic)
+    stones = read_to_end(kafka_bootstrap, turns_topic)
     part = topics.partition_for(idle, topics.CONVERSATION_TURNS.partitions)
     assert sorted((r.key.decode(), r.value, r.partition) for r in stones) == [
         (f"{idle}/1", None, part), (f"{idle}/2", None, part)]
-    [erased] = _read(kafka_bootstrap, feedback_topic)
+    [erased] = read_to_end(kafka_bootstrap, feedback_topic)
     msg = events.decode(erased.value, erased.headers, events_pb2.ConversationErased)
     assert erased.key.decode() == idle and (msg.conversation_id, msg.user_id, msg.reason) == (idle, "alice",
                                                                                              "retention")

@@ -23,7 +23,7 @@ from services.common.config import KafkaConfig
 from services.common.turns import history_key
 from services.conversation.db import ConversationDB, turns
 from services.conversation.worker import Materializer
-from tests.common.kafka_util import Tail, create
+from tests.common.kafka_util import Tail, create, read_to_end
 from tests.common.procs import Proc
 from tests.conversation.records import record
 
@@ -183,6 +183,35 @@ def test_tombstones_delete_and_unreadable_records_are_dead_lettered_without_stop
     finally:
         worker.stop()
         dlq.close()
+        db.close()
+    assert worker.error is None
+
+
+def test_a_turn_recorded_after_its_conversation_was_deleted_gets_a_tombstone_too(
+        kafka_bootstrap: str, db_url: str, unique: str) -> None:
+    """A turn still being answered when its conversation is deleted lands after the deletion's
+    tombstones: the store ignores it, and the materializer tombstones its key on the topic."""
+    topic, group = f"test.conversation.turns.{unique}", f"test-conversation-{unique}"
+    create(kafka_bootstrap, topic, partitions=PARTITIONS)
+    conv = f"conv-late-{uuid.uuid4()}"
+    deletion = (history_key(conv, 1).encode(), None, [])  # its only turn goes: the conversation is deleted
+    _produce(kafka_bootstrap, topic, [*_turn_items([record(conv, "alice", 1)]), deletion,
+                                      *_turn_items([record(conv, "alice", 2)])])
+    db = ConversationDB(db_url)
+    worker = Materializer(db, KafkaConfig(bootstrap_servers=kafka_bootstrap), topic=topic, group_id=group,
+                          instance_id=unique, retry_seconds=0.2).start()
+    try:
+        assert worker.wait_ready(60), worker.error
+        assert db.get_conversation(conv, "alice") is None and not db.turn_recorded(conv, 2)
+        deadline = time.monotonic() + 30
+        while True:
+            keys = [(r.key, r.value) for r in read_to_end(kafka_bootstrap, topic)]
+            if keys.count((history_key(conv, 2).encode(), None)) == 1:
+                break
+            assert time.monotonic() < deadline, f"no tombstone for the late turn: {keys}"
+            time.sleep(0.2)
+    finally:
+        worker.stop()
         db.close()
     assert worker.error is None
 
