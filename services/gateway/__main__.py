@@ -7,9 +7,9 @@ import asyncio
 from colloquy.v1 import chat_pb2_grpc
 
 from services.common import config, grpc_server, kafka_loop, runtime, topics
+from services.common.auth import KeyRing
 from services.conversation.reader import HistoryReader
-from services.gateway import reply_topics
-from services.gateway.auth import KeyRing
+from services.gateway import metrics, reply_topics
 from services.gateway.config import DEFAULTS, GatewayConfig
 from services.gateway.moderation_guard import ModerationGuard
 from services.gateway.replies import ReplyRouter
@@ -23,7 +23,7 @@ async def build() -> grpc_server.ServiceApp:
     reply = topics.reply_topic(boot.instance)
     loop = asyncio.get_running_loop()
     await boot.ensure_topics(reply)
-    keys = KeyRing(cfg.api_keys_file)
+    keys = KeyRing(cfg.api_keys_file, metrics.api_keys_reloaded)
     history = HistoryReader(boot.kafka)
     router = ReplyRouter(boot.kafka, reply.name, loop,
                          reply_topics.mark_interval_s(cfg.reply_topic_max_idle_s)).start()

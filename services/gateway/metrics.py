@@ -24,3 +24,10 @@ KEYS_RELOAD_OK = Gauge("colloquy_gateway_api_keys_last_reload_ok",
 IDEMPOTENT_RETRIES = Counter("colloquy_gateway_idempotent_retries_total",
                              "Chats answered with a turn their client_request_id had made already: replayed from "
                              "the history or attached to the stream in flight", ["how"])
+
+
+def api_keys_reloaded(ok: bool) -> None:
+    """The gateway's KeyRing hook: a version of the key file was taken into use (ok) or rejected."""
+    KEYS_RELOAD_OK.set(1 if ok else 0)
+    if not ok:
+        KEY_RELOAD_ERRORS.inc()

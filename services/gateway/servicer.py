@@ -15,10 +15,10 @@ from colloquy.v1 import chat_pb2, chat_pb2_grpc, events_pb2
 from kafka import KafkaProducer
 
 from services.common import events, kafka_loop, topics, turns
+from services.common.auth import Identity, KeyRing, key_from_metadata
 from services.conversation.reader import HistoryReader
 from services.gateway import errors, idempotency, metrics, validation
 from services.gateway.admission import Admission
-from services.gateway.auth import Identity, KeyRing, key_from_metadata
 from services.gateway.config import GatewayConfig
 from services.gateway.moderation_guard import ModerationGuard
 from services.gateway.ratelimit import RateLimiter, retry_after_seconds

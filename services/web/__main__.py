@@ -9,7 +9,7 @@ import uvicorn
 
 from model.registry import Registry
 from services.common import config, log
-from services.gateway.auth import KeyRing
+from services.common.auth import KeyRing
 from services.web.app import Backend, build_app
 from services.web.config import WebConfig
 

@@ -29,7 +29,7 @@ from starlette.staticfiles import StaticFiles
 
 from model.registry import DEFAULT_DEPLOYMENT, Registry, RegistryError
 from services.common import tls
-from services.gateway.auth import KeyRing
+from services.common.auth import KeyRing
 from services.web import domain, metrics
 from services.web.config import WebConfig
 

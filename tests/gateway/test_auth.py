@@ -1,4 +1,5 @@
-"""API key file reloads: atomic (a bad file never replaces good keys), loud once, and revocations hold.
+"""API key file reloads (services.common.auth, with the gateway's metrics hook): atomic (a bad file
+never replaces good keys), loud once, and revocations hold.
 
 Real files in tmp_path; each rewrite bumps the mtime so the ring sees a new version.
 """
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from services.gateway.auth import KeyRing
+from services.common.auth import KeyRing
+from services.gateway import metrics
 
 GOOD = ("keys:\n  - user: ann\n    sha256: {k1}\n  - user: bob\n    sha256: {k2}\n"
         .format(k1=hashlib.sha256(b"k1").hexdigest(), k2=hashlib.sha256(b"k2").hexdigest()))
@@ -43,7 +45,7 @@ def last_reload_ok() -> float | None:
 def ring(tmp_path: Path) -> tuple[KeyRing, Path]:
     f = tmp_path / "keys.yaml"
     f.write_text(GOOD)
-    return KeyRing(str(f)), f
+    return KeyRing(str(f), metrics.api_keys_reloaded), f
 
 
 BAD_FILES = {
@@ -74,7 +76,7 @@ def test_bad_key_file_logs_one_error_per_file_version_and_counts_it(
         ring: tuple[KeyRing, Path], caplog: pytest.LogCaptureFixture) -> None:
     keys, f = ring
     before = errors_total()
-    caplog.set_level(logging.ERROR, logger="services.gateway.auth")
+    caplog.set_level(logging.ERROR, logger="services.common.auth")
     rewrite(f, "keys: 5\n")
     for _ in range(20):
         keys.user_for("k1")
@@ -126,7 +128,7 @@ def test_labeler_flag_is_read_per_key(tmp_path: Path) -> None:
 def test_a_deleted_key_file_keeps_the_last_good_keys_and_is_reported_once(
         ring: tuple[KeyRing, Path], caplog: pytest.LogCaptureFixture) -> None:
     keys, f = ring
-    caplog.set_level(logging.ERROR, logger="services.gateway.auth")
+    caplog.set_level(logging.ERROR, logger="services.common.auth")
     f.unlink()
     for _ in range(5):
         assert keys.user_for("k1") == "ann"

@@ -12,8 +12,8 @@ import pytest
 from colloquy.v1 import chat_pb2, common_pb2
 
 from services.common import config
+from services.common.auth import KeyRing, key_from_metadata
 from services.gateway import validation
-from services.gateway.auth import KeyRing, key_from_metadata
 from services.gateway.config import GatewayConfig
 
 CFG = config.load(GatewayConfig, {})
