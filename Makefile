@@ -52,11 +52,11 @@ test: setup
 ## check: the quick check for a change: lint + every test that needs no broker, Ray, model or stack
 ## (markers kafka, ray, model, pipeline deselected). `make test` is the whole suite (CI runs it).
 check: setup
-	$(PY) -m ruff check services model rlhf tests bench
+	$(PY) -m ruff check services model rlhf tests bench devtools
 	$(PY) -m pytest -p no:cacheprovider -q -m "not kafka and not ray and not model and not pipeline"
 
 lint: setup
-	$(PY) -m ruff check services model rlhf tests bench
+	$(PY) -m ruff check services model rlhf tests bench devtools
 
 ## demo: set everything up and run the system (README's run command)
 demo: setup

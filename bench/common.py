@@ -270,9 +270,10 @@ def stack(services: Sequence[str] | None = None,
     holds it already keeps it): two stacks on two cores starve each other. scripts/test.sh does
     not take it: ``flock /tmp/colloquy-stack.lock make test`` keeps benchmarks off a test run.
     """
+    from devtools import kafka_broker
+    from devtools.services import MODULES, ORDER
+    from devtools.stack import Stack
     from services.common import topics
-    from tests import kafka_broker
-    from tests.pipeline.stack import ORDER, Stack
 
     lock = stack_lock()
     lock.__enter__()
@@ -284,8 +285,6 @@ def stack(services: Sequence[str] | None = None,
     logs = Path(tempfile.gettempdir()) / "colloquy-bench-logs"
     logs.mkdir(exist_ok=True)
     os.environ["TMPDIR"] = str(logs)
-    from tests.pipeline.stack import MODULES
-
     env = {name: {"TMPDIR": old_tmp or "/tmp", **(extra_env or {}).get(name, {})} for name in MODULES}
     s = Stack(BOOTSTRAP, extra_env=env)
     try:

@@ -50,7 +50,7 @@ class LlamaServer:
     name = "llama.cpp-server"
 
     def __init__(self, binary: Path, gguf: Path, threads: int = 2, slots: int = SLOTS, ctx: int = CONTEXT) -> None:
-        from tests.conftest import free_port
+        from devtools.procs import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

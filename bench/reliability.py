@@ -1,6 +1,6 @@
 """`make reliability`: load, admission control, faults, rolling restarts and hostile input, measured.
 
-Runs the real stack (tests/pipeline/stack.py: real Kafka, gRPC services, Ray Serve, the served
+Runs the real stack (devtools/stack.py: real Kafka, gRPC services, Ray Serve, the served
 ONNX model) on loopback only, with a fixed number of chats per phase, and writes
 bench/results/reliability.json and reliability.md:
 
@@ -19,7 +19,7 @@ bench/results/reliability.json and reliability.md:
    turns (the client saw `done`, the history lacks it) and duplicated ones (one request recorded
    twice); recovery = restart until a probe chat completes.
 3. rolling restart: SIGTERM each service in turn under load; chats that failed are counted.
-4. hostile input: the fuzz strategies of tests/pipeline/test_fuzz.py against every public RPC.
+4. hostile input: the fuzz strategies of devtools/fuzz.py against every public RPC.
 5. idempotent retries (phase ``idempotent``): under load, chats keyed with ``client_request_id``
    are retried after the answer finished (replay), while the first stream still runs (join) and
    after the gateway was SIGKILLed mid-stream (the pipeline finishes the turn without it); each
@@ -67,7 +67,7 @@ import grpc  # noqa: E402
 from colloquy.v1 import chat_pb2, chat_pb2_grpc, common_pb2  # noqa: E402
 
 from bench import common  # noqa: E402
-from tests.pipeline.load import (  # noqa: E402
+from devtools.load import (  # noqa: E402
     KEYS,
     QUESTIONS,
     Load,
@@ -77,7 +77,7 @@ from tests.pipeline.load import (  # noqa: E402
     probe_until_ok,
     replica_pids,
 )
-from tests.pipeline.stack import Stack  # noqa: E402
+from devtools.stack import Stack  # noqa: E402
 
 RESULTS = common.RESULTS  # BENCH_RESULTS points a trial run elsewhere
 
@@ -152,7 +152,7 @@ def phase_load(stack: Stack, stub: chat_pb2_grpc.ChatServiceStub, capacity: int,
 
 
 def phase_faults(stack: Stack, stub: chat_pb2_grpc.ChatServiceStub, clients: int, dwell: float) -> dict[str, Any]:
-    from tests import kafka_broker
+    from devtools import kafka_broker
 
     load = Load(stub, clients).start()
     rows = []
@@ -205,7 +205,7 @@ def phase_fuzz(stack: Stack, per_rpc: int) -> dict[str, Any]:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from tests.pipeline import test_fuzz as fz
+    from devtools import fuzz as fz
 
     counts: dict[str, dict[str, int]] = {}
 
@@ -216,7 +216,7 @@ def phase_fuzz(stack: Stack, per_rpc: int) -> dict[str, Any]:
         @given(payload=st.one_of(fz.messages(req.DESCRIPTOR), st.binary(max_size=512)))
         def run(payload: bytes) -> None:
             try:
-                code = fz._call(stack, service, method, streaming, payload).name
+                code = fz.call(stack, service, method, streaming, payload).name
             except AssertionError as exc:
                 code = f"FORBIDDEN {exc}"
             seen[code] = seen.get(code, 0) + 1
@@ -920,7 +920,7 @@ def main() -> int:
     search = "capacity" in phases and not args.capacity
     if not search and not args.capacity:  # no search this run: the last one's figure is the limit
         args.capacity = last_capacity() or 0
-    from tests import kafka_broker
+    from devtools import kafka_broker
 
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     kafka_broker.ensure_broker(bootstrap)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Second check of the Kubernetes NetworkPolicies with cyclonus, an offline policy engine
-# (tests/k8s/netpol_tool.py): every address a container dials must be allowed at both ends, and
-# cyclonus must agree with tests/k8s/connectivity.py on every flow it is asked about.
+# (devtools/k8s/netpol_tool.py): every address a container dials must be allowed at both ends, and
+# cyclonus must agree with devtools/k8s/connectivity.py on every flow it is asked about.
 #
 #   scripts/k8s-netpol-check.sh    install cyclonus (pinned, Go module proxy) into .venv/bin if
 #                                  missing, then judge both overlays; exit 1 on any disagreement
@@ -16,4 +16,4 @@ if [[ ! -x .venv/bin/cyclonus && -z "${CYCLONUS:-}" ]]; then
   GOBIN="$PWD/.venv/bin" GOFLAGS=-buildvcs=false go install "github.com/mattfenwick/cyclonus/cmd/cyclonus@${VERSION}"
 fi
 [[ "${1:-}" == --install-only ]] && exit 0
-exec .venv/bin/python -m tests.k8s.netpol_tool
+exec .venv/bin/python -m devtools.k8s.netpol_tool

@@ -13,17 +13,10 @@ RUN=${COLLOQUY_VAR:-$ROOT/var}/run
 LOGS=${COLLOQUY_VAR:-$ROOT/var}/log
 mkdir -p "$RUN" "$LOGS"
 
-# name  module  grpc-port  metrics-port
-SERVICES=(
-  "tokenizer  services.tokenizer   ${TOKENIZER_PORT:-50052}  9102"
-  "moderation services.moderation  ${MODERATION_PORT:-50053} 9103"
-  "prompt     services.prompt      ${PROMPT_PORT:-50054}     9104"
-  "generation services.generation  ${GENERATION_PORT:-9000}  9105"
-  "gateway    services.gateway     ${GATEWAY_PORT:-50051}    9101"
-  "feedback   services.feedback    ${FEEDBACK_PORT:-50055}   9106"
-  "web        services.web         ${WEB_PORT:-8080}         ${WEB_PORT:-8080}"
-)
-# web is HTTP (the OpenAI-compatible API): one port for the API, /readyz and /metrics.
+# name module port metrics-port probe, one line per service in start order, from the one service
+# table (devtools/services.py; TOKENIZER_PORT=..., GATEWAY_PORT=... move a service).
+mapfile -t SERVICES < <("$PY" -m devtools.services table)
+[ ${#SERVICES[@]} -gt 0 ] || { echo "stack: could not read devtools/services.py's table" >&2; exit 1; }
 
 selected() {
   local name=$1; shift
@@ -43,26 +36,23 @@ up() {
 
 start_and_wait() {
   for line in "${SERVICES[@]}"; do
-    read -r name module port mport <<<"$line"
+    read -r name module port mport _ <<<"$line"
     selected "$name" "$@" || continue
     if [ ! -d "services/$name" ]; then echo "stack: $name not built yet, skipped"; continue; fi
     if alive "$name"; then echo "stack: $name already running (pid $(cat "$RUN/$name.pid"))"; continue; fi
-    extra=()
-    if [ "$name" = web ]; then
-      extra=(WEB_PORT="$port" GATEWAY_ADDR="127.0.0.1:${GATEWAY_PORT:-50051}"
-             MODERATION_ADDR="127.0.0.1:${MODERATION_PORT:-50053}")
-    fi
-    env INSTANCE_ID="${INSTANCE_ID:-local}" GRPC_PORT="$port" METRICS_PORT="$mport" "${extra[@]}" \
+    # Its ports and its peers' addresses (GRPC_PORT, METRICS_PORT, MODERATION_ADDR, ...).
+    mapfile -t wiring < <("$PY" -m devtools.services env "$name")
+    env INSTANCE_ID="${INSTANCE_ID:-local}" "${wiring[@]}" \
       setsid nohup "$PY" -m "$module" >>"$LOGS/$name.log" 2>&1 < /dev/null &
     echo $! > "$RUN/$name.pid"
-    echo "stack: started $name (pid $!, gRPC :$port, metrics :$mport, log $LOGS/$name.log)"
+    echo "stack: started $name (pid $!, port :$port, metrics :$mport, log $LOGS/$name.log)"
   done
   for line in "${SERVICES[@]}"; do
-    read -r name module port mport <<<"$line"
+    read -r name module port mport kind <<<"$line"
     selected "$name" "$@" || continue
     [ -f "$RUN/$name.pid" ] || continue
     local t0=$SECONDS
-    if [ "$name" = web ]; then probe=(-m services.web.probe "http://127.0.0.1:$port/readyz")
+    if [ "$kind" = http ]; then probe=(-m services.web.probe "http://127.0.0.1:$port/readyz")
     else probe=(-m services.common.health_probe "127.0.0.1:$port"); fi
     if ! "$PY" "${probe[@]}" --wait "${STACK_START_TIMEOUT:-300}"; then
       echo "stack: $name did not become healthy; last log lines:"; tail -n 30 "$LOGS/$name.log"; exit 1

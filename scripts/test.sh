@@ -8,7 +8,7 @@ PY=.venv/bin/python
 start=$(date +%s)
 
 echo "== lint (ruff)"
-$PY -m ruff check services model rlhf tests bench
+$PY -m ruff check services model rlhf tests bench devtools
 
 if [ -f model/build.py ] && [ -z "${COLLOQUY_SKIP_MODEL_BUILD:-}" ]; then
   echo "== model (built once, cached outside the repo)"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 
@@ -15,7 +14,7 @@ BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
     """A live broker; stopped at the end only if this session started it."""
-    from tests import kafka_broker
+    from devtools import kafka_broker
 
     started = kafka_broker.ensure_broker(BOOTSTRAP)
     os.environ["KAFKA_BOOTSTRAP_SERVERS"] = BOOTSTRAP
@@ -30,12 +29,6 @@ def kafka_bootstrap() -> Iterator[str]:
 def unique() -> str:
     """A short unique suffix so tests never share topics or consumer groups."""
     return uuid.uuid4().hex[:10]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

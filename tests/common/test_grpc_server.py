@@ -12,8 +12,7 @@ from colloquy.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.common.procs import Proc
-from tests.conftest import free_port
+from devtools.procs import Proc, free_port
 
 
 def start_sample(delay: float = 0.0, grace: float = 20.0) -> tuple[Proc, int, int]:

@@ -9,10 +9,9 @@ import pytest
 from colloquy.v1 import common_pb2, events_pb2
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
+from devtools.procs import Proc, free_port
 from services.common import events, topics
 from tests.common.kafka_util import Tail, create, produce, read_all
-from tests.common.procs import Proc
-from tests.conftest import free_port
 
 pytestmark = pytest.mark.kafka
 

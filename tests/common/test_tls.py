@@ -18,9 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from devtools.procs import Proc, free_port
 from services.common import health_probe, tls
-from tests.common.procs import Proc
-from tests.conftest import free_port
 
 
 def _cert(subject: str, issuer_key, issuer_name: x509.Name | None, key, ca: bool) -> x509.Certificate:  # type: ignore[no-untyped-def]

@@ -18,13 +18,13 @@ import pytest
 import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devtools.procs import Proc
 from services.common import events, kafka_loop, topics
 from services.common.config import KafkaConfig
 from services.common.turns import history_key
 from services.conversation.db import ConversationDB, turns
 from services.conversation.worker import Materializer
 from tests.common.kafka_util import Tail, create, read_to_end
-from tests.common.procs import Proc
 from tests.conversation.records import record
 
 PARTITIONS = 3

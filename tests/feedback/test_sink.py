@@ -11,13 +11,12 @@ import pytest
 from colloquy.v1 import chat_pb2, events_pb2
 from kafka import KafkaConsumer
 
+from devtools.procs import Proc, free_port
 from services.common import topics
 from services.common.config import KafkaConfig
 from services.feedback import dataset
 from services.feedback.worker import FeedbackSink
 from tests.common.kafka_util import create, produce
-from tests.common.procs import Proc
-from tests.conftest import free_port
 
 pytestmark = pytest.mark.kafka
 

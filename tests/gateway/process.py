@@ -13,8 +13,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 
-from tests.common.procs import Proc
-from tests.conftest import free_port
+from devtools.procs import Proc, free_port
 
 
 class Gateway:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import signal
 
+from devtools.procs import Proc, free_port
 from services.gateway.moderation_guard import ModerationGuard
-from tests.common.procs import Proc
-from tests.conftest import free_port
 
 
 def test_down_then_up_then_frozen() -> None:

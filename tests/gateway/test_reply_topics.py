@@ -11,14 +11,13 @@ import pytest
 from kafka import KafkaAdminClient, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
+from devtools.procs import Proc, free_port
 from services.common import topics
 from services.common.config import KafkaConfig
 from services.gateway import reply_topics
 from services.gateway.replies import ReplyRouter
 from services.gateway.reply_topics import ReplyTopicJanitor
 from tests.common.kafka_util import create
-from tests.common.procs import Proc
-from tests.conftest import free_port
 
 pytestmark = pytest.mark.kafka
 

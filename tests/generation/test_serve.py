@@ -23,11 +23,11 @@ import pytest
 from colloquy.v1 import common_pb2, events_pb2, generation_pb2, generation_pb2_grpc
 from kafka import KafkaConsumer, TopicPartition
 
+from devtools.procs import free_port
 from services.common.config import KafkaConfig
 from services.generation import serving
 from services.generation.config import DEFAULT_SERVE_CONFIG, EngineSettings, WorkerSettings
 from tests.common import kafka_util
-from tests.conftest import free_port
 
 pytestmark = pytest.mark.ray  # Ray Serve on a local Ray
 

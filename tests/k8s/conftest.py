@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.k8s import manifests
+from devtools.k8s import manifests
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ import jsonschema
 import yaml
 from referencing import Registry, Resource
 
-from tests.k8s.manifests import ROOT, Obj
+from devtools.k8s.manifests import ROOT, Obj
 
 CRD_DIR = Path(os.environ.get("COLLOQUY_K8S_CRDS", str(ROOT.parent / "shared" / "k8s-crds")))
 DEFINITIONS_ID = "https://kubernetes.io/api/_definitions.json"

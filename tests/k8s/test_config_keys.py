@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
+from devtools.k8s import manifests
+from devtools.k8s.manifests import EnvValue, Obj
 from services.common import config as common_config
-from tests.k8s import manifests
-from tests.k8s.manifests import EnvValue, Obj
 
 SERVICES_DIR = manifests.ROOT / "services"
 GRPC_SERVICES = ("gateway", "tokenizer", "moderation", "prompt", "feedback", "conversation")

@@ -1,6 +1,6 @@
 """Every address a container is configured to dial is allowed by the NetworkPolicies at both ends.
 
-The flows are derived from the rendered manifests (tests/k8s/connectivity.py), never listed by
+The flows are derived from the rendered manifests (devtools/k8s/connectivity.py), never listed by
 hand: a new `*_ADDR` in a ConfigMap is checked the moment it is added. The generated `dials-*`
 and `dialed-*` policies (k8s/base/network/dials.yaml, `make k8s-sync`) are how the manifests
 satisfy it; `internal-grpc-ingress` and the rest of policies.yaml stay hand-written.
@@ -12,8 +12,8 @@ import copy
 
 import pytest
 
-from tests.k8s import connectivity, manifests, sync
-from tests.k8s.manifests import Obj
+from devtools.k8s import connectivity, manifests, sync
+from devtools.k8s.manifests import Obj
 
 
 def test_every_dialed_address_is_allowed_by_egress_and_ingress(objects: list[Obj]) -> None:

@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.k8s import manifests, test_images
-from tests.k8s.manifests import Obj
+from devtools.k8s import manifests
+from devtools.k8s.manifests import Obj
+from tests.k8s import test_images
 
 ROOT = manifests.ROOT
 # `python -m X` in shell text, and ["python", "-m", "X"] in exec-form (JSON) arrays.

@@ -11,7 +11,7 @@ import tomllib
 import pytest
 import yaml
 
-from tests.k8s import manifests
+from devtools.k8s import manifests
 
 DOCKERFILE = manifests.ROOT / "docker" / "Dockerfile"
 DOCKERIGNORE = manifests.ROOT / "docker" / "Dockerfile.dockerignore"

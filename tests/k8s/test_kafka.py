@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from devtools.k8s import manifests, sync
+from devtools.k8s.manifests import Obj
 from services.common import topics
-from tests.k8s import manifests, sync
-from tests.k8s.manifests import Obj
 
 PROD_REPLICAS = 3
 PROD_MIN_ISR = 2

@@ -1,4 +1,4 @@
-"""cyclonus, an independent offline NetworkPolicy engine, agrees with tests/k8s/connectivity.py.
+"""cyclonus, an independent offline NetworkPolicy engine, agrees with devtools/k8s/connectivity.py.
 
 Skipped where cyclonus is not installed (`bash scripts/k8s-netpol-check.sh` installs the pinned
 version into .venv/bin with `go install`); tests/k8s/test_connectivity.py is the check that always runs.
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.k8s import netpol_tool, sync
-from tests.k8s.manifests import Obj
+from devtools.k8s import netpol_tool, sync
+from devtools.k8s.manifests import Obj
 
 
 @pytest.fixture(scope="session")

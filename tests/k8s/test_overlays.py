@@ -6,9 +6,9 @@ from typing import Any
 
 import yaml
 
+from devtools.k8s import manifests
+from devtools.k8s.manifests import Obj
 from services.common import topics
-from tests.k8s import manifests
-from tests.k8s.manifests import Obj
 
 GPU = "nvidia.com/gpu"
 STAGES = ("gateway", "tokenizer", "moderation", "prompt", "feedback", "conversation")

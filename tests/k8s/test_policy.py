@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.k8s import connectivity, manifests, sync
-from tests.k8s.manifests import Obj, PodTemplate
+from devtools.k8s import connectivity, manifests, sync
+from devtools.k8s.manifests import Obj, PodTemplate
 
 IMAGE = re.compile(r"^(?P<repo>[a-z0-9.-]+(:\d+)?(/[a-z0-9._-]+)+)"
                    r"(:(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(@sha256:[0-9a-f]{64})?$")

@@ -20,10 +20,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from devtools.k8s import connectivity, manifests
+from devtools.k8s.manifests import Obj, PodTemplate
 from services.common import config as common_config
 from services.conversation.config import ConversationConfig
-from tests.k8s import connectivity, manifests, test_config_keys
-from tests.k8s.manifests import Obj, PodTemplate
+from tests.k8s import test_config_keys
 
 SECRET = "postgres"
 SECRET_KEYS = {"password", "superuser-password"}

@@ -6,8 +6,9 @@ import copy
 
 import pytest
 
-from tests.k8s import manifests, schemas
-from tests.k8s.manifests import Obj
+from devtools.k8s import manifests
+from devtools.k8s.manifests import Obj
+from tests.k8s import schemas
 
 
 @pytest.fixture(scope="module", autouse=True)

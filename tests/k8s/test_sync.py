@@ -7,8 +7,8 @@ import base64
 import pytest
 import yaml
 
-from tests.k8s import manifests, sync
-from tests.k8s.manifests import Obj
+from devtools.k8s import manifests, sync
+from devtools.k8s.manifests import Obj
 
 
 def test_generated_files_are_current() -> None:

@@ -22,9 +22,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from devtools.k8s import manifests
+from devtools.k8s.manifests import Obj
 from services.common import tls
-from tests.k8s import manifests, test_config_keys
-from tests.k8s.manifests import Obj
+from tests.k8s import test_config_keys
 
 GRPC_SERVICES = test_config_keys.GRPC_SERVICES
 # Pods that serve no gRPC but dial the services': web (the HTTP front) calls the gateway and

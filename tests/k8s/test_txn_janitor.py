@@ -3,7 +3,7 @@
 Locally every stage process sweeps in a background thread; here the services' KafkaUsers lack
 the rights a sweep needs, so colloquy-common turns the sweeps off and the `kafka-txn-janitor`
 CronJob (k8s/base/kafka/txn-janitor.yaml) runs `python -m services.common.transactions` with its
-own KafkaUser, `txn-janitor`, whose ACLs (tests/k8s/sync.py janitor_acls()) are checked here
+own KafkaUser, `txn-janitor`, whose ACLs (devtools/k8s/sync.py janitor_acls()) are checked here
 against what the module asks Kafka for.
 """
 
@@ -13,10 +13,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from devtools.k8s import manifests, sync
+from devtools.k8s.manifests import EnvValue, Obj, PodTemplate
 from services.common import config as common_config
 from services.common import topics, transactions
-from tests.k8s import manifests, sync
-from tests.k8s.manifests import EnvValue, Obj, PodTemplate
 from tests.k8s.test_config_keys import env_names, resolve
 from tests.k8s.test_kafka import _rules, allowed
 from tests.k8s.test_policy import _applying

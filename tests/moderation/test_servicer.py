@@ -11,8 +11,7 @@ import grpc
 import pytest
 from colloquy.v1 import common_pb2, moderation_pb2, moderation_pb2_grpc
 
-from tests.common.procs import Proc
-from tests.conftest import free_port
+from devtools.procs import Proc, free_port
 
 _PUNCTUATION = "".join(random.Random(5).choices(",;:-+=*&%$#@^~", k=32700))
 

@@ -17,10 +17,9 @@ from colloquy.v1 import common_pb2, events_pb2, generation_pb2
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
+from devtools.procs import Proc, free_port
 from services.common import events, topics
 from tests.common.kafka_util import create, produce
-from tests.common.procs import Proc
-from tests.conftest import free_port
 
 pytestmark = pytest.mark.kafka
 

@@ -7,7 +7,6 @@ changed to the test stack's, so the shipped config is what the dashboards are te
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import time
@@ -19,10 +18,9 @@ from typing import Any
 
 import yaml
 
-from tests.conftest import free_port
+from devtools.procs import free_port
+from devtools.services import SERVICES
 from tests.observability.grafana import PROMETHEUS, ROOT
-
-STACK_SH = ROOT / "scripts" / "stack.sh"
 
 
 class PromError(RuntimeError):
@@ -37,11 +35,8 @@ def binary(name: str) -> str:
 
 
 def local_metrics_ports() -> dict[str, int]:
-    """service -> metrics port of the local stack (scripts/stack.sh's SERVICES table)."""
-    text = STACK_SH.read_text(encoding="utf-8")
-    # The metrics column is a number, or `${VAR:-number}` where it is the service's own port (web).
-    rows = re.findall(r'^\s*"(\w+)\s+services\.\w+\s+\S+\s+(?:\$\{\w+:-)?(\d+)\}?"\s*$', text, flags=re.M)
-    return {name: int(port) for name, port in rows}
+    """service -> metrics port of the local stack (devtools/services.py, the table scripts/stack.sh runs)."""
+    return {s.name: s.local_metrics_port({}) for s in SERVICES}
 
 
 def local_config() -> dict[str, Any]:

@@ -102,17 +102,17 @@ def test_metric_names_are_found_in_expressions() -> None:
 
 
 def test_local_prometheus_scrapes_the_ports_the_demo_stack_uses() -> None:
-    """deploy/prometheus/prometheus.yml vs scripts/stack.sh (and generation's replica port)."""
+    """deploy/prometheus/prometheus.yml vs the local stack (devtools/services.py; and generation's replica port)."""
     from services.generation.config import EngineSettings
 
     config = local_config()
     jobs = {j["job_name"]: j for j in config["scrape_configs"]}
     by_service = {sc["labels"]["service"]: sc["targets"] for sc in jobs["colloquy"]["static_configs"]}
     ports = local_metrics_ports()
-    assert ports, "could not read scripts/stack.sh's SERVICES table"
+    assert ports, "devtools/services.py lists no service"
     for name, port in ports.items():
         label = "generation-worker" if name == "generation" else name
-        assert by_service.get(label) == [f"127.0.0.1:{port}"], f"{name}: stack.sh serves metrics on {port}"
+        assert by_service.get(label) == [f"127.0.0.1:{port}"], f"{name}: the local stack serves metrics on {port}"
     replica = EngineSettings.__dataclass_fields__["replica_metrics_port"].default
     [replicas] = jobs["generation-replicas"]["static_configs"]
     assert f"127.0.0.1:{replica}" in replicas["targets"]

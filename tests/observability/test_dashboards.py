@@ -1,6 +1,6 @@
 """Every Grafana panel shows real data from the running system, through a real Prometheus.
 
-One stack (tests/pipeline/stack.py) with generation's replica metrics on, a Pushgateway, and a
+One stack (devtools/stack.py) with generation's replica metrics on, a Pushgateway, and a
 Prometheus that scrapes them every second with deploy/prometheus/prometheus.yml's jobs and labels
 (addresses swapped for the stack's) and evaluates deploy/prometheus/alerts.yml. A handful of
 chats (answered, two-turn, blocked, refused, malformed) and one poison record drive every path a
@@ -23,8 +23,9 @@ import pytest
 from colloquy.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 from kafka import KafkaProducer
 
+from devtools.procs import free_port
+from devtools.stack import Stack
 from services.common import events, topics
-from tests.conftest import free_port
 from tests.observability import grafana
 from tests.observability.promstack import (
     PromError,
@@ -34,7 +35,6 @@ from tests.observability.promstack import (
     local_metrics_ports,
     rewrite_targets,
 )
-from tests.pipeline.stack import Stack
 from tests.pipeline.test_chat import DEV, run_chat
 
 pytestmark = [pytest.mark.kafka, pytest.mark.pipeline, pytest.mark.timeout(900)]

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.pipeline.stack import Stack
+from devtools.stack import Stack
 
 
 @pytest.fixture(scope="package")  # stopped after tests/pipeline, before other suites start Ray

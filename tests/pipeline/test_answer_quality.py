@@ -19,6 +19,7 @@ import grpc
 import pytest
 from colloquy.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 
+from devtools.stack import Stack
 from model.answer_quality import (
     MAX_TOKENS,
     MAX_TRIGRAM_REPEATS,
@@ -30,7 +31,6 @@ from model.answer_quality import (
     loops,
     max_trigram_repeats,
 )
-from tests.pipeline.stack import Stack
 
 DEV = [("authorization", "Bearer colloquy-dev-key")]
 CONCURRENCY = 8  # the engine's default GENERATION_MAX_RUNNING: every chat is decoding, none waits

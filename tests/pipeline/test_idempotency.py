@@ -17,8 +17,8 @@ import grpc
 import pytest
 from colloquy.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 
+from devtools.stack import Stack
 from tests.gateway.process import Gateway
-from tests.pipeline.stack import Stack
 
 pytestmark = [pytest.mark.kafka, pytest.mark.pipeline]
 

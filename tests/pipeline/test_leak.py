@@ -19,6 +19,7 @@ import grpc
 import pytest
 from colloquy.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 
+from devtools.stack import Stack
 from model.answer_quality import MAX_TOKENS, PROMPTS
 from model.registry import Registry
 from services.moderation import paths
@@ -26,7 +27,6 @@ from services.moderation.categories import SYSTEM_PROMPT_LEAK
 from services.moderation.leak import LeakDetector, hidden_texts
 from services.moderation.policy import load
 from services.prompt.templates import load_file
-from tests.pipeline.stack import Stack
 
 DEV = [("authorization", "Bearer colloquy-dev-key")]
 TEMPLATES = load_file(paths.TEMPLATES_FILE)

@@ -11,8 +11,8 @@ import grpc
 import pytest
 from colloquy.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 
+from devtools.stack import Stack
 from services.common.sampling import SLOT_TOKENS_DEFAULT
-from tests.pipeline.stack import Stack
 
 pytestmark = [pytest.mark.kafka, pytest.mark.pipeline]
 

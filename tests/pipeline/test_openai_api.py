@@ -13,10 +13,10 @@ import openai
 import pytest
 from colloquy.v1 import chat_pb2, chat_pb2_grpc, generation_pb2
 
+from devtools.stack import Stack
 from services.common import topics
 from tests.common.kafka_util import Tail
 from tests.pipeline.progress import final_progress
-from tests.pipeline.stack import Stack
 
 pytestmark = [pytest.mark.kafka, pytest.mark.pipeline]
 

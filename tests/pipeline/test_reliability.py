@@ -1,6 +1,6 @@
 """Faults and rolling restarts under load, on the real stack: no accepted chat is lost or doubled.
 
-Clients hold multi-turn conversations the whole time (tests/pipeline/load.py, the same driver as
+Clients hold multi-turn conversations the whole time (devtools/load.py, the same driver as
 `make reliability`). Afterwards every turn a client saw finish must be in the history exactly once
 (`GetConversation`), and every chat that did not finish must have ended with a status and a
 message. SIGKILL of the tokenizer, prompt and moderation stages mid-chat is in test_chat.py; these
@@ -25,11 +25,11 @@ import grpc
 import pytest
 from colloquy.v1 import chat_pb2_grpc
 
+from devtools import kafka_broker
+from devtools.load import Load, Outcome, history_check, probe_until_ok, replica_pids
+from devtools.stack import Stack
 from services.common.config import KafkaConfig
 from services.common.transactions import Janitor
-from tests import kafka_broker
-from tests.pipeline.load import Load, Outcome, history_check, probe_until_ok, replica_pids
-from tests.pipeline.stack import Stack
 
 DWELL_S = 4.0  # load between two faults, so each fault lands on chats in flight
 

@@ -15,10 +15,10 @@ import grpc
 import pytest
 from colloquy.v1 import chat_pb2, chat_pb2_grpc, common_pb2, events_pb2
 
+from devtools.stack import Stack
 from services.common import events, topics, turns
 from services.generation.config import EngineSettings
 from tests.common.kafka_util import Tail, create, produce
-from tests.pipeline.stack import Stack
 from tests.prompt.kafka_helpers import collect
 
 pytestmark = [pytest.mark.kafka, pytest.mark.pipeline]

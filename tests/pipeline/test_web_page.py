@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from devtools.stack import Stack
 from services.feedback import dataset
-from tests.pipeline.stack import Stack
 
 pytestmark = [pytest.mark.kafka, pytest.mark.pipeline]
 

@@ -11,10 +11,10 @@ from colloquy.v1 import chat_pb2, common_pb2, events_pb2
 from google.protobuf.message import Message
 from kafka import KafkaConsumer
 
+from devtools.procs import Proc
 from services.common import events, kafka_loop, topics, turns
 from services.common.config import KafkaConfig
 from tests.common.kafka_util import create
-from tests.common.procs import Proc
 
 M = TypeVar("M", bound=Message)
 

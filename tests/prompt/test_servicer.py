@@ -11,11 +11,10 @@ import grpc
 import pytest
 from colloquy.v1 import common_pb2, prompt_pb2, prompt_pb2_grpc
 
+from devtools.procs import Proc, free_port
 from services.common import topics
 from services.prompt.templates import TemplateSet
 from services.tokenizer.domain import TextTokenizer
-from tests.common.procs import Proc
-from tests.conftest import free_port
 from tests.prompt.kafka_helpers import record, write_records
 
 pytestmark = pytest.mark.kafka

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from devtools.stack import Stack
 from rlhf import data, labelers, preference
-from tests.pipeline.stack import Stack
 
 pytestmark = [pytest.mark.kafka, pytest.mark.pipeline]
 

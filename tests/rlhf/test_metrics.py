@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from devtools.procs import free_port
 from rlhf.metrics import GAUGES, JobMetrics
-from tests.conftest import free_port
 
 
 def test_gauges_reach_a_real_pushgateway(tmp_path: Path) -> None:

@@ -11,9 +11,8 @@ import pytest
 from colloquy.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devtools.procs import Proc, free_port
 from services.tokenizer.domain import TextTokenizer
-from tests.common.procs import Proc
-from tests.conftest import free_port
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from colloquy.v1 import common_pb2, events_pb2
 
+from devtools.procs import Proc
 from services.common import events, turns
 from services.tokenizer.domain import TextTokenizer
 from tests.common.kafka_util import create, produce, read_all
-from tests.common.procs import Proc
 
 pytestmark = pytest.mark.kafka
 

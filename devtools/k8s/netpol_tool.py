@@ -8,7 +8,7 @@ as controls, every other pod of the render toward the same targets. cyclonus mus
 dialed flow and agree with connectivity.py on every query (the controls include denied ones, so a
 tool that read no policy and allowed everything fails).
 
-`python -m tests.k8s.netpol_tool` prints the disagreements and exits 1 on any; 2 without cyclonus.
+`python -m devtools.k8s.netpol_tool` prints the disagreements and exits 1 on any; 2 without cyclonus.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tests.k8s import connectivity, manifests
-from tests.k8s.manifests import Obj
+from devtools.k8s import connectivity, manifests
+from devtools.k8s.manifests import Obj
 
 CYCLONUS_MODULE = "github.com/mattfenwick/cyclonus/cmd/cyclonus"
 CYCLONUS_VERSION = "v0.5.6"

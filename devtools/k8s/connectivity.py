@@ -27,8 +27,8 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-from tests.k8s import manifests
-from tests.k8s.manifests import Obj, PodTemplate
+from devtools.k8s import manifests
+from devtools.k8s.manifests import Obj, PodTemplate
 
 ADDRESS_VAR = re.compile(r"_(ADDR|ADDRESS|URL|BOOTSTRAP_SERVERS|ENDPOINT)$")
 ADDRESS_VALUE = re.compile(r"^(?:[a-z][a-z0-9+.-]*://(?:[^/@\s]+@)?)?[A-Za-z0-9.$()_-]+:\d{1,5}(?:/.*)?$")

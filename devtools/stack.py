@@ -1,24 +1,17 @@
-"""The whole Colloquy stack as separate OS processes on free ports, for end-to-end tests."""
+"""The whole Colloquy stack as separate OS processes on free ports, for end-to-end tests and benchmarks.
+
+Which services, their modules, start order and wiring come from devtools/services.py (the table
+scripts/stack.sh reads too); this adds free ports and the settings a test run needs.
+"""
 
 from __future__ import annotations
 
 import signal
 import uuid
 
+from devtools.procs import Proc, free_port
+from devtools.services import BY_NAME, MODULES, ORDER
 from services.common import topics
-from tests.common.procs import Proc
-from tests.conftest import free_port
-
-MODULES = {
-    "tokenizer": "services.tokenizer",
-    "moderation": "services.moderation",
-    "prompt": "services.prompt",
-    "generation": "services.generation",
-    "gateway": "services.gateway",
-    "feedback": "services.feedback",
-    "web": "services.web",
-}
-ORDER = ["generation", "tokenizer", "moderation", "prompt", "feedback", "gateway", "web"]
 
 
 class Stack:
@@ -45,7 +38,7 @@ class Stack:
     def env(self, name: str) -> dict[str, str]:
         env = {
             "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap, "INSTANCE_ID": self.instance,
-            "GRPC_PORT": str(self.ports[name]), "METRICS_PORT": str(self.metrics_ports[name]),
+            **BY_NAME[name].wiring(self.ports.__getitem__, self.metrics_ports[name]),
             "SHUTDOWN_GRACE_SECONDS": "10",
             # Hanging-transaction sweeps often enough to heal within a test's recovery wait.
             "KAFKA_HANGING_TXN_CHECK_S": "5", "KAFKA_HANGING_TXN_AGE_S": "45",
@@ -53,24 +46,21 @@ class Stack:
         if name == "gateway":
             # A loaded 2-core CI box is slow, not stuck.
             env.update(CHAT_REPLY_IDLE_TIMEOUT_SECONDS="120", CHAT_CHECK_TIMEOUT_SECONDS="120",
-                       MODERATION_ADDR=f"127.0.0.1:{self.ports['moderation']}",
                        CHAT_USER_RATE_PER_MINUTE="600", CHAT_USER_BURST="30",
                        # Suites and benchmarks (bench/ uses this harness) run up to 32 chats at
                        # once on one or three keys; tests/gateway/test_public_limits.py checks the cap.
                        CHAT_MAX_CONCURRENT_PER_USER="0")
-        if name == "web":
-            env.update(WEB_PORT=str(self.ports[name]), GATEWAY_ADDR=self.gateway,
-                       MODERATION_ADDR=f"127.0.0.1:{self.ports['moderation']}")
         if name == "generation":
-            env.update(GENERATION_GRPC_PORT=str(self.ports[name]), GENERATION_REPLICA_METRICS_PORT="0",
-                       GENERATION_RAY_NUM_CPUS="2")
+            env.update(GENERATION_REPLICA_METRICS_PORT="0", GENERATION_RAY_NUM_CPUS="2")
         env.update(self.extra_env.get(name, {}))
         return env
 
     def _pick_ports(self, names: list[str]) -> None:
         for name in names:
             self.ports.setdefault(name, free_port())
-            self.metrics_ports.setdefault(name, free_port())
+            # An HTTP service serves /metrics on its one port.
+            http = BY_NAME[name].metrics_port is None
+            self.metrics_ports.setdefault(name, self.ports[name] if http else free_port())
 
     def spawn(self, name: str) -> Proc:
         self._pick_ports([name])

@@ -19,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[1]
 KAFKA_SH = REPO / "scripts" / "kafka.sh"
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 
