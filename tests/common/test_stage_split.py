@@ -1,0 +1,45 @@
+"""A stage's own time split (colloquy_stage_seconds), which the pipeline benchmark reads."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from colloquy.v1 import events_pb2
+from prometheus_client import REGISTRY
+
+from services.common import kafka_loop
+from services.common.config import KafkaConfig
+from tests.common.kafka_util import create, produce, read_all
+
+
+def _count(stage: str, part: str) -> float:
+    return REGISTRY.get_sample_value("colloquy_stage_seconds_count", {"stage": stage, "part": part}) or 0.0
+
+
+def _records(stage: str) -> float:
+    return REGISTRY.get_sample_value("colloquy_stage_batch_records_sum", {"stage": stage}) or 0.0
+
+
+def test_each_record_and_transaction_is_timed_by_part(kafka_bootstrap: str, unique: str) -> None:
+    stage, src, dst = f"split-{unique}", f"split-in-{unique}", f"split-out-{unique}"
+    create(kafka_bootstrap, src, dst)
+
+    def handle(ev: kafka_loop.Consumed[events_pb2.TurnEvent]) -> Iterator:
+        yield ev.out(dst, ev.message)
+
+    worker = kafka_loop.StageWorker(stage, [src], events_pb2.TurnEvent, handle,
+                                    KafkaConfig(bootstrap_servers=kafka_bootstrap), instance_id="0").start()
+    try:
+        produce(kafka_bootstrap, src, [(f"k{i}", events_pb2.TurnEvent(request_id=f"r{i}")) for i in range(3)])
+        assert len(read_all(kafka_bootstrap, dst, 3, settle=0.5)) == 3
+        deadline = time.monotonic() + 10
+        while _records(stage) < 3 and time.monotonic() < deadline:  # observed just after each commit
+            time.sleep(0.05)
+        assert _count(stage, "arrival") == 3  # one per record
+        transactions = _count(stage, "commit")
+        assert 1 <= transactions <= 3  # one per polled batch: records waiting together share one
+        assert _count(stage, "process") == _count(stage, "send") == transactions
+        assert _records(stage) == 3
+    finally:
+        worker.stop()
