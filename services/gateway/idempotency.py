@@ -39,7 +39,8 @@ def recorded(turns: Iterable[chat_pb2.Turn], rid: str) -> chat_pb2.Turn | None:
 def replay(turn: chat_pb2.Turn, conversation: str, sent: dict[int, int],
            started: bool) -> list[chat_pb2.ChatEvent]:
     """A recorded turn as the rest of a stream: `started` unless already sent, the text beyond what
-    `sent` says each candidate has had, the moderation notices, then `done` (its usage is not
+    `sent` says each candidate has had (or a retraction down to the recorded text, when the stream
+    showed more: stream-first moderation cut it), the moderation notices, then `done` (its usage is not
     recorded, so it is zero)."""
     out: list[chat_pb2.ChatEvent] = []
     if not started:
@@ -54,6 +55,9 @@ def replay(turn: chat_pb2.Turn, conversation: str, sent: dict[int, int],
             already = sent.get(a.index, 0)
             if len(a.text) > already:
                 out.append(chat_pb2.ChatEvent(delta=chat_pb2.ChatDelta(index=a.index, text=a.text[already:])))
+            elif already > len(a.text):  # stream-first moderation cut text this stream had shown
+                out.append(chat_pb2.ChatEvent(retraction=chat_pb2.ChatRetraction(index=a.index,
+                                                                                  kept_chars=len(a.text))))
         for a in answers:
             if a.finish_reason == "moderated":
                 out.append(chat_pb2.ChatEvent(moderation=chat_pb2.ModerationNotice(

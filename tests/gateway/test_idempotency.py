@@ -53,6 +53,14 @@ def test_replay_of_moderated_and_blocked_turns_carries_the_notice() -> None:
     assert blocked[1].moderation.message == "I can't help with that."
 
 
+def test_replay_after_more_was_shown_than_recorded_withdraws_the_rest() -> None:
+    """Stream-first: the stream showed text that moderation then cut; the record holds only the kept text."""
+    cut = turn(answers=[chat_pb2.Answer(index=0, text="Part", finish_reason="moderated")])
+    evs = idempotency.replay(cut, "c1", {0: len("Part of a leak")}, started=True)
+    assert [e.WhichOneof("event") for e in evs] == ["retraction", "moderation", "done"]
+    assert evs[0].retraction.kept_chars == 4
+
+
 def reply(rid: str, **kw: object) -> events_pb2.ReplyEvent:
     return events_pb2.ReplyEvent(request_id=rid, conversation_id="c1", **kw)
 
