@@ -30,7 +30,8 @@ def main() -> int:
     stop = runtime.stop_on_signals()  # after ray.init, which installs its own handlers
     state = None if (eng.model_dir or eng.model_version) else _registry_state()
     overrides = {"user_config": state.user_config()} if state is not None else None
-    serve_cfg = serving.load_config(svc.serve_config, grpc_port=svc.grpc_port, deployment_overrides=overrides)
+    serve_cfg = serving.load_config(svc.serve_config, grpc_port=svc.grpc_port, deployment_overrides=overrides,
+                                    capacity=_capacity(svc))
     if svc.deploy:
         serving.deploy(serve_cfg)
     else:
@@ -65,6 +66,12 @@ def main() -> int:
     return code
 
 
+def _capacity(svc: ServiceSettings) -> dict[str, float] | None:
+    """Our own local Ray's CPUs/GPUs, which bound the replicas asked for; None on a cluster
+    (KubeRay's autoscaler adds nodes, and the overlays size replicas to them)."""
+    return serving.local_capacity() if svc.deploy and not svc.ray_address else None
+
+
 def _registry_state():  # type: ignore[no-untyped-def]
     from model.registry import Registry
     from services.generation.updates import registry_state
@@ -82,7 +89,7 @@ def _updates_worker(kafka: config.KafkaConfig, svc: ServiceSettings, state, inst
 
     def apply(new) -> None:  # type: ignore[no-untyped-def]
         cfg = serving.load_config(svc.serve_config, grpc_port=svc.grpc_port,
-                                  deployment_overrides={"user_config": new.user_config()})
+                                  deployment_overrides={"user_config": new.user_config()}, capacity=_capacity(svc))
         serving.redeploy(cfg)
 
     handler = updates.make_handler(apply, state, Registry().exists)

@@ -7,6 +7,7 @@ KubeRay gets; only ports, replica counts and the model can be overridden (tests,
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import sys
@@ -25,8 +26,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def load_config(path: str | Path, *, grpc_port: int = 0, http_port: int | None = None,
                 deployment_overrides: dict[str, Any] | None = None,
-                app_args: dict[str, Any] | None = None) -> Any:
-    """The validated ServeDeploySchema of `path` with the given overrides applied."""
+                app_args: dict[str, Any] | None = None,
+                capacity: dict[str, float] | None = None) -> Any:
+    """The validated ServeDeploySchema of `path` with the given overrides applied.
+
+    With `capacity` (Ray resources, {"CPU": n, "GPU": m}), each deployment's replica bounds are
+    lowered to what those resources hold (`cap_replicas`), and the decision is logged.
+    """
     from ray.serve.schema import ServeDeploySchema
 
     doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -44,7 +50,81 @@ def load_config(path: str | Path, *, grpc_port: int = 0, http_port: int | None =
                     dep.pop(key, None)
                 else:
                     dep[key] = value
+            if capacity is not None:
+                decision = cap_replicas(dep, capacity.get("CPU", 0.0), capacity.get("GPU", 0.0))
+                log.log(logging.WARNING if decision.lowered else logging.INFO, "generation replica bounds",
+                        extra={"deployment": dep.get("name"), **dataclasses.asdict(decision)})
     return ServeDeploySchema.model_validate(doc)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaCap:
+    """What `cap_replicas` decided for one deployment, and from what."""
+
+    configured: int  # max_replicas (or num_replicas) in the config
+    fits: int  # replicas the resources hold at the deployment's ray_actor_options
+    max_replicas: int  # after the cap (at least 1)
+    cpus: float
+    gpus: float
+    cpus_per_replica: float
+    gpus_per_replica: float
+    lowered: bool
+    reason: str
+
+
+def cap_replicas(dep: dict[str, Any], cpus: float, gpus: float) -> ReplicaCap:
+    """Lower `dep`'s replica bounds (in place) to what `cpus`/`gpus` hold at its ray_actor_options.
+
+    A replica reserves ray_actor_options' num_cpus (Serve's default: 1) and num_gpus (0). A
+    CPU replica's ONNX Runtime runs one intra-op thread per core, so a second replica on cores
+    the first already uses only splits them (issue 22: the gateway's overhead over the
+    deployment rose from 186 to 463 ms p50 when a second replica appeared on 2 cores): the
+    config declares the cores a replica computes on, and replicas beyond cpus // that (or gpus
+    // num_gpus) are not asked for, rather than left pending by Ray or squeezed onto busy cores.
+    """
+    opts = dep.get("ray_actor_options") or {}
+    per_cpu = float(opts.get("num_cpus", 1) or 0)
+    per_gpu = float(opts.get("num_gpus", 0) or 0)
+    limits = []
+    if per_cpu > 0:
+        limits.append(int(cpus // per_cpu))
+    if per_gpu > 0:
+        limits.append(int(gpus // per_gpu))
+    auto = dep.get("autoscaling_config")
+    fixed = dep.get("num_replicas")
+    if not auto and fixed == "auto":  # Serve's own autoscaling defaults: bound them explicitly
+        auto = dep["autoscaling_config"] = {}
+        dep.pop("num_replicas")
+    configured = int(auto.get("max_replicas", 1) if auto is not None else fixed or 1)
+    fits = min(limits) if limits else configured
+    cap = max(1, min(configured, fits))
+    if fits < 1:
+        reason = "the resources hold no replica: one is asked for and Ray will keep it pending"
+    elif cap < configured:
+        reason = f"lowered from {configured}: the resources hold {fits}"
+    else:
+        reason = f"{configured} fit"
+    if auto is not None:
+        auto["max_replicas"] = cap
+        for key in ("min_replicas", "initial_replicas"):
+            if auto.get(key) is not None and auto[key] > cap:
+                auto[key] = cap
+    else:
+        dep["num_replicas"] = cap
+    return ReplicaCap(configured, fits, cap, cpus, gpus, per_cpu, per_gpu, cap < configured, reason)
+
+
+def local_capacity() -> dict[str, float]:
+    """The connected Ray's CPU and GPU resources; warns when it declares more CPUs than exist."""
+    import ray
+
+    res = ray.cluster_resources()
+    cap = {"CPU": float(res.get("CPU", 0.0)), "GPU": float(res.get("GPU", 0.0))}
+    cores = os.cpu_count() or 1
+    if cap["CPU"] > cores:
+        log.warning("Ray declares more CPUs than the machine has: replicas will share cores",
+                    extra={"ray_cpus": cap["CPU"], "cores": cores})
+    return cap
 
 
 def init_ray(address: str = "", num_cpus: int = 2, object_store_mb: int = 200) -> None:
