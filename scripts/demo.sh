@@ -16,11 +16,11 @@ cat <<'MSG'
 
 Colloquy is running.
   make chat                      talk to it in the terminal (colloquy chat)
-  http://127.0.0.1:8080/v1       the OpenAI-compatible HTTP API (README: OpenAI-compatible HTTP API), e.g.
+  http://127.0.0.1:8080/v1       the OpenAI-compatible HTTP API (docs/http-api.md), e.g.
                                  curl -s 127.0.0.1:8080/v1/models -H 'Authorization: Bearer colloquy-dev-key'
   make down                      stop every service and Kafka
   scripts/stack.sh status        what runs; logs in var/log/
   http://127.0.0.1:9090          Prometheus (every service's metrics, alert rules); dashboards to import
-                                 into Grafana are in deploy/grafana/ (README: Observability)
+                                 into Grafana are in deploy/grafana/ (docs/operations.md)
   http://127.0.0.1:9091          Pushgateway (the RLHF job pushes its training metrics here)
 MSG

@@ -90,7 +90,7 @@ def load(cls: type[T], environ: Mapping[str, str] | None = None,
             raise ConfigError(f"{var} is required but not set")
         check = f.metadata.get("check")
         if check is not None and not check(value):
-            hint = f.metadata["hint"] or "see the README's configuration table"
+            hint = f.metadata["hint"] or "see docs/configuration.md"
             raise ConfigError(f"{var}={value!r} is out of range: {hint}")
         values[f.name] = value
     return cls(**values)
@@ -125,10 +125,10 @@ class KafkaConfig:
 
     bootstrap_servers: str = env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     # How long the broker holds a fetch when there is *nothing* to return (it answers as soon as a
-    # record is readable, fetch_min_bytes=1). Measured on the local broker, delivery after a
-    # transaction commit: p50 15.7 ms at 5 ms, 16.1 ms at 100 ms, 25.0 ms at 500 ms (kafka-python's
-    # default). At 5 ms every idle consumer sent 200 fetches a second: the idle stack used about
-    # 1.3 of this machine's 2 cores just polling.
+    # record is readable, fetch_min_bytes=1), so it costs no latency while records flow. Too short,
+    # and every idle consumer polls the broker many times a second for nothing; kafka-python's 500 ms
+    # default delays the first record after a quiet spell at every hop. The measurements behind 100 ms
+    # are in bench/results/README.md ("Measurements moved out of code comments").
     fetch_max_wait_ms: int = env("KAFKA_FETCH_MAX_WAIT_MS", 100, check=lambda v: 0 <= v <= 1000,
                                  hint="0..1000 milliseconds")
     max_poll_records: int = env("KAFKA_MAX_POLL_RECORDS", 64, check=lambda v: 1 <= v <= 10000,

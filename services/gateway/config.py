@@ -1,4 +1,4 @@
-"""Gateway configuration (environment variables; see the README's table)."""
+"""Gateway configuration (environment variables; docs/configuration.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Generation service configuration (environment variables; see the README's table).
+"""Generation service configuration (environment variables; docs/configuration.md).
 
 The Serve deployment reads `GENERATION_*` engine variables in its replica processes (Ray passes
 the driver's environment to local workers; on Kubernetes they come from the pod spec), the Kafka

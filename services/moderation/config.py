@@ -1,4 +1,4 @@
-"""Moderation settings from the environment (see the README's configuration table)."""
+"""Moderation settings from the environment (docs/configuration.md)."""
 
 from __future__ import annotations
 

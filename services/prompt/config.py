@@ -1,4 +1,4 @@
-"""Prompt service configuration (environment variables; see the README's table)."""
+"""Prompt service configuration (environment variables; docs/configuration.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tokenizer service configuration (environment variables; see the README's table)."""
+"""Tokenizer service configuration (environment variables; docs/configuration.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Web front configuration (environment variables; see the README's table)."""
+"""Web front configuration (environment variables; docs/configuration.md)."""
 
 from __future__ import annotations
 
