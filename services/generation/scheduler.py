@@ -192,9 +192,9 @@ class Scheduler:
     def warm_up(self) -> float:
         """One decode pass at every batch size and one prefill, before any request; the seconds it took.
 
-        ONNX Runtime's first pass at a new input shape is slow: on 2 cores the first decode at each
-        of 1..16 rows took 208-682 ms, a second visit 18-49 ms. Unwarmed, every join of a fresh
-        engine's first 16 streams stalled all of them that long (the ITL p99 of a cold benchmark).
+        ONNX Runtime's first pass at a new input shape is several times slower than later ones
+        (figures in bench/results/engine.md). Unwarmed, every join of a fresh engine's first streams
+        stalled all of them that long (the ITL p99 of a cold benchmark).
         vLLM captures its CUDA graphs per batch size at start-up for the same reason. The passes
         write only free slots (rows start at length 0), which a request's KV overwrites when it joins.
         """
