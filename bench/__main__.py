@@ -14,12 +14,13 @@ import os
 import sys
 import time
 
-from bench import common, conversation, engine, history_store, model_quality, pipeline, report, stages, web
+from bench import common, conversation, engine, history_store, model_quality, pipeline, report, scale, stages, web
 
 ALL = ("engine", "stages", "pipeline", "conversation")
 # Run only when named: the quality gate of every build (minutes per build); the HTTP front's overhead;
-# the conversation store loaded with a million turns (about 10 minutes).
-EXTRA = ("model", "web", "history_store")
+# the conversation store loaded with a million turns (about 10 minutes); stage throughput at 1 and
+# 2 replicas with the rebalance stall (a few minutes).
+EXTRA = ("model", "web", "history_store", "scale")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,7 +30,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=64, help="max_tokens for every contender")
     p.add_argument("--resume", action="store_true",
                    help="keep the in-process parts of engine.json/conversation.json and run only the stack parts")
-    for mod in (engine, pipeline, conversation, stages, model_quality, web, history_store):
+    for mod in (engine, pipeline, conversation, stages, model_quality, web, history_store, scale):
         mod.add_args(p.add_argument_group(mod.NAME))
     return p
 
@@ -65,6 +66,8 @@ def _run(args: argparse.Namespace, names: list[str]) -> int:
             eng.unskip("colloquy")
     if "stages" in names:
         stages.run(args)
+    if "scale" in names:
+        scale.run(args)
     if "history_store" in names:
         history_store.run(args)
     conv = None
