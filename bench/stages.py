@@ -122,7 +122,12 @@ def build(name: str) -> Stage:
                      OutputStage(moderator, cfg.chunk_min_chars, cfg.chunk_max_chars,
                                  first_chars=cfg.chunk_first_chars).handle, progress_events)
     if name == "prompt":
-        from services.conversation.reader import HistoryReader
+        import tempfile
+
+        from services.common import topics
+        from services.conversation.db import ConversationDB
+        from services.conversation.reader import StoreReader
+        from services.conversation.worker import Materializer
         from services.prompt import templates as templates_mod
         from services.prompt.config import PromptConfig
         from services.prompt.domain import Assembler
@@ -135,10 +140,27 @@ def build(name: str) -> Stage:
         path = model_files.resolve_tokenizer_dir(pcfg.tokenizer_path)
         tok = TextTokenizer.from_file(str(path / model_files.TOKENIZER_FILE))
         assembler = Assembler(tok, model_files.context_tokens(path, pcfg.context_tokens))
-        reader = HistoryReader(config.load(config.KafkaConfig)).start()
+        # The history the stage reads: a store of its own (a temporary SQLite file) that a
+        # materializer in this process fills from conversation.turns, as the service would read.
+        kafka = config.load(config.KafkaConfig)
+        group = f"bench-conversation-{os.getpid()}"
+        store_dir = tempfile.TemporaryDirectory(prefix="colloquy-bench-store-")
+        db = ConversationDB(f"sqlite:///{store_dir.name}/conversations.db")
+        materializer = Materializer(db, kafka, topic=topics.CONVERSATION_TURNS.name, group_id=group,
+                                    instance_id=group).start()
+        if not materializer.wait_ready(300):
+            raise RuntimeError(f"the bench's conversation store never caught up: {materializer.error!r}")
+        reader = StoreReader(db, kafka, topic=topics.CONVERSATION_TURNS.name, group_id=group)
         tracker = TurnTracker(ttl_ms=int(pcfg.pending_ttl_s * 1000))
         handler = prompt_handler(assembler, templates_mod.load_file(pcfg.templates_file), tracker, reader, pcfg)
-        return Stage(name, events_pb2.TurnEvent, handler, turn_events, close=reader.stop)
+
+        def close() -> None:
+            reader.stop()
+            materializer.stop()
+            db.close()
+            store_dir.cleanup()
+
+        return Stage(name, events_pb2.TurnEvent, handler, turn_events, close=close)
     raise ValueError(f"unknown stage {name!r}; one of {', '.join(STAGES)}")
 
 

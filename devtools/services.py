@@ -54,6 +54,9 @@ class Service:
 # waiting for its metrics agent when the other services import their dependencies meanwhile.
 SERVICES: tuple[Service, ...] = (
     Service("generation", "services.generation", 9000, 9105, port_vars=("GRPC_PORT", "GENERATION_GRPC_PORT")),
+    # The conversation store's materializer before its readers (prompt, gateway), which stay
+    # NOT_SERVING until it has caught up with conversation.turns.
+    Service("conversation", "services.conversation", 50056, 9107),
     Service("tokenizer", "services.tokenizer", 50052, 9102),
     Service("moderation", "services.moderation", 50053, 9103),
     Service("prompt", "services.prompt", 50054, 9104),

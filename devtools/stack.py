@@ -6,16 +6,26 @@ scripts/stack.sh reads too); this adds free ports and the settings a test run ne
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import tempfile
+import time
 import uuid
 
 from devtools.procs import Proc, free_port
 from devtools.services import BY_NAME, MODULES, ORDER
-from services.common import topics
+from services.common import health_probe, topics
+
+# The services that open the conversation store: they get the stack's database settings.
+STORE_USERS = ("conversation", "prompt", "gateway")
 
 
 class Stack:
-    def __init__(self, bootstrap: str, extra_env: dict[str, dict[str, str]] | None = None) -> None:
+    def __init__(self, bootstrap: str, extra_env: dict[str, dict[str, str]] | None = None,
+                 database_url: str = "") -> None:
+        """`database_url`: PostgreSQL for the conversation store (an empty database); empty: a
+        SQLite file of this stack's own, which the materializer and its readers share (WAL)."""
         self.bootstrap = bootstrap
         self.instance = f"t{uuid.uuid4().hex[:8]}"  # stable across restarts: static membership
         # Ports are picked just before their services start (generation's first, the others once
@@ -25,6 +35,10 @@ class Stack:
         self.metrics_ports: dict[str, int] = {}
         self.extra_env = extra_env or {}
         self.procs: dict[str, Proc] = {}
+        self._store_dir = "" if database_url else tempfile.mkdtemp(prefix="colloquy-stack-store-")
+        self.store_env = {"CONVERSATION_GROUP_ID": f"colloquy-conversation-{self.instance}",
+                          **({"DATABASE_URL": database_url} if database_url else
+                             {"CONVERSATION_DB": os.path.join(self._store_dir, "conversations.db")})}
 
     @property
     def gateway(self) -> str:
@@ -43,6 +57,8 @@ class Stack:
             # Hanging-transaction sweeps often enough to heal within a test's recovery wait.
             "KAFKA_HANGING_TXN_CHECK_S": "5", "KAFKA_HANGING_TXN_AGE_S": "45",
         }
+        if name in STORE_USERS:
+            env.update(self.store_env)
         if name == "gateway":
             # A loaded 2-core CI box is slow, not stuck.
             env.update(CHAT_REPLY_IDLE_TIMEOUT_SECONDS="120", CHAT_CHECK_TIMEOUT_SECONDS="120",
@@ -69,7 +85,17 @@ class Stack:
         return proc
 
     def wait_serving(self, name: str, timeout: float = 240.0) -> None:
-        self.procs[name].wait_for(lambda out: '"msg": "serving"' in out, timeout=timeout)
+        """Until its log says "serving" and, for a service whose health waits for something (the
+        conversation store for the materializer, prompt and gateway), its health is SERVING."""
+        proc = self.procs[name]
+        proc.wait_for(lambda out: '"msg": "serving"' in out, timeout=timeout)
+        if name not in STORE_USERS:
+            return
+        deadline = time.monotonic() + timeout
+        while not health_probe.serving(f"127.0.0.1:{self.ports[name]}"):
+            if proc.popen.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} never became SERVING:\n{proc.output()[-4000:]}")
+            time.sleep(0.2)
 
     def start(self) -> Stack:
         topics.ensure_topics(self.bootstrap)
@@ -131,3 +157,5 @@ class Stack:
                 proc.wait(60)
             except Exception:
                 proc.kill()
+        if self._store_dir:
+            shutil.rmtree(self._store_dir, ignore_errors=True)

@@ -81,3 +81,40 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.kafka)
         if "stack" in names:
             item.add_marker(pytest.mark.pipeline)
+
+
+@pytest.fixture(scope="session")
+def conversation_store(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The conversation materializer (`python -m services.conversation`) on a session SQLite file,
+    SERVING (caught up with conversation.turns); yields the file's path.
+
+    The gateway and prompt processes a test starts read that file: CONVERSATION_DB and
+    CONVERSATION_GROUP_ID (whose stored offsets say "caught up") are set in this process's
+    environment, which they inherit, as KAFKA_BOOTSTRAP_SERVERS is."""
+    import signal
+    import time
+
+    from devtools.procs import Proc, free_port
+    from services.common.health_probe import serving
+
+    path = str(tmp_path_factory.mktemp("conversation-store") / "conversations.db")
+    env = {"CONVERSATION_DB": path, "CONVERSATION_GROUP_ID": f"colloquy-conversation-test-{uuid.uuid4().hex[:8]}"}
+    port = free_port()
+    proc = Proc("services.conversation", {**env, "GRPC_PORT": str(port), "METRICS_PORT": str(free_port()),
+                                          "INSTANCE_ID": env["CONVERSATION_GROUP_ID"]})
+    try:
+        deadline = time.monotonic() + 180  # a fresh store replays the shared topic first
+        while not serving(f"127.0.0.1:{port}"):
+            assert proc.popen.poll() is None, f"the materializer exited:\n{proc.output()[-3000:]}"
+            assert time.monotonic() < deadline, f"the materializer never caught up:\n{proc.output()[-3000:]}"
+            time.sleep(0.2)
+        os.environ.update(env)
+        yield path
+    finally:
+        for key in env:
+            os.environ.pop(key, None)
+        proc.signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except Exception:
+            proc.kill()

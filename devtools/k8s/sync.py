@@ -185,8 +185,10 @@ def access() -> tuple[Access, ...]:
 
     dlq = t.DEAD_LETTER.name
     return (
+        # Reads conversation.turns' end offsets (read-your-writes waits on the store); writes its
+        # tombstones and ConversationErased on chat.feedback when a conversation is deleted.
         Access("gateway", reads=(t.CONVERSATION_TURNS.name,),
-               writes=(t.CHAT_REQUESTS.name, t.CHAT_CANCELS.name, t.CHAT_FEEDBACK.name),
+               writes=(t.CHAT_REQUESTS.name, t.CHAT_CANCELS.name, t.CHAT_FEEDBACK.name, t.CONVERSATION_TURNS.name),
                owns_replies=True, describes_all=True),
         Access("tokenizer", reads=(t.CHAT_REQUESTS.name,), writes=(t.CHAT_TOKENIZED.name, dlq),
                group=True, transactional=True, writes_replies=True),
@@ -202,8 +204,11 @@ def access() -> tuple[Access, ...]:
                group=True, transactional=True, writes_replies=True),
         Access("feedback", reads=(t.CHAT_FEEDBACK.name,), writes=(dlq,), group=True),
         # The materializer (services/conversation/worker.py): a plain consumer in its group (offsets
-        # live in the database, never committed to Kafka), an idempotent producer for dead letters.
-        Access("conversation", reads=(t.CONVERSATION_TURNS.name,), writes=(dlq,), group=True),
+        # live in the database, never committed to Kafka), an idempotent producer for dead letters
+        # and, for deletions (retention, late turns of a deleted conversation), tombstones on
+        # conversation.turns and ConversationErased on chat.feedback.
+        Access("conversation", reads=(t.CONVERSATION_TURNS.name,),
+               writes=(t.CONVERSATION_TURNS.name, t.CHAT_FEEDBACK.name, dlq), group=True),
         Access("rlhf", writes=(t.MODEL_UPDATES.name,)),
     )
 

@@ -30,7 +30,10 @@ def _database_url(value: str) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class ConversationConfig:
+class StoreConfig:
+    """Where the store is and whose offsets say it is caught up: the materializer's settings,
+    which the readers (gateway, prompt stage) load too so they read the same database."""
+
     # PostgreSQL in production (postgresql+psycopg://user:pass@host/db; postgresql:// works too).
     # Empty: the embedded SQLite file CONVERSATION_DB.
     database_url: str = env("DATABASE_URL", "", check=_database_url,
@@ -43,6 +46,16 @@ class ConversationConfig:
                                hint="0..600000 milliseconds (SQLite's wait for a locked database)")
     retry_seconds: float = env("CONVERSATION_DB_RETRY_SECONDS", 1.0, check=lambda v: 0 < v <= 60,
                                hint="seconds between attempts while the database cannot be reached, 0..60")
+
+    @property
+    def url(self) -> str:
+        return self.database_url or f"sqlite:///{self.db_path}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversationConfig(StoreConfig):
+    """The conversation service: the store, retention and a test hook."""
+
     # Conversations idle (no new turn) longer than this are deleted like DeleteConversation does;
     # 0 keeps them forever. Checked every CONVERSATION_RETENTION_SWEEP_SECONDS.
     retention_days: float = env("CONVERSATION_RETENTION_DAYS", 0.0, check=lambda v: v >= 0,
@@ -53,7 +66,3 @@ class ConversationConfig:
     # commit. 0 = off; never set it in a deployment.
     fault_kill_before_commit: int = env("CONVERSATION_FAULT_KILL_BEFORE_COMMIT", 0, check=lambda v: v >= 0,
                                         hint="a batch number >= 1, or 0 (off)")
-
-    @property
-    def url(self) -> str:
-        return self.database_url or f"sqlite:///{self.db_path}"

@@ -1,41 +1,51 @@
-"""Tails the compacted history topic into a ConversationStore, with read-your-writes waits."""
+"""The readers' side of the conversation store (gateway, prompt stage): the database plus the
+waits that keep read-your-writes, and the startup check behind their health.
+
+Nothing is held in memory: every read goes to the database the materializer writes. What the
+in-memory replay used to give for free is made explicit here:
+- `wait_caught_up(partitions)`: the materializer's stored offsets for those partitions have
+  reached the topic's read-committed end offsets taken at the call, so every turn committed
+  before it is in the store (turn N+1's prompt sees turn N).
+- `wait_for_turn(conversation, index)`: one turn is in the store (GetConversation right after
+  a turn's `done` shows it).
+- readiness: the database answers, is at the newest migration (the materializer migrates; a
+  reader never does) and has caught up with the end offsets the topic had when this process
+  started.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable
 
-from colloquy.v1 import events_pb2
-from kafka import TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 
-from services.common import events, kafka_loop, topics
+from services.common import kafka_loop
 from services.common.config import KafkaConfig
 from services.common.runtime import ThreadWorker
-from services.conversation.store import ConversationStore
+from services.conversation.config import StoreConfig
+from services.conversation.db import ConversationDB
 
 log = logging.getLogger(__name__)
 
+POLL_S = (0.005, 0.05)  # the first and the longest pause between polls of the database
 
-class HistoryReader(ThreadWorker):
-    """Replays `conversation.turns` from the beginning, then follows it.
 
-    Every replica reads all partitions (no consumer group): the store must hold every
-    conversation a request may name. `wait_caught_up` blocks until everything committed to
-    the topic before the call is applied, so turn N+1 always sees turn N.
-    """
+class StoreReader(ThreadWorker):
+    """A ConversationDB for readers. As a worker it only decides readiness, then returns."""
 
-    def __init__(self, kafka: KafkaConfig, store: ConversationStore | None = None,
-                 topic: str = topics.CONVERSATION_TURNS.name) -> None:
-        super().__init__("history-reader")
+    def __init__(self, db: ConversationDB, kafka: KafkaConfig, *, topic: str, group_id: str,
+                 retry_seconds: float = 1.0) -> None:
+        super().__init__("conversation-store-reader")
+        self.db = db
         self.kafka = kafka
-        self.store = store or ConversationStore()
         self.topic = topic
-        self._positions: dict[int, int] = {}
-        self._cond = threading.Condition()
-        self._consumer = None
-        self._probe = None
-        self._probe_lock = threading.Lock()
+        self.group_id = group_id  # the materializer's group: whose stored offsets say "caught up"
+        self.retry_seconds = retry_seconds
+        self._probe: KafkaConsumer | None = None
+        self._probe_lock = threading.Lock()  # kafka-python consumers are not thread-safe
 
     def stop(self, timeout: float = 10.0) -> None:
         super().stop(timeout)
@@ -44,81 +54,86 @@ class HistoryReader(ThreadWorker):
                 self._probe.close()
                 self._probe = None
 
+    # -- readiness (the worker thread) ----------------------------------------------------------
     def run(self) -> None:
+        head = ConversationDB.head_revision()
+        targets: dict[int, int] | None = None
+        waiting_for = ""
         while not self.stopping:
             try:
-                self._run()
-            except Exception as exc:  # broker restarts: reconnect and carry on
-                log.warning("history reader failed; reconnecting", extra={"error": repr(exc)})
-                time.sleep(1)
-
-    def _run(self) -> None:
-        consumer = kafka_loop.make_consumer(self.kafka, None, "history-reader")
-        try:
-            parts = None
-            while parts is None and not self.stopping:
-                ids = consumer.partitions_for_topic(self.topic)
-                if ids:
-                    parts = [TopicPartition(self.topic, p) for p in sorted(ids)]
+                revision = self.db.schema_revision()
+                if revision != head:
+                    what = f"schema at {revision}, waiting for {head} (the materializer migrates)"
+                elif targets is None:
+                    targets = self.end_offsets()
+                    log.info("store reader: end offsets at start", extra={"end_offsets": targets})
+                    continue
                 else:
-                    time.sleep(0.2)
-            if parts is None:
-                return
-            consumer.assign(parts)
-            consumer.seek_to_beginning(*parts)
-            self._consumer = consumer
-            self.mark_ready()
-            while not self.stopping:
-                batch = consumer.poll(timeout_ms=100)
-                for tp, records in batch.items():
-                    for rec in records:
-                        if rec.value is None:
-                            continue  # tombstone: a deleted turn
-                        try:
-                            self.store.apply(events.decode(rec.value, rec.headers, events_pb2.TurnRecord))
-                        except events.PoisonEvent:
-                            log.error("skipping an undecodable history record",
-                                      extra={"partition": tp.partition, "offset": rec.offset})
-                with self._cond:
-                    for tp in parts:
-                        self._positions[tp.partition] = consumer.position(tp)
-                    self._cond.notify_all()
-        finally:
-            self._consumer = None
-            consumer.close()
+                    stored = self.db.stored_offsets(self.group_id, self.topic)
+                    behind = {p: (stored.get(p, 0), end) for p, end in targets.items() if stored.get(p, 0) < end}
+                    if not behind:
+                        log.info("conversation store reachable and caught up", extra={"end_offsets": targets})
+                        self.mark_ready()
+                        return
+                    what = f"materializer behind the topic on {len(behind)} partition(s)"
+            except Exception as exc:
+                what = f"store not reachable: {exc!r}"[:300]
+            if what != waiting_for:
+                log.warning("conversation store not ready yet", extra={"reason": what})
+                waiting_for = what
+            # Catching up is usually a matter of moments: look again soon then.
+            self._stop.wait(min(self.retry_seconds, 0.2) if what.startswith("materializer") else self.retry_seconds)
 
-    def wait_for_turn(self, conversation_id: str, index: int, timeout: float = 5.0) -> bool:
-        """Wait until turn `index` of the conversation is in the store (read-your-writes for a
-        caller that just saw the turn finish: its record and its `done` share a transaction)."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not self.store.has_turn(conversation_id, index):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-            return True
-
-    def wait_caught_up(self, timeout: float = 10.0, partitions: list[int] | None = None) -> bool:
-        """Wait until the store reflects every record committed before this call."""
-        with self._probe_lock:  # kafka-python consumers are not thread-safe
+    # -- read-your-writes waits (blocking: call from a thread) ----------------------------------
+    def end_offsets(self, partitions: Iterable[int] | None = None) -> dict[int, int]:
+        """The topic's read-committed end offsets (all partitions, or those named). Raises on a
+        broker that does not answer."""
+        with self._probe_lock:
             if self._probe is None:
-                self._probe = kafka_loop.make_consumer(self.kafka, None, "history-probe")
+                self._probe = kafka_loop.make_consumer(self.kafka, None, "conversation-store-probe")
             try:
-                ids = self._probe.partitions_for_topic(self.topic) or set()
+                ids = self._probe.partitions_for_topic(self.topic)
+                if not ids:
+                    raise RuntimeError(f"topic {self.topic} has no partitions (yet)")
                 wanted = [TopicPartition(self.topic, p) for p in sorted(ids)
-                          if partitions is None or p in partitions]
-                ends = self._probe.end_offsets(wanted) if wanted else {}
+                          if partitions is None or p in set(partitions)]
+                return {tp.partition: off for tp, off in self._probe.end_offsets(wanted).items()}
             except Exception:
                 self._probe.close()
                 self._probe = None
                 raise
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                if all(self._positions.get(tp.partition, -1) >= end for tp, end in ends.items()):
-                    return True
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
+
+    def wait_caught_up(self, partitions: list[int], timeout: float) -> bool:
+        """True once the store holds every record committed to `partitions` before this call;
+        False after `timeout`. Raises when the broker or the database cannot be asked."""
+        ends = self.end_offsets(partitions)
+        return _poll(lambda: self._reached(ends), timeout)
+
+    def _reached(self, ends: dict[int, int]) -> bool:
+        stored = self.db.stored_offsets(self.group_id, self.topic)
+        return all(stored.get(p, 0) >= end for p, end in ends.items())
+
+    def wait_for_turn(self, conversation_id: str, index: int, timeout: float) -> bool:
+        """True once turn `index` of the conversation is in the store; False after `timeout`."""
+        return _poll(lambda: self.db.turn_recorded(conversation_id, index), timeout)
+
+
+def _poll(check: Callable[[], bool], timeout: float) -> bool:
+    """Call `check` until it is true or `timeout` passes, backing off from 5 to 50 ms."""
+    deadline = time.monotonic() + timeout
+    pause = POLL_S[0]
+    while True:
+        if check():
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, POLL_S[1])
+
+
+def open_reader(kafka: KafkaConfig, cfg: StoreConfig) -> StoreReader:
+    """The store a gateway or prompt replica reads: the database, topic and group the materializer
+    is configured with (the same CONVERSATION_DB / DATABASE_URL settings)."""
+    return StoreReader(ConversationDB(cfg.url, cfg.busy_timeout_ms), kafka, topic=cfg.topic,
+                       group_id=cfg.group_id, retry_seconds=cfg.retry_seconds)

@@ -83,9 +83,11 @@ def chat(args: argparse.Namespace) -> int:
                     conv, last_turn = "", 0
                     print("(new conversation)")
                 elif line == "/history":
-                    if conv:
-                        c = stub.GetConversation(chat_pb2.GetConversationRequest(conversation_id=conv),
-                                                 metadata=_metadata(args.key))
+                    token = "" if conv else None  # every page of it, oldest turn first
+                    while token is not None:
+                        c = stub.GetConversation(chat_pb2.GetConversationRequest(
+                            conversation_id=conv, page_size=100, page_token=token), metadata=_metadata(args.key))
+                        token = c.next_page_token or None
                         for t in c.turns:
                             print(f"  {t.index}. you: {t.user_message}")
                             for a in t.answers:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from services.common.config import env, positive
+from services.conversation.config import StoreConfig
 
 # The public entrance: with TLS_DIR it serves TLS without asking callers for certificates
 # (they authenticate with API keys); the internal services require them (mutual TLS).
@@ -59,3 +60,9 @@ class GatewayConfig:
         bytes per text). The gRPC server refuses anything bigger before parsing."""
         seed = self.max_seed_bytes + 16 * (2 * self.max_seed_exchanges + 1) if self.max_seed_exchanges else 0
         return self.max_message_bytes + seed + REQUEST_OVERHEAD_BYTES
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryStoreConfig(StoreConfig):
+    """The conversation store the gateway reads: the materializer's own settings
+    (DATABASE_URL or CONVERSATION_DB, CONVERSATION_TOPIC, CONVERSATION_GROUP_ID)."""

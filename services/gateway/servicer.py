@@ -12,11 +12,15 @@ from collections.abc import AsyncIterator
 
 import grpc
 from colloquy.v1 import chat_pb2, chat_pb2_grpc, events_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 from kafka import KafkaProducer
 
 from services.common import events, kafka_loop, topics, turns
 from services.common.auth import Identity, KeyRing, key_from_metadata
-from services.conversation.reader import HistoryReader
+from services.conversation import domain as store_domain
+from services.conversation.db import ConversationDB, Owner
+from services.conversation.deletion import Eraser
+from services.conversation.reader import StoreReader
 from services.gateway import errors, idempotency, metrics, validation
 from services.gateway.admission import Admission
 from services.gateway.config import GatewayConfig
@@ -27,22 +31,26 @@ from services.gateway.replies import ReplyRouter
 log = logging.getLogger(__name__)
 
 NOT_FOUND = "conversation not found"
+MAX_PAGE_TOKEN = 512  # far above any token the store makes (a short base64 JSON array)
 MODERATION_DOWN = ("moderation is unavailable, so messages cannot be checked; nothing was sent to the model. "
                    "Retry shortly")
 HISTORY_POLL_S = 1.0  # how often a keyed chat with no reply looks for its turn in the history
+HISTORY_WAIT_S = 5.0  # read-your-writes: how long a reader waits for the store to catch up
 CHECKS_TIMEOUT = ("the message was not checked by moderation within {s:.0f}s; it was cancelled and not answered. "
                   "Retry shortly")
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
-    def __init__(self, cfg: GatewayConfig, keys: KeyRing, history: HistoryReader, router: ReplyRouter,
+    def __init__(self, cfg: GatewayConfig, keys: KeyRing, store: StoreReader, router: ReplyRouter,
                  producer: KafkaProducer, reply_topic: str, moderation: ModerationGuard | None = None) -> None:
         self.cfg = cfg
         self.moderation = moderation
         self.limiter = (RateLimiter(cfg.user_rate_per_minute / 60.0, cfg.user_burst)
                         if cfg.user_rate_per_minute > 0 else None)
         self.keys = keys
-        self.history = history
+        self.store = store
+        self.db: ConversationDB = store.db
+        self.eraser = Eraser(store.db, producer, turns_topic=store.topic)
         self.router = router
         self.producer = producer
         self.reply_topic = reply_topic
@@ -83,19 +91,33 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def _invalid(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
-    async def _owned(self, conversation_id: str, user: str):  # type: ignore[no-untyped-def]
-        """The caller's conversation, waiting for the history to catch up if we do not know it yet."""
-        view = self.history.store.get(conversation_id, user)
-        if view is None and not self.history.store.exists(conversation_id):
-            await asyncio.get_running_loop().run_in_executor(None, self.history.wait_caught_up, 5.0)
-            view = self.history.store.get(conversation_id, user)
-        return view
+    async def _blocking(self, fn, *args):  # type: ignore[no-untyped-def]
+        """Run a blocking store call off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    def _owner(self, conversation_id: str) -> Owner | None:
+        """The conversation's owner, waiting (bounded) for the store to hold every turn committed
+        to its partition when the store does not know it: a conversation another replica just
+        started, or a store that lags. Blocking."""
+        owner = self.db.owner(conversation_id)
+        if owner is None:
+            partition = topics.partition_for(conversation_id, topics.CONVERSATION_TURNS.partitions)
+            try:
+                if self.store.wait_caught_up([partition], HISTORY_WAIT_S):
+                    owner = self.db.owner(conversation_id)
+            except Exception as exc:
+                log.warning("could not wait for the conversation store", extra={"error": repr(exc)[:300]})
+        return owner
+
+    def _is_callers(self, conversation_id: str, user: str) -> bool:
+        owner = self._owner(conversation_id)
+        return owner is not None and owner.user_id == user and not owner.deleted
 
     async def _caller_conversation(self, conversation_id: str, context: grpc.aio.ServicerContext,
-                                   user: str = ""):  # type: ignore[no-untyped-def]
-        """Authenticate (unless `user` is given), rate-limit, validate the id and return (user, id,
-        view); NOT_FOUND if not the caller's. The limit comes before the lookup, so probing ids
-        costs the caller's budget."""
+                                   user: str = "") -> tuple[str, str]:
+        """Authenticate (unless `user` is given), rate-limit, validate the id and return (user, id);
+        NOT_FOUND if not the caller's. The limit comes before the lookup, so probing ids costs the
+        caller's budget."""
         if not user:
             user = await self._user(context)
             await self._rate_limit(user, context)
@@ -103,10 +125,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             conv = validation.conversation_id(conversation_id)
         except validation.InvalidArgument as exc:
             await self._invalid(context, exc)
-        view = await self._owned(conv, user)
-        if view is None:
+        if not await self._blocking(self._is_callers, conv, user):
             await context.abort(grpc.StatusCode.NOT_FOUND, NOT_FOUND)
-        return user, conv, view
+        return user, conv
 
     async def _publish(self, out: events.OutEvent) -> None:
         await kafka_loop.publish(self.producer, out, timeout=10)
@@ -154,18 +175,17 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         key = request.client_request_id
         derived = idempotency.conversation_id(user, key) if key else ""
         if conv and conv != derived:
-            view = await self._owned(conv, user)
-            if view is None:
+            if not await self._blocking(self._is_callers, conv, user):
                 await context.abort(grpc.StatusCode.NOT_FOUND, NOT_FOUND)
         elif key:  # the conversation this key starts: new, or the one an earlier try started
             conv = derived
-            view = await self._owned(conv, user)  # None while its first turn is not recorded
-            if view is None and self.history.store.exists(conv):
+            owner = await self._blocking(self._owner, conv)  # None while its first turn is not recorded
+            if owner is not None and (owner.user_id != user or owner.deleted):
                 await context.abort(grpc.StatusCode.NOT_FOUND, NOT_FOUND)
         else:
-            conv, view = str(uuid.uuid4()), None
+            conv = str(uuid.uuid4())
         request_id = idempotency.request_id(user, conv, key) if key else uuid.uuid4().hex
-        done_turn = idempotency.recorded(view.turns.values(), request_id) if key and view is not None else None
+        done_turn = await self._blocking(self.db.turn_by_request, conv, user, request_id) if key else None
         if done_turn is not None:  # answered already: the same turn again, nothing new is sent
             await self._same_message(context, done_turn.user_message, text)
             metrics.IDEMPOTENT_RETRIES.labels("replayed").inc()
@@ -233,7 +253,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 try:
                     ev = ready.popleft() if ready else await asyncio.wait_for(queue.get(), timeout=slice_s)
                 except TimeoutError:
-                    if poll is not None and (done_turn := self._recorded(conv, user, request_id)) is not None:
+                    if poll is not None and (done_turn := await self._blocking(
+                            self.db.turn_by_request, conv, user, request_id)) is not None:
                         finished = True
                         metrics.IDEMPOTENT_RETRIES.labels("replayed").inc()
                         for out in idempotency.replay(done_turn, conv, sent, started):
@@ -281,8 +302,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                     finished = True
                     # Read-your-writes: a GetConversation or next turn right after `done` must
                     # see this turn, so wait (briefly) for the history to hold its record.
-                    if turn_index and not await asyncio.get_running_loop().run_in_executor(
-                            None, self.history.wait_for_turn, conv, turn_index, 5.0):
+                    if turn_index and not await self._blocking(
+                            self.store.wait_for_turn, conv, turn_index, HISTORY_WAIT_S):
                         log.warning("history lags behind a finished turn",
                                     extra={"conversation_id": conv, "turn": turn_index})
                     yield chat_pb2.ChatEvent(done=ev.done)
@@ -318,10 +339,6 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         if self.router.listeners(request_id) <= 1:
             self._cancel(request_id, conversation_id, reason)
 
-    def _recorded(self, conversation_id: str, user: str, request_id: str) -> chat_pb2.Turn | None:
-        view = self.history.store.get(conversation_id, user)
-        return idempotency.recorded(view.turns.values(), request_id) if view is not None else None
-
     async def _same_message(self, context: grpc.aio.ServicerContext, earlier: str, text: str) -> None:
         """A key names one message: reusing it for another is a client bug, not a retry."""
         if earlier != text:
@@ -332,8 +349,66 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def GetConversation(self, request: chat_pb2.GetConversationRequest,
                               context: grpc.aio.ServicerContext) -> chat_pb2.Conversation:
         try:
-            _user, conv, view = await self._caller_conversation(request.conversation_id, context)
-            return chat_pb2.Conversation(conversation_id=conv, turns=view.ordered())
+            user = await self._user(context)
+            await self._rate_limit(user, context)
+            await self._check_page(context, request.page_size, request.page_token)
+            user, conv = await self._caller_conversation(request.conversation_id, context, user)
+            try:
+                page = await self._blocking(self.db.get_conversation, conv, user, request.page_size,
+                                            request.page_token)
+            except ValueError as exc:  # a token for another conversation
+                await self._invalid(context, _page_error(exc))
+            if page is None:  # deleted since the check above
+                await context.abort(grpc.StatusCode.NOT_FOUND, NOT_FOUND)
+            return chat_pb2.Conversation(conversation_id=conv, turns=page.turns, next_page_token=page.next_page_token)
+        except Exception as exc:
+            await self._internal(context, exc)
+            raise
+
+    async def _check_page(self, context: grpc.aio.ServicerContext, size: int, token: str) -> None:
+        """INVALID_ARGUMENT for a negative page size or a token no listing of this service made."""
+        if size < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "page_size: must be >= 0 (0 means the default, 50)")
+        if len(token) > MAX_PAGE_TOKEN:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "page_token: not a token this service returned (too long)")
+
+    async def ListConversations(self, request: chat_pb2.ListConversationsRequest,
+                                context: grpc.aio.ServicerContext) -> chat_pb2.ListConversationsResponse:
+        try:
+            user = await self._user(context)
+            await self._rate_limit(user, context)
+            await self._check_page(context, request.page_size, request.page_token)
+            try:
+                page = await self._blocking(self.db.list_conversations, user, request.page_size, request.page_token)
+            except ValueError as exc:
+                await self._invalid(context, _page_error(exc))
+            return chat_pb2.ListConversationsResponse(
+                conversations=[chat_pb2.ConversationSummary(
+                    conversation_id=c.conversation_id, title=c.title, created_at=_timestamp(c.created_ms),
+                    last_activity_at=_timestamp(c.last_activity_ms)) for c in page.conversations],
+                next_page_token=page.next_page_token)
+        except Exception as exc:
+            await self._internal(context, exc)
+            raise
+
+    async def DeleteConversation(self, request: chat_pb2.DeleteConversationRequest,
+                                 context: grpc.aio.ServicerContext) -> chat_pb2.DeleteConversationResponse:
+        try:
+            user, conv = await self._caller_conversation(request.conversation_id, context)
+            if conv in self.in_flight:
+                await context.abort(grpc.StatusCode.ABORTED,
+                                    "a turn is being answered in this conversation; delete it when the turn is done")
+            try:
+                deleted = await self._blocking(self.eraser.erase, conv, user, "user")
+            except Exception:
+                log.exception("could not delete a conversation", extra={"conversation_id": conv})
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    "the conversation could not be deleted now; nothing was removed from it. "
+                                    "Retry shortly")
+            if deleted is None:  # deleted by a concurrent call
+                await context.abort(grpc.StatusCode.NOT_FOUND, NOT_FOUND)
+            return chat_pb2.DeleteConversationResponse(deleted_turns=deleted)
         except Exception as exc:
             await self._internal(context, exc)
             raise
@@ -355,8 +430,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, (
                 "this API key may not submit simulated feedback (x-colloquy-feedback-source: simulated): "
                 "only keys marked 'labeler: true' in the key file may; drop the header to submit it as yours"))
-        user, conv, view = await self._caller_conversation(request.conversation_id, context, who.user)
-        turn = view.turns.get(request.turn_index)
+        user, conv = await self._caller_conversation(request.conversation_id, context, who.user)
+        stored = await self._blocking(self.db.get_turn, conv, user, request.turn_index)
+        turn = stored.turn if stored is not None else None
         try:
             validation.feedback(request, turn)
         except validation.InvalidArgument as exc:
@@ -364,7 +440,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         feedback_id = uuid.uuid4().hex
         ev = events_pb2.FeedbackEvent(
             feedback_id=feedback_id, user_id=user, conversation_id=conv, turn_index=request.turn_index,
-            prompt=view.prompts.get(request.turn_index, ""), answers=turn.answers,
+            prompt=stored.prompt, answers=turn.answers,
             model_version=turn.model_version, template_version=turn.template_version,
             source=source, created_unix_ms=turns.now_ms())
         if request.HasField("rating"):
@@ -376,6 +452,19 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         except Exception:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "could not record the feedback; retry shortly")
         return chat_pb2.SubmitFeedbackResponse(feedback_id=feedback_id)
+
+
+def _page_error(exc: ValueError) -> ValueError:
+    """A store's page error in the caller's words (which field is wrong)."""
+    if isinstance(exc, store_domain.InvalidPageToken):
+        return ValueError(f"page_token: {exc}; start again with an empty page_token")
+    return ValueError(f"page_size: {exc}")
+
+
+def _timestamp(ms: int) -> Timestamp:
+    ts = Timestamp()
+    ts.FromMilliseconds(ms)
+    return ts
 
 
 def _source(context: grpc.aio.ServicerContext) -> str:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from colloquy.v1 import prompt_pb2_grpc
 
 from services.common import config, grpc_server, runtime, topics
-from services.conversation.reader import HistoryReader
+from services.conversation import reader as store_reader
 from services.prompt import templates as templates_mod
-from services.prompt.config import DEFAULTS, PromptConfig
+from services.prompt.config import DEFAULTS, HistoryStoreConfig, PromptConfig
 from services.prompt.domain import Assembler
 from services.prompt.pending import TurnTracker
 from services.prompt.servicer import PromptServicer
@@ -33,17 +33,18 @@ async def build() -> grpc_server.ServiceApp:
 
     await boot.ensure_topics(topics.renamed(topics.CHAT_MODERATED, cfg.topic_in),
                              topics.renamed(topics.CHAT_PROMPTS, cfg.topic_out))
-    reader = HistoryReader(boot.kafka)
+    reader = store_reader.open_reader(boot.kafka, config.load_or_exit(HistoryStoreConfig))
     tracker = TurnTracker(ttl_ms=int(cfg.pending_ttl_s * 1000))
     workers: list[runtime.ThreadWorker] = []
     if cfg.kafka_worker:
         handler = make_handler(assembler, templates, tracker, reader, cfg)
         workers.append(make_worker(handler, cfg, boot.kafka, boot.instance))
         workers.append(make_unanswered_worker(make_unanswered_handler(tracker), cfg, boot.kafka, boot.instance))
-    workers.append(reader)  # stopped last: the stage's last batch may still read the history
+    workers.append(reader)  # NOT_SERVING until the store is reachable and caught up
     svc = grpc_server.Service("colloquy.v1.PromptService", prompt_pb2_grpc.add_PromptServiceServicer_to_server,
                               PromptServicer(assembler, templates, tracker, reader, cfg))
-    return grpc_server.ServiceApp("prompt", boot.server, [svc], workers=workers)
+    return grpc_server.ServiceApp("prompt", boot.server, [svc], workers=workers, on_stop=[reader.db.close],
+                                  readiness=lambda: reader.is_ready)
 
 
 if __name__ == "__main__":

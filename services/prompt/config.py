@@ -8,6 +8,7 @@ from pathlib import Path
 from services.common import topics
 from services.common.config import env, positive
 from services.common.sampling import SLOT_TOKENS_DEFAULT, SLOT_TOKENS_ENV
+from services.conversation.config import StoreConfig
 
 DEFAULTS = {"GRPC_PORT": "50054", "METRICS_PORT": "9104"}
 DEFAULT_TEMPLATES = str(Path(__file__).with_name("templates.yaml"))
@@ -37,3 +38,9 @@ class PromptConfig:
     topic_in: str = env("PROMPT_TOPIC_IN", topics.CHAT_MODERATED.name)
     topic_out: str = env("PROMPT_TOPIC_OUT", topics.CHAT_PROMPTS.name)
     group_id: str = env("PROMPT_GROUP_ID", "colloquy-prompt")
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryStoreConfig(StoreConfig):
+    """The conversation store the prompt stage reads: the materializer's own settings
+    (DATABASE_URL or CONVERSATION_DB, CONVERSATION_TOPIC, CONVERSATION_GROUP_ID)."""

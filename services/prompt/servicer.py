@@ -13,7 +13,7 @@ import grpc
 from colloquy.v1 import common_pb2, prompt_pb2, prompt_pb2_grpc
 
 from services.common import turns
-from services.conversation.reader import HistoryReader
+from services.conversation.reader import StoreReader
 from services.prompt.config import PromptConfig
 from services.prompt.domain import (
     DEFAULT_ANSWER_BUDGET,
@@ -34,7 +34,7 @@ ROLES = {"system": common_pb2.ROLE_SYSTEM, "user": common_pb2.ROLE_USER,
 
 class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
     def __init__(self, assembler: Assembler, templates: TemplateSet, tracker: TurnTracker,
-                 reader: HistoryReader, cfg: PromptConfig) -> None:
+                 reader: StoreReader, cfg: PromptConfig) -> None:
         self.assembler = assembler
         self.templates = templates
         self.tracker = tracker

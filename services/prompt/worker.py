@@ -16,7 +16,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.common import events, kafka_loop, topics, turns
 from services.common.config import KafkaConfig
-from services.conversation.reader import HistoryReader
+from services.conversation.reader import StoreReader
 from services.prompt.config import PromptConfig
 from services.prompt.domain import DEFAULT_ANSWER_BUDGET, Assembler, conversation_seed, past_turns
 from services.prompt.history import HistoryUnavailable, lookup
@@ -86,7 +86,7 @@ def blocked_events(turn: events_pb2.TurnEvent, template: PromptTemplate,
 
 
 def make_handler(assembler: Assembler, templates: TemplateSet, tracker: TurnTracker,
-                 reader: HistoryReader, cfg: PromptConfig,
+                 reader: StoreReader, cfg: PromptConfig,
                  clock: Callable[[], int] = turns.now_ms) -> kafka_loop.Handler[events_pb2.TurnEvent]:
     """The stage's handler; every refusal is a StageError reply, never a dead letter."""
 

@@ -16,7 +16,8 @@ from kafka.future import Future
 
 from services.common import config, events, kafka_loop, runtime
 from services.common.config import KafkaConfig
-from services.conversation.reader import HistoryReader
+from services.conversation.reader import StoreReader
+from services.conversation.retention import RetentionSweeper
 from services.conversation.worker import Materializer
 from services.feedback.worker import FeedbackSink
 from services.gateway.replies import ReplyRouter
@@ -90,8 +91,8 @@ def test_thread_worker_that_dies_keeps_its_error_and_is_not_waited_for() -> None
     assert isinstance(w.error, RuntimeError) and runtime.first_dead([_Loop(), w]) is w
 
 
-@pytest.mark.parametrize("cls", [kafka_loop.StageWorker, ReplyRouter, FeedbackSink, HistoryReader,
-                                 GenerationWorker, Materializer])
+@pytest.mark.parametrize("cls", [kafka_loop.StageWorker, ReplyRouter, FeedbackSink, StoreReader,
+                                 GenerationWorker, Materializer, RetentionSweeper])
 def test_every_background_loop_is_a_thread_worker(cls: type) -> None:
     assert issubclass(cls, runtime.ThreadWorker)
     source = inspect.getsource(cls)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import re
 import signal
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
 
 from devtools.procs import Proc, free_port
+from services.common.health_probe import serving
 
 
 class Gateway:
@@ -32,6 +34,12 @@ class Gateway:
     def start(self, timeout: float = 120.0) -> Gateway:
         self.proc = Proc("services.gateway", self.env)
         self.proc.wait_for(lambda out: '"msg": "serving"' in out, timeout=timeout)
+        # Health is SERVING once its conversation store is reachable and caught up.
+        deadline = time.monotonic() + timeout
+        while not serving(self.address):
+            assert self.proc.popen.poll() is None and time.monotonic() < deadline, (
+                f"the gateway never became SERVING:\n{self.proc.output()[-3000:]}")
+            time.sleep(0.1)
         return self
 
     def stop(self) -> None:

@@ -32,7 +32,8 @@ def key_entry(user: str, key: str, labeler: bool = False) -> str:
 
 
 @pytest.fixture(scope="module")
-def gateway(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def gateway(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory,
+            conversation_store: str) -> Iterator[Gateway]:
     keys = tmp_path_factory.mktemp("keys") / "api-keys.yaml"
     keys.write_text("keys:\n" + key_entry("person", "person-key") + key_entry("robot", "robot-key", True))
     with running_gateway(kafka_bootstrap, {"API_KEYS_FILE": str(keys)}) as gw:

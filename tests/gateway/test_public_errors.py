@@ -19,7 +19,7 @@ from services.common import events, topics, turns
 from tests.common.kafka_util import Tail, produce
 from tests.gateway.process import Gateway, running_gateway
 
-pytestmark = [pytest.mark.kafka]
+pytestmark = [pytest.mark.kafka, pytest.mark.usefixtures("conversation_store")]
 
 DEV = [("authorization", "Bearer colloquy-dev-key")]
 INTERNAL_TEXT = "generation stream broke: RayActorError('The actor died unexpectedly at 10.1.2.3:6379, pid 4242')"

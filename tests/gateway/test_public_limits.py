@@ -17,7 +17,7 @@ from colloquy.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 
 from tests.gateway.process import Gateway, running_gateway
 
-pytestmark = [pytest.mark.kafka]
+pytestmark = [pytest.mark.kafka, pytest.mark.usefixtures("conversation_store")]
 
 ALICE = [("authorization", "Bearer colloquy-dev-key-alice")]
 BOB = [("authorization", "Bearer colloquy-dev-key-bob")]

@@ -19,7 +19,7 @@ from services.gateway.replies import ReplyRouter
 from services.gateway.reply_topics import ReplyTopicJanitor
 from tests.common.kafka_util import create
 
-pytestmark = pytest.mark.kafka
+pytestmark = [pytest.mark.kafka, pytest.mark.usefixtures("conversation_store")]
 
 HOUR_MS = 3600 * 1000
 

@@ -33,6 +33,10 @@ ALLOWLIST: dict[tuple[str, str], str] = {
     ("conversation", "CONVERSATION_DB"): "the embedded SQLite file, unused while DATABASE_URL names PostgreSQL",
     ("conversation", "CONVERSATION_DB_BUSY_TIMEOUT_MS"): "SQLite's lock wait, unused with PostgreSQL",
     ("conversation", "CONVERSATION_FAULT_KILL_BEFORE_COMMIT"): "a test hook (SIGKILL before a commit): never deployed",
+    ("gateway", "CONVERSATION_DB"): "the embedded SQLite file, unused while DATABASE_URL names PostgreSQL",
+    ("gateway", "CONVERSATION_DB_BUSY_TIMEOUT_MS"): "SQLite's lock wait, unused with PostgreSQL",
+    ("prompt", "CONVERSATION_DB"): "the embedded SQLite file, unused while DATABASE_URL names PostgreSQL",
+    ("prompt", "CONVERSATION_DB_BUSY_TIMEOUT_MS"): "SQLite's lock wait, unused with PostgreSQL",
 }
 # Variables set in pods that no config dataclass reads, and who reads them.
 READ_ELSEWHERE: dict[str, str] = {

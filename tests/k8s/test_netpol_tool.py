@@ -33,7 +33,8 @@ def test_cyclonus_denies_the_gateway_health_watch_without_its_egress(cyclonus: s
                                       and o["metadata"]["name"] == f"{sync.DIALS_PREFIX}gateway")]
     assert len(old) == len(objects) - 1
     problems, _ = netpol_tool.disagreements(cyclonus, old)
-    assert problems == ["dialed but denied by cyclonus: StatefulSet/gateway -> Service/moderation port 50053"]
+    assert problems == ["dialed but denied by cyclonus: StatefulSet/gateway -> Service/moderation port 50053",
+                        "dialed but denied by cyclonus: StatefulSet/gateway -> Service/postgres port 5432"]
 
 
 def test_install_script_pins_the_version_the_hint_names() -> None:

@@ -30,8 +30,8 @@ SECRET = "postgres"
 SECRET_KEYS = {"password", "superuser-password"}
 ROLE = DATABASE = "colloquy"
 BACKUP = "CronJob/postgres-backup"
-# Who may connect to PostgreSQL. The readers (gateway, prompt) join once they read the store.
-CLIENTS = {"StatefulSet/conversation", BACKUP}
+# Who may connect to PostgreSQL: the materializer, the readers (gateway, prompt) and the backup.
+CLIENTS = {"StatefulSet/conversation", "StatefulSet/gateway", "StatefulSet/prompt", BACKUP}
 
 
 def _pod(objects: list[Obj], owner: str) -> tuple[PodTemplate, dict[str, Any]]:

@@ -1,12 +1,16 @@
-"""The prompt stage's handler as a function over an in-memory history (no broker)."""
+"""The prompt stage's handler as a function over a real SQLite conversation store (no broker)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from colloquy.v1 import common_pb2, events_pb2
 
 from services.common import events, kafka_loop
-from services.conversation.store import ConversationStore
+from services.conversation import domain
+from services.conversation.db import ConversationDB
 from services.prompt.config import PromptConfig
 from services.prompt.domain import Assembler
 from services.prompt.pending import TurnTracker
@@ -17,14 +21,26 @@ from tests.prompt.kafka_helpers import record
 
 
 class FakeHistory:
-    """Stands in for HistoryReader: an in-memory store that is caught up, or never."""
+    """Stands in for StoreReader: a real migrated SQLite store, caught up with the topic or never
+    (the broker-side wait is what is faked)."""
 
-    def __init__(self, caught_up: bool = True) -> None:
-        self.store = ConversationStore()
+    def __init__(self, db: ConversationDB, caught_up: bool = True) -> None:
+        self.db = db
         self.caught_up = caught_up
 
-    def wait_caught_up(self, timeout: float = 10.0, partitions: list[int] | None = None) -> bool:
+    def add(self, record: events_pb2.TurnRecord) -> None:
+        self.db.apply("g", "t", [domain.UpsertTurn(record, 0, 0, 1_700_000_000_000)], {}, {})
+
+    def wait_caught_up(self, partitions: list[int], timeout: float) -> bool:
         return self.caught_up
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[ConversationDB]:
+    store = ConversationDB(f"sqlite:///{tmp_path / 'conversations.db'}")
+    store.migrate()
+    yield store
+    store.close()
 
 
 def run(handler, turn: events_pb2.TurnEvent) -> list[events.OutEvent]:
@@ -47,43 +63,44 @@ def turn(rid: str, **kw: object) -> events_pb2.TurnEvent:
                                 reply_topic="rt", **kw)
 
 
-def test_history_not_caught_up_is_unavailable(tok: TextTokenizer, shipped: TemplateSet) -> None:
-    [out] = run(make(tok, shipped, FakeHistory(caught_up=False)), turn("r1"))
+def test_history_not_caught_up_is_unavailable(tok: TextTokenizer, shipped: TemplateSet, db: ConversationDB) -> None:
+    [out] = run(make(tok, shipped, FakeHistory(db, caught_up=False)), turn("r1"))
     assert out.topic == "rt"
     assert out.message.error.code == "UNAVAILABLE" and "try again" in out.message.error.message
 
 
-def test_prompt_event_and_started_reply(tok: TextTokenizer, shipped: TemplateSet) -> None:
-    history = FakeHistory()
-    history.store.apply(record("c1", "u1", 1, "My dog is called Biscuit.", "Nice!"))
+def test_prompt_event_and_started_reply(tok: TextTokenizer, shipped: TemplateSet, db: ConversationDB) -> None:
+    history = FakeHistory(db)
+    history.add(record("c1", "u1", 1, "My dog is called Biscuit.", "Nice!"))
     prompt, started = run(make(tok, shipped, history), turn("r2"))
     assert (prompt.topic, prompt.key, prompt.request_id) == ("prompts", "c1", "r2")
     assert prompt.message.turn_index == 2 and "Biscuit" in prompt.message.prompt
     assert started.topic == "rt" and started.message.started.turn_index == 2
 
 
-def test_blocked_turn_with_several_candidates(tok: TextTokenizer, shipped: TemplateSet) -> None:
+def test_blocked_turn_with_several_candidates(tok: TextTokenizer, shipped: TemplateSet, db: ConversationDB) -> None:
     blocked = turn("r1", sampling=common_pb2.SamplingParams(n=2), input_moderation=common_pb2.ModerationResult(
         flagged=True, action=common_pb2.MODERATION_ACTION_BLOCK))
-    rec, started, notice, done = run(make(tok, shipped, FakeHistory()), blocked)
+    rec, started, notice, done = run(make(tok, shipped, FakeHistory(db)), blocked)
     assert rec.topic == "conversation.turns" and rec.key == "c1/1"
     assert [a.index for a in rec.message.turn.answers] == [0, 1]
     assert [f.reason for f in done.message.done.finish_reasons] == ["blocked", "blocked"]
     assert started.message.started.turn_index == 1 and notice.message.moderation.stage == "input"
 
 
-def test_turn_nobody_can_be_told_about_is_poison(tok: TextTokenizer, shipped: TemplateSet) -> None:
+def test_turn_nobody_can_be_told_about_is_poison(tok: TextTokenizer, shipped: TemplateSet, db: ConversationDB) -> None:
     with pytest.raises(events.PoisonEvent):
-        run(make(tok, shipped, FakeHistory()), events_pb2.TurnEvent(request_id="r1", conversation_id="c1"))
+        run(make(tok, shipped, FakeHistory(db)), events_pb2.TurnEvent(request_id="r1", conversation_id="c1"))
 
 
 @pytest.mark.parametrize("moderation", [None, common_pb2.ModerationResult(flagged=False, policy_version="p1")],
                          ids=["no-result", "no-action"])
 def test_turn_without_an_input_moderation_decision_is_refused_not_assembled(
-        tok: TextTokenizer, shipped: TemplateSet, moderation: common_pb2.ModerationResult | None) -> None:
+        tok: TextTokenizer, shipped: TemplateSet, db: ConversationDB,
+        moderation: common_pb2.ModerationResult | None) -> None:
     """Fail closed: a turn that skipped input moderation is answered INTERNAL, never prompted,
     and claims no turn index (the conversation's next turn is still 1)."""
-    history = FakeHistory()
+    history = FakeHistory(db)
     handler = make(tok, shipped, history)
     unmoderated = turn("r1")
     unmoderated.ClearField("input_moderation")
@@ -94,3 +111,17 @@ def test_turn_without_an_input_moderation_decision_is_refused_not_assembled(
     assert out.message.error.message == "the message was not checked by moderation, so it was not answered"
     prompt, started = run(handler, turn("r2"))
     assert prompt.message.turn_index == 1 and started.message.started.turn_index == 1
+
+
+@pytest.mark.parametrize("case", ["someone_elses", "deleted"])
+def test_a_conversation_that_is_not_the_callers_is_not_found(
+        tok: TextTokenizer, shipped: TemplateSet, db: ConversationDB, case: str) -> None:
+    """Another user's conversation, or the caller's deleted one (a turn there would never be
+    recorded), is NOT_FOUND, worded the same either way."""
+    history = FakeHistory(db)
+    history.add(record("c1", "mallory" if case == "someone_elses" else "u1", 1, "Hello", "Hi"))
+    if case == "deleted":
+        assert db.delete_conversation("c1", "u1")
+    [out] = run(make(tok, shipped, history), turn("r1"))
+    assert out.topic == "rt" and out.message.error.code == "NOT_FOUND"
+    assert out.message.error.message == "conversation not found"

@@ -17,7 +17,7 @@ from services.prompt.templates import TemplateSet
 from services.tokenizer.domain import TextTokenizer
 from tests.prompt.kafka_helpers import record, write_records
 
-pytestmark = pytest.mark.kafka
+pytestmark = [pytest.mark.kafka, pytest.mark.usefixtures("conversation_store")]
 
 CONTEXT = 1024
 

@@ -18,7 +18,7 @@ from services.prompt.templates import TemplateSet
 from services.tokenizer.domain import TextTokenizer
 from tests.prompt.kafka_helpers import PromptStage, collect, record, turn_event, write_records
 
-pytestmark = pytest.mark.kafka
+pytestmark = [pytest.mark.kafka, pytest.mark.usefixtures("conversation_store")]
 
 
 @pytest.fixture(scope="module")
