@@ -32,6 +32,9 @@ class OutEvent:
     event_id: str = ""
     traceparent: str = ""
     partition: int | None = None
+    # Sent as soon as its handler returns, outside the stage's transaction (kafka_loop): only for
+    # an output a redo may send again harmlessly (cumulative, idempotent: released answer text).
+    at_once: bool = False
 
     def headers(self) -> list[tuple[str, bytes]]:
         return [

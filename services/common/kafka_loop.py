@@ -16,6 +16,11 @@ Time: a stage commits what it has done once a batch has run `KAFKA_BATCH_TIME_BU
 goes on with the rest in the next transaction, so a backlog of expensive records is committed
 in parts rather than outlasting the transaction timeout and being redone from its start.
 
+At once: an output marked `at_once` (released answer text, which is cumulative, so a redo may
+send it again harmlessly) is sent by a plain idempotent producer as soon as its handler returns,
+so it skips the wait for the rest of the batch and the commit; the transaction waits for it and
+carries it instead if that send failed.
+
 Latency: one transaction per polled batch, so under load the records waiting (up to
 `KAFKA_MAX_POLL_RECORDS`) share one commit, and at low load a lone record is committed at once.
 Producers do not linger; consumers fetch with min bytes 1, so the broker answers a fetch as soon
@@ -304,6 +309,8 @@ class StageWorker(ThreadWorker, Generic[M]):
         # Records whose output the broker refused for good (not retriable), by (topic, partition,
         # offset): dead-lettered when the batch is redone instead of failing it again.
         self._refused: dict[tuple[str, int, int], tuple[str, str]] = {}
+        self._at_once: KafkaProducer | None = None  # made on the first `at_once` output
+        self._sent_at_once: dict[int, FutureRecordMetadata] = {}  # id(out) -> its send, this batch
         metrics.BATCHES_CUT.labels(stage)
 
     def start(self) -> Self:
@@ -351,6 +358,8 @@ class StageWorker(ThreadWorker, Generic[M]):
             self._outputs.close()
             consumer.close(autocommit=False)
             producer.close(timeout=10)
+            if self._at_once is not None:
+                self._at_once.close(timeout=10)
 
     def _new_producer(self, client: str) -> KafkaProducer:
         producer = make_producer(self.cfg, client, transactional_id=f"{self.group_id}-{self.instance_id}")
@@ -366,12 +375,14 @@ class StageWorker(ThreadWorker, Generic[M]):
         the other conversations on these partitions wait for their outputs.
         """
         budget = self.cfg.batch_budget_s
+        self._sent_at_once.clear()  # a part left uncommitted by a stop: whoever redoes it sends again
         records = [rec for recs in batch.values() for rec in recs]
         started = time.monotonic()
         done: Done = []
         process = metrics.STAGE_SECONDS.labels(self.stage, "process")
         for i, rec in enumerate(records):
             done.append((rec, self._process_record(rec)))
+            self._send_at_once(done[-1][1])
             if i + 1 < len(records) and time.monotonic() - started >= budget:
                 process.observe(time.monotonic() - started)
                 self._commit(consumer, producer, done)
@@ -386,10 +397,47 @@ class StageWorker(ThreadWorker, Generic[M]):
             process.observe(time.monotonic() - started)
             self._commit(consumer, producer, done)
 
+    def _send_at_once(self, outs: list[events.OutEvent]) -> None:
+        """Send a record's `at_once` outputs now, outside the transaction, where the topic can be
+        written (otherwise the transaction handles them: it dead-letters the record)."""
+        eager = [out for out in outs if out.at_once]
+        if not eager:
+            return
+        try:
+            bad = self._outputs.unwritable(out.topic for out in eager)
+            if self._at_once is None:
+                self._at_once = make_producer(self.cfg, f"{self.stage}-{self.instance_id}-at-once")
+            for out in eager:
+                if out.topic not in bad:
+                    self._sent_at_once[id(out)] = send_event(self._at_once, out)
+        except Exception:  # the transaction sends what did not go out here
+            log.warning("an at-once send failed; the transaction carries it", exc_info=True,
+                        extra={"stage": self.stage})
+
+    def _drop_sent_at_once(self, done: Done) -> Done:
+        """`done` without the `at_once` outputs whose early send the broker acknowledged."""
+        if not self._sent_at_once:
+            return done
+        with contextlib.suppress(KafkaTimeoutError):  # sent while the batch ran: normally complete
+            self._at_once.flush(timeout=self.cfg.transaction_timeout_ms / 4000)  # type: ignore[union-attr]
+        kept: Done = []
+        for rec, outs in done:
+            rest = []
+            for out in outs:
+                future = self._sent_at_once.pop(id(out), None)
+                if future is not None and future.is_done and not future.failed():
+                    metrics.EVENTS_PRODUCED.labels(self.stage, out.topic).inc()
+                else:
+                    rest.append(out)
+            kept.append((rec, rest))
+        self._sent_at_once.clear()
+        return kept
+
     def _commit(self, consumer: KafkaConsumer, producer: KafkaProducer, done: Done) -> None:
         """One transaction: the outputs of `done` and its offsets. A record whose outputs need a
         topic that cannot be written is dead-lettered instead, alone."""
         started = time.perf_counter()
+        done = self._drop_sent_at_once(done)
         bad = self._outputs.unwritable(out.topic for _, outs in done for out in outs)
         if bad or self._refused:
             done = [(rec, self._route_unwritable(rec, outs, bad)) for rec, outs in done]
@@ -427,7 +475,7 @@ class StageWorker(ThreadWorker, Generic[M]):
                           bad: dict[str, str]) -> list[events.OutEvent]:
         """`outs` as they are, or only a dead letter when one of them needs an unwritable topic or
         the broker refused one for good on an earlier try (none of the record's outputs are sent:
-        a record's outputs go out together or not at all)."""
+        a record's outputs go out together or not at all, but for `at_once` ones already sent)."""
         refused = self._refused.get((rec.topic, rec.partition, rec.offset))
         if refused:
             return [self._dead_letter(rec, *refused)]

@@ -272,7 +272,9 @@ class OutputStage:
         turn, eid, tp = ev.message.turn, ev.event_id, ev.traceparent
         produced: list[events.OutEvent] = []
         if check.released and mem.should_send(("text", index), len(check.released), eid):
-            produced.append(turns.reply(turn, tp, text=events_pb2.ReleasedText(index=index, text=check.released)))
+            text = turns.reply(turn, tp, text=events_pb2.ReleasedText(index=index, text=check.released))
+            text.at_once = True  # cumulative: sent before the commit, a redo's copy is harmless
+            produced.append(text)
         if stream_first and check.blocked is not None and mem.should_send(("retract", index), True, eid):
             # Text past the cut may have been released by earlier records: the gateway withdraws
             # it from the client (and forwards nothing when it never sent past the cut).

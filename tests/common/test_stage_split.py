@@ -43,3 +43,33 @@ def test_each_record_and_transaction_is_timed_by_part(kafka_bootstrap: str, uniq
         assert _records(stage) == 3
     finally:
         worker.stop()
+
+
+def test_at_once_outputs_go_out_once_alongside_the_transactional_ones(kafka_bootstrap: str, unique: str) -> None:
+    """An `at_once` output (sent before the commit, outside the transaction) arrives once, like
+    the record's transactional output, and the offsets are committed (no redo sends it again)."""
+    stage, src, early, late = (f"once-{unique}", f"once-in-{unique}", f"once-early-{unique}",
+                               f"once-late-{unique}")
+    create(kafka_bootstrap, src, early, late)
+
+    def handle(ev: kafka_loop.Consumed[events_pb2.TurnEvent]) -> Iterator:
+        first = ev.out(early, ev.message)
+        first.at_once = True
+        yield first
+        yield ev.out(late, ev.message)
+
+    cfg = KafkaConfig(bootstrap_servers=kafka_bootstrap)
+    worker = kafka_loop.StageWorker(stage, [src], events_pb2.TurnEvent, handle, cfg, instance_id="0").start()
+    try:
+        produce(kafka_bootstrap, src, [(f"k{i}", events_pb2.TurnEvent(request_id=f"r{i}")) for i in range(5)])
+        got_early = read_all(kafka_bootstrap, early, 5, settle=1.0)
+        got_late = read_all(kafka_bootstrap, late, 5, settle=0.5)
+    finally:
+        worker.stop()
+    assert sorted(r.key for r in got_early) == sorted(r.key for r in got_late) == [f"k{i}".encode() for i in range(5)]
+    again = kafka_loop.StageWorker(stage, [src], events_pb2.TurnEvent, handle, cfg, instance_id="0").start()
+    try:  # the same group again: nothing left to redo
+        time.sleep(3)
+        assert len(read_all(kafka_bootstrap, early, 5, settle=0.5)) == 5
+    finally:
+        again.stop()
