@@ -23,7 +23,7 @@ class Service:
     name: str
     module: str  # run as `python -m <module>`
     port: int  # local default of the port it serves on
-    metrics_port: int | None  # local default of its Prometheus port; None: /metrics on `port` (HTTP)
+    metrics_port: int  # local default of its Prometheus port (/metrics)
     port_vars: tuple[str, ...] = ("GRPC_PORT",)  # the env variables its serving port is read from
     peers: tuple[tuple[str, str], ...] = ()  # (env variable, service) for each address it dials
     http: bool = False  # probed at http://.../readyz; otherwise grpc.health.v1 on `port`
@@ -37,14 +37,13 @@ class Service:
         return int(environ.get(self.port_env, self.port))
 
     def local_metrics_port(self, environ: Mapping[str, str] = os.environ) -> int:
-        return self.local_port(environ) if self.metrics_port is None else self.metrics_port
+        return self.metrics_port
 
     def wiring(self, port_of: Callable[[str], int], metrics_port: int) -> dict[str, str]:
         """The env that puts this service on `port_of(self.name)` and points it at its peers."""
         port = port_of(self.name)
         env = dict.fromkeys(self.port_vars, str(port))
-        if not self.http:
-            env["METRICS_PORT"] = str(metrics_port)
+        env["METRICS_PORT"] = str(metrics_port)
         for var, peer in self.peers:
             env[var] = f"127.0.0.1:{port_of(peer)}"
         return env
@@ -62,7 +61,7 @@ SERVICES: tuple[Service, ...] = (
     Service("prompt", "services.prompt", 50054, 9104),
     Service("feedback", "services.feedback", 50055, 9106),
     Service("gateway", "services.gateway", 50051, 9101, peers=(("MODERATION_ADDR", "moderation"),)),
-    Service("web", "services.web", 8080, None, port_vars=("WEB_PORT",), http=True,
+    Service("web", "services.web", 8080, 9108, port_vars=("WEB_PORT",), http=True,
             peers=(("GATEWAY_ADDR", "gateway"), ("MODERATION_ADDR", "moderation"))),
 )
 BY_NAME: dict[str, Service] = {s.name: s for s in SERVICES}

@@ -74,9 +74,7 @@ class Stack:
     def _pick_ports(self, names: list[str]) -> None:
         for name in names:
             self.ports.setdefault(name, free_port())
-            # An HTTP service serves /metrics on its one port.
-            http = BY_NAME[name].metrics_port is None
-            self.metrics_ports.setdefault(name, self.ports[name] if http else free_port())
+            self.metrics_ports.setdefault(name, free_port())
 
     def spawn(self, name: str) -> Proc:
         self._pick_ports([name])

@@ -19,7 +19,6 @@ from typing import Any
 import grpc
 from colloquy.v1 import chat_pb2, chat_pb2_grpc, moderation_pb2, moderation_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -360,9 +359,6 @@ def build_app(backend: Backend) -> Starlette:
             ok = False
         return JSONResponse({"status": "ready" if ok else "gateway not serving"}, status_code=200 if ok else 503)
 
-    async def prometheus(_request: Request) -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
     async def http_error(_request: Request, exc: Exception) -> Response:
         """Unknown paths and wrong methods answer in OpenAI's error shape too."""
         status = exc.status_code if isinstance(exc, HTTPException) else 500
@@ -377,7 +373,6 @@ def build_app(backend: Backend) -> Starlette:
         Route("/v1/feedback", route("feedback", feedback), methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
-        Route("/metrics", prometheus, methods=["GET"]),
         Route("/", lambda _request: FileResponse(STATIC / "index.html"), methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ])

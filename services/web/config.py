@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 
-from services.common.config import env, port, positive
+from services.common.config import env, positive
+from services.common.config import port as tcp_port  # `port` is a field name below
 
 
 @dataclasses.dataclass(frozen=True)
 class WebConfig:
     host: str = env("WEB_HOST", "127.0.0.1")
-    # One port for the API, the page, /healthz, /readyz and Prometheus /metrics.
-    port: int = env("WEB_PORT", 8080, check=port, hint="a TCP port 0..65535")
+    # The public port: the API, the page, /healthz and /readyz.
+    port: int = env("WEB_PORT", 8080, check=tcp_port, hint="a TCP port 0..65535")
+    # Prometheus /metrics, on a port of its own like every service's (not reachable from outside).
+    metrics_port: int = env("METRICS_PORT", 9108, check=tcp_port, hint="a TCP port 0..65535")
     gateway_addr: str = env("GATEWAY_ADDR", "127.0.0.1:50051")
     moderation_addr: str = env("MODERATION_ADDR", "127.0.0.1:50053")
     # The gateway's key file: /v1/models and /v1/moderations check keys with it (chat calls are

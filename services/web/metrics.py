@@ -1,4 +1,4 @@
-"""Prometheus metrics of the web front (served on its own port at /metrics)."""
+"""Prometheus metrics of the web front (served at /metrics on METRICS_PORT, apart from the public port)."""
 
 from __future__ import annotations
 

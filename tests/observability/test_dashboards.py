@@ -72,10 +72,7 @@ class System:
 def _scrape_configs(stack: Stack, replica_port: int, push: Pushgateway) -> list[dict]:
     """The local config's jobs with the stack's addresses (second replica target: no such replica)."""
     local = local_metrics_ports()
-    # web serves /metrics on its HTTP port (no separate metrics port).
-    addresses: dict[int, str | None] = {
-        port: f"127.0.0.1:{(stack.ports if name == 'web' else stack.metrics_ports)[name]}"
-        for name, port in local.items()}
+    addresses: dict[int, str | None] = {port: f"127.0.0.1:{stack.metrics_ports[name]}" for name, port in local.items()}
     addresses.update({9110: f"127.0.0.1:{replica_port}", 9111: None, 9091: push.address})
     return rewrite_targets(local_config(), addresses)
 
