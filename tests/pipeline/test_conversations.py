@@ -73,19 +73,21 @@ def test_list_page_and_delete_with_its_feedback(chat, stack: Stack) -> None:
     assert code_of(chat.GetConversation, chat_pb2.GetConversationRequest(conversation_id=a, page_size=-1)) \
         == grpc.StatusCode.INVALID_ARGUMENT
 
-    # ListConversations: newest activity first, titled by the first message, paged.
-    pages = [chat.ListConversations(chat_pb2.ListConversationsRequest(page_size=2), metadata=ALICE)]
-    assert len(pages[0].conversations) == 2
-    while pages[-1].next_page_token:
-        pages.append(chat.ListConversations(chat_pb2.ListConversationsRequest(
-            page_size=2, page_token=pages[-1].next_page_token), metadata=ALICE))
-    listed = [s for p in pages for s in p.conversations]
-    assert len({s.conversation_id for s in listed}) == len(listed), "a conversation was listed twice"
-    assert [s.conversation_id for s in pages[0].conversations] == [a, c], "not newest activity first"
-    ours = {s.conversation_id: s for s in listed if s.conversation_id in (a, b, c)}
-    assert [s.conversation_id for s in listed if s.conversation_id in ours] == [a, c, b]
-    assert ours[b].title == "Name a fruit."
-    assert ours[a].last_activity_at.ToMilliseconds() > ours[a].created_at.ToMilliseconds()
+    # ListConversations: newest activity first, titled by the first message, paged. The store
+    # holds every earlier run's conversations of this user too (it replays the whole topic): the
+    # three just made are the newest.
+    first_page = chat.ListConversations(chat_pb2.ListConversationsRequest(page_size=2), metadata=ALICE)
+    assert [s.conversation_id for s in first_page.conversations] == [a, c], "not newest activity first"
+    assert first_page.next_page_token
+    second_page = chat.ListConversations(chat_pb2.ListConversationsRequest(
+        page_size=2, page_token=first_page.next_page_token), metadata=ALICE)
+    assert second_page.conversations[0].conversation_id == b
+    assert not {s.conversation_id for s in second_page.conversations} & {a, c}, "listed twice"
+    newest, fruit = first_page.conversations[0], second_page.conversations[0]
+    assert fruit.title == "Name a fruit."
+    assert newest.last_activity_at.ToMilliseconds() > newest.created_at.ToMilliseconds()
+    assert code_of(chat.ListConversations, chat_pb2.ListConversationsRequest(page_token="x")) \
+        == grpc.StatusCode.INVALID_ARGUMENT
 
     # Feedback on b reaches the dataset the RLHF job reads.
     chat.SubmitFeedback(chat_pb2.SubmitFeedbackRequest(conversation_id=b, turn_index=1, rating=chat_pb2.Rating(
