@@ -8,7 +8,7 @@ would take far longer than the run may. Sizes: about 31% of the conversations ha
 length measured), the rest 1-19; a user message of 30-120 characters, an answer of 200-700, and
 per turn the prompt text the model saw (system text, the two previous turns, the message: about
 1-2 kB; the real prompt carries all the history that fits the context, so the real rows are
-larger). One user has 5,000 conversations, the others about 10.
+larger). One user ("dev", the dev API key's) has 5,000 conversations, the others about 10.
 
 Then, through ``ConversationDB`` (the calls the gateway and the prompt stage make, protobuf
 parsing included; no gRPC): GetConversation of random 20-turn conversations (all 20 turns in one
@@ -48,7 +48,7 @@ NAME = "history_store"
 GOAL_P99_MS = 10.0
 GOAL_RSS_DELTA_MB = 50.0
 GOAL_SERVING_S = 5.0
-HEAVY_USER = "bench-heavy-user"
+HEAVY_USER = "dev"  # the dev API key's user (deploy/dev/api-keys.yaml): the gateway can read them
 PARTITIONS = 6  # conversation.turns' partitions (services/common/topics.py)
 PROMPT_TURNS = 2  # earlier turns each loaded prompt quotes
 PG_DB = "colloquy_bench"
@@ -201,27 +201,39 @@ def chunk_rows(plan: Plan, texts: Texts, start: int, stop: int, offsets: list[in
 
 # -- the databases ----------------------------------------------------------------------------------
 class Target:
-    """One database under test: where it is, how rows are bulk-loaded, how big it got."""
+    """One database under test: where it is, how rows are bulk-loaded, how big it got. A SQLite
+    store is a file in a directory of its own; a PostgreSQL one a database of its own."""
 
-    def __init__(self, kind: str, url: str, admin_url: str = "", path: Path | None = None) -> None:
-        self.kind, self.url, self.admin_url, self.path = kind, url, admin_url, path
+    def __init__(self, kind: str, url: str, admin_url: str = "", path: Path | None = None,
+                 db_name: str = PG_DB) -> None:
+        self.kind, self.url, self.admin_url, self.path, self.db_name = kind, url, admin_url, path, db_name
 
     def create(self) -> None:
         if self.kind == "postgresql":
             import psycopg
 
             with psycopg.connect(self.admin_url, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{PG_DB}" WITH (FORCE)')
-                conn.execute(f'CREATE DATABASE "{PG_DB}"')
+                conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
+                conn.execute(f'CREATE DATABASE "{self.db_name}"')
+        elif self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def drop(self) -> None:
         if self.kind == "postgresql":
             import psycopg
 
             with psycopg.connect(self.admin_url, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{PG_DB}" WITH (FORCE)')
+                conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
         elif self.path is not None:
             shutil.rmtree(self.path.parent, ignore_errors=True)
+
+    def sibling(self, name: str) -> Target:
+        """Another, empty store of the same kind (`name`: its directory or database)."""
+        if self.kind == "postgresql":
+            return Target(self.kind, self.url.rsplit("/", 1)[0] + "/" + name, self.admin_url, db_name=name)
+        assert self.path is not None
+        path = self.path.parent.parent / name / self.path.name
+        return Target(self.kind, f"sqlite:///{path}", path=path)
 
     @contextlib.contextmanager
     def loader(self) -> Iterator[Callable[[list[tuple], list[tuple]], None]]:
@@ -461,7 +473,8 @@ def materialize(url: str, topic: str, records: int, ids: list[str], kind: str,
         return {"records": records, "written": written,
                 "turns_per_s": round((records - first_n) / (done_t - first_t)) if done_t > first_t else None,
                 "turns_per_s_from_start": round(records / (done_t - started)),
-                "seconds_from_start": round(done_t - started, 1), "first_batch_after_s": round(first_t - started, 1)}
+                "seconds_from_start": round(done_t - started, 1), "first_batch_after_s": round(first_t - started, 1),
+                "group": group}
     finally:
         db.close()
 
@@ -481,12 +494,204 @@ def delete_topic(topic: str) -> None:
         admin.close()
 
 
+# -- the gateway and prompt processes -------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _serving(port: int) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status
+        return status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+def _gateway_calls(port: int, plan: Plan, picks: list[int]) -> list[Callable[[], Any]]:
+    """GetConversation of the heavy user's 20-turn conversations and its ListConversations, with
+    the dev key (whose user owns them); NOT_FOUND and an empty list on an empty store."""
+    import grpc
+    from colloquy.v1 import chat_pb2, chat_pb2_grpc
+
+    stub = chat_pb2_grpc.ChatServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+
+    def get(c: int) -> Callable[[], Any]:
+        def call() -> None:
+            try:
+                stub.GetConversation(chat_pb2.GetConversationRequest(conversation_id=plan.ids[c]),
+                                     metadata=common.DEV_KEY, timeout=30)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+        return call
+
+    def listing() -> None:
+        stub.ListConversations(chat_pb2.ListConversationsRequest(), metadata=common.DEV_KEY, timeout=30)
+
+    return [get(c) if i % 2 == 0 else listing for i, c in enumerate(picks)]
+
+
+def _prompt_calls(port: int, plan: Plan, picks: list[int]) -> list[Callable[[], Any]]:
+    """AssemblePrompt continuing 20-turn conversations (the history read the stage does per turn)."""
+    import grpc
+    from colloquy.v1 import prompt_pb2, prompt_pb2_grpc
+
+    stub = prompt_pb2_grpc.PromptServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+
+    def assemble(c: int) -> Callable[[], Any]:
+        def call() -> None:
+            try:
+                stub.AssemblePrompt(prompt_pb2.AssemblePromptRequest(
+                    conversation_id=plan.ids[c], user_id=plan.users[c], message="And what about next week?"),
+                    timeout=30)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+        return call
+
+    return [assemble(c) for c in picks]
+
+
+def start_service(service: str, env: dict[str, str], calls: Callable[[int], list[Callable[[], Any]]],
+                  timeout: float = 120.0) -> dict[str, Any]:
+    """Start `python -m services.<service>`, time it to SERVING (grpc.health.v1, polled every
+    50 ms), take its RSS then and after `calls` (made against its port), stop it."""
+    import psutil
+
+    port = _free_port()
+    logf = Path(tempfile.gettempdir()) / f"colloquy-bench-{NAME}-{service}-{os.getpid()}.log"
+    full = _service_env({**env, "GRPC_PORT": str(port), "METRICS_PORT": str(_free_port())})
+    with open(logf, "wb") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", f"services.{service}"], env=full, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=common.ROOT)
+        try:
+            while not _serving(port):
+                if proc.poll() is not None or time.perf_counter() - t0 > timeout:
+                    raise RuntimeError(f"{service} never became SERVING (exit {proc.poll()}): "
+                                       f"{logf.read_text(errors='replace')[-1500:]}")
+                time.sleep(0.05)
+            serving_s = time.perf_counter() - t0
+            ps = psutil.Process(proc.pid)
+            rss_serving = ps.memory_info().rss / 2**20
+            made = calls(port)
+            latencies = []
+            for call in made:
+                c0 = time.perf_counter()
+                call()
+                latencies.append(1000 * (time.perf_counter() - c0))
+            rss_after = ps.memory_info().rss / 2**20
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+    logf.unlink(missing_ok=True)
+    return {"serving_s": round(serving_s, 2), "rss_serving_mb": round(rss_serving, 1),
+            "rss_after_calls_mb": round(rss_after, 1), "calls": len(latencies),
+            "call_ms": summary(latencies[len(latencies) // 10:], 3)}
+
+
+def processes(loaded: Target, empty: Target, loaded_topic: str, loaded_group: str, plan: Plan, tag: str,
+              starts: int, calls: int, seed: int = 7) -> dict[str, Any]:
+    """The gateway and the prompt stage on the loaded store and on an empty one, alternately
+    (`starts` each): time to SERVING and RSS. The empty store reads an empty topic; the loaded
+    one the materializer's topic and group, whose stored offsets are at its end (caught up)."""
+    from services.common import config, topics
+
+    kafka = config.load(config.KafkaConfig)
+    empty_topic = f"bench.history.{tag}.empty"
+    stage_in, stage_out = f"bench.history.{tag}.moderated", f"bench.history.{tag}.prompts"
+    topics.ensure_topics(kafka.bootstrap_servers, [topics.renamed(topics.CONVERSATION_TURNS, empty_topic)],
+                         kafka=kafka)
+    empty.create()
+    db = _migrated(empty.url)
+    db.close()
+    rng = random.Random(seed)
+    heavy_long = [c for c, n in enumerate(plan.counts) if n == LONG and plan.users[c] == HEAVY_USER]
+    any_long = [c for c, n in enumerate(plan.counts) if n == LONG]
+    picks = {"gateway": [rng.choice(heavy_long) for _ in range(calls)],
+             "prompt": [rng.choice(any_long) for _ in range(calls)]}
+    makers = {"gateway": _gateway_calls, "prompt": _prompt_calls}
+    out: dict[str, Any] = {}
+    gone_topics, groups = [empty_topic, stage_in, stage_out], []
+    try:
+        for n in range(starts):
+            for service in ("gateway", "prompt"):
+                for store in ("empty", "loaded"):
+                    instance = f"bench-hs-{tag}-{service}-{store}-{n}"
+                    env = {"INSTANCE_ID": instance, "DATABASE_URL": (loaded if store == "loaded" else empty).url,
+                           "CONVERSATION_TOPIC": loaded_topic if store == "loaded" else empty_topic,
+                           "CONVERSATION_GROUP_ID": loaded_group if store == "loaded" else f"bench-hs-{tag}-none"}
+                    if service == "gateway":  # no per-user rate limit: the reads measure the store
+                        env["CHAT_USER_RATE_PER_MINUTE"] = "0"
+                        gone_topics.append(topics.reply_topic(instance).name)
+                    else:
+                        group = f"bench-hs-{tag}-prompt-{store}-{n}"
+                        env.update(PROMPT_TOPIC_IN=stage_in, PROMPT_TOPIC_OUT=stage_out, PROMPT_GROUP_ID=group)
+                        groups += [group, f"{group}-unanswered-{instance}"]
+                    run = start_service(service, env, lambda port, s=service: makers[s](port, plan, picks[s]))
+                    out.setdefault(service, {}).setdefault(store, []).append(run)
+                    log(f"{NAME}: {service} on the {store} store: SERVING after {run['serving_s']} s, "
+                        f"RSS {run['rss_serving_mb']} -> {run['rss_after_calls_mb']} MB")
+    finally:
+        empty.drop()
+        _cleanup_kafka(gone_topics, groups)
+    for by_store in out.values():  # the worst of the starts, each figure
+        for store, runs in list(by_store.items()):
+            by_store[store] = {"starts": runs, **{k: max(r[k] for r in runs)
+                                                  for k in ("serving_s", "rss_serving_mb", "rss_after_calls_mb")}}
+        if "empty" in by_store and "loaded" in by_store:
+            e, ld = by_store["empty"], by_store["loaded"]
+            by_store["rss_delta_mb"] = round(max(ld["rss_serving_mb"] - e["rss_serving_mb"],
+                                                 ld["rss_after_calls_mb"] - e["rss_after_calls_mb"]), 1)
+            by_store["met"] = by_store["rss_delta_mb"] <= GOAL_RSS_DELTA_MB and ld["serving_s"] <= GOAL_SERVING_S
+    return out
+
+
+def _migrated(url: str) -> Any:
+    from services.conversation.db import ConversationDB
+
+    db = ConversationDB(url)
+    db.migrate()
+    return db
+
+
+def _cleanup_kafka(names: list[str], groups: list[str]) -> None:
+    from kafka import KafkaAdminClient
+
+    from services.common import config
+
+    kafka = config.load(config.KafkaConfig)
+    admin = KafkaAdminClient(**kafka.client_kwargs(), client_id="bench-history-cleanup")
+    try:
+        existing = set(admin.list_topics())
+        if [t for t in names if t in existing]:
+            admin.delete_topics([t for t in names if t in existing])
+        if groups:
+            admin.delete_groups(groups)
+    except Exception as exc:  # leftovers are harmless (bench names, short retention); say so
+        log(f"{NAME}: cleanup: {exc}")
+    finally:
+        admin.close()
+
+
 # -- the run ------------------------------------------------------------------------------------
 def targets(args: argparse.Namespace, tmp: Path) -> list[Target]:
     out = []
     for kind in [k.strip() for k in str(args.hs_databases).split(",") if k.strip()]:
         if kind == "sqlite":
-            path = tmp / "conversations.db"
+            path = tmp / "loaded" / "conversations.db"
             out.append(Target("sqlite", f"sqlite:///{path}", path=path))
         elif kind == "postgresql":
             admin = _libpq(args.hs_pg_url)
@@ -501,7 +706,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rec = Record(NAME, {"conversations": len(plan.ids), "turns": plan.turns,
                         "long_conversations": plan.counts.count(LONG), "heavy_user_conversations": args.hs_heavy,
                         "samples": args.hs_samples, "materializer_turns": args.hs_materializer_conversations * LONG,
-                        "prompt_turns_quoted": PROMPT_TURNS, "load": "bulk inserts straight into the tables "
+                        "prompt_turns_quoted": PROMPT_TURNS, "process_starts": args.hs_process_starts,
+                        "process_calls": args.hs_process_calls, "load": "bulk inserts straight into the tables "
                         "(bypassing Kafka and the materializer)"}, settle_s=args.hs_settle)
     tmp = Path(tempfile.mkdtemp(prefix="colloquy-bench-history-"))
     topic = f"bench.history.{uuid.uuid4().hex[:8]}"
@@ -522,6 +728,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         produced = produce_turns(topic, args.hs_materializer_conversations)
                     res["materializer"] = materialize(target.url, topic, produced[0], produced[1], target.kind)
                     log(f"{NAME}: {target.kind}: materializer {res['materializer']['turns_per_s']} turns/s")
+                    if args.hs_process_starts:
+                        res["processes"] = processes(target, target.sibling(f"{PG_DB}_empty" if target.kind ==
+                                                                            "postgresql" else "empty"),
+                                                     topic, res["materializer"]["group"], plan, topic.rsplit(".", 1)[1],
+                                                     args.hs_process_starts, args.hs_process_calls)
             except Exception as exc:
                 rec.skip(target.kind, f"{type(exc).__name__}: {str(exc)[-600:]}")
             finally:
@@ -567,6 +778,24 @@ def rows(doc: dict[str, Any]) -> list[list[Any]]:
     mats = [res.get(k, {}).get("materializer", {}) for k in kinds]
     out.append(["materializer turn writes, turns/s (steady; from start)", "(figure)",
                 *[x for m in mats for x in (m.get("turns_per_s"), m.get("turns_per_s_from_start"))], "-"])
+    for service in ("gateway", "prompt"):
+        procs = [res.get(k, {}).get("processes", {}).get(service, {}) for k in kinds]
+        if not any(procs):
+            continue
+        pair = lambda key, pr: (pr.get("loaded", {}).get(key), pr.get("empty", {}).get(key))  # noqa: E731
+        serving = [pr["loaded"]["serving_s"] <= GOAL_SERVING_S for pr in procs if "loaded" in pr]
+        out.append([f"{service}: start to SERVING, s (loaded; empty store), worst start", f"<= {GOAL_SERVING_S:g} s",
+                    *[x for pr in procs for x in pair("serving_s", pr)],
+                    ("met" if all(serving) else "**not met**") if serving else "-"])
+        for key, what in (("rss_serving_mb", "RSS at SERVING"), ("rss_after_calls_mb", "RSS after the reads")):
+            deltas = [pr["loaded"][key] - pr["empty"][key] for pr in procs if "loaded" in pr and "empty" in pr]
+            out.append([f"{service}: {what}, MB (loaded; empty store)", f"within {GOAL_RSS_DELTA_MB:g} MB",
+                        *[x for pr in procs for x in pair(key, pr)],
+                        ("met" if all(d <= GOAL_RSS_DELTA_MB for d in deltas) else "**not met**") if deltas else "-"])
+        calls = [pr.get("loaded", {}).get("starts", [{}])[-1].get("call_ms", {}) for pr in procs]
+        rpc = "GetConversation/ListConversations" if service == "gateway" else "AssemblePrompt"
+        out.append([f"{service}: {rpc} over gRPC on the loaded store, ms", "(figure)",
+                    *[x for f in calls for x in (f.get("median"), f.get("p99"))], "-"])
     loads = [res.get(k, {}).get("load", {}) for k in kinds]
     out.append(["bulk load (bypasses Kafka), turns/s; database MB", "(setup)",
                 *[x for m in loads for x in (m.get("turns_per_s"), m.get("size_mb"))], "-"])
@@ -577,7 +806,8 @@ HEAD = ("what", "goal", "SQLite p50", "SQLite p99", "PostgreSQL p50", "PostgreSQ
 
 
 def render(doc: dict[str, Any]) -> str:
-    text = common.table(rows(doc), HEAD) + "\n(read latencies in ms; the last two rows: the two figures named)"
+    text = common.table(rows(doc), HEAD)
+    text += "\n(reads in ms; a row naming two figures gives them in the two columns of each database)"
     for what, why in doc.get("skipped", {}).items():
         text += f"\n(skipped {what}: {why})"
     return text
@@ -613,10 +843,19 @@ def write_md(doc: dict[str, Any]) -> None:
         if r:
             lines.append(f"- {kind}: read goal (every p99 <= {GOAL_P99_MS:g} ms) "
                          f"**{'met' if res.get('reads_met') else 'not met'}**.")
-    procs = doc.get("processes")
-    lines += ["", procs if isinstance(procs, str) else
-              "Gateway and prompt processes (RSS, time to SERVING on a loaded vs an empty store): not measured in "
-              "this run (the gateway and the prompt stage did not read the store yet)."]
+    if any("processes" in res for res in doc["results"].values()):
+        lines += ["", f"Processes: `python -m services.gateway` and `python -m services.prompt` pointed at the loaded "
+                  "store (its materializer's topic and group, caught up) and at an empty, migrated store (an empty "
+                  f"topic), alternately, {p.get('process_starts')} starts each; time from process start to "
+                  "grpc.health.v1 SERVING (polled every 50 ms; Python imports, Kafka group joins and the prompt "
+                  "stage's tokenizer load included), RSS at SERVING and after "
+                  f"{p.get('process_calls')} reads through the process (the gateway: GetConversation of the dev "
+                  "user's 20-turn conversations and ListConversations, alternately, with the dev key, its per-user "
+                  "rate limit off; the prompt stage: AssemblePrompt continuing 20-turn conversations; on the empty "
+                  "store they answer NOT_FOUND or an empty list). The worst start of each is shown."]
+    else:
+        lines += ["", "Gateway and prompt processes (RSS, time to SERVING on a loaded vs an empty store): not "
+                  "measured in this run."]
     for what, why in doc.get("skipped", {}).items():
         lines.append(f"\nSkipped {what}: {why}")
     (common.RESULTS / f"{NAME}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -635,4 +874,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hs-samples", type=int, default=2_000, help="timed calls per read (after a warm-up)")
     p.add_argument("--hs-materializer-conversations", type=int, default=1_500,
                    help=f"{LONG}-turn conversations produced for the materializer (0: skip it)")
+    p.add_argument("--hs-process-starts", type=int, default=2,
+                   help="starts of the gateway and of the prompt stage per store, loaded and empty (0: skip)")
+    p.add_argument("--hs-process-calls", type=int, default=300,
+                   help="reads through each started process before its second RSS figure")
     p.add_argument("--hs-settle", type=float, default=30.0, help="seconds to wait at most for the load to settle")

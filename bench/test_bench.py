@@ -277,6 +277,14 @@ def test_history_store_loads_sqlite_reads_every_call_and_judges_the_p99(tmp_path
                                   "prompt_turns_quoted": 2})
     rows = {r[0]: r for r in hs.rows(doc)}
     assert rows["ListConversations, a user with ~10"][-1] == "**not met**"
+    start = lambda s, rss: {"serving_s": s, "rss_serving_mb": rss, "rss_after_calls_mb": rss + 1,  # noqa: E731
+                            "call_ms": {"median": 1.0, "p99": 2.0}}
+    results["sqlite"]["processes"] = {"gateway": {"empty": {**start(2.0, 100.0), "starts": [start(2.0, 100.0)]},
+                                                  "loaded": {**start(6.0, 120.0), "starts": [start(6.0, 120.0)]}}}
+    rows = {r[0]: r for r in hs.rows(doc)}
+    assert rows["gateway: start to SERVING, s (loaded; empty store), worst start"][2:] == [6.0, 2.0, None, None,
+                                                                                         "**not met**"]
+    assert rows["gateway: RSS at SERVING, MB (loaded; empty store)"][-1] == "met"  # 20 MB more
     monkeypatch.setattr(hs.common, "RESULTS", tmp_path)
     hs.write_md({**doc, "started": "2026-12-02T12:00:00Z"})
     assert "bypasses Kafka" in (tmp_path / f"{hs.NAME}.md").read_text()
