@@ -148,9 +148,10 @@ async def _collect(call: Any, turn: domain.Turn, request: Request, route: str) -
 
 
 async def _start(backend: Backend, request: Request, req: chat_pb2.ChatRequest,
-                 renames: dict[str, str]) -> tuple[Any, domain.Turn]:
+                 renames: dict[str, str], route: str, received: float) -> tuple[Any, domain.Turn]:
     """Send the turn and wait for `started`: every refusal (key, limit, bad value) comes before it,
     so it becomes an HTTP error with its status instead of a 200 stream that fails."""
+    metrics.ADDED.labels(route, "request").observe(time.perf_counter() - received)
     call = backend.chat.Chat(req, metadata=_metadata(request))
     try:
         first = await call.read()
@@ -158,7 +159,10 @@ async def _start(backend: Backend, request: Request, req: chat_pb2.ChatRequest,
         raise _rpc_error(exc, renames) from None
     if first is grpc.aio.EOF or first.WhichOneof("event") != "started":
         call.cancel()
-        raise domain.ApiError(502, "the gateway answered out of order (no start event)", code="bad_gateway")
+        got = "the end of the stream" if first is grpc.aio.EOF else f"a {first.WhichOneof('event')} event"
+        log.error("the gateway's first Chat event was not 'started'", extra={"got": got})
+        raise domain.ApiError(502, f"the gateway answered out of order ({got} before the start event)",
+                              code="bad_gateway")
     turn = domain.Turn()
     turn.apply(first)
     return call, turn
@@ -203,7 +207,7 @@ def build_app(backend: Backend) -> Starlette:
         plan = domain.chat_plan(body, backend.served_models(), request.headers.get(domain.CONVERSATION_HEADER, ""))
         if plan.user:
             log.info("chat completion for an end user", extra={"end_user": plan.user[:64]})
-        call, turn = await _start(backend, request, plan.request, plan.renames)
+        call, turn = await _start(backend, request, plan.request, plan.renames, "chat_completions", received)
         created = int(time.time())
         n = plan.request.sampling.n or 1
         if not plan.stream:
@@ -219,11 +223,13 @@ def build_app(backend: Backend) -> Starlette:
         async def events() -> AsyncIterator[bytes]:
             first_text = True
             finished = False
+            added = metrics.ADDED.labels("chat_completions", "event")
             try:
                 for c in domain.chunks_for(chat_pb2.ChatEvent(started=chat_pb2.ChatStarted()), turn, plan.model,
                                            created, plan.include_usage, n):
                     yield _sse(c)
                 async for ev in _rest(call):
+                    read = time.perf_counter()
                     turn.apply(ev)
                     if ev.WhichOneof("event") == "done" and (err := _failed(turn)) is not None:
                         yield _sse(err.body())
@@ -234,6 +240,8 @@ def build_app(backend: Backend) -> Starlette:
                         metrics.TTFT.labels("chat_completions").observe(time.perf_counter() - received)
                     for c in domain.chunks_for(ev, turn, plan.model, created, plan.include_usage, n):
                         yield _sse(c)
+                    # Resumed once the server took the last chunk: the event's whole time in this process.
+                    added.observe(time.perf_counter() - read)
                 finished = True
                 yield b"data: [DONE]\n\n"
             except grpc.aio.AioRpcError as exc:
@@ -252,8 +260,8 @@ def build_app(backend: Backend) -> Starlette:
         body = await _json(request, cfg.max_body_bytes)
         plan = domain.response_plan(body, backend.served_models())
         renames = {"max_tokens": "max_output_tokens", "messages": "input",
-                   "conversation_id": "previous_response_id"}
-        call, turn = await _start(backend, request, plan.request, renames)
+                   "conversation_id": "previous_response_id", **plan.renames}
+        call, turn = await _start(backend, request, plan.request, renames, "responses", received)
         created = int(time.time())
         if not plan.stream:
             try:
@@ -263,7 +271,8 @@ def build_app(backend: Backend) -> Starlette:
                 raise _rpc_error(exc, renames) from None
             if (err := _failed(turn)) is not None:
                 raise err
-            return JSONResponse(domain.response_object(turn, plan.model, created, plan.previous_response_id),
+            return JSONResponse(domain.response_object(turn, plan.model, created, plan.previous_response_id,
+                                                       instructions=plan.instructions),
                                 headers=_turn_headers(turn))
 
         async def events() -> AsyncIterator[bytes]:
@@ -279,6 +288,7 @@ def build_app(backend: Backend) -> Starlette:
 
             try:
                 pending = domain.response_object(turn, plan.model, created, plan.previous_response_id,
+                                                 instructions=plan.instructions,
                                                  status="in_progress")
                 yield emit("response.created", response=pending)
                 yield emit("response.in_progress", response=pending)
@@ -299,7 +309,8 @@ def build_app(backend: Backend) -> Starlette:
                     finished = True
                     yield emit("error", code=err.code, message=err.message, param=None)
                     return
-                final = domain.response_object(turn, plan.model, created, plan.previous_response_id)
+                final = domain.response_object(turn, plan.model, created, plan.previous_response_id,
+                                               instructions=plan.instructions)
                 text = turn.texts.get(0, "")
                 yield emit("response.output_text.done", item_id=item, output_index=0, content_index=0, text=text,
                            logprobs=[])
@@ -343,6 +354,35 @@ def build_app(backend: Backend) -> Starlette:
             raise _rpc_error(exc) from None
         return JSONResponse({"feedback_id": resp.feedback_id})
 
+    async def list_conversations(request: Request) -> Response:
+        """The page's conversation list: ListConversations with the caller's key."""
+        req = domain.list_request(request.query_params)
+        try:
+            resp = await backend.chat.ListConversations(req, metadata=_metadata(request), timeout=cfg.call_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise _rpc_error(exc, {"page_size": "limit"}) from None
+        return JSONResponse(domain.conversation_list(resp))
+
+    async def get_conversation(request: Request) -> Response:
+        """Opening a conversation: its turns (GetConversation with the caller's key)."""
+        req = domain.conversation_request(request.path_params["conversation_id"], request.query_params)
+        try:
+            resp = await backend.chat.GetConversation(req, metadata=_metadata(request), timeout=cfg.call_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise _rpc_error(exc, {"page_size": "limit"}) from None
+        return JSONResponse(domain.conversation(resp))
+
+    async def delete_conversation(request: Request) -> Response:
+        """DeleteConversation with the caller's key: the history, and the feedback given on it."""
+        conv = request.path_params["conversation_id"]
+        try:
+            resp = await backend.chat.DeleteConversation(chat_pb2.DeleteConversationRequest(conversation_id=conv),
+                                                         metadata=_metadata(request), timeout=cfg.call_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise _rpc_error(exc) from None
+        return JSONResponse({"id": conv, "object": "conversation.deleted", "deleted": True,
+                             "deleted_turns": resp.deleted_turns})
+
     async def list_models(request: Request) -> Response:
         _authorize(backend, request)
         return JSONResponse(domain.models(backend.served_models(), int(time.time())))
@@ -371,6 +411,10 @@ def build_app(backend: Backend) -> Starlette:
         Route("/v1/moderations", route("moderations", moderations), methods=["POST"]),
         Route("/v1/models", route("models", list_models), methods=["GET"]),
         Route("/v1/feedback", route("feedback", feedback), methods=["POST"]),
+        Route("/v1/conversations", route("conversations", list_conversations), methods=["GET"]),
+        Route("/v1/conversations/{conversation_id}", route("conversation", get_conversation), methods=["GET"]),
+        Route("/v1/conversations/{conversation_id}", route("conversation_delete", delete_conversation),
+              methods=["DELETE"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/", lambda _request: FileResponse(STATIC / "index.html"), methods=["GET"]),

@@ -216,7 +216,7 @@ def _text_content(content: Any, param: str) -> str:
         texts = []
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind not in ("text", "input_text") or not isinstance(part.get("text"), str):
+            if kind not in ("text", "input_text", "output_text") or not isinstance(part.get("text"), str):
                 raise bad(f"{param}[{j}]", f"{param}[{j}]: only text parts ({{\"type\": \"text\", \"text\": ...}}) "
                                            "are supported")
             texts.append(part["text"])
@@ -285,7 +285,8 @@ def sampling(body: Mapping[str, Any], max_tokens_names: tuple[str, ...]) -> comm
     return p
 
 
-def conversation_seed(parsed: list[tuple[str, str]]) -> tuple[chat_pb2.ConversationSeed, dict[str, str]]:
+def conversation_seed(parsed: list[tuple[str, str]], name: str = "messages"
+                      ) -> tuple[chat_pb2.ConversationSeed, dict[str, str]]:
     """The messages before the last (a user message) as a new conversation's seed, and the
     gateway's seed field names mapped to the messages they came from (for its errors).
 
@@ -303,26 +304,26 @@ def conversation_seed(parsed: list[tuple[str, str]]) -> tuple[chat_pb2.Conversat
         i += 1
     if systems:
         seed.system = "\n\n".join(systems)
-        fields["seed.system"] = "messages[0].content" if len(systems) == 1 else "messages"
+        fields["seed.system"] = f"{name}[0].content" if len(systems) == 1 else name
     while i < len(parsed) - 1:
         role, text = parsed[i]
         if role in ("system", "developer"):
-            raise bad(f"messages[{i}]", f"messages[{i}]: {role} messages are accepted only before the first "
+            raise bad(f"{name}[{i}]", f"{name}[{i}]: {role} messages are accepted only before the first "
                                         "user message (they follow the operator's instructions)")
         if role != "user":
-            raise bad(f"messages[{i}]", f"messages[{i}]: an assistant message must answer a user message "
+            raise bad(f"{name}[{i}]", f"{name}[{i}]: an assistant message must answer a user message "
                                         "(earlier messages alternate user, assistant)")
         k = len(seed.exchanges)
-        fields[f"seed.exchanges[{k}].user"] = f"messages[{i}].content"
+        fields[f"seed.exchanges[{k}].user"] = f"{name}[{i}].content"
         answer = ""
         if parsed[i + 1][0] == "assistant" and i + 1 < len(parsed) - 1:
             answer = parsed[i + 1][1]
-            fields[f"seed.exchanges[{k}].assistant"] = f"messages[{i + 1}].content"
+            fields[f"seed.exchanges[{k}].assistant"] = f"{name}[{i + 1}].content"
             i += 1
         seed.exchanges.add(user=text, assistant=answer)
         i += 1
     if fields:
-        fields.update({"seed": "messages", "seed.exchanges": "messages"})
+        fields.update({"seed": name, "seed.exchanges": name})
     return seed, fields
 
 
@@ -412,36 +413,55 @@ class ResponsePlan:
     model: str
     stream: bool
     previous_response_id: str | None
+    renames: dict[str, str] = dataclasses.field(default_factory=dict)
+    instructions: str | None = None
 
 
 def response_plan(body: Any, served: Iterable[str]) -> ResponsePlan:
-    """Parse a Responses API body (text input only) into a ChatRequest."""
+    """Parse a Responses API body (text input only) into a ChatRequest. Without
+    previous_response_id, `instructions` and the input messages before the last start the new
+    conversation (its seed), as chat completions' `messages` do."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     _check_known(body, RESPONSES_PARAMS, UNSUPPORTED_RESPONSES)
     model = check_model(body, served)
-    if body.get("instructions") is not None:
-        raise bad("instructions", "instructions: not supported yet: Colloquy's operator instructions frame every "
-                                  "turn; send the user's input only")
     if body.get("store") is False:
         raise bad("store", "store: every Colloquy turn is stored in its conversation; store=false cannot be honoured")
+    prev = body.get("previous_response_id")
     raw = body.get("input")
     if isinstance(raw, str):
-        text = raw
+        parsed = [("user", raw)]
     elif isinstance(raw, list) and raw:
-        if len(raw) > 1:
-            raise bad("input", "input: send one user message; continue a conversation with previous_response_id")
-        item = raw[0]
-        if not isinstance(item, dict) or item.get("role") != "user":
-            raise bad("input[0]", "input[0]: must be a user message ({\"role\": \"user\", \"content\": ...})")
-        text = _text_content(item.get("content"), "input[0].content")
+        parsed = []
+        for i, item in enumerate(raw):
+            if not isinstance(item, dict) or not isinstance(item.get("role"), str):
+                raise bad(f"input[{i}]", f"input[{i}]: must be a message ({{\"role\", \"content\"}})")
+            if item["role"] not in ("user", "assistant", "system", "developer"):
+                raise bad(f"input[{i}].role", f"input[{i}].role: {item['role'][:40]!r} is not supported")
+            parsed.append((item["role"], _text_content(item.get("content"), f"input[{i}].content")))
+        if parsed[-1][0] != "user":
+            raise bad(f"input[{len(parsed) - 1}]", "input: the last message must be the user's (role \"user\")")
     else:
-        raise bad("input", "input: required, a string or one user message")
-    prev = body.get("previous_response_id")
+        raise bad("input", "input: required, a string or a non-empty array of messages")
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise bad("instructions", f"instructions: must be a string, got {_kind(instructions)}")
+    if prev is not None and (instructions or len(parsed) > 1):
+        param = "instructions" if instructions else "input"
+        raise bad(param, f"{param}: only a new conversation (no previous_response_id) takes instructions or earlier "
+                         "messages; a continued one keeps those it started with")
+    seed, renames = conversation_seed(parsed, "input")
+    if instructions:  # first, before any system message of the input
+        seed.system = f"{instructions}\n\n{seed.system}" if seed.system else instructions
+        renames["seed.system"] = "input" if "seed.system" in renames else "instructions"
+        renames.setdefault("seed", "instructions")
+    if renames:
+        renames["message"] = f"input[{len(parsed) - 1}].content" if isinstance(raw, list) else "input"
     conv = parse_response_id(prev)[0] if prev is not None else ""
     p = sampling({k: body.get(k) for k in ("temperature", "top_p", "max_output_tokens")}, ("max_output_tokens",))
-    return ResponsePlan(chat_pb2.ChatRequest(conversation_id=conv, message=text, sampling=p), model,
-                        _boolean(body, "stream"), prev)
+    return ResponsePlan(chat_pb2.ChatRequest(conversation_id=conv, message=parsed[-1][1], sampling=p,
+                                             seed=seed if renames else None),
+                        model, _boolean(body, "stream"), prev, renames, instructions or None)
 
 
 # -- answers ----------------------------------------------------------------------------------------
@@ -578,8 +598,8 @@ def chunks_for(ev: chat_pb2.ChatEvent, turn: Turn, model: str, created: int, inc
 
 
 def response_object(turn: Turn, model: str, created: int, previous: str | None, status: str = "completed",
-                    text: str | None = None) -> dict[str, Any]:
-    """The Responses API `response` object of a turn (one candidate)."""
+                    text: str | None = None, instructions: str | None = None) -> dict[str, Any]:
+    """The Responses API `response` object of a turn (one candidate); `instructions` as sent."""
     reason = turn.finish.get(0, "")
     content = turn.texts.get(0, "") if text is None else text
     incomplete = None
@@ -597,7 +617,7 @@ def response_object(turn: Turn, model: str, created: int, previous: str | None, 
     out: dict[str, Any] = {
         "id": rid, "object": "response", "created_at": created, "status": status, "model": model,
         "output": output, "previous_response_id": previous, "incomplete_details": incomplete, "error": None,
-        "instructions": None, "parallel_tool_calls": False, "tool_choice": "none", "tools": [],
+        "instructions": instructions, "parallel_tool_calls": False, "tool_choice": "none", "tools": [],
         "conversation_id": turn.conversation_id, "turn_index": turn.turn_index,
     }
     if turn.done:
@@ -690,3 +710,59 @@ def feedback_request(body: Any) -> chat_pb2.SubmitFeedbackRequest:
             raise bad("ranking.order", "ranking.order: required, the candidate indexes best first")
         req.ranking.CopyFrom(chat_pb2.Ranking(order=order))
     return req
+
+
+# -- conversations (the page's list: new, open, delete) ---------------------------------------------
+
+MAX_PAGE_SIZE = 1000
+
+
+def list_request(query: Mapping[str, str]) -> chat_pb2.ListConversationsRequest:
+    """GET /v1/conversations?limit=&page_token= -> ListConversationsRequest (the gateway checks the token)."""
+    unknown = set(query) - {"limit", "page_token"}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise ApiError(400, f"{name}: unrecognized query parameter (use limit, page_token)", param=name,
+                       code="unknown_parameter")
+    return chat_pb2.ListConversationsRequest(page_size=_query_limit(query), page_token=query.get("page_token", ""))
+
+
+def conversation_request(conversation: str, query: Mapping[str, str]) -> chat_pb2.GetConversationRequest:
+    """GET /v1/conversations/{id}?limit=&page_token= -> GetConversationRequest."""
+    unknown = set(query) - {"limit", "page_token"}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise ApiError(400, f"{name}: unrecognized query parameter (use limit, page_token)", param=name,
+                       code="unknown_parameter")
+    return chat_pb2.GetConversationRequest(conversation_id=conversation, page_size=_query_limit(query),
+                                           page_token=query.get("page_token", ""))
+
+
+def _query_limit(query: Mapping[str, str]) -> int:
+    raw = query.get("limit")
+    if raw is None:
+        return 0  # the gateway's default page
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE_SIZE:
+        raise bad("limit", f"limit: {raw[:20]!r} is not a count in [1, {MAX_PAGE_SIZE}]")
+    return int(raw)
+
+
+def _seconds(ts: Any) -> int:
+    return int(ts.seconds)
+
+
+def conversation_list(resp: chat_pb2.ListConversationsResponse) -> dict[str, Any]:
+    """One page of the caller's conversations, most recent activity first."""
+    return {"object": "list", "next_page_token": resp.next_page_token or None, "data": [
+        {"id": c.conversation_id, "object": "conversation", "title": c.title, "created_at": _seconds(c.created_at),
+         "last_activity_at": _seconds(c.last_activity_at)} for c in resp.conversations]}
+
+
+def conversation(conv: chat_pb2.Conversation) -> dict[str, Any]:
+    """A conversation's visible turns (one page): what the page shows when it is opened."""
+    return {"id": conv.conversation_id, "object": "conversation", "next_page_token": conv.next_page_token or None,
+            "turns": [{"index": t.index, "user_message": t.user_message, "blocked": t.blocked,
+                       "created_at": _seconds(t.created_at), "model_version": t.model_version,
+                       "answers": [{"index": a.index, "text": a.text, "finish_reason": finish_reason(a.finish_reason)}
+                                   for a in sorted(t.answers, key=lambda a: a.index)]}
+                      for t in sorted(conv.turns, key=lambda t: t.index)]}

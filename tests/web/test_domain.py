@@ -247,9 +247,35 @@ def test_response_plan_continues_the_conversation_of_previous_response_id() -> N
     plan = domain.response_plan({"model": "colloquy", "input": "And then?", "max_output_tokens": 20,
                                  "previous_response_id": domain.response_id(CONV, 3)}, SERVED)
     assert plan.request.conversation_id == CONV and plan.request.sampling.max_tokens == 20
-    assert err(domain.response_plan, {"model": "colloquy", "input": "x", "instructions": "be brief"},
-               SERVED).param == "instructions"
+    prev = domain.response_id(CONV, 3)
+    for extra, param in (({"instructions": "be brief"}, "instructions"),
+                         ({"input": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "input")):
+        e = err(domain.response_plan, {"model": "colloquy", "input": "x", "previous_response_id": prev, **extra},
+                SERVED)
+        assert e.param == param and "only a new conversation" in e.message
     assert err(domain.response_plan, {"model": "colloquy", "input": "x", "store": False}, SERVED).param == "store"
+
+
+def test_response_instructions_and_earlier_input_seed_a_new_conversation() -> None:
+    plan = domain.response_plan({"model": "colloquy", "instructions": "Always answer in French.", "input": [
+        {"role": "user", "content": "My cat is called Pixel."},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "Nice name!"}]},
+        {"role": "user", "content": [{"type": "input_text", "text": "What is my cat called?"}]}]}, SERVED)
+    seed = plan.request.seed
+    assert plan.request.message == "What is my cat called?" and plan.instructions == "Always answer in French."
+    assert seed.system == "Always answer in French."
+    assert [(e.user, e.assistant) for e in seed.exchanges] == [("My cat is called Pixel.", "Nice name!")]
+    assert plan.renames["seed.system"] == "instructions"
+    assert plan.renames["seed.exchanges[0].assistant"] == "input[1].content"
+    e = domain.from_grpc(grpc.StatusCode.INVALID_ARGUMENT, "seed.exchanges[0].user: contains a NUL character",
+                         renames=plan.renames)
+    assert e.param == "input[0].content"
+    only = domain.response_plan({"model": "colloquy", "instructions": "Be brief.", "input": "Hi"}, SERVED)
+    assert only.request.seed.system == "Be brief." and not only.request.seed.exchanges
+    assert not domain.response_plan({"model": "colloquy", "input": "Hi"}, SERVED).request.HasField("seed")
+    out = domain.response_object(events(STARTED, delta("Bonjour"), done("stop")), "colloquy", 1, None,
+                                 instructions="Always answer in French.")
+    assert out["instructions"] == "Always answer in French."
 
 
 def test_response_object_marks_a_length_cut_incomplete() -> None:
@@ -307,3 +333,30 @@ def test_a_retraction_keeps_only_the_kept_text_and_streams_as_an_extension_chunk
     assert choice["message"]["content"] == "Hél" and choice["finish_reason"] == "content_filter"
     [chunk] = domain.chunks_for(retract, turn, "colloquy", 1, False, 1)
     assert chunk["choices"] == [] and chunk["retraction"] == {"index": 0, "kept_chars": 3}
+
+
+def test_conversation_list_and_turns_in_the_page_s_shape() -> None:
+    from google.protobuf.timestamp_pb2 import Timestamp
+    assert domain.list_request({}).page_size == 0
+    assert domain.list_request({"limit": "20", "page_token": "abc"}) == chat_pb2.ListConversationsRequest(
+        page_size=20, page_token="abc")
+    for query, param in (({"limit": "0"}, "limit"), ({"limit": "x"}, "limit"), ({"limit": "1001"}, "limit"),
+                         ({"offset": "3"}, "offset")):
+        e = err(domain.list_request, query)
+        assert (e.status, e.param) == (400, param), e.message
+    assert domain.conversation_request("c-1", {"limit": "5"}).page_size == 5
+    summary = chat_pb2.ConversationSummary(conversation_id="c-1", title="My cat", created_at=Timestamp(seconds=10),
+                                           last_activity_at=Timestamp(seconds=20))
+    resp = chat_pb2.ListConversationsResponse(next_page_token="n", conversations=[summary])
+    assert domain.conversation_list(resp) == {"object": "list", "next_page_token": "n", "data": [
+        {"id": "c-1", "object": "conversation", "title": "My cat", "created_at": 10, "last_activity_at": 20}]}
+    conv = chat_pb2.Conversation(conversation_id="c-1", turns=[
+        chat_pb2.Turn(index=2, user_message="b", blocked=True,
+                      answers=[chat_pb2.Answer(index=0, text="Sorry", finish_reason="blocked")]),
+        chat_pb2.Turn(index=1, user_message="a", answers=[chat_pb2.Answer(index=1, text="y", finish_reason="length"),
+                                                           chat_pb2.Answer(index=0, text="x", finish_reason="stop")])])
+    got = domain.conversation(conv)
+    assert [t["index"] for t in got["turns"]] == [1, 2] and got["next_page_token"] is None
+    assert got["turns"][0]["answers"] == [{"index": 0, "text": "x", "finish_reason": "stop"},
+                                          {"index": 1, "text": "y", "finish_reason": "length"}]
+    assert got["turns"][1]["blocked"] and got["turns"][1]["answers"][0]["finish_reason"] == "content_filter"

@@ -1,5 +1,6 @@
 // Colloquy's page: plain JavaScript over the same HTTP API as any OpenAI client
-// (/v1/models to check the key, /v1/chat/completions streamed, /v1/feedback for ratings and rankings).
+// (/v1/models to check the key, /v1/chat/completions streamed, /v1/feedback for ratings and rankings,
+// /v1/conversations to list, open and delete the user's conversations).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -24,7 +25,10 @@ async function signIn(key) {
   $("new-chat").hidden = false;
   $("sign-out").hidden = false;
   $("who").textContent = "signed in";
+  $("conversations").hidden = false;
+  document.body.classList.add("signed-in");
   $("message").focus();
+  await refreshConversations();
 }
 
 $("sign-in-form").addEventListener("submit", async (ev) => {
@@ -38,11 +42,79 @@ $("sign-out").addEventListener("click", () => {
   location.reload();
 });
 
-$("new-chat").addEventListener("click", () => {
+function newChat() {
   state.conversationId = "";
   $("messages").replaceChildren();
   $("chat-error").textContent = "";
-});
+  markCurrent();
+}
+
+$("new-chat").addEventListener("click", newChat);
+
+// -- the conversation list -------------------------------------------------------------------------
+function markCurrent() {
+  for (const li of $("conversation-list").children) li.classList.toggle("current", li.dataset.id === state.conversationId);
+}
+
+async function refreshConversations() {
+  const res = await fetch("/v1/conversations?limit=100", { headers: headers() });
+  if (!res.ok) { $("list-status").textContent = await errorText(res); return; }
+  const page = await res.json();
+  $("conversation-list").replaceChildren(...page.data.map((c) => {
+    const li = el("li");
+    li.dataset.id = c.id;
+    const open = el("button", "open", c.title || "(untitled)");
+    open.title = c.title;
+    open.addEventListener("click", () => openConversation(c.id));
+    const del = el("button", "delete", "Delete");
+    del.title = "Delete this conversation";
+    del.addEventListener("click", () => deleteConversation(c.id));
+    li.append(open, del);
+    return li;
+  }));
+  markCurrent();
+}
+
+async function openConversation(id) {
+  if (state.controller) return; // an answer is streaming: Stop it first
+  const turns = [];
+  let token = "";
+  do { // every page of turns
+    const res = await fetch(`/v1/conversations/${encodeURIComponent(id)}${token ? `?page_token=${encodeURIComponent(token)}` : ""}`,
+      { headers: headers() });
+    if (!res.ok) { $("list-status").textContent = await errorText(res); return; }
+    const page = await res.json();
+    turns.push(...page.turns);
+    token = page.next_page_token;
+  } while (token);
+  newChat();
+  state.conversationId = id;
+  for (const t of turns) {
+    $("messages").append(el("div", "user", t.user_message));
+    const turnEl = el("div", "turn");
+    turnEl.dataset.turn = t.index;
+    turnEl.dataset.conversation = id;
+    $("messages").append(turnEl);
+    for (const a of t.answers) {
+      const card = answerCard(turnEl, a.index);
+      card.dataset.finish = a.finish_reason;
+      card.querySelector(".status").textContent = finishLabel(a.finish_reason);
+      if (t.blocked) { card.querySelector(".notice").textContent = a.text; continue; } // the refusal
+      card.dataset.text = a.text;
+      card.querySelector(".text").innerHTML = markdown(a.text);
+    }
+  }
+  markCurrent();
+}
+
+async function deleteConversation(id) {
+  $("list-status").textContent = "";
+  const res = await fetch(`/v1/conversations/${encodeURIComponent(id)}`, { method: "DELETE", headers: headers() });
+  if (!res.ok) { $("list-status").textContent = await errorText(res); return; }
+  if (id === state.conversationId) newChat();
+  await refreshConversations();
+  $("list-status").textContent = "Conversation deleted";
+}
 
 // -- rendering -------------------------------------------------------------------------------------
 function escapeHtml(s) {
@@ -216,6 +288,7 @@ async function send(text, n) {
     $("send").disabled = false;
     $("stop").hidden = true;
   }
+  refreshConversations(); // a new conversation joins the list; the latest activity moves it up
   // A message refused by moderation has no answer to judge (the gateway refuses feedback on it).
   const refused = [...turnEl.querySelectorAll(".answer")].every(
     (c) => c.dataset.finish === "content_filter" && !c.dataset.text);
