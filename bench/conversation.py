@@ -141,7 +141,8 @@ def engine_conversations(turns: int, count: int, tokens: int) -> dict[str, Any]:
     from prometheus_client import REGISTRY
 
     from model.chat_template import render_chatml
-    from services.generation.engine import AsyncEngine, EngineConfig, Request, Sampling
+    from services.generation.config import EngineSettings
+    from services.generation.engine import AsyncEngine, Request, Sampling
     from services.prompt.config import DEFAULT_TEMPLATES
     from services.prompt.templates import load_file
 
@@ -168,8 +169,9 @@ def engine_conversations(turns: int, count: int, tokens: int) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     answers: dict[str, list[str]] = {}
+    base = EngineSettings(max_running=8)
     for mode in ("reuse", "fresh"):
-        cfg = EngineConfig(max_running=8, prefix_cache_conversations=16 if mode == "reuse" else 0)
+        cfg = dataclasses.replace(base, prefix_cache_conversations=16 if mode == "reuse" else 0)
         eng = AsyncEngine(model_dir, version, cfg)
         ttft: dict[int, list[float]] = {}
         reused: dict[int, list[float]] = {}
@@ -199,7 +201,7 @@ def engine_conversations(turns: int, count: int, tokens: int) -> dict[str, Any]:
              for m in out if first and last}
     same = sum(a == b for a, b in zip(answers.get("reuse", []), answers.get("fresh", []), strict=False))
     return {**out, f"turn{turns}_over_turn1": ratio, "same_answers": same,
-            "compared": len(answers.get("reuse", [])), "engine": dataclasses.asdict(EngineConfig())}
+            "compared": len(answers.get("reuse", [])), "engine": dataclasses.asdict(base)}
 
 
 def start(args: argparse.Namespace) -> Record:

@@ -140,9 +140,10 @@ class ColloquyEngine:
     name = "colloquy-engine"
 
     def __init__(self, model_dir: str, max_running: int, provider: str = "cpu", prefix_cache: bool = False) -> None:
-        from services.generation.engine import AsyncEngine, EngineConfig
+        from services.generation.config import EngineSettings
+        from services.generation.engine import AsyncEngine
 
-        self.engine = AsyncEngine(model_dir, "bench", EngineConfig(
+        self.engine = AsyncEngine(model_dir, "bench", EngineSettings(
             max_running=max_running, max_waiting=1024, provider=provider,
             prefix_cache_conversations=16 if prefix_cache else 0))
 

@@ -19,6 +19,8 @@ from services.generation.config import DEFAULTS, EngineSettings, ServiceSettings
 def main() -> int:
     boot = runtime.bootstrap("generation", DEFAULTS)
     svc = config.load_or_exit(ServiceSettings)
+    # The replicas get theirs from deployment.build, from this same environment; loaded here too so
+    # a bad value stops the service before Ray starts, and for the worker's request limits.
     eng = config.load_or_exit(EngineSettings)
     wcfg = config.load_or_exit(WorkerSettings)
     try:  # fail before starting Ray when there is no model to serve

@@ -1,8 +1,14 @@
 """Generation service configuration (environment variables; docs/configuration.md).
 
-The Serve deployment reads `GENERATION_*` engine variables in its replica processes (Ray passes
-the driver's environment to local workers; on Kubernetes they come from the pod spec), the Kafka
-worker reads the rest in `python -m services.generation`.
+`EngineSettings` is the engine's one settings class: each knob's name, default, bounds and
+variable are declared there and nowhere else, and the engine, the Serve deployment, the Kafka
+worker, tests and benchmarks all take it as it is. How a replica gets it (one path): the Serve
+application builder (`deployment.build`, run once per deploy of the application) loads it from
+the `GENERATION_*` variables and binds it as the deployment's init argument, so every replica of a
+deployment is built from that one object and no replica reads the environment. Rollouts change
+only the served model version (Serve `user_config`, `rollout.RolloutState`), never these settings.
+`ServiceSettings` and `WorkerSettings` are read by `python -m services.generation` (Ray + Serve,
+and the Kafka worker).
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import dataclasses
 from pathlib import Path
 
 from services.common import topics
-from services.common.config import env, positive
+from services.common.config import env, positive, validate
 from services.common.sampling import SLOT_TOKENS_DEFAULT, SLOT_TOKENS_ENV
 
 DEFAULTS = {"METRICS_PORT": "9105"}
@@ -24,7 +30,7 @@ def _nonneg(v: int) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class EngineSettings:
-    """What each Serve replica's engine needs (read inside the replica)."""
+    """The engine's knobs (one engine per Serve replica); checked when built (`validate`)."""
 
     # A model directory (genai_config.json, model.onnx, tokenizer); empty: the model registry's
     # current version of the "generation" deployment.
@@ -66,6 +72,22 @@ class EngineSettings:
     # may share a node); 0 disables it.
     replica_metrics_port: int = env("GENERATION_REPLICA_METRICS_PORT", 9110, check=_nonneg,
                                     hint="a TCP port, 0 = off")
+    # Set in code only (tests, benchmarks; no variable): one decode pass per batch size at load
+    # (Scheduler.warm_up), so no request meets a first-visit stall of ONNX Runtime later.
+    warm_up: bool = True
+    # The prefix cache's block size in tokens (vLLM's default).
+    prefix_cache_block: int = 16
+    # ONNX Runtime intra-op threads; 0: its default (one per core).
+    threads: int = 0
+    # ORT's intra-op threads spin-wait between ops by default: on a small shared CPU that steals
+    # the cores the other thread needs (measured on 2 busy cores: 30 tok/s spinning, 50 not).
+    spin: bool = False
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.prefix_cache_block < 1 or self.threads < 0:
+            raise ValueError(f"prefix_cache_block must be >= 1 and threads >= 0, not {self.prefix_cache_block}"
+                             f" and {self.threads}")
 
 
 @dataclasses.dataclass(frozen=True)

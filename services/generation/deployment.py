@@ -23,6 +23,10 @@ handle), so an abandoned direct call may run to its max_tokens. The Kafka path c
 handle. Pacing (GENERATION_STREAM_INTERVAL_MS: tokens coalesced into fewer messages) cuts the Ray
 objects per token.
 
+Settings (services/generation/config.py says why this way): `build` loads `EngineSettings` from the
+`GENERATION_*` environment once per deploy and binds it as every replica's init argument; replicas
+never read the environment, and `status()` reports what a replica was built with.
+
 Model swap: `reconfigure(user_config)` (Serve calls it on every replica when the config's
 `user_config` changes) loads `model_dir`/`model_version` and an optional canary version with its
 share of conversations (services/generation/rollout.py); in-flight requests finish on the old model.
@@ -30,6 +34,7 @@ share of conversations (services/generation/rollout.py); in-flight requests fini
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -69,18 +74,11 @@ def _start_metrics(base_port: int, host: str = "0.0.0.0", tries: int = 32) -> in
 class Generation:
     """One replica: an AsyncEngine over the served model version."""
 
-    def __init__(self, model_dir: str = "", model_version: str = "") -> None:
-        self.settings = config.load(EngineSettings)
-        path, version = model_ref.resolve(model_dir or self.settings.model_dir,
-                                          model_version or self.settings.model_version)
-        s = self.settings
-        self.engine = engine.AsyncEngine(path, version, engine.EngineConfig(
-            max_running=s.max_running, max_waiting=s.max_waiting, prefill_chunk=s.prefill_chunk,
-            provider=s.provider, prefix_cache_conversations=s.prefix_cache_conversations,
-            prefix_cache_max_tokens=s.prefix_cache_tokens, prefix_cache_min_tokens=s.prefix_cache_min_tokens,
-            slot_tokens=s.slot_tokens,
-            max_queued_prompt_tokens=s.max_queued_prompt_tokens))
-        self.metrics_port = _start_metrics(s.replica_metrics_port)
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings  # from `build`: the same object for every replica of the deployment
+        path, version = model_ref.resolve(settings.model_dir, settings.model_version)
+        self.engine = engine.AsyncEngine(path, version, settings)
+        self.metrics_port = _start_metrics(settings.replica_metrics_port)
         log.info("generation replica ready", extra={
             "model_version": version, "provider": self.engine.provider, "metrics_port": self.metrics_port,
             "host": socket.gethostname()})
@@ -153,7 +151,9 @@ class Generation:
             yield deltas
 
     def status(self) -> dict[str, Any]:
-        return {**self.engine.stats(), "metrics_port": self.metrics_port}
+        """The engine's load and served versions, and the settings this replica was built with."""
+        return {**self.engine.stats(), "metrics_port": self.metrics_port,
+                "settings": dataclasses.asdict(self.settings)}
 
     def check_health(self) -> None:
         """Serve restarts a replica whose scheduler thread died."""
@@ -182,7 +182,23 @@ def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"generation failed: {type(exc).__name__}"
 
 
+def settings_for(args: dict[str, Any], environ: dict[str, str] | None = None) -> EngineSettings:
+    """The settings every replica is built with: the `GENERATION_*` variables, read here once.
+
+    The application takes no `args`: a second way in would let a knob differ by how it was set.
+    """
+    if args:
+        raise config.ConfigError(
+            f"the generation application takes no args (got {sorted(args)}): engine settings come from the "
+            "GENERATION_* variables (docs/configuration.md), the served version from user_config")
+    return config.load(EngineSettings, environ)
+
+
 def build(args: dict[str, Any]) -> Any:
-    """Serve application builder (`import_path: services.generation.deployment:build`)."""
-    return Generation.bind(model_dir=str(args.get("model_dir") or ""),
-                           model_version=str(args.get("model_version") or ""))
+    """Serve application builder (`import_path: services.generation.deployment:build`).
+
+    Serve runs it once per deploy of the application (our `serving.deploy`, or KubeRay applying
+    serveConfigV2) in a task that has the node's environment, and stores the bound settings as the
+    deployment's init argument: each replica, and each one added or restarted later, gets them.
+    """
+    return Generation.bind(settings_for(args))

@@ -7,7 +7,7 @@ passes, each caller's `Stream` gets its deltas. The parts, one concern each:
 
 | file | what |
 |---|---|
-| `schema.py` | public types (Request, Sampling, Delta, EngineConfig, errors) |
+| `schema.py` | public types (Request, Sampling, Delta, errors); the knobs are `config.EngineSettings` |
 | `runner.py` | model loading (session, tokenizer, graph facts) and the two forward passes (IOBinding) |
 | `kv_cache.py` | preallocated KV slots the graph updates in place; compaction and copies |
 | `scheduler.py` | one `step()` = one pass: a prefill chunk or a decode token for every running row |
@@ -35,6 +35,7 @@ from typing import Any
 
 from services.generation import metrics as M
 from services.generation import rollout
+from services.generation.config import EngineSettings
 from services.generation.runner import LoadedModel, cuda_device_count, resolve_provider
 from services.generation.sampler import sample_token
 from services.generation.scheduler import Job, Scheduler
@@ -42,7 +43,6 @@ from services.generation.schema import (
     DeadlineExceeded,
     Delta,
     EngineClosed,
-    EngineConfig,
     EngineError,
     FinishReason,
     InvalidRequest,
@@ -53,7 +53,7 @@ from services.generation.schema import (
 )
 from services.generation.stop import StopMatcher
 
-__all__ = ["AsyncEngine", "DeadlineExceeded", "Delta", "EngineClosed", "EngineConfig", "EngineError",
+__all__ = ["AsyncEngine", "DeadlineExceeded", "Delta", "EngineClosed", "EngineError",
            "FinishReason", "InvalidRequest", "LoadedModel", "Overloaded", "Request", "Sampling", "StopMatcher",
            "Stream", "cuda_device_count", "merge", "resolve_provider", "sample_token", "seed_for"]
 
@@ -125,12 +125,8 @@ def merge(deltas: Sequence[Delta]) -> list[Delta]:
 class AsyncEngine:
     """The engine: `submit()` from an asyncio loop, iterate the returned `Stream`."""
 
-    def __init__(self, model_dir: str | Path, version: str, config: EngineConfig | None = None) -> None:
-        self.config = c = config or EngineConfig()
-        if (c.max_running < 1 or c.max_waiting < 0 or c.prefill_chunk < 1 or c.prefix_cache_conversations < 0
-                or c.prefix_cache_max_tokens < 0 or c.prefix_cache_min_tokens < 1 or c.prefix_cache_block < 1
-                or c.slot_tokens < 0 or c.max_queued_prompt_tokens < 1):
-            raise ValueError(f"invalid engine config {c}")
+    def __init__(self, model_dir: str | Path, version: str, config: EngineSettings | None = None) -> None:
+        self.config = config or EngineSettings()  # validated when built
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._sched: dict[int, Scheduler] = {}  # id(model) -> its scheduler, retired ones included

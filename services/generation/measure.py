@@ -105,9 +105,10 @@ def og_engine(model: Any, ids: list[int], tokens: int, streams: int) -> dict[str
 
 async def _async_engine(model_dir: str, tokens: int, streams: int, repeats: int,
                         candidates: int = 1) -> dict[str, Any]:
-    from services.generation.engine import AsyncEngine, EngineConfig, Request, Sampling
+    from services.generation.config import EngineSettings
+    from services.generation.engine import AsyncEngine, Request, Sampling
 
-    eng = AsyncEngine(model_dir, "measure", EngineConfig(max_running=max(streams * candidates, 1)))
+    eng = AsyncEngine(model_dir, "measure", EngineSettings(max_running=max(streams * candidates, 1)))
     # Sampling with EOS suppressed is not offered, so candidates > 1 sample (their rows differ) and
     # may stop early; decode tok/s counts the tokens really produced.
     params = Sampling(temperature=0 if candidates == 1 else 0.7, repetition_penalty=1.0, max_tokens=tokens,

@@ -25,10 +25,11 @@ import numpy as np
 from tokenizers.decoders import DecodeStream
 
 from services.generation import metrics as M
+from services.generation.config import EngineSettings
 from services.generation.prefix_cache import PrefixCache
 from services.generation.runner import Forward, LoadedModel
 from services.generation.sampler import next_token
-from services.generation.schema import EngineConfig, FinishReason, Request, seed_for
+from services.generation.schema import FinishReason, Request, seed_for
 from services.generation.stop import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -82,17 +83,16 @@ class Job:
 class Scheduler:
     """Waiting queue, one prefilling job, the running rows and their KV slots, for one model."""
 
-    def __init__(self, model: LoadedModel, config: EngineConfig, lock: threading.Lock) -> None:
+    def __init__(self, model: LoadedModel, config: EngineSettings, lock: threading.Lock) -> None:
         self.model, self.config, self.lock = model, config, lock
-        self.slot_tokens = min(model.context_length, config.slot_tokens or 2048)
+        self.slot_tokens = min(model.context_length, config.slot_tokens)
         self.waiting: collections.deque[Job] = collections.deque()
         self.queued_tokens = 0  # prompt tokens in `waiting`
         self.prefilling: Job | None = None
         self.running: list[Cand] = []  # row i decodes in slot i
         self.cache: PrefixCache | None = None
         if config.prefix_cache_conversations > 0:
-            budget = (config.prefix_cache_bytes if config.prefix_cache_bytes is not None
-                      else config.prefix_cache_max_tokens * model.kv_bytes_per_token())
+            budget = config.prefix_cache_tokens * model.kv_bytes_per_token()
             self.cache = PrefixCache(model.version, config.prefix_cache_block, budget, model.kv_bytes_per_token(),
                                      config.prefix_cache_min_tokens)
         self._fw: Forward | None = None  # allocated on first use, freed by release()

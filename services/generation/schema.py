@@ -98,41 +98,6 @@ class Delta:
     error: str = ""
 
 
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """Capacity and scheduling knobs (one engine per replica)."""
-
-    max_running: int = 8  # candidates decoding at once (the batch; KV slots allocated)
-    max_waiting: int = 32  # requests queued beyond the running batch; more raise Overloaded
-    # Prompt tokens one prefill pass may take (the per-step token budget): a running stream waits
-    # at most one such chunk between two of its tokens.
-    prefill_chunk: int = 64  # ~90 ms of prefill on 2 CPU cores: about 3 decode steps at 16 rows
-    provider: str = "auto"  # "auto" (CUDA when a GPU is present), "cuda" or "cpu"
-    # KV positions per slot (prompt + answer); 0: min(model context, 2048). Memory is
-    # (max_running + 1) x slot_tokens x the model's KV bytes per token.
-    slot_tokens: int = 0
-    # Prompt tokens queued (waiting, not yet prefilled) beyond which submit() says Overloaded.
-    max_queued_prompt_tokens: int = 65536
-    # One decode pass per batch size at load (Scheduler.warm_up): no first-visit stalls later.
-    warm_up: bool = True
-    # The prefix cache (KV by blocks of prompt tokens, LRU): 0 conversations = off (the name is
-    # the old per-conversation cache's; any positive value turns the block cache on) ...
-    prefix_cache_conversations: int = 16
-    # ... its budget in KV token positions (bytes = this x the model's KV bytes per token) ...
-    prefix_cache_max_tokens: int = 32768
-    # ... or in bytes when set (wins over prefix_cache_max_tokens) ...
-    prefix_cache_bytes: int | None = None
-    # ... a hit shorter than this many tokens is not used (its copy would not pay) ...
-    prefix_cache_min_tokens: int = 32
-    # ... and the block size in tokens (vLLM's default).
-    prefix_cache_block: int = 16
-    # Unused by the batching engine (slots are preallocated); kept so old configs still load.
-    threads: int = 0  # ONNX Runtime intra-op threads; 0: its default (one per core)
-    # ORT's intra-op threads spin-wait between ops by default: on a small shared CPU that steals
-    # the cores the other thread needs (measured on 2 busy cores: 30 tok/s spinning, 50 not).
-    spin: bool = False
-
-
 def seed_for(request_id: str, seed: int | None, index: int) -> int:
     """The sampling seed of candidate `index`: given, or derived from the request id.
 

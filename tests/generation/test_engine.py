@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from services.generation.config import EngineSettings
 from services.generation.engine import (
     AsyncEngine,
     DeadlineExceeded,
     Delta,
-    EngineConfig,
     FinishReason,
     InvalidRequest,
     Overloaded,
@@ -33,7 +33,8 @@ def engine(tiny_model_dir: Path):
     engines: list[AsyncEngine] = []
 
     def make(**cfg: int) -> AsyncEngine:
-        eng = AsyncEngine(tiny_model_dir, "tiny-v1", EngineConfig(**cfg))
+        # 8 rows unless a test says otherwise: the service's 16 only lengthens every warm-up here.
+        eng = AsyncEngine(tiny_model_dir, "tiny-v1", EngineSettings(**{"max_running": 8, **cfg}))
         engines.append(eng)
         return eng
 
@@ -291,7 +292,7 @@ def test_real_model_answers_and_stops(real_model_dir: Path) -> None:
     """The served build answers a question it is known to get right, and stop strings cut it."""
     from model.chat_template import render_chatml
 
-    eng = AsyncEngine(real_model_dir, "real", EngineConfig(max_running=4))
+    eng = AsyncEngine(real_model_dir, "real", EngineSettings(max_running=4))
     try:
         # Japan: every build answers it greedy (France is a near-tie on the int8-activation build:
         # "The" vs "L'" as the first token; the quality gate judges builds on 184 questions).
@@ -322,7 +323,7 @@ def test_prefill_chunks_alternate_with_decode_passes(tiny_model_dir: Path) -> No
     from services.generation.scheduler import Job, Scheduler
 
     model = LoadedModel(tiny_model_dir, "tiny-v1", "cpu")
-    sched = Scheduler(model, EngineConfig(max_running=4, prefill_chunk=8, prefix_cache_conversations=0),
+    sched = Scheduler(model, EngineSettings(max_running=4, prefill_chunk=8, prefix_cache_conversations=0),
                       threading.Lock())
     greedy = Sampling(temperature=0, repetition_penalty=1.0, max_tokens=200)
     a = Job(Request("a", PROMPT, greedy), model, model.encode(PROMPT))

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from services.generation.engine import AsyncEngine, EngineConfig, Request, Sampling
+from services.generation.config import EngineSettings
+from services.generation.engine import AsyncEngine, Request, Sampling
 
 SYSTEM = ("You are Colloquy, a helpful assistant. Answer briefly and kindly, say so when you do not know, "
           "and never make up facts about people or places.")
@@ -94,11 +95,11 @@ def check_exact(model_dir: Path, max_tokens: int, slots: int, chunk: int) -> Non
     import onnxruntime_genai as og
 
     texts = prompts()
-    eng_b1 = AsyncEngine(model_dir, "ref", EngineConfig(max_running=1, prefix_cache_conversations=0))
-    eng_batch = AsyncEngine(model_dir, "ref", EngineConfig(max_running=slots, prefill_chunk=chunk,
-                                                           max_waiting=len(texts)))
-    eng_nocache = AsyncEngine(model_dir, "ref", EngineConfig(max_running=slots, prefill_chunk=chunk,
-                                                             max_waiting=len(texts), prefix_cache_conversations=0))
+    eng_b1 = AsyncEngine(model_dir, "ref", EngineSettings(max_running=1, prefix_cache_conversations=0))
+    eng_batch = AsyncEngine(model_dir, "ref", EngineSettings(max_running=slots, prefill_chunk=chunk,
+                                                             max_waiting=len(texts)))
+    eng_nocache = AsyncEngine(model_dir, "ref", EngineSettings(max_running=slots, prefill_chunk=chunk,
+                                                               max_waiting=len(texts), prefix_cache_conversations=0))
     try:
         model = og.Model(str(model_dir))
         eos = eng_b1._model.eos
@@ -136,8 +137,8 @@ def test_sampled_answers_do_not_depend_on_cache_or_batch(tiny_model_dir: Path) -
     params = [Sampling(temperature=0.9, top_p=0.9, max_tokens=30, seed=i, top_k=None if i % 3 else 20,
                        repetition_penalty=1.0 if i % 2 else 1.3) for i in range(len(texts))]
     reqs = [Request(f"s{i}", t, p) for i, (t, p) in enumerate(zip(texts, params, strict=True))]
-    alone = AsyncEngine(tiny_model_dir, "ref", EngineConfig(max_running=1, prefix_cache_conversations=0))
-    batched = AsyncEngine(tiny_model_dir, "ref", EngineConfig(max_running=5, prefill_chunk=16))
+    alone = AsyncEngine(tiny_model_dir, "ref", EngineSettings(max_running=1, prefix_cache_conversations=0))
+    batched = AsyncEngine(tiny_model_dir, "ref", EngineSettings(max_running=5, prefill_chunk=16))
     try:
         ref = [answers(alone, [r])[0] for r in reqs]
         assert answers(batched, reqs) == ref

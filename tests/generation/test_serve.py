@@ -24,7 +24,7 @@ from colloquy.v1 import common_pb2, events_pb2, generation_pb2, generation_pb2_g
 from kafka import KafkaConsumer, TopicPartition
 
 from devtools.procs import free_port
-from services.common.config import KafkaConfig
+from services.common.config import KafkaConfig, load
 from services.generation import serving
 from services.generation.config import DEFAULT_SERVE_CONFIG, EngineSettings, WorkerSettings
 from tests.common import kafka_util
@@ -117,6 +117,14 @@ def test_generate_streams_deltas_with_model_version(app: App) -> None:
         assert final.finish_reason in {generation_pb2.FINISH_REASON_LENGTH, generation_pb2.FINISH_REASON_STOP}
     texts = {i: "".join(m.delta for m in msgs if m.index == i) for i in finals}
     assert texts[0] and texts[0] != texts[1]
+
+
+def test_the_replica_runs_with_the_settings_build_loaded(app: App) -> None:
+    """deployment.build loaded EngineSettings from the GENERATION_* environment (the fixture's)
+    and bound it into the deployment: the replica reports exactly that object."""
+    expected = dataclasses.asdict(load(EngineSettings))
+    assert expected["max_running"] == 8 and expected["stream_interval_ms"] == 50.0
+    assert app.status()["settings"] == expected
 
 
 def test_same_request_id_gives_the_same_answer(app: App) -> None:
@@ -412,6 +420,7 @@ def test_model_update_switches_versions_under_load_without_failing_a_request(
         applied.append(state)
 
     handler = updates.make_handler(apply, rollout.RolloutState(VERSION), reg.exists)
+    settings_before = app.status()["settings"]
     worker = kafka_loop.StageWorker("generation-updates", [topic], ev_pb2.ModelUpdate, handler,
                                     KafkaConfig(bootstrap_servers=kafka_bootstrap),
                                     group_id=f"updates-{unique}", instance_id=unique).start()
@@ -459,6 +468,7 @@ def test_model_update_switches_versions_under_load_without_failing_a_request(
         publish(version="tiny-a", action="rollback")
         _wait(lambda: len(applied) == 3)
         assert set(served_versions(4).values()) == {"tiny-a"}
+        assert app.status()["settings"] == settings_before  # a rollout changes the version only
         assert [s.user_config() for s in applied] == [
             {"model_version": VERSION, "canary_version": "tiny-b", "canary_percent": 50},
             {"model_version": "tiny-b", "canary_version": "", "canary_percent": 0},
