@@ -108,11 +108,16 @@ rollback:
 rollout-status:
 	@$(PY) -m services.generation.updates status
 
-## rlhf: reward model + PPO on Ray Train from the feedback since the last run; publishes a new
-## registry version (not promoted). RLHF_ARGS="--base V --source simulated" etc.
+## rlhf: reward model + PPO (or DPO, or both) on Ray Train from the feedback since the last run; publishes a new
+## registry version (not promoted). RLHF_ARGS="--base V --source simulated --algorithm both" etc.
 ## rlhf-label: simulated labelers rank n answers through the running gateway (make demo first)
-.PHONY: rlhf rlhf-label
+## rlhf-rounds: ROUNDS (2) rounds of label (rlhf-label) -> train -> evaluate -> publish, each from
+## the previous round's child; the labelers ask the gateway, which serves what is promoted
+.PHONY: rlhf rlhf-label rlhf-rounds
+ROUNDS ?= 2
 rlhf: setup
 	@HF_HUB_OFFLINE=1 $(PY) -m rlhf.job $(RLHF_ARGS)
 rlhf-label:
 	@$(PY) -m rlhf.labelers $(LABEL_ARGS)
+rlhf-rounds: setup
+	@HF_HUB_OFFLINE=1 $(PY) -m rlhf.job --rounds $(ROUNDS) --label-command "$(PY) -m rlhf.labelers $(LABEL_ARGS)" $(RLHF_ARGS)

@@ -38,6 +38,16 @@ class RLHFConfig:
     rm_epochs: int = env("RLHF_RM_EPOCHS", 2, check=lambda v: v >= 1, hint=">= 1")
     rm_batch_size: int = env("RLHF_RM_BATCH_SIZE", 4, check=lambda v: v >= 1, hint=">= 1 prompts")
     rm_lr: float = env("RLHF_RM_LR", 1e-5, check=positive, hint="> 0")
+    # Which policy trainer(s) run on the comparisons: ppo (reward model + PPO), dpo (Direct
+    # Preference Optimization against the frozen parent), or both (two children, one report)
+    algorithm: str = env("RLHF_ALGORITHM", "ppo", check=lambda v: v in {"ppo", "dpo", "both"},
+                         hint="ppo, dpo or both")
+    # DPO: beta (strength of the pull back to the parent), passes over the comparisons, prompts per
+    # batch, learning rate
+    dpo_beta: float = env("RLHF_DPO_BETA", 0.1, check=positive, hint="> 0")
+    dpo_epochs: int = env("RLHF_DPO_EPOCHS", 2, check=lambda v: v >= 1, hint=">= 1")
+    dpo_batch_size: int = env("RLHF_DPO_BATCH_SIZE", 4, check=lambda v: v >= 1, hint=">= 1 prompts")
+    dpo_lr: float = env("RLHF_DPO_LR", 1e-6, check=positive, hint="> 0")
     # PPO
     ppo_steps: int = env("RLHF_PPO_STEPS", 20, check=lambda v: v >= 1, hint=">= 1")
     rollout_batch_size: int = env("RLHF_ROLLOUT_BATCH_SIZE", 8, check=lambda v: v >= 1, hint=">= 1")

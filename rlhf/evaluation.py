@@ -6,7 +6,8 @@ template's hidden instructions around the question), and measured three ways:
 
 * **the rule** (:mod:`rlhf.preference`, the simulated labelers' own judge) on each model's
   greedy answer through the exported ONNX models, as served: mean score and the child's
-  wins / ties / losses (:func:`judge`). The reward model alone can be gamed; the rule cannot
+  wins / ties / losses, each of the rule's terms apart, and answer length (:func:`judge`).
+  The reward model alone can be gamed; the rule cannot
   be, by construction, since PPO never saw it;
 * **the reward model** the run trained, on the same greedy answers and on answers sampled as
   PPO samples (temperature ``RLHF_TEMPERATURE``), parent vs child;
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from model.chat_template import render_chatml
+from rlhf.preference import words
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES_FILE = REPO / "services" / "prompt" / "templates.yaml"
@@ -59,17 +61,36 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def judge(questions: Sequence[str], parent: Sequence[str], child: Sequence[str],
-          score: Callable[[str, str], float]) -> dict[str, Any]:
-    """Score each question's parent and child answer; means and the child's wins / ties / losses."""
+          score: Callable[[str, str], float],
+          parts: Callable[[str, str], dict[str, float]] | None = None) -> dict[str, Any]:
+    """Score each question's parent and child answer; means and the child's wins / ties / losses.
+
+    With ``parts`` (the rule's unweighted terms, :func:`rlhf.preference.terms`), also each term's
+    mean for parent and child, so a child that won only by getting shorter shows as such; the
+    mean answer length in words is there either way.
+    """
     parent_scores = [score(q, a) for q, a in zip(questions, parent, strict=True)]
     child_scores = [score(q, a) for q, a in zip(questions, child, strict=True)]
     wins = sum(c > p for c, p in zip(child_scores, parent_scores, strict=True))
     losses = sum(c < p for c, p in zip(child_scores, parent_scores, strict=True))
     n = len(questions)
-    return {"prompts": n, "parent_score_mean": _mean(parent_scores), "child_score_mean": _mean(child_scores),
-            "child_wins": wins, "child_losses": losses, "ties": n - wins - losses,
-            "parent_scores": [round(s, 4) for s in parent_scores],
-            "child_scores": [round(s, 4) for s in child_scores]}
+    out: dict[str, Any] = {
+        "prompts": n, "parent_score_mean": _mean(parent_scores), "child_score_mean": _mean(child_scores),
+        "child_wins": wins, "child_losses": losses, "ties": n - wins - losses,
+        "child_win_rate": wins / n if n else None,
+        "parent_words_mean": _mean([len(words(a)) for a in parent]),
+        "child_words_mean": _mean([len(words(a)) for a in child]),
+        "parent_scores": [round(s, 4) for s in parent_scores],
+        "child_scores": [round(s, 4) for s in child_scores]}
+    if parts is not None:
+        out["rule_parts"] = {name: term_means([parts(q, a) for q, a in zip(questions, answers, strict=True)])
+                             for name, answers in (("parent", parent), ("child", child))}
+    return out
+
+
+def term_means(rows: Sequence[dict[str, float]]) -> dict[str, float | None]:
+    """The mean of each term over answers (the keys of the first row)."""
+    return {key: _mean([r[key] for r in rows]) for key in (rows[0] if rows else {})}
 
 
 def sequence_kl(logprobs: Any, ref_logprobs: Any, mask: Any) -> Any:

@@ -1,14 +1,14 @@
 """The offline RLHF job: feedback since the last run -> reward model -> PPO -> ONNX -> new registry version.
 
-``python -m rlhf.job [--base VERSION] [--registry DIR] [--dataset DIR] [--source all] [--fresh]``
-(``make rlhf``). Steps:
+``python -m rlhf.job [--base VERSION] [--registry DIR] [--dataset DIR] [--source all] [--algorithm ppo|dpo|both]
+[--rounds N --label-command CMD] [--fresh]`` (``make rlhf``, ``make rlhf-rounds ROUNDS=N``). Steps:
 
 1. Start from the registry's current ``generation`` version (or ``--base``) and its float32
    weights (:func:`base_hf_dir`), and take the feedback created since the window end that
    the base's manifest records (``rlhf.data``).
 2. On Ray Train (``TorchTrainer``, ``ScalingConfig`` from ``rlhf.config``): train the reward
-   model, then run PPO on the policy (``rlhf.train``); every step is reported to Ray Train
-   and, with ``PUSHGATEWAY_URL``, to a Prometheus Pushgateway.
+   model, then PPO and/or DPO on the policy (``RLHF_ALGORITHM``; ``rlhf.train``); every step is
+   reported to Ray Train and, with ``PUSHGATEWAY_URL``, to a Prometheus Pushgateway.
 3. Export the policy as the parent is served (``rlhf.export``: the GGUF-carried construction
    from the child's float32 weights, or the parent's builder settings), score it against the
    child's own float32 export on the quality gate (int8 when 4-bit loses too much), judge
@@ -17,6 +17,10 @@
    feedback window, the metrics and the gate's outcome. The ``generation`` pointer does not
    move: promotion is ``python -m model.registry promote generation V`` (refused when the
    child failed the gate).
+
+``--rounds N`` repeats label -> train -> evaluate -> publish N times (:func:`run_rounds`), each
+round from the previous round's child, so each reads only feedback newer than the previous
+window; ``--label-command`` runs before each round.
 
 A run's state lives in ``<cache>/rlhf/runs/<base>-<source>/`` (``run.json``, the reward model
 and PPO checkpoints): running the job again after an interruption resumes it with the same
@@ -32,8 +36,10 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -172,25 +178,33 @@ def heldout_prompts() -> list[str]:
 
 
 def evaluate(parent_dir: Path, child_dir: Path, questions: list[str], max_new_tokens: int,
-             sampled_with: dict[str, Any] | None = None) -> dict[str, Any]:
+             sampled_with: dict[str, Any] | None = None,
+             cache: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """Parent vs child on held-out questions (``rlhf.evaluation``): greedy answers of the exported
-    (served) models in the served prompt layout, judged by the preference rule; then, with
-    ``sampled_with`` (the keyword arguments of :func:`rlhf.evaluation.sampled` but the answers),
-    the reward model's view and the KL of the child to its parent."""
+    (served) models in the served prompt layout, judged by the preference rule (and each of its
+    terms); then, with ``sampled_with`` (the keyword arguments of :func:`rlhf.evaluation.sampled`
+    but the answers), the reward model's view and the KL of the child to its parent. ``cache``
+    keeps a model's greedy answers by directory, so a parent judged against two children (PPO and
+    DPO) answers once."""
     from model.genai import greedy, load
     from rlhf import evaluation
-    from rlhf.preference import score
+    from rlhf.preference import score, terms
 
     prompts, template_version = evaluation.served_prompts(questions)
+    cache = {} if cache is None else cache
 
     def answers(model_dir: Path) -> list[str]:
-        model, tokenizer = load(model_dir, "cpu")
-        return [greedy(model, tokenizer, [int(t) for t in tokenizer.encode(p)], max_new_tokens).text
-                for p in prompts]
+        key = str(model_dir.resolve())
+        if key not in cache:
+            model, tokenizer = load(model_dir, "cpu")
+            cache[key] = [greedy(model, tokenizer, [int(t) for t in tokenizer.encode(p)], max_new_tokens).text
+                          for p in prompts]
+        return cache[key]
 
     clock = time.perf_counter()
     parent, child = answers(parent_dir), answers(child_dir)
-    result: dict[str, Any] = {**evaluation.judge(questions, parent, child, score), "judge": "rlhf.preference.score",
+    result: dict[str, Any] = {**evaluation.judge(questions, parent, child, score, terms),
+                              "judge": "rlhf.preference.score",
                               "answers": "greedy, exported ONNX models", "prompt_template": template_version,
                               "max_new_tokens": max_new_tokens,
                               "examples": [{"question": q, "parent": p[:300], "child": c[:300]}
@@ -214,8 +228,15 @@ def version_name(base: str, window: data.FeedbackWindow, weights_digest: str) ->
 
 
 def run(config: RLHFConfig, registry: Registry, base: str | None = None, dataset_root: Path | None = None,
-        fresh: bool = False, now_ms: int | None = None, deployment: str = DEFAULT_DEPLOYMENT) -> dict[str, Any]:
-    """Run the whole job; returns a report naming the published version (also in ``report.json``)."""
+        fresh: bool = False, now_ms: int | None = None, deployment: str = DEFAULT_DEPLOYMENT,
+        origin: str | None = None) -> dict[str, Any]:
+    """Run the whole job; returns a report naming the published version(s) (also in ``report.json``).
+
+    ``config.algorithm`` ``both`` publishes two children of ``base`` (PPO and DPO) from the same
+    comparisons, judged on the same held-out prompts; the report's top-level ``version`` is the
+    first (PPO's) and ``children`` holds each. ``origin`` (the first base of a series of rounds)
+    adds a second judgement of each child against it (``vs_origin``: rule wins, KL).
+    """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     base = base or registry.current(deployment)
@@ -244,72 +265,163 @@ def run(config: RLHFConfig, registry: Registry, base: str | None = None, dataset
     clock = time.perf_counter()
     train_on_ray(config, loop_config, run_dir)
     timings["train"] = time.perf_counter() - clock
-    from rlhf.train import METRICS_FILE, POLICY_DIR
+    from rlhf.train import METRICS_FILE, algorithms
 
     metrics = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))
-    policy_dir = run_dir / POLICY_DIR
-
-    clock = time.perf_counter()
-    from model.hashing import sha256_file
-
-    exported = export_within_gate(policy_dir, run_dir, base_manifest)
-    export_dir = exported.path
-    shutil.copytree(policy_dir, export_dir / "hf")
-    timings["export"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    from rlhf.train import RM_CHECKPOINT
-
-    sampled_with = None
-    if config.eval_samples:
-        sampled_with = {"parent_hf": hf_dir, "child_hf": policy_dir, "reward_model_file": run_dir / RM_CHECKPOINT,
-                        "hp": config.hyperparameters(), "samples": config.eval_samples, "bound": config.kl_bound}
-    evaluation = evaluate(registry.version_path(base), export_dir, heldout_prompts(), config.eval_max_new_tokens,
-                          sampled_with)
-    quality = exported.quality  # the gate's outcome: the registry refuses to promote a failed child
-    timings["evaluate"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    version = version_name(base, window, sha256_file(policy_dir / "model.safetensors"))
-    ppo_history = metrics["ppo"]
-    training = {
-        "method": "reward model + PPO (rlhf.job)",
-        "feedback_window": window.as_dict(),
-        "feedback_source": config.source,
-        "dataset": {"root": str(root), **stats.as_dict(), "train_comparisons": len(train),
-                    "heldout_comparisons": len(held)},
-        "reward_model": metrics["reward_model"],
-        "ppo": {"steps": len(ppo_history), "final": ppo_history[-1] if ppo_history else None,
-                "history": ppo_history},
-        "evaluation": evaluation,
-        "hyperparameters": config.hyperparameters(),
-        "phase_seconds": {**metrics["phase_seconds"], **timings},
-    }
-    extra_manifest = {"build": exported.build,
-                      sampling.MANIFEST_KEY: sampling.defaults_for(base_manifest)}
-    published = registry.publish(export_dir, version, source=SOURCE, precision=exported.precision,
-                                 execution_provider=exported.execution_provider, parent_version=base,
-                                 quality=quality,
-                                 training=training, extra=extra_manifest)
-    timings["publish"] = time.perf_counter() - clock
-    state.update(status="published", version=version)
+    shared = {"config": config, "registry": registry, "base": base, "base_manifest": base_manifest,
+              "hf_dir": hf_dir, "run_dir": run_dir, "window": window, "metrics": metrics,
+              "dataset": {"root": str(root), **stats.as_dict(), "train_comparisons": len(train),
+                          "heldout_comparisons": len(held)},
+              "origin": origin if origin and origin != base else None, "cache": {}}
+    children: dict[str, dict[str, Any]] = dict(state.get("children") or {})
+    for algorithm in algorithms(config.algorithm):
+        if algorithm in children:  # published before an interruption: not published twice
+            continue
+        children[algorithm] = _publish_child(algorithm, timings, **shared)
+        state["children"] = children
+        _write_json(run_dir / "run.json", state)
+    primary = children[algorithms(config.algorithm)[0]]
+    state.update(status="published", version=primary["version"])
     _write_json(run_dir / "run.json", state)
-    for leftover in ("export", "export-graph", "export-fp32", "export-int8", "ray", "base-hf"):
+    for leftover in ("ray", "base-hf", "origin"):
         shutil.rmtree(run_dir / leftover, ignore_errors=True)
 
     gauges = JobMetrics(config.pushgateway_url)
+    ppo_history = metrics.get("ppo") or []
     final = {**metrics["reward_model"], **(ppo_history[-1] if ppo_history else {})}
     gauges.update({k: v for k, v in final.items() if isinstance(v, int | float)},
                   {**metrics["phase_seconds"], **timings})
-    report = {"version": version, "parent_version": base, "path": str(published.path),
-              "feedback_window": window.as_dict(), "reward_model": metrics["reward_model"],
-              "ppo_final": training["ppo"]["final"], "ppo_history": ppo_history, "evaluation": evaluation,
-              "hyperparameters": config.hyperparameters(),
-              "quality": {"exports": exported.scores, "gate": (quality or {}).get("gate"),
-                          "served_export": exported.build["variant"]},
-              "phase_seconds": training["phase_seconds"]}
+    report = {"version": primary["version"], "parent_version": base, "origin_version": origin or base,
+              "path": primary["path"], "algorithm": config.algorithm,
+              "feedback_window": window.as_dict(), "dataset": shared["dataset"],
+              "reward_model": metrics["reward_model"],
+              "ppo_final": ppo_history[-1] if ppo_history else None, "ppo_history": ppo_history,
+              "dpo_history": metrics.get("dpo") or [], "dpo_heldout": metrics.get("dpo_heldout"),
+              "evaluation": primary["evaluation"], "vs_origin": primary.get("vs_origin"),
+              "hyperparameters": config.hyperparameters(), "quality": primary["quality"],
+              "children": children,
+              "phase_seconds": {**metrics["phase_seconds"], **timings, **primary["phase_seconds"]}}
     _write_json(run_dir / "report.json", report)
     return report
+
+
+def _publish_child(algorithm: str, timings: dict[str, float], *, config: RLHFConfig, registry: Registry, base: str,
+                   base_manifest: dict[str, Any], hf_dir: Path, run_dir: Path, window: data.FeedbackWindow,
+                   metrics: dict[str, Any], dataset: dict[str, Any], origin: str | None,
+                   cache: dict[str, list[str]]) -> dict[str, Any]:
+    """Export, judge and publish one child (``ppo`` or ``dpo``); its part of the report."""
+    from model.hashing import sha256_file
+    from rlhf.train import POLICY_DIRS, RM_CHECKPOINT
+
+    seconds: dict[str, float] = {}
+    policy_dir = run_dir / POLICY_DIRS[algorithm]
+    work = run_dir / algorithm
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    clock = time.perf_counter()
+    exported = export_within_gate(policy_dir, work, base_manifest)
+    export_dir = exported.path
+    shutil.copytree(policy_dir, export_dir / "hf")
+    seconds["export"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    questions = heldout_prompts()
+
+    def sampled_with(parent_hf: Path) -> dict[str, Any] | None:
+        if not config.eval_samples:
+            return None
+        return {"parent_hf": parent_hf, "child_hf": policy_dir, "reward_model_file": run_dir / RM_CHECKPOINT,
+                "hp": config.hyperparameters(), "samples": config.eval_samples, "bound": config.kl_bound}
+
+    evaluation = evaluate(registry.version_path(base), export_dir, questions, config.eval_max_new_tokens,
+                          sampled_with(hf_dir), cache)
+    vs_origin = None
+    if origin:  # a later round: the child against the series' first base too
+        origin_hf = base_hf_dir(registry, origin, run_dir / "origin")
+        vs_origin = evaluate(registry.version_path(origin), export_dir, questions, config.eval_max_new_tokens,
+                             sampled_with(origin_hf), cache)
+        vs_origin.pop("examples", None)
+        vs_origin["origin_version"] = origin
+    seconds["evaluate"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    version = version_name(base, window, sha256_file(policy_dir / "model.safetensors"))
+    train_seconds = {"reward_model": metrics["phase_seconds"].get("reward_model"),
+                     algorithm: metrics["phase_seconds"].get(algorithm)}
+    training: dict[str, Any] = {
+        "method": {"ppo": "reward model + PPO (rlhf.job)",
+                   "dpo": f"DPO against the parent, beta {config.dpo_beta} (rlhf.job)"}[algorithm],
+        "algorithm": algorithm,
+        "feedback_window": window.as_dict(),
+        "feedback_source": config.source,
+        "dataset": dataset,
+        "reward_model": metrics["reward_model"],
+        "evaluation": evaluation,
+        "hyperparameters": config.hyperparameters(),
+        "phase_seconds": {**train_seconds, **timings, **seconds},
+    }
+    if vs_origin:
+        training["vs_origin"] = vs_origin
+    history = metrics.get(algorithm) or []
+    training[algorithm] = {"steps": len(history), "final": history[-1] if history else None, "history": history}
+    if algorithm == "dpo":
+        training["dpo"]["heldout"] = metrics.get("dpo_heldout")
+    extra_manifest = {"build": exported.build,
+                      sampling.MANIFEST_KEY: sampling.defaults_for(base_manifest)}
+    # the gate's outcome goes in the manifest: the registry refuses to promote a failed child
+    published = registry.publish(export_dir, version, source=SOURCE, precision=exported.precision,
+                                 execution_provider=exported.execution_provider, parent_version=base,
+                                 quality=exported.quality, training=training, extra=extra_manifest)
+    seconds["publish"] = time.perf_counter() - clock
+    shutil.rmtree(work, ignore_errors=True)
+    return {"algorithm": algorithm, "version": version, "path": str(published.path), "evaluation": evaluation,
+            "vs_origin": vs_origin, "history": history,
+            "quality": {"exports": exported.scores, "gate": (exported.quality or {}).get("gate"),
+                        "served_export": exported.build["variant"]},
+            "phase_seconds": {**train_seconds, **seconds}}
+
+
+def run_rounds(config: RLHFConfig, registry: Registry, rounds: int, base: str | None = None,
+               dataset_root: Path | None = None, fresh: bool = False, deployment: str = DEFAULT_DEPLOYMENT,
+               label: Callable[[int, str], None] | None = None,
+               clock: Callable[[], int] | None = None) -> list[dict[str, Any]]:
+    """``rounds`` runs that build on each other: label -> train -> evaluate -> publish, round k + 1
+    starting from round k's child (its first, PPO's under ``both``) and so reading only feedback
+    newer than round k's window (``rlhf.data.window_since`` of the child's manifest).
+
+    ``label(k, version)`` runs before round k's training (the simulated labelers, or nothing);
+    ``clock`` gives each round's window end (Unix ms; default now). Every round after the first
+    also judges its child against the first round's base (``vs_origin``).
+    """
+    if rounds < 1:
+        raise JobError("rounds must be >= 1")
+    origin = base or registry.current(deployment)
+    if not origin:
+        raise JobError(f"deployment {deployment!r} has no current version in {registry.root}; pass --base")
+    reports: list[dict[str, Any]] = []
+    current = origin
+    for k in range(1, rounds + 1):
+        clock_start = time.perf_counter()
+        if label is not None:
+            label(k, current)
+        label_seconds = time.perf_counter() - clock_start
+        report = run(config, registry, current, dataset_root, fresh, clock() if clock else None, deployment,
+                     origin=origin)
+        report.update(round=k, label_seconds=label_seconds)
+        reports.append(report)
+        log.info("round %d of %d published %s (parent %s)", k, rounds, report["version"], current)
+        current = report["version"]
+    return reports
+
+
+def shell_labeler(command: str) -> Callable[[int, str], None]:
+    """A ``label`` hook of :func:`run_rounds` that runs ``command`` in a shell with the round
+    (``RLHF_ROUND``) and the version it starts from (``RLHF_ROUND_BASE``) in its environment."""
+    def label(k: int, version: str) -> None:
+        log.info("round %d: labelling with %s", k, command)
+        subprocess.run(command, shell=True, check=True,  # the operator's own command line
+                       env={**os.environ, "RLHF_ROUND": str(k), "RLHF_ROUND_BASE": version})
+    return label
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,23 +434,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", type=Path, default=None,
                         help="comparison dataset (default FEEDBACK_DATASET_DIR, as the feedback sink)")
     parser.add_argument("--source", choices=data.SOURCES, default=None, help="feedback source (RLHF_SOURCE)")
+    parser.add_argument("--algorithm", choices=("ppo", "dpo", "both"), default=None,
+                        help="policy trainer(s) (RLHF_ALGORITHM); both publishes a PPO and a DPO child")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds that build on each other: each starts from the previous round's child")
+    parser.add_argument("--label-command", default="",
+                        help="shell command run before each round (e.g. the simulated labelers); it gets "
+                             "RLHF_ROUND and RLHF_ROUND_BASE in its environment")
     parser.add_argument("--fresh", action="store_true", help="discard an unfinished run instead of resuming it")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from rlhf.report import job_markdown
     from services.common.config import ConfigError
 
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    overrides = {k: v for k, v in (("source", args.source), ("algorithm", args.algorithm)) if v}
     try:
-        config = load_config(**({"source": args.source} if args.source else {}))
-        report = run(config, Registry(args.registry), args.base, args.dataset, args.fresh,
-                     deployment=args.deployment)
-    except (ConfigError, JobError, RegistryError) as exc:
+        config = load_config(**overrides)
+        reports = run_rounds(config, Registry(args.registry), args.rounds, args.base, args.dataset, args.fresh,
+                             args.deployment, shell_labeler(args.label_command) if args.label_command else None)
+    except (ConfigError, JobError, RegistryError, subprocess.CalledProcessError) as exc:
         print(f"rlhf: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({k: report[k] for k in ("version", "parent_version", "feedback_window", "evaluation")},
-                     indent=2))
-    print(f"published {report['version']} (not promoted: "
-          f"python -m model.registry promote {args.deployment} {report['version']})")
+    print(job_markdown(reports))
+    for report in reports:
+        for child in report["children"].values():
+            print(f"published {child['version']} (not promoted: "
+                  f"python -m model.registry promote {args.deployment} {child['version']})")
     return 0
 
 

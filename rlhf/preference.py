@@ -10,6 +10,12 @@ roughly [0, 1] and weighted by :class:`PreferenceWeights` (env overrides ``RLHF_
   answer uses;
 * ``full_stop``: 1 when the answer ends a sentence (``.``, ``!`` or ``?``);
 * ``repetition`` (a penalty): share of the answer's word trigrams that repeat an earlier one;
+* ``non_answer`` (a penalty, 1 or 0): the answer does not answer (:func:`non_answer`): a
+  refusal, a deflection (only pleasantries about the exchange), a degenerate loop (the answer-quality check's
+  :func:`model.answer_quality.loops`), a restatement that adds no word of its own to the
+  question, or a long answer that touches none of the question's content words. The other
+  terms can be gamed by a short, finished, non-repeating sentence that says nothing; this
+  term is what such a sentence loses;
 * an empty answer scores ``-1`` whatever the weights.
 """
 
@@ -18,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from model.answer_quality import loops
 from services.common.config import env, load
 
 WORD_RE = re.compile(r"[A-Za-z0-9']+")
@@ -27,6 +34,21 @@ _STOP_WORDS_TEXT = (
     "when where which who why will with would you your about give explain write")
 STOP_WORDS = frozenset(_STOP_WORDS_TEXT.split())
 USER_TURN_RE = re.compile(r"<\|im_start\|>user\n(.*?)(?:<\|im_end\|>|$)", re.S)
+# Openings that decline or deflect instead of answering (matched on the answer's start, lower-cased).
+REFUSAL_RE = re.compile(
+    r"^\W*(?:sorry\b|i'?m sorry\b|i am sorry\b|i (?:can ?not|can't|cannot|won't|am unable to|am not able to|"
+    r"don't know|do not know)\b|as an ai\b|i'?m (?:just )?an ai\b|i'?m not (?:able|sure)\b|"
+    r"unfortunately,? i\b|i have no (?:idea|information)\b)")
+# Sentences about the exchange rather than its subject; an answer made only of them deflects
+# ("You're looking for a simple answer?", "Hello, I'm glad to assist you with your question.":
+# what the first real-model PPO child said instead of answering, bench/results/rlhf_real.md).
+DEFLECTION_RE = re.compile(
+    r"glad to (?:assist|help|hear)|happy to (?:assist|help)|your question|you'?re (?:not alone|looking for)|"
+    r"i'?m here to|hope (?:this|that) helps|let me know|great question|good question")
+SENTENCE_RE = re.compile(r"[^.!?]+[.!?]*")
+# An answer this many words long that shares no content word with the question is off topic
+# (a shorter one such as "Paris." may answer without repeating the question's words).
+OFF_TOPIC_MIN_WORDS = 6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +59,9 @@ class PreferenceWeights:
     on_topic: float = env("RLHF_PREF_ON_TOPIC", 1.0)
     full_stop: float = env("RLHF_PREF_FULL_STOP", 0.5)
     repetition: float = env("RLHF_PREF_REPETITION", 1.0)
+    # 1.5 cancels what a short finished sentence earns from concise + full_stop alone, so "I cannot
+    # help with that." scores 0, below any answer that touches the question.
+    non_answer: float = env("RLHF_PREF_NON_ANSWER", 1.5)
     target_words: int = env("RLHF_PREF_TARGET_WORDS", 30, check=lambda v: v > 0, hint="words > 0")
 
 
@@ -60,17 +85,54 @@ def words(text: str) -> list[str]:
     return [w.lower() for w in WORD_RE.findall(text)]
 
 
+def content_words(text: str) -> set[str]:
+    """Words of 3+ letters that are not stop words (what a question is about)."""
+    return {w for w in words(text) if len(w) >= 3 and w not in STOP_WORDS}
+
+
+def non_answer(prompt: str, answer: str) -> str | None:
+    """Why ``answer`` does not answer (the last question of) ``prompt``, or None when it may.
+
+    ``empty``, ``refusal`` (declines: "I'm sorry, I can't...", "As an AI..."), ``deflects``
+    (every sentence is about the exchange, :data:`DEFLECTION_RE`: "I'm glad to assist you with
+    your question."),
+    ``loop`` (a word trigram more than :data:`model.answer_quality.MAX_TRIGRAM_REPEATS` times),
+    ``restates`` (no word the question did not already have, e.g. "The capital of France?"),
+    ``off_topic`` (:data:`OFF_TOPIC_MIN_WORDS` words or more, none of them a content word of
+    the question). A check on form, not on truth: "Paris is in Italy." passes.
+    """
+    answer_words = words(answer)
+    if not answer_words:
+        return "empty"
+    folded = answer.strip().lower().replace("\u2019", "'")
+    if REFUSAL_RE.search(folded):
+        return "refusal"
+    sentences = [t for t in SENTENCE_RE.findall(folded) if words(t)]
+    if sentences and all(DEFLECTION_RE.search(t) for t in sentences):
+        return "deflects"
+    if loops(answer):
+        return "loop"
+    question_words = set(words(question_of(prompt)))
+    if set(answer_words) <= question_words | STOP_WORDS:
+        return "restates"
+    topic = content_words(question_of(prompt))
+    if topic and len(answer_words) >= OFF_TOPIC_MIN_WORDS and not topic & set(answer_words):
+        return "off_topic"
+    return None
+
+
 def terms(prompt: str, answer: str, target_words: int = 30) -> dict[str, float]:
     """Each term of the rule, unweighted (for reports and tests)."""
     answer_words = words(answer)
     count = len(answer_words)
     concise = 1.0 if count <= target_words else max(0.0, 1.0 - (count - target_words) / (2 * target_words))
-    topic = {w for w in words(question_of(prompt)) if len(w) >= 3 and w not in STOP_WORDS}
+    topic = content_words(question_of(prompt))
     on_topic = len(topic & set(answer_words)) / len(topic) if topic else 0.0
     full_stop = 1.0 if answer.rstrip().endswith((".", "!", "?")) else 0.0
     trigrams = [tuple(answer_words[i:i + 3]) for i in range(max(0, count - 2))]
     repetition = 1.0 - len(set(trigrams)) / len(trigrams) if trigrams else 0.0
-    return {"concise": concise, "on_topic": on_topic, "full_stop": full_stop, "repetition": repetition}
+    return {"concise": concise, "on_topic": on_topic, "full_stop": full_stop, "repetition": repetition,
+            "non_answer": 0.0 if non_answer(prompt, answer) is None else 1.0}
 
 
 def score(prompt: str, answer: str, weights: PreferenceWeights = DEFAULT_WEIGHTS) -> float:
@@ -79,7 +141,8 @@ def score(prompt: str, answer: str, weights: PreferenceWeights = DEFAULT_WEIGHTS
         return -1.0
     parts = terms(prompt, answer, weights.target_words)
     return (weights.concise * parts["concise"] + weights.on_topic * parts["on_topic"]
-            + weights.full_stop * parts["full_stop"] - weights.repetition * parts["repetition"])
+            + weights.full_stop * parts["full_stop"] - weights.repetition * parts["repetition"]
+            - weights.non_answer * parts["non_answer"])
 
 
 def rank(prompt: str, answers: list[str], weights: PreferenceWeights = DEFAULT_WEIGHTS) -> list[int]:

@@ -1,4 +1,5 @@
-"""Write a run of the job on the real model into ``bench/results/`` (JSON + a short Markdown table).
+"""Write a run of the job on the real model into ``bench/results/`` (JSON + a short Markdown table),
+and the tables the job prints after its rounds (:func:`job_markdown`).
 
 ``python -m rlhf.report --run RUN_DIR [--labels LABELS.jsonl --label-seconds S --label-command CMD]
 [--machine TEXT] [--out bench/results/rlhf_real]``: ``RUN_DIR`` is the job's run directory
@@ -50,6 +51,7 @@ def summary(report: dict[str, Any], labels: list[dict[str, Any]], label_seconds:
             "reward_model_greedy": ev.get("greedy_reward_model"),
             "sampled": ev.get("sampled"),
             "kl_to_parent": kl,
+            "rule_parts": ev.get("rule_parts"),
         },
         "phase_seconds": {
             "labelling": label_seconds,
@@ -124,9 +126,93 @@ def markdown(s: dict[str, Any]) -> str:
     lines += ["", "## Wall time per phase (s)", "", "| phase | seconds |", "|---|---|"]
     for key in ("labelling", "reward_model", "ppo", "train_total_incl_ray", "export", "evaluate", "publish"):
         lines.append(f"| {key} | {_f(p.get(key), 0)} |")
+    if h.get("rule_parts"):
+        lines += ["", "## The rule's parts (greedy, held-out; unweighted means)", "", *parts_table(h["rule_parts"])]
     lines += ["", f"Labelling: `{s['labelling']['command']}` ({s['labelling']['rankings']} rankings of "
               f"{s['labelling']['candidates_per_prompt']} candidates through the real gateway).", ""]
     return "\n".join(lines)
+
+
+TERMS = ("concise", "on_topic", "full_stop", "repetition", "non_answer")
+
+
+def parts_table(parts: dict[str, dict[str, float | None]], names: tuple[str, str] = ("parent", "child")) -> list[str]:
+    """Each term of the labelers' rule apart, parent vs child: a child that only got shorter
+    gains ``concise`` and nothing else."""
+    lines = [f"| term | {names[0]} | {names[1]} |", "|---|---|---|"]
+    for term in TERMS:
+        lines.append(f"| {term} | {_f(parts.get(names[0], {}).get(term))} | {_f(parts.get(names[1], {}).get(term))} |")
+    return lines
+
+
+def _kl(ev: dict[str, Any] | None) -> str:
+    kl = (ev or {}).get("kl_to_parent") or {}
+    return "-" if kl.get("kl_per_answer") is None else (
+        f"{_f(kl['kl_per_answer'])} ({'within' if kl.get('within_bound') else 'OVER'} {_f(kl['bound_per_answer'], 1)})")
+
+
+def _wtl(ev: dict[str, Any] | None) -> str:
+    if not ev:
+        return "-"
+    return f"{ev['child_wins']}/{ev['ties']}/{ev['child_losses']} ({_f(ev.get('child_win_rate'), 2)})"
+
+
+def child_row(report: dict[str, Any], child: dict[str, Any]) -> str:
+    """One child's row: rule score, wins vs parent and vs the series' base, KL to each, reward
+    model accuracy, answer length and time per phase."""
+    ev = child["evaluation"]
+    origin = child.get("vs_origin") or (ev if report.get("origin_version") == report["parent_version"] else None)
+    phases = child["phase_seconds"]
+    algorithm = child["algorithm"]
+    times = " / ".join(_f(phases.get(k), 0) for k in ("reward_model", algorithm, "export", "evaluate", "publish"))
+    rm = report["reward_model"].get("reward_model_accuracy")
+    return (f"| {report.get('round', 1)} | {algorithm} | `{child['version']}` | {_f(ev['parent_score_mean'])} -> "
+            f"{_f(ev['child_score_mean'])} | {_wtl(ev)} | {_wtl(origin)} | {_kl(ev)} | {_kl(origin)} | {_f(rm)} | "
+            f"{_f(ev.get('parent_words_mean'), 1)} -> {_f(ev.get('child_words_mean'), 1)} | "
+            f"{_f(report.get('label_seconds'), 0)} | {times} |")
+
+
+def job_markdown(reports: list[dict[str, Any]]) -> str:
+    """The job's own summary of its rounds: one row per child, each child's rule parts, and the
+    PPO-vs-DPO comparison of a round that trained both."""
+    lines = ["| round | algorithm | child | rule score, held-out (parent -> child) | W/T/L vs parent (win rate) | "
+             "W/T/L vs first base | KL to parent (bound) | KL to first base | reward model acc. | "
+             "answer words (parent -> child) | label s | RM / train / export / evaluate / publish s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for report in reports:
+        lines += [child_row(report, child) for child in report["children"].values()]
+    for report in reports:
+        for child in report["children"].values():
+            parts = child["evaluation"].get("rule_parts")
+            if parts:
+                lines += ["", f"Round {report.get('round', 1)}, {child['algorithm']} child: the rule's parts "
+                          "(greedy, held-out, unweighted means)", "", *parts_table(parts)]
+        if len(report["children"]) > 1:
+            lines += ["", f"Round {report.get('round', 1)}: PPO vs DPO on the same held-out prompts", "",
+                      *comparison_table(report)]
+    return "\n".join(lines)
+
+
+def comparison_table(report: dict[str, Any]) -> list[str]:
+    """PPO and DPO children of the same parent and comparisons: rule win rate, KL, length, time."""
+    children = report["children"]
+    names = list(children)
+    lines = ["| measure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+
+    def row(label: str, value: Any) -> None:
+        lines.append(f"| {label} | " + " | ".join(value(children[n]) for n in names) + " |")
+
+    row("rule score, greedy (mean)", lambda c: _f(c["evaluation"]["child_score_mean"]))
+    row("wins/ties/losses vs parent (win rate)", lambda c: _wtl(c["evaluation"]))
+    row("KL to parent, nats per answer", lambda c: _kl(c["evaluation"]))
+    row("answer words, greedy (mean)", lambda c: _f(c["evaluation"].get("child_words_mean"), 1))
+    row("answer tokens, sampled (mean)",
+        lambda c: _f((c["evaluation"].get("sampled") or {}).get("child_tokens_mean"), 1))
+    row("reward model score, greedy (mean)",
+        lambda c: _f((c["evaluation"].get("greedy_reward_model") or {}).get("child_mean")))
+    row("training seconds (PPO or DPO, without the reward model)",
+        lambda c: _f(c["phase_seconds"].get(c["algorithm"]), 1))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

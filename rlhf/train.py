@@ -1,10 +1,13 @@
-"""What each Ray Train worker runs: train the reward model, then PPO on the policy.
+"""What each Ray Train worker runs: train the reward model, then PPO and/or DPO on the policy.
 
 Every worker holds a full copy of each model (135M parameters fit anywhere); data is sharded by
 rank and gradients are averaged by DDP (``ray.train.torch.prepare_model``), so one worker or
 several give the same algorithm. Rank 0 writes the checkpoints and the final policy into the
 run directory; a restarted job finds them and continues where it stopped (the reward model
-is not retrained, PPO resumes at its last saved step).
+is not retrained, PPO resumes at its last saved step, a finished DPO policy is kept; an
+unfinished DPO phase starts over). ``hp["algorithm"]`` (``ppo``, ``dpo`` or ``both``) picks the
+policy trainers; the reward model is trained either way (its accuracy is in every report and
+the evaluation scores each child with it).
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rlhf import ppo
+from rlhf import dpo, ppo
 from rlhf.reward import RewardModel, pairwise_loss, position_ids
 
 RM_CHECKPOINT = "reward_model.pt"
 PPO_CHECKPOINT = "ppo.pt"
-POLICY_DIR = "policy-hf"
+POLICY_DIR = "policy-hf"  # the PPO child
+DPO_POLICY_DIR = "policy-dpo-hf"  # the DPO child
+POLICY_DIRS = {"ppo": POLICY_DIR, "dpo": DPO_POLICY_DIR}
 METRICS_FILE = "metrics.json"
 
 
@@ -358,7 +363,7 @@ def ppo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[
 
 
 def train_ppo(cfg: dict[str, Any], rm: nn.Module, rm_metrics: dict[str, Any], enc: Encoder, device: torch.device,
-              rank: int, world: int, report: Any) -> list[dict[str, float]]:
+              rank: int, world: int, report: Any) -> tuple[list[dict[str, float]], float]:
     """Phase 2: PPO steps (rollout, score, GAE, clipped epochs), checkpointed for resumption."""
     from ray.train.torch import prepare_model
 
@@ -416,28 +421,142 @@ def train_ppo(cfg: dict[str, Any], rm: nn.Module, rm_metrics: dict[str, Any], en
     seconds = time.perf_counter() - started
     report({"phase": "ppo_done", "ppo_seconds": seconds}, phase_seconds={"ppo": seconds})
     if rank == 0:
-        from model.hf_export import copy_tokenizer, save_checkpoint
-
-        out = run_dir / POLICY_DIR
-        tmp = run_dir / f".{POLICY_DIR}.tmp"
-        save_checkpoint(unwrap(policy).lm, tmp)
-        copy_tokenizer(base, tmp)
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _save_policy(unwrap(policy).lm, base, run_dir / POLICY_DIR)
         value_head = {"value_head": unwrap(policy).value_head.state_dict()}
         _save_atomic(value_head, run_dir / "value_head.pt")
-        (run_dir / METRICS_FILE).write_text(json.dumps({"reward_model": rm_metrics, "ppo": history,
-                                                        "phase_seconds": {"reward_model": rm_metrics.get(
-                                                            "reward_model_seconds", 0.0), "ppo": seconds}},
-                                                       indent=2) + "\n", encoding="utf-8")
     _barrier()
-    return history
+    return history, seconds
+
+
+def _save_policy(lm: nn.Module, base: Path, out: Path) -> None:
+    """The child's float32 checkpoint with the parent's tokenizer, swapped in whole."""
+    import shutil
+
+    from model.hf_export import copy_tokenizer, save_checkpoint
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(lm, tmp)
+    copy_tokenizer(base, tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+# ----------------------------------------------------------------- DPO
+def answer_batch(items: Sequence[dict[str, Any]], enc: Encoder,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
+    """Like :func:`comparison_batch`, plus a mask that is 1 on each row's answer tokens."""
+    rows: list[list[int]] = []
+    starts: list[int] = []
+    groups: list[list[tuple[int, int]]] = []
+    for item in items:
+        prompt = enc.prompt(item["prompt"])
+        offset = len(rows)
+        for a in item["answers"]:
+            rows.append(prompt + enc.answer(a))
+            starts.append(len(prompt))
+        groups.append([(offset + b, offset + w) for b, w in item["pairs"]])
+    ids, mask = pad(rows, enc.eos, left=False)
+    answer = torch.zeros_like(mask)
+    for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
+        answer[i, start:len(row)] = 1
+    return ids, mask, answer, groups
+
+
+def _lm_logits(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits.float()
+
+
+def _dpo_batch(policy: nn.Module, reference: nn.Module, items: Sequence[dict[str, Any]], enc: Encoder,
+               beta: float, device: torch.device) -> dpo.DPOLoss:
+    ids, mask, answer, groups = answer_batch(items, enc)
+    ids, mask, answer = ids.to(device), mask.to(device), answer.to(device)
+    with torch.no_grad():
+        ref = dpo.answer_logprobs(_lm_logits(reference, ids, mask), ids, answer)
+    return dpo.dpo_loss(dpo.answer_logprobs(_lm_logits(policy, ids, mask), ids, answer), ref, groups, beta)
+
+
+def evaluate_dpo(policy: nn.Module, reference: nn.Module, items: Sequence[dict[str, Any]], enc: Encoder,
+                 hp: dict[str, Any], rank: int, world: int, device: torch.device) -> dict[str, Any]:
+    """The implicit reward's pair accuracy and loss on ``items`` (the held-out comparisons)."""
+    policy.eval()
+    correct = pairs = 0
+    loss_sum = elements = 0.0
+    mine = list(items)[rank::world]
+    with torch.no_grad():
+        for start in range(0, len(mine), hp["dpo_batch_size"]):
+            chunk = mine[start:start + hp["dpo_batch_size"]]
+            result = _dpo_batch(unwrap(policy), reference, chunk, enc, hp["dpo_beta"], device)
+            n = sum(1 for c in chunk if c["pairs"])
+            correct += result.correct
+            pairs += result.pairs
+            loss_sum += result.loss.item() * n
+            elements += n
+    correct, pairs, loss_sum, elements = _all_sum([correct, pairs, loss_sum, elements], device)
+    policy.train()
+    return {"dpo_heldout_accuracy": correct / pairs if pairs else None,
+            "dpo_heldout_loss": loss_sum / elements if elements else None, "dpo_heldout_pairs": int(pairs)}
+
+
+def train_dpo(cfg: dict[str, Any], enc: Encoder, device: torch.device, rank: int, world: int,
+              report: Any) -> tuple[list[dict[str, float]], dict[str, Any], float]:
+    """DPO on the training comparisons against the frozen parent; returns (history per step,
+    held-out implicit-reward accuracy, seconds). A finished run's policy is kept on resume."""
+    from ray.train.torch import prepare_model
+
+    run_dir = Path(cfg["run_dir"])
+    hp = cfg["hp"]
+    base = Path(cfg["base_hf_dir"])
+    done = run_dir / "dpo.json"
+    if done.is_file() and (run_dir / DPO_POLICY_DIR / "model.safetensors").is_file():
+        saved = json.loads(done.read_text(encoding="utf-8"))
+        report({"phase": "dpo_done", "resumed": 1.0})
+        return saved["history"], saved["heldout"], saved["seconds"]
+    started = time.perf_counter()
+    policy = load_lm(base)
+    reference = load_lm(base).to(device).eval()
+    reference.requires_grad_(False)
+    train_only_top_layers(policy.model, hp.get("train_layers", 0))
+    policy = prepare_model(policy)
+    optimizer = torch.optim.AdamW(trainable(policy), lr=hp["dpo_lr"])
+    train = cfg["train"]
+    history: list[dict[str, float]] = []
+    step = 0
+    for epoch in range(hp["dpo_epochs"]):
+        for batch in shard_batches(len(train), hp["dpo_batch_size"], rank, world, hp["seed"] + 1000 + epoch):
+            step_start = time.perf_counter()
+            result = _dpo_batch(policy, reference, [train[i] for i in batch], enc, hp["dpo_beta"], device)
+            optimizer.zero_grad(set_to_none=True)
+            result.loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable(policy), hp["max_grad_norm"])
+            optimizer.step()
+            sums = _all_sum([result.loss.item(), float(result.correct), float(result.pairs), result.margin,
+                             result.chosen_reward, result.rejected_reward, 1.0], device)
+            step += 1
+            metrics = {"step": float(step), "epoch": float(epoch + 1), "dpo_loss": sums[0] / sums[6],
+                       "dpo_accuracy": sums[1] / sums[2] if sums[2] else 0.0, "dpo_margin": sums[3] / sums[6],
+                       "dpo_chosen_reward": sums[4] / sums[6], "dpo_rejected_reward": sums[5] / sums[6],
+                       "step_seconds": time.perf_counter() - step_start}
+            history.append(metrics)
+            report({**metrics, "phase": "dpo"})
+    heldout = evaluate_dpo(policy, reference, cfg["held_out"], enc, hp, rank, world, device)
+    seconds = time.perf_counter() - started
+    report({**heldout, "phase": "dpo_done", "dpo_seconds": seconds}, phase_seconds={"dpo": seconds})
+    if rank == 0:
+        _save_policy(unwrap(policy), base, run_dir / DPO_POLICY_DIR)
+        done.write_text(json.dumps({"history": history, "heldout": heldout, "seconds": seconds}) + "\n",
+                        encoding="utf-8")
+    _barrier()
+    return history, heldout, seconds
 
 
 # ----------------------------------------------------------------- entry point
+def algorithms(name: str) -> tuple[str, ...]:
+    """The policy trainers an ``RLHF_ALGORITHM`` value runs, in order."""
+    return ("ppo", "dpo") if name == "both" else (name,)
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """Ray Train's per-worker function: reward model, then PPO; rank 0 writes the results."""
     import ray.train
@@ -461,4 +580,16 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     hp = cfg["hp"]
     enc = Encoder(Path(cfg["base_hf_dir"]) / "tokenizer.json", hp["max_prompt_tokens"], hp["max_answer_tokens"])
     rm, rm_metrics = train_reward_model(cfg, enc, device, rank, world, report)
-    train_ppo(cfg, rm, rm_metrics, enc, device, rank, world, report)
+    metrics: dict[str, Any] = {"reward_model": rm_metrics, "ppo": [], "dpo": [], "dpo_heldout": None,
+                               "phase_seconds": {"reward_model": rm_metrics.get("reward_model_seconds", 0.0)}}
+    chosen = algorithms(hp.get("algorithm", "ppo"))
+    if "ppo" in chosen:
+        metrics["ppo"], metrics["phase_seconds"]["ppo"] = train_ppo(cfg, rm, rm_metrics, enc, device, rank, world,
+                                                                    report)
+    if "dpo" in chosen:
+        del rm  # DPO needs no reward model: free its memory first
+        metrics["dpo"], metrics["dpo_heldout"], metrics["phase_seconds"]["dpo"] = train_dpo(
+            cfg, enc, device, rank, world, report)
+    if rank == 0:
+        (Path(cfg["run_dir"]) / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    _barrier()

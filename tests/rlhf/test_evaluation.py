@@ -82,3 +82,17 @@ def test_cut_off_answers_get_the_final_eos_the_reward_model_was_trained_with() -
     ids, attn = with_final_eos(seq, torch.cat([attn_prompt, rmask], 1), rmask, eos)
     assert ids.tolist() == [[5, 6, 1, eos, pad, eos], [0, 5, 2, 3, 4, eos]]
     assert attn.tolist() == [[1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]]
+
+
+def test_judge_shows_each_term_of_the_rule_and_the_answer_length() -> None:
+    # The gaming the term split exposes: a child that only got shorter and says nothing.
+    q = "Why is the ocean salty?"
+    parent = "The ocean is salty because rivers carry salt from rocks into the ocean over many years"
+    child = "You're looking for a simple answer?"
+    result = evaluation.judge([q], [parent], [child], preference.score, preference.terms)
+    parts = result["rule_parts"]
+    assert parts["parent"]["non_answer"] == 0.0 and parts["child"]["non_answer"] == 1.0
+    assert parts["parent"]["on_topic"] == 1.0 and parts["child"]["on_topic"] == 0.0  # {ocean, salty}
+    assert parts["child"]["full_stop"] == 1.0 and parts["parent"]["full_stop"] == 0.0
+    assert (result["parent_words_mean"], result["child_words_mean"]) == (16, 6)
+    assert result["child_losses"] == 1 and result["child_win_rate"] == 0.0

@@ -1,9 +1,11 @@
-"""The whole offline loop on the tiny model, for real: Parquet feedback -> reward model -> PPO on
-Ray Train -> ONNX export -> a new registry version that onnxruntime_genai loads and runs."""
+"""The whole offline loop on the tiny model, for real: Parquet feedback -> reward model -> PPO and
+DPO on Ray Train -> ONNX export -> new registry versions that onnxruntime_genai loads and runs;
+then two rounds that build on each other."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 from model.registry import Registry
 from rlhf import data, job, preference
 from rlhf.config import load_config
+from rlhf.report import job_markdown as report_markdown
 from services.feedback.dataset import write_rows
 from tests.rlhf.synthetic import base_row, candidates, questions, ranking_rows
 
@@ -54,8 +57,10 @@ def test_offline_loop_publishes_a_child_version(tiny_registry: tuple[Registry, s
     config = load_config(rm_epochs=4, rm_batch_size=4, rm_lr=2e-3, ppo_steps=3, rollout_batch_size=4,
                          ppo_epochs=2, minibatch_size=2, lr=1e-4, max_new_tokens=12, checkpoint_every=1,
                          heldout_percent=25, num_workers=2, cpus_per_worker=1, ray_num_cpus=2, use_gpu="false",
-                         eval_max_new_tokens=8, eval_samples=1, kl_bound=1e6, pushgateway_url="")
+                         eval_max_new_tokens=8, eval_samples=1, kl_bound=1e6, pushgateway_url="",
+                         algorithm="both", dpo_epochs=2, dpo_batch_size=4, dpo_lr=1e-3)
     report = job.run(config, registry, dataset_root=feedback, now_ms=NOW_MS)
+    assert list(report["children"]) == ["ppo", "dpo"] and report["version"] == report["children"]["ppo"]["version"]
 
     version = report["version"]
     manifest = registry.load(version).manifest  # checksums verified
@@ -94,6 +99,24 @@ def test_offline_loop_publishes_a_child_version(tiny_registry: tuple[Registry, s
     parent_onnx = (registry.version_path(base) / "model.onnx.data").read_bytes()
     assert (registry.version_path(version) / "model.onnx.data").read_bytes() != parent_onnx
 
+    # DPO on the same comparisons: a second child of the same parent, judged on the same prompts.
+    dpo_child = report["children"]["dpo"]
+    dpo_manifest = registry.load(dpo_child["version"]).manifest
+    assert dpo_child["version"] != version and dpo_manifest["parent_version"] == base
+    assert dpo_manifest["training"]["algorithm"] == "dpo"
+    dpo_history = dpo_manifest["training"]["dpo"]["history"]
+    # The first step's policy is the reference itself: every pair's loss is log 2.
+    assert dpo_history[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    last_epoch = [h["dpo_loss"] for h in dpo_history if h["epoch"] == 2.0]
+    assert last_epoch and sum(last_epoch) / len(last_epoch) < math.log(2), dpo_history
+    assert dpo_manifest["training"]["dpo"]["heldout"]["dpo_heldout_pairs"] == rm["heldout_pairs"]
+    dpo_eval = dpo_child["evaluation"]
+    assert dpo_eval["prompts"] == evaluation["prompts"] and dpo_eval["kl_to_parent"]["answers"] == kl["answers"]
+    assert set(dpo_eval["rule_parts"]["child"]) == {"concise", "on_topic", "full_stop", "repetition", "non_answer"}
+    assert (registry.version_path(dpo_child["version"]) / "model.onnx.data").read_bytes() != parent_onnx
+    md = report_markdown([report])
+    assert "PPO vs DPO" in md and dpo_child["version"] in md and "non_answer" in md
+
     # The next run from the child starts where this window ended: only the late ranking is new,
     # too little to train on, so nothing is published.
     assert data.window_since(manifest) == NOW_MS
@@ -102,3 +125,55 @@ def test_offline_loop_publishes_a_child_version(tiny_registry: tuple[Registry, s
     run_state = json.loads((tmp_path / "cache" / "rlhf" / "runs" / f"{base}-all" / "run.json").read_text())
     assert run_state["status"] == "published" and run_state["version"] == version
     assert preference.score(q, answers[2]) > preference.score(q, answers[0])
+
+
+@pytest.mark.timeout(600)  # two whole rounds; about 3 minutes on 2 busy cores
+def test_two_rounds_build_on_each_other(tiny_registry: tuple[Registry, str], tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--rounds 2``: round 2 trains from round 1's child on feedback newer than round 1's window
+    only, and judges its child against round 1's child and against the first base. Smallest
+    settings: DPO only, 24 labelled questions, 6 held-out ones."""
+    registry, base = tiny_registry
+    monkeypatch.setenv("COLLOQUY_CACHE", str(tmp_path / "cache"))
+    held = questions("heldout")[:6]
+    monkeypatch.setattr(job, "heldout_prompts", lambda: held)
+    feedback = tmp_path / "feedback"
+    qs = questions("train")[:24]
+    first = ranking_rows(qs[:16], NOW_MS - 100_000)
+    write_rows(feedback, first, partition=0, first_offset=0, last_offset=len(first) - 1)
+    later = NOW_MS + 60_000
+    labelled: list[tuple[int, str]] = []
+
+    def label(k: int, version: str) -> None:
+        """The labelers of round k: round 2's rankings arrive after round 1's window ended."""
+        labelled.append((k, version))
+        if k == 2:
+            rows = ranking_rows(qs[16:], NOW_MS + 1_000)
+            write_rows(feedback, rows, partition=1, first_offset=0, last_offset=len(rows) - 1)
+
+    ends = iter([NOW_MS, later])
+    config = load_config(algorithm="dpo", rm_epochs=1, rm_batch_size=8, rm_lr=2e-3, dpo_epochs=1, dpo_batch_size=8,
+                         dpo_lr=1e-3, max_new_tokens=8, heldout_percent=25, num_workers=1, cpus_per_worker=2,
+                         ray_num_cpus=2, use_gpu="false", eval_max_new_tokens=8, eval_samples=1, kl_bound=1e6,
+                         pushgateway_url="")
+    reports = job.run_rounds(config, registry, 2, base=base, dataset_root=feedback, label=label,
+                             clock=lambda: next(ends))
+
+    one, two = reports
+    assert labelled == [(1, base), (2, one["version"])]
+    assert (one["parent_version"], two["parent_version"]) == (base, one["version"])
+    assert one["feedback_window"] == {"since_ms": 0, "until_ms": NOW_MS}
+    assert two["feedback_window"] == {"since_ms": NOW_MS, "until_ms": later}
+    assert (one["dataset"]["rankings"], two["dataset"]["rankings"]) == (16, 8)  # round 1's is not read again
+    assert one["vs_origin"] is None  # round 1's parent is the first base
+    vs_origin = two["vs_origin"]
+    assert vs_origin["origin_version"] == base and vs_origin["prompts"] == len(held)
+    assert vs_origin["kl_to_parent"]["kl_per_answer"] is not None  # KL of round 2's child to the first base
+    for report in reports:
+        assert report["reward_model"]["reward_model_accuracy"] is not None
+        assert report["evaluation"]["child_words_mean"] is not None
+        assert {"reward_model", "dpo", "export", "evaluate", "publish"} <= set(
+            report["children"]["dpo"]["phase_seconds"])
+    assert registry.load(two["version"]).manifest["training"]["vs_origin"]["origin_version"] == base
+    md = report_markdown(reports)
+    assert one["version"] in md and two["version"] in md

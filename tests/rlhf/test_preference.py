@@ -6,7 +6,7 @@ import pytest
 
 from model.chat_template import render_chatml
 from rlhf import preference
-from rlhf.preference import PreferenceWeights, question_of, rank, score, terms
+from rlhf.preference import PreferenceWeights, non_answer, question_of, rank, score, terms
 
 Q = "What is the capital of France?"
 
@@ -14,7 +14,7 @@ Q = "What is the capital of France?"
 def test_terms_on_hand_checked_answers() -> None:
     # content words of the question: {capital, france} ("what", "the", "of" are stop words)
     assert terms(Q, "The capital of France is Paris.") == {
-        "concise": 1.0, "on_topic": 1.0, "full_stop": 1.0, "repetition": 0.0}
+        "concise": 1.0, "on_topic": 1.0, "full_stop": 1.0, "repetition": 0.0, "non_answer": 0.0}
     # "paris" shares no content word; no full stop
     assert terms(Q, "Paris")["on_topic"] == 0.0 and terms(Q, "Paris")["full_stop"] == 0.0
     # 6 words -> 4 trigrams: (a b a) (b a b) (a b a) (b a b): 2 distinct -> repetition 1 - 2/4 = 0.5
@@ -27,7 +27,8 @@ def test_score_weights_and_empty_answers() -> None:
     # 1 (concise) + 1 (on topic) + 0.5 (full stop) - 0 (repetition) = 2.5
     assert score(Q, "The capital of France is Paris.") == pytest.approx(2.5)
     assert score(Q, "   ") == -1.0
-    only_stop = PreferenceWeights(concise=0.0, on_topic=0.0, full_stop=2.0, repetition=0.0, target_words=30)
+    only_stop = PreferenceWeights(concise=0.0, on_topic=0.0, full_stop=2.0, repetition=0.0, non_answer=0.0,
+                                  target_words=30)
     assert score(Q, "Paris.", only_stop) == 2.0
     assert score(Q, "Paris", only_stop) == 0.0
 
@@ -47,3 +48,48 @@ def test_the_question_is_read_out_of_a_chatml_prompt() -> None:
 def test_weights_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RLHF_PREF_FULL_STOP", "3")
     assert preference.weights_from_env().full_stop == 3.0
+
+
+# Greedy held-out answers of the first real-model run (bench/results/rlhf_real.json): the PPO child
+# won 18 of 24 under the four-term rule partly by saying short, finished sentences that answer nothing.
+REAL_CHILD_NON_ANSWERS = [
+    ("How do trees drink water?", "You're looking for a simple answer?"),
+    ("What is electricity?", "Hello, I'm glad to assist you with your question."),
+    ("Why is the ocean salty?", "You're not alone in this vast and wondrous world of the ocean."),
+    ("How can I stay calm before an exam?", "You're not alone, I'm not here to judge you."),
+    ("Why do stars twinkle?", "I'm so glad to hear that you enjoyed the story of stars twinkling in the night sky."),
+]
+
+
+@pytest.mark.parametrize(("question", "answer"), REAL_CHILD_NON_ANSWERS)
+def test_real_deflections_are_non_answers(question: str, answer: str) -> None:
+    assert non_answer(question, answer) == "deflects"
+    assert terms(question, answer)["non_answer"] == 1.0
+    # the penalty (1.5) takes back what concise (1) + full stop (0.5) gave: at most the topic share
+    assert score(question, answer) <= terms(question, answer)["on_topic"] + 1e-9
+
+
+def test_real_answers_that_answer_pass() -> None:
+    assert non_answer("What is the capital of Italy?", "The capital of Italy is Rome-Italy.") is None
+    # a pleasantry followed by an attempt at the question is not a deflection (however wrong)
+    parent = ("I'm glad to assist you with your question. The answer to this question is simple yet profound. "
+              "The reason stars twinkle is because of the universe's infinite, eternal, and eternal multiverse.")
+    assert non_answer("Why do stars twinkle?", parent) is None
+    assert non_answer(Q, "Paris.") is None  # short answers need not repeat the question's words
+
+
+def test_other_kinds_of_non_answer() -> None:
+    parent = ("Il capital di Sardinia è Roma, il capital di Sardinia è Roma, il capital di Sardinia è Roma, "
+              "il capital di Sardinia è Roma, il")  # the real parent's greedy answer, cut
+    assert non_answer("What is the capital of Italy?", parent) == "loop"
+    assert non_answer(Q, "I'm sorry, but I cannot answer that.") == "refusal"
+    assert non_answer(Q, "As an AI, I do not have opinions.") == "refusal"
+    assert non_answer(Q, "The capital of France?") == "restates"
+    assert non_answer(Q, "Bananas are yellow and grow in warm tropical places.") == "off_topic"
+    assert non_answer(Q, "...") == "empty"
+
+
+def test_an_answer_beats_a_polished_non_answer() -> None:
+    answers = ["I'm glad to assist you with your question.", "Paris.", "I cannot help with that."]
+    assert rank(Q, answers)[0] == 1
+    assert score(Q, "I cannot help with that.") == pytest.approx(0.0)  # 1 + 0 + 0.5 - 0 - 1.5

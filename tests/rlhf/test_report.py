@@ -28,3 +28,31 @@ def test_summary_and_markdown() -> None:
     assert "2 wins / 1 ties / 0 losses" in md
     assert "1.500 ± 0.200 nats per answer" in md and "within bound = True" in md
     assert "| 1 | 0.100 | 0.000 | 2.000 |" in md
+
+
+def _child(algorithm: str, version: str, wins: int, kl: float, words: float, train_s: float) -> dict:
+    ev = {"prompts": 4, "parent_score_mean": 1.0, "child_score_mean": 1.5, "child_wins": wins, "ties": 0,
+          "child_losses": 4 - wins, "child_win_rate": wins / 4, "parent_words_mean": 20.0, "child_words_mean": words,
+          "kl_to_parent": {"kl_per_answer": kl, "bound_per_answer": 6.0, "within_bound": kl <= 6.0},
+          "rule_parts": {"parent": dict.fromkeys(report.TERMS, 0.25), "child": dict.fromkeys(report.TERMS, 0.5)}}
+    return {"algorithm": algorithm, "version": version, "evaluation": ev, "vs_origin": None,
+            "phase_seconds": {"reward_model": 10.0, algorithm: train_s, "export": 2.0, "evaluate": 3.0,
+                              "publish": 1.0}}
+
+
+def test_job_markdown_rounds_and_ppo_vs_dpo() -> None:
+    one = {"round": 1, "parent_version": "base", "origin_version": "base", "label_seconds": 40.0,
+           "reward_model": {"reward_model_accuracy": 0.75},
+           "children": {"ppo": _child("ppo", "c-ppo", 3, 2.5, 12.0, 50.0),
+                        "dpo": _child("dpo", "c-dpo", 2, 7.0, 18.0, 20.0)}}
+    md = report.job_markdown([one])
+    rows = {line.split(" | ")[1]: line for line in md.splitlines() if line.startswith("| 1 |")}
+    # round 1's parent is the first base: the wins against it are the wins against the parent
+    assert "| 3/0/1 (0.75) | 3/0/1 (0.75) | 2.500 (within 6.0) | 2.500 (within 6.0) | 0.750 |" in rows["ppo"]
+    assert "7.000 (OVER 6.0)" in rows["dpo"] and "20.0 -> 18.0" in rows["dpo"]
+    assert "| 40 | 10 / 50 / 2 / 3 / 1 |" in rows["ppo"]
+    assert "| non_answer | 0.250 | 0.500 |" in md
+    table = md[md.index("PPO vs DPO"):]
+    assert "| measure | ppo | dpo |" in table
+    assert "| wins/ties/losses vs parent (win rate) | 3/0/1 (0.75) | 2/0/2 (0.50) |" in table
+    assert "| training seconds (PPO or DPO, without the reward model) | 50.0 | 20.0 |" in table

@@ -1,0 +1,62 @@
+"""DPO's loss on numbers worked out by hand (rlhf.dpo)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf.dpo import answer_logprobs, dpo_loss
+
+
+def test_loss_of_one_pair_by_hand() -> None:
+    # policy log p: better -1.0, worse -2.0; frozen reference: both -1.5; beta 0.1
+    # implicit rewards 0.1 * (-1.0 + 1.5) = 0.05 and 0.1 * (-2.0 + 1.5) = -0.05, margin 0.1
+    # loss = -log sigmoid(0.1) = log(1 + e^-0.1) = 0.644397
+    result = dpo_loss(torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.5]), [[(0, 1)]], beta=0.1)
+    assert result.loss.item() == pytest.approx(math.log1p(math.exp(-0.1)), abs=1e-6)
+    assert result.loss.item() == pytest.approx(0.644397, abs=1e-6)
+    assert (result.correct, result.pairs) == (1, 1)
+    assert result.margin == pytest.approx(0.1)
+    assert result.chosen_reward == pytest.approx(0.05) and result.rejected_reward == pytest.approx(-0.05)
+
+
+def test_policy_equal_to_reference_costs_log_2_whatever_beta() -> None:
+    logps = torch.tensor([-3.0, -1.0, -7.0])
+    for beta in (0.01, 0.1, 5.0):
+        result = dpo_loss(logps, logps.clone(), [[(0, 1), (0, 2)]], beta)
+        assert result.loss.item() == pytest.approx(math.log(2))
+        assert result.correct == 0  # a tie is not a correct order
+
+
+def test_each_element_weighs_the_same_and_the_gradient_favours_the_better_answer() -> None:
+    # element 1: one pair; element 2: two pairs (a tie and a wrongly ordered pair)
+    policy = torch.tensor([-1.0, -2.0, -1.0, -1.0, -2.0], requires_grad=True)
+    reference = torch.tensor([-1.5, -1.5, -1.0, -1.0, -1.0])
+    result = dpo_loss(policy, reference, [[(0, 1)], [(2, 3), (4, 2)]], beta=0.5)
+    # element 1 at beta 0.5: margin 0.5 * (0.5 + 0.5) = 0.5; element 2: margins 0 and 0.5 * (-1 - 0) = -0.5
+    e1 = math.log1p(math.exp(-0.5))
+    e2 = (math.log(2) + math.log1p(math.exp(0.5))) / 2
+    assert result.loss.item() == pytest.approx((e1 + e2) / 2, abs=1e-6)
+    assert (result.correct, result.pairs) == (1, 3)
+    result.loss.backward()
+    assert policy.grad[0] < 0 < policy.grad[1]  # descending the loss raises the better answer's log p
+
+
+def test_answer_logprobs_sum_only_the_answer_tokens() -> None:
+    # vocabulary of 2, uniform logits: every predicted token has log p = log 1/2
+    ids = torch.tensor([[0, 1, 1, 0, 0]])
+    logits = torch.zeros(1, 5, 2)
+    answer = torch.tensor([[0, 0, 1, 1, 0]])  # tokens 2 and 3 are the answer, token 4 padding
+    assert answer_logprobs(logits, ids, answer).item() == pytest.approx(2 * math.log(0.5))
+    # a confident model: logits at position 1 put all mass on token 1 (= ids[0, 2])
+    logits[0, 1] = torch.tensor([-1e4, 0.0])
+    assert answer_logprobs(logits, ids, answer).item() == pytest.approx(math.log(0.5), abs=1e-4)
+
+
+def test_no_pairs_gives_a_zero_loss_that_still_backpropagates() -> None:
+    policy = torch.tensor([-1.0], requires_grad=True)
+    result = dpo_loss(policy, torch.tensor([-1.0]), [[]], beta=0.1)
+    assert result.loss.item() == 0.0 and result.pairs == 0
+    result.loss.backward()
