@@ -144,7 +144,20 @@ def _events_stage(name: str) -> stages.Stage:
 
     if name == "moderation-output":
         return stages.Stage(name, events_pb2.GenerationProgress, lambda ev: [], stages.progress_events)
+    if name == "prompt":
+        return stages.Stage(name, events_pb2.TurnEvent, lambda ev: [], moderated_turn_events)
     return stages.Stage(name, events_pb2.TurnEvent, lambda ev: [], stages.turn_events)
+
+
+def moderated_turn_events(n: int, reply_topic: str) -> list[tuple[str, Any]]:
+    """``stages.turn_events`` as they reach the prompt stage (chat.moderated): with input
+    moderation's decision, allow, which that stage requires (it refuses a turn without one)."""
+    from colloquy.v1 import common_pb2
+
+    out = stages.turn_events(n, reply_topic)
+    for _, ev in out:
+        ev.input_moderation.action = common_pb2.MODERATION_ACTION_ALLOW
+    return out
 
 
 def _admin() -> Any:
@@ -303,6 +316,42 @@ def _store_bytes(turns: int, prompt_tokens: int, pg_url: str, tmp: Path) -> dict
     return out
 
 
+def _record_bytes(answer_tokens: int, prompt_chars: int) -> dict[str, Any]:
+    """Kafka record sizes of one turn, from the real protobufs: the generation bridge's progress
+    records for an answer of `answer_tokens` (served tokenizer; one token per record, as at
+    50 tok/s with 20 ms batches; cumulative text, the prompt on the first and last), and the
+    TurnEvent carrying a prompt of `prompt_chars`."""
+    from colloquy.v1 import events_pb2
+
+    from bench import history_store as hs
+    from services.tokenizer import model_files
+    from services.tokenizer.domain import TextTokenizer
+
+    tok = TextTokenizer.from_file(str(model_files.resolve_tokenizer_dir("") / model_files.TOKENIZER_FILE))
+    ids = tok.encode(" ".join(hs.Texts().answers[:8]))[:answer_tokens]
+    texts = [tok.decode_batch([ids[:k]])[0] for k in range(1, len(ids) + 1)]
+    (_, turn), = stages.turn_events(1, "replies.gateway-0")
+    turn.prompt = hs.Texts().prompt(0, 20)[:prompt_chars].ljust(prompt_chars)
+    light = events_pb2.TurnEvent()
+    light.CopyFrom(turn)
+    light.ClearField("prompt")
+    sizes = []
+    for k, text in enumerate(texts, 1):
+        done = k == len(texts)
+        msg = events_pb2.GenerationProgress(turn=turn if k == 1 or done else light, done=done, seq=k - 1,
+                                            model_version="smollm2-135m-cpu-int4-gguf-f32act-09fd6d37b2dd",
+                                            prompt_tokens=900, first_token_unix_ms=int(time.time() * 1000))
+        msg.candidates.add(index=0, text=text, tokens=k, finish_reason=1 if done else 0)
+        sizes.append(msg.ByteSize())
+    empty = events_pb2.GenerationProgress(turn=light, seq=1, model_version=msg.model_version,
+                                          prompt_tokens=900, first_token_unix_ms=int(time.time() * 1000))
+    empty.candidates.add(index=0, text="", tokens=1)
+    return {"answer_tokens": len(ids), "answer_chars": len(texts[-1]), "progress_records": len(sizes),
+            "progress_bytes": sum(sizes), "progress_bytes_mean": round(sum(sizes) / len(sizes)),
+            "progress_bytes_without_text": empty.ByteSize(), "turn_event_with_prompt_bytes": turn.ByteSize(),
+            "turn_event_bytes": light.ByteSize()}
+
+
 def _db_bytes(target: Any) -> int:
     if target.kind == "postgresql":
         import psycopg
@@ -327,7 +376,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = _sizes(names, args.scale_seconds)
     # No stages: only the store part, added to the last run's record.
     rec = (None if names else Record.resume(NAME)) or Record(NAME, {
-        "stages": names, "events": sizes, "replicas": [1, 2], "scale_seconds": args.scale_seconds,
+        "stages": names, "warmup_events": sizes, "replicas": [1, 2], "scale_seconds": args.scale_seconds,
         "method": __doc__.split("\n\n")[1].replace("\n", " ")})
     ctx = mp.get_context("spawn")
     for name in names:
@@ -359,6 +408,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             for r in reps:
                 r.close()
+    try:
+        rec.doc["records"] = _record_bytes(250, 4150)
+    except Exception as exc:
+        rec.skip("records", f"{type(exc).__name__}: {exc}")
     if args.store_turns:
         rec.doc["params"]["store_method"] = __doc__.split("\n\n")[2].replace("\n", " ")
         try:
@@ -419,7 +472,8 @@ def markdown(doc: dict[str, Any]) -> str:
     out = [f"# Stage scale-out ({doc['started']})", "",
            f"{m['cpus']} CPUs ({m['processor']}), load {m['loadavg_before'][0]} -> {m['loadavg_after'][0]}, "
            f"{doc['seconds']} s{' (noisy: the machine was busy when it started)' if doc.get('noisy') else ''}. "
-           f"Events per pass: {doc['params']['events']}.", "",
+           "Events per timed pass: "
+           + ", ".join(f"{k} {r['1']['events']}" for k, r in doc["results"].items()) + ".", "",
            common.markdown_table(_rows(doc), HEAD), ""]
     out += [f"(skipped {what}: {why})" for what, why in doc.get("skipped", {}).items()]
     out += ["", "Method: " + doc["params"]["method"], ""]
@@ -435,7 +489,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-stages", default=",".join(stages.STAGES))
     p.add_argument("--scale-seconds", type=float, default=5.0,
                    help="events per throughput pass: about this many seconds at one replica")
-    p.add_argument("--scale-repeats", type=int, default=2, help="timed passes at each replica count")
+    p.add_argument("--scale-repeats", type=int, default=3, help="timed passes at each replica count")
     p.add_argument("--store-turns", type=int, default=10_000, help="turns loaded to size the store (0: skip)")
     p.add_argument("--store-prompt-tokens", type=int, default=1792,
                    help="a full-history prompt's budget: the 2048-token slot less a 256-token answer")

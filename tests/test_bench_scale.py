@@ -13,8 +13,8 @@ def test_scale_stall_is_the_longest_gap_and_commit_pauses_pair_each_advance() ->
     assert pauses == [0.5, 2.5, 0.5]  # the last: still paused when the window ended
     doc = {"started": "2026-12-02T12:00:00Z", "seconds": 60, "noisy": False, "skipped": {"prompt": "x"},
            "machine": {"cpus": 2, "processor": "cpu", "loadavg_before": [1.0], "loadavg_after": [2.0]},
-           "params": {"events": {"tokenizer": 100}, "method": "m"},
-           "results": {"tokenizer": {"1": {"events_per_s": 100.0}, "2": {"events_per_s": 150.0,
+           "params": {"warmup_events": {"tokenizer": 100}, "method": "m"},
+           "results": {"tokenizer": {"1": {"events_per_s": 100.0, "events": 400}, "2": {"events_per_s": 150.0,
                                                                         "handled_per_replica": [50, 50]},
                                      "ratio": 1.5, "rebalance": {"join_to_partitions_s": 1.0, "stall_s": 2.0,
                                                                  "steady_max_gap_s": 0.1, "commit_pause_s": 2.5,
