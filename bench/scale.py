@@ -477,6 +477,14 @@ def markdown(doc: dict[str, Any]) -> str:
            common.markdown_table(_rows(doc), HEAD), ""]
     out += [f"(skipped {what}: {why})" for what, why in doc.get("skipped", {}).items()]
     out += ["", "Method: " + doc["params"]["method"], ""]
+    rec = doc.get("records")
+    if rec:
+        out += ["## Kafka record sizes of one turn (real protobufs)", "",
+                f"An answer of {rec['answer_tokens']} tokens ({rec['answer_chars']} characters) as progress records of "
+                f"one token each (cumulative text): {rec['progress_records']} records, {rec['progress_bytes']:,} bytes "
+                f"(mean {rec['progress_bytes_mean']}, of which {rec['progress_bytes_without_text']} without text); "
+                f"TurnEvent {rec['turn_event_bytes']} bytes, "
+                f"with a prompt {rec['turn_event_with_prompt_bytes']:,}.", ""]
     if doc.get("store"):
         out += [f"## Conversation store: bytes per turn ({doc['store']['turns']} turns, "
                 f"{doc['store']['conversations']} conversations)", "",
