@@ -26,6 +26,10 @@ ANALYZE) minus the migrated empty store's, over the turns. Twice: with prompts q
 previous turns (history_store's rows), and with every earlier turn that fits the context as the
 prompt stage sends it (the oldest dropped first, counted with the served tokenizer, within
 ``--store-prompt-tokens``): the column ``prompt`` holds that text for every turn.
+
+Kafka record sizes of one turn (for docs/capacity.md): the generation bridge's progress records
+for a 250-token answer (served tokenizer, one token per record, cumulative text) and the
+TurnEvent with and without a 4,150-character prompt, serialized with the real protobufs.
 """
 
 from __future__ import annotations
