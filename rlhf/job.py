@@ -405,8 +405,14 @@ def run_rounds(config: RLHFConfig, registry: Registry, rounds: int, base: str | 
         if label is not None:
             label(k, current)
         label_seconds = time.perf_counter() - clock_start
-        report = run(config, registry, current, dataset_root, fresh, clock() if clock else None, deployment,
-                     origin=origin)
+        try:
+            report = run(config, registry, current, dataset_root, fresh, clock() if clock else None, deployment,
+                         origin=origin)
+        except JobError as exc:
+            if not reports:
+                raise
+            done = ", ".join(r["version"] for r in reports)
+            raise JobError(f"round {k} of {rounds}: {exc} (rounds 1-{k - 1} published {done})") from exc
         report.update(round=k, label_seconds=label_seconds)
         reports.append(report)
         log.info("round %d of %d published %s (parent %s)", k, rounds, report["version"], current)

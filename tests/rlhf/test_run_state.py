@@ -64,3 +64,32 @@ def test_version_name_and_export_settings() -> None:
                                       "extra_options": {"algo_config": "rtn_last"}}}}
     assert export_settings(manifest) == ("int4", "cpu", {"algo_config": "rtn_last"})
     assert export_settings({"precision": "fp32", "execution_provider": "cpu"}) == ("fp32", "cpu", {})
+
+
+def test_rounds_chain_their_bases_and_name_what_was_published_when_a_later_round_stops(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_rounds alone (job.run replaced: the whole job is tests/rlhf/test_job.py's): each round
+    starts from the previous child, labels first, and a round without feedback stops the series
+    with a message naming the versions already published."""
+    calls: list[tuple] = []
+
+    def fake_run(config: object, registry: Registry, base: str, dataset_root: Path | None, fresh: bool,
+                 now_ms: int | None, deployment: str, origin: str | None = None) -> dict:
+        calls.append(("run", base, now_ms, origin))
+        if len(calls) == 4:  # round 2 finds no new feedback
+            raise job.JobError("only 0 training comparisons")
+        return {"version": f"{base}-child"}
+
+    monkeypatch.setattr(job, "run", fake_run)
+    def label(k: int, version: str) -> None:
+        calls.append(("label", k, version))
+
+    clock = iter([100, 200])
+    with pytest.raises(job.JobError, match=r"round 2 of 3: only 0 training comparisons \(rounds 1-1 published "
+                                           r"base-child\)"):
+        job.run_rounds(load_config(), Registry(tmp_path / "registry"), 3, base="base", label=label,
+                       clock=lambda: next(clock))
+    assert calls == [("label", 1, "base"), ("run", "base", 100, "base"),
+                     ("label", 2, "base-child"), ("run", "base-child", 200, "base")]
+    with pytest.raises(job.JobError, match="rounds must be >= 1"):
+        job.run_rounds(load_config(), Registry(tmp_path / "registry"), 0, base="base")
