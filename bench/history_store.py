@@ -853,6 +853,14 @@ def write_md(doc: dict[str, Any]) -> None:
                   "user's 20-turn conversations and ListConversations, alternately, with the dev key, its per-user "
                   "rate limit off; the prompt stage: AssemblePrompt continuing 20-turn conversations; on the empty "
                   "store they answer NOT_FOUND or an empty list). The worst start of each is shown."]
+        fell = [f"{service} on {kind} ({st['rss_serving_mb']} -> {st['rss_after_calls_mb']} MB)"
+                for kind, res in doc["results"].items()
+                for service, by_store in res.get("processes", {}).items()
+                for st in by_store.get("loaded", {}).get("starts", [])
+                if st["rss_after_calls_mb"] < st["rss_serving_mb"] - 5]
+        if fell:
+            lines += ["", "RSS fell after the reads on the loaded store: " + ", ".join(fell) + " (not investigated; "
+                      "the reads on the empty store, answering NOT_FOUND, left it flat)."]
     else:
         lines += ["", "Gateway and prompt processes (RSS, time to SERVING on a loaded vs an empty store): not "
                   "measured in this run."]
