@@ -6,8 +6,6 @@ in-memory replay used to give for free is made explicit here:
 - `wait_caught_up(partitions)`: the materializer's stored offsets for those partitions have
   reached the topic's read-committed end offsets taken at the call, so every turn committed
   before it is in the store (turn N+1's prompt sees turn N).
-- `wait_for_turn(conversation, index)`: one turn is in the store (GetConversation right after
-  a turn's `done` shows it).
 - readiness: the database answers, is at the newest migration (the materializer migrates; a
   reader never does) and has caught up with the end offsets the topic had when this process
   started.
@@ -112,10 +110,6 @@ class StoreReader(ThreadWorker):
     def _reached(self, ends: dict[int, int]) -> bool:
         stored = self.db.stored_offsets(self.group_id, self.topic)
         return all(stored.get(p, 0) >= end for p, end in ends.items())
-
-    def wait_for_turn(self, conversation_id: str, index: int, timeout: float) -> bool:
-        """True once turn `index` of the conversation is in the store; False after `timeout`."""
-        return _poll(lambda: self.db.turn_recorded(conversation_id, index), timeout)
 
 
 def _poll(check: Callable[[], bool], timeout: float) -> bool:

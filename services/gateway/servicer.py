@@ -109,6 +109,18 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 log.warning("could not wait for the conversation store", extra={"error": repr(exc)[:300]})
         return owner
 
+    async def _turn_stored(self, conversation_id: str, index: int) -> bool:
+        """Wait (at most HISTORY_WAIT_S) until the store holds the turn. Polls from the event
+        loop, one quick query per try, so waiting streams hold no executor thread."""
+        deadline = time.monotonic() + HISTORY_WAIT_S
+        pause = 0.005
+        while not await self._blocking(self.db.turn_recorded, conversation_id, index):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
+        return True
+
     def _is_callers(self, conversation_id: str, user: str) -> bool:
         owner = self._owner(conversation_id)
         return owner is not None and owner.user_id == user and not owner.deleted
@@ -272,7 +284,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                                         f"no progress from the pipeline for {self.cfg.reply_idle_timeout_s:.0f}s")
                 last_reply = time.perf_counter()
                 kind = ev.WhichOneof("reply")
-                if not started and poll is not None and kind in ("text", "retraction", "moderation", "done"):
+                # `started` goes first (the contract): input moderation's warning reaches this replica
+                # before the prompt stage's start, and a retry can hear the first try's replies
+                # before its own; both wait here until it comes.
+                if not started and (kind == "moderation"
+                                    or (poll is not None and kind in ("text", "retraction", "done"))):
                     early.append(ev)
                     continue
                 if kind == "started":
@@ -302,8 +318,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                     finished = True
                     # Read-your-writes: a GetConversation or next turn right after `done` must
                     # see this turn, so wait (briefly) for the history to hold its record.
-                    if turn_index and not await self._blocking(
-                            self.store.wait_for_turn, conv, turn_index, HISTORY_WAIT_S):
+                    if turn_index and not await self._turn_stored(conv, turn_index):
                         log.warning("history lags behind a finished turn",
                                     extra={"conversation_id": conv, "turn": turn_index})
                     yield chat_pb2.ChatEvent(done=ev.done)
