@@ -461,15 +461,16 @@ def materialize(url: str, topic: str, records: int, ids: list[str], kind: str,
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+            tail = logf.read_text(errors="replace")[-1500:]
+            logf.unlink(missing_ok=True)
     try:
         if done_t is None or first_t is None:
-            raise TimeoutError(f"{kind}: the materializer did not store {records} offsets in {timeout:.0f} s")
+            raise TimeoutError(f"{kind}: the materializer did not store {records} offsets in {timeout:.0f} s: {tail}")
         with db.engine.connect() as conn:
             written = conn.execute(sa.select(sa.func.count()).select_from(turns)
                                    .where(turns.c.conversation_id.in_(ids))).scalar_one()
         if written != records:
             raise RuntimeError(f"{kind}: {written} turns in the store for {records} records")
-        logf.unlink(missing_ok=True)
         return {"records": records, "written": written,
                 "turns_per_s": round((records - first_n) / (done_t - first_t)) if done_t > first_t else None,
                 "turns_per_s_from_start": round(records / (done_t - started)),
@@ -596,7 +597,7 @@ def start_service(service: str, env: dict[str, str], calls: Callable[[int], list
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
-    logf.unlink(missing_ok=True)
+            logf.unlink(missing_ok=True)  # a failure carries the log's tail in its message
     return {"serving_s": round(serving_s, 2), "rss_serving_mb": round(rss_serving, 1),
             "rss_after_calls_mb": round(rss_after, 1), "calls": len(latencies),
             "call_ms": summary(latencies[len(latencies) // 10:], 3)}
