@@ -149,19 +149,8 @@ def _events_stage(name: str) -> stages.Stage:
     if name == "moderation-output":
         return stages.Stage(name, events_pb2.GenerationProgress, lambda ev: [], stages.progress_events)
     if name == "prompt":
-        return stages.Stage(name, events_pb2.TurnEvent, lambda ev: [], moderated_turn_events)
+        return stages.Stage(name, events_pb2.TurnEvent, lambda ev: [], stages.moderated_turn_events)
     return stages.Stage(name, events_pb2.TurnEvent, lambda ev: [], stages.turn_events)
-
-
-def moderated_turn_events(n: int, reply_topic: str) -> list[tuple[str, Any]]:
-    """``stages.turn_events`` as they reach the prompt stage (chat.moderated): with input
-    moderation's decision, allow, which that stage requires (it refuses a turn without one)."""
-    from colloquy.v1 import common_pb2
-
-    out = stages.turn_events(n, reply_topic)
-    for _, ev in out:
-        ev.input_moderation.action = common_pb2.MODERATION_ACTION_ALLOW
-    return out
 
 
 def _admin() -> Any:

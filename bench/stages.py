@@ -70,6 +70,17 @@ def turn_events(n: int, reply_topic: str) -> list[tuple[str, Any]]:
     return out
 
 
+def moderated_turn_events(n: int, reply_topic: str) -> list[tuple[str, Any]]:
+    """``turn_events`` as they reach the prompt stage (chat.moderated): with input moderation's
+    decision, allow, which that stage requires (it refuses a turn without one)."""
+    from colloquy.v1 import common_pb2
+
+    out = turn_events(n, reply_topic)
+    for _, ev in out:
+        ev.input_moderation.action = common_pb2.MODERATION_ACTION_ALLOW
+    return out
+
+
 def progress_events(n: int, reply_topic: str) -> list[tuple[str, Any]]:
     """Answers streaming in: per answer, cumulative text every ~16 characters, the last batch done."""
     from colloquy.v1 import events_pb2, generation_pb2
@@ -160,7 +171,7 @@ def build(name: str) -> Stage:
             db.close()
             store_dir.cleanup()
 
-        return Stage(name, events_pb2.TurnEvent, handler, turn_events, close=close)
+        return Stage(name, events_pb2.TurnEvent, handler, moderated_turn_events, close=close)
     raise ValueError(f"unknown stage {name!r}; one of {', '.join(STAGES)}")
 
 

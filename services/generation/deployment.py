@@ -36,11 +36,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import ray
 from colloquy.v1 import generation_pb2
 from grpc_health.v1 import health_pb2
 from ray import serve
@@ -70,6 +72,16 @@ def _start_metrics(base_port: int, host: str = "0.0.0.0", tries: int = 32) -> in
     return 0
 
 
+def _with_replica_threads(settings: EngineSettings) -> EngineSettings:
+    """ONNX Runtime's default is one intra-op thread per core of the machine, whatever the replica
+    reserved: replicas sharing a node (or a pod under a CPU limit) would oversubscribe the cores.
+    Unless `threads` is set, a replica runs as many threads as the CPUs Ray assigned it."""
+    if settings.threads:
+        return settings
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+    return dataclasses.replace(settings, threads=math.ceil(cpus)) if cpus > 0 else settings
+
+
 @serve.deployment(name="generation")
 class Generation:
     """One replica: an AsyncEngine over the served model version."""
@@ -77,7 +89,7 @@ class Generation:
     def __init__(self, settings: EngineSettings) -> None:
         self.settings = settings  # from `build`: the same object for every replica of the deployment
         path, version = model_ref.resolve(settings.model_dir, settings.model_version)
-        self.engine = engine.AsyncEngine(path, version, settings)
+        self.engine = engine.AsyncEngine(path, version, _with_replica_threads(settings))
         self.metrics_port = _start_metrics(settings.replica_metrics_port)
         log.info("generation replica ready", extra={
             "model_version": version, "provider": self.engine.provider, "metrics_port": self.metrics_port,
@@ -153,7 +165,7 @@ class Generation:
     def status(self) -> dict[str, Any]:
         """The engine's load and served versions, and the settings this replica was built with."""
         return {**self.engine.stats(), "metrics_port": self.metrics_port,
-                "settings": dataclasses.asdict(self.settings)}
+                "settings": dataclasses.asdict(self.settings), "threads": self.engine.config.threads}
 
     def check_health(self) -> None:
         """Serve restarts a replica whose scheduler thread died."""

@@ -125,6 +125,9 @@ def test_the_replica_runs_with_the_settings_build_loaded(app: App) -> None:
     expected = dataclasses.asdict(load(EngineSettings))
     assert expected["max_running"] == 8 and expected["stream_interval_ms"] == 50.0
     assert app.status()["settings"] == expected
+    # threads 0 (the default): the replica's engine runs one ONNX Runtime thread per CPU Ray
+    # assigned it (ray_actor_options.num_cpus, 0.5 here, rounded up), not one per core.
+    assert expected["threads"] == 0 and app.status()["threads"] == 1
 
 
 def test_same_request_id_gives_the_same_answer(app: App) -> None:
