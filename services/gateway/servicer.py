@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+import sqlalchemy.exc
 from colloquy.v1 import chat_pb2, chat_pb2_grpc, events_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from kafka import KafkaProducer
@@ -85,6 +86,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         (grpcio would send "Unexpected <class ...>: <text>" with UNKNOWN)."""
         if isinstance(exc, grpc.aio.AbortError):
             raise exc
+        if isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError
+                      | sqlalchemy.exc.TimeoutError):
+            # The database is down, restarting or out of connections: a retry can succeed.
+            log.warning("conversation store unreachable", extra={"error": repr(exc)[:300]})
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "the conversation store is not reachable right now; retry shortly")
         log.error("unexpected error in a ChatService call", exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL, errors.internal_error(""))
 

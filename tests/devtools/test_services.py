@@ -55,7 +55,8 @@ def test_a_moved_port_moves_the_service_and_its_peers_addresses() -> None:
     assert services.local_wiring("gateway", env) == {
         "GRPC_PORT": "61001", "METRICS_PORT": "9101", "MODERATION_ADDR": "127.0.0.1:61000"}
     assert services.local_wiring("web", env) == {
-        "WEB_PORT": "8080", "GATEWAY_ADDR": "127.0.0.1:61001", "MODERATION_ADDR": "127.0.0.1:61000"}
+        "WEB_PORT": "8080", "METRICS_PORT": "9108", "GATEWAY_ADDR": "127.0.0.1:61001",
+        "MODERATION_ADDR": "127.0.0.1:61000"}
     assert services.local_wiring("generation", {})["GENERATION_GRPC_PORT"] == "9000"
 
 

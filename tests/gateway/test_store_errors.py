@@ -1,0 +1,47 @@
+"""A database outage reaches callers as UNAVAILABLE (retry), not INTERNAL (a bug of ours)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+import sqlalchemy as sa
+
+from services.gateway.servicer import ChatServicer
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    """Only what ChatServicer._internal touches: abort(code, details) raises like grpc.aio's."""
+
+    def __init__(self) -> None:
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.code, self.details = code, details
+        raise _Aborted
+
+
+def _status(exc: Exception) -> tuple[grpc.StatusCode | None, str]:
+    ctx = _Context()
+    with pytest.raises(_Aborted):
+        asyncio.run(ChatServicer._internal(None, ctx, exc))  # type: ignore[arg-type]
+    return ctx.code, ctx.details
+
+
+def test_a_real_unreachable_database_is_unavailable(tmp_path) -> None:
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/missing/dir/x.db")  # the directory does not exist
+    with pytest.raises(sa.exc.OperationalError) as caught:
+        engine.connect()
+    code, details = _status(caught.value)
+    assert code is grpc.StatusCode.UNAVAILABLE and "retry" in details
+
+
+def test_other_errors_stay_internal() -> None:
+    code, _ = _status(KeyError("bug"))
+    assert code is grpc.StatusCode.INTERNAL
