@@ -239,7 +239,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 turn = events_pb2.TurnEvent(
                     request_id=request_id, conversation_id=conv, user_id=user, message=text, sampling=sampling,
                     reply_topic=self.reply_topic, deadline_unix_ms=int(deadline * 1000),
-                    accepted_unix_ms=turns.now_ms(), seed=request.seed)
+                    accepted_unix_ms=turns.now_ms(),
+                    seed=request.seed if request.HasField("seed") else None)
                 try:
                     await self._publish(events.OutEvent(topics.CHAT_REQUESTS.name, conv, turn, request_id=request_id))
                 except Exception:

@@ -313,6 +313,6 @@ class OutputStage:
                 answers=[chat_pb2.Answer(index=c.index, text=c.check.released, finish_reason=c.finish)
                          for c in cands],
                 model_version=progress.model_version, template_version=turn.template_version,
-                request_id=turn.request_id, seed=turn.seed))
+                request_id=turn.request_id, seed=turn.seed if turn.HasField("seed") else None))
         return [turns.turn_record_event(record, turn.request_id, ev.traceparent),
                 turns.reply(turn, ev.traceparent, done=done)]

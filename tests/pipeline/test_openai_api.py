@@ -11,7 +11,7 @@ import uuid
 import grpc
 import openai
 import pytest
-from colloquy.v1 import chat_pb2, chat_pb2_grpc, generation_pb2
+from colloquy.v1 import chat_pb2, chat_pb2_grpc, events_pb2, generation_pb2
 
 from devtools.stack import Stack
 from services.common import topics
@@ -194,12 +194,80 @@ def test_unknown_model_is_404_model_not_found(client: openai.OpenAI) -> None:
     assert exc.value.body["code"] == "model_not_found" and exc.value.body["param"] == "model"
 
 
-def test_history_without_conversation_id_is_400_saying_how_to_continue(client: openai.OpenAI) -> None:
+def recorded_prompts(turns: Tail, conversation_id: str, count: int) -> dict[int, str]:
+    """The prompts the model saw in a conversation, from its TurnRecords (the source of truth)."""
+    out: dict[int, str] = {}
+    deadline = time.monotonic() + 60
+    while len(out) < count and time.monotonic() < deadline:
+        for rec in turns.read(settle=0.2):
+            if rec.value is None:  # a deleted conversation's tombstone
+                continue
+            msg = events_pb2.TurnRecord.FromString(rec.value)
+            if msg.conversation_id == conversation_id:
+                out[msg.turn.index] = msg.prompt
+    return out
+
+
+def test_earlier_messages_seed_a_new_conversation_for_every_turn(client: openai.OpenAI, history,
+                                                                  kafka_bootstrap: str) -> None:
+    turns = Tail(kafka_bootstrap, topics.CONVERSATION_TURNS.name)
+    first = client.chat.completions.create(model="colloquy", temperature=0, max_tokens=24, messages=[
+        {"role": "user", "content": "My cat is called Pixel."},
+        {"role": "assistant", "content": "Pixel is a lovely name for a cat!"},
+        {"role": "user", "content": "What is my cat called?"}])
+    conv = first.model_dump()["conversation_id"]
+    later = client.chat.completions.create(
+        model="colloquy", temperature=0, max_tokens=24, extra_body={"conversation_id": conv},
+        messages=[{"role": "user", "content": "Tell me my cat's name again."}])
+    say("seeded: 'What is my cat called?' ->", repr(first.choices[0].message.content),
+        "| turn 2 'Tell me my cat's name again.' ->", repr(later.choices[0].message.content))
+    assert "pixel" in first.choices[0].message.content.lower()
+    assert "pixel" in later.choices[0].message.content.lower()
+    recorded = history(conv).turns
+    assert [t.index for t in recorded] == [1, 2]
+    assert [(e.user, e.assistant) for e in recorded[0].seed.exchanges] == [
+        ("My cat is called Pixel.", "Pixel is a lovely name for a cat!")]
+    assert not recorded[1].HasField("seed")
+    prompts = recorded_prompts(turns, conv, 2)
+    for i in (1, 2):  # the seed is in every turn's prompt, after the hidden instructions
+        assert prompts[i].startswith("<|im_start|>system\nYou are Colloquy")
+        assert prompts[i].index("You are Colloquy") < prompts[i].index("My cat is called Pixel.")
+    assert prompts[2].index("Pixel is a lovely name") < prompts[2].index("What is my cat called?") \
+        < prompts[2].index("Tell me my cat's name again.")
+
+
+def test_a_client_system_message_follows_the_hidden_instructions(client: openai.OpenAI,
+                                                                  kafka_bootstrap: str) -> None:
+    turns = Tail(kafka_bootstrap, topics.CONVERSATION_TURNS.name)
+    question = {"role": "user", "content": "What is the capital of Italy?"}
+    plain = client.chat.completions.create(model="colloquy", temperature=0, max_tokens=32, messages=[question])
+    french = client.chat.completions.create(model="colloquy", temperature=0, max_tokens=32, messages=[
+        {"role": "system", "content": "Always answer in French."}, question])
+    say("'What is the capital of Italy?' ->", repr(plain.choices[0].message.content),
+        "| with system 'Always answer in French.' ->", repr(french.choices[0].message.content))
+    # The test stack's model (SmolLM2-135M, int4) follows such an instruction only loosely, so the
+    # check is that the client's text reached the model (the greedy answer changed), not its language.
+    assert french.choices[0].message.content != plain.choices[0].message.content
+    conv = french.model_dump()["conversation_id"]
+    prompt = recorded_prompts(turns, conv, 1)[1]
+    system = prompt[:prompt.index("<|im_end|>")]
+    say("recorded prompt's system message:", repr(system))
+    assert system.startswith("<|im_start|>system\nYou are Colloquy")  # the operator's instructions stay first
+    assert system.endswith("\n\nAlways answer in French.")
+
+
+def test_a_seed_for_a_named_conversation_is_400_saying_why(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as exc:
-        client.chat.completions.create(model="colloquy", messages=[
+        client.chat.completions.create(model="colloquy", extra_body={"conversation_id": str(uuid.uuid4())}, messages=[
             {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
             {"role": "user", "content": "How are you?"}])
-    assert exc.value.body["param"] == "messages" and "conversation_id" in exc.value.body["message"]
+    assert exc.value.body["param"] == "messages" and "send only the new user message" in exc.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="colloquy", messages=[
+            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x\u0000"},
+            {"role": "user", "content": "How are you?"}])
+    say("a NUL in an earlier message ->", exc.value.status_code, exc.value.body)
+    assert exc.value.body["param"] == "messages[1].content" and "NUL" in exc.value.body["message"]
 
 
 def test_someone_elses_conversation_is_404(stack: Stack, client: openai.OpenAI) -> None:
