@@ -58,9 +58,10 @@ check: setup
 lint: setup
 	$(PY) -m ruff check services model rlhf tests bench devtools
 
-## demo: set everything up and run the system (README's run command)
+## demo: set everything up and run the system (README's run command); REPLICAS=2 or
+## REPLICAS="gateway=2 prompt=2" runs several replicas of every / those services (scripts/stack.sh)
 demo: setup
-	@bash scripts/demo.sh
+	@REPLICAS="$(REPLICAS)" bash scripts/demo.sh
 
 ## chat: talk to the running stack in the terminal
 chat:

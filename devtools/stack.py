@@ -2,6 +2,13 @@
 
 Which services, their modules, start order and wiring come from devtools/services.py (the table
 scripts/stack.sh reads too); this adds free ports and the settings a test run needs.
+
+Replicas: `Stack(..., replicas={"gateway": 2})` starts two gateway processes, `stack.add_replica(
+"gateway")` one more in a running stack. Replica k of a service is the process `<name>-<k>` (the
+first keeps the plain name: `procs`, `ports` and `restart` take process names), with its own
+ports, INSTANCE_ID (`<stack id>-<k>`) and log; it dials the peer replicas dealt to it
+(services.peer_process). Generation stays one process; replicas={"generation": n} asks Ray
+Serve for n replicas, which serving.cap_replicas lowers to what the CPUs hold (1 on 2 cores).
 """
 
 from __future__ import annotations
@@ -13,8 +20,21 @@ import tempfile
 import time
 import uuid
 
+import yaml
+
 from devtools.procs import Proc, free_port
-from devtools.services import BY_NAME, MODULES, ORDER
+from devtools.services import (
+    BY_NAME,
+    MODULES,
+    ORDER,
+    generation_plan,
+    parse_replicas,
+    peer_process,
+    processes,
+    replica_index,
+    replica_name,
+    service_of,
+)
 from services.common import health_probe, topics
 
 # The services that open the conversation store: they get the stack's database settings.
@@ -23,10 +43,14 @@ STORE_USERS = ("conversation", "prompt", "gateway")
 
 class Stack:
     def __init__(self, bootstrap: str, extra_env: dict[str, dict[str, str]] | None = None,
-                 database_url: str = "") -> None:
+                 database_url: str = "", replicas: dict[str, int] | str | None = None) -> None:
         """`database_url`: PostgreSQL for the conversation store (an empty database); empty: a
-        SQLite file of this stack's own, which the materializer and its readers share (WAL)."""
+        SQLite file of this stack's own, which the materializer and its readers share (WAL).
+        `extra_env`: per service (every replica) or per process (`gateway-2`). `replicas`: per
+        service, or a REPLICAS string ("2", "gateway=2 prompt=2"); 1 each by default."""
         self.bootstrap = bootstrap
+        self.replicas = parse_replicas(replicas if isinstance(replicas, str) else
+                                       " ".join(f"{k}={v}" for k, v in (replicas or {}).items()))
         self.instance = f"t{uuid.uuid4().hex[:8]}"  # stable across restarts: static membership
         # Ports are picked just before their services start (generation's first, the others once
         # Ray is up): Ray's many workers take ephemeral ports too, so picking every port up front
@@ -36,6 +60,7 @@ class Stack:
         self.extra_env = extra_env or {}
         self.procs: dict[str, Proc] = {}
         self._store_dir = "" if database_url else tempfile.mkdtemp(prefix="colloquy-stack-store-")
+        self._conf_dir = tempfile.mkdtemp(prefix="colloquy-stack-conf-")
         self.store_env = {"CONVERSATION_GROUP_ID": f"colloquy-conversation-{self.instance}",
                           **({"DATABASE_URL": database_url} if database_url else
                              {"CONVERSATION_DB": os.path.join(self._store_dir, "conversations.db")})}
@@ -49,10 +74,20 @@ class Stack:
         """Base URL of the OpenAI-compatible HTTP front."""
         return f"http://127.0.0.1:{self.ports['web']}"
 
-    def env(self, name: str) -> dict[str, str]:
+    def replicas_of(self, service: str) -> list[str]:
+        """The process names of `service`'s replicas in this stack, in replica order."""
+        return sorted((p for p in self.procs if service_of(p) == service), key=replica_index)
+
+    def env(self, process: str) -> dict[str, str]:
+        name = service_of(process)
+        index = replica_index(process)
+
+        def port_of(svc: str) -> int:
+            return self.ports[process if svc == name else peer_process(svc, index, self.replicas)]
+
         env = {
-            "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap, "INSTANCE_ID": self.instance,
-            **BY_NAME[name].wiring(self.ports.__getitem__, self.metrics_ports[name]),
+            "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap, "INSTANCE_ID": replica_name(self.instance, index),
+            **BY_NAME[name].wiring(port_of, self.metrics_ports[process]),
             "SHUTDOWN_GRACE_SECONDS": "10",
             # Hanging-transaction sweeps often enough to heal within a test's recovery wait.
             "KAFKA_HANGING_TXN_CHECK_S": "5", "KAFKA_HANGING_TXN_AGE_S": "45",
@@ -68,7 +103,15 @@ class Stack:
                        CHAT_MAX_CONCURRENT_PER_USER="0")
         if name == "generation":
             env.update(GENERATION_REPLICA_METRICS_PORT="0", GENERATION_RAY_NUM_CPUS="2")
+            if self.replicas["generation"] > 1:
+                plan = generation_plan(self.replicas["generation"])
+                path = os.path.join(self._conf_dir, "generation-serve.yaml")
+                with open(path, "w", encoding="utf-8") as fh:
+                    yaml.safe_dump(plan.config, fh, sort_keys=False)
+                env.update(GENERATION_RAY_NUM_CPUS=str(plan.ray_cpus), GENERATION_SERVE_CONFIG=path)
         env.update(self.extra_env.get(name, {}))
+        if process != name:
+            env.update(self.extra_env.get(process, {}))
         return env
 
     def _pick_ports(self, names: list[str]) -> None:
@@ -77,17 +120,29 @@ class Stack:
             self.metrics_ports.setdefault(name, free_port())
 
     def spawn(self, name: str) -> Proc:
+        """Start process `name` (a service or one of its replicas, `gateway-2`) on its ports."""
         self._pick_ports([name])
-        proc = Proc(MODULES[name], self.env(name))
+        proc = Proc(MODULES[service_of(name)], self.env(name))
         self.procs[name] = proc
         return proc
+
+    def add_replica(self, service: str) -> str:
+        """Start one more replica of `service` in the running stack and wait until it serves;
+        returns its process name. Generation's replicas are Ray Serve's (not a process)."""
+        if service == "generation":
+            raise ValueError("generation replicas are Ray Serve's: pass replicas={'generation': n} to Stack")
+        name = replica_name(service, len(self.replicas_of(service)) + 1)
+        self.replicas[service] = replica_index(name)
+        self.spawn(name)
+        self.wait_serving(name)
+        return name
 
     def wait_serving(self, name: str, timeout: float = 240.0) -> None:
         """Until its log says "serving" and, for a service whose health waits for something (the
         conversation store for the materializer, prompt and gateway), its health is SERVING."""
         proc = self.procs[name]
         proc.wait_for(lambda out: '"msg": "serving"' in out, timeout=timeout)
-        if name not in STORE_USERS:
+        if service_of(name) not in STORE_USERS:
             return
         deadline = time.monotonic() + timeout
         while not health_probe.serving(f"127.0.0.1:{self.ports[name]}"):
@@ -101,10 +156,11 @@ class Stack:
             # Ray first and alone: on 2 cores its raylet gives up waiting for its metrics agent
             # when five other Python services import their dependencies at the same time.
             self._start_generation()
-            self._pick_ports(ORDER[1:])  # all at once: the gateway's env names moderation's port
-            for name in ORDER[1:]:
+            names = [p for p, svc, _ in processes(self.replicas) if svc != "generation"]
+            self._pick_ports(names)  # all at once: the gateway's env names moderation's port
+            for name in names:
                 self.spawn(name)
-            for name in ORDER[1:]:
+            for name in names:
                 self.wait_serving(name)
         except BaseException:
             self.stop()
@@ -147,9 +203,10 @@ class Stack:
 
     def stop(self) -> None:
         for name in reversed(ORDER):
-            proc = self.procs.get(name)
-            if proc is not None and proc.popen.poll() is None:
-                proc.signal(signal.SIGTERM)
+            for replica in self.replicas_of(name):
+                proc = self.procs[replica]
+                if proc.popen.poll() is None:
+                    proc.signal(signal.SIGTERM)
         for proc in self.procs.values():
             try:
                 proc.wait(60)
@@ -157,3 +214,4 @@ class Stack:
                 proc.kill()
         if self._store_dir:
             shutil.rmtree(self._store_dir, ignore_errors=True)
+        shutil.rmtree(self._conf_dir, ignore_errors=True)
