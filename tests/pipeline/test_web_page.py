@@ -1,8 +1,9 @@
 """The web page (services/web/static) in Debian's headless Chromium, driven by Selenium, against the
 whole running stack: sign in, a streamed answer, stop, a thumbs-up, a ranking of 3 candidates that
-lands in the feedback dataset, a moderation notice. Screenshots of each step go to
-$WEB_SCREENSHOTS_DIR (default var/screenshots/web, so a test run leaves the checkout clean);
-`WEB_SCREENSHOTS_DIR=docs/web` refreshes the ones the README shows."""
+lands in the feedback dataset, a moderation notice, a conversation opened from the list and
+deleted. Screenshots of each step go to $WEB_SCREENSHOTS_DIR (default var/screenshots/web, so a
+test run leaves the checkout clean); `WEB_SCREENSHOTS_DIR=docs/web` refreshes the ones the README
+shows."""
 
 from __future__ import annotations
 
@@ -184,3 +185,48 @@ def test_5_a_refused_message_shows_the_moderation_notice(browser) -> None:
     wait(lambda: by_id(browser, "send").is_enabled(), 20, "the end of the stream")
     assert not turn.find_elements(By.CSS_SELECTOR, ".thumbs-up"), "a refused message offers feedback it cannot take"
     shot(browser, "07-moderation-notice")
+
+
+def test_6_conversations_are_listed_opened_and_deleted(browser, stack: Stack) -> None:
+    import httpx2
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    def listed() -> list[tuple[str, str, str]]:
+        """(title, conversation id, class) of the list's items, most recent first, read in one step
+        (the page rebuilds the list after each answer, so element handles go stale)."""
+        return [tuple(row) for row in browser.execute_script(
+            "return [...document.querySelectorAll('#conversation-list li')].map("
+            "li => [li.querySelector('.open').textContent, li.dataset.id, li.className])")]
+
+    def newest(title: str) -> tuple[str, str] | None:
+        """(id, class) of the most recent conversation with this title: this session's (the dev
+        user may have older ones with the same first message)."""
+        return next(((conv, cls) for t, conv, cls in listed() if t == title), None)
+
+    def click(selector: str) -> None:
+        for _ in range(20):
+            try:
+                browser.find_element(By.CSS_SELECTOR, selector).click()
+                return
+            except StaleElementReferenceException:
+                time.sleep(0.1)
+        raise AssertionError(f"{selector} kept going stale")
+
+    def shown() -> list[str]:
+        return browser.execute_script(
+            "return [...document.querySelectorAll('#messages .user')].map(e => e.textContent)")
+
+    poem = "Write a short poem about the sea."
+    wait(lambda: newest(poem) and newest("Name a fruit."), 20, "the earlier conversations in the list")
+    conv = newest(poem)[0]
+    click(f'#conversation-list li[data-id="{conv}"] .open')
+    wait(lambda: shown()[:1] == [poem] and "current" in newest(poem)[1], 20, "the opened conversation")
+    shot(browser, "08-conversation-opened")
+    click(f'#conversation-list li[data-id="{conv}"] .delete')
+    wait(lambda: conv not in [c for _, c, _ in listed()]
+         and by_id(browser, "list-status").text == "Conversation deleted", 30, "the conversation gone from the list")
+    assert not shown(), "the deleted conversation is still shown"
+    shot(browser, "09-conversation-deleted")
+    gone = httpx2.get(f"{stack.web}/v1/conversations/{conv}", headers={"Authorization": "Bearer colloquy-dev-key"})
+    assert gone.status_code == 404, gone.text
