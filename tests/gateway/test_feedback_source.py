@@ -18,8 +18,8 @@ import pytest
 from colloquy.v1 import chat_pb2, chat_pb2_grpc, events_pb2
 
 from services.common import kafka_loop, turns
+from services.common.auth import KeyRing
 from services.common.config import KafkaConfig
-from services.gateway.auth import KeyRing
 from tests.gateway.process import Gateway, running_gateway
 
 ROOT = Path(__file__).resolve().parents[2]
