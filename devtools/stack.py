@@ -137,6 +137,17 @@ class Stack:
         self.wait_serving(name)
         return name
 
+    def remove_replica(self, name: str, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        """Stop replica process `name` with `sig` (SIGTERM drains, SIGKILL does not), wait for
+        it and forget it (procs, ports; its log file stays); returns its exit code."""
+        proc = self.procs.pop(name)
+        self.ports.pop(name, None)
+        self.metrics_ports.pop(name, None)
+        service = service_of(name)
+        self.replicas[service] = max((replica_index(p) for p in self.replicas_of(service)), default=1)
+        proc.signal(sig)
+        return proc.wait(timeout)
+
     def wait_serving(self, name: str, timeout: float = 240.0) -> None:
         """Until its log says "serving" and, for a service whose health waits for something (the
         conversation store for the materializer, prompt and gateway), its health is SERVING."""
