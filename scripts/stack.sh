@@ -42,13 +42,13 @@ up() {
     "$PY" -m devtools.services note
     start_and_wait generation
   fi
-  start_and_wait "$@"
+  SKIP=generation start_and_wait "$@"  # started above
 }
 
 start_and_wait() {
   for line in "${PROCS[@]}"; do
     read -r name svc module port mport _ <<<"$line"
-    selected "$name" "$svc" "$@" || continue
+    selected "$name" "$svc" "$@" && [ "$svc" != "${SKIP:-}" ] || continue
     if [ ! -d "services/$svc" ]; then echo "stack: $name not built yet, skipped"; continue; fi
     if alive "$name"; then echo "stack: $name already running (pid $(cat "$RUN/$name.pid"))"; continue; fi
     # Its ports, its peers' addresses (GRPC_PORT, METRICS_PORT, MODERATION_ADDR, ...) and, with
@@ -60,7 +60,7 @@ start_and_wait() {
   done
   for line in "${PROCS[@]}"; do
     read -r name svc module port mport kind <<<"$line"
-    selected "$name" "$svc" "$@" || continue
+    selected "$name" "$svc" "$@" && [ "$svc" != "${SKIP:-}" ] || continue
     [ -f "$RUN/$name.pid" ] || continue
     local t0=$SECONDS
     if [ "$kind" = http ]; then probe=(-m services.web.probe "http://127.0.0.1:$port/readyz")
