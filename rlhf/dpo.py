@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from rlhf.ppo import logprobs_from_logits
+from rlhf.reward import pairwise_loss
 
 
 def answer_logprobs(logits: torch.Tensor, ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
@@ -53,26 +53,10 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, groups: Sequence[Seq
     (:func:`rlhf.reward.pairwise_loss`), each element weighs the same whatever its number of pairs.
     """
     rewards = beta * (policy - reference)  # the implicit reward of each answer
-    losses = []
-    correct = total = 0
-    margins: list[torch.Tensor] = []
-    chosen: list[torch.Tensor] = []
-    rejected: list[torch.Tensor] = []
-    for pairs in groups:
-        if not pairs:
-            continue
-        better = rewards[[b for b, _ in pairs]]
-        worse = rewards[[w for _, w in pairs]]
-        losses.append(-F.logsigmoid(better - worse).mean())
-        correct += int((better > worse).sum().item())
-        total += len(pairs)
-        margins.append((better - worse).detach())
-        chosen.append(better.detach())
-        rejected.append(worse.detach())
-    if not losses:
+    result = pairwise_loss(rewards, groups)  # DPO is the reward model's loss on implicit rewards
+    if not result.pairs:
         return DPOLoss(policy.sum() * 0.0, 0, 0, 0.0, 0.0, 0.0)
-
-    def mean(parts: list[torch.Tensor]) -> float:
-        return float(torch.cat(parts).mean())
-
-    return DPOLoss(torch.stack(losses).mean(), correct, total, mean(margins), mean(chosen), mean(rejected))
+    better = rewards[[b for pairs in groups for b, _ in pairs]].detach()
+    worse = rewards[[w for pairs in groups for _, w in pairs]].detach()
+    return DPOLoss(result.loss, result.correct, result.pairs, float((better - worse).mean()),
+                   float(better.mean()), float(worse.mean()))
