@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
+from devtools import procs
 
 SLOTS = 16
 CONTEXT = 16384  # 1024 tokens per slot
@@ -83,13 +84,7 @@ class LlamaServer:
         raise TimeoutError(f"llama-server not healthy in {timeout:.0f} s ({self.log})")
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        procs.terminate(self.proc, 15)
 
     async def _one(self, session: Any, ids: list[int], tokens: int) -> dict[str, Any]:
         body = {"prompt": ids, "n_predict": tokens, "temperature": 0.0, "top_k": 1, "repeat_penalty": 1.0,

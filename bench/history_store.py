@@ -31,7 +31,6 @@ import dataclasses
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from typing import Any
 
 from bench import common
 from bench.common import Record, log, summary
+from devtools import procs
 
 NAME = "history_store"
 GOAL_P99_MS = 10.0
@@ -455,12 +455,7 @@ def materialize(url: str, topic: str, records: int, ids: list[str], kind: str,
                     break
                 time.sleep(0.05)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            procs.terminate(proc, 30)
             tail = logf.read_text(errors="replace")[-1500:]
             logf.unlink(missing_ok=True)
     try:
@@ -591,12 +586,7 @@ def start_service(service: str, env: dict[str, str], calls: Callable[[int], list
                 latencies.append(1000 * (time.perf_counter() - c0))
             rss_after = ps.memory_info().rss / 2**20
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            procs.terminate(proc, 30)
             logf.unlink(missing_ok=True)  # a failure carries the log's tail in its message
     return {"serving_s": round(serving_s, 2), "rss_serving_mb": round(rss_serving, 1),
             "rss_after_calls_mb": round(rss_after, 1), "calls": len(latencies),

@@ -21,6 +21,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def terminate(popen: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM (a graceful stop), then SIGKILL if it is still running after `timeout` seconds."""
+    if popen.poll() is None:
+        popen.send_signal(signal.SIGTERM)
+    try:
+        popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        popen.wait(10)
+
+
 class Proc:
     """A child Python process with captured stderr (JSON logs)."""
 
