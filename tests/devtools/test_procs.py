@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 
 from devtools import procs
 
@@ -21,6 +20,5 @@ def test_terminate_kills_a_child_that_ignores_sigterm() -> None:
                               "signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True)\n"
                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     assert child.stdout is not None and child.stdout.readline().strip() == "ready"
-    started = time.monotonic()
     procs.terminate(child, 0.5)
-    assert child.returncode == -signal.SIGKILL and time.monotonic() - started < 10
+    assert child.returncode == -signal.SIGKILL
