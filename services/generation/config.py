@@ -77,10 +77,11 @@ class EngineSettings:
     warm_up: bool = True
     # The prefix cache's block size in tokens (vLLM's default).
     prefix_cache_block: int = 16
-    # ONNX Runtime intra-op threads; 0: its default (one per core).
+    # ONNX Runtime intra-op threads; 0: one per CPU Ray assigned the replica (deployment.py),
+    # ONNX Runtime's own default (one per core) in process.
     threads: int = 0
     # ORT's intra-op threads spin-wait between ops by default: on a small shared CPU that steals
-    # the cores the other thread needs (measured on 2 busy cores: 30 tok/s spinning, 50 not).
+    # the cores the other threads need, and decode got slower, not faster, with spinning.
     spin: bool = False
 
     def __post_init__(self) -> None:
