@@ -4,7 +4,6 @@ retry's turn), relay its replies."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 import uuid
@@ -24,6 +23,7 @@ from services.conversation.deletion import Eraser
 from services.conversation.reader import StoreReader
 from services.gateway import errors, idempotency, metrics, validation
 from services.gateway.admission import Admission
+from services.gateway.chat_stream import ChatEnd, ChatStream, Limits
 from services.gateway.config import GatewayConfig
 from services.gateway.moderation_guard import ModerationGuard
 from services.gateway.ratelimit import RateLimiter, retry_after_seconds
@@ -37,8 +37,6 @@ MODERATION_DOWN = ("moderation is unavailable, so messages cannot be checked; no
                    "Retry shortly")
 HISTORY_POLL_S = 1.0  # how often a keyed chat with no reply looks for its turn in the history
 HISTORY_WAIT_S = 5.0  # read-your-writes: how long a reader waits for the store to catch up
-CHECKS_TIMEOUT = ("the message was not checked by moderation within {s:.0f}s; it was cancelled and not answered. "
-                  "Retry shortly")
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
@@ -58,6 +56,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         # conversation id -> (request id, message) of the turn this replica is answering in it
         self.in_flight: dict[str, tuple[str, str]] = {}
         self.admission = Admission(cfg.max_concurrent_chats, cfg.max_chats_per_user)
+        self._history = _StoreHistory(self)
+        self._pipeline = _KafkaPipeline(self)
 
     # -- helpers -------------------------------------------------------------------------------
     async def _caller(self, context: grpc.aio.ServicerContext) -> Identity:
@@ -230,123 +230,26 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         metrics.ACTIVE_CHATS.inc()
         accepted = time.perf_counter()
         code = "OK"
-        finished = False
         try:
             remaining = context.time_remaining()
             budget = self.cfg.default_deadline_s if remaining is None else min(remaining, self.cfg.default_deadline_s)
             deadline = time.time() + budget
-            if not attached:
-                turn = events_pb2.TurnEvent(
-                    request_id=request_id, conversation_id=conv, user_id=user, message=text, sampling=sampling,
-                    reply_topic=self.reply_topic, deadline_unix_ms=int(deadline * 1000),
-                    accepted_unix_ms=turns.now_ms(),
-                    seed=request.seed if request.HasField("seed") else None)
-                try:
-                    await self._publish(events.OutEvent(topics.CHAT_REQUESTS.name, conv, turn, request_id=request_id))
-                except Exception:
-                    log.exception("could not publish the turn")
-                    metrics.REFUSED.labels("unavailable").inc()
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "the chat pipeline is unavailable; retry shortly")
-            # A keyed turn may end where this replica cannot hear it (a gateway that was killed
-            # sent it, or the prompt stage found it recorded already): look in the history too.
-            poll = HISTORY_POLL_S if key else None
-            sent: dict[int, int] = {}
-            # A retry of a turn still being answered can hear the first try's replies (on this
-            # replica's reply topic) before its own `started`: they wait here until it comes.
-            early: list[events_pb2.ReplyEvent] = []
-            ready: collections.deque[events_pb2.ReplyEvent] = collections.deque()
-            started = False
-            first_text = True
-            turn_index = 0
-            last_reply = time.perf_counter()
-            while True:
-                now = time.perf_counter()
-                left = deadline - time.time()
-                if left <= 0:
-                    self._give_up(request_id, conv, "deadline")
-                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the answer did not finish in time")
-                wait = min(left, last_reply + self.cfg.reply_idle_timeout_s - now)
-                if not started:
-                    wait = min(wait, accepted + self.cfg.check_timeout_s - now)
-                wait = max(0.0, wait)
-                slice_s = min(wait, poll) if poll is not None else wait
-                try:
-                    ev = ready.popleft() if ready else await asyncio.wait_for(queue.get(), timeout=slice_s)
-                except TimeoutError:
-                    if poll is not None and (done_turn := await self._blocking(
-                            self.db.turn_by_request, conv, user, request_id)) is not None:
-                        finished = True
-                        metrics.IDEMPOTENT_RETRIES.labels("replayed").inc()
-                        for out in idempotency.replay(done_turn, conv, sent, started):
-                            yield out
-                        return
-                    if slice_s < wait or deadline - time.time() <= 0:
-                        continue
-                    if not started:  # never cleared the checks: fail closed, do not leave it queued
-                        self._give_up(request_id, conv, "checks-timeout")
-                        metrics.REFUSED.labels("moderation_timeout").inc()
-                        await context.abort(grpc.StatusCode.UNAVAILABLE, CHECKS_TIMEOUT.format(
-                            s=self.cfg.check_timeout_s))
-                    self._give_up(request_id, conv, "stalled")
-                    await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                        f"no progress from the pipeline for {self.cfg.reply_idle_timeout_s:.0f}s")
-                last_reply = time.perf_counter()
-                kind = ev.WhichOneof("reply")
-                # `started` goes first (the contract): input moderation's warning reaches this replica
-                # before the prompt stage's start, and a retry can hear the first try's replies
-                # before its own; both wait here until it comes.
-                if not started and (kind == "moderation"
-                                    or (poll is not None and kind in ("text", "retraction", "done"))):
-                    early.append(ev)
-                    continue
-                if kind == "started":
-                    turn_index = ev.started.turn_index
-                    if not started:
-                        started = True
-                        yield chat_pb2.ChatEvent(started=ev.started)
-                        ready.extend(early)
-                        early.clear()
-                elif kind == "text":
-                    already = sent.get(ev.text.index, 0)
-                    if len(ev.text.text) > already:
-                        if first_text:
-                            first_text = False
-                            metrics.TTFT.observe(time.perf_counter() - accepted)
-                        metrics.STREAMED_CHARS.inc(len(ev.text.text) - already)
-                        sent[ev.text.index] = len(ev.text.text)
-                        yield chat_pb2.ChatEvent(delta=chat_pb2.ChatDelta(
-                            index=ev.text.index, text=ev.text.text[already:]))
-                elif kind == "retraction":  # stream-first moderation cut text this stream already sent
-                    if sent.get(ev.retraction.index, 0) > ev.retraction.kept_chars:
-                        sent[ev.retraction.index] = ev.retraction.kept_chars
-                        yield chat_pb2.ChatEvent(retraction=ev.retraction)
-                elif kind == "moderation":
-                    yield chat_pb2.ChatEvent(moderation=ev.moderation)
-                elif kind == "done":
-                    finished = True
-                    # Read-your-writes: a GetConversation or next turn right after `done` must
-                    # see this turn, so wait (briefly) for the history to hold its record.
-                    if turn_index and not await self._turn_stored(conv, turn_index):
-                        log.warning("history lags behind a finished turn",
-                                    extra={"conversation_id": conv, "turn": turn_index})
-                    yield chat_pb2.ChatEvent(done=ev.done)
-                    return
-                elif kind == "error":
-                    finished = True
-                    status, public = errors.stage_error(ev.error, request_id)
-                    log.warning("a stage failed the turn", extra={
-                        "stage": ev.error.stage, "code": ev.error.code, "error": ev.error.message,
-                        "request_id": request_id})
-                    code = status.name
-                    await context.abort(status, public)
+            turn = None if attached else events_pb2.TurnEvent(
+                request_id=request_id, conversation_id=conv, user_id=user, message=text, sampling=sampling,
+                reply_topic=self.reply_topic, deadline_unix_ms=int(deadline * 1000),
+                accepted_unix_ms=turns.now_ms(),
+                seed=request.seed if request.HasField("seed") else None)
+            stream = ChatStream(queue, self._history, self._pipeline, conversation_id=conv, user=user,
+                                request_id=request_id, accepted=accepted, limits=Limits(
+                                    deadline, self.cfg.reply_idle_timeout_s, self.cfg.check_timeout_s,
+                                    HISTORY_POLL_S if key else None))
+            async for out in stream.run(turn):
+                yield out
+        except ChatEnd as end:
+            code = end.status.name
+            await context.abort(end.status, end.message)
         except asyncio.CancelledError:
             code = "CANCELLED"
-            if not finished:
-                self._give_up(request_id, conv, "client-cancelled")
-            raise
-        except grpc.aio.AbortError:
-            if code == "OK":
-                code = context.code().name if isinstance(context.code(), grpc.StatusCode) else "UNKNOWN"
             raise
         finally:
             metrics.ACTIVE_CHATS.dec()
@@ -475,6 +378,33 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         except Exception:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "could not record the feedback; retry shortly")
         return chat_pb2.SubmitFeedbackResponse(feedback_id=feedback_id)
+
+
+class _StoreHistory:
+    """chat_stream.History over this servicer's conversation store."""
+
+    def __init__(self, servicer: ChatServicer) -> None:
+        self._s = servicer
+
+    async def turn_by_request(self, conversation_id: str, user: str, request_id: str) -> chat_pb2.Turn | None:
+        return await self._s._blocking(self._s.db.turn_by_request, conversation_id, user, request_id)
+
+    async def turn_stored(self, conversation_id: str, index: int) -> bool:
+        return await self._s._turn_stored(conversation_id, index)
+
+
+class _KafkaPipeline:
+    """chat_stream.Pipeline over this servicer's Kafka producer."""
+
+    def __init__(self, servicer: ChatServicer) -> None:
+        self._s = servicer
+
+    async def publish(self, turn: events_pb2.TurnEvent) -> None:
+        await self._s._publish(events.OutEvent(topics.CHAT_REQUESTS.name, turn.conversation_id, turn,
+                                               request_id=turn.request_id))
+
+    def give_up(self, request_id: str, conversation_id: str, reason: str) -> None:
+        self._s._give_up(request_id, conversation_id, reason)
 
 
 def _page_error(exc: ValueError) -> ValueError:
