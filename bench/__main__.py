@@ -14,13 +14,26 @@ import os
 import sys
 import time
 
-from bench import common, conversation, engine, history_store, model_quality, pipeline, report, scale, stages, web
+from bench import (
+    common,
+    conversation,
+    engine,
+    history_store,
+    model_quality,
+    pipeline,
+    rebalance,
+    report,
+    scale,
+    stages,
+    web,
+)
 
 ALL = ("engine", "stages", "pipeline", "conversation")
 # Run only when named: the quality gate of every build (minutes per build); the HTTP front's overhead;
 # the conversation store loaded with a million turns (about 10 minutes); stage throughput at 1 and
-# 2 replicas with the rebalance stall (a few minutes).
-EXTRA = ("model", "web", "history_store", "scale")
+# 2 replicas with the rebalance stall (a few minutes); stage replicas added and removed under chat load
+# (a whole stack, about 8 minutes).
+EXTRA = ("model", "web", "history_store", "scale", "rebalance")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=64, help="max_tokens for every contender")
     p.add_argument("--resume", action="store_true",
                    help="keep the in-process parts of engine.json/conversation.json and run only the stack parts")
-    for mod in (engine, pipeline, conversation, stages, model_quality, web, history_store, scale):
+    for mod in (engine, pipeline, conversation, stages, model_quality, web, history_store, scale, rebalance):
         mod.add_args(p.add_argument_group(mod.NAME))
     return p
 
@@ -70,6 +83,8 @@ def _run(args: argparse.Namespace, names: list[str]) -> int:
         scale.run(args)
     if "history_store" in names:
         history_store.run(args)
+    if "rebalance" in names:
+        rebalance.run(args)  # its own stack: replicas come and go in it
     conv = None
     if "conversation" in names:
         conv = common.Record.resume(conversation.NAME) if args.resume else None

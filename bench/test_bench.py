@@ -288,3 +288,27 @@ def test_history_store_loads_sqlite_reads_every_call_and_judges_the_p99(tmp_path
     monkeypatch.setattr(hs.common, "RESULTS", tmp_path)
     hs.write_md({**doc, "started": "2026-12-02T12:00:00Z"})
     assert "bypasses Kafka" in (tmp_path / f"{hs.NAME}.md").read_text()
+
+
+def test_rebalance_counts_lost_duplicated_and_misnumbered_turns_per_action() -> None:
+    from bench.rebalance import Action, Chat, check_history, max_gap, tally
+
+    chats = [Chat(0, 1, 1.0, "c1", "r1", done=True, ended=2.0),
+             Chat(0, 2, 2.5, "c1", "r2", done=True, ended=3.0),  # done, never recorded: lost
+             Chat(1, 1, 4.0, "c2", "r3", code="UNAVAILABLE", detail="retry shortly", ended=5.0),
+             Chat(1, 1, 6.0, "c2", "r4", done=True, ended=7.0),  # recorded twice: duplicated
+             Chat(2, 1, 6.5, "c3", "r5", done=True, ended=7.5),
+             Chat(2, 2, 7.6, "c3", "r6", ended=7.9)]  # ended without done or error: unclear
+    recorded = {"c1": [(1, "r1", True)], "c2": [(1, "r4", True), (1, "r4", True)],
+                "c3": [(2, "r5", False)]}  # index 2 with no 1, and no answer text
+    history = check_history(chats, recorded)
+    assert history["r2"]["lost"] == 1 and history["r1"]["lost"] == 0
+    assert history["r4"]["duplicated"] == 1 and history["r3"] == dict.fromkeys(history["r3"], 0)
+    assert history["r5"]["bad_index"] == 1 and history["r5"]["no_answer"] == 1
+    rows = tally(chats, [Action("tokenizer", "add", "tokenizer-2", 3.5, 8.0)], history, (0.0, 3.5))
+    steady, add = rows
+    assert (steady["chats"], steady["answered"], steady["lost"], steady["stall_s"]) == (2, 2, 1, 2.0)
+    assert (add["chats"], add["answered"], add["errors"], add["unclear"]) == (4, 2, 1, 1)
+    assert (add["duplicated"], add["bad_index"], add["no_answer"], add["process"]) == (1, 1, 1, "tokenizer-2")
+    assert add["stall_s"] == 3.5  # from the action at 3.5 to the first completion at 7.0
+    assert max_gap([], 1.0, 4.0) == 3.0 and max_gap([9.0], 1.0, 4.0) == 3.0
