@@ -345,41 +345,37 @@ def build_app(backend: Backend) -> Starlette:
             raise err from None
         return JSONResponse(domain.moderation_response(resp, uuid.uuid4().hex))
 
+    async def gateway(method: Any, req: Any, request: Request, renames: dict[str, str] | None = None) -> Any:
+        """One unary gateway call with the caller's key; its gRPC error as OpenAI's error JSON
+        (`renames`: proto field -> the HTTP parameter the client sent)."""
+        try:
+            return await method(req, metadata=_metadata(request), timeout=cfg.call_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise _rpc_error(exc, renames) from None
+
     async def feedback(request: Request) -> Response:
         """The page's thumbs and rankings: SubmitFeedback with the caller's key."""
         req = domain.feedback_request(await _json(request, cfg.max_body_bytes))
-        try:
-            resp = await backend.chat.SubmitFeedback(req, metadata=_metadata(request), timeout=cfg.call_timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise _rpc_error(exc) from None
+        resp = await gateway(backend.chat.SubmitFeedback, req, request)
         return JSONResponse({"feedback_id": resp.feedback_id})
 
     async def list_conversations(request: Request) -> Response:
         """The page's conversation list: ListConversations with the caller's key."""
         req = domain.list_request(request.query_params)
-        try:
-            resp = await backend.chat.ListConversations(req, metadata=_metadata(request), timeout=cfg.call_timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise _rpc_error(exc, {"page_size": "limit"}) from None
+        resp = await gateway(backend.chat.ListConversations, req, request, {"page_size": "limit"})
         return JSONResponse(domain.conversation_list(resp))
 
     async def get_conversation(request: Request) -> Response:
         """Opening a conversation: its turns (GetConversation with the caller's key)."""
         req = domain.conversation_request(request.path_params["conversation_id"], request.query_params)
-        try:
-            resp = await backend.chat.GetConversation(req, metadata=_metadata(request), timeout=cfg.call_timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise _rpc_error(exc, {"page_size": "limit"}) from None
+        resp = await gateway(backend.chat.GetConversation, req, request, {"page_size": "limit"})
         return JSONResponse(domain.conversation(resp))
 
     async def delete_conversation(request: Request) -> Response:
         """DeleteConversation with the caller's key: the history, and the feedback given on it."""
         conv = request.path_params["conversation_id"]
-        try:
-            resp = await backend.chat.DeleteConversation(chat_pb2.DeleteConversationRequest(conversation_id=conv),
-                                                         metadata=_metadata(request), timeout=cfg.call_timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise _rpc_error(exc) from None
+        resp = await gateway(backend.chat.DeleteConversation, chat_pb2.DeleteConversationRequest(conversation_id=conv),
+                             request)
         return JSONResponse({"id": conv, "object": "conversation.deleted", "deleted": True,
                              "deleted_turns": resp.deleted_turns})
 
