@@ -1,6 +1,6 @@
 """Every use of a library's private API, behind one adapter each, so an upgrade fails in one place.
 
-kafka-python and Ray Serve offer no public call for three things Colloquy needs; the test
+kafka-python and Ray Serve offer no public call for the things below that Colloquy needs; the test
 ``tests/common/test_private_api.py`` checks that each private symbol still exists with the shape
 used here, so an upgrade that moves one fails that test loudly instead of a service at run time.
 
@@ -12,9 +12,18 @@ used here, so an upgrade that moves one fails that test loudly instead of a serv
 - kafka-python 3.0: a producer whose sends will never complete cannot be closed publicly
   (``close`` flushes first and raises); ``_sender.force_close()`` and ``_closed`` do what
   ``close`` does next (services/common/kafka_loop.py ``close_now``).
+- kafka-python 3.0: ``KafkaConsumer.close()`` sends LeaveGroup only for a dynamic member
+  (``BaseCoordinator.maybe_leave_group_async`` is gated on ``is_dynamic_member()``); a static
+  member (``group_instance_id``) just goes quiet and keeps its partitions until the session
+  timeout. ``_coordinator.is_dynamic_member`` is overridden on the one consumer being closed, so
+  close sends LeaveGroup v3+ naming its ``group_instance_id`` (KIP-345)
+  (services/common/kafka_loop.py ``close_leaving_group``).
 - Ray Serve 2.60: deploying a whole config file from Python (what ``serve run config.yaml`` does)
   needs ``ray.serve._private.api.serve_start`` and the global client's ``deploy_apps``
   (services/generation/serving.py).
+- Ray Serve 2.60: a request router asks Serve to back off between routing rounds (when every
+  replica it ranked is full) through ``PendingRequest.routing_context.should_backoff``, whose
+  type is not public (services/generation/router.py).
 """
 
 from __future__ import annotations
@@ -23,8 +32,8 @@ from typing import Any
 
 from kafka.admin._transactions import AbortTransactionSpec, TransactionState
 
-__all__ = ["AbortTransactionSpec", "TransactionState", "fail_pending_waiters", "force_close_producer",
-           "serve_client", "serve_start"]
+__all__ = ["AbortTransactionSpec", "TransactionState", "back_off_between_routing_rounds", "fail_pending_waiters",
+           "force_close_producer", "leave_group_on_close", "serve_client", "serve_start"]
 
 
 def fail_pending_waiters(consumer: Any, exc: BaseException) -> bool:
@@ -46,6 +55,21 @@ def force_close_producer(producer: Any) -> None:
     producer._closed = True
 
 
+def leave_group_on_close(consumer: Any) -> bool:
+    """Make ``consumer.close()`` send LeaveGroup although the consumer is a static member.
+
+    kafka-python then sends it with the member id and ``group_instance_id`` (LeaveGroup v3+, which
+    the broker accepts for a static member: KIP-345), so the group rebalances at once instead of
+    after the session timeout. Only for a consumer about to be closed: the override stays on it.
+    False when this kafka-python has no such gate (close then behaves as the library decides).
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    if not callable(getattr(coordinator, "is_dynamic_member", None)):
+        return False
+    coordinator.is_dynamic_member = lambda: True
+    return True
+
+
 def serve_start(**options: Any) -> Any:
     """Start Serve (controller and proxies with ``options``) and return its client."""
     from ray.serve._private import api as serve_api
@@ -58,3 +82,9 @@ def serve_client() -> Any:
     from ray.serve.context import _get_global_client
 
     return _get_global_client()
+
+
+def back_off_between_routing_rounds(pending_request: Any) -> None:
+    """Have Serve sleep (exponential backoff) before routing ``pending_request`` again when no
+    replica a request router ranked could take it; without it Serve retries at once."""
+    pending_request.routing_context.should_backoff = True

@@ -136,7 +136,7 @@ class Materializer(ThreadWorker):
                 self._report_lag()
         finally:
             self._consumer = None
-            consumer.close(autocommit=False)
+            kafka_loop.close_leaving_group(consumer)
             if self._producer is not None:
                 self._producer.close(timeout=5)
 

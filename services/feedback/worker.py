@@ -89,6 +89,6 @@ class FeedbackSink(ThreadWorker):
                 if offsets:
                     consumer.commit(offsets)
         finally:
-            consumer.close(autocommit=False)
+            kafka_loop.close_leaving_group(consumer)
             if producer is not None:
                 producer.close(timeout=5)

@@ -313,7 +313,7 @@ class GenerationWorker(ThreadWorker):
 
     def _close_consumer(self) -> None:
         self._commit_sync(self._tracker.to_commit())
-        self._consumer.close(autocommit=False)
+        kafka_loop.close_leaving_group(self._consumer)
 
     def _probe(self) -> bool:
         """Report lag per partition; True when the consumer has stopped fetching.

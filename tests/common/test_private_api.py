@@ -51,6 +51,23 @@ def test_kafka_producer_still_has_the_sender_and_closed_flag_close_now_uses() ->
 
 def test_the_adapter_reports_a_consumer_without_the_hook() -> None:
     assert private_api.fail_pending_waiters(object(), TimeoutError("test")) is False
+    assert private_api.leave_group_on_close(object()) is False
+
+
+def test_kafka_static_member_still_gates_leave_group_on_is_dynamic_member() -> None:
+    """close_leaving_group overrides the gate; tests/common/test_leave_group.py shows the effect."""
+    from kafka.coordinator.base import BaseCoordinator
+
+    source = inspect.getsource(BaseCoordinator.maybe_leave_group_async)
+    assert "self.is_dynamic_member()" in source, f"{KAFKA}: maybe_leave_group_async no longer asks is_dynamic_member"
+    consumer = KafkaConsumer(bootstrap_servers="127.0.0.1:1", api_version=(3, 0), group_id="g",
+                             group_instance_id="g-1")
+    try:
+        assert consumer._coordinator.is_dynamic_member() is False, f"{KAFKA}: a static member counts as dynamic"
+        assert private_api.leave_group_on_close(consumer) is True
+        assert consumer._coordinator.is_dynamic_member() is True
+    finally:
+        consumer.close()
 
 
 def test_ray_serve_private_start_and_client_still_exist_with_the_arguments_used() -> None:
@@ -64,3 +81,22 @@ def test_ray_serve_private_start_and_client_still_exist_with_the_arguments_used(
 
     assert "_blocking" in inspect.signature(ServeControllerClient.deploy_apps).parameters, (
         f"{RAY}: ServeControllerClient.deploy_apps lost _blocking")
+
+
+def test_ray_serve_routing_context_still_has_the_backoff_flag_the_affinity_router_sets() -> None:
+    import dataclasses
+    import types
+
+    from ray.serve._private.request_router.request_router import RequestRouter
+    from ray.serve.request_router import PendingRequest
+
+    field = {f.name: f for f in dataclasses.fields(PendingRequest)}.get("routing_context")
+    assert field is not None, f"{RAY}: PendingRequest lost routing_context"
+    context = field.default_factory()  # type: ignore[misc]
+    assert context.should_backoff is False, f"{RAY}: RequestRoutingContext lost should_backoff"
+    # The flag still gates the sleep between routing rounds in the base router.
+    assert "should_backoff" in inspect.getsource(RequestRouter._choose_replicas_with_backoff), (
+        f"{RAY}: RequestRouter no longer reads routing_context.should_backoff")
+    request = types.SimpleNamespace(routing_context=context)
+    private_api.back_off_between_routing_rounds(request)
+    assert context.should_backoff is True

@@ -1,0 +1,119 @@
+"""A static group member that closes gracefully leaves its group at once (kafka_loop.close_leaving_group).
+
+Real broker, two static members of one group with a 60 s session timeout: after one closes, the
+other must own every partition within 20 s, which only a LeaveGroup can bring about (the gone
+member's session would still be alive). The control shows kafka-python's own close leaving the
+member in the group, which is why the workaround exists and what makes the first test able to fail.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+
+from services.common import kafka_loop
+from services.common.config import KafkaConfig
+from tests.common.kafka_util import create
+
+pytestmark = pytest.mark.kafka
+
+PARTITIONS = 4
+SESSION_MS = 60_000  # far longer than any wait below: no partition moves by session expiry here
+DEADLINE_S = 20.0
+
+
+class Member(threading.Thread):
+    """One static member polling in its own thread (a consumer is not thread-safe); `leave` stops
+    it and closes its consumer with `close`, in that thread."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str, instance: str,
+                 close: Callable[[KafkaConsumer], None]) -> None:
+        super().__init__(name=f"member-{instance}", daemon=True)
+        self.consumer = kafka_loop.make_consumer(
+            KafkaConfig(bootstrap_servers=bootstrap), group, instance, topic,
+            group_instance_id=instance, session_timeout_ms=SESSION_MS, heartbeat_interval_ms=500)
+        self.instance = instance
+        self.close = close
+        self.assigned: frozenset[TopicPartition] = frozenset()
+        self.error: BaseException | None = None
+        self._quit = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self._quit.is_set():
+                self.consumer.poll(timeout_ms=100)
+                self.assigned = frozenset(self.consumer.assignment())
+        except BaseException as exc:  # surfaced by the test, not lost in the thread
+            self.error = exc
+        finally:
+            self.close(self.consumer)
+
+    def leave(self) -> None:
+        self._quit.set()
+        self.join(30)
+        assert not self.is_alive(), f"{self.instance} did not close within 30 s"
+        assert self.error is None, self.error
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.05)
+
+
+def instance_ids(admin: KafkaAdminClient, group: str) -> set[str]:
+    members = (admin.describe_groups([group]).get(group) or {}).get("members") or []
+    return {m.get("group_instance_id") for m in members}
+
+
+@pytest.fixture
+def admin(kafka_bootstrap: str) -> Iterator[KafkaAdminClient]:
+    client = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    yield client
+    client.close()
+
+
+def join_two(bootstrap: str, unique: str, close_a: Callable[[KafkaConsumer], None]) -> tuple[Member, Member, str]:
+    """Members a and b of a fresh group, each owning part of a 4-partition topic."""
+    topic, group = f"t.leave.{unique}", f"g.leave.{unique}"
+    create(bootstrap, topic, partitions=PARTITIONS)
+    a = Member(bootstrap, group, topic, f"a-{unique}", close_a)
+    b = Member(bootstrap, group, topic, f"b-{unique}", kafka_loop.close_leaving_group)
+    a.start()
+    b.start()
+    every = {TopicPartition(topic, p) for p in range(PARTITIONS)}
+    wait_for(lambda: bool(a.assigned) and bool(b.assigned) and a.assigned | b.assigned == every
+             and not a.assigned & b.assigned, "both members own part of the topic", timeout=60)
+    return a, b, group
+
+
+def test_a_static_member_that_closes_leaves_and_the_other_takes_every_partition(
+        kafka_bootstrap: str, unique: str, admin: KafkaAdminClient) -> None:
+    a, b, group = join_two(kafka_bootstrap, unique, kafka_loop.close_leaving_group)
+    try:
+        assert instance_ids(admin, group) >= {a.instance, b.instance}
+        a.leave()
+        # close() returned after the broker answered the LeaveGroup: a is gone from the group now.
+        assert a.instance not in instance_ids(admin, group)
+        wait_for(lambda: len(b.assigned) == PARTITIONS,
+                 f"b owns all {PARTITIONS} partitions (its session would keep a's for {SESSION_MS / 1000:.0f} s)")
+    finally:
+        b.leave()
+
+
+def test_control_kafka_pythons_own_close_keeps_a_static_member_in_the_group(
+        kafka_bootstrap: str, unique: str, admin: KafkaAdminClient) -> None:
+    """If this fails, kafka-python now leaves on close by itself: private_api.leave_group_on_close
+    can go."""
+    a, b, group = join_two(kafka_bootstrap, unique, lambda c: c.close(autocommit=False))
+    try:
+        a.leave()
+        assert a.instance in instance_ids(admin, group), "kafka-python's close made a static member leave"
+        assert len(b.assigned) < PARTITIONS
+    finally:
+        b.leave()
