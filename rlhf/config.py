@@ -17,6 +17,16 @@ def _fraction(value: float) -> bool:
     return 0.0 <= value <= 1.0
 
 
+def _iso_time(value: str) -> bool:
+    from rlhf.replay import parse_time
+
+    try:
+        parse_time(value)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclasses.dataclass(frozen=True)
 class RLHFConfig:
     """Hyperparameters, the KL bound, data selection and the Ray Train workers."""
@@ -85,6 +95,26 @@ class RLHFConfig:
     # Answers sampled per held-out prompt from parent and child (reward model and KL estimates; 0: skip)
     eval_samples: int = env("RLHF_EVAL_SAMPLES", 4, check=lambda v: v >= 0, hint=">= 0")
     pushgateway_url: str = env("PUSHGATEWAY_URL", "")
+    # Replay evaluation (rlhf.replay): logged prompts of the conversation store re-run on each
+    # candidate and on the served version before publishing. Window: the last RLHF_REPLAY_HOURS
+    # before the run, or from RLHF_REPLAY_SINCE (ISO 8601, UTC when no zone) when set; the newest
+    # RLHF_REPLAY_LIMIT distinct prompts in it.
+    replay: bool = env("RLHF_REPLAY", False)
+    replay_hours: float = env("RLHF_REPLAY_HOURS", 24.0, check=positive, hint="> 0 hours")
+    replay_since: str = env("RLHF_REPLAY_SINCE", "", check=lambda v: not v or _iso_time(v),
+                            hint="an ISO 8601 time such as 2026-12-01T08:00:00Z")
+    replay_limit: int = env("RLHF_REPLAY_LIMIT", 64, check=lambda v: v >= 1, hint=">= 1 prompts")
+    replay_exclude_simulated: bool = env("RLHF_REPLAY_EXCLUDE_SIMULATED", False)
+    # The conversation store to read; empty: the conversation service's own (DATABASE_URL, else the
+    # SQLite file CONVERSATION_DB)
+    replay_store: str = env("RLHF_REPLAY_STORE", "")
+    # The replay fails when the candidate's mean rule score is more than this below the served
+    # version's, or its answers' block rate more than this fraction above the served version's.
+    replay_rule_margin: float = env("RLHF_REPLAY_RULE_MARGIN", 0.0, check=lambda v: v >= 0, hint=">= 0")
+    replay_max_block_increase: float = env("RLHF_REPLAY_MAX_BLOCK_INCREASE", 0.0, check=_fraction, hint="0..1")
+    # The moderation service that judges the replayed answers (as the gateway's MODERATION_ADDR);
+    # empty: not measured, and the replay does not pass.
+    moderation_addr: str = env("MODERATION_ADDR", "")
 
     def gpu(self) -> bool:
         """Train on GPUs when asked, or (``auto``) when torch sees one."""
@@ -96,7 +126,8 @@ class RLHFConfig:
 
     def hyperparameters(self) -> dict[str, Any]:
         """Everything that shapes the trained weights (recorded in the manifest)."""
-        skip = {"ray_address", "ray_num_cpus", "pushgateway_url", "use_gpu", "eval_samples"}
+        skip = {"ray_address", "ray_num_cpus", "pushgateway_url", "use_gpu", "eval_samples", "moderation_addr",
+                *(f.name for f in dataclasses.fields(self) if f.name.startswith("replay"))}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 

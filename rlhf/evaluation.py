@@ -124,6 +124,38 @@ def _response_logprobs(lm: Any, seq: Any, attn: Any, width: int, response: Any) 
     return ppo.logprobs_from_logits(logits, response)
 
 
+def load_reward_model(parent_hf: Path, reward_model_file: Path) -> tuple[Any, float]:
+    """The reward model a run trained (``RM_CHECKPOINT`` on the parent's float32 architecture), in
+    eval mode, and the offset its scores are reported relative to."""
+    import torch
+
+    from rlhf.reward import RewardModel
+    from rlhf.train import load_lm
+
+    saved = torch.load(reward_model_file, map_location="cpu", weights_only=False)
+    rm = RewardModel.from_causal_lm(load_lm(Path(parent_hf)))
+    rm.load_state_dict(saved["state"])
+    rm.eval()
+    return rm, float(saved["metrics"].get("reward_offset", 0.0))
+
+
+def reward_scores(rm: Any, offset: float, enc: Any, prompts: Sequence[str], answers: Sequence[str],
+                  batch_size: int = 16) -> list[float]:
+    """The reward model's score (minus ``offset``) of each answer to its prompt (``enc``: the run's
+    ``rlhf.train.Encoder``, which cuts long prompts from the left)."""
+    import torch
+
+    from rlhf.train import comparison_batch
+
+    items = [{"prompt": p, "answers": [a], "pairs": []} for p, a in zip(prompts, answers, strict=True)]
+    out: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            ids, mask, _ = comparison_batch(items[start:start + batch_size], enc)
+            out.extend((rm(ids, mask) - offset).tolist())
+    return out
+
+
 def sampled(parent_hf: Path, child_hf: Path, reward_model_file: Path, prompts: Sequence[str],
             questions: Sequence[str], greedy: dict[str, Sequence[str]], hp: dict[str, Any], samples: int,
             bound: float, batch_size: int = 16) -> dict[str, Any]:
@@ -137,26 +169,15 @@ def sampled(parent_hf: Path, child_hf: Path, reward_model_file: Path, prompts: S
     import torch
 
     from rlhf import preference
-    from rlhf.reward import RewardModel
-    from rlhf.train import Encoder, comparison_batch, load_lm, sample_answers, with_final_eos
+    from rlhf.train import Encoder, load_lm, sample_answers, with_final_eos
 
     enc = Encoder(Path(child_hf) / "tokenizer.json", hp["max_prompt_tokens"], hp["max_answer_tokens"])
     parent = load_lm(Path(parent_hf)).eval()
     child = load_lm(Path(child_hf)).eval()
-    saved = torch.load(reward_model_file, map_location="cpu", weights_only=False)
-    rm = RewardModel.from_causal_lm(load_lm(Path(parent_hf)))
-    rm.load_state_dict(saved["state"])
-    rm.eval()
-    offset = float(saved["metrics"].get("reward_offset", 0.0))
+    rm, offset = load_reward_model(parent_hf, reward_model_file)
 
     def rm_text(answers: Sequence[str]) -> list[float]:
-        items = [{"prompt": p, "answers": [a], "pairs": []} for p, a in zip(prompts, answers, strict=True)]
-        out: list[float] = []
-        with torch.no_grad():
-            for start in range(0, len(items), batch_size):
-                ids, mask, _ = comparison_batch(items[start:start + batch_size], enc)
-                out.extend((rm(ids, mask) - offset).tolist())
-        return out
+        return reward_scores(rm, offset, enc, prompts, answers, batch_size)
 
     result: dict[str, Any] = {"reward_offset": offset, "samples_per_prompt": samples,
                               "temperature": hp["temperature"], "max_new_tokens": hp["max_new_tokens"]}

@@ -1,7 +1,7 @@
 """The offline RLHF job: feedback since the last run -> reward model -> PPO -> ONNX -> new registry version.
 
 ``python -m rlhf.job [--base VERSION] [--registry DIR] [--dataset DIR] [--source all] [--algorithm ppo|dpo|both]
-[--rounds N --label-command CMD] [--fresh]`` (``make rlhf``, ``make rlhf-rounds ROUNDS=N``). Steps:
+[--rounds N --label-command CMD] [--fresh] [--replay ...]`` (``make rlhf``, ``make rlhf-rounds ROUNDS=N``). Steps:
 
 1. Start from the registry's current ``generation`` version (or ``--base``) and its float32
    weights (:func:`base_hf_dir`), and take the feedback created since the window end that
@@ -17,6 +17,9 @@
    feedback window, the metrics and the gate's outcome. The ``generation`` pointer does not
    move: promotion is ``python -m model.registry promote generation V`` (refused when the
    child failed the gate).
+   With ``--replay`` (``RLHF_REPLAY``), before publishing, logged prompts of the conversation
+   store are re-run on the child and on the served version and judged by the rule, the reward
+   model and the moderation service (``rlhf.replay``); the manifest and report get ``replay``.
 
 ``--rounds N`` repeats label -> train -> evaluate -> publish N times (:func:`run_rounds`), each
 round from the previous round's child, so each reads only feedback newer than the previous
@@ -177,6 +180,24 @@ def heldout_prompts() -> list[str]:
     return list(yaml.safe_load(PROMPTS_FILE.read_text(encoding="utf-8"))["heldout"])
 
 
+def greedy_answers(model_dir: Path, prompts: list[str], max_new_tokens: int,
+                   cache: dict[str, list[str]] | None = None) -> list[str]:
+    """Greedy answers of an exported (served) model to ready-made prompts; ``cache`` keeps them by
+    model directory and prompts, so a model judged twice on the same prompts answers once."""
+    import hashlib
+
+    from model.genai import greedy, load
+
+    digest = hashlib.sha256("\0".join(prompts).encode("utf-8")).hexdigest()[:16]
+    key = f"{model_dir.resolve()}|{max_new_tokens}|{digest}"
+    cache = {} if cache is None else cache
+    if key not in cache:
+        model, tokenizer = load(model_dir, "cpu")
+        cache[key] = [greedy(model, tokenizer, [int(t) for t in tokenizer.encode(p)], max_new_tokens).text
+                      for p in prompts]
+    return cache[key]
+
+
 def evaluate(parent_dir: Path, child_dir: Path, questions: list[str], max_new_tokens: int,
              sampled_with: dict[str, Any] | None = None,
              cache: dict[str, list[str]] | None = None) -> dict[str, Any]:
@@ -184,25 +205,15 @@ def evaluate(parent_dir: Path, child_dir: Path, questions: list[str], max_new_to
     (served) models in the served prompt layout, judged by the preference rule (and each of its
     terms); then, with ``sampled_with`` (the keyword arguments of :func:`rlhf.evaluation.sampled`
     but the answers), the reward model's view and the KL of the child to its parent. ``cache``
-    keeps a model's greedy answers by directory, so a parent judged against two children (PPO and
-    DPO) answers once."""
-    from model.genai import greedy, load
+    keeps a model's greedy answers (:func:`greedy_answers`), so a parent judged against two children
+    (PPO and DPO) answers once."""
     from rlhf import evaluation
     from rlhf.preference import score, terms
 
     prompts, template_version = evaluation.served_prompts(questions)
-    cache = {} if cache is None else cache
-
-    def answers(model_dir: Path) -> list[str]:
-        key = str(model_dir.resolve())
-        if key not in cache:
-            model, tokenizer = load(model_dir, "cpu")
-            cache[key] = [greedy(model, tokenizer, [int(t) for t in tokenizer.encode(p)], max_new_tokens).text
-                          for p in prompts]
-        return cache[key]
-
     clock = time.perf_counter()
-    parent, child = answers(parent_dir), answers(child_dir)
+    parent = greedy_answers(parent_dir, prompts, max_new_tokens, cache)
+    child = greedy_answers(child_dir, prompts, max_new_tokens, cache)
     result: dict[str, Any] = {**evaluation.judge(questions, parent, child, score, terms),
                               "judge": "rlhf.preference.score",
                               "answers": "greedy, exported ONNX models", "prompt_template": template_version,
@@ -255,6 +266,7 @@ def run(config: RLHFConfig, registry: Registry, base: str | None = None, dataset
         raise JobError(f"only {len(train)} training comparisons in window {window.as_dict()} "
                        f"(need {config.min_comparisons}); nothing published")
     hf_dir = base_hf_dir(registry, base, run_dir)
+    replay_set = _prepare_replay(config, registry, base, deployment, window, root)
     timings["prepare"] = time.perf_counter() - clock
 
     loop_config = {"run_dir": str(run_dir.resolve()), "base_hf_dir": str(hf_dir.resolve()),
@@ -272,7 +284,7 @@ def run(config: RLHFConfig, registry: Registry, base: str | None = None, dataset
               "hf_dir": hf_dir, "run_dir": run_dir, "window": window, "metrics": metrics,
               "dataset": {"root": str(root), **stats.as_dict(), "train_comparisons": len(train),
                           "heldout_comparisons": len(held)},
-              "origin": origin if origin and origin != base else None, "cache": {}}
+              "origin": origin if origin and origin != base else None, "cache": {}, "replay_set": replay_set}
     children: dict[str, dict[str, Any]] = dict(state.get("children") or {})
     for algorithm in algorithms(config.algorithm):
         if algorithm in children:  # published before an interruption: not published twice
@@ -298,6 +310,7 @@ def run(config: RLHFConfig, registry: Registry, base: str | None = None, dataset
               "ppo_final": ppo_history[-1] if ppo_history else None, "ppo_history": ppo_history,
               "dpo_history": metrics.get("dpo") or [], "dpo_heldout": metrics.get("dpo_heldout"),
               "evaluation": primary["evaluation"], "vs_origin": primary.get("vs_origin"),
+              "replay": primary.get("replay"),
               "hyperparameters": config.hyperparameters(), "quality": primary["quality"],
               "children": children,
               "phase_seconds": {**metrics["phase_seconds"], **timings, **primary["phase_seconds"]}}
@@ -305,10 +318,31 @@ def run(config: RLHFConfig, registry: Registry, base: str | None = None, dataset
     return report
 
 
+def _prepare_replay(config: RLHFConfig, registry: Registry, base: str, deployment: str,
+                    window: data.FeedbackWindow, dataset_root: Path) -> Any:
+    """The logged prompts the candidates will replay (``rlhf.replay``), chosen once before training
+    so a missing store stops the job early; None when ``RLHF_REPLAY`` is off."""
+    if not config.replay:
+        return None
+    from rlhf import replay
+    from services.common.config import load
+    from services.conversation.config import StoreConfig
+
+    try:
+        replay_window = replay.window_for(window.until_ms, config.replay_hours, config.replay_since,
+                                          config.replay_limit, config.replay_exclude_simulated)
+        chosen = replay.prepare(config.replay_store or load(StoreConfig).url, replay_window, dataset_root,
+                                registry.current(deployment) or base)
+    except (ValueError, replay.ReplayError) as exc:
+        raise JobError(f"replay: {exc}") from exc
+    log.info("replay: %d logged prompts (%s)", len(chosen.turns), chosen.counts)
+    return chosen
+
+
 def _publish_child(algorithm: str, timings: dict[str, float], *, config: RLHFConfig, registry: Registry, base: str,
                    base_manifest: dict[str, Any], hf_dir: Path, run_dir: Path, window: data.FeedbackWindow,
                    metrics: dict[str, Any], dataset: dict[str, Any], origin: str | None,
-                   cache: dict[str, list[str]]) -> dict[str, Any]:
+                   cache: dict[str, list[str]], replay_set: Any) -> dict[str, Any]:
     """Export, judge and publish one child (``ppo`` or ``dpo``); its part of the report."""
     from model.hashing import sha256_file
     from rlhf.train import POLICY_DIRS, RM_CHECKPOINT
@@ -343,6 +377,17 @@ def _publish_child(algorithm: str, timings: dict[str, float], *, config: RLHFCon
         vs_origin.pop("examples", None)
         vs_origin["origin_version"] = origin
     seconds["evaluate"] = time.perf_counter() - clock
+    replayed = None
+    if replay_set is not None:  # logged prompts, candidate vs the served version, before publishing
+        from rlhf import replay
+
+        clock = time.perf_counter()
+        replayed = replay.evaluate(
+            replay_set, export_dir, registry.version_path(replay_set.served_version),
+            lambda model_dir, prompts: greedy_answers(model_dir, prompts, config.eval_max_new_tokens, cache),
+            replay.reward_scorer(hf_dir, run_dir / RM_CHECKPOINT, config.hyperparameters()),
+            config.moderation_addr, config.replay_rule_margin, config.replay_max_block_increase)
+        seconds["replay"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     version = version_name(base, window, sha256_file(policy_dir / "model.safetensors"))
@@ -362,6 +407,8 @@ def _publish_child(algorithm: str, timings: dict[str, float], *, config: RLHFCon
     }
     if vs_origin:
         training["vs_origin"] = vs_origin
+    if replayed:
+        training["replay"] = replayed
     history = metrics.get(algorithm) or []
     training[algorithm] = {"steps": len(history), "final": history[-1] if history else None, "history": history}
     if algorithm == "dpo":
@@ -375,7 +422,7 @@ def _publish_child(algorithm: str, timings: dict[str, float], *, config: RLHFCon
     seconds["publish"] = time.perf_counter() - clock
     shutil.rmtree(work, ignore_errors=True)
     return {"algorithm": algorithm, "version": version, "path": str(published.path), "evaluation": evaluation,
-            "vs_origin": vs_origin, "history": history,
+            "vs_origin": vs_origin, "replay": replayed, "history": history,
             "quality": {"exports": exported.scores, "gate": (exported.quality or {}).get("gate"),
                         "served_export": exported.build["variant"]},
             "phase_seconds": {**train_seconds, **seconds}}
@@ -448,6 +495,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="shell command run before each round (e.g. the simulated labelers); it gets "
                              "RLHF_ROUND and RLHF_ROUND_BASE in its environment")
     parser.add_argument("--fresh", action="store_true", help="discard an unfinished run instead of resuming it")
+    replay_args = parser.add_argument_group("replay evaluation (rlhf.replay): logged prompts re-run on each "
+                                            "candidate and on the served version before publishing")
+    replay_args.add_argument("--replay", action="store_true", default=None, help="turn it on (RLHF_REPLAY)")
+    replay_args.add_argument("--replay-hours", type=float, default=None,
+                             help="the window: turns of the last H hours before the run (RLHF_REPLAY_HOURS)")
+    replay_args.add_argument("--replay-since", default=None,
+                             help="the window: turns since this ISO 8601 time, e.g. 2026-12-01T08:00:00Z "
+                                  "(RLHF_REPLAY_SINCE; overrides --replay-hours)")
+    replay_args.add_argument("--replay-limit", type=int, default=None,
+                             help="at most N distinct prompts, the newest (RLHF_REPLAY_LIMIT)")
+    replay_args.add_argument("--replay-exclude-simulated", action="store_true", default=None,
+                             help="leave out conversations the simulated labelers ranked "
+                                  "(RLHF_REPLAY_EXCLUDE_SIMULATED)")
+    replay_args.add_argument("--replay-store", default=None,
+                             help="conversation store URL (RLHF_REPLAY_STORE; default DATABASE_URL or "
+                                  "CONVERSATION_DB, as the conversation service)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -456,7 +519,22 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
+    if args.replay_hours is not None and not args.replay_hours > 0:
+        parser.error(f"--replay-hours must be > 0, not {args.replay_hours}")
+    if args.replay_limit is not None and args.replay_limit < 1:
+        parser.error(f"--replay-limit must be >= 1, not {args.replay_limit}")
+    if args.replay_since is not None:
+        from rlhf.replay import parse_time
+
+        try:
+            parse_time(args.replay_since)
+        except ValueError as exc:
+            parser.error(f"--replay-since: {exc}")
     overrides = {k: v for k, v in (("source", args.source), ("algorithm", args.algorithm)) if v}
+    overrides.update({k: v for k, v in (("replay", args.replay), ("replay_hours", args.replay_hours),
+                                         ("replay_since", args.replay_since), ("replay_limit", args.replay_limit),
+                                         ("replay_exclude_simulated", args.replay_exclude_simulated),
+                                         ("replay_store", args.replay_store)) if v is not None})
     try:
         config = load_config(**overrides)
         reports = run_rounds(config, Registry(args.registry), args.rounds, args.base, args.dataset, args.fresh,

@@ -62,6 +62,7 @@ def summary(report: dict[str, Any], labels: list[dict[str, Any]], label_seconds:
         "quality_gate": report.get("quality"),  # child fp32 vs the served export's quiz scores
         "hyperparameters": report.get("hyperparameters"),
         "examples": ev.get("examples", [])[:6],
+        "replay": report.get("replay"),
     }
     return out
 
@@ -128,6 +129,8 @@ def markdown(s: dict[str, Any]) -> str:
         lines.append(f"| {key} | {_f(p.get(key), 0)} |")
     if h.get("rule_parts"):
         lines += ["", "## The rule's parts (greedy, held-out; unweighted means)", "", *parts_table(h["rule_parts"])]
+    if s.get("replay"):
+        lines += ["", "## Replay of logged prompts against the served version", "", *replay_table(s["replay"])]
     lines += ["", f"Labelling: `{s['labelling']['command']}` ({s['labelling']['rankings']} rankings of "
               f"{s['labelling']['candidates_per_prompt']} candidates through the real gateway).", ""]
     return "\n".join(lines)
@@ -187,10 +190,53 @@ def job_markdown(reports: list[dict[str, Any]]) -> str:
             if parts:
                 lines += ["", f"Round {report.get('round', 1)}, {child['algorithm']} child: the rule's parts "
                           "(greedy, held-out, unweighted means)", "", *parts_table(parts)]
+            if child.get("replay"):
+                lines += ["", f"Round {report.get('round', 1)}, {child['algorithm']} child: replay of logged prompts "
+                          "against the served version", "", *replay_table(child["replay"])]
         if len(report["children"]) > 1:
             lines += ["", f"Round {report.get('round', 1)}: PPO vs DPO on the same held-out prompts", "",
                       *comparison_table(report)]
     return "\n".join(lines)
+
+
+def _utc(ms: int) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _rate(rate: float | None, blocked: int | None, n: int | None) -> str:
+    return "not measured" if rate is None else f"{_f(rate)} ({blocked}/{n})"
+
+
+def replay_table(replay: dict[str, Any]) -> list[str]:
+    """The replay section (``rlhf.replay``): rule, reward model and moderation block rate of the
+    candidate and the served version on the same logged prompts, then the window and verdict."""
+    window = replay["window"]
+    lines = [f"{replay['prompts']} logged prompts, turns of {_utc(window['since_ms'])} to {_utc(window['until_ms'])}"
+             f" (newest {window['limit']}; simulated traffic "
+             f"{'excluded' if window['exclude_simulated'] else 'included'}); left out: "
+             + ", ".join(f"{k} {v}" for k, v in replay["selection"].items() if k not in ("logged", "replayed") and v)
+             + f" of {replay['selection'].get('logged', 0)} read."]
+    if replay["prompts"]:
+        rule, mod = replay["rule"], replay["moderation"]
+        rm = replay["reward"] or {}
+        lines += ["", f"| measure | served `{replay['served_version']}` | candidate |", "|---|---|---|",
+                  f"| rule score, greedy (mean) | {_f(rule['served_score_mean'])} | "
+                  f"{_f(rule['candidate_score_mean'])} |",
+                  f"| candidate wins / ties / losses under the rule | | {rule['candidate_wins']} / {rule['ties']} / "
+                  f"{rule['candidate_losses']} |",
+                  f"| reward model score (mean) | {_f(rm.get('served_mean'))} | {_f(rm.get('candidate_mean'))} |",
+                  f"| moderation block rate of the answers | "
+                  f"{_rate(mod.get('served_block_rate'), mod.get('served_blocked'), mod.get('answers'))} | "
+                  f"{_rate(mod.get('candidate_block_rate'), mod.get('candidate_blocked'), mod.get('answers'))} |",
+                  f"| answer words (mean) | {_f(rule.get('served_words_mean'), 1)} | "
+                  f"{_f(rule.get('candidate_words_mean'), 1)} |",
+                  "", f"Moderation: {mod['status']}" + (f" ({mod['address']})" if mod.get("address") else "")
+                  + (f"; reward model: {rm['status']}" if rm.get("status") else "") + "."]
+    verdict = "passed" if replay["passed"] else "FAILED: " + "; ".join(replay["reasons"])
+    lines += ["", f"Replay {verdict}."]
+    return lines
 
 
 def comparison_table(report: dict[str, Any]) -> list[str]:
