@@ -6,6 +6,8 @@ Layout under the root (``$COLLOQUY_MODEL_REGISTRY``, default
     versions/<version>/manifest.json   what the version is and the sha256 of every file
     versions/<version>/...             the model files (model.onnx, genai_config.json, ...)
     current/<deployment>.json          which version a deployment serves, with history
+    current/<deployment>.canary        the canary being served (version, percent), if any
+    current/<deployment>.canary-log  every automatic canary's decision and why (rlhf.canary)
     .staging-*/                        publishes in progress (never read, swept by ``gc``)
 
 Why this shape:
@@ -447,6 +449,31 @@ class Registry:
     def clear_canary(self, deployment: str = DEFAULT_DEPLOYMENT) -> None:
         with self._locked():
             self._canary_path(deployment).unlink(missing_ok=True)
+
+    def _canary_log_path(self, deployment: str) -> Path:
+        return self.current_dir / f"{_check_name('deployment', deployment)}.canary-log"
+
+    def canary_log(self, deployment: str = DEFAULT_DEPLOYMENT) -> list[dict[str, Any]]:
+        """Every recorded canary decision of ``deployment``, oldest first."""
+        try:
+            log = json.loads(self._canary_log_path(deployment).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            raise PointerError(f"canary log of {deployment!r} is unreadable: {exc}") from exc
+        return list(log)
+
+    def record_canary(self, deployment: str, version: str, record: Mapping[str, Any]) -> dict[str, Any]:
+        """Record a canary's outcome and reasons: appended to the deployment's canary log and to
+        the ``canary`` list of ``version``'s manifest (so ``show V`` says why it was or was not
+        promoted). Both files are replaced atomically under the pointer lock."""
+        entry = {"at": utc_now(), "deployment": deployment, "version": version, **record}
+        self.manifest(version)  # an unknown version is refused before anything is written
+        with self._locked():
+            _write_atomic(self._canary_log_path(deployment), _dump([*self.canary_log(deployment), entry]))
+            past = self.manifest(version).get("canary") or []
+            self.annotate(version, {"canary": [*past, entry]})
+        return json.loads(_dump(entry))  # as recorded (tuples are lists)
 
     def deployments(self) -> list[str]:
         """Deployments that have a pointer."""

@@ -131,6 +131,46 @@ class RLHFConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
+@dataclasses.dataclass(frozen=True)
+class CanaryConfig:
+    """The job's gated canary (``python -m rlhf.job --canary P``, ``rlhf.canary``): how long to
+    watch, where Prometheus is, and how far the canary may fall behind the stable version.
+
+    Kept apart from :class:`RLHFConfig` because none of it shapes the trained weights (that
+    class's fields are recorded as the child's hyperparameters).
+    """
+
+    prometheus_url: str = env("PROMETHEUS_URL", "http://127.0.0.1:9090",
+                              check=lambda v: v.startswith(("http://", "https://")), hint="http(s)://host:port")
+    # Seconds the canary is watched before the decision (the job's --canary-watch overrides it)
+    watch_s: float = env("RLHF_CANARY_WATCH_S", 1800.0, check=positive, hint="> 0 seconds")
+    # Seconds between two looks at Prometheus (a failing check with enough samples rolls back at once)
+    interval_s: float = env("RLHF_CANARY_INTERVAL_S", 60.0, check=positive, hint="> 0 seconds")
+    # Times the watch is extended when too few samples arrived; then it rolls back (not proven)
+    extensions: int = env("RLHF_CANARY_EXTENSIONS", 1, check=lambda v: v >= 0, hint=">= 0")
+    # Samples each version needs before a check counts: finished requests (error rate, TTFT, output
+    # verdicts) and thumbs (ratings; 0 leaves the thumbs-up check out)
+    min_requests: int = env("RLHF_CANARY_MIN_REQUESTS", 50, check=lambda v: v >= 1, hint=">= 1")
+    min_ratings: int = env("RLHF_CANARY_MIN_RATINGS", 20, check=lambda v: v >= 0, hint=">= 0 (0: no thumbs check)")
+    # Tolerances: how much worse than the stable version the canary may be
+    max_error_rate_increase: float = env("RLHF_CANARY_MAX_ERROR_RATE_INCREASE", 0.01, check=_fraction,
+                                         hint="0..1 (absolute, e.g. 0.01 = one point)")
+    ttft_ratio: float = env("RLHF_CANARY_TTFT_RATIO", 1.25, check=lambda v: v >= 1, hint=">= 1")
+    ttft_slack_s: float = env("RLHF_CANARY_TTFT_SLACK_S", 0.05, check=lambda v: v >= 0, hint=">= 0 seconds")
+    max_block_rate_increase: float = env("RLHF_CANARY_MAX_BLOCK_RATE_INCREASE", 0.02, check=_fraction,
+                                         hint="0..1 (absolute)")
+    max_thumbs_up_drop: float = env("RLHF_CANARY_MAX_THUMBS_UP_DROP", 0.10, check=_fraction,
+                                    hint="0..1 (absolute)")
+    # Which thumbs count: human, simulated or all
+    thumbs_source: str = env("RLHF_CANARY_THUMBS_SOURCE", "all",
+                             check=lambda v: v in {"human", "simulated", "all"}, hint="human, simulated or all")
+
+
+def load_canary_config(**overrides: Any) -> CanaryConfig:
+    """The canary settings from the environment, then ``overrides`` (the job's flags, tests)."""
+    return dataclasses.replace(load(CanaryConfig), **overrides)
+
+
 def load_config(**overrides: Any) -> RLHFConfig:
     """The config from the environment, then ``overrides`` (tests and the CLI)."""
     return dataclasses.replace(load(RLHFConfig), **overrides)

@@ -1,7 +1,8 @@
 """The offline RLHF job: feedback since the last run -> reward model -> PPO -> ONNX -> new registry version.
 
 ``python -m rlhf.job [--base VERSION] [--registry DIR] [--dataset DIR] [--source all] [--algorithm ppo|dpo|both]
-[--rounds N --label-command CMD] [--fresh] [--replay ...]`` (``make rlhf``, ``make rlhf-rounds ROUNDS=N``). Steps:
+[--rounds N --label-command CMD] [--fresh] [--replay ...] [--canary P [--canary-watch S]]``
+(``make rlhf``, ``make rlhf-rounds ROUNDS=N``). Steps:
 
 1. Start from the registry's current ``generation`` version (or ``--base``) and its float32
    weights (:func:`base_hf_dir`), and take the feedback created since the window end that
@@ -16,10 +17,14 @@
    ``rlhf.preference.score``, and publish a new version whose manifest names its parent, the
    feedback window, the metrics and the gate's outcome. The ``generation`` pointer does not
    move: promotion is ``python -m model.registry promote generation V`` (refused when the
-   child failed the gate).
+   child failed the gate), or step 4.
    With ``--replay`` (``RLHF_REPLAY``), before publishing, logged prompts of the conversation
    store are re-run on the child and on the served version and judged by the rule, the reward
    model and the moderation service (``rlhf.replay``); the manifest and report get ``replay``.
+4. With ``--canary P`` (off by default; on in the k8s CronJob): the last round's child, if it
+   passed the quality gate and the replay evaluation, is served to P% of conversations,
+   compared with the stable version in Prometheus for ``--canary-watch`` seconds, then promoted
+   or rolled back, and the decision with its reasons recorded in the registry (``rlhf.canary``).
 
 ``--rounds N`` repeats label -> train -> evaluate -> publish N times (:func:`run_rounds`), each
 round from the previous round's child, so each reads only feedback newer than the previous
@@ -511,6 +516,14 @@ def main(argv: list[str] | None = None) -> int:
     replay_args.add_argument("--replay-store", default=None,
                              help="conversation store URL (RLHF_REPLAY_STORE; default DATABASE_URL or "
                                   "CONVERSATION_DB, as the conversation service)")
+    canary_args = parser.add_argument_group("gated canary (rlhf.canary): after publishing, serve the last "
+                                            "child beside the stable version, then promote or roll it back")
+    canary_args.add_argument("--canary", type=int, default=0, metavar="PERCENT",
+                             help="serve the last round's child, if it passed the quality gate and the replay "
+                                  "evaluation, to PERCENT (1..99) of conversations, compare it with the stable "
+                                  "version in Prometheus, then promote or roll it back; 0 (default): publish only")
+    canary_args.add_argument("--canary-watch", type=float, default=None, metavar="S",
+                             help="seconds to watch the canary before deciding (default RLHF_CANARY_WATCH_S)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -519,6 +532,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
+    if not 0 <= args.canary <= 99:
+        parser.error(f"--canary must be 0 (off) or 1..99 percent of conversations, not {args.canary}")
+    if args.canary_watch is not None and (not args.canary_watch > 0 or not args.canary):
+        parser.error("--canary-watch needs --canary and a number of seconds > 0")
     if args.replay_hours is not None and not args.replay_hours > 0:
         parser.error(f"--replay-hours must be > 0, not {args.replay_hours}")
     if args.replay_limit is not None and args.replay_limit < 1:
@@ -547,6 +564,25 @@ def main(argv: list[str] | None = None) -> int:
         for child in report["children"].values():
             print(f"published {child['version']} (not promoted: "
                   f"python -m model.registry promote {args.deployment} {child['version']})")
+    if args.canary:
+        return _canary(args, reports[-1])
+    return 0
+
+
+def _canary(args: argparse.Namespace, report: dict[str, Any]) -> int:
+    """``--canary``: the last round's first child goes to a gated canary (``rlhf.canary``)."""
+    from rlhf.canary import CanaryError, gated_canary
+    from rlhf.config import load_canary_config
+    from services.common.config import ConfigError
+
+    try:
+        cfg = load_canary_config(**({"watch_s": args.canary_watch} if args.canary_watch else {}))
+        child = next(iter(report["children"].values()))
+        result = gated_canary(Registry(args.registry), args.deployment, child["version"], args.canary, cfg, child)
+    except (ConfigError, CanaryError, RegistryError) as exc:
+        print(f"rlhf: canary: {exc}", file=sys.stderr)
+        return 2
+    print(f"canary {child['version']}: {result['outcome']}: " + "; ".join(result["reasons"]))
     return 0
 
 

@@ -27,6 +27,21 @@ log = logging.getLogger(__name__)
 ERASED = events_pb2.ConversationErased.DESCRIPTOR.full_name
 ERASED_ROWS = Counter("colloquy_feedback_erased_rows_total",
                       "Dataset rows removed because their conversation was deleted")
+# Thumbs by the model version rated: a canary's thumbs-up ratio against the stable version's
+# (rlhf.canary). Counted once a batch's file is in place; a redelivered batch counts again (rare:
+# a crash between the file and the offset commit). Versions, two verdicts and two sources only.
+RATINGS = Counter("colloquy_feedback_ratings_total",
+                  "Thumbs up/down ratings written to the dataset, by the model version that answered, "
+                  "the verdict (up, down) and the source (human, simulated)",
+                  ["model_version", "verdict", "source"])
+
+
+def count_rating(event: events_pb2.FeedbackEvent) -> None:
+    """Count a Rating (rankings have no thumbs) under the version that wrote the answer."""
+    if event.WhichOneof("feedback") != "rating":
+        return
+    RATINGS.labels(event.model_version or "unknown", "up" if event.rating.thumbs_up else "down",
+                   "simulated" if event.source == "simulated" else "human").inc()
 
 
 class FeedbackSink(ThreadWorker):
@@ -63,7 +78,7 @@ class FeedbackSink(ThreadWorker):
                     self.mark_ready()
                 offsets = {}
                 for tp, records in batch.items():
-                    rows = []
+                    rows, rated = [], []
                     erased: set[str] = set()
                     for rec in records:
                         metrics.EVENTS_CONSUMED.labels("feedback", rec.topic).inc()
@@ -71,7 +86,9 @@ class FeedbackSink(ThreadWorker):
                             if events.header(rec.headers, events.H_TYPE) == ERASED:
                                 erased.add(self._erasure(rec.value, rec.headers))
                                 continue
-                            rows.append(dataset.row(events.decode(rec.value, rec.headers, events_pb2.FeedbackEvent)))
+                            event = events.decode(rec.value, rec.headers, events_pb2.FeedbackEvent)
+                            rows.append(dataset.row(event))
+                            rated.append(event)
                         except events.PoisonEvent as exc:
                             if producer is None:
                                 producer = kafka_loop.make_producer(self.kafka, "feedback-dlq")
@@ -80,6 +97,8 @@ class FeedbackSink(ThreadWorker):
                             metrics.EVENTS_DEAD_LETTERED.labels("feedback", rec.topic).inc()
                     if rows:
                         dataset.write_rows(self.root, rows, tp.partition, records[0].offset, records[-1].offset)
+                        for event in rated:
+                            count_rating(event)
                     if erased:  # after this batch's rows: feedback that raced the deletion goes too
                         removed = dataset.erase(self.root, erased)
                         ERASED_ROWS.inc(removed)

@@ -204,7 +204,7 @@ class AsyncEngine:
                     queued += 1
             if ((queued or n > free) and queued >= self.config.max_waiting) or (
                     sched.waiting and sched.queued_tokens + len(ids) > self.config.max_queued_prompt_tokens):
-                M.REQUESTS.labels("overloaded").inc()
+                M.REQUESTS.labels("overloaded", model.version).inc()
                 raise Overloaded(f"generation is at capacity ({sched.busy_slots()} candidates running, "
                                  f"{len(sched.waiting)} requests with {sched.queued_tokens} prompt tokens "
                                  "waiting); retry later")
@@ -366,7 +366,7 @@ class AsyncEngine:
             M.E2E.observe(time.perf_counter() - job.submitted)
             outcome = "cancelled" if any(c.finish is FinishReason.CANCELLED for c in job.cands) else (
                 "error" if any(c.finish is FinishReason.ERROR for c in job.cands) else "ok")
-            M.REQUESTS.labels(outcome).inc()
+            M.REQUESTS.labels(outcome, job.model.version).inc()
             with self._lock:
                 jobs = self._by_id.get(job.request.request_id, [])
                 if job in jobs:

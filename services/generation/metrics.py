@@ -1,6 +1,9 @@
 """Prometheus metrics of the generation engine (names as vLLM's, under `colloquy_generation_`).
 
 Dashboards and alert rules (deploy/, k8s/) query these names: rename nothing without them.
+TTFT and REQUESTS carry the ``model_version`` that served the request, so a canary can be compared
+with the stable version (``rlhf.canary``); the label takes only published version names (the ones
+this process loaded), so its cardinality is the handful of versions a replica serves.
 """
 
 from __future__ import annotations
@@ -10,8 +13,8 @@ from prometheus_client import Counter, Gauge, Histogram
 _LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _ITL = (0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1)
 TTFT = Histogram("colloquy_generation_time_to_first_token_seconds",
-                 "From submission to the first generated token of a request (queue + prefill)",
-                 buckets=_LAT)
+                 "From submission to the first generated token of a request (queue + prefill), by the "
+                 "model version that served it", ["model_version"], buckets=_LAT)
 ITL = Histogram("colloquy_generation_inter_token_latency_seconds",
                 "Time between two consecutive tokens of one candidate", buckets=_ITL)
 E2E = Histogram("colloquy_generation_request_duration_seconds",
@@ -26,7 +29,9 @@ STEP = Histogram("colloquy_generation_step_seconds", "One scheduler pass, by kin
                  ["kind"], buckets=_ITL)
 PROMPT_TOKENS = Counter("colloquy_generation_prompt_tokens_total", "Prompt tokens prefilled")
 GENERATED_TOKENS = Counter("colloquy_generation_generated_tokens_total", "Tokens generated")
-REQUESTS = Counter("colloquy_generation_requests_total", "Requests finished, by outcome", ["outcome"])
+REQUESTS = Counter("colloquy_generation_requests_total",
+                   "Requests finished, by outcome and the model version picked for them",
+                   ["outcome", "model_version"])
 MODEL_INFO = Gauge("colloquy_generation_model_info", "The model version new requests use (value 1)",
                    ["version", "provider"])
 KV_TOKENS = Gauge("colloquy_generation_kv_cache_tokens",

@@ -222,7 +222,7 @@ class Scheduler:
             self.cache.insert(job.ids, lambda a, b: fw.kv.read(fw.kv.staging, a, b))
         now = time.perf_counter()
         job.first_token_at = now
-        M.TTFT.observe(now - job.submitted)
+        M.TTFT.labels(job.model.version).observe(now - job.submitted)
         touched.add(job)
         for cand in job.cands:
             if cand.finish is not None:

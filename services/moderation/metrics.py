@@ -24,6 +24,12 @@ INVALID_SCORES = Counter(
 TEXTS = Counter("colloquy_moderation_texts_total",
                 "Texts scored, by stage and the action taken (the block-rate alert divides these)",
                 ["stage", "action"])
+# One per checked candidate answer (DECISIONS counts a verdict once per flagged category, so it is
+# no denominator), by the model version that wrote the answer: a canary's output block rate
+# against the stable version's (rlhf.canary). Versions only, so few series.
+OUTPUT_VERDICTS = Counter("colloquy_moderation_output_verdicts_total",
+                          "Output moderation verdicts, one per candidate answer, by the model version "
+                          "that generated it and the action taken", ["model_version", "action"])
 
 
 def action_name(action: int) -> str:
@@ -40,6 +46,12 @@ def count(stage: str, result: common_pb2.ModerationResult) -> None:
         return
     for name in flagged:
         DECISIONS.labels(stage, name, action_name(result.action)).inc()
+
+
+def count_output(model_version: str, result: common_pb2.ModerationResult) -> None:
+    """Count one candidate answer's final output verdict under the version that wrote it."""
+    count("output", result)
+    OUTPUT_VERDICTS.labels(model_version or "unknown", action_name(result.action)).inc()
 
 
 def observe(stage: str, seconds: float, texts: int,

@@ -291,7 +291,7 @@ class OutputStage:
             verdict = check.blocked or check.overall
             if verdict is not None:
                 produced.append(out(ev, turn, MODERATION_DECISIONS.name, decision(turn, "output", verdict)))
-                metrics.count("output", verdict)
+                metrics.count_output(ev.message.model_version, verdict)
         return produced
 
     def _finish(self, ev: Consumed[events_pb2.GenerationProgress],

@@ -189,7 +189,7 @@ def test_cancel_through_a_handle_stops_generation(app: App) -> None:
 
     from services.generation.engine import Request, Sampling
 
-    cancelled = 'colloquy_generation_requests_total{outcome="cancelled"}'
+    cancelled = f'colloquy_generation_requests_total{{model_version="{VERSION}",outcome="cancelled"}}'
     before = replica_metric(app, cancelled)
 
     async def run() -> list[Any]:
@@ -239,6 +239,9 @@ def test_replica_metrics(app: App) -> None:
                  "colloquy_generation_prompt_tokens_total", "colloquy_generation_generated_tokens_total"):
         assert name in body, name
     assert f'colloquy_generation_model_info{{provider="cpu",version="{VERSION}"}} 1.0' in body
+    # the canary comparison (rlhf.canary) splits TTFT and outcomes by the version that served them
+    assert f'colloquy_generation_time_to_first_token_seconds_count{{model_version="{VERSION}"}}' in body
+    assert f'colloquy_generation_requests_total{{model_version="{VERSION}",outcome="ok"}}' in body
 
 
 # -- the Kafka worker ----------------------------------------------------------------------------
