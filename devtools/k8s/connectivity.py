@@ -42,6 +42,9 @@ POD_IP = "<pod-ip>"  # stands in for fieldRef status.podIP: the pod itself
 DEFAULT_SCHEME_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "postgres": 5432}
 # URL schemes that name a local file, not a peer (SQLAlchemy's embedded SQLite).
 LOCAL_SCHEMES = {"sqlite"}
+# Namespaces outside the render whose Services a container may dial: their pods are not in the
+# render, so those flows are hand-written in k8s/base/network/policies.yaml (`rlhf-to-prometheus`).
+OTHER_NAMESPACES = {"monitoring"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,10 +136,18 @@ def dials(objects: list[Obj]) -> list[Dial]:
                 for host, port in pairs:
                     if host == POD_IP or host in LOOPBACK:
                         continue  # the pod itself: no policy applies
+                    if _other_namespace(host):
+                        continue  # not in the render: a hand-written policy (OTHER_NAMESPACES)
                     out.append(Dial(pt, c["name"], var, value, host, port))
     if bad:
         raise UnresolvedError("address settings that are not addresses:\n" + "\n".join(bad))
     return out
+
+
+def _other_namespace(host: str) -> bool:
+    """Whether `host` is a Service DNS name in one of OTHER_NAMESPACES (`name.ns.svc[.cluster.local]`)."""
+    parts = host.split(".")
+    return len(parts) >= 3 and parts[1] in OTHER_NAMESPACES and parts[2] == "svc"
 
 
 def _service_name(host: str) -> str | None:
