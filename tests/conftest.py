@@ -13,11 +13,18 @@ BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
-    """A live broker; stopped at the end only if this session started it."""
+    """A live broker with the product's topics; stopped at the end only if this session started it.
+
+    Every service creates `topics.ALL` at startup; tests that run a worker without its `__main__`
+    (chat.unanswered, dead-letter topics) get them here, so no test depends on an earlier one
+    having started a service on the same broker (auto-create is off, as in production).
+    """
     from devtools import kafka_broker
+    from services.common import topics
 
     started = kafka_broker.ensure_broker(BOOTSTRAP)
     os.environ["KAFKA_BOOTSTRAP_SERVERS"] = BOOTSTRAP
+    topics.ensure_topics(BOOTSTRAP)
     try:
         yield BOOTSTRAP
     finally:
