@@ -194,7 +194,7 @@ def access() -> tuple[Access, ...]:
                group=True, transactional=True, writes_replies=True),
         Access("moderation", reads=(t.CHAT_TOKENIZED.name, t.GENERATION_PROGRESS.name),
                writes=(t.CHAT_MODERATED.name, t.MODERATION_DECISIONS.name, t.CONVERSATION_TURNS.name,
-                       t.CHAT_CANCELS.name, dlq),
+                       t.CHAT_CANCELS.name, t.CHAT_UNANSWERED.name, dlq),
                group=True, transactional=True, writes_replies=True),
         Access("prompt", reads=(t.CHAT_MODERATED.name, t.CONVERSATION_TURNS.name, t.CHAT_UNANSWERED.name),
                writes=(t.CHAT_PROMPTS.name, t.CONVERSATION_TURNS.name, dlq),

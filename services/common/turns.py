@@ -40,6 +40,17 @@ def deadline_error(turn: events_pb2.TurnEvent, stage: str, traceparent: str = ""
                        traceparent)
 
 
+def unanswered(request_id: str, conversation_id: str, code: str, stage: str, traceparent: str = "",
+               event_id: str = "") -> events.OutEvent:
+    """The TurnUnanswered event that frees a conversation after a stage gave up on its turn (no
+    TurnRecord will ever come): the prompt stage forgets the pending turn, so the client's retry
+    is not refused ABORTED until the pending turn expires."""
+    msg = events_pb2.TurnUnanswered(request_id=request_id, conversation_id=conversation_id, code=code,
+                                    stage=stage)
+    return events.OutEvent(topic=topics.CHAT_UNANSWERED.name, key=conversation_id, message=msg,
+                           request_id=request_id, traceparent=traceparent, event_id=event_id)
+
+
 def history_key(conversation_id: str, turn_index: int) -> str:
     """Key of a TurnRecord on the compacted history topic: one record per turn, ever."""
     return f"{conversation_id}/{turn_index}"

@@ -236,7 +236,9 @@ class OutputStage:
             mem.finished_seq = progress.seq
             return [turns.deadline_error(turn, STAGE, tp),
                     out(ev, turn, CHAT_CANCELS.name, events_pb2.CancelEvent(
-                        request_id=turn.request_id, conversation_id=turn.conversation_id, reason="deadline"))]
+                        request_id=turn.request_id, conversation_id=turn.conversation_id, reason="deadline")),
+                    # nothing records this turn: free its conversation for the client's retry
+                    turns.unanswered(turn.request_id, turn.conversation_id, "DEADLINE_EXCEEDED", STAGE, tp)]
 
         started = time.perf_counter()
         verdicts = self._verdicts(turn.message)

@@ -145,3 +145,17 @@ def test_a_seed_is_moderated_with_the_message_and_recorded_with_turn_1(moderator
     rec.message.turn.seed.CopyFrom(chat_pb2.ConversationSeed(system="Be brief."))
     final = OutputStage(moderator, min_chars=20, max_chars=80).handle(rec)
     assert next(e for e in final if kinds([e]) == ["TurnRecord"]).message.turn.seed.system == "Be brief."
+
+
+def test_a_turn_past_its_deadline_is_failed_cancelled_and_its_conversation_freed(moderator: Moderator) -> None:
+    rec = record(0, PIECES[0], False)
+    rec.message.turn.deadline_unix_ms = 1  # long past
+    stage = OutputStage(moderator, min_chars=20, max_chars=80)
+    produced = stage.handle(rec)
+    assert kinds(produced) == ["reply:error", "CancelEvent", "TurnUnanswered"]
+    error, _, freed = produced
+    assert error.message.error.code == "DEADLINE_EXCEEDED"
+    assert freed.topic == "chat.unanswered" and freed.key == "c-1"
+    assert (freed.message.request_id, freed.message.code, freed.message.stage) == (
+        "r-1", "DEADLINE_EXCEEDED", "moderation")
+    assert stage.handle(record(1, PIECES[0] + PIECES[1], True)) == [], "later batches of the turn are dropped"
