@@ -5,17 +5,18 @@ Three parts:
 
 * :func:`decide` (no I/O): canary against stable on error rate, time to first token (p50, p95),
   output-moderation block rate and thumbs-up ratio, each with a tolerance and a minimum sample
-  count. Any check that fails on enough samples rolls back; all passing promotes; otherwise the
-  outcome is ``inconclusive`` (too few samples yet).
+  count; a rate fails only when it is past its limit by more than chance explains (one-sided
+  two-proportion z-test at ``confidence``). Any failing check rolls back; all passing promotes;
+  otherwise the outcome is ``inconclusive`` (too few samples, or past a limit within chance).
 * :class:`Prometheus`: instant PromQL queries over the canary's window through the HTTP API
   (``/api/v1/query``) with ``requests``, which the job's environment already has. Only one
   endpoint is used; ``prometheus-api-client`` would add pandas, matplotlib and dateparser to the
   training image for it.
 * :func:`run_canary`: the controller. It starts the canary with the announced rollout
   (``services.generation.updates``: registry canary file + ``model.updates``), looks every
-  ``interval_s`` (a failing check with enough samples rolls back at once), decides after
-  ``watch_s`` (extended ``extensions`` times while inconclusive; still inconclusive rolls back:
-  not proven), then promotes fully or rolls back the same way, and records the decision, its
+  ``interval_s`` after a ``warmup_s`` it does not judge (a failing check rolls back at once),
+  decides after ``watch_s`` (extended ``extensions`` times while inconclusive; still inconclusive
+  rolls back: not proven), then promotes fully or rolls back the same way, and records the decision, its
   reasons and the figures with :meth:`model.registry.Registry.record_canary`.
 
 The series it reads carry ``model_version`` (the version that served the request or wrote the
@@ -28,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -78,7 +80,8 @@ class VersionStats:
 
 @dataclasses.dataclass(frozen=True)
 class Check:
-    """One comparison: ``passed`` None when either side has too few samples."""
+    """One comparison. ``passed`` None: too few samples, or (a rate) beyond its limit by less than
+    chance explains, so the watch waits for more."""
 
     name: str
     canary: float | None
@@ -86,14 +89,18 @@ class Check:
     limit: float | None  # the worst value the canary may have
     samples: tuple[float, float]  # canary's, stable's
     passed: bool | None
+    z: float | None = None  # rates: how many standard errors the canary is past its limit
 
     def reason(self) -> str:
         c, s, lim = (_fmt(v) for v in (self.canary, self.stable, self.limit))
         n = f"n={self.samples[0]:.0f}/{self.samples[1]:.0f}"
-        if self.passed is None:
+        if self.limit is None:
             return f"{self.name}: too few samples ({n}, canary/stable)"
+        z = "" if self.z is None else f", z={self.z:.2f}"
+        if self.passed is None:
+            return f"{self.name}: canary {c} vs stable {s}, past the limit {lim} but within chance ({n}{z})"
         verb = "within" if self.passed else "outside"
-        return f"{self.name}: canary {c} vs stable {s}, {verb} the limit {lim} ({n})"
+        return f"{self.name}: canary {c} vs stable {s}, {verb} the limit {lim} ({n}{z})"
 
 
 def _fmt(v: float | None) -> str:
@@ -111,41 +118,49 @@ class Decision:
                 "checks": [dataclasses.asdict(c) for c in self.checks]}
 
 
-def _check(name: str, canary: float | None, stable: float | None, limit_of: Callable[[float], float],
-           samples: tuple[float, float], minimum: float) -> Check:
-    if stable is None or canary is None or min(samples) < minimum:
+def _quantile_check(name: str, canary: float | None, stable: float | None, cfg: CanaryConfig,
+                    samples: tuple[float, float]) -> Check:
+    """A TTFT quantile: at most ``ttft_ratio`` times the stable version's plus ``ttft_slack_s``."""
+    if stable is None or canary is None or min(samples) < cfg.min_requests:
         return Check(name, canary, stable, None, samples, None)
-    limit = limit_of(stable)
+    limit = stable * cfg.ttft_ratio + cfg.ttft_slack_s
     return Check(name, canary, stable, limit, samples, canary <= limit + 1e-12)
 
 
-def _check_min(name: str, canary: float | None, stable: float | None, limit_of: Callable[[float], float],
-               samples: tuple[float, float], minimum: float) -> Check:
-    """Like :func:`_check` for a figure where higher is better (the canary must stay above)."""
+def _rate_check(name: str, canary: float | None, stable: float | None, tolerance: float,
+                samples: tuple[float, float], minimum: float, z_crit: float, higher_is_better: bool = False) -> Check:
+    """A proportion (error, block, thumbs-up rate): it fails when the canary is past the stable
+    version's rate by more than ``tolerance`` AND a one-sided two-proportion z-test puts the excess
+    over ``tolerance`` beyond ``z_crit`` standard errors; past the limit by less is not yet a verdict."""
     if stable is None or canary is None or min(samples) < minimum:
         return Check(name, canary, stable, None, samples, None)
-    limit = limit_of(stable)
-    return Check(name, canary, stable, limit, samples, canary >= limit - 1e-12)
+    sign = -1.0 if higher_is_better else 1.0
+    limit = stable + sign * tolerance
+    n_c, n_s = samples
+    pooled = (canary * n_c + stable * n_s) / (n_c + n_s)
+    se = math.sqrt(max(pooled * (1 - pooled), 1e-6) * (1 / n_c + 1 / n_s))
+    z = sign * (canary - limit) / se
+    if z <= 1e-12:
+        return Check(name, canary, stable, limit, samples, True, round(z, 3))
+    return Check(name, canary, stable, limit, samples, False if z > z_crit else None, round(z, 3))
 
 
 def decide(canary: VersionStats, stable: VersionStats, cfg: CanaryConfig) -> Decision:
-    """Compare ``canary`` with ``stable`` under ``cfg``'s tolerances and minimum samples."""
-    reqs = (canary.requests, stable.requests)
+    """Compare ``canary`` with ``stable`` under ``cfg``'s tolerances, minimum samples and confidence."""
+    z_crit = statistics.NormalDist().inv_cdf(cfg.confidence)
     ttfts = (canary.ttft_count, stable.ttft_count)
     checks = [
-        _check("error rate", canary.error_rate, stable.error_rate,
-               lambda s: s + cfg.max_error_rate_increase, reqs, cfg.min_requests),
-        _check("TTFT p50 (s)", canary.ttft_p50, stable.ttft_p50,
-               lambda s: s * cfg.ttft_ratio + cfg.ttft_slack_s, ttfts, cfg.min_requests),
-        _check("TTFT p95 (s)", canary.ttft_p95, stable.ttft_p95,
-               lambda s: s * cfg.ttft_ratio + cfg.ttft_slack_s, ttfts, cfg.min_requests),
-        _check("output block rate", canary.block_rate, stable.block_rate,
-               lambda s: s + cfg.max_block_rate_increase, (canary.verdicts, stable.verdicts), cfg.min_requests),
+        _rate_check("error rate", canary.error_rate, stable.error_rate, cfg.max_error_rate_increase,
+                    (canary.requests, stable.requests), cfg.min_requests, z_crit),
+        _quantile_check("TTFT p50 (s)", canary.ttft_p50, stable.ttft_p50, cfg, ttfts),
+        _quantile_check("TTFT p95 (s)", canary.ttft_p95, stable.ttft_p95, cfg, ttfts),
+        _rate_check("output block rate", canary.block_rate, stable.block_rate, cfg.max_block_rate_increase,
+                    (canary.verdicts, stable.verdicts), cfg.min_requests, z_crit),
     ]
     if cfg.min_ratings:
-        checks.append(_check_min("thumbs-up ratio", canary.thumbs_up_ratio, stable.thumbs_up_ratio,
-                                 lambda s: s - cfg.max_thumbs_up_drop, (canary.ratings, stable.ratings),
-                                 cfg.min_ratings))
+        checks.append(_rate_check("thumbs-up ratio", canary.thumbs_up_ratio, stable.thumbs_up_ratio,
+                                  cfg.max_thumbs_up_drop, (canary.ratings, stable.ratings), cfg.min_ratings,
+                                  z_crit, higher_is_better=True))
     failed = [c for c in checks if c.passed is False]
     if failed:
         return Decision(ROLLBACK, [c.reason() for c in failed], checks)
@@ -292,9 +307,14 @@ StatsSource = Callable[[float, str, str], tuple[VersionStats, VersionStats]]
 def watch(source: StatsSource, canary: str, stable: str, cfg: CanaryConfig,
           sleep: Callable[[float], None] = time.sleep,
           clock: Callable[[], float] = time.monotonic) -> tuple[Decision, list[dict[str, Any]]]:
-    """Look every ``interval_s`` until ``watch_s`` is over (plus extensions while inconclusive);
-    a rollback decided on enough samples ends the watch at once. Returns the decision (an
-    inconclusive one after every extension becomes a rollback) and every look taken."""
+    """After ``warmup_s`` (the canary's model loading and cold caches, not judged), look every
+    ``interval_s`` until ``watch_s`` is over (plus extensions while inconclusive), each look over
+    the window since the warm-up ended; a rollback decided on enough samples ends the watch at once.
+    Returns the decision (an inconclusive one after every extension becomes a rollback) and every
+    look taken (``elapsed_s``: since the warm-up)."""
+    if cfg.warmup_s:
+        log.info("canary %s: warming up for %.0f s (not judged)", canary, cfg.warmup_s)
+        sleep(cfg.warmup_s)
     started = clock()
     deadline = started + cfg.watch_s
     extensions = cfg.extensions
@@ -344,11 +364,12 @@ def run_canary(registry: Any, deployment: str, version: str, percent: int, cfg: 
         def source(elapsed: float, c: str, s: str) -> tuple[VersionStats, VersionStats]:
             return fetch_stats(prom, elapsed, c, s, cfg.thumbs_source)
 
-    settings = {"percent": percent, "watch_s": cfg.watch_s, "interval_s": cfg.interval_s,
+    settings = {"percent": percent, "warmup_s": cfg.warmup_s, "watch_s": cfg.watch_s, "interval_s": cfg.interval_s,
                 "extensions": cfg.extensions, "min_requests": cfg.min_requests, "min_ratings": cfg.min_ratings,
                 "max_error_rate_increase": cfg.max_error_rate_increase, "ttft_ratio": cfg.ttft_ratio,
                 "ttft_slack_s": cfg.ttft_slack_s, "max_block_rate_increase": cfg.max_block_rate_increase,
-                "max_thumbs_up_drop": cfg.max_thumbs_up_drop, "thumbs_source": cfg.thumbs_source}
+                "max_thumbs_up_drop": cfg.max_thumbs_up_drop, "thumbs_source": cfg.thumbs_source,
+                "confidence": cfg.confidence}
     log.info("canary %s at %d%% beside %s for %.0f s", version, percent, stable, cfg.watch_s)
     rollout.start(version, percent)
     started = clock()

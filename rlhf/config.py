@@ -144,6 +144,9 @@ class CanaryConfig:
                               check=lambda v: v.startswith(("http://", "https://")), hint="http(s)://host:port")
     # Seconds the canary is watched before the decision (the job's --canary-watch overrides it)
     watch_s: float = env("RLHF_CANARY_WATCH_S", 1800.0, check=positive, hint="> 0 seconds")
+    # Seconds after the canary starts that are not judged (its model loading, cold prefix cache):
+    # the watch's window begins after them
+    warmup_s: float = env("RLHF_CANARY_WARMUP_S", 120.0, check=lambda v: v >= 0, hint=">= 0 seconds")
     # Seconds between two looks at Prometheus (a failing check with enough samples rolls back at once)
     interval_s: float = env("RLHF_CANARY_INTERVAL_S", 60.0, check=positive, hint="> 0 seconds")
     # Times the watch is extended when too few samples arrived; then it rolls back (not proven)
@@ -155,6 +158,8 @@ class CanaryConfig:
     # Tolerances: how much worse than the stable version the canary may be
     max_error_rate_increase: float = env("RLHF_CANARY_MAX_ERROR_RATE_INCREASE", 0.01, check=_fraction,
                                          hint="0..1 (absolute, e.g. 0.01 = one point)")
+    # A rate (errors, blocks, thumbs up) past its limit fails only at this one-sided confidence
+    confidence: float = env("RLHF_CANARY_CONFIDENCE", 0.95, check=lambda v: 0.5 <= v < 1, hint="0.5..1")
     ttft_ratio: float = env("RLHF_CANARY_TTFT_RATIO", 1.25, check=lambda v: v >= 1, hint=">= 1")
     ttft_slack_s: float = env("RLHF_CANARY_TTFT_SLACK_S", 0.05, check=lambda v: v >= 0, hint=">= 0 seconds")
     max_block_rate_increase: float = env("RLHF_CANARY_MAX_BLOCK_RATE_INCREASE", 0.02, check=_fraction,

@@ -15,7 +15,7 @@ from rlhf import canary
 from rlhf.canary import INCONCLUSIVE, PROMOTE, ROLLBACK, VersionStats, decide
 from rlhf.config import load_canary_config
 
-CFG = load_canary_config(min_requests=20, min_ratings=10, watch_s=100, interval_s=10, extensions=1)
+CFG = load_canary_config(min_requests=20, min_ratings=10, watch_s=100, interval_s=10, extensions=1, warmup_s=0)
 
 
 def stats(version: str, *, requests: float = 100, errors: float = 1, p50: float = 0.2, p95: float = 0.5,
@@ -34,7 +34,7 @@ def test_a_canary_as_good_as_stable_is_promoted() -> None:
 
 
 @pytest.mark.parametrize(("bad", "check"), [
-    ({"errors": 3}, "error rate"),                      # 3% against 1% + 1 point
+    ({"errors": 8}, "error rate"),                      # 8% against 1% + 1 point, z 2.05
     ({"p50": 0.35}, "TTFT p50 (s)"),                    # limit 0.2 * 1.25 + 0.05 = 0.3
     ({"p95": 0.8}, "TTFT p95 (s)"),                     # limit 0.675
     ({"blocked": 40}, "output block rate"),             # 40% against 2% + 2 points
@@ -56,6 +56,15 @@ def test_too_few_samples_is_inconclusive_not_a_verdict() -> None:
     # a failure on enough samples still rolls back while other checks wait for theirs
     d = decide(stats("c", requests=100, errors=50, up=1, down=0), STABLE, CFG)
     assert d.outcome == ROLLBACK and d.reasons[0].startswith("error rate")
+
+
+def test_a_rate_past_its_limit_by_chance_waits_for_more_samples() -> None:
+    d = decide(stats("c", errors=3), STABLE, CFG)  # 3% against 1% + 1 point on 100 requests: z 0.51
+    assert d.outcome == INCONCLUSIVE
+    assert d.reasons == ["error rate: canary 0.03 vs stable 0.01, past the limit 0.02 but within chance "
+                         "(n=100/100, z=0.51)"]
+    big = dataclasses.replace(STABLE, requests=4000, errors=40)
+    assert decide(stats("c", requests=4000, errors=120), big, CFG).outcome == ROLLBACK  # 3% vs 1% on 4000
 
 
 def test_min_ratings_zero_leaves_thumbs_out() -> None:
@@ -95,6 +104,16 @@ def test_watch_promotes_only_at_the_end_and_rolls_back_early() -> None:
         return (stats(c, errors=30) if elapsed >= 30 else stats(c)), stats(s)
     d, looks = canary.watch(source, "c", "s", CFG, clock.sleep, clock)
     assert d.outcome == ROLLBACK and len(looks) == 3 and d.reasons[0].startswith("error rate")
+
+
+def test_the_warmup_is_not_judged() -> None:
+    clock, seen = FakeClock(), []
+
+    def source(elapsed: float, c: str, s: str) -> tuple[VersionStats, VersionStats]:
+        seen.append((clock.now, elapsed))
+        return stats(c), stats(s)
+    d, _ = canary.watch(source, "c", "s", dataclasses.replace(CFG, warmup_s=30), clock.sleep, clock)
+    assert d.outcome == PROMOTE and seen[0] == (40.0, 10.0) and seen[-1] == (130.0, 100.0)
 
 
 def test_watch_extends_once_then_rolls_back_what_it_could_not_prove() -> None:
