@@ -40,7 +40,7 @@ from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.errors import KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata
 
-from services.common import events, kafka_loop, metrics, private_api, topics, turns
+from services.common import events, kafka_loop, metrics, private_api, turns
 from services.common.config import KafkaConfig
 from services.common.log import request_id_var
 from services.common.runtime import ThreadWorker
@@ -59,11 +59,8 @@ _UNFINISHED = generation_pb2.FINISH_REASON_UNSPECIFIED
 
 def unanswered(request_id: str, conversation_id: str, code: str, traceparent: str = "") -> events.OutEvent:
     """The TurnUnanswered event that frees a conversation whose turn generation gave up on."""
-    msg = events_pb2.TurnUnanswered(request_id=request_id, conversation_id=conversation_id, code=code,
-                                    stage=STAGE)
-    return events.OutEvent(topic=topics.CHAT_UNANSWERED.name, key=conversation_id, message=msg,
-                           request_id=request_id, traceparent=traceparent,
-                           event_id=str(uuid.uuid5(_EVENT_NS, f"{request_id}/unanswered")))
+    return turns.unanswered(request_id, conversation_id, code, STAGE, traceparent,
+                            event_id=str(uuid.uuid5(_EVENT_NS, f"{request_id}/unanswered")))
 
 
 class OffsetTracker:
