@@ -15,6 +15,7 @@ import sys
 import time
 
 from bench import (
+    affinity,
     common,
     conversation,
     engine,
@@ -32,8 +33,9 @@ ALL = ("engine", "stages", "pipeline", "conversation")
 # Run only when named: the quality gate of every build (minutes per build); the HTTP front's overhead;
 # the conversation store loaded with a million turns (about 10 minutes); stage throughput at 1 and
 # 2 replicas with the rebalance stall (a few minutes); stage replicas added and removed under chat load
-# (a whole stack, about 8 minutes).
-EXTRA = ("model", "web", "history_store", "scale", "rebalance")
+# (a whole stack, about 8 minutes); prefix-cache hits with the affinity router vs Serve's default at
+# 2 generation replicas, and failover (its own Ray, a few minutes).
+EXTRA = ("model", "web", "history_store", "scale", "rebalance", "affinity")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -43,7 +45,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=64, help="max_tokens for every contender")
     p.add_argument("--resume", action="store_true",
                    help="keep the in-process parts of engine.json/conversation.json and run only the stack parts")
-    for mod in (engine, pipeline, conversation, stages, model_quality, web, history_store, scale, rebalance):
+    for mod in (engine, pipeline, conversation, stages, model_quality, web, history_store, scale, rebalance,
+                affinity):
         mod.add_args(p.add_argument_group(mod.NAME))
     return p
 
@@ -85,6 +88,8 @@ def _run(args: argparse.Namespace, names: list[str]) -> int:
         history_store.run(args)
     if "rebalance" in names:
         rebalance.run(args)  # its own stack: replicas come and go in it
+    if "affinity" in names:
+        affinity.run(args)  # its own Ray: two generation replicas, one router after the other
     conv = None
     if "conversation" in names:
         conv = common.Record.resume(conversation.NAME) if args.resume else None

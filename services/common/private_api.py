@@ -21,6 +21,9 @@ used here, so an upgrade that moves one fails that test loudly instead of a serv
 - Ray Serve 2.60: deploying a whole config file from Python (what ``serve run config.yaml`` does)
   needs ``ray.serve._private.api.serve_start`` and the global client's ``deploy_apps``
   (services/generation/serving.py).
+- Ray Serve 2.60: a request router asks Serve to back off between routing rounds (when every
+  replica it ranked is full) through ``PendingRequest.routing_context.should_backoff``, whose
+  type is not public (services/generation/router.py).
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from typing import Any
 
 from kafka.admin._transactions import AbortTransactionSpec, TransactionState
 
-__all__ = ["AbortTransactionSpec", "TransactionState", "fail_pending_waiters", "force_close_producer",
-           "leave_group_on_close", "serve_client", "serve_start"]
+__all__ = ["AbortTransactionSpec", "TransactionState", "back_off_between_routing_rounds", "fail_pending_waiters",
+           "force_close_producer", "leave_group_on_close", "serve_client", "serve_start"]
 
 
 def fail_pending_waiters(consumer: Any, exc: BaseException) -> bool:
@@ -79,3 +82,9 @@ def serve_client() -> Any:
     from ray.serve.context import _get_global_client
 
     return _get_global_client()
+
+
+def back_off_between_routing_rounds(pending_request: Any) -> None:
+    """Have Serve sleep (exponential backoff) before routing ``pending_request`` again when no
+    replica a request router ranked could take it; without it Serve retries at once."""
+    pending_request.routing_context.should_backoff = True

@@ -9,13 +9,13 @@ Two entrances to one engine per replica:
 - `stream`: the Kafka worker's DeploymentHandle call. It yields a status dict first, then lists of
   `engine.Delta`, so errors arrive as data instead of wrapped Ray exceptions.
 
-Conversation affinity: the deployment uses Serve's `ConsistentHashRouter` (serve_config.yaml), which
-hashes the request's `session_id` onto a ring of replicas with virtual nodes. The worker sets
-`session_id` to the conversation id on its handle; gRPC clients send metadata
-`session_id: <conversation id>`. Every router (proxy, each worker's handle) computes the same
-replica from the same broadcast replica set, without shared state, and scaling moves only about
-1/N of conversations; a full replica falls through to the next one on the ring. A conversation's
-turns thus land where its earlier turns ran, which is what a per-replica KV/prefix cache needs.
+Conversation affinity: the deployment routes with `router.ConversationAffinityRouter`
+(serve_config.yaml), which sends every call of one conversation (the handle's or the gRPC
+metadata's `session_id`) to the replica that wins its rendezvous hash over the live replicas, and to
+the least loaded other one only while that replica is at `max_ongoing_requests` or gone. The worker
+sets `session_id` to the conversation id on its handle; gRPC clients send metadata
+`session_id: <conversation id>`. A conversation's turns thus land where its earlier turns' KV is in
+the prefix cache. `stream`'s status dict and `status()` name the replica that answered.
 
 Client cancels through the gRPC ingress: Ray 2.60's proxy does not reliably pass a client's cancel
 on to the replica (measured on the tiny model: 6 of 10 cancels reached it; 10 of 10 through a
@@ -148,7 +148,7 @@ class Generation:
 
     # -- handle API (Kafka worker, other deployments) -------------------------------------------
     async def stream(self, request: engine.Request) -> AsyncIterator[Any]:
-        """First a status dict {code, message, prompt_tokens, model_version}, then lists of Deltas."""
+        """First a status dict {code, message, prompt_tokens, model_version, replica}, then lists of Deltas."""
         try:
             stream = self.engine.submit(request)
         except Exception as exc:
@@ -158,13 +158,15 @@ class Generation:
             return
         stream.min_interval_s = self.settings.stream_interval_ms / 1000
         yield {"code": STATUS_OK, "message": "", "prompt_tokens": stream.prompt_tokens,
-               "model_version": stream.model_version}
+               "model_version": stream.model_version, "replica": _replica_id()}
         async for deltas in stream:
             yield deltas
 
     def status(self) -> dict[str, Any]:
-        """The engine's load and served versions, and the settings this replica was built with."""
-        return {**self.engine.stats(), "metrics_port": self.metrics_port,
+        """The engine's load and served versions, the settings this replica was built with, and which
+        replica it is (Serve's replica id; the Ray actor's name, for `ray.get_actor`)."""
+        return {**self.engine.stats(), "metrics_port": self.metrics_port, "replica": _replica_id(),
+                "actor_name": ray.get_runtime_context().get_actor_name(),
                 "settings": dataclasses.asdict(self.settings), "threads": self.engine.config.threads}
 
     def check_health(self) -> None:
@@ -176,6 +178,11 @@ class Generation:
         eng = getattr(self, "engine", None)
         if eng is not None:
             eng._closed = True
+
+
+def _replica_id() -> str:
+    """Serve's id of this replica (what the request router ranks)."""
+    return serve.get_replica_context().replica_id.unique_id
 
 
 def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -81,3 +81,22 @@ def test_ray_serve_private_start_and_client_still_exist_with_the_arguments_used(
 
     assert "_blocking" in inspect.signature(ServeControllerClient.deploy_apps).parameters, (
         f"{RAY}: ServeControllerClient.deploy_apps lost _blocking")
+
+
+def test_ray_serve_routing_context_still_has_the_backoff_flag_the_affinity_router_sets() -> None:
+    import dataclasses
+    import types
+
+    from ray.serve._private.request_router.request_router import RequestRouter
+    from ray.serve.request_router import PendingRequest
+
+    field = {f.name: f for f in dataclasses.fields(PendingRequest)}.get("routing_context")
+    assert field is not None, f"{RAY}: PendingRequest lost routing_context"
+    context = field.default_factory()  # type: ignore[misc]
+    assert context.should_backoff is False, f"{RAY}: RequestRoutingContext lost should_backoff"
+    # The flag still gates the sleep between routing rounds in the base router.
+    assert "should_backoff" in inspect.getsource(RequestRouter._choose_replicas_with_backoff), (
+        f"{RAY}: RequestRouter no longer reads routing_context.should_backoff")
+    request = types.SimpleNamespace(routing_context=context)
+    private_api.back_off_between_routing_rounds(request)
+    assert context.should_backoff is True

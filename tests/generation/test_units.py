@@ -126,7 +126,7 @@ def test_serve_config_is_valid_and_overridable() -> None:
     assert auto["target_ongoing_requests"] > 0
     assert base.grpc_options.port == 9000
     router = base.applications[0].deployments[0].request_router_config
-    assert router["request_router_class"].endswith("ConsistentHashRouter")
+    assert router["request_router_class"] == "services.generation.router.ConversationAffinityRouter"
 
 
 def test_ingress_parser_turns_bad_bytes_into_undecodable() -> None:

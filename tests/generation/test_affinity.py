@@ -1,0 +1,103 @@
+"""Conversation affinity on 2 real Serve replicas of the tiny model (services/generation/router.py).
+
+Multi-turn conversations are played through a DeploymentHandle as the Kafka worker calls it
+(session_id = conversation id), one turn at a time, so each turn's cached prompt tokens are exact
+(the rise of the replicas' prefix-cache hit counters; the harness is bench/affinity.py's).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.affinity import BLOCK, Conversation, Serve2, new_conversations, play_round, reusable
+from devtools.procs import free_port
+from services.generation import router, serving
+from services.generation.config import DEFAULT_SERVE_CONFIG
+
+pytestmark = pytest.mark.ray
+
+# Each replica reserves half of the local Ray's 2 CPUs' worth (they share this machine's cores).
+OVERRIDES: dict[str, Any] = {"autoscaling_config": None, "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5},
+                             "graceful_shutdown_timeout_s": 5}
+TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def serve2(tiny_model_dir: Path) -> Iterator[Serve2]:
+    import ray
+    from ray import serve
+
+    env = {"GENERATION_MODEL_DIR": str(tiny_model_dir), "GENERATION_MODEL_VERSION": "tiny-affinity",
+           "GENERATION_REPLICA_METRICS_PORT": str(free_port()), "GENERATION_STREAM_INTERVAL_MS": "50",
+           "GENERATION_MAX_RUNNING": "4"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # before ray.init: Serve's build task and the replicas inherit it
+    cfg = serving.load_config(DEFAULT_SERVE_CONFIG, grpc_port=free_port(), http_port=free_port(),
+                              deployment_overrides=OVERRIDES)
+    serving.init_ray(num_cpus=2, object_store_mb=200)
+    try:
+        serving.deploy(cfg, timeout_s=600)
+        s = Serve2(serve.get_deployment_handle("generation", "generation"))
+        s.discover(2)
+        yield s
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def owned(replicas: list[str], per_replica: int) -> list[Conversation]:
+    """Conversations the router gives `per_replica` to each replica (so both hold some)."""
+    picked: dict[str, list[Conversation]] = {r: [] for r in replicas}
+    for conv in (new_conversations(1)[0] for _ in itertools.count()):
+        mine = picked[router.ranks(conv.id, replicas)[0][0]]
+        if len(mine) < per_replica:
+            mine.append(conv)
+        if all(len(v) == per_replica for v in picked.values()):
+            return [c for v in picked.values() for c in v]
+    raise AssertionError("unreachable")
+
+
+def test_turns_stay_on_their_replica_and_move_with_a_full_prefill_when_it_dies(serve2: Serve2) -> None:
+    import ray
+
+    replicas = sorted(serve2.replicas)
+    convs = owned(replicas, 2)
+    for _ in range(3):
+        play_round(serve2, convs, TOKENS)
+    for conv in convs:
+        owner = router.ranks(conv.id, replicas)[0][0]
+        assert [t.replica for t in conv.turns] == [owner] * 3, conv.id
+        for prev, turn in itertools.pairwise(conv.turns):
+            # The whole previous prompt, in whole blocks, came from the cache (the answer is decoded,
+            # so prefilled now); at most one block short where the tokenizer split the seam differently.
+            assert reusable(prev) - BLOCK <= turn.cached <= reusable(prev), (conv.id, turn)
+    shared = min(t.cached for c in convs for t in c.turns[:1])  # what every conversation's start shares
+
+    victim = serve2.replicas[replicas[0]]
+    ray.kill(ray.get_actor(victim.actor_name, namespace="serve"), no_restart=True)
+    moved = [c for c in convs if c.turns[-1].replica == victim.id]
+    after = play_round(serve2, moved, TOKENS)  # at once: Serve has not replaced the replica yet
+    for conv, turn in zip(moved, after, strict=True):
+        assert turn.replica == replicas[1] and turn.finish, turn  # answered by the other replica
+        assert turn.cached <= max(shared, reusable(conv.turns[0])) < reusable(conv.turns[-2]), turn
+        assert [t.index for t in conv.turns] == [1, 2, 3, 4]
+    # The other replica now holds them: their next turn hits there. (Serve replaces the killed
+    # replica only after its health check fails, seconds later; a replacement that had already
+    # come up would win about half of them, and prefill them in full once.)
+    for conv, turn in zip(moved, play_round(serve2, moved, TOKENS), strict=True):
+        assert turn.replica not in (victim.id, ""), turn
+        if turn.replica == replicas[1]:
+            assert turn.cached >= reusable(conv.turns[-2]) - BLOCK, turn
+        else:
+            assert turn.cached < reusable(conv.turns[-2]), turn
