@@ -38,8 +38,7 @@ def score(key: str, replica_id: str) -> int:
 
 def ranks(key: str, replica_ids: Sequence[str]) -> list[list[str]]:
     """[[owner], [the others]]: the owner is the replica of highest weight for `key`; the others
-    follow in weight order (Serve picks the least loaded of them; a tie goes to the first, so a
-    conversation that had to leave its owner also lands on the same second replica each time)."""
+    follow in weight order, as a list for Serve to pick the least loaded from."""
     ordered = sorted(dict.fromkeys(replica_ids), key=lambda rid: (score(key, rid), rid), reverse=True)
     if not ordered:
         return []
