@@ -53,12 +53,23 @@ def test_offline_loop_publishes_a_child_version(tiny_registry: tuple[Registry, s
                       thumbs_up=True),
              base_row(qs[2], NOW_MS + 1, kind="ranking", answers=candidates(qs[2]), ranking=[0, 1, 2])]
     write_rows(feedback, rows, partition=0, first_offset=0, last_offset=len(rows) - 1)
+    # Logged turns for the replay evaluation: two in its hour, one before it (not replayed).
+    from services.conversation.db import ConversationDB
+    from tests.conversation.records import Feeder, record
+
+    store = f"sqlite:///{tmp_path / 'conversations.db'}"
+    db = ConversationDB(store)
+    db.migrate()
+    Feeder(db).put(*[record(f"c{i}", "ann", 1, qs[i], created_ms=NOW_MS - ms, prompt=f"<|im_start|>user\n{qs[i]}")
+                     for i, ms in enumerate((60_000, 120_000, 7_200_000))])
+    db.close()
 
     config = load_config(rm_epochs=4, rm_batch_size=4, rm_lr=2e-3, ppo_steps=3, rollout_batch_size=4,
                          ppo_epochs=2, minibatch_size=2, lr=1e-4, max_new_tokens=12, checkpoint_every=1,
                          heldout_percent=25, num_workers=2, cpus_per_worker=1, ray_num_cpus=2, use_gpu="false",
                          eval_max_new_tokens=8, eval_samples=1, kl_bound=1e6, pushgateway_url="",
-                         algorithm="both", dpo_epochs=2, dpo_batch_size=4, dpo_lr=1e-3)
+                         algorithm="both", dpo_epochs=2, dpo_batch_size=4, dpo_lr=1e-3,
+                         replay=True, replay_hours=1, replay_store=store, moderation_addr="")
     report = job.run(config, registry, dataset_root=feedback, now_ms=NOW_MS)
     assert list(report["children"]) == ["ppo", "dpo"] and report["version"] == report["children"]["ppo"]["version"]
 
@@ -87,6 +98,13 @@ def test_offline_loop_publishes_a_child_version(tiny_registry: tuple[Registry, s
     for key in ("parent_rm_mean", "child_rm_mean", "parent_rule_mean", "child_rule_mean"):
         assert isinstance(evaluation["sampled"][key], float), key
     assert isinstance(evaluation["greedy_reward_model"]["child_mean"], float)
+    # Replayed before publishing: the logged prompts, child vs the served version, in the manifest.
+    replayed = training["replay"]
+    assert replayed["prompts"] == 2 and replayed["served_version"] == base and report["replay"] == replayed
+    assert replayed["rule"]["candidate_wins"] + replayed["rule"]["ties"] + replayed["rule"]["candidate_losses"] == 2
+    assert isinstance(replayed["reward"]["candidate_mean"], float)
+    assert replayed["moderation"]["candidate_block_rate"] is None and not replayed["passed"]
+    assert replayed["reasons"] == ["moderation block rate not measured: not configured (MODERATION_ADDR is empty)"]
     assert registry.current("generation") == base  # promotion is a separate command
 
     # The child loads and generates through onnxruntime_genai, and differs from its parent.
@@ -115,7 +133,7 @@ def test_offline_loop_publishes_a_child_version(tiny_registry: tuple[Registry, s
     assert set(dpo_eval["rule_parts"]["child"]) == {"concise", "on_topic", "full_stop", "repetition", "non_answer"}
     assert (registry.version_path(dpo_child["version"]) / "model.onnx.data").read_bytes() != parent_onnx
     md = report_markdown([report])
-    assert "PPO vs DPO" in md and dpo_child["version"] in md and "non_answer" in md
+    assert "PPO vs DPO" in md and dpo_child["version"] in md and "non_answer" in md and "Replay FAILED" in md
 
     # The next run from the child starts where this window ended: only the late ranking is new,
     # too little to train on, so nothing is published.
