@@ -49,7 +49,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from model import sampling
 from model.paths import build_dir, cache_root
@@ -58,6 +58,9 @@ from rlhf import data
 from rlhf.config import RLHFConfig, load_config
 from rlhf.export import export_within_gate
 from rlhf.metrics import JobMetrics
+
+if TYPE_CHECKING:
+    from rlhf.replay import ReplaySet
 
 log = logging.getLogger("rlhf.job")
 REPO = Path(__file__).resolve().parent.parent
@@ -324,7 +327,7 @@ def run(config: RLHFConfig, registry: Registry, base: str | None = None, dataset
 
 
 def _prepare_replay(config: RLHFConfig, registry: Registry, base: str, deployment: str,
-                    window: data.FeedbackWindow, dataset_root: Path) -> Any:
+                    window: data.FeedbackWindow, dataset_root: Path) -> ReplaySet | None:
     """The logged prompts the candidates will replay (``rlhf.replay``), chosen once before training
     so a missing store stops the job early; None when ``RLHF_REPLAY`` is off."""
     if not config.replay:
@@ -347,7 +350,7 @@ def _prepare_replay(config: RLHFConfig, registry: Registry, base: str, deploymen
 def _publish_child(algorithm: str, timings: dict[str, float], *, config: RLHFConfig, registry: Registry, base: str,
                    base_manifest: dict[str, Any], hf_dir: Path, run_dir: Path, window: data.FeedbackWindow,
                    metrics: dict[str, Any], dataset: dict[str, Any], origin: str | None,
-                   cache: dict[str, list[str]], replay_set: Any) -> dict[str, Any]:
+                   cache: dict[str, list[str]], replay_set: ReplaySet | None) -> dict[str, Any]:
     """Export, judge and publish one child (``ppo`` or ``dpo``); its part of the report."""
     from model.hashing import sha256_file
     from rlhf.train import POLICY_DIRS, RM_CHECKPOINT

@@ -216,7 +216,8 @@ def replay_table(replay: dict[str, Any]) -> list[str]:
     lines = [f"{replay['prompts']} logged prompts, turns of {_utc(window['since_ms'])} to {_utc(window['until_ms'])}"
              f" (newest {window['limit']}; simulated traffic "
              f"{'excluded' if window['exclude_simulated'] else 'included'}); left out: "
-             + ", ".join(f"{k} {v}" for k, v in replay["selection"].items() if k not in ("logged", "replayed") and v)
+             + (", ".join(f"{k} {v}" for k, v in replay["selection"].items() if k not in ("logged", "replayed") and v)
+                or "none")
              + f" of {replay['selection'].get('logged', 0)} read."]
     if replay["prompts"]:
         rule, mod = replay["rule"], replay["moderation"]

@@ -237,3 +237,15 @@ def test_replay_on_real_parts(tmp_path: Path, moderation_addr: str, monkeypatch:
     assert "| moderation block rate of the answers |" in table and "Replay passed." in table
     assert "simulated 1" in table
     assert "not measured" in "\n".join(replay_table(down)) and "Replay FAILED" in "\n".join(replay_table(down))
+
+
+def test_replay_table_without_prompts() -> None:
+    from rlhf.report import replay_table
+
+    empty = {"prompts": 0, "window": ReplayWindow(NOW - HOUR, NOW, 8).as_dict(),
+             "selection": {"logged": 0, "blocked": 0, "replayed": 0}, "passed": False,
+             "reasons": ["no logged prompts in the replay window"]}
+    assert replay_table(empty) == [
+        "0 logged prompts, turns of 2027-01-15 07:00:00 UTC to 2027-01-15 08:00:00 UTC (newest 8; simulated "
+        "traffic included); left out: none of 0 read.", "",
+        "Replay FAILED: no logged prompts in the replay window."]
