@@ -16,6 +16,7 @@ import time
 
 from bench import (
     affinity,
+    canary,
     common,
     conversation,
     engine,
@@ -35,7 +36,9 @@ ALL = ("engine", "stages", "pipeline", "conversation")
 # 2 replicas with the rebalance stall (a few minutes); stage replicas added and removed under chat load
 # (a whole stack, about 8 minutes); prefix-cache hits with the affinity router vs Serve's default at
 # 2 generation replicas, and failover (its own Ray, a few minutes).
-EXTRA = ("model", "web", "history_store", "scale", "rebalance", "affinity")
+# canary: one automatic canary promoted and one rolled back on a whole stack with Prometheus (about
+# 4 minutes).
+EXTRA = ("model", "web", "history_store", "scale", "rebalance", "affinity", "canary")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="keep the in-process parts of engine.json/conversation.json and run only the stack parts")
     for mod in (engine, pipeline, conversation, stages, model_quality, web, history_store, scale, rebalance,
-                affinity):
+                affinity, canary):
         mod.add_args(p.add_argument_group(mod.NAME))
     return p
 
@@ -90,6 +93,8 @@ def _run(args: argparse.Namespace, names: list[str]) -> int:
         rebalance.run(args)  # its own stack: replicas come and go in it
     if "affinity" in names:
         affinity.run(args)  # its own Ray: two generation replicas, one router after the other
+    if "canary" in names:
+        canary.run(args)  # its own stack: a registry of its own, Prometheus, two canaries
     conv = None
     if "conversation" in names:
         conv = common.Record.resume(conversation.NAME) if args.resume else None

@@ -96,7 +96,7 @@ class Check:
         n = f"n={self.samples[0]:.0f}/{self.samples[1]:.0f}"
         if self.limit is None:
             return f"{self.name}: too few samples ({n}, canary/stable)"
-        z = "" if self.z is None else f", z={self.z:.2f}"
+        z = "" if self.z is None or self.z <= 0 else f", z={self.z:.2f}"  # only past the limit
         if self.passed is None:
             return f"{self.name}: canary {c} vs stable {s}, past the limit {lim} but within chance ({n}{z})"
         verb = "within" if self.passed else "outside"
