@@ -101,7 +101,7 @@ class Serve2:
                             if line.startswith(HITS))
         return out
 
-    async def _call(self, conversation: str, prompt: str, max_tokens: int) -> tuple[dict[str, Any], str, str]:
+    async def call(self, conversation: str, prompt: str, max_tokens: int) -> tuple[dict[str, Any], str, str]:
         from services.generation.engine import Request, Sampling
 
         call = self.handle.options(stream=True, method_name="stream", session_id=conversation).remote(
@@ -124,7 +124,7 @@ class Serve2:
         for attempt in range(1, retries + 2):
             before = self.hits()
             try:
-                status, text, finish = asyncio.run(asyncio.wait_for(self._call(conversation, prompt, max_tokens), 120))
+                status, text, finish = asyncio.run(asyncio.wait_for(self.call(conversation, prompt, max_tokens), 120))
             except Exception as exc:
                 errors.append(type(exc).__name__)
                 if attempt > retries:

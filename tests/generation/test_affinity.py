@@ -7,6 +7,8 @@ Multi-turn conversations are played through a DeploymentHandle as the Kafka work
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import itertools
 import os
 from collections.abc import Iterator
@@ -23,8 +25,9 @@ from services.generation.config import DEFAULT_SERVE_CONFIG
 pytestmark = pytest.mark.ray
 
 # Each replica reserves half of the local Ray's 2 CPUs' worth (they share this machine's cores).
+# max_ongoing_requests 2: a third concurrent call of one conversation finds its owner full.
 OVERRIDES: dict[str, Any] = {"autoscaling_config": None, "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5},
-                             "graceful_shutdown_timeout_s": 5}
+                             "graceful_shutdown_timeout_s": 5, "max_ongoing_requests": 2}
 TOKENS = 8
 
 
@@ -66,6 +69,21 @@ def owned(replicas: list[str], per_replica: int) -> list[Conversation]:
         if all(len(v) == per_replica for v in picked.values()):
             return [c for v in picked.values() for c in v]
     raise AssertionError("unreachable")
+
+
+def test_a_full_owner_sends_the_overflow_to_the_other_replica(serve2: Serve2) -> None:
+    replicas = sorted(serve2.replicas)
+    conv = owned(replicas, 1)[0]
+    owner = router.ranks(conv.id, replicas)[0][0]
+    prompt = conv.prompt("Tell me a long story.")
+
+    async def three() -> list[Any]:
+        return await asyncio.gather(*(serve2.call(conv.id, prompt, 200) for _ in range(3)))
+
+    answers = asyncio.run(three())
+    where = collections.Counter(status["replica"] for status, _, _ in answers)
+    assert where[owner] == 2 and sum(where.values()) == 3, where  # the owner's 2 slots, then the other
+    assert all(status["code"] == "OK" and finish for status, _, finish in answers)
 
 
 def test_turns_stay_on_their_replica_and_move_with_a_full_prefill_when_it_dies(serve2: Serve2) -> None:
