@@ -230,6 +230,8 @@ def test_client_cancel_ends_the_call(app: App) -> None:
 def test_replica_metrics(app: App) -> None:
     port = app.status()["metrics_port"]
     assert port
+    # one finished request of its own: labelled series (model_version) exist only once used
+    list(app.stub().Generate(gen_request(4), metadata=[("session_id", "conv-m")], timeout=60))
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     for name in ("colloquy_generation_time_to_first_token_seconds_bucket",
                  "colloquy_generation_inter_token_latency_seconds_bucket",
