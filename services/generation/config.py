@@ -61,6 +61,11 @@ class EngineSettings:
     prefix_cache_tokens: int = env("GENERATION_PREFIX_CACHE_TOKENS", 32768, check=_nonneg, hint="tokens >= 0")
     prefix_cache_min_tokens: int = env("GENERATION_PREFIX_CACHE_MIN_TOKENS", 32, check=lambda v: v >= 1,
                                        hint="tokens >= 1")
+    # Finished answers (n == 1) waiting for a cache fill at most, the oldest dropped first; 0: off.
+    # A fill prefills prompt + answer into the prefix cache while no request waits or prefills, so
+    # the conversation's next turn finds its last answer cached (scheduler.Fill).
+    prefix_cache_answers: int = env("GENERATION_PREFIX_CACHE_ANSWERS", 16, check=lambda v: 0 <= v <= 10000,
+                                    hint="0..10000")
     max_tokens_limit: int = env("GENERATION_MAX_TOKENS_LIMIT", 2048, check=lambda v: 1 <= v <= 1 << 20,
                                 hint="1..1048576")
     max_n: int = env("GENERATION_MAX_N", 4, check=lambda v: 1 <= v <= 16, hint="1..16")

@@ -11,14 +11,15 @@ passes, each caller's `Stream` gets its deltas. The parts, one concern each:
 | `runner.py` | model loading (session, tokenizer, graph facts) and the two forward passes (IOBinding) |
 | `kv_cache.py` | preallocated KV slots the graph updates in place; compaction and copies |
 | `scheduler.py` | one `step()` = one pass: a prefill chunk or a decode token for every running row |
-| `prefix_cache.py` | block-hashed prompt KV, LRU under a byte budget, one per model version |
+| `prefix_cache.py` | block-hashed prefilled KV (prompts; answers via cache fills), LRU by bytes, per version |
 | `sampler.py`, `stop.py` | next-token choice (greedy/temperature/top-k/top-p/repetition), stop strings |
 | `metrics.py` | Prometheus metrics |
 
 Each model version (the stable one, a canary, one being retired) has its own scheduler and KV
 slots, so requests in flight finish on the version they started with; the thread steps every
 scheduler that has work in turn. The router sends a conversation's turns to one replica, so its
-earlier turns' blocks are in that replica's prefix cache.
+earlier turns' blocks are in that replica's prefix cache: its prompts' blocks from their
+prefills, its answers' from the cache fills the scheduler runs while no request waits.
 """
 
 from __future__ import annotations
@@ -314,6 +315,9 @@ class AsyncEngine:
     def _loop(self) -> None:
         while True:
             with self._cv:
+                if self._closed:  # queued cache fills are no request's work: not worth a close's wait
+                    for s in self._sched.values():
+                        s.drop_fills()
                 while not any(s.has_work() for s in self._sched.values()):
                     if self._closed:
                         return

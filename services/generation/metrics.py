@@ -51,3 +51,8 @@ PREFIX_EVICTIONS = Counter("colloquy_generation_prefix_cache_evictions_total",
                            "Prefix-cache blocks dropped, by reason", ["reason"])
 PREFIX_TOKENS = Gauge("colloquy_generation_prefix_cache_tokens", "KV positions held by the prefix cache")
 PREFIX_BYTES = Gauge("colloquy_generation_prefix_cache_bytes", "Bytes held by the prefix cache")
+PREFIX_FILLS = Counter("colloquy_generation_prefix_cache_fills_total",
+                       "Cache fills of finished answers, by outcome (done; dropped: the queue's bound, the "
+                       "cache off, retired or too small, or the engine closing)", ["outcome"])
+PREFIX_FILL_TOKENS = Counter("colloquy_generation_prefix_cache_fill_tokens_total",
+                             "Tokens prefilled by cache fills (prompt + answer positions not cached yet)")

@@ -11,6 +11,13 @@ Only positions that were *prefilled* are cached (never decoded ones), and a hit 
 least two prompt tokens to prefill: on CPU a one-row pass (decode, or a one-token chunk) computes
 in a different kernel path than a multi-row one and differs in the last bits, so this is what
 keeps a hit's answer token-identical to a miss's.
+
+An answer's positions get here the same way: when a request (n == 1) finishes, the scheduler
+queues a *cache fill* (scheduler.Fill) that prefills prompt + answer (+ the EOS it stopped on)
+in multi-row chunks, starting after the blocks already cached (`cached`), and inserts its full
+blocks. That is the prefill the conversation's next turn would have done for those tokens,
+moved off its critical path (it runs only while no request waits or prefills); the next turn
+hits them as far as its prompt re-tokenizes the answer to the same ids.
 """
 
 from __future__ import annotations
@@ -68,21 +75,30 @@ class PrefixCache:
         M.PREFIX_LOOKUPS.labels("hit" if hit else "miss").inc()
         return found
 
-    def _chain(self, keys: list[bytes]) -> list[np.ndarray]:
+    def cached(self, ids: Sequence[int]) -> list[np.ndarray]:
+        """Every cached full block that starts `ids`, however short: a cache fill's starting point.
+
+        Not a request's lookup: neither counted in the query/hit metrics nor held to `min_tokens`.
+        """
+        keys = self._keys(ids, len(ids) // self.block)
+        with self._lock:
+            return self._chain(keys, 1)
+
+    def _chain(self, keys: list[bytes], min_tokens: int | None = None) -> list[np.ndarray]:
         found: list[np.ndarray] = []
         for key in keys:
             data = self._blocks.get(key)
             if data is None:
                 break
             found.append(data)
-        if len(found) * self.block < self.min_tokens:
+        if len(found) * self.block < (self.min_tokens if min_tokens is None else min_tokens):
             found = []
         for key in reversed(keys[:len(found)]):
             self._blocks.move_to_end(key)
         return found
 
     def insert(self, ids: Sequence[int], read: Callable[[int, int], np.ndarray]) -> None:
-        """Keep the full blocks of prompt `ids` not cached yet; `read(start, end)` gives their KV."""
+        """Keep the full blocks of prefilled `ids` not cached yet; `read(start, end)` gives their KV."""
         if not self.capacity:
             return
         keys = self._keys(ids, len(ids) // self.block)

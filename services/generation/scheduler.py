@@ -9,6 +9,15 @@ KV is copied from staging into one slot per candidate: n candidates share one pr
 as soon as they finish (the last row moves into the freed slot). Cancellation and deadlines are
 checked at every step. The engine thread is the only caller of `step()`; `submit` only appends
 to `waiting` under the shared lock.
+
+A finished answer (n == 1, STOP or LENGTH) queues a `Fill`: its prompt + answer ids (+ the EOS it
+stopped on, which the chat template renders after an earlier answer) prefilled in the staging
+slot in the same chunks, from the end of what the prefix cache already holds, and inserted into
+the cache after every chunk. A fill chunk takes a prefill chunk's turn only while no request
+waits or prefills (`next_pass`), so a user's prefill waits at most the one fill chunk in flight
+when it arrived, and a decode step at most one chunk, as with a prefill. A request admitted
+mid-fill takes the staging slot; the fill restarts later from the blocks it already inserted.
+Cost: the prefill the conversation's next turn would have done for those tokens, done earlier.
 """
 
 from __future__ import annotations
@@ -80,6 +89,38 @@ class Job:
                 c.finish, c.error = reason, error
 
 
+class Fill:
+    """A finished answer's ids (prompt + answer [+ EOS], whole blocks) to prefill into the prefix cache."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+        self.prefilled = 0  # positions of `ids` in the staging slot while it is staged
+
+
+def next_pass(*, prefilling: bool, waiting: bool, running: bool, fill: bool, last: str) -> str:
+    """The pass a step runs: "prefill", "fill" (a cache fill's chunk), "decode" or "" (none).
+
+    Prefill and decode alternate while both have work (`last` is the previous pass); a cache fill
+    takes a prefill's turn only when no request is prefilling or waiting, so it never delays a
+    user's prefill, and a decode by no more than one chunk.
+    """
+    chunk_turn = not running or last == "decode"
+    if prefilling and chunk_turn:
+        return "prefill"
+    if fill and chunk_turn and not prefilling and not waiting:
+        return "fill"
+    return "decode" if running else ""
+
+
+def chunk_len(rest: int, chunk: int) -> int:
+    """Tokens in the next prefill chunk of `rest`: at most `chunk`, never leaving a one-token last
+    chunk (one row computes differently: see prefix_cache)."""
+    n = min(chunk, rest)
+    if rest - n == 1:
+        n = n - 1 if n >= 3 else rest
+    return n
+
+
 class Scheduler:
     """Waiting queue, one prefilling job, the running rows and their KV slots, for one model."""
 
@@ -95,6 +136,9 @@ class Scheduler:
             budget = config.prefix_cache_tokens * model.kv_bytes_per_token()
             self.cache = PrefixCache(model.version, config.prefix_cache_block, budget, model.kv_bytes_per_token(),
                                      config.prefix_cache_min_tokens)
+        # Finished answers to prefill into the cache; a full deque drops its oldest on append.
+        self.fills: collections.deque[Fill] = collections.deque(maxlen=config.prefix_cache_answers)
+        self._staged: Fill | None = None  # the fill whose KV the staging slot holds
         self._fw: Forward | None = None  # allocated on first use, freed by release()
         self._last = "decode"
 
@@ -103,10 +147,19 @@ class Scheduler:
         return len(self.running) + (len(self.prefilling.cands) if self.prefilling else 0)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running)
+        fills = bool(self.fills) and self.cache is not None and self.cache.capacity > 0
+        return bool(self.waiting or self.prefilling or self.running or fills)
+
+    def drop_fills(self) -> None:
+        """Forget the queued cache fills (the engine is closing); engine thread only."""
+        if self.fills:
+            M.PREFIX_FILLS.labels("dropped").inc(len(self.fills))
+        self.fills.clear()
+        self._staged = None
 
     def release(self) -> None:
         """Free the KV slots and the prefix cache (a retired model version, or close)."""
+        self.drop_fills()
         self._fw = None
         if self.cache is not None:
             self.cache.close("model")
@@ -118,13 +171,15 @@ class Scheduler:
         self._reap(touched)
         self._compact()  # a cancelled row must not ride along in this pass
         self._admit(touched)
-        kind = ""
+        idle = self.prefilling is None and not self.waiting
+        kind = next_pass(prefilling=self.prefilling is not None, waiting=bool(self.waiting),
+                         running=bool(self.running), fill=idle and self._stage_fill(), last=self._last)
         started = time.perf_counter()
-        if self.prefilling is not None and (not self.running or self._last == "decode"):
-            kind = "prefill"
+        if kind == "prefill":
             self._guard(self._prefill, touched, [self.prefilling])
-        elif self.running:
-            kind = "decode"
+        elif kind == "fill":
+            self._guard(self._fill, touched, [])
+        elif kind == "decode":
             self._guard(self._decode, touched, list({id(c.job): c.job for c in self.running}.values()))
         if kind:
             self._last = kind
@@ -143,6 +198,10 @@ class Scheduler:
                 touched.add(job)
             if self.prefilling in jobs:
                 self.prefilling = None
+            if not jobs and self.fills:  # a failed cache fill: drop it, never retry it forever
+                self.fills.popleft()
+                self._staged = None
+                M.PREFIX_FILLS.labels("dropped").inc()
 
     def _reap(self, touched: set[Job]) -> None:
         with self.lock:
@@ -170,6 +229,7 @@ class Scheduler:
         M.QUEUE.observe(time.perf_counter() - job.submitted)
         try:
             fw = self._forward()
+            self._staged = None  # the request's prefill takes the staging slot
             if self.cache is not None:
                 blocks = self.cache.lookup(job.ids)
                 if blocks:
@@ -209,9 +269,7 @@ class Scheduler:
         job, fw = self.prefilling, self._forward()
         assert job is not None
         pos, rest = job.prefilled, len(job.ids) - job.prefilled
-        n = min(self.config.prefill_chunk, rest)
-        if rest - n == 1:  # never a one-token last chunk (one row computes differently: see prefix_cache)
-            n = n - 1 if n >= 3 else rest
+        n = chunk_len(rest, self.config.prefill_chunk)
         logits = fw.prefill(job.ids[pos:pos + n], pos)
         job.prefilled += n
         M.PROMPT_TOKENS.inc(n)
@@ -232,6 +290,67 @@ class Scheduler:
                 fw.kv.move(fw.kv.staging, len(self.running), len(job.ids))
                 cand.length = len(job.ids)
                 self.running.append(cand)
+
+    def _stage_fill(self) -> bool:
+        """Whether a cache fill is ready in the staging slot; stages the next one if need be.
+
+        Dropped: fills with no cache to go to (off, retired), longer than the whole cache, or with
+        fewer than two positions left to prefill (a one-row pass must not fill the cache).
+        """
+        cache = self.cache
+        while self.fills:
+            fill = self.fills[0]
+            if cache is not None and cache.capacity and fill is self._staged:
+                return True
+            self._staged = None
+            outcome = "dropped"
+            if cache is not None and 0 < len(fill.ids) // cache.block <= cache.capacity:
+                try:
+                    found = cache.cached(fill.ids)
+                    fill.prefilled = len(found) * cache.block
+                    rest = len(fill.ids) - fill.prefilled
+                    if rest >= 2:
+                        fw = self._forward()
+                        if found:
+                            fw.kv.write(fw.kv.staging, 0, np.concatenate(found, axis=3))
+                        self._staged = fill
+                        return True
+                    outcome = "cached" if rest == 0 else "dropped"
+                except Exception:
+                    log.exception("could not start a cache fill", extra={"model_version": self.model.version})
+            self.fills.popleft()
+            M.PREFIX_FILLS.labels(outcome).inc()
+        return False
+
+    def _fill(self, touched: set[Job]) -> None:
+        """One chunk of the staged cache fill; its full blocks so far go into the cache."""
+        fill, fw, cache = self._staged, self._forward(), self.cache
+        assert fill is not None and cache is not None
+        pos = fill.prefilled
+        n = chunk_len(len(fill.ids) - pos, self.config.prefill_chunk)
+        fw.prefill(fill.ids[pos:pos + n], pos)
+        fill.prefilled += n
+        M.PREFIX_FILL_TOKENS.inc(n)
+        cache.insert(fill.ids[:fill.prefilled // cache.block * cache.block],
+                     lambda a, b: fw.kv.read(fw.kv.staging, a, b))
+        if fill.prefilled >= len(fill.ids):
+            self.fills.popleft()
+            self._staged = None
+            M.PREFIX_FILLS.labels("done").inc()
+
+    def _answered(self, cand: Cand, eos: int | None) -> None:
+        """Queue a cache fill for a finished answer (n == 1) with whole blocks beyond its prompt's."""
+        job, cache = cand.job, self.cache
+        if len(job.cands) != 1 or cache is None or not cache.capacity or self.fills.maxlen == 0:
+            return
+        ids = job.ids + cand.generated + ([eos] if eos is not None else [])
+        full = len(ids) // cache.block * cache.block
+        if full > len(job.ids) // cache.block * cache.block:
+            if len(self.fills) == self.fills.maxlen:
+                M.PREFIX_FILLS.labels("dropped").inc()
+                if self.fills[0] is self._staged:
+                    self._staged = None
+            self.fills.append(Fill(ids[:full]))
 
     def _decode(self, touched: set[Job]) -> None:
         rows, fw = self.running, self._forward()
@@ -261,6 +380,7 @@ class Scheduler:
         job = cand.job
         if token in self.model.eos and not job.request.sampling.ignore_eos:
             cand.finish = FinishReason.STOP
+            self._answered(cand, token)
             return
         cand.generated.append(token)
         cand.new_tokens += 1
@@ -274,6 +394,8 @@ class Scheduler:
             cand.finish = FinishReason.LENGTH  # asked length, or no KV position left for this token
         else:
             cand.last = token
+            return
+        self._answered(cand, None)
 
     def _compact(self) -> None:
         """Drop finished rows; the last row moves into each freed slot (rows stay 0..B-1)."""
