@@ -34,6 +34,7 @@ from bench.common import Record, log
 
 NAME = "affinity"
 HITS = "colloquy_generation_prefix_cache_hits_total"
+FILLS = "colloquy_generation_prefix_cache_fills_total"  # finished answers prefilled into the cache
 BLOCK = 16  # EngineSettings.prefix_cache_block
 APP, BASELINE_APP = "generation", "generation-default-router"
 SYSTEM = ("You are Colloquy, a careful and friendly assistant. Answer in plain words, keep answers short "
@@ -56,6 +57,7 @@ class Turn:
     index: int
     replica: str
     prompt_tokens: int
+    completion_tokens: int
     cached: int
     text: str
     finish: str
@@ -89,8 +91,8 @@ class Serve2:
                 return seen
         raise TimeoutError(f"{expect} replicas did not answer within {timeout_s} s (saw {sorted(seen)})")
 
-    def hits(self) -> dict[str, float]:
-        """Each known replica's prefix-cache hit tokens so far (a dead one is left out)."""
+    def hits(self, metric: str = HITS) -> dict[str, float]:
+        """Each known replica's prefix-cache hit tokens (or another counter) so far (a dead one is left out)."""
         out = {}
         for r in self.replicas.values():
             try:
@@ -98,17 +100,18 @@ class Serve2:
             except OSError:
                 continue
             out[r.id] = sum(float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
-                            if line.startswith(HITS))
+                            if line.startswith(metric))
         return out
 
-    async def call(self, conversation: str, prompt: str, max_tokens: int) -> tuple[dict[str, Any], str, str]:
+    async def call(self, conversation: str, prompt: str, max_tokens: int) -> tuple[dict[str, Any], str, str, int]:
+        """One stream call as the Kafka worker makes it: (status dict, text, finish reason, completion tokens)."""
         from services.generation.engine import Request, Sampling
 
         call = self.handle.options(stream=True, method_name="stream", session_id=conversation).remote(
             Request(uuid.uuid4().hex, prompt, Sampling(max_tokens=max_tokens, temperature=0.0),
                     conversation_id=conversation))
         status: dict[str, Any] = {}
-        text, finish = [], ""
+        text, finish, completion = [], "", 0
         async for item in call:
             if isinstance(item, dict):
                 status = item
@@ -116,7 +119,8 @@ class Serve2:
             for d in item:
                 text.append(d.text)
                 finish = str(d.finish_reason or finish)
-        return status, "".join(text), finish
+                completion = max(completion, d.completion_tokens)
+        return status, "".join(text), finish, completion
 
     def turn(self, conversation: str, index: int, prompt: str, max_tokens: int, retries: int = 3) -> Turn:
         """One turn, alone on the deployment; a failed call is retried (as the Kafka worker does)."""
@@ -124,7 +128,8 @@ class Serve2:
         for attempt in range(1, retries + 2):
             before = self.hits()
             try:
-                status, text, finish = asyncio.run(asyncio.wait_for(self.call(conversation, prompt, max_tokens), 120))
+                call = asyncio.wait_for(self.call(conversation, prompt, max_tokens), 120)
+                status, text, finish, completion = asyncio.run(call)
             except Exception as exc:
                 errors.append(type(exc).__name__)
                 if attempt > retries:
@@ -135,8 +140,8 @@ class Serve2:
                 raise RuntimeError(f"turn refused: {status}")
             after = self.hits()
             cached = sum(v - before.get(k, 0.0) for k, v in after.items())
-            return Turn(conversation, index, status["replica"], int(status["prompt_tokens"]), round(cached),
-                        text, finish, attempt, errors)
+            return Turn(conversation, index, status["replica"], int(status["prompt_tokens"]), completion,
+                        round(cached), text, finish, attempt, errors)
         raise AssertionError("unreachable")
 
 
@@ -174,10 +179,16 @@ def play_round(serve: Serve2, convs: list[Conversation], max_tokens: int) -> lis
     return out
 
 
-def reusable(prev: Turn) -> int:
-    """The most a replica can hold of a conversation before this turn: the previous prompt's full
-    blocks (the cache keeps prefilled positions only, by whole blocks)."""
+def prefilled(prev: Turn) -> int:
+    """What the replica that answered `prev` holds of it in any case: its prompt's whole blocks."""
     return prev.prompt_tokens // BLOCK * BLOCK
+
+
+def reusable(prev: Turn, turn: Turn) -> int:
+    """The most any replica can hold of `turn`'s prompt: `prev`'s prompt and answer (+ an end token;
+    the answer only where the engine fills finished answers into its cache), whole blocks, and
+    never the last 2 prompt tokens (a lookup always leaves those to prefill)."""
+    return min(prev.prompt_tokens + prev.completion_tokens + 1, turn.prompt_tokens - 2) // BLOCK * BLOCK
 
 
 def summarize(convs: list[Conversation], first_turn: int = 2) -> dict[str, Any]:
@@ -190,7 +201,7 @@ def summarize(convs: list[Conversation], first_turn: int = 2) -> dict[str, Any]:
             n += 1
             cached += turn.cached
             prompt += turn.prompt_tokens
-            reuse += reusable(prev)
+            reuse += reusable(prev, turn)
             same += turn.replica == prev.replica
     return {"turns": n, "cached_tokens": cached, "prompt_tokens": prompt, "reusable_tokens": reuse,
             "token_hit_rate": round(cached / prompt, 4) if prompt else None,
@@ -270,6 +281,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             runs[name] = convs
             summary = summarize(convs)
             summary["seconds"] = round(time.perf_counter() - t0, 1)
+            summary["answer_fills"] = round(sum(s.hits(FILLS).values()))
             ids = sorted(s.replicas)  # turns answered by the replica `router.ranks` names
             summary["owner_matches"] = sum(t.replica == router.ranks(c.id, ids)[0][0] for c in convs for t in c.turns)
             rec.results[name] = summary
@@ -312,7 +324,7 @@ def _failover(s: Serve2, convs: list[Conversation], max_tokens: int) -> dict[str
         "errors_retried": sorted({e for t in after_kill for e in t.errors}),
         "moved_answered_elsewhere": sum(t.replica != victim.id for t in after_kill if t.conversation in moved_ids),
         "moved_cached_tokens": [t.cached for t in after_kill if t.conversation in moved_ids],
-        "moved_reusable_tokens": [reusable(c.turns[-3]) for c in moved],
+        "moved_reusable_tokens": [reusable(c.turns[-3], c.turns[-2]) for c in moved],
         "stayed_token_hit_rate": _rate([t for t in after_kill if t.conversation not in moved_ids]),
         "next_turn_token_hit_rate": _rate(settled),
         "next_turn_same_replica_share": round(sum(c.turns[-1].replica == c.turns[-2].replica for c in convs)
@@ -347,9 +359,11 @@ def write_md(doc: dict[str, Any]) -> Path:
         f"request); load {doc['machine']['loadavg_before'][0]} -> {doc['machine']['loadavg_after'][0]}, "
         f"{doc['seconds']} s. Written by `make bench BENCH=affinity` (bench/affinity.py).",
         "",
-        "Turns >= 2. Token hit rate: cached / prompt tokens (vLLM's). Reusable found: cached / the previous "
-        "turn's prompt in whole 16-token blocks (the most any replica could hold: answers are decoded, not "
-        "cached). Same replica: turns answered by the replica that answered the conversation's previous turn.",
+        "Turns >= 2. Token hit rate: cached / prompt tokens (vLLM's). Reusable found: cached / the most any "
+        "replica could hold: the previous turn's prompt and answer in whole 16-token blocks (the answer is "
+        "in a cache only where the engine prefilled finished answers into it: answer fills, "
+        f"{r['affinity']['answer_fills']} in the affinity run, {r['default']['answer_fills']} in the default "
+        "one). Same replica: turns answered by the replica that answered the conversation's previous turn.",
         "",
         method,
         "",
@@ -357,8 +371,8 @@ def write_md(doc: dict[str, Any]) -> Path:
                                      "cached tokens", "prompt tokens"]),
         "",
         f"Ceiling of the token hit rate, reusable / prompt tokens: {_ceiling(r['affinity'])} (affinity run), "
-        f"{_ceiling(r['default'])} (default): each turn's answer and new question are new to every replica, "
-        "so no router can lift the token hit rate above it; the affinity router reaches it.",
+        f"{_ceiling(r['default'])} (default): each turn's new question is new to every replica, so no "
+        "router can lift the token hit rate above it.",
         "",
         f"Affinity / default token hit rate: **{r['ratio_token_hit_rate']}x**. Turns (all) answered by the "
         f"owner `router.ranks` names: affinity {r['affinity']['owner_matches']}, default "

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from bench.affinity import BLOCK, Conversation, Serve2, new_conversations, play_round, reusable
+from bench.affinity import BLOCK, Conversation, Serve2, new_conversations, play_round, prefilled, reusable
 from devtools.procs import free_port
 from services.generation import router, serving
 from services.generation.config import DEFAULT_SERVE_CONFIG
@@ -81,9 +81,9 @@ def test_a_full_owner_sends_the_overflow_to_the_other_replica(serve2: Serve2) ->
         return await asyncio.gather(*(serve2.call(conv.id, prompt, 200) for _ in range(3)))
 
     answers = asyncio.run(three())
-    where = collections.Counter(status["replica"] for status, _, _ in answers)
+    where = collections.Counter(status["replica"] for status, *_ in answers)
     assert where[owner] == 2 and sum(where.values()) == 3, where  # the owner's 2 slots, then the other
-    assert all(status["code"] == "OK" and finish for status, _, finish in answers)
+    assert all(status["code"] == "OK" and finish for status, _, finish, _ in answers)
 
 
 def test_turns_stay_on_their_replica_and_move_with_a_full_prefill_when_it_dies(serve2: Serve2) -> None:
@@ -97,10 +97,11 @@ def test_turns_stay_on_their_replica_and_move_with_a_full_prefill_when_it_dies(s
         owner = router.ranks(conv.id, replicas)[0][0]
         assert [t.replica for t in conv.turns] == [owner] * 3, conv.id
         for prev, turn in itertools.pairwise(conv.turns):
-            # The whole previous prompt, in whole blocks, came from the cache (the answer is decoded,
-            # so prefilled now); at most one block short where the tokenizer split the seam differently.
-            assert reusable(prev) - BLOCK <= turn.cached <= reusable(prev), (conv.id, turn)
-    shared = min(t.cached for c in convs for t in c.turns[:1])  # what every conversation's start shares
+            # At least the whole previous prompt (whole blocks) came from the cache, but for one block
+            # where the tokenizer split the seam differently; at most it and its answer (if the engine
+            # filled the answer into its cache).
+            assert prefilled(prev) - BLOCK <= turn.cached <= reusable(prev, turn), (conv.id, turn)
+    shared = max(t.cached for c in convs for t in c.turns[:1])  # what the conversations' starts share
 
     victim = serve2.replicas[replicas[0]]
     ray.kill(ray.get_actor(victim.actor_name, namespace="serve"), no_restart=True)
@@ -108,7 +109,7 @@ def test_turns_stay_on_their_replica_and_move_with_a_full_prefill_when_it_dies(s
     after = play_round(serve2, moved, TOKENS)  # at once: Serve has not replaced the replica yet
     for conv, turn in zip(moved, after, strict=True):
         assert turn.replica == replicas[1] and turn.finish, turn  # answered by the other replica
-        assert turn.cached <= max(shared, reusable(conv.turns[0])) < reusable(conv.turns[-2]), turn
+        assert turn.cached <= shared < prefilled(conv.turns[-2]), turn
         assert [t.index for t in conv.turns] == [1, 2, 3, 4]
     # The other replica now holds them: their next turn hits there. (Serve replaces the killed
     # replica only after its health check fails, seconds later; a replacement that had already
@@ -116,6 +117,6 @@ def test_turns_stay_on_their_replica_and_move_with_a_full_prefill_when_it_dies(s
     for conv, turn in zip(moved, play_round(serve2, moved, TOKENS), strict=True):
         assert turn.replica not in (victim.id, ""), turn
         if turn.replica == replicas[1]:
-            assert turn.cached >= reusable(conv.turns[-2]) - BLOCK, turn
+            assert turn.cached >= prefilled(conv.turns[-2]) - BLOCK, turn
         else:
-            assert turn.cached < reusable(conv.turns[-2]), turn
+            assert turn.cached <= shared, turn
