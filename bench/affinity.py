@@ -374,6 +374,11 @@ def write_md(doc: dict[str, Any]) -> Path:
         f"{_ceiling(r['default'])} (default): each turn's new question is new to every replica, so no "
         "router can lift the token hit rate above it.",
         "",
+        "Prompts here are plain ChatML of the whole conversation. The prompt service also appends a reminder "
+        "to the newest user message only (services/prompt/templates.yaml `after`), so through the pipeline a "
+        "turn's prompt departs from the previous one at the previous user message: the reusable share, and "
+        "the token hit rate with it, are lower there, whatever the router.",
+        "",
         f"Affinity / default token hit rate: **{r['ratio_token_hit_rate']}x**. Turns (all) answered by the "
         f"owner `router.ranks` names: affinity {r['affinity']['owner_matches']}, default "
         f"{r['default']['owner_matches']} of {p['conversations'] * p['turns']}.",
