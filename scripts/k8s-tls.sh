@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-readonly SERVICES=(gateway tokenizer moderation prompt feedback conversation web)
+readonly SERVICES=(gateway tokenizer moderation prompt feedback conversation web rlhf)
 OUT=${OUT:-var/k8s-tls}
 NAMESPACE=${NAMESPACE:-colloquy}
 DAYS=${DAYS:-365}

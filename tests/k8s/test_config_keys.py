@@ -45,9 +45,13 @@ READ_ELSEWHERE: dict[str, str] = {
     "MY_POD_IP": "builds RAY_ADDRESS in the same pod spec",
     "FEEDBACK_DATASET_DIR": "rlhf/data.py dataset_dir() (the feedback sink's FeedbackConfig)",
     "PGPASSWORD": "libpq (psycopg) when DATABASE_URL has no password: the `postgres` Secret's, unescaped",
+    "PGOPTIONS": "libpq (psycopg): the RLHF head's sessions default to read-only transactions",
 }
 # Jobs outside services/: their name -> the modules whose env() dataclasses they load.
 JOB_MODULES: dict[str, tuple[str, ...]] = {"rlhf": ("rlhf.config", "rlhf.preference")}
+# Other config classes a job loads: rlhf/job.py reads the replay's conversation store as the
+# conversation service's readers do (StoreConfig: DATABASE_URL) unless RLHF_REPLAY_STORE is set.
+JOB_CLASSES: dict[str, tuple[tuple[str, str], ...]] = {"rlhf": (("services.conversation.config", "StoreConfig"),)}
 # A job's hyperparameters stay at the code's (tuned) defaults unless an overlay overrides one; what
 # the deployment must set is where the job runs, reads, writes and reports (k8s/base/rlhf/trigger.yaml).
 JOB_REQUIRED: dict[str, frozenset[str]] = {
@@ -120,6 +124,7 @@ def classes_for(service: str, target: Target) -> list[type]:
     if "module" in target.classes:
         for module in config_modules(service):
             out += env_classes(module)
+        out += [getattr(importlib.import_module(module), name) for module, name in JOB_CLASSES.get(service, ())]
     if "engine" in target.classes:
         out.append(importlib.import_module(f"services.{service}.config").EngineSettings)
     return out

@@ -30,7 +30,7 @@ STRIMZI_SECRETS = {f"{manifests.KAFKA_CLUSTER}-cluster-ca-cert"}  # + one per Ka
 # prod: also PostgreSQL's passwords (Secret `postgres`; dev generates it).
 OPERATOR_SECRETS = {"prod": {"gateway-api-keys", "postgres"} | {
                         f"{s}-tls" for s in ("gateway", "tokenizer", "moderation", "prompt", "feedback",
-                                             "conversation", "web")},
+                                             "conversation", "web", "rlhf")},
                     "dev": set()}
 # The public fronts: the only pods open beyond the namespace, each on one port, by one policy.
 PUBLIC_INGRESS = {"gateway-ingress": ("gateway", "grpc"), "web-ingress": ("web", "http")}

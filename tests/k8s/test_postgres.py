@@ -30,8 +30,10 @@ SECRET = "postgres"
 SECRET_KEYS = {"password", "superuser-password"}
 ROLE = DATABASE = "colloquy"
 BACKUP = "CronJob/postgres-backup"
-# Who may connect to PostgreSQL: the materializer, the readers (gateway, prompt) and the backup.
-CLIENTS = {"StatefulSet/conversation", "StatefulSet/gateway", "StatefulSet/prompt", BACKUP}
+RLHF_HEAD = "RayJob/rlhf-*:head"
+# Who may connect to PostgreSQL: the materializer, the readers (gateway, prompt, the RLHF job's
+# replay evaluation on its head) and the backup.
+CLIENTS = {"StatefulSet/conversation", "StatefulSet/gateway", "StatefulSet/prompt", RLHF_HEAD, BACKUP}
 
 
 def _pod(objects: list[Obj], owner: str) -> tuple[PodTemplate, dict[str, Any]]:
@@ -45,8 +47,9 @@ def _env(objects: list[Obj], container: dict[str, Any]) -> dict[str, manifests.E
 
 
 def _is_postgres_secret(name: str, overlay: str) -> bool:
-    # dev: the overlay's secretGenerator (name hash); prod: the Secret whoever deploys creates.
-    return name == SECRET or (overlay == "dev" and re.fullmatch(rf"{SECRET}-[a-z0-9]{{10}}", name) is not None)
+    # dev: the overlay's secretGenerator, without a name hash (the RLHF RayJob template, data that
+    # kustomize does not rewrite, names it); prod: the Secret whoever deploys creates.
+    return name == SECRET
 
 
 def _postgres(objects: list[Obj]) -> tuple[Obj, dict[str, Any]]:
@@ -348,6 +351,27 @@ def test_init_script_url_password_backup_and_restore_work_on_a_real_postgresql(
         assert revision
     finally:
         db.close()
+
+    # The RLHF head's replay evaluation reads the same store (the conversation service's URL) in
+    # sessions whose transactions are read-only by default (PGOPTIONS, read by libpq): its query
+    # runs, a write is refused by the server.
+    import sqlalchemy as sa
+
+    from rlhf import replay
+    from services.conversation.db import make_engine
+
+    _, head = _pod(objects + manifests.embedded_objects(objects), RLHF_HEAD)
+    head_env = test_config_keys.resolve(_env(objects, head))
+    monkeypatch.setenv("PGOPTIONS", head_env["PGOPTIONS"])
+    window = replay.window_for(2**42, 24.0, "", 64, False)
+    assert replay.read_turns(here(head_env["DATABASE_URL"]), window) == []
+    engine = make_engine(here(head_env["DATABASE_URL"]))
+    try:
+        with engine.connect() as conn, pytest.raises(sa.exc.InternalError, match="read-only transaction"):
+            conn.execute(sa.text("DELETE FROM turns"))
+    finally:
+        engine.dispose()
+    monkeypatch.delenv("PGOPTIONS")
 
     _, backup = _pod(objects, BACKUP)
     env = {**test_config_keys.resolve(_env(objects, backup)), "PGPASSWORD": TRICKY_PASSWORD, "PATH": path}

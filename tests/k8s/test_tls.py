@@ -29,8 +29,9 @@ from tests.k8s import test_config_keys
 
 GRPC_SERVICES = test_config_keys.GRPC_SERVICES
 # Pods that serve no gRPC but dial the services': web (the HTTP front) calls the gateway and
-# moderation, which serve TLS in prod, so it gets the switch and a Secret of its own.
-GRPC_CLIENTS = ("web",)
+# moderation, the RLHF job's head moderation (its replay evaluation); they serve TLS in prod, so
+# each gets the switch and a Secret of its own.
+GRPC_CLIENTS = ("web", "rlhf")
 # Secrets prod mounts that scripts/k8s-tls.sh does not make yet (create them with cert-manager or
 # openssl meanwhile: k8s/README.md "TLS"). Remove an entry once the script's SERVICES has it.
 NOT_YET_SCRIPTED: set[str] = set()
@@ -42,6 +43,11 @@ SCRIPT = manifests.ROOT / "scripts" / "k8s-tls.sh"
 def _service(docs: list[Obj], name: str) -> tuple[manifests.PodTemplate, dict[str, Any], dict[str, str]]:
     pt, container, env = test_config_keys._target_env(docs, test_config_keys.targets(name)[0])
     return pt, container, test_config_keys.resolve(env)
+
+
+def _with_embedded(docs: list[Obj]) -> list[Obj]:
+    """The render plus the RLHF RayJob template it carries as data (the rlhf client's pods)."""
+    return docs + manifests.embedded_objects(docs)
 
 
 def _grpc_port(container: dict[str, Any]) -> int:
@@ -86,12 +92,13 @@ def test_dev_stays_plaintext(render, service: str) -> None:  # type: ignore[no-u
 def test_only_the_grpc_services_get_the_switch(render) -> None:  # type: ignore[no-untyped-def]
     """TLS_DIR is per pod (not in colloquy-common): pods without the Secret must not point at it."""
     for overlay in manifests.OVERLAYS:
-        docs = render(overlay)
+        docs = _with_embedded(render(overlay))
         assert manifests.by_kind(docs, "ConfigMap")["colloquy-common"]["data"]["TLS_DIR"] == ""
         for pt in manifests.all_pod_templates(docs):
             for c in pt.containers():
                 if any(e["name"] == "TLS_DIR" for e in c.get("env", [])):
-                    assert pt.owner.split("/")[1] in GRPC_SERVICES + GRPC_CLIENTS, pt.owner
+                    name = pt.owner.split("/")[1].removesuffix("-*:head")  # RayJob/rlhf-*:head
+                    assert name in GRPC_SERVICES + GRPC_CLIENTS, pt.owner
 
 
 @pytest.mark.parametrize("client", GRPC_CLIENTS)
@@ -99,20 +106,20 @@ def test_prod_grpc_clients_dial_tls_from_their_mounted_secret(render, client: st
     """web's channels follow TLS_DIR (tls.insecure_or_secure_channel): in prod it must point at a
     mounted <client>-tls Secret (moderation requires a client certificate); dev stays plaintext."""
     (target,) = test_config_keys.targets(client)
-    pt, container, env = test_config_keys._target_env(render("prod"), target)
+    pt, container, env = test_config_keys._target_env(_with_embedded(render("prod")), target)
     tls_dir = test_config_keys.resolve(env).get("TLS_DIR", "")
     assert tls_dir, f"{client}: TLS_DIR is not set in prod"
     (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == tls_dir]
     assert mount.get("readOnly") is True and "subPath" not in mount
     volume = next(v for v in pt.spec["volumes"] if v["name"] == mount["name"])
     assert volume["secret"]["secretName"] == f"{client}-tls" and "items" not in volume["secret"]
-    pt, _, env = test_config_keys._target_env(render("dev"), target)
+    pt, _, env = test_config_keys._target_env(_with_embedded(render("dev")), target)
     assert test_config_keys.resolve(env).get("TLS_DIR", "") == ""
     assert not [v for v in pt.spec["volumes"] if v.get("secret", {}).get("secretName", "").endswith("-tls")]
 
 
 def test_the_script_makes_the_secrets_prod_mounts(render) -> None:  # type: ignore[no-untyped-def]
-    mounted = {v["secret"]["secretName"] for pt in manifests.all_pod_templates(render("prod"))
+    mounted = {v["secret"]["secretName"] for pt in manifests.all_pod_templates(_with_embedded(render("prod")))
                for v in pt.spec.get("volumes", []) if v.get("secret", {}).get("secretName", "").endswith("-tls")}
     text = SCRIPT.read_text(encoding="utf-8")
     services = text.split("readonly SERVICES=(", 1)[1].split(")", 1)[0].split()
