@@ -9,6 +9,18 @@ from devtools.procs import Proc, free_port
 from services.gateway.moderation_guard import ModerationGuard
 
 
+async def confirmed_available(guard: ModerationGuard, within_s: float = 15.0) -> bool:
+    """confirm_unavailable() until it answers False (each call dials afresh), for at most `within_s`:
+    on a loaded machine a server just resumed can miss the 1 s check once; the behaviour under test
+    is that a confirm sees the recovery without the background watch, not how fast."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while await guard.confirm_unavailable():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.2)
+    return True
+
+
 def test_down_then_up_then_frozen() -> None:
     async def scenario() -> list[bool]:
         port = free_port()
@@ -22,7 +34,7 @@ def test_down_then_up_then_frozen() -> None:
             proc.wait_for(lambda out: '"msg": "serving"' in out, timeout=30)
             # A refusal looks again first: a server that just came up is not refused, even though
             # the channel had been failing (reconnect backoff is capped at 1 s).
-            seen.append(await guard.confirm_unavailable())
+            seen.append(not await confirmed_available(guard))
             seen.append(guard.available)
             proc.signal(signal.SIGSTOP)  # up but not answering: too slow counts as unavailable
             for _ in range(3):
@@ -30,7 +42,7 @@ def test_down_then_up_then_frozen() -> None:
             seen.append(guard.available)
             proc.signal(signal.SIGCONT)
             await asyncio.sleep(0.5)
-            seen.append(await guard.confirm_unavailable())
+            seen.append(not await confirmed_available(guard))
         finally:
             proc.signal(signal.SIGCONT)
             proc.kill()
