@@ -45,7 +45,6 @@ READ_ELSEWHERE: dict[str, str] = {
     "MY_POD_IP": "builds RAY_ADDRESS in the same pod spec",
     "FEEDBACK_DATASET_DIR": "rlhf/data.py dataset_dir() (the feedback sink's FeedbackConfig)",
     "PGPASSWORD": "libpq (psycopg) when DATABASE_URL has no password: the `postgres` Secret's, unescaped",
-    "PGOPTIONS": "libpq (psycopg): the RLHF head's sessions default to read-only transactions",
 }
 # Jobs outside services/: their name -> the modules whose env() dataclasses they load.
 JOB_MODULES: dict[str, tuple[str, ...]] = {"rlhf": ("rlhf.config", "rlhf.preference")}

@@ -27,7 +27,8 @@ from services.conversation.config import ConversationConfig
 from tests.k8s import test_config_keys
 
 SECRET = "postgres"
-SECRET_KEYS = {"password", "superuser-password"}
+SECRET_KEYS = {"password", "superuser-password", "replay-password"}
+REPLAY_ROLE = "colloquy_replay"  # read-only: the RLHF job's replay evaluation
 ROLE = DATABASE = "colloquy"
 BACKUP = "CronJob/postgres-backup"
 RLHF_HEAD = "RayJob/rlhf-*:head"
@@ -95,7 +96,7 @@ def test_only_the_conversation_service_and_the_backup_may_reach_postgres(objects
 
 
 def test_every_postgres_secret_reference_names_a_key_the_secret_has(objects: list[Obj], overlay: str) -> None:
-    """dev generates the Secret (both keys, non-empty); prod leaves it to whoever deploys, under
+    """dev generates the Secret (every key, non-empty); prod leaves it to whoever deploys, under
     the plain name the references use (k8s/README.md, "PostgreSQL")."""
     refs = {(pt.owner, e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
             for pt in manifests.all_pod_templates(objects) for c in pt.containers() for e in c.get("env", [])
@@ -150,6 +151,13 @@ def test_init_script_creates_the_role_and_database_the_clients_use(objects: list
     assert '--set=app_password="$COLLOQUY_PASSWORD"' in script
     assert env["COLLOQUY_PASSWORD"].secret is not None and env["COLLOQUY_PASSWORD"].secret[1] == "password"
     assert env["POSTGRES_PASSWORD"].secret is not None and env["POSTGRES_PASSWORD"].secret[1] == "superuser-password"
+    # The read-only role: SELECT only, on the tables the application role creates now and later.
+    replay_script = manifests.by_kind(objects, "ConfigMap")["postgres-init"]["data"]["20-colloquy-replay.sh"]
+    assert f"CREATE ROLE {REPLAY_ROLE} LOGIN PASSWORD :'replay_password';" in replay_script
+    assert f"FOR ROLE {ROLE} IN SCHEMA public GRANT SELECT ON TABLES TO {REPLAY_ROLE};" in replay_script
+    assert not re.search(r"GRANT (ALL|INSERT|UPDATE|DELETE|TRUNCATE)", replay_script)
+    replay_env = env["COLLOQUY_REPLAY_PASSWORD"]
+    assert replay_env.secret is not None and replay_env.secret[1] == "replay-password"
     _, backup = _pod(objects, BACKUP)
     url = _env(objects, backup)["DATABASE_URL"].value or ""
     parts = urlsplit(url)
@@ -352,26 +360,39 @@ def test_init_script_url_password_backup_and_restore_work_on_a_real_postgresql(
     finally:
         db.close()
 
-    # The RLHF head's replay evaluation reads the same store (the conversation service's URL) in
-    # sessions whose transactions are read-only by default (PGOPTIONS, read by libpq): its query
-    # runs, a write is refused by the server.
+    # The read-only role (20-colloquy-replay.sh, run by the entrypoint after 10-colloquy.sh, and
+    # again by hand on older volumes: idempotent) for the RLHF head's replay evaluation: with the
+    # head's DATABASE_URL and its Secret key it reads the store; the server refuses it a write.
     import sqlalchemy as sa
 
     from rlhf import replay
     from services.conversation.db import make_engine
 
+    replay_script = tmp_path / "20-colloquy-replay.sh"
+    replay_script.write_text(manifests.by_kind(objects, "ConfigMap")["postgres-init"]["data"]["20-colloquy-replay.sh"],
+                             encoding="utf-8")
+    replay_script.chmod(stat.S_IRWXU)
+    for _ in range(2):
+        made = subprocess.run([str(replay_script)], env={"PATH": path, "POSTGRES_USER": "postgres",
+                                                         "COLLOQUY_REPLAY_PASSWORD": TRICKY_PASSWORD[::-1],
+                                                         "PGHOST": str(socket_dir), "PGPORT": str(port)},
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert made.returncode == 0, made.stderr
     _, head = _pod(objects + manifests.embedded_objects(objects), RLHF_HEAD)
-    head_env = test_config_keys.resolve(_env(objects, head))
-    monkeypatch.setenv("PGOPTIONS", head_env["PGOPTIONS"])
+    head_env = _env(objects, head)
+    assert head_env["PGPASSWORD"].secret == (SECRET, "replay-password")
+    reader_url = here(head_env["DATABASE_URL"].value or "")
+    assert urlsplit(reader_url).username == REPLAY_ROLE
+    monkeypatch.setenv("PGPASSWORD", TRICKY_PASSWORD[::-1])
     window = replay.window_for(2**42, 24.0, "", 64, False)
-    assert replay.read_turns(here(head_env["DATABASE_URL"]), window) == []
-    engine = make_engine(here(head_env["DATABASE_URL"]))
+    assert replay.read_turns(reader_url, window) == []
+    engine = make_engine(reader_url)
     try:
-        with engine.connect() as conn, pytest.raises(sa.exc.InternalError, match="read-only transaction"):
+        with engine.connect() as conn, pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
             conn.execute(sa.text("DELETE FROM turns"))
     finally:
         engine.dispose()
-    monkeypatch.delenv("PGOPTIONS")
+    monkeypatch.setenv("PGPASSWORD", TRICKY_PASSWORD)
 
     _, backup = _pod(objects, BACKUP)
     env = {**test_config_keys.resolve(_env(objects, backup)), "PGPASSWORD": TRICKY_PASSWORD, "PATH": path}

@@ -5,13 +5,14 @@ records a passed quality gate AND a passed replay; without --replay the canary n
 Both overlays' RayJob templates: the entrypoint asks for both; the head (where the job's driver,
 and so the replay, runs) reads the conversation store the materializer writes and dials the
 moderation service, and the NetworkPolicies let exactly the head through; the workers get none
-of it. The real-PostgreSQL side (read-only sessions) is in test_postgres.py.
+of it. The real-PostgreSQL side (the read-only role) is in test_postgres.py.
 """
 
 from __future__ import annotations
 
 import shlex
 from typing import Any
+from urllib.parse import urlsplit
 
 from devtools.k8s import connectivity, manifests
 from devtools.k8s.manifests import Obj, PodTemplate
@@ -48,20 +49,19 @@ def test_the_job_replays_then_starts_its_canary(objects: list[Obj]) -> None:
     assert "RLHF_REPLAY" not in env and "RLHF_REPLAY_STORE" not in env
 
 
-def test_the_head_reads_the_conversation_store_read_only(objects: list[Obj], overlay: str) -> None:
-    """The same database as the materializer (its own ConfigMap's DATABASE_URL), the application
-    role's password from the `postgres` Secret, every transaction read-only by default."""
+def test_the_head_reads_the_conversation_store_as_the_read_only_role(objects: list[Obj]) -> None:
+    """The database the materializer writes (conversation-config's host, port and database), as
+    `colloquy_replay` (postgres-init's 20-colloquy-replay.sh: SELECT only; test_postgres runs it on
+    a real server), with that role's password from the `postgres` Secret, never in the URL."""
     head, _ = _rlhf_pods(objects)
     _, env = _env(objects, head)
-    assert env["DATABASE_URL"].configmap == ("conversation-config", "DATABASE_URL"), env["DATABASE_URL"]
-    conversation = manifests.by_kind(objects, "ConfigMap")["conversation-config"]["data"]["DATABASE_URL"]
     values = test_config_keys.resolve(env)
-    store = common_config.load(StoreConfig, environ=values)
-    assert store.url == common_config.load(StoreConfig, environ={"DATABASE_URL": conversation}).url
-    secret = env["PGPASSWORD"].secret
-    assert secret is not None and secret[1] == "password"
-    assert secret[0] == "postgres"  # no name hash in dev either: the template is data
-    assert values["PGOPTIONS"] == "-c default_transaction_read_only=on"
+    store = urlsplit(common_config.load(StoreConfig, environ=values).url)
+    conversation = urlsplit(manifests.by_kind(objects, "ConfigMap")["conversation-config"]["data"]["DATABASE_URL"])
+    assert (store.scheme, store.hostname, store.port, store.path) == \
+        (conversation.scheme, conversation.hostname, conversation.port, conversation.path)
+    assert (store.username, store.password) == ("colloquy_replay", None)
+    assert env["PGPASSWORD"].secret == ("postgres", "replay-password")  # no name hash in dev either
 
 
 def test_the_head_dials_moderation_as_the_gateway_does(objects: list[Obj]) -> None:
