@@ -414,3 +414,6 @@ def test_init_script_url_password_backup_and_restore_work_on_a_real_postgresql(
         assert db.schema_revision() == revision and db.migrate() == []
     finally:
         db.close()
+    # The dump carries the read-only role's grants: after the restore it still reads the store.
+    monkeypatch.setenv("PGPASSWORD", TRICKY_PASSWORD[::-1])
+    assert replay.read_turns(reader_url, window) == []
