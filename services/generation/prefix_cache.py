@@ -13,7 +13,7 @@ in a different kernel path than a multi-row one and differs in the last bits, so
 keeps a hit's answer token-identical to a miss's.
 
 An answer's positions get here the same way: when a request (n == 1) finishes, the scheduler
-queues a *cache fill* (scheduler.Fill) that prefills prompt + answer (+ the EOS it stopped on)
+queues a *cache fill* (scheduler.Fill) that prefills prompt + answer (+ its end token)
 in multi-row chunks, starting after the blocks already cached (`cached`), and inserts its full
 blocks. That is the prefill the conversation's next turn would have done for those tokens,
 moved off its critical path (it runs only while no request waits or prefills); the next turn

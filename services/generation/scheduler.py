@@ -10,8 +10,9 @@ as soon as they finish (the last row moves into the freed slot). Cancellation an
 checked at every step. The engine thread is the only caller of `step()`; `submit` only appends
 to `waiting` under the shared lock.
 
-A finished answer (n == 1, STOP or LENGTH) queues a `Fill`: its prompt + answer ids (+ the EOS it
-stopped on, which the chat template renders after an earlier answer) prefilled in the staging
+A finished answer (n == 1, STOP or LENGTH) queues a `Fill`: its prompt + answer ids (+ the end
+token that the chat template renders after every earlier answer: the EOS it stopped on, or, cut
+at max_tokens, the model's EOS when it has only one) prefilled in the staging
 slot in the same chunks, from the end of what the prefix cache already holds, and inserted into
 the cache after every chunk. A fill chunk takes a prefill chunk's turn only while no request
 waits or prefills (`next_pass`), so a user's prefill waits at most the one fill chunk in flight
@@ -339,7 +340,8 @@ class Scheduler:
             M.PREFIX_FILLS.labels("done").inc()
 
     def _answered(self, cand: Cand, eos: int | None) -> None:
-        """Queue a cache fill for a finished answer (n == 1) with whole blocks beyond its prompt's."""
+        """Queue a cache fill for a finished answer (n == 1) with whole blocks beyond its prompt's;
+        `eos`: the end token the next turn's prompt will have after the answer, if known."""
         job, cache = cand.job, self.cache
         if len(job.cands) != 1 or cache is None or not cache.capacity or self.fills.maxlen == 0:
             return
@@ -395,7 +397,10 @@ class Scheduler:
         else:
             cand.last = token
             return
-        self._answered(cand, None)
+        # The next prompt renders a cut answer followed by the end token too; one stop-string-cut
+        # differs from its ids at the stop string, so no end token can match after it.
+        end = next(iter(self.model.eos)) if cand.finish is FinishReason.LENGTH and len(self.model.eos) == 1 else None
+        self._answered(cand, end)
 
     def _compact(self) -> None:
         """Drop finished rows; the last row moves into each freed slot (rows stay 0..B-1)."""

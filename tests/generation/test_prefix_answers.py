@@ -20,7 +20,8 @@ from services.generation.schema import FinishReason, Request, Sampling
 FIRST = ("<|im_start|>system\nYou are Colloquy, a helpful assistant.<|im_end|>\n"
          "<|im_start|>user\nTell me a story about the sea.<|im_end|>\n<|im_start|>assistant\n")
 NEXT = "<|im_end|>\n<|im_start|>user\nTell me more.<|im_end|>\n<|im_start|>assistant\n"
-GREEDY = Sampling(temperature=0, repetition_penalty=1.0, max_tokens=40)
+ANSWER = 30  # tokens: FIRST (33 tokens) + the answer end 1 short of a block, which its end token fills
+GREEDY = Sampling(temperature=0, repetition_penalty=1.0, max_tokens=ANSWER)
 BLOCK = 16
 
 
@@ -51,13 +52,15 @@ def test_next_turn_reuses_the_answer_and_answers_as_without_cache(model: LoadedM
     while sched.has_work():  # the answer, then its cache fill
         sched.step()
     answer = first.cands[0].generated
-    assert first.cands[0].finish is FinishReason.LENGTH and len(answer) == 40
+    assert first.cands[0].finish is FinishReason.LENGTH and len(answer) == ANSWER
+    assert (len(first.ids) + ANSWER) % BLOCK == BLOCK - 1
     ids = first.ids + answer + model.encode(NEXT)
     second = submit(sched, model, "t2", ids)
     while sched.has_work():
         sched.step()
     prompt_blocks = len(first.ids) // BLOCK * BLOCK
-    assert second.reused == (len(first.ids) + len(answer)) // BLOCK * BLOCK > prompt_blocks
+    assert model.eos == {2}  # <|im_end|>: a cut answer's fill ends with it, as the next prompt has it
+    assert second.reused == (len(first.ids) + len(answer) + 1) // BLOCK * BLOCK > prompt_blocks
 
     off = scheduler(model, prefix_cache_conversations=0, prefill_chunk=64)  # other chunk bounds too
     alone = submit(off, model, "t2-off", list(ids))
@@ -113,4 +116,5 @@ def test_a_request_arriving_mid_fill_prefills_first(model: LoadedModel) -> None:
     while sched.has_work():
         sched.step()
     assert not sched.fills and sched.cache is not None
-    assert len(sched.cache.cached(first.ids + first.cands[0].generated)) == (len(first.ids) + 40) // BLOCK
+    full = len(first.ids) + ANSWER + 1  # the answer and its end token
+    assert len(sched.cache.cached(first.ids + first.cands[0].generated + [2])) == full // BLOCK
