@@ -15,7 +15,7 @@ tokenized, so a long history costs no more than a short one.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from colloquy.v1 import chat_pb2
 
@@ -104,6 +104,30 @@ def conversation_seed(recorded: Mapping[int, chat_pb2.Turn],
     return seed.system, [PastTurn(0, ex.user, ex.assistant) for ex in seed.exchanges]
 
 
+def user_turn(template: PromptTemplate, text: str) -> list[ChatMessage]:
+    """The messages of a user's (already neutralized) text with the template's `after` reminder
+    placed as `after_placement` says: appended after a blank line, or a system message after it."""
+    if template.after and template.after_placement == "append":
+        return [ChatMessage("user", f"{text}\n\n{template.after}")]
+    if template.after:
+        return [ChatMessage("user", text), ChatMessage("system", template.after)]
+    return [ChatMessage("user", text)]
+
+
+def reminded(template: PromptTemplate, turn: PastTurn) -> bool:
+    """Whether an earlier turn is shown with the reminder: under `after_in_history`, a recorded
+    turn (index >= 1) was sent with it when it was the newest; a seeded exchange (index 0) never was."""
+    return template.after_in_history and bool(template.after) and turn.index > 0
+
+
+def past_messages(template: PromptTemplate, turn: PastTurn, clean: Callable[[str], str]) -> list[ChatMessage]:
+    """An earlier turn's messages: its user message (exactly as it was sent when it was the newest,
+    if `reminded`) and its answer; `clean` neutralizes special tokens."""
+    text = clean(turn.user)
+    user = user_turn(template, text) if reminded(template, turn) else [ChatMessage("user", text)]
+    return [*user, ChatMessage("assistant", clean(turn.assistant))]
+
+
 class Assembler:
     """Builds prompts for one model: its tokenizer and its context length."""
 
@@ -153,12 +177,7 @@ class Assembler:
         operator = [ChatMessage("system", template.before)]
         head = [ChatMessage("system", f"{template.before}\n\n{clean(system)}")] if system.strip() else operator
         new_message = clean(message)
-        if template.after and template.after_placement == "append":
-            tail = [ChatMessage("user", f"{new_message}\n\n{template.after}")]
-        elif template.after:
-            tail = [ChatMessage("user", new_message), ChatMessage("system", template.after)]
-        else:
-            tail = [ChatMessage("user", new_message)]
+        tail = user_turn(template, new_message)
 
         fixed = self.tok.count(self.tok.render(head + tail))
         if fixed > budget:
@@ -169,7 +188,7 @@ class Assembler:
             raise InvalidArgument("seed.system", f"too long for the model's context with this message "
                                                  f"({fixed - without} tokens, at most {budget - without})")
 
-        newest_first = self._newest_that_fit(history, budget - fixed)
+        newest_first = self._newest_that_fit(template, history, budget - fixed)
         keep = len(newest_first)
         pairs = newest_first[::-1]
         while True:
@@ -183,8 +202,12 @@ class Assembler:
         return AssembledPrompt(messages=messages, prompt=prompt, prompt_tokens=tokens,
                                dropped_turns=len(history) - keep, template_version=template.version)
 
-    def _newest_that_fit(self, history: Sequence[PastTurn], room: int) -> list[list[ChatMessage]]:
+    def _newest_that_fit(self, template: PromptTemplate, history: Sequence[PastTurn],
+                         room: int) -> list[list[ChatMessage]]:
         """The longest run of newest turns whose messages fit in `room` tokens, newest first.
+
+        A turn's messages are those `past_messages` renders (with the reminder under
+        `after_in_history`), and its cost counts all of them.
 
         Work is bounded by what fits, not by the history's length: turns are walked newest first
         and the walk stops at the first one that does not fit. Turns are tokenized in batches (one
@@ -201,18 +224,21 @@ class Assembler:
             bound = guess = 0
             while i - len(batch) > 0 and guess < room:
                 t = history[i - len(batch) - 1]
-                bound += self.min_tokens(t.user) + self.min_tokens(t.assistant)
+                # One bound over user text + reminder: appended, they share a message (and tokens).
+                user = f"{t.user}\n\n{template.after}" if reminded(template, t) else t.user
+                bound += self.min_tokens(user) + self.min_tokens(t.assistant)
                 if bound > room:
                     break
-                guess += (len(t.user) + len(t.assistant)) // GUESS_CHARS_PER_TOKEN + 1
+                guess += (len(user) + len(t.assistant)) // GUESS_CHARS_PER_TOKEN + 1
                 batch.append(t)
             if not batch:
                 return kept
-            pairs = [[ChatMessage("user", clean(t.user)), ChatMessage("assistant", clean(t.assistant))]
-                     for t in batch]
+            pairs = [past_messages(template, t, clean) for t in batch]
             counts = self._segment_counts([m for pair in pairs for m in pair])
-            for k, pair in enumerate(pairs):
-                cost = counts[2 * k] + counts[2 * k + 1]
+            start = 0
+            for pair in pairs:
+                cost = sum(counts[start:start + len(pair)])
+                start += len(pair)
                 if cost > room:
                     return kept
                 room -= cost

@@ -29,12 +29,18 @@ class UnknownTemplate(LookupError):
 
 @dataclasses.dataclass(frozen=True)
 class PromptTemplate:
-    """Hidden instructions of one version: `before` the conversation, `after` the new message."""
+    """Hidden instructions of one version: `before` the conversation, `after` the new message.
+
+    `after_in_history` also places `after` after every earlier recorded user message, as it was
+    placed when that message was the newest, so a turn's prompt starts with the previous turn's
+    prompt + answer (a prefix the engine's KV cache can reuse).
+    """
 
     version: str
     before: str
     after: str = ""
     after_placement: str = "append"
+    after_in_history: bool = False
     refusal: str = "Sorry, I can't help with that request."
 
 
@@ -66,7 +72,7 @@ def parse(doc: Any, source: str = "templates") -> TemplateSet:
         where = f"{source}: versions.{name}"
         if not isinstance(body, Mapping):
             raise TemplateError(f"{where}: expected a mapping")
-        unknown = set(body) - {"before", "after", "after_placement", "refusal"}
+        unknown = set(body) - {"before", "after", "after_placement", "after_in_history", "refusal"}
         if unknown:
             raise TemplateError(f"{where}: unknown keys {sorted(unknown)}")
         fields: dict[str, str] = {}
@@ -81,7 +87,12 @@ def parse(doc: Any, source: str = "templates") -> TemplateSet:
             raise TemplateError(f"{where}.after_placement: must be one of {', '.join(PLACEMENTS)}")
         if "refusal" in fields and not fields["refusal"]:
             raise TemplateError(f"{where}.refusal: must not be empty")
-        parsed[str(name)] = PromptTemplate(version=str(name), **fields)
+        in_history = body.get("after_in_history", False)
+        if not isinstance(in_history, bool):
+            raise TemplateError(f"{where}.after_in_history: must be true or false")
+        if in_history and not fields.get("after"):
+            raise TemplateError(f"{where}.after_in_history: needs a non-empty 'after'")
+        parsed[str(name)] = PromptTemplate(version=str(name), after_in_history=in_history, **fields)
     current = doc.get("current")
     if not isinstance(current, str) or current not in parsed:
         raise TemplateError(f"{source}: 'current' must name one of the versions ({', '.join(sorted(parsed))})")

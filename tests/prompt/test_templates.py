@@ -21,7 +21,7 @@ def test_shipped_templates(shipped: templates.TemplateSet) -> None:
 def test_unknown_version_lists_the_known_ones(shipped: templates.TemplateSet) -> None:
     with pytest.raises(templates.UnknownTemplate) as exc:
         shipped.get("v9")
-    assert str(exc.value) == "unknown version 'v9' (known: v1, v2)"
+    assert str(exc.value) == "unknown version 'v9' (known: v1, v2, v3)"
 
 
 def test_minimal_version_gets_defaults() -> None:
