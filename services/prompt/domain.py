@@ -5,11 +5,11 @@ prompt and unit tests check truncation exactly.
 
 The prompt is [system `before`, then the client's own system text of a seeded conversation] +
 the seed's earlier exchanges + every earlier, non-blocked turn (user message + answer of
-candidate 0) + the new user message (+ the `after` reminder), rendered with ChatML and the
-assistant header. When it does not fit in context - answer budget, the oldest exchanges go first
-(the seed's before the recorded turns); the instructions, the client's system text and the new
-message are never cut. Only the newest turns that can fit are
-tokenized, so a long history costs no more than a short one.
+candidate 0) + the new user message (+ the `after` reminder; with `after_in_history`, earlier user
+messages carry it too), rendered with ChatML and the assistant header. When it does not fit in
+context - answer budget, the oldest exchanges go first (the seed's before the recorded turns); the
+instructions, the client's system text and the new message are never cut. Only the newest turns
+that can fit are tokenized, so a long history costs no more than a short one.
 """
 
 from __future__ import annotations
@@ -114,17 +114,19 @@ def user_turn(template: PromptTemplate, text: str) -> list[ChatMessage]:
     return [ChatMessage("user", text)]
 
 
-def reminded(template: PromptTemplate, turn: PastTurn) -> bool:
-    """Whether an earlier turn is shown with the reminder: under `after_in_history`, a recorded
-    turn (index >= 1) was sent with it when it was the newest; a seeded exchange (index 0) never was."""
-    return template.after_in_history and bool(template.after) and turn.index > 0
+def reminded(template: PromptTemplate) -> bool:
+    """Whether earlier user messages are shown with the reminder (`after_in_history`).
+
+    Seeded exchanges get it too: the OpenAI-compatible API sends a client's whole history as a
+    seed each request, and its earlier user messages were the newest of the previous requests."""
+    return template.after_in_history and bool(template.after)
 
 
 def past_messages(template: PromptTemplate, turn: PastTurn, clean: Callable[[str], str]) -> list[ChatMessage]:
     """An earlier turn's messages: its user message (exactly as it was sent when it was the newest,
     if `reminded`) and its answer; `clean` neutralizes special tokens."""
     text = clean(turn.user)
-    user = user_turn(template, text) if reminded(template, turn) else [ChatMessage("user", text)]
+    user = user_turn(template, text) if reminded(template) else [ChatMessage("user", text)]
     return [*user, ChatMessage("assistant", clean(turn.assistant))]
 
 
@@ -225,7 +227,7 @@ class Assembler:
             while i - len(batch) > 0 and guess < room:
                 t = history[i - len(batch) - 1]
                 # One bound over user text + reminder: appended, they share a message (and tokens).
-                user = f"{t.user}\n\n{template.after}" if reminded(template, t) else t.user
+                user = f"{t.user}\n\n{template.after}" if reminded(template) else t.user
                 bound += self.min_tokens(user) + self.min_tokens(t.assistant)
                 if bound > room:
                     break

@@ -31,9 +31,9 @@ class UnknownTemplate(LookupError):
 class PromptTemplate:
     """Hidden instructions of one version: `before` the conversation, `after` the new message.
 
-    `after_in_history` also places `after` after every earlier recorded user message, as it was
-    placed when that message was the newest, so a turn's prompt starts with the previous turn's
-    prompt + answer (a prefix the engine's KV cache can reuse).
+    `after_in_history` also places `after` after every earlier user message (seeded ones too), as
+    it was placed when that message was the newest, so a turn's prompt starts with the previous
+    turn's prompt + answer (a prefix the engine's KV cache can reuse).
     """
 
     version: str

@@ -19,13 +19,13 @@ V3_SYSTEM = dataclasses.replace(V3, version="v3s", after_placement="system")
 V1 = dataclasses.replace(V3, version="v1", after_in_history=False)
 
 
-def test_earlier_recorded_messages_keep_the_reminder_seeded_ones_do_not(tok: TextTokenizer) -> None:
+def test_every_earlier_user_message_keeps_the_reminder_seeded_ones_too(tok: TextTokenizer) -> None:
     past = [PastTurn(0, "My cat is Pixel.", "Nice!"), PastTurn(1, "My dog is Biscuit.", "Lovely!"),
             PastTurn(2, "He is three.", "Young!")]
     got = Assembler(tok, 8192).assemble(V3, past, "What is my dog's name?")
     assert got.prompt == (
         "<|im_start|>system\nYou are Colloquy. Be helpful.<|im_end|>\n"
-        "<|im_start|>user\nMy cat is Pixel.<|im_end|>\n"
+        "<|im_start|>user\nMy cat is Pixel.\n\nAnswer briefly.<|im_end|>\n"
         "<|im_start|>assistant\nNice!<|im_end|>\n"
         "<|im_start|>user\nMy dog is Biscuit.\n\nAnswer briefly.<|im_end|>\n"
         "<|im_start|>assistant\nLovely!<|im_end|>\n"
@@ -38,7 +38,7 @@ def test_earlier_recorded_messages_keep_the_reminder_seeded_ones_do_not(tok: Tex
     assert without.prompt.count("Answer briefly.") == 1
 
 
-def test_a_system_placed_reminder_follows_every_earlier_recorded_message(tok: TextTokenizer) -> None:
+def test_a_system_placed_reminder_follows_every_earlier_user_message(tok: TextTokenizer) -> None:
     got = Assembler(tok, 8192).assemble(V3_SYSTEM, [PastTurn(1, "Hi", "Hello!")], "Bye")
     assert [(m.role, m.content) for m in got.messages] == [
         ("system", V3.before), ("user", "Hi"), ("system", "Answer briefly."), ("assistant", "Hello!"),
@@ -62,6 +62,14 @@ def test_turn_k_plus_1_starts_with_turn_k_prompt_and_answer(tok: TextTokenizer, 
             assert tok.encode(prompt)[:len(tok.encode(previous))] == tok.encode(previous)
         previous = f"{prompt}{answer}<|im_end|>\n"
         past.append(PastTurn(i, message, answer))
+
+
+def test_a_history_resent_as_a_seed_each_request_is_prefix_stable_too(tok: TextTokenizer) -> None:
+    """The OpenAI-compatible API sends a stateless client's earlier messages as a seed (index 0)."""
+    a = Assembler(tok, 8192)
+    first = a.assemble(V3, [], "My dog is Biscuit.").prompt
+    second = a.assemble(V3, [PastTurn(0, "My dog is Biscuit.", "Lovely!")], "His name?").prompt
+    assert second.startswith(f"{first}Lovely!<|im_end|>\n")
 
 
 def test_without_it_turn_k_plus_1_diverges_at_turn_k_message(tok: TextTokenizer) -> None:
@@ -106,9 +114,7 @@ def test_budget_counts_the_reminders_exactly(tok: TextTokenizer, turns: list[tup
     keep = 0
     for t in reversed(past):
         rendered = tok.render([ChatMessage("system", template.before), *tail], add_generation_prompt=False)
-        if t.index == 0:
-            user = [ChatMessage("user", clean(t.user))]
-        elif system_placed:
+        if system_placed:
             user = [ChatMessage("user", clean(t.user)), ChatMessage("system", template.after)]
         else:
             user = [ChatMessage("user", f"{clean(t.user)}\n\n{template.after}")]
