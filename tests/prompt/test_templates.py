@@ -8,13 +8,13 @@ from services.prompt import templates
 
 
 def test_shipped_templates(shipped: templates.TemplateSet) -> None:
-    assert shipped.current == "v1"
-    assert {"v1", "v2"} <= set(shipped.versions)
+    assert shipped.current == "v3"
+    assert {"v1", "v2", "v3"} <= set(shipped.versions)
     for version, t in shipped.versions.items():
         assert t.version == version
         assert t.before and t.after and t.refusal
         assert t.after_placement in templates.PLACEMENTS
-    assert shipped.get() is shipped.get("v1")
+    assert shipped.get() is shipped.get("v3")
     assert shipped.get("v2").before != shipped.get("v1").before
 
 

@@ -59,12 +59,14 @@ def test_the_prompt_carries_the_whole_conversation_and_survives_a_restart(
     finally:
         stage.proc.kill()  # SIGKILL: no goodbye, no flush; only what Kafka holds survives
 
-    v1 = shipped.get("v1")
+    v1 = shipped.get()  # the served version
     assert out.turn_index == 3
     assert "My dog is called Biscuit." in out.prompt and "Lisbon is a beautiful city." in out.prompt
+    if v1.after_in_history:  # earlier messages as they were sent when newest: a stable prefix
+        assert f"My dog is called Biscuit.\n\n{v1.after}<|im_end|>" in out.prompt
     assert out.prompt.startswith(f"<|im_start|>system\n{v1.before}<|im_end|>\n")
     assert out.prompt.endswith(f"What is my dog's name?\n\n{v1.after}<|im_end|>\n<|im_start|>assistant\n")
-    assert out.template_version == "v1" and out.dropped_turns == 0
+    assert out.template_version == shipped.current and out.dropped_turns == 0
     assert out.prompt_tokens == tok.count(out.prompt)
     assert out.message == "What is my dog's name?", "the turn keeps the user's message as sent"
     assert started.started.turn_index == 3 and started.started.conversation_id == c
@@ -89,7 +91,7 @@ def test_the_prompt_carries_the_whole_conversation_and_survives_a_restart(
 def test_blocked_message_is_recorded_with_a_refusal_and_never_prompted(
         stage: PromptStage, kafka_bootstrap: str, shipped: TemplateSet) -> None:
     c = conv()
-    v1 = shipped.get("v1")
+    v1 = shipped.get()  # the served version
     stage.send(turn_event(c, "bob", "rb", "something the policy refuses", stage.replies, blocked=True),
                turn_event(c, "bob", "rn", "Then tell me a joke.", stage.replies))
     [nxt] = stage.prompts("rn")
@@ -102,7 +104,7 @@ def test_blocked_message_is_recorded_with_a_refusal_and_never_prompted(
     assert notice.moderation.stage == "input" and notice.moderation.message == v1.refusal
     assert notice.moderation.result.action == 3  # MODERATION_ACTION_BLOCK, passed through
     assert [(f.index, f.reason) for f in done.done.finish_reasons] == [(0, "blocked")]
-    assert done.done.template_version == "v1"
+    assert done.done.template_version == shipped.current
 
     assert rec.user_id == "bob" and rec.turn.index == 1 and rec.turn.blocked
     assert rec.turn.user_message == "something the policy refuses" and rec.turn.request_id == "rb"
