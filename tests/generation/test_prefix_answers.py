@@ -118,3 +118,11 @@ def test_a_request_arriving_mid_fill_prefills_first(model: LoadedModel) -> None:
     assert not sched.fills and sched.cache is not None
     full = len(first.ids) + ANSWER + 1  # the answer and its end token
     assert len(sched.cache.cached(first.ids + first.cands[0].generated + [2])) == full // BLOCK
+
+
+def test_the_bound_is_checked_with_a_readable_message() -> None:
+    from services.common.config import ConfigError, load
+
+    with pytest.raises(ConfigError, match="GENERATION_PREFIX_CACHE_ANSWERS"):
+        load(EngineSettings, {"GENERATION_PREFIX_CACHE_ANSWERS": "-1"})
+    assert load(EngineSettings, {"GENERATION_PREFIX_CACHE_ANSWERS": "0"}).prefix_cache_answers == 0
