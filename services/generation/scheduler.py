@@ -98,17 +98,20 @@ class Fill:
         self.prefilled = 0  # positions of `ids` in the staging slot while it is staged
 
 
-def next_pass(*, prefilling: bool, waiting: bool, running: bool, fill: bool, last: str) -> str:
+def next_pass(*, prefilling: bool, waiting: bool, running: bool, fill: bool, last: str,
+              crowded: bool = False) -> str:
     """The pass a step runs: "prefill", "fill" (a cache fill's chunk), "decode" or "" (none).
 
     Prefill and decode alternate while both have work (`last` is the previous pass); a cache fill
     takes a prefill's turn only when no request is prefilling or waiting, so it never delays a
-    user's prefill, and a decode by no more than one chunk.
+    user's prefill, and a decode by no more than one chunk; and not while the running batch is
+    `crowded` (over half of max_running): a fill is work that pays off only if the conversation
+    comes back, so at high load it waits (or is dropped) rather than slowing every running stream.
     """
     chunk_turn = not running or last == "decode"
     if prefilling and chunk_turn:
         return "prefill"
-    if fill and chunk_turn and not prefilling and not waiting:
+    if fill and chunk_turn and not prefilling and not waiting and not crowded:
         return "fill"
     return "decode" if running else ""
 
@@ -173,8 +176,10 @@ class Scheduler:
         self._compact()  # a cancelled row must not ride along in this pass
         self._admit(touched)
         idle = self.prefilling is None and not self.waiting
+        crowded = len(self.running) > self.config.max_running // 2
         kind = next_pass(prefilling=self.prefilling is not None, waiting=bool(self.waiting),
-                         running=bool(self.running), fill=idle and self._stage_fill(), last=self._last)
+                         running=bool(self.running), fill=idle and not crowded and self._stage_fill(),
+                         last=self._last, crowded=crowded)
         started = time.perf_counter()
         if kind == "prefill":
             self._guard(self._prefill, touched, [self.prefilling])

@@ -98,6 +98,13 @@ def test_a_fill_alternates_with_decode_like_a_prefill() -> None:
     assert next_pass(prefilling=False, waiting=False, running=False, fill=False, last="decode") == ""
 
 
+def test_a_fill_waits_while_the_running_batch_is_crowded() -> None:
+    assert next_pass(prefilling=False, waiting=False, running=True, fill=True, last="decode",
+                     crowded=True) == "decode"
+    assert next_pass(prefilling=False, waiting=False, running=True, fill=True, last="decode",
+                     crowded=False) == "fill"
+
+
 def test_a_request_arriving_mid_fill_prefills_first(model: LoadedModel) -> None:
     """A waiting request takes the next pass; the interrupted fill resumes after it from the cache."""
     sched = scheduler(model)
