@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,3 +38,28 @@ def real_model_dir() -> Path:
     except ConfigError as exc:
         pytest.skip(f"no real model build: {exc}")
     return path
+
+
+@contextlib.contextmanager
+def serve_running(env: dict[str, str], overrides: dict[str, Any], grpc_port: int | None = None) -> Iterator[None]:
+    """Ray Serve running serve_config.yaml's generation app with `overrides`; `env` is set before
+    ray.init (Serve's build task and the replicas inherit it) and restored after the shutdown."""
+    import ray
+    from ray import serve
+
+    from devtools.procs import free_port
+    from services.generation import serving
+    from services.generation.config import DEFAULT_SERVE_CONFIG
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        cfg = serving.load_config(DEFAULT_SERVE_CONFIG, grpc_port=grpc_port or free_port(), http_port=free_port(),
+                                  deployment_overrides=overrides)
+        serving.init_ray(num_cpus=2, object_store_mb=200)
+        try:
+            serving.deploy(cfg, timeout_s=600)
+            yield
+        finally:
+            serve.shutdown()
+            ray.shutdown()

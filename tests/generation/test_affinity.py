@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,8 @@ import pytest
 
 from bench.affinity import BLOCK, Conversation, Serve2, new_conversations, play_round, prefilled, reusable
 from devtools.procs import free_port
-from services.generation import router, serving
-from services.generation.config import DEFAULT_SERVE_CONFIG
+from services.generation import router
+from tests.generation.conftest import serve_running
 
 pytestmark = pytest.mark.ray
 
@@ -33,30 +32,15 @@ TOKENS = 8
 
 @pytest.fixture(scope="module")
 def serve2(tiny_model_dir: Path) -> Iterator[Serve2]:
-    import ray
     from ray import serve
 
     env = {"GENERATION_MODEL_DIR": str(tiny_model_dir), "GENERATION_MODEL_VERSION": "tiny-affinity",
            "GENERATION_REPLICA_METRICS_PORT": str(free_port()), "GENERATION_STREAM_INTERVAL_MS": "50",
            "GENERATION_MAX_RUNNING": "4"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # before ray.init: Serve's build task and the replicas inherit it
-    cfg = serving.load_config(DEFAULT_SERVE_CONFIG, grpc_port=free_port(), http_port=free_port(),
-                              deployment_overrides=OVERRIDES)
-    serving.init_ray(num_cpus=2, object_store_mb=200)
-    try:
-        serving.deploy(cfg, timeout_s=600)
+    with serve_running(env, OVERRIDES):
         s = Serve2(serve.get_deployment_handle("generation", "generation"))
         s.discover(2)
         yield s
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def owned(replicas: list[str], per_replica: int) -> list[Conversation]:

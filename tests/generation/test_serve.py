@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import threading
 import time
 import urllib.request
@@ -28,6 +27,7 @@ from services.common.config import KafkaConfig, load
 from services.generation import serving
 from services.generation.config import DEFAULT_SERVE_CONFIG, EngineSettings, WorkerSettings
 from tests.common import kafka_util
+from tests.generation.conftest import serve_running
 
 pytestmark = pytest.mark.ray  # Ray Serve on a local Ray
 
@@ -66,7 +66,6 @@ def rollout_registry(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
 
 @pytest.fixture(scope="module")
 def app(tiny_model_dir: Path, rollout_registry: Path) -> Iterator[App]:
-    import ray
     from ray import serve
 
     # 50 ms pacing: the tiny model decodes far faster than the real one; fewer, larger messages.
@@ -74,25 +73,11 @@ def app(tiny_model_dir: Path, rollout_registry: Path) -> Iterator[App]:
            "COLLOQUY_MODEL_REGISTRY": str(rollout_registry),
            "GENERATION_REPLICA_METRICS_PORT": str(free_port()), "GENERATION_MAX_RUNNING": "8",
            "GENERATION_STREAM_INTERVAL_MS": "50"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # before ray.init: the local workers (replicas) inherit it
     grpc_port = free_port()
-    cfg = serving.load_config(DEFAULT_SERVE_CONFIG, grpc_port=grpc_port, http_port=free_port(),
-                              deployment_overrides=SERVE_OVERRIDES)
-    serving.init_ray(num_cpus=2, object_store_mb=200)
-    try:
-        serving.deploy(cfg, timeout_s=600)
+    with serve_running(env, SERVE_OVERRIDES, grpc_port):
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
         yield App(grpc_port, serve.get_deployment_handle("generation", "generation"), channel)
         channel.close()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def gen_request(max_tokens: int = 30, n: int = 1, **kw: Any) -> generation_pb2.GenerateRequest:
