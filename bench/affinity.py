@@ -374,10 +374,11 @@ def write_md(doc: dict[str, Any]) -> Path:
         f"{_ceiling(r['default'])} (default): each turn's new question is new to every replica, so no "
         "router can lift the token hit rate above it.",
         "",
-        "Prompts here are plain ChatML of the whole conversation. The prompt service also appends a reminder "
-        "to the newest user message only (services/prompt/templates.yaml `after`), so through the pipeline a "
-        "turn's prompt departs from the previous one at the previous user message: the reusable share, and "
-        "the token hit rate with it, are lower there, whatever the router.",
+        "Prompts here are plain ChatML of the whole conversation, without the prompt service's hidden "
+        "instructions. Its current template (v3, `after_in_history` in services/prompt/templates.yaml) keeps "
+        "the reminder on every earlier user message as it was sent, so through the pipeline too a turn's "
+        "prompt starts with the previous turn's prompt and answer; with v1 (reminder on the newest message "
+        "only) it departed from it at the previous user message, and the reusable share was lower.",
         "",
         f"Affinity / default token hit rate: **{r['ratio_token_hit_rate']}x**. Turns (all) answered by the "
         f"owner `router.ranks` names: affinity {r['affinity']['owner_matches']}, default "
@@ -404,8 +405,8 @@ def write_md(doc: dict[str, Any]) -> Path:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aff-conversations", type=_positive, default=8, help="conversations per router")
-    p.add_argument("--aff-turns", type=_at_least_2, default=4, help="turns per conversation (at least 2)")
-    p.add_argument("--aff-tokens", type=_positive, default=24, help="max_tokens per turn")
+    p.add_argument("--aff-turns", type=_at_least_2, default=6, help="turns per conversation (at least 2)")
+    p.add_argument("--aff-tokens", type=_positive, default=48, help="max_tokens per turn")
     p.add_argument("--aff-model", choices=("served", "tiny"), default="served",
                    help="the registry's served model, or the tiny test model")
 
