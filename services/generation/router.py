@@ -1,7 +1,8 @@
 """Conversation affinity for the generation deployment: a Ray Serve request router.
 
-A replica keeps the KV of the prompts it prefilled in its engine's prefix cache (prefix_cache.py),
-so a conversation's next turn is cheap only on the replica that ran its earlier turns. Serve's
+A replica keeps the KV of the prompts it prefilled and of the answers it finished (cache fills) in
+its engine's prefix cache (prefix_cache.py, scheduler.py), so a conversation's next turn is cheap
+only on the replica that ran its earlier turns. Serve's
 default router (power of two random choices) sends it to either replica of two at random.
 
 `ranks` is the choice, a pure function: rendezvous (highest-random-weight) hashing of the
