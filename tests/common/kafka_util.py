@@ -61,14 +61,29 @@ class Tail:
     """
 
     def __init__(self, bootstrap: str, topic: str) -> None:
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                      isolation_level="read_committed", fetch_max_wait_ms=50)
+        self.bootstrap = bootstrap
+        self.consumer = self._new_consumer()
         self.parts = [TopicPartition(topic, p) for p in sorted(self.consumer.partitions_for_topic(topic) or ())]
         self.consumer.assign(self.parts)
         self.consumer.seek_to_end(*self.parts)
-        for tp in self.parts:
-            self.consumer.position(tp)  # resolve now, before the test produces anything
+        # resolved now, before the test produces anything
+        self.start = {tp: self.consumer.position(tp) for tp in self.parts}
         self.records: list = []
+
+    def _new_consumer(self) -> KafkaConsumer:
+        return KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+                             isolation_level="read_committed", fetch_max_wait_ms=50)
+
+    def rescan(self) -> None:
+        """Read again from the positions taken at creation, with a fresh consumer: kafka-python
+        3.0.12 can lose a fetch under CPU contention (records waiting, no FetchRequest sent again;
+        services/generation/worker.py probes for it), after which poll returns nothing for good."""
+        self.consumer.close()
+        self.consumer = self._new_consumer()
+        self.consumer.assign(self.parts)
+        for tp, offset in self.start.items():
+            self.consumer.seek(tp, offset)
+        self.records = []
 
     def read(self, settle: float = 1.0, timeout: float = 60.0) -> list:
         """Everything committed up to the topic's end as of this call, then `settle` seconds more."""
