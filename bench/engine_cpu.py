@@ -8,7 +8,8 @@ cpu_times of each process before and after: the replica actor, Serve's gRPC prox
 controller, raylet, GCS, the service's driver process, Ray's other processes, and the gRPC client
 (this process). The in-process engine (``AsyncEngine`` in this process, no Ray) runs the same
 workload first, for the floor. Each ``--variant`` is one stack start with extra ``GENERATION_*``
-variables (an A/B of settings; variants run one after another, ``--cycles`` times in turn).
+(or ``RAY_*``: Ray's processes inherit the service's environment) variables, an A/B of settings;
+variants run one after another, ``--cycles`` times in turn.
 Prints figures (and writes them as JSON with ``--out``); asserts nothing.
 
     python -m bench.engine_cpu --variant base: --variant paced:GENERATION_STREAM_MESSAGES_PER_S=100
@@ -137,8 +138,9 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     env: dict[str, str] = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
-        if not eq or not key.startswith("GENERATION_"):
-            raise argparse.ArgumentTypeError(f"--variant {text!r}: {item!r} is not GENERATION_NAME=VALUE")
+        if not eq or not key.startswith(("GENERATION_", "RAY_")):
+            raise argparse.ArgumentTypeError(f"--variant {text!r}: {item!r} is not GENERATION_NAME=VALUE or "
+                                             "RAY_NAME=VALUE")
         env[key] = value
     return name, env
 

@@ -73,6 +73,14 @@ class EngineSettings:
     # fewer Ray objects (and proxy work) per token, at most this much added latency per token.
     stream_interval_ms: float = env("GENERATION_STREAM_INTERVAL_MS", 10.0, check=lambda v: 0 <= v <= 1000,
                                     hint="0..1000 milliseconds")
+    # Under load the interval grows: each candidate's is at least (running candidates / this) s, so a
+    # replica's streams together send about this many messages per second at most (engine.pace).
+    # Every message costs Ray's streaming generator, Serve's proxy and the client about the same
+    # CPU whatever it carries, on the model's cores. 1 stream: 10 ms (a message per token, as
+    # before); 16: 160 ms, 2-3 tokens per message at ~60 ms steps. 0: off (the interval alone).
+    stream_messages_per_s: float = env("GENERATION_STREAM_MESSAGES_PER_S", 100.0,
+                                       check=lambda v: v == 0 or 1 <= v <= 100000,
+                                       hint="0 (off) or 1..100000 messages per second")
     # Each replica serves its own /metrics on the first free port from here (several replicas
     # may share a node); 0 disables it.
     replica_metrics_port: int = env("GENERATION_REPLICA_METRICS_PORT", 9110, check=_nonneg,

@@ -20,8 +20,9 @@ the prefix cache. `stream`'s status dict and `status()` name the replica that an
 Client cancels through the gRPC ingress: Ray 2.60's proxy does not reliably pass a client's cancel
 on to the replica (measured on the tiny model: 6 of 10 cancels reached it; 10 of 10 through a
 handle), so an abandoned direct call may run to its max_tokens. The Kafka path cancels through the
-handle. Pacing (GENERATION_STREAM_INTERVAL_MS: tokens coalesced into fewer messages) cuts the Ray
-objects per token.
+handle. Pacing (GENERATION_STREAM_INTERVAL_MS, lengthened under load by
+GENERATION_STREAM_MESSAGES_PER_S: tokens coalesced into fewer messages) cuts the Ray objects, and
+the proxy's and client's work, per token.
 
 Settings (services/generation/config.py says why this way): `build` loads `EngineSettings` from the
 `GENERATION_*` environment once per deploy and binds it as every replica's init argument; replicas
@@ -134,7 +135,7 @@ class Generation:
                 grpc_context.set_code(code)
                 grpc_context.set_details(message)
             raise
-        stream.min_interval_s = self.settings.stream_interval_ms / 1000
+        _pace(stream, self.settings)
         async for deltas in stream:
             for msg in api.responses(deltas):
                 yield msg
@@ -156,7 +157,7 @@ class Generation:
             yield {"code": code.name, "message": message, "prompt_tokens": 0,
                    "model_version": self.engine.model_version}
             return
-        stream.min_interval_s = self.settings.stream_interval_ms / 1000
+        _pace(stream, self.settings)
         yield {"code": STATUS_OK, "message": "", "prompt_tokens": stream.prompt_tokens,
                "model_version": stream.model_version, "replica": _replica_id()}
         async for deltas in stream:
@@ -178,6 +179,12 @@ class Generation:
         eng = getattr(self, "engine", None)
         if eng is not None:
             eng._closed = True
+
+
+def _pace(stream: engine.Stream, settings: EngineSettings) -> None:
+    """The stream's pacing: its interval, growing with the replica's load (engine.pace)."""
+    stream.min_interval_s = settings.stream_interval_ms / 1000
+    stream.messages_per_s = settings.stream_messages_per_s
 
 
 def _replica_id() -> str:

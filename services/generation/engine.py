@@ -30,7 +30,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ from services.generation.stop import StopMatcher
 
 __all__ = ["AsyncEngine", "DeadlineExceeded", "Delta", "EngineClosed", "EngineError",
            "FinishReason", "InvalidRequest", "LoadedModel", "Overloaded", "Request", "Sampling", "StopMatcher",
-           "Stream", "cuda_device_count", "merge", "resolve_provider", "sample_token", "seed_for"]
+           "Stream", "cuda_device_count", "merge", "pace", "resolve_provider", "sample_token", "seed_for"]
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,11 @@ class Stream:
         self.prompt_tokens = len(job.ids)
         self.model_version = job.model.version
         self.first_token_unix_ms = 0
-        # Callers across a network (Serve) set this: at most one batch per interval, so a fast
+        # Callers across a network (Serve) set these: at most one batch per interval, so a fast
         # model sends fewer, larger messages, and the relay spends its time waiting, not copying.
+        # The interval is `min_interval_s`, or longer under load with `messages_per_s` (see `pace`).
         self.min_interval_s = 0.0
+        self.messages_per_s = 0.0
 
     def cancel(self) -> None:
         self._job.cancelled = True
@@ -102,14 +104,30 @@ class Stream:
                 if deltas:
                     sent = time.monotonic()
                     yield deltas
-                    if not done and self.min_interval_s > 0:
-                        await asyncio.sleep(self.min_interval_s - (time.monotonic() - sent))
+                    if not done and (self.min_interval_s > 0 or self.messages_per_s > 0):
+                        interval = pace(self.min_interval_s, self._engine.running_candidates, self.messages_per_s)
+                        await asyncio.sleep(interval - (time.monotonic() - sent))
                 if done:
                     finished = True
                     return
         finally:
             if not finished:  # the consumer went away (client gone, task cancelled): stop decoding
                 self.cancel()
+
+
+def pace(min_interval_s: float, running: int, messages_per_s: float) -> float:
+    """A stream's least time between two messages: `min_interval_s`, or `running / messages_per_s`
+    when that is longer (0 turns it off).
+
+    Every message costs the serving path (Ray's streaming generator, Serve's proxy, the client)
+    about the same CPU however many tokens it carries, on the cores the model runs on. With this
+    the replica's streams together send about `messages_per_s` messages at most: one stream still
+    gets a message per token (TTFT and its inter-token latency unchanged), 16 streams get a few
+    tokens per message instead of one.
+    """
+    if messages_per_s <= 0:
+        return min_interval_s
+    return max(min_interval_s, running / messages_per_s)
 
 
 def merge(deltas: Sequence[Delta]) -> list[Delta]:
@@ -139,6 +157,7 @@ class AsyncEngine:
         self._canary_percent = 0
         self.provider = self._model.provider
         self._by_id: dict[str, list[Job]] = {}
+        self._running = 0  # candidates in running batches after the last step (Stream's pacing)
         self._closed = False
         self.loop_error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop_guarded, name="generation-engine", daemon=True)
@@ -160,6 +179,11 @@ class AsyncEngine:
     def model_version(self) -> str:
         """The version new requests are served by."""
         return self._model.version
+
+    @property
+    def running_candidates(self) -> int:
+        """Candidates decoding after the scheduler's last step (read without the lock: a pacing hint)."""
+        return self._running
 
     @property
     def context_length(self) -> int:
@@ -310,7 +334,7 @@ class AsyncEngine:
                 jobs = [j for js in self._by_id.values() for j in js]
             for job in jobs:
                 job.finish_all(FinishReason.ERROR, f"engine crashed: {exc!r}")
-                self._publish(job)
+            self._publish(jobs)
 
     def _loop(self) -> None:
         while True:
@@ -325,8 +349,7 @@ class AsyncEngine:
                 scheds = list(self._sched.values())
             for sched in scheds:
                 if sched.has_work():
-                    for job in sched.step():
-                        self._publish(job)
+                    self._publish(sched.step())
             self._drop_retired()
             self._gauges()
 
@@ -341,6 +364,7 @@ class AsyncEngine:
             scheds = list(self._sched.values())
         rows = [c for s in scheds for c in s.running]
         caches = [s.cache for s in scheds if s.cache is not None]
+        self._running = len(rows)
         M.RUNNING.set(len(rows))
         M.WAITING.set(sum(len(s.waiting) for s in scheds))
         held = sum(c.length for c in rows)
@@ -349,8 +373,26 @@ class AsyncEngine:
         M.PREFIX_TOKENS.set(sum(c.tokens for c in caches))
         M.PREFIX_BYTES.set(sum(c.nbytes for c in caches))
 
-    def _publish(self, job: Job) -> None:
-        """Hand the candidates' new output to the caller's loop; retire the job when all ended."""
+    def _publish(self, jobs: Iterable[Job]) -> None:
+        """Hand the jobs' new output to their callers' loops: one wake-up per loop, not per job.
+
+        At 16 streams a decode step has news for 16 jobs; one call_soon_threadsafe each would wake
+        the replica's event loop (a write to its self-pipe) 16 times per step.
+        """
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, tuple[list[Delta], bool]]]] = {}
+        for job in jobs:
+            item = self._collect(job)
+            if item is not None:
+                by_loop.setdefault(job.bridge.loop, []).append((job, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, [(job.bridge.queue, item) for job, item in items])
+            except RuntimeError:  # the caller's loop is closed: nobody is listening any more
+                for job, _ in items:
+                    job.cancelled = True
+
+    def _collect(self, job: Job) -> tuple[list[Delta], bool] | None:
+        """The job's new deltas (and whether it is done); retires the job when all candidates ended."""
         deltas: list[Delta] = []
         for c in job.cands:
             if c.finish is not None and not c.reported_finish:
@@ -377,8 +419,10 @@ class AsyncEngine:
                     jobs.remove(job)
                 if not jobs:
                     self._by_id.pop(job.request.request_id, None)
-        if deltas or done:
-            try:
-                job.bridge.loop.call_soon_threadsafe(job.bridge.queue.put_nowait, (deltas, done))
-            except RuntimeError:  # the caller's loop is closed: nobody is listening any more
-                job.cancelled = True
+        return (deltas, done) if deltas or done else None
+
+
+def _deliver(items: list[tuple[asyncio.Queue[tuple[list[Delta], bool]], tuple[list[Delta], bool]]]) -> None:
+    """On the caller's loop: put each job's news into its stream's queue."""
+    for queue, item in items:
+        queue.put_nowait(item)

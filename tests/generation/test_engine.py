@@ -20,6 +20,7 @@ from services.generation.engine import (
     Sampling,
     StopMatcher,
     merge,
+    pace,
     sample_token,
     seed_for,
 )
@@ -285,6 +286,39 @@ def test_merge_coalesces_per_candidate() -> None:
     out = merge([d(0, "a", 1), d(1, "x", 1), d(0, "b", 2, FinishReason.STOP)])
     assert [(m.index, m.text, m.tokens, m.finish_reason) for m in out] == [
         (0, "ab", 3, FinishReason.STOP), (1, "x", 1, None)]
+
+
+def test_pace_grows_with_the_running_candidates() -> None:
+    """One stream keeps the floor (a message per token); 16 share the replica's message budget."""
+    assert pace(0.01, 1, 100.0) == 0.01
+    assert pace(0.01, 16, 100.0) == pytest.approx(0.16)
+    assert pace(0.01, 16, 0.0) == 0.01  # off: the interval alone
+    assert pace(0.0, 0, 100.0) == 0.0
+
+
+def test_paced_streams_coalesce_tokens_and_keep_the_answers(engine) -> None:
+    """With a small message budget 4 concurrent streams get several tokens per message, and the
+    same text as unpaced streams (pacing only regroups deltas)."""
+    eng = engine(max_running=4)
+    prompts = [PROMPT, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"] * 2
+
+    async def run(messages_per_s: float) -> list[tuple[Result, int]]:
+        async def one(i: int) -> tuple[Result, int]:
+            stream = eng.submit(Request(f"r-pace-{i}", prompts[i], sample(48, seed=i, ignore_eos=True)))
+            stream.messages_per_s = messages_per_s
+            out, messages = Result(), 0
+            async for deltas in stream:
+                messages += 1
+                out.add(deltas)
+            return out, messages
+
+        return list(await asyncio.gather(*(one(i) for i in range(4))))
+
+    paced = asyncio.run(run(4 / 0.25))  # 4 running: at most one message per stream per 250 ms
+    plain = asyncio.run(run(0.0))
+    assert [r.text for r, _ in paced] == [r.text for r, _ in plain]
+    assert all(r.tokens[0] == 48 for r, _ in paced)
+    assert sum(m for _, m in paced) < sum(m for _, m in plain)
 
 
 @pytest.mark.model

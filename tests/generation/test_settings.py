@@ -27,6 +27,8 @@ FIELDS = {f.name for f in dataclasses.fields(EngineSettings)}
     ("slot_tokens", 0, "GENERATION_SLOT_TOKENS"),
     ("provider", "tpu", "GENERATION_PROVIDER"),
     ("prefix_cache_min_tokens", 0, "GENERATION_PREFIX_CACHE_MIN_TOKENS"),
+    ("stream_messages_per_s", 0.5, "GENERATION_STREAM_MESSAGES_PER_S"),
+    ("stream_messages_per_s", -1.0, "GENERATION_STREAM_MESSAGES_PER_S"),
 ])
 def test_a_value_set_in_code_is_checked_like_its_variable(field: str, value: object, var: str) -> None:
     with pytest.raises(ConfigError, match=var):
