@@ -433,6 +433,7 @@ def run_deployment(rec: Record, args: argparse.Namespace, stack: Any) -> None:
         settings = config.load(EngineSettings)
     rec.doc["params"]["colloquy_engine"] = {"max_running": settings.max_running, "max_waiting": settings.max_waiting,
                                             "stream_interval_ms": settings.stream_interval_ms,
+                                            "stream_messages_per_s": settings.stream_messages_per_s,
                                             "prefix_cache_conversations": settings.prefix_cache_conversations}
     p = rec.doc["params"]
     prompts = [common.chat_prompt(q) for q in common.QUESTIONS]
