@@ -9,7 +9,8 @@ the Q4_1 correction next to each 4-bit node:
 
 ``blocksum32(x)`` (x summed over each block of 32 input features) is one ``MatMul`` with a constant
 0/1 matrix, computed once per input tensor and shared by the nodes that read it (q/k/v are one
-fused node already; gate and up share theirs). The LM head and the embedding read one Q8_0 table.
+fused node already; gate and up share theirs, or with ``fuse_gate_up`` become one node and one
+correction followed by a ``Split``). The LM head and the embedding read one Q8_0 table.
 
 Two sources of blocks: the GGUF's own (:func:`gguf_weights`, the served build: no second
 rounding) or float32 weights quantized the way llama.cpp would (:func:`fp32_weights`, an RLHF
@@ -32,6 +33,7 @@ _NODE_WEIGHT = re.compile(r"^model\.layers\.(\d+)\.(attn|mlp)\.(\w+)\.MatMul\.we
 LM_HEAD_WEIGHT = "lm_head.MatMul.weight_Q8G32"
 LM_HEAD_SCALE = "lm_head.MatMul.weight_scale"
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED_GATE_UP = "gate_up_proj"  # a layer's gate rows then up rows in one node (fuse_gate_up)
 
 # A weight source: (layer, projection) -> 4-bit blocks of the [N, K] weight; None -> the tied
 # embedding / LM head's 8-bit blocks.
@@ -94,7 +96,8 @@ def fp32_weights(state: Mapping[str, np.ndarray]) -> BlockSource:
 
 
 def carry(src_dir: Path, out_dir: Path, weights: BlockSource, *,
-          accuracy_level: int | Callable[[int, str], int] = 4, exact_top_k: int = 0) -> dict[str, int]:
+          accuracy_level: int | Callable[[int, str], int] = 4, exact_top_k: int = 0,
+          fuse_gate_up: bool = False) -> dict[str, int]:
     """Write ``out_dir``: ``src_dir`` (a builder int4 build) with its weights from ``weights``.
 
     ``accuracy_level`` is the 4-bit nodes' (one value, or one per ``(layer, projection)``;
@@ -102,7 +105,9 @@ def carry(src_dir: Path, out_dir: Path, weights: BlockSource, *,
     stays at 4 (at 0 ONNX Runtime dequantizes its 28M weights on every call); ``exact_top_k``
     > 0 recomputes its best ``k`` logits from the float32 activations and the exact table
     (:func:`_rescore_top_k`), so the tokens that greedy decoding and low-temperature sampling
-    choose from are scored as float32 would. Returns counts for the build log.
+    choose from are scored as float32 would. ``fuse_gate_up`` puts each layer's gate and up rows
+    into one node (one kernel call and one correction instead of two each, then a ``Split``;
+    the same blocks, so the same weights). Returns counts for the build log.
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -115,6 +120,12 @@ def carry(src_dir: Path, out_dir: Path, weights: BlockSource, *,
     blocksums: dict[str, str] = {}
     consumers_rename: dict[str, str] = {}
     counts = {"nodes_4bit": 0, "blocksums": 0, "tables_8bit": 0}
+    up_nodes = _up_partners(graph) if fuse_gate_up else {}
+    fused_up_names = {n.name for n in up_nodes.values()}
+    drop: list[onnx.NodeProto] = []
+
+    def level_of(layer: int, proj: str) -> int:
+        return accuracy_level if isinstance(accuracy_level, int) else accuracy_level(layer, proj)
 
     def put(name: str, array: np.ndarray) -> None:
         if name in inits:
@@ -146,16 +157,41 @@ def carry(src_dir: Path, out_dir: Path, weights: BlockSource, *,
         if len(node.input) > 3 and node.input[3]:
             raise CarryError(f"{node.name} has zero points; expected a symmetric builder build")
         layer, proj = int(match.group(1)), match.group(3)
+        if node.name in fused_up_names:
+            continue  # an up_proj fused into its gate_proj
         blocks = weights(layer, proj)
         if not isinstance(blocks, qb.Q4Blocks):
             raise CarryError(f"layer {layer} {proj}: expected 4-bit blocks")
+        level = level_of(layer, proj)
+        split_outputs: list[str] = []
+        up = up_nodes.get(node.name)
+        if up is not None:
+            up_blocks = weights(layer, "up_proj")
+            if not isinstance(up_blocks, qb.Q4Blocks):
+                raise CarryError(f"layer {layer} up_proj: expected 4-bit blocks")
+            if level_of(layer, "up_proj") != level:
+                raise CarryError(f"layer {layer}: gate and up need one accuracy level to be fused")
+            split_outputs = [node.output[0], up.output[0]]
+            sizes = [blocks.q.shape[0], up_blocks.q.shape[0]]
+            blocks = qb.concat([blocks, up_blocks])
+            for name in (up.input[1], up.input[2]):
+                graph.initializer.remove(inits.pop(name))
+            drop.append(up)
+            old_weight, old_scale = weight, node.input[2]
+            weight = old_weight.replace(".gate_proj.", f".{FUSED_GATE_UP}.")
+            node.input[1], node.input[2] = weight, old_scale.replace(".gate_proj.", f".{FUSED_GATE_UP}.")
+            for name in (old_weight, old_scale):
+                graph.initializer.remove(inits.pop(name))
+            node.name = node.name.replace("/gate_proj/", f"/{FUSED_GATE_UP}/")
+            node.output[0] = f"{node.name}/output_0"
         packed, scales, correction = qb.pack_matmul_nbits_4(blocks)
         put(weight, packed)
         put(node.input[2], scales)
         for attr in node.attribute:
             if attr.name == "accuracy_level":
-                attr.i = accuracy_level if isinstance(accuracy_level, int) else accuracy_level(
-                    layer, proj)
+                attr.i = level
+            elif attr.name == "N":
+                attr.i = packed.shape[0]
         counts["nodes_4bit"] += 1
 
         x = node.input[0]
@@ -181,7 +217,17 @@ def carry(src_dir: Path, out_dir: Path, weights: BlockSource, *,
                              name=f"{node.name}/carry/Correction"),
             helper.make_node("Add", [raw_out, corr_out], [fixed], name=f"{node.name}/carry/Add"),
         ]
-        consumers_rename[raw_out] = fixed
+        if split_outputs:  # the fused node: gate's and up's corrected outputs come from a Split
+            sizes_name = f"carry.split.{sizes[0]}_{sizes[1]}"
+            if sizes_name not in inits:
+                put(sizes_name, np.array(sizes, dtype=np.int64))
+            outs = [f"{name}/carried" for name in split_outputs]
+            added.append(helper.make_node("Split", [fixed, sizes_name], outs, axis=-1,
+                                          name=f"{node.name}/carry/Split"))
+            consumers_rename.update(zip(split_outputs, outs, strict=True))
+            counts["fused_gate_up"] = counts.get("fused_gate_up", 0) + 1
+        else:
+            consumers_rename[raw_out] = fixed
         new_nodes.append((index, added))
 
     if counts["nodes_4bit"] == 0 or counts["tables_8bit"] != 1:
@@ -196,6 +242,8 @@ def carry(src_dir: Path, out_dir: Path, weights: BlockSource, *,
     for index, added in reversed(new_nodes):  # keep topological order: right after the producer
         for offset, n in enumerate(added):
             graph.node.insert(index + 1 + offset, n)
+    for up in drop:  # after the inserts, which count positions in the original graph
+        graph.node.remove(up)
     graph.initializer.extend(new_inits)
     if exact_top_k:
         _rescore_top_k(graph, exact_top_k)
@@ -208,6 +256,22 @@ def carry(src_dir: Path, out_dir: Path, weights: BlockSource, *,
     onnx.save_model(model, str(out_dir / "model.onnx"), save_as_external_data=True,
                     all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
     return counts
+
+
+def _up_partners(graph: object) -> dict[str, object]:
+    """gate_proj node name -> the up_proj node of its layer, which reads the same input."""
+    by_layer: dict[int, dict[str, object]] = {}
+    for node in graph.node:
+        match = _NODE_WEIGHT.match(node.input[1]) if node.op_type == "MatMulNBits" else None
+        if match and match.group(3) in ("gate_proj", "up_proj"):
+            by_layer.setdefault(int(match.group(1)), {})[match.group(3)] = node
+    pairs = {}
+    for layer, nodes in sorted(by_layer.items()):
+        gate, up = nodes.get("gate_proj"), nodes.get("up_proj")
+        if gate is None or up is None or gate.input[0] != up.input[0]:
+            raise CarryError(f"layer {layer}: gate_proj and up_proj do not read one input")
+        pairs[gate.name] = up
+    return pairs
 
 
 def _rescore_top_k(graph: object, k: int) -> None:
@@ -265,5 +329,12 @@ def carried_weights(model_dir: Path) -> dict[tuple[int | None, str], np.ndarray]
         if match:
             scales = arrays[name.replace("weight_Q4G32", "weight_scale")]
             corr = arrays[name.replace("weight_Q4G32", "carry_correction_T")].T
-            out[(int(match.group(1)), match.group(3))] = qb.unpack_matmul_nbits_4(packed, scales, corr)
+            weight = qb.unpack_matmul_nbits_4(packed, scales, corr)
+            layer, proj = int(match.group(1)), match.group(3)
+            if proj == FUSED_GATE_UP:  # gate rows, then up rows (the Split's sizes)
+                split = next(int(numpy_helper.to_array(t)[0]) for t in model.graph.initializer
+                             if t.name.startswith("carry.split."))
+                out[(layer, "gate_proj")], out[(layer, "up_proj")] = weight[:split], weight[split:]
+            else:
+                out[(layer, proj)] = weight
     return out

@@ -1,15 +1,25 @@
 """carry() on a small builder-shaped graph run by ONNX Runtime: each node gets the accuracy level
 its ``(layer, projection)`` maps to, and the corrected outputs equal x @ W^T for the carried
-weights (no model files needed; the real-model checks are in test_carry_blocks.py)."""
+weights, with gate and up as two nodes or fused into one (no model files needed; the
+real-model checks are in test_carry_blocks.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from model import quant_blocks as qb
-from model.carry_blocks import LM_HEAD_SCALE, LM_HEAD_WEIGHT, BlockSource, carried_weights, carry
+from model.carry_blocks import (
+    FUSED_GATE_UP,
+    LM_HEAD_SCALE,
+    LM_HEAD_WEIGHT,
+    BlockSource,
+    CarryError,
+    carried_weights,
+    carry,
+)
 
 HIDDEN, FFN, VOCAB = 64, 96, 40
 RNG = np.random.default_rng(11)
@@ -77,21 +87,29 @@ def _source() -> tuple[BlockSource, dict[tuple[int | None, str], qb.Q4Blocks | q
     return source, blocks
 
 
-def test_carried_graph_maps_levels_per_projection_and_computes_with_the_blocks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fuse", [False, True])
+def test_carried_graph_maps_levels_per_projection_and_computes_with_the_blocks(tmp_path: Path,
+                                                                               fuse: bool) -> None:
     import onnx
     import onnxruntime as ort
 
     _builder_like(tmp_path / "src")
     source, blocks = _source()
-    levels = {"gate_proj": 0, "up_proj": 4, "down_proj": 0}
+    levels = {"gate_proj": 0, "up_proj": 0 if fuse else 4, "down_proj": 4 if fuse else 0}
     counts = carry(tmp_path / "src", tmp_path / "out", source,
-                   accuracy_level=lambda layer, proj: levels[proj])
-    assert counts == {"nodes_4bit": 3, "blocksums": 2, "tables_8bit": 1}  # gate and up share one
+                   accuracy_level=lambda layer, proj: levels[proj], fuse_gate_up=fuse)
+    # gate and up share one block sum either way
+    assert counts == {"nodes_4bit": 3 - fuse, "blocksums": 2, "tables_8bit": 1,
+                      **({"fused_gate_up": 1} if fuse else {})}
 
     model = onnx.load(str(tmp_path / "out" / "model.onnx"))
-    got = {n.name.split("/")[-2]: {a.name: a.i for a in n.attribute}["accuracy_level"]
-           for n in model.graph.node if n.op_type == "MatMulNBits"}
-    assert got == {**levels, "lm_head": 4}  # the LM head stays at 4 whatever the body's levels
+    attrs = {n.name.split("/")[-2]: {a.name: a.i for a in n.attribute}
+             for n in model.graph.node if n.op_type == "MatMulNBits"}
+    want_levels = {**levels, "lm_head": 4}  # the LM head stays at 4 whatever the body's levels
+    if fuse:
+        want_levels = {FUSED_GATE_UP: levels["gate_proj"], "down_proj": levels["down_proj"], "lm_head": 4}
+        assert attrs[FUSED_GATE_UP]["N"] == 2 * FFN
+    assert {name: a["accuracy_level"] for name, a in attrs.items()} == want_levels
 
     carried = carried_weights(tmp_path / "out")
     for key, want in blocks.items():
@@ -103,7 +121,7 @@ def test_carried_graph_maps_levels_per_projection_and_computes_with_the_blocks(t
     hidden = act @ w[(0, "down_proj")].T + x
     session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {"x": x})
-    # up_proj and the head quantize their input to int8 (level 4): close to float32, not equal
+    # one projection and the head quantize their input to int8 (level 4): close, not equal
     want = hidden @ w[(None, "lm_head")].T
     np.testing.assert_allclose(logits, want, rtol=0, atol=0.03 * np.abs(want).max())
     # without the Q4_1 corrections the output would be far off: the check can fail
@@ -120,3 +138,11 @@ def _without_corrections(x: np.ndarray, blocks: dict[tuple[int | None, str], qb.
 
     act = (x @ kernel(blocks[(0, "gate_proj")]).T) * (x @ kernel(blocks[(0, "up_proj")]).T)
     return (act @ kernel(blocks[(0, "down_proj")]).T + x) @ blocks[(None, "lm_head")].dequantize().T
+
+
+def test_fusing_refuses_gate_and_up_at_different_levels(tmp_path: Path) -> None:
+    _builder_like(tmp_path / "src")
+    source, _ = _source()
+    with pytest.raises(CarryError, match="one accuracy level"):
+        carry(tmp_path / "src", tmp_path / "out", source, fuse_gate_up=True,
+              accuracy_level=lambda layer, proj: 4 if proj == "up_proj" else 0)
