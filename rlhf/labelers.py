@@ -127,6 +127,23 @@ def run(labeler: SimulatedLabeler, questions: Sequence[str], rounds: int = 1, se
     return done
 
 
+def default_seed(environ: dict[str, str] | os._Environ[str] = os.environ) -> int:
+    """The sampling seed when ``--seed`` is not given: 1000 x the round (``RLHF_ROUND``, set by the
+    job's ``--label-command``), else 0. With one seed for every round, each round would ask the same
+    served model the same questions with the same seeds, and round 2's new feedback would repeat
+    round 1's."""
+    raw = environ.get("RLHF_ROUND", "")
+    if not raw:
+        return 0
+    try:
+        k = int(raw)
+    except ValueError:
+        raise ValueError(f"RLHF_ROUND must be a round number >= 1, got {raw!r}") from None
+    if k < 1:
+        raise ValueError(f"RLHF_ROUND must be a round number >= 1, got {raw!r}")
+    return 1000 * k
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m rlhf.labelers``."""
     parser = argparse.ArgumentParser(prog="python -m rlhf.labelers", description=__doc__.split("\n\n")[0])
@@ -137,8 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=1, help="times each question is asked")
     parser.add_argument("--limit", type=int, default=0, help="only the first N questions (0: all)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="sampling seed (default: 1000 x RLHF_ROUND in a round of the job, else 0)")
     args = parser.parse_args(argv)
+    if args.seed is None:
+        try:
+            args.seed = default_seed()
+        except ValueError as exc:
+            parser.error(str(exc))
     questions = train_questions()
     if args.limit:
         questions = questions[: args.limit]
