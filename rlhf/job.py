@@ -353,6 +353,7 @@ def _publish_child(algorithm: str, timings: dict[str, float], *, config: RLHFCon
                    cache: dict[str, list[str]], replay_set: ReplaySet | None) -> dict[str, Any]:
     """Export, judge and publish one child (``ppo`` or ``dpo``); its part of the report."""
     from model.hashing import sha256_file
+    from rlhf import evaluation
     from rlhf.train import POLICY_DIRS, RM_CHECKPOINT
 
     seconds: dict[str, float] = {}
@@ -361,7 +362,9 @@ def _publish_child(algorithm: str, timings: dict[str, float], *, config: RLHFCon
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     clock = time.perf_counter()
-    exported = export_within_gate(policy_dir, work, base_manifest)
+    exported = export_within_gate(policy_dir, work, base_manifest, parent_hf=hf_dir,
+                                  fidelity_prompts=evaluation.served_prompts(heldout_prompts())[0],
+                                  fidelity_tokens=config.eval_max_new_tokens)
     export_dir = exported.path
     shutil.copytree(policy_dir, export_dir / "hf")
     seconds["export"] = time.perf_counter() - clock
@@ -432,7 +435,8 @@ def _publish_child(algorithm: str, timings: dict[str, float], *, config: RLHFCon
     return {"algorithm": algorithm, "version": version, "path": str(published.path), "evaluation": evaluation,
             "vs_origin": vs_origin, "replay": replayed, "history": history,
             "quality": {"exports": exported.scores, "gate": (exported.quality or {}).get("gate"),
-                        "served_export": exported.build["variant"]},
+                        "served_export": exported.build["variant"], "fidelity": exported.fidelity,
+                        "eight_bit_layers": (exported.build.get("carried") or {}).get("eight_bit_layers")},
             "phase_seconds": {**train_seconds, **seconds}}
 
 

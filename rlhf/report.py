@@ -160,6 +160,18 @@ def _wtl(ev: dict[str, Any] | None) -> str:
     return f"{ev['child_wins']}/{ev['ties']}/{ev['child_losses']} ({_f(ev.get('child_win_rate'), 2)})"
 
 
+def _fidelity(child: dict[str, Any]) -> str:
+    """Held-out greedy answers of the served export equal to the child's float32 ones, and the
+    layers exported at 8 bit (the trained ones)."""
+    quality = child.get("quality") or {}
+    fidelity = quality.get("fidelity")
+    if not fidelity:
+        return "-"
+    layers = quality.get("eight_bit_layers") or []
+    where = f"; 8-bit layers {min(layers)}-{max(layers)}" if layers else ""
+    return f"{fidelity['served_equals_fp32']}/{fidelity['prompts']}{where}"
+
+
 def child_row(report: dict[str, Any], child: dict[str, Any]) -> str:
     """One child's row: rule score, wins vs parent and vs the series' base, KL to each, reward
     model accuracy, answer length and time per phase."""
@@ -172,7 +184,7 @@ def child_row(report: dict[str, Any], child: dict[str, Any]) -> str:
     return (f"| {report.get('round', 1)} | {algorithm} | `{child['version']}` | {_f(ev['parent_score_mean'])} -> "
             f"{_f(ev['child_score_mean'])} | {_wtl(ev)} | {_wtl(origin)} | {_kl(ev)} | {_kl(origin)} | {_f(rm)} | "
             f"{_f(ev.get('parent_words_mean'), 1)} -> {_f(ev.get('child_words_mean'), 1)} | "
-            f"{_f(report.get('label_seconds'), 0)} | {times} |")
+            f"{_fidelity(child)} | {_f(report.get('label_seconds'), 0)} | {times} |")
 
 
 def job_markdown(reports: list[dict[str, Any]]) -> str:
@@ -180,8 +192,9 @@ def job_markdown(reports: list[dict[str, Any]]) -> str:
     PPO-vs-DPO comparison of a round that trained both."""
     lines = ["| round | algorithm | child | rule score, held-out (parent -> child) | W/T/L vs parent (win rate) | "
              "W/T/L vs first base | KL to parent (bound) | KL to first base | reward model acc. | "
-             "answer words (parent -> child) | label s | RM / train / export / evaluate / publish s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "answer words (parent -> child) | served = float32 greedy, held-out | label s | "
+             "RM / train / export / evaluate / publish s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for report in reports:
         lines += [child_row(report, child) for child in report["children"].values()]
     for report in reports:

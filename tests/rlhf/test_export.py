@@ -53,3 +53,53 @@ def test_child_of_a_carried_parent_is_carried_from_its_fp32_weights(tiny_child: 
                                   qb.quantize_q8_0(state["model.embed_tokens.weight"]).dequantize())
     model, tokenizer = load(exported.path, "cpu")  # the export runs
     assert greedy(model, tokenizer, [1, 2, 3, 4], 5, stop_at_eos=False).new_tokens == 5
+
+
+def test_the_layers_a_child_trained_are_exported_at_8_bit(tiny_child: Path, tmp_path: Path) -> None:
+    """A round's update is small against a 4-bit step: the trained layers keep it at Q8_0, the
+    untouched ones stay Q4_1 like the parent's; the export still runs."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from model import quant_blocks as qb
+    from model.carry_blocks import carried_weights
+    from model.genai import greedy, load
+    from rlhf.export import EIGHT_BIT_ACCURACY_LEVEL, trained_layers
+
+    state = load_file(str(tiny_child / "model.safetensors"))
+    last = max(int(name.split(".")[2]) for name in state if name.startswith("model.layers."))
+    parent_hf = tmp_path / "parent-hf"
+    shutil.copytree(tiny_child, parent_hf)
+    parent_state = dict(state)
+    nudged = f"model.layers.{last}.mlp.down_proj.weight"
+    parent_state[nudged] = state[nudged] - np.float32(1e-3)  # the child moved its top layer only
+    save_file(parent_state, str(parent_hf / "model.safetensors"))
+    assert trained_layers(tiny_child, parent_hf) == frozenset({last})
+
+    exported = export_like_parent(tiny_child, tmp_path / "run", CARRIED_PARENT, parent_hf)
+    assert exported.build["carried"]["eight_bit_layers"] == [last]
+    assert exported.build["carried"]["eight_bit_accuracy_level"] == EIGHT_BIT_ACCURACY_LEVEL
+    weights = carried_weights(exported.path)
+    top = state[f"model.layers.{last}.self_attn.o_proj.weight"]
+    np.testing.assert_allclose(weights[(last, "o_proj")], qb.quantize_q8_0(top).dequantize(), rtol=0, atol=1e-6)
+    assert np.abs(weights[(last, "o_proj")] - top).max() <= np.abs(top).max() / 127  # within an 8-bit step
+    below = state["model.layers.0.mlp.up_proj.weight"]
+    np.testing.assert_allclose(weights[(0, "up_proj")], qb.quantize_q4_1(below).dequantize(), rtol=0, atol=1e-6)
+    model, tokenizer = load(exported.path, "cpu")
+    assert greedy(model, tokenizer, [1, 2, 3, 4], 5, stop_at_eos=False).new_tokens == 5
+
+
+def test_a_scored_parent_gets_a_gated_child_with_its_greedy_fidelity(tiny_child: Path, tmp_path: Path) -> None:
+    """The child is scored against its own float32 export on the quiz, and its served greedy
+    answers are compared with the float32's on the given prompts."""
+    from rlhf.export import export_within_gate
+
+    parent = {**CARRIED_PARENT, "quality": {"score": 0, "total": 150, "score_pct": 0.0}}
+    exported = export_within_gate(tiny_child, tmp_path, parent, fidelity_prompts=["Hello", "What is 2+2?"],
+                                  fidelity_tokens=4)
+    assert exported.fidelity is not None
+    assert exported.fidelity["prompts"] == 2 and exported.fidelity["max_new_tokens"] == 4
+    assert 0 <= exported.fidelity["served_equals_fp32"] <= 2
+    assert set(exported.scores) >= {"child_fp32"}
+    assert exported.quality is not None and exported.quality["gate"]["reference"] == "child fp32"
