@@ -86,14 +86,17 @@ class FailedQualityGate(PointerError):
 
 
 def check_quality_gate(version: str, manifest: Mapping[str, Any]) -> None:
-    """Refuse a version whose recorded quality gate failed (an RLHF child scored more than the
-    gate's points below its own float32 weights: the export lost what training gained)."""
+    """Refuse a version whose recorded quality gate failed: an RLHF child scored more than the
+    gate's points below its own float32 weights (the export lost what training gained) or below
+    its parent (training cost knowledge)."""
     gate = (manifest.get("quality") or {}).get("gate")
     if isinstance(gate, Mapping) and gate.get("passed") is False:
+        against = f"{gate.get('reference')} {gate.get('reference_pct')}%"
+        if gate.get("passed_vs_parent") is False:
+            against = f"its parent {gate.get('parent_pct')}%"
         raise FailedQualityGate(
             f"version {version!r} failed the quality gate ({gate.get('score_pct')}% against "
-            f"{gate.get('reference')} {gate.get('reference_pct')}%, at most {gate.get('points')} "
-            "points below allowed): it cannot be promoted")
+            f"{against}, at most {gate.get('points')} points below allowed): it cannot be promoted")
 
 
 @dataclass(frozen=True)

@@ -120,9 +120,10 @@ def markdown(s: dict[str, Any]) -> str:
             lines.append(f"| {name} | {q['score']}/{q['total']} | {_f(q.get('score_pct'), 1)} | "
                          f"{caps.get('score', '-')}/{caps.get('total', '-')} |")
         verdict = gate.get("gate") or {}
+        parent = f" and its parent's {verdict['parent_pct']}%" if "parent_pct" in verdict else ""
         lines.append(f"\nServed export: {gate.get('served_export')}; gate "
                      f"{'passed' if verdict.get('passed') else 'FAILED'} (at most "
-                     f"{verdict.get('points')} points below the child's fp32).")
+                     f"{verdict.get('points')} points below the child's fp32{parent}).")
     p = s["phase_seconds"]
     lines += ["", "## Wall time per phase (s)", "", "| phase | seconds |", "|---|---|"]
     for key in ("labelling", "reward_model", "ppo", "train_total_incl_ray", "export", "evaluate", "publish"):

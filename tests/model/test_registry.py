@@ -303,6 +303,11 @@ def test_a_version_that_failed_its_quality_gate_is_never_served(reg: Registry, s
     with pytest.raises(FailedQualityGate):
         reg.set_canary("generation", "lossy", 10)
     assert reg.current("generation") == "good" and reg.canary("generation") is None
+    forgetful = {**gate, "score_pct": 70.0, "passed_vs_reference": True, "parent_pct": 79.0,
+                 "passed_vs_parent": False}  # kept its float32's score, lost knowledge to its parent
+    publish(reg, src, "forgetful", quality={"score": 105, "total": 150, "gate": forgetful})
+    with pytest.raises(FailedQualityGate, match=r"70.0% against its parent 79.0%"):
+        reg.set_current("generation", "forgetful")
     publish(reg, src, "fine", quality={"score": 100, "total": 150, "gate": {**gate, "passed": True}})
     reg.set_current("generation", "fine")
     assert reg.current("generation") == "fine"

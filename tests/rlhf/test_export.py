@@ -91,15 +91,18 @@ def test_the_layers_a_child_trained_are_exported_at_8_bit(tiny_child: Path, tmp_
 
 
 def test_a_scored_parent_gets_a_gated_child_with_its_greedy_fidelity(tiny_child: Path, tmp_path: Path) -> None:
-    """The child is scored against its own float32 export on the quiz, and its served greedy
-    answers are compared with the float32's on the given prompts."""
+    """The child is scored against its own float32 export and its parent on the quiz, and its
+    served greedy answers are compared with the float32's on the given prompts."""
     from rlhf.export import export_within_gate
 
-    parent = {**CARRIED_PARENT, "quality": {"score": 0, "total": 150, "score_pct": 0.0}}
+    # a parent that answers everything: the random tiny child cannot be within 2 points of it
+    parent = {**CARRIED_PARENT, "quality": {"score": 150, "total": 150, "score_pct": 100.0}}
     exported = export_within_gate(tiny_child, tmp_path, parent, fidelity_prompts=["Hello", "What is 2+2?"],
                                   fidelity_tokens=4)
     assert exported.fidelity is not None
     assert exported.fidelity["prompts"] == 2 and exported.fidelity["max_new_tokens"] == 4
     assert 0 <= exported.fidelity["served_equals_fp32"] <= 2
     assert set(exported.scores) >= {"child_fp32"}
-    assert exported.quality is not None and exported.quality["gate"]["reference"] == "child fp32"
+    gate = exported.quality["gate"] if exported.quality else {}
+    assert gate["reference"] == "child fp32" and gate["parent_pct"] == 100.0
+    assert gate["passed_vs_parent"] is False and gate["passed"] is False  # the registry will refuse it
