@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -74,6 +75,23 @@ class SimulatedLabeler:
         md = [("authorization", f"Bearer {self.key}")]
         return [*md, SOURCE_HEADER] if feedback else md
 
+    def _unary(self, method: Any, request: object, *, feedback: bool = False, read_only: bool = False) -> Any:
+        """One unary call, repeated while the gateway's rate limit refuses it (RESOURCE_EXHAUSTED is
+        answered before any work, so a refused SubmitFeedback was not recorded), waiting the
+        ``retry-after`` it names; a read (``read_only``) is also repeated on UNAVAILABLE. Labelling
+        160 questions in one go ran into the limit and lost the round (2026-12-03)."""
+        import grpc
+
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, metadata=self._metadata(feedback=feedback), timeout=self.timeout)
+            except grpc.RpcError as exc:
+                codes = {grpc.StatusCode.RESOURCE_EXHAUSTED} | ({grpc.StatusCode.UNAVAILABLE} if read_only else set())
+                if exc.code() not in codes or attempt == self.retries:
+                    raise
+                time.sleep(retry_delay(exc, attempt))
+        raise AssertionError("unreachable")
+
     def _ask(self, request: object) -> tuple[str, int]:
         """Run one chat turn to the end; retry when the gateway says to (UNAVAILABLE or
         RESOURCE_EXHAUSTED before the turn started: nothing reached the model)."""
@@ -90,7 +108,7 @@ class SimulatedLabeler:
                 retryable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
                 if conversation_id or not retryable or attempt == self.retries:
                     raise
-                time.sleep(min(2.0 * (attempt + 1), 10.0))
+                time.sleep(retry_delay(exc, attempt))
         raise AssertionError("unreachable")
 
     def label(self, question: str, seed: int | None = None) -> Labelled | None:
@@ -101,19 +119,29 @@ class SimulatedLabeler:
         if seed is not None:
             sampling.seed = seed
         conversation_id, turn_index = self._ask(chat_pb2.ChatRequest(message=question, sampling=sampling))
-        conversation = self.stub.GetConversation(chat_pb2.GetConversationRequest(conversation_id=conversation_id),
-                                                 metadata=self._metadata(), timeout=self.timeout)
+        conversation = self._unary(self.stub.GetConversation,
+                                   chat_pb2.GetConversationRequest(conversation_id=conversation_id), read_only=True)
         turn = next((t for t in conversation.turns if t.index == turn_index), None)
         if turn is None or turn.blocked or len(turn.answers) < 2:
             return None
         answers = [a.text for a in sorted(turn.answers, key=lambda a: a.index)]
         order = rank(question, answers, self.weights)
-        reply = self.stub.SubmitFeedback(
-            chat_pb2.SubmitFeedbackRequest(conversation_id=conversation_id, turn_index=turn_index,
-                                           ranking=chat_pb2.Ranking(order=order)),
-            metadata=self._metadata(feedback=True), timeout=self.timeout)
+        reply = self._unary(self.stub.SubmitFeedback,
+                            chat_pb2.SubmitFeedbackRequest(conversation_id=conversation_id, turn_index=turn_index,
+                                                           ranking=chat_pb2.Ranking(order=order)),
+                            feedback=True)
         return Labelled(question, conversation_id, turn_index, order,
                         [round(score(question, a, self.weights), 4) for a in answers], reply.feedback_id)
+
+
+def retry_delay(exc: Any, attempt: int) -> float:
+    """Seconds to wait before repeating a refused call: the gateway's ``retry-after`` trailer when
+    it sent one (plus a little, so the next call lands in the next window), else a growing pause."""
+    trailers = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
+    try:
+        return min(float(trailers["retry-after"]) + 0.1, 30.0)
+    except (KeyError, TypeError, ValueError):
+        return min(2.0 * (attempt + 1), 10.0)
 
 
 def run(labeler: SimulatedLabeler, questions: Sequence[str], rounds: int = 1, seed: int = 0) -> list[Labelled]:
