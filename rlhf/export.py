@@ -39,6 +39,7 @@ class Export:
     quality: dict[str, Any] | None = None
     scores: dict[str, Any] = field(default_factory=dict)  # every export's quiz summary, for the report
     fidelity: dict[str, Any] | None = None  # served vs float32 greedy answers (export_within_gate)
+    served_answers: list[str] | None = None  # the served export's answers to the fidelity prompts
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -153,12 +154,7 @@ def export_within_gate(policy_dir: Path, run_dir: Path, parent: dict[str, Any],
         return served  # the parent was never scored (the tiny test model): nothing to compare with
     fp32_dir = _builder(policy_dir, run_dir / "export-fp32", "fp32", "cpu", {}, run_dir / "builder-fp32.log")
     reference = run_quality(fp32_dir, provider="cpu")
-    if fidelity_prompts:
-        fp32_answers = greedy_texts(fp32_dir, fidelity_prompts, fidelity_tokens)
-        served_answers = greedy_texts(served.path, fidelity_prompts, fidelity_tokens)
-        served.fidelity = {"prompts": len(fidelity_prompts), "max_new_tokens": fidelity_tokens,
-                           "served_equals_fp32": sum(a == b for a, b in zip(fp32_answers, served_answers,
-                                                                              strict=True))}
+    fp32_answers = greedy_texts(fp32_dir, fidelity_prompts, fidelity_tokens) if fidelity_prompts else None
     shutil.rmtree(fp32_dir, ignore_errors=True)
     result = run_quality(served.path, provider="cpu")
     served.scores = {"child_fp32": _summary(reference), served.build["variant"]: _summary(result)}
@@ -186,4 +182,9 @@ def export_within_gate(policy_dir: Path, run_dir: Path, parent: dict[str, Any],
                       "parent_pct": parent_pct, "score_pct": result["score_pct"], "points": GATE_POINTS,
                       "passed_vs_reference": kept, "passed_vs_parent": no_worse, "passed": kept and no_worse}
     served.quality = result
+    if fidelity_prompts and fp32_answers is not None:  # the export finally served (int8 if it replaced 4-bit)
+        served.served_answers = greedy_texts(served.path, fidelity_prompts, fidelity_tokens)
+        served.fidelity = {"prompts": len(fidelity_prompts), "max_new_tokens": fidelity_tokens,
+                           "served_equals_fp32": sum(a == b for a, b in zip(fp32_answers, served.served_answers,
+                                                                              strict=True))}
     return served

@@ -188,21 +188,23 @@ def heldout_prompts() -> list[str]:
     return list(yaml.safe_load(PROMPTS_FILE.read_text(encoding="utf-8"))["heldout"])
 
 
+def _greedy_key(model_dir: Path, prompts: list[str], max_new_tokens: int) -> str:
+    import hashlib
+
+    digest = hashlib.sha256("\0".join(prompts).encode("utf-8")).hexdigest()[:16]
+    return f"{model_dir.resolve()}|{max_new_tokens}|{digest}"
+
+
 def greedy_answers(model_dir: Path, prompts: list[str], max_new_tokens: int,
                    cache: dict[str, list[str]] | None = None) -> list[str]:
     """Greedy answers of an exported (served) model to ready-made prompts; ``cache`` keeps them by
     model directory and prompts, so a model judged twice on the same prompts answers once."""
-    import hashlib
+    from rlhf.export import greedy_texts
 
-    from model.genai import greedy, load
-
-    digest = hashlib.sha256("\0".join(prompts).encode("utf-8")).hexdigest()[:16]
-    key = f"{model_dir.resolve()}|{max_new_tokens}|{digest}"
+    key = _greedy_key(model_dir, prompts, max_new_tokens)
     cache = {} if cache is None else cache
     if key not in cache:
-        model, tokenizer = load(model_dir, "cpu")
-        cache[key] = [greedy(model, tokenizer, [int(t) for t in tokenizer.encode(p)], max_new_tokens).text
-                      for p in prompts]
+        cache[key] = greedy_texts(model_dir, prompts, max_new_tokens)
     return cache[key]
 
 
@@ -353,7 +355,7 @@ def _publish_child(algorithm: str, timings: dict[str, float], *, config: RLHFCon
                    cache: dict[str, list[str]], replay_set: ReplaySet | None) -> dict[str, Any]:
     """Export, judge and publish one child (``ppo`` or ``dpo``); its part of the report."""
     from model.hashing import sha256_file
-    from rlhf import evaluation
+    from rlhf.evaluation import served_prompts
     from rlhf.train import POLICY_DIRS, RM_CHECKPOINT
 
     seconds: dict[str, float] = {}
@@ -362,10 +364,12 @@ def _publish_child(algorithm: str, timings: dict[str, float], *, config: RLHFCon
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     clock = time.perf_counter()
+    heldout = served_prompts(heldout_prompts())[0]
     exported = export_within_gate(policy_dir, work, base_manifest, parent_hf=hf_dir,
-                                  fidelity_prompts=evaluation.served_prompts(heldout_prompts())[0],
-                                  fidelity_tokens=config.eval_max_new_tokens)
+                                  fidelity_prompts=heldout, fidelity_tokens=config.eval_max_new_tokens)
     export_dir = exported.path
+    if exported.served_answers is not None:  # the evaluation below judges the same answers
+        cache[_greedy_key(export_dir, heldout, config.eval_max_new_tokens)] = exported.served_answers
     shutil.copytree(policy_dir, export_dir / "hf")
     seconds["export"] = time.perf_counter() - clock
 
