@@ -113,7 +113,7 @@ rollout-status:
 ## registry version (not promoted). RLHF_ARGS="--base V --source simulated --algorithm both" etc.
 ## rlhf-label: simulated labelers rank n answers through the running gateway (make demo first)
 ## rlhf-rounds: ROUNDS (2) rounds of label (rlhf-label) -> train -> evaluate -> publish, each from
-## the previous round's child; the labelers ask the gateway, which serves what is promoted
+## the previous round's child; each round's base is served (--serve-rounds) before the labelers ask the gateway
 .PHONY: rlhf rlhf-label rlhf-rounds
 ROUNDS ?= 2
 rlhf: setup
@@ -121,4 +121,4 @@ rlhf: setup
 rlhf-label:
 	@$(PY) -m rlhf.labelers $(LABEL_ARGS)
 rlhf-rounds: setup
-	@HF_HUB_OFFLINE=1 $(PY) -m rlhf.job --rounds $(ROUNDS) --label-command "$(PY) -m rlhf.labelers $(LABEL_ARGS)" $(RLHF_ARGS)
+	@HF_HUB_OFFLINE=1 $(PY) -m rlhf.job --rounds $(ROUNDS) --serve-rounds --label-command "$(PY) -m rlhf.labelers $(LABEL_ARGS)" $(RLHF_ARGS)

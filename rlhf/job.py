@@ -1,7 +1,7 @@
 """The offline RLHF job: feedback since the last run -> reward model -> PPO -> ONNX -> new registry version.
 
 ``python -m rlhf.job [--base VERSION] [--registry DIR] [--dataset DIR] [--source all] [--algorithm ppo|dpo|both]
-[--rounds N --label-command CMD] [--fresh] [--replay ...] [--canary P [--canary-watch S]]``
+[--rounds N --label-command CMD [--serve-rounds]] [--fresh] [--replay ...] [--canary P [--canary-watch S]]``
 (``make rlhf``, ``make rlhf-rounds ROUNDS=N``). Steps:
 
 1. Start from the registry's current ``generation`` version (or ``--base``) and its float32
@@ -28,7 +28,10 @@
 
 ``--rounds N`` repeats label -> train -> evaluate -> publish N times (:func:`run_rounds`), each
 round from the previous round's child, so each reads only feedback newer than the previous
-window; ``--label-command`` runs before each round.
+window; ``--label-command`` runs before each round. With ``--serve-rounds`` each round's base is
+served (the announced rollout, :func:`announced_server`) before its labels are drawn, so the
+labellers rank answers of the model the round starts from; the labelers check the version that
+answered (``RLHF_ROUND_BASE``) and rank nothing else.
 
 A run's state lives in ``<cache>/rlhf/runs/<base>-<source>/`` (``run.json``, the reward model
 and PPO checkpoints): running the job again after an interruption resumes it with the same
@@ -53,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 from model import sampling
 from model.paths import build_dir, cache_root
-from model.registry import DEFAULT_DEPLOYMENT, Registry, RegistryError
+from model.registry import DEFAULT_DEPLOYMENT, Registry, RegistryError, check_quality_gate
 from rlhf import data
 from rlhf.config import RLHFConfig, load_config
 from rlhf.export import export_within_gate
@@ -447,11 +450,14 @@ def _publish_child(algorithm: str, timings: dict[str, float], *, config: RLHFCon
 def run_rounds(config: RLHFConfig, registry: Registry, rounds: int, base: str | None = None,
                dataset_root: Path | None = None, fresh: bool = False, deployment: str = DEFAULT_DEPLOYMENT,
                label: Callable[[int, str], None] | None = None,
-               clock: Callable[[], int] | None = None) -> list[dict[str, Any]]:
+               clock: Callable[[], int] | None = None,
+               serve: Callable[[int, str], None] | None = None) -> list[dict[str, Any]]:
     """``rounds`` runs that build on each other: label -> train -> evaluate -> publish, round k + 1
     starting from round k's child (its first, PPO's under ``both``) and so reading only feedback
     newer than round k's window (``rlhf.data.window_since`` of the child's manifest).
 
+    ``serve(k, version)`` runs before round k is labelled (:func:`announced_server`: the gateway
+    then answers with round k's base, so its feedback describes the model round k starts from);
     ``label(k, version)`` runs before round k's training (the simulated labelers, or nothing);
     ``clock`` gives each round's window end (Unix ms; default now). Every round after the first
     also judges its child against the first round's base (``vs_origin``).
@@ -464,11 +470,13 @@ def run_rounds(config: RLHFConfig, registry: Registry, rounds: int, base: str | 
     reports: list[dict[str, Any]] = []
     current = origin
     for k in range(1, rounds + 1):
-        clock_start = time.perf_counter()
-        if label is not None:
-            label(k, current)
-        label_seconds = time.perf_counter() - clock_start
         try:
+            if serve is not None:
+                serve(k, current)
+            clock_start = time.perf_counter()
+            if label is not None:
+                label(k, current)
+            label_seconds = time.perf_counter() - clock_start
             report = run(config, registry, current, dataset_root, fresh, clock() if clock else None, deployment,
                          origin=origin)
         except JobError as exc:
@@ -481,6 +489,30 @@ def run_rounds(config: RLHFConfig, registry: Registry, rounds: int, base: str | 
         log.info("round %d of %d published %s (parent %s)", k, rounds, report["version"], current)
         current = report["version"]
     return reports
+
+
+def announced_server(registry: Registry, deployment: str = DEFAULT_DEPLOYMENT) -> Callable[[int, str], None]:
+    """A ``serve`` hook of :func:`run_rounds` (``--serve-rounds``): serve round k's base fully
+    through the announced rollout (``services.generation.updates``: registry pointer, then
+    ``model.updates``), as ``make promote`` does. Without it, round 2's labellers would rank the
+    answers of whatever the gateway serves (the first base: children are published, not
+    promoted), and round 2 would learn about a model it does not start from (2026-12-03: round 2
+    won 3/15/6 against its parent). A child that failed the quality gate is not served: the
+    registry refuses it and the rounds stop there."""
+    from rlhf.canary import AnnouncedRollout, CanaryError
+
+    rollout = AnnouncedRollout(str(registry.root), deployment)
+
+    def serve(k: int, version: str) -> None:
+        if registry.current(deployment) == version and not registry.canary(deployment):
+            return
+        try:
+            check_quality_gate(version, registry.manifest(version))
+            rollout.promote(version)
+        except (CanaryError, RegistryError) as exc:
+            raise JobError(f"round {k} is to be labelled on {version}, which cannot be served: {exc}") from exc
+        log.info("round %d: %s is served, for its labels", k, version)
+    return serve
 
 
 def shell_labeler(command: str) -> Callable[[int, str], None]:
@@ -510,6 +542,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label-command", default="",
                         help="shell command run before each round (e.g. the simulated labelers); it gets "
                              "RLHF_ROUND and RLHF_ROUND_BASE in its environment")
+    parser.add_argument("--serve-rounds", action="store_true",
+                        help="before each round's labels, serve that round's base (the previous round's "
+                             "child, if it passed the quality gate) through the announced rollout, so the "
+                             "labels describe the model the round starts from; the last round's parent "
+                             "stays served")
     parser.add_argument("--fresh", action="store_true", help="discard an unfinished run instead of resuming it")
     replay_args = parser.add_argument_group("replay evaluation (rlhf.replay): logged prompts re-run on each "
                                             "candidate and on the served version before publishing")
@@ -565,8 +602,10 @@ def main(argv: list[str] | None = None) -> int:
                                          ("replay_store", args.replay_store)) if v is not None})
     try:
         config = load_config(**overrides)
-        reports = run_rounds(config, Registry(args.registry), args.rounds, args.base, args.dataset, args.fresh,
-                             args.deployment, shell_labeler(args.label_command) if args.label_command else None)
+        registry = Registry(args.registry)
+        reports = run_rounds(config, registry, args.rounds, args.base, args.dataset, args.fresh,
+                             args.deployment, shell_labeler(args.label_command) if args.label_command else None,
+                             serve=announced_server(registry, args.deployment) if args.serve_rounds else None)
     except (ConfigError, JobError, RegistryError, subprocess.CalledProcessError) as exc:
         print(f"rlhf: {exc}", file=sys.stderr)
         return 2

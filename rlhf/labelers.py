@@ -7,7 +7,10 @@
 (``GetConversation``), ranks them with :func:`rlhf.preference.rank` and submits the ranking
 (``SubmitFeedback``) with the metadata ``x-colloquy-feedback-source: simulated``, so the
 dataset marks them simulated and ``RLHF_SOURCE=human`` leaves them out. Held-out questions
-are never labelled. These are not people: they are a rule, named as such everywhere.
+are never labelled. With ``--version V`` (default ``RLHF_ROUND_BASE``, which the RLHF job's
+rounds set) only turns answered by model version V are ranked: the labelers first wait until
+the gateway answers with V, and skip turns another version answered (a canary's share).
+These are not people: they are a rule, named as such everywhere.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ def train_questions(path: Path = PROMPTS_FILE) -> list[str]:
     return list(yaml.safe_load(path.read_text(encoding="utf-8"))["train"])
 
 
+class LabelerError(RuntimeError):
+    """The labelers cannot do what was asked (e.g. the version to label is not served)."""
+
+
 @dataclass(frozen=True)
 class Labelled:
     """One submitted ranking, for the run's summary."""
@@ -51,7 +58,8 @@ class SimulatedLabeler:
     """A gRPC client of the gateway that ranks candidates by :mod:`rlhf.preference`."""
 
     def __init__(self, target: str, key: str, n: int = 3, temperature: float = 0.9, max_tokens: int = 64,
-                 weights: PreferenceWeights | None = None, timeout: float = 300.0, retries: int = 10) -> None:
+                 weights: PreferenceWeights | None = None, timeout: float = 300.0, retries: int = 10,
+                 version: str = "") -> None:
         if n < 2:
             raise ValueError("a ranking needs at least 2 candidates (n >= 2)")
         if temperature <= 0:
@@ -67,6 +75,8 @@ class SimulatedLabeler:
         self.weights = weights or weights_from_env()
         self.timeout = timeout
         self.retries = retries
+        self.version = version  # rank only this model version's answers ("" = any)
+        self.skipped_versions: dict[str, int] = {}  # turns answered by another version, not ranked
 
     def close(self) -> None:
         self.channel.close()
@@ -111,19 +121,48 @@ class SimulatedLabeler:
                 time.sleep(retry_delay(exc, attempt))
         raise AssertionError("unreachable")
 
+    def _turn(self, question: str, sampling: Any) -> tuple[str, Any]:
+        """Ask once; the conversation id and the turn as the gateway stored it (None if missing)."""
+        from colloquy.v1 import chat_pb2
+
+        conversation_id, turn_index = self._ask(chat_pb2.ChatRequest(message=question, sampling=sampling))
+        conversation = self._unary(self.stub.GetConversation,
+                                   chat_pb2.GetConversationRequest(conversation_id=conversation_id), read_only=True)
+        return conversation_id, next((t for t in conversation.turns if t.index == turn_index), None)
+
+    def wait_until_served(self, timeout_s: float, probe: str = "Hello!", pause_s: float = 2.0) -> str:
+        """Ask a short probe until the gateway answers with ``self.version`` (a rollout reaches the
+        replicas through ``model.updates`` after the registry moved); returns the version seen.
+        Raises :class:`LabelerError` naming both versions when ``timeout_s`` passes first."""
+        from colloquy.v1 import common_pb2
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            _, turn = self._turn(probe, common_pb2.SamplingParams(max_tokens=4))
+            seen = turn.model_version if turn is not None else ""
+            if not self.version or seen == self.version:
+                return seen
+            if time.monotonic() >= deadline:
+                raise LabelerError(f"the gateway still answers with {seen or 'no version'!r} after {timeout_s:.0f} s, "
+                                   f"not {self.version!r}: serve it first (python -m rlhf.job --serve-rounds, "
+                                   f"or make promote), or label with --version ''")
+            time.sleep(pause_s)
+
     def label(self, question: str, seed: int | None = None) -> Labelled | None:
-        """Ask, rank, submit; None when the turn produced fewer than two answers (e.g. blocked)."""
+        """Ask, rank, submit; None when the turn produced fewer than two answers (e.g. blocked) or
+        was answered by another version than ``self.version`` (counted in ``skipped_versions``)."""
         from colloquy.v1 import chat_pb2, common_pb2
 
         sampling = common_pb2.SamplingParams(n=self.n, temperature=self.temperature, max_tokens=self.max_tokens)
         if seed is not None:
             sampling.seed = seed
-        conversation_id, turn_index = self._ask(chat_pb2.ChatRequest(message=question, sampling=sampling))
-        conversation = self._unary(self.stub.GetConversation,
-                                   chat_pb2.GetConversationRequest(conversation_id=conversation_id), read_only=True)
-        turn = next((t for t in conversation.turns if t.index == turn_index), None)
+        conversation_id, turn = self._turn(question, sampling)
         if turn is None or turn.blocked or len(turn.answers) < 2:
             return None
+        if self.version and turn.model_version != self.version:
+            self.skipped_versions[turn.model_version] = self.skipped_versions.get(turn.model_version, 0) + 1
+            return None
+        turn_index = turn.index
         answers = [a.text for a in sorted(turn.answers, key=lambda a: a.index)]
         order = rank(question, answers, self.weights)
         reply = self._unary(self.stub.SubmitFeedback,
@@ -184,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="only the first N questions (0: all)")
     parser.add_argument("--seed", type=int, default=None,
                         help="sampling seed (default: 1000 x RLHF_ROUND in a round of the job, else 0)")
+    parser.add_argument("--version", default=os.environ.get("RLHF_ROUND_BASE", ""),
+                        help="rank only answers of this model version (default RLHF_ROUND_BASE, set in a "
+                             "round of the job; '' = any)")
+    parser.add_argument("--wait-served", type=float, default=300.0, metavar="S",
+                        help="seconds to wait for the gateway to answer with --version before giving up")
     args = parser.parse_args(argv)
     if args.seed is None:
         try:
@@ -193,12 +237,21 @@ def main(argv: list[str] | None = None) -> int:
     questions = train_questions()
     if args.limit:
         questions = questions[: args.limit]
-    labeler = SimulatedLabeler(args.target, args.key, args.n, args.temperature, args.max_tokens)
+    labeler = SimulatedLabeler(args.target, args.key, args.n, args.temperature, args.max_tokens,
+                               version=args.version)
     started = time.perf_counter()
     try:
+        if args.version:
+            labeler.wait_until_served(args.wait_served)
         done = run(labeler, questions, args.rounds, args.seed)
+    except LabelerError as exc:
+        print(f"labelers: {exc}", file=sys.stderr)
+        return 2
     finally:
         labeler.close()
+    if labeler.skipped_versions:
+        print(f"not ranked (answered by another version than {args.version}): {labeler.skipped_versions}",
+              file=sys.stderr)
     for item in done:
         print(json.dumps(item.__dict__))
     print(f"simulated labelers submitted {len(done)} rankings in {time.perf_counter() - started:.1f} s",

@@ -58,3 +58,23 @@ def test_simulated_rankings_reach_the_dataset(stack_and_dataset: tuple[Stack, Pa
         assert by_id[row["feedback_id"]].question in row["prompt"], row["prompt"][:200]
     items, stats = data.comparisons(rows)
     assert stats.rankings == len(submitted) and all(len(c.pairs) == 3 for c in items)
+
+
+def test_labelers_rank_only_the_version_they_are_told_to(stack_and_dataset: tuple[Stack, Path]) -> None:
+    """A round's labels must describe the round's base: with ``version`` set, turns answered by
+    another version are not ranked, and waiting for a version the gateway never serves fails with
+    a message naming both."""
+    stack, _ = stack_and_dataset
+    question = labelers.train_questions()[0]
+    served = labelers.SimulatedLabeler(stack.gateway, "colloquy-dev-key", n=2, max_tokens=8, version="tiny")
+    other = labelers.SimulatedLabeler(stack.gateway, "colloquy-dev-key", n=2, max_tokens=8, version="round-1-child")
+    try:
+        assert served.wait_until_served(30) == "tiny"
+        assert served.label(question, seed=1) is not None and served.skipped_versions == {}
+        assert other.label(question, seed=1) is None
+        assert other.skipped_versions == {"tiny": 1}
+        with pytest.raises(labelers.LabelerError, match=r"still answers with 'tiny'.*not 'round-1-child'"):
+            other.wait_until_served(0.5, pause_s=0.1)
+    finally:
+        served.close()
+        other.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,51 @@ def test_rounds_chain_their_bases_and_name_what_was_published_when_a_later_round
                      ("label", 2, "base-child"), ("run", "base-child", 200, "base")]
     with pytest.raises(job.JobError, match="rounds must be >= 1"):
         job.run_rounds(load_config(), Registry(tmp_path / "registry"), 0, base="base")
+
+
+def test_rounds_serve_each_base_before_its_labels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a ``serve`` hook (``--serve-rounds``) round k's base is served before round k is
+    labelled, so round 2's labels are drawn from round 1's child, not from the first base."""
+    calls: list[tuple] = []
+    monkeypatch.setattr(job, "run", lambda config, registry, base, *a, **kw: {"version": f"{base}-child"})
+    job.run_rounds(load_config(), Registry(tmp_path / "registry"), 2, base="base",
+                   label=lambda k, v: calls.append(("label", k, v)), serve=lambda k, v: calls.append(("serve", k, v)))
+    assert calls == [("serve", 1, "base"), ("label", 1, "base"), ("serve", 2, "base-child"),
+                     ("label", 2, "base-child")]
+
+
+@pytest.mark.kafka
+def test_announced_server_serves_a_gated_child_and_refuses_a_failed_one(
+        registry: Registry, tmp_path: Path, kafka_bootstrap: str, unique: str) -> None:
+    from colloquy.v1 import events_pb2
+
+    from services.common import events, topics
+    from tests.common.kafka_util import Tail
+
+    dep = f"test-{unique}"  # a deployment no running service serves
+    src = tmp_path / "src"
+    gate = {"passed": True, "score_pct": 79.0, "reference": "child fp32", "reference_pct": 79.5, "points": 2.0}
+    registry.publish(src, "good-child", source="rlhf", precision="int4", execution_provider="cpu",
+                     parent_version="base", quality={"gate": gate})
+    registry.publish(src, "forgetful-child", source="rlhf", precision="int4", execution_provider="cpu",
+                     parent_version="base", quality={"gate": {**gate, "passed": False, "parent_pct": 85.0,
+                                                              "passed_vs_parent": False}})
+    registry.set_current(dep, "base")
+    serve = job.announced_server(registry, dep)
+    serve(1, "base")  # already served: nothing moves, nothing is announced
+    topics.ensure_topics(kafka_bootstrap, [topics.MODEL_UPDATES])
+    tail = Tail(kafka_bootstrap, topics.MODEL_UPDATES.name)
+    try:
+        serve(2, "good-child")
+        assert registry.current(dep) == "good-child"
+        with pytest.raises(job.JobError, match=r"round 3 is to be labelled on forgetful-child, which cannot be "
+                                               r"served: .*quality gate"):
+            serve(3, "forgetful-child")
+        assert registry.current(dep) == "good-child"
+        deadline, mine = time.monotonic() + 30, []
+        while not mine and time.monotonic() < deadline:
+            mine = [events.decode(r.value, r.headers, events_pb2.ModelUpdate) for r in tail.read(settle=0.2)
+                    if r.key == dep.encode()]
+    finally:
+        tail.close()
+    assert [(u.action, u.version, u.parent_version) for u in mine] == [("promote", "good-child", "base")]
