@@ -484,7 +484,7 @@ def run_rounds(config: RLHFConfig, registry: Registry, rounds: int, base: str | 
                 raise
             done = ", ".join(r["version"] for r in reports)
             raise JobError(f"round {k} of {rounds}: {exc} (rounds 1-{k - 1} published {done})") from exc
-        report.update(round=k, label_seconds=label_seconds)
+        report.update(round=k, label_seconds=label_seconds, labelled_version=current if serve is not None else None)
         reports.append(report)
         log.info("round %d of %d published %s (parent %s)", k, rounds, report["version"], current)
         current = report["version"]

@@ -173,6 +173,15 @@ def _fidelity(child: dict[str, Any]) -> str:
     return f"{fidelity['served_equals_fp32']}/{fidelity['prompts']}{where}"
 
 
+def _gate(child: dict[str, Any]) -> str:
+    """The quality gate's quiz: the served child, its parent (when recorded), and the outcome."""
+    gate = (child.get("quality") or {}).get("gate") or {}
+    if gate.get("score_pct") is None:
+        return "-"
+    parent = f" (parent {gate['parent_pct']:.1f})" if gate.get("parent_pct") is not None else ""
+    return f"{gate['score_pct']:.1f}{parent}: {'passed' if gate.get('passed') else 'FAILED'}"
+
+
 def child_row(report: dict[str, Any], child: dict[str, Any]) -> str:
     """One child's row: rule score, wins vs parent and vs the series' base, KL to each, reward
     model accuracy, answer length and time per phase."""
@@ -185,7 +194,8 @@ def child_row(report: dict[str, Any], child: dict[str, Any]) -> str:
     return (f"| {report.get('round', 1)} | {algorithm} | `{child['version']}` | {_f(ev['parent_score_mean'])} -> "
             f"{_f(ev['child_score_mean'])} | {_wtl(ev)} | {_wtl(origin)} | {_kl(ev)} | {_kl(origin)} | {_f(rm)} | "
             f"{_f(ev.get('parent_words_mean'), 1)} -> {_f(ev.get('child_words_mean'), 1)} | "
-            f"{_fidelity(child)} | {_f(report.get('label_seconds'), 0)} | {times} |")
+            f"{_fidelity(child)} | {_gate(child)} | {report.get('labelled_version') or '-'} | "
+            f"{_f(report.get('label_seconds'), 0)} | {times} |")
 
 
 def job_markdown(reports: list[dict[str, Any]]) -> str:
@@ -193,9 +203,9 @@ def job_markdown(reports: list[dict[str, Any]]) -> str:
     PPO-vs-DPO comparison of a round that trained both."""
     lines = ["| round | algorithm | child | rule score, held-out (parent -> child) | W/T/L vs parent (win rate) | "
              "W/T/L vs first base | KL to parent (bound) | KL to first base | reward model acc. | "
-             "answer words (parent -> child) | served = float32 greedy, held-out | label s | "
-             "RM / train / export / evaluate / publish s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "answer words (parent -> child) | served = float32 greedy, held-out | quiz % (gate) | "
+             "labels drawn from (served) | label s | RM / train / export / evaluate / publish s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for report in reports:
         lines += [child_row(report, child) for child in report["children"].values()]
     for report in reports:

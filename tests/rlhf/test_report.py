@@ -43,8 +43,10 @@ def _child(algorithm: str, version: str, wins: int, kl: float, words: float, tra
 def test_job_markdown_rounds_and_ppo_vs_dpo() -> None:
     ppo = _child("ppo", "c-ppo", 3, 2.5, 12.0, 50.0)
     ppo["quality"] = {"fidelity": {"prompts": 4, "max_new_tokens": 64, "served_equals_fp32": 3},
-                      "eight_bit_layers": [26, 27, 28, 29]}
+                      "eight_bit_layers": [26, 27, 28, 29],
+                      "gate": {"passed": False, "score_pct": 76.63, "parent_pct": 79.35, "points": 2.0}}
     one = {"round": 1, "parent_version": "base", "origin_version": "base", "label_seconds": 40.0,
+           "labelled_version": "base",
            "reward_model": {"reward_model_accuracy": 0.75},
            "children": {"ppo": ppo, "dpo": _child("dpo", "c-dpo", 2, 7.0, 18.0, 20.0)}}
     md = report.job_markdown([one])
@@ -52,8 +54,8 @@ def test_job_markdown_rounds_and_ppo_vs_dpo() -> None:
     # round 1's parent is the first base: the wins against it are the wins against the parent
     assert "| 3/0/1 (0.75) | 3/0/1 (0.75) | 2.500 (within 6.0) | 2.500 (within 6.0) | 0.750 |" in rows["ppo"]
     assert "7.000 (OVER 6.0)" in rows["dpo"] and "20.0 -> 18.0" in rows["dpo"]
-    assert "| 3/4; 8-bit layers 26-29 | 40 | 10 / 50 / 2 / 3 / 1 |" in rows["ppo"]
-    assert "| - | 40 |" in rows["dpo"]  # an export that was not compared with its float32
+    assert "| 3/4; 8-bit layers 26-29 | 76.6 (parent 79.3): FAILED | base | 40 | 10 / 50 / 2 / 3 / 1 |" in rows["ppo"]
+    assert "| - | - | base | 40 |" in rows["dpo"]  # an export not compared with its float32, nor gated
     assert "| non_answer | 0.250 | 0.500 |" in md
     table = md[md.index("PPO vs DPO"):]
     assert "| measure | ppo | dpo |" in table
