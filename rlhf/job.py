@@ -610,10 +610,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlhf: {exc}", file=sys.stderr)
         return 2
     print(job_markdown(reports))
+    served = registry.current(args.deployment)
     for report in reports:
         for child in report["children"].values():
-            print(f"published {child['version']} (not promoted: "
-                  f"python -m model.registry promote {args.deployment} {child['version']})")
+            print(f"published {child['version']} (served, for the next round's labels)" if child["version"] == served
+                  else f"published {child['version']} (not promoted: "
+                       f"python -m model.registry promote {args.deployment} {child['version']})")
     if args.canary:
         return _canary(args, reports[-1])
     return 0
