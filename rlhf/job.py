@@ -507,6 +507,8 @@ def announced_server(registry: Registry, deployment: str = DEFAULT_DEPLOYMENT) -
         if registry.current(deployment) == version and not registry.canary(deployment):
             return
         try:
+            # Registry.set_current checks the gate again; checking first keeps its reason in the
+            # message (the rollout CLI reports only "refused (exit 2)") and announces nothing.
             check_quality_gate(version, registry.manifest(version))
             rollout.promote(version)
         except (CanaryError, RegistryError) as exc:
