@@ -98,7 +98,10 @@ class ChatStream:
                         from exc
             async for ev in self._relay():
                 yield ev
-        except asyncio.CancelledError:  # the client went away
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away. gRPC cancels the handler's task wherever it waits: in here
+            # (CancelledError), or while it writes the event just yielded, and then this generator
+            # is only closed at that yield (GeneratorExit).
             if not self.finished:
                 self.pipeline.give_up(self.request_id, self.conv, "client-cancelled")
             raise

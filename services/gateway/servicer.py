@@ -4,6 +4,7 @@ retry's turn), relay its replies."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -178,8 +179,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 f"too many chats at once for this API key (at most {self.cfg.max_chats_per_user} on one gateway); "
                 "wait for one to finish"))
         try:
-            async for ev in self._chat(user, request, context):
-                yield ev
+            async with contextlib.aclosing(self._chat(user, request, context)) as chat:
+                async for ev in chat:
+                    yield ev
         except Exception as exc:
             await self._internal(context, exc)
         finally:
@@ -243,12 +245,13 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                                 request_id=request_id, accepted=accepted, limits=Limits(
                                     deadline, self.cfg.reply_idle_timeout_s, self.cfg.check_timeout_s,
                                     HISTORY_POLL_S if key else None))
-            async for out in stream.run(turn):
-                yield out
+            async with contextlib.aclosing(stream.run(turn)) as relayed:  # closed with this one, at once
+                async for out in relayed:
+                    yield out
         except ChatEnd as end:
             code = end.status.name
             await context.abort(end.status, end.message)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # see ChatStream.run
             code = "CANCELLED"
             raise
         finally:

@@ -207,3 +207,20 @@ def test_a_client_that_goes_away_cancels_generation_unless_the_turn_finished() -
     slow.turn_stored = stalls  # type: ignore[method-assign]
     asyncio.run(cancelled_after(stream(FakeReplies(started(), done()), slow, slow_pipeline), 1))
     assert slow_pipeline.gave_up == []  # `done` came: nothing left to stop
+
+
+def test_a_client_that_goes_away_while_an_event_is_written_cancels_generation() -> None:
+    """gRPC may cancel the handler while it writes the event this stream just yielded: the stream
+    is then closed at its yield (GeneratorExit), not cancelled inside it, and must still stop
+    generation."""
+    async def closed_after_first_delta(s: ChatStream) -> None:
+        relayed = s.run(TURN)
+        async for ev in relayed:
+            if ev.WhichOneof("event") == "delta":
+                break
+        await relayed.aclose()
+
+    pipeline = FakePipeline()
+    replies = FakeReplies(started(), text("a"), text("ab"))
+    asyncio.run(closed_after_first_delta(stream(replies, FakeHistory(), pipeline)))
+    assert pipeline.gave_up == ["client-cancelled"]
