@@ -90,19 +90,32 @@ def ensure_topics(bootstrap: str, topics: tuple[Topic, ...] | list[Topic] = ALL,
                 pass  # another service created it meanwhile
         if created:
             log.info("created topics", extra={"topics": created})
-            _wait_visible(admin, {t.name for t in topics})
+            _wait_ready(admin, {t.name: t.partitions for t in missing})
         return created
     finally:
         admin.close()
 
 
-def _wait_visible(admin: KafkaAdminClient, names: set[str], timeout: float = 10.0) -> None:
-    """CreateTopics returns before every broker's metadata lists the topic; callers that
-    produce or list right away should not see it missing."""
+def _ready(description: dict, partitions: int) -> bool:
+    """A topic's metadata lists every partition, each with a leader."""
+    parts = description.get("partitions") or []
+    return (description.get("error_code", 0) == 0 and len(parts) == partitions
+            and all(p.get("leader_id", -1) >= 0 for p in parts))
+
+
+def _wait_ready(admin: KafkaAdminClient, partitions: dict[str, int], timeout: float = 10.0) -> None:
+    """CreateTopics returns before the broker's metadata lists the new topic's partitions and
+    leaders. A consumer group formed in that window is assigned nothing and, kafka-python
+    refreshing metadata only every 5 minutes, stays idle that long (a CI run saw it); producers
+    that send right away would wait for metadata too. So wait until the partitions are there."""
     deadline = time.monotonic() + timeout
-    while not names <= set(admin.list_topics()):
+    while True:
+        described = {d.get("name"): d for d in admin.describe_topics(sorted(partitions))}
+        if all(_ready(described.get(name) or {}, n) for name, n in partitions.items()):
+            return
         if time.monotonic() > deadline:
-            log.warning("created topics are not visible yet", extra={"topics": sorted(names)})
+            log.warning("created topics have no leader for every partition yet",
+                        extra={"topics": sorted(partitions)})
             return
         time.sleep(0.1)
 

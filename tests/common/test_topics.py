@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
+import pytest
+
 from services.common import topics
 
 
@@ -50,3 +54,33 @@ def test_report_lag_sets_each_assigned_partitions_gap_and_survives_a_failed_prob
             raise OSError("broker gone")
 
     kafka_loop.report_lag(Broken(), "g.lag")  # type: ignore[arg-type]
+
+
+def test_ready_needs_every_partition_with_a_leader() -> None:
+    """What ensure_topics waits for after CreateTopics (the describe_topics shape of kafka-python)."""
+    led = {"error_code": 0, "partitions": [{"partition_index": i, "leader_id": 1} for i in range(3)]}
+    assert topics._ready(led, 3)
+    assert not topics._ready({**led, "partitions": led["partitions"][:2]}, 3)
+    assert not topics._ready({"error_code": 0, "partitions": [{"partition_index": 0, "leader_id": -1}]}, 1)
+    assert not topics._ready({"error_code": 5, "partitions": []}, 1)
+    assert not topics._ready({}, 1)
+
+
+@pytest.mark.kafka
+def test_a_group_formed_as_soon_as_ensure_topics_returns_is_given_every_partition(
+        kafka_bootstrap: str, unique: str) -> None:
+    """A CI run formed a group in the moment after CreateTopics, before the broker listed the
+    partitions: the leader assigned nothing and kafka-python did not look again within 60 s."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    name = f"t.ready.{unique}"
+    assert topics.ensure_topics(kafka_bootstrap, [topics.Topic(name, 4, {})]) == [name]
+    consumer = KafkaConsumer(name, bootstrap_servers=kafka_bootstrap, group_id=f"g.ready.{unique}",
+                             enable_auto_commit=False)
+    try:
+        deadline = time.monotonic() + 30
+        while len(consumer.assignment()) < 4 and time.monotonic() < deadline:
+            consumer.poll(timeout_ms=100)
+        assert consumer.assignment() == {TopicPartition(name, p) for p in range(4)}
+    finally:
+        consumer.close()
