@@ -45,6 +45,7 @@ READ_ELSEWHERE: dict[str, str] = {
     "MY_POD_IP": "builds RAY_ADDRESS in the same pod spec",
     "FEEDBACK_DATASET_DIR": "rlhf/data.py dataset_dir() (the feedback sink's FeedbackConfig)",
     "PGPASSWORD": "libpq (psycopg) when DATABASE_URL has no password: the `postgres` Secret's, unescaped",
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "Ray Serve's controller (services/generation/serving.py RAY_ENV)",
 }
 # Jobs outside services/: their name -> the modules whose env() dataclasses they load.
 JOB_MODULES: dict[str, tuple[str, ...]] = {"rlhf": ("rlhf.config", "rlhf.preference")}
@@ -293,3 +294,13 @@ def test_moderation_pods_load_the_classifier_and_policy_they_are_given(objects: 
     heads = Heads.load(_image_file(env["MODERATION_CLASSIFIER"].value or ""))
     assert heads.meta
     load_policy(_image_file(env["MODERATION_POLICY"].value or ""))
+
+
+def test_ray_nodes_get_the_ray_settings_a_local_ray_gets(objects: list[Obj]) -> None:
+    """serving.RAY_ENV is what `python -m services.generation` gives its local Ray; the RayService's
+    nodes must run Serve the same way."""
+    from services.generation import serving
+
+    for target in targets("generation")[1:]:
+        env = resolve(_target_env(objects, target)[2])
+        assert {k: env.get(k) for k in serving.RAY_ENV} == serving.RAY_ENV, target
