@@ -8,7 +8,7 @@ Layout under the root (``$COLLOQUY_MODEL_REGISTRY``, default
     current/<deployment>.json          which version a deployment serves, with history
     current/<deployment>.canary        the canary being served (version, percent), if any
     current/<deployment>.canary-log  every automatic canary's decision and why (rlhf.canary)
-    .staging-*/                        publishes in progress (never read, swept by ``gc``)
+    .staging-*/                        publishes (or prunes) in progress (never read, swept by ``gc``)
 
 Why this shape:
 
@@ -22,7 +22,8 @@ Why this shape:
   ``rollback`` a pointer move, never a copy.
 
 CLI: ``python -m model.registry [--root DIR] list|show V|current D|promote D V [--canary P]|
-rollback D|verify V|gc``. ``promote`` and ``rollback`` are the rollout of ``make promote`` and
+rollback D|verify V|prune [--keep N] [--min-age-hours H] [--dry-run]|gc``.
+``promote`` and ``rollback`` are the rollout of ``make promote`` and
 ``make rollback`` (``services.generation.updates``): the registry records it and a
 ``ModelUpdate`` on ``model.updates`` tells the running replicas, so no path moves the pointer
 without them hearing of it.
@@ -113,9 +114,10 @@ class ModelVersion:
         return self.manifest.get("parent_version")
 
 
-def utc_now() -> str:
-    """ISO-8601 UTC timestamp with a ``Z``, second precision."""
-    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace(
+def utc_now(ago_s: float = 0.0) -> str:
+    """ISO-8601 UTC timestamp with a ``Z``, second precision (``ago_s`` seconds ago); such
+    timestamps compare correctly as strings."""
+    return (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=ago_s)).replace(microsecond=0).isoformat().replace(
         "+00:00", "Z")
 
 
@@ -324,6 +326,55 @@ class Registry:
                 removed.append(entry)
         return removed
 
+    def protected(self) -> set[str]:
+        """Versions that must stay: what every deployment serves, its canary, every version its
+        history can roll back to, and the ancestors of all of these (``rollback`` falls back to
+        a version's parent)."""
+        keep: set[str] = set()
+        for deployment in self.deployments():
+            pointer = self.pointer(deployment) or {}
+            canary = self.canary(deployment) or {}
+            keep.update(v for v in (pointer.get("version"), canary.get("version"), *pointer.get("history", [])) if v)
+        todo = list(keep)
+        while todo:
+            try:
+                parent = self.manifest(todo.pop()).get("parent_version")
+            except RegistryError:
+                continue
+            if parent and parent not in keep:
+                keep.add(parent)
+                todo.append(parent)
+        return keep
+
+    def prune(self, keep: int = 2, min_age_s: float = 86400.0, dry_run: bool = False) -> list[str]:
+        """Remove derived versions (those with a parent: RLHF children) that nothing serves or
+        can roll back to, except the ``keep`` newest and any younger than ``min_age_s`` (a job
+        still running may be training on, or about to promote, one of those).
+
+        Each RLHF round publishes a child of several hundred MB and most are never promoted; base
+        builds (no parent, ``make model``'s) are never removed. Under the pointer lock, so a
+        promote cannot point at a version while it goes; a version is first renamed out of
+        ``versions/`` (readers see it whole or not at all), then deleted. Returns the names.
+        """
+        cutoff = utc_now(ago_s=min_age_s)
+        with self._locked():
+            protected = self.protected()
+            candidates = []
+            for version in self.list_versions():  # oldest first
+                manifest = self.manifest(version)
+                if manifest.get("parent_version") and version not in protected:
+                    candidates.append((version, manifest["created_at"]))
+            doomed = [v for v, created in candidates[:max(0, len(candidates) - keep)] if created <= cutoff]
+            if dry_run:
+                return doomed
+            for version in doomed:
+                trash = self.root / f".staging-pruned-{version}-{uuid.uuid4().hex[:8]}"
+                os.rename(self.version_path(version), trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            if doomed:
+                _fsync_dir(self.versions_dir)
+        return doomed
+
     # ---------------------------------------------------------------- pointers
     def _pointer_path(self, deployment: str) -> Path:
         return self.current_dir / f"{_check_name('deployment', deployment)}.json"
@@ -360,6 +411,8 @@ class Registry:
     def _move(self, deployment: str, target: str, history: list[str], action: str,
               reason: str | None) -> dict[str, Any]:
         """Write ``deployment``'s pointer at ``target`` with ``history``; caller holds the lock."""
+        if not self.exists(target):  # pruned since it was verified (prune holds the lock too)
+            raise VersionNotFound(f"version {target!r} is not in {self.root}")
         pointer = self.pointer(deployment) or {}
         event = {"at": utc_now(), "action": action, "from": pointer.get("version"), "to": target}
         if reason:
@@ -446,6 +499,8 @@ class Registry:
         check_quality_gate(version, self.load(version, verify=verify).manifest)
         doc = {"deployment": deployment, "version": version, "percent": percent, "updated_at": utc_now()}
         with self._locked():
+            if not self.exists(version):
+                raise VersionNotFound(f"version {version!r} is not in {self.root}")
             _write_atomic(self._canary_path(deployment), _dump(doc))
         return doc
 
@@ -556,10 +611,35 @@ def _cmd_verify(reg: Registry, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prune(reg: Registry, args: argparse.Namespace) -> int:
+    doomed = reg.prune(keep=args.keep, min_age_s=args.min_age_hours * 3600, dry_run=args.dry_run)
+    for version in doomed:
+        print(f"{'would remove' if args.dry_run else 'removed'} {version}")
+    if not doomed:
+        print("nothing to prune")
+    return 0
+
+
 def _cmd_gc(reg: Registry, args: argparse.Namespace) -> int:
     for path in reg.gc(args.older_than):
         print(f"removed {path}")
     return 0
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
+
+
+def _hours(text: str) -> float:
+    try:
+        hours = float(text)
+    except ValueError:
+        hours = -1.0
+    if not hours >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of hours >= 0")
+    return hours
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -583,13 +663,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("deployment")
     p = sub.add_parser("verify", help="check every file of a version against its manifest")
     p.add_argument("version")
+    p = sub.add_parser("prune", help="remove derived versions (RLHF children) that nothing serves or can roll "
+                                     "back to, but the --keep newest and those younger than --min-age-hours")
+    p.add_argument("--keep", type=_count, default=2, help="unserved children to keep, newest first (default 2)")
+    p.add_argument("--min-age-hours", type=_hours, default=24.0,
+                   help="never remove one published less than this long ago (default 24)")
+    p.add_argument("--dry-run", action="store_true", help="print what would go, remove nothing")
     p = sub.add_parser("gc", help="remove leftovers of crashed publishes")
     p.add_argument("--older-than", type=float, default=3600.0)
     args = parser.parse_args(argv)
     reg = Registry(args.root)
     handler = {"list": _cmd_list, "show": _cmd_show, "current": _cmd_current,
                "promote": _cmd_promote, "rollback": _cmd_rollback, "verify": _cmd_verify,
-               "gc": _cmd_gc}[args.command]
+               "prune": _cmd_prune, "gc": _cmd_gc}[args.command]
     try:
         return handler(reg, args)
     except RegistryError as exc:

@@ -356,3 +356,34 @@ def test_registry_cli_promote_and_rollback_are_announced_to_running_replicas_lik
         ("promote", "v2", 100, "v1"), ("promote", "v3", 10, "v2"), ("rollback", "v2", 0, "v2"),
         ("promote", "v3", 100, "v2")]
     assert reg.current(dep) == "v3"
+
+
+def test_prune_removes_only_unserved_children_past_keep_and_age(reg: Registry, src: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """RLHF rounds publish a child of hundreds of MB each; prune keeps what is served, can be
+    rolled back to (and their ancestors), the canary, the newest `keep`, and every base build."""
+    publish(reg, src, "base")
+    publish(reg, src, "other-base")
+    for v in ("c1", "c2", "c3", "c4", "c5", "c6"):
+        publish(reg, src, v, parent_version="base")
+    publish(reg, src, "c7", parent_version="c6")
+    reg.set_current("generation", "c2")
+    reg.set_current("generation", "c7")  # c2 in history; c7's parent c6 kept as its ancestor
+    reg.set_canary("generation", "c3", 10)
+    # every version was published a moment ago: the age guard keeps them all
+    assert reg.prune(keep=0) == []
+    assert reg.prune(keep=0, min_age_s=0, dry_run=True) == ["c1", "c4", "c5"]
+    assert reg.prune(keep=1, min_age_s=0) == ["c1", "c4"]
+    assert set(reg.list_versions()) == {"base", "other-base", "c2", "c3", "c5", "c6", "c7"}
+    assert not [p for p in reg.root.iterdir() if p.name.startswith(".staging")]
+    # a version pruned between a promote's check and its pointer move is refused under the lock
+    with pytest.raises(VersionNotFound), reg._locked():
+        reg._move("generation", "c1", [], "promote", None)
+    assert reg.current("generation") == "c7"
+    assert regmod.main(["--root", str(reg.root), "prune", "--keep", "0", "--min-age-hours", "0"]) == 0
+    assert capsys.readouterr().out.split("\n")[:1] == ["removed c5"]
+    assert regmod.main(["--root", str(reg.root), "prune", "--keep", "0", "--min-age-hours", "0"]) == 0
+    assert capsys.readouterr().out.strip() == "nothing to prune"
+    with pytest.raises(SystemExit):
+        regmod.main(["--root", str(reg.root), "prune", "--keep", "-1"])
+    assert "whole number" in capsys.readouterr().err
