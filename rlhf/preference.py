@@ -16,13 +16,22 @@ roughly [0, 1] and weighted by :class:`PreferenceWeights` (env overrides ``RLHF_
   question, or a long answer that touches none of the question's content words. The other
   terms can be gamed by a short, finished, non-repeating sentence that says nothing; this
   term is what such a sentence loses;
+* ``correct``: share of the facts the question asks for that the answer states (:func:`correct`,
+  the ``facts`` of ``rlhf/prompts.yaml``; 0 for every answer to a question with none listed, so
+  it does not change their order). Without it the rule prefers "Rome." over "The capital of
+  Italy is Rome." but cannot tell either from "It is a city.", and once answers are short,
+  cutting more wins even when it cuts the fact;
 * an empty answer scores ``-1`` whatever the weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+from pathlib import Path
+
+import yaml
 
 from model.answer_quality import loops
 from services.common.config import env, load
@@ -46,6 +55,7 @@ DEFLECTION_RE = re.compile(
     r"glad to (?:assist|help|hear)|happy to (?:assist|help)|your question|you'?re (?:not alone|looking for)|"
     r"i'?m here to|hope (?:this|that) helps|let me know|great question|good question")
 SENTENCE_RE = re.compile(r"[^.!?]+[.!?]*")
+PROMPTS_FILE = Path(__file__).resolve().parent / "prompts.yaml"
 # An answer this many words long that shares no content word with the question is off topic
 # (a shorter one such as "Paris." may answer without repeating the question's words).
 OFF_TOPIC_MIN_WORDS = 6
@@ -62,6 +72,8 @@ class PreferenceWeights:
     # 1.5 cancels what a short finished sentence earns from concise + full_stop alone, so "I cannot
     # help with that." scores 0, below any answer that touches the question.
     non_answer: float = env("RLHF_PREF_NON_ANSWER", 1.5)
+    # As much as on_topic: stating what was asked counts as much as touching the question's words.
+    correct: float = env("RLHF_PREF_CORRECT", 1.0)
     target_words: int = env("RLHF_PREF_TARGET_WORDS", 30, check=lambda v: v > 0, hint="words > 0")
 
 
@@ -99,7 +111,7 @@ def non_answer(prompt: str, answer: str) -> str | None:
     ``loop`` (a word trigram more than :data:`model.answer_quality.MAX_TRIGRAM_REPEATS` times),
     ``restates`` (no word the question did not already have, e.g. "The capital of France?"),
     ``off_topic`` (:data:`OFF_TOPIC_MIN_WORDS` words or more, none of them a content word of
-    the question). A check on form, not on truth: "Paris is in Italy." passes.
+    the question, and none of its facts). A check on form, not on truth: "Paris is in Italy." passes.
     """
     answer_words = words(answer)
     if not answer_words:
@@ -116,9 +128,36 @@ def non_answer(prompt: str, answer: str) -> str | None:
     if set(answer_words) <= question_words | STOP_WORDS:
         return "restates"
     topic = content_words(question_of(prompt))
-    if topic and len(answer_words) >= OFF_TOPIC_MIN_WORDS and not topic & set(answer_words):
+    if (topic and len(answer_words) >= OFF_TOPIC_MIN_WORDS and not topic & set(answer_words)
+            and not correct(question_of(prompt), answer)):  # a stated fact is on topic in other words
         return "off_topic"
     return None
+
+
+@functools.cache
+def facts(path: Path = PROMPTS_FILE) -> dict[str, tuple[tuple[str, ...], ...]]:
+    """Question -> the groups of alternatives a correct answer mentions (``facts`` in the file)."""
+    table = yaml.safe_load(path.read_text(encoding="utf-8")).get("facts") or {}
+    return {q.strip(): tuple(tuple(str(a).lower() for a in group) for group in groups)
+            for q, groups in table.items()}
+
+
+def correct(question: str, answer: str) -> float:
+    """Share of the question's fact groups the answer meets: a group is met by a word of the
+    answer that starts with one of its alternatives ("scatter" meets "scattering"), or, for an
+    alternative of several words, by the answer containing it. 0 for a question with no facts."""
+    groups = facts().get(question.strip())
+    if not groups:
+        return 0.0
+    answer_words = words(answer)
+    text = " ".join(answer_words)
+
+    def met(alt: str) -> bool:
+        if " " in alt:
+            return f" {alt}" in f" {text}"
+        return any(w.startswith(alt) for w in answer_words)
+
+    return sum(any(met(a) for a in group) for group in groups) / len(groups)
 
 
 def terms(prompt: str, answer: str, target_words: int = 30) -> dict[str, float]:
@@ -132,7 +171,8 @@ def terms(prompt: str, answer: str, target_words: int = 30) -> dict[str, float]:
     trigrams = [tuple(answer_words[i:i + 3]) for i in range(max(0, count - 2))]
     repetition = 1.0 - len(set(trigrams)) / len(trigrams) if trigrams else 0.0
     return {"concise": concise, "on_topic": on_topic, "full_stop": full_stop, "repetition": repetition,
-            "non_answer": 0.0 if non_answer(prompt, answer) is None else 1.0}
+            "non_answer": 0.0 if non_answer(prompt, answer) is None else 1.0,
+            "correct": correct(question_of(prompt), answer)}
 
 
 def score(prompt: str, answer: str, weights: PreferenceWeights = DEFAULT_WEIGHTS) -> float:
@@ -142,7 +182,7 @@ def score(prompt: str, answer: str, weights: PreferenceWeights = DEFAULT_WEIGHTS
     parts = terms(prompt, answer, weights.target_words)
     return (weights.concise * parts["concise"] + weights.on_topic * parts["on_topic"]
             + weights.full_stop * parts["full_stop"] - weights.repetition * parts["repetition"]
-            - weights.non_answer * parts["non_answer"])
+            - weights.non_answer * parts["non_answer"] + weights.correct * parts["correct"])
 
 
 def rank(prompt: str, answers: list[str], weights: PreferenceWeights = DEFAULT_WEIGHTS) -> list[int]:

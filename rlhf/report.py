@@ -137,7 +137,7 @@ def markdown(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-TERMS = ("concise", "on_topic", "full_stop", "repetition", "non_answer")
+TERMS = ("concise", "on_topic", "full_stop", "repetition", "non_answer", "correct")
 
 
 def parts_table(parts: dict[str, dict[str, float | None]], names: tuple[str, str] = ("parent", "child")) -> list[str]:

@@ -14,7 +14,7 @@ Q = "What is the capital of France?"
 def test_terms_on_hand_checked_answers() -> None:
     # content words of the question: {capital, france} ("what", "the", "of" are stop words)
     assert terms(Q, "The capital of France is Paris.") == {
-        "concise": 1.0, "on_topic": 1.0, "full_stop": 1.0, "repetition": 0.0, "non_answer": 0.0}
+        "concise": 1.0, "on_topic": 1.0, "full_stop": 1.0, "repetition": 0.0, "non_answer": 0.0, "correct": 1.0}
     # "paris" shares no content word; no full stop
     assert terms(Q, "Paris")["on_topic"] == 0.0 and terms(Q, "Paris")["full_stop"] == 0.0
     # 6 words -> 4 trigrams: (a b a) (b a b) (a b a) (b a b): 2 distinct -> repetition 1 - 2/4 = 0.5
@@ -24,11 +24,11 @@ def test_terms_on_hand_checked_answers() -> None:
 
 
 def test_score_weights_and_empty_answers() -> None:
-    # 1 (concise) + 1 (on topic) + 0.5 (full stop) - 0 (repetition) = 2.5
-    assert score(Q, "The capital of France is Paris.") == pytest.approx(2.5)
+    # 1 (concise) + 1 (on topic) + 0.5 (full stop) - 0 (repetition) + 1 (correct) = 3.5
+    assert score(Q, "The capital of France is Paris.") == pytest.approx(3.5)
     assert score(Q, "   ") == -1.0
     only_stop = PreferenceWeights(concise=0.0, on_topic=0.0, full_stop=2.0, repetition=0.0, non_answer=0.0,
-                                  target_words=30)
+                                  correct=0.0, target_words=30)
     assert score(Q, "Paris.", only_stop) == 2.0
     assert score(Q, "Paris", only_stop) == 0.0
 
@@ -93,3 +93,33 @@ def test_an_answer_beats_a_polished_non_answer() -> None:
     answers = ["I'm glad to assist you with your question.", "Paris.", "I cannot help with that."]
     assert rank(Q, answers)[0] == 1
     assert score(Q, "I cannot help with that.") == pytest.approx(0.0)  # 1 + 0 + 0.5 - 0 - 1.5
+
+
+def test_correct_counts_the_facts_a_question_asks_for() -> None:
+    """Before the term, "It is a city." tied with "Rome." and a child could win by dropping facts."""
+    italy = "What is the capital of Italy?"
+    assert score(italy, "Rome.") > score(italy, "It is a city.")
+    sky = "Why is the sky blue?"  # three groups: scatter; sunlight/light; shorter/wavelength/blue light
+    assert preference.correct(sky, "Sunlight is scattered by air molecules.") == pytest.approx(2 / 3)
+    assert preference.correct(sky, "Blue light has a shorter wavelength and scatters more.") == 1.0
+    assert preference.correct(sky, "Because it is blue.") == 0.0
+    assert preference.correct("A question nobody listed?", "Paris.") == 0.0  # no facts: no change in order
+    # a multi-word alternative is matched as a phrase, not word by word
+    assert preference.correct("What is the largest animal on Earth?", "The blue whale.") == 1.0
+    assert preference.correct("What is the largest animal on Earth?", "A whale, blue and big.") == 0.0
+
+
+def test_an_answer_that_states_the_facts_in_other_words_is_not_off_topic() -> None:
+    ocean = "Why is the ocean salty?"  # content words {ocean, salty}: none below
+    assert non_answer(ocean, "Rivers carry minerals from rocks into the sea.") is None
+    assert non_answer(ocean, "Bananas are yellow and grow in warm tropical places.") == "off_topic"
+
+
+def test_every_question_the_labellers_or_the_evaluation_use_has_facts() -> None:
+    import yaml
+
+    table = yaml.safe_load(preference.PROMPTS_FILE.read_text(encoding="utf-8"))
+    listed = preference.facts()
+    missing = [q for q in table["train"] + table["heldout"] if not listed.get(q.strip())]
+    assert not missing, f"rlhf/prompts.yaml: no facts for {missing}"
+    assert all(alt and alt == alt.strip() for groups in listed.values() for g in groups for alt in g)
