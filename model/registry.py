@@ -335,6 +335,10 @@ class Registry:
             pointer = self.pointer(deployment) or {}
             canary = self.canary(deployment) or {}
             keep.update(v for v in (pointer.get("version"), canary.get("version"), *pointer.get("history", [])) if v)
+        return self._with_ancestors(keep)
+
+    def _with_ancestors(self, versions: set[str]) -> set[str]:
+        keep = set(versions)
         todo = list(keep)
         while todo:
             try:
@@ -365,6 +369,9 @@ class Registry:
                 if manifest.get("parent_version") and version not in protected:
                     candidates.append((version, manifest["created_at"]))
             doomed = [v for v, created in candidates[:max(0, len(candidates) - keep)] if created <= cutoff]
+            # a kept child's parent stays too (round 2 of a job is trained from round 1's child)
+            staying = self._with_ancestors(set(self.list_versions()) - set(doomed))
+            doomed = [v for v in doomed if v not in staying]
             if dry_run:
                 return doomed
             for version in doomed:

@@ -380,8 +380,10 @@ def test_prune_removes_only_unserved_children_past_keep_and_age(reg: Registry, s
     with pytest.raises(VersionNotFound), reg._locked():
         reg._move("generation", "c1", [], "promote", None)
     assert reg.current("generation") == "c7"
+    publish(reg, src, "c8", parent_version="c5")  # c5 is now the parent of the newest child
+    assert reg.prune(keep=1, min_age_s=0) == []
     assert regmod.main(["--root", str(reg.root), "prune", "--keep", "0", "--min-age-hours", "0"]) == 0
-    assert capsys.readouterr().out.split("\n")[:1] == ["removed c5"]
+    assert capsys.readouterr().out.split("\n")[:2] == ["removed c5", "removed c8"]
     assert regmod.main(["--root", str(reg.root), "prune", "--keep", "0", "--min-age-hours", "0"]) == 0
     assert capsys.readouterr().out.strip() == "nothing to prune"
     with pytest.raises(SystemExit):
