@@ -67,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     # The whole run holds the machine (the cores are shared): in-process figures and the stack's
     # come from one quiet stretch, and no other heavy run starts between them.
     heavy = [n for n in names if n != "report"]  # the report only reads the results
-    with common.stack_lock() if heavy else contextlib.nullcontext():
+    # One broker for the whole run (the stages and Kafka-hop benchmarks need one, the stacks reuse
+    # it), stopped at the end if the run started it.
+    with common.stack_lock() if heavy else contextlib.nullcontext(), \
+            common.broker() if heavy else contextlib.nullcontext():
         return _run(args, names)
 
 

@@ -262,6 +262,20 @@ def chat_prompt(question: str) -> str:
 
 # -- the stack -------------------------------------------------------------------------------------
 @contextlib.contextmanager
+def broker() -> Iterator[str]:
+    """The local broker for the block: the one already up, or one started here and stopped after
+    (nested blocks reuse the outer one). Benchmarks used to leave theirs running, and the next
+    `make test` then ran on another checkout's broker."""
+    from devtools import kafka_broker
+
+    started = kafka_broker.ensure_broker(BOOTSTRAP)
+    try:
+        yield BOOTSTRAP
+    finally:
+        kafka_broker.release_broker(started, BOOTSTRAP)
+
+
+@contextlib.contextmanager
 def stack(services: Sequence[str] | None = None,
           extra_env: dict[str, dict[str, str]] | None = None) -> Iterator[Any]:
     """The test harness's Stack (separate OS processes, free ports), or only some of its services.
@@ -277,7 +291,7 @@ def stack(services: Sequence[str] | None = None,
 
     lock = stack_lock()
     lock.__enter__()
-    kafka_broker.ensure_broker(BOOTSTRAP)
+    started_kafka = kafka_broker.ensure_broker(BOOTSTRAP)  # not broker(): the lock above comes first
     # The harness writes each service's log to $TMPDIR/colloquy-test-*.log and reads it back to see
     # "serving"; other sessions' clean-ups remove those in /tmp, so ours go to a folder of our own
     # (the services themselves keep the usual TMPDIR, Ray's included).
@@ -311,6 +325,7 @@ def stack(services: Sequence[str] | None = None,
         except Exception as exc:  # a diagnostic only
             log(f"stack CPU accounting failed: {exc}")
         s.stop()
+        kafka_broker.release_broker(started_kafka, BOOTSTRAP)
         lock.__exit__(None, None, None)  # releases the flock unless an outer run holds it
         if old_tmp is None:
             os.environ.pop("TMPDIR", None)

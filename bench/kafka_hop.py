@@ -320,7 +320,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--per-round", type=int, default=10)
     p.add_argument("--gap-ms", type=int, default=100, help="pause between records (a lone record each time)")
-    run(p.parse_args())
+    with common.broker():
+        run(p.parse_args())
 
 
 if __name__ == "__main__":

@@ -923,7 +923,7 @@ def main() -> int:
     from devtools import kafka_broker
 
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
-    kafka_broker.ensure_broker(bootstrap)
+    started_kafka = kafka_broker.ensure_broker(bootstrap)
     levels = [int(x) for x in args.levels.split(",")]
     # Generation's queues stay bounded at the search's highest level; the gateway admits the
     # capacity (first wide open for the search, then the measured or given limit).
@@ -965,6 +965,7 @@ def main() -> int:
         result["load_average_end"] = os.getloadavg()
         result["seconds"] = round(time.time() - result["started_unix"], 1)  # the whole run, stack start excluded
         stack.stop()
+        kafka_broker.release_broker(started_kafka, bootstrap)
         lock.__exit__(None, None, None)
         write_report(result)
     return 0

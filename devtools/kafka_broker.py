@@ -130,6 +130,15 @@ def stop_broker(bootstrap: str = DEFAULT_BOOTSTRAP) -> None:
     _run_kafka_sh("down", bootstrap=bootstrap)
 
 
+def release_broker(started: bool, bootstrap: str = DEFAULT_BOOTSTRAP) -> None:
+    """Stop the broker if ``ensure_broker`` started it (its return value), unless
+    ``COLLOQUY_KEEP_KAFKA`` is set (scripts/test.sh owns the broker's lifetime then). A benchmark
+    or test session that left its broker running made the next ``make test`` use that one, whose
+    data and pid file belong to another checkout (its broker-restart test then cannot restart it)."""
+    if started and not os.environ.get("COLLOQUY_KEEP_KAFKA"):
+        stop_broker(bootstrap)
+
+
 def restart_broker(bootstrap: str = DEFAULT_BOOTSTRAP) -> None:
     """Stop and start the broker on the same data dir, for fault-tolerance tests.
 

@@ -28,8 +28,7 @@ def kafka_bootstrap() -> Iterator[str]:
     try:
         yield BOOTSTRAP
     finally:
-        if started and not os.environ.get("COLLOQUY_KEEP_KAFKA"):
-            kafka_broker.stop_broker()
+        kafka_broker.release_broker(started, BOOTSTRAP)
 
 
 @pytest.fixture
