@@ -14,6 +14,7 @@ import pytest
 from model.registry import Registry
 from rlhf import data, job, preference
 from rlhf.config import load_config
+from rlhf.report import TERMS as REPORT_TERMS
 from rlhf.report import job_markdown as report_markdown
 from services.feedback.dataset import write_rows
 from tests.rlhf.synthetic import base_row, candidates, questions, ranking_rows
@@ -130,7 +131,7 @@ def test_offline_loop_publishes_a_child_version(tiny_registry: tuple[Registry, s
     assert dpo_manifest["training"]["dpo"]["heldout"]["dpo_heldout_pairs"] == rm["heldout_pairs"]
     dpo_eval = dpo_child["evaluation"]
     assert dpo_eval["prompts"] == evaluation["prompts"] and dpo_eval["kl_to_parent"]["answers"] == kl["answers"]
-    assert set(dpo_eval["rule_parts"]["child"]) == {"concise", "on_topic", "full_stop", "repetition", "non_answer"}
+    assert set(dpo_eval["rule_parts"]["child"]) == set(REPORT_TERMS) == set(preference.terms("q", "a"))
     assert (registry.version_path(dpo_child["version"]) / "model.onnx.data").read_bytes() != parent_onnx
     md = report_markdown([report])
     assert "PPO vs DPO" in md and dpo_child["version"] in md and "non_answer" in md and "Replay FAILED" in md
