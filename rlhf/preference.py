@@ -18,9 +18,8 @@ roughly [0, 1] and weighted by :class:`PreferenceWeights` (env overrides ``RLHF_
   term is what such a sentence loses;
 * ``correct``: share of the facts the question asks for that the answer states (:func:`correct`,
   the ``facts`` of ``rlhf/prompts.yaml``; 0 for every answer to a question with none listed, so
-  it does not change their order). Without it the rule prefers "Rome." over "The capital of
-  Italy is Rome." but cannot tell either from "It is a city.", and once answers are short,
-  cutting more wins even when it cuts the fact;
+  it does not change their order). Without it "Rome." and "It is a city." score the same, and
+  once answers are short, cutting more wins even when it cuts the fact;
 * an empty answer scores ``-1`` whatever the weights.
 """
 
