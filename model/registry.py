@@ -363,14 +363,15 @@ class Registry:
         cutoff = utc_now(ago_s=min_age_s)
         with self._locked():
             protected = self.protected()
+            versions = self.list_versions()  # oldest first
             candidates = []
-            for version in self.list_versions():  # oldest first
+            for version in versions:
                 manifest = self.manifest(version)
                 if manifest.get("parent_version") and version not in protected:
                     candidates.append((version, manifest["created_at"]))
             doomed = [v for v, created in candidates[:max(0, len(candidates) - keep)] if created <= cutoff]
             # a kept child's parent stays too (round 2 of a job is trained from round 1's child)
-            staying = self._with_ancestors(set(self.list_versions()) - set(doomed))
+            staying = self._with_ancestors(set(versions) - set(doomed))
             doomed = [v for v in doomed if v not in staying]
             if dry_run:
                 return doomed
