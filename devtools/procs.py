@@ -63,6 +63,16 @@ class Proc:
         if self.popen.poll() is None:
             self.popen.send_signal(sig)
 
+    def thread_dump(self, settle_s: float = 1.0) -> str:
+        """Every thread's stack, from a service (its runtime prints them on SIGUSR1); "" once it
+        has exited. For the error of a process that never became ready."""
+        if self.popen.poll() is not None:
+            return ""
+        before = len(self.output())
+        self.signal(signal.SIGUSR1)
+        time.sleep(settle_s)
+        return self.output()[before:]
+
     def wait(self, timeout: float = 30.0) -> int:
         try:
             return self.popen.wait(timeout)

@@ -158,7 +158,9 @@ class Stack:
         deadline = time.monotonic() + timeout
         while not health_probe.serving(f"127.0.0.1:{self.ports[name]}"):
             if proc.popen.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} never became SERVING:\n{proc.output()[-4000:]}")
+                tail, dump = proc.output()[-4000:], proc.thread_dump()[-6000:]
+                raise RuntimeError(f"{name} never became SERVING:\n{tail}"
+                                   + (f"\nits threads:\n{dump}" if dump else ""))
             time.sleep(0.2)
 
     def start(self) -> Stack:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import faulthandler
 import logging
 import signal
 import threading
@@ -48,7 +49,15 @@ def bootstrap(service: str, defaults: Mapping[str, str] | None = None) -> Boot:
     except config.ConfigError as exc:
         config.exit_config_error(exc)
     logger = log.setup(service, server.log_level)
+    dump_threads_on_sigusr1()
     return Boot(service, server, kafka, instance, logger)
+
+
+def dump_threads_on_sigusr1() -> None:
+    """`kill -USR1 <pid>` prints every thread's stack to stderr and the process goes on: what a
+    service stuck without a log line is doing (`devtools.procs.Proc.thread_dump` uses it when a
+    test's process never becomes ready)."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
 
 
 def ensure_topics(kafka: config.KafkaConfig, extra: Sequence[topics.Topic] = ()) -> list[str]:

@@ -55,12 +55,14 @@ class StoreReader(ThreadWorker):
     # -- readiness (the worker thread) ----------------------------------------------------------
     def run(self) -> None:
         head = ConversationDB.head_revision()
+        at_head = False  # asked until true (only the materializer migrates); each ask logs two alembic lines
         targets: dict[int, int] | None = None
         waiting_for = ""
         while not self.stopping:
             try:
-                revision = self.db.schema_revision()
-                if revision != head:
+                revision = head if at_head else self.db.schema_revision()
+                at_head = revision == head
+                if not at_head:
                     what = f"schema at {revision}, waiting for {head} (the materializer migrates)"
                 elif targets is None:
                     targets = self.end_offsets()

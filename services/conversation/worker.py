@@ -38,6 +38,7 @@ from services.conversation.db import ConversationDB, OffsetsMoved
 log = logging.getLogger(__name__)
 
 STAGE = "conversation"
+BEHIND_LOG_EVERY_S = 10.0  # how often a store still catching up says where it is (start-up is otherwise silent)
 
 
 class _Seeker(ConsumerRebalanceListener):
@@ -84,6 +85,7 @@ class Materializer(ThreadWorker):
         self._batches = 0
         self._last_lag = 0.0
         self._last_ping = 0.0
+        self._last_behind_log = time.monotonic()
         conv_metrics.READY.set(0)
         for outcome in ("written", "deleted_turn", "deleted_conversation", "tombstone_noop",
                         "ignored_other_owner", "ignored_deleted", "late_tombstoned"):
@@ -328,6 +330,24 @@ class Materializer(ThreadWorker):
         if all(stored.get(p, 0) >= end for p, end in self._targets.items()):
             self._caught_up.set()
             log.info("store caught up with the topic", extra={"topic": self.topic, "stored_offsets": stored})
+        elif time.monotonic() - self._last_behind_log >= BEHIND_LOG_EVERY_S:
+            self._last_behind_log = time.monotonic()
+            log.info("store still catching up with the topic", extra={
+                "topic": self.topic, "end_offsets": self._targets, "stored_offsets": stored,
+                "positions": self._positions(), "batches": self._batches})
+
+    def _positions(self) -> dict[int, int | None]:
+        """Where the consumer is reading, for the "still catching up" line (None: not known yet)."""
+        consumer = self._consumer
+        if consumer is None:
+            return {}
+        out: dict[int, int | None] = {}
+        for tp in consumer.assignment():
+            try:
+                out[tp.partition] = consumer.position(tp, timeout_ms=200)
+            except Exception:
+                out[tp.partition] = None
+        return out
 
     def _db_failed(self, what: str, exc: Exception) -> None:
         self._db_ok = False
