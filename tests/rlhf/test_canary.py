@@ -221,7 +221,11 @@ def test_queries_against_a_real_prometheus(tmp_path: Path) -> None:
         deadline = time.monotonic() + 20  # Prometheus applies new targets every 5 s
         while not prom.query("up == 1") and time.monotonic() < deadline:
             time.sleep(0.2)
-        time.sleep(0.6)  # a scrape with every series at 0
+        # Scrapes with every series at 0 inside the window: its first sample must predate every
+        # increment, or increase() extrapolates series differently (CI stop 28, a loaded machine:
+        # thumbs-up ratio 0.273 for 0.25). With one target all series share scrape times, so the
+        # ratios are exact once every series starts the window at 0.
+        time.sleep(2.0)
         start = time.time()
         for v, err, block, ttft, up in ((stable, 1, 2, 0.2, 30), (bad, 20, 40, 0.9, 10)):
             G.REQUESTS.labels("ok", v).inc(100 - err)
@@ -232,9 +236,14 @@ def test_queries_against_a_real_prometheus(tmp_path: Path) -> None:
                 G.TTFT.labels(v).observe(ttft)
             RATINGS.labels(v, "up", "simulated").inc(up)
             RATINGS.labels(v, "down", "simulated").inc(40 - up)
-        time.sleep(1.5)
+        # ...and its last sample must follow every increment (the last series written: bad's downs)
+        last = f'colloquy_feedback_ratings_total{{model_version="{bad}",verdict="down"}} == 30'
+        deadline = time.monotonic() + 20
+        while not prom.query(last) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.6)
         client = canary.Prometheus(f"http://{prom.address}")
-        c, s = canary.fetch_stats(client, time.time() - start + 1.0, bad, stable, "simulated")
+        c, s = canary.fetch_stats(client, time.time() - start + 3.0, bad, stable, "simulated")
     finally:
         prom.stop()
         server.shutdown()
