@@ -148,7 +148,7 @@ def engine_conversations(turns: int, count: int, tokens: int) -> dict[str, Any]:
 
     template = load_file(DEFAULT_TEMPLATES).get()
     model_dir, version = common.served_model()
-    greedy = Sampling(temperature=0, repetition_penalty=1.0, max_tokens=tokens)
+    greedy = Sampling(temperature=0, repetition_penalty=1.0, copy_penalty=0.0, max_tokens=tokens)
     reused_metric = "colloquy_generation_prefix_cache_reused_tokens_total"
 
     def prompt(history: list[dict[str, str]], message: str) -> str:

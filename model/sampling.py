@@ -14,6 +14,13 @@ greedy + 1.1 34/45, no loop. So one answer is greedy, with the penalty as the gu
 degenerate loops ("Bonjour, bonjour! ..." to max_tokens): the distinct tokens among the answer's
 last ``repetition_window`` tokens are penalized, 1.1 as llama.cpp's default. Several candidates
 (``n`` > 1, for comparisons) must differ, so they sample at 0.2 with top_p 0.9.
+
+The copy guard (``copy_*``, :mod:`services.generation.repeats`) is the other half: against an
+answer copying an *earlier* answer of the conversation, which the model did in 30 of 36 follow-up
+answers (a run of 8+ tokens; whole 64-token answers) before it; with llama.cpp's DRY values
+(0.8, base 1.75, 2 tokens free) matched against earlier answers only: 1 of 36, and the 45
+prompts asked as turn 3 scored 22/45 instead of 17/45 (bench/results/answer_copies.md).
+Versions recorded before the guard get these values (``runner.sampling_defaults``).
 """
 
 from __future__ import annotations
@@ -27,7 +34,13 @@ SMOLLM2_135M_INSTRUCT: dict[str, Any] = {
     "top_k": 50,
     "repetition_penalty": 1.1,
     "repetition_window": 64,
+    # services.generation.repeats: continuing a copy of an earlier answer costs
+    # copy_penalty x copy_base^(length - copy_allowed) logits; 0 = off
+    "copy_penalty": 0.8,
+    "copy_base": 1.75,
+    "copy_allowed": 2,
 }
+COPY_KEYS = ("copy_penalty", "copy_base", "copy_allowed")
 
 MANIFEST_KEY = "sampling"
 

@@ -18,12 +18,17 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from model.chat_template import IM_END, IM_START
+from model.sampling import COPY_KEYS
+from model.sampling import SMOLLM2_135M_INSTRUCT as BASE_SAMPLING
 from services.generation.kv_cache import SlotKV
+from services.generation.repeats import CopyGuard, earlier_answers
 from services.generation.schema import Sampling
 
 log = logging.getLogger(__name__)
@@ -71,6 +76,8 @@ def sampling_defaults(path: Path, genai_config: dict[str, Any]) -> dict[str, Any
     out.setdefault("top_k", int(search.get("top_k", 50) or 0))
     out.setdefault("repetition_penalty", 1.0)
     out.setdefault("repetition_window", 64)
+    for key in COPY_KEYS:  # versions recorded before the copy guard get the base model's
+        out.setdefault(key, BASE_SAMPLING[key])
     return out
 
 
@@ -115,6 +122,11 @@ class LoadedModel:
         self.vocab = int(out[self.logits].shape[-1])
         self.last_only = out[self.logits].shape[1] == 1  # builder pruned logits to the last position
         self.tokenizer = tokenizers.Tokenizer.from_file(str(self.path / "tokenizer.json"))
+        # ChatML's opening of an answer and its end: where the copy guard finds earlier answers
+        self.answer_header = self.encode(f"{IM_START}assistant\n")
+        self.turn_end = self.tokenizer.token_to_id(IM_END)
+        if self.turn_end is None:
+            self.turn_end = -2  # no such token: no answer ever ends, the guard finds none
         log.info("model loaded", extra={"model_version": version, "path": str(self.path), "provider": self.provider,
                                         "context_length": self.context_length,
                                         "load_s": round(time.perf_counter() - started, 3)})
@@ -130,7 +142,20 @@ class LoadedModel:
             top_p=d["top_p"] if sampling.top_p is None else sampling.top_p,
             top_k=self.top_k if sampling.top_k is None else sampling.top_k,
             repetition_penalty=(d["repetition_penalty"] if sampling.repetition_penalty is None
-                                else sampling.repetition_penalty))
+                                else sampling.repetition_penalty),
+            copy_penalty=d["copy_penalty"] if sampling.copy_penalty is None else sampling.copy_penalty)
+
+    def copy_guard(self, ids: list[int], multiplier: float) -> Callable[[], CopyGuard] | None:
+        """A maker of fresh copy guards (one per candidate) for answers to `ids`, or None when
+        the guard is off or the prompt holds no earlier answer."""
+        if multiplier <= 0:
+            return None
+        answers = earlier_answers(ids, self.answer_header, self.turn_end)
+        if not answers:
+            return None
+        d = self.sampling
+        base, allowed = float(d["copy_base"]), int(d["copy_allowed"])
+        return lambda: CopyGuard(answers, multiplier, base, allowed)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)

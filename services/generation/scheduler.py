@@ -63,6 +63,7 @@ class Cand:
         self.new_tokens = 0  # not reported yet
         self.reported_finish = False
         self.last_token_at = 0.0
+        self.guard = job.copy_guard() if job.copy_guard is not None else None  # against copying earlier answers
 
 
 class Job:
@@ -72,6 +73,7 @@ class Job:
         # The answering model fills what the request left unset (its manifest's defaults).
         request = dataclasses.replace(request, sampling=model.resolve(request.sampling))
         self.request, self.model, self.ids, self.bridge = request, model, ids, bridge
+        self.copy_guard = model.copy_guard(ids, request.sampling.copy_penalty or 0.0)
         self.cands = [Cand(self, i) for i in range(request.sampling.n)]
         self.prefilled = 0
         self.reused = 0  # prompt tokens whose KV came from the prefix cache
@@ -375,6 +377,8 @@ class Scheduler:
         s = cand.job.request.sampling
         window = int(self.model.sampling["repetition_window"])
         recent = cand.generated[-window:] if s.repetition_penalty != 1.0 and window > 0 else ()
+        if cand.guard is not None:
+            logits = cand.guard.apply(logits)
         return next_token(logits, temperature=s.temperature, top_p=s.top_p,
                           top_k=s.top_k,
                           penalty=s.repetition_penalty, recent=recent, rng=cand.rng)
@@ -392,7 +396,10 @@ class Scheduler:
         cand.generated.append(token)
         cand.new_tokens += 1
         M.GENERATED_TOKENS.inc()
-        text, stopped = cand.stops.feed(cand.detok.step(self.model.tokenizer, token) or "")
+        piece = cand.detok.step(self.model.tokenizer, token) or ""
+        if cand.guard is not None:
+            cand.guard.feed(token, piece)
+        text, stopped = cand.stops.feed(piece)
         cand.text += text
         if stopped:
             cand.finish = FinishReason.STOP

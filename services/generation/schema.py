@@ -70,6 +70,9 @@ class Sampling:
     # CTRL/HF-style penalty on the distinct tokens among the candidate's last
     # model's repetition_window (its manifest's sampling) generated tokens (not the prompt); 1.0 = off.
     repetition_penalty: float | None = None
+    # The copy guard's multiplier (`repeats.CopyGuard`: continuing a verbatim copy of an earlier
+    # answer in the prompt costs multiplier x base^(length - allowed)); 0 = off.
+    copy_penalty: float | None = None
     ignore_eos: bool = False  # as vLLM's: generate max_tokens whatever comes (benchmarks)
 
 

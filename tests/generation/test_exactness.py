@@ -106,7 +106,7 @@ def check_exact(model_dir: Path, max_tokens: int, slots: int, chunk: int) -> Non
         ids = [eng_b1._model.encode(t) for t in texts]
         ref = [strip_eos(generator_tokens(model, i, max_tokens, eos), eos) for i in ids]
         del model
-        greedy = Sampling(temperature=0, repetition_penalty=1.0, max_tokens=max_tokens)
+        greedy = Sampling(temperature=0, repetition_penalty=1.0, copy_penalty=0.0, max_tokens=max_tokens)
         reqs = [Request(f"x{i}", t, greedy) for i, t in enumerate(texts)]
         one_by_one = [answers(eng_b1, [r])[0] for r in reqs]
         assert one_by_one == ref  # batch 1 == ORT GenAI Generator

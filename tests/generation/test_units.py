@@ -157,6 +157,11 @@ def test_unset_sampling_comes_from_the_answering_versions_manifest(tmp_path) -> 
     model = SimpleNamespace(sampling=d, top_k=d["top_k"])
     s = LoadedModel.resolve(model, engine.Sampling(max_tokens=5))  # type: ignore[arg-type]
     assert (s.temperature, s.top_p, s.top_k, s.repetition_penalty) == (0.5, 0.8, 7, 1.3)
+    # a version recorded before the copy guard existed gets the base model's guard
+    assert (d["copy_penalty"], d["copy_base"], d["copy_allowed"]) == (
+        base["copy_penalty"], base["copy_base"], base["copy_allowed"])
+    assert s.copy_penalty == base["copy_penalty"] > 0
+    assert LoadedModel.resolve(model, engine.Sampling(copy_penalty=0.0)).copy_penalty == 0.0  # type: ignore[arg-type]
     several = LoadedModel.resolve(model, engine.Sampling(max_tokens=5, n=3))  # type: ignore[arg-type]
     assert several.temperature == 0.5  # this manifest names no candidates_temperature
     d["candidates_temperature"] = 0.9

@@ -1,0 +1,109 @@
+"""The guard against copying earlier answers: a penalty on continuing a verbatim copy of an
+earlier assistant turn of the same prompt.
+
+Why: a small model re-reads its own earlier answers in the history and copies them: a
+conversation's third answer opened with the second's sentence ("I'm glad you're happy with your
+furry friend!") word for word. The repetition penalty does not see it (it covers the answer's own
+last tokens, against loops), and a penalty on every token of the history would also punish the
+words an answer must share with the question.
+
+How: the "DRY" rule of llama.cpp's and text-generation-webui's samplers (multiplier x
+base^(length - allowed)), but matched against earlier *assistant* turns only, never the user's
+messages or the instructions, and only over the answer's own tokens: after an answer has copied
+`length` tokens of an earlier answer, the token that would continue the copy loses
+`multiplier x base^(length - allowed)` from its logit. A few shared words ("Sure, here are") cost
+nothing; a sentence costs more with each word and soon cannot be continued. Off inside a Markdown
+code block, where copying earlier code is what an edit asks for. Each candidate keeps its own
+state, so an answer depends only on its own prompt and tokens (batching changes nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+SEPARATOR = -1  # between two earlier answers: no token equals it, so no copy spans two answers
+MAX_EXPONENT = 30  # base ** 30 is already a ban; keeps the penalty finite
+FENCE = "```"
+
+
+def earlier_answers(ids: Sequence[int], header: Sequence[int], end: int) -> list[list[int]]:
+    """The earlier assistant turns in a ChatML prompt's ids: what follows each `header`
+    (``<|im_start|>assistant\\n``) up to its `end` (``<|im_end|>``). The last header, the answer
+    being generated, has no end and is not one of them."""
+    h = len(header)
+    if not h:
+        return []
+    out: list[list[int]] = []
+    i, n = 0, len(ids)
+    first = header[0]
+    while i <= n - h:
+        if ids[i] == first and list(ids[i:i + h]) == list(header):
+            start = i + h
+            j = start
+            while j < n and ids[j] != end:
+                j += 1
+            if j == n:  # the open turn: the answer itself
+                break
+            if j > start:
+                out.append(list(ids[start:j]))
+            i = j + 1
+        else:
+            i += 1
+    return out
+
+
+class CopyGuard:
+    """One candidate's state: how long a copy of each earlier-answer position its answer is
+    continuing, and whether the answer is inside a code block."""
+
+    def __init__(self, answers: Sequence[Sequence[int]], multiplier: float, base: float, allowed: int) -> None:
+        flat: list[int] = []
+        for a in answers:
+            flat.extend(a)
+            flat.append(SEPARATOR)
+        self.history = np.asarray(flat, dtype=np.int64)
+        # match[j]: the answer's last match[j] tokens equal history[j - match[j] + 1 .. j]
+        self.match = np.zeros(len(flat), dtype=np.int64)
+        self.multiplier, self.base, self.allowed = multiplier, base, allowed
+        self.text = ""
+
+    def feed(self, token: int, text: str) -> None:
+        """The answer's next token and the text it decoded to."""
+        h, m = self.history, self.match
+        extended = np.zeros_like(m)
+        extended[1:] = m[:-1] + 1
+        extended[0] = 1
+        self.match = np.where(h == token, extended, 0)
+        self.text += text
+
+    def penalties(self) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, amounts): what each token that would continue a copy loses from its logit."""
+        if self.text.count(FENCE) % 2:  # inside a code block
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        m = self.match[:-1]  # the last position is a separator: nothing follows it
+        at = np.nonzero(m >= self.allowed)[0]
+        if at.size == 0:
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        nxt = self.history[at + 1]
+        keep = nxt != SEPARATOR
+        at, nxt = at[keep], nxt[keep]
+        if at.size == 0:
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        exponent = np.minimum(m[at] - self.allowed, MAX_EXPONENT)
+        amount = self.multiplier * np.power(self.base, exponent)
+        tokens = np.unique(nxt)  # a token continuing several copies: the longest counts
+        best = np.zeros(tokens.size)
+        np.maximum.at(best, np.searchsorted(tokens, nxt), amount)
+        return tokens, best.astype(np.float32)
+
+    def apply(self, logits: np.ndarray) -> np.ndarray:
+        """`logits` less the penalties (a new array when any applies: the bound logits buffer is
+        reused by the next pass), `logits` itself when none does."""
+        tokens, amounts = self.penalties()
+        if tokens.size == 0:
+            return logits
+        out = np.array(logits, dtype=np.float32, copy=True)
+        out[tokens] -= amounts
+        return out
