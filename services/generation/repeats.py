@@ -11,8 +11,8 @@ How: the "DRY" rule of llama.cpp's and text-generation-webui's samplers (multipl
 base^(length - allowed)), but matched against earlier *assistant* turns only, never the user's
 messages or the instructions, and only over the answer's own tokens: after an answer has copied
 `length` tokens of an earlier answer, the token that would continue the copy loses
-`multiplier x base^(length - allowed)` from its logit. A few shared words ("Sure, here are") cost
-nothing; a sentence costs more with each word and soon cannot be continued. Off inside a Markdown
+`multiplier x base^(length - allowed)` from its logit (at the defaults two shared tokens cost
+nothing, a third 0.8, a sixth 4.3, a tenth 40: a sentence soon cannot be continued). Off inside a Markdown
 code block, where copying earlier code is what an edit asks for. Each candidate keeps its own
 state, so an answer depends only on its own prompt and tokens (batching changes nothing).
 """
