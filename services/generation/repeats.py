@@ -26,6 +26,7 @@ import numpy as np
 SEPARATOR = -1  # between two earlier answers: no token equals it, so no copy spans two answers
 MAX_EXPONENT = 30  # base ** 30 is already a ban; keeps the penalty finite
 FENCE = "```"
+_NONE: tuple[np.ndarray, np.ndarray] = (np.empty(0, np.int64), np.empty(0, np.float32))  # nothing owed
 
 
 def earlier_answers(ids: Sequence[int], header: Sequence[int], end: int) -> list[list[int]]:
@@ -81,16 +82,13 @@ class CopyGuard:
     def penalties(self) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, amounts): what each token that would continue a copy loses from its logit."""
         if self.text.count(FENCE) % 2:  # inside a code block
-            return np.empty(0, np.int64), np.empty(0, np.float32)
-        m = self.match[:-1]  # the last position is a separator: nothing follows it
+            return _NONE
+        # a copy owes nothing where the earlier answer ends (a separator follows)
+        m = self.match[:-1] * (self.history[1:] != SEPARATOR)
         at = np.nonzero(m >= self.allowed)[0]
         if at.size == 0:
-            return np.empty(0, np.int64), np.empty(0, np.float32)
+            return _NONE
         nxt = self.history[at + 1]
-        keep = nxt != SEPARATOR
-        at, nxt = at[keep], nxt[keep]
-        if at.size == 0:
-            return np.empty(0, np.int64), np.empty(0, np.float32)
         exponent = np.minimum(m[at] - self.allowed, MAX_EXPONENT)
         amount = self.multiplier * np.power(self.base, exponent)
         tokens = np.unique(nxt)  # a token continuing several copies: the longest counts
