@@ -324,7 +324,7 @@ class StageWorker(ThreadWorker, Generic[M]):
         self.cfg = kafka
         self.group_id = group_id or f"colloquy-{stage}"
         self.instance_id = instance_id
-        self._last_lag = 0.0
+        self._probe = LagProbe(self.group_id, stage)
         self._outputs = OutputTopics(kafka, f"{stage}-{instance_id}-topics")
         # Records whose output the broker refused for good (not retriable), by (topic, partition,
         # offset): dead-lettered when the batch is redone instead of failing it again.
@@ -343,8 +343,7 @@ class StageWorker(ThreadWorker, Generic[M]):
         # Static membership (KIP-345): an instance restarted after a crash with the same id takes
         # its partitions back at once, without a rebalance; a graceful stop leaves the group
         # (`close_leaving_group` says why).
-        consumer = make_consumer(self.cfg, self.group_id, client, *self.topics,
-                                 group_instance_id=f"{self.stage}-{self.instance_id}")
+        consumer = self._new_consumer(client)
         producer = self._new_producer(client)
         try:
             while not self.stopping:
@@ -353,7 +352,10 @@ class StageWorker(ThreadWorker, Generic[M]):
                     self.mark_ready()
                     log.info("partitions assigned", extra={"stage": self.stage,
                                                            "partitions": len(consumer.assignment())})
-                self._report_lag(consumer)
+                if self._probe.stalled(consumer):  # a batch in hand is read again by the new one
+                    close_leaving_group(consumer)
+                    consumer = self._new_consumer(client)
+                    continue
                 if not batch:
                     continue
                 now_ms, arrival = time.time() * 1000, metrics.STAGE_SECONDS.labels(self.stage, "arrival")
@@ -381,6 +383,10 @@ class StageWorker(ThreadWorker, Generic[M]):
             producer.close(timeout=10)
             if self._at_once is not None:
                 self._at_once.close(timeout=10)
+
+    def _new_consumer(self, client: str) -> KafkaConsumer:
+        return make_consumer(self.cfg, self.group_id, client, *self.topics,
+                             group_instance_id=f"{self.stage}-{self.instance_id}")
 
     def _new_producer(self, client: str) -> KafkaProducer:
         producer = make_producer(self.cfg, client, transactional_id=f"{self.group_id}-{self.instance_id}")
@@ -586,27 +592,98 @@ class StageWorker(ThreadWorker, Generic[M]):
                                                    "reason": reason})
         return DeadLetter(rec, self.stage, reason, kind, trace)
 
-    def _report_lag(self, consumer: KafkaConsumer) -> None:
+
+PROBE_S = 5.0  # how often a loop reports its lag and looks for a stall
+STALL_PROBES = 4  # probes in a row with lag and no progress (~20 s) before the consumer is replaced
+# Probes in a row outside its group (~60 s): a rebalance legitimately waits up to a session timeout
+# (10 s) for a dead static member, and for every live member to poll again.
+OUT_OF_GROUP_PROBES = 12
+
+
+class LagProbe:
+    """Every PROBE_S: each assigned partition's lag (the gauge), and whether the consumer has
+    stopped reading, which kafka-python 3.0.12 can do without raising anything.
+
+    Seen under CPU contention on a loaded broker: partitions assigned, records waiting, no
+    FetchRequest ever sent again (generation; the conversation materializer, positions at 0 for
+    4 minutes; the feedback sink, a rating not written in 90 s), and a member that lost its group
+    on a failed commit (UnknownMemberId) and never joined again (moderation, after a SIGSTOP). No
+    upstream fix exists in the newest release, so the loops watch for it: records waiting on the
+    partitions the loop has not paused and not one position moving over STALL_PROBES probes in a
+    row, or a member outside its group for
+    OUT_OF_GROUP_PROBES probes, and the loop replaces its consumer (leaves the group, joins with a
+    new one, which reads on from the committed offsets).
+    """
+
+    def __init__(self, group_id: str | None, stage: str, *, every_s: float = PROBE_S,
+                 stall_probes: int = STALL_PROBES, out_of_group_probes: int = OUT_OF_GROUP_PROBES) -> None:
+        self.group = group_id or ""
+        self.stage = stage
+        self.every_s = every_s
+        self.stall_probes = stall_probes
+        self.out_of_group_probes = out_of_group_probes
+        self.reset()
+
+    def reset(self) -> None:
+        """Start over (a new consumer)."""
+        self._last = time.monotonic()
+        self._positions: dict[TopicPartition, int] = {}
+        self._stuck = 0
+        self._outside = 0
+
+    def stalled(self, consumer: KafkaConsumer, *, expect_progress: bool = True) -> bool:
+        """Probe when one is due; True when the consumer should be replaced (the count then starts
+        over). `expect_progress` False: the loop holds back on purpose (its database is down), so
+        lag is reported but not held against the consumer. A probe that fails (broker away) counts
+        neither way: riding out an outage is poll_through_outages' job."""
         now = time.monotonic()
-        if now - self._last_lag < 5:
-            return
-        self._last_lag = now
-        report_lag(consumer, self.group_id)
+        if now - self._last < self.every_s:
+            return False
+        self._last = now
+        stuck = self._lag_stuck(consumer)
+        if stuck is not None:
+            self._stuck = self._stuck + 1 if stuck and expect_progress else 0
+        self._outside = self._outside + 1 if self._out_of_group(consumer) else 0
+        reason = ("no_progress" if self._stuck >= self.stall_probes else
+                  "out_of_group" if self._outside >= self.out_of_group_probes else "")
+        if not reason:
+            return False
+        log.warning("Kafka consumer stopped reading; replacing it",
+                    extra={"stage": self.stage, "reason": reason, "probes": max(self._stuck, self._outside),
+                           "positions": {f"{tp.topic}:{tp.partition}": o for tp, o in self._positions.items()}})
+        metrics.CONSUMERS_REPLACED.labels(self.stage, reason).inc()
+        self.reset()
+        return True
 
+    def _lag_stuck(self, consumer: KafkaConsumer) -> bool | None:
+        """Records waiting and not one position moved since the last probe; None: the probe failed."""
+        parts = [tp for tp in consumer.assignment() if tp not in consumer.paused()]
+        if not parts:
+            self._positions = {}
+            return False
+        try:
+            ends = consumer.end_offsets(parts, timeout_ms=5000)
+            positions = {tp: consumer.position(tp, timeout_ms=5000) for tp in parts}
+        except Exception:
+            log.debug("lag probe failed", exc_info=True)
+            return None
+        known = {tp: pos for tp, pos in positions.items() if pos is not None}
+        lagging = False
+        for tp, pos in known.items():
+            lag = max(0, ends.get(tp, pos) - pos)
+            metrics.CONSUMER_LAG.labels(self.group, tp.topic, str(tp.partition)).set(lag)
+            lagging = lagging or lag > 0
+        # Stuck: records waiting and no position moved. Not per partition: one poll may serve one
+        # partition's backlog before another's (max_poll_records), which is progress.
+        stuck = lagging and bool(known) and known == self._positions
+        self._positions = known
+        return stuck
 
-def report_lag(consumer: KafkaConsumer, group_id: str) -> None:
-    """Set the consumer-lag gauge of each assigned partition (end offset minus position); a failed
-    probe only logs, it must never stop the loop that calls it."""
-    parts = list(consumer.assignment())
-    if not parts:
-        return
-    try:
-        ends = consumer.end_offsets(parts)
-        for tp in parts:
-            pos = consumer.position(tp)
-            metrics.CONSUMER_LAG.labels(group_id, tp.topic, str(tp.partition)).set(max(0, ends.get(tp, pos) - pos))
-    except Exception:
-        log.debug("lag probe failed", exc_info=True)
+    @staticmethod
+    def _out_of_group(consumer: KafkaConsumer) -> bool:
+        if not consumer.config.get("group_id") or consumer.subscription() is None:
+            return False  # assigned by hand: no membership to lose
+        return private_api.group_member_state(consumer) not in (None, "stable")
 
 
 class DeadLetter(events.OutEvent):

@@ -51,6 +51,10 @@ STAGE_BATCH_RECORDS = Histogram(
 CONSUMER_LAG = Gauge(
     "colloquy_kafka_consumer_lag", "Records behind the log end, per consumer group and partition",
     ["group", "topic", "partition"])
+CONSUMERS_REPLACED = Counter(
+    "colloquy_kafka_consumers_replaced_total",
+    "Kafka consumers a loop replaced because they stopped reading (kafka_loop.LagProbe), by stage and reason",
+    ["stage", "reason"])
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> int:

@@ -18,6 +18,9 @@ used here, so an upgrade that moves one fails that test loudly instead of a serv
   timeout. ``_coordinator.is_dynamic_member`` is overridden on the one consumer being closed, so
   close sends LeaveGroup v3+ naming its ``group_instance_id`` (KIP-345)
   (services/common/kafka_loop.py ``close_leaving_group``).
+- kafka-python 3.0: whether a consumer is a settled member of its group has no public call;
+  ``_coordinator.state`` (a ``kafka.structs.MemberState`` string) says it. The stall probe replaces a consumer that
+  stays out of its group (services/common/kafka_loop.py ``LagProbe``).
 - Ray Serve 2.60: deploying a whole config file from Python (what ``serve run config.yaml`` does)
   needs ``ray.serve._private.api.serve_start`` and the global client's ``deploy_apps``
   (services/generation/serving.py).
@@ -33,7 +36,7 @@ from typing import Any
 from kafka.admin._transactions import AbortTransactionSpec, TransactionState
 
 __all__ = ["AbortTransactionSpec", "TransactionState", "back_off_between_routing_rounds", "fail_pending_waiters",
-           "force_close_producer", "leave_group_on_close", "serve_client", "serve_start"]
+           "force_close_producer", "group_member_state", "leave_group_on_close", "serve_client", "serve_start"]
 
 
 def fail_pending_waiters(consumer: Any, exc: BaseException) -> bool:
@@ -68,6 +71,13 @@ def leave_group_on_close(consumer: Any) -> bool:
         return False
     coordinator.is_dynamic_member = lambda: True
     return True
+
+
+def group_member_state(consumer: Any) -> str | None:
+    """'stable', 'rebalancing' or 'unjoined' for a consumer in a group; None when this kafka-python
+    keeps no such state (the caller then cannot tell, and must not act on it)."""
+    state = getattr(getattr(consumer, "_coordinator", None), "state", None)
+    return state.strip("<>") if isinstance(state, str) else None
 
 
 def serve_start(**options: Any) -> Any:

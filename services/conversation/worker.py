@@ -83,7 +83,7 @@ class Materializer(ThreadWorker):
         self._caught_up = threading.Event()
         self._db_ok = False
         self._batches = 0
-        self._last_lag = 0.0
+        self._probe = kafka_loop.LagProbe(group_id, STAGE)
         self._last_ping = 0.0
         self._last_behind_log = time.monotonic()
         conv_metrics.READY.set(0)
@@ -135,7 +135,8 @@ class Materializer(ThreadWorker):
                     self._store_positions()
                 self._check_caught_up()
                 self._ping_if_idle()
-                self._report_lag()
+                if self._probe.stalled(consumer, expect_progress=self._db_ok and not self._unseeked):
+                    consumer = self._replace_consumer(consumer, client)
         finally:
             self._consumer = None
             kafka_loop.close_leaving_group(consumer)
@@ -369,13 +370,17 @@ class Materializer(ThreadWorker):
         for rec, _ in poison:
             metrics.EVENTS_DEAD_LETTERED.labels(STAGE, rec.topic).inc()
 
-    def _report_lag(self) -> None:
-        now = time.monotonic()
-        consumer = self._consumer
-        if consumer is None or now - self._last_lag < 5:
-            return
-        self._last_lag = now
-        kafka_loop.report_lag(consumer, self.group_id)
+    def _replace_consumer(self, consumer: KafkaConsumer, client: str) -> KafkaConsumer:
+        """Leave the group with a consumer that stopped reading and join with a new one, which
+        seeks each partition it gets to the offset stored in the database (_Seeker)."""
+        self._consumer = None
+        kafka_loop.close_leaving_group(consumer)
+        self._expected.clear()
+        self._unseeked.clear()
+        consumer = kafka_loop.make_consumer(self.kafka, self.group_id, client, group_instance_id=client)
+        consumer.subscribe([self.topic], listener=_Seeker(self))
+        self._consumer = consumer
+        return consumer
 
 
 def kill_before_commit(batch: int) -> Callable[[int], None]:

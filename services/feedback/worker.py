@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from colloquy.v1 import events_pb2
+from kafka import KafkaConsumer
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter
 
@@ -63,19 +64,27 @@ class FeedbackSink(ThreadWorker):
             raise events.PoisonEvent("ConversationErased without a conversation_id")
         return msg.conversation_id
 
-    def run(self) -> None:
-        consumer = kafka_loop.make_consumer(
+    def _new_consumer(self) -> KafkaConsumer:
+        return kafka_loop.make_consumer(
             self.kafka, self.group_id, f"feedback-{self.instance_id}", self.topic,
             group_instance_id=f"feedback-{self.instance_id}",
             # Feedback is not on a user's critical path: a long fetch wait instead of the stages'
             # 5 ms, so an idle sink does not spend a share of a core asking for records every 5 ms.
             fetch_max_wait_ms=500)
+
+    def run(self) -> None:
+        consumer = self._new_consumer()
+        probe = kafka_loop.LagProbe(self.group_id, "feedback")
         producer = None
         try:
             while not self.stopping:
                 batch = kafka_loop.poll_through_outages(consumer, 200, "feedback")
                 if not self.is_ready and consumer.assignment():
                     self.mark_ready()
+                if probe.stalled(consumer):  # a batch in hand is read again by the new consumer
+                    kafka_loop.close_leaving_group(consumer)
+                    consumer = self._new_consumer()
+                    continue
                 offsets = {}
                 for tp, records in batch.items():
                     rows, rated = [], []

@@ -116,6 +116,7 @@ class ReplyRouter(ThreadWorker):
         # Reads by assignment; the group named after the topic only holds the liveness mark.
         consumer = kafka_loop.make_consumer(self.kafka, self.topic, f"gateway-replies-{self.topic}")
         tp = TopicPartition(self.topic, 0)
+        probe = kafka_loop.LagProbe(self.topic, "gateway-replies")
         try:
             consumer.assign([tp])
             if self._position is None:
@@ -132,6 +133,8 @@ class ReplyRouter(ThreadWorker):
                     for rec in recs:
                         self._dispatch(rec)
                 self._position = consumer.position(tp)
+                if probe.stalled(consumer):
+                    return  # `run` reconnects with a new consumer where this one left off
         finally:
             consumer.close()
 

@@ -51,8 +51,11 @@ log = logging.getLogger(__name__)
 
 STAGE = "generation"
 POLL_STUCK_S = 10.0  # a poll (bounded by 200 ms) still running after this is stuck
-PROBE_S = 1.0  # lag probe interval
-STALL_PROBES = 3  # probes with lag but no progress before the consumer is replaced
+# Generation is on every turn's critical path: a stalled consumer (kafka_loop.LagProbe) is
+# replaced after 3 s of lag without progress instead of the other loops' 20 s.
+PROBE_S = 1.0
+STALL_PROBES = 3
+OUT_OF_GROUP_PROBES = 60  # a rebalance may wait out a dead member's 10 s session: a minute, as elsewhere
 _EVENT_NS = uuid.UUID("6f0b5f76-3c55-4d0e-9a43-7c1d8d1e6a10")
 _UNFINISHED = generation_pb2.FINISH_REASON_UNSPECIFIED
 
@@ -233,9 +236,8 @@ class GenerationWorker(ThreadWorker):
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._last_commit = 0.0
         self._stuck_polls = 0
-        self._last_probe = time.monotonic()
-        self._positions: dict[TopicPartition, int] = {}
-        self._stalled = 0
+        self._lag_probe = kafka_loop.LagProbe(self.cfg.group_id, STAGE, every_s=PROBE_S, stall_probes=STALL_PROBES,
+                                              out_of_group_probes=OUT_OF_GROUP_PROBES)
         self.grace_s = 20.0
 
     # -- lifecycle (ThreadWorker) ----------------------------------------------------------------
@@ -266,10 +268,8 @@ class GenerationWorker(ThreadWorker):
                 await self._maybe_commit()
                 if self.error is not None:
                     raise self.error
-                if time.monotonic() - self._last_probe >= PROBE_S:
-                    self._last_probe = time.monotonic()
-                    if await self._call(self._probe):
-                        await self._replace_consumer(client)
+                if await self._call(self._lag_probe.stalled, self._consumer):
+                    await self._replace_consumer(client)
             await self._drain()
         finally:
             await self._call(self._close_consumer)
@@ -312,40 +312,9 @@ class GenerationWorker(ThreadWorker):
         self._commit_sync(self._tracker.to_commit())
         kafka_loop.close_leaving_group(self._consumer)
 
-    def _probe(self) -> bool:
-        """Report lag per partition; True when the consumer has stopped fetching.
-
-        kafka-python 3.0.12 can also lose a fetch (seen under CPU contention: partitions assigned,
-        records waiting, no FetchRequest ever sent again). Lag that stays put over STALL_PROBES
-        probes on unpaused partitions means that: the caller replaces the consumer.
-        """
-        consumer = self._consumer
-        parts = [tp for tp in consumer.assignment() if tp not in consumer.paused()]
-        if not parts:
-            self._stalled = 0
-            return False
-        try:
-            ends = consumer.end_offsets(parts)
-            positions = {tp: consumer.position(tp) for tp in parts}
-        except Exception:
-            log.debug("lag probe failed", exc_info=True)
-            return False
-        stalled = False
-        for tp in parts:
-            lag = max(0, ends.get(tp, positions[tp]) - positions[tp])
-            metrics.CONSUMER_LAG.labels(self.cfg.group_id, tp.topic, str(tp.partition)).set(lag)
-            if lag and self._positions.get(tp) == positions[tp]:
-                stalled = True
-        self._positions = positions
-        self._stalled = self._stalled + 1 if stalled else 0
-        return self._stalled >= STALL_PROBES
-
     async def _replace_consumer(self, client: str) -> None:
         """Leave the group with the stuck consumer and join with a new one (in-flight requests go
         on; a record redelivered to us meanwhile attaches to its running request)."""
-        log.warning("Kafka consumer stopped fetching; replacing it", extra={"stage": STAGE})
-        self._stalled = 0
-        self._positions = {}
         await self._call(self._close_consumer)  # commits what is done; the revoke forgets the rest
         self._consumer = await self._call(self._make_consumer, client)
 

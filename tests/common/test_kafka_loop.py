@@ -287,3 +287,27 @@ def test_two_replicas_without_INSTANCE_ID_share_the_work_without_fencing_each_ot
         for p in replicas:
             p.signal(signal.SIGTERM)
     assert [p.wait(30) for p in replicas] == [0, 0]
+
+
+def test_a_consumer_that_stops_fetching_is_replaced_and_the_stage_loses_and_doubles_nothing(
+        kafka_bootstrap: str, unique: str) -> None:
+    """kafka-python can stop sending FetchRequests with records waiting (kafka_loop.LagProbe); the
+    sample stage's fault injection does exactly that after the 10th record. The stage must notice
+    (~20 s of lag without progress), join with a new consumer and finish the backlog exactly once."""
+    n = 40
+    create(kafka_bootstrap, f"t.in.{unique}", f"t.out.{unique}")
+    produce(kafka_bootstrap, f"t.in.{unique}", [(f"conv-{i % 4}", turn(i)) for i in range(10)])
+    stage = start_stage(kafka_bootstrap, unique, STAGE_LOSE_FETCHES_AFTER="10")
+    try:
+        stage.wait_for(lambda out: "fetches lost" in out, timeout=60)
+        # Produced after the fault: no fetch of the stuck consumer can have them buffered already.
+        produce(kafka_bootstrap, f"t.in.{unique}", [(f"conv-{i % 4}", turn(i)) for i in range(10, n)])
+        records = read_all(kafka_bootstrap, f"t.out.{unique}", expect=n, timeout=120, settle=3.0)
+        out = stage.output()
+    finally:
+        stage.signal(signal.SIGTERM)
+        assert stage.wait(30) == 0
+    assert "fetches lost" in out, "the fault never fired: this test proved nothing"
+    assert "Kafka consumer stopped reading; replacing it" in out
+    ids = [events.decode(r.value, r.headers, events_pb2.TurnEvent).request_id for r in records]
+    assert sorted(ids) == sorted(f"req-{i}" for i in range(n)), "lost or duplicated outputs"

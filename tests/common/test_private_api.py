@@ -100,3 +100,17 @@ def test_ray_serve_routing_context_still_has_the_backoff_flag_the_affinity_route
     request = types.SimpleNamespace(routing_context=context)
     private_api.back_off_between_routing_rounds(request)
     assert context.should_backoff is True
+
+
+def test_kafka_coordinator_still_keeps_its_member_state_as_strings() -> None:
+    """The stall probe (kafka_loop.LagProbe) replaces a consumer that stays out of its group."""
+    from kafka.structs import MemberState
+
+    assert {MemberState.UNJOINED, MemberState.REBALANCING, MemberState.STABLE} == \
+        {"<unjoined>", "<rebalancing>", "<stable>"}, f"{KAFKA}: MemberState changed"
+    consumer = KafkaConsumer(bootstrap_servers="127.0.0.1:1", api_version=(3, 0), group_id="g")
+    try:
+        assert private_api.group_member_state(consumer) == "unjoined", f"{KAFKA}: no _coordinator.state"
+    finally:
+        consumer.close()
+    assert private_api.group_member_state(object()) is None

@@ -12,6 +12,7 @@ import grpc
 import pytest
 from colloquy.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 
+from devtools.procs import Proc
 from devtools.stack import Stack
 from services.common import topics
 from services.feedback import dataset
@@ -40,13 +41,17 @@ def say(stub, message: str, conv: str = "") -> tuple[str, int]:
     return evs[0].started.conversation_id, evs[0].started.turn_index
 
 
-def wait(check, timeout: float, what: str):  # type: ignore[no-untyped-def]
+def wait(check, timeout: float, what: str, proc: Proc | None = None):  # type: ignore[no-untyped-def]
+    """Poll `check` until it is truthy; on timeout the error carries `proc`'s log tail and threads."""
     deadline = time.monotonic() + timeout
     while True:
         got = check()
         if got:
             return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if time.monotonic() >= deadline:
+            where = "" if proc is None else \
+                f"\nits log:\n{proc.output()[-4000:]}\nits threads:\n{proc.thread_dump()[-6000:]}"
+            raise AssertionError(f"timed out waiting for {what}{where}")
         time.sleep(0.5)
 
 
@@ -93,7 +98,8 @@ def test_list_page_and_delete_with_its_feedback(chat, stack: Stack) -> None:
     chat.SubmitFeedback(chat_pb2.SubmitFeedbackRequest(conversation_id=b, turn_index=1, rating=chat_pb2.Rating(
         answer_index=0, thumbs_up=True, comment="deleted with its conversation")), metadata=ALICE, timeout=30)
     wait(lambda: [r for r in dataset.read(FEEDBACK_DIR).to_pylist() if r["conversation_id"] == b], 90,
-         "the feedback row in the dataset")
+         "the feedback row in the dataset",
+         stack.procs["feedback"])
 
     # Someone else cannot delete it (nor learn it exists); the owner can, once.
     with pytest.raises(grpc.RpcError) as err:
@@ -123,5 +129,5 @@ def test_list_page_and_delete_with_its_feedback(chat, stack: Stack) -> None:
               if r.key == f"{b}/1".encode() and r.value is None]
     assert len(stones) == 1
     wait(lambda: not [r for r in dataset.read(FEEDBACK_DIR).to_pylist() if r["conversation_id"] == b], 90,
-         "the deleted conversation's feedback to leave the dataset")
+         "the deleted conversation's feedback to leave the dataset", stack.procs["feedback"])
 
