@@ -81,6 +81,8 @@ class FeedbackSink(ThreadWorker):
                 batch = kafka_loop.poll_through_outages(consumer, 200, "feedback")
                 if not self.is_ready and consumer.assignment():
                     self.mark_ready()
+                    log.info("partitions assigned", extra={"stage": "feedback",
+                                                           "partitions": len(consumer.assignment())})
                 if probe.stalled(consumer):  # a batch in hand is read again by the new consumer
                     kafka_loop.close_leaving_group(consumer)
                     consumer = self._new_consumer()
