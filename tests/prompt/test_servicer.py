@@ -94,7 +94,7 @@ def test_long_history_is_cut_to_the_budget(stub: prompt_pb2_grpc.PromptServiceSt
     ({"message": " \n\t "}, "message: must not be empty"),
     ({"message": "a" * 8193}, "message: longer than 8192 bytes"),
     ({"message": "hi", "conversation_id": "not-a-uuid"}, "conversation_id: must be a UUID"),
-    ({"message": "hi", "template_version": "v9"}, "template_version: unknown version 'v9' (known: v1, v2, v3, v4)"),
+    ({"message": "hi", "template_version": "v9"}, "template_version: unknown version 'v9' (known: v1, v2, v3, v4, v5)"),
     ({"message": "hi", "answer_budget": 0}, "answer_budget: must be at least 1"),
     ({"message": "hi", "answer_budget": CONTEXT},
      f"answer_budget: must be less than the model's context ({CONTEXT} tokens)"),

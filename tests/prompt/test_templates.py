@@ -8,20 +8,20 @@ from services.prompt import templates
 
 
 def test_shipped_templates(shipped: templates.TemplateSet) -> None:
-    assert shipped.current == "v4"
-    assert {"v1", "v2", "v3", "v4"} <= set(shipped.versions)
+    assert shipped.current == "v5"
+    assert {"v1", "v2", "v3", "v4", "v5"} <= set(shipped.versions)
     for version, t in shipped.versions.items():
         assert t.version == version
         assert t.before and t.after and t.refusal
         assert t.after_placement in templates.PLACEMENTS
-    assert shipped.get() is shipped.get("v4")
+    assert shipped.get() is shipped.get("v5")
     assert shipped.get("v2").before != shipped.get("v1").before
 
 
 def test_unknown_version_lists_the_known_ones(shipped: templates.TemplateSet) -> None:
     with pytest.raises(templates.UnknownTemplate) as exc:
         shipped.get("v9")
-    assert str(exc.value) == "unknown version 'v9' (known: v1, v2, v3, v4)"
+    assert str(exc.value) == "unknown version 'v9' (known: v1, v2, v3, v4, v5)"
 
 
 def test_minimal_version_gets_defaults() -> None:

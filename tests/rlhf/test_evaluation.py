@@ -11,14 +11,14 @@ from rlhf import evaluation, preference
 
 
 def test_served_prompt_matches_what_the_prompt_service_stored() -> None:
-    # A prompt exactly as the feedback dataset holds it (first turn of a conversation, template v4,
+    # A prompt exactly as the feedback dataset holds it (first turn of a conversation, template v5,
     # the served one).
-    stored = ("<|im_start|>system\nYou are Colloquy, a helpful and honest assistant. Answer clearly and briefly, "
+    stored = ("<|im_start|>system\nYou are a helpful AI assistant named Colloquy. Answer clearly and briefly, "
               "and use what the user told you earlier in the conversation.<|im_end|>\n<|im_start|>user\n"
               "Hello, what is the capital of Italy?\n\n(Answer this message directly and briefly.)"
               "<|im_end|>\n<|im_start|>assistant\n")
     prompts, version = evaluation.served_prompts(["Hello, what is the capital of Italy?"])
-    assert version == "v4"
+    assert version == "v5"
     assert prompts == [stored]
 
 
