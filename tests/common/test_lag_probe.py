@@ -93,10 +93,12 @@ def consumer(bootstrap: str, group: str | None) -> KafkaConsumer:
 @pytest.mark.kafka
 def test_records_waiting_at_a_position_that_never_moves_replace_the_consumer(kafka_bootstrap: str,
                                                                              topic: str) -> None:
-    c = consumer(kafka_bootstrap, None)
+    # A group named but partitions assigned by hand (the gateway's reply router): no membership to
+    # lose, so out_of_group_probes=2 must never fire below.
+    c = consumer(kafka_bootstrap, f"g.probe.{uuid.uuid4().hex[:8]}")
     try:
         c.assign([TopicPartition(topic, 0), TopicPartition(topic, 1)])
-        p = probe(stall_probes=3)
+        p = probe(stall_probes=3, out_of_group_probes=2)
         # Never polled: positions stay at 0 with records waiting. The first probe only notes them.
         assert [p.stalled(c) for _ in range(4)] == [False, False, False, True]
         assert [p.stalled(c) for _ in range(4)] == [False, False, False, True], "the count starts over"
