@@ -622,6 +622,8 @@ class LagProbe:
         self.every_s = every_s
         self.stall_probes = stall_probes
         self.out_of_group_probes = out_of_group_probes
+        for reason in ("no_progress", "out_of_group"):  # exported at 0 from the start
+            metrics.CONSUMERS_REPLACED.labels(stage, reason)
         self.reset()
 
     def reset(self) -> None:

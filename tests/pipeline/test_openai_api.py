@@ -15,8 +15,14 @@ from colloquy.v1 import chat_pb2, chat_pb2_grpc, events_pb2, generation_pb2
 
 from devtools.stack import Stack
 from services.common import topics
+from services.prompt.config import DEFAULT_TEMPLATES
+from services.prompt.templates import load_file
 from tests.common.kafka_util import Tail
 from tests.pipeline.progress import final_progress
+
+# The served template's hidden instructions (services/prompt/templates.yaml), which the prompt
+# service puts first in every prompt.
+HIDDEN = load_file(DEFAULT_TEMPLATES).get().before
 
 pytestmark = [pytest.mark.kafka, pytest.mark.pipeline]
 
@@ -230,8 +236,8 @@ def test_earlier_messages_seed_a_new_conversation_for_every_turn(client: openai.
     assert not recorded[1].HasField("seed")
     prompts = recorded_prompts(turns, conv, 2)
     for i in (1, 2):  # the seed is in every turn's prompt, after the hidden instructions
-        assert prompts[i].startswith("<|im_start|>system\nYou are Colloquy")
-        assert prompts[i].index("You are Colloquy") < prompts[i].index("My cat is called Pixel.")
+        assert prompts[i].startswith(f"<|im_start|>system\n{HIDDEN}")
+        assert prompts[i].index(HIDDEN) < prompts[i].index("My cat is called Pixel.")
     assert prompts[2].index("Pixel is a lovely name") < prompts[2].index("What is my cat called?") \
         < prompts[2].index("Tell me my cat's name again.")
 
@@ -252,7 +258,7 @@ def test_a_client_system_message_follows_the_hidden_instructions(client: openai.
     prompt = recorded_prompts(turns, conv, 1)[1]
     system = prompt[:prompt.index("<|im_end|>")]
     say("recorded prompt's system message:", repr(system))
-    assert system.startswith("<|im_start|>system\nYou are Colloquy")  # the operator's instructions stay first
+    assert system.startswith(f"<|im_start|>system\n{HIDDEN}")  # the operator's instructions stay first
     assert system.endswith("\n\nAlways answer in French.")
 
 
