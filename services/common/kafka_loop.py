@@ -610,9 +610,8 @@ class LagProbe:
     on a failed commit (UnknownMemberId) and never joined again (moderation, after a SIGSTOP). No
     upstream fix exists in the newest release, so the loops watch for it: records waiting on the
     partitions the loop has not paused and not one position moving over STALL_PROBES probes in a
-    row, or a member outside its group for
-    OUT_OF_GROUP_PROBES probes, and the loop replaces its consumer (leaves the group, joins with a
-    new one, which reads on from the committed offsets).
+    row, or a member outside its group for OUT_OF_GROUP_PROBES probes, and the loop replaces its
+    consumer (leaves the group, joins with a new one, which reads on from the committed offsets).
     """
 
     def __init__(self, group_id: str | None, stage: str, *, every_s: float = PROBE_S,

@@ -117,8 +117,7 @@ class Materializer(ThreadWorker):
         if self._stop.is_set():
             return
         client = f"{STAGE}-{self.instance_id}"
-        consumer = kafka_loop.make_consumer(self.kafka, self.group_id, client,
-                                            group_instance_id=client)
+        consumer = self._new_consumer(client)
         self._consumer = consumer
         try:
             self._targets = self._end_offsets(consumer)
@@ -377,10 +376,13 @@ class Materializer(ThreadWorker):
         kafka_loop.close_leaving_group(consumer)
         self._expected.clear()
         self._unseeked.clear()
-        consumer = kafka_loop.make_consumer(self.kafka, self.group_id, client, group_instance_id=client)
+        consumer = self._new_consumer(client)
         consumer.subscribe([self.topic], listener=_Seeker(self))
         self._consumer = consumer
         return consumer
+
+    def _new_consumer(self, client: str) -> KafkaConsumer:
+        return kafka_loop.make_consumer(self.kafka, self.group_id, client, group_instance_id=client)
 
 
 def kill_before_commit(batch: int) -> Callable[[int], None]:
