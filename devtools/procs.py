@@ -73,6 +73,11 @@ class Proc:
         time.sleep(settle_s)
         return self.output()[before:]
 
+    def diagnosis(self, log_chars: int = 4000) -> str:
+        """The log's tail and, while it runs, every thread's stack: for the error of a wait on it."""
+        dump = self.thread_dump()[-6000:]
+        return f"\nits log:\n{self.output()[-log_chars:]}" + (f"\nits threads:\n{dump}" if dump else "")
+
     def wait(self, timeout: float = 30.0) -> int:
         try:
             return self.popen.wait(timeout)

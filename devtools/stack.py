@@ -158,9 +158,7 @@ class Stack:
         deadline = time.monotonic() + timeout
         while not health_probe.serving(f"127.0.0.1:{self.ports[name]}"):
             if proc.popen.poll() is not None or time.monotonic() > deadline:
-                tail, dump = proc.output()[-4000:], proc.thread_dump()[-6000:]
-                raise RuntimeError(f"{name} never became SERVING:\n{tail}"
-                                   + (f"\nits threads:\n{dump}" if dump else ""))
+                raise RuntimeError(f"{name} never became SERVING:{proc.diagnosis()}")
             time.sleep(0.2)
 
     def start(self) -> Stack:

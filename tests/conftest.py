@@ -112,8 +112,7 @@ def conversation_store(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFa
         deadline = time.monotonic() + 180  # a fresh store replays the shared topic first
         while not serving(f"127.0.0.1:{port}"):
             assert proc.popen.poll() is None, f"the materializer exited:\n{proc.output()[-3000:]}"
-            assert time.monotonic() < deadline, (f"the materializer never caught up:\n{proc.output()[-3000:]}"
-                                                 f"\nits threads:\n{proc.thread_dump()[-6000:]}")
+            assert time.monotonic() < deadline, f"the materializer never caught up:{proc.diagnosis(3000)}"
             time.sleep(0.2)
         os.environ.update(env)
         yield path

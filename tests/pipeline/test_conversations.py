@@ -49,9 +49,7 @@ def wait(check, timeout: float, what: str, proc: Proc | None = None):  # type: i
         if got:
             return got
         if time.monotonic() >= deadline:
-            where = "" if proc is None else \
-                f"\nits log:\n{proc.output()[-4000:]}\nits threads:\n{proc.thread_dump()[-6000:]}"
-            raise AssertionError(f"timed out waiting for {what}{where}")
+            raise AssertionError(f"timed out waiting for {what}{'' if proc is None else proc.diagnosis()}")
         time.sleep(0.5)
 
 
