@@ -114,11 +114,14 @@ rollout-status:
 ## rlhf-label: simulated labelers rank n answers through the running gateway (make demo first)
 ## rlhf-rounds: ROUNDS (2) rounds of label (rlhf-label) -> train -> evaluate -> publish, each from
 ## the previous round's child; each round's base is served (--serve-rounds) before the labelers ask the gateway
+## RLHF_RECIPE=rlhf/recipes/smollm2-135m-cpu-dpo.env: the RLHF_* settings the real-model rounds ran with (its values win)
 .PHONY: rlhf rlhf-label rlhf-rounds
 ROUNDS ?= 2
+RLHF_RECIPE ?=
+RECIPE_ENV = $(if $(RLHF_RECIPE),set -a && . ./$(RLHF_RECIPE) && set +a &&)
 rlhf: setup
-	@HF_HUB_OFFLINE=1 $(PY) -m rlhf.job $(RLHF_ARGS)
+	@$(RECIPE_ENV) HF_HUB_OFFLINE=1 $(PY) -m rlhf.job $(RLHF_ARGS)
 rlhf-label:
 	@$(PY) -m rlhf.labelers $(LABEL_ARGS)
 rlhf-rounds: setup
-	@HF_HUB_OFFLINE=1 $(PY) -m rlhf.job --rounds $(ROUNDS) --serve-rounds --label-command "$(PY) -m rlhf.labelers $(LABEL_ARGS)" $(RLHF_ARGS)
+	@$(RECIPE_ENV) HF_HUB_OFFLINE=1 $(PY) -m rlhf.job --rounds $(ROUNDS) --serve-rounds --label-command "$(PY) -m rlhf.labelers $(LABEL_ARGS)" $(RLHF_ARGS)
