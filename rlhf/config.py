@@ -58,6 +58,13 @@ class RLHFConfig:
     dpo_epochs: int = env("RLHF_DPO_EPOCHS", 2, check=lambda v: v >= 1, hint=">= 1")
     dpo_batch_size: int = env("RLHF_DPO_BATCH_SIZE", 4, check=lambda v: v >= 1, hint=">= 1 prompts")
     dpo_lr: float = env("RLHF_DPO_LR", 1e-6, check=positive, hint="> 0")
+    # Knowledge checks during DPO (rlhf.quiz): every N steps (0: off) the quality quiz scores the
+    # policy, and the run keeps its last checkpoint within RLHF_DPO_QUIZ_POINTS of the parent's
+    # score. 1.5 points, not the gate's 2: on the 184-question quiz that is 2 questions lost, and
+    # the 4-bit export of a child has answered one more or one fewer than its own float32 weights
+    # (bench/results/rlhf_rounds_real.md), so a kept checkpoint still passes the export's gate.
+    dpo_quiz_every: int = env("RLHF_DPO_QUIZ_EVERY", 0, check=lambda v: v >= 0, hint=">= 0 steps (0: off)")
+    dpo_quiz_points: float = env("RLHF_DPO_QUIZ_POINTS", 1.5, check=lambda v: v >= 0, hint=">= 0 points")
     # PPO
     ppo_steps: int = env("RLHF_PPO_STEPS", 20, check=lambda v: v >= 1, hint=">= 1")
     rollout_batch_size: int = env("RLHF_ROLLOUT_BATCH_SIZE", 8, check=lambda v: v >= 1, hint=">= 1")

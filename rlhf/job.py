@@ -431,6 +431,7 @@ def _publish_child(algorithm: str, timings: dict[str, float], *, config: RLHFCon
     training[algorithm] = {"steps": len(history), "final": history[-1] if history else None, "history": history}
     if algorithm == "dpo":
         training["dpo"]["heldout"] = metrics.get("dpo_heldout")
+        training["dpo"]["quiz"] = metrics.get("dpo_quiz")
     extra_manifest = {"build": exported.build,
                       sampling.MANIFEST_KEY: sampling.defaults_for(base_manifest)}
     # the gate's outcome goes in the manifest: the registry refuses to promote a failed child
@@ -441,6 +442,7 @@ def _publish_child(algorithm: str, timings: dict[str, float], *, config: RLHFCon
     shutil.rmtree(work, ignore_errors=True)
     return {"algorithm": algorithm, "version": version, "path": str(published.path), "evaluation": evaluation,
             "vs_origin": vs_origin, "replay": replayed, "history": history,
+            "training_quiz": metrics.get("dpo_quiz") if algorithm == "dpo" else None,
             "quality": {"exports": exported.scores, "gate": (exported.quality or {}).get("gate"),
                         "served_export": exported.build["variant"], "fidelity": exported.fidelity,
                         "eight_bit_layers": (exported.build.get("carried") or {}).get("eight_bit_layers")},

@@ -214,6 +214,9 @@ def job_markdown(reports: list[dict[str, Any]]) -> str:
             if parts:
                 lines += ["", f"Round {report.get('round', 1)}, {child['algorithm']} child: the rule's parts "
                           "(greedy, held-out, unweighted means)", "", *parts_table(parts)]
+            if child.get("training_quiz"):
+                lines += ["", f"Round {report.get('round', 1)}, {child['algorithm']} child: "
+                          + training_quiz_line(child["training_quiz"])]
             if child.get("replay"):
                 lines += ["", f"Round {report.get('round', 1)}, {child['algorithm']} child: replay of logged prompts "
                           "against the served version", "", *replay_table(child["replay"])]
@@ -221,6 +224,20 @@ def job_markdown(reports: list[dict[str, Any]]) -> str:
             lines += ["", f"Round {report.get('round', 1)}: PPO vs DPO on the same held-out prompts", "",
                       *comparison_table(report)]
     return "\n".join(lines)
+
+
+def training_quiz_line(record: dict[str, Any]) -> str:
+    """The quiz checks of a DPO run (``rlhf.quiz``): the parent's score, each checkpoint's, and
+    the step kept."""
+    parent = record["parent"]
+    checks = ", ".join(f"step {c['step']} {_f(c['pct'], 1)}{'' if c['passed'] else ' (out)'}"
+                       for c in record["checks"])
+    kept = record["kept_step"]
+    last = record["checks"][-1]["step"] if record["checks"] else None
+    verdict = (f"kept step {kept}" + (" (the last)" if kept == last else f", not the last ({last})")
+               if kept is not None else "no checkpoint within the points: kept the last")
+    return (f"quiz during training (float32, within {_f(record['points'], 1)} points of the parent's "
+            f"{_f(parent['pct'], 1)}%): {checks}; {verdict}.")
 
 
 def _utc(ms: int) -> str:

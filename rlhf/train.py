@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rlhf import dpo, ppo
+from rlhf import dpo, ppo, quiz
 from rlhf.reward import RewardModel, pairwise_loss, position_ids
 
 RM_CHECKPOINT = "reward_model.pt"
@@ -499,10 +499,29 @@ def evaluate_dpo(policy: nn.Module, reference: nn.Module, items: Sequence[dict[s
             "dpo_heldout_loss": loss_sum / elements if elements else None, "dpo_heldout_pairs": int(pairs)}
 
 
+def _quiz_check(lm: nn.Module, enc: Encoder, hp: dict[str, Any], step: int, parent: quiz.QuizCheck | None,
+                rank: int, world: int, device: torch.device) -> quiz.QuizCheck:
+    """The quality quiz on ``lm`` at ``step``, summed over the workers."""
+    score, total = quiz.quiz_score(lm, enc.tokenizer, enc.eos, device, rank=rank, world=world)
+    score, total = _all_sum([float(score), float(total)], device)
+    return quiz.check(step, int(score), int(total), parent, hp["dpo_quiz_points"])
+
+
+def _trainable_state(lm: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in lm.named_parameters() if p.requires_grad}
+
+
 def train_dpo(cfg: dict[str, Any], enc: Encoder, device: torch.device, rank: int, world: int,
-              report: Any) -> tuple[list[dict[str, float]], dict[str, Any], float]:
+              report: Any) -> tuple[list[dict[str, float]], dict[str, Any], float, dict[str, Any] | None]:
     """DPO on the training comparisons against the frozen parent; returns (history per step,
-    held-out implicit-reward accuracy, seconds). A finished run's policy is kept on resume."""
+    held-out implicit-reward accuracy, seconds, quiz checks). A finished run's policy is kept on
+    resume.
+
+    With ``dpo_quiz_every`` N > 0 the quality quiz scores the parent, then the policy every N
+    steps and after the last: the saved policy is the last checkpoint within ``dpo_quiz_points``
+    of the parent's score (:func:`rlhf.quiz.kept_step`), so a run that moved too far falls back
+    to where it still knew what its parent knew instead of failing the export's gate.
+    """
     from ray.train.torch import prepare_model
 
     run_dir = Path(cfg["run_dir"])
@@ -512,7 +531,7 @@ def train_dpo(cfg: dict[str, Any], enc: Encoder, device: torch.device, rank: int
     if done.is_file() and (run_dir / DPO_POLICY_DIR / "model.safetensors").is_file():
         saved = json.loads(done.read_text(encoding="utf-8"))
         report({"phase": "dpo_done", "resumed": 1.0})
-        return saved["history"], saved["heldout"], saved["seconds"]
+        return saved["history"], saved["heldout"], saved["seconds"], saved.get("quiz")
     started = time.perf_counter()
     policy = load_lm(base)
     reference = load_lm(base).to(device).eval()
@@ -521,34 +540,51 @@ def train_dpo(cfg: dict[str, Any], enc: Encoder, device: torch.device, rank: int
     policy = prepare_model(policy)
     optimizer = torch.optim.AdamW(trainable(policy), lr=hp["dpo_lr"])
     train = cfg["train"]
+    every = hp.get("dpo_quiz_every", 0)
+    parent = _quiz_check(reference, enc, hp, 0, None, rank, world, device) if every else None
+    checks: list[quiz.QuizCheck] = []
+    passed_state: dict[str, torch.Tensor] | None = None
     history: list[dict[str, float]] = []
     step = 0
-    for epoch in range(hp["dpo_epochs"]):
-        for batch in shard_batches(len(train), hp["dpo_batch_size"], rank, world, hp["seed"] + 1000 + epoch):
-            step_start = time.perf_counter()
-            result = _dpo_batch(policy, reference, [train[i] for i in batch], enc, hp["dpo_beta"], device)
-            optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable(policy), hp["max_grad_norm"])
-            optimizer.step()
-            sums = _all_sum([result.loss.item(), float(result.correct), float(result.pairs), result.margin,
-                             result.chosen_reward, result.rejected_reward, 1.0], device)
-            step += 1
-            metrics = {"step": float(step), "epoch": float(epoch + 1), "dpo_loss": sums[0] / sums[6],
-                       "dpo_accuracy": sums[1] / sums[2] if sums[2] else 0.0, "dpo_margin": sums[3] / sums[6],
-                       "dpo_chosen_reward": sums[4] / sums[6], "dpo_rejected_reward": sums[5] / sums[6],
-                       "step_seconds": time.perf_counter() - step_start}
-            history.append(metrics)
-            report({**metrics, "phase": "dpo"})
+    batches = [(epoch, batch) for epoch in range(hp["dpo_epochs"])
+               for batch in shard_batches(len(train), hp["dpo_batch_size"], rank, world, hp["seed"] + 1000 + epoch)]
+    for epoch, batch in batches:
+        step_start = time.perf_counter()
+        result = _dpo_batch(policy, reference, [train[i] for i in batch], enc, hp["dpo_beta"], device)
+        optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable(policy), hp["max_grad_norm"])
+        optimizer.step()
+        sums = _all_sum([result.loss.item(), float(result.correct), float(result.pairs), result.margin,
+                         result.chosen_reward, result.rejected_reward, 1.0], device)
+        step += 1
+        metrics = {"step": float(step), "epoch": float(epoch + 1), "dpo_loss": sums[0] / sums[6],
+                   "dpo_accuracy": sums[1] / sums[2] if sums[2] else 0.0, "dpo_margin": sums[3] / sums[6],
+                   "dpo_chosen_reward": sums[4] / sums[6], "dpo_rejected_reward": sums[5] / sums[6],
+                   "step_seconds": time.perf_counter() - step_start}
+        history.append(metrics)
+        report({**metrics, "phase": "dpo"})
+        if parent is not None and (step % every == 0 or step == len(batches)):
+            checks.append(_quiz_check(unwrap(policy), enc, hp, step, parent, rank, world, device))
+            report({"phase": "dpo_quiz", "step": float(step), "quiz_pct": checks[-1].pct})
+            if checks[-1].passed:
+                passed_state = _trainable_state(unwrap(policy))
+    quiz_record = None
+    if parent is not None:
+        kept = quiz.kept_step(checks)
+        if kept is not None and kept != step and passed_state is not None:
+            unwrap(policy).load_state_dict(passed_state, strict=False)  # the last checkpoint that passed
+        quiz_record = {"parent": parent.as_dict(), "checks": [c.as_dict() for c in checks], "kept_step": kept,
+                       "points": hp["dpo_quiz_points"]}
     heldout = evaluate_dpo(policy, reference, cfg["held_out"], enc, hp, rank, world, device)
     seconds = time.perf_counter() - started
     report({**heldout, "phase": "dpo_done", "dpo_seconds": seconds}, phase_seconds={"dpo": seconds})
     if rank == 0:
         _save_policy(unwrap(policy), base, run_dir / DPO_POLICY_DIR)
-        done.write_text(json.dumps({"history": history, "heldout": heldout, "seconds": seconds}) + "\n",
-                        encoding="utf-8")
+        done.write_text(json.dumps({"history": history, "heldout": heldout, "seconds": seconds,
+                                    "quiz": quiz_record}) + "\n", encoding="utf-8")
     _barrier()
-    return history, heldout, seconds
+    return history, heldout, seconds, quiz_record
 
 
 # ----------------------------------------------------------------- entry point
@@ -580,7 +616,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     hp = cfg["hp"]
     enc = Encoder(Path(cfg["base_hf_dir"]) / "tokenizer.json", hp["max_prompt_tokens"], hp["max_answer_tokens"])
     rm, rm_metrics = train_reward_model(cfg, enc, device, rank, world, report)
-    metrics: dict[str, Any] = {"reward_model": rm_metrics, "ppo": [], "dpo": [], "dpo_heldout": None,
+    metrics: dict[str, Any] = {"reward_model": rm_metrics, "ppo": [], "dpo": [], "dpo_heldout": None, "dpo_quiz": None,
                                "phase_seconds": {"reward_model": rm_metrics.get("reward_model_seconds", 0.0)}}
     chosen = algorithms(hp.get("algorithm", "ppo"))
     if "ppo" in chosen:
@@ -588,7 +624,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                                                                     report)
     if "dpo" in chosen:
         del rm  # DPO needs no reward model: free its memory first
-        metrics["dpo"], metrics["dpo_heldout"], metrics["phase_seconds"]["dpo"] = train_dpo(
+        metrics["dpo"], metrics["dpo_heldout"], metrics["phase_seconds"]["dpo"], metrics["dpo_quiz"] = train_dpo(
             cfg, enc, device, rank, world, report)
     if rank == 0:
         (Path(cfg["run_dir"]) / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

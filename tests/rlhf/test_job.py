@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from model.quality import QUESTIONS
 from model.registry import Registry
 from rlhf import data, job, preference
 from rlhf.config import load_config
@@ -69,7 +70,7 @@ def test_offline_loop_publishes_a_child_version(tiny_registry: tuple[Registry, s
                          ppo_epochs=2, minibatch_size=2, lr=1e-4, max_new_tokens=12, checkpoint_every=1,
                          heldout_percent=25, num_workers=2, cpus_per_worker=1, ray_num_cpus=2, use_gpu="false",
                          eval_max_new_tokens=8, eval_samples=1, kl_bound=1e6, pushgateway_url="",
-                         algorithm="both", dpo_epochs=2, dpo_batch_size=4, dpo_lr=1e-3,
+                         algorithm="both", dpo_epochs=2, dpo_batch_size=4, dpo_lr=1e-3, dpo_quiz_every=2,
                          replay=True, replay_hours=1, replay_store=store, moderation_addr="")
     report = job.run(config, registry, dataset_root=feedback, now_ms=NOW_MS)
     assert list(report["children"]) == ["ppo", "dpo"] and report["version"] == report["children"]["ppo"]["version"]
@@ -129,12 +130,21 @@ def test_offline_loop_publishes_a_child_version(tiny_registry: tuple[Registry, s
     last_epoch = [h["dpo_loss"] for h in dpo_history if h["epoch"] == 2.0]
     assert last_epoch and sum(last_epoch) / len(last_epoch) < math.log(2), dpo_history
     assert dpo_manifest["training"]["dpo"]["heldout"]["dpo_heldout_pairs"] == rm["heldout_pairs"]
+    # The quiz scored the parent, then the policy every 2 steps and after the last; the run kept a
+    # checkpoint that passed or, failing every one, its last weights.
+    quiz = dpo_manifest["training"]["dpo"]["quiz"]
+    assert quiz["parent"]["total"] == len(QUESTIONS) and quiz["points"] == 1.5
+    steps = [c["step"] for c in quiz["checks"]]
+    assert steps[-1] == len(dpo_history) and steps[:-1] == list(range(2, len(dpo_history), 2))[:len(steps) - 1]
+    assert quiz["kept_step"] in ({c["step"] for c in quiz["checks"] if c["passed"]} or {None})
+    assert dpo_child["training_quiz"] == quiz
     dpo_eval = dpo_child["evaluation"]
     assert dpo_eval["prompts"] == evaluation["prompts"] and dpo_eval["kl_to_parent"]["answers"] == kl["answers"]
     assert set(dpo_eval["rule_parts"]["child"]) == set(REPORT_TERMS) == set(preference.terms("q", "a"))
     assert (registry.version_path(dpo_child["version"]) / "model.onnx.data").read_bytes() != parent_onnx
     md = report_markdown([report])
     assert "PPO vs DPO" in md and dpo_child["version"] in md and "non_answer" in md and "Replay FAILED" in md
+    assert "quiz during training" in md
 
     # The next run from the child starts where this window ended: only the late ranking is new,
     # too little to train on, so nothing is published.
