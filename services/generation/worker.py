@@ -71,6 +71,14 @@ class OffsetTracker:
 
     The commit point of a partition is its lowest offset still in flight, or one past the highest
     offset seen when none is: everything before it has produced its final output.
+
+    A rebalance revokes every partition and then assigns the new set (the eager protocol).
+    kafka-python 3 keeps the fetch position of a partition the new assignment still holds
+    (`SubscriptionState.assign_from_subscribed`), so its records are not read again: its commit
+    point must survive the rebalance, or what finished around it is never committed and an answer
+    still running could be passed by a later record's commit. `revoke` therefore holds the state
+    aside (completions still count against it) and `assign` takes back what the new assignment
+    keeps; the rest is dropped, so completions after a move commit nothing for the next owner.
     """
 
     def __init__(self) -> None:
@@ -78,6 +86,7 @@ class OffsetTracker:
         self._inflight: dict[TopicPartition, set[int]] = {}
         self._next: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
+        self._held: dict[TopicPartition, tuple[set[int], int, int | None]] = {}  # revoked, not yet reassigned
 
     def started(self, tp: TopicPartition, offset: int) -> None:
         with self._lock:
@@ -88,6 +97,8 @@ class OffsetTracker:
         with self._lock:
             if tp in self._inflight:
                 self._inflight[tp].discard(offset)
+            if tp in self._held:
+                self._held[tp][0].discard(offset)
 
     def point(self, tp: TopicPartition) -> int | None:
         with self._lock:
@@ -115,13 +126,29 @@ class OffsetTracker:
         with self._lock:
             self._committed.update({tp: o for tp, o in points.items() if tp in self._next})
 
-    def forget(self, tps: set[TopicPartition]) -> None:
-        """Drop revoked partitions: whoever owns them next resumes from their committed offset."""
+    def revoke(self, tps: set[TopicPartition]) -> None:
+        """A rebalance took `tps`: nothing is committed for them until `assign` gives them back."""
         with self._lock:
             for tp in tps:
-                self._inflight.pop(tp, None)
-                self._next.pop(tp, None)
-                self._committed.pop(tp, None)
+                if tp in self._next:
+                    self._held[tp] = (self._inflight.pop(tp, set()), self._next.pop(tp),
+                                      self._committed.pop(tp, None))
+
+    def assign(self, tps: set[TopicPartition]) -> None:
+        """The rebalance's new assignment: held partitions it keeps resume where they were."""
+        with self._lock:
+            for tp in set(self._held) & tps:
+                inflight, nxt, committed = self._held[tp]
+                self._inflight[tp], self._next[tp] = inflight, nxt
+                if committed is not None:
+                    self._committed[tp] = committed
+            self._held.clear()
+
+    def clear(self) -> None:
+        """Drop everything (the consumer closed): a successor reads on from the committed offsets."""
+        with self._lock:
+            for state in (self._inflight, self._next, self._committed, self._held):
+                state.clear()
 
 
 @dataclasses.dataclass
@@ -311,11 +338,12 @@ class GenerationWorker(ThreadWorker):
     def _close_consumer(self) -> None:
         self._commit_sync(self._tracker.to_commit())
         kafka_loop.close_leaving_group(self._consumer)
+        self._tracker.clear()  # a new consumer starts from the committed offsets, not these positions
 
     async def _replace_consumer(self, client: str) -> None:
         """Leave the group with the stuck consumer and join with a new one (in-flight requests go
         on; a record redelivered to us meanwhile attaches to its running request)."""
-        await self._call(self._close_consumer)  # commits what is done; the revoke forgets the rest
+        await self._call(self._close_consumer)  # commits what is done; the rest is forgotten
         self._consumer = await self._call(self._make_consumer, client)
 
     def _poll(self) -> dict[TopicPartition, list[Any]]:
@@ -595,19 +623,19 @@ class _StreamBroken(Exception):
 
 
 class _Rebalance(ConsumerRebalanceListener):
-    """Forget revoked partitions so completions that arrive after the move are not committed.
+    """Carry the commit points across a rebalance (`OffsetTracker.revoke` / `assign` say why).
 
     No commit here: kafka-python 3 runs listeners on its own I/O thread, where a blocking commit
-    is refused. What finished since the last periodic commit (every 100 ms) is redone by the
-    next owner, which is harmless (same seed, cumulative text).
+    is refused. A partition that moves away may have had completions since the last periodic
+    commit (every 100 ms): the next owner redoes them, which is harmless (same seed, cumulative text).
     """
 
     def __init__(self, worker: GenerationWorker) -> None:
         self.worker = worker
 
     def on_partitions_revoked(self, revoked: Any) -> None:
-        self.worker._tracker.forget(set(revoked))
+        self.worker._tracker.revoke(set(revoked))
 
     def on_partitions_assigned(self, assigned: Any) -> None:
+        self.worker._tracker.assign(set(assigned))
         log.info("partitions assigned", extra={"stage": STAGE, "count": len(assigned)})
-

@@ -339,6 +339,26 @@ def test_worker_turns_prompts_into_cumulative_progress(stage: Stage) -> None:
 
 
 @pytest.mark.kafka
+def test_worker_commits_a_turn_answered_across_a_consumer_replacement(stage: Stage) -> None:
+    # The lag probe replaces a consumer that stopped reading (kafka_loop.LagProbe); here it fires
+    # while the turn runs. The new consumer's joins revoke and reassign the partitions (kafka-python
+    # rebalances a new member twice), keeping its fetch positions: the answer's offset must still
+    # be committed, or a restart would answer the turn again.
+    worker, probe, fired = stage.worker, stage.worker._lag_probe, []
+    real = probe.stalled
+
+    def stalled(consumer: Any, **kw: Any) -> bool:
+        if not fired and worker._flights:
+            fired.append(True)
+            return True
+        return real(consumer, **kw)
+
+    probe.stalled = stalled  # type: ignore[method-assign]
+    test_worker_turns_prompts_into_cumulative_progress(stage)
+    assert fired
+
+
+@pytest.mark.kafka
 def test_worker_cancel_mid_stream(stage: Stage) -> None:
     turn = turn_event(stage, max_tokens=1900)
     reader = Reader(stage.bootstrap, stage.settings.topic_out, events_pb2.GenerationProgress)

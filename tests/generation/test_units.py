@@ -76,9 +76,33 @@ def test_offset_tracker_commits_only_contiguous_completions() -> None:
     t.finished(tp, 12)
     t.finished(other, 3)
     assert t.to_commit() == {tp: 13, other: 4}
-    t.forget({tp})
-    t.finished(tp, 99)  # a stale completion after a revoke is ignored
-    assert tp not in t.to_commit()
+    t.clear()
+    t.finished(tp, 99)  # a stale completion after the consumer closed is ignored
+    assert t.to_commit() == {}
+
+
+def test_offset_tracker_keeps_points_of_partitions_a_rebalance_hands_back() -> None:
+    # kafka-python keeps the fetch position of a partition reassigned to the same consumer: its
+    # records are not read again, so what finished around the rebalance must still be committed.
+    kept, moved = TopicPartition("t", 0), TopicPartition("t", 1)
+    t = OffsetTracker()
+    for tp in (kept, moved):
+        t.started(tp, 0)
+        t.started(tp, 1)
+    t.committed(t.to_commit())
+    t.finished(kept, 0)
+    t.revoke({kept, moved})
+    assert t.to_commit() == {}  # nothing is committed while the rebalance runs
+    t.finished(kept, 1)  # completions during the rebalance still count
+    t.finished(moved, 0)
+    t.assign({kept})
+    assert t.to_commit() == {kept: 2}  # moved: the next owner reads on from its committed offset
+    t.started(kept, 2)
+    t.revoke({kept})
+    t.assign({kept})
+    t.started(kept, 3)
+    t.finished(kept, 3)
+    assert t.point(kept) == 2  # 2 ran across the rebalance: a later record's completion cannot pass it
 
 
 def test_progress_batches_cumulative_text() -> None:
