@@ -16,19 +16,27 @@ import ctypes
 import ctypes.util
 import glob
 import os
+import sys
 from typing import Any
 
 import numpy as np
 
 
-def _load_cudart() -> Any:
-    """The CUDA runtime library (from the nvidia-* wheels ONNX Runtime uses, or the system)."""
+def _cudart_candidates() -> list[str]:
+    """Where libcudart may be: the nvidia-* wheels beside ONNX Runtime or in any other site dir on
+    sys.path (a CUDA 13 wheel keeps it in nvidia/cu13/lib), then the loader's own search by soname
+    (wheels and toolkits ship only versioned names, e.g. libcudart.so.13)."""
     import onnxruntime
 
-    site = os.path.dirname(os.path.dirname(onnxruntime.__file__))
-    names = [*sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib", "libcudart.so*")), reverse=True),
-             "libcudart.so", ctypes.util.find_library("cudart") or ""]
-    for name in names:
+    dirs = [os.path.dirname(os.path.dirname(onnxruntime.__file__)), *sys.path]
+    found = [path for d in dict.fromkeys(dirs) if d
+             for path in sorted(glob.glob(os.path.join(d, "nvidia", "*", "lib", "libcudart.so*")), reverse=True)]
+    return [*found, "libcudart.so.13", "libcudart.so.12", "libcudart.so", ctypes.util.find_library("cudart") or ""]
+
+
+def _load_cudart() -> Any:
+    """The CUDA runtime library: the first candidate that loads."""
+    for name in _cudart_candidates():
         if not name or name.endswith(".a"):
             continue
         try:

@@ -212,7 +212,9 @@ class Forward:
         return np.array(self._prefill_logits[0, width - 1], dtype=np.float32)
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """One token for each row 0..B-1 (row i holds lengths[i] positions); logits [B, V].
+        """One token for each row 0..B-1 (row i holds lengths[i] positions); logits [B, V] in the
+        model's logits dtype (float16 for a GPU build: converting the whole batch to float32
+        would cost more than the pass; the sampler reads each row as it needs).
 
         The result is a view of the bound buffer: valid until the next decode pass.
         """
@@ -227,5 +229,4 @@ class Forward:
         io.bind_cpu_input(m.input_ids, tokens.reshape(rows, 1).astype(np.int64))
         io.bind_cpu_input(m.mask, mask)
         self._run(io)
-        out = self._decode_logits[:rows, 0]
-        return out if out.dtype == np.float32 else out.astype(np.float32)
+        return self._decode_logits[:rows, 0]

@@ -43,10 +43,41 @@ def sample_token(logits: np.ndarray, temperature: float, top_p: float, top_k: in
     return int(idx[min(int(np.searchsorted(np.cumsum(p), rng.random(), side="right")), len(idx) - 1)])
 
 
+def _order_keys(row: np.ndarray) -> np.ndarray:
+    """int16 keys in the order of a float16 row's values (a new array): sign-magnitude bits made
+    two's-complement. NumPy compares float16 in software (~9 ms for 32 x 49152) and converting
+    to float32 first costs ~3 ms; integer keys cost ~0.3 ms. -0 sorts below +0 (never a logit max)."""
+    bits = row.view(np.int16)
+    return bits ^ ((bits >> 15) & np.int16(0x7FFF))
+
+
+def greedy_float16(row: np.ndarray, penalty: float, recent: Sequence[int]) -> int:
+    """argmax (first of ties) of a float16 row after the repetition penalty, equal to converting
+    the row to float32 and penalizing it, but touching only the `recent` tokens in float32."""
+    keys = _order_keys(row)
+    if penalty == 1.0 or not recent:
+        return int(np.argmax(keys))
+    idx = np.unique(np.asarray(recent, dtype=np.int64))
+    v = row[idx].astype(np.float32)
+    penalized = np.where(v > 0, v / penalty, v * penalty)
+    keys[idx] = np.iinfo(np.int16).min
+    rest = int(np.argmax(keys))
+    k = int(np.argmax(penalized))  # idx ascending: the first of ties among the penalized
+    best, other = penalized[k], np.float32(row[rest])
+    return int(idx[k]) if best > other or (best == other and idx[k] < rest) else rest
+
+
 def next_token(logits: np.ndarray, *, temperature: float, top_p: float, top_k: int,
                penalty: float, recent: Sequence[int], rng: np.random.Generator | None) -> int:
-    """The candidate's next token: greedy (argmax, first of ties, like ORT GenAI) or sampled."""
+    """The candidate's next token: greedy (argmax, first of ties, like ORT GenAI) or sampled.
+
+    A float16 row (a GPU build's logits) is read as it is when greedy, else converted."""
+    greedy = temperature <= 0 or rng is None
+    if logits.dtype == np.float16:
+        if greedy:
+            return greedy_float16(logits, penalty, recent)
+        logits = logits.astype(np.float32)
     z = apply_repetition_penalty(logits, recent, penalty)
-    if temperature <= 0 or rng is None:
+    if greedy:
         return int(np.argmax(z))
     return sample_token(z, temperature, top_p, top_k, rng)

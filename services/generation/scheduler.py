@@ -378,7 +378,7 @@ class Scheduler:
         window = int(self.model.sampling["repetition_window"])
         recent = cand.generated[-window:] if s.repetition_penalty != 1.0 and window > 0 else ()
         if cand.guard is not None:
-            logits = cand.guard.apply(logits)
+            logits = cand.guard.apply(logits.astype(np.float32, copy=False))
         return next_token(logits, temperature=s.temperature, top_p=s.top_p,
                           top_k=s.top_k,
                           penalty=s.repetition_penalty, recent=recent, rng=cand.rng)

@@ -448,6 +448,34 @@ def test_repetition_penalty_is_ctrl_style_over_distinct_recent_tokens() -> None:
     assert next_token(logits, penalty=2.0, recent=[], **greedy) == 2
 
 
+def test_float16_greedy_equals_float32_argmax_after_the_penalty() -> None:
+    """A GPU build's float16 logits are read without converting the row (int16 order keys, the
+    penalized tokens in float32): the same token as converting and penalizing, ties included."""
+    import numpy as np
+
+    from services.generation.sampler import apply_repetition_penalty, next_token
+
+    rng = np.random.default_rng(7)
+    greedy = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "rng": None}
+    cases = 0
+    for trial in range(3000):
+        vocab = int(rng.integers(2, 300))
+        # few distinct values so that ties (also between penalized and other tokens) are common
+        row = (rng.integers(-6, 7, vocab) * (0.5 if trial % 2 else 1.37)).astype(np.float16)
+        recent = rng.integers(0, vocab, int(rng.integers(0, 6))).tolist()
+        penalty = float(rng.choice([1.0, 1.1, 1.3, 2.0]))
+        want = int(np.argmax(apply_repetition_penalty(row.astype(np.float32), recent, penalty)))
+        assert next_token(row, penalty=penalty, recent=recent, **greedy) == want, (row, recent, penalty)
+        cases += penalty != 1.0 and bool(recent)
+    assert cases > 1000
+    big = rng.normal(0, 4, (4, 49152)).astype(np.float16)  # a real vocabulary's width, extremes too
+    big[1, 123] = np.float16(65504)
+    big[2, :] = np.float16(-1.5)
+    for row in big:
+        want = int(np.argmax(apply_repetition_penalty(row.astype(np.float32), [5, 123], 1.1)))
+        assert next_token(row, penalty=1.1, recent=[5, 123], **greedy) == want
+
+
 def test_repetition_penalty_looks_at_generated_tokens_only(engine) -> None:
     """Greedy with a penalty repeats less; the prompt's own tokens are not penalized."""
     eng = engine()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from colloquy.v1 import common_pb2, events_pb2, generation_pb2
@@ -210,3 +211,18 @@ def test_errors_a_replica_raises_survive_ray_pickling_with_their_type_and_text(e
     back = pickle.loads(pickle.dumps(exc))
     assert type(back) is type(exc) and str(back) == str(exc)
     assert getattr(back, "field", None) == getattr(exc, "field", None)
+
+
+def test_cudart_search_covers_wheels_on_sys_path_and_versioned_sonames(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA 13 wheel keeps libcudart in nvidia/cu13/lib of whatever site dir holds it (not always
+    ONNX Runtime's), and toolkits ship only versioned names: both must be searched."""
+    from services.generation.kv_cache import _cudart_candidates
+
+    lib = tmp_path / "nvidia" / "cu13" / "lib"
+    lib.mkdir(parents=True)
+    (lib / "libcudart.so.13").write_bytes(b"")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names = _cudart_candidates()
+    assert str(lib / "libcudart.so.13") in names
+    assert names.index("libcudart.so.13") < names.index("libcudart.so")
