@@ -428,7 +428,13 @@ def _publish_child(algorithm: str, timings: dict[str, float], *, config: RLHFCon
     if replayed:
         training["replay"] = replayed
     history = metrics.get(algorithm) or []
-    training[algorithm] = {"steps": len(history), "final": history[-1] if history else None, "history": history}
+    # A DPO run whose quiz check kept an earlier checkpoint publishes that step's weights: "steps"
+    # and "final" describe what was published, "trained_steps" and "history" the whole run.
+    kept = (metrics.get("dpo_quiz") or {}).get("kept_step") if algorithm == "dpo" else None
+    published_history = history[:kept] if kept else history
+    training[algorithm] = {"steps": len(published_history),
+                           "final": published_history[-1] if published_history else None,
+                           "trained_steps": len(history), "history": history}
     if algorithm == "dpo":
         training["dpo"]["heldout"] = metrics.get("dpo_heldout")
         training["dpo"]["quiz"] = metrics.get("dpo_quiz")

@@ -1,10 +1,13 @@
 """Continuous batching for one model version: every `step()` is one forward pass.
 
 A pass is either one batch-1 chunk of one prompt's prefill (into the staging slot) or one decode
-token for every running candidate (rows 0..B-1 of the slot buffers). The two alternate while both
-have work, so a running stream waits at most one prefill chunk (`prefill_chunk` tokens, the
-per-step budget) between two of its tokens, like vLLM's chunked prefill; GroupQueryAttention
-cannot mix both in one pass (engine-notes.md). Requests join when their prefill ends (the prompt
+token for every running candidate (rows 0..B-1 of the slot buffers). Between two decode passes
+run prefill chunks of at most `prefill_chunk` tokens together (the per-step budget, like vLLM's
+chunked prefill): one chunk of a long prompt, or several short prompts (often only a prompt's
+tail, the rest coming from the prefix cache) one after the other, so a burst of short requests
+joins in fewer decode gaps and a running stream still waits at most that many prompt tokens
+between two of its tokens. GroupQueryAttention cannot mix prefill and decode in one pass, nor
+prefill several prompts with past context in one (engine-notes.md). Requests join when their prefill ends (the prompt
 KV is copied from staging into one slot per candidate: n candidates share one prefill) and leave
 as soon as they finish (the last row moves into the freed slot). Cancellation and deadlines are
 checked at every step. The engine thread is the only caller of `step()`; `submit` only appends
@@ -101,17 +104,19 @@ class Fill:
 
 
 def next_pass(*, prefilling: bool, waiting: bool, running: bool, fill: bool, last: str,
-              crowded: bool = False) -> str:
+              crowded: bool = False, room: bool = False) -> str:
     """The pass a step runs: "prefill", "fill" (a cache fill's chunk), "decode" or "" (none).
 
-    Prefill and decode alternate while both have work (`last` is the previous pass); a cache fill
+    Prefill and decode alternate while both have work (`last` is the previous pass), except that
+    a prefill may follow a prefill while the decode gap has `room` (its prefill tokens so far
+    plus the next chunk's within the per-step budget); a cache fill
     takes a prefill's turn only when no request is prefilling or waiting, so it never delays a
     user's prefill, and a decode by no more than one chunk; and not while the running batch is
     `crowded` (over half of max_running): a fill is work that pays off only if the conversation
     comes back, so at high load it waits (or is dropped) rather than slowing every running stream.
     """
     chunk_turn = not running or last == "decode"
-    if prefilling and chunk_turn:
+    if prefilling and (chunk_turn or (last == "prefill" and room)):
         return "prefill"
     if fill and chunk_turn and not prefilling and not waiting and not crowded:
         return "fill"
@@ -147,6 +152,7 @@ class Scheduler:
         self._staged: Fill | None = None  # the fill whose KV the staging slot holds
         self._fw: Forward | None = None  # allocated on first use, freed by release()
         self._last = "decode"
+        self._gap = 0  # prompt tokens prefilled since the last decode pass
 
     # -- state read by the engine (under its lock) -------------------------------------------
     def busy_slots(self) -> int:
@@ -179,9 +185,15 @@ class Scheduler:
         self._admit(touched)
         idle = self.prefilling is None and not self.waiting
         crowded = len(self.running) > self.config.max_running // 2
+        room = False
+        if self.prefilling is not None:
+            rest = len(self.prefilling.ids) - self.prefilling.prefilled
+            room = self._gap + chunk_len(rest, self.config.prefill_chunk) <= self.config.prefill_chunk
         kind = next_pass(prefilling=self.prefilling is not None, waiting=bool(self.waiting),
                          running=bool(self.running), fill=idle and not crowded and self._stage_fill(),
-                         last=self._last, crowded=crowded)
+                         last=self._last, crowded=crowded, room=room)
+        if kind == "decode":
+            self._gap = 0
         started = time.perf_counter()
         if kind == "prefill":
             self._guard(self._prefill, touched, [self.prefilling])
@@ -280,6 +292,7 @@ class Scheduler:
         n = chunk_len(rest, self.config.prefill_chunk)
         logits = fw.prefill(job.ids[pos:pos + n], pos)
         job.prefilled += n
+        self._gap += n
         M.PROMPT_TOKENS.inc(n)
         if job.prefilled < len(job.ids):
             return

@@ -133,3 +133,30 @@ def test_the_bound_is_checked_with_a_readable_message() -> None:
     with pytest.raises(ConfigError, match="GENERATION_PREFIX_CACHE_ANSWERS"):
         load(EngineSettings, {"GENERATION_PREFIX_CACHE_ANSWERS": "-1"})
     assert load(EngineSettings, {"GENERATION_PREFIX_CACHE_ANSWERS": "0"}).prefix_cache_answers == 0
+
+
+def test_short_prompts_share_a_decode_gap_within_the_prefill_budget(model: LoadedModel) -> None:
+    """Several short prompts are prefilled between two decode passes while their tokens fit the
+    budget (prefill_chunk); a running stream never waits for more prompt tokens than that."""
+    assert next_pass(prefilling=True, waiting=True, running=True, fill=False, last="prefill", room=True) == "prefill"
+    assert next_pass(prefilling=True, waiting=True, running=True, fill=False, last="prefill", room=False) == "decode"
+    budget = 24
+    sched = scheduler(model, max_running=8, prefill_chunk=budget, prefix_cache_conversations=0)
+    submit(sched, model, "long", model.encode(FIRST))  # running first: its decodes bound the gaps
+    while not sched.running:
+        sched.step()
+    short = [model.encode(f"<|im_start|>user\n{q}<|im_end|>\n") for q in ("Hi", "Why?", "Ok", "Yes", "No", "Go")]
+    assert all(len(ids) < budget // 2 for ids in short)
+    jobs = [submit(sched, model, f"s{i}", ids) for i, ids in enumerate(short)]
+    gaps: list[list[int]] = [[]]  # prompt tokens of each prefill pass, per decode gap
+    counter = "colloquy_generation_prompt_tokens_total"
+    while any(not j.cands[0].generated for j in jobs):
+        before = REGISTRY.get_sample_value(counter) or 0.0
+        sched.step()
+        if sched._last == "decode":
+            gaps.append([])
+        elif sched._last == "prefill":
+            gaps[-1].append(int((REGISTRY.get_sample_value(counter) or 0.0) - before))
+    assert max(len(g) for g in gaps) >= 2  # short prompts shared a gap
+    assert all(sum(g) <= budget for g in gaps), gaps  # and no gap went over the budget
+    assert sum(len(g) for g in gaps) == len(short)

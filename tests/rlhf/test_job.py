@@ -137,6 +137,11 @@ def test_offline_loop_publishes_a_child_version(tiny_registry: tuple[Registry, s
     steps = [c["step"] for c in quiz["checks"]]
     assert steps[-1] == len(dpo_history) and steps[:-1] == list(range(2, len(dpo_history), 2))[:len(steps) - 1]
     assert quiz["kept_step"] in ({c["step"] for c in quiz["checks"] if c["passed"]} or {None})
+    # "steps" and "final" describe the published (kept) weights, the history the whole run
+    dpo_training = dpo_manifest["training"]["dpo"]
+    assert dpo_training["trained_steps"] == len(dpo_history)
+    assert dpo_training["steps"] == (quiz["kept_step"] or len(dpo_history))
+    assert dpo_training["final"] == dpo_history[dpo_training["steps"] - 1]
     assert dpo_child["training_quiz"] == quiz
     dpo_eval = dpo_child["evaluation"]
     assert dpo_eval["prompts"] == evaluation["prompts"] and dpo_eval["kl_to_parent"]["answers"] == kl["answers"]
