@@ -2,7 +2,7 @@
 
 Both front doors (the gateway's Chat and generation's own Generate) accept the same message, so
 they must refuse the same values with the same words. Unset model-dependent fields (temperature,
-top_p, top_k, repetition_penalty) stay unset here: the model version that answers supplies them.
+top_p, top_k, repetition_penalty, copy_penalty) stay unset here: the model version that answers supplies them.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ MAX_STOP = 4
 MAX_STOP_CHARS = 64
 MAX_TOP_K = 1000
 REPETITION_PENALTY_RANGE = (1.0, 2.0)
+COPY_PENALTY_RANGE = (0.0, 5.0)
 # KV positions a generation slot holds (prompt + answer), GENERATION_SLOT_TOKENS: generation refuses
 # a longer prompt, so the prompt stage reads the same setting and fits every prompt inside it.
 SLOT_TOKENS_ENV = "GENERATION_SLOT_TOKENS"
@@ -33,6 +34,9 @@ def check(p: common_pb2.SamplingParams, *, max_tokens_limit: int, max_n: int) ->
     if p.HasField("repetition_penalty") and not (
             math.isfinite(p.repetition_penalty) and lo <= p.repetition_penalty <= hi):
         raise ValueError(f"sampling.repetition_penalty: {p.repetition_penalty} is outside [{lo:g}, {hi:g}]")
+    lo, hi = COPY_PENALTY_RANGE
+    if p.HasField("copy_penalty") and not (math.isfinite(p.copy_penalty) and lo <= p.copy_penalty <= hi):
+        raise ValueError(f"sampling.copy_penalty: {p.copy_penalty} is outside [{lo:g}, {hi:g}]")
     if p.HasField("max_tokens") and not 1 <= p.max_tokens <= max_tokens_limit:
         raise ValueError(f"sampling.max_tokens: {p.max_tokens} is outside [1, {max_tokens_limit}]")
     if p.HasField("n") and not 1 <= p.n <= max_n:

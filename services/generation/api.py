@@ -44,6 +44,7 @@ def sampling(p: common_pb2.SamplingParams, *, max_tokens_limit: int, max_n: int)
     return engine.Sampling(
         temperature=opt("temperature"), top_p=opt("top_p"),
         top_k=int(p.top_k) if p.HasField("top_k") else None, repetition_penalty=opt("repetition_penalty"),
+        copy_penalty=opt("copy_penalty"),
         max_tokens=int(p.max_tokens) if p.HasField("max_tokens") else min(DEFAULT_MAX_TOKENS, max_tokens_limit),
         stop=tuple(p.stop), seed=int(p.seed) if p.HasField("seed") else None,
         n=int(p.n) if p.HasField("n") else 1)

@@ -43,7 +43,8 @@ FINISH_REASONS = {"stop": "stop", "length": "length", "moderated": "content_filt
 GATEWAY_FIELDS = {
     "sampling.temperature": "temperature", "sampling.top_p": "top_p", "sampling.max_tokens": "max_tokens",
     "sampling.n": "n", "sampling.stop": "stop", "sampling.seed": "seed", "sampling.top_k": "top_k",
-    "sampling.repetition_penalty": "repetition_penalty", "message": "messages",
+    "sampling.repetition_penalty": "repetition_penalty", "sampling.copy_penalty": "copy_penalty",
+    "message": "messages",
     "conversation_id": "conversation_id", "client_request_id": "client_request_id",
 }
 
@@ -57,7 +58,8 @@ UNSUPPORTED_CHAT = {
 }
 CHAT_PARAMS = {
     "model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "n", "stop", "seed",
-    "user", "stream", "stream_options", "conversation_id", "top_k", "repetition_penalty", *UNSUPPORTED_CHAT,
+    "user", "stream", "stream_options", "conversation_id", "top_k", "repetition_penalty", "copy_penalty",
+    *UNSUPPORTED_CHAT,
 }
 UNSUPPORTED_RESPONSES = {
     "tools": ([],), "tool_choice": ("none", "auto"), "parallel_tool_calls": (), "reasoning": (),
@@ -263,6 +265,8 @@ def sampling(body: Mapping[str, Any], max_tokens_names: tuple[str, ...]) -> comm
         p.top_p = t
     if (t := _number(body, "repetition_penalty")) is not None:
         p.repetition_penalty = t
+    if (t := _number(body, "copy_penalty")) is not None:
+        p.copy_penalty = t
     if (k := _integer(body, "top_k", 0, UINT32_MAX, "a count >= 0")) is not None:
         p.top_k = k
     given = {name: v for name in max_tokens_names

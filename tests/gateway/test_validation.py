@@ -27,15 +27,17 @@ def test_defaults_filled_in_model_dependent_ones_left_to_the_model() -> None:
     conv, text, s = validation.chat_request(req(), CFG)
     assert (conv, text) == ("", "hello")
     assert (s.max_tokens, s.n) == (256, 1)
-    for field in ("seed", "temperature", "top_p", "top_k", "repetition_penalty"):
+    for field in ("seed", "temperature", "top_p", "top_k", "repetition_penalty", "copy_penalty"):
         assert not s.HasField(field), field
 
 
 def test_explicit_sampling_values_pass_through() -> None:
-    sampling = common_pb2.SamplingParams(temperature=0.0, top_p=0.5, top_k=7, repetition_penalty=1.3)
+    sampling = common_pb2.SamplingParams(temperature=0.0, top_p=0.5, top_k=7, repetition_penalty=1.3,
+                                         copy_penalty=0.0)
     _, _, s = validation.chat_request(req(sampling=sampling), CFG)
     assert (s.temperature, s.top_p, s.top_k) == (0.0, 0.5, 7)
     assert s.repetition_penalty == pytest.approx(1.3)
+    assert s.HasField("copy_penalty") and s.copy_penalty == 0.0  # 0 turns the copy guard off
 
 
 @pytest.mark.parametrize(("kw", "field"), [
@@ -58,6 +60,9 @@ def test_explicit_sampling_values_pass_through() -> None:
     ({"sampling": common_pb2.SamplingParams(repetition_penalty=float("inf"))},
      "sampling.repetition_penalty"),
     ({"sampling": common_pb2.SamplingParams(top_k=1001)}, "sampling.top_k"),
+    ({"sampling": common_pb2.SamplingParams(copy_penalty=-0.1)}, "sampling.copy_penalty"),
+    ({"sampling": common_pb2.SamplingParams(copy_penalty=5.5)}, "sampling.copy_penalty"),
+    ({"sampling": common_pb2.SamplingParams(copy_penalty=float("nan"))}, "sampling.copy_penalty"),
     ({"client_request_id": "x" * 65}, "client_request_id"),
 ])
 def test_bad_input_names_the_field(kw: dict, field: str) -> None:

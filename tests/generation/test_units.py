@@ -50,9 +50,10 @@ def test_defaults_and_mapping() -> None:
     # temperature, top_p, top_k and the repetition penalty stay unset: the answering model fills them
     assert r.sampling == engine.Sampling(max_tokens=256, stop=("\n\n",), seed=5, n=1)
     assert r.sampling.temperature is None and r.sampling.repetition_penalty is None
-    explicit = req("hello", temperature=0.0, top_k=3, repetition_penalty=1.5)
+    assert r.sampling.copy_penalty is None
+    explicit = req("hello", temperature=0.0, top_k=3, repetition_penalty=1.5, copy_penalty=0.0)
     s = api.generate_request(explicit, **LIMITS).sampling
-    assert (s.temperature, s.top_k, s.repetition_penalty) == (0.0, 3, 1.5)
+    assert (s.temperature, s.top_k, s.repetition_penalty, s.copy_penalty) == (0.0, 3, 1.5, 0.0)
     assert r.request_id == "r1" and r.conversation_id == "c1"
     assert api.generate_request(generation_pb2.GenerateRequest(prompt="x"), **LIMITS).request_id
     msgs = api.responses([engine.Delta(1, "ab", 2, engine.FinishReason.STOP, "v7", 9, 12),

@@ -33,6 +33,9 @@ def test_chat_plan_maps_every_sampling_parameter() -> None:
                                                                                            ["\n", "END"], 3)
     assert plan.request.message == "Hi" and plan.stream and plan.include_usage and plan.user == "u1"
     assert plan.renames == {"max_tokens": "max_completion_tokens"}
+    ext = domain.chat_plan(body(top_k=5, repetition_penalty=1.2, copy_penalty=0), SERVED).request.sampling
+    assert (ext.top_k, round(ext.repetition_penalty, 5)) == (5, 1.2)
+    assert ext.HasField("copy_penalty") and ext.copy_penalty == 0.0
 
 
 def test_unset_sampling_stays_unset_so_the_models_defaults_apply() -> None:
@@ -141,6 +144,8 @@ def test_gateway_field_names_become_openai_parameters() -> None:
     assert e.param == "max_completion_tokens" and e.message.startswith("max_completion_tokens: 0")
     e = domain.from_grpc(grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop[1]: must be 1..64 characters, no NUL")
     assert e.param == "stop" and e.message.startswith("stop[1]:")
+    e = domain.from_grpc(grpc.StatusCode.INVALID_ARGUMENT, "sampling.copy_penalty: 9.0 is outside [0, 5]")
+    assert (e.param, e.message) == ("copy_penalty", "copy_penalty: 9.0 is outside [0, 5]")
     e = domain.from_grpc(grpc.StatusCode.INVALID_ARGUMENT, "message: must not be empty or only whitespace")
     assert e.param == "messages"
 
