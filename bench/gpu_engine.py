@@ -94,6 +94,7 @@ def exactness(model_dir: str, provider: str, prompts: int, tokens: int) -> dict[
 
     import onnxruntime_genai as og
 
+    from model.genai import reference_ids
     from model.quality_questions import QUESTIONS
     from services.generation.config import EngineSettings
     from services.generation.engine import AsyncEngine, Request, Sampling
@@ -117,18 +118,8 @@ def exactness(model_dir: str, provider: str, prompts: int, tokens: int) -> dict[
     model = og.Model(model_dir)
     b1 = AsyncEngine(model_dir, "exact", EngineSettings(max_running=1, prefix_cache_conversations=0,
                                                         provider=provider))
-    ref = []
-    for text in texts:
-        params = og.GeneratorParams(model)
-        ids = b1._model.encode(text)
-        params.set_search_options(max_length=len(ids) + tokens, do_sample=False)
-        gen = og.Generator(model, params)
-        gen.append_tokens(ids)
-        out: list[int] = []
-        while not gen.is_done() and len(out) < tokens:
-            gen.generate_next_token()
-            out.append(int(gen.get_next_tokens()[0]))
-        ref.append([t for t in out if t not in b1._model.eos])
+    eos = b1._model.eos
+    ref = [[t for t in reference_ids(model, b1._model.encode(text), tokens, eos) if t not in eos] for text in texts]
     del model
     one_by_one = [answers(b1, [r])[0] for r in reqs]
     asyncio.run(b1.close())

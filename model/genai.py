@@ -94,6 +94,24 @@ def greedy(model: Any, tokenizer: Any, prompt_ids: Sequence[int], max_new_tokens
                       decode_s=end - prefill_end)
 
 
+def reference_ids(model: Any, ids: Sequence[int], max_tokens: int, eos: frozenset[int]) -> list[int]:
+    """ORT GenAI's Generator, batch 1, greedy: the reference answer's token ids (EOS included),
+    against which the engine's exactness is judged (tests and bench.gpu_engine)."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + max_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(list(ids))
+    out: list[int] = []
+    while not gen.is_done() and len(out) < max_tokens:
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+        if out[-1] in eos:
+            break
+    return out
+
+
 def chat(model: Any, tokenizer: Any, messages: Sequence[Mapping[str, str]],
          max_new_tokens: int = 64) -> Generation:
     """Answer a conversation: render ChatML, encode, greedy-decode until ``<|im_end|>``."""

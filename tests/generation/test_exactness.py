@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
 
+from model.genai import reference_ids
 from services.generation.config import EngineSettings
 from services.generation.engine import AsyncEngine, Request, Sampling
 
@@ -48,25 +48,6 @@ def prompts() -> list[str]:
     later = [chatml([(QUESTIONS[i], "Sure."), *([(FOLLOW_UPS[0], "Well.")] if k else [])], FOLLOW_UPS[k])
              for i in range(4) for k in range(2)]
     return first + later
-
-
-def generator_tokens(model: Any, ids: list[int], max_tokens: int, eos: frozenset[int]) -> list[int]:
-    """ORT GenAI's Generator, batch 1, greedy: the reference answer's token ids (EOS included)."""
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + max_tokens, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(ids)
-    out: list[int] = []
-    while not gen.is_done() and len(out) < max_tokens:
-        gen.generate_next_token()
-        out.append(int(gen.get_next_tokens()[0]))
-        if out[-1] in eos:
-            break
-    return out
-
-
 
 
 def answers(eng: AsyncEngine, reqs: list[Request]) -> list[list[int]]:
@@ -104,7 +85,7 @@ def check_exact(model_dir: Path, max_tokens: int, slots: int, chunk: int) -> Non
         model = og.Model(str(model_dir))
         eos = eng_b1._model.eos
         ids = [eng_b1._model.encode(t) for t in texts]
-        ref = [strip_eos(generator_tokens(model, i, max_tokens, eos), eos) for i in ids]
+        ref = [strip_eos(reference_ids(model, i, max_tokens, eos), eos) for i in ids]
         del model
         greedy = Sampling(temperature=0, repetition_penalty=1.0, copy_penalty=0.0, max_tokens=max_tokens)
         reqs = [Request(f"x{i}", t, greedy) for i, t in enumerate(texts)]
