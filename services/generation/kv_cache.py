@@ -15,11 +15,15 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import glob
+import logging
 import os
 import sys
+import weakref
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def _cudart_candidates() -> list[str]:
@@ -54,6 +58,19 @@ class _Cuda:
         self.lib.cudaSetDevice(device_id)
         self.lib.cudaMemcpy2D.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
                                           ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int]
+
+    def host_array(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A NumPy array in page-locked host memory (cudaMallocHost), freed with its buffer: the
+        logits come back into it every decode pass, and a copy into pageable memory goes through
+        a staging buffer at a fraction of the bus's speed."""
+        nbytes = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        ptr = ctypes.c_void_p()
+        rc = self.lib.cudaMallocHost(ctypes.byref(ptr), ctypes.c_size_t(nbytes))
+        if rc != 0 or not ptr.value:
+            raise RuntimeError(f"cudaMallocHost failed with CUDA error {rc}")
+        buf = (ctypes.c_char * nbytes).from_address(ptr.value)
+        weakref.finalize(buf, self.lib.cudaFreeHost, ctypes.c_void_p(ptr.value))
+        return np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
     def copy2d(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, kind: int) -> None:
         self.lib.cudaDeviceSynchronize()  # ORT's stream may still be writing the buffers
@@ -96,6 +113,16 @@ class SlotKV:
     @property
     def nbytes(self) -> int:
         return self.layers * 2 * self.slots * self.slot_bytes
+
+    def host_array(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A host array for outputs copied back every pass: page-locked on CUDA (plain memory when
+        the runtime refuses to lock it), plain NumPy on CPU."""
+        if self._cuda is not None:
+            try:
+                return self._cuda.host_array(shape, dtype)
+            except RuntimeError:
+                log.warning("page-locked host memory refused; logits come back through pageable memory")
+        return np.empty(shape, dtype)
 
     def ptr(self, layer: int, kind: int, slot: int) -> int:
         """Address of slot `slot` of layer `layer`'s key (kind 0) or value (kind 1) buffer."""

@@ -176,7 +176,7 @@ class Forward:
         self._dev = "cuda" if kv.device == "cuda" else "cpu"
         self._decode = model.session.io_binding()
         self._decode_rows = 0
-        self._decode_logits = np.empty((kv.slots, 1, model.vocab), model.logits_dtype)
+        self._decode_logits = kv.host_array((kv.slots, 1, model.vocab), model.logits_dtype)
         self._prefill = model.session.io_binding()
         self._prefill_logits = np.empty((1, 1, model.vocab), model.logits_dtype)
         self._prefill_width = 0

@@ -227,3 +227,40 @@ def test_cudart_search_covers_wheels_on_sys_path_and_versioned_sonames(tmp_path:
     names = _cudart_candidates()
     assert str(lib / "libcudart.so.13") in names
     assert names.index("libcudart.so.13") < names.index("libcudart.so")
+
+
+def test_page_locked_logits_buffer_is_a_numpy_view_freed_with_it() -> None:
+    """`_Cuda.host_array` over a stand-in runtime (libc malloc/free in place of cudaMallocHost/
+    cudaFreeHost): a writable array of the asked shape on the allocated memory, freed once."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    import numpy as np
+
+    from services.generation.kv_cache import _Cuda
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype = ctypes.c_void_p
+    freed: list[int] = []
+
+    class Runtime:
+        def cudaMallocHost(self, out: object, size: ctypes.c_size_t) -> int:
+            ctypes.cast(out, ctypes.POINTER(ctypes.c_void_p))[0] = libc.malloc(size.value)
+            return 0
+
+        def cudaFreeHost(self, ptr: ctypes.c_void_p) -> int:
+            freed.append(ptr.value or 0)
+            libc.free(ptr)
+            return 0
+
+    cuda = object.__new__(_Cuda)
+    cuda.lib = Runtime()
+    arr = cuda.host_array((3, 1, 5), np.float16)
+    assert arr.shape == (3, 1, 5) and arr.dtype == np.float16 and arr.flags.writeable
+    arr[:] = 1.5
+    address = arr.ctypes.data
+    assert float(arr.sum()) == 22.5 and not freed
+    del arr
+    gc.collect()
+    assert freed == [address]
