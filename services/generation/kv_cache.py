@@ -7,7 +7,8 @@ per step; that is why running rows must sit in slots 0..B-1 (`move` compacts the
 is the staging slot where a prompt is prefilled (batch 1) before its candidates join the batch.
 
 On CPU the buffers are NumPy arrays; on CUDA they are device OrtValues and the few copies between
-slots and to/from the prefix cache go through the CUDA runtime (cudaMemcpy2D), never per step.
+slots and to/from the prefix cache go through the CUDA runtime (cudaMemcpy2D), never per step; the
+host buffer the logits come back into every step is page-locked (`host_array`).
 """
 
 from __future__ import annotations
