@@ -139,13 +139,17 @@ class ColloquyEngine:
 
     name = "colloquy-engine"
 
-    def __init__(self, model_dir: str, max_running: int, provider: str = "cpu", prefix_cache: bool = False) -> None:
+    def __init__(self, model_dir: str, max_running: int, provider: str = "cpu", prefix_cache: bool = False,
+                 prefill_chunk: int = 0) -> None:
+        """`prefill_chunk` 0: EngineSettings' default (GENERATION_* variables do not reach an engine
+        built here: only `config.load` reads them)."""
         from services.generation.config import EngineSettings
         from services.generation.engine import AsyncEngine
 
+        chunk = {"prefill_chunk": prefill_chunk} if prefill_chunk else {}
         self.engine = AsyncEngine(model_dir, "bench", EngineSettings(
             max_running=max_running, max_waiting=1024, provider=provider,
-            prefix_cache_conversations=16 if prefix_cache else 0))
+            prefix_cache_conversations=16 if prefix_cache else 0, **chunk))
 
     async def _one(self, prompt: str, tokens: int) -> dict[str, Any]:
         from services.generation.engine import Request, Sampling

@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", action="store_true", help="run on the CPU provider with small sizes (smoke test)")
     p.add_argument("--no-ort", action="store_true", help="leave out ORT GenAI's static batch")
     p.add_argument("--exact", type=int, default=32, help="prompts for the exactness count (0: none)")
+    p.add_argument("--prefill-chunk", type=int, default=0,
+                   help="the engine's prefill budget per decode gap (0: EngineSettings' default, 64)")
     args = p.parse_args(argv)
 
     from services.generation.engine import cuda_device_count
@@ -54,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     streams = [int(s) for s in args.streams.split(",") if s]
     rec = Record("gpu_engine", {"provider": provider, "gpus": gpus, "model_dir": model_dir, "model_version": version,
                                 "max_tokens": args.tokens, "repeats": args.repeats, "streams": streams,
+                                "prefill_chunk": args.prefill_chunk or "default",
                                 "prompts": common.QUESTIONS})
     prompts = [common.chat_prompt(q) for q in common.QUESTIONS]
-    ce = engine.ColloquyEngine(model_dir, max(streams), provider)
+    ce = engine.ColloquyEngine(model_dir, max(streams), provider, prefill_chunk=args.prefill_chunk)
     log(f"gpu_engine: colloquy-engine on {provider} ({version})")
     rates, itl = engine.measure_streams(lambda n: ce.batch(prompts, args.tokens, n), streams, args.repeats)
     rec.results["colloquy-engine"] = {"streams": rates, "itl_ms": itl}
