@@ -68,6 +68,10 @@ class OpenTransaction:
     producer_epoch: int
     start_offset: int
     last_write_ms: int
+    # The epoch of the coordinator that wrote this producer's last marker on the partition (-1:
+    # none yet). An abort marker must carry at least that epoch or the leader refuses it as
+    # fenced: kafka-python's default of -1 aborts only producers that never committed there.
+    coordinator_epoch: int = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +142,8 @@ class Janitor:
             for p in state.active_producers:
                 if p.current_transaction_start_offset >= 0:
                     found.append(OpenTransaction(tp, p.producer_id, p.producer_epoch,
-                                                 p.current_transaction_start_offset, p.last_timestamp))
+                                                 p.current_transaction_start_offset, p.last_timestamp,
+                                                 p.coordinator_epoch))
         return found
 
     def coordinator_views(self, producer_ids: set[int]) -> dict[int, CoordinatorView]:
@@ -165,8 +170,9 @@ class Janitor:
                 "producer_id": txn.producer_id, "producer_epoch": txn.producer_epoch,
                 "start_offset": txn.start_offset, "idle_s": round((now_ms - txn.last_write_ms) / 1000)})
             if not self.dry_run:
-                self._client().abort_transaction(
-                    AbortTransactionSpec(txn.partition, txn.producer_id, txn.producer_epoch))
+                # As Kafka's own tool does (TransactionsCommand: the producer state's epoch, else 0).
+                self._client().abort_transaction(AbortTransactionSpec(
+                    txn.partition, txn.producer_id, txn.producer_epoch, max(txn.coordinator_epoch, 0)))
                 HANGING_ABORTED.labels(txn.partition.topic).inc()
         return hanging
 

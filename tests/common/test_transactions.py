@@ -3,10 +3,10 @@ transaction on the real broker, found and aborted."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer
@@ -83,18 +83,27 @@ def partition_verification_off(admin: KafkaAdminClient) -> Iterator[None]:
         admin.alter_configs([ConfigResource(ConfigResourceType.BROKER, "1", {key: "true"})])
 
 
-def write_orphan_transaction(admin: KafkaAdminClient, tp: TopicPartition) -> int:
-    """A transactional record batch from a producer id no coordinator tracks: open forever."""
+def write_orphan_transaction(admin: KafkaAdminClient, tp: TopicPartition,
+                             producer: tuple[int, int, int] | None = None) -> int:
+    """A transactional record batch its coordinator never hears of: open forever. From a new
+    producer id, or from `producer` = (id, epoch, next sequence) of one the coordinator knows."""
+
+    manager = admin._manager
+
+    async def init() -> Any:
+        return await manager.send(InitProducerIdRequest(transactional_id=None, transaction_timeout_ms=-1), node_id=1)
+
+    if producer is None:
+        for _ in range(30):  # retried from outside: kafka-python's I/O loop is not asyncio's (no asyncio.sleep)
+            reply = manager.run(init)
+            if reply.error_code == 0:
+                break
+            time.sleep(1)
+        producer = (reply.producer_id, reply.producer_epoch, 0)
+    pid, epoch, sequence = producer
 
     async def go() -> int:
-        manager = admin._manager
-        for _ in range(30):
-            init = await manager.send(InitProducerIdRequest(transactional_id=None, transaction_timeout_ms=-1),
-                                      node_id=1)
-            if init.error_code == 0:
-                break
-            await asyncio.sleep(1)
-        builder = DefaultRecordBatchBuilder(2, 0, True, init.producer_id, init.producer_epoch, 0, 1 << 20)
+        builder = DefaultRecordBatchBuilder(2, 0, True, pid, epoch, sequence, 1 << 20)
         builder.append(0, int(time.time() * 1000), b"k", b"orphan", [])
         topic = ProduceRequest.TopicProduceData
         res = await manager.send(ProduceRequest(
@@ -102,7 +111,7 @@ def write_orphan_transaction(admin: KafkaAdminClient, tp: TopicPartition) -> int
             topic_data=[topic(name=tp.topic, partition_data=[
                 topic.PartitionProduceData(index=tp.partition, records=bytes(builder.build()))])]), node_id=1)
         assert res.responses[0].partition_responses[0].error_code == 0, res
-        return int(init.producer_id)
+        return int(pid)
 
     return admin._manager.run(go)
 
@@ -149,6 +158,43 @@ def test_real_hanging_transaction_is_found_and_aborted(kafka_bootstrap: str, uni
     finally:
         janitor.close()
         live.close(timeout=5)
+        admin.delete_topics([topic])
+        admin.close()
+
+
+@pytest.mark.kafka
+def test_hanging_transaction_of_a_producer_that_committed_there_before_is_aborted(
+        kafka_bootstrap: str, unique: str) -> None:
+    """A producer's earlier commit left a marker on the partition, so the leader holds that
+    coordinator's epoch for it; its next transaction never reached the coordinator (a broker
+    restart in CI left one on __consumer_offsets). The abort must carry that epoch: with -1 the
+    leader refused it as fenced, every sweep failed, and the consumer group stayed blocked."""
+    topic = f"{topics.REPLY_PREFIX}janitor-epoch-{unique}"
+    create(kafka_bootstrap, topic, partitions=1)
+    tp = TopicPartition(topic, 0)
+    kafka = KafkaConfig(bootstrap_servers=kafka_bootstrap)
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap, client_id="test-janitor-epoch")
+    producer = kafka_loop.make_producer(kafka, "test-committed", transactional_id=f"test-committed-{unique}")
+    janitor = Janitor(kafka, older_than_ms=0, topics=[topic])
+    try:
+        producer.init_transactions()
+        producer.begin_transaction()
+        producer.send(topic, value=b"committed", partition=0)
+        producer.commit_transaction()
+        state = admin.describe_producers([tp])[tp].active_producers[0]
+        assert state.coordinator_epoch >= 0 and state.current_transaction_start_offset < 0
+        with partition_verification_off(admin):
+            write_orphan_transaction(admin, tp, (state.producer_id, state.producer_epoch, state.last_sequence + 1))
+        assert stable_end(kafka_bootstrap, tp) == 2  # the commit and its marker; the orphan holds the rest
+
+        hanging = janitor.sweep()
+        assert [(t.partition, t.producer_id, t.coordinator_epoch) for t in hanging] == [
+            (tp, state.producer_id, state.coordinator_epoch)]
+        assert stable_end(kafka_bootstrap, tp) == 4  # the orphan record and the abort marker
+        assert janitor.sweep() == []
+    finally:
+        janitor.close()
+        producer.close(timeout=5)
         admin.delete_topics([topic])
         admin.close()
 
