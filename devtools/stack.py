@@ -172,11 +172,27 @@ class Stack:
             for name in names:
                 self.spawn(name)
             for name in names:
-                self.wait_serving(name)
+                self._wait_serving_or_move_metrics(name)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _wait_serving_or_move_metrics(self, name: str) -> None:
+        """`wait_serving`, with one retry on a new metrics port: a port picked free can be taken
+        before the service binds it (seen in CI: prompt's metrics port, "Address already in use"
+        in serve_metrics, and every pipeline test after it failed with the stack). No other
+        process is told a metrics port, so only this one restarts."""
+        for attempt in range(2):
+            try:
+                self.wait_serving(name)
+                return
+            except RuntimeError as exc:
+                text = str(exc)
+                if attempt or "Address already in use" not in text or "serve_metrics" not in text:
+                    raise
+                self.metrics_ports.pop(name)
+                self.spawn(name)
 
     def _start_generation(self) -> None:
         """Generation, with one retry on new ports: its ports are picked before Ray starts, and

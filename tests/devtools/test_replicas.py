@@ -118,3 +118,25 @@ def test_cli_processes_and_note() -> None:
     assert ["prompt-2", "prompt", "services.prompt", "50154", "9204", "grpc"] in rows
     assert cli("note", replicas="2").stdout.startswith("generation: 2 Ray Serve replicas asked")
     assert cli("note", replicas="gateway=2").stdout == ""
+
+
+def test_a_taken_metrics_port_moves_that_service_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A metrics port picked free but taken before the service binds it: that service restarts
+    once on a new metrics port (its gRPC port, which peers were told, stays); other errors raise."""
+    stack = Stack("127.0.0.1:9")
+    stack.ports["prompt"], stack.metrics_ports["prompt"] = 4001, 4002
+    spawned: list[tuple[int, int]] = []
+    failures = ["Traceback ... serve_metrics ... OSError: [Errno 98] Address already in use"]
+
+    def wait_serving(name: str, timeout: float = 240.0) -> None:
+        if failures:
+            raise RuntimeError(f"process exited with 1:\n{failures.pop()}")
+
+    monkeypatch.setattr(stack, "wait_serving", wait_serving)
+    monkeypatch.setattr(stack, "spawn", lambda name: spawned.append((stack.ports[name],
+                                                                     stack.metrics_ports.setdefault(name, 5002))))
+    stack._wait_serving_or_move_metrics("prompt")
+    assert spawned == [(4001, 5002)]
+    failures.append("grpc: Address already in use")  # not the metrics server: no second guess
+    with pytest.raises(RuntimeError):
+        stack._wait_serving_or_move_metrics("prompt")
