@@ -179,35 +179,33 @@ class Stack:
         return self
 
     def _wait_serving_or_move_metrics(self, name: str) -> None:
-        """`wait_serving`, with one retry on a new metrics port: a port picked free can be taken
-        before the service binds it (seen in CI: prompt's metrics port, "Address already in use"
-        in serve_metrics, and every pipeline test after it failed with the stack). No other
-        process is told a metrics port, so only this one restarts."""
+        """A service of `start`: a metrics port picked free can be taken before the service binds
+        it (seen in CI: prompt's, and every pipeline test after it failed with the stack). Its
+        gRPC port stays: the peers were told it; no other process is told a metrics port."""
+        self._serve_moving_taken_ports(name, grpc_too=False)
+
+    def _start_generation(self) -> None:
+        """Generation: its ports are picked before Ray starts, and Ray's own processes bind ports
+        in between (seen once in CI: the worker's metrics port); nothing else is told them yet."""
+        self.spawn("generation")
+        self._serve_moving_taken_ports("generation", grpc_too=True, timeout=400)
+
+    def _serve_moving_taken_ports(self, name: str, *, grpc_too: bool, timeout: float = 240.0) -> None:
+        """`wait_serving`, with one restart on new ports when the process found one taken
+        ("Address already in use"): the metrics port (only when its server failed, unless
+        `grpc_too`) and, with `grpc_too`, the gRPC port."""
         for attempt in range(2):
             try:
-                self.wait_serving(name)
+                self.wait_serving(name, timeout=timeout)
                 return
             except RuntimeError as exc:
                 text = str(exc)
-                if attempt or "Address already in use" not in text or "serve_metrics" not in text:
+                if attempt or "Address already in use" not in text or not (grpc_too or "serve_metrics" in text):
                     raise
                 self.metrics_ports.pop(name)
+                if grpc_too:
+                    self.ports.pop(name)
                 self.spawn(name)
-
-    def _start_generation(self) -> None:
-        """Generation, with one retry on new ports: its ports are picked before Ray starts, and
-        Ray's own processes bind ports of their own in between, so one can be taken already
-        (seen once in CI: the worker's metrics port, "Address already in use")."""
-        for attempt in range(2):
-            self.spawn("generation")
-            try:
-                self.wait_serving("generation", timeout=400)
-                return
-            except RuntimeError as exc:
-                if attempt or "Address already in use" not in str(exc):
-                    raise
-                self.ports.pop("generation")
-                self.metrics_ports.pop("generation")
 
     def restart(self, name: str) -> None:
         old = self.procs.get(name)
