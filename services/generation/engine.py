@@ -164,7 +164,8 @@ class AsyncEngine:
         self._thread.start()
 
     def _load(self, path: str | Path, version: str) -> LoadedModel:
-        model = LoadedModel(path, version, self.config.provider, self.config.threads, self.config.spin)
+        model = LoadedModel(path, version, self.config.provider, self.config.threads, self.config.spin,
+                            self.config.float32_rows)
         sched = Scheduler(model, self.config, self._lock)
         if self.config.warm_up:  # before the loop can see it: nothing else uses its slots yet
             log.info("engine warmed up", extra={"model_version": version, "rows": self.config.max_running,

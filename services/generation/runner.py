@@ -85,7 +85,7 @@ class LoadedModel:
     """One model version: its session, tokenizer and the graph facts the scheduler needs."""
 
     def __init__(self, path: str | Path, version: str, provider: str = "auto", threads: int = 0,
-                 spin: bool = False) -> None:
+                 spin: bool = False, float32_rows: int = 0) -> None:
         import onnxruntime as ort
         import tokenizers
 
@@ -115,6 +115,13 @@ class LoadedModel:
         if self.provider == "cuda":
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": 0}))
         self.session = ort.InferenceSession(str(self.path / dec["filename"]), opts, providers=providers)
+        # Passes over at least `float32_rows` rows or prompt tokens run on a float32 copy of the
+        # weights (CPU, block-quantized builds; model/float32_copy.py says why); 0: all on `session`.
+        self.float32_rows = 0
+        self.float32_session: Any = None
+        if float32_rows and self.provider == "cpu":
+            self.float32_session = _float32_session(self.path / dec["filename"], opts, providers)
+            self.float32_rows = float32_rows if self.float32_session is not None else 0
         ins = {i.name: i for i in self.session.get_inputs()}
         out = {o.name: o for o in self.session.get_outputs()}
         self.kv_dtype = _DTYPES[ins[self.past[0][0]].type]
@@ -130,6 +137,12 @@ class LoadedModel:
         log.info("model loaded", extra={"model_version": version, "path": str(self.path), "provider": self.provider,
                                         "context_length": self.context_length,
                                         "load_s": round(time.perf_counter() - started, 3)})
+
+    def session_for(self, rows: int) -> Any:
+        """The session a pass over `rows` rows (decode) or tokens (a prefill chunk) runs on."""
+        if self.float32_rows and rows >= self.float32_rows:
+            return self.float32_session
+        return self.session
 
     def resolve(self, sampling: Sampling) -> Sampling:
         """``sampling`` with every unset model-dependent field taken from this version's defaults
@@ -168,19 +181,51 @@ class LoadedModel:
                       "cuda" if self.provider == "cuda" else "cpu")
 
 
+def _float32_session(path: Path, opts: Any, providers: list[Any]) -> Any:
+    """A session over the float32 copy of the graph at `path`; None for a graph with nothing to
+    unpack (a float32 build).
+
+    The copy goes through a temporary file, not bytes: ONNX Runtime maps a file's external data
+    and keeps only the MatMul kernels' packed weights (~0.5 GB more for SmolLM2-135M, measured),
+    where a session from bytes kept the serialized model besides (~1.2 GB more, 2 GB peak).
+    """
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    from model.float32_copy import Float32CopyError, float32_copy
+
+    started = time.perf_counter()
+    try:
+        graph, counts = float32_copy(path)
+    except Float32CopyError as exc:
+        log.info("no float32 copy of the weights", extra={"reason": str(exc)})
+        return None
+    with tempfile.TemporaryDirectory(prefix="colloquy-float32-") as tmp:
+        onnx.save_model(graph, f"{tmp}/model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)
+        del graph
+        session = ort.InferenceSession(f"{tmp}/model.onnx", opts, providers=providers)
+    log.info("float32 copy of the weights loaded", extra={"counts": dict(counts),
+                                                           "load_s": round(time.perf_counter() - started, 3)})
+    return session
+
+
 class Forward:
     """The two passes over one SlotKV, with IOBindings kept between calls (rebound only on change)."""
 
     def __init__(self, model: LoadedModel, kv: SlotKV) -> None:
         self.model, self.kv = model, kv
         self._dev = "cuda" if kv.device == "cuda" else "cpu"
-        self._decode = model.session.io_binding()
-        self._decode_rows = 0
+        sessions = [s for s in (model.session, model.float32_session) if s is not None]
+        # One decode and one prefill binding per session, each rebound only when its shape changes.
+        self._decode = {id(s): [s.io_binding(), 0] for s in sessions}
         self._decode_logits = kv.host_array((kv.slots, 1, model.vocab), model.logits_dtype)
-        self._prefill = model.session.io_binding()
+        self._prefill = {id(s): [s.io_binding(), 0] for s in sessions}
         self._prefill_logits = np.empty((1, 1, model.vocab), model.logits_dtype)
-        self._prefill_width = 0
-        self._bind_kv(self._prefill, kv.staging, 1)
+        for io, _ in self._prefill.values():
+            self._bind_kv(io, kv.staging, 1)
 
     def _bind_kv(self, io: Any, slot: int, rows: int) -> None:
         kv = self.kv
@@ -191,24 +236,28 @@ class Forward:
                 io.bind_input(names_in[kind], self._dev, 0, kv.dtype.type, shape, ptr)
                 io.bind_output(names_out[kind], self._dev, 0, kv.dtype.type, shape, ptr)
 
-    def _run(self, io: Any) -> None:
-        self.model.session.run_with_iobinding(io)
+    def _run(self, io: Any, session: Any = None) -> None:
+        (session or self.model.session).run_with_iobinding(io)
         if self._dev != "cpu":
             io.synchronize_outputs()
 
     def prefill(self, ids: list[int], past: int) -> np.ndarray:
         """Prefill `ids` at positions past.. of the staging slot; the last position's logits [V] (a copy)."""
         m, n = self.model, len(ids)
-        io = self._prefill
+        session = m.session_for(n)
+        binding = self._prefill[id(session)]
+        io = binding[0]
         width = 1 if m.last_only else n
-        if width != self._prefill_width:
-            if width > self._prefill_logits.shape[1]:
-                self._prefill_logits = np.empty((1, width, m.vocab), m.logits_dtype)
+        if width > self._prefill_logits.shape[1]:
+            self._prefill_logits = np.empty((1, width, m.vocab), m.logits_dtype)
+            for other in self._prefill.values():
+                other[1] = 0  # bound to the old buffer
+        if width != binding[1]:
             io.bind_output(m.logits, "cpu", 0, m.logits_dtype, [1, width, m.vocab], self._prefill_logits.ctypes.data)
-            self._prefill_width = width
+            binding[1] = width
         io.bind_cpu_input(m.input_ids, np.asarray([ids], dtype=np.int64))
         io.bind_cpu_input(m.mask, np.ones((1, past + n), dtype=np.int64))
-        self._run(io)
+        self._run(io, session)
         return np.array(self._prefill_logits[0, width - 1], dtype=np.float32)
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -219,14 +268,16 @@ class Forward:
         The result is a view of the bound buffer: valid until the next decode pass.
         """
         m, rows = self.model, len(tokens)
-        io = self._decode
-        if rows != self._decode_rows:
+        session = m.session_for(rows)
+        binding = self._decode[id(session)]
+        io = binding[0]
+        if rows != binding[1]:
             self._bind_kv(io, 0, rows)
             io.bind_output(m.logits, "cpu", 0, m.logits_dtype, [rows, 1, m.vocab], self._decode_logits.ctypes.data)
-            self._decode_rows = rows
+            binding[1] = rows
         width = int(lengths.max()) + 1
         mask = (np.arange(width)[None, :] <= lengths[:, None]).astype(np.int64)
         io.bind_cpu_input(m.input_ids, tokens.reshape(rows, 1).astype(np.int64))
         io.bind_cpu_input(m.mask, mask)
-        self._run(io)
+        self._run(io, session)
         return self._decode_logits[:rows, 0]

@@ -72,7 +72,9 @@ def metric(name: str) -> float:
     return REGISTRY.get_sample_value(name) or 0.0
 
 
-def check_exact(model_dir: Path, max_tokens: int, slots: int, chunk: int) -> None:
+def check_exact(model_dir: Path, max_tokens: int, slots: int, chunk: int, float32_copy: bool = False) -> None:
+    """`float32_copy`: the model is block-quantized, so batched decode passes run on the float32
+    copy of its weights (runner.LoadedModel.float32_session) while batch 1 keeps the quantized graph."""
     import onnxruntime_genai as og
 
     texts = prompts()
@@ -84,6 +86,8 @@ def check_exact(model_dir: Path, max_tokens: int, slots: int, chunk: int) -> Non
     try:
         model = og.Model(str(model_dir))
         eos = eng_b1._model.eos
+        assert eng_b1._model.session_for(1) is eng_b1._model.session
+        assert (eng_batch._model.session_for(2) is not eng_batch._model.session) == float32_copy
         ids = [eng_b1._model.encode(t) for t in texts]
         ref = [strip_eos(reference_ids(model, i, max_tokens, eos), eos) for i in ids]
         del model
@@ -132,5 +136,6 @@ def test_sampled_answers_do_not_depend_on_cache_or_batch(tiny_model_dir: Path) -
 
 @pytest.mark.model
 def test_real_model_greedy_equals_ort_genai_generator(real_model_dir: Path) -> None:
-    """The served build: the same 30 prompts, 24 tokens, batch 1 / 8 slots / cached == Generator."""
-    check_exact(real_model_dir, max_tokens=24, slots=8, chunk=32)
+    """The served build: the same 30 prompts, 24 tokens, batch 1 / 8 slots (passes of 2+ rows on
+    the float32 copy of the weights) / cached == Generator."""
+    check_exact(real_model_dir, max_tokens=24, slots=8, chunk=32, float32_copy=True)
