@@ -66,9 +66,10 @@ class EngineSettings:
     # the conversation's next turn finds its last answer cached (scheduler.Fill).
     prefix_cache_answers: int = env("GENERATION_PREFIX_CACHE_ANSWERS", 16, check=lambda v: 0 <= v <= 10000,
                                     hint="0..10000")
-    # Decode passes of at least this many rows run on a float32 copy of a block-quantized CPU
-    # build's weights (model/float32_copy.py: ONNX Runtime's MatMulNBits re-dequantizes every
-    # block on every pass over 2+ rows); prefill and single-row passes keep the quantized graph.
+    # Passes over at least this many rows (decode) or prompt tokens (a prefill chunk) run on a
+    # float32 copy of a block-quantized CPU build's weights (model/float32_copy.py: ONNX Runtime's
+    # MatMulNBits re-dequantizes every block on every pass over 2+ rows); one-row passes keep the
+    # quantized graph, whose fused kernel is faster there.
     # Costs the weights' float32 size in memory (~0.45 GB for SmolLM2-135M). 0: off.
     float32_rows: int = env("GENERATION_FLOAT32_ROWS", 2, check=lambda v: 0 <= v <= 4096, hint="0 (off) or rows")
     max_tokens_limit: int = env("GENERATION_MAX_TOKENS_LIMIT", 2048, check=lambda v: 1 <= v <= 1 << 20,
