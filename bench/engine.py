@@ -438,7 +438,9 @@ def run_deployment(rec: Record, args: argparse.Namespace, stack: Any) -> None:
     rec.doc["params"]["colloquy_engine"] = {"max_running": settings.max_running, "max_waiting": settings.max_waiting,
                                             "stream_interval_ms": settings.stream_interval_ms,
                                             "stream_messages_per_s": settings.stream_messages_per_s,
-                                            "prefix_cache_conversations": settings.prefix_cache_conversations}
+                                            "prefix_cache_conversations": settings.prefix_cache_conversations,
+                                            "prefill_chunk": settings.prefill_chunk,
+                                            "float32_rows": settings.float32_rows}
     p = rec.doc["params"]
     prompts = [common.chat_prompt(q) for q in common.QUESTIONS]
     dep = Deployment(f"127.0.0.1:{stack.ports['generation']}")

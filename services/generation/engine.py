@@ -196,6 +196,8 @@ class AsyncEngine:
             caches = [s.cache for s in scheds if s.cache is not None]
             return {"running": sum(s.busy_slots() for s in scheds), "waiting": sum(len(s.waiting) for s in scheds),
                     "model_version": self._model.version, "provider": self.provider,
+                    # passes over this many rows/tokens or more run on the float32 copy (0: none loaded)
+                    "float32_rows": self._model.float32_rows,
                     "canary_version": self._canary.version if self._canary else "",
                     "canary_percent": self._canary_percent,
                     "max_running": self.config.max_running, "max_waiting": self.config.max_waiting,

@@ -88,6 +88,7 @@ def check_exact(model_dir: Path, max_tokens: int, slots: int, chunk: int, float3
         eos = eng_b1._model.eos
         assert eng_b1._model.session_for(1) is eng_b1._model.session
         assert (eng_batch._model.session_for(2) is not eng_batch._model.session) == float32_copy
+        assert (eng_batch.stats()["float32_rows"] == 2) == float32_copy  # what status() reports
         ids = [eng_b1._model.encode(t) for t in texts]
         ref = [strip_eos(reference_ids(model, i, max_tokens, eos), eos) for i in ids]
         del model
