@@ -20,11 +20,15 @@ services/generation).
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# The name of each new float32 weight: its MatMulNBits weight's name + this.
+SUFFIX = "/float32"
 
 
 class Float32CopyError(RuntimeError):
@@ -45,10 +49,15 @@ def dequantize_nbits(packed: np.ndarray, scales: np.ndarray, bits: int, k: int) 
     return w.reshape(n, -1)[:, :k]
 
 
-def float32_copy(model_path: Path) -> tuple[Any, Counter[str]]:
+def float32_copy(model_path: Path, weights_file: Path | None = None) -> tuple[Any, Counter[str]]:
     """The graph at ``model_path`` (an ``onnx.ModelProto``, weights loaded) with every body
     ``MatMulNBits`` a float32 ``MatMul``; and counts of what changed. Raises when there is nothing
-    to change (the model is float32 already)."""
+    to change (the model is float32 already).
+
+    With ``weights_file`` the new float32 weights are written there, each at a page-aligned
+    offset, and the graph refers to them as external data (save it beside that file): they are
+    never all in memory at once, and ONNX Runtime can map them.
+    """
     import onnx
     from onnx import helper, numpy_helper
 
@@ -65,31 +74,36 @@ def float32_copy(model_path: Path) -> tuple[Any, Counter[str]]:
     rename: dict[str, str] = {}
     dead: set[int] = set()
     new_inits: list[Any] = []
-    for node in graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs["N"] == vocab:
-            counts["lm_head_kept"] += 1
-            continue
-        if len(node.input) > 3 and node.input[3]:
-            raise Float32CopyError(f"{node.name}: zero points are not supported")
-        w = dequantize_nbits(numpy_helper.to_array(inits[node.input[1]]),
-                             numpy_helper.to_array(inits[node.input[2]]), attrs["bits"], attrs["K"])
-        weight_t = np.ascontiguousarray(w.T)  # [K, N]
-        add = _correction_add(node, consumers, producers, inits)
-        if add is not None:
-            correction_node, add_node, correction_t = add
-            block = attrs["block_size"]
-            weight_t += np.repeat(numpy_helper.to_array(correction_t), block, axis=0)[: attrs["K"]]
-            rename[add_node.output[0]] = node.output[0]
-            dead.update((id(correction_node), id(add_node)))
-            counts["corrections_folded"] += 1
-        name = f"{node.input[1]}/float32"
-        new_inits.append(numpy_helper.from_array(weight_t, name))
-        matmul = helper.make_node("MatMul", [node.input[0], name], [node.output[0]], name=f"{node.name}/float32")
-        node.CopyFrom(matmul)
-        counts[f"matmul_{attrs['bits']}bit"] += 1
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(open(weights_file, "wb")) if weights_file is not None else None
+        for node in graph.node:
+            if node.op_type != "MatMulNBits":
+                continue
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attrs["N"] == vocab:
+                counts["lm_head_kept"] += 1
+                continue
+            if len(node.input) > 3 and node.input[3]:
+                raise Float32CopyError(f"{node.name}: zero points are not supported")
+            w = dequantize_nbits(numpy_helper.to_array(inits[node.input[1]]),
+                                 numpy_helper.to_array(inits[node.input[2]]), attrs["bits"], attrs["K"])
+            weight_t = np.ascontiguousarray(w.T)  # [K, N]
+            add = _correction_add(node, consumers, producers, inits)
+            if add is not None:
+                correction_node, add_node, correction_t = add
+                block = attrs["block_size"]
+                weight_t += np.repeat(numpy_helper.to_array(correction_t), block, axis=0)[: attrs["K"]]
+                rename[add_node.output[0]] = node.output[0]
+                dead.update((id(correction_node), id(add_node)))
+                counts["corrections_folded"] += 1
+            name = node.input[1] + SUFFIX
+            if sink is None:
+                new_inits.append(numpy_helper.from_array(weight_t, name))
+            else:
+                new_inits.append(_external(name, weight_t, sink, weights_file.name))
+            matmul = helper.make_node("MatMul", [node.input[0], name], [node.output[0]], name=f"{node.name}/float32")
+            node.CopyFrom(matmul)
+            counts[f"matmul_{attrs['bits']}bit"] += 1
     if not counts["matmul_4bit"] and not counts["matmul_8bit"]:
         raise Float32CopyError(f"{model_path}: no quantized MatMulNBits outside the LM head")
     kept = [n for n in graph.node if id(n) not in dead]
@@ -106,6 +120,22 @@ def float32_copy(model_path: Path) -> tuple[Any, Counter[str]]:
     del graph.initializer[:]
     graph.initializer.extend(keep_inits)
     return model, counts
+
+
+def _external(name: str, array: np.ndarray, out: Any, location: str) -> Any:
+    """A float32 TensorProto whose data is appended to the open file ``out`` (at a 4 KiB boundary)."""
+    from onnx import TensorProto
+
+    offset = out.tell()
+    pad = -offset % 4096
+    out.write(b"\0" * pad)
+    out.write(np.ascontiguousarray(array, dtype="<f4").tobytes())
+    tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=array.shape,
+                         data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", str(offset + pad)), ("length", str(array.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
 
 
 def _output_width(graph: Any, name: str) -> int:

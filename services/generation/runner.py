@@ -183,11 +183,13 @@ class LoadedModel:
 
 def _float32_session(path: Path, opts: Any, providers: list[Any]) -> Any:
     """A session over the float32 copy of the graph at `path`; None for a graph with nothing to
-    unpack (a float32 build).
+    unpack (a float32 build) or when building it fails (the quantized graph serves alone).
 
-    The copy goes through a temporary file, not bytes: ONNX Runtime maps a file's external data
-    and keeps only the MatMul kernels' packed weights (~0.5 GB more for SmolLM2-135M, measured),
-    where a session from bytes kept the serialized model besides (~1.2 GB more, 2 GB peak).
+    The copy's weights go to a temporary file, one tensor at a time, and the graph refers to them:
+    ONNX Runtime maps them, packs them for its MatMul kernels and unmaps them, so the process keeps
+    only the packed copy (+0.47 GB resident for SmolLM2-135M, no higher peak) and nothing holds
+    the deleted file (an emptyDir /tmp in k8s). A session from bytes kept the serialized model
+    besides (+1.2 GB).
     """
     import tempfile
 
@@ -198,15 +200,17 @@ def _float32_session(path: Path, opts: Any, providers: list[Any]) -> Any:
 
     started = time.perf_counter()
     try:
-        graph, counts = float32_copy(path)
+        with tempfile.TemporaryDirectory(prefix="colloquy-float32-") as tmp:
+            graph, counts = float32_copy(path, Path(tmp) / "weights.bin")
+            onnx.save_model(graph, f"{tmp}/model.onnx")
+            del graph
+            session = ort.InferenceSession(f"{tmp}/model.onnx", opts, providers=providers)
     except Float32CopyError as exc:
         log.info("no float32 copy of the weights", extra={"reason": str(exc)})
         return None
-    with tempfile.TemporaryDirectory(prefix="colloquy-float32-") as tmp:
-        onnx.save_model(graph, f"{tmp}/model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="model.onnx.data", size_threshold=1024)
-        del graph
-        session = ort.InferenceSession(f"{tmp}/model.onnx", opts, providers=providers)
+    except Exception as exc:  # a full /tmp, say
+        log.warning("no float32 copy of the weights: building it failed", exc_info=exc)
+        return None
     log.info("float32 copy of the weights loaded", extra={"counts": dict(counts),
                                                            "load_s": round(time.perf_counter() - started, 3)})
     return session

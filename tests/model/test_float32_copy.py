@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from model.carry_blocks import carried_weights, carry
-from model.float32_copy import Float32CopyError, dequantize_nbits, float32_copy
+from model.float32_copy import SUFFIX, Float32CopyError, dequantize_nbits, float32_copy
 from tests.model.test_carry_blocks_graph import HIDDEN, _builder_like, _source
 
 
@@ -79,3 +79,24 @@ def test_a_float32_graph_has_nothing_to_copy(tmp_path: Path) -> None:
     onnx.save_model(helper.make_model(graph), str(tmp_path / "m.onnx"))
     with pytest.raises(Float32CopyError, match="no quantized MatMulNBits"):
         float32_copy(tmp_path / "m.onnx")
+
+
+def test_the_weights_file_holds_the_float32_weights_at_aligned_offsets(tmp_path: Path) -> None:
+    """What the engine loads: the graph saved beside the weights file computes as the in-memory copy."""
+    import onnx
+    import onnxruntime as ort
+
+    _builder_like(tmp_path / "src")
+    source, _ = _source()
+    carry(tmp_path / "src", tmp_path / "out", source, accuracy_level=0)
+    in_memory, _ = float32_copy(tmp_path / "out" / "model.onnx")
+    (tmp_path / "copy").mkdir()
+    on_disk, counts = float32_copy(tmp_path / "out" / "model.onnx", tmp_path / "copy" / "weights.bin")
+    external = [t for t in on_disk.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(external) == counts["matmul_4bit"] == 3
+    assert all(t.name.endswith(SUFFIX) and not t.raw_data for t in external)
+    assert all(int(next(e.value for e in t.external_data if e.key == "offset")) % 4096 == 0 for t in external)
+    onnx.save_model(on_disk, str(tmp_path / "copy" / "model.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "copy" / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(3).normal(size=(1, 4, HIDDEN)).astype(np.float32)
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], _run(in_memory, x))
