@@ -27,26 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from model import quant_blocks as qb
+
 # The name of each new float32 weight: its MatMulNBits weight's name + this.
 SUFFIX = "/float32"
 
 
 class Float32CopyError(RuntimeError):
     """The graph has a quantized node this module cannot unpack."""
-
-
-def dequantize_nbits(packed: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np.ndarray:
-    """The float32 [N, K] weight of a ``MatMulNBits`` node without zero points (the default:
-    2^(bits-1)), from its ``B`` [N, K/block, block*bits/8] and ``scales``."""
-    n, blocks, width = packed.shape
-    if bits == 4:
-        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, width * 2)
-    elif bits == 8:
-        q = packed
-    else:
-        raise Float32CopyError(f"{bits}-bit MatMulNBits is not supported")
-    w = (q.astype(np.float32) - float(1 << (bits - 1))) * scales.reshape(n, blocks, 1).astype(np.float32)
-    return w.reshape(n, -1)[:, :k]
 
 
 def float32_copy(model_path: Path, weights_file: Path | None = None) -> tuple[Any, Counter[str]]:
@@ -85,8 +73,11 @@ def float32_copy(model_path: Path, weights_file: Path | None = None) -> tuple[An
                 continue
             if len(node.input) > 3 and node.input[3]:
                 raise Float32CopyError(f"{node.name}: zero points are not supported")
-            w = dequantize_nbits(numpy_helper.to_array(inits[node.input[1]]),
-                                 numpy_helper.to_array(inits[node.input[2]]), attrs["bits"], attrs["K"])
+            try:
+                w = qb.unpack_matmul_nbits(numpy_helper.to_array(inits[node.input[1]]),
+                                           numpy_helper.to_array(inits[node.input[2]]), attrs["bits"], attrs["K"])
+            except ValueError as exc:
+                raise Float32CopyError(f"{node.name}: {exc}") from None
             weight_t = np.ascontiguousarray(w.T)  # [K, N]
             add = _correction_add(node, consumers, producers, inits)
             if add is not None:

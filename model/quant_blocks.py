@@ -143,12 +143,24 @@ def pack_matmul_nbits_4(blocks: Q4Blocks) -> tuple[np.ndarray, np.ndarray, np.nd
     return packed, blocks.d.astype(np.float32), correction
 
 
+def unpack_matmul_nbits(packed: np.ndarray, scales: np.ndarray, bits: int, k: int | None = None) -> np.ndarray:
+    """The float32 [N, K] weight of any ``MatMulNBits`` node without zero points (the default,
+    2^(bits-1)), from its ``B`` [N, K/block, block*bits/8] and ``scales`` (block size from the shapes)."""
+    n, blocks, width = packed.shape
+    if bits == 4:
+        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, width * 2)
+    elif bits == 8:
+        q = packed
+    else:
+        raise ValueError(f"{bits}-bit MatMulNBits is not supported")
+    w = (q.astype(np.float32) - float(1 << (bits - 1))) * scales.reshape(n, blocks, 1).astype(np.float32)
+    return w.reshape(n, -1)[:, :k]
+
+
 def unpack_matmul_nbits_4(packed: np.ndarray, scales: np.ndarray,
                           correction: np.ndarray) -> np.ndarray:
     """The float32 [N, K] weight that a packed 4-bit node plus its correction computes with."""
-    n, nb, _ = packed.shape
-    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, nb, BLOCK).astype(np.float32)
-    return ((q - 8.0) * scales[..., None] + correction[..., None]).reshape(n, nb * BLOCK)
+    return unpack_matmul_nbits(packed, scales, 4) + np.repeat(correction, BLOCK, axis=1)
 
 
 def pack_matmul_nbits_8(blocks: Q8Blocks) -> tuple[np.ndarray, np.ndarray]:
@@ -160,5 +172,4 @@ def pack_matmul_nbits_8(blocks: Q8Blocks) -> tuple[np.ndarray, np.ndarray]:
 
 def unpack_matmul_nbits_8(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """The float32 [N, K] weight of a packed 8-bit node (default zero point 128)."""
-    n, nb, _ = packed.shape
-    return ((packed.astype(np.float32) - 128.0) * scales[..., None]).reshape(n, nb * BLOCK)
+    return unpack_matmul_nbits(packed, scales, 8)

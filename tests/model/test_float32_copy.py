@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from model.carry_blocks import carried_weights, carry
-from model.float32_copy import SUFFIX, Float32CopyError, dequantize_nbits, float32_copy
+from model.float32_copy import SUFFIX, Float32CopyError, float32_copy
+from model.quant_blocks import unpack_matmul_nbits as dequantize_nbits
 from tests.model.test_carry_blocks_graph import HIDDEN, _builder_like, _source
 
 
