@@ -87,6 +87,11 @@ class EngineSettings:
     stream_messages_per_s: float = env("GENERATION_STREAM_MESSAGES_PER_S", 100.0,
                                        check=lambda v: v == 0 or 1 <= v <= 100000,
                                        hint="0 (off) or 1..100000 messages per second")
+    # A stream's first this many messages keep GENERATION_STREAM_INTERVAL_MS alone, whatever the
+    # load: the opening words (and output moderation's first chunk in hold mode) at step speed.
+    # Measured at 16 chats through the pipeline: bench/results/pipeline.md. 0: paced from the start.
+    stream_opening_messages: int = env("GENERATION_STREAM_OPENING_MESSAGES", 4,
+                                       check=lambda v: 0 <= v <= 1000, hint="0..1000 messages")
     # Each replica serves its own /metrics on the first free port from here (several replicas
     # may share a node); 0 disables it.
     replica_metrics_port: int = env("GENERATION_REPLICA_METRICS_PORT", 9110, check=_nonneg,

@@ -185,6 +185,7 @@ def _pace(stream: engine.Stream, settings: EngineSettings) -> None:
     """The stream's pacing: its interval, growing with the replica's load (engine.pace)."""
     stream.min_interval_s = settings.stream_interval_ms / 1000
     stream.messages_per_s = settings.stream_messages_per_s
+    stream.opening_messages = settings.stream_opening_messages
 
 
 def _replica_id() -> str:

@@ -84,6 +84,9 @@ class Stream:
         # The interval is `min_interval_s`, or longer under load with `messages_per_s` (see `pace`).
         self.min_interval_s = 0.0
         self.messages_per_s = 0.0
+        # The first this many messages keep `min_interval_s` alone: an answer's opening words are
+        # what a person, and output moderation's first chunk, wait for (`pace`).
+        self.opening_messages = 0
 
     def cancel(self) -> None:
         self._job.cancelled = True
@@ -91,7 +94,7 @@ class Stream:
 
     async def __aiter__(self) -> AsyncIterator[list[Delta]]:
         """Yield the deltas ready at each moment (one or more per candidate) until all finished."""
-        finished = False
+        finished, messages = False, 0
         queue = self._job.bridge.queue
         try:
             while True:
@@ -104,8 +107,10 @@ class Stream:
                 if deltas:
                     sent = time.monotonic()
                     yield deltas
+                    messages += 1
                     if not done and (self.min_interval_s > 0 or self.messages_per_s > 0):
-                        interval = pace(self.min_interval_s, self._engine.running_candidates, self.messages_per_s)
+                        interval = pace(self.min_interval_s, self._engine.running_candidates,
+                                        self.messages_per_s, sent=messages, opening=self.opening_messages)
                         await asyncio.sleep(interval - (time.monotonic() - sent))
                 if done:
                     finished = True
@@ -115,17 +120,19 @@ class Stream:
                 self.cancel()
 
 
-def pace(min_interval_s: float, running: int, messages_per_s: float) -> float:
+def pace(min_interval_s: float, running: int, messages_per_s: float, *, sent: int = 0, opening: int = 0) -> float:
     """A stream's least time between two messages: `min_interval_s`, or `running / messages_per_s`
-    when that is longer (0 turns it off).
+    when that is longer (0 turns it off) and the stream has sent its `opening` messages.
 
     Every message costs the serving path (Ray's streaming generator, Serve's proxy, the client)
     about the same CPU however many tokens it carries, on the cores the model runs on. With this
     the replica's streams together send about `messages_per_s` messages at most: one stream still
     gets a message per token (TTFT and its inter-token latency unchanged), 16 streams get a few
-    tokens per message instead of one.
+    tokens per message instead of one. A stream's opening messages are not slowed by load
+    (`Stream.opening_messages`): the first words reach a person, and output moderation's first
+    chunk, at step speed; a few extra messages per answer cost little.
     """
-    if messages_per_s <= 0:
+    if messages_per_s <= 0 or sent < opening:
         return min_interval_s
     return max(min_interval_s, running / messages_per_s)
 

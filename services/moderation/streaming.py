@@ -13,9 +13,12 @@ hold mode, and the released text shrinks to that cut (the worker tells the clien
 the rest). A `hold` test on each chunk's verdict (a hold category scored high) switches the rest
 of the answer back to hold-and-check from that chunk on.
 
-The first chunk may be shorter (`first_chars`, a word or a few): it is what a person waits for
-before seeing anything, and an answer's opening is what the context check reads ("Sure, here are
-the steps" after a harmful request), so checking it early costs little safety.
+The opening chunks may be shorter (`first_chars`: a word or two, then twice that, and so on up to
+`min_chars`): the first one is what a person waits for before seeing anything, and the ramp lets
+the next words follow in pieces instead of one sentence-sized jump. An answer's opening is what
+the context check reads ("Sure, here are the steps" after a harmful request) and each chunk is
+checked with the one before it, so checking short pieces early costs little safety: less text is
+shown before the first check that sees a whole phrase.
 """
 
 from __future__ import annotations
@@ -37,14 +40,16 @@ def chunk_ends(text: str, min_chars: int, max_chars: int, final: bool = False,
     A chunk ends at the first sentence end (".", "!", "?" followed by whitespace, or a newline)
     at least `min_chars` after its start; failing one within `max_chars`, at the next whitespace;
     failing that within 2 * `max_chars`, hard at that length (long tokens, code, URLs). With
-    `first_chars` (> 0), the first chunk ends at the first whitespace at least that far in (hard
-    at twice that).
+    `first_chars` (> 0), chunk k of the opening ends at the first whitespace at least
+    `first_chars` * 2**k into it (hard at twice that) for as long as that is below `min_chars`
+    (the first chunk always: it may be longer than `min_chars`).
     """
     ends: list[int] = []
     start, n = 0, len(text)
     while True:
-        if not ends and first_chars > 0:
-            end = _next_end(text, start, first_chars, first_chars)
+        ramp = first_chars * 2 ** min(len(ends), 16) if first_chars > 0 else 0
+        if ramp and (not ends or ramp < min_chars):
+            end = _next_end(text, start, ramp, ramp)
         else:
             end = _next_end(text, start, min_chars, max_chars)
         if end is None:

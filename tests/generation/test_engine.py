@@ -296,6 +296,14 @@ def test_pace_grows_with_the_running_candidates() -> None:
     assert pace(0.0, 0, 100.0) == 0.0
 
 
+def test_a_streams_opening_messages_are_not_slowed_by_load() -> None:
+    """The first words go out at step speed however many streams run; then the budget applies."""
+    assert pace(0.01, 16, 100.0, sent=1, opening=4) == 0.01
+    assert pace(0.01, 16, 100.0, sent=3, opening=4) == 0.01
+    assert pace(0.01, 16, 100.0, sent=4, opening=4) == pytest.approx(0.16)
+    assert pace(0.01, 16, 100.0, sent=1, opening=0) == pytest.approx(0.16)
+
+
 def test_paced_streams_coalesce_tokens_and_keep_the_answers(engine) -> None:
     """With a small message budget 4 concurrent streams get several tokens per message, and the
     same text as unpaced streams (pacing only regroups deltas)."""
