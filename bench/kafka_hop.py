@@ -5,7 +5,10 @@ process, real broker) copies it to a second topic, and a read_committed consumer
 copy; a hop is the time from the send to the copy's arrival. Variants, interleaved round by round
 so load drift hits each alike: a ``kafka_loop.StageWorker`` sending the copy inside its
 transaction (the baseline), the copy marked ``at_once`` (sent before the commit), the baseline
-with ``KAFKA_FETCH_MAX_WAIT_MS=10`` instead of 100, the baseline with the interpreter's switch
+with ``KAFKA_FETCH_MAX_WAIT_MS=10`` instead of 100, the baseline asking the broker about its output
+topic inside every transaction (``KAFKA_OUTPUT_CHECK_TTL_MS=0``: what every transaction of a stage
+whose records come more than the TTL apart did before the refresh-ahead of ``kafka_loop.OutputTopics``;
+run it with ``--gap-ms`` above 1000 to compare), the baseline with the interpreter's switch
 interval at 0.5 ms instead of 5 ms (set only while that variant's records run), and a probe of
 the same transactional hop with confluent-kafka (librdkafka), not the product's client: its stage
 alone between kafka-python ends, and the whole hop (ends and stage) in confluent-kafka. Also each
@@ -35,6 +38,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "at_once": {"stage": "kafka-python", "ends": "kafka-python", "at_once": True, "fetch_max_wait_ms": 100},
     "transaction, fetch wait 10 ms": {"stage": "kafka-python", "ends": "kafka-python", "at_once": False,
                                       "fetch_max_wait_ms": 10},
+    "transaction, output topics asked every time": {"stage": "kafka-python", "ends": "kafka-python",
+                                                     "at_once": False, "fetch_max_wait_ms": 100,
+                                                     "output_check_ttl_ms": 0},
     "transaction, switch interval 0.5 ms": {"stage": "kafka-python", "ends": "kafka-python", "at_once": False,
                                             "fetch_max_wait_ms": 100, "switch_interval_s": 0.0005},
     f"{PROBE}: stage only": {"stage": "confluent-kafka", "ends": "kafka-python", "at_once": False,
@@ -204,7 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     rec = Record(NAME, {"rounds": args.rounds, "per_round": args.per_round, "gap_ms": args.gap_ms,
                         "variants": VARIANTS, "method": __doc__.split("\n\n")[1].replace("\n", " ")})
-    variants = dict(VARIANTS)
+    variants = {n: v for n, v in VARIANTS.items() if not args.only or n in args.only.split("|")}
     try:
         import confluent_kafka  # noqa: F401
     except ImportError:  # a bench extra: without it the probe is skipped, not failed
@@ -223,8 +229,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             src, dst = f"bench-hop-in-{tag}", f"bench-hop-out-{tag}"
             admin.create_topics([NewTopic(src, 6, 1), NewTopic(dst, 6, 1)])
             made += [src, dst]
-            cfg = dataclasses.replace(KafkaConfig(bootstrap_servers=common.BOOTSTRAP),
-                                      fetch_max_wait_ms=v["fetch_max_wait_ms"])
+            cfg = KafkaConfig(bootstrap_servers=common.BOOTSTRAP)
+            cfg = dataclasses.replace(cfg, fetch_max_wait_ms=v["fetch_max_wait_ms"],
+                                      output_check_ttl_ms=v.get("output_check_ttl_ms", cfg.output_check_ttl_ms))
             if v["stage"] == "confluent-kafka":
                 worker: Any = ConfluentStage(f"bench-hop-{tag}", src, dst, v["fetch_max_wait_ms"],
                                              cfg.max_poll_records)
@@ -320,6 +327,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--per-round", type=int, default=10)
     p.add_argument("--gap-ms", type=int, default=100, help="pause between records (a lone record each time)")
+    p.add_argument("--only", default="", help="variant names separated by | (default: all)")
     with common.broker():
         run(p.parse_args())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import threading
 import time
 
 import pytest
@@ -10,7 +11,8 @@ from colloquy.v1 import common_pb2, events_pb2
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 from devtools.procs import Proc, free_port
-from services.common import events, topics
+from services.common import events, kafka_loop, topics
+from services.common.config import KafkaConfig
 from tests.common.kafka_util import Tail, create, produce, read_all
 
 pytestmark = pytest.mark.kafka
@@ -202,6 +204,35 @@ def test_reply_topic_deleted_after_the_stage_wrote_to_it_dead_letters_its_record
     assert [events.decode(r.value, r.headers, events_pb2.TurnEvent).request_id for r in dead] == ["req-1"]
     assert events.header(dead[0].headers, "dlq-error-type") == "UnwritableTopic"
     assert reply in events.header(dead[0].headers, "dlq-reason")
+
+
+def test_output_topics_are_refreshed_ahead_and_a_deleted_one_stops_being_trusted(
+        kafka_bootstrap: str, unique: str) -> None:
+    """A topic in use stays trusted past its TTL (a background thread asks again, so a
+    transaction does not wait for the broker), and one deleted meanwhile is found by the next
+    refresh, not trusted beyond it, and reported unwritable with the broker's reason."""
+    topic = f"t.refresh.{unique}"
+    create(kafka_bootstrap, topic, partitions=1)
+    outputs = kafka_loop.OutputTopics(KafkaConfig(bootstrap_servers=kafka_bootstrap, output_check_ttl_ms=600),
+                                      f"test-{unique}")
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        assert outputs.unwritable([topic]) == {}
+        time.sleep(1.5)  # 2.5 TTLs: without the refresh the trust would have lapsed
+        assert outputs.trusted(topic)
+        admin.delete_topics([topic])
+        deadline = time.monotonic() + 30
+        while topic in admin.list_topics() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        deadline = time.monotonic() + 10
+        while outputs.trusted(topic) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not outputs.trusted(topic)
+        assert outputs.unwritable([topic]) == {topic: "UnknownTopicOrPartitionError"}
+    finally:
+        admin.close()
+        outputs.close()
+    assert f"test-{unique}-refresh" not in {t.name for t in threading.enumerate()}  # close() ended it
 
 
 def test_record_the_broker_refuses_for_good_is_dead_lettered_alone_and_the_batch_goes_on(
