@@ -13,12 +13,12 @@ hold mode, and the released text shrinks to that cut (the worker tells the clien
 the rest). A `hold` test on each chunk's verdict (a hold category scored high) switches the rest
 of the answer back to hold-and-check from that chunk on.
 
-The opening chunks may be shorter (`first_chars`: a word or two, then twice that, and so on up to
-`min_chars`): the first one is what a person waits for before seeing anything, and the ramp lets
-the next words follow in pieces instead of one sentence-sized jump. An answer's opening is what
-the context check reads ("Sure, here are the steps" after a harmful request) and each chunk is
-checked with the one before it, so checking short pieces early costs little safety: less text is
-shown before the first check that sees a whole phrase.
+The first chunk may be shorter (`first_chars`, a word or a few): it is what a person waits for
+before seeing anything, and an answer's opening is what the context check reads ("Sure, here are
+the steps" after a harmful request), so checking it early costs little safety. Only the first:
+growing the next chunks from it as well (8, 16, 32 characters, ...) cut 15 of 185 benign quiz
+answers against 8 with one short chunk, since a short window judged with the user's message is
+easily read as something else (`python -m bench.output_chunks`, 2026-12-04).
 """
 
 from __future__ import annotations
@@ -40,16 +40,14 @@ def chunk_ends(text: str, min_chars: int, max_chars: int, final: bool = False,
     A chunk ends at the first sentence end (".", "!", "?" followed by whitespace, or a newline)
     at least `min_chars` after its start; failing one within `max_chars`, at the next whitespace;
     failing that within 2 * `max_chars`, hard at that length (long tokens, code, URLs). With
-    `first_chars` (> 0), chunk k of the opening ends at the first whitespace at least
-    `first_chars` * 2**k into it (hard at twice that) for as long as that is below `min_chars`
-    (the first chunk always: it may be longer than `min_chars`).
+    `first_chars` (> 0), the first chunk ends at the first whitespace at least that far in (hard
+    at twice that).
     """
     ends: list[int] = []
     start, n = 0, len(text)
     while True:
-        ramp = first_chars * 2 ** min(len(ends), 16) if first_chars > 0 else 0
-        if ramp and (not ends or ramp < min_chars):
-            end = _next_end(text, start, ramp, ramp)
+        if not ends and first_chars > 0:
+            end = _next_end(text, start, first_chars, first_chars)
         else:
             end = _next_end(text, start, min_chars, max_chars)
         if end is None:

@@ -47,21 +47,12 @@ def test_chunk_ends_never_move_as_text_grows(text: str, min_chars: int, extra: i
         assert prefix == full[:len(prefix)], "a boundary moved when the text grew"
 
 
-def test_the_opening_chunks_ramp_up_between_words() -> None:
-    text = ("Sure, here are the steps you asked for. First, take the thing. Then do more of it, "
-            "and when that is done, rest. The end of it all is here. And one more sentence.")
+def test_the_first_chunk_is_short_and_ends_between_words() -> None:
+    text = "Sure, here are the steps you asked for. First, take the thing. Then do more."
     ends = streaming.chunk_ends(text, 40, 80, first_chars=10)
     assert ends[0] == text.index(" ", 10)  # "Sure, here" + " ": the first word boundary past 10
-    assert ends[1] == text.index(" ", ends[0] + 20)  # then twice that, again at a word boundary
-    assert text[ends[2] - 1] in ".!?" and ends[2] - ends[1] >= 40  # 40 is min_chars: full chunks again
+    assert ends[1] - ends[0] >= 40  # later chunks keep their size
     assert streaming.chunk_ends(text, 40, 80)[0] > 40  # without it, the first chunk is a full one
-
-
-def test_a_first_chunk_longer_than_min_chars_is_kept_alone() -> None:
-    text = "One two three four five six seven eight nine ten. Eleven twelve. Thirteen fourteen."
-    ends = streaming.chunk_ends(text, 10, 80, first_chars=30)
-    assert ends[0] == text.index(" ", 30)
-    assert ends[1] == text.index("ten.") + 4  # no ramp after it: a sentence end >= min_chars in
 
 
 def test_windows_overlap_the_previous_chunk() -> None:

@@ -1,0 +1,106 @@
+"""Benign answers cut by output moderation, per way of chunking: ``python -m bench.output_chunks``.
+
+The served build's own greedy answers to the quality gate's 184 questions (kept in its manifest,
+so nothing is generated here), plus `make demo`'s first answer (2026-12-04), are checked whole
+the way the output stage checks them (each chunk with the one before it, the user's question as
+context, the leak check on every prefix), once per chunking: the first chunk's length
+(`MODERATION_CHUNK_FIRST_CHARS`) 24, 16 and 8, and a what-if that also grows the next chunks
+from the first (8, 16, 32, ... up to the minimum; not the product's rule). Every answer is benign,
+so every cut is a false positive a person would see as "The answer was stopped". Writes
+bench/results/output_chunks.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from bench import common
+from bench.common import Record
+
+NAME = "output_chunks"
+# `make demo`'s first turn: under the what-if its answer was cut after "Biscuit is a friendly and
+# lovable" as sexual/minors; with the product's chunking the whole answer (this) went out.
+EXTRA = [("Hi! I have a dog called Biscuit.",
+          "Biscuit is a friendly and lovable dog. He's a 12-year-old Labrador Retriever who loves to "
+          "play fetch with his owner.")]
+CHUNKINGS = {"first 24": (24, False), "first 16": (16, False), "first 8": (8, False),
+             "first 8, then doubling (what-if)": (8, True)}
+
+
+@contextlib.contextmanager
+def _doubling() -> Iterator[None]:
+    """The what-if chunker: chunk k of the opening ends at the first whitespace past
+    first * 2**k characters while that is below the minimum (then the product's rule)."""
+    from services.moderation import streaming
+
+    product = streaming.chunk_ends
+
+    def chunk_ends(text: str, min_chars: int, max_chars: int, final: bool = False,
+                   first_chars: int = 0) -> list[int]:
+        ends: list[int] = []
+        start = 0
+        while True:
+            ramp = first_chars * 2 ** min(len(ends), 16)
+            if first_chars and (not ends or ramp < min_chars):
+                end = streaming._next_end(text, start, ramp, ramp)
+            else:
+                end = streaming._next_end(text, start, min_chars, max_chars)
+            if end is None:
+                break
+            ends.append(end)
+            start = end
+        if final and start < len(text):
+            ends.append(len(text))
+        return ends
+
+    streaming.chunk_ends = chunk_ends
+    try:
+        yield
+    finally:
+        streaming.chunk_ends = product
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from services.common import config
+    from services.moderation import streaming
+    from services.moderation.__main__ import load_leak_detector, load_moderator
+    from services.moderation.config import ModerationConfig
+    from services.moderation.worker import OutputStage
+
+    model_dir, version = common.served_model()
+    manifest = json.loads((model_dir / "manifest.json").read_text(encoding="utf-8"))
+    pairs = [(q["question"], q["answer"]) for q in manifest["quality"]["per_question"]] + EXTRA
+    cfg = config.load(ModerationConfig)
+    moderator = load_moderator(cfg)
+    leak = load_leak_detector(cfg, moderator)
+    rec = Record(NAME, {"answers_of": version, "answers": len(pairs), "min_chars": cfg.chunk_min_chars,
+                        "max_chars": cfg.chunk_max_chars, "method": __doc__.split("\n\n")[1].replace("\n", " ")})
+    rows = []
+    for name, (first, doubling) in CHUNKINGS.items():
+        stage = OutputStage(moderator, cfg.chunk_min_chars, cfg.chunk_max_chars, first_chars=first, leak=leak)
+        cut: list[dict[str, Any]] = []
+        with _doubling() if doubling else contextlib.nullcontext():
+            for question, answer in pairs:
+                check = streaming.check_candidate(answer, True, stage._verdicts(question), stage._combine,
+                                                  stage.min_chars, stage.max_chars, first)
+                if check.blocked is not None:
+                    cut.append({"question": question, "answer": answer, "released": check.released,
+                                "categories": sorted(c for c, v in check.blocked.categories.items() if v)})
+        rec.results[name] = {"cut": len(cut), "of": len(pairs), "answers_cut": cut}
+        rows.append([name, f"{len(cut)} of {len(pairs)}", ", ".join(c["question"][:40] for c in cut[:4])])
+    rec.finish()
+    print(common.table(rows, ["chunking", "benign answers cut", "first of them"]))
+    return rec.doc
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.output_chunks", description=__doc__.split("\n\n")[0])
+    run(p.parse_args())
+
+
+if __name__ == "__main__":
+    main()
