@@ -1,12 +1,15 @@
 """Benign answers cut by output moderation, per way of chunking: ``python -m bench.output_chunks``.
 
 The served build's own greedy answers to the quality gate's 184 questions (kept in its manifest,
-so nothing is generated here), plus `make demo`'s first answer (2026-12-04), are checked whole
+so nothing is generated here), `make demo`'s first answer (2026-12-04) and the benign
+look-alikes of services/moderation/data/context_pairs.jsonl, are checked whole
 the way the output stage checks them (each chunk with the one before it, the user's question as
 context, the leak check on every prefix), once per chunking: the first chunk's length
-(`MODERATION_CHUNK_FIRST_CHARS`) 24, 16 and 8, and a what-if that also grows the next chunks
+(`MODERATION_CHUNK_FIRST_CHARS`) 24, 16, 8, 4 and 1, and a what-if that also grows the next chunks
 from the first (8, 16, 32, ... up to the minimum; not the product's rule). Every answer is benign,
-so every cut is a false positive a person would see as "The answer was stopped". Writes
+so every cut is a false positive a person would see as "The answer was stopped". Beside them, the
+harmful answers of services/moderation/data/context_pairs.jsonl (a request for harm and an answer
+that goes along with it, harmful only in that context): every one of those should be cut. Writes
 bench/results/output_chunks.json.
 """
 
@@ -27,7 +30,8 @@ NAME = "output_chunks"
 EXTRA = [("Hi! I have a dog called Biscuit.",
           "Biscuit is a friendly and lovable dog. He's a 12-year-old Labrador Retriever who loves to "
           "play fetch with his owner.")]
-CHUNKINGS = {"first 24": (24, False), "first 16": (16, False), "first 8": (8, False),
+CHUNKINGS = {"first 24": (24, False), "first 16": (16, False), "first 8": (8, False), "first 4": (4, False),
+             "first 1": (1, False),
              "first 8, then doubling (what-if)": (8, True)}
 
 
@@ -66,7 +70,7 @@ def _doubling() -> Iterator[None]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from services.common import config
-    from services.moderation import streaming
+    from services.moderation import dataset, streaming
     from services.moderation.__main__ import load_leak_detector, load_moderator
     from services.moderation.config import ModerationConfig
     from services.moderation.worker import OutputStage
@@ -79,21 +83,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     leak = load_leak_detector(cfg, moderator)
     rec = Record(NAME, {"answers_of": version, "answers": len(pairs), "min_chars": cfg.chunk_min_chars,
                         "max_chars": cfg.chunk_max_chars, "method": __doc__.split("\n\n")[1].replace("\n", " ")})
+    context_pairs = dataset.load("context_pairs.jsonl")
+    harmful = [(e.context, e.text) for e in context_pairs if e.labels]
+    pairs += [(e.context, e.text) for e in context_pairs if not e.labels]  # benign look-alikes
+    rec.doc["params"].update(answers=len(pairs), harmful_pairs=len(harmful))
     rows = []
     for name, (first, doubling) in CHUNKINGS.items():
         stage = OutputStage(moderator, cfg.chunk_min_chars, cfg.chunk_max_chars, first_chars=first, leak=leak)
-        cut: list[dict[str, Any]] = []
-        with _doubling() if doubling else contextlib.nullcontext():
-            for question, answer in pairs:
+
+        def cuts(items: list[tuple[str, str]], stage: OutputStage = stage, first: int = first) -> list[dict[str, Any]]:
+            out = []
+            for question, answer in items:
                 check = streaming.check_candidate(answer, True, stage._verdicts(question), stage._combine,
                                                   stage.min_chars, stage.max_chars, first)
                 if check.blocked is not None:
-                    cut.append({"question": question, "answer": answer, "released": check.released,
+                    out.append({"question": question, "answer": answer, "released": check.released,
                                 "categories": sorted(c for c, v in check.blocked.categories.items() if v)})
-        rec.results[name] = {"cut": len(cut), "of": len(pairs), "answers_cut": cut}
-        rows.append([name, f"{len(cut)} of {len(pairs)}", ", ".join(c["question"][:40] for c in cut[:4])])
+            return out
+
+        with _doubling() if doubling else contextlib.nullcontext():
+            cut, caught = cuts(pairs), cuts(harmful)
+        rec.results[name] = {"cut": len(cut), "of": len(pairs), "answers_cut": cut,
+                             "harmful_cut": len(caught), "harmful_of": len(harmful), "harmful_caught": caught,
+                             "harmful_missed": [q for q, _ in harmful if q not in {c["question"] for c in caught}]}
+        rows.append([name, f"{len(cut)} of {len(pairs)}", f"{len(caught)} of {len(harmful)}",
+                     ", ".join(c["question"][:40] for c in cut[:3])])
     rec.finish()
-    print(common.table(rows, ["chunking", "benign answers cut", "first of them"]))
+    print(common.table(rows, ["chunking", "benign answers cut", "harmful answers cut", "first benign cut"]))
     return rec.doc
 
 

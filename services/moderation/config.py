@@ -34,7 +34,8 @@ class ModerationConfig:
                                hint="1..8192 characters, >= MODERATION_CHUNK_MIN_CHARS")
     # The first chunk is shorter (streaming.py): the time to the first text a person sees in hold
     # mode. 8 is a word or two: 24 -> 8 cut that time by 85-97 ms at 1 chat, and benign answers cut
-    # by output moderation 10 -> 8 of 185 (bench/results/output_chunks.json). 0: like the other chunks.
+    # by output moderation 11 -> 9 of 203, harmful ones 11 of 12 either way
+    # (bench/results/output_chunks.json). 0: like the other chunks.
     chunk_first_chars: int = env("MODERATION_CHUNK_FIRST_CHARS", 8, check=lambda v: 0 <= v <= 4096,
                                  hint="0..4096 characters (0: like the other chunks)")
     # The hidden instructions output moderation checks answers against (every version's `before`
