@@ -82,6 +82,14 @@ def join_two(bootstrap: str, unique: str, close_a: Callable[[KafkaConsumer], Non
     """Members a and b of a fresh group, each owning part of a 4-partition topic."""
     topic, group = f"t.leave.{unique}", f"g.leave.{unique}"
     create(bootstrap, topic, partitions=PARTITIONS)
+    # The group's leader assigns only the partitions its metadata knows: joining before the new
+    # topic's metadata reached it gave an empty assignment, redone only at the next metadata
+    # refresh (minutes; seen once in CI: "No partition metadata for topic").
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.wait_for_topics([topic], timeout_ms=30_000)  # every partition with a leader
+    finally:
+        admin.close()
     a = Member(bootstrap, group, topic, f"a-{unique}", close_a)
     b = Member(bootstrap, group, topic, f"b-{unique}", kafka_loop.close_leaving_group)
     a.start()
