@@ -1,4 +1,4 @@
-"""Benign answers cut by output moderation, per way of chunking: ``python -m bench.output_chunks``.
+"""Answers output moderation cuts, benign and harmful, per way of chunking: ``python -m bench.output_chunks``.
 
 The served build's own greedy answers to the quality gate's 184 questions (kept in its manifest,
 so nothing is generated here), `make demo`'s first answer (2026-12-04) and the benign
@@ -77,16 +77,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     model_dir, version = common.served_model()
     manifest = json.loads((model_dir / "manifest.json").read_text(encoding="utf-8"))
-    pairs = [(q["question"], q["answer"]) for q in manifest["quality"]["per_question"]] + EXTRA
+    context_pairs = dataset.load("context_pairs.jsonl")
+    pairs = ([(q["question"], q["answer"]) for q in manifest["quality"]["per_question"]] + EXTRA
+             + [(e.context, e.text) for e in context_pairs if not e.labels])  # + benign look-alikes
+    harmful = [(e.context, e.text) for e in context_pairs if e.labels]
     cfg = config.load(ModerationConfig)
     moderator = load_moderator(cfg)
     leak = load_leak_detector(cfg, moderator)
-    rec = Record(NAME, {"answers_of": version, "answers": len(pairs), "min_chars": cfg.chunk_min_chars,
-                        "max_chars": cfg.chunk_max_chars, "method": __doc__.split("\n\n")[1].replace("\n", " ")})
-    context_pairs = dataset.load("context_pairs.jsonl")
-    harmful = [(e.context, e.text) for e in context_pairs if e.labels]
-    pairs += [(e.context, e.text) for e in context_pairs if not e.labels]  # benign look-alikes
-    rec.doc["params"].update(answers=len(pairs), harmful_pairs=len(harmful))
+    rec = Record(NAME, {"answers_of": version, "answers": len(pairs), "harmful_pairs": len(harmful),
+                        "min_chars": cfg.chunk_min_chars, "max_chars": cfg.chunk_max_chars,
+                        "method": __doc__.split("\n\n")[1].replace("\n", " ")})
     rows = []
     for name, (first, doubling) in CHUNKINGS.items():
         stage = OutputStage(moderator, cfg.chunk_min_chars, cfg.chunk_max_chars, first_chars=first, leak=leak)

@@ -264,8 +264,9 @@ class OutputTopics:
         """
         now = time.monotonic()
         wanted = set(topics)
-        for topic in wanted:
-            self._used[topic] = now
+        if self._ttl_s > 0:  # only the refresher reads (and prunes) this
+            for topic in wanted:
+                self._used[topic] = now
         ask = sorted(t for t in wanted if fresh or self._ok_until.get(t, 0.0) <= now)
         if not ask:
             return {}
