@@ -76,15 +76,16 @@ async def build() -> grpc_server.ServiceApp:
     if cfg.stages:
         await boot.ensure_topics()
         if "input" in cfg.stages:
+            inputs = InputStage(moderator)
             workers.append(kafka_loop.StageWorker(
-                "moderation-input", [topics.CHAT_TOKENIZED.name], events_pb2.TurnEvent,
-                InputStage(moderator).handle, boot.kafka, group_id=cfg.input_group, instance_id=boot.instance))
+                "moderation-input", [topics.CHAT_TOKENIZED.name], events_pb2.TurnEvent, inputs.handle,
+                boot.kafka, group_id=cfg.input_group, instance_id=boot.instance, prepare=inputs.prepare))
         if "output" in cfg.stages:
-            stage = OutputStage(moderator, cfg.chunk_min_chars, cfg.chunk_max_chars,
+            output = OutputStage(moderator, cfg.chunk_min_chars, cfg.chunk_max_chars,
                                 first_chars=cfg.chunk_first_chars, leak=load_leak_detector(cfg, moderator))
             workers.append(kafka_loop.StageWorker(
                 "moderation-output", [topics.GENERATION_PROGRESS.name], events_pb2.GenerationProgress,
-                stage.handle, boot.kafka, group_id=cfg.output_group, instance_id=boot.instance))
+                output.handle, boot.kafka, group_id=cfg.output_group, instance_id=boot.instance))
     svc = grpc_server.Service("colloquy.v1.ModerationService",
                               moderation_pb2_grpc.add_ModerationServiceServicer_to_server, servicer)
     return grpc_server.ServiceApp("moderation", boot.server, [svc], workers=workers, on_stop=[servicer.close])

@@ -11,7 +11,13 @@ from services.prompt.config import DEFAULTS, HistoryStoreConfig, PromptConfig
 from services.prompt.domain import Assembler
 from services.prompt.pending import TurnTracker
 from services.prompt.servicer import PromptServicer
-from services.prompt.worker import make_handler, make_unanswered_handler, make_unanswered_worker, make_worker
+from services.prompt.worker import (
+    HistoryPrefetch,
+    make_handler,
+    make_unanswered_handler,
+    make_unanswered_worker,
+    make_worker,
+)
 from services.tokenizer import model_files
 from services.tokenizer.domain import TextTokenizer
 
@@ -37,8 +43,9 @@ async def build() -> grpc_server.ServiceApp:
     tracker = TurnTracker(ttl_ms=int(cfg.pending_ttl_s * 1000))
     workers: list[runtime.ThreadWorker] = []
     if cfg.kafka_worker:
-        handler = make_handler(assembler, templates, tracker, reader, cfg)
-        workers.append(make_worker(handler, cfg, boot.kafka, boot.instance))
+        prefetch = HistoryPrefetch(reader, cfg)
+        handler = make_handler(assembler, templates, tracker, reader, cfg, prefetch=prefetch)
+        workers.append(make_worker(handler, cfg, boot.kafka, boot.instance, prefetch))
         workers.append(make_unanswered_worker(make_unanswered_handler(tracker), cfg, boot.kafka, boot.instance))
     workers.append(reader)  # NOT_SERVING until the store is reachable and caught up
     svc = grpc_server.Service("colloquy.v1.PromptService", prompt_pb2_grpc.add_PromptServiceServicer_to_server,

@@ -19,7 +19,7 @@ from services.common.config import KafkaConfig
 from services.conversation.reader import StoreReader
 from services.prompt.config import PromptConfig
 from services.prompt.domain import DEFAULT_ANSWER_BUDGET, Assembler, conversation_seed, past_turns
-from services.prompt.history import HistoryUnavailable, lookup
+from services.prompt.history import Found, HistoryUnavailable, lookup, lookup_many
 from services.prompt.pending import ConversationNotFound, TurnInProgress, TurnTracker
 from services.prompt.templates import PromptTemplate, TemplateSet
 from services.tokenizer.domain import InvalidArgument
@@ -85,10 +85,37 @@ def blocked_events(turn: events_pb2.TurnEvent, template: PromptTemplate,
     ]
 
 
+class HistoryPrefetch:
+    """The stage's `prepare`: every conversation of a polled batch looked up behind one
+    read-your-writes wait (`lookup_many`), kept for the handler. The wait starts after every
+    record of the batch was consumed, so it covers each of them as a wait of its own would."""
+
+    def __init__(self, reader: StoreReader, cfg: PromptConfig) -> None:
+        self.reader, self.cfg = reader, cfg
+        self.found: dict[tuple[str, str], Found] = {}
+
+    def __call__(self, batch: list[events_pb2.TurnEvent]) -> None:
+        self.found = {}
+        wanted = list(dict.fromkeys((t.conversation_id, t.user_id) for t in batch
+                                    if t.conversation_id and moderated(t) and not turns.deadline_passed(t)))
+        if len(wanted) > 1:
+            self.found = lookup_many(self.reader, wanted, self.cfg.history_wait_s)
+
+    def lookup(self, conversation_id: str, user_id: str) -> tuple[str | None, dict[int, chat_pb2.Turn]]:
+        found = self.found.get((conversation_id, user_id))
+        if found is None:
+            return lookup(self.reader, conversation_id, user_id, self.cfg.history_wait_s)
+        if isinstance(found, ConversationNotFound):
+            raise found
+        return found
+
+
 def make_handler(assembler: Assembler, templates: TemplateSet, tracker: TurnTracker,
-                 reader: StoreReader, cfg: PromptConfig,
-                 clock: Callable[[], int] = turns.now_ms) -> kafka_loop.Handler[events_pb2.TurnEvent]:
-    """The stage's handler; every refusal is a StageError reply, never a dead letter."""
+                 reader: StoreReader, cfg: PromptConfig, clock: Callable[[], int] = turns.now_ms,
+                 prefetch: HistoryPrefetch | None = None) -> kafka_loop.Handler[events_pb2.TurnEvent]:
+    """The stage's handler; every refusal is a StageError reply, never a dead letter. With
+    `prefetch` (the worker's `prepare`), histories it looked up are not looked up again."""
+    history = prefetch or HistoryPrefetch(reader, cfg)
 
     def fail(ev: kafka_loop.Consumed[events_pb2.TurnEvent], code: str, message: str,
              outcome: str) -> events.OutEvent:
@@ -113,7 +140,7 @@ def make_handler(assembler: Assembler, templates: TemplateSet, tracker: TurnTrac
         blocked = turn.input_moderation.action == common_pb2.MODERATION_ACTION_BLOCK
         now = clock()
         try:
-            owner, recorded = lookup(reader, turn.conversation_id, turn.user_id, cfg.history_wait_s)
+            owner, recorded = history.lookup(turn.conversation_id, turn.user_id)
             claim = tracker.assign(request_id=turn.request_id, conversation_id=turn.conversation_id,
                                    user_id=turn.user_id, owner=owner, recorded=recorded, now_ms=now,
                                    expires_ms=tracker.expiry(now, turn.deadline_unix_ms), blocked=blocked)
@@ -168,9 +195,10 @@ def make_handler(assembler: Assembler, templates: TemplateSet, tracker: TurnTrac
 
 
 def make_worker(handler: kafka_loop.Handler[events_pb2.TurnEvent], cfg: PromptConfig, kafka: KafkaConfig,
-                instance_id: str) -> kafka_loop.StageWorker[events_pb2.TurnEvent]:
+                instance_id: str, prefetch: HistoryPrefetch | None = None
+                ) -> kafka_loop.StageWorker[events_pb2.TurnEvent]:
     return kafka_loop.StageWorker(STAGE, [cfg.topic_in], events_pb2.TurnEvent, handler, kafka,
-                                  group_id=cfg.group_id, instance_id=instance_id)
+                                  group_id=cfg.group_id, instance_id=instance_id, prepare=prefetch)
 
 
 def make_unanswered_handler(tracker: TurnTracker) -> kafka_loop.Handler[events_pb2.TurnUnanswered]:

@@ -73,3 +73,39 @@ def test_at_once_outputs_go_out_once_alongside_the_transactional_ones(kafka_boot
         assert len(read_all(kafka_bootstrap, early, 5, settle=0.5)) == 5
     finally:
         again.stop()
+
+
+def test_prepare_sees_each_polled_batch_before_its_handlers_and_a_failing_one_loses_nothing(
+        kafka_bootstrap: str, unique: str) -> None:
+    """`prepare` gets the decodable messages of each polled batch before any of their handlers
+    run (a poison record is left to its handler's dead-lettering); when it raises, the handlers
+    still process every record."""
+    stage, src, dst = f"prep-{unique}", f"prep-in-{unique}", f"prep-out-{unique}"
+    create(kafka_bootstrap, src, dst)
+    prepared: list[str] = []
+    handled: list[str] = []
+    fail = {"on": False}
+
+    def prepare(batch: list[events_pb2.TurnEvent]) -> None:
+        prepared.extend(t.request_id for t in batch)
+        if fail["on"]:
+            raise RuntimeError("prepare fails")
+
+    def handle(ev: kafka_loop.Consumed[events_pb2.TurnEvent]) -> Iterator:
+        assert ev.message.request_id in prepared  # prepared before its handler ran
+        handled.append(ev.message.request_id)
+        yield ev.out(dst, ev.message)
+
+    worker = kafka_loop.StageWorker(stage, [src], events_pb2.TurnEvent, handle,
+                                    KafkaConfig(bootstrap_servers=kafka_bootstrap), instance_id="0",
+                                    prepare=prepare).start()
+    try:
+        produce(kafka_bootstrap, src, [("k", events_pb2.TurnEvent(request_id=f"r{i}")) for i in range(3)]
+                + [("k", b"\x08\x96\x01\xff\xfe garbage")])
+        assert len(read_all(kafka_bootstrap, dst, 3, settle=0.5)) == 3
+        fail["on"] = True
+        produce(kafka_bootstrap, src, [("k", events_pb2.TurnEvent(request_id=f"s{i}")) for i in range(3)])
+        assert len(read_all(kafka_bootstrap, dst, 6, settle=0.5)) == 6
+    finally:
+        worker.stop()
+    assert sorted(prepared) == sorted(handled) == ["r0", "r1", "r2", "s0", "s1", "s2"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 from colloquy.v1 import chat_pb2, common_pb2, events_pb2, generation_pb2
 
 from services.common.kafka_loop import Consumed
@@ -145,6 +146,36 @@ def test_a_seed_is_moderated_with_the_message_and_recorded_with_turn_1(moderator
     rec.message.turn.seed.CopyFrom(chat_pb2.ConversationSeed(system="Be brief."))
     final = OutputStage(moderator, min_chars=20, max_chars=80).handle(rec)
     assert next(e for e in final if kinds([e]) == ["TurnRecord"]).message.turn.seed.system == "Be brief."
+
+
+def test_a_prepared_batch_gets_the_verdicts_each_record_would_get_alone(moderator: Moderator) -> None:
+    """`prepare` scores a polled batch's texts in one call; the handler then uses those scores
+    and gives every record the verdict it gets unprepared (a seed's texts included)."""
+    def turn(message: str, seed: chat_pb2.ConversationSeed | None = None) -> Consumed[events_pb2.TurnEvent]:
+        msg = events_pb2.TurnEvent(request_id=message, conversation_id="c-p", user_id="u", reply_topic="r",
+                                   message=message, seed=seed)
+        return Consumed(message=msg, key="c-p", event_id=str(uuid.uuid4()), request_id=message, traceparent="",
+                        topic="chat.tokenized", partition=0, offset=0)
+
+    batch = [turn("What is the capital of France?"), turn(BOMB_REQUEST), turn("Give me one tip for sleeping better."),
+             turn("Please continue.", chat_pb2.ConversationSeed(system="Be brief.", exchanges=[
+                 chat_pb2.SeedExchange(user="Tell me more.", assistant=BOMB_REQUEST)]))]
+    alone = [InputStage(moderator).handle(r)[0].message.input_moderation for r in batch]
+    stage = InputStage(moderator)
+    stage.prepare([r.message for r in batch])
+    assert len(stage._scored) == 6  # every distinct text of the batch, the seed's three too
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("the handler scored a text prepare had scored")
+
+    stage.moderator = type("Refusing", (), {"policy": moderator.policy, "moderate": refuse,
+                                            "score_batch": refuse})()  # type: ignore[assignment]
+    prepared = [stage.handle(r)[0].message.input_moderation for r in batch]
+    assert [p.action for p in prepared] == [a.action for a in alone]
+    assert [a.action for a in alone] == [common_pb2.MODERATION_ACTION_ALLOW, common_pb2.MODERATION_ACTION_BLOCK,
+                                         alone[2].action, common_pb2.MODERATION_ACTION_BLOCK]
+    for p, a in zip(prepared, alone, strict=True):
+        assert dict(p.category_scores) == pytest.approx(dict(a.category_scores), abs=1e-6)
 
 
 def test_a_turn_past_its_deadline_is_failed_cancelled_and_its_conversation_freed(moderator: Moderator) -> None:

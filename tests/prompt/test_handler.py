@@ -15,7 +15,7 @@ from services.prompt.config import PromptConfig
 from services.prompt.domain import Assembler
 from services.prompt.pending import TurnTracker
 from services.prompt.templates import TemplateSet
-from services.prompt.worker import make_handler
+from services.prompt.worker import HistoryPrefetch, make_handler
 from services.tokenizer.domain import TextTokenizer
 from tests.prompt.kafka_helpers import record
 
@@ -27,11 +27,13 @@ class FakeHistory:
     def __init__(self, db: ConversationDB, caught_up: bool = True) -> None:
         self.db = db
         self.caught_up = caught_up
+        self.waits: list[list[int]] = []
 
     def add(self, record: events_pb2.TurnRecord) -> None:
         self.db.apply("g", "t", [domain.UpsertTurn(record, 0, 0, 1_700_000_000_000)], {}, {})
 
     def wait_caught_up(self, partitions: list[int], timeout: float) -> bool:
+        self.waits.append(partitions)
         return self.caught_up
 
 
@@ -59,8 +61,8 @@ ALLOWED = common_pb2.ModerationResult(action=common_pb2.MODERATION_ACTION_ALLOW,
 
 def turn(rid: str, **kw: object) -> events_pb2.TurnEvent:
     kw.setdefault("input_moderation", ALLOWED)
-    return events_pb2.TurnEvent(request_id=rid, conversation_id="c1", user_id="u1", message="Hi",
-                                reply_topic="rt", **kw)
+    kw.setdefault("conversation_id", "c1")
+    return events_pb2.TurnEvent(request_id=rid, user_id="u1", message="Hi", reply_topic="rt", **kw)
 
 
 def test_history_not_caught_up_is_unavailable(tok: TextTokenizer, shipped: TemplateSet, db: ConversationDB) -> None:
@@ -125,3 +127,30 @@ def test_a_conversation_that_is_not_the_callers_is_not_found(
     [out] = run(make(tok, shipped, history), turn("r1"))
     assert out.topic == "rt" and out.message.error.code == "NOT_FOUND"
     assert out.message.error.message == "conversation not found"
+
+
+def test_a_prefetched_batch_waits_once_and_answers_as_lookups_one_by_one(
+        tok: TextTokenizer, shipped: TemplateSet, db: ConversationDB) -> None:
+    """The stage's `prepare` looks every conversation of a batch up behind one read-your-writes
+    wait; each record then gets what its own lookup would have given (history, NOT_FOUND)."""
+    history = FakeHistory(db)
+    history.add(record("c1", "u1", 1, "My dog is called Biscuit.", "Nice!"))
+    history.add(record("c2", "mallory", 1, "Hello", "Hi"))
+    batch = [turn("r1"), turn("r2", conversation_id="c2"), turn("r3", conversation_id="c3")]
+    cfg = PromptConfig(topic_out="prompts")
+    prefetch = HistoryPrefetch(history, cfg)  # type: ignore[arg-type]
+    handler = make_handler(Assembler(tok, 8192), shipped, TurnTracker(60_000), history, cfg,  # type: ignore[arg-type]
+                           prefetch=prefetch)
+    prefetch(batch)
+    assert len(history.waits) == 1 and len(prefetch.found) == 3
+    (p1, _), [gone], (p3, _) = (run(handler, t) for t in batch)
+    assert len(history.waits) == 1  # no record waited again
+    assert p1.message.turn_index == 2 and "Biscuit" in p1.message.prompt
+    assert gone.message.error.code == "NOT_FOUND"
+    assert p3.message.turn_index == 1
+    # Unprepared (a record prepare skipped), the same answers, one wait each.
+    alone = make(tok, shipped, history)
+    assert [o.message.WhichOneof("reply") if o.topic == "rt" else o.message.turn_index
+            for t in [turn("r4", conversation_id="c2"), turn("r5", conversation_id="c4")]
+            for o in run(alone, t)] == ["error", 1, "started"]
+    assert len(history.waits) == 3
