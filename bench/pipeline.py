@@ -10,7 +10,8 @@ MODERATION_CHUNK_MIN_CHARS characters), so the gateway's first delta waits for m
 token: the JSON also has the direct time to the same number of characters, which separates that
 hold from the transport (Kafka hops, gateway). Inter-token latency: the time per token after an
 answer's first arrival (for the gateway, the tokens after its first delta are estimated from the
-share of the text). One warm-up round per concurrency level is dropped. Baseline for decode speed:
+share of the text). Before the first phase and after each restart of moderation, `--warmup-chats`
+chats warm the stack up; one warm-up round per phase is dropped too. Baseline for decode speed:
 at 1 chat, ONNX Runtime GenAI used directly in this process runs the same prompt, back to back
 with the two calls above, so "decode through the pipeline vs ORT GenAI direct" compares figures
 taken under the same load.
@@ -271,6 +272,19 @@ def measure(stack: Any, concurrency: int, rounds: int, tokens: int, prompts: dic
     }
 
 
+def warm_up(stack: Any, chats: int, tokens: int, prompts: dict[str, str]) -> None:
+    """Chats through the gateway and the deployment, one at a time, not measured: before the first
+    phase and after each restart of moderation for a mode change. A freshly started process is
+    slower than a running one for its first chats (the broker's JIT, a stage's first calls): on
+    2026-12-04 the phase right after a start or restart had 1-chat hops 3-10 ms longer than the
+    same mode measured after warm chats (bench/results/pipeline.md)."""
+    log(f"pipeline: warming the stack up with {chats} chats (not measured)")
+    for i in range(chats):
+        message = list(prompts)[i % len(prompts)]
+        chat = gateway_chat(stack, message, tokens)
+        direct_generate(stack, prompts[message], tokens, chat["first_chars"])
+
+
 def run(args: argparse.Namespace, stack: Any = None) -> dict[str, Any]:
     levels = [int(c) for c in str(args.concurrency).split(",") if c]
     model_dir, version = common.served_model()
@@ -288,12 +302,16 @@ def run(args: argparse.Namespace, stack: Any = None) -> dict[str, Any]:
         prompts = {q: assembled_prompt(s, q) for q in common.QUESTIONS}
         rec.doc["params"]["assembled_prompt_chars"] = {q: len(p) for q, p in prompts.items()}
         current = shipped = _shipped_mode()
+        rec.doc["params"]["warmup_chats"] = args.warmup_chats
         try:
             for i, c in enumerate(levels):
                 for mode in (modes if i % 2 == 0 else modes[::-1]):
-                    if mode != current:
+                    restarted = mode != current
+                    if restarted:
                         set_mode(s, mode)
                         current = mode
+                    if (restarted or not rec.results) and args.warmup_chats:
+                        warm_up(s, args.warmup_chats, args.tokens, prompts)
                     log(f"pipeline: {c} concurrent chats, output moderation {mode}")
                     before = stage_histograms(s)
                     result = measure(s, c, _rounds(args, c), args.tokens, prompts, ort if c == 1 else None)
@@ -449,5 +467,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", default="1,16")
     p.add_argument("--samples", type=int, default=8, help="chats per concurrency level (at least)")
     p.add_argument("--min-rounds", type=int, default=2)
+    p.add_argument("--warmup-chats", type=int, default=12,
+                   help="chats before the first phase and after each moderation restart, not measured "
+                        "(each phase also drops its first round)")
     p.add_argument("--modes", default=f"{HOLD},{STREAM_FIRST}",
                    help="output moderation release modes to measure, in the first level's order")
