@@ -33,10 +33,12 @@ class ModerationConfig:
     chunk_max_chars: int = env("MODERATION_CHUNK_MAX_CHARS", 200, check=lambda v: 1 <= v <= 8192,
                                hint="1..8192 characters, >= MODERATION_CHUNK_MIN_CHARS")
     # The first chunk is shorter (streaming.py): the time to the first text a person sees in hold
-    # mode. 8 is a word or two: 24 -> 8 cut that time by 85-97 ms at 1 chat, and benign answers cut
-    # by output moderation 11 -> 9 of 203, harmful ones 11 of 12 either way
-    # (bench/results/output_chunks.json). 0: like the other chunks.
-    chunk_first_chars: int = env("MODERATION_CHUNK_FIRST_CHARS", 8, check=lambda v: 0 <= v <= 4096,
+    # mode. 4 ends at the first word break past 4 characters (usually the first word or two):
+    # against 24, benign answers cut by output moderation 11 -> 8 of 203 (8: 9, the same ones plus
+    # one), harmful ones 11 of 12 at every first length (bench/results/output_chunks.json); 1 chat
+    # hold overhead 230.6 (24) -> 103-110 (8) -> 84.4 ms p50 (bench/results/pipeline.md). 0: like
+    # the other chunks.
+    chunk_first_chars: int = env("MODERATION_CHUNK_FIRST_CHARS", 4, check=lambda v: 0 <= v <= 4096,
                                  hint="0..4096 characters (0: like the other chunks)")
     # The hidden instructions output moderation checks answers against (every version's `before`
     # and `after`): the prompt service's file. Set it too when PROMPT_TEMPLATES_FILE is changed.

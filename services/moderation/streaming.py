@@ -18,9 +18,9 @@ before seeing anything, and an answer's opening is what the context check reads 
 the steps" after a harmful request), so checking it early costs little safety. Only the first:
 growing the next chunks from it as well (8, 16, 32 characters, ...) cut 18 of 203 benign answers
 (the served build's 184 quality-gate answers, `make demo`'s first, the benign context look-alikes)
-against 9 with one 8-character chunk (11 with 24, 12 with 1), since a short window judged with the
-user's message is easily read as something else; the harmful context pairs are cut at their first
-chunk either way, 11 of 12 (`python -m bench.output_chunks`, 2026-12-04).
+against 9 with one 8-character chunk (8 with 4, the default; 11 with 24, 12 with 1), since a short
+window judged with the user's message is easily read as something else; the harmful context pairs
+are cut at their first chunk either way, 11 of 12 (`python -m bench.output_chunks`, 2026-12-04).
 """
 
 from __future__ import annotations
