@@ -38,8 +38,9 @@ Found = tuple[str | None, dict[int, chat_pb2.Turn]] | ConversationNotFound
 
 def lookup_many(reader: StoreReader, wanted: list[tuple[str, str]], wait_s: float) -> dict[tuple[str, str], Found]:
     """`lookup` for several (conversation, user) pairs behind one read-your-writes wait: one
-    end-offsets request and one wait for all their partitions, then each history (the prompt
-    stage's batch, where a request and a wait per record cost ~2 ms each on a loaded machine)."""
+    end-offsets request and one wait for all their partitions, then each history. The prompt
+    stage's batches use it: at 16 chats arriving at once its processing per transaction fell from
+    30-35 to 7-15 ms p50 (bench/results/pipeline.md)."""
     partitions = sorted({topics.partition_for(c, topics.CONVERSATION_TURNS.partitions) for c, _ in wanted})
     try:
         caught_up = reader.wait_caught_up(partitions, wait_s)
