@@ -88,25 +88,34 @@ def blocked_events(turn: events_pb2.TurnEvent, template: PromptTemplate,
 class HistoryPrefetch:
     """The stage's `prepare`: every conversation of a polled batch looked up behind one
     read-your-writes wait (`lookup_many`), kept for the handler. The wait starts after every
-    record of the batch was consumed, so it covers each of them as a wait of its own would."""
+    record of the batch was consumed, so it covers each of them as a wait of its own would.
+
+    When that wait fails (store unreachable, or behind after HISTORY_WAIT_SECONDS), each turn of
+    the batch is answered UNAVAILABLE at once: it has waited as long as its own wait would have,
+    and N turns do not wait N more times in turn."""
 
     def __init__(self, reader: StoreReader, cfg: PromptConfig) -> None:
         self.reader, self.cfg = reader, cfg
-        self.found: dict[tuple[str, str], Found] = {}
+        self.found: dict[tuple[str, str], Found | HistoryUnavailable] = {}
 
     def __call__(self, batch: list[events_pb2.TurnEvent]) -> None:
         self.found = {}
         wanted = list(dict.fromkeys((t.conversation_id, t.user_id) for t in batch
                                     if t.conversation_id and moderated(t) and not turns.deadline_passed(t)))
         if len(wanted) > 1:
-            self.found = lookup_many(self.reader, wanted, self.cfg.history_wait_s)
+            try:
+                self.found = dict(lookup_many(self.reader, wanted, self.cfg.history_wait_s))
+            except HistoryUnavailable as exc:
+                self.found = dict.fromkeys(wanted, exc)
 
     def lookup(self, conversation_id: str, user_id: str) -> tuple[str | None, dict[int, chat_pb2.Turn]]:
         found = self.found.get((conversation_id, user_id))
         if found is None:
             return lookup(self.reader, conversation_id, user_id, self.cfg.history_wait_s)
         if isinstance(found, ConversationNotFound):
-            raise found
+            raise ConversationNotFound(conversation_id)
+        if isinstance(found, HistoryUnavailable):
+            raise HistoryUnavailable(str(found))
         return found
 
 

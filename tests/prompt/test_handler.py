@@ -154,3 +154,20 @@ def test_a_prefetched_batch_waits_once_and_answers_as_lookups_one_by_one(
             for t in [turn("r4", conversation_id="c2"), turn("r5", conversation_id="c4")]
             for o in run(alone, t)] == ["error", 1, "started"]
     assert len(history.waits) == 3
+
+
+def test_a_batch_whose_shared_wait_fails_is_answered_unavailable_without_waiting_again(
+        tok: TextTokenizer, shipped: TemplateSet, db: ConversationDB) -> None:
+    """The history behind for the whole wait: every turn of the batch is UNAVAILABLE ("try
+    again"), after the one shared wait, not one more wait per turn."""
+    history = FakeHistory(db, caught_up=False)
+    cfg = PromptConfig(topic_out="prompts")
+    prefetch = HistoryPrefetch(history, cfg)  # type: ignore[arg-type]
+    handler = make_handler(Assembler(tok, 8192), shipped, TurnTracker(60_000), history, cfg,  # type: ignore[arg-type]
+                           prefetch=prefetch)
+    batch = [turn("r1"), turn("r2", conversation_id="c2"), turn("r3", conversation_id="c3")]
+    prefetch(batch)
+    replies = [out for t in batch for out in run(handler, t)]
+    assert [r.message.error.code for r in replies] == ["UNAVAILABLE"] * 3
+    assert all("try again" in r.message.error.message for r in replies)
+    assert len(history.waits) == 1
