@@ -252,7 +252,6 @@ def _model(name: str) -> tuple[Path, str]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import ray
     from ray import serve
 
     from services.generation import router, serving
@@ -295,8 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rec.results["turns"] = {n: [dataclasses.asdict(t) | {"text": t.text[:40]} for c in cs for t in c.turns]
                                 for n, cs in runs.items()}
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        serving.shutdown_ray()
     doc = rec.finish()
     write_md(doc)
     return doc

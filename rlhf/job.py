@@ -180,7 +180,9 @@ def train_on_ray(config: RLHFConfig, loop_config: dict[str, Any], run_dir: Path)
         trainer.fit()
     finally:
         if started_ray:
-            ray.shutdown()
+            from services.generation.serving import shutdown_ray
+
+            shutdown_ray(serve_apps=False)
 
 
 # ----------------------------------------------------------------- evaluation

@@ -58,12 +58,8 @@ def main() -> int:
         "grpc_port": serve_cfg.grpc_options.port, "metrics_port": metrics_port, "model_version": version,
         "model_dir": str(path), "kafka_worker": bool(workers), "startup_s": round(time.monotonic() - started, 1)},
         stop_timeout=boot.server.grace_seconds + 15)
-    import ray
-    from ray import serve
-
     if svc.deploy and not svc.ray_address:  # our own local Ray: drain the replicas and stop it
-        serve.shutdown()
-        ray.shutdown()
+        serving.shutdown_ray()
     boot.log.info("stopped")
     return code
 

@@ -170,8 +170,42 @@ def init_ray(address: str = "", num_cpus: int = 2, object_store_mb: int = 200) -
             if attempt == 2:
                 raise
             logging.getLogger(__name__).warning("local Ray failed to start; retrying", exc_info=True)
-            ray.shutdown()
+            shutdown_ray(serve_apps=False)
             time.sleep(2)
+
+
+def shutdown_ray(*, serve_apps: bool = True) -> None:
+    """Stop Serve's applications (`serve_apps`) and disconnect from Ray, stopping a Ray that
+    `init_ray` started, without letting a garbage collection race the disconnect.
+
+    `ray.shutdown()` destroys the driver's C++ core worker a moment before it deletes the Python
+    attribute Ray's finalizers test (`ObjectRef`, `ActorHandle` and `ObjectRefGenerator` each
+    check `hasattr(global_worker, "core_worker")`). A collection another thread starts in between
+    would finalize an ObjectRef against the destroyed core worker, and Ray ends the whole process
+    with status 1 ("The core worker has already been shutdown ... The process will exit"). CI
+    lost a finished test module to that exit (2026-12-04): it was logged by a thread other than
+    the one shutting down, 227 ms after the core worker was destroyed; such a collection is the
+    one path we found by which an idle thread reaches the core worker. So the garbage holding Ray
+    objects (Serve's routers and metrics pushers, ObjectRefs in exceptions' cycles: about 12,000
+    objects after the Serve tests) is collected here first, and automatic collection stays off
+    until the attribute is gone.
+    """
+    import gc
+
+    import ray
+
+    if serve_apps and ray.is_initialized():
+        from ray import serve
+
+        serve.shutdown()
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        ray.shutdown()
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def deploy(config: Any, timeout_s: float = 600.0) -> None:

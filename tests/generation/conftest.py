@@ -44,8 +44,6 @@ def real_model_dir() -> Path:
 def serve_running(env: dict[str, str], overrides: dict[str, Any], grpc_port: int | None = None) -> Iterator[None]:
     """Ray Serve running serve_config.yaml's generation app with `overrides`; `env` is set before
     ray.init (Serve's build task and the replicas inherit it) and restored after the shutdown."""
-    import ray
-    from ray import serve
 
     from devtools.procs import free_port
     from services.generation import serving
@@ -61,5 +59,4 @@ def serve_running(env: dict[str, str], overrides: dict[str, Any], grpc_port: int
             serving.deploy(cfg, timeout_s=600)
             yield
         finally:
-            serve.shutdown()
-            ray.shutdown()
+            serving.shutdown_ray()

@@ -264,3 +264,39 @@ def test_page_locked_logits_buffer_is_a_numpy_view_freed_with_it() -> None:
     del arr
     gc.collect()
     assert freed == [address]
+
+
+def test_shutdown_ray_collects_first_and_keeps_collection_off_while_ray_disconnects(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A collection inside ray.shutdown() can finalize an ObjectRef after the core worker is gone,
+    which ends the process; shutdown_ray collects before it and holds automatic collection off."""
+    import gc
+    import weakref
+
+    import ray
+
+    class Cycle:  # stands in for Serve's routers: garbage only the cyclic collector frees
+        def __init__(self) -> None:
+            self.me = self
+
+    seen: list[tuple[bool, bool]] = []  # (collection enabled, the cycle still alive) in shutdown
+    alive = [True]
+
+    def fake_shutdown() -> None:
+        seen.append((gc.isenabled(), alive[0]))
+
+    monkeypatch.setattr(ray, "shutdown", fake_shutdown)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    c = Cycle()
+    weakref.finalize(c, lambda: alive.__setitem__(0, False))
+    del c
+    assert gc.isenabled()
+    serving.shutdown_ray()
+    assert seen == [(False, False)]
+    assert gc.isenabled()  # enabled again afterwards
+    gc.disable()
+    try:
+        serving.shutdown_ray(serve_apps=False)
+        assert not gc.isenabled()  # a caller's own setting is kept
+    finally:
+        gc.enable()
