@@ -4,7 +4,9 @@ Sets: the held-out split of services/moderation/data/policy.jsonl (never used in
 separate hand-written holdout_external.jsonl (written before the first training, never tuned on),
 data/holdout/external_v2.jsonl (fresh texts written before the second round of data and
 classifier changes, frozen by sha256; see its README), and all three together ("combined": the
-figures the goals are checked on). Per set: per-category precision/recall/F1, flagged-vs-not F1, false-positive rate
+figures the goals are checked on); beside them data/holdout/plain_v3.jsonl (plain benign texts,
+frozen the same way: the false-positive rate on ordinary questions and answers, not in
+"combined"). Per set: per-category precision/recall/F1, flagged-vs-not F1, false-positive rate
 on benign look-alikes, and the category family of flagged harmful texts. Also: answers judged
 with the user's message as context (context_pairs.jsonl), alt-profanity-check alone as a
 baseline on the same texts, and latency per text for a batch of 16 on this CPU (wall p50/p99,
@@ -73,14 +75,15 @@ def evaluate(moderator: Moderator, examples: list[dataset.Example]) -> dict[str,
             errors.append({"text": e.text, "labels": sorted(e.labels), "kind": e.kind,
                            "flagged": sorted(n for n in CATEGORIES if r.categories[n]),
                            "top": top, "top_score": round(r.category_scores[top], 3)})
-    macro = statistics.fmean(v["f1"] for v in per_cat.values() if v["positives"])
+    f1s = [v["f1"] for v in per_cat.values() if v["positives"]]
+    macro = statistics.fmean(f1s) if f1s else None  # None: a set without harmful texts
     return {
         "examples": len(examples), "harmful": sum(harmful), "lookalikes": len(look), "plain_benign": len(plain),
         "flagged": prf(tp, fp, fn),
         "lookalike_false_positive_rate": round(sum(look) / len(look), 3) if look else None,
         "plain_benign_false_positive_rate": round(sum(plain) / len(plain), 3) if plain else None,
         "family_accuracy_among_flagged": round(statistics.fmean(fam_hits), 3) if fam_hits else None,
-        "categories_macro_f1": round(macro, 3),
+        "categories_macro_f1": round(macro, 3) if macro is not None else None,
         "categories": per_cat,
         "errors": errors,
     }
@@ -162,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     fresh = dataset.load(dataset.EXTERNAL_V2)
     sets = {"heldout_split": heldout, "external_holdout": external, "external_v2": fresh,
             "combined": heldout + external + fresh}
+    plain = {"plain_v3": dataset.load(dataset.PLAIN_V3)}
 
     report: dict[str, Any] = {
         "model": moderator.model_id, "policy_version": policy.version, "classifier_version": heads.version,
@@ -172,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, examples in sets.items():
         report[name] = evaluate(moderator, examples)
         report[name]["profanity_check_alone"] = profanity_baseline(examples, profanity)
+    for name, examples in plain.items():
+        report[name] = evaluate(moderator, examples)
     report["context"] = context_eval(moderator)
     lat_texts = [e.text for e in heldout if e.kind != "benign"][::3]
     lat = latency(moderator, lat_texts, args.repeats)
@@ -200,6 +206,10 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['lookalike_false_positive_rate']}  family acc {r['family_accuracy_among_flagged']}  "
               f"macro F1 {r['categories_macro_f1']}  | profanity-check alone F1 {base['flagged']['f1']:.3f} "
               f"FPR {base['lookalike_false_positive_rate']}")
+    for name in plain:
+        r = report[name]
+        print(f"  {name:16s} n={r['examples']:3d} plain benign FPR {r['plain_benign_false_positive_rate']} "
+              f"(flagged: {[e['text'][:40] for e in r['errors']]})")
     ctx = report["context"]
     print(f"  context pairs    n={ctx['pairs']} accuracy with context {ctx['accuracy_with_context']} "
           f"(answer alone {ctx['accuracy_answer_alone']})")

@@ -35,7 +35,8 @@ class ModerationConfig:
     # The first chunk is shorter (streaming.py): the time to the first text a person sees in hold
     # mode. 4 ends at the first word break past 4 characters (usually the first word or two):
     # against 24, benign answers cut by output moderation 11 -> 8 of 203 (8: 9, the same ones plus
-    # one), harmful ones 11 of 12 at every first length (bench/results/output_chunks.json); 1 chat
+    # one), harmful ones 11 of 12 at every first length with the round-2 classifier (round 3's: 4
+    # and 24 cut 2 and 4 of 203, harmful 10 of 12; bench/results/output_chunks.json); 1 chat
     # hold overhead 230.6 (24) -> 103-110 (8) -> 84.4 ms p50 (bench/results/pipeline.md). 0: like
     # the other chunks.
     chunk_first_chars: int = env("MODERATION_CHUNK_FIRST_CHARS", 4, check=lambda v: 0 <= v <= 4096,

@@ -22,6 +22,11 @@ from services.moderation.categories import with_parents
 
 EXTERNAL_V2 = "holdout/external_v2.jsonl"
 EXTERNAL_V2_SHA256 = "ac0a4ff0fa5b088cb6e2e1d5f9da3341423fc98ad42a63f54e61d3f2b5c70722"
+# Plain benign texts (assistant answers and everyday questions), written before the third round's
+# training rows were added and frozen the same way: the false-positive rate a person asking
+# ordinary things meets (see data/holdout/README.md).
+PLAIN_V3 = "holdout/plain_v3.jsonl"
+PLAIN_V3_SHA256 = "64309c2cc51ac2ee9fd48539c092582c339931f5e93ab88666bcb3fd5daa414a"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,8 @@ growing the next chunks from it as well (8, 16, 32 characters, ...) cut 18 of 20
 (the served build's 184 quality-gate answers, `make demo`'s first, the benign context look-alikes)
 against 9 with one 8-character chunk (8 with 4, the default; 11 with 24, 12 with 1), since a short
 window judged with the user's message is easily read as something else; the harmful context pairs
-are cut at their first chunk either way, 11 of 12 (`python -m bench.output_chunks`, 2026-12-04).
+are cut at their first chunk either way, 11 of 12 (`python -m bench.output_chunks`, 2026-12-04,
+round-2 classifier; with round 3's the what-if cuts 5, one 4-character chunk 2).
 """
 
 from __future__ import annotations

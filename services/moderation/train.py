@@ -11,9 +11,10 @@ Validation is the train split's own out-of-fold predictions (5 folds): they choo
 regularization strength and each category's threshold, which are written into policy.yaml
 (`--no-policy` leaves it alone). The held-out split and data/holdout/ are never read here; they
 are for `bench.moderation_eval` only.
-Deterministic: same data and encoder build -> same weights. Writes data/classifier.npz (weights)
-and data/classifier.json (what they were trained on, the chosen thresholds, and cross-validated
-figures of the whole scorer on the train split).
+Deterministic: same data and encoder build -> same weights; the thresholds also depend on the
+policy's previous ones, whose out-of-fold recall they may not fall below (`RECALL_SLACK`).
+Writes data/classifier.npz (weights) and data/classifier.json (what they were trained on, the
+chosen thresholds, and cross-validated figures of the whole scorer on the train split).
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ SEED = 0
 # Per-category thresholds: searched on out-of-fold scores, look-alike false positives capped.
 THRESHOLD_GRID = tuple(round(0.35 + 0.05 * k, 2) for k in range(10))  # 0.35 .. 0.8
 LOOKALIKE_FPR_TARGET = 0.04
+# A retrain may not buy precision with recall: no category's out-of-fold recall may fall more
+# than this below its recall at the thresholds policy.yaml had before (scored by the new heads),
+# so benign rows added to cut false positives cannot quietly let harmful texts through. Without
+# it the 2026-12-04 retrain (106 plain benign rows) moved self-harm 0.35 -> 0.80 (out-of-fold
+# recall 0.85 -> 0.59) and illicit 0.65 -> 0.80 (README, "Round 3").
+RECALL_SLACK = 0.0
 
 
 def _fit(x: np.ndarray, y: np.ndarray, c: float) -> LogisticRegression:
@@ -128,35 +135,46 @@ def oof_scores(x: np.ndarray, labels: np.ndarray, c: float) -> np.ndarray:
     return scores
 
 
-def _objective(scores: np.ndarray, labels: np.ndarray, lookalike: np.ndarray, thresholds: np.ndarray) -> float:
+def recall_floors(scores: np.ndarray, labels: np.ndarray, before: np.ndarray) -> np.ndarray:
+    """Per category: out-of-fold recall at the previous policy's thresholds, less `RECALL_SLACK`."""
+    hits = scores >= before
+    return np.array([max(0.0, _prf(labels[:, j], hits[:, j])["recall"] - RECALL_SLACK)
+                     for j in range(labels.shape[1])])
+
+
+def _objective(scores: np.ndarray, labels: np.ndarray, lookalike: np.ndarray, thresholds: np.ndarray,
+               floors: np.ndarray | None = None) -> float:
     """Flagged-vs-not F1 plus some of the category macro F1 and of the family accuracy, with
     look-alike false positives over the target penalized hard (they are what users of a
-    moderation API notice first)."""
+    moderation API notice first), and so is a category's recall under its floor."""
     harm = labels.any(axis=1)
     hits = scores >= thresholds
     flagged = hits.any(axis=1)
     f1 = _prf(harm, flagged)["f1"]
-    macro = float(np.mean([_prf(labels[:, j], hits[:, j])["f1"] for j in range(labels.shape[1])]))
+    per_category = [_prf(labels[:, j], hits[:, j]) for j in range(labels.shape[1])]
+    macro = float(np.mean([p["f1"] for p in per_category]))
+    short = 0.0 if floors is None else sum(max(0.0, float(f) - p["recall"])
+                                           for f, p in zip(floors, per_category, strict=True))
     fpr = float(flagged[lookalike].mean()) if lookalike.any() else 0.0
     caught = np.where(flagged & harm)[0]
     top = np.argmax(scores[caught] / thresholds, axis=1)
     fam = float(np.mean([family(CATEGORIES[t]) in {family(CATEGORIES[j]) for j in np.where(labels[i])[0]}
                          for i, t in zip(caught, top, strict=True)])) if len(caught) else 0.0
-    return f1 + 0.25 * macro + 0.25 * fam - 10.0 * max(0.0, fpr - LOOKALIKE_FPR_TARGET)
+    return f1 + 0.25 * macro + 0.25 * fam - 10.0 * max(0.0, fpr - LOOKALIKE_FPR_TARGET) - 10.0 * short
 
 
 def choose_thresholds(scores: np.ndarray, labels: np.ndarray, lookalike: np.ndarray,
-                      start: np.ndarray) -> np.ndarray:
+                      start: np.ndarray, floors: np.ndarray | None = None) -> np.ndarray:
     """Per-category thresholds by coordinate ascent on out-of-fold scores (validation only)."""
     best = start.astype(float).copy()
-    value = _objective(scores, labels, lookalike, best)
+    value = _objective(scores, labels, lookalike, best, floors)
     for _ in range(3):
         changed = False
         for j in range(len(best)):
             for t in THRESHOLD_GRID:
                 trial = best.copy()
                 trial[j] = t
-                v = _objective(scores, labels, lookalike, trial)
+                v = _objective(scores, labels, lookalike, trial, floors)
                 if v > value + 1e-9:
                     best, value, changed = trial, v, True
         if not changed:
@@ -230,7 +248,8 @@ def train(out_dir: Path, model_dir: Path | None = None, precision: str = "int8",
     cw, cb = head(rx, ry, c)
     scores = oof_scores(x, labels, c)
     before = np.array([policy.categories[n].threshold for n in CATEGORIES])
-    chosen = choose_thresholds(scores, labels, lookalike, np.full(len(CATEGORIES), 0.5))
+    floors = recall_floors(scores, labels, before)
+    chosen = choose_thresholds(scores, labels, lookalike, np.full(len(CATEGORIES), 0.5), floors)
     cv = cross_validate(scores, labels, lookalike, chosen)
     cv["at_thresholds_0.5"] = cross_validate(scores, labels, lookalike, np.full(len(CATEGORIES), 0.5))
     comply_oof = sigmoid(_oof_decision(rx, ry, c))  # uncalibrated, only its sign matters here
@@ -247,6 +266,7 @@ def train(out_dir: Path, model_dir: Path | None = None, precision: str = "int8",
                      "policy_thresholds_before": dict(zip(CATEGORIES, before.tolist(), strict=True))},
         "thresholds": {"chosen_on": "5-fold out-of-fold scores of the train split",
                        "lookalike_fpr_target": LOOKALIKE_FPR_TARGET,
+                       "recall_floors": dict(zip(CATEGORIES, [round(float(f), 3) for f in floors], strict=True)),
                        "values": dict(zip(CATEGORIES, [round(float(t), 2) for t in chosen], strict=True))},
         "cv_on_train_split": cv,
     }
