@@ -491,14 +491,6 @@ def delete_topic(topic: str) -> None:
 
 
 # -- the gateway and prompt processes -------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _serving(port: int) -> bool:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -562,9 +554,9 @@ def start_service(service: str, env: dict[str, str], calls: Callable[[int], list
     50 ms), take its RSS then and after `calls` (made against its port), stop it."""
     import psutil
 
-    port = _free_port()
+    port = procs.free_port()
     logf = Path(tempfile.gettempdir()) / f"colloquy-bench-{NAME}-{service}-{os.getpid()}.log"
-    full = _service_env({**env, "GRPC_PORT": str(port), "METRICS_PORT": str(_free_port())})
+    full = _service_env({**env, "GRPC_PORT": str(port), "METRICS_PORT": str(procs.free_port())})
     with open(logf, "wb") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", f"services.{service}"], env=full, stdout=out,

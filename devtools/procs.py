@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -14,11 +15,46 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Ports handed out by this process: a later pick never repeats one, even if it is free again.
+_GIVEN: set[int] = set()
+# Below the kernel's ephemeral range, above Ray's worker ports (10002-19999 by default).
+_FLOOR = 20_000
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            return int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def free_port() -> int:
-    """A loopback TCP port free at this moment (the OS picks it; bind soon, others may take it)."""
+    """A loopback TCP port free at this moment, for a server that binds it soon.
+
+    Picked below the kernel's ephemeral range: a port the OS picks (bind to 0) comes from that
+    range, which is also where every outgoing connection gets its local port, so a Kafka client
+    connecting in between could take it first (CI, 2026-12-04: the conversation service's gRPC
+    port, "Address already in use", and every dashboard test failed with the stack). Outside it,
+    only another explicit bind can; where the range leaves no room below it, the OS picks.
+    """
+    low = _ephemeral_low()
+    for _ in range(200 if low - _FLOOR >= 1000 else 0):
+        port = random.randrange(_FLOOR, low)
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        port = int(s.getsockname()[1])
+    _GIVEN.add(port)
+    return port
 
 
 def terminate(popen: subprocess.Popen, timeout: float = 30.0) -> None:

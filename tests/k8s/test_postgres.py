@@ -276,8 +276,9 @@ def pg_server() -> Any:
     As root (PostgreSQL refuses to run as root) its files belong to Debian's `postgres` user."""
     import pwd
     import shutil
-    import socket
     import tempfile
+
+    from devtools.procs import free_port
 
     bin_dir = _pg_bin()
     if bin_dir is None:
@@ -294,9 +295,7 @@ def pg_server() -> Any:
     (base / "pw").write_text("superuser-secret\n", encoding="utf-8")
     if owner:
         os.chown(base / "pw", user.pw_uid, user.pw_gid)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     data = base / "data"
 
     def run(*args: str) -> None:
