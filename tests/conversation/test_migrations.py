@@ -69,3 +69,28 @@ def test_the_sqlite_store_is_a_wal_file_with_foreign_keys(tmp_path: Path) -> Non
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
     db.close()
     assert path.exists()
+
+
+def test_a_new_sqlite_file_another_connection_holds_locked_is_opened_once_it_is_free(tmp_path: Path) -> None:
+    """Turning a file into WAL needs its exclusive lock, and SQLite refuses at once (no busy
+    handler) while another connection holds one: a replica starting beside one that is creating
+    the file must wait for it, not fail (seen in CI: "database is locked")."""
+    import sqlite3
+    import time
+
+    path = tmp_path / "conversations.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE other_writer (x)")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO other_writer VALUES (1)")
+    release = threading.Timer(0.5, other.execute, args=("COMMIT",))
+    release.start()
+    started = time.monotonic()
+    db = ConversationDB(f"sqlite:///{path}")
+    try:
+        assert db.migrate() == [ConversationDB.head_revision()]
+    finally:
+        db.close()
+        release.join()
+        other.close()
+    assert time.monotonic() - started >= 0.4  # it waited for the other connection
