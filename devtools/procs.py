@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _GIVEN: set[int] = set()
 # Below the kernel's ephemeral range, above Ray's worker ports (10002-19999 by default).
 _FLOOR = 20_000
+_RANDOM = random.SystemRandom()  # not the module's generator, which a test or benchmark may seed
 
 
 def _ephemeral_low() -> int:
@@ -40,7 +41,7 @@ def free_port() -> int:
     """
     low = _ephemeral_low()
     for _ in range(200 if low - _FLOOR >= 1000 else 0):
-        port = random.randrange(_FLOOR, low)
+        port = _RANDOM.randrange(_FLOOR, low)
         if port in _GIVEN:
             continue
         with socket.socket() as s:
