@@ -44,7 +44,6 @@ def real_model_dir() -> Path:
 def serve_running(env: dict[str, str], overrides: dict[str, Any], grpc_port: int | None = None) -> Iterator[None]:
     """Ray Serve running serve_config.yaml's generation app with `overrides`; `env` is set before
     ray.init (Serve's build task and the replicas inherit it) and restored after the shutdown."""
-
     from devtools.procs import free_port
     from services.generation import serving
     from services.generation.config import DEFAULT_SERVE_CONFIG
