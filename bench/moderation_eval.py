@@ -6,8 +6,10 @@ data/holdout/external_v2.jsonl (fresh texts written before the second round of d
 classifier changes, frozen by sha256; see its README), and all three together ("combined": the
 figures the goals are checked on); beside them data/holdout/plain_v3.jsonl (plain benign texts,
 frozen the same way: the false-positive rate on ordinary questions and answers, not in
-"combined"). Per set: per-category precision/recall/F1, flagged-vs-not F1, false-positive rate
-on benign look-alikes, and the category family of flagged harmful texts. Also: answers judged
+"combined") and data/holdout/requests_v4.jsonl (everyday "how do I ... at home" requests for
+drugs, weapons, theft and fraud beside look-alikes of the same shape; frozen, not in "combined":
+a known weakness measured on its own). Per set: per-category precision/recall/F1, flagged-vs-not
+F1, false-positive rate on benign look-alikes, and the category family of flagged harmful texts. Also: answers judged
 with the user's message as context (context_pairs.jsonl), alt-profanity-check alone as a
 baseline on the same texts, and latency per text for a batch of 16 on this CPU (wall p50/p99,
 CPU time, and the load average, since other processes share the cores).
@@ -166,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     sets = {"heldout_split": heldout, "external_holdout": external, "external_v2": fresh,
             "combined": heldout + external + fresh}
     plain = {"plain_v3": dataset.load(dataset.PLAIN_V3)}
+    apart = {"requests_v4": dataset.load(dataset.REQUESTS_V4)}
 
     report: dict[str, Any] = {
         "model": moderator.model_id, "policy_version": policy.version, "classifier_version": heads.version,
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
         "goals": GOALS,
     }
-    for name, examples in sets.items():
+    for name, examples in {**sets, **apart}.items():
         report[name] = evaluate(moderator, examples)
         report[name]["profanity_check_alone"] = profanity_baseline(examples, profanity)
     for name, examples in plain.items():
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.write_text(json.dumps(report, indent=1) + "\n")
 
     print(f"moderation eval -> {args.out}   ({moderator.model_id}, policy {policy.version})")
-    for name in sets:
+    for name in [*sets, *apart]:
         r = report[name]
         base = r["profanity_check_alone"]
         print(f"  {name:16s} n={r['examples']:3d} flagged F1 {r['flagged']['f1']:.3f} "

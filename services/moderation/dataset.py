@@ -27,6 +27,11 @@ EXTERNAL_V2_SHA256 = "ac0a4ff0fa5b088cb6e2e1d5f9da3341423fc98ad42a63f54e61d3f2b5
 # ordinary things meets (see data/holdout/README.md).
 PLAIN_V3 = "holdout/plain_v3.jsonl"
 PLAIN_V3_SHA256 = "64309c2cc51ac2ee9fd48539c092582c339931f5e93ab88666bcb3fd5daa414a"
+# Everyday "how do I ... at home" requests: 30 for drugs, weapons, theft and fraud, 30 benign
+# look-alikes of the same shape (a steak, not meth), written and frozen before round 4's training
+# rows; its figures stay outside "combined" (see data/holdout/README.md).
+REQUESTS_V4 = "holdout/requests_v4.jsonl"
+REQUESTS_V4_SHA256 = "8a56f03daaf04ce02c51a5a0fa19952b4deb1bfad1bfb80bffbb00e09f58821e"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -115,18 +115,18 @@ def test_heldout_examples_never_reach_training() -> None:
     train = {e.text.casefold().strip() for e in dataset.load(split="train")}
     train |= {t.casefold().strip() for t, _ in dataset.responses()}
     for name, split in [("policy.jsonl", "heldout"), ("holdout_external.jsonl", None), (dataset.EXTERNAL_V2, None),
-                        (dataset.PLAIN_V3, None)]:
+                        (dataset.PLAIN_V3, None), (dataset.REQUESTS_V4, None)]:
         held = {e.text.casefold().strip() for e in dataset.load(name, split=split)}
         assert held and not (train & held), (name, sorted(train & held)[:3])
 
 
 def test_fresh_external_sets_are_frozen() -> None:
-    """data/holdout/external_v2.jsonl and plain_v3.jsonl were each written before a round's
-    tuning: editing them would make their figures meaningless (see data/holdout/README.md)."""
-    digest = hashlib.sha256((paths.DATA_DIR / dataset.EXTERNAL_V2).read_bytes()).hexdigest()
-    assert digest == dataset.EXTERNAL_V2_SHA256
-    digest = hashlib.sha256((paths.DATA_DIR / dataset.PLAIN_V3).read_bytes()).hexdigest()
-    assert digest == dataset.PLAIN_V3_SHA256
+    """The files of data/holdout/ were each written before a round's tuning: editing them would
+    make their figures meaningless (see data/holdout/README.md)."""
+    for name, expected in [(dataset.EXTERNAL_V2, dataset.EXTERNAL_V2_SHA256),
+                           (dataset.PLAIN_V3, dataset.PLAIN_V3_SHA256),
+                           (dataset.REQUESTS_V4, dataset.REQUESTS_V4_SHA256)]:
+        assert hashlib.sha256((paths.DATA_DIR / name).read_bytes()).hexdigest() == expected, name
 
 
 def test_policy_thresholds_are_the_ones_chosen_on_validation() -> None:
