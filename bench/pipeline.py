@@ -466,7 +466,10 @@ def render(doc: dict[str, Any]) -> str:
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", default="1,16")
     p.add_argument("--samples", type=int, default=8, help="chats per concurrency level (at least)")
-    p.add_argument("--min-rounds", type=int, default=2)
+    # 8 rounds: 128 chats at 16. With 2 rounds (32 chats) the 16-chat ratio of five runs of one
+    # build spread 1.51-1.97x; with 8, five runs gave 1.58-1.83x (bench/results/pipeline.md).
+    p.add_argument("--min-rounds", type=int, default=8,
+                   help="rounds per level at least (a round: one chat per concurrent client)")
     p.add_argument("--warmup-chats", type=int, default=12,
                    help="chats before the first phase and after each moderation restart, not measured "
                         "(each phase also drops its first round)")
