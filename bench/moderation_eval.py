@@ -9,10 +9,10 @@ frozen the same way: the false-positive rate on ordinary questions and answers, 
 "combined") and data/holdout/requests_v4.jsonl (everyday "how do I ... at home" requests for
 drugs, weapons, theft and fraud beside look-alikes of the same shape; frozen, not in "combined":
 a known weakness measured on its own). Per set: per-category precision/recall/F1, flagged-vs-not
-F1, false-positive rate on benign look-alikes, and the category family of flagged harmful texts. Also: answers judged
-with the user's message as context (context_pairs.jsonl), alt-profanity-check alone as a
-baseline on the same texts, and latency per text for a batch of 16 on this CPU (wall p50/p99,
-CPU time, and the load average, since other processes share the cores).
+F1, false-positive rate on benign look-alikes, and the category family of flagged harmful texts.
+Also: answers judged with the user's message as context (context_pairs.jsonl),
+alt-profanity-check alone as a baseline on the same texts, and latency per text for a batch of 16
+on this CPU (wall p50/p99, CPU time, and the load average, since other processes share the cores).
 Writes bench/results/moderation_eval.json.
 """
 
