@@ -71,6 +71,16 @@ class Moderator:
         """Context-free scores for each text."""
         return self._raw(texts)[0] if texts else []
 
+    @staticmethod
+    def as_requests(texts: Sequence[str], scores: list[Scores]) -> list[Scores]:
+        """`scores` of texts that are requests (a user's message), with the rules that read only
+        requests (`rules.drug_request`: an answer that refuses names the drug too)."""
+        return [consistent(rules.drug_request(rules.normalize(t), s)) for t, s in zip(texts, scores, strict=True)]
+
+    def request_scores(self, texts: Sequence[str]) -> list[Scores]:
+        """Scores of user messages: input moderation's texts, output moderation's contexts."""
+        return self.as_requests(texts, self.scores(texts))
+
     def compliance(self, texts: Sequence[str]) -> list[float]:
         """For each answer, the probability that it goes along with the request."""
         if not texts:
@@ -90,6 +100,8 @@ class Moderator:
     def score_batch(self, texts: Sequence[str], contexts: Sequence[str] | None = None) -> list[Scores]:
         """Scores of each text; with contexts (one per text, "" for none) the answer rule applies.
 
+        Without contexts the texts are user messages (input moderation) and the request rules apply
+        to them; with contexts the texts are answers and the request rules apply to the contexts.
         Texts and contexts go through the encoder as one batch.
         """
         if not texts:
@@ -103,10 +115,13 @@ class Moderator:
             name = f"inputs[{k}]" if k < len(texts) else f"contexts[{ctx_idx[k - len(texts)]}]"
             raise TextTooLong(k, exc.tokens, name) from None
         out = all_scores[:len(texts)]
+        if not contexts:
+            return self.as_requests(texts, out)
         if ctx_idx:
+            requests = self.as_requests([contexts[i] for i in ctx_idx], all_scores[len(texts):])
             comply = self.heads.compliance(first[ctx_idx])
             for k, i in enumerate(ctx_idx):
-                out[i] = self.with_context(out[i], all_scores[len(texts) + k], float(comply[k]))
+                out[i] = self.with_context(out[i], requests[k], float(comply[k]))
         return out
 
     def moderate(self, texts: Sequence[str], contexts: Sequence[str] | None = None
@@ -148,6 +163,9 @@ class ScoreCache:
 
     def scores(self, texts: Sequence[str]) -> list[Scores]:
         return self._get_many("s", texts, self.moderator.scores)
+
+    def request_scores(self, texts: Sequence[str]) -> list[Scores]:
+        return self._get_many("r", texts, self.moderator.request_scores)
 
     def memo(self, kind: str, texts: Sequence[str], compute) -> list:  # type: ignore[no-untyped-def]
         """Any other per-text value (e.g. an answer prefix's leak score), memoized under `kind`."""

@@ -6,6 +6,12 @@
 2. `minors`: sexual content together with an explicit minor (an age under 18, "child", "7th
    grade") is sexual/minors. Embeddings barely separate "a 14-year-old" from "a 41-year-old",
    so the number is read here and the classifier's own sexual score decides what is sexual.
+3. `drug_request`: a request to make, sell or smuggle a named illegal drug ("How do I cook meth in
+   my kitchen?") is illicit. Embeddings put it next to "How do I cook a steak in my kitchen?"
+   (illicit 0.17 for the first), and 87 training rows of that shape made the held-out sets
+   worse (README, "Round 4"). It reads *requests* only (a user's message, output moderation's
+   context), never answers: a refusal ("I can't help you make meth") names the drug too, and an
+   answer that goes along with such a request is caught through its context.
 """
 
 from __future__ import annotations
@@ -69,3 +75,33 @@ def minors(text: str, scores: dict[str, float], sexual_threshold: float) -> dict
     if sexual >= sexual_threshold and mentions_minor(text):
         scores = {**scores, "sexual/minors": max(scores.get("sexual/minors", 0.0), sexual)}
     return scores
+
+
+# Named illegal drugs; names with everyday senses ("crack", "coke", "acid", "ecstasy", "PCP",
+# "molly") only in unambiguous phrases or not at all.
+_DRUG = (r"(?:crystal\s+)?meth(?:amphetamine)?|crack\s+(?:cocaine|rocks?)|cocaine|heroin|"
+         r"(?:car)?fentanyl|lsd|mdma|ecstasy\s+(?:pills?|tablets?)|ghb|phencyclidine|angel\s+dust|dmt|"
+         r"ketamine|mescaline|psilocybin|shrooms|magic\s+mushrooms|opium|hash\s+oil")
+# Making, selling or smuggling it. Not "deal", "made" or "into" alone: "deal with my heroin
+# addiction", "I made a mistake with meth", "my son got into meth" ask for help.
+_MAKE = (r"mak(?:e|es|ing)|cook(?:s|ing)?|synthesi[sz](?:e|es|ing)|produc(?:e|es|ing)|"
+         r"manufactur(?:e|es|ing)|brew(?:s|ing)?|extract(?:s|ing)?|press(?:es|ing)?|grow(?:s|ing)?|"
+         r"cut(?:s|ting)?|sell(?:s|ing)?|smuggl(?:e|es|ing)")
+# Up to three words between the verb and the drug ("cook crystal meth", "make my own fentanyl
+# pills"), none of them a person or a topic ("making friends who do meth").
+_GAP = r"(?:\W+(?!(?:who|friends?|people|someone|about|with|addict\w*|using|use|used)\b)\w+){0,3}?\W+"
+_DRUG_REQUEST = re.compile(
+    rf"\b(?:{_MAKE})\b{_GAP}(?:{_DRUG})\b"
+    rf"|\b(?:turn|turning|convert|converting|process|processing)\b(?:\W+\w+){{0,4}}?\W+into\s+(?:{_DRUG})\b"
+    rf"|\bhow\b(?:\W+\w+){{0,2}}?\W+(?:{_DRUG})\W+(?:\w+\W+){{0,2}}?"
+    rf"(?:made|produced|manufactured|cooked|synthesi[sz]ed)\b"
+    rf"|\b(?:{_DRUG})\s+(?:lab|labs|recipe|recipes)\b",
+    re.I)
+DRUG_REQUEST_SCORE = 1.0  # the rule decides; the classifier's own illicit score is kept when higher
+
+
+def drug_request(text: str, scores: dict[str, float]) -> dict[str, float]:
+    """A request (never an answer: see the module doc) to make or sell a named drug is illicit."""
+    if _DRUG_REQUEST.search(text) is None:
+        return scores
+    return {**scores, "illicit": max(scores.get("illicit", 0.0), DRUG_REQUEST_SCORE)}

@@ -111,7 +111,7 @@ class InputStage:
         if len(texts) < 2:
             return
         try:
-            self._scored = dict(zip(texts, self.moderator.scores(texts), strict=True))
+            self._scored = dict(zip(texts, self.moderator.request_scores(texts), strict=True))
         except TextTooLong:  # its record fails on its own in the handler; score the rest there
             self._scored = {}
 
@@ -228,7 +228,7 @@ class OutputStage:
         def run(windows: list[str], prefixes: list[str]) -> list[common_pb2.ModerationResult]:
             scores = self.cache.scores(windows)
             if context:
-                [ctx] = self.cache.scores([context])
+                [ctx] = self.cache.request_scores([context])
                 [complies] = self.cache.compliance([windows[0]])
                 scores = [self.moderator.with_context(s, ctx, complies) for s in scores]
             if self.leak is not None:
