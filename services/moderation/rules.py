@@ -97,7 +97,7 @@ _DRUG_REQUEST = re.compile(
     rf"(?:made|produced|manufactured|cooked|synthesi[sz]ed)\b"
     rf"|\b(?:{_DRUG})\s+(?:lab|labs|recipe|recipes)\b",
     re.I)
-DRUG_REQUEST_SCORE = 1.0  # the rule decides; the classifier's own illicit score is kept when higher
+DRUG_REQUEST_SCORE = 1.0  # the rule decides (a non-finite classifier score stays: the policy fails closed on it)
 
 
 def drug_request(text: str, scores: dict[str, float]) -> dict[str, float]:
