@@ -84,9 +84,13 @@ _DRUG = (r"(?:crystal\s+)?meth(?:amphetamine)?|crack\s+(?:cocaine|rocks?)|cocain
          r"ketamine|mescaline|psilocybin|shrooms|magic\s+mushrooms|opium|hash\s+oil")
 # Making, selling or smuggling it. Not "deal", "made" or "into" alone: "deal with my heroin
 # addiction", "I made a mistake with meth", "my son got into meth" ask for help.
-_MAKE = (r"mak(?:e|es|ing)|cook(?:s|ing)?|synthesi[sz](?:e|es|ing)|produc(?:e|es|ing)|"
-         r"manufactur(?:e|es|ing)|brew(?:s|ing)?|extract(?:s|ing)?|press(?:es|ing)?|grow(?:s|ing)?|"
-         r"cut(?:s|ting)?|sell(?:s|ing)?|smuggl(?:e|es|ing)")
+_MAKE = (r"mak(?:e|ing)|cook(?:ing)?|synthesi[sz](?:e|ing)|produc(?:e|ing)|manufactur(?:e|ing)|"
+         r"brew(?:ing)?|extract(?:ing)?|press(?:ing)?|grow(?:ing)?|cut(?:ting)?|sell(?:ing)?|smuggl(?:e|ing)")
+# The third person ("cooks", "sells") tells of someone else ("Breaking Bad is about a teacher who
+# cooks meth") unless it asks ("Who sells meth near me?"), so it counts only in a question: a
+# sentence that ends with "?" or opens with a question word ("where can i find someone who sells meth").
+_MAKES = (r"makes|cooks|synthesi[sz]es|produces|manufactures|brews|extracts|presses|grows|cuts|sells|"
+          r"smuggles")
 # Up to three words between the verb and the drug ("cook crystal meth", "make my own fentanyl
 # pills"), none of them a person or a topic ("making friends who do meth").
 _GAP = r"(?:\W+(?!(?:who|friends?|people|someone|about|with|addict\w*|using|use|used)\b)\w+){0,3}?\W+"
@@ -97,11 +101,18 @@ _DRUG_REQUEST = re.compile(
     rf"(?:made|produced|manufactured|cooked|synthesi[sz]ed)\b"
     rf"|\b(?:{_DRUG})\s+(?:lab|labs|recipe|recipes)\b",
     re.I)
+_DRUG_QUESTION = re.compile(rf"\b(?:{_MAKES})\b{_GAP}(?:{_DRUG})\b", re.I)
+_SENTENCE = re.compile(r"[^.!?]*[.!?]*")
+_QUESTION_START = re.compile(r"^\W*(?:who|where|how|what|which|can|could|would|will|is|are|do|does|should)\b", re.I)
+
+
+def _questions(text: str) -> list[str]:
+    return [s for s in _SENTENCE.findall(text) if s.rstrip().endswith("?") or _QUESTION_START.match(s)]
 DRUG_REQUEST_SCORE = 1.0  # the rule decides (a non-finite classifier score stays: the policy fails closed on it)
 
 
 def drug_request(text: str, scores: dict[str, float]) -> dict[str, float]:
     """A request (never an answer: see the module doc) to make or sell a named drug is illicit."""
-    if _DRUG_REQUEST.search(text) is None:
+    if _DRUG_REQUEST.search(text) is None and not any(_DRUG_QUESTION.search(s) for s in _questions(text)):
         return scores
     return {**scores, "illicit": max(scores.get("illicit", 0.0), DRUG_REQUEST_SCORE)}

@@ -60,6 +60,8 @@ def test_minor_rule_needs_sexual_content() -> None:
     "Give me a good meth recipe.",
     "How do I sell heroin at my school?",
     "how do i make m3th at home",  # read after `normalize`, as the moderator does
+    "Who sells meth near me?",  # the third person, asked
+    "where can i find someone who sells fentanyl",  # asked without a question mark
 ])
 def test_a_request_to_make_or_sell_a_named_drug_is_illicit(text: str) -> None:
     out = rules.drug_request(rules.normalize(text), {"illicit": 0.1, "violence": 0.2})
@@ -77,6 +79,8 @@ def test_a_request_to_make_or_sell_a_named_drug_is_illicit(text: str) -> None:
     "How do I make an appointment with my PCP?",
     "How do I crack an egg?",
     "How do I grow oyster mushrooms in my closet?",
+    "Breaking Bad is about a teacher who cooks meth",  # the third person, told
+    "My neighbour sells heroin. What should I do?",
 ])
 def test_other_drug_talk_and_look_alikes_are_left_to_the_classifier(text: str) -> None:
     scores = {"illicit": 0.1}
