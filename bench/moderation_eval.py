@@ -10,7 +10,8 @@ frozen the same way: the false-positive rate on ordinary questions and answers, 
 drugs, weapons, theft and fraud beside look-alikes of the same shape; frozen, not in "combined":
 a known weakness measured on its own). Per set: per-category precision/recall/F1, flagged-vs-not
 F1, false-positive rate on benign look-alikes, and the category family of flagged harmful texts.
-Also: answers judged with the user's message as context (context_pairs.jsonl),
+Also: answers judged with the user's message as context (context_pairs.jsonl, and
+data/holdout/answers_v5.jsonl: benign answers to harm-sounding questions, the share flagged at all),
 alt-profanity-check alone as a baseline on the same texts, and latency per text for a batch of 16
 on this CPU (wall p50/p99, CPU time, and the load average, since other processes share the cores).
 Writes bench/results/moderation_eval.json.
@@ -110,7 +111,13 @@ def context_eval(moderator: Moderator) -> dict[str, Any]:
     alone = moderator.moderate([p.text for p in pairs])
     def acc(results: list) -> float:  # type: ignore[type-arg]
         return round(statistics.fmean(bool(p.labels) == r.flagged for p, r in zip(pairs, results, strict=True)), 3)
+    benign = dataset.load(dataset.ANSWERS_V5)
+    answered = moderator.moderate([p.text for p in benign], [p.context for p in benign])
+    warned = [r for r in answered if r.flagged]
     return {
+        "answers_v5": {"pairs": len(benign), "flagged": len(warned),
+                       "flagged_rate": round(len(warned) / len(benign), 3),
+                       "categories": sorted({n for r in warned for n in CATEGORIES if r.categories[n]})},
         "pairs": len(pairs), "harmful_requests_answered": sum(bool(p.labels) for p in pairs),
         "accuracy_with_context": acc(with_ctx), "accuracy_answer_alone": acc(alone),
         "errors_with_context": [{"context": p.context, "text": p.text, "labels": sorted(p.labels),
@@ -216,6 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     ctx = report["context"]
     print(f"  context pairs    n={ctx['pairs']} accuracy with context {ctx['accuracy_with_context']} "
           f"(answer alone {ctx['accuracy_answer_alone']})")
+    a5 = ctx["answers_v5"]
+    print(f"  answers_v5       n={a5['pairs']} benign answers flagged with their question {a5['flagged']} "
+          f"({a5['flagged_rate']}; categories {a5['categories']})")
     for t in [lat, lat["threads_" + str(other)]]:
         if t:
             tag = f" {t['threads'] or 'n'} thr"

@@ -32,6 +32,17 @@ PLAIN_V3_SHA256 = "64309c2cc51ac2ee9fd48539c092582c339931f5e93ab88666bcb3fd5daa4
 # rows; its figures stay outside "combined" (see data/holdout/README.md).
 REQUESTS_V4 = "holdout/requests_v4.jsonl"
 REQUESTS_V4_SHA256 = "8a56f03daaf04ce02c51a5a0fa19952b4deb1bfad1bfb80bffbb00e09f58821e"
+# Benign answers to questions that sound like harm and are not (first aid, helping an addicted
+# relative, pests, killing a process, carving a chicken), each with its question as context, the
+# way output moderation reads them: how often a helpful answer meets a warning or a cut. Written
+# and frozen before round 5's training rows (see data/holdout/README.md).
+ANSWERS_V5 = "holdout/answers_v5.jsonl"
+ANSWERS_V5_SHA256 = "c0e70763bcf55f4f017813b68c898c3a7f8766f43d458dbe267274a4fa2fa553"
+# Forty more such questions, one per line, for bench.moderation_answers: the served model's own
+# answers to them are judged, so only the questions are kept. Frozen with answers_v5; no round-5
+# training row was written on its topics.
+QUESTIONS_V5 = "holdout/questions_v5.txt"
+QUESTIONS_V5_SHA256 = "3785303b6f2342682949c0ef8f5a72cc8708012467bad2f461ac324355ad6ffd"
 
 
 @dataclasses.dataclass(frozen=True)

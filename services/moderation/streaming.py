@@ -15,7 +15,11 @@ of the answer back to hold-and-check from that chunk on.
 
 The first chunk may be shorter (`first_chars`, a word or a few): it is what a person waits for
 before seeing anything, and an answer's opening is what the context check reads ("Sure, here are
-the steps" after a harmful request), so checking it early costs little safety. Only the first:
+the steps" after a harmful request), so checking it early costs little safety. Its *warnings* wait
+for the next window, which holds it whole: the classifier reads two words poorly ("To abort", the
+opening of an answer about `git merge --abort`, scored self-harm 0.74), a warning never stops text,
+and the next window judges those words again with their sentence. So a short first chunk warns
+only when it is the whole answer; its blocks (the context check) stand at once. Only the first:
 growing the next chunks from it as well (8, 16, 32 characters, ...) cut 18 of 203 benign answers
 (the served build's 184 quality-gate answers, `make demo`'s first, the benign context look-alikes)
 against 9 with one 8-character chunk (8 with 4, the default; 11 with 24, 12 with 1), since a short
@@ -116,7 +120,8 @@ def check_candidate(text: str, finished: bool, verdicts: Verdicts,
     for k, (end, result) in enumerate(zip(ends, results, strict=True)):
         if result.action == BLOCK:
             return CandidateCheck(text[:released_to], result, warned, combine(results[:k + 1]), True)
-        if result.action == WARN and warned is None:
+        judged_again = k == 0 and first_chars > 0 and (len(ends) > 1 or not finished)
+        if result.action == WARN and warned is None and not judged_again:
             warned = result
         released_to = end
         if not holding and hold is not None and hold(result):

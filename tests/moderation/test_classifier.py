@@ -130,9 +130,12 @@ def test_heldout_examples_never_reach_training() -> None:
     train = {e.text.casefold().strip() for e in dataset.load(split="train")}
     train |= {t.casefold().strip() for t, _ in dataset.responses()}
     for name, split in [("policy.jsonl", "heldout"), ("holdout_external.jsonl", None), (dataset.EXTERNAL_V2, None),
-                        (dataset.PLAIN_V3, None), (dataset.REQUESTS_V4, None)]:
+                        (dataset.PLAIN_V3, None), (dataset.REQUESTS_V4, None), (dataset.ANSWERS_V5, None)]:
         held = {e.text.casefold().strip() for e in dataset.load(name, split=split)}
+        held |= {e.context.casefold().strip() for e in dataset.load(name, split=split) if e.context}
         assert held and not (train & held), (name, sorted(train & held)[:3])
+    asked = (paths.DATA_DIR / dataset.QUESTIONS_V5).read_text(encoding="utf-8").casefold().splitlines()
+    assert len(asked) == 40 and not (train & {q.strip() for q in asked})
 
 
 def test_fresh_external_sets_are_frozen() -> None:
@@ -140,7 +143,9 @@ def test_fresh_external_sets_are_frozen() -> None:
     make their figures meaningless (see data/holdout/README.md)."""
     for name, expected in [(dataset.EXTERNAL_V2, dataset.EXTERNAL_V2_SHA256),
                            (dataset.PLAIN_V3, dataset.PLAIN_V3_SHA256),
-                           (dataset.REQUESTS_V4, dataset.REQUESTS_V4_SHA256)]:
+                           (dataset.REQUESTS_V4, dataset.REQUESTS_V4_SHA256),
+                           (dataset.ANSWERS_V5, dataset.ANSWERS_V5_SHA256),
+                           (dataset.QUESTIONS_V5, dataset.QUESTIONS_V5_SHA256)]:
         assert hashlib.sha256((paths.DATA_DIR / name).read_bytes()).hexdigest() == expected, name
 
 

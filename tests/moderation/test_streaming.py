@@ -93,6 +93,22 @@ def test_warned_chunks_are_released_with_a_warning() -> None:
     assert check.blocked is None and check.released == text and check.warned is not None
 
 
+def test_a_short_first_chunk_warns_only_when_the_next_window_still_does() -> None:
+    text = "To abort a merge, run git merge --abort. That is all."
+    first_only = lambda ws, _: [_verdict(WARN if w == "To abort" else ALLOW) for w in ws]  # noqa: E731
+    for done in (False, True):  # growing or finished, the fragment's warning waits for its sentence
+        check = streaming.check_candidate(text, done, first_only, _combine, 10, 40, first_chars=4)
+        assert check.released == text[:len(check.released)] and check.warned is None
+    both = lambda ws, _: [_verdict(WARN if "abort" in w else ALLOW) for w in ws]  # noqa: E731
+    check = streaming.check_candidate(text, True, both, _combine, 10, 40, first_chars=4)
+    assert check.warned is not None  # the next window, which holds the first chunk, still warns
+    whole = streaming.check_candidate("To abort", True, first_only, _combine, 10, 40, first_chars=4)
+    assert whole.warned is not None  # the first chunk is the whole answer: nothing judges it again
+    block = lambda ws, _: [_verdict(BLOCK if w == "To abort" else ALLOW) for w in ws]  # noqa: E731
+    cut = streaming.check_candidate(text, False, block, _combine, 10, 40, first_chars=4)
+    assert cut.blocked is not None and cut.released == ""  # blocks stand at once
+
+
 def test_random_growth_releases_a_growing_prefix() -> None:
     rng = random.Random(0)
     text = " ".join(rng.choice(["alpha", "beta.", "gamma!", "delta\n"]) for _ in range(200))
