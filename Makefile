@@ -25,11 +25,12 @@ kafka-down:
 	@bash scripts/kafka.sh down
 
 ## model: build SmolLM2-135M-Instruct to ONNX (fp32 + int4), publish to the registry (cached; no-op when done)
-# fp32 (the reference) and the two builds that carry the GGUF's own 4-bit blocks (in the graph of
+# fp32 (the reference) and the three builds that carry the GGUF's own 4-bit blocks (in the graph of
 # the builder's int4, which is built as their base but not scored: `make bench BENCH=model` scores
-# it); the quality gate picks the served default (model/README.md). `python -m model.build --help`
+# it; cpu-int4-gguf-lut also builds the Rust custom op in model/kernels/q4_lut, skipped without
+# cargo); the quality gate picks the served default (model/README.md). `python -m model.build --help`
 # lists the others; MODEL_ARGS=--promote moves the served pointer to this build's default.
-MODEL_VARIANTS ?= cpu-fp32,cpu-int4-gguf,cpu-int4-gguf-f32act
+MODEL_VARIANTS ?= cpu-fp32,cpu-int4-gguf,cpu-int4-gguf-f32act,cpu-int4-gguf-lut
 model: setup
 	@HF_HUB_OFFLINE=1 $(PY) -m model.build --variants $(MODEL_VARIANTS) $(MODEL_ARGS)
 

@@ -35,7 +35,7 @@ from model.quality import same_answers  # noqa: E402
 NAME = "model_quality"
 FP32 = "cpu-fp32"
 BUILDER_INT4 = "cpu-int4-rtn-last-pruned"
-DEFAULT_BUILDS = (FP32, BUILDER_INT4, "cpu-int4-gguf", "cpu-int4-gguf-f32act")
+DEFAULT_BUILDS = (FP32, BUILDER_INT4, "cpu-int4-gguf", "cpu-int4-gguf-f32act", "cpu-int4-gguf-lut")
 PREFILL_TOKENS = 200
 DECODE_TOKENS = SPEED_TOKENS
 

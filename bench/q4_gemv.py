@@ -10,7 +10,10 @@ blocks, every matrix its own memory, as in the model), in one process and interl
   term's correction nodes, so it is ORT's best case) and at level 4 (int8 activations);
 * ONNX Runtime float32 ``MatMul`` on the same weights dequantized (the cpu-fp32 build's products);
 * ``bench/kernels/q4_1_gemv.c`` (AVX-512, the min term folded in, compiled here with gcc
-  ``-O3 -march=native -fopenmp``), checked against numpy first.
+  ``-O3 -march=native -fopenmp``), checked against numpy first;
+* its table-lookup kernel ported to Rust as the ONNX Runtime custom op ``colloquy.ai::Q41LutMatMul``
+  (``model/lut_kernel.py``, built with cargo; skipped without it), one node per product, also
+  checked against numpy.
 
 Both sides run 2 threads. Prints ms per step and ratios; writes bench/results/q4_gemv.json.
 Skipped (said so, exit 0) without gcc or AVX-512.
@@ -32,6 +35,8 @@ import numpy as np
 
 from bench import common
 from bench.common import Record
+from model import lut_kernel
+from model.lut_kernel import lut_layout
 
 NAME = "q4_gemv"
 LAYERS = 30
@@ -55,23 +60,6 @@ def matrices(seed: int = 0) -> list[dict[str, Any]]:
     return out
 
 
-def lut_layout(mat: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The table-lookup kernel's layout (bench/kernels/q4_1_gemv.c, ``lut_tile``): bit planes of
-    groups of 4 weights, 16 rows per tile; d and m per tile, block and row."""
-    n, kb = mat["d"].shape
-    q = mat["q"].reshape(n, kb, 4, 2, 4).astype(np.uint64)  # row, block, pair, group of the pair, weight
-    planes = (q[..., None] >> np.arange(4, dtype=np.uint64)) & 1  # ..., weight, plane
-    pattern = (planes << np.arange(4, dtype=np.uint64)[:, None]).sum(axis=4)  # row, block, pair, group, plane
-    shifts = (4 * (4 * np.arange(2)[:, None] + np.arange(4)[None, :])).astype(np.uint64)
-    words = (pattern << shifts).sum(axis=(3, 4)).astype(np.uint32)  # row, block, pair
-    tiles = n // 16
-
-    def per_tile(a: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(a.reshape(tiles, 16, *a.shape[1:]).transpose(0, *range(2, a.ndim + 1), 1))
-
-    return {"w": per_tile(words), "d": per_tile(mat["d"]), "m": per_tile(mat["m"])}
-
-
 def dequantized(mat: dict[str, Any]) -> np.ndarray:
     return (mat["d"][:, :, None] * mat["q"] + mat["m"][:, :, None]).reshape(mat["N"], mat["K"])
 
@@ -84,7 +72,12 @@ def ort_session(mats: list[dict[str, Any]], kind: str, level: int, tmp: Path) ->
     nodes, inits, outs = [], [], []
     for i, mat in enumerate(mats):
         x = f"x{mat['K']}"
-        if kind == "nbits":
+        if kind == "lut":
+            lut = mat["lut"]
+            inits += [numpy_helper.from_array(lut[name], f"{name}{i}") for name in ("W", "D", "Mn")]
+            nodes.append(helper.make_node(lut_kernel.OP, [x, f"W{i}", f"D{i}", f"Mn{i}"], [f"y{i}"],
+                                          domain=lut_kernel.DOMAIN))
+        elif kind == "nbits":
             inits += [numpy_helper.from_array(mat["nbits"], f"B{i}"), numpy_helper.from_array(mat["d"], f"S{i}")]
             nodes.append(helper.make_node("MatMulNBits", [x, f"B{i}", f"S{i}"], [f"y{i}"], domain="com.microsoft",
                                           K=mat["K"], N=mat["N"], bits=4, block_size=32, accuracy_level=level))
@@ -94,10 +87,11 @@ def ort_session(mats: list[dict[str, Any]], kind: str, level: int, tmp: Path) ->
         outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
     inputs = [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]) for k in (576, 1536)]
     model = helper.make_model(helper.make_graph(nodes, kind, inputs, outs, inits), ir_version=10,
-                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+                              + ([helper.make_opsetid(lut_kernel.DOMAIN, 1)] if kind == "lut" else []))
     path = tmp / f"{kind}{level}.onnx"
     onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
-    so = ort.SessionOptions()
+    so = lut_kernel.session_options(threads=THREADS) if kind == "lut" else ort.SessionOptions()
     so.intra_op_num_threads = THREADS
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
@@ -119,12 +113,22 @@ def hand_kernel(lib: ctypes.CDLL, mats: list[dict[str, Any]], xs: dict[int, np.n
     def ptrs(arrays: list[np.ndarray]) -> Any:
         return (p * n)(*[a.ctypes.data_as(p) for a in arrays])
 
-    src = [m["lut"] for m in mats] if lut else [{"w": m["gguf"], "d": m["d"], "m": m["m"]} for m in mats]
+    src = ([{"w": m["lut"]["W"], "d": m["lut"]["D"], "m": m["lut"]["Mn"]} for m in mats] if lut
+           else [{"w": m["gguf"], "d": m["d"], "m": m["m"]} for m in mats])
     args = (ptrs([s["w"] for s in src]), ptrs([s["d"] for s in src]), ptrs([s["m"] for s in src]),
             ptrs([xs[m["K"]] for m in mats]), ptrs(ys), (ctypes.c_int * n)(*[m["N"] for m in mats]),
             (ctypes.c_int * n)(*[m["K"] for m in mats]), n, THREADS)
     fn = lib.q4_1_lut_many if lut else lib.q4_1_gemv_many
     return (lambda: fn(*args)), ys
+
+
+def relative_error(mats: list[dict[str, Any]], xs: dict[int, np.ndarray], ys: list[np.ndarray]) -> float:
+    """Worst max-abs error over max-abs result, against numpy float64, on the first layer's products."""
+    errs = []
+    for mat, y in zip(mats[:len(SHAPES)], ys, strict=False):
+        ref = dequantized(mat).astype(np.float64) @ xs[mat["K"]]
+        errs.append(float(np.max(np.abs(np.ravel(y) - ref)) / np.max(np.abs(ref))))
+    return max(errs)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -143,21 +147,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tmp = Path(d)
         lib = compile_kernel(tmp)
         for mat in mats:
-            mat["lut"] = lut_layout(mat)
+            mat["lut"] = lut_layout(mat["q"], mat["d"], mat["m"])
         hands = {"hand kernel, AVX-512 float32 activations": hand_kernel(lib, mats, xs, lut=False),
                  "hand kernel, table lookup, float32 activations": hand_kernel(lib, mats, xs, lut=True)}
         errors = {}
         for name, (call, ys) in hands.items():
             call()
-            errors[name] = err = max(
-                float(np.max(np.abs(y - dequantized(m).astype(np.float64) @ xs[m["K"]]))
-                      / np.max(np.abs(dequantized(m).astype(np.float64) @ xs[m["K"]])))
-                for m, y in zip(mats[:len(SHAPES)], ys, strict=False))
+            errors[name] = err = relative_error(mats, xs, ys)
             if err > 1e-5:
                 raise SystemExit(f"{name} is wrong: relative error {err:.2e}")
         sessions = {"ort MatMulNBits level 0 (served)": ort_session(mats, "nbits", 0, tmp),
                     "ort MatMulNBits level 4 (int8 activations)": ort_session(mats, "nbits", 4, tmp),
                     "ort float32 MatMul (cpu-fp32)": ort_session(mats, "fp32", 0, tmp)}
+        custom = "ort custom op Q41LutMatMul (colloquy.ai)"
+        try:
+            sessions[custom] = ort_session(mats, "lut", 0, tmp)
+        except (FileNotFoundError, RuntimeError) as e:  # no cargo, or its build failed
+            rec.skip(custom, str(e).splitlines()[0])
+        else:
+            errors[custom] = err = relative_error(mats, xs, sessions[custom].run(None, feeds))
+            if err > 1e-5:
+                raise SystemExit(f"{custom} is wrong: relative error {err:.2e}")
         contenders = {name: (lambda s=s: s.run(None, feeds)) for name, s in sessions.items()}
         contenders.update({name: call for name, (call, _) in hands.items()})
         ms: dict[str, list[float]] = {name: [] for name in contenders}

@@ -20,9 +20,11 @@ when it can, else it is recorded as skipped until run on a GPU with
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -76,6 +78,8 @@ class Variant:
     carry_from: str | None = None
     accuracy_level: int = 4
     exact_top_k: int = 0
+    # The 4-bit products as table-lookup custom-op nodes (model.lut_graph; needs cargo to build).
+    lut: bool = False
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
@@ -99,6 +103,10 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("cpu-int4-gguf-f32act", "int4", "cpu", {},
             "cpu-int4-gguf with float32 activations in the 4-bit nodes (accuracy level 0)",
             carry_from="cpu-int4-rtn-last-pruned", accuracy_level=0, exact_top_k=16),
+    Variant("cpu-int4-gguf-lut", "int4", "cpu", {},
+            "cpu-int4-gguf-f32act with its 4-bit products (min term included) as one table-lookup "
+            "node each, float32 activations (colloquy.ai::Q41LutMatMul, model/kernels/q4_lut)",
+            carry_from="cpu-int4-rtn-last-pruned", accuracy_level=0, exact_top_k=16, lut=True),
     Variant("cpu-int8", "int8", "cpu", {}, "int8 weights everywhere (only with --precisions int8)"),
     Variant("cuda-fp16", "fp16", "cuda", {}, "CUDA, float16"),
     Variant("cuda-int4-rtn-last", "int4", "cuda", {"algo_config": "rtn_last"},
@@ -194,6 +202,8 @@ def ensure_carried(variant: Variant, base: tuple[Path, dict[str, Any]],
               "base": base_stamp["outputs_digest"], "gguf": gguf_stamp["outputs_digest"],
               "accuracy_level": variant.accuracy_level, "exact_top_k": variant.exact_top_k,
               "tools": {k: tool_versions()[k] for k in ("onnx", "gguf", "numpy")}}
+    if variant.lut:
+        inputs["lut_kernel"] = lut_kernel_digest()
     out = root / "onnx" / variant.name
 
     def action(tmp: Path) -> None:
@@ -204,9 +214,23 @@ def ensure_carried(variant: Variant, base: tuple[Path, dict[str, Any]],
         counts = carry(base_dir, tmp, gguf_weights(gguf_path, decoder["num_attention_heads"],
                                                    decoder["num_key_value_heads"]),
                        accuracy_level=variant.accuracy_level, exact_top_k=variant.exact_top_k)
+        if variant.lut:
+            from model.lut_graph import to_lut
+
+            counts.update(to_lut(tmp))
         log(f"[onnx {variant.name}] carried {counts}")
 
     return out, run_step(f"onnx {variant.name}", out, inputs, action)
+
+
+def lut_kernel_digest() -> str:
+    """The table-lookup op's sources (a change rebuilds the variants that carry its library)."""
+    from model.lut_kernel import CRATE
+
+    h = hashlib.sha256()
+    for path in [CRATE / "Cargo.toml", CRATE / "Cargo.lock", *sorted((CRATE / "src").rglob("*.rs"))]:
+        h.update(path.relative_to(CRATE).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def ensure_quality(variant: Variant, onnx_dir: Path, onnx_stamp: dict[str, Any],
@@ -369,7 +393,7 @@ def publish(registry: Registry, variant: Variant, onnx_dir: Path, stamp: dict[st
     if variant.carry_from:
         extra["build"]["carried"] = {"graph_from": variant.carry_from, "weights": "gguf blocks",
                                      "accuracy_level": variant.accuracy_level,
-                                     "exact_top_k": variant.exact_top_k}
+                                     "exact_top_k": variant.exact_top_k, "lut": variant.lut}
     try:
         registry.publish(onnx_dir, version, source=source.SOURCE_ID, precision=variant.precision,
                          execution_provider=variant.execution_provider, parent_version=None,
@@ -404,6 +428,10 @@ def select_variants(precisions: Sequence[str], names: Sequence[str] | None,
     else:
         chosen = [v for v in VARIANTS.values()
                   if v.execution_provider == "cpu" and v.precision in precisions and v.candidate]
+    if shutil.which("cargo") is None:
+        for v in [v for v in chosen if v.lut]:
+            log(f"[{v.name}] skipped: cargo (Rust) is not installed, so its custom op cannot be built")
+            chosen.remove(v)
     if cuda:
         chosen += [v for v in VARIANTS.values()
                    if v.execution_provider == "cuda" and v not in chosen]

@@ -13,6 +13,8 @@ The same weights: each 4-/8-bit ``MatMulNBits`` (not the LM head, whose weights 
 the tied 8-bit table and whose node already quantizes its input per row) becomes a ``MatMul``
 with ``d * (q - zero_point)`` in float32, plus the correction ``np.repeat(correction^T, 32)``
 that ``model.carry_blocks`` added beside it (``y = x W + blocksum32(x) C^T = x (W + repeat(C^T))``).
+A table-lookup node (``colloquy.ai::Q41LutMatMul``, ``model.lut_graph``) becomes a ``MatMul`` with
+``d*q + m`` read back from its layout (``model.lut_kernel.dequantize``).
 The results differ from the quantized graph's by float rounding only (summation order), so a
 greedy near-tie could flip; none did on the 184 quality-gate prompts x 48 tokens (README of
 services/generation).
@@ -27,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from model import lut_kernel
 from model import quant_blocks as qb
 
 # The name of each new float32 weight: its MatMulNBits weight's name + this.
@@ -65,6 +68,17 @@ def float32_copy(model_path: Path, weights_file: Path | None = None) -> tuple[An
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(open(weights_file, "wb")) if weights_file is not None else None
         for node in graph.node:
+            if node.op_type == lut_kernel.OP and node.domain == lut_kernel.DOMAIN:
+                w = lut_kernel.dequantize(*(numpy_helper.to_array(inits[name]) for name in node.input[1:4]))
+                name = node.input[1] + SUFFIX
+                weight_t = np.ascontiguousarray(w.T)  # [K, N]
+                new_inits.append(numpy_helper.from_array(weight_t, name) if sink is None
+                                 else _external(name, weight_t, sink, weights_file.name))
+                node.CopyFrom(helper.make_node("MatMul", [node.input[0], name], [node.output[0]],
+                                               name=f"{node.name}/float32"))
+                counts["matmul_4bit"] += 1
+                counts["lut_unpacked"] += 1
+                continue
             if node.op_type != "MatMulNBits":
                 continue
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}

@@ -118,6 +118,10 @@ def export_like_parent(policy_dir: Path, run_dir: Path, parent: dict[str, Any],
         counts = carry(graph, out, fp32_weights(load_file(str(policy_dir / "model.safetensors")), eight_bit),
                        accuracy_level=lambda layer, _proj: EIGHT_BIT_ACCURACY_LEVEL if layer in eight_bit else level,
                        exact_top_k=int(carried["exact_top_k"]))
+        if carried.get("lut"):  # the parent's 4-bit products are table-lookup nodes: so are the child's
+            from model.lut_graph import to_lut
+
+            counts.update(to_lut(out))
         shutil.rmtree(graph, ignore_errors=True)
         build["carried"] = {**carried, "weights": "child fp32 -> Q4_1 / Q8_0 (ggml rounding)",
                             "eight_bit_layers": sorted(eight_bit),

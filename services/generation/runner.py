@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from model.chat_template import IM_END, IM_START
+from model.lut_graph import custom_ops_library
 from model.sampling import COPY_KEYS
 from model.sampling import SMOLLM2_135M_INSTRUCT as BASE_SAMPLING
 from services.generation.kv_cache import SlotKV
@@ -111,6 +112,9 @@ class LoadedModel:
         if threads:
             opts.intra_op_num_threads = threads
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        library = custom_ops_library(self.path, doc)
+        if library is not None:  # a table-lookup build's 4-bit products (model/lut_graph.py)
+            opts.register_custom_ops_library(str(library))
         providers: list[Any] = ["CPUExecutionProvider"]
         if self.provider == "cuda":
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": 0}))
