@@ -58,6 +58,8 @@ def to_lut(model_dir: Path) -> dict[str, int]:
             raise ValueError(f"{node.name}: no Q4_1 correction beside it: not a carried build")
         packed = numpy_helper.to_array(inits[node.input[1]])
         n, kb, _ = packed.shape
+        if n % 16:  # the op works in tiles of 16 rows: this product stays as it is
+            continue
         q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, kb, 32)
         d = numpy_helper.to_array(inits[node.input[2]]).reshape(n, kb).astype(np.float32)
         m = (numpy_helper.to_array(inits[corr_name]).T - np.float32(8.0) * d).astype(np.float32)

@@ -106,3 +106,31 @@ def test_a_scored_parent_gets_a_gated_child_with_its_greedy_fidelity(tiny_child:
     gate = exported.quality["gate"] if exported.quality else {}
     assert gate["reference"] == "child fp32" and gate["parent_pct"] == 100.0
     assert gate["passed_vs_parent"] is False and gate["passed"] is False  # the registry will refuse it
+
+
+def test_child_of_a_table_lookup_parent_gets_table_lookup_nodes(tiny_child: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import onnx
+
+    from model.genai import greedy, load
+    from model.lut_graph import custom_ops_library
+    from model.lut_kernel import OP
+
+    if shutil.which("cargo") is None:
+        pytest.skip("cargo (Rust) is not installed: the custom op's library cannot be built")
+    carried = {**CARRIED_PARENT["build"]["carried"], "accuracy_level": 0}
+    plain = export_like_parent(tiny_child, tmp_path / "plain", {**CARRIED_PARENT, "build": {
+        **CARRIED_PARENT["build"], "carried": carried}})
+    lut = export_like_parent(tiny_child, tmp_path / "lut", {**CARRIED_PARENT, "build": {
+        **CARRIED_PARENT["build"], "carried": {**carried, "lut": True}}})
+    graph = onnx.load(str(lut.path / "model.onnx"), load_external_data=False).graph
+    assert sum(n.op_type == OP for n in graph.node) == 10  # 2 layers x qkv, o, gate, up, down
+    assert [n.op_type for n in graph.node if n.op_type == "MatMulNBits"] == ["MatMulNBits"]  # the LM head
+    library = custom_ops_library(lut.path)
+    assert library is not None and library.is_file()
+    answers = []
+    for export in (plain, lut):
+        model, tokenizer = load(export.path, "cpu")
+        answers.append(greedy(model, tokenizer, [1, 2, 3, 4], 5, stop_at_eos=False).text)
+    assert answers[0] == answers[1]  # the same blocks, float32 activations either way

@@ -1,9 +1,9 @@
 //! `colloquy.ai::Q41LutMatMul`: an ONNX Runtime custom operator multiplying float32 activations by
 //! 4-bit Q4_1 weights through lookup tables (T-MAC's idea, kept in float32).
 //!
-//! An experiment towards a faster decode kernel, ported from the measured C prototype
-//! `bench/kernels/q4_1_gemv.c` (`lut_tile`, `q4_1_lut_many`): same math, same weight layout
-//! (`model/lut_kernel.py` `lut_layout` writes it). Nothing in the model build uses it yet.
+//! The served `cpu-int4-gguf-lut` build's 4-bit products (`model/lut_graph.py` puts it in the
+//! graph), ported from the measured C prototype `bench/kernels/q4_1_gemv.c` (`lut_tile`,
+//! `q4_1_lut_many`): same math, same weight layout (`model/lut_kernel.py` `lut_layout` writes it).
 //!
 //! Q4_1: weights `W [N, K]` in blocks of 32 along K, each with a scale `d` and a min `m`
 //! (`w = d*q + m`, `q` in 0..15), so
