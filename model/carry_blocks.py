@@ -334,7 +334,8 @@ def _rescore_top_k(graph: object, k: int) -> None:
 
 
 def carried_weights(model_dir: Path) -> dict[tuple[int | None, str], np.ndarray]:
-    """The float32 [N, K] weights a carried build computes with, read back from its files.
+    """The float32 [N, K] weights a carried build computes with, read back from its files
+    (``MatMulNBits`` with its correction, or a table-lookup node of ``model.lut_graph``).
 
     For tests and the build's own check: ``(layer, proj)`` -> weight, ``(None, "lm_head")`` -> the
     tied table.
@@ -362,4 +363,12 @@ def carried_weights(model_dir: Path) -> dict[tuple[int | None, str], np.ndarray]
                 out[(layer, "gate_proj")], out[(layer, "up_proj")] = weight[:split], weight[split:]
             else:
                 out[(layer, proj)] = weight
+        elif name.endswith(".lut.W"):  # a table-lookup node of model.lut_graph
+            from model.lut_kernel import dequantize
+
+            match = _NODE_WEIGHT.match(name[: -len("lut.W")] + "weight_Q4G32")
+            if match:
+                base = name[: -len(".W")]
+                out[(int(match.group(1)), match.group(3))] = dequantize(packed, arrays[base + ".D"],
+                                                                        arrays[base + ".Mn"])
     return out

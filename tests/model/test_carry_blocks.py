@@ -99,10 +99,11 @@ def gguf_file() -> Path:
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("variant", ["cpu-int4-gguf", "cpu-int4-gguf-f32act"])
+@pytest.mark.parametrize("variant", ["cpu-int4-gguf", "cpu-int4-gguf-f32act", "cpu-int4-gguf-lut"])
 def test_carried_weights_equal_the_gguf_and_the_fp32_checkpoint(variant: str, gguf_file: Path,
                                                                 hf_fp32_dir: Path) -> None:
-    """Every 4-bit node plus its correction, and the 8-bit table, computes with the GGUF's weights."""
+    """Every 4-bit node plus its correction (or its table-lookup node), and the 8-bit table, computes with
+    the GGUF's weights."""
     import gguf
     from safetensors.numpy import load_file
 
