@@ -154,14 +154,20 @@ pub unsafe extern "C" fn RegisterCustomOps(
         return core::ptr::null_mut(); // a runtime older than API 17: nothing to report it with either
     }
     let api = unsafe { &*api };
-    match catch_unwind(AssertUnwindSafe(|| unsafe { register(api, options) })) {
+    guarded(api, "panic while registering the op", || unsafe {
+        register(api, options)
+    })
+}
+
+/// Runs `f`, turning its error or a panic (which must not cross the FFI boundary) into an ORT
+/// status; null is success.
+fn guarded(api: &OrtApi, on_panic: &str, f: impl FnOnce() -> Result<(), Fail>) -> *mut OrtStatus {
+    match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => core::ptr::null_mut(),
         Ok(Err(e)) => e.into_status(api),
-        Err(_) => Fail::new(
-            OrtErrorCode::ORT_FAIL,
-            "Q41LutMatMul: panic while registering the op",
-        )
-        .into_status(api),
+        Err(_) => {
+            Fail::new(OrtErrorCode::ORT_FAIL, format!("Q41LutMatMul: {on_panic}")).into_status(api)
+        }
     }
 }
 
@@ -238,18 +244,9 @@ unsafe extern "system" fn kernel_compute(
 ) -> OrtStatusPtr {
     let kernel = unsafe { &*kernel.cast::<Kernel>() };
     let api = unsafe { &*kernel.api };
-    let result = catch_unwind(AssertUnwindSafe(|| unsafe {
+    OrtStatusPtr(guarded(api, "internal error (panic)", || unsafe {
         compute(api, ctx, kernel.scalar)
-    }));
-    OrtStatusPtr(match result {
-        Ok(Ok(())) => core::ptr::null_mut(),
-        Ok(Err(e)) => e.into_status(api),
-        Err(_) => Fail::new(
-            OrtErrorCode::ORT_FAIL,
-            "Q41LutMatMul: internal error (panic)",
-        )
-        .into_status(api),
-    })
+    }))
 }
 
 fn avx512_available() -> bool {
@@ -482,8 +479,27 @@ impl Job<'_> {
         let y = unsafe {
             core::slice::from_raw_parts_mut(self.y.0.add(row * self.dm.n + t * TILE), TILE)
         };
-        lut_tile(w, d, m, tables, sums, y, kb, self.scalar);
+        let tile = Tile {
+            w,
+            d,
+            m,
+            tables,
+            sums,
+            kb,
+        };
+        lut_tile(&tile, y, self.scalar);
     }
+}
+
+/// One 16-row tile's inputs: its weight words, scales and mins for `kb` blocks, and the row's
+/// tables and block sums.
+struct Tile<'a> {
+    w: &'a [u32],
+    d: &'a [f32],
+    m: &'a [f32],
+    tables: &'a [f32],
+    sums: &'a [f32],
+    kb: usize,
 }
 
 /// Runs `f(0..total)` on ORT's intra-op pool (`KernelContext_ParallelFor`), serially when the
@@ -584,17 +600,15 @@ fn tables_scalar(x: &[f32], tables: &mut [f32]) {
 }
 
 /// One 16-row tile over all `kb` blocks into `y[0..16]` (the C `lut_tile`).
-#[allow(clippy::too_many_arguments)]
-fn lut_tile(
-    w: &[u32],
-    d: &[f32],
-    m: &[f32],
-    tables: &[f32],
-    sums: &[f32],
-    y: &mut [f32],
-    kb: usize,
-    scalar: bool,
-) {
+fn lut_tile(t: &Tile, y: &mut [f32], scalar: bool) {
+    let Tile {
+        w,
+        d,
+        m,
+        tables,
+        sums,
+        kb,
+    } = *t;
     // The unsafe path reads these extents; the caller's slicing guarantees them.
     let fits = w.len() >= kb * WORDS_PER_BLOCK
         && d.len() >= kb * TILE
@@ -604,24 +618,24 @@ fn lut_tile(
         && y.len() >= TILE;
     #[cfg(target_arch = "x86_64")]
     if !scalar && fits {
-        unsafe { avx512::tile(w, d, m, tables, sums, y, kb) };
+        unsafe { avx512::tile(t, y) };
         return;
     }
     let _ = (scalar, fits);
-    tile_scalar(w, d, m, tables, sums, y, kb);
+    tile_scalar(t, y);
 }
 
 /// The portable path, in the AVX-512 path's order: per block, plane sums of the first and second
 /// group of each pair, then `8*p3 + 4*p2 + 2*p1 + p0` (exact scalings), then `d*s + m*sum`.
-fn tile_scalar(
-    w: &[u32],
-    d: &[f32],
-    m: &[f32],
-    tables: &[f32],
-    sums: &[f32],
-    y: &mut [f32],
-    kb: usize,
-) {
+fn tile_scalar(t: &Tile, y: &mut [f32]) {
+    let Tile {
+        w,
+        d,
+        m,
+        tables,
+        sums,
+        kb,
+    } = *t;
     for (r, out) in y.iter_mut().enumerate().take(TILE) {
         let mut acc = 0f32;
         for b in 0..kb {
@@ -647,7 +661,7 @@ fn tile_scalar(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{TABLE_PER_BLOCK, TILE, WORDS_PER_BLOCK};
+    use super::{TABLE_PER_BLOCK, TILE, Tile, WORDS_PER_BLOCK};
     use std::arch::x86_64::*;
 
     /// AVX-512 table build: 16 entries (one register) per group, `bit_j * x_j` summed by fma.
@@ -680,15 +694,15 @@ mod avx512 {
     /// # Safety
     /// The CPU has avx512f; the slices hold `kb` blocks (see `super::lut_tile`), `y` 16 floats.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn tile(
-        w: &[u32],
-        d: &[f32],
-        m: &[f32],
-        tables: &[f32],
-        sums: &[f32],
-        y: &mut [f32],
-        kb: usize,
-    ) {
+    pub unsafe fn tile(tile: &Tile, y: &mut [f32]) {
+        let Tile {
+            w,
+            d,
+            m,
+            tables,
+            sums,
+            kb,
+        } = *tile;
         let (w, d, m, tables) = (w.as_ptr(), d.as_ptr(), m.as_ptr(), tables.as_ptr());
         let mut acc = _mm512_setzero_ps();
         for (b, &sum) in sums.iter().enumerate().take(kb) {
