@@ -225,10 +225,10 @@ def ensure_carried(variant: Variant, base: tuple[Path, dict[str, Any]],
 
 def lut_kernel_digest() -> str:
     """The table-lookup op's sources (a change rebuilds the variants that carry its library)."""
-    from model.lut_kernel import CRATE
+    from model.lut_kernel import CRATE, sources
 
     h = hashlib.sha256()
-    for path in [CRATE / "Cargo.toml", CRATE / "Cargo.lock", *sorted((CRATE / "src").rglob("*.rs"))]:
+    for path in sources():
         h.update(path.relative_to(CRATE).as_posix().encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 

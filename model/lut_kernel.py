@@ -24,7 +24,8 @@ OP = "Q41LutMatMul"
 SCALAR_ENV = "COLLOQUY_Q4_LUT_SCALAR"
 
 
-def _sources() -> list[Path]:
+def sources() -> list[Path]:
+    """The files the library is built from (a change rebuilds it, and the builds that carry it)."""
     return [CRATE / "Cargo.toml", CRATE / "Cargo.lock", *sorted((CRATE / "src").rglob("*.rs"))]
 
 
@@ -34,7 +35,7 @@ def library_path(build: bool = True) -> Path:
     Raises ``FileNotFoundError`` when it must be built and ``build`` is false or cargo is not
     installed, and ``RuntimeError`` when cargo fails (with cargo's output).
     """
-    newest = max(p.stat().st_mtime for p in _sources() if p.is_file())
+    newest = max(p.stat().st_mtime for p in sources() if p.is_file())
     if LIBRARY.is_file() and LIBRARY.stat().st_mtime >= newest:
         return LIBRARY
     if not build:
