@@ -67,15 +67,19 @@ def float32_copy(model_path: Path, weights_file: Path | None = None) -> tuple[An
     new_inits: list[Any] = []
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(open(weights_file, "wb")) if weights_file is not None else None
+
+        def to_matmul(node: Any, weight_t: np.ndarray) -> None:
+            """Keep ``weight_t`` [K, N] as a float32 weight and make ``node`` a MatMul reading it."""
+            name = node.input[1] + SUFFIX
+            new_inits.append(numpy_helper.from_array(weight_t, name) if sink is None
+                             else _external(name, weight_t, sink, weights_file.name))
+            node.CopyFrom(helper.make_node("MatMul", [node.input[0], name], [node.output[0]],
+                                           name=f"{node.name}/float32"))
+
         for node in graph.node:
             if node.op_type == lut_kernel.OP and node.domain == lut_kernel.DOMAIN:
                 w = lut_kernel.dequantize(*(numpy_helper.to_array(inits[name]) for name in node.input[1:4]))
-                name = node.input[1] + SUFFIX
-                weight_t = np.ascontiguousarray(w.T)  # [K, N]
-                new_inits.append(numpy_helper.from_array(weight_t, name) if sink is None
-                                 else _external(name, weight_t, sink, weights_file.name))
-                node.CopyFrom(helper.make_node("MatMul", [node.input[0], name], [node.output[0]],
-                                               name=f"{node.name}/float32"))
+                to_matmul(node, np.ascontiguousarray(w.T))
                 counts["matmul_4bit"] += 1
                 counts["lut_unpacked"] += 1
                 continue
@@ -101,13 +105,7 @@ def float32_copy(model_path: Path, weights_file: Path | None = None) -> tuple[An
                 rename[add_node.output[0]] = node.output[0]
                 dead.update((id(correction_node), id(add_node)))
                 counts["corrections_folded"] += 1
-            name = node.input[1] + SUFFIX
-            if sink is None:
-                new_inits.append(numpy_helper.from_array(weight_t, name))
-            else:
-                new_inits.append(_external(name, weight_t, sink, weights_file.name))
-            matmul = helper.make_node("MatMul", [node.input[0], name], [node.output[0]], name=f"{node.name}/float32")
-            node.CopyFrom(matmul)
+            to_matmul(node, weight_t)
             counts[f"matmul_{attrs['bits']}bit"] += 1
     if not counts["matmul_4bit"] and not counts["matmul_8bit"]:
         raise Float32CopyError(f"{model_path}: no quantized MatMulNBits outside the LM head")
