@@ -65,6 +65,11 @@ class RLHFConfig:
     # (bench/results/rlhf_rounds_real.md), so a kept checkpoint still passes the export's gate.
     dpo_quiz_every: int = env("RLHF_DPO_QUIZ_EVERY", 0, check=lambda v: v >= 0, hint=">= 0 steps (0: off)")
     dpo_quiz_points: float = env("RLHF_DPO_QUIZ_POINTS", 1.5, check=lambda v: v >= 0, hint=">= 0 points")
+    # Which checkpoint a DPO run with quiz checks keeps: "quiz", the last one within the points;
+    # "validation", among those, the one with most rule wins against the parent on the validation
+    # questions of rlhf/prompts.yaml (rlhf.validation), scored at the same steps.
+    dpo_select: str = env("RLHF_DPO_SELECT", "quiz", check=lambda v: v in ("quiz", "validation"),
+                          hint="quiz or validation")
     # PPO
     ppo_steps: int = env("RLHF_PPO_STEPS", 20, check=lambda v: v >= 1, hint=">= 1")
     rollout_batch_size: int = env("RLHF_ROLLOUT_BATCH_SIZE", 8, check=lambda v: v >= 1, hint=">= 1")

@@ -289,6 +289,11 @@ def run(config: RLHFConfig, registry: Registry, base: str | None = None, dataset
                    "train": [dataclasses.asdict(c) for c in train],
                    "held_out": [dataclasses.asdict(c) for c in held],
                    "prompts": data.prompts_of(train)}
+    if config.dpo_select == "validation":  # the questions DPO's checkpoints are chosen on, as served
+        from rlhf import evaluation, validation
+
+        asked = validation.questions()
+        loop_config["validation"] = {"questions": asked, "prompts": evaluation.served_prompts(asked)[0]}
     clock = time.perf_counter()
     train_on_ray(config, loop_config, run_dir)
     timings["train"] = time.perf_counter() - clock

@@ -42,24 +42,31 @@ def quiz_score(lm: nn.Module, tokenizer: Any, eos: int, device: torch.device,
     """(correct, asked) over this worker's share of ``questions`` (every ``world``-th from
     ``rank``): greedy answers to the questions as chat turns, judged like the build's quiz."""
     mine = list(questions)[rank::world]
-    correct = 0
+    rows = [tokenizer.encode(render_chatml(q.messages(), add_generation_prompt=True), add_special_tokens=False).ids
+            for q in mine]
+    answers = greedy_texts(lm, tokenizer, eos, rows, device, batch_size, max_new_tokens)
+    return sum(is_correct(text, q.accept) for q, text in zip(mine, answers, strict=True)), len(mine)
+
+
+def greedy_texts(lm: nn.Module, tokenizer: Any, eos: int, rows: Sequence[Sequence[int]], device: torch.device,
+                 batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy answers of ``lm`` to prompts given as token ids, batched and left-padded, each cut
+    at its first ``eos``; the module's train/eval mode is restored."""
+    texts: list[str] = []
     was_training = lm.training
     lm.eval()
     with torch.no_grad():
-        for start in range(0, len(mine), batch_size):
-            chunk = mine[start:start + batch_size]
-            rows = [tokenizer.encode(render_chatml(q.messages(), add_generation_prompt=True),
-                                     add_special_tokens=False).ids for q in chunk]
-            width = max(len(r) for r in rows)
-            ids = torch.tensor([[eos] * (width - len(r)) + r for r in rows], device=device)
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            width = max(len(r) for r in chunk)
+            ids = torch.tensor([[eos] * (width - len(r)) + list(r) for r in chunk], device=device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in chunk], device=device)
             out = lm.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
                               pad_token_id=eos, eos_token_id=eos)
-            for q, answer in zip(chunk, out[:, width:].tolist(), strict=True):
-                text = tokenizer.decode(answer[:answer.index(eos)] if eos in answer else answer)
-                correct += is_correct(text, q.accept)
+            for answer in out[:, width:].tolist():
+                texts.append(tokenizer.decode(answer[:answer.index(eos)] if eos in answer else answer))
     lm.train(was_training)
-    return correct, len(mine)
+    return texts
 
 
 def check(step: int, score: int, total: int, parent: QuizCheck | None, points: float = GATE_POINTS) -> QuizCheck:

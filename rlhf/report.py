@@ -236,8 +236,14 @@ def training_quiz_line(record: dict[str, Any]) -> str:
     last = record["checks"][-1]["step"] if record["checks"] else None
     verdict = (f"kept step {kept}" + (" (the last)" if kept == last else f", not the last ({last})")
                if kept is not None else "no checkpoint within the points: kept the last")
-    return (f"quiz during training (float32, within {_f(record['points'], 1)} points of the parent's "
+    line = (f"quiz during training (float32, within {_f(record['points'], 1)} points of the parent's "
             f"{_f(parent['pct'], 1)}%): {checks}; {verdict}.")
+    chosen = record.get("validation")
+    if chosen:
+        scored = ", ".join(f"step {c['step']} {c['wins']}/{c['ties']}/{c['losses']}" for c in chosen["checks"])
+        line += (f" Chosen on {chosen['questions']} validation questions (W/T/L against the parent by the rule, "
+                 f"float32 greedy): {scored}; the kept step has the most wins among those within the points.")
+    return line
 
 
 def _utc(ms: int) -> str:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rlhf import dpo, ppo, quiz
+from rlhf import dpo, ppo, quiz, validation
 from rlhf.reward import RewardModel, pairwise_loss, position_ids
 
 RM_CHECKPOINT = "reward_model.pt"
@@ -507,6 +507,23 @@ def _quiz_check(lm: nn.Module, enc: Encoder, hp: dict[str, Any], step: int, pare
     return quiz.check(step, int(score), int(total), parent, hp["dpo_quiz_points"])
 
 
+def _validation_answers(lm: nn.Module, enc: Encoder, hp: dict[str, Any], asked: dict[str, list[str]],
+                        rank: int, world: int, device: torch.device) -> list[str]:
+    """Greedy answers of ``lm`` to this worker's share of the validation prompts (as served)."""
+    rows = [enc.prompt(p) for p in asked["prompts"][rank::world]]
+    return quiz.greedy_texts(lm, enc.tokenizer, enc.eos, rows, device, 32, hp["eval_max_new_tokens"])
+
+
+def _validation_check(lm: nn.Module, enc: Encoder, hp: dict[str, Any], step: int, asked: dict[str, list[str]],
+                      parent_answers: list[str], rank: int, world: int,
+                      device: torch.device) -> validation.ValidationCheck:
+    """``lm``'s rule record against the parent on the validation questions, summed over the workers."""
+    mine = validation.record(step, asked["questions"][rank::world], parent_answers,
+                             _validation_answers(lm, enc, hp, asked, rank, world, device))
+    wins, ties, losses = _all_sum([float(mine.wins), float(mine.ties), float(mine.losses)], device)
+    return validation.ValidationCheck(step, int(wins), int(ties), int(losses))
+
+
 def _trainable_state(lm: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in lm.named_parameters() if p.requires_grad}
 
@@ -520,7 +537,10 @@ def train_dpo(cfg: dict[str, Any], enc: Encoder, device: torch.device, rank: int
     With ``dpo_quiz_every`` N > 0 the quality quiz scores the parent, then the policy every N
     steps and after the last: the saved policy is the last checkpoint within ``dpo_quiz_points``
     of the parent's score (:func:`rlhf.quiz.kept_step`), so a run that moved too far falls back
-    to where it still knew what its parent knew instead of failing the export's gate.
+    to where it still knew what its parent knew instead of failing the export's gate. With
+    ``dpo_select`` "validation" (and ``cfg["validation"]``: questions and their served prompts) the
+    same checkpoints also answer the validation questions, and the saved policy is the one among
+    those within the points with most rule wins against the parent (:func:`rlhf.validation.best_step`).
     """
     from ray.train.torch import prepare_model
 
@@ -543,6 +563,10 @@ def train_dpo(cfg: dict[str, Any], enc: Encoder, device: torch.device, rank: int
     every = hp.get("dpo_quiz_every", 0)
     parent = _quiz_check(reference, enc, hp, 0, None, rank, world, device) if every else None
     checks: list[quiz.QuizCheck] = []
+    asked = cfg.get("validation") if every and hp.get("dpo_select") == "validation" else None
+    parent_answers = _validation_answers(reference, enc, hp, asked, rank, world, device) if asked else []
+    scored: list[validation.ValidationCheck] = []
+    best: tuple[int, int, int] | None = None  # (wins, -losses, step) of the kept state, as best_step orders
     passed_state: dict[str, torch.Tensor] | None = None
     history: list[dict[str, float]] = []
     step = 0
@@ -567,15 +591,26 @@ def train_dpo(cfg: dict[str, Any], enc: Encoder, device: torch.device, rank: int
         if parent is not None and (step % every == 0 or step == len(batches)):
             checks.append(_quiz_check(unwrap(policy), enc, hp, step, parent, rank, world, device))
             report({"phase": "dpo_quiz", "step": float(step), "quiz_pct": checks[-1].pct})
+            if asked:
+                scored.append(_validation_check(unwrap(policy), enc, hp, step, asked, parent_answers,
+                                                rank, world, device))
+                report({"phase": "dpo_validation", "step": float(step), "validation_wins": scored[-1].wins,
+                        "validation_losses": scored[-1].losses})
             if checks[-1].passed:
-                passed_state = _trainable_state(unwrap(policy))
+                rank_key = (scored[-1].wins, -scored[-1].losses, step) if asked else None
+                if rank_key is None or best is None or rank_key > best:
+                    passed_state, best = _trainable_state(unwrap(policy)), rank_key
     quiz_record = None
     if parent is not None:
-        kept = quiz.kept_step(checks)
+        kept = (validation.best_step([c.step for c in checks if c.passed], scored) if asked
+                else quiz.kept_step(checks))
         if kept is not None and kept != step and passed_state is not None:
-            unwrap(policy).load_state_dict(passed_state, strict=False)  # the last checkpoint that passed
+            unwrap(policy).load_state_dict(passed_state, strict=False)  # the kept checkpoint's weights
         quiz_record = {"parent": parent.as_dict(), "checks": [c.as_dict() for c in checks], "kept_step": kept,
-                       "points": hp["dpo_quiz_points"]}
+                       "points": hp["dpo_quiz_points"], "select": "validation" if asked else "quiz"}
+        if asked:
+            quiz_record["validation"] = {"questions": len(asked["questions"]),
+                                         "checks": [c.as_dict() for c in scored]}
     heldout = evaluate_dpo(policy, reference, cfg["held_out"], enc, hp, rank, world, device)
     seconds = time.perf_counter() - started
     report({**heldout, "phase": "dpo_done", "dpo_seconds": seconds}, phase_seconds={"dpo": seconds})

@@ -17,6 +17,7 @@ from rlhf import data, job, preference
 from rlhf.config import load_config
 from rlhf.report import TERMS as REPORT_TERMS
 from rlhf.report import job_markdown as report_markdown
+from rlhf.validation import ValidationCheck, best_step
 from services.feedback.dataset import write_rows
 from tests.rlhf.synthetic import base_row, candidates, questions, ranking_rows
 
@@ -71,6 +72,7 @@ def test_offline_loop_publishes_a_child_version(tiny_registry: tuple[Registry, s
                          heldout_percent=25, num_workers=2, cpus_per_worker=1, ray_num_cpus=2, use_gpu="false",
                          eval_max_new_tokens=8, eval_samples=1, kl_bound=1e6, pushgateway_url="",
                          algorithm="both", dpo_epochs=2, dpo_batch_size=4, dpo_lr=1e-3, dpo_quiz_every=2,
+                         dpo_select="validation",
                          replay=True, replay_hours=1, replay_store=store, moderation_addr="")
     report = job.run(config, registry, dataset_root=feedback, now_ms=NOW_MS)
     assert list(report["children"]) == ["ppo", "dpo"] and report["version"] == report["children"]["ppo"]["version"]
@@ -137,6 +139,13 @@ def test_offline_loop_publishes_a_child_version(tiny_registry: tuple[Registry, s
     steps = [c["step"] for c in quiz["checks"]]
     assert steps[-1] == len(dpo_history) and steps[:-1] == list(range(2, len(dpo_history), 2))[:len(steps) - 1]
     assert quiz["kept_step"] in ({c["step"] for c in quiz["checks"] if c["passed"]} or {None})
+    # The same checkpoints answered the validation questions (both workers' shares added up), and
+    # the kept one is the passing checkpoint with most rule wins against the parent.
+    assert quiz["select"] == "validation" and quiz["validation"]["questions"] == len(questions("validation"))
+    scored = [ValidationCheck(**c) for c in quiz["validation"]["checks"]]
+    assert [c.step for c in scored] == steps
+    assert all(c.wins + c.ties + c.losses == len(questions("validation")) for c in scored)
+    assert quiz["kept_step"] == best_step([c["step"] for c in quiz["checks"] if c["passed"]], scored)
     # "steps" and "final" describe the published (kept) weights, the history the whole run
     dpo_training = dpo_manifest["training"]["dpo"]
     assert dpo_training["trained_steps"] == len(dpo_history)
@@ -149,7 +158,7 @@ def test_offline_loop_publishes_a_child_version(tiny_registry: tuple[Registry, s
     assert (registry.version_path(dpo_child["version"]) / "model.onnx.data").read_bytes() != parent_onnx
     md = report_markdown([report])
     assert "PPO vs DPO" in md and dpo_child["version"] in md and "non_answer" in md and "Replay FAILED" in md
-    assert "quiz during training" in md
+    assert "quiz during training" in md and "validation questions" in md
 
     # The next run from the child starts where this window ended: only the late ranking is new,
     # too little to train on, so nothing is published.

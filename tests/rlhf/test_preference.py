@@ -120,6 +120,9 @@ def test_every_question_the_labellers_or_the_evaluation_use_has_facts() -> None:
 
     table = yaml.safe_load(preference.PROMPTS_FILE.read_text(encoding="utf-8"))
     listed = preference.facts()
-    missing = [q for q in table["train"] + table["heldout"] if not listed.get(q.strip())]
+    missing = [q for q in table["train"] + table["heldout"] + table["validation"] if not listed.get(q.strip())]
     assert not missing, f"rlhf/prompts.yaml: no facts for {missing}"
+    # A checkpoint chosen on validation questions must not be judged on them, nor trained on them.
+    train, heldout, validation = (set(table[k]) for k in ("train", "heldout", "validation"))
+    assert not validation & heldout and not validation & train and not train & heldout
     assert all(alt and alt == alt.strip() for groups in listed.values() for g in groups for alt in g)
