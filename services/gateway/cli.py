@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+from collections.abc import Iterable
+from typing import TextIO
 
 import grpc
 from colloquy.v1 import chat_pb2, chat_pb2_grpc, common_pb2
@@ -27,12 +30,44 @@ def _metadata(key: str) -> list[tuple[str, str]]:
 
 
 def stream_turn(stub: chat_pb2_grpc.ChatServiceStub, key: str, conversation_id: str, text: str,
-                sampling: common_pb2.SamplingParams, out=sys.stdout, timeout: float = 300.0) -> tuple[str, int]:
-    """Send one message and print the answer as it streams. Returns (conversation id, turn index)."""
+                sampling: common_pb2.SamplingParams, out=sys.stdout, timeout: float = 300.0,
+                retries: int = 3) -> tuple[str, int]:
+    """Send one message and print the answer as it streams. Returns (conversation id, turn index).
+
+    A call refused before any event with UNAVAILABLE and a `retry-after` hint (the gateway's
+    store still saving the previous turn) is sent again after the hint, up to `retries` times."""
+    for attempt in range(retries + 1):
+        seen: list[object] = []
+        try:
+            call = stub.Chat(chat_pb2.ChatRequest(conversation_id=conversation_id, message=text, sampling=sampling),
+                             metadata=_metadata(key), timeout=timeout)
+            return _print_turn(call, conversation_id, out, seen)
+        except grpc.RpcError as err:
+            wait = _retry_after(err)
+            if seen or attempt == retries or err.code() is not grpc.StatusCode.UNAVAILABLE or wait is None:
+                raise
+            out.write(f"[{err.details()}: retrying in {wait}s]\n")
+            out.flush()
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _retry_after(err: grpc.RpcError) -> int | None:
+    """The `retry-after` trailer's seconds, if the gateway sent one."""
+    trailers = getattr(err, "trailing_metadata", None)  # a failed call's error is also its grpc.Call
+    for k, v in (trailers() if trailers else None) or ():
+        if k == "retry-after" and str(v).isdigit():
+            return int(v)
+    return None
+
+
+def _print_turn(call: Iterable[chat_pb2.ChatEvent], conversation_id: str, out: TextIO,
+                seen: list[object]) -> tuple[str, int]:
+    """Print one call's events as they arrive (each also appended to `seen`)."""
     turn_index = 0
     answers: dict[int, str] = {}
-    for ev in stub.Chat(chat_pb2.ChatRequest(conversation_id=conversation_id, message=text, sampling=sampling),
-                        metadata=_metadata(key), timeout=timeout):
+    for ev in call:
+        seen.append(ev)
         kind = ev.WhichOneof("event")
         if kind == "started":
             conversation_id, turn_index = ev.started.conversation_id, ev.started.turn_index

@@ -15,7 +15,7 @@ CHAT_DURATION = Histogram("colloquy_gateway_chat_duration_seconds", "Whole Chat 
                           buckets=LATENCY_BUCKETS)
 STREAMED_CHARS = Counter("colloquy_gateway_streamed_characters_total", "Answer characters sent to clients")
 REFUSED = Counter("colloquy_gateway_refused_total",
-                  "Calls refused, by reason (capacity, user_concurrency, rate_limit, unavailable, "
+                  "Calls refused, by reason (capacity, user_concurrency, rate_limit, unavailable, store_behind, "
                   "moderation_unavailable, moderation_timeout)", ["reason"])
 KEY_RELOAD_ERRORS = Counter("colloquy_gateway_api_key_reload_errors_total",
                             "Versions of the API key file that were rejected (the last good keys stay in use)")

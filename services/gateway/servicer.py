@@ -38,6 +38,15 @@ MODERATION_DOWN = ("moderation is unavailable, so messages cannot be checked; no
                    "Retry shortly")
 HISTORY_POLL_S = 1.0  # how often a keyed chat with no reply looks for its turn in the history
 HISTORY_WAIT_S = 5.0  # read-your-writes: how long a reader waits for the store to catch up
+STORE_BEHIND = "this conversation's history is still being saved; retry in a few seconds"
+STORE_BEHIND_RETRY_S = 2  # the `retry-after` hint sent with it
+
+
+class StoreBehind(Exception):
+    """The store did not show, within HISTORY_WAIT_S, that it holds every turn committed to a
+    conversation's partition: whether the conversation exists is not known yet (UNAVAILABLE, not
+    NOT_FOUND: a user whose first turn was answered while the store lagged must not be told their
+    conversation does not exist)."""
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
@@ -87,6 +96,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         (grpcio would send "Unexpected <class ...>: <text>" with UNKNOWN)."""
         if isinstance(exc, grpc.aio.AbortError):
             raise exc
+        if isinstance(exc, StoreBehind):  # nothing was published yet: a retry is safe, and hinted
+            metrics.REFUSED.labels("store_behind").inc()
+            context.set_trailing_metadata((("retry-after", str(STORE_BEHIND_RETRY_S)),))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, STORE_BEHIND)
         if isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError
                       | sqlalchemy.exc.TimeoutError):
             # The database is down, restarting or out of connections: a retry can succeed.
@@ -106,15 +119,21 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     def _owner(self, conversation_id: str) -> Owner | None:
         """The conversation's owner, waiting (bounded) for the store to hold every turn committed
         to its partition when the store does not know it: a conversation another replica just
-        started, or a store that lags. Blocking."""
+        started, or a store that lags. None: the store has caught up and does not know it.
+        Raises StoreBehind when it did not catch up in time or could not be asked. Blocking."""
         owner = self.db.owner(conversation_id)
         if owner is None:
             partition = topics.partition_for(conversation_id, topics.CONVERSATION_TURNS.partitions)
             try:
-                if self.store.wait_caught_up([partition], HISTORY_WAIT_S):
-                    owner = self.db.owner(conversation_id)
+                caught_up = self.store.wait_caught_up([partition], HISTORY_WAIT_S)
             except Exception as exc:
                 log.warning("could not wait for the conversation store", extra={"error": repr(exc)[:300]})
+                raise StoreBehind(conversation_id) from exc
+            if not caught_up:
+                log.warning("the conversation store lags behind the history topic",
+                            extra={"conversation_id": conversation_id, "partition": partition})
+                raise StoreBehind(conversation_id)
+            owner = self.db.owner(conversation_id)
         return owner
 
     async def _turn_stored(self, conversation_id: str, index: int) -> bool:
@@ -200,7 +219,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 await context.abort(grpc.StatusCode.NOT_FOUND, NOT_FOUND)
         elif key:  # the conversation this key starts: new, or the one an earlier try started
             conv = derived
-            owner = await self._blocking(self._owner, conv)  # None while its first turn is not recorded
+            try:
+                owner = await self._blocking(self._owner, conv)  # None while its first turn is not recorded
+            except StoreBehind:  # unknown yet: answered as a new conversation, as an unrecorded one is
+                owner = None
             if owner is not None and (owner.user_id != user or owner.deleted):
                 await context.abort(grpc.StatusCode.NOT_FOUND, NOT_FOUND)
         else:

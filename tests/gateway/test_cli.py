@@ -1,9 +1,12 @@
-"""The terminal client's handling of a stream-first retraction (a stub stands in for the stub)."""
+"""The terminal client: a stream-first retraction, and a turn refused with a retry hint (a stub stands
+in for the gateway's stub)."""
 
 from __future__ import annotations
 
 import io
 
+import grpc
+import pytest
 from colloquy.v1 import chat_pb2, common_pb2
 
 from services.gateway import cli
@@ -28,3 +31,55 @@ def test_a_retraction_reprints_the_answer_without_the_withdrawn_text() -> None:
     shown = out.getvalue()
     assert "withdrawn by moderation: the last 15 characters" in shown
     assert shown.split("the answer stands as:]\n", 1)[1].startswith("You are Colloquy\n")
+
+
+class _Refused(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, trailers: tuple = ()) -> None:
+        self._code, self._trailers = code, trailers
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return "this conversation's history is still being saved; retry in a few seconds"
+
+    def trailing_metadata(self) -> tuple:
+        return self._trailers
+
+
+class _RefusingStub(_Stub):
+    """Refuses the first `refusals` calls before any event, then streams `events`."""
+
+    def __init__(self, events: list[chat_pb2.ChatEvent], refusals: int, error: _Refused) -> None:
+        super().__init__(events)
+        self.refusals, self.error, self.calls = refusals, error, 0
+
+    def Chat(self, request, metadata, timeout):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.calls <= self.refusals:
+            raise self.error
+        return iter(self.events)
+
+
+DONE = [chat_pb2.ChatEvent(started=chat_pb2.ChatStarted(conversation_id="c", turn_index=2)),
+        chat_pb2.ChatEvent(delta=chat_pb2.ChatDelta(text="Biscuit.")), chat_pb2.ChatEvent(done=chat_pb2.ChatDone())]
+
+
+def test_a_turn_refused_with_a_retry_hint_before_any_event_is_sent_again() -> None:
+    stub = _RefusingStub(DONE, 2, _Refused(grpc.StatusCode.UNAVAILABLE, (("retry-after", "0"),)))
+    out = io.StringIO()
+    assert cli.stream_turn(stub, "k", "c", "What is my dog's name?", common_pb2.SamplingParams(), out=out) == ("c", 2)
+    assert stub.calls == 3 and out.getvalue().count("retrying in 0s") == 2 and "Biscuit." in out.getvalue()
+
+
+@pytest.mark.parametrize("error", [_Refused(grpc.StatusCode.UNAVAILABLE),  # no hint: not known to be safe
+                                   _Refused(grpc.StatusCode.NOT_FOUND, (("retry-after", "0"),))])
+def test_other_refusals_and_too_many_are_not_retried(error: _Refused) -> None:
+    stub = _RefusingStub(DONE, 1, error)
+    with pytest.raises(grpc.RpcError):
+        cli.stream_turn(stub, "k", "c", "hi", common_pb2.SamplingParams(), out=io.StringIO())
+    assert stub.calls == 1
+    hinted = _RefusingStub(DONE, 5, _Refused(grpc.StatusCode.UNAVAILABLE, (("retry-after", "0"),)))
+    with pytest.raises(grpc.RpcError):
+        cli.stream_turn(hinted, "k", "c", "hi", common_pb2.SamplingParams(), out=io.StringIO(), retries=3)
+    assert hinted.calls == 4
