@@ -171,3 +171,21 @@ def test_ray_clusters_declare_the_locked_ray_version(render) -> None:  # type: i
         assert rs["spec"]["rayClusterConfig"]["rayVersion"] == _locked("serve.lock", "ray")
         for job in manifests.embedded_objects(docs):
             assert job["spec"]["rayClusterSpec"]["rayVersion"] == _locked("train.lock", "ray")
+
+
+def test_the_training_image_carries_the_cpu_models_kernel_built_from_the_locked_crate() -> None:
+    """Without it the model-bootstrap Job skips cpu-int4-gguf-lut (no cargo in the image) and serves
+    the slower f32act build; the library must land where model.lut_kernel looks for it."""
+    from model import lut_kernel
+
+    _, stages = parse()
+    builder = next(s for s in stages.values() if "cargo build --release --locked" in s.text)
+    assert "Cargo.lock" in builder.text and stages[builder.name].base.startswith("rust:")
+    want = lut_kernel.LIBRARY.relative_to(manifests.ROOT)
+    copied = [(src, paths) for src, paths in stages["training"].copies_from() if src == builder.name]
+    assert copied and copied[0][1].endswith(want.name), copied
+    assert f"/app/{want.parent}/" in stages["training"].text
+    for target in SERVING_TARGETS:  # they load the copy in the model directory, not this one
+        assert builder.name not in {s for s, _ in stages[target].copies_from()}
+    ignored = DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+    assert str(lut_kernel.CRATE.relative_to(manifests.ROOT) / "target") in ignored  # no local build in the context
