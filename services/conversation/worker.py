@@ -39,11 +39,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "conversation"
 BEHIND_LOG_EVERY_S = 10.0  # how often a store still catching up says where it is (start-up is otherwise silent)
-# The store is what a gateway reads right after a turn (read-your-writes, at most 5 s: HISTORY_WAIT_S),
-# so a consumer kafka-python left stalled (kafka_loop.LagProbe) is replaced within ~4 s here, not the
-# stages' ~20 s: a demo's second turn was once answered "conversation not found" while the first
-# turn's record sat unread for 30 s. A false alarm costs a rejoin of this small group, nothing else.
-PROBE_S, STALL_PROBES = 1.0, 4
 
 
 class _Seeker(ConsumerRebalanceListener):
@@ -88,7 +83,7 @@ class Materializer(ThreadWorker):
         self._caught_up = threading.Event()
         self._db_ok = False
         self._batches = 0
-        self._probe = kafka_loop.LagProbe(group_id, STAGE, every_s=PROBE_S, stall_probes=STALL_PROBES)
+        self._probe = kafka_loop.LagProbe(group_id, STAGE)
         self._last_ping = 0.0
         self._last_behind_log = time.monotonic()
         conv_metrics.READY.set(0)
