@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from rlhf.evaluation import judge
 from rlhf.preference import PROMPTS_FILE, score
 
 
@@ -42,13 +43,10 @@ class ValidationCheck:
 
 
 def record(step: int, questions: Sequence[str], parent: Sequence[str], child: Sequence[str]) -> ValidationCheck:
-    """The child's wins, ties and losses against the parent, question by question, by the rule."""
-    wins = losses = 0
-    for q, p, c in zip(questions, parent, child, strict=True):
-        mine, theirs = score(q, c), score(q, p)
-        wins += mine > theirs
-        losses += mine < theirs
-    return ValidationCheck(step, wins, len(questions) - wins - losses, losses)
+    """The child's wins, ties and losses against the parent, question by question, by the rule
+    (as the held-out evaluation counts them: :func:`rlhf.evaluation.judge`)."""
+    judged = judge(questions, parent, child, score)
+    return ValidationCheck(step, judged["child_wins"], judged["ties"], judged["child_losses"])
 
 
 def best_step(passed: Sequence[int], checks: Sequence[ValidationCheck]) -> int | None:
