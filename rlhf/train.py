@@ -566,7 +566,7 @@ def train_dpo(cfg: dict[str, Any], enc: Encoder, device: torch.device, rank: int
     asked = cfg.get("validation") if every and hp.get("dpo_select") == "validation" else None
     parent_answers = _validation_answers(reference, enc, hp, asked, rank, world, device) if asked else []
     scored: list[validation.ValidationCheck] = []
-    best: tuple[int, int, int] | None = None  # (wins, -losses, step) of the kept state, as best_step orders
+    best: tuple[int, int, int] | None = None  # validation.preference of the kept state
     passed_state: dict[str, torch.Tensor] | None = None
     history: list[dict[str, float]] = []
     step = 0
@@ -597,7 +597,7 @@ def train_dpo(cfg: dict[str, Any], enc: Encoder, device: torch.device, rank: int
                 report({"phase": "dpo_validation", "step": float(step), "validation_wins": scored[-1].wins,
                         "validation_losses": scored[-1].losses})
             if checks[-1].passed:
-                rank_key = (scored[-1].wins, -scored[-1].losses, step) if asked else None
+                rank_key = validation.preference(scored[-1]) if asked else None
                 if rank_key is None or best is None or rank_key > best:
                     passed_state, best = _trainable_state(unwrap(policy)), rank_key
     quiz_record = None

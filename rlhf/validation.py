@@ -49,11 +49,16 @@ def record(step: int, questions: Sequence[str], parent: Sequence[str], child: Se
     return ValidationCheck(step, judged["child_wins"], judged["ties"], judged["child_losses"])
 
 
+def preference(check: ValidationCheck) -> tuple[int, int, int]:
+    """The order checkpoints are kept by: most wins, then fewest losses, then the latest."""
+    return check.wins, -check.losses, check.step
+
+
 def best_step(passed: Sequence[int], checks: Sequence[ValidationCheck]) -> int | None:
-    """Among the ``passed`` steps (their quiz within the points), the one with most wins; then
-    fewest losses; then the latest. None when no step passed."""
+    """Among the ``passed`` steps (their quiz within the points), the most preferred
+    (:func:`preference`). None when no step passed."""
     by_step = {c.step: c for c in checks}
     candidates = [by_step[s] for s in passed if s in by_step]
     if not candidates:
         return None
-    return max(candidates, key=lambda c: (c.wins, -c.losses, c.step)).step
+    return max(candidates, key=preference).step
