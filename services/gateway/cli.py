@@ -18,7 +18,7 @@ from typing import TextIO
 import grpc
 from colloquy.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 
-from services.common import tls
+from services.common import retry_hint, tls
 
 HELP = """commands: /up or /down [comment]  rate the last answer
           /rank i j ...  rank the candidates of the last turn, best first (with --n > 1)
@@ -55,10 +55,7 @@ def stream_turn(stub: chat_pb2_grpc.ChatServiceStub, key: str, conversation_id: 
 def _retry_after(err: grpc.RpcError) -> int | None:
     """The `retry-after` trailer's seconds, if the gateway sent one."""
     trailers = getattr(err, "trailing_metadata", None)  # a failed call's error is also its grpc.Call
-    for k, v in (trailers() if trailers else None) or ():
-        if k == "retry-after" and str(v).isdigit():
-            return int(v)
-    return None
+    return retry_hint.read(trailers() if trailers else None)
 
 
 def _print_turn(call: Iterable[chat_pb2.ChatEvent], conversation_id: str, out: TextIO,

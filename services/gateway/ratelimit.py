@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import OrderedDict
@@ -40,8 +39,3 @@ class RateLimiter:
             while len(self._buckets) > self.max_keys:
                 self._buckets.popitem(last=False)
             return wait
-
-
-def retry_after_seconds(wait: float) -> int:
-    """Whole seconds for a retry hint (never 0: 'retry now' would just be refused again)."""
-    return max(1, math.ceil(wait))

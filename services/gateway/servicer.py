@@ -16,7 +16,7 @@ from colloquy.v1 import chat_pb2, chat_pb2_grpc, events_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from kafka import KafkaProducer
 
-from services.common import events, kafka_loop, topics, turns
+from services.common import events, kafka_loop, retry_hint, topics, turns
 from services.common.auth import Identity, KeyRing, key_from_metadata
 from services.conversation import domain as store_domain
 from services.conversation.db import ConversationDB, Owner
@@ -27,7 +27,7 @@ from services.gateway.admission import Admission
 from services.gateway.chat_stream import ChatEnd, ChatStream, Limits
 from services.gateway.config import GatewayConfig
 from services.gateway.moderation_guard import ModerationGuard
-from services.gateway.ratelimit import RateLimiter, retry_after_seconds
+from services.gateway.ratelimit import RateLimiter
 from services.gateway.replies import ReplyRouter
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         wait = self.limiter.take(user) if self.limiter is not None else 0.0
         if wait > 0:
             metrics.REFUSED.labels("rate_limit").inc()
-            secs = retry_after_seconds(wait)
-            context.set_trailing_metadata((("retry-after", str(secs)),))
+            secs = retry_hint.seconds(wait)
+            context.set_trailing_metadata(retry_hint.trailer(secs))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"rate limit: too many requests for this API key; retry after {secs}s")
 
@@ -98,7 +98,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             raise exc
         if isinstance(exc, StoreBehind):  # nothing was published yet: a retry is safe, and hinted
             metrics.REFUSED.labels("store_behind").inc()
-            context.set_trailing_metadata((("retry-after", str(STORE_BEHIND_RETRY_S)),))
+            context.set_trailing_metadata(retry_hint.trailer(STORE_BEHIND_RETRY_S))
             await context.abort(grpc.StatusCode.UNAVAILABLE, STORE_BEHIND)
         if isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError
                       | sqlalchemy.exc.TimeoutError):

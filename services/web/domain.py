@@ -8,7 +8,6 @@ equivalent for, and message lists it cannot map onto a conversation (see `chat_p
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import re
@@ -19,6 +18,7 @@ from typing import Any
 import grpc
 from colloquy.v1 import chat_pb2, common_pb2, moderation_pb2
 
+from services.common import retry_hint
 from services.moderation.categories import CATEGORIES
 
 # OpenAI's 13 moderation categories (omni-moderation), in its documentation's order.
@@ -142,13 +142,11 @@ def from_grpc(code: grpc.StatusCode, details: str, trailers: Iterable[tuple[str,
         param = GATEWAY_FIELDS.get(field, field)
         param = (renames or {}).get(param, param)
         message = f"{param}{m.group(2) or ''}: {message[m.end():]}"
-    retry_after = None
-    if status == 429:
-        retry_after = 1  # capacity refusals carry no hint: one second is the gateway's smallest
-        for key, value in trailers or ():
-            if key == "retry-after":
-                with contextlib.suppress(ValueError):
-                    retry_after = max(1, int(value if isinstance(value, str) else value.decode()))
+    # HTTP's Retry-After from the gateway's hint: a rate limit (429) or a store still saving the
+    # previous turn (503). Capacity refusals carry no hint: one second is the gateway's smallest.
+    retry_after = retry_hint.read(trailers)
+    if status == 429 and retry_after is None:
+        retry_after = 1
     if code is grpc.StatusCode.NOT_FOUND:
         param = "conversation_id"
     if code is grpc.StatusCode.UNAUTHENTICATED:  # the gateway's sentence speaks of gRPC metadata

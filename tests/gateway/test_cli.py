@@ -65,21 +65,30 @@ DONE = [chat_pb2.ChatEvent(started=chat_pb2.ChatStarted(conversation_id="c", tur
         chat_pb2.ChatEvent(delta=chat_pb2.ChatDelta(text="Biscuit.")), chat_pb2.ChatEvent(done=chat_pb2.ChatDone())]
 
 
-def test_a_turn_refused_with_a_retry_hint_before_any_event_is_sent_again() -> None:
-    stub = _RefusingStub(DONE, 2, _Refused(grpc.StatusCode.UNAVAILABLE, (("retry-after", "0"),)))
+@pytest.fixture
+def slept(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The retry waits, recorded instead of slept."""
+    waits: list[float] = []
+    monkeypatch.setattr(cli.time, "sleep", waits.append)
+    return waits
+
+
+def test_a_turn_refused_with_a_retry_hint_before_any_event_is_sent_again(slept: list[float]) -> None:
+    stub = _RefusingStub(DONE, 2, _Refused(grpc.StatusCode.UNAVAILABLE, (("retry-after", "2"),)))
     out = io.StringIO()
     assert cli.stream_turn(stub, "k", "c", "What is my dog's name?", common_pb2.SamplingParams(), out=out) == ("c", 2)
-    assert stub.calls == 3 and out.getvalue().count("retrying in 0s") == 2 and "Biscuit." in out.getvalue()
+    assert stub.calls == 3 and out.getvalue().count("retrying in 2s") == 2 and "Biscuit." in out.getvalue()
+    assert slept == [2, 2]
 
 
 @pytest.mark.parametrize("error", [_Refused(grpc.StatusCode.UNAVAILABLE),  # no hint: not known to be safe
-                                   _Refused(grpc.StatusCode.NOT_FOUND, (("retry-after", "0"),))])
-def test_other_refusals_and_too_many_are_not_retried(error: _Refused) -> None:
+                                   _Refused(grpc.StatusCode.NOT_FOUND, (("retry-after", "1"),))])
+def test_other_refusals_and_too_many_are_not_retried(error: _Refused, slept: list[float]) -> None:
     stub = _RefusingStub(DONE, 1, error)
     with pytest.raises(grpc.RpcError):
         cli.stream_turn(stub, "k", "c", "hi", common_pb2.SamplingParams(), out=io.StringIO())
     assert stub.calls == 1
-    hinted = _RefusingStub(DONE, 5, _Refused(grpc.StatusCode.UNAVAILABLE, (("retry-after", "0"),)))
+    hinted = _RefusingStub(DONE, 5, _Refused(grpc.StatusCode.UNAVAILABLE, (("retry-after", "1"),)))
     with pytest.raises(grpc.RpcError):
         cli.stream_turn(hinted, "k", "c", "hi", common_pb2.SamplingParams(), out=io.StringIO(), retries=3)
     assert hinted.calls == 4

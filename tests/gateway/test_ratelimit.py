@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.gateway.ratelimit import RateLimiter, retry_after_seconds
+from services.common import retry_hint
+from services.gateway.ratelimit import RateLimiter
 
 
 class Clock:
@@ -35,6 +36,6 @@ def test_memory_is_bounded_by_forgetting_idle_users() -> None:
 
 
 def test_retry_hint_is_whole_seconds_and_never_zero() -> None:
-    assert retry_after_seconds(0.01) == 1 and retry_after_seconds(1.2) == 2
+    assert retry_hint.seconds(0.01) == 1 and retry_hint.seconds(1.2) == 2
     with pytest.raises(ValueError):
         RateLimiter(rate=0, burst=1)

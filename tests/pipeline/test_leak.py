@@ -5,8 +5,9 @@ leak.py). These chats go through the gateway, Kafka, tokenizer, moderation, prom
 the real hidden instructions) and generation serving the registry's fp32 build (the reference
 build; the served default is a 4-bit one), with the served default sampling.
 
-The shared stack's generation is restarted pinned to fp32 for this module and restarted back
-afterwards, so the modules after this one see the stack as it was.
+The shared stack's generation is restarted pinned to fp32 for this module. The package's conftest
+runs this module after the others; were a test using the stack still to come, generation would be
+restarted back so that it sees the stack as it was.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from services.moderation.categories import SYSTEM_PROMPT_LEAK
 from services.moderation.leak import LeakDetector, hidden_texts
 from services.moderation.policy import load
 from services.prompt.templates import load_file
+from tests.pipeline.conftest import stack_used_after
 
 DEV = [("authorization", "Bearer colloquy-dev-key")]
 TEMPLATES = load_file(paths.TEMPLATES_FILE)
@@ -57,7 +59,7 @@ def _fp32_version() -> str:
 
 
 @pytest.fixture(scope="module")
-def fp32(stack: Stack) -> Iterator[str]:
+def fp32(stack: Stack, request: pytest.FixtureRequest) -> Iterator[str]:
     version = _fp32_version()
     env = stack.extra_env.setdefault("generation", {})
     env["GENERATION_MODEL_VERSION"] = version
@@ -66,7 +68,8 @@ def fp32(stack: Stack) -> Iterator[str]:
         yield version
     finally:
         env.pop("GENERATION_MODEL_VERSION", None)
-        stack.restart("generation")
+        if stack_used_after(request):  # conftest runs this module last, so normally not
+            stack.restart("generation")
 
 
 def _chat(gateway: str, message: str, max_tokens: int = 96) -> tuple[Answer, str]:

@@ -230,3 +230,22 @@ def test_6_conversations_are_listed_opened_and_deleted(browser, stack: Stack) ->
     shot(browser, "09-conversation-deleted")
     gone = httpx2.get(f"{stack.web}/v1/conversations/{conv}", headers={"Authorization": "Bearer colloquy-dev-key"})
     assert gone.status_code == 404, gone.text
+
+
+def test_7_a_503_with_retry_after_is_sent_again_after_the_wait(browser) -> None:
+    """The gateway answers 503 + Retry-After while a conversation's previous turn is still being
+    saved. Provoking that lag on demand is not possible here, so the page's first POST gets that
+    answer from a wrapped `fetch` (the text is the gateway's); the resend goes to the real stack."""
+    css(browser, "#new-chat")[0].click()
+    browser.execute_script("""
+      const real = window.fetch; let refused = 0;
+      window.fetch = (url, opts) => (String(url).endsWith('/v1/chat/completions') && refused++ === 0)
+        ? Promise.resolve(new Response(JSON.stringify({error: {message:
+            "this conversation's history is still being saved; retry in a few seconds"}}),
+            {status: 503, headers: {'Retry-After': '1', 'Content-Type': 'application/json'}}))
+        : real(url, opts);""")
+    turn = send(browser, "Name a color.", max_tokens=8)
+    wait(lambda: "retrying in 1s" in by_id(browser, "chat-error").text, 10, "the retry notice")
+    wait(lambda: any(s in ("done", "cut at the length limit") for s in statuses(turn)), 150, "the resent answer")
+    assert by_id(browser, "chat-error").text == "", "the retry notice stayed after the answer"
+    assert browser.execute_script("return document.querySelectorAll('#messages .user').length") == 1

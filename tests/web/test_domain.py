@@ -178,6 +178,13 @@ def test_rate_limit_carries_the_gateways_retry_after_trailer() -> None:
     assert domain.from_grpc(grpc.StatusCode.RESOURCE_EXHAUSTED, "at capacity").retry_after == 1
 
 
+def test_store_behind_503_carries_the_gateways_retry_after_and_other_503s_none() -> None:
+    e = domain.from_grpc(grpc.StatusCode.UNAVAILABLE, "this conversation's history is still being saved",
+                         trailers=[("retry-after", b"2")])
+    assert (e.status, e.retry_after) == (503, 2)
+    assert domain.from_grpc(grpc.StatusCode.UNAVAILABLE, "generation cannot be reached").retry_after is None
+
+
 def events(*evs: chat_pb2.ChatEvent) -> domain.Turn:
     turn = domain.Turn()
     for ev in evs:

@@ -217,6 +217,20 @@ function finishLabel(reason) {
   return { stop: "done", length: "cut at the length limit", content_filter: "stopped by moderation" }[reason] || reason;
 }
 
+// The gateway answers 503 with Retry-After while it is still saving this conversation's previous
+// turn; nothing was started, so the message is sent again after the wait (3 times at most).
+async function postChat(body, signal) {
+  for (let attempt = 0; ; attempt++) {
+    const res = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body),
+      signal });
+    const wait = Number(res.headers.get("Retry-After"));
+    if (res.status !== 503 || !wait || attempt === 3) return res;
+    $("chat-error").textContent = `${await errorText(res)} (retrying in ${wait}s)`;
+    await new Promise((resolve) => setTimeout(resolve, wait * 1000));
+    $("chat-error").textContent = "";
+  }
+}
+
 async function send(text, n) {
   const messages = $("messages");
   messages.append(el("div", "user", text));
@@ -232,8 +246,7 @@ async function send(text, n) {
   let turn = 0;
   let finished = false;
   try {
-    const res = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body),
-      signal: state.controller.signal });
+    const res = await postChat(body, state.controller.signal);
     if (!res.ok) throw new Error(await errorText(res));
     state.conversationId = res.headers.get("X-Colloquy-Conversation-Id") || state.conversationId;
     turn = Number(res.headers.get("X-Colloquy-Turn-Index"));
