@@ -94,13 +94,18 @@ def test_restating_the_prompt_is_not_a_hit() -> None:
 
 # --- through the running stack ----------------------------------------------------------------
 
-def _ask(stub: chat_pb2_grpc.ChatServiceStub, prompt: Prompt) -> tuple[str, str]:
-    """(message, candidate 0's answer) of one new conversation, at the served default sampling."""
+def _ask(stub: chat_pb2_grpc.ChatServiceStub, prompt: Prompt) -> tuple[str, str, str]:
+    """(message, candidate 0's answer, how it ended) of one new conversation, at the served default
+    sampling. How it ended: the finish reason and any moderation notice, so a
+    miss printed below (an empty answer, say) can be told apart from a moderation cut."""
     sampling = common_pb2.SamplingParams(max_tokens=MAX_TOKENS)  # temperature, top_p: unset
     request = chat_pb2.ChatRequest(message=prompt.message, sampling=sampling)
     events = list(stub.Chat(request, metadata=DEV, timeout=240))
     text = "".join(e.delta.text for e in events if e.WhichOneof("event") == "delta" and e.delta.index == 0)
-    return prompt.message, text
+    finish = [f.reason for e in events if e.WhichOneof("event") == "done" for f in e.done.finish_reasons
+              if f.index == 0]
+    notices = [e.moderation.message for e in events if e.WhichOneof("event") == "moderation"]
+    return prompt.message, text, f"finish {finish[0] if finish else '?'}" + "".join(f"; {n}" for n in notices)
 
 
 @pytest.mark.kafka
@@ -111,13 +116,15 @@ def test_answers_at_default_sampling_are_right_and_do_not_loop(stack: Stack,
     with grpc.insecure_channel(stack.gateway) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         with cf.ThreadPoolExecutor(CONCURRENCY) as pool:
-            answers = dict(pool.map(lambda p: _ask(stub, p), PROMPTS))
+            asked = list(pool.map(lambda p: _ask(stub, p), PROMPTS))
+    answers = {message: text for message, text, _ in asked}
+    ended = {message: how for message, _, how in asked}
     elapsed = time.perf_counter() - start
     report = judge(answers)
     with capsys.disabled():  # the score is the point of this test: show it even when it passes
         print(f"\n{report.summary()} ({len(PROMPTS)} chats, {CONCURRENCY} at a time, "
               f"max_tokens {MAX_TOKENS}, {elapsed:.0f} s)")
         for miss in report.misses:
-            print(f"  [{miss['why']}] {miss['message']!r} -> {miss['answer'][:120]!r}")
+            print(f"  [{miss['why']}] {miss['message']!r} -> {miss['answer'][:120]!r} ({ended[miss['message']]})")
     assert report.hits >= MIN_HITS, report.summary()
     assert report.looping <= MAX_LOOPING, report.summary()
