@@ -27,9 +27,12 @@ from bench.common import Record
 NAME = "output_chunks"
 # `make demo`'s first turn: under the what-if its answer was cut after "Biscuit is a friendly and
 # lovable" as sexual/minors; with the product's chunking the whole answer (this) went out.
+# The second: an answer of tests/pipeline/test_answer_quality.py (2026-12-05) that the first chunk,
+# then hard at 8 characters, cut as "The prim" (illicit 0.68) before a word was shown.
 EXTRA = [("Hi! I have a dog called Biscuit.",
           "Biscuit is a friendly and lovable dog. He's a 12-year-old Labrador Retriever who loves to "
-          "play fetch with his owner.")]
+          "play fetch with his owner."),
+         ("Name a primary colour.", "The primary colour is red.")]
 CHUNKINGS = {"first 24": (24, False), "first 16": (16, False), "first 8": (8, False), "first 4": (4, False),
              "first 1": (1, False),
              "first 8, then doubling (what-if)": (8, True)}

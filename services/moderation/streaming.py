@@ -25,7 +25,11 @@ growing the next chunks from it as well (8, 16, 32 characters, ...) cut 18 of 20
 against 9 with one 8-character chunk (8 with 4, the default; 11 with 24, 12 with 1), since a short
 window judged with the user's message is easily read as something else; the harmful context pairs
 are cut at their first chunk either way, 11 of 12 (`python -m bench.output_chunks`, 2026-12-04,
-round-2 classifier; with round 3's the what-if cuts 5, one 4-character chunk 2).
+round-2 classifier; with round 3's the what-if cuts 5, one 4-character chunk 2). Since
+2026-12-05 the first chunk always ends between words: it was hard at twice `first_chars`, which
+split the second word of 136 of the 184 gate answers ("The capi"), and "The prim" of "The primary
+colour is red." was blocked as illicit (`bench.output_chunks` with that answer: 3 -> 2 of 204
+benign answers cut at 4 characters, 6 -> 5 at 1; harmful 12 of 12 either way).
 """
 
 from __future__ import annotations
@@ -47,14 +51,14 @@ def chunk_ends(text: str, min_chars: int, max_chars: int, final: bool = False,
     A chunk ends at the first sentence end (".", "!", "?" followed by whitespace, or a newline)
     at least `min_chars` after its start; failing one within `max_chars`, at the next whitespace;
     failing that within 2 * `max_chars`, hard at that length (long tokens, code, URLs). With
-    `first_chars` (> 0), the first chunk ends at the first whitespace at least that far in (hard
-    at twice that).
+    `first_chars` (> 0), the first chunk ends at the first whitespace at least that far in
+    (`_first_end`).
     """
     ends: list[int] = []
     start, n = 0, len(text)
     while True:
         if not ends and first_chars > 0:
-            end = _next_end(text, start, first_chars, first_chars)
+            end = _first_end(text, first_chars, max_chars)
         else:
             end = _next_end(text, start, min_chars, max_chars)
         if end is None:
@@ -64,6 +68,19 @@ def chunk_ends(text: str, min_chars: int, max_chars: int, final: bool = False,
     if final and start < n:
         ends.append(n)
     return ends
+
+
+def _first_end(text: str, first_chars: int, max_chars: int) -> int | None:
+    """The first chunk's end: the first whitespace at least `first_chars` in, so that it holds
+    whole words; hard at the larger of `max_chars` and 2 * `first_chars` when there is none (code,
+    a URL). It used to be hard at 2 * `first_chars`, which split the second word of most answers:
+    "The primary colour is red." was checked as "The prim", which the classifier scored illicit
+    0.68, and the answer was blocked before its first word was shown."""
+    limit = max(max_chars, 2 * first_chars)
+    for i in range(first_chars, min(limit, len(text))):
+        if text[i].isspace():
+            return i
+    return limit if len(text) > limit else None
 
 
 def _next_end(text: str, start: int, min_chars: int, max_chars: int) -> int | None:

@@ -55,6 +55,15 @@ def test_the_first_chunk_is_short_and_ends_between_words() -> None:
     assert streaming.chunk_ends(text, 40, 80)[0] > 40  # without it, the first chunk is a full one
 
 
+def test_the_first_chunk_never_splits_a_word() -> None:
+    """With 4 characters, "The primary ..." was checked as "The prim" (hard at twice 4)."""
+    text = "The primary colour is red. It is one of the three."
+    assert streaming.chunk_ends(text, 64, 200, first_chars=4)[0] == len("The primary")
+    assert streaming.chunk_ends("The primar", 64, 200, first_chars=4) == []  # the word may go on
+    assert streaming.chunk_ends("Sure, here", 64, 200, first_chars=4)[0] == len("Sure,")
+    assert streaming.chunk_ends("x" * 500, 64, 200, first_chars=4) == [200]  # no spaces: hard at max_chars
+
+
 def test_windows_overlap_the_previous_chunk() -> None:
     text = "aaaa. bbbb. cccc. dddd."
     ends = streaming.chunk_ends(text, 4, 10, final=True)

@@ -190,3 +190,18 @@ def test_a_turn_past_its_deadline_is_failed_cancelled_and_its_conversation_freed
     assert (freed.message.request_id, freed.message.code, freed.message.stage) == (
         "r-1", "DEADLINE_EXCEEDED", "moderation")
     assert stage.handle(record(1, PIECES[0] + PIECES[1], True)) == [], "later batches of the turn are dropped"
+
+
+def test_a_short_first_chunk_is_whole_words_so_a_benign_answer_is_not_cut_on_a_fragment(
+        moderator: Moderator) -> None:
+    """The served first chunk (4 characters) used to end hard at 8: "The primary colour is red."
+    was judged as "The prim", which the classifier scores illicit 0.68, and cut before a word was
+    shown (seen through the whole pipeline, tests/pipeline/test_answer_quality.py, 2026-12-05)."""
+    answer = "The primary colour is red."
+    prim = moderator.moderate(["The prim"], ["Name a primary colour."])[0]
+    assert prim.flagged  # the fragment really is misread: without it this test would prove nothing
+    stage = OutputStage(moderator, min_chars=64, max_chars=200, first_chars=4)
+    growing = stage.handle(record(0, "The primary colour", False, rid="r-colour", message="Name a primary colour."))
+    assert _released(growing) == "The primary" and "reply:moderation" not in kinds(growing)
+    done = stage.handle(record(1, answer, True, rid="r-colour", message="Name a primary colour."))
+    assert _released(done) == answer and "reply:moderation" not in kinds(done)
