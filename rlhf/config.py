@@ -58,6 +58,8 @@ class RLHFConfig:
     dpo_epochs: int = env("RLHF_DPO_EPOCHS", 2, check=lambda v: v >= 1, hint=">= 1")
     dpo_batch_size: int = env("RLHF_DPO_BATCH_SIZE", 4, check=lambda v: v >= 1, hint=">= 1 prompts")
     dpo_lr: float = env("RLHF_DPO_LR", 1e-6, check=positive, hint="> 0")
+    # Weight of the best answers' per-token NLL added to DPO's loss (RPO; rlhf.dpo); 0: plain DPO
+    dpo_nll: float = env("RLHF_DPO_NLL", 0.0, check=lambda v: v >= 0, hint=">= 0")
     # Knowledge checks during DPO (rlhf.quiz): every N steps (0: off) the quality quiz scores the
     # policy, and the run keeps its last checkpoint within RLHF_DPO_QUIZ_POINTS of the parent's
     # score. 1.5 points, not the gate's 2: on the 184-question quiz that is 2 questions lost, and

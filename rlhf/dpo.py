@@ -8,6 +8,12 @@ project does not depend on TRL (PPO is hand-written for the same reason, ``rlhf.
 loss is four lines that the tests check on numbers worked out by hand (tests/rlhf/test_dpo.py).
 
 Shapes: ``[B]`` per answer (summed log-probabilities of its tokens given the prompt).
+
+Optionally (``nll_weight`` > 0) the loss adds the negative log-likelihood per token of each
+element's best answer, as in RPO (Pang et al., 2024, "Iterative Reasoning Preference
+Optimization"; TRL's ``rpo_alpha``): DPO alone only widens the gap between the two answers, and
+can lower both (the real runs' chosen log-ratio stayed near 0 while the rejected one fell), which
+drifts the policy off answers it used to give; the NLL term holds the better answers' likelihood up.
 """
 
 from __future__ import annotations
@@ -41,22 +47,42 @@ class DPOLoss:
     margin: float  # mean over pairs of beta * (chosen log-ratio - rejected log-ratio)
     chosen_reward: float  # mean beta * (log pi - log ref) of the better answers
     rejected_reward: float
+    nll: float = 0.0  # the best answers' mean negative log-likelihood per token (with nll_weight)
+
+
+def best_answers(groups: Sequence[Sequence[tuple[int, int]]]) -> list[int]:
+    """Each element's best answer: better in one of its pairs and worse in none (a ranking's
+    first, a rating pair's thumbs-up); an element without one (no pairs) has none."""
+    best = []
+    for pairs in groups:
+        worse = {w for _, w in pairs}
+        best += sorted({b for b, _ in pairs} - worse)[:1]
+    return best
 
 
 def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, groups: Sequence[Sequence[tuple[int, int]]],
-             beta: float) -> DPOLoss:
+             beta: float, nll_weight: float = 0.0, tokens: torch.Tensor | None = None) -> DPOLoss:
     """DPO's loss over a batch's answers.
 
     ``policy`` and ``reference`` hold ``log p(answer | prompt)`` of each answer of the batch
     under the policy and the frozen reference; ``groups[e]`` lists element ``e``'s
     ``(better, worse)`` pairs as indexes into them. Like the reward model's
     (:func:`rlhf.reward.pairwise_loss`), each element weighs the same whatever its number of pairs.
+    With ``nll_weight`` > 0, ``tokens`` (each answer's token count) turns the best answers'
+    ``-log p`` into a per-token NLL, added with that weight.
     """
     rewards = beta * (policy - reference)  # the implicit reward of each answer
     result = pairwise_loss(rewards, groups)  # DPO is the reward model's loss on implicit rewards
     if not result.pairs:
         return DPOLoss(policy.sum() * 0.0, 0, 0, 0.0, 0.0, 0.0)
+    loss, nll = result.loss, 0.0
+    if nll_weight > 0:
+        if tokens is None:
+            raise ValueError("nll_weight needs each answer's token count")
+        best = best_answers(groups)
+        per_token = -(policy[best] / tokens[best].clamp(min=1).to(policy.dtype)).mean()
+        loss, nll = loss + nll_weight * per_token, float(per_token.detach())
     better = rewards[[b for pairs in groups for b, _ in pairs]].detach()
     worse = rewards[[w for pairs in groups for _, w in pairs]].detach()
-    return DPOLoss(result.loss, result.correct, result.pairs, float((better - worse).mean()),
-                   float(better.mean()), float(worse.mean()))
+    return DPOLoss(loss, result.correct, result.pairs, float((better - worse).mean()),
+                   float(better.mean()), float(worse.mean()), nll)

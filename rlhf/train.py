@@ -469,12 +469,13 @@ def _lm_logits(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Te
 
 
 def _dpo_batch(policy: nn.Module, reference: nn.Module, items: Sequence[dict[str, Any]], enc: Encoder,
-               beta: float, device: torch.device) -> dpo.DPOLoss:
+               hp: dict[str, Any], device: torch.device) -> dpo.DPOLoss:
     ids, mask, answer, groups = answer_batch(items, enc)
     ids, mask, answer = ids.to(device), mask.to(device), answer.to(device)
     with torch.no_grad():
         ref = dpo.answer_logprobs(_lm_logits(reference, ids, mask), ids, answer)
-    return dpo.dpo_loss(dpo.answer_logprobs(_lm_logits(policy, ids, mask), ids, answer), ref, groups, beta)
+    return dpo.dpo_loss(dpo.answer_logprobs(_lm_logits(policy, ids, mask), ids, answer), ref, groups,
+                        hp["dpo_beta"], hp.get("dpo_nll", 0.0), answer[:, 1:].sum(-1))
 
 
 def evaluate_dpo(policy: nn.Module, reference: nn.Module, items: Sequence[dict[str, Any]], enc: Encoder,
@@ -487,7 +488,7 @@ def evaluate_dpo(policy: nn.Module, reference: nn.Module, items: Sequence[dict[s
     with torch.no_grad():
         for start in range(0, len(mine), hp["dpo_batch_size"]):
             chunk = mine[start:start + hp["dpo_batch_size"]]
-            result = _dpo_batch(unwrap(policy), reference, chunk, enc, hp["dpo_beta"], device)
+            result = _dpo_batch(unwrap(policy), reference, chunk, enc, {**hp, "dpo_nll": 0.0}, device)
             n = sum(1 for c in chunk if c["pairs"])
             correct += result.correct
             pairs += result.pairs
@@ -574,17 +575,18 @@ def train_dpo(cfg: dict[str, Any], enc: Encoder, device: torch.device, rank: int
                for batch in shard_batches(len(train), hp["dpo_batch_size"], rank, world, hp["seed"] + 1000 + epoch)]
     for epoch, batch in batches:
         step_start = time.perf_counter()
-        result = _dpo_batch(policy, reference, [train[i] for i in batch], enc, hp["dpo_beta"], device)
+        result = _dpo_batch(policy, reference, [train[i] for i in batch], enc, hp, device)
         optimizer.zero_grad(set_to_none=True)
         result.loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable(policy), hp["max_grad_norm"])
         optimizer.step()
         sums = _all_sum([result.loss.item(), float(result.correct), float(result.pairs), result.margin,
-                         result.chosen_reward, result.rejected_reward, 1.0], device)
+                         result.chosen_reward, result.rejected_reward, 1.0, result.nll], device)
         step += 1
         metrics = {"step": float(step), "epoch": float(epoch + 1), "dpo_loss": sums[0] / sums[6],
                    "dpo_accuracy": sums[1] / sums[2] if sums[2] else 0.0, "dpo_margin": sums[3] / sums[6],
                    "dpo_chosen_reward": sums[4] / sums[6], "dpo_rejected_reward": sums[5] / sums[6],
+                   "dpo_nll": sums[7] / sums[6],
                    "step_seconds": time.perf_counter() - step_start}
         history.append(metrics)
         report({**metrics, "phase": "dpo"})

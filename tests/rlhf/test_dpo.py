@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhf.dpo import answer_logprobs, dpo_loss
+from rlhf.dpo import answer_logprobs, best_answers, dpo_loss
 
 
 def test_loss_of_one_pair_by_hand() -> None:
@@ -60,3 +60,24 @@ def test_no_pairs_gives_a_zero_loss_that_still_backpropagates() -> None:
     result = dpo_loss(policy, torch.tensor([-1.0]), [[]], beta=0.1)
     assert result.loss.item() == 0.0 and result.pairs == 0
     result.loss.backward()
+
+
+def test_best_answers_are_better_in_a_pair_and_worse_in_none() -> None:
+    # a ranking 2 > 0 > 1 (all its pairs), a rating pair 3 > 4, and an element without pairs
+    assert best_answers([[(2, 0), (2, 1), (0, 1)], [(3, 4)], []]) == [2, 3]
+
+
+def test_the_nll_term_adds_the_best_answers_per_token_nll_by_hand() -> None:
+    # the one-pair case above (DPO loss 0.644397) plus weight 0.5 x NLL of answer 0 (log p -1.0
+    # over 4 tokens: 0.25 per token) = 0.644397 + 0.125
+    policy = torch.tensor([-1.0, -2.0], requires_grad=True)
+    result = dpo_loss(policy, torch.tensor([-1.5, -1.5]), [[(0, 1)]], beta=0.1, nll_weight=0.5,
+                      tokens=torch.tensor([4, 8]))
+    assert result.nll == pytest.approx(0.25)
+    assert result.loss.item() == pytest.approx(0.644397 + 0.125, abs=1e-6)
+    assert result.margin == pytest.approx(0.1)  # what is watched stays DPO's
+    result.loss.backward()
+    # d/d policy[0]: DPO's -beta * sigmoid(-0.1) plus the NLL's -0.5 / 4
+    assert policy.grad[0].item() == pytest.approx(-0.1 / (1 + math.exp(0.1)) - 0.125, abs=1e-6)
+    with pytest.raises(ValueError, match="token count"):
+        dpo_loss(policy, torch.tensor([-1.5, -1.5]), [[(0, 1)]], beta=0.1, nll_weight=0.5)

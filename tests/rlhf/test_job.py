@@ -175,7 +175,7 @@ def test_two_rounds_build_on_each_other(tiny_registry: tuple[Registry, str], tmp
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """``--rounds 2``: round 2 trains from round 1's child on feedback newer than round 1's window
     only, and judges its child against round 1's child and against the first base. Smallest
-    settings: DPO only, 24 labelled questions, 6 held-out ones."""
+    settings: DPO only (with the NLL term), 24 labelled questions, 6 held-out ones."""
     registry, base = tiny_registry
     monkeypatch.setenv("COLLOQUY_CACHE", str(tmp_path / "cache"))
     held = questions("heldout")[:6]
@@ -196,9 +196,9 @@ def test_two_rounds_build_on_each_other(tiny_registry: tuple[Registry, str], tmp
 
     ends = iter([NOW_MS, later])
     config = load_config(algorithm="dpo", rm_epochs=1, rm_batch_size=8, rm_lr=2e-3, dpo_epochs=1, dpo_batch_size=8,
-                         dpo_lr=1e-3, max_new_tokens=8, heldout_percent=25, num_workers=1, cpus_per_worker=2,
-                         ray_num_cpus=2, use_gpu="false", eval_max_new_tokens=8, eval_samples=1, kl_bound=1e6,
-                         pushgateway_url="")
+                         dpo_lr=1e-3, dpo_nll=1.0, max_new_tokens=8, heldout_percent=25, num_workers=1,
+                         cpus_per_worker=2, ray_num_cpus=2, use_gpu="false", eval_max_new_tokens=8, eval_samples=1,
+                         kl_bound=1e6, pushgateway_url="")
     reports = job.run_rounds(config, registry, 2, base=base, dataset_root=feedback, label=label,
                              clock=lambda: next(ends))
 
@@ -218,5 +218,8 @@ def test_two_rounds_build_on_each_other(tiny_registry: tuple[Registry, str], tmp
         assert {"reward_model", "dpo", "export", "evaluate", "publish"} <= set(
             report["children"]["dpo"]["phase_seconds"])
     assert registry.load(two["version"]).manifest["training"]["vs_origin"]["origin_version"] == base
+    # RLHF_DPO_NLL: the best answers' NLL per token was added (and watched) at every step
+    assert two["hyperparameters"]["dpo_nll"] == 1.0
+    assert two["dpo_history"] and all(h["dpo_nll"] > 0 for h in two["dpo_history"]), two["dpo_history"]
     md = report_markdown(reports)
     assert one["version"] in md and two["version"] in md
