@@ -29,7 +29,9 @@ round-2 classifier; with round 3's the what-if cuts 5, one 4-character chunk 2).
 2026-12-05 the first chunk always ends between words: it was hard at twice `first_chars`, which
 split the second word of 136 of the 184 gate answers ("The capi"), and "The prim" of "The primary
 colour is red." was blocked as illicit (`bench.output_chunks` with that answer: 3 -> 2 of 204
-benign answers cut at 4 characters, 6 -> 5 at 1; harmful 12 of 12 either way).
+benign answers cut at 4 characters, 6 -> 5 at 1; harmful 12 of 12 either way). The price, in
+hold mode: over those 184 answers the first chunk is complete after 3.21 generated tokens on
+average instead of 2.43 (median 3 instead of 2; 136 answers wait for one to three more tokens).
 """
 
 from __future__ import annotations
