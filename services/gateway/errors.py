@@ -24,6 +24,18 @@ PUBLIC_MESSAGES = {
 }
 
 
+# The `retry-after` hint (seconds) the gateway sends with a status a plain retry can cure: a stage
+# or store that is down or behind for a moment (UNAVAILABLE), a full gateway or engine
+# (RESOURCE_EXHAUSTED). `colloquy chat` waits it out and retries UNAVAILABLE when nothing of the
+# answer was shown yet; the web front turns it into HTTP's Retry-After.
+RETRY_AFTER_S = {grpc.StatusCode.UNAVAILABLE: 2, grpc.StatusCode.RESOURCE_EXHAUSTED: 1}
+
+
+def retry_after(status: grpc.StatusCode) -> int | None:
+    """The hint for a call ending with `status`; None when retrying the same call cannot help."""
+    return RETRY_AFTER_S.get(status)
+
+
 def internal_error(request_id: str) -> str:
     """The sentence for a failure the caller cannot act on except by retrying or reporting it."""
     ref = f" (request id {request_id})" if request_id else ""

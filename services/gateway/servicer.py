@@ -9,6 +9,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import NoReturn
 
 import grpc
 import sqlalchemy.exc
@@ -39,7 +40,6 @@ MODERATION_DOWN = ("moderation is unavailable, so messages cannot be checked; no
 HISTORY_POLL_S = 1.0  # how often a keyed chat with no reply looks for its turn in the history
 HISTORY_WAIT_S = 5.0  # read-your-writes: how long a reader waits for the store to catch up
 STORE_BEHIND = "this conversation's history is still being saved; retry in a few seconds"
-STORE_BEHIND_RETRY_S = 2  # the `retry-after` hint sent with it
 
 
 class StoreBehind(Exception):
@@ -98,14 +98,13 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             raise exc
         if isinstance(exc, StoreBehind):  # nothing was published yet: a retry is safe, and hinted
             metrics.REFUSED.labels("store_behind").inc()
-            context.set_trailing_metadata(retry_hint.trailer(STORE_BEHIND_RETRY_S))
-            await context.abort(grpc.StatusCode.UNAVAILABLE, STORE_BEHIND)
+            await _abort_retryable(context, grpc.StatusCode.UNAVAILABLE, STORE_BEHIND)
         if isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError
                       | sqlalchemy.exc.TimeoutError):
             # The database is down, restarting or out of connections: a retry can succeed.
             log.warning("conversation store unreachable", extra={"error": repr(exc)[:300]})
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "the conversation store is not reachable right now; retry shortly")
+            await _abort_retryable(context, grpc.StatusCode.UNAVAILABLE,
+                                   "the conversation store is not reachable right now; retry shortly")
         log.error("unexpected error in a ChatService call", exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL, errors.internal_error(""))
 
@@ -190,8 +189,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         refusal = self.admission.acquire(user)  # before any lookup or await: no race for a slot
         if refusal == "capacity":
             metrics.REFUSED.labels("capacity").inc()
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"the gateway is at capacity ({self.cfg.max_concurrent_chats} chats); retry shortly")
+            await _abort_retryable(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"the gateway is at capacity ({self.cfg.max_concurrent_chats} chats); retry shortly")
         elif refusal is not None:
             metrics.REFUSED.labels("user_concurrency").inc()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, (
@@ -239,7 +238,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         joining = self.in_flight.get(conv, ("", ""))[0] == request_id  # a retry of a stream held here
         if not joining and self.moderation is not None and await self.moderation.confirm_unavailable():
             metrics.REFUSED.labels("moderation_unavailable").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, MODERATION_DOWN)
+            await _abort_retryable(context, grpc.StatusCode.UNAVAILABLE, MODERATION_DOWN)
         holder = self.in_flight.get(conv)  # from here to the claim below: no await
         if holder is not None and holder[0] != request_id:
             await context.abort(grpc.StatusCode.ABORTED,
@@ -272,7 +271,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                     yield out
         except ChatEnd as end:
             code = end.status.name
-            await context.abort(end.status, end.message)
+            await _abort_retryable(context, end.status, end.message)
         except (asyncio.CancelledError, GeneratorExit):  # see ChatStream.run
             code = "CANCELLED"
             raise
@@ -354,9 +353,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 deleted = await self._blocking(self.eraser.erase, conv, user, "user")
             except Exception:
                 log.exception("could not delete a conversation", extra={"conversation_id": conv})
-                await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                    "the conversation could not be deleted now; nothing was removed from it. "
-                                    "Retry shortly")
+                await _abort_retryable(context, grpc.StatusCode.UNAVAILABLE,
+                                       "the conversation could not be deleted now; nothing was removed from it. "
+                                       "Retry shortly")
             if deleted is None:  # deleted by a concurrent call
                 await context.abort(grpc.StatusCode.NOT_FOUND, NOT_FOUND)
             return chat_pb2.DeleteConversationResponse(deleted_turns=deleted)
@@ -401,7 +400,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         try:
             await self._publish(events.OutEvent(topics.CHAT_FEEDBACK.name, conv, ev, event_id=feedback_id))
         except Exception:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "could not record the feedback; retry shortly")
+            await _abort_retryable(context, grpc.StatusCode.UNAVAILABLE, "could not record the feedback; retry shortly")
         return chat_pb2.SubmitFeedbackResponse(feedback_id=feedback_id)
 
 
@@ -430,6 +429,14 @@ class _KafkaPipeline:
 
     def give_up(self, request_id: str, conversation_id: str, reason: str) -> None:
         self._s._give_up(request_id, conversation_id, reason)
+
+
+async def _abort_retryable(context: grpc.aio.ServicerContext, status: grpc.StatusCode, message: str) -> NoReturn:
+    """Abort with `status`, and the `retry-after` hint when a plain retry can cure it."""
+    if (secs := errors.retry_after(status)) is not None:
+        context.set_trailing_metadata(retry_hint.trailer(secs))
+    await context.abort(status, message)
+    raise AssertionError("context.abort returned")  # it raises; this keeps NoReturn honest
 
 
 def _page_error(exc: ValueError) -> ValueError:

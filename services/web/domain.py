@@ -142,8 +142,8 @@ def from_grpc(code: grpc.StatusCode, details: str, trailers: Iterable[tuple[str,
         param = GATEWAY_FIELDS.get(field, field)
         param = (renames or {}).get(param, param)
         message = f"{param}{m.group(2) or ''}: {message[m.end():]}"
-    # HTTP's Retry-After from the gateway's hint: a rate limit (429) or a store still saving the
-    # previous turn (503). Capacity refusals carry no hint: one second is the gateway's smallest.
+    # HTTP's Retry-After from the gateway's hint (gateway/errors.py: every 429, and a 503 a plain
+    # retry can cure). A 429 without one (an older gateway) still gets the smallest hint, 1 s.
     retry_after = retry_hint.read(trailers)
     if status == 429 and retry_after is None:
         retry_after = 1

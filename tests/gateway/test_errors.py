@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 from colloquy.v1 import events_pb2
 
-from services.gateway.errors import stage_error
+from services.gateway.errors import retry_after, stage_error
 
 INTERNAL_TEXT = "generation stream broke: RayActorError('The actor died at 10.1.2.3:6379, pid 4242')"
 
@@ -37,3 +37,11 @@ def test_invalid_argument_text_is_relayed_because_it_names_the_field() -> None:
     assert status == grpc.StatusCode.INVALID_ARGUMENT
     assert public == "sampling.max_tokens: must be less than the model's context"
     assert len(stage_error(err("INVALID_ARGUMENT", "x" * 5000), "r1")[1]) <= 300
+
+
+def test_only_statuses_a_plain_retry_can_cure_carry_a_retry_hint() -> None:
+    assert retry_after(grpc.StatusCode.UNAVAILABLE) == 2
+    assert retry_after(grpc.StatusCode.RESOURCE_EXHAUSTED) == 1
+    for status in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL, grpc.StatusCode.NOT_FOUND,
+                   grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.PERMISSION_DENIED):
+        assert retry_after(status) is None, status

@@ -68,10 +68,13 @@ def test_stage_failure_detail_stays_in_the_log_and_the_caller_gets_a_plain_sente
     [exc] = caught
     details = exc.details() or ""
     assert "RayActorError" not in details and "10.1.2.3" not in details, details
+    hint = dict(exc.trailing_metadata() or ()).get("retry-after")
     if code == "UNAVAILABLE":
         assert exc.code() == grpc.StatusCode.UNAVAILABLE
         assert "retry" in details
+        assert hint == "2"  # `colloquy chat` and the web page wait this long and send it again
     else:
         assert exc.code() == grpc.StatusCode.INTERNAL
         assert turn.request_id in details  # the caller can quote it; the log has the detail
+        assert hint is None
     assert INTERNAL_TEXT in gateway.proc.output()  # type: ignore[union-attr]
