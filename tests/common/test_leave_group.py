@@ -35,7 +35,11 @@ class Member(threading.Thread):
         super().__init__(name=f"member-{instance}", daemon=True)
         self.consumer = kafka_loop.make_consumer(
             KafkaConfig(bootstrap_servers=bootstrap), group, instance, topic,
-            group_instance_id=instance, session_timeout_ms=SESSION_MS, heartbeat_interval_ms=500)
+            group_instance_id=instance, session_timeout_ms=SESSION_MS, heartbeat_interval_ms=500,
+            # A leader that assigned before its metadata held the new topic ("No partition metadata
+            # for topic": nothing assigned, seen in CI despite wait_for_topics below) rejoins when a
+            # refresh brings the partitions: every 2 s here instead of kafka-python's 5 minutes.
+            metadata_max_age_ms=2_000)
         self.instance = instance
         self.close = close
         self.assigned: frozenset[TopicPartition] = frozenset()
@@ -84,7 +88,7 @@ def join_two(bootstrap: str, unique: str, close_a: Callable[[KafkaConsumer], Non
     create(bootstrap, topic, partitions=PARTITIONS)
     # The group's leader assigns only the partitions its metadata knows: joining before the new
     # topic's metadata reached it gave an empty assignment, redone only at the next metadata
-    # refresh (minutes; seen once in CI: "No partition metadata for topic").
+    # refresh (seen in CI: "No partition metadata for topic"; Member refreshes every 2 s).
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
         admin.wait_for_topics([topic], timeout_ms=30_000)  # every partition with a leader
