@@ -1,7 +1,7 @@
 """The offline RLHF job: feedback since the last run -> reward model -> PPO -> ONNX -> new registry version.
 
 ``python -m rlhf.job [--base VERSION] [--registry DIR] [--dataset DIR] [--source all] [--algorithm ppo|dpo|both]
-[--rounds N --label-command CMD [--serve-rounds]] [--fresh] [--replay ...] [--canary P [--canary-watch S]]``
+[--rounds N --label-command CMD [--serve-rounds] [--origin V]] [--fresh] [--replay ...] [--canary P [--canary-watch S]]``
 (``make rlhf``, ``make rlhf-rounds ROUNDS=N``). Steps:
 
 1. Start from the registry's current ``generation`` version (or ``--base``) and its float32
@@ -31,7 +31,9 @@ round from the previous round's child, so each reads only feedback newer than th
 window; ``--label-command`` runs before each round. With ``--serve-rounds`` each round's base is
 served (the announced rollout, :func:`announced_server`) before its labels are drawn, so the
 labellers rank answers of the model the round starts from; the labelers check the version that
-answered (``RLHF_ROUND_BASE``) and rank nothing else.
+answered (``RLHF_ROUND_BASE``) and rank nothing else. ``--origin V`` goes on with a series that
+started from V in an earlier run (``--base`` is one of its children): the rounds are numbered on
+and each child is also judged against V.
 
 A run's state lives in ``<cache>/rlhf/runs/<base>-<source>/`` (``run.json``, the reward model
 and PPO checkpoints): running the job again after an interruption resumes it with the same
@@ -462,11 +464,24 @@ def _publish_child(algorithm: str, timings: dict[str, float], *, config: RLHFCon
             "phase_seconds": {**train_seconds, **seconds}}
 
 
+def rounds_between(registry: Registry, version: str, origin: str) -> int:
+    """How many rounds made ``version`` from ``origin`` (0 when they are the same), following each
+    manifest's ``parent_version``; a JobError when ``origin`` is not among its ancestors."""
+    hops, current = 0, version
+    while current != origin:
+        parent = registry.manifest(current).get("parent_version")
+        if not parent:
+            raise JobError(f"{origin} is not an ancestor of {version}: a series goes on only from its own children")
+        current, hops = parent, hops + 1
+    return hops
+
+
 def run_rounds(config: RLHFConfig, registry: Registry, rounds: int, base: str | None = None,
                dataset_root: Path | None = None, fresh: bool = False, deployment: str = DEFAULT_DEPLOYMENT,
                label: Callable[[int, str], None] | None = None,
                clock: Callable[[], int] | None = None,
-               serve: Callable[[int, str], None] | None = None) -> list[dict[str, Any]]:
+               serve: Callable[[int, str], None] | None = None,
+               origin: str | None = None) -> list[dict[str, Any]]:
     """``rounds`` runs that build on each other: label -> train -> evaluate -> publish, round k + 1
     starting from round k's child (its first, PPO's under ``both``) and so reading only feedback
     newer than round k's window (``rlhf.data.window_since`` of the child's manifest).
@@ -476,15 +491,21 @@ def run_rounds(config: RLHFConfig, registry: Registry, rounds: int, base: str | 
     ``label(k, version)`` runs before round k's training (the simulated labelers, or nothing);
     ``clock`` gives each round's window end (Unix ms; default now). Every round after the first
     also judges its child against the first round's base (``vs_origin``).
+
+    ``origin`` goes on with a series an earlier run started there (``base`` one of its children):
+    rounds are numbered on from it and every child is judged against it, so a series can take a
+    round whenever enough new feedback came in, as a scheduled job does.
     """
     if rounds < 1:
         raise JobError("rounds must be >= 1")
-    origin = base or registry.current(deployment)
-    if not origin:
+    start = base or registry.current(deployment)
+    if not start:
         raise JobError(f"deployment {deployment!r} has no current version in {registry.root}; pass --base")
+    origin = origin or start
+    done_before = rounds_between(registry, start, origin)
     reports: list[dict[str, Any]] = []
-    current = origin
-    for k in range(1, rounds + 1):
+    current = start
+    for k in range(done_before + 1, done_before + rounds + 1):
         try:
             if serve is not None:
                 serve(k, current)
@@ -498,10 +519,11 @@ def run_rounds(config: RLHFConfig, registry: Registry, rounds: int, base: str | 
             if not reports:
                 raise
             done = ", ".join(r["version"] for r in reports)
-            raise JobError(f"round {k} of {rounds}: {exc} (rounds 1-{k - 1} published {done})") from exc
+            raise JobError(f"round {k} of {done_before + rounds}: {exc} "
+                           f"(rounds {done_before + 1}-{k - 1} published {done})") from exc
         report.update(round=k, label_seconds=label_seconds, labelled_version=current if serve is not None else None)
         reports.append(report)
-        log.info("round %d of %d published %s (parent %s)", k, rounds, report["version"], current)
+        log.info("round %d of %d published %s (parent %s)", k, done_before + rounds, report["version"], current)
         current = report["version"]
     return reports
 
@@ -564,6 +586,10 @@ def main(argv: list[str] | None = None) -> int:
                              "child, if it passed the quality gate) through the announced rollout, so the "
                              "labels describe the model the round starts from; the last round's parent "
                              "stays served")
+    parser.add_argument("--origin", default=None,
+                        help="go on with the series of rounds that started from this version (--base, or the "
+                             "served version, is one of its children): rounds are numbered on and every "
+                             "child is also judged against it")
     parser.add_argument("--fresh", action="store_true", help="discard an unfinished run instead of resuming it")
     replay_args = parser.add_argument_group("replay evaluation (rlhf.replay): logged prompts re-run on each "
                                             "candidate and on the served version before publishing")
@@ -622,7 +648,8 @@ def main(argv: list[str] | None = None) -> int:
         registry = Registry(args.registry)
         reports = run_rounds(config, registry, args.rounds, args.base, args.dataset, args.fresh,
                              args.deployment, shell_labeler(args.label_command) if args.label_command else None,
-                             serve=announced_server(registry, args.deployment) if args.serve_rounds else None)
+                             serve=announced_server(registry, args.deployment) if args.serve_rounds else None,
+                             origin=args.origin)
     except (ConfigError, JobError, RegistryError, subprocess.CalledProcessError) as exc:
         print(f"rlhf: {exc}", file=sys.stderr)
         return 2

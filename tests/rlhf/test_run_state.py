@@ -107,6 +107,27 @@ def test_rounds_serve_each_base_before_its_labels(tmp_path: Path, monkeypatch: p
                      ("label", 2, "base-child")]
 
 
+def test_a_series_goes_on_from_a_child_numbered_on_and_judged_against_its_origin(
+        registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--origin``: a later run takes round 2 of the series that made ``child`` from ``base``."""
+    calls: list[tuple] = []
+
+    def fake_run(config: object, reg: Registry, base: str, *a: object, origin: str | None = None,
+                 **kw: object) -> dict:
+        calls.append(("run", base, origin))
+        return {"version": f"{base}-next"}
+
+    monkeypatch.setattr(job, "run", fake_run)
+    reports = job.run_rounds(load_config(), registry, 1, base="child", origin="base",
+                             label=lambda k, v: calls.append(("label", k, v)))
+    assert calls == [("label", 2, "child"), ("run", "child", "base")]
+    assert [r["round"] for r in reports] == [2]
+    assert job.rounds_between(registry, "child", "base") == 1
+    assert job.rounds_between(registry, "base", "base") == 0
+    with pytest.raises(job.JobError, match="child is not an ancestor of base"):
+        job.run_rounds(load_config(), registry, 1, base="base", origin="child")
+
+
 @pytest.mark.kafka
 def test_announced_server_serves_a_gated_child_and_refuses_a_failed_one(
         registry: Registry, tmp_path: Path, kafka_bootstrap: str, unique: str) -> None:
