@@ -1,7 +1,8 @@
 """The offline RLHF job: feedback since the last run -> reward model -> PPO -> ONNX -> new registry version.
 
 ``python -m rlhf.job [--base VERSION] [--registry DIR] [--dataset DIR] [--source all] [--algorithm ppo|dpo|both]
-[--rounds N --label-command CMD [--serve-rounds] [--origin V]] [--fresh] [--replay ...] [--canary P [--canary-watch S]]``
+[--rounds N --label-command CMD [--serve-rounds] [--origin V]] [--fresh] [--replay ...]
+[--canary P [--canary-watch S]]``
 (``make rlhf``, ``make rlhf-rounds ROUNDS=N``). Steps:
 
 1. Start from the registry's current ``generation`` version (or ``--base``) and its float32
