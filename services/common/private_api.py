@@ -21,6 +21,11 @@ used here, so an upgrade that moves one fails that test loudly instead of a serv
 - kafka-python 3.0: whether a consumer is a settled member of its group has no public call;
   ``_coordinator.state`` (a ``kafka.structs.MemberState`` string) says it. The stall probe replaces a consumer that
   stays out of its group (services/common/kafka_loop.py ``LagProbe``).
+- kafka-python 3.0: a producer never forgets a topic it has produced to. Once that topic is
+  deleted (a gone gateway's reply topic), its metadata refresh runs every retry backoff and the
+  sender thread spins on the unknown leader for the producer's whole life (the Java client drops
+  a topic idle for ``metadata.max.idle.ms``). Which topics the producer tracks has no public
+  call: ``_metadata._topics`` says it (services/common/kafka_loop.py ``tracks_gone_topics``).
 - Ray Serve 2.60: deploying a whole config file from Python (what ``serve run config.yaml`` does)
   needs ``ray.serve._private.api.serve_start`` and the global client's ``deploy_apps``
   (services/generation/serving.py).
@@ -36,7 +41,8 @@ from typing import Any
 from kafka.admin._transactions import AbortTransactionSpec, TransactionState
 
 __all__ = ["AbortTransactionSpec", "TransactionState", "back_off_between_routing_rounds", "fail_pending_waiters",
-           "force_close_producer", "group_member_state", "leave_group_on_close", "serve_client", "serve_start"]
+           "force_close_producer", "gone_topics", "group_member_state", "leave_group_on_close", "serve_client",
+           "serve_start"]
 
 
 def fail_pending_waiters(consumer: Any, exc: BaseException) -> bool:
@@ -56,6 +62,12 @@ def force_close_producer(producer: Any) -> None:
     if sender is not None:
         sender.force_close()
     producer._closed = True
+
+
+def gone_topics(producer: Any) -> set[str]:
+    """The topics the producer tracks that the broker's last metadata answer did not have."""
+    metadata = producer._metadata
+    return {topic for topic in set(metadata._topics) if metadata.partitions_for_topic(topic) is None}
 
 
 def leave_group_on_close(consumer: Any) -> bool:

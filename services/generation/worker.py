@@ -262,6 +262,7 @@ class GenerationWorker(ThreadWorker):
         self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._last_commit = 0.0
+        self._topics_checked = time.monotonic()
         self._stuck_polls = 0
         self._lag_probe = kafka_loop.LagProbe(self.cfg.group_id, STAGE, every_s=PROBE_S, stall_probes=STALL_PROBES,
                                               out_of_group_probes=OUT_OF_GROUP_PROBES)
@@ -297,10 +298,21 @@ class GenerationWorker(ThreadWorker):
                     raise self.error
                 if await self._call(self._lag_probe.stalled, self._consumer):
                     await self._replace_consumer(client)
+                if not self._flights and time.monotonic() - self._topics_checked >= kafka_loop.GONE_TOPICS_CHECK_S:
+                    await self._drop_gone_topics(client)
             await self._drain()
         finally:
             await self._call(self._close_consumer)
             self._producer.close(timeout=10)
+
+    async def _drop_gone_topics(self, client: str) -> None:
+        """With no answer streaming (a stream's records stay on one producer, in order): replace
+        the producer if it tracks a deleted topic (`kafka_loop.tracks_gone_topics` says why)."""
+        self._topics_checked = time.monotonic()
+        if kafka_loop.tracks_gone_topics(self._producer, STAGE):
+            old, self._producer = self._producer, kafka_loop.make_producer(self.kafka, client)
+            # On the send thread, after any send handed to the old producer before the swap.
+            await asyncio.get_running_loop().run_in_executor(self._send_pool, old.close, 5)
 
     async def _poll_guarded(self) -> dict[TopicPartition, list[Any]]:
         """Poll, with a watchdog: kafka-python 3.0.12 can lose the cross-thread wakeup of a

@@ -206,6 +206,43 @@ def test_reply_topic_deleted_after_the_stage_wrote_to_it_dead_letters_its_record
     assert reply in events.header(dead[0].headers, "dlq-reason")
 
 
+def test_a_producer_that_wrote_to_a_deleted_reply_topic_is_replaced_and_stops_asking_for_it(
+        kafka_bootstrap: str, unique: str) -> None:
+    """kafka-python never forgets a topic it produced to: after a gateway's reply topic was deleted,
+    the next metadata refresh (here: the first send to a new gateway's topic) made the stage's
+    producer ask the broker about the old one every retry backoff ("not found in cluster
+    metadata", its sender thread spinning) for as long as the stage ran. The stage replaces such
+    a producer between transactions, and goes on working."""
+    old, new = f"{topics.REPLY_PREFIX}gw-{unique}", f"{topics.REPLY_PREFIX}gw2-{unique}"
+    create(kafka_bootstrap, f"t.in.{unique}", f"t.out.{unique}", old, partitions=1)
+    stage = start_stage(kafka_bootstrap, unique, KAFKA_RETRY_BACKOFF_MS="100")
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    not_found = f"Topic {old} not found in cluster metadata"
+    try:
+        produce(kafka_bootstrap, f"t.in.{unique}", [("conv-0", turn(0, f"to:{old}"))])
+        assert request_ids(read_all(kafka_bootstrap, old, expect=1, timeout=30, settle=0.1)) == ["req-0"]
+        admin.delete_topics([old])
+        deadline = time.monotonic() + 30
+        while old in admin.list_topics() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        create(kafka_bootstrap, new, partitions=1)
+        produce(kafka_bootstrap, f"t.in.{unique}", [("conv-1", turn(1, f"to:{new}"))])
+        assert request_ids(read_all(kafka_bootstrap, new, expect=1, timeout=30, settle=0.1)) == ["req-1"]
+        replaced = "replacing a producer that still tracks deleted topics"
+        stage.wait_for(lambda out: replaced in out and old in out.split(replaced, 1)[1], timeout=60)
+        time.sleep(1.0)  # a refresh already in flight when the producer was replaced
+        asked = stage.output().count(not_found)
+        time.sleep(3.0)  # 30 retry backoffs: the old producer would have asked about 30 times more
+        assert stage.output().count(not_found) == asked
+        produce(kafka_bootstrap, f"t.in.{unique}", [("conv-2", turn(2))])
+        out = read_all(kafka_bootstrap, f"t.out.{unique}", expect=1, timeout=60, settle=0.5)
+    finally:
+        admin.close()
+        stage.signal(signal.SIGTERM)
+        assert stage.wait(30) == 0
+    assert request_ids(out) == ["req-2"]
+
+
 def test_output_topics_are_refreshed_ahead_and_a_deleted_one_stops_being_trusted(
         kafka_bootstrap: str, unique: str) -> None:
     """A topic in use stays trusted past its TTL (a background thread asks again, so a

@@ -49,6 +49,22 @@ def test_kafka_producer_still_has_the_sender_and_closed_flag_close_now_uses() ->
     assert not producer._sender.is_alive()
 
 
+def test_kafka_producer_still_keeps_the_tracked_topics_where_gone_topics_reads_them() -> None:
+    """A topic tracked without partitions (here: no broker ever answered) is reported; the stage
+    loop replaces such a producer (tests/common/test_kafka_loop.py shows the deleted-topic case)."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers="127.0.0.1:1", api_version=(3, 0))
+    try:
+        assert isinstance(getattr(producer._metadata, "_topics", None), set), (
+            f"{KAFKA} moved KafkaProducer._metadata._topics")
+        assert private_api.gone_topics(producer) == set()
+        producer._metadata.add_topic("t.never.answered")
+        assert private_api.gone_topics(producer) == {"t.never.answered"}
+    finally:
+        private_api.force_close_producer(producer)
+
+
 def test_the_adapter_reports_a_consumer_without_the_hook() -> None:
     assert private_api.fail_pending_waiters(object(), TimeoutError("test")) is False
     assert private_api.leave_group_on_close(object()) is False
