@@ -84,7 +84,7 @@ def admin(kafka_bootstrap: str) -> Iterator[KafkaAdminClient]:
 
 def join_two(bootstrap: str, unique: str, close_a: Callable[[KafkaConsumer], None]) -> tuple[Member, Member, str]:
     """Members a and b of a fresh group, each owning part of a 4-partition topic."""
-    topic, group = f"t.leave.{unique}", f"g.leave.{unique}"
+    topic = f"t.leave.{unique}"
     create(bootstrap, topic, partitions=PARTITIONS)
     # The group's leader assigns only the partitions its metadata knows: joining before the new
     # topic's metadata reached it gave an empty assignment, redone only at the next metadata
@@ -94,13 +94,29 @@ def join_two(bootstrap: str, unique: str, close_a: Callable[[KafkaConsumer], Non
         admin.wait_for_topics([topic], timeout_ms=30_000)  # every partition with a leader
     finally:
         admin.close()
-    a = Member(bootstrap, group, topic, f"a-{unique}", close_a)
-    b = Member(bootstrap, group, topic, f"b-{unique}", kafka_loop.close_leaving_group)
-    a.start()
-    b.start()
     every = {TopicPartition(topic, p) for p in range(PARTITIONS)}
-    wait_for(lambda: bool(a.assigned) and bool(b.assigned) and a.assigned | b.assigned == every
-             and not a.assigned & b.assigned, "both members own part of the topic", timeout=60)
+
+    def split() -> bool:
+        return bool(a.assigned) and bool(b.assigned) and a.assigned | b.assigned == every \
+            and not a.assigned & b.assigned
+
+    # Still seen under CI load: a leader that assigned nothing and did not rejoin within 60 s even
+    # with the 2 s refresh. The join is this test's setup, not what it checks: a fresh group is
+    # tried (up to 3), each member closed the way its test closes it.
+    for attempt in range(3):
+        group = f"g.leave.{unique}.{attempt}"
+        a = Member(bootstrap, group, topic, f"a-{unique}-{attempt}", close_a)
+        b = Member(bootstrap, group, topic, f"b-{unique}-{attempt}", kafka_loop.close_leaving_group)
+        a.start()
+        b.start()
+        deadline = time.monotonic() + 30
+        while not split() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if split():
+            break
+        a.leave()
+        b.leave()
+    wait_for(split, "both members own part of the topic (3 groups tried)", timeout=0)
     return a, b, group
 
 
