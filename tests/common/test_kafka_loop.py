@@ -132,6 +132,14 @@ def test_topics_are_created_idempotently(kafka_bootstrap: str) -> None:
     assert {t.name for t in topics.ALL} <= names
 
 
+def delete_and_wait(admin: KafkaAdminClient, topic: str) -> None:
+    """Delete `topic` and wait (up to 30 s) until the broker no longer lists it."""
+    admin.delete_topics([topic])
+    deadline = time.monotonic() + 30
+    while topic in admin.list_topics() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def request_ids(records: list) -> list[str]:
     return [events.decode(r.value, r.headers, events_pb2.TurnEvent).request_id for r in records]
 
@@ -188,10 +196,7 @@ def test_reply_topic_deleted_after_the_stage_wrote_to_it_dead_letters_its_record
     try:
         produce(kafka_bootstrap, f"t.in.{unique}", [("conv-0", turn(0, f"to:{reply}"))])
         assert request_ids(read_all(kafka_bootstrap, reply, expect=1, timeout=30, settle=0.1)) == ["req-0"]
-        admin.delete_topics([reply])
-        deadline = time.monotonic() + 30
-        while reply in admin.list_topics() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        delete_and_wait(admin, reply)
         produce(kafka_bootstrap, f"t.in.{unique}", [("conv-0", turn(1, f"to:{reply}")), ("conv-0", turn(2))])
         out = read_all(kafka_bootstrap, f"t.out.{unique}", expect=1, timeout=60, settle=1.0)
         dead = dead_letters_from(dead_tail, f"t.in.{unique}", expect=1)
@@ -221,10 +226,7 @@ def test_a_producer_that_wrote_to_a_deleted_reply_topic_is_replaced_and_stops_as
     try:
         produce(kafka_bootstrap, f"t.in.{unique}", [("conv-0", turn(0, f"to:{old}"))])
         assert request_ids(read_all(kafka_bootstrap, old, expect=1, timeout=30, settle=0.1)) == ["req-0"]
-        admin.delete_topics([old])
-        deadline = time.monotonic() + 30
-        while old in admin.list_topics() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        delete_and_wait(admin, old)
         create(kafka_bootstrap, new, partitions=1)
         produce(kafka_bootstrap, f"t.in.{unique}", [("conv-1", turn(1, f"to:{new}"))])
         assert request_ids(read_all(kafka_bootstrap, new, expect=1, timeout=30, settle=0.1)) == ["req-1"]
@@ -257,10 +259,7 @@ def test_output_topics_are_refreshed_ahead_and_a_deleted_one_stops_being_trusted
         assert outputs.unwritable([topic]) == {}
         time.sleep(1.5)  # 2.5 TTLs: without the refresh the trust would have lapsed
         assert outputs.trusted(topic)
-        admin.delete_topics([topic])
-        deadline = time.monotonic() + 30
-        while topic in admin.list_topics() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        delete_and_wait(admin, topic)
         deadline = time.monotonic() + 10
         while outputs.trusted(topic) and time.monotonic() < deadline:
             time.sleep(0.05)
