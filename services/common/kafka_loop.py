@@ -171,14 +171,14 @@ def make_consumer(cfg: KafkaConfig, group_id: str | None, client_id: str, *topic
     return KafkaConsumer(*topics, **kwargs)
 
 
-def close_now(producer: KafkaProducer) -> None:
-    """Close a producer whose sends will never complete.
+def close_now(producer: KafkaProducer, timeout: float = 0) -> None:
+    """Close a producer whose sends will never complete (or that gets `timeout` s to finish them).
 
     kafka-python's `close` flushes first and raises when a send is incomplete, before it stops
     its sender thread, which would then retry forever; this does what `close` does next.
     """
     try:
-        producer.close(timeout=0)
+        producer.close(timeout=timeout)
     except KafkaError:
         private_api.force_close_producer(producer)
 
@@ -480,11 +480,11 @@ class StageWorker(ThreadWorker, Generic[M]):
         """Between transactions: replace a producer (and the at-once one) that tracks a deleted topic."""
         self._topics_checked = time.monotonic()
         if self._at_once is not None and tracks_gone_topics(self._at_once, f"{self.stage} at-once"):
-            self._at_once.close(timeout=5)
+            close_now(self._at_once, timeout=5)  # a send stuck on the deleted topic is dropped
             self._at_once = None  # made again on the next `at_once` output
         if not tracks_gone_topics(producer, self.stage):
             return producer
-        producer.close(timeout=5)
+        close_now(producer, timeout=5)
         return self._new_producer(client)
 
     def _new_consumer(self, client: str) -> KafkaConsumer:

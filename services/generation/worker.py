@@ -312,7 +312,7 @@ class GenerationWorker(ThreadWorker):
         if kafka_loop.tracks_gone_topics(self._producer, STAGE):
             old, self._producer = self._producer, kafka_loop.make_producer(self.kafka, client)
             # On the send thread, after any send handed to the old producer before the swap.
-            await asyncio.get_running_loop().run_in_executor(self._send_pool, old.close, 5)
+            await asyncio.get_running_loop().run_in_executor(self._send_pool, kafka_loop.close_now, old, 5)
 
     async def _poll_guarded(self) -> dict[TopicPartition, list[Any]]:
         """Poll, with a watchdog: kafka-python 3.0.12 can lose the cross-thread wakeup of a
