@@ -63,11 +63,18 @@ class Member(threading.Thread):
         assert self.error is None, self.error
 
 
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -> None:
+def until(cond: Callable[[], bool], timeout: float) -> bool:
+    """Whether `cond` came true within `timeout` s."""
     deadline = time.monotonic() + timeout
     while not cond():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.05)
+    return True
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -> None:
+    assert until(cond, timeout), f"not within {timeout} s: {what}"
 
 
 def instance_ids(admin: KafkaAdminClient, group: str) -> set[str]:
@@ -109,10 +116,7 @@ def join_two(bootstrap: str, unique: str, close_a: Callable[[KafkaConsumer], Non
         b = Member(bootstrap, group, topic, f"b-{unique}-{attempt}", kafka_loop.close_leaving_group)
         a.start()
         b.start()
-        deadline = time.monotonic() + 30
-        while not split() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if split():
+        if until(split, 30):
             break
         a.leave()
         b.leave()
