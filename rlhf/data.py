@@ -59,6 +59,8 @@ class DatasetStats:
     invalid: int = 0
     missing_prompt: int = 0
     pairs: int = 0
+    tied_pairs: int = 0  # pairs of rankings' answers labelled as good as each other (not trained on)
+    all_tied: int = 0  # rankings whose answers were all tied (no pairs)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -90,7 +92,8 @@ def read_rows(root: Path, source: str, window: FeedbackWindow) -> list[dict[str,
 
 
 def comparisons(rows: Iterable[Mapping[str, Any]]) -> tuple[list[Comparison], DatasetStats]:
-    """Turn feedback rows into comparisons; rankings give all their pairs, ratings only up-vs-down pairs.
+    """Turn feedback rows into comparisons; rankings give all their pairs but tied ones, ratings only
+    up-vs-down pairs.
 
     Rows without a prompt are skipped and counted in ``missing_prompt``.
 
@@ -115,9 +118,17 @@ def comparisons(rows: Iterable[Mapping[str, Any]]) -> tuple[list[Comparison], Da
                     0 <= i < len(answers) for i in ranking):
                 stats.invalid += 1
                 continue
+            ties = list(row.get("ranking_tied_with_next") or ())
+            if ties and len(ties) != len(ranking) - 1:
+                stats.invalid += 1
+                continue
             stats.rankings += 1
-            out.append(Comparison(row["prompt"], answers, tuple(ranking_pairs(ranking)), row["source"],
-                                  (row["feedback_id"],)))
+            pairs = tuple(ranking_pairs(ranking, ties))
+            stats.tied_pairs += len(ranking) * (len(ranking) - 1) // 2 - len(pairs)
+            if not pairs:  # every answer as good as the others: nothing to learn from
+                stats.all_tied += 1
+                continue
+            out.append(Comparison(row["prompt"], answers, pairs, row["source"], (row["feedback_id"],)))
         elif row.get("kind") == "rating":
             index = row.get("rating_answer_index")
             if index is None or not 0 <= index < len(answers) or row.get("thumbs_up") is None:

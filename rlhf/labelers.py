@@ -4,10 +4,10 @@
 (``make rlhf-label``) drives the real gateway like any client: for each *train* question of
 ``rlhf/prompts.yaml`` it opens a conversation (``ChatService.Chat`` with ``SamplingParams``
 ``n`` > 1 and ``temperature`` > 0), reads the candidates back as the gateway stored them
-(``GetConversation``), ranks them with :func:`rlhf.preference.rank` and submits the ranking
-(``SubmitFeedback``) with the metadata ``x-colloquy-feedback-source: simulated``, so the
-dataset marks them simulated and ``RLHF_SOURCE=human`` leaves them out. Held-out questions
-are never labelled. With ``--version V`` (default ``RLHF_ROUND_BASE``, which the RLHF job's
+(``GetConversation``), ranks them with :func:`rlhf.preference.rank` and submits the ranking, with
+the answers the rule scores the same marked as ties (``SubmitFeedback``), with the metadata
+``x-colloquy-feedback-source: simulated``, so the dataset marks them simulated and
+``RLHF_SOURCE=human`` leaves them out. Held-out questions are never labelled. With ``--version V`` (default ``RLHF_ROUND_BASE``, which the RLHF job's
 rounds set) only turns answered by model version V are ranked: the labelers first wait until
 the gateway answers with V, and skip turns another version answered (a canary's share).
 These are not people: they are a rule, named as such everywhere.
@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from rlhf.preference import PreferenceWeights, rank, score, weights_from_env
+from rlhf.preference import PreferenceWeights, rank, score, tied_with_next, weights_from_env
 
 PROMPTS_FILE = Path(__file__).resolve().parent / "prompts.yaml"
 SOURCE_HEADER = ("x-colloquy-feedback-source", "simulated")
@@ -52,6 +52,7 @@ class Labelled:
     ranking: list[int]
     scores: list[float]
     feedback_id: str
+    tied_with_next: list[bool]
 
 
 class SimulatedLabeler:
@@ -165,12 +166,15 @@ class SimulatedLabeler:
         turn_index = turn.index
         answers = [a.text for a in sorted(turn.answers, key=lambda a: a.index)]
         order = rank(question, answers, self.weights)
+        scores = [score(question, a, self.weights) for a in answers]
+        ties = tied_with_next(order, scores)
         reply = self._unary(self.stub.SubmitFeedback,
-                            chat_pb2.SubmitFeedbackRequest(conversation_id=conversation_id, turn_index=turn_index,
-                                                           ranking=chat_pb2.Ranking(order=order)),
+                            chat_pb2.SubmitFeedbackRequest(
+                                conversation_id=conversation_id, turn_index=turn_index,
+                                ranking=chat_pb2.Ranking(order=order, tied_with_next=ties)),
                             feedback=True)
-        return Labelled(question, conversation_id, turn_index, order,
-                        [round(score(question, a, self.weights), 4) for a in answers], reply.feedback_id)
+        return Labelled(question, conversation_id, turn_index, order, [round(s, 4) for s in scores],
+                        reply.feedback_id, ties)
 
 
 def retry_delay(exc: Any, attempt: int) -> float:

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import math
 import re
 from pathlib import Path
 
@@ -185,6 +187,14 @@ def score(prompt: str, answer: str, weights: PreferenceWeights = DEFAULT_WEIGHTS
 
 
 def rank(prompt: str, answers: list[str], weights: PreferenceWeights = DEFAULT_WEIGHTS) -> list[int]:
-    """Candidate indexes best first (ties keep the candidates' order, so ranking is deterministic)."""
+    """Candidate indexes best first (ties keep the candidates' order, so ranking is deterministic;
+    :func:`tied_with_next` says which neighbours are ties)."""
     scores = [score(prompt, a, weights) for a in answers]
     return sorted(range(len(answers)), key=lambda i: (-scores[i], i))
+
+
+def tied_with_next(order: list[int], scores: list[float]) -> list[bool]:
+    """The ranking's ties (``Ranking.tied_with_next``): order[i] and order[i + 1] scored the same.
+    Submitted with the ranking so training takes no preference between them: the candidates'
+    order that breaks a tie in :func:`rank` is the sampling order, not a judgement."""
+    return [math.isclose(scores[a], scores[b], rel_tol=0.0, abs_tol=1e-9) for a, b in itertools.pairwise(order)]

@@ -3,9 +3,9 @@
 As in InstructGPT, the reward model starts from the policy itself (the registry version's
 float32 weights), drops the LM head and reads one scalar off the last real token's hidden
 state. Each batch element is one labelled prompt with its K answers and every pair the label
-orders (all C(K, 2) pairs of a ranking), so one prompt's pairs share a forward pass and do
-not overfit as K(K-1)/2 separate examples would; the element's loss is the mean over its
-pairs of ``-log sigmoid(r_better - r_worse)``.
+orders (all C(K, 2) pairs of a strict ranking, fewer where it has ties), so one prompt's pairs
+share a forward pass and do not overfit as K(K-1)/2 separate examples would; the element's loss
+is the mean over its pairs of ``-log sigmoid(r_better - r_worse)``.
 
 Ratings (thumbs up/down on one answer) order nothing by themselves: a rating is used only
 where the same prompt has an up-rated and a down-rated answer, which gives the pair
@@ -24,9 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def ranking_pairs(ranking: Sequence[int]) -> list[tuple[int, int]]:
-    """All C(K, 2) ``(better, worse)`` candidate pairs of a best-first ranking."""
-    return [(ranking[i], ranking[j]) for i, j in combinations(range(len(ranking)), 2)]
+def ranking_pairs(ranking: Sequence[int], tied_with_next: Sequence[bool] = ()) -> list[tuple[int, int]]:
+    """The ``(better, worse)`` candidate pairs of a best-first ranking: all C(K, 2) of a strict
+    one; with ties (``tied_with_next[i]``: ``ranking[i]`` is as good as ``ranking[i + 1]``) none
+    between two answers of one run of ties, which would train a preference the labeller did not state."""
+    group, groups = 0, []
+    for i in range(len(ranking)):
+        if i and not (i - 1 < len(tied_with_next) and tied_with_next[i - 1]):
+            group += 1
+        groups.append(group)
+    return [(ranking[i], ranking[j]) for i, j in combinations(range(len(ranking)), 2) if groups[i] != groups[j]]
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,9 @@ SCHEMA = pa.schema([
     ("template_version", pa.string()),
     ("source", pa.string()),                    # "human" | "simulated"
     ("created_unix_ms", pa.int64()),
+    # ranking only: ranking[i] and ranking[i + 1] are as good as each other; empty for a strict
+    # ranking. Files written before it read it as null (`read_file`).
+    ("ranking_tied_with_next", pa.list_(pa.bool_())),
 ])
 
 
@@ -59,7 +62,19 @@ def row(ev: events_pb2.FeedbackEvent) -> dict:
         "ranking": list(ev.ranking.order) if kind == "ranking" else None,
         "model_version": ev.model_version, "template_version": ev.template_version,
         "source": ev.source or "human", "created_unix_ms": ev.created_unix_ms,
+        "ranking_tied_with_next": list(ev.ranking.tied_with_next) if kind == "ranking" else None,
     }
+
+
+def read_file(path: Path) -> pa.Table:
+    """One file as a table of `SCHEMA`; a column the file was written without (older files have
+    no `ranking_tied_with_next`) reads as nulls instead of making the whole file unreadable."""
+    present = set(pq.read_schema(path).names)
+    table = pq.read_table(path, columns=[n for n in SCHEMA.names if n in present])
+    for field in SCHEMA:
+        if field.name not in present:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(SCHEMA.names).cast(SCHEMA)
 
 
 def date_of(ms: int) -> str:
@@ -108,7 +123,7 @@ def erase(root: Path, conversation_ids: set[str]) -> int:
     removed = 0
     for path in sorted(root.glob("date=*/*.parquet")):
         try:
-            table = pq.read_table(path, columns=SCHEMA.names)
+            table = read_file(path)
         except (pa.ArrowInvalid, OSError) as exc:
             log.warning("skipping an unreadable dataset file", extra={"path": str(path), "error": repr(exc)})
             continue
@@ -160,7 +175,7 @@ def read(root: Path, source: str | None = None, since_ms: int = 0, until_ms: int
     rows: list[dict] = []
     for path in files:
         try:
-            rows.extend(pq.read_table(path, columns=SCHEMA.names).to_pylist())
+            rows.extend(read_file(path).to_pylist())
         except (pa.ArrowInvalid, OSError) as exc:  # e.g. a file from before writes were fsynced
             log.warning("skipping an unreadable dataset file", extra={"path": str(path), "error": repr(exc)})
     latest: dict[tuple[str, str, int, str], dict] = {}

@@ -21,8 +21,26 @@ from colloquy.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 from services.common import retry_hint, tls
 
 HELP = """commands: /up or /down [comment]  rate the last answer
-          /rank i j ...  rank the candidates of the last turn, best first (with --n > 1)
+          /rank i j ...  rank the candidates of the last turn, best first (with --n > 1); i=j: as good as each other
           /new  start a new conversation     /history  show this conversation     /quit"""
+
+
+def parse_ranking(text: str) -> chat_pb2.Ranking:
+    """`/rank`'s arguments: candidate indexes best first, `=` between two that are as good as each
+    other ("2 0=1": 2 best, 0 and 1 tied). The gateway checks the order against the turn."""
+    order: list[int] = []
+    ties: list[bool] = []
+    for token in text.split():
+        group = token.split("=")
+        if not all(part.isdigit() for part in group):
+            raise ValueError(f"/rank: {token!r} is not a candidate index (or indexes joined by =)")
+        if order:
+            ties.append(False)
+        ties += [True] * (len(group) - 1)
+        order += [int(part) for part in group]
+    if not order:
+        raise ValueError("/rank: give the candidate indexes best first, e.g. /rank 1 0")
+    return chat_pb2.Ranking(order=order, tied_with_next=ties if any(ties) else [])
 
 
 def _metadata(key: str) -> list[tuple[str, str]]:
@@ -133,9 +151,13 @@ def chat(args: argparse.Namespace) -> int:
                     stub.SubmitFeedback(fb, metadata=_metadata(args.key))
                     print("(thanks, rating recorded)")
                 elif line.startswith("/rank"):
-                    order = [int(x) for x in line.split()[1:]]
+                    try:
+                        ranking = parse_ranking(line[len("/rank"):])
+                    except ValueError as exc:
+                        print(f"[{exc}]")
+                        continue
                     stub.SubmitFeedback(chat_pb2.SubmitFeedbackRequest(
-                        conversation_id=conv, turn_index=last_turn, ranking=chat_pb2.Ranking(order=order)),
+                        conversation_id=conv, turn_index=last_turn, ranking=ranking),
                         metadata=_metadata(args.key))
                     print("(thanks, ranking recorded)")
                 elif line.startswith("/"):

@@ -121,3 +121,7 @@ def feedback(req: chat_pb2.SubmitFeedbackRequest, turn: chat_pb2.Turn | None) ->
             raise InvalidArgument("ranking: the turn has a single answer; rate it instead")
         if sorted(order) != list(range(n)):
             raise InvalidArgument(f"ranking.order: must be a permutation of 0..{n - 1}, got {order}")
+        ties = len(req.ranking.tied_with_next)
+        if ties not in (0, n - 1):
+            raise InvalidArgument(f"ranking.tied_with_next: one entry per neighbouring pair of order ({n - 1}), "
+                                  f"or none for a strict ranking; got {ties}")

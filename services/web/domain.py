@@ -680,7 +680,8 @@ def models(ids: Iterable[str], created: int) -> dict[str, Any]:
 # -- feedback (the page's thumbs and rankings) ------------------------------------------------------
 
 def feedback_request(body: Any) -> chat_pb2.SubmitFeedbackRequest:
-    """{"conversation_id", "turn_index", "rating": {...}} or {..., "ranking": {"order": [...]}} ->
+    """{"conversation_id", "turn_index", "rating": {...}} or {..., "ranking": {"order": [...],
+    "tied_with_next": [...] (optional)}} ->
     SubmitFeedbackRequest; the gateway checks them against the turn."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
@@ -706,11 +707,17 @@ def feedback_request(body: Any) -> chat_pb2.SubmitFeedbackRequest:
             raise bad("rating.thumbs_up", "rating.thumbs_up: required, true or false")
         req.rating.CopyFrom(chat_pb2.Rating(answer_index=index, thumbs_up=rating["thumbs_up"], comment=comment))
     else:
-        order = ranking.get("order") if isinstance(ranking, dict) else None
+        if not isinstance(ranking, dict) or set(ranking) - {"order", "tied_with_next"}:
+            raise bad("ranking", "ranking: {\"order\": [int], \"tied_with_next\": [bool] (optional)}")
+        order = ranking.get("order")
         if not isinstance(order, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 64
                                                   for i in order):
             raise bad("ranking.order", "ranking.order: required, the candidate indexes best first")
-        req.ranking.CopyFrom(chat_pb2.Ranking(order=order))
+        ties = ranking.get("tied_with_next") or []
+        if not isinstance(ties, list) or not all(isinstance(t, bool) for t in ties):
+            raise bad("ranking.tied_with_next", "ranking.tied_with_next: a list of true/false, one per neighbouring "
+                      "pair of order (true: as good as the next)")
+        req.ranking.CopyFrom(chat_pb2.Ranking(order=order, tied_with_next=ties))
     return req
 
 

@@ -72,3 +72,23 @@ def test_erase_removes_a_deleted_conversations_rows_from_every_file(tmp_path: Pa
     assert [x["feedback_id"] for x in ds.read(tmp_path).to_pylist()] == ["k1"]
     assert len(list(tmp_path.glob("date=*/*.parquet"))) == 1
     assert ds.erase(tmp_path, {"gone"}) == 0 and ds.erase(tmp_path / "missing", {"gone"}) == 0
+
+
+def test_a_file_written_before_the_ties_column_still_reads(tmp_path: Path) -> None:
+    """Files from before `ranking_tied_with_next` lack the column: they read as strict rankings
+    (null ties) instead of being skipped as unreadable, which would drop their feedback."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    old_schema = pa.schema([f for f in dataset.SCHEMA if f.name != "ranking_tied_with_next"])
+    folder = tmp_path / "date=1970-01-01"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist([fb("old", "ranking", 1_000, ranking=[1, 0, 2])], schema=old_schema),
+                   folder / "part-p0-000000000000-000000000000.parquet")
+    dataset.write_rows(tmp_path, [fb("new", "ranking", 2_000, conv="d", ranking=[0, 2, 1],
+                                     ranking_tied_with_next=[True, False])], 0, 1, 1)
+    got = {r["feedback_id"]: r for r in dataset.read(tmp_path).to_pylist()}
+    assert got["old"]["ranking"] == [1, 0, 2] and got["old"]["ranking_tied_with_next"] is None
+    assert got["new"]["ranking_tied_with_next"] == [True, False]
+    items, _ = data.comparisons(got.values())
+    assert sorted(len(c.pairs) for c in items) == [2, 3]

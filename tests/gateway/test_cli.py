@@ -92,3 +92,12 @@ def test_other_refusals_and_too_many_are_not_retried(error: _Refused, slept: lis
     with pytest.raises(grpc.RpcError):
         cli.stream_turn(hinted, "k", "c", "hi", common_pb2.SamplingParams(), out=io.StringIO(), retries=3)
     assert hinted.calls == 4
+
+
+def test_rank_arguments_give_the_order_and_its_ties() -> None:
+    assert cli.parse_ranking(" 2 0=1") == chat_pb2.Ranking(order=[2, 0, 1], tied_with_next=[False, True])
+    assert cli.parse_ranking("1 0") == chat_pb2.Ranking(order=[1, 0])
+    assert cli.parse_ranking("0=1=2 3") == chat_pb2.Ranking(order=[0, 1, 2, 3], tied_with_next=[True, True, False])
+    for bad in ("", "1 x", "1 =0"):
+        with pytest.raises(ValueError, match="/rank"):
+            cli.parse_ranking(bad)

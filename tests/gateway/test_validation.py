@@ -90,7 +90,12 @@ def turn(n: int, blocked: bool = False) -> chat_pb2.Turn:
 def test_feedback_checks() -> None:
     ok = chat_pb2.SubmitFeedbackRequest(turn_index=1, ranking=chat_pb2.Ranking(order=[2, 0, 1]))
     validation.feedback(ok, turn(3))
+    tied = chat_pb2.SubmitFeedbackRequest(turn_index=1, ranking=chat_pb2.Ranking(order=[2, 0, 1],
+                                                                                  tied_with_next=[True, False]))
+    validation.feedback(tied, turn(3))
     bad = [
+        (chat_pb2.SubmitFeedbackRequest(turn_index=1, ranking=chat_pb2.Ranking(order=[2, 0, 1], tied_with_next=[True])),
+         turn(3), "ranking.tied_with_next"),
         (chat_pb2.SubmitFeedbackRequest(turn_index=1, ranking=chat_pb2.Ranking(order=[0, 0, 1])), turn(3),
          "ranking.order"),
         (chat_pb2.SubmitFeedbackRequest(turn_index=1, ranking=chat_pb2.Ranking(order=[0, 1])), turn(3),

@@ -24,11 +24,25 @@ def test_rankings_give_all_pairs_and_ratings_only_up_vs_down() -> None:
     ]
     items, stats = data.comparisons(rows)
     assert stats.as_dict() == {"rows": 7, "rankings": 1, "ratings": 4, "ratings_paired": 3,
-                               "ratings_dropped": 1, "invalid": 1, "missing_prompt": 1, "pairs": 5}
+                               "ratings_dropped": 1, "invalid": 1, "missing_prompt": 1, "pairs": 5,
+                               "tied_pairs": 0, "all_tied": 0}
     ranking, rating = items
     assert ranking.answers == tuple(ANSWERS) and ranking.pairs == ((2, 0), (2, 1), (0, 1))
     # q3: "a." up beats "b." and "c." (down)
     assert rating.answers == ("a.", "b.", "c.") and rating.pairs == ((0, 1), (0, 2))
+
+
+def test_a_rankings_ties_give_no_pairs_and_an_all_tied_ranking_no_comparison() -> None:
+    rows = [
+        base_row("q1", 1, kind="ranking", answers=ANSWERS, ranking=[2, 0, 1], ranking_tied_with_next=[True, False]),
+        base_row("q2", 2, kind="ranking", answers=ANSWERS, ranking=[0, 1, 2], ranking_tied_with_next=[True, True]),
+        base_row("q3", 3, kind="ranking", answers=ANSWERS, ranking=[0, 1, 2], ranking_tied_with_next=[True]),
+        base_row("q4", 4, kind="ranking", answers=ANSWERS, ranking=[1, 2, 0], ranking_tied_with_next=None),
+    ]
+    items, stats = data.comparisons(rows)
+    # q1: 2 and 0 tie, both beat 1; q2: all tied; q3: ties of the wrong length; q4: an older row, strict
+    assert [c.pairs for c in items] == [((2, 1), (0, 1)), ((1, 2), (1, 0), (2, 0))]
+    assert (stats.rankings, stats.invalid, stats.all_tied, stats.tied_pairs, stats.pairs) == (3, 1, 1, 4, 5)
 
 
 def test_window_and_source_filters(tmp_path: Path) -> None:

@@ -51,13 +51,17 @@ def test_simulated_rankings_reach_the_dataset(stack_and_dataset: tuple[Stack, Pa
         assert row["kind"] == "ranking" and row["source"] == "simulated"
         assert len(row["answers"]) == 3
         assert row["ranking"] == sent.ranking == preference.rank(sent.question, row["answers"])
+        scores = [preference.score(sent.question, a) for a in row["answers"]]
+        assert row["ranking_tied_with_next"] == sent.tied_with_next == preference.tied_with_next(sent.ranking, scores)
     assert data.read_rows(dataset, "human", window) == []
     # The prompt as the model saw it (hidden instructions included) must reach the dataset: the
     # reward model learns nothing true from answers without their question.
     for row in rows:
         assert by_id[row["feedback_id"]].question in row["prompt"], row["prompt"][:200]
     items, stats = data.comparisons(rows)
-    assert stats.rankings == len(submitted) and all(len(c.pairs) == 3 for c in items)
+    assert stats.rankings == len(submitted)
+    # Every pair but the tied ones: 3 of 3 answers, less the pairs inside a run of ties.
+    assert stats.pairs + stats.tied_pairs == 3 * len(submitted) and len(items) == len(submitted) - stats.all_tied
 
 
 def test_labelers_rank_only_the_version_they_are_told_to(stack_and_dataset: tuple[Stack, Path]) -> None:

@@ -36,6 +36,9 @@ def test_score_weights_and_empty_answers() -> None:
 def test_rank_is_best_first_and_stable_on_ties() -> None:
     answers = ["Paris", "The capital of France is Paris.", "capital capital capital capital capital", "Paris"]
     assert rank(Q, answers) == [1, 0, 3, 2]
+    # the two "Paris" answers tie: the ranking says so, so training takes no pair between them
+    order = rank(Q, answers)
+    assert preference.tied_with_next(order, [score(Q, a) for a in answers]) == [False, True, False]
 
 
 def test_the_question_is_read_out_of_a_chatml_prompt() -> None:

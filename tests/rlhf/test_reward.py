@@ -16,6 +16,13 @@ def test_a_ranking_of_k_gives_all_k_choose_2_pairs_best_first() -> None:
     assert ranking_pairs([1]) == []
 
 
+def test_a_rankings_ties_give_no_pair_between_the_tied_answers() -> None:
+    # 3 ~ 1 > 0 ~ 2: only the pairs across the two runs of ties
+    assert ranking_pairs([3, 1, 0, 2], [True, False, True]) == [(3, 0), (3, 2), (1, 0), (1, 2)]
+    assert ranking_pairs([2, 0, 1], [False, False]) == ranking_pairs([2, 0, 1])
+    assert ranking_pairs([2, 0, 1], [True, True]) == []
+
+
 def test_pairwise_loss_on_hand_numbers() -> None:
     # Element A: rewards r0=2, r1=1, r2=0, ranking [0, 1, 2] -> pairs (0,1), (0,2), (1,2)
     #   differences 1, 2, 1; -log sigmoid(d) = log(1 + e^-d)

@@ -323,7 +323,10 @@ def test_feedback_request_carries_a_rating_or_a_ranking() -> None:
     assert (req.conversation_id, req.turn_index, req.WhichOneof("feedback")) == (CONV, 2, "rating")
     assert (req.rating.answer_index, req.rating.thumbs_up, req.rating.comment) == (1, False, "off topic")
     req = domain.feedback_request({"conversation_id": CONV, "turn_index": 1, "ranking": {"order": [2, 0, 1]}})
-    assert list(req.ranking.order) == [2, 0, 1]
+    assert list(req.ranking.order) == [2, 0, 1] and list(req.ranking.tied_with_next) == []
+    req = domain.feedback_request({"conversation_id": CONV, "turn_index": 1,
+                                   "ranking": {"order": [2, 0, 1], "tied_with_next": [True, False]}})
+    assert list(req.ranking.tied_with_next) == [True, False]
 
 
 @pytest.mark.parametrize(("fb", "param"), [
@@ -333,6 +336,9 @@ def test_feedback_request_carries_a_rating_or_a_ranking() -> None:
     ({"conversation_id": CONV, "turn_index": 1, "rating": {"thumbs_up": True}, "ranking": {"order": [0]}}, "rating"),
     ({"conversation_id": CONV, "turn_index": 1, "rating": {"answer_index": 0}}, "rating.thumbs_up"),
     ({"conversation_id": CONV, "turn_index": 1, "ranking": {"order": ["a"]}}, "ranking.order"),
+    ({"conversation_id": CONV, "turn_index": 1, "ranking": {"order": [0, 1], "tied_with_next": [1]}},
+     "ranking.tied_with_next"),
+    ({"conversation_id": CONV, "turn_index": 1, "ranking": {"order": [0, 1], "ties": [True]}}, "ranking"),
 ])
 def test_bad_feedback_is_400_naming_the_field(fb: dict, param: str) -> None:
     assert err(domain.feedback_request, fb).param == param
