@@ -1,5 +1,5 @@
 """The web page (services/web/static) in Debian's headless Chromium, driven by Selenium, against the
-whole running stack: sign in, a streamed answer, stop, a thumbs-up, a ranking of 3 candidates that
+whole running stack: sign in, a streamed answer, stop, a thumbs-up, a ranking of 3 candidates (two tied) that
 lands in the feedback dataset, a moderation notice, a conversation opened from the list and
 deleted. Screenshots of each step go to $WEB_SCREENSHOTS_DIR (default var/screenshots/web, so a
 test run leaves the checkout clean); `WEB_SCREENSHOTS_DIR=docs/web` refreshes the ones the README
@@ -138,7 +138,7 @@ def test_3_stop_ends_an_answer_mid_stream(browser) -> None:
     shot(browser, "05-stopped")
 
 
-def test_4_three_candidates_are_ranked_and_the_ranking_reaches_the_dataset(browser) -> None:
+def test_4_three_candidates_are_ranked_with_a_tie_and_the_ranking_reaches_the_dataset(browser) -> None:
     from selenium.webdriver.common.by import By
     css(browser, "#new-chat")[0].click()
     turn = send(browser, "Name a fruit.", answers=3, max_tokens=32)
@@ -158,10 +158,14 @@ def test_4_three_candidates_are_ranked_and_the_ranking_reaches_the_dataset(brows
     assert [c.get_attribute("data-index") for c in cards] == ["0", "1", "2"]
     assert all(s in ("done", "cut at the length limit", "stopped by moderation") for s in statuses(turn))
     texts = [c.get_attribute("data-text") for c in cards]  # what the page received, before Markdown
-    for i in (2, 0, 1):  # best first
-        cards[i].find_element(By.CSS_SELECTOR, ".rank").click()
+    # best first, the second as good as the first: 2 = 0 > 1
+    cards[2].find_element(By.CSS_SELECTOR, ".rank").click()
+    cards[0].find_element(By.CSS_SELECTOR, ".tie").click()
+    cards[1].find_element(By.CSS_SELECTOR, ".rank").click()
     turn.find_element(By.CSS_SELECTOR, ".submit-ranking").click()
     wait(lambda: "Ranking sent" in turn.find_element(By.CSS_SELECTOR, ".rank-bar .status").text, 20, "the ranking")
+    assert turn.find_element(By.CSS_SELECTOR, ".rank-bar .status").text == \
+        "Ranking sent: answer 3 = answer 1 > answer 2"
     shot(browser, "06-ranked")
     conv, turn_index = turn.get_attribute("data-conversation"), int(turn.get_attribute("data-turn"))
 
@@ -171,6 +175,7 @@ def test_4_three_candidates_are_ranked_and_the_ranking_reaches_the_dataset(brows
                 and r["kind"] == "ranking"]
     [row] = wait(ranked, 90, "the ranking in the feedback dataset")
     assert row["ranking"] == [2, 0, 1] and len(row["answers"]) == 3 and row["source"] == "human"
+    assert row["ranking_tied_with_next"] == [True, False]
     assert row["answers"] == texts, "the dataset's candidates differ from what the page showed"
     print(f"[page] dataset row: conversation {conv} turn {turn_index} ranking {row['ranking']}", flush=True)
 

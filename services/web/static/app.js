@@ -178,36 +178,55 @@ function addRating(card, conv, turn) {
 }
 
 function addRanking(turnEl, conv, turn, n) {
+  // order: answer indexes best first; ties[i]: order[i] and order[i + 1] are as good as each other
+  // ("Tie" ranks an answer level with the one ranked just before it: training takes no pair from a tie).
   const order = [];
+  const ties = [];
   const bar = el("div", "rank-bar");
-  const hint = el("span", "status", `Click "Rank" on the answers from best to worst (${n} answers).`);
+  const hint = el("span", "status",
+    `Click "Rank" on the answers from best to worst (${n} answers); "Tie" puts one level with the answer ranked before it.`);
   const submit = el("button", "submit-ranking", "Send ranking");
   const reset = el("button", "reset-ranking", "Reset");
   submit.disabled = true;
   bar.append(hint, reset, submit);
   turnEl.append(bar);
+  const refresh = () => {
+    submit.disabled = order.length !== n;
+    turnEl.querySelectorAll(".answer").forEach((card) => {
+      const ranked = order.includes(Number(card.dataset.index));
+      card.querySelector(".rank").disabled = ranked;
+      card.querySelector(".tie").disabled = ranked || !order.length;
+    });
+  };
+  const place = (card, badge, tied) => {
+    if (order.length) ties.push(tied);
+    order.push(Number(card.dataset.index));
+    const rank = 1 + ties.filter((t) => !t).length;
+    badge.textContent = tied ? `#${rank} (tie)` : `#${rank}`;
+    refresh();
+  };
   for (const card of turnEl.querySelectorAll(".answer")) {
     const btn = el("button", "rank", "Rank");
+    const tie = el("button", "tie", "Tie");
     const badge = el("span", "rank-badge");
-    btn.addEventListener("click", () => {
-      order.push(Number(card.dataset.index));
-      badge.textContent = `#${order.length}`;
-      btn.disabled = true;
-      submit.disabled = order.length !== n;
-    });
-    card.querySelector(".tools").append(btn, badge);
+    btn.addEventListener("click", () => place(card, badge, false));
+    tie.addEventListener("click", () => place(card, badge, true));
+    card.querySelector(".tools").append(btn, tie, badge);
   }
+  refresh();
   reset.addEventListener("click", () => {
     order.length = 0;
-    submit.disabled = true;
-    turnEl.querySelectorAll(".rank").forEach((b) => { b.disabled = false; });
+    ties.length = 0;
     turnEl.querySelectorAll(".rank-badge").forEach((b) => { b.textContent = ""; });
+    refresh();
   });
   submit.addEventListener("click", async () => {
     submit.disabled = reset.disabled = true;
+    const ranking = ties.some((t) => t) ? { order, tied_with_next: ties } : { order };
     try {
-      await sendFeedback({ conversation_id: conv, turn_index: turn, ranking: { order } });
-      hint.textContent = `Ranking sent: ${order.map((i) => `answer ${i + 1}`).join(" > ")}`;
+      await sendFeedback({ conversation_id: conv, turn_index: turn, ranking });
+      const sep = (k) => (k ? (ties[k - 1] ? " = " : " > ") : "");
+      hint.textContent = "Ranking sent: " + order.map((i, k) => `${sep(k)}answer ${i + 1}`).join("");
     } catch (err) { hint.textContent = err.message; submit.disabled = reset.disabled = false; }
   });
 }
