@@ -1,16 +1,17 @@
 """Simulated labelers: rank n sampled answers by a transparent rule and submit the ranking.
 
-``python -m rlhf.labelers [--target 127.0.0.1:50051] [--n 3] [--rounds 1] [--limit N]``
-(``make rlhf-label``) drives the real gateway like any client: for each *train* question of
-``rlhf/prompts.yaml`` it opens a conversation (``ChatService.Chat`` with ``SamplingParams``
-``n`` > 1 and ``temperature`` > 0), reads the candidates back as the gateway stored them
+``python -m rlhf.labelers [--target 127.0.0.1:50051] [--n 3] [--rounds 1] [--limit N]`` (``make
+rlhf-label``) drives the real gateway like any client: for each *train* question of
+``rlhf/prompts.yaml`` it opens a conversation (``ChatService.Chat`` with ``SamplingParams`` ``n`` >
+1 and ``temperature`` > 0), reads the candidates back as the gateway stored them
 (``GetConversation``), ranks them with :func:`rlhf.preference.rank` and submits the ranking, with
 the answers the rule scores the same marked as ties (``SubmitFeedback``), with the metadata
 ``x-colloquy-feedback-source: simulated``, so the dataset marks them simulated and
-``RLHF_SOURCE=human`` leaves them out. Held-out questions are never labelled. With ``--version V`` (default ``RLHF_ROUND_BASE``, which the RLHF job's
-rounds set) only turns answered by model version V are ranked: the labelers first wait until
-the gateway answers with V, and skip turns another version answered (a canary's share).
-These are not people: they are a rule, named as such everywhere.
+``RLHF_SOURCE=human`` leaves them out. Held-out questions are never labelled. With ``--version V``
+(default ``RLHF_ROUND_BASE``, which the RLHF job's rounds set) only turns answered by model version
+V are ranked: the labelers first wait until the gateway answers with V, and skip turns another
+version answered (a canary's share). These are not people: they are a rule, named as such
+everywhere.
 """
 
 from __future__ import annotations
