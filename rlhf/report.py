@@ -242,7 +242,8 @@ def training_quiz_line(record: dict[str, Any]) -> str:
     if chosen:
         scored = ", ".join(f"step {c['step']} {c['wins']}/{c['ties']}/{c['losses']}" for c in chosen["checks"])
         line += (f" Chosen on {chosen['questions']} validation questions (W/T/L against the parent by the rule, "
-                 f"float32 greedy): {scored}; the kept step has the most wins among those within the points.")
+                 f"float32 greedy): {scored}" + ("; the kept step has the most wins among those within the points."
+                                                  if kept is not None else "; none was within the points to choose."))
     return line
 
 

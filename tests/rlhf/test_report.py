@@ -61,3 +61,19 @@ def test_job_markdown_rounds_and_ppo_vs_dpo() -> None:
     assert "| measure | ppo | dpo |" in table
     assert "| wins/ties/losses vs parent (win rate) | 3/0/1 (0.75) | 2/0/2 (0.50) |" in table
     assert "| training seconds (PPO or DPO, without the reward model) | 50.0 | 20.0 |" in table
+
+
+def test_the_quiz_line_says_whether_validation_had_a_checkpoint_to_choose() -> None:
+    from rlhf.report import training_quiz_line
+
+    def record(passed: bool) -> dict:
+        return {"parent": {"pct": 79.35}, "points": 1.5, "kept_step": 12 if passed else None,
+                "checks": [{"step": 12, "pct": 79.0 if passed else 77.0, "passed": passed},
+                           {"step": 24, "pct": 77.0, "passed": False}],
+                "validation": {"questions": 32, "checks": [{"step": 12, "wins": 9, "ties": 20, "losses": 3},
+                                                           {"step": 24, "wins": 17, "ties": 10, "losses": 5}]}}
+    chosen = training_quiz_line(record(True))
+    assert "kept step 12, not the last (24)" in chosen and "most wins among those within the points" in chosen
+    none = training_quiz_line(record(False))
+    assert "no checkpoint within the points: kept the last" in none and "none was within the points" in none
+    assert "most wins" not in none
