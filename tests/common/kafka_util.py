@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from google.protobuf.message import Message
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 from services.common import events, kafka_loop, topics
 from services.common.config import KafkaConfig
@@ -13,6 +13,14 @@ from services.common.config import KafkaConfig
 
 def create(bootstrap: str, *names: str, partitions: int = 3) -> None:
     topics.ensure_topics(bootstrap, [topics.Topic(n, partitions, {}) for n in names])
+
+
+def delete_and_wait(admin: KafkaAdminClient, topic: str) -> None:
+    """Delete `topic` and wait (up to 30 s) until the broker no longer lists it."""
+    admin.delete_topics([topic])
+    deadline = time.monotonic() + 30
+    while topic in admin.list_topics() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def produce(bootstrap: str, topic: str, items: list[tuple[str, Message | bytes]]) -> None:

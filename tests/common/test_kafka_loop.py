@@ -13,7 +13,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from devtools.procs import Proc, free_port
 from services.common import events, kafka_loop, topics
 from services.common.config import KafkaConfig
-from tests.common.kafka_util import Tail, create, produce, read_all
+from tests.common.kafka_util import Tail, create, delete_and_wait, produce, read_all
 
 pytestmark = pytest.mark.kafka
 
@@ -130,14 +130,6 @@ def test_topics_are_created_idempotently(kafka_bootstrap: str) -> None:
     finally:
         admin.close()
     assert {t.name for t in topics.ALL} <= names
-
-
-def delete_and_wait(admin: KafkaAdminClient, topic: str) -> None:
-    """Delete `topic` and wait (up to 30 s) until the broker no longer lists it."""
-    admin.delete_topics([topic])
-    deadline = time.monotonic() + 30
-    while topic in admin.list_topics() and time.monotonic() < deadline:
-        time.sleep(0.1)
 
 
 def request_ids(records: list) -> list[str]:

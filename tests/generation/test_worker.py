@@ -338,3 +338,53 @@ def test_turns_generation_gives_up_on_are_announced_unanswered_before_the_error(
                    (invalid.request_id, invalid.conversation_id, "INVALID_ARGUMENT", "generation"),
                    (poison_request, poison_conversation, "DEAD_LETTERED", "generation")}
     assert answered.request_id not in {n.request_id for n in notices}
+
+
+def test_a_producer_that_wrote_to_a_deleted_reply_topic_is_replaced_between_answers(
+        harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch) -> None:
+    """kafka-python never forgets a topic it produced to (see `kafka_loop.tracks_gone_topics`):
+    after a gone gateway's reply topic is deleted, the worker's producer would ask the broker
+    about it every retry backoff for the worker's whole life. With no answer streaming, the
+    worker replaces such a producer, and the next answer goes out on the new one."""
+    from kafka import KafkaAdminClient
+
+    from services.common import private_api
+
+    async def refuse_some(req: Request, attempt: int) -> AsyncIterator[Any]:
+        if req.conversation_id.startswith("refused"):  # the worker's only writes to a reply topic are errors
+            yield {"code": "RESOURCE_EXHAUSTED", "message": "generation is at capacity", "prompt_tokens": 0,
+                   "model_version": "fake-v1"}
+            return
+        async for item in words(req, attempt):
+            yield item
+
+    def refused(reply_topic: str) -> events_pb2.TurnEvent:
+        turn = h.turn(conversation_id=f"refused-{uuid.uuid4().hex}")
+        turn.reply_topic = reply_topic
+        h.produce(h.settings.topic_in, turn)
+        [reply] = h.read(reply_topic, events_pb2.ReplyEvent, lambda xs: len(xs) >= 1)
+        assert reply.error.code == "RESOURCE_EXHAUSTED"
+        return turn
+
+    monkeypatch.setattr(kafka_loop, "GONE_TOPICS_CHECK_S", 0.5)
+    h = harness(refuse_some)
+    gone, later = f"{h.reply_topic}-gone", f"{h.reply_topic}-later"
+    kafka_util.create(h.bootstrap, gone, later, partitions=1)
+    refused(gone)
+    old = h.worker._producer
+    admin = KafkaAdminClient(bootstrap_servers=h.bootstrap)
+    try:
+        kafka_util.delete_and_wait(admin, gone)
+    finally:
+        admin.close()
+    refused(later)  # a send to a topic new to the producer refreshes its metadata: `gone` is missing
+    deadline = time.monotonic() + 30
+    while h.worker._producer is old and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert h.worker._producer is not old, f"still the producer that tracks {private_api.gone_topics(old)}"
+    assert gone not in private_api.gone_topics(h.worker._producer)
+    answered = h.turn()
+    h.produce(h.settings.topic_in, answered)
+    progress = h.read(h.settings.topic_out, events_pb2.GenerationProgress,
+                      lambda xs: any(p.done and p.turn.request_id == answered.request_id for p in xs))
+    assert any(p.done and p.turn.request_id == answered.request_id for p in progress)
