@@ -218,10 +218,13 @@ def default_seed(environ: dict[str, str] | os._Environ[str] = os.environ) -> int
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m rlhf.labelers``."""
+    import grpc
     parser = argparse.ArgumentParser(prog="python -m rlhf.labelers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default=os.environ.get("COLLOQUY_TARGET", "127.0.0.1:50051"))
     parser.add_argument("--key", default=os.environ.get("COLLOQUY_API_KEY", "colloquy-dev-key"))
-    parser.add_argument("--n", type=int, default=3, help="candidates per question (>= 2)")
+    parser.add_argument("--n", type=int, default=3,
+                        help="candidates per question (>= 2; over 4 the stack needs CHAT_MAX_N and "
+                             "GENERATION_MAX_N raised)")
     parser.add_argument("--temperature", type=float, default=0.9)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=1, help="times each question is asked")
@@ -251,6 +254,13 @@ def main(argv: list[str] | None = None) -> int:
         done = run(labeler, questions, args.rounds, args.seed)
     except LabelerError as exc:
         print(f"labelers: {exc}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+            raise
+        # The labellers' own arguments were refused (e.g. --n over the gateway's CHAT_MAX_N): a
+        # message that says which, not a traceback out of the first question.
+        print(f"labelers: the gateway refused the labellers' request: {exc.details()}", file=sys.stderr)
         return 2
     finally:
         labeler.close()

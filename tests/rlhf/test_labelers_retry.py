@@ -1,10 +1,12 @@
-"""rlhf.labelers: a call the gateway's rate limit refused is repeated after the wait it names."""
+"""rlhf.labelers: a call the gateway's rate limit refused is repeated after the wait it names; an
+argument the gateway refuses ends the run with its message."""
 
 from __future__ import annotations
 
 import grpc
 import pytest
 
+from rlhf import labelers
 from rlhf.labelers import SimulatedLabeler, retry_delay
 
 
@@ -53,3 +55,25 @@ def test_a_refused_submit_is_repeated_and_other_errors_are_not(monkeypatch: pyte
         assert len(calls) == 4
     finally:
         labeler.close()
+
+
+class Invalid(Refused):
+    def details(self) -> str:
+        return "sampling.n: 6 is outside [1, 4]"
+
+
+def test_a_refused_argument_ends_the_labellers_with_the_gateways_message(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def refused(*args: object) -> None:
+        raise Invalid(grpc.StatusCode.INVALID_ARGUMENT)
+
+    monkeypatch.setattr("rlhf.labelers.run", refused)
+    assert labelers.main(["--target", "127.0.0.1:1", "--version", "", "--n", "6", "--seed", "0"]) == 2
+    assert "the gateway refused the labellers' request: sampling.n: 6 is outside [1, 4]" in capsys.readouterr().err
+
+    def unavailable(*args: object) -> None:
+        raise Refused(grpc.StatusCode.UNAVAILABLE)
+
+    monkeypatch.setattr("rlhf.labelers.run", unavailable)
+    with pytest.raises(grpc.RpcError):  # anything else is not the labellers' arguments: not hidden
+        labelers.main(["--target", "127.0.0.1:1", "--version", "", "--seed", "0"])
