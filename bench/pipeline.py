@@ -189,13 +189,16 @@ def hop_breakdown(bootstrap: str, chats: list[dict[str, Any]]) -> dict[str, Any]
                         first_token[key] = min(first_token.get(key, made), made)
     finally:
         consumer.close()
-    per_hop: dict[str, list[float]] = {name: [] for name, _ in HOPS}
+    # A topic no chat's record went through is not on this stack's path (chat.tokenized unless the
+    # tokenizer stage runs in the chain): the next hop then runs from the one before it.
+    on_path = [(name, h) for name, h in HOPS if h is None or any(k[1] == h for k in first)]
+    per_hop: dict[str, list[float]] = {name: [] for name, _ in on_path}
     for c in chats:
-        seen = [first.get((c["conversation_id"], h)) for _, h in HOPS if h]
+        seen = [first.get((c["conversation_id"], h)) for _, h in on_path if h]
         marks = [c["wall_start_ms"], *seen, c["first_wall_ms"]]
         if any(m is None for m in marks):
             continue
-        for (name, _), a, b in zip(HOPS, marks[:-1], marks[1:], strict=True):
+        for (name, _), a, b in zip(on_path, marks[:-1], marks[1:], strict=True):
             per_hop[name].append(b - a)
     # Decode as the person sees it: tokens after the first, from the moment generation made the
     # first token to the moment the last text reached the client (output moderation's last check

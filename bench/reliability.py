@@ -541,8 +541,9 @@ def _stage_topics() -> dict[str, tuple[str, str, str | None]]:
     from services.common import topics
 
     return {
-        "tokenizer": ("colloquy-tokenizer", topics.CHAT_REQUESTS.name, topics.CHAT_TOKENIZED.name),
-        "moderation-input": ("colloquy-moderation-input", topics.CHAT_TOKENIZED.name, topics.CHAT_MODERATED.name),
+        # Beside the turn's path by default: it reads the requests and produces nothing.
+        "tokenizer": ("colloquy-tokenizer", topics.CHAT_REQUESTS.name, None),
+        "moderation-input": ("colloquy-moderation-input", topics.CHAT_REQUESTS.name, topics.CHAT_MODERATED.name),
         "prompt": ("colloquy-prompt", topics.CHAT_MODERATED.name, topics.CHAT_PROMPTS.name),
         "generation": ("colloquy-generation", topics.CHAT_PROMPTS.name, None),
         "moderation-output": ("colloquy-moderation-output", topics.GENERATION_PROGRESS.name, None),

@@ -192,7 +192,9 @@ def access() -> tuple[Access, ...]:
                owns_replies=True, describes_all=True),
         Access("tokenizer", reads=(t.CHAT_REQUESTS.name,), writes=(t.CHAT_TOKENIZED.name, dlq),
                group=True, transactional=True, writes_replies=True),
-        Access("moderation", reads=(t.CHAT_TOKENIZED.name, t.GENERATION_PROGRESS.name),
+        # Input moderation reads chat.requests, or chat.tokenized with the tokenizer stage in front
+        # of it (MODERATION_INPUT_TOPIC_IN / TOKENIZER_TOPIC_OUT): either works without new ACLs.
+        Access("moderation", reads=(t.CHAT_REQUESTS.name, t.CHAT_TOKENIZED.name, t.GENERATION_PROGRESS.name),
                writes=(t.CHAT_MODERATED.name, t.MODERATION_DECISIONS.name, t.CONVERSATION_TURNS.name,
                        t.CHAT_CANCELS.name, t.CHAT_UNANSWERED.name, dlq),
                group=True, transactional=True, writes_replies=True),

@@ -34,7 +34,8 @@ class Topic:
 
 
 CHAT_REQUESTS = Topic("chat.requests", 6, EVENTS, doc="TurnEvent from the gateway")
-CHAT_TOKENIZED = Topic("chat.tokenized", 6, EVENTS, doc="TurnEvent with message token count")
+CHAT_TOKENIZED = Topic("chat.tokenized", 6, EVENTS,
+                       doc="TurnEvent with message token count (tokenizer stage in the chain only)")
 CHAT_MODERATED = Topic("chat.moderated", 6, EVENTS, doc="TurnEvent that passed input moderation")
 CHAT_PROMPTS = Topic("chat.prompts", 6, EVENTS, doc="TurnEvent with the assembled prompt")
 GENERATION_PROGRESS = Topic("generation.progress", 6, STREAM, doc="GenerationProgress batches")

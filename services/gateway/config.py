@@ -40,7 +40,7 @@ class GatewayConfig:
     # Fail closed: with an address, new chats are refused (UNAVAILABLE) while moderation's health
     # check fails; empty: no check (a gateway tested alone).
     moderation_addr: str = env("MODERATION_ADDR", "")
-    # A turn that has not passed the checks before generation (tokenizer, moderation, prompt)
+    # A turn that has not passed the checks before generation (input moderation, prompt)
     # within this time is cancelled and refused (UNAVAILABLE) rather than left waiting.
     check_timeout_s: float = env("CHAT_CHECK_TIMEOUT_SECONDS", 30.0, check=positive, hint="seconds > 0")
     # Per-user limit on every ChatService call: a sustained rate and a burst (0 = off).

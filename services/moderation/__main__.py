@@ -78,7 +78,7 @@ async def build() -> grpc_server.ServiceApp:
         if "input" in cfg.stages:
             inputs = InputStage(moderator)
             workers.append(kafka_loop.StageWorker(
-                "moderation-input", [topics.CHAT_TOKENIZED.name], events_pb2.TurnEvent, inputs.handle,
+                "moderation-input", [cfg.input_topic_in], events_pb2.TurnEvent, inputs.handle,
                 boot.kafka, group_id=cfg.input_group, instance_id=boot.instance, prepare=inputs.prepare))
         if "output" in cfg.stages:
             output = OutputStage(moderator, cfg.chunk_min_chars, cfg.chunk_max_chars,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from services.common import topics
 from services.common.config import env
 from services.moderation import paths
 
@@ -44,6 +45,9 @@ class ModerationConfig:
     # The hidden instructions output moderation checks answers against (every version's `before`
     # and `after`): the prompt service's file. Set it too when PROMPT_TEMPLATES_FILE is changed.
     templates_file: str = env("MODERATION_TEMPLATES_FILE", str(paths.TEMPLATES_FILE))
+    # The input stage reads the gateway's requests; "chat.tokenized" when the tokenizer stage runs in
+    # front of it (TOKENIZER_TOPIC_OUT, services/tokenizer/worker.py).
+    input_topic_in: str = env("MODERATION_INPUT_TOPIC_IN", topics.CHAT_REQUESTS.name)
     input_group: str = env("MODERATION_INPUT_GROUP", "colloquy-moderation-input")
     output_group: str = env("MODERATION_OUTPUT_GROUP", "colloquy-moderation-output")
     max_inputs: int = env("MODERATION_MAX_INPUTS", 32, check=lambda v: 1 <= v <= 1024, hint="1..1024")

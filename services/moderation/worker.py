@@ -1,4 +1,4 @@
-"""The two Kafka stages of moderation: input (chat.tokenized -> chat.moderated) and output
+"""The two Kafka stages of moderation: input (chat.requests -> chat.moderated) and output
 (generation.progress -> released text, notices, cancel, done, history).
 
 Both run inside the shared transactional loop, so what a handler returns is committed together
@@ -132,6 +132,10 @@ class InputStage:
 
     def handle(self, ev: Consumed[events_pb2.TurnEvent]) -> list[events.OutEvent]:
         turn = ev.message
+        if not turn.reply_topic:
+            # The first stage after the gateway: nobody could be told about this turn, so it is
+            # dead-lettered rather than wedging the partition.
+            raise events.PoisonEvent("TurnEvent without reply_topic")
         if turns.deadline_passed(turn):
             return [turns.deadline_error(turn, STAGE, ev.traceparent)]
         started = time.perf_counter()

@@ -1,6 +1,6 @@
 """Tokenizer service: the model's BPE tokenizer and chat template, over gRPC and as a pipeline stage.
 
-The stage counts the tokens of each new user message (chat.requests -> chat.tokenized) so later
-stages and metrics know its size; the gRPC API serves Tokenize/Detokenize/CountTokens and
-ApplyChatTemplate for direct use.
+The stage counts the tokens of each new user message for the message-size metric, beside the
+turn's path by default (or in front of input moderation: chat.requests -> chat.tokenized, see
+worker.py); the gRPC API serves Tokenize/Detokenize/CountTokens and ApplyChatTemplate for direct use.
 """

@@ -1,4 +1,4 @@
-"""python -m services.tokenizer: TokenizerService on GRPC_PORT (default 50052) + the tokenizer stage."""
+"""python -m services.tokenizer: TokenizerService on GRPC_PORT (default 50052) + the tokenizer stage (its worker)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ async def build() -> grpc_server.ServiceApp:
     boot.log.info("tokenizer loaded", extra={"path": str(path), "vocab_size": tok.vocab_size})
     workers = []
     if cfg.kafka_worker:
-        await boot.ensure_topics(topics.renamed(topics.CHAT_REQUESTS, cfg.topic_in),
-                                 topics.renamed(topics.CHAT_TOKENIZED, cfg.topic_out))
+        outputs = [topics.renamed(topics.CHAT_TOKENIZED, cfg.topic_out)] if cfg.topic_out else []
+        await boot.ensure_topics(topics.renamed(topics.CHAT_REQUESTS, cfg.topic_in), *outputs)
         workers.append(make_worker(tok, cfg, boot.kafka, boot.instance))
     svc = grpc_server.Service("colloquy.v1.TokenizerService",
                               tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server, TokenizerServicer(tok))

@@ -19,5 +19,7 @@ class TokenizerConfig:
     kafka_worker: bool = env("KAFKA_WORKER", True)
     # Overridable so a test (or a canary) can run the stage on its own topics and group.
     topic_in: str = env("TOKENIZER_TOPIC_IN", topics.CHAT_REQUESTS.name)
-    topic_out: str = env("TOKENIZER_TOPIC_OUT", topics.CHAT_TOKENIZED.name)
+    # Empty (default): the stage only counts, beside the turn's path (services/tokenizer/worker.py);
+    # "chat.tokenized" puts it back in front of input moderation (MODERATION_INPUT_TOPIC_IN too).
+    topic_out: str = env("TOKENIZER_TOPIC_OUT", "")
     group_id: str = env("TOKENIZER_GROUP_ID", "colloquy-tokenizer")

@@ -1,4 +1,12 @@
-"""The tokenizer stage: chat.requests -> chat.tokenized with `message_tokens` set."""
+"""The tokenizer stage: counts each new message's tokens (`colloquy_tokenizer_message_tokens`).
+
+By default it reads chat.requests beside the turn's path and produces nothing: no stage downstream
+reads `message_tokens` (the prompt stage counts the whole prompt with the same tokenizer), and a
+transactional hop in front of input moderation cost every turn 4-16 ms of time to first token
+(bench/results/pipeline.md). With `TOKENIZER_TOPIC_OUT` set it is a stage of the chain again:
+chat.requests -> that topic with `message_tokens` set, and expired turns answered with
+DEADLINE_EXCEEDED (input moderation must then read that topic: `MODERATION_INPUT_TOPIC_IN`).
+"""
 
 from __future__ import annotations
 
@@ -21,10 +29,14 @@ MESSAGE_TOKENS = Histogram(
 
 def make_handler(tok: TextTokenizer, topic_out: str
                  ) -> kafka_loop.Handler[events_pb2.TurnEvent]:
-    """The stage's handler: count the message's tokens and pass the turn on."""
+    """The stage's handler: count the message's tokens and, in the chain (`topic_out` set), pass the
+    turn on. Beside the path it answers nobody: input moderation owns the turn's errors there."""
 
     def handle(ev: kafka_loop.Consumed[events_pb2.TurnEvent]) -> Iterator[events.OutEvent]:
         turn = ev.message
+        if not topic_out:
+            MESSAGE_TOKENS.observe(tok.count(turn.message))
+            return
         if not turn.reply_topic:
             # Nobody could be told about this turn; dead-letter it rather than wedge the partition.
             raise events.PoisonEvent("TurnEvent without reply_topic")

@@ -116,7 +116,7 @@ def test_one_user_per_service_with_scram(docs: list[Obj]) -> None:
 
 # (service, ConfigMap variable, operation on the topic it names)
 CONFIGURED_TOPICS = [
-    ("tokenizer", "TOKENIZER_TOPIC_IN", "Read"), ("tokenizer", "TOKENIZER_TOPIC_OUT", "Write"),
+    ("tokenizer", "TOKENIZER_TOPIC_IN", "Read"), ("moderation", "MODERATION_INPUT_TOPIC_IN", "Read"),
     ("prompt", "PROMPT_TOPIC_IN", "Read"), ("prompt", "PROMPT_TOPIC_OUT", "Write"),
     ("generation", "GENERATION_TOPIC_IN", "Read"), ("generation", "GENERATION_TOPIC_CANCELS", "Read"),
     ("generation", "GENERATION_TOPIC_OUT", "Write"),
@@ -131,6 +131,15 @@ def _config_value(docs: list[Obj], var: str) -> str:
     values = {cm["data"][var] for cm in manifests.by_kind(docs, "ConfigMap").values() if var in cm.get("data", {})}
     assert len(values) == 1, f"{var}: {values}"
     return values.pop()
+
+
+def test_the_tokenizer_in_the_chain_needs_no_new_acls(docs: list[Obj]) -> None:
+    """TOKENIZER_TOPIC_OUT is empty (beside the path); setting it and MODERATION_INPUT_TOPIC_IN to
+    chat.tokenized puts the tokenizer back in front of input moderation with the same users."""
+    assert _config_value(docs, "TOKENIZER_TOPIC_OUT") == ""
+    users = _users(docs)
+    assert allowed(users["colloquy-tokenizer"], "topic", topics.CHAT_TOKENIZED.name, "Write")
+    assert allowed(users["colloquy-moderation"], "topic", topics.CHAT_TOKENIZED.name, "Read")
 
 
 @pytest.mark.parametrize(("service", "var", "op"), CONFIGURED_TOPICS)

@@ -81,7 +81,7 @@ def test_prod_autoscalers_own_the_replica_counts(render) -> None:  # type: ignor
         assert hpas[name]["spec"]["minReplicas"] >= 2
     # A consumer-group stage gains nothing beyond its input topic's partition count.
     for name, topic in (("tokenizer", topics.CHAT_REQUESTS), ("prompt", topics.CHAT_MODERATED),
-                        ("moderation", topics.CHAT_TOKENIZED)):
+                        ("moderation", topics.CHAT_REQUESTS)):
         assert hpas[name]["spec"]["maxReplicas"] <= partitions[topic.name], name
     assert sts["feedback"]["spec"]["replicas"] >= 2
     # web, the HTTP front, scales like the gateway it translates for.

@@ -76,7 +76,7 @@ def stage(kafka_bootstrap: str, model_built: None) -> Iterator[dict[str, str]]:
     reply = f"chat.replies.test-moderation-{unique}"
     create(kafka_bootstrap, reply, partitions=1)
     groups = {"in": f"test-moderation-in-{unique}", "out": f"test-moderation-out-{unique}"}
-    start_groups_at_end(kafka_bootstrap, groups["in"], topics.CHAT_TOKENIZED.name)
+    start_groups_at_end(kafka_bootstrap, groups["in"], topics.CHAT_REQUESTS.name)
     start_groups_at_end(kafka_bootstrap, groups["out"], topics.GENERATION_PROGRESS.name)
     proc = Proc("services.moderation", {
         "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "GRPC_PORT": str(free_port()), "METRICS_PORT": str(free_port()),
@@ -110,7 +110,7 @@ def test_input_stage_moderates_every_turn(kafka_bootstrap: str, stage: dict[str,
             turn(rids["warn"], "You're a worthless idiot and everyone laughs at you behind your back.", reply),
             turn(rids["ok"], "What's a good recipe for banana bread?", reply),
             turn(rids["late"], "Hello there", reply, deadline_unix_ms=now - 1000)]
-    produce(kafka_bootstrap, topics.CHAT_TOKENIZED.name, [(t.conversation_id, t) for t in sent])
+    produce(kafka_bootstrap, topics.CHAT_REQUESTS.name, [(t.conversation_id, t) for t in sent])
     mine = set(rids.values())
     got = collect(kafka_bootstrap, since, lambda _t, _v, h: events.header(h, "request-id") in mine,
                   lambda rs: sum(r.topic == topics.CHAT_MODERATED.name for r in rs) >= 3

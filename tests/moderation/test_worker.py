@@ -7,6 +7,7 @@ import uuid
 import pytest
 from colloquy.v1 import chat_pb2, common_pb2, events_pb2, generation_pb2
 
+from services.common import events
 from services.common.kafka_loop import Consumed
 from services.moderation.domain import Moderator
 from services.moderation.worker import InputStage, OutputStage, RequestMemory
@@ -133,7 +134,7 @@ def test_a_seed_is_moderated_with_the_message_and_recorded_with_turn_1(moderator
                                     seed=chat_pb2.ConversationSeed(system="Be brief.", exchanges=[
                                         chat_pb2.SeedExchange(user="Tell me more.", assistant=assistant)]))
         return Consumed(message=turn, key="c-s", event_id=str(uuid.uuid4()), request_id="r-s", traceparent="",
-                        topic="chat.tokenized", partition=0, offset=0)
+                        topic="chat.requests", partition=0, offset=0)
 
     stage = InputStage(moderator)
     calm = stage.handle(seeded("Banana bread needs ripe bananas."))[0].message.input_moderation
@@ -155,7 +156,7 @@ def test_a_prepared_batch_gets_the_verdicts_each_record_would_get_alone(moderato
         msg = events_pb2.TurnEvent(request_id=message, conversation_id="c-p", user_id="u", reply_topic="r",
                                    message=message, seed=seed)
         return Consumed(message=msg, key="c-p", event_id=str(uuid.uuid4()), request_id=message, traceparent="",
-                        topic="chat.tokenized", partition=0, offset=0)
+                        topic="chat.requests", partition=0, offset=0)
 
     batch = [turn("What is the capital of France?"), turn(BOMB_REQUEST), turn("Give me one tip for sleeping better."),
              turn("Please continue.", chat_pb2.ConversationSeed(system="Be brief.", exchanges=[
@@ -205,3 +206,13 @@ def test_a_short_first_chunk_is_whole_words_so_a_benign_answer_is_not_cut_on_a_f
     assert _released(growing) == "The primary" and "reply:moderation" not in kinds(growing)
     done = stage.handle(record(1, answer, True, rid="r-colour", message="Name a primary colour."))
     assert _released(done) == answer and "reply:moderation" not in kinds(done)
+
+
+def test_a_turn_without_a_reply_topic_is_poison_for_the_input_stage(moderator: Moderator) -> None:
+    """Input moderation is the first stage after the gateway: a turn nobody could be told about
+    goes to the dead-letter topic (the kafka loop's handling of PoisonEvent), never downstream."""
+    turn = events_pb2.TurnEvent(request_id="r-n", conversation_id="c-n", user_id="u", message="Hello")
+    rec = Consumed(message=turn, key="c-n", event_id=str(uuid.uuid4()), request_id="r-n", traceparent="",
+                   topic="chat.requests", partition=0, offset=0)
+    with pytest.raises(events.PoisonEvent, match="reply_topic"):
+        InputStage(moderator).handle(rec)

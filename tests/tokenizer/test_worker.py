@@ -1,14 +1,17 @@
-"""The tokenizer stage against the real broker, as its own process on its own topics."""
+"""The tokenizer stage against the real broker, as its own process on its own topics: beside the
+turn's path (the default: it counts and produces nothing) and in the chain (TOKENIZER_TOPIC_OUT)."""
 
 from __future__ import annotations
 
 import signal
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from colloquy.v1 import common_pb2, events_pb2
 
-from devtools.procs import Proc
+from devtools.procs import Proc, free_port
 from services.common import events, turns
 from services.tokenizer.domain import TextTokenizer
 from tests.common.kafka_util import create, produce, read_all
@@ -23,7 +26,7 @@ def turn(i: int, message: str, reply_topic: str, deadline: int = 0) -> events_pb
         deadline_unix_ms=deadline, accepted_unix_ms=turns.now_ms())
 
 
-def test_stage_counts_message_tokens_and_drops_expired_turns(
+def test_in_the_chain_the_stage_counts_message_tokens_and_drops_expired_turns(
         kafka_bootstrap: str, unique: str, tokenizer_path: Path, tok: TextTokenizer) -> None:
     t_in, t_out, replies = f"t.requests.{unique}", f"t.tokenized.{unique}", f"t.replies.{unique}"
     create(kafka_bootstrap, t_in, t_out, replies)
@@ -58,3 +61,44 @@ def test_stage_counts_message_tokens_and_drops_expired_turns(
     [err] = [events.decode(r.value, r.headers, events_pb2.ReplyEvent) for r in errors]
     assert err.request_id == "req-7"
     assert err.error.code == "DEADLINE_EXCEEDED" and err.error.stage == "tokenizer"
+
+
+def test_beside_the_path_the_stage_only_counts(
+        kafka_bootstrap: str, unique: str, tokenizer_path: Path, tok: TextTokenizer) -> None:
+    """The default: every record of chat.requests is counted in the histogram and committed; no
+    record goes anywhere, not even an expired turn's error (input moderation answers it)."""
+    from kafka import KafkaAdminClient
+
+    t_in, replies = f"t.requests.{unique}", f"t.replies.{unique}"
+    group = f"g.tokenizer.{unique}"
+    create(kafka_bootstrap, t_in, replies)
+    metrics_port = free_port()
+    proc = Proc("services.tokenizer", {
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "GRPC_PORT": "0", "METRICS_PORT": str(metrics_port),
+        "TOKENIZER_PATH": str(tokenizer_path), "TOKENIZER_TOPIC_IN": t_in, "TOKENIZER_GROUP_ID": group,
+        "INSTANCE_ID": unique})
+    messages = ["Hello there!", "My dog is called Biscuit. What is a good toy for him?", "too late"]
+    sent = [turn(0, messages[0], replies, deadline=turns.now_ms() + 60_000), turn(1, messages[1], ""),
+            turn(2, messages[2], replies, deadline=turns.now_ms() - 1000)]
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        proc.wait_for(lambda out: "partitions assigned" in out, timeout=60)
+        produce(kafka_bootstrap, t_in, [(t.conversation_id, t) for t in sent])
+        deadline = time.monotonic() + 60
+        committed = 0
+        while time.monotonic() < deadline:
+            committed = sum(m.offset for m in (admin.list_group_offsets({group: None}).get(group) or {}).values())
+            if committed >= len(sent):
+                break
+            time.sleep(0.5)
+        page = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    finally:
+        admin.close()
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert committed == len(sent), "every record is consumed and committed"
+    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in page.splitlines()
+               if line.startswith("colloquy_tokenizer_message_tokens_")}
+    assert samples["colloquy_tokenizer_message_tokens_count"] == len(sent)
+    assert samples["colloquy_tokenizer_message_tokens_sum"] == sum(tok.count(m) for m in messages)
+    assert read_all(kafka_bootstrap, replies, expect=0, settle=1.0) == [], "nobody is answered from beside the path"
