@@ -1,4 +1,4 @@
-"""python -m services.tokenizer: TokenizerService on GRPC_PORT (default 50052) + the tokenizer stage (its worker)."""
+"""python -m services.tokenizer: TokenizerService on GRPC_PORT (default 50052) + the tokenizer stage."""
 
 from __future__ import annotations
 
