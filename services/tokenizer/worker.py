@@ -2,7 +2,7 @@
 
 By default it reads chat.requests beside the turn's path and produces nothing: no stage downstream
 reads `message_tokens` (the prompt stage counts the whole prompt with the same tokenizer), and a
-transactional hop in front of input moderation cost every turn 4-16 ms of time to first token
+transactional hop in front of input moderation cost every turn 3.5-16 ms of time to first token
 (bench/results/pipeline.md). With `TOKENIZER_TOPIC_OUT` set it is a stage of the chain again:
 chat.requests -> that topic with `message_tokens` set, and expired turns answered with
 DEADLINE_EXCEEDED (input moderation must then read that topic: `MODERATION_INPUT_TOPIC_IN`).
