@@ -333,13 +333,21 @@ def test_worker_turns_prompts_into_cumulative_progress(stage: Stage) -> None:
                for c in final.candidates)
     assert all(0 < c.tokens <= 40 for c in final.candidates)
     # Offset committed once the final batch is out; after a consumer replacement, once the new
-    # member has joined (twice, kafka-python's way) and the redelivered record found its answer:
-    # 10 s was missed once in CI on a loaded machine, and 30 s once more (2026-12-05, after a
-    # consumer replacement): a bound on liveness, not a timing.
-    deadline = time.monotonic() + 60
+    # member has joined (twice, kafka-python's way) and the redelivered record found its answer.
+    # A bound on liveness, not a timing: 10 s was missed once in CI on a loaded machine, 30 s and
+    # 60 s once each after a consumer replacement (2026-12-05, 2026-12-06: the old member's
+    # LeaveGroup refused, UnknownMemberId). A new member that never joins is itself replaced after
+    # OUT_OF_GROUP_PROBES probes, so the bound covers that replacement and one more join.
+    from services.common import private_api
+    from services.generation import worker as generation_worker
+
+    deadline = time.monotonic() + generation_worker.OUT_OF_GROUP_PROBES * generation_worker.PROBE_S + 60
     while committed(stage) != 1 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert committed(stage) == 1
+    consumer = stage.worker._consumer
+    assert committed(stage) == 1, (
+        f"offset not committed; member {private_api.group_member_state(consumer)}, "
+        f"assignment {sorted(consumer.assignment())}, commit points {stage.worker._tracker.to_commit()}")
 
 
 @pytest.mark.kafka
