@@ -27,6 +27,9 @@ Producers do not linger; consumers fetch with min bytes 1, so the broker answers
 as a committed record is there (`KAFKA_FETCH_MAX_WAIT_MS` only bounds an idle fetch: 10 and 100
 ms measured the same hop latency). `colloquy_stage_seconds{stage,part}` splits a stage's time:
 arrival (the upstream's send to this poll), process, send, commit.
+
+Beside the path: a stage that produces nothing (the tokenizer by default) runs `ObserverWorker`,
+which commits with its consumer instead (its docstring says why).
 """
 
 from __future__ import annotations
@@ -383,7 +386,93 @@ class _SendsStuck(Exception):
 Done = list[tuple[ConsumerRecord, list[events.OutEvent]]]
 
 
-class StageWorker(ThreadWorker, Generic[M]):
+class GroupReader(ThreadWorker, Generic[M]):
+    """What every stage loop does with its consumer: read `topics` as a static member of
+    `group_id`, become ready once it holds partitions, replace a consumer that stopped reading."""
+
+    def __init__(self, stage: str, topics: list[str], message_type: type[M], kafka: KafkaConfig, *,
+                 group_id: str | None, instance_id: str, thread_name: str = "",
+                 consumer_overrides: dict[str, Any] | None = None) -> None:
+        super().__init__(thread_name or f"{stage}-worker")
+        self.stage = stage
+        self.topics = topics
+        for topic in topics:  # zero from the start: dashboards and alerts see 0, not "no data"
+            metrics.EVENTS_FAILED.labels(stage, topic)
+            metrics.EVENTS_DEAD_LETTERED.labels(stage, topic)
+        self.message_type = message_type
+        self.cfg = kafka
+        self.group_id = group_id or f"colloquy-{stage}"
+        self.instance_id = instance_id
+        self.client = f"{stage}-{instance_id}"
+        self._consumer_overrides = consumer_overrides or {}
+        self._probe = LagProbe(self.group_id, stage)
+
+    def _new_consumer(self) -> KafkaConsumer:
+        # Static membership (KIP-345): an instance restarted after a crash with the same id takes
+        # its partitions back at once, without a rebalance; a graceful stop leaves the group
+        # (`close_leaving_group` says why).
+        return make_consumer(self.cfg, self.group_id, self.client, *self.topics,
+                             group_instance_id=f"{self.stage}-{self.instance_id}", **self._consumer_overrides)
+
+    def _poll(self, consumer: KafkaConsumer) -> tuple[KafkaConsumer, dict[TopicPartition, list[ConsumerRecord]]]:
+        """One poll; the consumer to go on with (a new one, and no records, when the probe found
+        this one stalled: a batch in hand is read again by the new one)."""
+        batch = poll_through_outages(consumer, 200, self.stage)
+        if not self.is_ready and consumer.assignment():
+            self.mark_ready()
+            log.info("partitions assigned", extra={"stage": self.stage, "partitions": len(consumer.assignment())})
+        if self._probe.stalled(consumer):
+            close_leaving_group(consumer)
+            return self._new_consumer(), {}
+        return consumer, batch
+
+
+class ObserverWorker(GroupReader[M]):
+    """Reads `topics` beside the turn's path and hands each message to `observe`; produces nothing
+    (the tokenizer stage by default: it only counts).
+
+    Not a StageWorker: with no output a transaction buys nothing and costs the broker a
+    transactional producer's requests for every batch. The consumer commits a batch's offsets once
+    it is observed, so a crash observes part of a batch again (at least once: a metric may count
+    a few records twice). A record that cannot be decoded, or whose `observe` raises, is skipped
+    (logged, `colloquy_events_failed_total`): the stage that owns the topic dead-letters it, and a
+    second copy on the dead-letter topic would report one bad record as two."""
+
+    def __init__(self, stage: str, topics: list[str], message_type: type[M], observe: Callable[[M], None],
+                 kafka: KafkaConfig, *, group_id: str | None = None, instance_id: str) -> None:
+        super().__init__(stage, topics, message_type, kafka, group_id=group_id, instance_id=instance_id)
+        self.observe = observe
+
+    def run(self) -> None:
+        consumer = self._new_consumer()
+        try:
+            while not self.stopping:
+                consumer, batch = self._poll(consumer)
+                if not batch:
+                    continue
+                for recs in batch.values():
+                    for rec in recs:
+                        self._observe(rec)
+                offsets = {tp: OffsetAndMetadata(recs[-1].offset + 1, "", -1) for tp, recs in batch.items()}
+                try:
+                    consumer.commit(offsets)
+                except KafkaError as exc:  # a rebalance took the partitions: their next owner observes them again
+                    log.warning("offset commit failed", extra={"stage": self.stage, "error": repr(exc)})
+        finally:
+            close_leaving_group(consumer)
+
+    def _observe(self, rec: ConsumerRecord) -> None:
+        metrics.EVENTS_CONSUMED.labels(self.stage, rec.topic).inc()
+        try:
+            self.observe(events.decode(rec.value, rec.headers, self.message_type))
+        except Exception as exc:
+            metrics.EVENTS_FAILED.labels(self.stage, rec.topic).inc()
+            log.warning("skipped a record it could not observe", extra={
+                "stage": self.stage, "topic": rec.topic, "partition": rec.partition, "offset": rec.offset,
+                "error": repr(exc)})
+
+
+class StageWorker(GroupReader[M]):
     """Runs one stage: consume `topics` as `group_id`, call `handler`, produce its events.
 
     Ready once the consumer has partitions assigned; `stop` finishes and commits the batch in
@@ -401,19 +490,9 @@ class StageWorker(ThreadWorker, Generic[M]):
         instance_id: str,
         prepare: Prepare[M] | None = None,
     ) -> None:
-        super().__init__(f"{stage}-worker")
-        self.stage = stage
-        self.topics = topics
-        for topic in topics:  # zero from the start: dashboards and alerts see 0, not "no data"
-            metrics.EVENTS_FAILED.labels(stage, topic)
-            metrics.EVENTS_DEAD_LETTERED.labels(stage, topic)
-        self.message_type = message_type
+        super().__init__(stage, topics, message_type, kafka, group_id=group_id, instance_id=instance_id)
         self.handler = handler
         self.prepare = prepare
-        self.cfg = kafka
-        self.group_id = group_id or f"colloquy-{stage}"
-        self.instance_id = instance_id
-        self._probe = LagProbe(self.group_id, stage)
         self._outputs = OutputTopics(kafka, f"{stage}-{instance_id}-topics")
         # Records whose output the broker refused for good (not retriable), by (topic, partition,
         # offset): dead-lettered when the batch is redone instead of failing it again.
@@ -429,23 +508,12 @@ class StageWorker(ThreadWorker, Generic[M]):
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
-        client = f"{self.stage}-{self.instance_id}"
-        # Static membership (KIP-345): an instance restarted after a crash with the same id takes
-        # its partitions back at once, without a rebalance; a graceful stop leaves the group
-        # (`close_leaving_group` says why).
-        consumer = self._new_consumer(client)
+        client = self.client
+        consumer = self._new_consumer()
         producer = self._new_producer(client)
         try:
             while not self.stopping:
-                batch = poll_through_outages(consumer, 200, self.stage)
-                if not self.is_ready and consumer.assignment():
-                    self.mark_ready()
-                    log.info("partitions assigned", extra={"stage": self.stage,
-                                                           "partitions": len(consumer.assignment())})
-                if self._probe.stalled(consumer):  # a batch in hand is read again by the new one
-                    close_leaving_group(consumer)
-                    consumer = self._new_consumer(client)
-                    continue
+                consumer, batch = self._poll(consumer)
                 if time.monotonic() - self._topics_checked >= GONE_TOPICS_CHECK_S:
                     producer = self._drop_gone_topics(producer, client)
                 if not batch:
@@ -486,10 +554,6 @@ class StageWorker(ThreadWorker, Generic[M]):
             return producer
         close_now(producer, timeout=5)
         return self._new_producer(client)
-
-    def _new_consumer(self, client: str) -> KafkaConsumer:
-        return make_consumer(self.cfg, self.group_id, client, *self.topics,
-                             group_instance_id=f"{self.stage}-{self.instance_id}")
 
     def _new_producer(self, client: str) -> KafkaProducer:
         producer = make_producer(self.cfg, client, transactional_id=f"{self.group_id}-{self.instance_id}")

@@ -13,13 +13,11 @@ import logging
 from pathlib import Path
 
 from colloquy.v1 import events_pb2
-from kafka import KafkaConsumer
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter
 
 from services.common import events, kafka_loop, metrics, topics
 from services.common.config import KafkaConfig
-from services.common.runtime import ThreadWorker
 from services.feedback import dataset
 
 log = logging.getLogger(__name__)
@@ -45,17 +43,19 @@ def count_rating(event: events_pb2.FeedbackEvent) -> None:
                    "simulated" if event.source == "simulated" else "human").inc()
 
 
-class FeedbackSink(ThreadWorker):
+class FeedbackSink(kafka_loop.GroupReader[events_pb2.FeedbackEvent]):
     """Writes chat.feedback to the dataset; ready once it holds partitions."""
 
     def __init__(self, kafka: KafkaConfig, root: Path, instance_id: str, *,
                  topic: str = topics.CHAT_FEEDBACK.name, group_id: str = "colloquy-feedback") -> None:
-        super().__init__("feedback-sink")
+        # Feedback is not on a user's critical path: a long fetch wait instead of the stages'
+        # 5 ms, so an idle sink does not spend a share of a core asking for records every 5 ms.
+        super().__init__("feedback", [topic], events_pb2.FeedbackEvent, kafka, group_id=group_id,
+                         instance_id=instance_id, thread_name="feedback-sink",
+                         consumer_overrides={"fetch_max_wait_ms": 500})
         self.kafka = kafka
         self.root = root
-        self.instance_id = instance_id
         self.topic = topic
-        self.group_id = group_id
 
     @staticmethod
     def _erasure(value: bytes | None, headers: list[tuple[str, bytes]] | None) -> str:
@@ -64,29 +64,12 @@ class FeedbackSink(ThreadWorker):
             raise events.PoisonEvent("ConversationErased without a conversation_id")
         return msg.conversation_id
 
-    def _new_consumer(self) -> KafkaConsumer:
-        return kafka_loop.make_consumer(
-            self.kafka, self.group_id, f"feedback-{self.instance_id}", self.topic,
-            group_instance_id=f"feedback-{self.instance_id}",
-            # Feedback is not on a user's critical path: a long fetch wait instead of the stages'
-            # 5 ms, so an idle sink does not spend a share of a core asking for records every 5 ms.
-            fetch_max_wait_ms=500)
-
     def run(self) -> None:
         consumer = self._new_consumer()
-        probe = kafka_loop.LagProbe(self.group_id, "feedback")
         producer = None
         try:
             while not self.stopping:
-                batch = kafka_loop.poll_through_outages(consumer, 200, "feedback")
-                if not self.is_ready and consumer.assignment():
-                    self.mark_ready()
-                    log.info("partitions assigned", extra={"stage": "feedback",
-                                                           "partitions": len(consumer.assignment())})
-                if probe.stalled(consumer):  # a batch in hand is read again by the new consumer
-                    kafka_loop.close_leaving_group(consumer)
-                    consumer = self._new_consumer()
-                    continue
+                consumer, batch = self._poll(consumer)
                 offsets = {}
                 for tp, records in batch.items():
                     rows, rated = [], []

@@ -27,16 +27,12 @@ MESSAGE_TOKENS = Histogram(
     buckets=(1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192))
 
 
-def make_handler(tok: TextTokenizer, topic_out: str
-                 ) -> kafka_loop.Handler[events_pb2.TurnEvent]:
-    """The stage's handler: count the message's tokens and, in the chain (`topic_out` set), pass the
-    turn on. Beside the path it answers nobody: input moderation owns the turn's errors there."""
+def make_handler(tok: TextTokenizer, topic_out: str) -> kafka_loop.Handler[events_pb2.TurnEvent]:
+    """The stage's handler in the chain: count the message's tokens and pass the turn on to
+    `topic_out`; an expired turn is answered DEADLINE_EXCEEDED."""
 
     def handle(ev: kafka_loop.Consumed[events_pb2.TurnEvent]) -> Iterator[events.OutEvent]:
         turn = ev.message
-        if not topic_out:
-            MESSAGE_TOKENS.observe(tok.count(turn.message))
-            return
         if not turn.reply_topic:
             # Nobody could be told about this turn; dead-letter it rather than wedge the partition.
             raise events.PoisonEvent("TurnEvent without reply_topic")
@@ -55,7 +51,14 @@ def make_handler(tok: TextTokenizer, topic_out: str
 
 
 def make_worker(tok: TextTokenizer, cfg: TokenizerConfig, kafka: KafkaConfig,
-                instance_id: str) -> kafka_loop.StageWorker[events_pb2.TurnEvent]:
+                instance_id: str) -> kafka_loop.StageWorker[events_pb2.TurnEvent] | kafka_loop.ObserverWorker:
+    """In the chain (`TOKENIZER_TOPIC_OUT` set) a transactional stage; beside the path (the
+    default) an observer: it counts every turn and answers nobody (input moderation owns the
+    turn's errors and dead-letters what cannot be read; `kafka_loop.ObserverWorker` says why)."""
+    if not cfg.topic_out:
+        return kafka_loop.ObserverWorker(STAGE, [cfg.topic_in], events_pb2.TurnEvent,
+                                         lambda turn: MESSAGE_TOKENS.observe(tok.count(turn.message)), kafka,
+                                         group_id=cfg.group_id, instance_id=instance_id)
     return kafka_loop.StageWorker(STAGE, [cfg.topic_in], events_pb2.TurnEvent,
                                   make_handler(tok, cfg.topic_out), kafka,
                                   group_id=cfg.group_id, instance_id=instance_id)

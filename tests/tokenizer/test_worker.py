@@ -14,7 +14,7 @@ from colloquy.v1 import common_pb2, events_pb2
 from devtools.procs import Proc, free_port
 from services.common import events, turns
 from services.tokenizer.domain import TextTokenizer
-from tests.common.kafka_util import create, produce, read_all
+from tests.common.kafka_util import create, produce, read_all, read_to_end
 
 pytestmark = pytest.mark.kafka
 
@@ -66,12 +66,16 @@ def test_in_the_chain_the_stage_counts_message_tokens_and_drops_expired_turns(
 def test_beside_the_path_the_stage_only_counts(
         kafka_bootstrap: str, unique: str, tokenizer_path: Path, tok: TextTokenizer) -> None:
     """The default: every record of chat.requests is counted in the histogram and committed; no
-    record goes anywhere, not even an expired turn's error (input moderation answers it)."""
+    record goes anywhere, not even an expired turn's error (input moderation answers it) or an
+    undecodable record (input moderation dead-letters it: one copy on the dead-letter topic)."""
     from kafka import KafkaAdminClient
+
+    from services.common import topics
 
     t_in, replies = f"t.requests.{unique}", f"t.replies.{unique}"
     group = f"g.tokenizer.{unique}"
     create(kafka_bootstrap, t_in, replies)
+    topics.ensure_topics(kafka_bootstrap, [topics.DEAD_LETTER])
     metrics_port = free_port()
     proc = Proc("services.tokenizer", {
         "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "GRPC_PORT": "0", "METRICS_PORT": str(metrics_port),
@@ -83,12 +87,12 @@ def test_beside_the_path_the_stage_only_counts(
     admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     try:
         proc.wait_for(lambda out: "partitions assigned" in out, timeout=60)
-        produce(kafka_bootstrap, t_in, [(t.conversation_id, t) for t in sent])
+        produce(kafka_bootstrap, t_in, [(t.conversation_id, t) for t in sent] + [("poison", b"\xff\xfe not protobuf")])
         deadline = time.monotonic() + 60
         committed = 0
         while time.monotonic() < deadline:
             committed = sum(m.offset for m in (admin.list_group_offsets({group: None}).get(group) or {}).values())
-            if committed >= len(sent):
+            if committed >= len(sent) + 1:
                 break
             time.sleep(0.5)
         page = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
@@ -96,9 +100,14 @@ def test_beside_the_path_the_stage_only_counts(
         admin.close()
         proc.signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-    assert committed == len(sent), "every record is consumed and committed"
+    assert committed == len(sent) + 1, "every record is consumed and committed, the undecodable one too"
     samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in page.splitlines()
-               if line.startswith("colloquy_tokenizer_message_tokens_")}
+               if line.startswith(("colloquy_tokenizer_message_tokens_", "colloquy_events_"))}
     assert samples["colloquy_tokenizer_message_tokens_count"] == len(sent)
     assert samples["colloquy_tokenizer_message_tokens_sum"] == sum(tok.count(m) for m in messages)
+    assert samples[f'colloquy_events_consumed_total{{stage="tokenizer",topic="{t_in}"}}'] == len(sent) + 1
+    assert samples[f'colloquy_events_failed_total{{stage="tokenizer",topic="{t_in}"}}'] == 1
     assert read_all(kafka_bootstrap, replies, expect=0, settle=1.0) == [], "nobody is answered from beside the path"
+    dead = [r for r in read_to_end(kafka_bootstrap, topics.DEAD_LETTER.name)
+            if events.header(r.headers, "dlq-topic") == t_in]
+    assert dead == [], "the undecodable record is input moderation's to dead-letter, not a second copy from here"
