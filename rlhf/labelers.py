@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from rlhf.preference import PreferenceWeights, rank, score, tied_with_next, weights_from_env
+from rlhf.preference import PreferenceWeights, order_of, score, tied_with_next, weights_from_env
 
 PROMPTS_FILE = Path(__file__).resolve().parent / "prompts.yaml"
 SOURCE_HEADER = ("x-colloquy-feedback-source", "simulated")
@@ -166,8 +166,8 @@ class SimulatedLabeler:
             return None
         turn_index = turn.index
         answers = [a.text for a in sorted(turn.answers, key=lambda a: a.index)]
-        order = rank(question, answers, self.weights)
         scores = [score(question, a, self.weights) for a in answers]
+        order = order_of(scores)
         ties = tied_with_next(order, scores)
         reply = self._unary(self.stub.SubmitFeedback,
                             chat_pb2.SubmitFeedbackRequest(

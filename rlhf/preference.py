@@ -189,8 +189,12 @@ def score(prompt: str, answer: str, weights: PreferenceWeights = DEFAULT_WEIGHTS
 def rank(prompt: str, answers: list[str], weights: PreferenceWeights = DEFAULT_WEIGHTS) -> list[int]:
     """Candidate indexes best first (ties keep the candidates' order, so ranking is deterministic;
     :func:`tied_with_next` says which neighbours are ties)."""
-    scores = [score(prompt, a, weights) for a in answers]
-    return sorted(range(len(answers)), key=lambda i: (-scores[i], i))
+    return order_of([score(prompt, a, weights) for a in answers])
+
+
+def order_of(scores: list[float]) -> list[int]:
+    """:func:`rank` for answers already scored (a caller that also keeps the scores scores once)."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
 
 
 def tied_with_next(order: list[int], scores: list[float]) -> list[bool]:

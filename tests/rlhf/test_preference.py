@@ -38,7 +38,9 @@ def test_rank_is_best_first_and_stable_on_ties() -> None:
     assert rank(Q, answers) == [1, 0, 3, 2]
     # the two "Paris" answers tie: the ranking says so, so training takes no pair between them
     order = rank(Q, answers)
-    assert preference.tied_with_next(order, [score(Q, a) for a in answers]) == [False, True, False]
+    scores = [score(Q, a) for a in answers]
+    assert preference.tied_with_next(order, scores) == [False, True, False]
+    assert preference.order_of(scores) == order, "the labellers rank by the scores they already have"
 
 
 def test_the_question_is_read_out_of_a_chatml_prompt() -> None:
