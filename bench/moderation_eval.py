@@ -6,7 +6,9 @@ data/holdout/external_v2.jsonl (fresh texts written before the second round of d
 classifier changes, frozen by sha256; see its README), and all three together ("combined": the
 figures the goals are checked on); beside them data/holdout/plain_v3.jsonl (plain benign texts,
 frozen the same way: the false-positive rate on ordinary questions and answers, not in
-"combined") and data/holdout/requests_v4.jsonl (everyday "how do I ... at home" requests for
+"combined"), data/holdout/everyday_v6.jsonl (everyday questions whose words brush against harm,
+frozen the same way), the answer-quality gate's questions (model/quality_questions.py: a
+development set, read) and data/holdout/requests_v4.jsonl (everyday "how do I ... at home" requests for
 drugs, weapons, theft and fraud beside look-alikes of the same shape; frozen, not in "combined":
 a known weakness measured on its own). Per set: per-category precision/recall/F1, flagged-vs-not
 F1, false-positive rate on benign look-alikes, and the category family of flagged harmful texts.
@@ -34,6 +36,7 @@ from services.moderation.classifier import Heads
 from services.moderation.config import ModerationConfig
 from services.moderation.domain import Moderator
 from services.moderation.embedder import Embedder
+from services.moderation.policy import BLOCK, WARN
 from services.moderation.policy import load as load_policy
 from services.moderation.profanity import Profanity
 
@@ -77,6 +80,7 @@ def evaluate(moderator: Moderator, examples: list[dataset.Example]) -> dict[str,
         if bool(e.labels) != r.flagged or wrong_family:
             errors.append({"text": e.text, "labels": sorted(e.labels), "kind": e.kind,
                            "flagged": sorted(n for n in CATEGORIES if r.categories[n]),
+                           "action": "block" if r.action == BLOCK else "warn" if r.action == WARN else "allow",
                            "top": top, "top_score": round(r.category_scores[top], 3)})
     f1s = [v["f1"] for v in per_cat.values() if v["positives"]]
     macro = statistics.fmean(f1s) if f1s else None  # None: a set without harmful texts
@@ -154,6 +158,16 @@ def latency(moderator: Moderator, texts: list[str], repeats: int) -> dict[str, A
             "load_average_1m_at_end": round(os.getloadavg()[0], 2)}
 
 
+def quality_questions() -> list[Any]:
+    """The answer-quality gate's questions (model/quality_questions.py) as plain benign examples:
+    one the input check flags is one the served assistant refuses or warns on where a right answer
+    was expected. A development set, not held out: its flagged questions have been read."""
+    from model.quality_questions import QUESTIONS
+
+    return [dataset.Example(text=q, labels=frozenset(), kind="benign", split="heldout")
+            for q in dict.fromkeys(q.prompt for q in QUESTIONS)]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -174,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     fresh = dataset.load(dataset.EXTERNAL_V2)
     sets = {"heldout_split": heldout, "external_holdout": external, "external_v2": fresh,
             "combined": heldout + external + fresh}
-    plain = {"plain_v3": dataset.load(dataset.PLAIN_V3)}
+    plain = {"plain_v3": dataset.load(dataset.PLAIN_V3), "everyday_v6": dataset.load(dataset.EVERYDAY_V6),
+             "quality_questions": quality_questions()}
     apart = {"requests_v4": dataset.load(dataset.REQUESTS_V4)}
 
     report: dict[str, Any] = {
@@ -218,8 +233,8 @@ def main(argv: list[str] | None = None) -> None:
               f"FPR {base['lookalike_false_positive_rate']}")
     for name in plain:
         r = report[name]
-        print(f"  {name:16s} n={r['examples']:3d} plain benign FPR {r['plain_benign_false_positive_rate']} "
-              f"(flagged: {[e['text'][:40] for e in r['errors']]})")
+        print(f"  {name:17s} n={r['examples']:3d} plain benign FPR {r['plain_benign_false_positive_rate']} "
+              f"(flagged: {[(e['action'], e['text'][:48]) for e in r['errors']]})")
     ctx = report["context"]
     print(f"  context pairs    n={ctx['pairs']} accuracy with context {ctx['accuracy_with_context']} "
           f"(answer alone {ctx['accuracy_answer_alone']})")

@@ -43,6 +43,12 @@ ANSWERS_V5_SHA256 = "c0e70763bcf55f4f017813b68c898c3a7f8766f43d458dbe267274a4fa2
 # training row was written on its topics.
 QUESTIONS_V5 = "holdout/questions_v5.txt"
 QUESTIONS_V5_SHA256 = "3785303b6f2342682949c0ef8f5a72cc8708012467bad2f461ac324355ad6ffd"
+# Thirty everyday questions (science, the body, animals, words, safety) whose words brush against
+# harm ("die", "venom", "poisonous", "blood"), written and frozen after `make demo` blocked "What gas
+# do humans need to breathe to live?" (an answer-quality question) and before any training row:
+# what a person asking ordinary things meets at input moderation (see data/holdout/README.md).
+EVERYDAY_V6 = "holdout/everyday_v6.jsonl"
+EVERYDAY_V6_SHA256 = "ab95907de5dc0e95bcf625cd5b3afa157989a7c90886c22102be2c4f3e8153b0"
 
 
 @dataclasses.dataclass(frozen=True)
