@@ -21,7 +21,7 @@ from collections.abc import Hashable
 from colloquy.v1 import chat_pb2, common_pb2, events_pb2, generation_pb2
 from google.protobuf import timestamp_pb2
 
-from services.common import events, turns
+from services.common import events, safety, turns
 from services.common.kafka_loop import Consumed
 from services.common.topics import CHAT_CANCELS, CHAT_MODERATED, MODERATION_DECISIONS
 from services.moderation import metrics, streaming
@@ -48,8 +48,6 @@ _FINISH = {
     generation_pb2.FINISH_REASON_CANCELLED: "cancelled", generation_pb2.FINISH_REASON_MODERATED: "moderated",
     generation_pb2.FINISH_REASON_ERROR: "error",
 }
-CRISIS_LINE = ("If you are thinking about harming yourself, please reach out: call or text 988 in the US, "
-               "or your local emergency number.")
 
 
 def flagged_names(result: common_pb2.ModerationResult) -> list[str]:
@@ -66,8 +64,8 @@ def notice_text(stage: str, result: common_pb2.ModerationResult) -> str:
         text = f"The answer was stopped because it may contain {what}."
     else:
         text = f"This answer may contain {what}."
-    if any(result.categories.get(c) for c in ("self-harm", "self-harm/intent")):
-        text += " " + CRISIS_LINE
+    if safety.needs_crisis_line(result):
+        text += " " + safety.CRISIS_LINE
     return text
 
 

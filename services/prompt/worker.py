@@ -14,7 +14,7 @@ from colloquy.v1 import chat_pb2, common_pb2, events_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.common import events, kafka_loop, topics, turns
+from services.common import events, kafka_loop, safety, topics, turns
 from services.common.config import KafkaConfig
 from services.conversation.reader import StoreReader
 from services.prompt.config import PromptConfig
@@ -59,20 +59,24 @@ def candidates(turn: events_pb2.TurnEvent) -> int:
 
 def blocked_events(turn: events_pb2.TurnEvent, template: PromptTemplate,
                    traceparent: str) -> list[events.OutEvent]:
-    """A refused message: the turn is recorded with a polite refusal, and the caller is told why."""
+    """A refused message: the turn is recorded with a polite refusal, and the caller is told why.
+    A message refused for self-harm also gets where to find help, in the notice and the record."""
     n = candidates(turn)
+    refusal = template.refusal
+    if safety.needs_crisis_line(turn.input_moderation):
+        refusal += " " + safety.CRISIS_LINE
     created = Timestamp()
     created.GetCurrentTime()
     record = events_pb2.TurnRecord(
         conversation_id=turn.conversation_id, user_id=turn.user_id,
         turn=chat_pb2.Turn(
             index=turn.turn_index, user_message=turn.message,
-            answers=[chat_pb2.Answer(index=i, text=template.refusal, finish_reason="blocked")
+            answers=[chat_pb2.Answer(index=i, text=refusal, finish_reason="blocked")
                      for i in range(n)],
             created_at=created, template_version=template.version, blocked=True,
             request_id=turn.request_id, seed=turn.seed if turn.turn_index == 1 else None))
     notice = chat_pb2.ModerationNotice(stage="input", result=turn.input_moderation,
-                                       message=template.refusal)
+                                       message=refusal)
     done = chat_pb2.ChatDone(
         finish_reasons=[chat_pb2.FinishReasonEntry(index=i, reason="blocked") for i in range(n)],
         usage=common_pb2.Usage(prompt_tokens=0, completion_tokens=0),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from colloquy.v1 import common_pb2, events_pb2
 
-from services.common import events, kafka_loop
+from services.common import events, kafka_loop, safety
 from services.conversation import domain
 from services.conversation.db import ConversationDB
 from services.prompt.config import PromptConfig
@@ -88,6 +88,19 @@ def test_blocked_turn_with_several_candidates(tok: TextTokenizer, shipped: Templ
     assert [a.index for a in rec.message.turn.answers] == [0, 1]
     assert [f.reason for f in done.message.done.finish_reasons] == ["blocked", "blocked"]
     assert started.message.started.turn_index == 1 and notice.message.moderation.stage == "input"
+
+
+@pytest.mark.parametrize("categories, helped", [({"self-harm": True, "self-harm/instructions": True}, True),
+                                                 ({"hate": True}, False)])
+def test_a_message_blocked_for_self_harm_is_refused_with_where_to_find_help(
+        tok: TextTokenizer, shipped: TemplateSet, db: ConversationDB, categories: dict, helped: bool) -> None:
+    blocked = turn("r1", input_moderation=common_pb2.ModerationResult(
+        flagged=True, action=common_pb2.MODERATION_ACTION_BLOCK, categories=categories))
+    rec, _, notice, _ = run(make(tok, shipped, FakeHistory(db)), blocked)
+    refusal = shipped.get().refusal
+    expected = f"{refusal} {safety.CRISIS_LINE}" if helped else refusal
+    assert [a.text for a in rec.message.turn.answers] == [expected]
+    assert notice.message.moderation.message == expected
 
 
 def test_turn_nobody_can_be_told_about_is_poison(tok: TextTokenizer, shipped: TemplateSet, db: ConversationDB) -> None:
