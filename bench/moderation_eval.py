@@ -158,7 +158,7 @@ def latency(moderator: Moderator, texts: list[str], repeats: int) -> dict[str, A
             "load_average_1m_at_end": round(os.getloadavg()[0], 2)}
 
 
-def quality_questions() -> list[Any]:
+def quality_questions() -> list[dataset.Example]:
     """The answer-quality gate's questions (model/quality_questions.py) as plain benign examples:
     one the input check flags is one the served assistant refuses or warns on where a right answer
     was expected. A development set, not held out: its flagged questions have been read."""

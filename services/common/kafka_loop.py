@@ -508,7 +508,7 @@ class StageWorker(GroupReader[M]):
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
-        client = self.client
+        client = self.client  # the producers' client id too
         consumer = self._new_consumer()
         producer = self._new_producer(client)
         try:

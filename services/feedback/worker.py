@@ -53,9 +53,7 @@ class FeedbackSink(kafka_loop.GroupReader[events_pb2.FeedbackEvent]):
         super().__init__("feedback", [topic], events_pb2.FeedbackEvent, kafka, group_id=group_id,
                          instance_id=instance_id, thread_name="feedback-sink",
                          consumer_overrides={"fetch_max_wait_ms": 500})
-        self.kafka = kafka
         self.root = root
-        self.topic = topic
 
     @staticmethod
     def _erasure(value: bytes | None, headers: list[tuple[str, bytes]] | None) -> str:
@@ -85,7 +83,7 @@ class FeedbackSink(kafka_loop.GroupReader[events_pb2.FeedbackEvent]):
                             rated.append(event)
                         except events.PoisonEvent as exc:
                             if producer is None:
-                                producer = kafka_loop.make_producer(self.kafka, "feedback-dlq")
+                                producer = kafka_loop.make_producer(self.cfg, "feedback-dlq")
                             dl = kafka_loop.DeadLetter(rec, "feedback", str(exc), "PoisonEvent", "")
                             kafka_loop.send_event(producer, dl).get(timeout=10)
                             metrics.EVENTS_DEAD_LETTERED.labels("feedback", rec.topic).inc()
