@@ -60,6 +60,9 @@ class RLHFConfig:
     dpo_lr: float = env("RLHF_DPO_LR", 1e-6, check=positive, hint="> 0")
     # Weight of the best answers' per-token NLL added to DPO's loss (RPO; rlhf.dpo); 0: plain DPO
     dpo_nll: float = env("RLHF_DPO_NLL", 0.0, check=lambda v: v >= 0, hint=">= 0")
+    # Weight of DPO's pairwise term; 0 with RLHF_DPO_NLL > 0 leaves only the best answers' NLL:
+    # rejection-sampling fine-tuning (Llama 2's rounds before PPO), which pushes no answer down
+    dpo_pairwise: float = env("RLHF_DPO_PAIRWISE", 1.0, check=lambda v: v >= 0, hint=">= 0")
     # Knowledge checks during DPO (rlhf.quiz): every N steps (0: off) the quality quiz scores the
     # policy, and the run keeps its last checkpoint within RLHF_DPO_QUIZ_POINTS of the parent's
     # score. 1.5 points, not the gate's 2: on the 184-question quiz that is 2 questions lost, and

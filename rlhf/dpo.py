@@ -14,6 +14,9 @@ element's best answer, as in RPO (Pang et al., 2024, "Iterative Reasoning Prefer
 Optimization"; TRL's ``rpo_alpha``): DPO alone only widens the gap between the two answers, and
 can lower both (the real runs' chosen log-ratio stayed near 0 while the rejected one fell), which
 drifts the policy off answers it used to give; the NLL term holds the better answers' likelihood up.
+``pairwise_weight`` scales DPO's own term: at 0 only that NLL is left, i.e. rejection-sampling
+fine-tuning on each ranking's best answer (Touvron et al., 2023, Llama 2's RLHF rounds), which
+moves the policy towards its best samples without pushing any answer down.
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ def best_answers(groups: Sequence[Sequence[tuple[int, int]]]) -> list[int]:
 
 
 def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, groups: Sequence[Sequence[tuple[int, int]]],
-             beta: float, nll_weight: float = 0.0, tokens: torch.Tensor | None = None) -> DPOLoss:
+             beta: float, nll_weight: float = 0.0, tokens: torch.Tensor | None = None,
+             pairwise_weight: float = 1.0) -> DPOLoss:
     """DPO's loss over a batch's answers.
 
     ``policy`` and ``reference`` hold ``log p(answer | prompt)`` of each answer of the batch
@@ -69,13 +73,16 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, groups: Sequence[Seq
     ``(better, worse)`` pairs as indexes into them. Like the reward model's
     (:func:`rlhf.reward.pairwise_loss`), each element weighs the same whatever its number of pairs.
     With ``nll_weight`` > 0, ``tokens`` (each answer's token count) turns the best answers'
-    ``-log p`` into a per-token NLL, added with that weight.
+    ``-log p`` into a per-token NLL, added with that weight; ``pairwise_weight`` scales DPO's
+    term (the accuracy and margins are reported whatever it is).
     """
     rewards = beta * (policy - reference)  # the implicit reward of each answer
     result = pairwise_loss(rewards, groups)  # DPO is the reward model's loss on implicit rewards
     if not result.pairs:
         return DPOLoss(policy.sum() * 0.0, 0, 0, 0.0, 0.0, 0.0)
-    loss, nll = result.loss, 0.0
+    if pairwise_weight <= 0 and nll_weight <= 0:
+        raise ValueError("with no pairwise term the NLL term is all the loss: nll_weight must be > 0")
+    loss, nll = pairwise_weight * result.loss, 0.0
     if nll_weight > 0:
         if tokens is None:
             raise ValueError("nll_weight needs each answer's token count")

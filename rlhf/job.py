@@ -362,6 +362,16 @@ def _prepare_replay(config: RLHFConfig, registry: Registry, base: str, deploymen
     return chosen
 
 
+def dpo_method(config: RLHFConfig) -> str:
+    """What the DPO trainer ran, as the manifest states it: DPO, RPO (with the NLL term) or, with
+    the pairwise term off, rejection-sampling fine-tuning on each ranking's best answer."""
+    if config.dpo_pairwise == 0:
+        return f"rejection-sampling fine-tuning: the best answers' NLL x {config.dpo_nll}, no pairwise term (rlhf.job)"
+    nll = f" + the best answers' NLL x {config.dpo_nll}" if config.dpo_nll else ""
+    weight = f" x {config.dpo_pairwise}" if config.dpo_pairwise != 1 else ""
+    return f"DPO against the parent, beta {config.dpo_beta}{weight}{nll} (rlhf.job)"
+
+
 def _publish_child(algorithm: str, timings: dict[str, float], *, config: RLHFConfig, registry: Registry, base: str,
                    base_manifest: dict[str, Any], hf_dir: Path, run_dir: Path, window: data.FeedbackWindow,
                    metrics: dict[str, Any], dataset: dict[str, Any], origin: str | None,
@@ -423,7 +433,7 @@ def _publish_child(algorithm: str, timings: dict[str, float], *, config: RLHFCon
                      algorithm: metrics["phase_seconds"].get(algorithm)}
     training: dict[str, Any] = {
         "method": {"ppo": "reward model + PPO (rlhf.job)",
-                   "dpo": f"DPO against the parent, beta {config.dpo_beta} (rlhf.job)"}[algorithm],
+                   "dpo": dpo_method(config)}[algorithm],
         "algorithm": algorithm,
         "feedback_window": window.as_dict(),
         "feedback_source": config.source,

@@ -475,7 +475,8 @@ def _dpo_batch(policy: nn.Module, reference: nn.Module, items: Sequence[dict[str
     with torch.no_grad():
         ref = dpo.answer_logprobs(_lm_logits(reference, ids, mask), ids, answer)
     return dpo.dpo_loss(dpo.answer_logprobs(_lm_logits(policy, ids, mask), ids, answer), ref, groups,
-                        hp["dpo_beta"], hp.get("dpo_nll", 0.0), answer[:, 1:].sum(-1))
+                        hp["dpo_beta"], hp.get("dpo_nll", 0.0), answer[:, 1:].sum(-1),
+                        hp.get("dpo_pairwise", 1.0))
 
 
 def evaluate_dpo(policy: nn.Module, reference: nn.Module, items: Sequence[dict[str, Any]], enc: Encoder,
@@ -488,7 +489,8 @@ def evaluate_dpo(policy: nn.Module, reference: nn.Module, items: Sequence[dict[s
     with torch.no_grad():
         for start in range(0, len(mine), hp["dpo_batch_size"]):
             chunk = mine[start:start + hp["dpo_batch_size"]]
-            result = _dpo_batch(unwrap(policy), reference, chunk, enc, {**hp, "dpo_nll": 0.0}, device)
+            plain = {**hp, "dpo_nll": 0.0, "dpo_pairwise": 1.0}  # held-out loss: DPO's own, whatever trained
+            result = _dpo_batch(unwrap(policy), reference, chunk, enc, plain, device)
             n = sum(1 for c in chunk if c["pairs"])
             correct += result.correct
             pairs += result.pairs

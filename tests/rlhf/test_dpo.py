@@ -81,3 +81,17 @@ def test_the_nll_term_adds_the_best_answers_per_token_nll_by_hand() -> None:
     assert policy.grad[0].item() == pytest.approx(-0.1 / (1 + math.exp(0.1)) - 0.125, abs=1e-6)
     with pytest.raises(ValueError, match="token count"):
         dpo_loss(policy, torch.tensor([-1.5, -1.5]), [[(0, 1)]], beta=0.1, nll_weight=0.5)
+
+
+def test_without_the_pairwise_term_only_the_best_answers_nll_is_trained() -> None:
+    # rejection-sampling fine-tuning: the same case with pairwise_weight 0 is 0.5 x 0.25, and the
+    # worse answer gets no gradient at all (nothing is pushed down); the watched margin is DPO's
+    policy = torch.tensor([-1.0, -2.0], requires_grad=True)
+    result = dpo_loss(policy, torch.tensor([-1.5, -1.5]), [[(0, 1)]], beta=0.1, nll_weight=0.5,
+                      tokens=torch.tensor([4, 8]), pairwise_weight=0.0)
+    assert result.loss.item() == pytest.approx(0.125)
+    assert result.margin == pytest.approx(0.1) and (result.correct, result.pairs) == (1, 1)
+    result.loss.backward()
+    assert policy.grad.tolist() == pytest.approx([-0.125, 0.0])
+    with pytest.raises(ValueError, match="nll_weight must be > 0"):
+        dpo_loss(policy, torch.tensor([-1.5, -1.5]), [[(0, 1)]], beta=0.1, pairwise_weight=0.0)
