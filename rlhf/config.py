@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from services.common.config import env, load, positive
+from services.common.config import ConfigError, env, load, positive
 
 
 def _fraction(value: float) -> bool:
@@ -132,6 +132,10 @@ class RLHFConfig:
     # The moderation service that judges the replayed answers (as the gateway's MODERATION_ADDR);
     # empty: not measured, and the replay does not pass.
     moderation_addr: str = env("MODERATION_ADDR", "")
+
+    def __post_init__(self) -> None:
+        if self.dpo_pairwise == 0 and self.dpo_nll == 0:
+            raise ConfigError("RLHF_DPO_PAIRWISE=0 needs RLHF_DPO_NLL > 0: with both at 0 DPO's trainer has no loss")
 
     def gpu(self) -> bool:
         """Train on GPUs when asked, or (``auto``) when torch sees one."""

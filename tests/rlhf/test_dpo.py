@@ -95,3 +95,14 @@ def test_without_the_pairwise_term_only_the_best_answers_nll_is_trained() -> Non
     assert policy.grad.tolist() == pytest.approx([-0.125, 0.0])
     with pytest.raises(ValueError, match="nll_weight must be > 0"):
         dpo_loss(policy, torch.tensor([-1.5, -1.5]), [[(0, 1)]], beta=0.1, pairwise_weight=0.0)
+
+
+def test_a_trainer_without_any_loss_is_refused_when_the_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rlhf.config import load_config
+    from services.common.config import ConfigError
+
+    monkeypatch.setenv("RLHF_DPO_PAIRWISE", "0")
+    with pytest.raises(ConfigError, match="RLHF_DPO_PAIRWISE=0 needs RLHF_DPO_NLL > 0"):
+        load_config()
+    monkeypatch.setenv("RLHF_DPO_NLL", "1.0")
+    assert (load_config().dpo_pairwise, load_config().dpo_nll) == (0.0, 1.0)
