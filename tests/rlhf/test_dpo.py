@@ -106,3 +106,13 @@ def test_a_trainer_without_any_loss_is_refused_when_the_config_loads(monkeypatch
         load_config()
     monkeypatch.setenv("RLHF_DPO_NLL", "1.0")
     assert (load_config().dpo_pairwise, load_config().dpo_nll) == (0.0, 1.0)
+
+
+def test_the_manifest_names_the_trainer_that_ran() -> None:
+    from rlhf.config import load_config
+    from rlhf.job import dpo_method
+
+    assert dpo_method(load_config(dpo_beta=0.1)) == "DPO against the parent, beta 0.1 (rlhf.job)"
+    assert dpo_method(load_config(dpo_nll=1.0)).endswith("+ the best answers' NLL x 1.0 (rlhf.job)")
+    rs = dpo_method(load_config(dpo_nll=1.0, dpo_pairwise=0.0))
+    assert rs.startswith("rejection-sampling fine-tuning") and "no pairwise term" in rs
