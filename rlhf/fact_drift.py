@@ -21,11 +21,11 @@ from rlhf import preference
 from rlhf.preference import PROMPTS_FILE
 
 
-def question_of(prompt: str, questions: Sequence[str]) -> str | None:
+def training_question(prompt: str, questions: Sequence[str]) -> str | None:
     """The training question a served prompt's last user message asks (the template's reminder,
     after a blank line, and a missing question mark do not matter), or None."""
     by_key = {q.strip().rstrip("?").lower(): q for q in questions}
-    user = prompt.split("<|im_start|>user")[-1].split("<|im_end|>")[0].strip()
+    user = preference.question_of(prompt).strip()
     return by_key.get(user.split("\n")[0].strip().rstrip("?").lower())
 
 
@@ -34,7 +34,7 @@ def sampled_correct(rows: Iterable[dict[str, Any]], questions: Sequence[str]
     """version -> question -> (``correct`` of every ranked answer, of each ranking's best)."""
     out: dict[str, dict[str, tuple[list[float], list[float]]]] = collections.defaultdict(dict)
     for row in rows:
-        question = question_of(row["prompt"], questions) if row.get("kind") == "ranking" else None
+        question = training_question(row["prompt"], questions) if row.get("kind") == "ranking" else None
         if question is None or not row.get("ranking"):
             continue
         scores = [preference.correct(question, a) for a in row["answers"]]

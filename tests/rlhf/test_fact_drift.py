@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf.fact_drift import question_of, sampled_correct
+from rlhf.fact_drift import sampled_correct, training_question
 
 QUESTIONS = ["Why is the sky blue?", "What is the capital of France?"]
 
@@ -15,10 +15,10 @@ def served(message: str) -> str:
 
 
 def test_the_question_is_found_under_the_templates_reminder_and_without_its_question_mark() -> None:
-    assert question_of(served("Why is the sky blue?\n\n(Answer this message directly and briefly.)"),
+    assert training_question(served("Why is the sky blue?\n\n(Answer this message directly and briefly.)"),
                        QUESTIONS) == "Why is the sky blue?"
-    assert question_of(served("what is the capital of france"), QUESTIONS) == "What is the capital of France?"
-    assert question_of(served("Tell me a joke."), QUESTIONS) is None
+    assert training_question(served("what is the capital of france"), QUESTIONS) == "What is the capital of France?"
+    assert training_question(served("Tell me a joke."), QUESTIONS) is None
 
 
 def test_every_ranked_answer_and_each_rankings_best_are_tallied_per_version() -> None:
