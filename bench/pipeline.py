@@ -405,7 +405,7 @@ def _bucket_quantile(cumulative: list[tuple[float, float]], q: float) -> float:
     return prev_le
 
 
-SPLIT_PARTS = ("arrival", "process", "send", "commit", "settle", "loop")
+SPLIT_PARTS = ("arrival", "process", "send", "commit", "loop")
 TRANSACTIONAL_HOPS = ("tokenizer", "input moderation", "prompt assembly")
 
 
@@ -459,7 +459,7 @@ def render(doc: dict[str, Any]) -> str:
             for stage, parts in split.items():
                 rows.append([k, stage, *[(parts.get(p) or {}).get("p50") for p in SPLIT_PARTS]])
         out += "\n\neach stage's own time (p50 ms, colloquy_stage_seconds; arrival = upstream send -> this poll):\n"
-        out += common.table(rows, ["phase", "stage", *SPLIT_PARTS])
+        out += common.table(rows, ["phase", "stage", "arrival", "process", "send", "commit", "loop"])
     if doc.get("goals"):
         out += "\n\ngoals:\n" + "\n".join(f"  {k}: {v['measured']} {'met' if v['met'] else 'NOT met'}"
                                           for k, v in doc["goals"].items())

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -282,9 +281,6 @@ class OutputTopics:
         self._ttl_s = kafka.output_check_ttl_ms / 1000
         self._closed = threading.Event()
         self._refresher: threading.Thread | None = None
-        # The stage's loop (its at-once sends) and its commit thread both ask: they share one admin
-        # client, one request at a time.
-        self._asking = threading.Lock()
 
     def unwritable(self, topics: Iterable[str], *, fresh: bool = False) -> dict[str, str]:
         """The topics among `topics` that cannot be written, each with the broker's reason.
@@ -299,19 +295,18 @@ class OutputTopics:
         ask = sorted(t for t in wanted if fresh or self._ok_until.get(t, 0.0) <= now)
         if not ask:
             return {}
-        with self._asking:
-            if self._admin is None:
-                self._admin = self._new_admin()
-            try:
-                described = self._admin.describe_topics(ask)
-            except Exception:
-                self.close_admin()
-                raise
-            bad = self._record(described, now)
-            if self._refresher is None and self._ttl_s > 0 and not self._closed.is_set():
-                self._refresher = threading.Thread(target=self._refresh, name=f"{self._client_id}-refresh",
-                                                   daemon=True)
-                self._refresher.start()
+        if self._admin is None:
+            self._admin = self._new_admin()
+        try:
+            described = self._admin.describe_topics(ask)
+        except Exception:
+            self.close_admin()
+            raise
+        bad = self._record(described, now)
+        if self._refresher is None and self._ttl_s > 0 and not self._closed.is_set():
+            self._refresher = threading.Thread(target=self._refresh, name=f"{self._client_id}-refresh",
+                                               daemon=True)
+            self._refresher.start()
         return bad
 
     def _new_admin(self) -> KafkaAdminClient:
@@ -419,9 +414,6 @@ class GroupReader(ThreadWorker, Generic[M]):
         return make_consumer(self.cfg, self.group_id, self.client, *self.topics,
                              group_instance_id=f"{self.stage}-{self.instance_id}", **self._consumer_overrides)
 
-    def _before_replacing_consumer(self) -> None:
-        """Called before a stalled consumer is closed and replaced."""
-
     def _poll(self, consumer: KafkaConsumer) -> tuple[KafkaConsumer, dict[TopicPartition, list[ConsumerRecord]]]:
         """One poll; the consumer to go on with (a new one, and no records, when the probe found
         this one stalled: a batch in hand is read again by the new one)."""
@@ -430,7 +422,6 @@ class GroupReader(ThreadWorker, Generic[M]):
             self.mark_ready()
             log.info("partitions assigned", extra={"stage": self.stage, "partitions": len(consumer.assignment())})
         if self._probe.stalled(consumer):
-            self._before_replacing_consumer()
             close_leaving_group(consumer)
             return self._new_consumer(), {}
         return consumer, batch
@@ -485,19 +476,7 @@ class StageWorker(GroupReader[M]):
     """Runs one stage: consume `topics` as `group_id`, call `handler`, produce its events.
 
     Ready once the consumer has partitions assigned; `stop` finishes and commits the batch in
-    hand (or its part within the time budget) and closes, as on SIGTERM.
-
-    **A batch's transaction commits behind the next batch.** Its sends, offsets and commit are
-    broker round trips (send 6.3 + commit 5.0 ms p50 in input moderation at 16 chats, against
-    10.4 ms of scoring: bench/results/pipeline.md), so they run on a thread of their own while
-    the loop polls and handles the next batch; that batch's transaction begins only once the one
-    before it committed (one producer, one transaction at a time, outputs in offset order). Kept
-    exactly-once: the transaction names the consumer generation its records were read in (KIP-447
-    fencing: a rebalance in between fails it rather than committing records another member now
-    owns), a read_committed consumer's offset fetch waits for a pending transactional commit
-    (require_stable), and when a commit behind fails, the batch handled meanwhile is dropped and
-    both batches' partitions are rewound to their committed offsets and redone.
-    """
+    hand (or its part within the time budget) and closes, as on SIGTERM."""
 
     def __init__(
         self,
@@ -520,11 +499,7 @@ class StageWorker(GroupReader[M]):
         self._refused: dict[tuple[str, int, int], tuple[str, str]] = {}
         self._at_once: KafkaProducer | None = None  # made on the first `at_once` output
         self._topics_checked = time.monotonic()
-        # The transaction committing behind the loop (at most one) and the partitions of
-        # transactions not known to have committed: what `_recover` rewinds besides its batch.
-        self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{stage}-commit")
-        self._pending: concurrent.futures.Future[None] | None = None
-        self._unsettled: set[TopicPartition] = set()
+        self._sent_at_once: dict[int, FutureRecordMetadata] = {}  # id(out) -> its send, this batch
         metrics.BATCHES_CUT.labels(stage)
 
     def start(self) -> Self:
@@ -539,21 +514,16 @@ class StageWorker(GroupReader[M]):
         try:
             while not self.stopping:
                 consumer, batch = self._poll(consumer)
-                # The generation these records were read in, for their transaction's fencing: the
-                # commit runs behind, after later polls that may have joined a newer one.
-                group = consumer.group_metadata()
+                if time.monotonic() - self._topics_checked >= GONE_TOPICS_CHECK_S:
+                    producer = self._drop_gone_topics(producer, client)
+                if not batch:
+                    continue
+                now_ms, arrival = time.time() * 1000, metrics.STAGE_SECONDS.labels(self.stage, "arrival")
+                for recs in batch.values():
+                    for rec in recs:  # CreateTime: the upstream producer's send, on this machine's clock
+                        arrival.observe(max(0.0, now_ms - rec.timestamp) / 1000)
                 try:
-                    if not batch:
-                        self._settle()  # idle: a commit behind that failed is redone now
-                    if time.monotonic() - self._topics_checked >= GONE_TOPICS_CHECK_S:
-                        producer = self._drop_gone_topics(producer, client)
-                    if not batch:
-                        continue
-                    now_ms, arrival = time.time() * 1000, metrics.STAGE_SECONDS.labels(self.stage, "arrival")
-                    for recs in batch.values():
-                        for rec in recs:  # CreateTime: the upstream producer's send, on this machine's clock
-                            arrival.observe(max(0.0, now_ms - rec.timestamp) / 1000)
-                    self._process_batch(group, producer, batch)
+                    self._process_batch(consumer, producer, batch)
                 except _SendsStuck as exc:
                     # On the redo a topic found unwritable, or an output refused for good, sends
                     # its record to the dead-letter topic. Otherwise (a slow broker) the batch is
@@ -568,9 +538,6 @@ class StageWorker(GroupReader[M]):
                     self._outputs.forget()  # e.g. a send that timed out on a topic deleted since its check
                     producer = self._recover(consumer, producer, batch, client)
         finally:
-            with contextlib.suppress(Exception):  # a failed one is aborted by the close (or the next init)
-                self._settle()  # the batch in hand commits before the producer closes
-            self._committer.shutdown()
             self._outputs.close()
             close_leaving_group(consumer)
             producer.close(timeout=10)
@@ -580,7 +547,6 @@ class StageWorker(GroupReader[M]):
     def _drop_gone_topics(self, producer: KafkaProducer, client: str) -> KafkaProducer:
         """Between transactions: replace a producer (and the at-once one) that tracks a deleted topic."""
         self._topics_checked = time.monotonic()
-        self._settle()  # neither producer is closed under a commit behind
         if self._at_once is not None and tracks_gone_topics(self._at_once, f"{self.stage} at-once"):
             close_now(self._at_once, timeout=5)  # a send stuck on the deleted topic is dropped
             self._at_once = None  # made again on the next `at_once` output
@@ -594,7 +560,7 @@ class StageWorker(GroupReader[M]):
         producer.init_transactions()
         return producer
 
-    def _process_batch(self, group: Any, producer: KafkaProducer,
+    def _process_batch(self, consumer: KafkaConsumer, producer: KafkaProducer,
                        batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         """Handle the batch, committing in parts: one transaction per `batch_budget_s` of work.
 
@@ -603,9 +569,7 @@ class StageWorker(GroupReader[M]):
         the other conversations on these partitions wait for their outputs.
         """
         budget = self.cfg.batch_budget_s
-        # id(out) -> its early send, per part: a part left uncommitted by a stop or a failure is
-        # redone by whoever owns its partitions next, which sends again.
-        at_once: dict[int, FutureRecordMetadata] = {}
+        self._sent_at_once.clear()  # a part left uncommitted by a stop: whoever redoes it sends again
         records = [rec for recs in batch.values() for rec in recs]
         started = time.monotonic()
         done: Done = []
@@ -613,46 +577,20 @@ class StageWorker(GroupReader[M]):
         self._prepare(records)
         for i, rec in enumerate(records):
             done.append((rec, self._process_record(rec)))
-            self._send_at_once(done[-1][1], at_once)
+            self._send_at_once(done[-1][1])
             if i + 1 < len(records) and time.monotonic() - started >= budget:
                 process.observe(time.monotonic() - started)
-                self._commit_behind(group, producer, done, at_once)
+                self._commit(consumer, producer, done)
                 metrics.BATCHES_CUT.labels(self.stage).inc()
-                log.info("batch over its time budget: committing a part", extra={
+                log.info("batch over its time budget: committed a part", extra={
                     "stage": self.stage, "records": len(done), "left": len(records) - i - 1,
                     "budget_s": budget})
-                done, started, at_once = [], time.monotonic(), {}
+                done, started = [], time.monotonic()
                 if self.stopping:
                     return  # the rest is not committed: whoever owns the partitions next redoes it
         if done:
             process.observe(time.monotonic() - started)
-            self._commit_behind(group, producer, done, at_once)
-
-    def _commit_behind(self, group: Any, producer: KafkaProducer, done: Done,
-                       at_once: dict[int, FutureRecordMetadata]) -> None:
-        """Start `done`'s transaction on the commit thread, once the one before it committed."""
-        self._settle()
-        self._unsettled.update(TopicPartition(rec.topic, rec.partition) for rec, _ in done)
-        self._pending = self._committer.submit(self._commit, group, producer, done, at_once)
-
-    def _settle(self) -> None:
-        """Wait for the transaction committing behind; raise its error (its partitions stay in
-        `_unsettled` for `_recover` to rewind)."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        started = time.perf_counter()
-        try:
-            pending.result()
-        finally:
-            metrics.STAGE_SECONDS.labels(self.stage, "settle").observe(time.perf_counter() - started)
-        self._unsettled.clear()  # every transaction before this one committed or was recovered
-
-    def _before_replacing_consumer(self) -> None:
-        """The stalled consumer's partitions are read again from their committed offsets: let the
-        commit behind finish first (its error, if any, is raised by the next `_settle`)."""
-        if self._pending is not None:
-            concurrent.futures.wait([self._pending])
+            self._commit(consumer, producer, done)
 
     def _prepare(self, records: list[ConsumerRecord]) -> None:
         """Hand the batch's decodable messages to `prepare` (a poison record is left to its
@@ -669,7 +607,7 @@ class StageWorker(GroupReader[M]):
             log.warning("preparing the batch failed; its handlers work unprepared", exc_info=True,
                         extra={"stage": self.stage})
 
-    def _send_at_once(self, outs: list[events.OutEvent], sent: dict[int, FutureRecordMetadata]) -> None:
+    def _send_at_once(self, outs: list[events.OutEvent]) -> None:
         """Send a record's `at_once` outputs now, outside the transaction, where the topic can be
         written (otherwise the transaction handles them: it dead-letters the record)."""
         eager = [out for out in outs if out.at_once]
@@ -681,14 +619,14 @@ class StageWorker(GroupReader[M]):
                 self._at_once = make_producer(self.cfg, f"{self.stage}-{self.instance_id}-at-once")
             for out in eager:
                 if out.topic not in bad:
-                    sent[id(out)] = send_event(self._at_once, out)
+                    self._sent_at_once[id(out)] = send_event(self._at_once, out)
         except Exception:  # the transaction sends what did not go out here
             log.warning("an at-once send failed; the transaction carries it", exc_info=True,
                         extra={"stage": self.stage})
 
-    def _drop_sent_at_once(self, done: Done, sent: dict[int, FutureRecordMetadata]) -> Done:
+    def _drop_sent_at_once(self, done: Done) -> Done:
         """`done` without the `at_once` outputs whose early send the broker acknowledged."""
-        if not sent:
+        if not self._sent_at_once:
             return done
         with contextlib.suppress(KafkaTimeoutError):  # sent while the batch ran: normally complete
             self._at_once.flush(timeout=self.cfg.transaction_timeout_ms / 4000)  # type: ignore[union-attr]
@@ -696,20 +634,20 @@ class StageWorker(GroupReader[M]):
         for rec, outs in done:
             rest = []
             for out in outs:
-                future = sent.pop(id(out), None)
+                future = self._sent_at_once.pop(id(out), None)
                 if future is not None and future.is_done and not future.failed():
                     metrics.EVENTS_PRODUCED.labels(self.stage, out.topic).inc()
                 else:
                     rest.append(out)
             kept.append((rec, rest))
+        self._sent_at_once.clear()
         return kept
 
-    def _commit(self, group: Any, producer: KafkaProducer, done: Done,
-                at_once: dict[int, FutureRecordMetadata]) -> None:
+    def _commit(self, consumer: KafkaConsumer, producer: KafkaProducer, done: Done) -> None:
         """One transaction: the outputs of `done` and its offsets. A record whose outputs need a
-        topic that cannot be written is dead-lettered instead, alone. Runs on the commit thread."""
+        topic that cannot be written is dead-lettered instead, alone."""
         started = time.perf_counter()
-        done = self._drop_sent_at_once(done, at_once)
+        done = self._drop_sent_at_once(done)
         bad = self._outputs.unwritable(out.topic for _, outs in done for out in outs)
         if bad or self._refused:
             done = [(rec, self._route_unwritable(rec, outs, bad)) for rec, outs in done]
@@ -735,7 +673,7 @@ class StageWorker(GroupReader[M]):
         for rec, _ in done:
             self._refused.pop((rec.topic, rec.partition, rec.offset), None)
         flushed = time.perf_counter()
-        producer.send_offsets_to_transaction(offsets, group)
+        producer.send_offsets_to_transaction(offsets, consumer.group_metadata())
         producer.commit_transaction()
         metrics.STAGE_SECONDS.labels(self.stage, "send").observe(flushed - started)
         metrics.STAGE_SECONDS.labels(self.stage, "commit").observe(time.perf_counter() - flushed)
@@ -762,17 +700,9 @@ class StageWorker(GroupReader[M]):
                  *, discard: bool = False) -> KafkaProducer:
         """Abort, rewind to the last committed offsets, and hand back a usable producer.
 
-        Rewinds the batch's partitions and those of a commit behind that failed (or is failing
-        now); the handled batch is dropped. `discard`: close the producer without aborting (its
-        abort would wait on sends that never complete); the next producer's init_transactions
-        aborts the open transaction.
+        `discard`: close the producer without aborting (its abort would wait on sends that never
+        complete); the next producer's init_transactions aborts the open transaction.
         """
-        try:
-            self._settle()
-        except _SendsStuck:
-            discard = True
-        except Exception:  # aborted below with the batch's own transaction state
-            log.warning("the transaction committing behind failed too", exc_info=True, extra={"stage": self.stage})
         if discard:
             close_now(producer)
             producer = None  # type: ignore[assignment]
@@ -783,10 +713,7 @@ class StageWorker(GroupReader[M]):
                 # A fatal producer error (fenced, broker gone mid-commit): start a fresh producer.
                 close_now(producer)
                 producer = None  # type: ignore[assignment]
-        assigned = consumer.assignment()
-        for tp in set(batch) | self._unsettled:
-            if tp not in assigned:  # moved in a rebalance: its new owner reads from the committed offset
-                continue
+        for tp in batch:
             try:
                 committed = consumer.committed(tp)
             except Exception:
@@ -795,7 +722,6 @@ class StageWorker(GroupReader[M]):
                 consumer.seek_to_beginning(tp)
             else:
                 consumer.seek(tp, committed)
-        self._unsettled.clear()
         time.sleep(self.cfg.retry_backoff_ms / 1000)
         while producer is None and not self.stopping:
             try:

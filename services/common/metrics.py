@@ -39,10 +39,9 @@ EVENT_LATENCY = Histogram(
 # Where a transactional stage's time goes (kafka_loop.StageWorker), fine-grained for the pipeline
 # benchmark: arrival (per record: the upstream producer's send to this stage's poll: the upstream's
 # commit and this consumer's fetch), process (per transaction: the handlers), send (the outputs
-# produced and acknowledged), commit (offsets + EndTxn), settle (the loop waiting for the transaction
-# committing behind it, before it begins the next: StageWorker).
+# produced and acknowledged), commit (offsets + EndTxn).
 STAGE_SECONDS = Histogram(
-    "colloquy_stage_seconds", "A transactional stage's time, by part (arrival, process, send, commit, settle)",
+    "colloquy_stage_seconds", "A transactional stage's time, by part (arrival, process, send, commit)",
     ["stage", "part"],
     buckets=(.0005, .001, .002, .003, .004, .005, .006, .008, .01, .012, .015, .02, .025, .03, .04, .05,
              .075, .1, .15, .2, .3, .5, 1, 2, 5))

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
-from typing import Any
 
 from colloquy.v1 import events_pb2
-from kafka import KafkaProducer
-from kafka.errors import KafkaError
 from prometheus_client import REGISTRY
 
-from services.common import events, kafka_loop
+from services.common import kafka_loop
 from services.common.config import KafkaConfig
 from tests.common.kafka_util import create, produce, read_all
 
@@ -113,60 +109,3 @@ def test_prepare_sees_each_polled_batch_before_its_handlers_and_a_failing_one_lo
     finally:
         worker.stop()
     assert sorted(prepared) == sorted(handled) == ["r0", "r1", "r2", "s0", "s1", "s2"]
-
-
-def test_a_transaction_that_fails_behind_the_next_batch_redoes_both_and_doubles_nothing(
-        kafka_bootstrap: str, unique: str) -> None:
-    """A batch's transaction commits on its own thread while the loop handles the next batch. When
-    that commit fails (here: EndTxn refused once, after the sends), the batch handled meanwhile is
-    dropped and both are redone from the committed offsets: every output once, in order."""
-    stage, src, dst = f"behind-{unique}", f"behind-in-{unique}", f"behind-out-{unique}"
-    create(kafka_bootstrap, src, dst, partitions=1)
-    handled: list[str] = []
-    behind: list[str] = []  # handled while the failing commit was in flight
-    first_seen = threading.Event()
-    state = {"failed": False, "committing": False}
-
-    def handle(ev: kafka_loop.Consumed[events_pb2.TurnEvent]) -> Iterator:
-        handled.append(ev.message.request_id)
-        if state["committing"]:
-            behind.append(ev.message.request_id)
-        first_seen.set()
-        yield ev.out(dst, ev.message)
-
-    class FailsOnce(kafka_loop.StageWorker):
-        def _new_producer(self, client: str) -> KafkaProducer:
-            producer = super()._new_producer(client)
-            commit = producer.commit_transaction
-
-            def commit_or_fail(*args: object, **kwargs: object) -> None:
-                if not state["failed"]:
-                    state["failed"] = True
-                    time.sleep(1.5)  # the loop polls and handles the second wave meanwhile
-                    raise KafkaError("injected: EndTxn refused")
-                commit(*args, **kwargs)
-
-            producer.commit_transaction = commit_or_fail  # type: ignore[method-assign]
-            return producer
-
-        def _commit(self, *args: Any) -> None:
-            state["committing"] = not state["failed"]  # the transaction that is going to fail
-            try:
-                super()._commit(*args)
-            finally:
-                state["committing"] = False
-
-    worker = FailsOnce(stage, [src], events_pb2.TurnEvent, handle, KafkaConfig(bootstrap_servers=kafka_bootstrap),
-                       instance_id="0").start()
-    try:
-        produce(kafka_bootstrap, src, [("k", events_pb2.TurnEvent(request_id=f"a{i}")) for i in range(3)])
-        assert first_seen.wait(30)
-        produce(kafka_bootstrap, src, [("k", events_pb2.TurnEvent(request_id=f"b{i}")) for i in range(3)])
-        got = read_all(kafka_bootstrap, dst, 6, settle=1.0)
-    finally:
-        worker.stop()
-    assert state["failed"] and behind, handled  # the loop went on while the transaction committed
-    assert [events.decode(r.value, r.headers, events_pb2.TurnEvent).request_id for r in got] == \
-        [f"a{i}" for i in range(3)] + [f"b{i}" for i in range(3)]
-    assert all(handled.count(rid) == 2 for rid in behind), handled  # dropped with the failure, redone
-    assert _count(stage, "settle") >= 1
