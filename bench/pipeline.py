@@ -39,6 +39,7 @@ from typing import Any
 
 from bench import common
 from bench.common import Record, log, summary
+from devtools.procs import free_port
 from services.common import topics
 
 NAME = "pipeline"
@@ -234,17 +235,23 @@ def measure(stack: Any, concurrency: int, rounds: int, tokens: int, prompts: dic
     pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
     baseline: list[dict[str, Any]] = []
 
+    engine: dict[str, dict[str, Buckets]] = {"gateway": {}, "direct": {}}  # what each path added
     with cf.ThreadPoolExecutor(concurrency) as pool:
         for r in range(rounds + 1):
             batch = [msgs[(r * concurrency + i) % len(msgs)] for i in range(concurrency)]
+            e0 = engine_histograms(stack)
             gw = list(pool.map(lambda m: gateway_chat(stack, m, tokens), batch))
+            e1 = engine_histograms(stack)
             di = list(pool.map(lambda mg: direct_generate(stack, prompts[mg[0]], tokens, mg[1]["first_chars"]),
                                zip(batch, gw, strict=True)))
+            e2 = engine_histograms(stack)
             base = [ort.single(ort.encode(prompts[m]), tokens) for m in batch] if ort is not None else []
             if r == 0:
                 continue  # warm-up
             pairs += list(zip(gw, di, strict=True))
             baseline += base
+            _accumulate(engine["gateway"], e0, e1)
+            _accumulate(engine["direct"], e1, e2)
     ok = [(g, d) for g, d in pairs if g["ttft_s"] is not None and d["ttft_s"] is not None]
     ms = 1000.0
     over = [(g["ttft_s"] - d["ttft_s"]) * ms for g, d in ok]
@@ -254,6 +261,10 @@ def measure(stack: Any, concurrency: int, rounds: int, tokens: int, prompts: dic
         extra.update(hop_breakdown(stack.bootstrap, [g for g, _ in ok]))
     except Exception as exc:  # a diagnostic: the goal figures stand without it
         log(f"pipeline: hop breakdown failed: {exc}")
+    if any(engine.values()):
+        extra["engine_ms"] = {path: {name: {"n": int(b[-1][1]), "p50": round(_bucket_quantile(b, 0.5) * 1000, 1)}
+                                     for name, b in sorted(hists.items()) if b and b[-1][1] > 0}
+                              for path, hists in engine.items()}
     if baseline:
         extra["ort_direct_itl_ms"] = summary([1000 / b["decode_tok_s"] for b in baseline if b["decode_tok_s"]], 2)
         extra["ort_direct_ttft_ms"] = summary([b["ttft_s"] * ms for b in baseline], 1)
@@ -301,7 +312,9 @@ def run(args: argparse.Namespace, stack: Any = None) -> dict[str, Any]:
         ort = OrtGenai(str(model_dir))
     modes = [m for m in str(args.modes).split(",") if m]
     rec.doc["params"]["modes"] = modes
-    with common.stack() if stack is None else contextlib.nullcontext(stack) as s:
+    # The replica's /metrics (off in the harness by default) for the engine's own queue and TTFT.
+    engine_env = {"generation": {"GENERATION_REPLICA_METRICS_PORT": str(free_port())}}
+    with common.stack(extra_env=engine_env) if stack is None else contextlib.nullcontext(stack) as s:
         prompts = {q: assembled_prompt(s, q) for q in common.QUESTIONS}
         rec.doc["params"]["assembled_prompt_chars"] = {q: len(p) for q, p in prompts.items()}
         current = shipped = _shipped_mode()
@@ -354,6 +367,51 @@ def set_mode(stack: Any, mode: str) -> None:
     stack.extra_env.setdefault("moderation", {})["MODERATION_POLICY"] = str(path)
     log(f"pipeline: restarting moderation with output.mode={mode}")
     stack.restart("moderation")
+
+
+Buckets = list[tuple[float, float]]  # [(le, cumulative count)], le ascending
+# The engine's own view of each request (services/generation/metrics.py): queue = submission to the
+# start of its prefill, ttft = submission to its first token. Split by path, they tell whether a turn
+# that came through the pipeline waited longer inside the engine than one sent to it directly.
+ENGINE_HISTOGRAMS = {"colloquy_generation_queue_time_seconds": "queue",
+                     "colloquy_generation_time_to_first_token_seconds": "ttft"}
+
+
+def replica_metrics_port(stack: Any) -> int:
+    """The generation replica's /metrics port, when the stack gave it one (0: none)."""
+    raw = getattr(stack, "extra_env", {}).get("generation", {}).get("GENERATION_REPLICA_METRICS_PORT", "0")
+    return int(raw) if str(raw).isdigit() else 0
+
+
+def engine_histograms(stack: Any) -> dict[str, Buckets]:
+    """The (first) generation replica's queue and first-token histograms, summed over labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = replica_metrics_port(stack)
+    if not port:
+        return {}
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    sums: dict[str, dict[float, float]] = {}
+    for fam in text_string_to_metric_families(text):
+        name = ENGINE_HISTOGRAMS.get(fam.name)
+        if name is None:
+            continue
+        for smp in fam.samples:
+            if smp.name.endswith("_bucket"):
+                le = float(smp.labels["le"])
+                sums.setdefault(name, {})[le] = sums.get(name, {}).get(le, 0.0) + smp.value
+    return {name: sorted(b.items()) for name, b in sums.items()}
+
+
+def _accumulate(into: dict[str, Buckets], before: dict[str, Buckets], after: dict[str, Buckets]) -> None:
+    """Add what happened between two scrapes (`after` - `before`) to `into`, bucket by bucket."""
+    for name, buckets in after.items():
+        old, acc = dict(before.get(name, [])), dict(into.get(name, []))
+        into[name] = sorted((le, acc.get(le, 0.0) + n - old.get(le, 0.0)) for le, n in buckets)
 
 
 def stage_histograms(stack: Any) -> dict[tuple[str, str], list[tuple[float, float]]]:
@@ -460,6 +518,13 @@ def render(doc: dict[str, Any]) -> str:
                 rows.append([k, stage, *[(parts.get(p) or {}).get("p50") for p in SPLIT_PARTS]])
         out += "\n\neach stage's own time (p50 ms, colloquy_stage_seconds; arrival = upstream send -> this poll):\n"
         out += common.table(rows, ["phase", "stage", "arrival", "process", "send", "commit", "loop"])
+    engines = [(k, r["engine_ms"]) for k, r in doc["results"].items() if r.get("engine_ms")]
+    if engines:
+        rows = [[k, path, *[(e.get(path, {}).get(n) or {}).get("p50") for n in ("queue", "ttft")]]
+                for k, e in engines for path in ("gateway", "direct")]
+        out += ("\n\ninside the engine (p50 ms, the replica's queue and first-token histograms, by the path "
+                "the requests came by):\n")
+        out += common.table(rows, ["phase", "path", "queue", "ttft"])
     if doc.get("goals"):
         out += "\n\ngoals:\n" + "\n".join(f"  {k}: {v['measured']} {'met' if v['met'] else 'NOT met'}"
                                           for k, v in doc["goals"].items())

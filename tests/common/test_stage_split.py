@@ -109,3 +109,16 @@ def test_prepare_sees_each_polled_batch_before_its_handlers_and_a_failing_one_lo
     finally:
         worker.stop()
     assert sorted(prepared) == sorted(handled) == ["r0", "r1", "r2", "s0", "s1", "s2"]
+
+
+def test_the_pipeline_benchmark_adds_up_what_each_path_put_in_the_engine_histograms() -> None:
+    """bench.pipeline scrapes the replica before and after each path's round and keeps the sum of
+    the differences, bucket by bucket, so each path's p50 counts only its own requests."""
+    from bench.pipeline import _accumulate, _bucket_quantile
+
+    inf = float("inf")
+    into: dict = {}
+    _accumulate(into, {"queue": [(0.01, 1.0), (inf, 1.0)]}, {"queue": [(0.01, 3.0), (inf, 4.0)]})
+    _accumulate(into, {}, {"queue": [(0.01, 0.0), (inf, 2.0)]})  # a first scrape before any request
+    assert into == {"queue": [(0.01, 2.0), (inf, 5.0)]}
+    assert abs(_bucket_quantile(into["queue"], 0.2) - 0.005) < 1e-9  # 1 of 5: half way into the first bucket
