@@ -286,6 +286,7 @@ def stack(services: Sequence[str] | None = None,
     not take it: ``flock /tmp/colloquy-stack.lock make test`` keeps benchmarks off a test run.
     """
     from devtools import kafka_broker
+    from devtools.procs import free_port
     from devtools.services import MODULES, ORDER
     from devtools.stack import Stack
     from services.common import topics
@@ -301,6 +302,9 @@ def stack(services: Sequence[str] | None = None,
     logs.mkdir(exist_ok=True)
     os.environ["TMPDIR"] = str(logs)
     env = {name: {"TMPDIR": old_tmp or "/tmp", **(extra_env or {}).get(name, {})} for name in MODULES}
+    # The replica's own /metrics (off in the test harness): bench.pipeline reads the engine's queue
+    # time and TTFT from it.
+    env["generation"].setdefault("GENERATION_REPLICA_METRICS_PORT", str(free_port()))
     s = Stack(BOOTSTRAP, extra_env=env)
     try:
         if services is None:

@@ -39,7 +39,6 @@ from typing import Any
 
 from bench import common
 from bench.common import Record, log, summary
-from devtools.procs import free_port
 from services.common import topics
 
 NAME = "pipeline"
@@ -312,9 +311,7 @@ def run(args: argparse.Namespace, stack: Any = None) -> dict[str, Any]:
         ort = OrtGenai(str(model_dir))
     modes = [m for m in str(args.modes).split(",") if m]
     rec.doc["params"]["modes"] = modes
-    # The replica's /metrics (off in the harness by default) for the engine's own queue and TTFT.
-    engine_env = {"generation": {"GENERATION_REPLICA_METRICS_PORT": str(free_port())}}
-    with common.stack(extra_env=engine_env) if stack is None else contextlib.nullcontext(stack) as s:
+    with common.stack() if stack is None else contextlib.nullcontext(stack) as s:
         prompts = {q: assembled_prompt(s, q) for q in common.QUESTIONS}
         rec.doc["params"]["assembled_prompt_chars"] = {q: len(p) for q, p in prompts.items()}
         current = shipped = _shipped_mode()
