@@ -385,12 +385,8 @@ def engine_histograms(stack: Any) -> dict[str, Buckets]:
     from prometheus_client.parser import text_string_to_metric_families
 
     port = replica_metrics_port(stack)
-    if not port:
-        return {}
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-    except OSError:
+    text = _metrics_text(port) if port else None
+    if text is None:
         return {}
     sums: dict[str, dict[float, float]] = {}
     for fam in text_string_to_metric_families(text):
@@ -411,18 +407,22 @@ def _accumulate(into: dict[str, Buckets], before: dict[str, Buckets], after: dic
         into[name] = sorted((le, acc.get(le, 0.0) + n - old.get(le, 0.0)) for le, n in buckets)
 
 
+def _metrics_text(port: int) -> str | None:
+    """One process's /metrics on this machine, or None when it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            return resp.read().decode()
+    except OSError:
+        return None
+
+
 def stage_histograms(stack: Any) -> dict[tuple[str, str], list[tuple[float, float]]]:
     """Every process's colloquy_stage_seconds buckets, by (stage, part): [(le, cumulative count)]."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for name, port in getattr(stack, "metrics_ports", {}).items():
-        if name not in stack.procs:
-            continue
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-                text = resp.read().decode()
-        except OSError:
+        if name not in stack.procs or (text := _metrics_text(port)) is None:
             continue
         for fam in text_string_to_metric_families(text):
             if fam.name != "colloquy_stage_seconds":
