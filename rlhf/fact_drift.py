@@ -15,10 +15,8 @@ import collections
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import yaml
-
 from rlhf import preference
-from rlhf.preference import PROMPTS_FILE
+from rlhf.labelers import train_questions
 
 
 def training_question(prompt: str, questions: Sequence[str]) -> str | None:
@@ -61,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("versions", nargs="+")
     args = p.parse_args(argv)
-    train = yaml.safe_load(PROMPTS_FILE.read_text(encoding="utf-8"))["train"]
+    train = train_questions()
     rows = pads.dataset(args.dataset, format="parquet", partitioning="hive").to_table().to_pylist()
     sampled = sampled_correct(rows, train)
     registry = Registry(args.registry)
