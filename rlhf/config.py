@@ -63,6 +63,10 @@ class RLHFConfig:
     # Weight of DPO's pairwise term; 0 with RLHF_DPO_NLL > 0 leaves only the best answers' NLL:
     # rejection-sampling fine-tuning (Llama 2's rounds before PPO), which pushes no answer down
     dpo_pairwise: float = env("RLHF_DPO_PAIRWISE", 1.0, check=lambda v: v >= 0, hint=">= 0")
+    # Weight of the anchor term (rlhf.dpo.anchor_kl): KL from the parent's next-token distributions
+    # on its greedy answers to the `anchor` questions of rlhf/prompts.yaml, a batch of them each
+    # step; 0: off. Holds the policy where it was on questions the round does not train on.
+    dpo_anchor: float = env("RLHF_DPO_ANCHOR", 0.0, check=lambda v: v >= 0, hint=">= 0")
     # Knowledge checks during DPO (rlhf.quiz): every N steps (0: off) the quality quiz scores the
     # policy, and the run keeps its last checkpoint within RLHF_DPO_QUIZ_POINTS of the parent's
     # score. 1.5 points, not the gate's 2: on the 184-question quiz that is 2 questions lost, and

@@ -93,3 +93,19 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, groups: Sequence[Seq
     worse = rewards[[w for pairs in groups for _, w in pairs]].detach()
     return DPOLoss(loss, result.correct, result.pairs, float((better - worse).mean()),
                    float(better.mean()), float(worse.mean()), nll)
+
+
+def anchor_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over answer tokens of KL(reference || policy) between next-token distributions.
+
+    Logits ``[B, T, V]`` of the same rows (a prompt and the parent's greedy answer to it);
+    ``answer_mask[B, T]`` is 1 on answer tokens, so a position counts where it predicts one. Why
+    the full distributions and not the NLL of the parent's answer: the KL is 0 where the policy
+    still is the parent, so the term only pulls back drift and does not sharpen the parent's own
+    choices, which an NLL on its greedy answers would.
+    """
+    target = answer_mask[:, 1:].to(policy_logits.dtype)
+    ref = torch.log_softmax(reference_logits[:, :-1].float(), dim=-1)
+    pol = torch.log_softmax(policy_logits[:, :-1].float(), dim=-1)
+    per_position = (ref.exp() * (ref - pol)).sum(-1)
+    return (per_position * target).sum() / target.sum().clamp(min=1.0)

@@ -297,6 +297,10 @@ def run(config: RLHFConfig, registry: Registry, base: str | None = None, dataset
 
         asked = validation.questions()
         loop_config["validation"] = {"questions": asked, "prompts": evaluation.served_prompts(asked)[0]}
+    if config.dpo_anchor > 0:  # the questions DPO holds the parent's answers on, as served
+        from rlhf import evaluation, validation
+
+        loop_config["anchor"] = {"prompts": evaluation.served_prompts(validation.questions(key="anchor"))[0]}
     clock = time.perf_counter()
     train_on_ray(config, loop_config, run_dir)
     timings["train"] = time.perf_counter() - clock
@@ -364,12 +368,15 @@ def _prepare_replay(config: RLHFConfig, registry: Registry, base: str, deploymen
 
 def dpo_method(config: RLHFConfig) -> str:
     """What the DPO trainer ran, as the manifest states it: DPO, RPO (with the NLL term) or, with
-    the pairwise term off, rejection-sampling fine-tuning on each ranking's best answer."""
+    the pairwise term off, rejection-sampling fine-tuning on each ranking's best answer; and the
+    anchor term when it is on."""
+    anchor = (f" + KL to the parent on the anchor questions x {config.dpo_anchor}" if config.dpo_anchor else "")
     if config.dpo_pairwise == 0:
-        return f"rejection-sampling fine-tuning: the best answers' NLL x {config.dpo_nll}, no pairwise term (rlhf.job)"
+        return (f"rejection-sampling fine-tuning: the best answers' NLL x {config.dpo_nll}, no pairwise term"
+                f"{anchor} (rlhf.job)")
     nll = f" + the best answers' NLL x {config.dpo_nll}" if config.dpo_nll else ""
     weight = f" x {config.dpo_pairwise}" if config.dpo_pairwise != 1 else ""
-    return f"DPO against the parent, beta {config.dpo_beta}{weight}{nll} (rlhf.job)"
+    return f"DPO against the parent, beta {config.dpo_beta}{weight}{nll}{anchor} (rlhf.job)"
 
 
 def _publish_child(algorithm: str, timings: dict[str, float], *, config: RLHFConfig, registry: Registry, base: str,

@@ -517,6 +517,25 @@ def _validation_answers(lm: nn.Module, enc: Encoder, hp: dict[str, Any], asked: 
     return quiz.greedy_texts(lm, enc.tokenizer, enc.eos, rows, device, 32, hp["eval_max_new_tokens"])
 
 
+def anchor_items(parent: nn.Module, enc: Encoder, hp: dict[str, Any], anchor: dict[str, list[str]],
+                 rank: int, world: int, device: torch.device) -> list[dict[str, Any]]:
+    """This worker's share of the anchor prompts, each with the parent's greedy answer (what
+    :func:`rlhf.dpo.anchor_kl` holds the policy to), in :func:`answer_batch`'s item shape."""
+    answers = _validation_answers(parent, enc, hp, anchor, rank, world, device)
+    return [{"prompt": p, "answers": [a], "pairs": []}
+            for p, a in zip(anchor["prompts"][rank::world], answers, strict=True)]
+
+
+def _anchor_batch(policy: nn.Module, reference: nn.Module, items: Sequence[dict[str, Any]], enc: Encoder,
+                  device: torch.device) -> torch.Tensor:
+    """The anchor term on ``items``: KL from the reference's next-token distributions on its answers."""
+    ids, mask, answer, _ = answer_batch(items, enc)
+    ids, mask, answer = ids.to(device), mask.to(device), answer.to(device)
+    with torch.no_grad():
+        ref = _lm_logits(reference, ids, mask)
+    return dpo.anchor_kl(_lm_logits(policy, ids, mask), ref, answer)
+
+
 def _validation_check(lm: nn.Module, enc: Encoder, hp: dict[str, Any], step: int, asked: dict[str, list[str]],
                       parent_answers: list[str], rank: int, world: int,
                       device: torch.device) -> validation.ValidationCheck:
@@ -568,6 +587,11 @@ def train_dpo(cfg: dict[str, Any], enc: Encoder, device: torch.device, rank: int
     checks: list[quiz.QuizCheck] = []
     asked = cfg.get("validation") if every and hp.get("dpo_select") == "validation" else None
     parent_answers = _validation_answers(reference, enc, hp, asked, rank, world, device) if asked else []
+    anchored = (anchor_items(reference, enc, hp, cfg["anchor"], rank, world, device)
+                if hp.get("dpo_anchor", 0.0) > 0 else [])
+    anchor_order = [i for epoch in range(hp["dpo_epochs"] + 1)
+                    for i in torch.randperm(len(anchored), generator=torch.Generator().manual_seed(
+                        hp["seed"] + 2000 + epoch)).tolist()]
     scored: list[validation.ValidationCheck] = []
     best: tuple[int, int, int] | None = None  # validation.preference of the kept state
     passed_state: dict[str, torch.Tensor] | None = None
@@ -578,17 +602,23 @@ def train_dpo(cfg: dict[str, Any], enc: Encoder, device: torch.device, rank: int
     for epoch, batch in batches:
         step_start = time.perf_counter()
         result = _dpo_batch(policy, reference, [train[i] for i in batch], enc, hp, device)
+        loss, anchor_kl = result.loss, 0.0
+        if anchored:  # the next dpo_batch_size anchor answers, cycling through a shuffled order
+            picked = [anchored[anchor_order[(step * hp["dpo_batch_size"] + k) % len(anchor_order)]]
+                      for k in range(hp["dpo_batch_size"])]
+            kl = _anchor_batch(policy, reference, picked, enc, device)
+            loss, anchor_kl = loss + hp["dpo_anchor"] * kl, float(kl.detach())
         optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable(policy), hp["max_grad_norm"])
         optimizer.step()
         sums = _all_sum([result.loss.item(), float(result.correct), float(result.pairs), result.margin,
-                         result.chosen_reward, result.rejected_reward, 1.0, result.nll], device)
+                         result.chosen_reward, result.rejected_reward, 1.0, result.nll, anchor_kl], device)
         step += 1
         metrics = {"step": float(step), "epoch": float(epoch + 1), "dpo_loss": sums[0] / sums[6],
                    "dpo_accuracy": sums[1] / sums[2] if sums[2] else 0.0, "dpo_margin": sums[3] / sums[6],
                    "dpo_chosen_reward": sums[4] / sums[6], "dpo_rejected_reward": sums[5] / sums[6],
-                   "dpo_nll": sums[7] / sums[6],
+                   "dpo_nll": sums[7] / sums[6], "dpo_anchor_kl": sums[8] / sums[6],
                    "step_seconds": time.perf_counter() - step_start}
         history.append(metrics)
         report({**metrics, "phase": "dpo"})

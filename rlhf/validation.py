@@ -24,9 +24,9 @@ from rlhf.evaluation import judge
 from rlhf.preference import PROMPTS_FILE, score
 
 
-def questions(path: Path = PROMPTS_FILE) -> list[str]:
-    """The ``validation`` questions of ``rlhf/prompts.yaml``."""
-    return list(yaml.safe_load(path.read_text(encoding="utf-8")).get("validation") or [])
+def questions(path: Path = PROMPTS_FILE, key: str = "validation") -> list[str]:
+    """The ``validation`` questions of ``rlhf/prompts.yaml`` (or another list of it: ``anchor``)."""
+    return list(yaml.safe_load(path.read_text(encoding="utf-8")).get(key) or [])
 
 
 @dataclass(frozen=True)

@@ -116,3 +116,38 @@ def test_the_manifest_names_the_trainer_that_ran() -> None:
     assert dpo_method(load_config(dpo_nll=1.0)).endswith("+ the best answers' NLL x 1.0 (rlhf.job)")
     rs = dpo_method(load_config(dpo_nll=1.0, dpo_pairwise=0.0))
     assert rs.startswith("rejection-sampling fine-tuning") and "no pairwise term" in rs
+    anchored = dpo_method(load_config(dpo_nll=1.0, dpo_anchor=0.5))
+    assert anchored.endswith("NLL x 1.0 + KL to the parent on the anchor questions x 0.5 (rlhf.job)")
+
+
+def test_anchor_kl_is_zero_at_the_parent_and_counts_only_answer_positions() -> None:
+    from rlhf.dpo import anchor_kl
+
+    torch.manual_seed(0)
+    ref = torch.randn(2, 5, 7)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]])  # position t predicts token t + 1
+    assert anchor_kl(ref.clone(), ref, mask).item() == pytest.approx(0.0, abs=1e-6)
+    moved = ref.clone()
+    moved[0, 0] += torch.randn(7) * 3  # predicts a prompt token: not counted
+    moved[1, 3] += torch.randn(7) * 3  # predicts padding: not counted
+    assert anchor_kl(moved, ref, mask).item() == pytest.approx(0.0, abs=1e-6)
+    moved[0, 2] += torch.arange(7.0)  # predicts an answer token
+    p, q = torch.softmax(ref[0, 2], -1), torch.softmax(moved[0, 2], -1)
+    by_hand = float((p * (p.log() - q.log())).sum()) / 5  # 5 answer positions in all (3 + 2)
+    assert anchor_kl(moved, ref, mask).item() == pytest.approx(by_hand, rel=1e-5)
+    assert by_hand > 0
+
+
+def test_anchor_questions_are_disjoint_from_every_other_set() -> None:
+    import yaml
+
+    from model.quality import QUESTIONS
+    from rlhf.preference import PROMPTS_FILE
+
+    sets = yaml.safe_load(PROMPTS_FILE.read_text(encoding="utf-8"))
+    anchor = set(sets["anchor"])
+    assert len(anchor) == len(sets["anchor"]) > 100
+    for name in ("train", "heldout", "validation"):
+        assert anchor.isdisjoint(sets[name]), name
+    quiz = {m["content"] for q in QUESTIONS for m in q.messages() if m["role"] == "user"}
+    assert anchor.isdisjoint(quiz)

@@ -196,7 +196,7 @@ def test_two_rounds_build_on_each_other(tiny_registry: tuple[Registry, str], tmp
 
     ends = iter([NOW_MS, later])
     config = load_config(algorithm="dpo", rm_epochs=1, rm_batch_size=8, rm_lr=2e-3, dpo_epochs=1, dpo_batch_size=8,
-                         dpo_lr=1e-3, dpo_nll=1.0, max_new_tokens=8, heldout_percent=25, num_workers=1,
+                         dpo_lr=1e-3, dpo_nll=1.0, dpo_anchor=1.0, max_new_tokens=8, heldout_percent=25, num_workers=1,
                          cpus_per_worker=2, ray_num_cpus=2, use_gpu="false", eval_max_new_tokens=8, eval_samples=1,
                          kl_bound=1e6, pushgateway_url="")
     reports = job.run_rounds(config, registry, 2, base=base, dataset_root=feedback, label=label,
@@ -221,5 +221,11 @@ def test_two_rounds_build_on_each_other(tiny_registry: tuple[Registry, str], tmp
     # RLHF_DPO_NLL: the best answers' NLL per token was added (and watched) at every step
     assert two["hyperparameters"]["dpo_nll"] == 1.0
     assert two["dpo_history"] and all(h["dpo_nll"] > 0 for h in two["dpo_history"]), two["dpo_history"]
+    # RLHF_DPO_ANCHOR: KL to the parent on its anchor answers, 0 at the first step (the policy is the
+    # parent) and above it once the policy has moved
+    kls = [[h["dpo_anchor_kl"] for h in r["dpo_history"]] for r in reports]
+    assert all(k[0] == pytest.approx(0.0, abs=1e-5) for k in kls) and max(kls[0]) > 1e-4, kls
+    assert "KL to the parent on the anchor questions x 1.0" in registry.load(two["version"]).manifest["training"][
+        "method"]
     md = report_markdown(reports)
     assert one["version"] in md and two["version"] in md
