@@ -5,7 +5,9 @@ models in the layout the service gives a fresh conversation (:func:`served_promp
 template's hidden instructions around the question), and measured three ways:
 
 * **the rule** (:mod:`rlhf.preference`, the simulated labelers' own judge) on each model's
-  greedy answer through the exported ONNX models, as served: mean score and the child's
+  greedy answer through the exported (served) ONNX models, plain greedy: without the served
+  engine's repetition penalty and copy guard (bench/results/rlhf_rounds_real.md, 2026-12-06 12:42,
+  judges both ways): mean score and the child's
   wins / ties / losses, each of the rule's terms apart, and answer length (:func:`judge`).
   The reward model alone can be gamed; the rule cannot
   be, by construction, since PPO never saw it;

@@ -1,8 +1,9 @@
 """Replay evaluation: real logged prompts re-run on a candidate and on the served version.
 
 Before a candidate is served, the prompts users actually sent (not the job's held-out
-questions) are put to both models again, greedy, through the exported ONNX models as served
-(``rlhf.job.greedy_answers``), and the two answers of each prompt are judged three ways:
+questions) are put to both models again, greedy, through the exported (served) ONNX models
+(``rlhf.job.greedy_answers``; plain greedy, without the engine's repetition penalty), and the
+two answers of each prompt are judged three ways:
 
 * **the labelers' rule** (:mod:`rlhf.preference`, through :func:`rlhf.evaluation.judge`):
   mean score, the candidate's wins / ties / losses, the rule's terms apart;
