@@ -510,9 +510,10 @@ def _quiz_check(lm: nn.Module, enc: Encoder, hp: dict[str, Any], step: int, pare
     return quiz.check(step, int(score), int(total), parent, hp["dpo_quiz_points"])
 
 
-def _validation_answers(lm: nn.Module, enc: Encoder, hp: dict[str, Any], asked: dict[str, list[str]],
-                        rank: int, world: int, device: torch.device) -> list[str]:
-    """Greedy answers of ``lm`` to this worker's share of the validation prompts (as served)."""
+def _greedy_answers(lm: nn.Module, enc: Encoder, hp: dict[str, Any], asked: dict[str, list[str]],
+                    rank: int, world: int, device: torch.device) -> list[str]:
+    """Greedy answers of ``lm`` to this worker's share of ``asked["prompts"]`` (the validation or
+    the anchor questions, in the served prompt layout)."""
     rows = [enc.prompt(p) for p in asked["prompts"][rank::world]]
     return quiz.greedy_texts(lm, enc.tokenizer, enc.eos, rows, device, 32, hp["eval_max_new_tokens"])
 
@@ -521,7 +522,7 @@ def anchor_items(parent: nn.Module, enc: Encoder, hp: dict[str, Any], anchor: di
                  rank: int, world: int, device: torch.device) -> list[dict[str, Any]]:
     """This worker's share of the anchor prompts, each with the parent's greedy answer (what
     :func:`rlhf.dpo.anchor_kl` holds the policy to), in :func:`answer_batch`'s item shape."""
-    answers = _validation_answers(parent, enc, hp, anchor, rank, world, device)
+    answers = _greedy_answers(parent, enc, hp, anchor, rank, world, device)
     return [{"prompt": p, "answers": [a], "pairs": []}
             for p, a in zip(anchor["prompts"][rank::world], answers, strict=True)]
 
@@ -541,7 +542,7 @@ def _validation_check(lm: nn.Module, enc: Encoder, hp: dict[str, Any], step: int
                       device: torch.device) -> validation.ValidationCheck:
     """``lm``'s rule record against the parent on the validation questions, summed over the workers."""
     mine = validation.record(step, asked["questions"][rank::world], parent_answers,
-                             _validation_answers(lm, enc, hp, asked, rank, world, device))
+                             _greedy_answers(lm, enc, hp, asked, rank, world, device))
     wins, ties, losses = _all_sum([float(mine.wins), float(mine.ties), float(mine.losses)], device)
     return validation.ValidationCheck(step, int(wins), int(ties), int(losses))
 
@@ -586,7 +587,7 @@ def train_dpo(cfg: dict[str, Any], enc: Encoder, device: torch.device, rank: int
     parent = _quiz_check(reference, enc, hp, 0, None, rank, world, device) if every else None
     checks: list[quiz.QuizCheck] = []
     asked = cfg.get("validation") if every and hp.get("dpo_select") == "validation" else None
-    parent_answers = _validation_answers(reference, enc, hp, asked, rank, world, device) if asked else []
+    parent_answers = _greedy_answers(reference, enc, hp, asked, rank, world, device) if asked else []
     anchored = (anchor_items(reference, enc, hp, cfg["anchor"], rank, world, device)
                 if hp.get("dpo_anchor", 0.0) > 0 else [])
     anchor_order = [i for epoch in range(hp["dpo_epochs"] + 1)
