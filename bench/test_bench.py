@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import common, engine, report, stages
+from bench import common, engine, report, stages, template_answers
+from model.quality_questions import QUESTIONS
 
 
 def test_percentile_interpolates_and_summary_carries_median_and_p99() -> None:
@@ -312,3 +313,21 @@ def test_rebalance_counts_lost_duplicated_and_misnumbered_turns_per_action() -> 
     assert (add["duplicated"], add["bad_index"], add["no_answer"], add["process"]) == (1, 1, 1, "tokenizer-2")
     assert add["stall_s"] == 3.5  # from the action at 3.5 to the first completion at 7.0
     assert max_gap([], 1.0, 4.0) == 3.0 and max_gap([9.0], 1.0, 4.0) == 3.0
+
+
+def test_template_answers_counts_stubs_non_answers_and_gate_answers() -> None:
+    quality = [q for q in QUESTIONS if not q.history]
+    gate = [q.accept[0] for q in quality]
+    gate[0] = ""  # an empty answer: a stub, a non-answer and wrong
+    questions = ["Why do we need sleep?", "What is the capital of France?"]
+    stub = template_answers.summarize(questions, ["The answer to this question is:", "Paris is the capital."], gate)
+    answered = template_answers.summarize(
+        questions, ["Sleep lets the body and the brain rest and repair.", "Paris is the capital."], gate)
+    assert (stub["stubs"], answered["stubs"]) == (2, 1)
+    assert stub["non_answers"] == answered["non_answers"] + 1
+    assert stub["quality_correct"] == answered["quality_correct"] == len(quality) - 1
+    assert stub["rule_mean_rlhf"] < answered["rule_mean_rlhf"]
+    assert {"question": "Why do we need sleep?", "answer": "The answer to this question is:",
+            "why": "stub, off_topic"} in template_answers.failures(questions, ["The answer to this question is:",
+                                                                          "Paris is the capital.", *gate])
+    assert template_answers.is_stub("Here are the steps: ") and not template_answers.is_stub("Ratio 1:2 holds.")
