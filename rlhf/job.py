@@ -72,6 +72,8 @@ log = logging.getLogger("rlhf.job")
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS_FILE = Path(__file__).resolve().parent / "prompts.yaml"
 SOURCE = "rlhf"
+# Run in every worker of the job's own Ray (services/common/private_api.py says why).
+PG_CLEANER_HOOK = "services.common.private_api.quiet_placement_group_cleaner"
 
 
 class JobError(RuntimeError):
@@ -171,7 +173,9 @@ def train_on_ray(config: RLHFConfig, loop_config: dict[str, Any], run_dir: Path)
         ray.init(address=config.ray_address or None, num_cpus=config.ray_num_cpus or None,
                  include_dashboard=False, configure_logging=False,
                  runtime_env={"env_vars": {"PYTHONPATH": path.rstrip(os.pathsep), "HF_HUB_OFFLINE": "1",
-                                           "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}})
+                                           "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"},
+                              # no dashboard, so no state API: keep Ray Train's cleaner from warning each second
+                              "worker_process_setup_hook": PG_CLEANER_HOOK})
         started_ray = True
     try:
         trainer = TorchTrainer(

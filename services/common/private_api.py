@@ -29,6 +29,13 @@ used here, so an upgrade that moves one fails that test loudly instead of a serv
 - Ray Serve 2.60: deploying a whole config file from Python (what ``serve run config.yaml`` does)
   needs ``ray.serve._private.api.serve_start`` and the global client's ``deploy_apps``
   (services/generation/serving.py).
+- Ray Train 2.60: every ``TorchTrainer.fit`` starts a detached ``PlacementGroupCleaner`` that asks
+  Ray's state API each second whether the controller is alive; without the dashboard (the RLHF
+  job's own local Ray starts none, to leave the cores to training) each ask fails and logs a
+  warning, about 1,500 lines in a 25-minute round. Its logger is named after a private module and
+  has no public switch; the job's workers set it to ERROR (``quiet_placement_group_cleaner``, a
+  ``worker_process_setup_hook``, rlhf/job.py). The cleaner only matters when the controller dies
+  and Ray lives on; that local Ray is shut down with the job.
 - Ray Serve 2.60: a request router asks Serve to back off between routing rounds (when every
   replica it ranked is full) through ``PendingRequest.routing_context.should_backoff``, whose
   type is not public (services/generation/router.py).
@@ -36,13 +43,23 @@ used here, so an upgrade that moves one fails that test loudly instead of a serv
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from kafka.admin._transactions import AbortTransactionSpec, TransactionState
 
 __all__ = ["AbortTransactionSpec", "TransactionState", "back_off_between_routing_rounds", "fail_pending_waiters",
-           "force_close_producer", "gone_topics", "group_member_state", "leave_group_on_close", "serve_client",
-           "serve_start"]
+           "force_close_producer", "gone_topics", "group_member_state", "leave_group_on_close",
+           "quiet_placement_group_cleaner", "serve_client", "serve_start"]
+
+# The logger of Ray Train's PlacementGroupCleaner (a private module's ``__name__``).
+RAY_TRAIN_PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_placement_group_cleaner() -> None:
+    """Ray worker setup hook: only errors from the PlacementGroupCleaner, not its warning each
+    second that the state API (the dashboard, not started) does not answer."""
+    logging.getLogger(RAY_TRAIN_PG_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def fail_pending_waiters(consumer: Any, exc: BaseException) -> bool:

@@ -140,3 +140,22 @@ def test_kafka_python_checksums_record_batches_with_the_c_crc32c() -> None:
     from kafka.record import util
 
     assert util._crc32c is crc32c.crc32c
+
+
+def test_ray_train_placement_group_cleaner_still_logs_its_warning_where_the_hook_quiets_it() -> None:
+    import importlib
+    import logging
+
+    from rlhf.job import PG_CLEANER_HOOK
+
+    module = importlib.import_module(private_api.RAY_TRAIN_PG_CLEANER_LOGGER)
+    assert module.logger.name == private_api.RAY_TRAIN_PG_CLEANER_LOGGER
+    assert "Failed to query Ray Train Controller actor state" in inspect.getsource(module.PlacementGroupCleaner)
+    hook_module, _, hook_name = PG_CLEANER_HOOK.rpartition(".")
+    hook = getattr(importlib.import_module(hook_module), hook_name)
+    level = module.logger.level
+    try:
+        hook()
+        assert not module.logger.isEnabledFor(logging.WARNING) and module.logger.isEnabledFor(logging.ERROR)
+    finally:
+        module.logger.setLevel(level)
