@@ -14,6 +14,9 @@ nothing to copy there: equal by construction) and as turn 3 after two fixed
 earlier turns (judged by answer_quality.judge: keyword hits and loops), and the recall
 conversations of bench.prompt_history_reminder (a fact, then the question at turn 2; the fact,
 two unrelated turns, the question at turn 4).
+(c) after a stub: the same 45 prompts asked right after a first turn answered with a lead-in that
+stops ("The answer to this question is:", fixed in the history): keyword hits, and how many answers
+are the stub again (a whole short answer copied and ended where it ended).
 
     .venv/bin/python -m bench.answer_copies [--out bench/results/answer_copies.json]
 """
@@ -44,6 +47,9 @@ from services.tokenizer.domain import TextTokenizer
 
 COPY_TOKENS = 64  # answers of the follow-up conversations: room for a sentence or two to copy
 LONG_COPY = 8  # a shared run this long is a copied phrase, not shared words
+# A stub the served model gives as a first answer (bench/results/template_answers.md), fixed in the history
+# so the figure does not depend on the model producing it: are the next turns copies of it?
+STUB_TURN = ("Why do we need sleep?", "The answer to this question is:")
 # An answer that narrates the conversation ("The user asked for a tip ...") instead of answering.
 NARRATES = re.compile(r"\bthe user\b", re.IGNORECASE)
 FOLLOW_UPS: tuple[tuple[str, ...], ...] = (
@@ -131,6 +137,9 @@ def evaluate(chats: Chats, copy_penalty: float | None) -> dict[str, Any]:
     past = [PastTurn(i, m, a) for i, (m, (_, a)) in enumerate(zip(EARLIER, earlier_turns, strict=True), 1)]
     turn3 = chats.answer_all([chats.prompt(past, p.message) for p in PROMPTS], MAX_TOKENS, copy_penalty)
     report = judge({p.message: a for p, a in zip(PROMPTS, turn3, strict=True)})
+    after_stub = chats.answer_all([chats.prompt([PastTurn(1, *STUB_TURN)], p.message) for p in PROMPTS], MAX_TOKENS,
+                                  copy_penalty)
+    stub_report = judge({p.message: a for p, a in zip(PROMPTS, after_stub, strict=True)})
     recall2 = chats.conversations([(fact, question) for fact, question, _ in RECALL], MAX_TOKENS, copy_penalty)
     recall4 = chats.conversations([(fact, *FILLER, question) for fact, question, _ in RECALL], MAX_TOKENS,
                                   copy_penalty)
@@ -142,6 +151,8 @@ def evaluate(chats: Chats, copy_penalty: float | None) -> dict[str, Any]:
         "answers": len(runs), "mean_longest_shared_run": round(sum(runs) / len(runs), 2),
         "long_copies": sum(r >= LONG_COPY for r in runs), "max_shared_run": max(runs),
         "turn3_quality": report.as_dict(), "turn3_summary": report.summary(),
+        "after_stub_summary": stub_report.summary(), "after_stub_hits": stub_report.hits,
+        "after_stub_copies": sum(a.strip() == STUB_TURN[1] for a in after_stub),
         "recall2_hits": hits2, "recall4_hits": hits4, "recall_total": len(RECALL),
         "narrating": sum(bool(NARRATES.search(a)) for a in [*(r["answer"] for r in rows), *turn1, *turn3]),
         "narrating_of": len(rows) + len(turn1) + len(turn3),
@@ -174,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"copy_penalty {r['copy_penalty']}: longest run shared with an earlier answer, mean "
               f"{r['mean_longest_shared_run']} tokens over {r['answers']} answers, {r['long_copies']} of them "
               f">= {LONG_COPY} (max {r['max_shared_run']}); template {r['template']}: turn 1 {r['turn1_summary']}; "
-              f"turn 3 {r['turn3_summary']}; {r['narrating']}/{r['narrating_of']} answers narrate \"the user\"; "
+              f"turn 3 {r['turn3_summary']}; after a stub answer {r['after_stub_summary']}, "
+              f"{r['after_stub_copies']} of them the stub again; "
+              f"{r['narrating']}/{r['narrating_of']} answers narrate \"the user\"; "
               f"recall at turn 2 "
               f"{r['recall2_hits']}/{r['recall_total']}, at turn 4 {r['recall4_hits']}/{r['recall_total']} "
               f"({r['seconds']} s)", flush=True)

@@ -15,6 +15,14 @@ messages or the instructions, and only over the answer's own tokens: after an an
 nothing, a third 0.8, a sixth 4.3, a tenth 40: a sentence soon cannot be continued). Off inside a Markdown
 code block, where copying earlier code is what an edit asks for. Each candidate keeps its own
 state, so an answer depends only on its own prompt and tokens (batching changes nothing).
+
+An answer that has copied a whole earlier answer (of at least `allowed` tokens) also pays to end there:
+in the prompt that answer's end token follows it (llama.cpp's DRY, whose context holds end tokens,
+penalizes any copied run that reaches one). Without this a short answer was copied whole and
+stopped: once a first answer was the stub "The answer to this question is:", the conversation's
+next turns were the same stub (23 of 45 answer-quality questions asked after it,
+bench/results/answer_copies.md). Only a whole copy: an answer that merely ends on the same two or
+three tokens as an earlier one ("... could help!") ends freely.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-SEPARATOR = -1  # between two earlier answers: no token equals it, so no copy spans two answers
+END = -1  # after each earlier answer: no token equals it, so no copy spans two answers
 MAX_EXPONENT = 30  # base ** 30 is already a ban; keeps the penalty finite
 FENCE = "```"
 _NONE: tuple[np.ndarray, np.ndarray] = (np.empty(0, np.int64), np.empty(0, np.float32))  # nothing owed
@@ -59,11 +67,21 @@ class CopyGuard:
     """One candidate's state: how long a copy of each earlier-answer position its answer is
     continuing, and whether the answer is inside a code block."""
 
-    def __init__(self, answers: Sequence[Sequence[int]], multiplier: float, base: float, allowed: int) -> None:
+    def __init__(self, answers: Sequence[Sequence[int]], multiplier: float, base: float, allowed: int,
+                 ends: Sequence[int] = ()) -> None:
+        """`ends`: the tokens that end an answer (each continues a copy that reached an earlier
+        answer's end); none: a copy owes nothing there."""
         flat: list[int] = []
+        whole: list[int] = []  # at each answer's last token: its length (a copy that long is the whole answer)
         for a in answers:
             flat.extend(a)
-            flat.append(SEPARATOR)
+            whole.extend([0] * len(a))
+            if a:
+                whole[-1] = len(a)
+            flat.append(END)
+            whole.append(0)
+        self.whole = np.asarray(whole, dtype=np.int64)
+        self.ends = np.asarray(sorted(set(ends)), dtype=np.int64)
         self.history = np.asarray(flat, dtype=np.int64)
         # match[j]: the answer's last match[j] tokens equal history[j - match[j] + 1 .. j]
         self.match = np.zeros(len(flat), dtype=np.int64)
@@ -83,14 +101,21 @@ class CopyGuard:
         """(tokens, amounts): what each token that would continue a copy loses from its logit."""
         if self.text.count(FENCE) % 2:  # inside a code block
             return _NONE
-        # a copy owes nothing where the earlier answer ends (a separator follows)
-        m = self.match[:-1] * (self.history[1:] != SEPARATOR)
+        m = self.match[:-1]
         at = np.nonzero(m >= self.allowed)[0]
         if at.size == 0:
             return _NONE
         nxt = self.history[at + 1]
         exponent = np.minimum(m[at] - self.allowed, MAX_EXPONENT)
         amount = self.multiplier * np.power(self.base, exponent)
+        at_end = nxt == END
+        if at_end.any():  # a whole earlier answer copied: every end token continues it; a tail copy ends freely
+            keep = ~at_end | (m[at] >= self.whole[at])
+            nxt, amount, at_end = nxt[keep], amount[keep], at_end[keep]
+            nxt = np.concatenate([nxt[~at_end], np.repeat(self.ends, int(at_end.sum()))])
+            amount = np.concatenate([amount[~at_end], np.tile(amount[at_end], self.ends.size)])
+            if nxt.size == 0:
+                return _NONE
         tokens = np.unique(nxt)  # a token continuing several copies: the longest counts
         best = np.zeros(tokens.size)
         np.maximum.at(best, np.searchsorted(tokens, nxt), amount)

@@ -172,7 +172,8 @@ class LoadedModel:
             return None
         d = self.sampling
         base, allowed = float(d["copy_base"]), int(d["copy_allowed"])
-        return lambda: CopyGuard(answers, multiplier, base, allowed)
+        ends = sorted(self.eos)
+        return lambda: CopyGuard(answers, multiplier, base, allowed, ends)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)

@@ -30,8 +30,9 @@ def test_earlier_answers_are_the_closed_assistant_turns_not_the_open_one_nor_the
     assert earlier_answers(ids, [], END) == []
 
 
-def guard(answers: list[list[int]], multiplier: float = 1.0, base: float = 2.0, allowed: int = 2) -> CopyGuard:
-    return CopyGuard(answers, multiplier, base, allowed)
+def guard(answers: list[list[int]], multiplier: float = 1.0, base: float = 2.0, allowed: int = 2,
+          ends: tuple[int, ...] = ()) -> CopyGuard:
+    return CopyGuard(answers, multiplier, base, allowed, ends)
 
 
 def fed(g: CopyGuard, tokens: list[int], text: str = "x") -> CopyGuard:
@@ -59,6 +60,22 @@ def test_the_longest_of_several_copies_sets_a_tokens_penalty_and_no_copy_spans_t
     assert penalties(g) == {50: 2.0, 60: 1.0}  # 3 tokens copied from the first, 2 from the second
     end_to_start = fed(guard([[20, 21], [22, 23]]), [20, 21, 22])
     assert penalties(end_to_start) == {}  # "21, 22" runs across the boundary of two answers
+
+
+def test_ending_a_whole_copy_of_an_earlier_answer_costs_every_end_token_like_a_further_token() -> None:
+    stub = [20, 21, 22, 23]  # "The answer to this question is:" then the end token
+    g = fed(guard([[30, 31], stub], ends=(END, 0)), stub)
+    assert penalties(g) == {0: 4.0, END: 4.0}  # 4 copied: ending continues the copy, 1.0 x 2^(4 - 2)
+    assert penalties(fed(guard([stub]), stub)) == {}  # no end tokens given: ending is free, as before
+    short = fed(guard([[20, 21]], ends=(END,)), [20, 21])
+    assert penalties(short) == {END: 1.0}  # a whole answer of `allowed` tokens: the first further token's price
+
+
+def test_an_answer_ending_on_an_earlier_answers_last_tokens_ends_freely() -> None:
+    g = fed(guard([[20, 21, 22, 23]], ends=(END,)), [40, 22, 23])  # "... could help!" like an earlier answer
+    assert penalties(g) == {}
+    middle = fed(guard([[20, 21, 22, 23]], ends=(END,)), [20, 21, 22])
+    assert penalties(middle) == {23: 2.0}  # not at the end yet: the next copied token pays, ending is free
 
 
 def test_apply_lowers_only_the_continuing_tokens_and_leaves_the_bound_buffer_alone() -> None:
