@@ -17,11 +17,10 @@ code block, where copying earlier code is what an edit asks for. Each candidate 
 state, so an answer depends only on its own prompt and tokens (batching changes nothing).
 
 An answer that has copied a whole earlier answer (of at least `allowed` tokens) also pays to end there:
-in the prompt that answer's end token follows it (llama.cpp's DRY, whose context holds end tokens,
-penalizes any copied run that reaches one). Without this a short answer was copied whole and
-stopped: once a first answer was the stub "The answer to this question is:", the conversation's
-next turns were the same stub (23 of 45 answer-quality questions asked after it,
-bench/results/answer_copies.md). Only a whole copy: an answer that merely ends on the same two or
+in the prompt that answer's end token follows it, so ending is the copy's next token. Without this
+a short answer was copied whole and stopped: once a first answer was the stub "The answer to this
+question is:", the conversation's next turns were the same stub (23 of 45 answer-quality questions
+asked after it, bench/results/answer_copies.md). Only a whole copy: an answer that merely ends on the same two or
 three tokens as an earlier one ("... could help!") ends freely.
 """
 
