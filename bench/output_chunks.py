@@ -71,12 +71,41 @@ def _doubling() -> Iterator[None]:
         streaming.chunk_ends = product
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def output_stage(first_chars: int | None = None, like: Any = None) -> Any:
+    """The output stage as `services.moderation` builds it from its config (moderator, leak check,
+    chunk sizes), without Kafka; `first_chars` overrides the first chunk's length, `like` (a stage)
+    lends its moderator and leak check instead of loading them again."""
     from services.common import config
-    from services.moderation import dataset, streaming
     from services.moderation.__main__ import load_leak_detector, load_moderator
     from services.moderation.config import ModerationConfig
     from services.moderation.worker import OutputStage
+
+    cfg = config.load(ModerationConfig)
+    moderator = like.moderator if like is not None else load_moderator(cfg)
+    leak = like.leak if like is not None else load_leak_detector(cfg, moderator)
+    first = cfg.chunk_first_chars if first_chars is None else first_chars
+    return OutputStage(moderator, cfg.chunk_min_chars, cfg.chunk_max_chars, first_chars=first, leak=leak)
+
+
+def cuts(stage: Any, items: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """The (question, answer) pairs whose finished answer the stage cuts, checked the way it checks
+    them (each chunk with the one before it, the question as context, the leak check on every prefix)."""
+    from services.moderation import streaming
+
+    out = []
+    for question, answer in items:
+        check = streaming.check_candidate(answer, True, stage._verdicts(question), stage._combine,
+                                          stage.min_chars, stage.max_chars, stage.first_chars)
+        if check.blocked is not None:
+            out.append({"question": question, "answer": answer, "released": check.released,
+                        "categories": sorted(c for c, v in check.blocked.categories.items() if v)})
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from services.common import config
+    from services.moderation import dataset
+    from services.moderation.config import ModerationConfig
 
     model_dir, version = common.served_model()
     manifest = json.loads((model_dir / "manifest.json").read_text(encoding="utf-8"))
@@ -85,27 +114,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
              + [(e.context, e.text) for e in context_pairs if not e.labels])  # + benign look-alikes
     harmful = [(e.context, e.text) for e in context_pairs if e.labels]
     cfg = config.load(ModerationConfig)
-    moderator = load_moderator(cfg)
-    leak = load_leak_detector(cfg, moderator)
+    product = output_stage()
     rec = Record(NAME, {"answers_of": version, "answers": len(pairs), "harmful_pairs": len(harmful),
                         "min_chars": cfg.chunk_min_chars, "max_chars": cfg.chunk_max_chars,
                         "method": __doc__.split("\n\n")[1].replace("\n", " ")})
     rows = []
     for name, (first, doubling) in CHUNKINGS.items():
-        stage = OutputStage(moderator, cfg.chunk_min_chars, cfg.chunk_max_chars, first_chars=first, leak=leak)
-
-        def cuts(items: list[tuple[str, str]], stage: OutputStage = stage, first: int = first) -> list[dict[str, Any]]:
-            out = []
-            for question, answer in items:
-                check = streaming.check_candidate(answer, True, stage._verdicts(question), stage._combine,
-                                                  stage.min_chars, stage.max_chars, first)
-                if check.blocked is not None:
-                    out.append({"question": question, "answer": answer, "released": check.released,
-                                "categories": sorted(c for c, v in check.blocked.categories.items() if v)})
-            return out
-
+        stage = output_stage(first, like=product)
         with _doubling() if doubling else contextlib.nullcontext():
-            cut, caught = cuts(pairs), cuts(harmful)
+            cut, caught = cuts(stage, pairs), cuts(stage, harmful)
         rec.results[name] = {"cut": len(cut), "of": len(pairs), "answers_cut": cut,
                              "harmful_cut": len(caught), "harmful_of": len(harmful), "harmful_caught": caught,
                              "harmful_missed": [q for q, _ in harmful if q not in {c["question"] for c in caught}]}

@@ -9,7 +9,9 @@ conversation's first turn assembled by the prompt service's own `Assembler`, ans
 engine's scheduler on the served model at its manifest's defaults (greedy, repetition penalty,
 copy guard), 64 tokens. Reports per template: stubs (an empty answer or one that ends on a colon:
 a lead-in with nothing after it), non-answers (`rlhf.preference.non_answer`), the labelers' rule
-mean on the 247 RLHF questions and the gate questions answered right (`model.quality.is_correct`).
+mean on the 247 RLHF questions, the gate questions answered right (`model.quality.is_correct`), and
+the answers output moderation cuts as its stage checks them (`bench.output_chunks.cuts`, the
+product's chunking and policy: every question is benign, so each cut is a false positive).
 
     .venv/bin/python -m bench.template_answers --template v5
     .venv/bin/python -m bench.template_answers --label C --after "(Give a direct, brief answer.)"
@@ -30,6 +32,7 @@ from typing import Any
 import yaml
 
 from bench.answer_copies import Chats
+from bench.output_chunks import cuts, output_stage
 from model.quality import is_correct
 from model.quality_questions import QUESTIONS
 from model.registry import Registry
@@ -103,12 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     quality = [q.prompt for q in QUESTIONS if not q.history]
     answers = chats.answer_all([chats.prompt([], q) for q in (*rlhf_qs, *quality)], MAX_TOKENS, None)
     figures = summarize(rlhf_qs, answers[:len(rlhf_qs)], answers[len(rlhf_qs):])
+    cut = cuts(output_stage(), list(zip([*rlhf_qs, *quality], answers, strict=True)))
     print(f"{label}: {figures['stubs']} stubs and {figures['non_answers']} non-answers of {figures['answers']}; "
           f"rule mean {figures['rule_mean_rlhf']} on {len(rlhf_qs)} RLHF questions; "
-          f"{figures['quality_correct']}/{figures['quality_questions']} gate questions right")
+          f"{figures['quality_correct']}/{figures['quality_questions']} gate questions right; "
+          f"{len(cut)} cut by output moderation")
     runs = json.loads(args.out.read_text(encoding="utf-8")) if args.out.exists() else {}
     runs[label] = {"model": version, "template": dataclasses.asdict(template), "max_tokens": MAX_TOKENS,
-                   **figures, "failures": failures(rlhf_qs, answers)}
+                   **figures, "cut_by_output_moderation": len(cut), "failures": failures(rlhf_qs, answers),
+                   "cut": cut}
     args.out.write_text(json.dumps(runs, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
     return 0
