@@ -44,6 +44,7 @@ from services.tokenizer.domain import TextTokenizer
 
 MAX_TOKENS = 64
 RLHF_SETS = ("train", "heldout", "validation", "anchor")
+GATE = tuple(q for q in QUESTIONS if not q.history)  # the gate's single-turn questions
 
 
 def is_stub(answer: str) -> bool:
@@ -58,8 +59,7 @@ def rlhf_questions() -> list[str]:
 
 def summarize(rlhf_qs: list[str], rlhf_answers: list[str], quality_answers: list[str]) -> dict[str, Any]:
     """The figures of one template's answers (quality answers in `QUESTIONS`' single-turn order)."""
-    quality = [q for q in QUESTIONS if not q.history]
-    questions = [*rlhf_qs, *(q.prompt for q in quality)]
+    questions = [*rlhf_qs, *(q.prompt for q in GATE)]
     answers = [*rlhf_answers, *quality_answers]
     return {"answers": len(answers),
             "stubs": sum(is_stub(a) for a in answers),
@@ -67,17 +67,16 @@ def summarize(rlhf_qs: list[str], rlhf_answers: list[str], quality_answers: list
                                for q, a in zip(questions, answers, strict=True)),
             "rule_mean_rlhf": round(sum(preference.score(q, a) for q, a in zip(rlhf_qs, rlhf_answers, strict=True))
                                     / len(rlhf_qs), 3),
-            "quality_correct": sum(is_correct(a, q.accept) for q, a in zip(quality, quality_answers, strict=True)),
-            "quality_questions": len(quality)}
+            "quality_correct": sum(is_correct(a, q.accept) for q, a in zip(GATE, quality_answers, strict=True)),
+            "quality_questions": len(GATE)}
 
 
 def failures(rlhf_qs: list[str], answers: list[str]) -> list[dict[str, str]]:
     """The answers worth reading: each stub, non-answer (with why) and wrong gate answer."""
-    quality = [q for q in QUESTIONS if not q.history]
     out = []
-    for i, (question, answer) in enumerate(zip([*rlhf_qs, *(q.prompt for q in quality)], answers, strict=True)):
+    for i, (question, answer) in enumerate(zip([*rlhf_qs, *(q.prompt for q in GATE)], answers, strict=True)):
         why = [w for w in ("stub" if is_stub(answer) else "", preference.non_answer(question, answer) or "",
-                           "" if i < len(rlhf_qs) or is_correct(answer, quality[i - len(rlhf_qs)].accept)
+                           "" if i < len(rlhf_qs) or is_correct(answer, GATE[i - len(rlhf_qs)].accept)
                            else "gate: wrong") if w]
         if why:
             out.append({"question": question, "answer": answer, "why": ", ".join(why)})
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     model = LoadedModel(model_dir, version, "cpu")
     chats = Chats(model, TextTokenizer.from_file(str(model_dir / "tokenizer.json")), template)
     rlhf_qs = rlhf_questions()
-    quality = [q.prompt for q in QUESTIONS if not q.history]
+    quality = [q.prompt for q in GATE]
     answers = chats.answer_all([chats.prompt([], q) for q in (*rlhf_qs, *quality)], MAX_TOKENS, None)
     figures = summarize(rlhf_qs, answers[:len(rlhf_qs)], answers[len(rlhf_qs):])
     cut = cuts(output_stage(), list(zip([*rlhf_qs, *quality], answers, strict=True)))

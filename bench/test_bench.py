@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from bench import common, engine, report, stages, template_answers
-from model.quality_questions import QUESTIONS
 
 
 def test_percentile_interpolates_and_summary_carries_median_and_p99() -> None:
@@ -316,7 +315,7 @@ def test_rebalance_counts_lost_duplicated_and_misnumbered_turns_per_action() -> 
 
 
 def test_template_answers_counts_stubs_non_answers_and_gate_answers() -> None:
-    quality = [q for q in QUESTIONS if not q.history]
+    quality = template_answers.GATE
     gate = [q.accept[0] for q in quality]
     gate[0] = ""  # an empty answer: a stub, a non-answer and wrong
     questions = ["Why do we need sleep?", "What is the capital of France?"]
