@@ -32,9 +32,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench import common
 from bench.prompt_history_reminder import EARLIER, FILLER, RECALL
 from model.answer_quality import MAX_TOKENS, PROMPTS, judge, keyword_hit
-from model.registry import Registry
 from services.generation.config import EngineSettings
 from services.generation.repeats import earlier_answers
 from services.generation.runner import LoadedModel
@@ -92,6 +92,13 @@ class Chats:
         self.model, self.tok, self.template = model, tok, template
         self.assembler = Assembler(tok, model.context_length)
         self.sched = Scheduler(model, EngineSettings(max_running=16, max_waiting=4096), threading.Lock())
+
+    @classmethod
+    def served(cls, template: PromptTemplate, model_dir: Path | None = None) -> Chats:
+        """Chats on `model_dir` (default: the model the pipeline serves) with `template`."""
+        model_dir, version = (model_dir, model_dir.name) if model_dir else common.served_model()
+        model = LoadedModel(model_dir, version, "cpu")
+        return cls(model, TextTokenizer.from_file(str(model_dir / "tokenizer.json")), template)
 
     def answer_all(self, prompts: list[str], max_tokens: int, copy_penalty: float | None) -> list[str]:
         sampling = Sampling(max_tokens=max_tokens, copy_penalty=copy_penalty)
@@ -169,15 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--penalties", default="0,default",
                         help="comma-separated copy_penalty values to compare; 'default' is the model's")
     args = parser.parse_args(argv)
-    if args.model_dir:
-        model_dir, version = args.model_dir, args.model_dir.name
-    else:
-        reg = Registry()
-        version = reg.current("generation")
-        model_dir = reg.versions_dir / version
-    model = LoadedModel(model_dir, version, "cpu")
-    tok = TextTokenizer.from_file(str(model_dir / "tokenizer.json"))
-    chats = Chats(model, tok, load_file(args.templates).get(args.template))
+    chats = Chats.served(load_file(args.templates).get(args.template), args.model_dir)
+    model, version = chats.model, chats.model.version
     results = []
     for value in (v.strip() for v in args.penalties.split(",") if v.strip()):
         r = evaluate(chats, None if value == "default" else float(value))

@@ -35,12 +35,9 @@ from bench.answer_copies import Chats
 from bench.output_chunks import cuts, output_stage
 from model.quality import is_correct
 from model.quality_questions import QUESTIONS
-from model.registry import Registry
 from rlhf import preference
-from services.generation.runner import LoadedModel
 from services.prompt.config import DEFAULT_TEMPLATES
 from services.prompt.templates import load_file
-from services.tokenizer.domain import TextTokenizer
 
 MAX_TOKENS = 64
 RLHF_SETS = ("train", "heldout", "validation", "anchor")
@@ -96,11 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     template = dataclasses.replace(template, before=args.before or template.before,
                                    after=args.after or template.after)
     label = args.label or template.version
-    reg = Registry()
-    version = reg.current("generation")
-    model_dir = reg.versions_dir / version
-    model = LoadedModel(model_dir, version, "cpu")
-    chats = Chats(model, TextTokenizer.from_file(str(model_dir / "tokenizer.json")), template)
+    chats = Chats.served(template)
+    version = chats.model.version
     rlhf_qs = rlhf_questions()
     quality = [q.prompt for q in GATE]
     answers = chats.answer_all([chats.prompt([], q) for q in (*rlhf_qs, *quality)], MAX_TOKENS, None)
