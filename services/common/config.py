@@ -156,10 +156,6 @@ class KafkaConfig:
                                       check=lambda v: 1000 <= v <= 900_000, hint="1000..900000 milliseconds")
     batch_time_budget_ms: int = env("KAFKA_BATCH_TIME_BUDGET_MS", 0, check=lambda v: v >= 0,
                                     hint="milliseconds >= 0, at most half of KAFKA_TRANSACTION_TIMEOUT_MS")
-    # A batch whose records all went on before the commit (`at_once` outputs) takes in the records
-    # that arrived while it was handled, for at most this long after it started, so a burst shares
-    # one commit instead of waiting behind one commit after another (kafka_loop, "Latency").
-    drain_ms: int = env("KAFKA_DRAIN_MS", 50, check=lambda v: 0 <= v <= 1000, hint="0..1000 milliseconds")
     # How long an output topic found writable is trusted before a stage asks the broker again
     # (a deleted reply topic is found by the next check, or by a send that does not complete).
     output_check_ttl_ms: int = env("KAFKA_OUTPUT_CHECK_TTL_MS", 1000, check=lambda v: 0 <= v <= 3_600_000,

@@ -518,7 +518,10 @@ class StageWorker(GroupReader[M]):
                     producer = self._drop_gone_topics(producer, client)
                 if not batch:
                     continue
-                self._observe_arrival(batch)
+                now_ms, arrival = time.time() * 1000, metrics.STAGE_SECONDS.labels(self.stage, "arrival")
+                for recs in batch.values():
+                    for rec in recs:  # CreateTime: the upstream producer's send, on this machine's clock
+                        arrival.observe(max(0.0, now_ms - rec.timestamp) / 1000)
                 try:
                     self._process_batch(consumer, producer, batch)
                 except _SendsStuck as exc:
@@ -572,34 +575,19 @@ class StageWorker(GroupReader[M]):
         done: Done = []
         process = metrics.STAGE_SECONDS.labels(self.stage, "process")
         self._prepare(records)
-        i, through = 0, True
-        while True:
-            while i < len(records):
-                rec = records[i]
-                i += 1
-                done.append((rec, self._process_record(rec)))
-                through = self._send_at_once(done[-1][1]) and through
-                if i < len(records) and time.monotonic() - started >= budget:
-                    process.observe(time.monotonic() - started)
-                    self._commit(consumer, producer, done)
-                    metrics.BATCHES_CUT.labels(self.stage).inc()
-                    log.info("batch over its time budget: committed a part", extra={
-                        "stage": self.stage, "records": len(done), "left": len(records) - i,
-                        "budget_s": budget})
-                    done, started, through = [], time.monotonic(), False
-                    if self.stopping:
-                        return  # the rest is not committed: whoever owns the partitions next redoes it
-            # Every record so far went on at once, so nothing downstream waits for this commit:
-            # records that arrived meanwhile (a burst) join the transaction now instead of
-            # waiting for it to commit. KAFKA_DRAIN_MS bounds how long the commit (offsets, audit
-            # records) is put off.
-            if not (done and through) or self.stopping or time.monotonic() - started >= self.cfg.drain_ms / 1000:
-                break
-            more = self._drain(consumer, batch)
-            if not more:
-                break
-            self._prepare(more)
-            records.extend(more)
+        for i, rec in enumerate(records):
+            done.append((rec, self._process_record(rec)))
+            self._send_at_once(done[-1][1])
+            if i + 1 < len(records) and time.monotonic() - started >= budget:
+                process.observe(time.monotonic() - started)
+                self._commit(consumer, producer, done)
+                metrics.BATCHES_CUT.labels(self.stage).inc()
+                log.info("batch over its time budget: committed a part", extra={
+                    "stage": self.stage, "records": len(done), "left": len(records) - i - 1,
+                    "budget_s": budget})
+                done, started = [], time.monotonic()
+                if self.stopping:
+                    return  # the rest is not committed: whoever owns the partitions next redoes it
         if done:
             process.observe(time.monotonic() - started)
             self._commit(consumer, producer, done)
@@ -619,29 +607,12 @@ class StageWorker(GroupReader[M]):
             log.warning("preparing the batch failed; its handlers work unprepared", exc_info=True,
                         extra={"stage": self.stage})
 
-    def _observe_arrival(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
-        now_ms, arrival = time.time() * 1000, metrics.STAGE_SECONDS.labels(self.stage, "arrival")
-        for recs in batch.values():
-            for rec in recs:  # CreateTime: the upstream producer's send, on this machine's clock
-                arrival.observe(max(0.0, now_ms - rec.timestamp) / 1000)
-
-    def _drain(self, consumer: KafkaConsumer,
-               batch: dict[TopicPartition, list[ConsumerRecord]]) -> list[ConsumerRecord]:
-        """Records already fetched or arriving now, added to `batch` (so that a failed
-        transaction rewinds their partitions too)."""
-        more = poll_through_outages(consumer, 0, self.stage)
-        self._observe_arrival(more)
-        for tp, recs in more.items():
-            batch.setdefault(tp, []).extend(recs)
-        return [rec for recs in more.values() for rec in recs]
-
-    def _send_at_once(self, outs: list[events.OutEvent]) -> bool:
+    def _send_at_once(self, outs: list[events.OutEvent]) -> None:
         """Send a record's `at_once` outputs now, outside the transaction, where the topic can be
-        written (otherwise the transaction handles them: it dead-letters the record). True when
-        one went out: the record's next stage does not wait for the commit."""
+        written (otherwise the transaction handles them: it dead-letters the record)."""
         eager = [out for out in outs if out.at_once]
         if not eager:
-            return False
+            return
         try:
             bad = self._outputs.unwritable(out.topic for out in eager)
             if self._at_once is None:
@@ -649,11 +620,9 @@ class StageWorker(GroupReader[M]):
             for out in eager:
                 if out.topic not in bad:
                     self._sent_at_once[id(out)] = send_event(self._at_once, out)
-            return not bad
         except Exception:  # the transaction sends what did not go out here
             log.warning("an at-once send failed; the transaction carries it", exc_info=True,
                         extra={"stage": self.stage})
-            return False
 
     def _drop_sent_at_once(self, done: Done) -> Done:
         """`done` without the `at_once` outputs whose early send the broker acknowledged."""

@@ -29,7 +29,7 @@ from services.moderation.categories import CATEGORIES, SYSTEM_PROMPT_LEAK
 from services.moderation.domain import Moderator, ScoreCache, Scores
 from services.moderation.embedder import TextTooLong
 from services.moderation.leak import LeakDetector
-from services.moderation.policy import ALLOW, BLOCK, STREAM_FIRST, WARN
+from services.moderation.policy import BLOCK, STREAM_FIRST, WARN
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +143,8 @@ class InputStage:
         moderated = events_pb2.TurnEvent()
         moderated.CopyFrom(turn)
         moderated.input_moderation.CopyFrom(result)
-        passed = out(ev, turn, CHAT_MODERATED.name, moderated)
-        # An allowed turn goes on before the commit: the prompt stage answers a redelivered turn
-        # with the same turn index, and generation is at-least-once by request id, so a redo's
-        # copy costs a repeated prompt, never a second answer. A warned or blocked turn stays in
-        # the transaction with its notice, so the gateway never sees the turn before the warning.
-        passed.at_once = result.action == ALLOW
-        produced = [passed, out(ev, turn, MODERATION_DECISIONS.name, decision(turn, "input", result))]
+        produced = [out(ev, turn, CHAT_MODERATED.name, moderated),
+                    out(ev, turn, MODERATION_DECISIONS.name, decision(turn, "input", result))]
         if result.action == WARN:
             notice = chat_pb2.ModerationNotice(stage="input", result=result, message=notice_text("input", result))
             produced.append(turns.reply(turn, ev.traceparent, moderation=notice))

@@ -200,16 +200,9 @@ def make_handler(assembler: Assembler, templates: TemplateSet, tracker: TurnTrac
         PROMPT_TOKENS.observe(assembled.prompt_tokens)
         DROPPED_TURNS.inc(assembled.dropped_turns)
         TURNS.labels("assembled").inc()
-        # Both go out before the commit (kafka_loop's at-once): a redo sends the same prompt with
-        # the same turn index again, which generation joins to the answer already running or
-        # answers the same way (its seed comes from the request id), and the gateway keeps the
-        # first `started`.
-        prompt = events.OutEvent(cfg.topic_out, turn.conversation_id, out, request_id=turn.request_id,
-                                 traceparent=ev.traceparent, at_once=True)
-        started = turns.reply(out, ev.traceparent, started=turns.started(out))
-        started.at_once = True
-        yield prompt
-        yield started
+        yield events.OutEvent(cfg.topic_out, turn.conversation_id, out, request_id=turn.request_id,
+                              traceparent=ev.traceparent)
+        yield turns.reply(out, ev.traceparent, started=turns.started(out))
 
     return handle
 

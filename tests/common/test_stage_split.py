@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 
-import pytest
 from colloquy.v1 import events_pb2
 from prometheus_client import REGISTRY
 
@@ -73,48 +71,6 @@ def test_at_once_outputs_go_out_once_alongside_the_transactional_ones(kafka_boot
     try:  # the same group again: nothing left to redo
         time.sleep(3)
         assert len(read_all(kafka_bootstrap, early, 5, settle=0.5)) == 5
-    finally:
-        again.stop()
-
-
-@pytest.mark.parametrize("at_once", [True, False], ids=["at-once", "in-the-transaction"])
-def test_records_arriving_while_an_at_once_batch_is_handled_join_its_transaction(
-        kafka_bootstrap: str, unique: str, at_once: bool) -> None:
-    """A burst: the first record's handler runs while four more arrive. When every output so far
-    went on at once, the stage takes them into the same transaction (one commit for five); when
-    the outputs wait for the commit, it commits the first record alone and polls the rest after.
-    Either way each output arrives once and nothing is redone by the next owner."""
-    stage, src, dst = f"drain-{unique}-{at_once}", f"drain-in-{unique}-{at_once}", f"drain-out-{unique}-{at_once}"
-    create(kafka_bootstrap, src, dst)
-    arrived = threading.Event()
-
-    def handle(ev: kafka_loop.Consumed[events_pb2.TurnEvent]) -> Iterator:
-        if ev.message.request_id == "r0":
-            produce(kafka_bootstrap, src, [("k", events_pb2.TurnEvent(request_id=f"r{i}")) for i in range(1, 5)])
-            arrived.set()
-            time.sleep(0.5)  # the consumer's pipelined fetch brings them in meanwhile
-        out = ev.out(dst, ev.message)
-        out.at_once = at_once
-        yield out
-
-    cfg = KafkaConfig(bootstrap_servers=kafka_bootstrap, drain_ms=10_000)
-    worker = kafka_loop.StageWorker(stage, [src], events_pb2.TurnEvent, handle, cfg, instance_id="0").start()
-    try:
-        produce(kafka_bootstrap, src, [("k", events_pb2.TurnEvent(request_id="r0"))])
-        got = read_all(kafka_bootstrap, dst, 5, settle=1.0)
-        deadline = time.monotonic() + 10
-        while _records(stage) < 5 and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        worker.stop()
-    assert arrived.is_set()
-    assert sorted(events_pb2.TurnEvent.FromString(r.value).request_id for r in got) == [f"r{i}" for i in range(5)]
-    assert _records(stage) == 5
-    assert _count(stage, "commit") == (1 if at_once else 2)
-    again = kafka_loop.StageWorker(stage, [src], events_pb2.TurnEvent, handle, cfg, instance_id="0").start()
-    try:  # the same group again: every offset was committed, nothing is redone
-        time.sleep(3)
-        assert len(read_all(kafka_bootstrap, dst, 5, settle=0.5)) == 5
     finally:
         again.stop()
 
