@@ -47,6 +47,9 @@ WAIT_FOR = [
     "sum(colloquy_gateway_chats_total)", "sum(colloquy_generation_requests_total)",
     "sum(colloquy_events_dead_lettered_total) > 0", "count(colloquy_kafka_consumer_lag)",
     'sum(colloquy_moderation_texts_total{action="block"})', 'sum(colloquy_grpc_requests_total{code!="OK"})',
+    # The tokenizer reads beside the path (its own consumer group): on a loaded box it can count the
+    # drive's messages after the chats are done, and "Prompt size" then had no increase (NaN).
+    "sum(colloquy_tokenizer_message_tokens_count) > 0",
 ]
 
 
