@@ -70,6 +70,25 @@ FOLLOW_UPS: tuple[tuple[str, ...], ...] = (
 )
 
 
+def _words(text: str) -> list[str]:
+    return re.findall(r"[\w']+", text.lower())
+
+
+def echoes(message: str, answer: str, reminder: str) -> bool:
+    """The answer opens by repeating the user's message: all of it when it is shorter than four words
+    (and nothing else follows but the hidden `reminder`), else its first four words."""
+    said, got = _words(message), _words(answer.replace(reminder, "")) if reminder else _words(answer)
+    if len(said) < 4:
+        return bool(said) and got == said
+    return got[:4] == said[:4]
+
+
+def shows_reminder(answer: str, reminder: str) -> bool:
+    """The answer holds the start of the hidden reminder (its first two words: the model rewords the rest)."""
+    opening = " ".join(reminder.split()[:2]).lower()
+    return bool(opening) and opening in answer.lower()
+
+
 def longest_shared_run(answer: list[int], earlier: list[list[int]]) -> int:
     """The longest run of consecutive tokens of `answer` found in one of `earlier`."""
     best = 0
@@ -129,7 +148,8 @@ def evaluate(chats: Chats, copy_penalty: float | None) -> dict[str, Any]:
     start = time.perf_counter()
     model = chats.model
     rows, runs = [], []
-    for conv, turns in zip(FOLLOW_UPS, chats.conversations(list(FOLLOW_UPS), COPY_TOKENS, copy_penalty), strict=True):
+    answered = chats.conversations(list(FOLLOW_UPS), COPY_TOKENS, copy_penalty)
+    for conv, turns in zip(FOLLOW_UPS, answered, strict=True):
         for k, (prompt, answer) in enumerate(turns):
             if k == 0:
                 continue
@@ -138,6 +158,9 @@ def evaluate(chats: Chats, copy_penalty: float | None) -> dict[str, Any]:
             runs.append(run)
             rows.append({"conversation": conv[0], "turn": k + 1, "message": conv[k], "answer": answer,
                          "longest_shared_run": run})
+    reminder = chats.template.after
+    said = [(conv[k], answer) for conv, turns in zip(FOLLOW_UPS, answered, strict=True)
+            for k, (_, answer) in enumerate(turns)]  # every turn of the conversations, the first too
     turn1 = chats.answer_all([chats.prompt([], p.message) for p in PROMPTS], MAX_TOKENS, copy_penalty)
     report1 = judge({p.message: a for p, a in zip(PROMPTS, turn1, strict=True)})
     earlier_turns = chats.conversations([EARLIER], MAX_TOKENS, copy_penalty)[0]
@@ -163,6 +186,8 @@ def evaluate(chats: Chats, copy_penalty: float | None) -> dict[str, Any]:
         "recall2_hits": hits2, "recall4_hits": hits4, "recall_total": len(RECALL),
         "narrating": sum(bool(NARRATES.search(a)) for a in [*(r["answer"] for r in rows), *turn1, *turn3]),
         "narrating_of": len(rows) + len(turn1) + len(turn3),
+        "echoes": sum(echoes(m, a, reminder) for m, a in said),
+        "showing_reminder": sum(shows_reminder(a, reminder) for _, a in said), "conversation_turns": len(said),
         "seconds": round(time.perf_counter() - start, 1), "follow_ups": rows,
     }
 
@@ -188,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
               f"turn 3 {r['turn3_summary']}; after a stub answer {r['after_stub_summary']}, "
               f"{r['after_stub_copies']} of them the stub again; "
               f"{r['narrating']}/{r['narrating_of']} answers narrate \"the user\"; "
+              f"{r['echoes']}/{r['conversation_turns']} conversation turns echo the user's message, "
+              f"{r['showing_reminder']} show the hidden reminder; "
               f"recall at turn 2 "
               f"{r['recall2_hits']}/{r['recall_total']}, at turn 4 {r['recall4_hits']}/{r['recall_total']} "
               f"({r['seconds']} s)", flush=True)

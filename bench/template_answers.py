@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from bench.answer_copies import Chats
+from bench.answer_copies import Chats, echoes, shows_reminder
 from bench.output_chunks import cuts, output_stage
 from model.quality import is_correct
 from model.quality_questions import QUESTIONS
@@ -54,12 +54,16 @@ def rlhf_questions() -> list[str]:
     return [q if isinstance(q, str) else q["question"] for name in RLHF_SETS for q in sets[name]]
 
 
-def summarize(rlhf_qs: list[str], rlhf_answers: list[str], quality_answers: list[str]) -> dict[str, Any]:
-    """The figures of one template's answers (quality answers in `QUESTIONS`' single-turn order)."""
+def summarize(rlhf_qs: list[str], rlhf_answers: list[str], quality_answers: list[str],
+              reminder: str = "") -> dict[str, Any]:
+    """The figures of one template's answers (quality answers in `QUESTIONS`' single-turn order);
+    `reminder`: the template's hidden reminder after the message."""
     questions = [*rlhf_qs, *(q.prompt for q in GATE)]
     answers = [*rlhf_answers, *quality_answers]
     return {"answers": len(answers),
             "stubs": sum(is_stub(a) for a in answers),
+            "echoes": sum(echoes(q, a, reminder) for q, a in zip(questions, answers, strict=True)),
+            "showing_reminder": sum(shows_reminder(a, reminder) for a in answers),
             "non_answers": sum(preference.non_answer(q, a) is not None
                                for q, a in zip(questions, answers, strict=True)),
             "rule_mean_rlhf": round(sum(preference.score(q, a) for q, a in zip(rlhf_qs, rlhf_answers, strict=True))
@@ -98,9 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     rlhf_qs = rlhf_questions()
     quality = [q.prompt for q in GATE]
     answers = chats.answer_all([chats.prompt([], q) for q in (*rlhf_qs, *quality)], MAX_TOKENS, None)
-    figures = summarize(rlhf_qs, answers[:len(rlhf_qs)], answers[len(rlhf_qs):])
+    figures = summarize(rlhf_qs, answers[:len(rlhf_qs)], answers[len(rlhf_qs):], template.after)
     cut = cuts(output_stage(), list(zip([*rlhf_qs, *quality], answers, strict=True)))
-    print(f"{label}: {figures['stubs']} stubs and {figures['non_answers']} non-answers of {figures['answers']}; "
+    print(f"{label}: {figures['stubs']} stubs, {figures['echoes']} echoes of the question, "
+          f"{figures['showing_reminder']} showing the hidden reminder and {figures['non_answers']} non-answers "
+          f"of {figures['answers']}; "
           f"rule mean {figures['rule_mean_rlhf']} on {len(rlhf_qs)} RLHF questions; "
           f"{figures['quality_correct']}/{figures['quality_questions']} gate questions right; "
           f"{len(cut)} cut by output moderation")

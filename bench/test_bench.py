@@ -330,3 +330,16 @@ def test_template_answers_counts_stubs_non_answers_and_gate_answers() -> None:
             "why": "stub, off_topic"} in template_answers.failures(questions, ["The answer to this question is:",
                                                                           "Paris is the capital.", *gate])
     assert template_answers.is_stub("Here are the steps: ") and not template_answers.is_stub("Ratio 1:2 holds.")
+
+
+
+def test_an_echo_is_an_answer_opening_with_the_users_message_and_the_reminder_is_seen_reworded() -> None:
+    from bench.answer_copies import echoes, shows_reminder
+
+    reminder = "(Answer this message directly and briefly.)"
+    assert echoes("Hello!", "Hello!\n\n" + reminder, reminder) and echoes("Thanks, bye!", "Thanks, bye!", reminder)
+    assert not echoes("Hello!", "Hello! How can I help you today?", reminder)  # a short message: all of it, only it
+    assert echoes("How are you doing today?", "How are you doing? I am fine.", reminder)  # a longer one: four words
+    assert not echoes("What is the capital of France?", "The capital of France is Paris.", reminder)
+    assert shows_reminder("Thanks, bye!\n\n(Answer this question.)", reminder)  # reworded by the model
+    assert not shows_reminder("I'm glad I could help.", reminder) and not shows_reminder("anything", "")

@@ -16,6 +16,15 @@ nothing, a third 0.8, a sixth 4.3, a tenth 40: a sentence soon cannot be continu
 code block, where copying earlier code is what an edit asks for. Each candidate keeps its own
 state, so an answer depends only on its own prompt and tokens (batching changes nothing).
 
+An echo: an answer that opens by repeating the user's last turn word for word pays the same price
+(the first `allowed` tokens free: "I'm" opens both "I'm stressed" and "I'm sorry to hear that"),
+also to end where a line of the turn ends (the message, before the blank line and the hidden
+reminder the prompt service appends). Without this a greeting was answered with itself and the
+reminder after it ("Hello!\n\n(Answer this message directly and briefly.)", which output moderation
+then cut as a leak), and each later turn of that conversation with the user's message again ("How
+are you today?" -> "How are you today?"). Sharing the message's words later on ("The capital of
+France is") is not an echo and costs nothing.
+
 An answer that has copied a whole earlier answer (of at least `allowed` tokens) also pays to end there:
 in the prompt that answer's end token follows it, so ending is the copy's next token. Without this
 a short answer was copied whole and stopped: once a first answer was the stub "The answer to this
@@ -62,14 +71,33 @@ def earlier_answers(ids: Sequence[int], header: Sequence[int], end: int) -> list
     return out
 
 
+def last_user_turn(ids: Sequence[int], header: Sequence[int], end: int) -> list[int]:
+    """The last user turn in a ChatML prompt's ids: what follows the last `header`
+    (``<|im_start|>user\n``) up to its `end`; empty when there is none."""
+    h = len(header)
+    if not h:
+        return []
+    for i in range(len(ids) - h, -1, -1):
+        if ids[i] == header[0] and list(ids[i:i + h]) == list(header):
+            turn: list[int] = []
+            for t in ids[i + h:]:
+                if t == end:
+                    return turn
+                turn.append(t)
+            return []  # never closed: not a user turn of a well-formed prompt
+    return []
+
+
 class CopyGuard:
     """One candidate's state: how long a copy of each earlier-answer position its answer is
     continuing, and whether the answer is inside a code block."""
 
     def __init__(self, answers: Sequence[Sequence[int]], multiplier: float, base: float, allowed: int,
-                 ends: Sequence[int] = ()) -> None:
+                 ends: Sequence[int] = (), echo: Sequence[int] = (), breaks: Sequence[int] = ()) -> None:
         """`ends`: the tokens that end an answer (each continues a copy that reached an earlier
-        answer's end); none: a copy owes nothing there."""
+        answer's end); none: a copy owes nothing there. `echo`: the user's last turn, which the
+        answer must not open with; `breaks`: line-break tokens, where ending an echo is ending on a
+        whole line of the message (the hidden reminder follows the message after a blank line)."""
         flat: list[int] = []
         whole: list[int] = []  # at each answer's last token: its length (a copy that long is the whole answer)
         for a in answers:
@@ -86,15 +114,22 @@ class CopyGuard:
         self.match = np.zeros(len(flat), dtype=np.int64)
         self.multiplier, self.base, self.allowed = multiplier, base, allowed
         self.text = ""
+        self.echo = list(echo)
+        self.echoed = 0 if self.echo else -1  # the answer so far is echo[:echoed]; -1 once it is not
+        self.breaks = frozenset(breaks)
 
     def feed(self, token: int, text: str) -> None:
         """The answer's next token and the text it decoded to."""
         h, m = self.history, self.match
-        extended = np.zeros_like(m)
-        extended[1:] = m[:-1] + 1
-        extended[0] = 1
-        self.match = np.where(h == token, extended, 0)
+        if h.size:  # none on a first turn: only the echo is watched
+            extended = np.zeros_like(m)
+            extended[1:] = m[:-1] + 1
+            extended[0] = 1
+            self.match = np.where(h == token, extended, 0)
         self.text += text
+        if self.echoed >= 0:
+            echoing = self.echoed < len(self.echo) and token == self.echo[self.echoed]
+            self.echoed = self.echoed + 1 if echoing else -1
 
     def penalties(self) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, amounts): what each token that would continue a copy loses from its logit."""
@@ -102,8 +137,6 @@ class CopyGuard:
             return _NONE
         m = self.match[:-1]
         at = np.nonzero(m >= self.allowed)[0]
-        if at.size == 0:
-            return _NONE
         nxt = self.history[at + 1]
         exponent = np.minimum(m[at] - self.allowed, MAX_EXPONENT)
         amount = self.multiplier * np.power(self.base, exponent)
@@ -113,8 +146,18 @@ class CopyGuard:
             nxt, amount, at_end = nxt[keep], amount[keep], at_end[keep]
             nxt = np.concatenate([nxt[~at_end], np.repeat(self.ends, int(at_end.sum()))])
             amount = np.concatenate([amount[~at_end], np.tile(amount[at_end], self.ends.size)])
-            if nxt.size == 0:
-                return _NONE
+        if self.echoed >= self.allowed:  # echoing the user's turn from the answer's first token
+            owed = self.multiplier * self.base ** min(self.echoed - self.allowed, MAX_EXPONENT)
+            if self.echoed == len(self.echo):  # the whole turn repeated: ending continues it
+                echo_next = list(self.ends)
+            elif self.echo[self.echoed] in self.breaks:  # a whole line of it: so does ending here
+                echo_next = [self.echo[self.echoed], *self.ends]
+            else:
+                echo_next = [self.echo[self.echoed]]
+            nxt = np.concatenate([nxt, np.asarray(echo_next, dtype=np.int64)])
+            amount = np.concatenate([amount, np.full(len(echo_next), owed)])
+        if nxt.size == 0:
+            return _NONE
         tokens = np.unique(nxt)  # a token continuing several copies: the longest counts
         best = np.zeros(tokens.size)
         np.maximum.at(best, np.searchsorted(tokens, nxt), amount)

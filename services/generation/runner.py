@@ -29,7 +29,7 @@ from model.lut_graph import custom_ops_library
 from model.sampling import COPY_KEYS
 from model.sampling import SMOLLM2_135M_INSTRUCT as BASE_SAMPLING
 from services.generation.kv_cache import SlotKV
-from services.generation.repeats import CopyGuard, earlier_answers
+from services.generation.repeats import CopyGuard, earlier_answers, last_user_turn
 from services.generation.schema import Sampling
 
 log = logging.getLogger(__name__)
@@ -133,8 +133,11 @@ class LoadedModel:
         self.vocab = int(out[self.logits].shape[-1])
         self.last_only = out[self.logits].shape[1] == 1  # builder pruned logits to the last position
         self.tokenizer = tokenizers.Tokenizer.from_file(str(self.path / "tokenizer.json"))
-        # ChatML's opening of an answer and its end: where the copy guard finds earlier answers
+        # ChatML's openings of an answer and a user turn, and their end: where the copy guard finds
+        # earlier answers and the user's last turn
         self.answer_header = self.encode(f"{IM_START}assistant\n")
+        self.user_header = self.encode(f"{IM_START}user\n")
+        self.line_breaks = tuple(self.encode("\n"))
         self.turn_end = self.tokenizer.token_to_id(IM_END)
         if self.turn_end is None:
             self.turn_end = -2  # no such token: no answer ever ends, the guard finds none
@@ -164,16 +167,18 @@ class LoadedModel:
 
     def copy_guard(self, ids: list[int], multiplier: float) -> Callable[[], CopyGuard] | None:
         """A maker of fresh copy guards (one per candidate) for answers to `ids`, or None when
-        the guard is off or the prompt holds no earlier answer."""
+        the guard is off or the prompt holds neither an earlier answer nor a user turn."""
         if multiplier <= 0:
             return None
         answers = earlier_answers(ids, self.answer_header, self.turn_end)
-        if not answers:
+        echo = last_user_turn(ids, self.user_header, self.turn_end)
+        if not answers and not echo:
             return None
         d = self.sampling
         base, allowed = float(d["copy_base"]), int(d["copy_allowed"])
         ends = sorted(self.eos)
-        return lambda: CopyGuard(answers, multiplier, base, allowed, ends)
+        breaks = self.line_breaks
+        return lambda: CopyGuard(answers, multiplier, base, allowed, ends, echo, breaks)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.generation.repeats import CopyGuard, earlier_answers
+from services.generation.repeats import CopyGuard, earlier_answers, last_user_turn
 
 HEADER = [1, 9, 10]  # "<|im_start|>assistant\n"
 END = 2  # "<|im_end|>"
@@ -31,8 +31,8 @@ def test_earlier_answers_are_the_closed_assistant_turns_not_the_open_one_nor_the
 
 
 def guard(answers: list[list[int]], multiplier: float = 1.0, base: float = 2.0, allowed: int = 2,
-          ends: tuple[int, ...] = ()) -> CopyGuard:
-    return CopyGuard(answers, multiplier, base, allowed, ends)
+          ends: tuple[int, ...] = (), echo: tuple[int, ...] = (), breaks: tuple[int, ...] = ()) -> CopyGuard:
+    return CopyGuard(answers, multiplier, base, allowed, ends, echo, breaks)
 
 
 def fed(g: CopyGuard, tokens: list[int], text: str = "x") -> CopyGuard:
@@ -76,6 +76,29 @@ def test_an_answer_ending_on_an_earlier_answers_last_tokens_ends_freely() -> Non
     assert penalties(g) == {}
     middle = fed(guard([[20, 21, 22, 23]], ends=(END,)), [20, 21, 22])
     assert penalties(middle) == {23: 2.0}  # not at the end yet: the next copied token pays, ending is free
+
+
+def test_the_last_user_turn_is_the_message_being_answered() -> None:
+    ids = prompt(([40, 41], [20, 21, 22]), new=[43, 44])
+    assert last_user_turn(ids, USER, END) == [43, 44]
+    assert last_user_turn(prompt(new=[43]), USER, END) == [43]
+    assert last_user_turn([*HEADER, 20], USER, END) == []  # no user turn
+    assert last_user_turn([*USER, 43, 44], USER, END) == []  # never closed
+    assert last_user_turn(ids, [], END) == []
+
+
+def test_echoing_the_users_turn_costs_like_a_copy_and_so_does_ending_on_a_whole_line_of_it() -> None:
+    turn = (43, 44, 45, 7, 7, 46, 47)  # a message, a blank line (7 = "\n"), the hidden reminder
+    g = guard([], echo=turn, ends=(END,), breaks=(7,))  # a first turn: no earlier answer, only the echo
+    assert penalties(g) == {}  # the first `allowed` tokens are free ("I'm" opens many an answer)
+    assert penalties(fed(g, [43, 44])) == {45: 1.0}  # then 1.0 x 2^(2 - 2)
+    assert penalties(fed(g, [45])) == {7: 2.0, END: 2.0}  # the whole message repeated: ending continues it
+    assert penalties(fed(g, [7, 7, 46, 47])) == {END: 32.0}  # the whole turn: only ending is left to pay
+    left = fed(guard([], echo=turn, breaks=(7,)), [43, 44, 99])
+    assert penalties(left) == {}  # it said something else: sharing the message's words later is free
+    assert penalties(fed(left, [43, 44, 45])) == {}  # the echo is watched from the answer's first token only
+    later = fed(guard([[20, 21, 22]], echo=(20, 30, 31)), [20, 30])
+    assert penalties(later) == {31: 1.0}  # beside the earlier answers' copies (one token of one: free)
 
 
 def test_apply_lowers_only_the_continuing_tokens_and_leaves_the_bound_buffer_alone() -> None:
@@ -127,4 +150,25 @@ def test_the_served_model_stops_copying_its_earlier_answer(real_model_dir: Path)
     assert [model.tokenizer.decode(a) for a in earlier] == [tip]
     assert longest_shared_run(model.encode(copied), earlier) >= 8, copied  # the copying the guard is for
     assert longest_shared_run(model.encode(guarded), earlier) < 8, guarded
+    assert guarded.strip()
+
+
+@pytest.mark.model
+def test_the_served_model_answers_a_greeting_instead_of_repeating_it(real_model_dir: Path) -> None:
+    """Through the served template: greeted with "Hello!", the served model repeats it and the hidden
+    reminder after it (which output moderation cuts as a leak); with the guard it answers."""
+    from bench.answer_copies import Chats, echoes, shows_reminder
+    from services.generation.runner import LoadedModel
+    from services.prompt.config import DEFAULT_TEMPLATES
+    from services.prompt.templates import load_file
+    from services.tokenizer.domain import TextTokenizer
+
+    model = LoadedModel(real_model_dir, "real", "cpu")
+    template = load_file(DEFAULT_TEMPLATES).get()
+    chats = Chats(model, TextTokenizer.from_file(str(real_model_dir / "tokenizer.json")), template)
+    prompt = chats.prompt([], "Hello!")
+    (echoed,) = chats.answer_all([prompt], 48, 0.0)
+    (guarded,) = chats.answer_all([prompt], 48, None)
+    assert echoes("Hello!", echoed, template.after) and shows_reminder(echoed, template.after), echoed
+    assert not echoes("Hello!", guarded, template.after) and not shows_reminder(guarded, template.after), guarded
     assert guarded.strip()
