@@ -332,7 +332,6 @@ def test_template_answers_counts_stubs_non_answers_and_gate_answers() -> None:
     assert template_answers.is_stub("Here are the steps: ") and not template_answers.is_stub("Ratio 1:2 holds.")
 
 
-
 def test_an_echo_is_an_answer_opening_with_the_users_message_and_the_reminder_is_seen_reworded() -> None:
     from bench.answer_copies import echoes, shows_reminder
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.answer_copies import Chats, echoes, longest_shared_run, shows_reminder
 from services.generation.repeats import CopyGuard, earlier_answers, last_user_turn
 
 HEADER = [1, 9, 10]  # "<|im_start|>assistant\n"
@@ -126,21 +127,27 @@ def test_a_long_copy_is_penalized_finitely() -> None:
     assert np.isfinite(amount) and amount > 1e6
 
 
-@pytest.mark.model
-def test_the_served_model_stops_copying_its_earlier_answer(real_model_dir: Path) -> None:
-    """Through the served template and the engine's scheduler: asked for another tip, the served
-    model repeats its first answer word for word (all 48 tokens of it when this was written);
-    with the guard at the model's default it writes a different sentence."""
-    from bench.answer_copies import Chats, longest_shared_run
+@pytest.fixture(scope="module")
+def served_chats(real_model_dir: Path) -> Chats:
+    """Turns assembled with the served template, answered by the engine's scheduler on the real model."""
     from services.generation.runner import LoadedModel
     from services.prompt.config import DEFAULT_TEMPLATES
-    from services.prompt.domain import PastTurn
     from services.prompt.templates import load_file
     from services.tokenizer.domain import TextTokenizer
 
     model = LoadedModel(real_model_dir, "real", "cpu")
-    chats = Chats(model, TextTokenizer.from_file(str(real_model_dir / "tokenizer.json")),
-                  load_file(DEFAULT_TEMPLATES).get())
+    return Chats(model, TextTokenizer.from_file(str(real_model_dir / "tokenizer.json")),
+                 load_file(DEFAULT_TEMPLATES).get())
+
+
+@pytest.mark.model
+def test_the_served_model_stops_copying_its_earlier_answer(served_chats: Chats) -> None:
+    """Through the served template and the engine's scheduler: asked for another tip, the served
+    model repeats its first answer word for word (all 48 tokens of it when this was written);
+    with the guard at the model's default it writes a different sentence."""
+    from services.prompt.domain import PastTurn
+
+    chats, model = served_chats, served_chats.model
     first = "Give me a tip for sleeping better."
     (tip,) = chats.answer_all([chats.prompt([], first)], 48, None)
     follow_up = chats.prompt([PastTurn(1, first, tip)], "Another one?")
@@ -154,21 +161,13 @@ def test_the_served_model_stops_copying_its_earlier_answer(real_model_dir: Path)
 
 
 @pytest.mark.model
-def test_the_served_model_answers_a_greeting_instead_of_repeating_it(real_model_dir: Path) -> None:
+def test_the_served_model_answers_a_greeting_instead_of_repeating_it(served_chats: Chats) -> None:
     """Through the served template: greeted with "Hello!", the served model repeats it and the hidden
     reminder after it (which output moderation cuts as a leak); with the guard it answers."""
-    from bench.answer_copies import Chats, echoes, shows_reminder
-    from services.generation.runner import LoadedModel
-    from services.prompt.config import DEFAULT_TEMPLATES
-    from services.prompt.templates import load_file
-    from services.tokenizer.domain import TextTokenizer
-
-    model = LoadedModel(real_model_dir, "real", "cpu")
-    template = load_file(DEFAULT_TEMPLATES).get()
-    chats = Chats(model, TextTokenizer.from_file(str(real_model_dir / "tokenizer.json")), template)
+    chats, reminder = served_chats, served_chats.template.after
     prompt = chats.prompt([], "Hello!")
     (echoed,) = chats.answer_all([prompt], 48, 0.0)
     (guarded,) = chats.answer_all([prompt], 48, None)
-    assert echoes("Hello!", echoed, template.after) and shows_reminder(echoed, template.after), echoed
-    assert not echoes("Hello!", guarded, template.after) and not shows_reminder(guarded, template.after), guarded
+    assert echoes("Hello!", echoed, reminder) and shows_reminder(echoed, reminder), echoed
+    assert not echoes("Hello!", guarded, reminder) and not shows_reminder(guarded, reminder), guarded
     assert guarded.strip()
