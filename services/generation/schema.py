@@ -71,7 +71,8 @@ class Sampling:
     # model's repetition_window (its manifest's sampling) generated tokens (not the prompt); 1.0 = off.
     repetition_penalty: float | None = None
     # The copy guard's multiplier (`repeats.CopyGuard`: continuing a verbatim copy of an earlier
-    # answer in the prompt costs multiplier x base^(length - allowed)); 0 = off.
+    # answer in the prompt, or an opening echo of the user's turn, costs multiplier x
+    # base^(length - allowed)); 0 = off.
     copy_penalty: float | None = None
     ignore_eos: bool = False  # as vLLM's: generate max_tokens whatever comes (benchmarks)
 
