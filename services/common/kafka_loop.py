@@ -508,9 +508,6 @@ class StageWorker(GroupReader[M]):
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
-        import os
-        if self.stage in os.environ.get("COLLOQUY_CK_STAGES", "").split(","):
-            return self._run_confluent()
         client = self.client  # the producers' client id too
         consumer = self._new_consumer()
         producer = self._new_producer(client)
@@ -546,64 +543,6 @@ class StageWorker(GroupReader[M]):
             producer.close(timeout=10)
             if self._at_once is not None:
                 self._at_once.close(timeout=10)
-
-    def _run_confluent(self) -> None:
-        """EXPERIMENT (issue 19): the same transactional loop on confluent-kafka (librdkafka), with
-        no recovery, dead-letter routing of unwritable topics or at-once sends."""
-        from confluent_kafka import Consumer, Producer
-        from confluent_kafka import TopicPartition as CTP
-
-        base = {"bootstrap.servers": self.cfg.bootstrap_servers, "socket.nagle.disable": True}
-        consumer = Consumer({**base, "group.id": self.group_id, "group.instance.id": f"{self.stage}-{self.instance_id}",
-                             "isolation.level": "read_committed", "enable.auto.commit": False,
-                             "auto.offset.reset": "earliest", "session.timeout.ms": 10_000,
-                             "heartbeat.interval.ms": 1_000, "fetch.wait.max.ms": self.cfg.fetch_max_wait_ms,
-                             "fetch.min.bytes": 1})
-        producer = Producer({**base, "linger.ms": 0, "acks": "all", "enable.idempotence": True,
-                             "transactional.id": f"{self.group_id}-{self.instance_id}",
-                             "transaction.timeout.ms": self.cfg.transaction_timeout_ms})
-        producer.init_transactions(30)
-
-        def assigned(_c: Any, parts: Any) -> None:
-            if parts and not self.is_ready:
-                self.mark_ready()
-
-        consumer.subscribe(self.topics, on_assign=assigned)
-        part = {p: metrics.STAGE_SECONDS.labels(self.stage, p) for p in ("arrival", "process", "send", "commit")}
-        try:
-            while not self.stopping:
-                first = consumer.poll(0.2)
-                if first is None:
-                    continue
-                msgs = [m for m in [first, *consumer.consume(self.cfg.max_poll_records - 1, 0)] if m.error() is None]
-                if not msgs:
-                    continue
-                recs = [_CkRecord(m) for m in msgs]
-                now_ms = time.time() * 1000
-                for r in recs:
-                    part["arrival"].observe(max(0.0, now_ms - r.timestamp) / 1000)
-                started = time.perf_counter()
-                self._prepare(recs)  # type: ignore[arg-type]
-                done = [(r, self._process_record(r)) for r in recs]  # type: ignore[arg-type]
-                processed = time.perf_counter()
-                producer.begin_transaction()
-                for _, outs in done:
-                    for out in outs:
-                        kw = {} if out.partition is None else {"partition": out.partition}
-                        producer.produce(out.topic, value=out.message.SerializeToString(), key=out.key.encode(),
-                                         headers=out.headers(), **kw)
-                producer.flush(5)
-                flushed = time.perf_counter()
-                offsets = {(r.topic, r.partition): r.offset + 1 for r in recs}
-                producer.send_offsets_to_transaction([CTP(t, p, o) for (t, p), o in offsets.items()],
-                                                     consumer.consumer_group_metadata(), 10)
-                producer.commit_transaction(10)
-                part["process"].observe(processed - started)
-                part["send"].observe(flushed - processed)
-                part["commit"].observe(time.perf_counter() - flushed)
-                metrics.STAGE_BATCH_RECORDS.labels(self.stage).observe(len(done))
-        finally:
-            consumer.close()
 
     def _drop_gone_topics(self, producer: KafkaProducer, client: str) -> KafkaProducer:
         """Between transactions: replace a producer (and the at-once one) that tracks a deleted topic."""
@@ -953,15 +892,6 @@ class DeadLetter(events.OutEvent):
 
     def headers(self) -> list[tuple[str, bytes]]:
         return self._headers
-
-
-class _CkRecord:
-    """EXPERIMENT: a confluent-kafka message as the fields a ConsumerRecord has."""
-
-    def __init__(self, m: Any) -> None:
-        self.topic, self.partition, self.offset = m.topic(), m.partition(), m.offset()
-        self.key, self.value, self.headers = m.key(), m.value(), m.headers() or []
-        self.timestamp = m.timestamp()[1]
 
 
 class _RawMessage:
