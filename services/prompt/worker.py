@@ -8,7 +8,6 @@ turn with a polite refusal or assemble the prompt and pass the turn on to genera
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator
 
 from colloquy.v1 import chat_pb2, common_pb2, events_pb2
@@ -145,7 +144,7 @@ def make_handler(assembler: Assembler, templates: TemplateSet, tracker: TurnTrac
             TURNS.labels("deadline").inc()
             yield turns.deadline_error(turn, STAGE, ev.traceparent)
             return
-        if not moderated(turn) and not os.environ.get("COLLOQUY_DIAG_UNMODERATED"):  # DIAGNOSTIC
+        if not moderated(turn):
             # Fail closed: a turn that skipped input moderation (a misrouted topic, a stage bug)
             # must never reach the model as if it had been allowed.
             log.error("turn without an input moderation decision; refused", extra={"stage": STAGE})
