@@ -23,6 +23,9 @@ from typing import Any
 from rlhf.reward import ranking_pairs
 
 SOURCES = ("simulated", "human", "all")
+# Finish reasons of an answer whose text is a prefix: cut at max_tokens, or stopped by output
+# moderation. The model did not end it there, so no trainer may put an end token after it.
+CUT_FINISH_REASONS = frozenset({"length", "moderated"})
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,9 @@ class Comparison:
     pairs: tuple[tuple[int, int], ...]
     source: str
     feedback_ids: tuple[str, ...] = field(default=())
+    # Per answer: did the model end it (finish reason "stop")? Empty: every answer ended (rows
+    # written before finish reasons were recorded).
+    ended: tuple[bool, ...] = field(default=())
 
 
 @dataclass
@@ -91,6 +97,15 @@ def read_rows(root: Path, source: str, window: FeedbackWindow) -> list[dict[str,
     return table.to_pylist()
 
 
+def answers_ended(row: Mapping[str, Any]) -> tuple[bool, ...]:
+    """Which of a feedback row's answers the model ended itself (see :data:`CUT_FINISH_REASONS`);
+    empty when the row has no finish reason for each answer."""
+    reasons = list(row.get("answer_finish_reasons") or ())
+    if len(reasons) != len(row.get("answers") or ()):
+        return ()
+    return tuple(r not in CUT_FINISH_REASONS for r in reasons)
+
+
 def comparisons(rows: Iterable[Mapping[str, Any]]) -> tuple[list[Comparison], DatasetStats]:
     """Turn feedback rows into comparisons; rankings give all their pairs but tied ones, ratings only
     up-vs-down pairs.
@@ -128,15 +143,18 @@ def comparisons(rows: Iterable[Mapping[str, Any]]) -> tuple[list[Comparison], Da
             if not pairs:  # every answer as good as the others: nothing to learn from
                 stats.all_tied += 1
                 continue
-            out.append(Comparison(row["prompt"], answers, pairs, row["source"], (row["feedback_id"],)))
+            out.append(Comparison(row["prompt"], answers, pairs, row["source"], (row["feedback_id"],),
+                                  answers_ended(row)))
         elif row.get("kind") == "rating":
             index = row.get("rating_answer_index")
             if index is None or not 0 <= index < len(answers) or row.get("thumbs_up") is None:
                 stats.invalid += 1
                 continue
             stats.ratings += 1
-            group = rated.setdefault(row["prompt"], {"votes": {}, "ids": [], "source": row["source"]})
+            group = rated.setdefault(row["prompt"], {"votes": {}, "ids": [], "source": row["source"], "ended": {}})
             group["votes"].setdefault(answers[index], set()).add(bool(row["thumbs_up"]))
+            ended = answers_ended(row)
+            group["ended"].setdefault(answers[index], ended[index] if ended else True)
             group["ids"].append(row["feedback_id"])
         else:
             stats.invalid += 1
@@ -149,7 +167,8 @@ def comparisons(rows: Iterable[Mapping[str, Any]]) -> tuple[list[Comparison], Da
         stats.ratings_paired += len(group["ids"])
         answers = tuple(ups + downs)
         pairs = tuple((u, len(ups) + d) for u in range(len(ups)) for d in range(len(downs)))
-        out.append(Comparison(prompt, answers, pairs, group["source"], tuple(group["ids"])))
+        out.append(Comparison(prompt, answers, pairs, group["source"], tuple(group["ids"]),
+                              tuple(group["ended"][a] for a in answers)))
     stats.pairs = sum(len(c.pairs) for c in out)
     return out, stats
 

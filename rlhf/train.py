@@ -52,9 +52,15 @@ class Encoder:
         header (at the end) survive."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids[-self.max_prompt:]
 
-    def answer(self, text: str) -> list[int]:
-        """The answer followed by ``<|im_end|>``, as the model would have ended it."""
-        return [*self.tokenizer.encode(text, add_special_tokens=False).ids[:self.max_answer - 1], self.eos]
+    def answer(self, text: str, ended: bool = True) -> list[int]:
+        """The answer followed by ``<|im_end|>`` where the model ended it; an answer cut short
+        (``ended=False``: max_tokens, output moderation) is its tokens alone, so a policy's
+        log-probability of it holds no end token the model never chose. The reward model reads its
+        score at an ``<|im_end|>`` and always gets one (as :func:`with_final_eos` gives it)."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if not ended:
+            return ids[:self.max_answer]
+        return [*ids[:self.max_answer - 1], self.eos]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i != self.eos])
@@ -446,15 +452,17 @@ def _save_policy(lm: nn.Module, base: Path, out: Path) -> None:
 # ----------------------------------------------------------------- DPO
 def answer_batch(items: Sequence[dict[str, Any]], enc: Encoder,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
-    """Like :func:`comparison_batch`, plus a mask that is 1 on each row's answer tokens."""
+    """Like :func:`comparison_batch`, plus a mask that is 1 on each row's answer tokens; an answer the
+    model did not end (the item's ``ended``) gets no end token (:meth:`Encoder.answer`)."""
     rows: list[list[int]] = []
     starts: list[int] = []
     groups: list[list[tuple[int, int]]] = []
     for item in items:
         prompt = enc.prompt(item["prompt"])
         offset = len(rows)
-        for a in item["answers"]:
-            rows.append(prompt + enc.answer(a))
+        ended = item.get("ended") or ()
+        for i, a in enumerate(item["answers"]):
+            rows.append(prompt + enc.answer(a, ended[i] if ended else True))
             starts.append(len(prompt))
         groups.append([(offset + b, offset + w) for b, w in item["pairs"]])
     ids, mask = pad(rows, enc.eos, left=False)

@@ -70,3 +70,18 @@ def test_split_is_by_prompt_and_deterministic() -> None:
 def test_window_start_comes_from_the_base_manifest() -> None:
     assert data.window_since({"training": {"feedback_window": {"since_ms": 5, "until_ms": 42}}}) == 42
     assert data.window_since({"source": "smollm2"}) == 0
+
+
+def test_answers_cut_short_are_marked_not_ended() -> None:
+    rows = [
+        base_row("q1", 1, kind="ranking", answers=ANSWERS, ranking=[2, 0, 1],
+                 answer_finish_reasons=["stop", "length", "moderated"]),
+        base_row("q2", 2, kind="ranking", answers=ANSWERS, ranking=[0, 1, 2]),  # no finish reasons recorded
+        base_row("q3", 3, kind="rating", answers=ANSWERS, rating_answer_index=1, thumbs_up=True,
+                 answer_finish_reasons=["stop", "length", "stop"]),
+        base_row("q3", 4, kind="rating", answers=ANSWERS, rating_answer_index=0, thumbs_up=False,
+                 answer_finish_reasons=["stop", "length", "stop"]),
+    ]
+    items, _ = data.comparisons(rows)
+    assert [c.ended for c in items] == [(True, False, False), (), (False, True)]
+    assert items[2].answers == ("b.", "a.")  # the up-rated (cut) answer first, its mark with it

@@ -151,3 +151,19 @@ def test_anchor_questions_are_disjoint_from_every_other_set() -> None:
         assert anchor.isdisjoint(sets[name]), name
     quiz = {m["content"] for q in QUESTIONS for m in q.messages() if m["role"] == "user"}
     assert anchor.isdisjoint(quiz)
+
+
+def test_an_answer_cut_short_gets_no_end_token_and_an_ended_one_does() -> None:
+    from model.tiny import cached_tiny_model
+    from rlhf.train import Encoder, answer_batch
+
+    enc = Encoder(cached_tiny_model() / "tokenizer.json", max_prompt_tokens=32, max_answer_tokens=16)
+    item = {"prompt": "<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n",
+            "answers": ["Because the sky", "Because."], "pairs": [(1, 0)], "ended": [False, True]}
+    ids, _, answer, _ = answer_batch([item], enc)
+    cut, ended = (ids[i][answer[i].bool()].tolist() for i in range(2))
+    assert cut == enc.tokenizer.encode("Because the sky", add_special_tokens=False).ids
+    assert ended == [*enc.tokenizer.encode("Because.", add_special_tokens=False).ids, enc.eos]
+    # Rows from before finish reasons were kept: every answer ends, as before.
+    _, _, answer_old, _ = answer_batch([{**item, "ended": []}], enc)
+    assert answer_old[0].sum().item() == len(cut) + 1
