@@ -120,7 +120,8 @@ class Chats:
         return cls(model, TextTokenizer.from_file(str(model_dir / "tokenizer.json")), template)
 
     def answer_all(self, prompts: list[str], max_tokens: int, copy_penalty: float | None) -> list[str]:
-        sampling = Sampling(max_tokens=max_tokens, copy_penalty=copy_penalty)
+        # The template's answer stops, as the prompt stage sends them with every turn.
+        sampling = Sampling(max_tokens=max_tokens, copy_penalty=copy_penalty, stop=self.template.answer_stops)
         jobs = [Job(Request(f"copies-{uuid.uuid4().hex}", p, sampling), self.model, self.model.encode(p))
                 for p in prompts]
         self.sched.waiting.extend(jobs)

@@ -6,6 +6,7 @@ Pure functions (no Ray, no I/O): every validation error names the field, in the 
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterable
 
@@ -17,6 +18,8 @@ from services.generation import engine
 MAX_PROMPT_CHARS = 1 << 20
 MAX_REQUEST_ID = 128
 DEFAULT_MAX_TOKENS = 256
+MAX_ANSWER_STOPS = 4
+MAX_ANSWER_STOP_CHARS = 256
 
 FINISH = {
     engine.FinishReason.STOP: generation_pb2.FINISH_REASON_STOP,
@@ -71,12 +74,25 @@ def generate_request(req: generation_pb2.GenerateRequest, *, max_tokens_limit: i
                           deadline_unix_ms=deadline_unix_ms, conversation_id=req.conversation_id)
 
 
+def answer_stops(texts: Iterable[str]) -> tuple[str, ...]:
+    """The prompt stage's `answer_stops` of a turn, checked like the client's stop strings."""
+    stops = tuple(texts)
+    if len(stops) > MAX_ANSWER_STOPS:
+        raise InvalidArgument(f"answer_stops: {len(stops)} texts, at most {MAX_ANSWER_STOPS}")
+    for s in stops:
+        if not s or len(s) > MAX_ANSWER_STOP_CHARS:
+            raise InvalidArgument(f"answer_stops: each text must have 1 to {MAX_ANSWER_STOP_CHARS} characters")
+    return stops
+
+
 def turn_request(turn: events_pb2.TurnEvent, *, max_tokens_limit: int, max_n: int) -> engine.Request:
-    """The engine request for a TurnEvent from chat.prompts (the gateway applied the defaults)."""
+    """The engine request for a TurnEvent from chat.prompts (the gateway applied the defaults); the
+    prompt stage's `answer_stops` join the client's stop strings."""
     if not turn.request_id:
         raise InvalidArgument("request_id: required")
-    return engine.Request(request_id=turn.request_id, prompt=prompt(turn.prompt),
-                          sampling=sampling(turn.sampling, max_tokens_limit=max_tokens_limit, max_n=max_n),
+    params = sampling(turn.sampling, max_tokens_limit=max_tokens_limit, max_n=max_n)
+    params = dataclasses.replace(params, stop=params.stop + answer_stops(turn.answer_stops))
+    return engine.Request(request_id=turn.request_id, prompt=prompt(turn.prompt), sampling=params,
                           deadline_unix_ms=turn.deadline_unix_ms, conversation_id=turn.conversation_id)
 
 

@@ -78,4 +78,4 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
                       for m in assembled.messages],
             prompt=assembled.prompt, prompt_tokens=assembled.prompt_tokens,
             dropped_turns=assembled.dropped_turns, template_version=assembled.template_version,
-            turn_index=index)
+            turn_index=index, answer_stops=template.answer_stops)

@@ -13,6 +13,10 @@ from typing import Any
 import yaml
 
 PLACEMENTS = ("append", "system")
+# How many of the reminder's opening words an answer stops before (`PromptTemplate.answer_stops`):
+# two, because the model rewords the rest ("(Answer this question in a more formal tone.)",
+# bench/results/answer_copies.md), and "(Answer this" does not occur in ordinary prose.
+REMINDER_STOP_WORDS = 2
 
 
 class TemplateError(ValueError):
@@ -42,6 +46,16 @@ class PromptTemplate:
     after_placement: str = "append"
     after_in_history: bool = False
     refusal: str = "Sorry, I can't help with that request."
+
+    @property
+    def answer_stops(self) -> tuple[str, ...]:
+        """Texts generation stops before: the reminder's opening words. The served model sometimes
+        ends a short answer by repeating the reminder it read after the user's message ("I'm glad I
+        could help.\n\n(Answer this message directly and briefly.)", bench/results/answer_copies.md);
+        output moderation then rightly cuts the answer as a leak and the user sees "The answer was
+        stopped". Stopping there gives "I'm glad I could help." instead."""
+        opening = " ".join(self.after.split()[:REMINDER_STOP_WORDS])
+        return (opening,) if opening else ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -195,6 +195,7 @@ def make_handler(assembler: Assembler, templates: TemplateSet, tracker: TurnTrac
             yield fail(ev, "INVALID_ARGUMENT", str(exc), "invalid")
             return
         out.prompt = assembled.prompt
+        out.answer_stops[:] = template.answer_stops
         out.prompt_tokens = assembled.prompt_tokens
         out.dropped_turns = assembled.dropped_turns
         PROMPT_TOKENS.observe(assembled.prompt_tokens)

@@ -300,3 +300,15 @@ def test_shutdown_ray_collects_first_and_keeps_collection_off_while_ray_disconne
         assert not gc.isenabled()  # a caller's own setting is kept
     finally:
         gc.enable()
+
+
+def test_a_turns_answer_stops_join_the_clients_stop_strings() -> None:
+    turn = events_pb2.TurnEvent(request_id="r1", conversation_id="c1", prompt="hi",
+                                sampling=common_pb2.SamplingParams(stop=["\n\n"]),
+                                answer_stops=["(Answer this"])
+    assert api.turn_request(turn, **LIMITS).sampling.stop == ("\n\n", "(Answer this")
+    for stops, error in ((["a"] * 5, "answer_stops: 5 texts, at most 4"), ([""], "answer_stops: each text")):
+        del turn.answer_stops[:]
+        turn.answer_stops.extend(stops)
+        with pytest.raises(api.InvalidArgument, match=error.replace("(", r"\(")):
+            api.turn_request(turn, **LIMITS)

@@ -77,6 +77,7 @@ def test_prompt_event_and_started_reply(tok: TextTokenizer, shipped: TemplateSet
     prompt, started = run(make(tok, shipped, history), turn("r2"))
     assert (prompt.topic, prompt.key, prompt.request_id) == ("prompts", "c1", "r2")
     assert prompt.message.turn_index == 2 and "Biscuit" in prompt.message.prompt
+    assert list(prompt.message.answer_stops) == list(shipped.get().answer_stops) != []
     assert started.topic == "rt" and started.message.started.turn_index == 2
 
 

@@ -48,6 +48,7 @@ def test_new_conversation(stub: prompt_pb2_grpc.PromptServiceStub, tok: TextToke
     v1 = shipped.get()  # the served version
     resp = assemble(stub, message="Hello there!")
     assert resp.turn_index == 1 and resp.dropped_turns == 0 and resp.template_version == shipped.current
+    assert list(resp.answer_stops) == list(v1.answer_stops) != []
     assert [(m.role, m.content) for m in resp.messages] == [
         (common_pb2.ROLE_SYSTEM, v1.before), (common_pb2.ROLE_USER, f"Hello there!\n\n{v1.after}")]
     assert resp.prompt.endswith("<|im_start|>assistant\n")

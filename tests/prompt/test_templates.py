@@ -27,6 +27,14 @@ def test_unknown_version_lists_the_known_ones(shipped: templates.TemplateSet) ->
 def test_minimal_version_gets_defaults() -> None:
     ts = templates.parse({"current": "a", "versions": {"a": {"before": "  Be kind.\n"}}})
     assert ts.get() == templates.PromptTemplate(version="a", before="Be kind.")
+    assert ts.get().answer_stops == ()  # no reminder: nothing to stop before
+
+
+def test_an_answer_stops_before_the_reminders_opening_words(shipped: templates.TemplateSet) -> None:
+    assert shipped.get("v5").after == "(Answer this message directly and briefly.)"
+    assert shipped.get("v5").answer_stops == ("(Answer this",)
+    short = templates.parse({"current": "a", "versions": {"a": {"before": "Be kind.", "after": "(Briefly.)"}}})
+    assert short.get().answer_stops == ("(Briefly.)",)
 
 
 @pytest.mark.parametrize(("doc", "error"), [
