@@ -127,7 +127,8 @@ class Chats:
         self.sched.waiting.extend(jobs)
         while not all(c.finish is not None for j in jobs for c in j.cands):
             self.sched.step()
-        return [j.cands[0].text for j in jobs]
+        # Text a stop string might have begun is held until the end; the engine adds it then (`_collect`).
+        return [j.cands[0].text + j.cands[0].stops.flush() for j in jobs]
 
     def prompt(self, past: list[PastTurn], message: str) -> str:
         return self.assembler.assemble(self.template, past, message).prompt

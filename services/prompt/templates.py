@@ -53,9 +53,10 @@ class PromptTemplate:
         ends a short answer by repeating the reminder it read after the user's message ("I'm glad I
         could help.\n\n(Answer this message directly and briefly.)", bench/results/answer_copies.md);
         output moderation then rightly cuts the answer as a leak and the user sees "The answer was
-        stopped". Stopping there gives "I'm glad I could help." instead."""
+        stopped". Stopping there gives "I'm glad I could help." instead. The same words after a line
+        break or two come first, so the break (the model copies the prompt's blank line) goes with them."""
         opening = " ".join(self.after.split()[:REMINDER_STOP_WORDS])
-        return (opening,) if opening else ()
+        return (f"\n\n{opening}", f"\n{opening}", opening) if opening else ()
 
 
 @dataclasses.dataclass(frozen=True)

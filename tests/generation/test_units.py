@@ -312,3 +312,20 @@ def test_a_turns_answer_stops_join_the_clients_stop_strings() -> None:
         turn.answer_stops.extend(stops)
         with pytest.raises(api.InvalidArgument, match=error.replace("(", r"\(")):
             api.turn_request(turn, **LIMITS)
+
+
+def test_an_answer_stops_before_a_copied_reminder_and_the_blank_line_before_it() -> None:
+    from services.generation.stop import StopMatcher
+    from services.prompt.templates import PromptTemplate
+
+    stops = PromptTemplate("v", "Be kind.", "(Answer this message directly and briefly.)").answer_stops
+    matcher, shown = StopMatcher(stops), []
+    for piece in ["I'm glad I could help.", "\n\n", "(", "Answer", " this", " message"]:
+        text, stopped = matcher.feed(piece)
+        shown.append(text)
+        if stopped:
+            break
+    assert "".join(shown) == "I'm glad I could help." and stopped
+    # A paragraph break that is not the reminder is only held until the next piece.
+    matcher = StopMatcher(stops)
+    assert [matcher.feed(p) for p in ["One.", "\n\n", "Two."]] == [("One.", False), ("", False), ("\n\nTwo.", False)]

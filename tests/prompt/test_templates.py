@@ -32,9 +32,9 @@ def test_minimal_version_gets_defaults() -> None:
 
 def test_an_answer_stops_before_the_reminders_opening_words(shipped: templates.TemplateSet) -> None:
     assert shipped.get("v5").after == "(Answer this message directly and briefly.)"
-    assert shipped.get("v5").answer_stops == ("(Answer this",)
+    assert shipped.get("v5").answer_stops == ("\n\n(Answer this", "\n(Answer this", "(Answer this")
     short = templates.parse({"current": "a", "versions": {"a": {"before": "Be kind.", "after": "(Briefly.)"}}})
-    assert short.get().answer_stops == ("(Briefly.)",)
+    assert short.get().answer_stops == ("\n\n(Briefly.)", "\n(Briefly.)", "(Briefly.)")
 
 
 @pytest.mark.parametrize(("doc", "error"), [
