@@ -101,6 +101,9 @@ answers() {
   "$bin/pg_isready" -q -h 127.0.0.1 -p "$PORT" -U "$SUPERUSER" -d postgres -t 2
 }
 
+# Whether something already listens on 127.0.0.1:PORT (bash's /dev/tcp: no extra tool needed).
+port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
+
 url() { printf 'postgresql+psycopg://%s@127.0.0.1:%s/postgres\n' "$SUPERUSER" "$PORT"; }
 
 init_cluster() {
@@ -133,9 +136,17 @@ up() {
   init_cluster
   [[ -f "$LOG_FILE" ]] || { touch "$LOG_FILE"; [[ $(id -u) -ne 0 ]] || chown postgres: "$LOG_FILE"; }
   log "starting on 127.0.0.1:$PORT"
+  if port_taken; then
+    log "127.0.0.1:$PORT is taken by something that is not an answering PostgreSQL; set POSTGRES_PORT to a free port"
+    exit 1
+  fi
   # 9>&-: the server must not inherit the lock, or `down` would wait for it forever.
-  as_owner "$BIN/pg_ctl" -D "$DATA_DIR" -l "$LOG_FILE" -o "-p $PORT" -w -t "$START_TIMEOUT" start >/dev/null 9>&-
-  answers || { log "started but does not answer; see $LOG_FILE"; exit 1; }
+  if ! as_owner "$BIN/pg_ctl" -D "$DATA_DIR" -l "$LOG_FILE" -o "-p $PORT" -w -t "$START_TIMEOUT" start >/dev/null 9>&-; then
+    log "pg_ctl could not start the server; the end of $LOG_FILE:"
+    tail -n 30 "$LOG_FILE" >&2 || true
+    exit 1
+  fi
+  answers || { log "started but does not answer; the end of $LOG_FILE:"; tail -n 30 "$LOG_FILE" >&2 || true; exit 1; }
   url
 }
 

@@ -8,6 +8,7 @@ none answers and stopped at the end only if this session started it (like Kafka'
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,24 +20,42 @@ REPO = Path(__file__).resolve().parents[2]
 PG_SH = REPO / "scripts" / "postgres.sh"
 
 
-def _pg(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(PG_SH), *args], capture_output=True, text=True, timeout=180)
+def _pg(*args: str, port: int | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, POSTGRES_PORT=str(port)) if port else None
+    return subprocess.run(["bash", str(PG_SH), *args], capture_output=True, text=True, timeout=180, env=env)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[str]:
-    """URL of the server's `postgres` database (the admin connection)."""
+    """URL of the server's `postgres` database (the admin connection).
+
+    When the server will not start on its usual port (taken by another program on a shared
+    machine), the same cluster is started once more on a free port, and both failures are shown
+    if that fails too.
+    """
+    port: int | None = None
     started = False
     if _pg("status").returncode != 0:
         res = _pg("up")
-        assert res.returncode == 0, f"scripts/postgres.sh up failed:\n{res.stdout}\n{res.stderr}"
+        if res.returncode != 0:
+            port = _free_port()
+            retry = _pg("up", port=port)
+            assert retry.returncode == 0, (
+                f"scripts/postgres.sh up failed:\n{res.stdout}\n{res.stderr}\n"
+                f"and again with POSTGRES_PORT={port}:\n{retry.stdout}\n{retry.stderr}")
         started = True
-    url = _pg("url").stdout.strip()
+    url = _pg("url", port=port).stdout.strip()
     try:
         yield url
     finally:
         if started and not os.environ.get("COLLOQUY_KEEP_POSTGRES"):
-            _pg("down")
+            _pg("down", port=port)
 
 
 @pytest.fixture(scope="session")
