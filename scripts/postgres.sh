@@ -112,7 +112,9 @@ init_cluster() {
   if [[ ! -f "$DATA_DIR/PG_VERSION" ]]; then
     log "initdb $DATA_DIR"
     as_owner "$BIN/initdb" -D "$DATA_DIR" -U "$SUPERUSER" -A trust -E UTF8 --locale=C.UTF-8 >/dev/null
-    # Test settings: loopback only, small memory, no fsync (a crashed test server is thrown away).
+    # Test settings: loopback only, small memory, no fsync (a crashed test server is thrown away),
+    # dynamic shared memory in files under the data directory rather than /dev/shm (small in
+    # containers, and shared there with Ray's object store).
     cat >>"$DATA_DIR/postgresql.conf" <<EOF
 # scripts/postgres.sh
 listen_addresses = '127.0.0.1'
@@ -122,6 +124,7 @@ max_connections = 100
 fsync = off
 synchronous_commit = off
 full_page_writes = off
+dynamic_shared_memory_type = mmap
 EOF
   fi
 }
