@@ -12,7 +12,8 @@ regularization strength and each category's threshold, which are written into po
 (`--no-policy` leaves it alone). The held-out split and data/holdout/ are never read here; they
 are for `bench.moderation_eval` only.
 Deterministic: same data and encoder build -> same weights; the thresholds also depend on the
-policy's previous ones, whose out-of-fold recall they may not fall below (`RECALL_SLACK`).
+policy's previous ones: the search starts there, and no category may fall below their
+out-of-fold recall (`RECALL_SLACK`) or flag more benign texts than they do (`FALSE_POSITIVE_SLACK`).
 Writes data/classifier.npz (weights) and data/classifier.json (what they were trained on, the
 chosen thresholds, and cross-validated figures of the whole scorer on the train split).
 """
@@ -55,6 +56,15 @@ LOOKALIKE_FPR_TARGET = 0.04
 # it the 2026-12-04 retrain (106 plain benign rows) moved self-harm 0.35 -> 0.80 (out-of-fold
 # recall 0.85 -> 0.59) and illicit 0.65 -> 0.80 (README, "Round 3").
 RECALL_SLACK = 0.0
+# Nor buy recall with false positives: no category may flag more of the train split's texts
+# without a harmful label (look-alikes, plain texts, answers; out of fold) than the previous
+# thresholds flag under the new heads. Each excess text costs the search a whole point of its
+# objective, so in effect it never moves there. Without it the 2026-12-06 retrain with 108
+# benign answers moved seven thresholds (hate 0.55 -> 0.50, illicit 0.65 -> 0.50, ...) and
+# flagged four held-out look-alikes anew (README, "Round 8"). With both bounds the search starts
+# at the previous thresholds and moves a threshold only where neither recall nor false positives
+# get worse.
+FALSE_POSITIVE_SLACK = 0
 
 
 def _fit(x: np.ndarray, y: np.ndarray, c: float) -> LogisticRegression:
@@ -142,13 +152,22 @@ def recall_floors(scores: np.ndarray, labels: np.ndarray, before: np.ndarray) ->
                      for j in range(labels.shape[1])])
 
 
+def false_positive_ceilings(scores: np.ndarray, labels: np.ndarray, before: np.ndarray) -> np.ndarray:
+    """Per category: the texts without a harmful label it flags out of fold at the previous
+    policy's thresholds, plus `FALSE_POSITIVE_SLACK`."""
+    benign = ~labels.any(axis=1)
+    return (scores[benign] >= before).sum(axis=0) + FALSE_POSITIVE_SLACK
+
+
 def _objective(scores: np.ndarray, labels: np.ndarray, lookalike: np.ndarray, thresholds: np.ndarray,
-               floors: np.ndarray | None = None) -> float:
+               floors: np.ndarray | None = None, ceilings: np.ndarray | None = None) -> float:
     """Flagged-vs-not F1 plus some of the category macro F1 and of the family accuracy, with
     look-alike false positives over the target penalized hard (they are what users of a
-    moderation API notice first), and so is a category's recall under its floor."""
+    moderation API notice first), and so is a category's recall under its floor and each benign
+    text a category flags over its ceiling."""
     harm = labels.any(axis=1)
     hits = scores >= thresholds
+    excess = 0.0 if ceilings is None else float(np.maximum(0, hits[~harm].sum(axis=0) - ceilings).sum())
     flagged = hits.any(axis=1)
     f1 = _prf(harm, flagged)["f1"]
     per_category = [_prf(labels[:, j], hits[:, j]) for j in range(labels.shape[1])]
@@ -160,21 +179,23 @@ def _objective(scores: np.ndarray, labels: np.ndarray, lookalike: np.ndarray, th
     top = np.argmax(scores[caught] / thresholds, axis=1)
     fam = float(np.mean([family(CATEGORIES[t]) in {family(CATEGORIES[j]) for j in np.where(labels[i])[0]}
                          for i, t in zip(caught, top, strict=True)])) if len(caught) else 0.0
-    return f1 + 0.25 * macro + 0.25 * fam - 10.0 * max(0.0, fpr - LOOKALIKE_FPR_TARGET) - 10.0 * short
+    return (f1 + 0.25 * macro + 0.25 * fam - 10.0 * max(0.0, fpr - LOOKALIKE_FPR_TARGET) - 10.0 * short
+            - excess)
 
 
 def choose_thresholds(scores: np.ndarray, labels: np.ndarray, lookalike: np.ndarray,
-                      start: np.ndarray, floors: np.ndarray | None = None) -> np.ndarray:
+                      start: np.ndarray, floors: np.ndarray | None = None,
+                      ceilings: np.ndarray | None = None) -> np.ndarray:
     """Per-category thresholds by coordinate ascent on out-of-fold scores (validation only)."""
     best = start.astype(float).copy()
-    value = _objective(scores, labels, lookalike, best, floors)
+    value = _objective(scores, labels, lookalike, best, floors, ceilings)
     for _ in range(3):
         changed = False
         for j in range(len(best)):
             for t in THRESHOLD_GRID:
                 trial = best.copy()
                 trial[j] = t
-                v = _objective(scores, labels, lookalike, trial, floors)
+                v = _objective(scores, labels, lookalike, trial, floors, ceilings)
                 if v > value + 1e-9:
                     best, value, changed = trial, v, True
         if not changed:
@@ -249,7 +270,8 @@ def train(out_dir: Path, model_dir: Path | None = None, precision: str = "int8",
     scores = oof_scores(x, labels, c)
     before = np.array([policy.categories[n].threshold for n in CATEGORIES])
     floors = recall_floors(scores, labels, before)
-    chosen = choose_thresholds(scores, labels, lookalike, np.full(len(CATEGORIES), 0.5), floors)
+    ceilings = false_positive_ceilings(scores, labels, before)
+    chosen = choose_thresholds(scores, labels, lookalike, before, floors, ceilings)
     cv = cross_validate(scores, labels, lookalike, chosen)
     cv["at_thresholds_0.5"] = cross_validate(scores, labels, lookalike, np.full(len(CATEGORIES), 0.5))
     comply_oof = sigmoid(_oof_decision(rx, ry, c))  # uncalibrated, only its sign matters here
@@ -266,7 +288,9 @@ def train(out_dir: Path, model_dir: Path | None = None, precision: str = "int8",
                      "policy_thresholds_before": dict(zip(CATEGORIES, before.tolist(), strict=True))},
         "thresholds": {"chosen_on": "5-fold out-of-fold scores of the train split",
                        "lookalike_fpr_target": LOOKALIKE_FPR_TARGET,
+                       "started_from": "policy_thresholds_before",
                        "recall_floors": dict(zip(CATEGORIES, [round(float(f), 3) for f in floors], strict=True)),
+                       "false_positive_ceilings": dict(zip(CATEGORIES, [int(f) for f in ceilings], strict=True)),
                        "values": dict(zip(CATEGORIES, [round(float(t), 2) for t in chosen], strict=True))},
         "cv_on_train_split": cv,
     }

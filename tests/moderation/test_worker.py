@@ -196,15 +196,18 @@ def test_a_turn_past_its_deadline_is_failed_cancelled_and_its_conversation_freed
 def test_a_short_first_chunk_is_whole_words_so_a_benign_answer_is_not_cut_on_a_fragment(
         moderator: Moderator) -> None:
     """The served first chunk (4 characters) used to end hard at 8: "The primary colour is red."
-    was judged as "The prim", which the classifier scores illicit 0.68, and cut before a word was
-    shown (seen through the whole pipeline, tests/pipeline/test_answer_quality.py, 2026-12-05)."""
-    answer = "The primary colour is red."
-    prim = moderator.moderate(["The prim"], ["Name a primary colour."])[0]
-    assert prim.flagged  # the fragment really is misread: without it this test would prove nothing
+    was judged as "The prim", which the classifier then scored illicit 0.68, and cut before a word
+    was shown (seen through the whole pipeline, tests/pipeline/test_answer_quality.py, 2026-12-05).
+    Today's classifier misreads "A librar" (the served model's answer to "What is a library?")."""
+    question = "What is a library?"
+    answer = ("A library is a place where people can access and share information, often with the help "
+              "of computers.")
+    fragment = moderator.moderate(["A librar"], [question])[0]
+    assert fragment.action == common_pb2.MODERATION_ACTION_BLOCK  # misread: else this test proves nothing
     stage = OutputStage(moderator, min_chars=64, max_chars=200, first_chars=4)
-    growing = stage.handle(record(0, "The primary colour", False, rid="r-colour", message="Name a primary colour."))
-    assert _released(growing) == "The primary" and "reply:moderation" not in kinds(growing)
-    done = stage.handle(record(1, answer, True, rid="r-colour", message="Name a primary colour."))
+    growing = stage.handle(record(0, "A library is a place", False, rid="r-library", message=question))
+    assert _released(growing) == "A library" and "reply:moderation" not in kinds(growing)
+    done = stage.handle(record(1, answer, True, rid="r-library", message=question))
     assert _released(done) == answer and "reply:moderation" not in kinds(done)
 
 
