@@ -7,10 +7,12 @@ development set: its served answers were read while round 5's training rows were
 moderated as input moderation does, and the served model's own greedy answer to it (what
 `make chat` shows: the pipeline's assembled prompt, 200 new tokens) as output moderation does in
 stream-first mode (each chunk with the one before it, the question as context). Every question
-is benign, so every input block or warning, answer cut or answer warning is a false positive a
-person would see. ``--stack`` starts the whole stack and asks the served model; without it the
-answers stored in bench/results/moderation_answers.json are judged again (they must be the served
-version's), which is how a classifier change is measured. Writes bench/results/moderation_answers.json.
+is benign, so every input block or warning, answer cut or answer warning is a false positive; a
+person sees each of them but an answer warning the policy keeps quiet (`output.warn_notices`: the
+"answer warning shown" column counts those it shows). ``--stack`` starts the whole stack and asks
+the served model; without it the answers stored in bench/results/moderation_answers.json are judged
+again (they must be the served version's), which is how a classifier change is measured. Writes
+bench/results/moderation_answers.json.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def judge(asked: list[str], answers: dict[str, str]) -> dict[str, Any]:
         return sorted(c for c, v in result.categories.items() if v)
 
     flagged: list[dict[str, Any]] = []
-    counts = {"input_blocked": 0, "input_warned": 0, "answer_cut": 0, "answer_warned": 0}
+    counts = {"input_blocked": 0, "input_warned": 0, "answer_cut": 0, "answer_warned": 0, "answer_warning_shown": 0}
     for q, verdict in zip(asked, moderator.moderate(asked), strict=True):
         row: dict[str, Any] = {"question": q}
         if verdict.action == BLOCK:
@@ -94,6 +96,8 @@ def judge(asked: list[str], answers: dict[str, str]) -> dict[str, Any]:
         elif check.warned is not None:
             counts["answer_warned"] += 1
             row["answer_warned"] = names(check.warned)
+            row["warning_shown"] = moderator.policy.shows_warning(check.warned, verdict)  # output.warn_notices
+            counts["answer_warning_shown"] += row["warning_shown"]
         if len(row) > 1:
             flagged.append(row)
     return {**counts, "questions": len(asked), "nothing_flagged": len(asked) - len(flagged), "flagged": flagged}
@@ -118,11 +122,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name, asked in sets.items():
         r = rec.results[name] = judge(asked, answers)
         rows.append([name, r["questions"], r["input_blocked"], r["input_warned"], r["answer_cut"],
-                     r["answer_warned"], r["nothing_flagged"]])
+                     r["answer_warned"], r["answer_warning_shown"], r["nothing_flagged"]])
     rec.doc["answers"] = answers
     rec.finish()
     print(common.table(rows, ["questions", "n", "input blocked", "input warned", "answer cut", "answer warned",
-                              "nothing flagged"]))
+                              "answer warning shown", "nothing flagged"]))
     return rec.doc
 
 

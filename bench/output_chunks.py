@@ -102,6 +102,24 @@ def cuts(stage: Any, items: list[tuple[str, str]]) -> list[dict[str, Any]]:
     return out
 
 
+def warnings(stage: Any, items: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """The (question, answer) pairs whose finished answer the stage lets through with a warning, and
+    whether the policy shows it to the person (`output.warn_notices`, given input moderation's
+    verdict on the question)."""
+    from services.moderation import streaming
+
+    out = []
+    for question, answer in items:
+        check = streaming.check_candidate(answer, True, stage._verdicts(question), stage._combine,
+                                          stage.min_chars, stage.max_chars, stage.first_chars)
+        if check.blocked is None and check.warned is not None:
+            [asked] = stage.moderator.moderate([question])
+            out.append({"question": question, "answer": answer,
+                        "categories": sorted(c for c, v in check.warned.categories.items() if v),
+                        "shown": stage.moderator.policy.shows_warning(check.warned, asked)})
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from services.common import config
     from services.moderation import dataset

@@ -11,7 +11,9 @@ copy guard), 64 tokens. Reports per template: stubs (an empty answer or one that
 a lead-in with nothing after it), non-answers (`rlhf.preference.non_answer`), the labelers' rule
 mean on the 247 RLHF questions, the gate questions answered right (`model.quality.is_correct`), and
 the answers output moderation cuts as its stage checks them (`bench.output_chunks.cuts`, the
-product's chunking and policy: every question is benign, so each cut is a false positive).
+product's chunking and policy: every question is benign, so each cut is a false positive), and those
+it lets through with a warning, with how many of those warnings the policy shows the person
+(`bench.output_chunks.warnings`, `output.warn_notices`).
 
     .venv/bin/python -m bench.template_answers --template v5
     .venv/bin/python -m bench.template_answers --label C --after "(Give a direct, brief answer.)"
@@ -32,7 +34,7 @@ from typing import Any
 import yaml
 
 from bench.answer_copies import Chats, echoes, shows_reminder
-from bench.output_chunks import cuts, output_stage
+from bench.output_chunks import cuts, output_stage, warnings
 from model.quality import is_correct
 from model.quality_questions import QUESTIONS
 from rlhf import preference
@@ -103,17 +105,21 @@ def main(argv: list[str] | None = None) -> int:
     quality = [q.prompt for q in GATE]
     answers = chats.answer_all([chats.prompt([], q) for q in (*rlhf_qs, *quality)], MAX_TOKENS, None)
     figures = summarize(rlhf_qs, answers[:len(rlhf_qs)], answers[len(rlhf_qs):], template.after)
-    cut = cuts(output_stage(), list(zip([*rlhf_qs, *quality], answers, strict=True)))
+    stage = output_stage()
+    pairs = list(zip([*rlhf_qs, *quality], answers, strict=True))
+    cut, warned = cuts(stage, pairs), warnings(stage, pairs)
     print(f"{label}: {figures['stubs']} stubs, {figures['echoes']} echoes of the question, "
           f"{figures['showing_reminder']} showing the hidden reminder and {figures['non_answers']} non-answers "
           f"of {figures['answers']}; "
           f"rule mean {figures['rule_mean_rlhf']} on {len(rlhf_qs)} RLHF questions; "
           f"{figures['quality_correct']}/{figures['quality_questions']} gate questions right; "
-          f"{len(cut)} cut by output moderation")
+          f"{len(cut)} cut by output moderation, {len(warned)} warned ({sum(w['shown'] for w in warned)} shown)")
     runs = json.loads(args.out.read_text(encoding="utf-8")) if args.out.exists() else {}
     runs[label] = {"model": version, "template": dataclasses.asdict(template), "max_tokens": MAX_TOKENS,
-                   **figures, "cut_by_output_moderation": len(cut), "failures": failures(rlhf_qs, answers),
-                   "cut": cut}
+                   **figures, "cut_by_output_moderation": len(cut),
+                   "warned_by_output_moderation": len(warned),
+                   "warnings_shown": sum(w["shown"] for w in warned),
+                   "failures": failures(rlhf_qs, answers), "cut": cut, "warned": warned}
     args.out.write_text(json.dumps(runs, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
     return 0

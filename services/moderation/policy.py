@@ -20,7 +20,7 @@ import yaml
 from colloquy.v1 import common_pb2
 
 from services.moderation import metrics
-from services.moderation.categories import CATEGORIES, SYSTEM_PROMPT_LEAK
+from services.moderation.categories import CATEGORIES, SYSTEM_PROMPT_LEAK, family
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,9 @@ class LeakPolicy:
 HOLD = "hold"
 STREAM_FIRST = "stream_first"
 OUTPUT_MODES = (HOLD, STREAM_FIRST)
+WARN_ALWAYS = "always"
+WARN_ASKED = "asked"
+WARN_NOTICES = (WARN_ALWAYS, WARN_ASKED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +70,20 @@ class OutputPolicy:
     and checked like `hold`, from the start, when the user's message scored a `hold_categories`
     category at `hold_at` x its threshold or more, and from the first checked chunk of the answer
     that does.
+
+    `warn_notices`: whether an answer's warning (a WARN category: it never stops text) is shown
+    to the person. `always`: every one. `asked`: only when the user's message scored a category
+    of the same family at `asked_at` x its threshold or more; otherwise the warning is only
+    recorded (the decision on moderation.decisions, the metrics). Every output warning on the
+    served model's answers to 428 everyday questions was a false alarm ("Why do we need to drink
+    water?" -> "This answer may contain self-harm" with a crisis line; README "Output warnings").
     """
 
     mode: str = HOLD
     hold_categories: tuple[str, ...] = ()
     hold_at: float = 0.5
+    warn_notices: str = WARN_ALWAYS
+    asked_at: float = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +105,17 @@ class Policy:
         return any(name in result.category_scores
                    and result.category_scores[name] >= out.hold_at * self.threshold(name)
                    for name in out.hold_categories)
+
+    def shows_warning(self, warning: common_pb2.ModerationResult,
+                      message: common_pb2.ModerationResult | None) -> bool:
+        """Whether an answer's WARN verdict reaches the person (`output.warn_notices`), given the
+        verdict on the user's message (None when the turn carries none: shown)."""
+        out = self.output
+        if out.warn_notices == WARN_ALWAYS or message is None:
+            return True
+        warned = {family(name) for name, hit in warning.categories.items() if hit}
+        return any(family(name) in warned and score >= out.asked_at * self.threshold(name)
+                   for name, score in message.category_scores.items() if name in self.categories)
 
     def decide(self, scores: dict[str, float]) -> common_pb2.ModerationResult:
         """Scores for every category -> verdict; unknown score names are ignored. The
@@ -162,14 +185,15 @@ def parse(doc: object, source: str = "policy") -> Policy:
 
 
 def _parse_output(doc: dict, source: str) -> OutputPolicy:  # type: ignore[type-arg]
-    """The optional `output` entry (release mode); absent: hold-and-check."""
+    """The optional `output` entry (release mode, warning notices); absent: hold-and-check, every
+    warning shown."""
     entry = doc.get("output")
     if entry is None:
         return OutputPolicy()
     where = f"{source}: output"
     if not isinstance(entry, dict):
-        raise PolicyError(f"{where}: expected a mapping with mode, hold_categories, hold_at")
-    unknown = sorted(set(entry) - {"mode", "hold_categories", "hold_at"})
+        raise PolicyError(f"{where}: expected a mapping with mode, hold_categories, hold_at, warn_notices, asked_at")
+    unknown = sorted(set(entry) - {"mode", "hold_categories", "hold_at", "warn_notices", "asked_at"})
     if unknown:
         raise PolicyError(f"{where}: unknown keys {unknown}")
     mode = entry.get("mode", HOLD)
@@ -182,10 +206,16 @@ def _parse_output(doc: dict, source: str) -> OutputPolicy:  # type: ignore[type-
     bad = sorted(set(cats) - set(known))
     if bad:
         raise PolicyError(f"{where}.hold_categories: unknown categories {bad}")
-    hold_at = entry.get("hold_at", 0.5)
-    if isinstance(hold_at, bool) or not isinstance(hold_at, int | float) or not 0 < hold_at <= 1:
-        raise PolicyError(f"{where}.hold_at: {hold_at!r} is not a number in (0, 1]")
-    return OutputPolicy(mode, tuple(dict.fromkeys(cats)), float(hold_at))
+    factors = {}
+    for key in ("hold_at", "asked_at"):
+        value = entry.get(key, 0.5)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+            raise PolicyError(f"{where}.{key}: {value!r} is not a number in (0, 1]")
+        factors[key] = float(value)
+    notices = entry.get("warn_notices", WARN_ALWAYS)
+    if notices not in WARN_NOTICES:
+        raise PolicyError(f"{where}.warn_notices: {notices!r} is not one of {', '.join(WARN_NOTICES)}")
+    return OutputPolicy(mode, tuple(dict.fromkeys(cats)), factors["hold_at"], notices, factors["asked_at"])
 
 
 def _parse_leak(doc: dict, source: str) -> LeakPolicy | None:  # type: ignore[type-arg]

@@ -120,3 +120,34 @@ def test_output_mode_parses_with_hold_categories_and_bad_entries_are_named() -> 
         doc["output"] = bad
         with pytest.raises(PolicyError, match=where):
             parse(doc)
+
+
+def test_an_answers_warning_is_shown_when_asked_for_by_the_users_message() -> None:
+    """`warn_notices: asked`: a warning on an answer reaches the person only when their message
+    scored the same family at `asked_at` x its threshold; `always` shows every one."""
+    from services.moderation.policy import WARN_ALWAYS, WARN_ASKED
+
+    assert load(paths.POLICY_FILE).output.warn_notices == WARN_ASKED  # shipped
+    doc = copy.deepcopy(DOC)
+    doc["output"] = {"mode": "hold", "warn_notices": "asked", "asked_at": 0.5}
+    policy = parse(doc)
+    t = policy.categories["self-harm/intent"].threshold
+    warning = policy.decide({**dict.fromkeys(CATEGORIES, 0.0), "self-harm": 0.9})
+    assert warning.action == WARN
+    plain = policy.decide(dict.fromkeys(CATEGORIES, 0.0))
+    low = policy.decide({**dict.fromkeys(CATEGORIES, 0.0), "self-harm/intent": 0.4 * t})
+    same_family = policy.decide({**dict.fromkeys(CATEGORIES, 0.0), "self-harm/intent": 0.5 * t + 1e-6})
+    other_family = policy.decide({**dict.fromkeys(CATEGORIES, 0.0), "violence": 0.99})
+    assert not policy.shows_warning(warning, plain)
+    assert not policy.shows_warning(warning, low)
+    assert policy.shows_warning(warning, same_family)
+    assert not policy.shows_warning(warning, other_family)
+    assert policy.shows_warning(warning, None)  # a turn without input moderation: shown
+    doc["output"]["warn_notices"] = WARN_ALWAYS
+    assert parse(doc).shows_warning(warning, plain)
+    del doc["output"]
+    assert parse(doc).output.warn_notices == WARN_ALWAYS  # absent: as before the option
+    for bad, where in (({"warn_notices": "never"}, "output.warn_notices"), ({"asked_at": 2}, "output.asked_at")):
+        doc["output"] = bad
+        with pytest.raises(PolicyError, match=where):
+            parse(doc)

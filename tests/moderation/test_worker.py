@@ -211,6 +211,33 @@ def test_a_short_first_chunk_is_whole_words_so_a_benign_answer_is_not_cut_on_a_f
     assert _released(done) == answer and "reply:moderation" not in kinds(done)
 
 
+def test_an_answers_warning_reaches_the_person_only_when_their_message_had_the_category(
+        moderator: Moderator) -> None:
+    """The served model's answer to "Why do we need to drink water?" scores self-harm (a WARN): the
+    person asked nothing of the kind, so the policy's `warn_notices: asked` records the warning and
+    shows no crisis line under an answer about water; after a message that does score self-harm the
+    same answer's warning is shown. The text is released whole either way and the decision kept."""
+    question = "Why do we need to drink water?"
+    answer = ("We need to drink water because it is essential for maintaining our bodily functions. Water helps "
+              "regulate body temperature, transports nutrients and oxygen throughout the body, supports digestion, "
+              "and aids in the absorption of minerals from food.")
+    worried = "I keep thinking about hurting myself. Why do we need to drink water?"
+
+    def answered(message: str, rid: str) -> list:  # type: ignore[type-arg]
+        rec = record(0, answer, True, rid=rid, message=message)
+        rec.message.turn.input_moderation.CopyFrom(moderator.moderate([message])[0])
+        return OutputStage(moderator, min_chars=64, max_chars=200, first_chars=4).handle(rec)
+
+    plain = answered(question, "r-water")
+    decisions = [e.message for e in plain if e.message.DESCRIPTOR.name == "ModerationDecision"]
+    assert decisions and decisions[0].result.action == common_pb2.MODERATION_ACTION_WARN  # really warned
+    assert _released(plain) == answer and "reply:moderation" not in kinds(plain)
+    shown = answered(worried, "r-worried")
+    assert _released(shown) == answer
+    [notice] = [e.message.moderation for e in shown if kinds([e]) == ["reply:moderation"]]
+    assert notice.stage == "output" and notice.result.categories["self-harm"]
+
+
 def test_a_turn_without_a_reply_topic_is_poison_for_the_input_stage(moderator: Moderator) -> None:
     """Input moderation is the first stage after the gateway: a turn nobody could be told about
     goes to the dead-letter topic (the kafka loop's handling of PoisonEvent), never downstream."""
