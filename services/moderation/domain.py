@@ -74,8 +74,13 @@ class Moderator:
     @staticmethod
     def as_requests(texts: Sequence[str], scores: list[Scores]) -> list[Scores]:
         """`scores` of texts that are requests (a user's message), with the rules that read only
-        requests (`rules.drug_request`: an answer that refuses names the drug too)."""
-        return [consistent(rules.drug_request(rules.normalize(t), s)) for t, s in zip(texts, scores, strict=True)]
+        requests (`rules.drug_request`: an answer that refuses names the drug too; `rules.disclosure`:
+        an answer that helps says "if you are thinking about suicide")."""
+        out = []
+        for t, s in zip(texts, scores, strict=True):
+            norm = rules.normalize(t)
+            out.append(consistent(rules.disclosure(norm, rules.drug_request(norm, s))))
+        return out
 
     def request_scores(self, texts: Sequence[str]) -> list[Scores]:
         """Scores of user messages: input moderation's texts, output moderation's contexts."""

@@ -12,6 +12,13 @@
    worse (README, "Round 4"). It reads *requests* only (a user's message, output moderation's
    context), never answers: a refusal ("I can't help you make meth") names the drug too, and an
    answer that goes along with such a request is caught through its context.
+4. `disclosure`: a person saying in everyday words that they think about suicide or hurting
+   themselves ("I think about suicide a lot.", "Sometimes I think about ending it all.", "I'm done
+   with life.") is self-harm and self-harm/intent, so input moderation sends the crisis line.
+   The classifier scored such sentences 0.00-0.22 while it scores stated plans 0.9 and more, and
+   80 training rows of that shape cost other held-out texts (README, "Round 10"). Requests only,
+   like `drug_request`: an answer says "if you are thinking about suicide, ..." to help. Both
+   categories are warnings, not blocks: a false match costs a crisis-line notice, never an answer.
 """
 
 from __future__ import annotations
@@ -116,3 +123,46 @@ def drug_request(text: str, scores: dict[str, float]) -> dict[str, float]:
     if _DRUG_REQUEST.search(text) is None and not any(_DRUG_QUESTION.search(s) for s in _questions(text)):
         return scores
     return {**scores, "illicit": max(scores.get("illicit", 0.0), DRUG_REQUEST_SCORE)}
+
+
+# First person somewhere in the sentence: the rule is about the speaker, not a character or a patient.
+_FIRST_PERSON = re.compile(r"\b(?:i|i'm|im|i've|ive|i'd|me|my|myself)\b", re.I)
+# Each pattern is an everyday way of saying it; none matches an accident ("I cut myself while
+# cooking"), a plan for the day ("I don't want to wake up early") or a question about life's meaning.
+_DISCLOSURES = [re.compile(p, re.I) for p in (
+    # thinking about it: "I think about suicide a lot", "I keep thinking of killing myself"
+    r"\b(?:think|thinking|thought|thoughts)\s+(?:about|of)\s+(?:suicide|killing myself|kill myself|"
+    r"ending (?:it all|my life|things)|taking my (?:own )?life|hurting myself|harming myself|dying|"
+    r"self[- ]?harm(?:ing)?|not (?:being here|waking up))\b",
+    r"\b(?:i'm|im|i am|i feel|i've been|ive been|i have been|feeling)\s+(?:so\s+|really\s+|very\s+|kind of\s+)?"
+    r"suicidal\b",
+    r"\b(?:my|having|have had|i had|i have)\s+suicidal\s+(?:thoughts|feelings|urges|ideas)\b",
+    r"\bend(?:ing)?\s+it\s+all\b",
+    r"\b(?:i'm|im|i am)\s+(?:so\s+|just\s+)?(?:done|finished)\s+with\s+(?:life|living|being alive)\b",
+    r"\bcan'?t\s+(?:go on|keep going)(?:\s+like this)?\s+any\s?more\b",
+    r"\bwhat'?s\s+the\s+point\s+(?:of|in)\s+(?:living|being alive|staying alive|going on)\b",
+    r"\b(?:feel like|urge to|urges to|want to|wanna|tempted to|going to|gonna)\s+"
+    r"(?:hurt|harm|cut|burn|kill|punish)(?:ing)?\s+myself\b",
+    r"\bi(?:'ve| have)?\s+(?:been\s+)?self[- ]?harm(?:ing|ed)?\b",
+    r"\b(?:tired|sick)\s+of\s+(?:being alive|living|life)\s*(?:[.!?,;]|$|\band\b)",
+    r"\bbetter off\s+(?:without me|if i (?:was|were) (?:gone|dead|not around))\b",
+    r"\b(?:don'?t|do not)\s+want\s+to\s+(?:live|be alive|exist|wake up)(?:\s+any\s?more)?\s*(?:[.!?,;]|$)",
+    r"\bwish\s+i\s+(?:was|were)\s+dead\b|\bwish\s+i\s+(?:had\s+)?never\s+(?:been born|woken up|wake up)\b",
+    r"\bwant\s+to\s+(?:stop existing|disappear forever|sleep forever|go to sleep forever|never wake up)\b",
+)]
+DISCLOSURE_SCORE = 1.0  # the rule decides; both categories are warnings (policy.yaml)
+
+
+def discloses_self_harm(text: str) -> bool:
+    """True when a sentence of `text` says, in the first person, that its speaker thinks of suicide
+    or of hurting themselves."""
+    return any(_FIRST_PERSON.search(s) and any(p.search(s) for p in _DISCLOSURES)
+               for s in _SENTENCE.findall(text) if s.strip())
+
+
+def disclosure(text: str, scores: dict[str, float]) -> dict[str, float]:
+    """A request (never an answer: see the module doc) that discloses thoughts of suicide or
+    self-harm is self-harm and self-harm/intent."""
+    if not discloses_self_harm(text):
+        return scores
+    return {**scores, **{c: max(scores.get(c, 0.0), DISCLOSURE_SCORE) for c in ("self-harm", "self-harm/intent")}}

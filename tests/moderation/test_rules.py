@@ -85,3 +85,39 @@ def test_a_request_to_make_or_sell_a_named_drug_is_illicit(text: str) -> None:
 def test_other_drug_talk_and_look_alikes_are_left_to_the_classifier(text: str) -> None:
     scores = {"illicit": 0.1}
     assert rules.drug_request(rules.normalize(text), scores) is scores
+
+
+@pytest.mark.parametrize("text", [
+    "I think about suicide a lot.",
+    "Sometimes I think about ending it all.",
+    "I have been feeling really low and sometimes think about hurting myself.",  # let through on `make chat`
+    "Lately I feel like hurting myself.",
+    "I'm done with life.",
+    "I can't go on like this anymore.",
+    "I've been feeling so suicidal.",
+    "I'm so tired of being alive.",
+    "Everyone would be better off without me.",
+    "I wish I was dead.",
+    "i think about k1lling myself every day",  # read after `normalize`, as the moderator does
+])
+def test_a_first_person_disclosure_of_suicidal_thoughts_is_self_harm(text: str) -> None:
+    out = rules.disclosure(rules.normalize(text), {"self-harm": 0.02, "violence": 0.2})
+    assert out == {"self-harm": rules.DISCLOSURE_SCORE, "self-harm/intent": rules.DISCLOSURE_SCORE,
+                   "violence": 0.2}
+
+
+@pytest.mark.parametrize("text", [
+    "I cut myself while cooking, how do I stop the bleeding?",  # an accident
+    "I accidentally hurt myself at the gym.",
+    "I don't want to wake up early tomorrow.",  # a plan for the day
+    "I don't want to live in London anymore.",
+    "I'm tired of living paycheck to paycheck.",
+    "I'm sick of living in this city.",
+    "What's the point of life?",  # a question about meaning, and no speaker in it
+    "If you are thinking about suicide, please call 988.",  # what a helpful answer says
+    "Why do people think about suicide?",
+    "My dad is done with life in the city and moved to a farm.",
+])
+def test_accidents_plans_and_talk_about_suicide_are_left_to_the_classifier(text: str) -> None:
+    scores = {"self-harm": 0.02}
+    assert rules.disclosure(rules.normalize(text), scores) is scores
