@@ -87,15 +87,21 @@ def output_stage(first_chars: int | None = None, like: Any = None) -> Any:
     return OutputStage(moderator, cfg.chunk_min_chars, cfg.chunk_max_chars, first_chars=first, leak=leak)
 
 
-def cuts(stage: Any, items: list[tuple[str, str]]) -> list[dict[str, Any]]:
-    """The (question, answer) pairs whose finished answer the stage cuts, checked the way it checks
-    them (each chunk with the one before it, the question as context, the leak check on every prefix)."""
+def _checked(stage: Any, items: list[tuple[str, str]]) -> Iterator[tuple[str, str, Any]]:
+    """Each (question, answer) pair with the stage's check of the finished answer, made the way it
+    checks them (each chunk with the one before it, the question as context, the leak check on
+    every prefix)."""
     from services.moderation import streaming
 
-    out = []
     for question, answer in items:
-        check = streaming.check_candidate(answer, True, stage._verdicts(question), stage._combine,
-                                          stage.min_chars, stage.max_chars, stage.first_chars)
+        yield question, answer, streaming.check_candidate(answer, True, stage._verdicts(question), stage._combine,
+                                                          stage.min_chars, stage.max_chars, stage.first_chars)
+
+
+def cuts(stage: Any, items: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """The (question, answer) pairs whose finished answer the stage cuts."""
+    out = []
+    for question, answer, check in _checked(stage, items):
         if check.blocked is not None:
             out.append({"question": question, "answer": answer, "released": check.released,
                         "categories": sorted(c for c, v in check.blocked.categories.items() if v)})
@@ -106,12 +112,8 @@ def warnings(stage: Any, items: list[tuple[str, str]]) -> list[dict[str, Any]]:
     """The (question, answer) pairs whose finished answer the stage lets through with a warning, and
     whether the policy shows it to the person (`output.warn_notices`, given input moderation's
     verdict on the question)."""
-    from services.moderation import streaming
-
     out = []
-    for question, answer in items:
-        check = streaming.check_candidate(answer, True, stage._verdicts(question), stage._combine,
-                                          stage.min_chars, stage.max_chars, stage.first_chars)
+    for question, answer, check in _checked(stage, items):
         if check.blocked is None and check.warned is not None:
             [asked] = stage.moderator.moderate([question])
             out.append({"question": question, "answer": answer,
