@@ -31,6 +31,13 @@ OUTPUT_VERDICTS = Counter("colloquy_moderation_output_verdicts_total",
                           "Output moderation verdicts, one per candidate answer, by the model version "
                           "that generated it and the action taken", ["model_version", "action"])
 
+# One per candidate answer that passed with a warning: whether the person was shown it (policy.yaml
+# `output.warn_notices`). A rising "false" share is the classifier warning on answers nobody asked
+# anything of the kind about; DECISIONS{stage="output",action="warn"} has the categories.
+OUTPUT_WARNINGS = Counter("colloquy_moderation_output_warnings_total",
+                          "Answers that passed output moderation with a warning, by whether the "
+                          "warning was shown to the person (output.warn_notices)", ["shown"])
+
 
 def action_name(action: int) -> str:
     """The metric label of an action (policy.py imports this module, so the names live here)."""

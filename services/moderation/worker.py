@@ -306,11 +306,14 @@ class OutputStage:
             # it from the client (and forwards nothing when it never sent past the cut).
             produced.append(turns.reply(turn, tp, retraction=chat_pb2.ChatRetraction(
                 index=index, kept_chars=len(check.released))))
-        asked = turn.input_moderation if turn.HasField("input_moderation") else None
-        if (check.warned is not None and self.moderator.policy.shows_warning(check.warned, asked)
-                and mem.should_send(("warn", index), True, eid)):
-            produced.append(turns.reply(turn, tp, moderation=chat_pb2.ModerationNotice(
-                stage="output", result=check.warned, message=notice_text("output", check.warned), index=index)))
+        if check.warned is not None and mem.should_send(("warn", index), True, eid):
+            asked = turn.input_moderation if turn.HasField("input_moderation") else None
+            shown = self.moderator.policy.shows_warning(check.warned, asked)
+            metrics.OUTPUT_WARNINGS.labels(str(shown).lower()).inc()
+            if shown:
+                produced.append(turns.reply(turn, tp, moderation=chat_pb2.ModerationNotice(
+                    stage="output", result=check.warned, message=notice_text("output", check.warned),
+                    index=index)))
         if check.blocked is not None and mem.should_send(("block", index), True, eid):
             produced.append(turns.reply(turn, tp, moderation=chat_pb2.ModerationNotice(
                 stage="output", result=check.blocked, message=notice_text("output", check.blocked),

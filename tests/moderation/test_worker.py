@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 from colloquy.v1 import chat_pb2, common_pb2, events_pb2, generation_pb2
+from prometheus_client import REGISTRY
 
 from services.common import events
 from services.common.kafka_loop import Consumed
@@ -228,7 +229,12 @@ def test_an_answers_warning_reaches_the_person_only_when_their_message_had_the_c
         rec.message.turn.input_moderation.CopyFrom(moderator.moderate([message])[0])
         return OutputStage(moderator, min_chars=64, max_chars=200, first_chars=4).handle(rec)
 
+    def quiet() -> float:
+        return REGISTRY.get_sample_value("colloquy_moderation_output_warnings_total", {"shown": "false"}) or 0.0
+
+    quiet_before = quiet()
     plain = answered(question, "r-water")
+    assert quiet() == quiet_before + 1  # recorded, not shown
     decisions = [e.message for e in plain if e.message.DESCRIPTOR.name == "ModerationDecision"]
     assert decisions and decisions[0].result.action == common_pb2.MODERATION_ACTION_WARN  # really warned
     assert _released(plain) == answer and "reply:moderation" not in kinds(plain)
