@@ -79,6 +79,11 @@ class RLHFConfig:
     # questions of rlhf/prompts.yaml (rlhf.validation), scored at the same steps.
     dpo_select: str = env("RLHF_DPO_SELECT", "quiz", check=lambda v: v in ("quiz", "validation"),
                           hint="quiz or validation")
+    # Average the weights of every quiz checkpoint (steps N, 2N, ... and the last) and keep that mean
+    # when it passes the quiz, instead of one checkpoint: trajectory averaging (SWA, LAWA, WARP's
+    # averaging) keeps the direction the checkpoints share and cancels the step-to-step noise, which on
+    # round 2 rewrote held-out greedy answers for the worse about as often as for the better.
+    dpo_average: bool = env("RLHF_DPO_AVERAGE", False)
     # PPO
     ppo_steps: int = env("RLHF_PPO_STEPS", 20, check=lambda v: v >= 1, hint=">= 1")
     rollout_batch_size: int = env("RLHF_ROLLOUT_BATCH_SIZE", 8, check=lambda v: v >= 1, hint=">= 1")

@@ -232,18 +232,27 @@ def training_quiz_line(record: dict[str, Any]) -> str:
     parent = record["parent"]
     checks = ", ".join(f"step {c['step']} {_f(c['pct'], 1)}{'' if c['passed'] else ' (out)'}"
                        for c in record["checks"])
-    kept = record["kept_step"]
+    mean = record.get("average")
+    kept = mean["instead_of"] if mean and mean["kept"] else record["kept_step"]  # the checkpoint's choice
     last = record["checks"][-1]["step"] if record["checks"] else None
     verdict = (f"kept step {kept}" + (" (the last)" if kept == last else f", not the last ({last})")
                if kept is not None else "no checkpoint within the points: kept the last")
+    if mean and mean["kept"]:
+        verdict = "kept the mean of the checkpoints' weights (below), not one checkpoint"
     line = (f"quiz during training (float32, within {_f(record['points'], 1)} points of the parent's "
             f"{_f(parent['pct'], 1)}%): {checks}; {verdict}.")
     chosen = record.get("validation")
     if chosen:
         scored = ", ".join(f"step {c['step']} {c['wins']}/{c['ties']}/{c['losses']}" for c in chosen["checks"])
         line += (f" Chosen on {chosen['questions']} validation questions (W/T/L against the parent by the rule, "
-                 f"float32 greedy): {scored}" + ("; the kept step has the most wins among those within the points."
+                 f"float32 greedy): {scored}" + (f"; step {kept} has the most wins among those within the points."
                                                   if kept is not None else "; none was within the points to choose."))
+    if mean:
+        scored = mean.get("validation")
+        line += (f" The mean of the weights of steps {', '.join(str(s) for s in mean['of_steps'])}: quiz "
+                 f"{_f(mean['quiz']['pct'], 1)}" + (f", validation {scored['wins']}/{scored['ties']}/{scored['losses']}"
+                                                     if scored else "")
+                 + ("; kept instead of one checkpoint." if mean["kept"] else " (out); not kept."))
     return line
 
 

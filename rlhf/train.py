@@ -559,6 +559,41 @@ def _trainable_state(lm: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in lm.named_parameters() if p.requires_grad}
 
 
+class CheckpointMean:
+    """The running mean of checkpoints' trainable weights (``RLHF_DPO_AVERAGE``), in float64 so
+    that the order of the checkpoints does not change the mean's rounding."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self._sum: dict[str, torch.Tensor] = {}
+
+    def add(self, step: int, state: dict[str, torch.Tensor]) -> None:
+        for name, value in state.items():
+            total = self._sum.get(name)
+            self._sum[name] = value.double() if total is None else total + value.double()
+        self.steps.append(step)
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        return {name: (total / len(self.steps)).float() for name, total in self._sum.items()}
+
+
+def _average_check(lm: nn.Module, averaged: CheckpointMean, enc: Encoder, hp: dict[str, Any], step: int,
+                   parent: quiz.QuizCheck, asked: dict[str, list[str]] | None, parent_answers: list[str],
+                   rank: int, world: int, device: torch.device) -> dict[str, Any]:
+    """Load the checkpoints' mean into ``lm`` and quiz it (and, with validation questions, score
+    it); it stays loaded when it passes the quiz, otherwise ``lm`` gets its weights back."""
+    before = _trainable_state(lm)
+    lm.load_state_dict(averaged.mean(), strict=False)
+    check = _quiz_check(lm, enc, hp, step, parent, rank, world, device)
+    record: dict[str, Any] = {"of_steps": list(averaged.steps), "quiz": check.as_dict(), "kept": check.passed}
+    if asked:
+        record["validation"] = _validation_check(lm, enc, hp, step, asked, parent_answers, rank, world,
+                                                 device).as_dict()
+    if not check.passed:
+        lm.load_state_dict(before, strict=False)
+    return record
+
+
 def train_dpo(cfg: dict[str, Any], enc: Encoder, device: torch.device, rank: int, world: int,
               report: Any) -> tuple[list[dict[str, float]], dict[str, Any], float, dict[str, Any] | None]:
     """DPO on the training comparisons against the frozen parent; returns (history per step,
@@ -572,6 +607,8 @@ def train_dpo(cfg: dict[str, Any], enc: Encoder, device: torch.device, rank: int
     ``dpo_select`` "validation" (and ``cfg["validation"]``: questions and their served prompts) the
     same checkpoints also answer the validation questions, and the saved policy is the one among
     those within the points with most rule wins against the parent (:func:`rlhf.validation.best_step`).
+    With ``dpo_average`` the mean of every checked checkpoint's weights is quizzed (and scored) after
+    the last step and saved instead when it is within the points (:class:`CheckpointMean`).
     """
     from ray.train.torch import prepare_model
 
@@ -604,6 +641,7 @@ def train_dpo(cfg: dict[str, Any], enc: Encoder, device: torch.device, rank: int
     scored: list[validation.ValidationCheck] = []
     best: tuple[int, int, int] | None = None  # validation.preference of the kept state
     passed_state: dict[str, torch.Tensor] | None = None
+    averaged = CheckpointMean() if parent is not None and hp.get("dpo_average") else None
     history: list[dict[str, float]] = []
     step = 0
     batches = [(epoch, batch) for epoch in range(hp["dpo_epochs"])
@@ -633,6 +671,8 @@ def train_dpo(cfg: dict[str, Any], enc: Encoder, device: torch.device, rank: int
         report({**metrics, "phase": "dpo"})
         if parent is not None and (step % every == 0 or step == len(batches)):
             checks.append(_quiz_check(unwrap(policy), enc, hp, step, parent, rank, world, device))
+            if averaged is not None:
+                averaged.add(step, _trainable_state(unwrap(policy)))
             report({"phase": "dpo_quiz", "step": float(step), "quiz_pct": checks[-1].pct})
             if asked:
                 scored.append(_validation_check(unwrap(policy), enc, hp, step, asked, parent_answers,
@@ -654,6 +694,11 @@ def train_dpo(cfg: dict[str, Any], enc: Encoder, device: torch.device, rank: int
         if asked:
             quiz_record["validation"] = {"questions": len(asked["questions"]),
                                          "checks": [c.as_dict() for c in scored]}
+        if averaged is not None and len(averaged.steps) > 1:
+            quiz_record["average"] = _average_check(unwrap(policy), averaged, enc, hp, step, parent, asked,
+                                                    parent_answers, rank, world, device)
+            if quiz_record["average"]["kept"]:  # the mean's history is the whole run's
+                quiz_record["average"]["instead_of"], quiz_record["kept_step"] = kept, step
     heldout = evaluate_dpo(policy, reference, cfg["held_out"], enc, hp, rank, world, device)
     seconds = time.perf_counter() - started
     report({**heldout, "phase": "dpo_done", "dpo_seconds": seconds}, phase_seconds={"dpo": seconds})

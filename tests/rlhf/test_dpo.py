@@ -167,3 +167,22 @@ def test_an_answer_cut_short_gets_no_end_token_and_an_ended_one_does() -> None:
     # Rows from before finish reasons were kept: every answer ends, as before.
     _, _, answer_old, _ = answer_batch([{**item, "ended": []}], enc)
     assert answer_old[0].sum().item() == len(cut) + 1
+
+
+def test_the_checkpoints_mean_is_the_elementwise_mean_whatever_their_order() -> None:
+    from rlhf.train import CheckpointMean
+
+    states = [{"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.1])},
+              {"w": torch.tensor([3.0, -2.0]), "b": torch.tensor([0.2])},
+              {"w": torch.tensor([1e-8, 5.0]), "b": torch.tensor([0.3])}]
+    forward, backward = CheckpointMean(), CheckpointMean()
+    for i, state in enumerate(states):
+        forward.add(12 * (i + 1), state)
+    for i, state in reversed(list(enumerate(states))):
+        backward.add(12 * (i + 1), state)
+    mean = forward.mean()
+    assert forward.steps == [12, 24, 36]
+    assert torch.allclose(mean["w"], torch.tensor([(4.0 + 1e-8) / 3, 5.0 / 3]))
+    assert torch.allclose(mean["b"], torch.tensor([0.2]))
+    assert all(torch.equal(mean[k], backward.mean()[k]) for k in mean)
+    assert mean["w"].dtype == torch.float32

@@ -196,9 +196,9 @@ def test_two_rounds_build_on_each_other(tiny_registry: tuple[Registry, str], tmp
 
     ends = iter([NOW_MS, later])
     config = load_config(algorithm="dpo", rm_epochs=1, rm_batch_size=8, rm_lr=2e-3, dpo_epochs=1, dpo_batch_size=8,
-                         dpo_lr=1e-3, dpo_nll=1.0, dpo_anchor=1.0, max_new_tokens=8, heldout_percent=25, num_workers=1,
-                         cpus_per_worker=2, ray_num_cpus=2, use_gpu="false", eval_max_new_tokens=8, eval_samples=1,
-                         kl_bound=1e6, pushgateway_url="")
+                         dpo_lr=1e-3, dpo_nll=1.0, dpo_anchor=1.0, dpo_quiz_every=1, dpo_average=True,
+                         max_new_tokens=8, heldout_percent=25, num_workers=1, cpus_per_worker=2, ray_num_cpus=2,
+                         use_gpu="false", eval_max_new_tokens=8, eval_samples=1, kl_bound=1e6, pushgateway_url="")
     reports = job.run_rounds(config, registry, 2, base=base, dataset_root=feedback, label=label,
                              clock=lambda: next(ends))
 
@@ -227,5 +227,14 @@ def test_two_rounds_build_on_each_other(tiny_registry: tuple[Registry, str], tmp
     assert all(k[0] == pytest.approx(0.0, abs=1e-5) for k in kls) and max(kls[0]) > 1e-4, kls
     assert "KL to the parent on the anchor questions x 1.0" in registry.load(two["version"]).manifest["training"][
         "method"]
+    # RLHF_DPO_AVERAGE: the mean of every checked step's weights was quizzed after the last step, and
+    # kept (the published run is then the whole history) exactly when it passed; a run of one step
+    # (round 2 here: 8 comparisons, a batch of 8) has no mean to take
+    quizzes = [r["children"]["dpo"]["training_quiz"] for r in reports]
+    assert [len(q["checks"]) for q in quizzes] == [2, 1]
+    mean = quizzes[0]["average"]
+    assert mean["of_steps"] == [1, 2] and mean["kept"] == mean["quiz"]["passed"]
+    assert quizzes[0]["kept_step"] == 2 if mean["kept"] else "instead_of" not in mean
+    assert "average" not in quizzes[1]
     md = report_markdown(reports)
-    assert one["version"] in md and two["version"] in md
+    assert one["version"] in md and two["version"] in md and "The mean of the weights of steps" in md

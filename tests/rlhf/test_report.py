@@ -73,7 +73,22 @@ def test_the_quiz_line_says_whether_validation_had_a_checkpoint_to_choose() -> N
                 "validation": {"questions": 32, "checks": [{"step": 12, "wins": 9, "ties": 20, "losses": 3},
                                                            {"step": 24, "wins": 17, "ties": 10, "losses": 5}]}}
     chosen = training_quiz_line(record(True))
-    assert "kept step 12, not the last (24)" in chosen and "most wins among those within the points" in chosen
+    assert "kept step 12, not the last (24)" in chosen and "step 12 has the most wins among those within" in chosen
     none = training_quiz_line(record(False))
     assert "no checkpoint within the points: kept the last" in none and "none was within the points" in none
     assert "most wins" not in none
+
+
+def test_the_quiz_line_says_whether_the_checkpoints_mean_was_kept() -> None:
+    from rlhf.report import training_quiz_line
+
+    def record(passed: bool) -> dict:
+        return {"parent": {"pct": 79.35}, "points": 1.5, "kept_step": 24,
+                "checks": [{"step": 12, "pct": 79.0, "passed": True}, {"step": 24, "pct": 79.0, "passed": True}],
+                "average": {"of_steps": [12, 24], "instead_of": 24 if passed else None,
+                            "quiz": {"pct": 79.9 if passed else 75.0, "passed": passed},
+                            "validation": {"wins": 8, "ties": 20, "losses": 4}, "kept": passed}}
+    kept = training_quiz_line(record(True))
+    assert "The mean of the weights of steps 12, 24: quiz 79.9, validation 8/20/4; kept instead" in kept
+    assert "kept the mean of the checkpoints' weights" in kept and "kept step" not in kept
+    assert "(out); not kept." in training_quiz_line(record(False))
