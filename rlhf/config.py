@@ -84,6 +84,11 @@ class RLHFConfig:
     # averaging) keeps the direction the checkpoints share and cancels the step-to-step noise, which on
     # round 2 rewrote held-out greedy answers for the worse about as often as for the better.
     dpo_average: bool = env("RLHF_DPO_AVERAGE", False)
+    # DPO's pairwise loss: "dpo" (log-ratio to the parent) or "simpo" (SimPO: beta x the answer's mean
+    # log-probability per token, no reference, with margin RLHF_SIMPO_GAMMA; rlhf.dpo says why). SimPO
+    # wants a larger RLHF_DPO_BETA than DPO (its paper: 2-2.5).
+    dpo_loss: str = env("RLHF_DPO_LOSS", "dpo", check=lambda v: v in ("dpo", "simpo"), hint="dpo or simpo")
+    simpo_gamma: float = env("RLHF_SIMPO_GAMMA", 1.25, check=lambda v: v >= 0, hint=">= 0")
     # PPO
     ppo_steps: int = env("RLHF_PPO_STEPS", 20, check=lambda v: v >= 1, hint=">= 1")
     rollout_batch_size: int = env("RLHF_ROLLOUT_BATCH_SIZE", 8, check=lambda v: v >= 1, hint=">= 1")

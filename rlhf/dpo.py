@@ -17,6 +17,15 @@ drifts the policy off answers it used to give; the NLL term holds the better ans
 ``pairwise_weight`` scales DPO's own term: at 0 only that NLL is left, i.e. rejection-sampling
 fine-tuning on each ranking's best answer (Touvron et al., 2023, Llama 2's RLHF rounds), which
 moves the policy towards its best samples without pushing any answer down.
+
+``simpo_margin`` (not None) swaps DPO's implicit reward for SimPO's (Meng et al., 2024, "SimPO:
+Simple Preference Optimization with a Reference-Free Reward"): ``beta`` times the answer's *mean*
+log-probability per token under the policy, no reference, and the better answer must lead by the
+margin (gamma). Why it is here: the judged answers are greedy, and greedy decoding follows
+per-token likelihood, which DPO's summed log-ratio against the parent does not target (a DPO round
+can raise the better samples' ratio while the greedy path stays where it was); SimPO's reward is
+that likelihood itself, normalized by length so longer answers gain nothing from it. SimPO's scale
+differs from DPO's: its paper uses beta 2-2.5 and gamma about half of beta.
 """
 
 from __future__ import annotations
@@ -63,9 +72,9 @@ def best_answers(groups: Sequence[Sequence[tuple[int, int]]]) -> list[int]:
     return best
 
 
-def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, groups: Sequence[Sequence[tuple[int, int]]],
+def dpo_loss(policy: torch.Tensor, reference: torch.Tensor | None, groups: Sequence[Sequence[tuple[int, int]]],
              beta: float, nll_weight: float = 0.0, tokens: torch.Tensor | None = None,
-             pairwise_weight: float = 1.0) -> DPOLoss:
+             pairwise_weight: float = 1.0, simpo_margin: float | None = None) -> DPOLoss:
     """DPO's loss over a batch's answers.
 
     ``policy`` and ``reference`` hold ``log p(answer | prompt)`` of each answer of the batch
@@ -74,10 +83,19 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, groups: Sequence[Seq
     (:func:`rlhf.reward.pairwise_loss`), each element weighs the same whatever its number of pairs.
     With ``nll_weight`` > 0, ``tokens`` (each answer's token count) turns the best answers'
     ``-log p`` into a per-token NLL, added with that weight; ``pairwise_weight`` scales DPO's
-    term (the accuracy and margins are reported whatever it is).
+    term (the accuracy and margins are reported whatever it is). With ``simpo_margin`` the reward
+    is SimPO's (``reference`` is not used and may be None; ``tokens`` is needed).
     """
-    rewards = beta * (policy - reference)  # the implicit reward of each answer
-    result = pairwise_loss(rewards, groups)  # DPO is the reward model's loss on implicit rewards
+    if simpo_margin is None:
+        if reference is None:
+            raise ValueError("DPO's implicit reward needs the reference's log-probabilities")
+        rewards = beta * (policy - reference)  # the implicit reward of each answer
+    else:
+        if tokens is None:
+            raise ValueError("SimPO's reward needs each answer's token count")
+        rewards = beta * policy / tokens.clamp(min=1).to(policy.dtype)
+    # DPO is the reward model's loss on implicit rewards (SimPO: with its margin)
+    result = pairwise_loss(rewards, groups, margin=simpo_margin or 0.0)
     if not result.pairs:
         return DPOLoss(policy.sum() * 0.0, 0, 0, 0.0, 0.0, 0.0)
     if pairwise_weight <= 0 and nll_weight <= 0:

@@ -371,8 +371,8 @@ def _prepare_replay(config: RLHFConfig, registry: Registry, base: str, deploymen
 
 
 def dpo_method(config: RLHFConfig) -> str:
-    """What the DPO trainer ran, as the manifest states it: DPO, RPO (with the NLL term) or, with
-    the pairwise term off, rejection-sampling fine-tuning on each ranking's best answer; and the
+    """What the DPO trainer ran, as the manifest states it: DPO or SimPO, RPO (with the NLL term) or,
+    with the pairwise term off, rejection-sampling fine-tuning on each ranking's best answer; and the
     anchor term when it is on."""
     anchor = (f" + KL to the parent on the anchor questions x {config.dpo_anchor}" if config.dpo_anchor else "")
     if config.dpo_pairwise == 0:
@@ -380,6 +380,9 @@ def dpo_method(config: RLHFConfig) -> str:
                 f"{anchor} (rlhf.job)")
     nll = f" + the best answers' NLL x {config.dpo_nll}" if config.dpo_nll else ""
     weight = f" x {config.dpo_pairwise}" if config.dpo_pairwise != 1 else ""
+    if config.dpo_loss == "simpo":
+        return (f"SimPO (mean log-probability per token, no reference), beta {config.dpo_beta}, gamma "
+                f"{config.simpo_gamma}{weight}{nll}{anchor} (rlhf.job)")
     return f"DPO against the parent, beta {config.dpo_beta}{weight}{nll}{anchor} (rlhf.job)"
 
 

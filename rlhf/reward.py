@@ -50,11 +50,13 @@ class PairwiseResult:
         return self.correct / self.pairs if self.pairs else 0.0
 
 
-def pairwise_loss(rewards: torch.Tensor, groups: Sequence[Sequence[tuple[int, int]]]) -> PairwiseResult:
+def pairwise_loss(rewards: torch.Tensor, groups: Sequence[Sequence[tuple[int, int]]],
+                  margin: float = 0.0) -> PairwiseResult:
     """InstructGPT's comparison loss over ``rewards`` (flat, one per answer in the batch).
 
     ``groups[e]`` lists element ``e``'s ``(better, worse)`` pairs as indexes into ``rewards``.
-    Each element is weighted equally whatever its K (the 1 / C(K, 2) normalisation).
+    Each element is weighted equally whatever its K (the 1 / C(K, 2) normalisation). ``margin``:
+    the better answer is pushed until it leads by that much (SimPO's gamma; 0 for the reward model).
     """
     losses = []
     correct = total = 0
@@ -63,7 +65,7 @@ def pairwise_loss(rewards: torch.Tensor, groups: Sequence[Sequence[tuple[int, in
             continue
         better = rewards[[b for b, _ in pairs]]
         worse = rewards[[w for _, w in pairs]]
-        losses.append(-F.logsigmoid(better - worse).mean())
+        losses.append(-F.logsigmoid(better - worse - margin).mean())
         correct += int((better > worse).sum().item())
         total += len(pairs)
     loss = torch.stack(losses).mean() if losses else rewards.sum() * 0.0

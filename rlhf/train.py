@@ -480,11 +480,14 @@ def _dpo_batch(policy: nn.Module, reference: nn.Module, items: Sequence[dict[str
                hp: dict[str, Any], device: torch.device) -> dpo.DPOLoss:
     ids, mask, answer, groups = answer_batch(items, enc)
     ids, mask, answer = ids.to(device), mask.to(device), answer.to(device)
-    with torch.no_grad():
-        ref = dpo.answer_logprobs(_lm_logits(reference, ids, mask), ids, answer)
+    simpo = hp.get("dpo_loss", "dpo") == "simpo"
+    ref = None
+    if not simpo:  # SimPO's reward has no reference term: no forward through the parent
+        with torch.no_grad():
+            ref = dpo.answer_logprobs(_lm_logits(reference, ids, mask), ids, answer)
     return dpo.dpo_loss(dpo.answer_logprobs(_lm_logits(policy, ids, mask), ids, answer), ref, groups,
                         hp["dpo_beta"], hp.get("dpo_nll", 0.0), answer[:, 1:].sum(-1),
-                        hp.get("dpo_pairwise", 1.0))
+                        hp.get("dpo_pairwise", 1.0), hp["simpo_gamma"] if simpo else None)
 
 
 def evaluate_dpo(policy: nn.Module, reference: nn.Module, items: Sequence[dict[str, Any]], enc: Encoder,

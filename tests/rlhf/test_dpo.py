@@ -22,6 +22,30 @@ def test_loss_of_one_pair_by_hand() -> None:
     assert result.chosen_reward == pytest.approx(0.05) and result.rejected_reward == pytest.approx(-0.05)
 
 
+def test_simpo_loss_of_one_pair_by_hand() -> None:
+    # policy log p: better -6.0 over 3 tokens, worse -12.0 over 4 tokens; beta 2, gamma 1; no reference
+    # rewards 2 * (-6 / 3) = -4 and 2 * (-12 / 4) = -6; loss = -log sigmoid(-4 + 6 - 1) = log(1 + e^-1) = 0.313262
+    result = dpo_loss(torch.tensor([-6.0, -12.0]), None, [[(0, 1)]], beta=2.0, tokens=torch.tensor([3, 4]),
+                      simpo_margin=1.0)
+    assert result.loss.item() == pytest.approx(0.313262, abs=1e-6)
+    assert (result.correct, result.pairs) == (1, 1)
+    assert result.chosen_reward == pytest.approx(-4.0) and result.rejected_reward == pytest.approx(-6.0)
+    assert result.margin == pytest.approx(2.0)  # the rewards' gap; gamma is what the loss asks of it
+
+
+def test_simpo_rewards_likelihood_per_token_so_a_longer_answer_gains_nothing_from_length() -> None:
+    # the same mean log-probability per token (-1.5), 2 tokens against 8: equal rewards, a log 2 + margin loss
+    result = dpo_loss(torch.tensor([-3.0, -12.0]), None, [[(0, 1)]], beta=2.0, tokens=torch.tensor([2, 8]),
+                      simpo_margin=0.0)
+    assert result.loss.item() == pytest.approx(math.log(2)) and result.correct == 0
+    # DPO's summed log-ratio would have ordered them (the reference is not looked at)
+    assert dpo_loss(torch.tensor([-3.0, -12.0]), torch.tensor([-3.0, -3.0]), [[(0, 1)]], beta=2.0).correct == 1
+    with pytest.raises(ValueError, match="token count"):
+        dpo_loss(torch.tensor([-3.0, -12.0]), None, [[(0, 1)]], beta=2.0, simpo_margin=1.0)
+    with pytest.raises(ValueError, match="reference"):
+        dpo_loss(torch.tensor([-3.0, -12.0]), None, [[(0, 1)]], beta=2.0)
+
+
 def test_policy_equal_to_reference_costs_log_2_whatever_beta() -> None:
     logps = torch.tensor([-3.0, -1.0, -7.0])
     for beta in (0.01, 0.1, 5.0):
@@ -118,6 +142,18 @@ def test_the_manifest_names_the_trainer_that_ran() -> None:
     assert rs.startswith("rejection-sampling fine-tuning") and "no pairwise term" in rs
     anchored = dpo_method(load_config(dpo_nll=1.0, dpo_anchor=0.5))
     assert anchored.endswith("NLL x 1.0 + KL to the parent on the anchor questions x 0.5 (rlhf.job)")
+    simpo = dpo_method(load_config(dpo_loss="simpo", dpo_beta=2.5, simpo_gamma=1.25, dpo_nll=1.0))
+    assert simpo == ("SimPO (mean log-probability per token, no reference), beta 2.5, gamma 1.25"
+                     " + the best answers' NLL x 1.0 (rlhf.job)")
+
+
+def test_an_unknown_pairwise_loss_is_refused_when_the_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rlhf.config import load_config
+    from services.common.config import ConfigError
+
+    monkeypatch.setenv("RLHF_DPO_LOSS", "ipo")
+    with pytest.raises(ConfigError, match="RLHF_DPO_LOSS"):
+        load_config()
 
 
 def test_anchor_kl_is_zero_at_the_parent_and_counts_only_answer_positions() -> None:
@@ -186,3 +222,30 @@ def test_the_checkpoints_mean_is_the_elementwise_mean_whatever_their_order() -> 
     assert torch.allclose(mean["b"], torch.tensor([0.2]))
     assert all(torch.equal(mean[k], backward.mean()[k]) for k in mean)
     assert mean["w"].dtype == torch.float32
+
+
+def test_a_simpo_batch_scores_the_policy_per_token_and_never_runs_the_reference() -> None:
+    """rlhf.train's batch with RLHF_DPO_LOSS=simpo: the loss is SimPO's on the policy's own log-probabilities
+    (worked out again from them here), and the parent is not needed (None stands in for it)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from model.tiny import cached_tiny_model
+    from rlhf.dpo import answer_logprobs
+    from rlhf.train import Encoder, _dpo_batch, _lm_logits, answer_batch
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    enc = Encoder(cached_tiny_model() / "tokenizer.json", max_prompt_tokens=32, max_answer_tokens=16)
+    item = {"prompt": "<|im_start|>user\nWhy is the sky blue?<|im_end|>\n<|im_start|>assistant\n",
+            "answers": ["Light scatters.", "Because it is blue, blue, blue."], "pairs": [(0, 1)], "ended": [True, True]}
+    hp = {"dpo_beta": 2.0, "dpo_nll": 0.0, "dpo_pairwise": 1.0, "dpo_loss": "simpo", "simpo_gamma": 0.5}
+    result = _dpo_batch(lm, None, [item], enc, hp, torch.device("cpu"))
+    ids, mask, answer, _ = answer_batch([item], enc)
+    with torch.no_grad():
+        logps = answer_logprobs(_lm_logits(lm, ids, mask), ids, answer)
+    per_token = logps / answer[:, 1:].sum(-1)
+    want = -torch.nn.functional.logsigmoid(2.0 * (per_token[0] - per_token[1]) - 0.5)
+    assert result.loss.item() == pytest.approx(want.item(), rel=1e-5)
+    result.loss.backward()  # it trains the policy
+    assert lm.model.layers[0].mlp.up_proj.weight.grad is not None
