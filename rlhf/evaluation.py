@@ -64,12 +64,15 @@ def _mean(values: Sequence[float]) -> float | None:
 
 def judge(questions: Sequence[str], parent: Sequence[str], child: Sequence[str],
           score: Callable[[str, str], float],
-          parts: Callable[[str, str], dict[str, float]] | None = None) -> dict[str, Any]:
+          parts: Callable[[str, str], dict[str, float]] | None = None,
+          best: Callable[[str], float] | None = None) -> dict[str, Any]:
     """Score each question's parent and child answer; means and the child's wins / ties / losses.
 
     With ``parts`` (the rule's unweighted terms, :func:`rlhf.preference.terms`), also each term's
     mean for parent and child, so a child that won only by getting shorter shows as such; the
-    mean answer length in words is there either way.
+    mean answer length in words is there either way. With ``best`` (a question's highest possible
+    score, :func:`rlhf.preference.best_score`), ``at_best`` counts the answers that reach it: the
+    parent's are questions the child can at most tie.
     """
     parent_scores = [score(q, a) for q, a in zip(questions, parent, strict=True)]
     child_scores = [score(q, a) for q, a in zip(questions, child, strict=True)]
@@ -84,6 +87,10 @@ def judge(questions: Sequence[str], parent: Sequence[str], child: Sequence[str],
         "child_words_mean": _mean([len(words(a)) for a in child]),
         "parent_scores": [round(s, 4) for s in parent_scores],
         "child_scores": [round(s, 4) for s in child_scores]}
+    if best is not None:
+        tops = [best(q) for q in questions]
+        out["at_best"] = {name: sum(s >= t - 1e-9 for s, t in zip(scores, tops, strict=True))
+                          for name, scores in (("parent", parent_scores), ("child", child_scores))}
     if parts is not None:
         out["rule_parts"] = {name: term_means([parts(q, a) for q, a in zip(questions, answers, strict=True)])
                              for name, answers in (("parent", parent), ("child", child))}

@@ -230,13 +230,13 @@ def evaluate(parent_dir: Path, child_dir: Path, questions: list[str], max_new_to
     keeps a model's greedy answers (:func:`greedy_answers`), so a parent judged against two children
     (PPO and DPO) answers once."""
     from rlhf import evaluation
-    from rlhf.preference import score, terms
+    from rlhf.preference import best_score, score, terms
 
     prompts, template_version = evaluation.served_prompts(questions)
     clock = time.perf_counter()
     parent = greedy_answers(parent_dir, prompts, max_new_tokens, cache)
     child = greedy_answers(child_dir, prompts, max_new_tokens, cache)
-    result: dict[str, Any] = {**evaluation.judge(questions, parent, child, score, terms),
+    result: dict[str, Any] = {**evaluation.judge(questions, parent, child, score, terms, best_score),
                               "judge": "rlhf.preference.score",
                               "answers": "greedy, exported ONNX models", "prompt_template": template_version,
                               "max_new_tokens": max_new_tokens,

@@ -176,6 +176,15 @@ def terms(prompt: str, answer: str, target_words: int = 30) -> dict[str, float]:
             "correct": correct(question_of(prompt), answer)}
 
 
+def best_score(prompt: str, weights: PreferenceWeights = DEFAULT_WEIGHTS) -> float:
+    """The most any answer to (the last question of) ``prompt`` can score: every bonus term at 1
+    (``on_topic`` and ``correct`` only where the question has content words and facts), no penalty.
+    A parent's answer there can only be tied, so the count of such answers is a round's ceiling."""
+    question = question_of(prompt)
+    return (weights.concise + weights.full_stop + (weights.on_topic if content_words(question) else 0.0)
+            + (weights.correct if facts().get(question.strip()) else 0.0))
+
+
 def score(prompt: str, answer: str, weights: PreferenceWeights = DEFAULT_WEIGHTS) -> float:
     """The rule's score of ``answer`` to (the last question of) ``prompt``; higher is better."""
     if not answer.strip():

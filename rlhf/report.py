@@ -140,6 +140,15 @@ def markdown(s: dict[str, Any]) -> str:
 TERMS = ("concise", "on_topic", "full_stop", "repetition", "non_answer", "correct")
 
 
+def at_best_line(evaluation: dict[str, Any]) -> str:
+    """How many held-out answers reach the rule's highest score: the parent's can only be tied, so a win
+    rate above a half needs that many fewer of them."""
+    at_best, n = evaluation["at_best"], evaluation["prompts"]
+    open_ = n - at_best["parent"]
+    return (f"answers at the rule's highest score: parent {at_best['parent']}/{n}, child {at_best['child']}/{n}; "
+            f"the child can win at most the other {open_} ({open_ / n:.0%} of the questions)." if n else "")
+
+
 def parts_table(parts: dict[str, dict[str, float | None]], names: tuple[str, str] = ("parent", "child")) -> list[str]:
     """Each term of the labelers' rule apart, parent vs child: a child that only got shorter
     gains ``concise`` and nothing else."""
@@ -214,6 +223,9 @@ def job_markdown(reports: list[dict[str, Any]]) -> str:
             if parts:
                 lines += ["", f"Round {report.get('round', 1)}, {child['algorithm']} child: the rule's parts "
                           "(greedy, held-out, unweighted means)", "", *parts_table(parts)]
+            if child["evaluation"].get("at_best"):
+                lines += ["", f"Round {report.get('round', 1)}, {child['algorithm']} child: "
+                          + at_best_line(child["evaluation"])]
             if child.get("training_quiz"):
                 lines += ["", f"Round {report.get('round', 1)}, {child['algorithm']} child: "
                           + training_quiz_line(child["training_quiz"])]

@@ -46,6 +46,16 @@ def test_judge_with_the_rule_prefers_a_finished_on_topic_answer() -> None:
     assert result["child_wins"] == 1
 
 
+def test_judge_counts_the_answers_at_the_rules_highest_score() -> None:
+    questions = ["What is the capital of Italy?", "What is the capital of France?"]
+    parent = ["The capital of Italy is Rome.", "The capital of France is Paris, a city on the river"]
+    child = ["The capital of Italy is Rome.", "The capital of France is Paris."]
+    result = evaluation.judge(questions, parent, child, preference.score, best=preference.best_score)
+    assert result["at_best"] == {"parent": 1, "child": 2}
+    assert (result["child_wins"], result["ties"]) == (1, 1)  # the parent's best answer could only be tied
+    assert "at_best" not in evaluation.judge(questions, parent, child, preference.score)
+
+
 def test_judge_of_nothing() -> None:
     result = evaluation.judge([], [], [], preference.score)
     assert result["prompts"] == 0 and result["parent_score_mean"] is None

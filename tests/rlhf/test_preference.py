@@ -131,3 +131,15 @@ def test_every_question_the_labellers_or_the_evaluation_use_has_facts() -> None:
     train, heldout, validation = (set(table[k]) for k in ("train", "heldout", "validation"))
     assert not validation & heldout and not validation & train and not train & heldout
     assert all(alt and alt == alt.strip() for groups in listed.values() for g in groups for alt in g)
+
+
+def test_the_best_score_is_every_bonus_and_no_penalty_and_no_answer_passes_it() -> None:
+    weights = PreferenceWeights()
+    assert preference.best_score(Q) == pytest.approx(1.0 + 1.0 + 0.5 + 1.0)  # France has facts (Paris)
+    assert score(Q, "The capital of France is Paris.") == pytest.approx(preference.best_score(Q))
+    no_facts = "Tell me a joke about penguins."
+    assert preference.best_score(no_facts) == pytest.approx(weights.concise + weights.on_topic + weights.full_stop)
+    assert preference.best_score("Why?") == pytest.approx(weights.concise + weights.full_stop)  # no content words
+    for answer in ("Paris.", "The capital of France is Paris, and France is in Europe.", "France capital Paris!",
+                   "Paris " * 80):
+        assert score(Q, answer) <= preference.best_score(Q) + 1e-9

@@ -57,6 +57,10 @@ def test_job_markdown_rounds_and_ppo_vs_dpo() -> None:
     assert "| 3/4; 8-bit layers 26-29 | 76.6 (parent 79.3): FAILED | base | 40 | 10 / 50 / 2 / 3 / 1 |" in rows["ppo"]
     assert "| - | - | base | 40 |" in rows["dpo"]  # an export not compared with its float32, nor gated
     assert "| non_answer | 0.250 | 0.500 |" in md
+    assert "at the rule's highest score" not in md  # an older evaluation without the count
+    ppo["evaluation"]["at_best"] = {"parent": 1, "child": 2}
+    assert ("Round 1, ppo child: answers at the rule's highest score: parent 1/4, child 2/4; the child can win "
+            "at most the other 3 (75% of the questions).") in report.job_markdown([one])
     table = md[md.index("PPO vs DPO"):]
     assert "| measure | ppo | dpo |" in table
     assert "| wins/ties/losses vs parent (win rate) | 3/0/1 (0.75) | 2/0/2 (0.50) |" in table
