@@ -141,8 +141,8 @@ TERMS = ("concise", "on_topic", "full_stop", "repetition", "non_answer", "correc
 
 
 def at_best_line(evaluation: dict[str, Any]) -> str:
-    """How many held-out answers reach the rule's highest score: the parent's can only be tied, so a win
-    rate above a half needs that many fewer of them."""
+    """How many held-out answers reach the rule's highest score: the parent's can only be tied, so they
+    cap the child's wins."""
     at_best, n = evaluation["at_best"], evaluation["prompts"]
     open_ = n - at_best["parent"]
     return (f"answers at the rule's highest score: parent {at_best['parent']}/{n}, child {at_best['child']}/{n}; "
