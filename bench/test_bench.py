@@ -342,3 +342,16 @@ def test_an_echo_is_an_answer_opening_with_the_users_message_and_the_reminder_is
     assert not echoes("What is the capital of France?", "The capital of France is Paris.", reminder)
     assert shows_reminder("Thanks, bye!\n\n(Answer this question.)", reminder)  # reworded by the model
     assert not shows_reminder("I'm glad I could help.", reminder) and not shows_reminder("anything", "")
+
+
+def test_moderation_finetune_folds_partition_the_train_rows_with_their_harmful_share() -> None:
+    from bench import moderation_finetune
+
+    texts, labels, lookalike = moderation_finetune.train_rows()
+    assert len(texts) == len(labels) == len(lookalike) and lookalike.any()
+    harm = labels.any(axis=1)
+    tests = [moderation_finetune.fold(labels, k)[1] for k in range(moderation_finetune.FOLDS)]
+    assert sorted(i for t in tests for i in t) == list(range(len(texts)))  # each row left out exactly once
+    train, test = moderation_finetune.fold(labels, 0)
+    assert not set(train) & set(test)
+    assert abs(harm[test].mean() - harm.mean()) < 0.01  # stratified
