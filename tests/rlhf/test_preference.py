@@ -130,6 +130,11 @@ def test_every_question_the_labellers_or_the_evaluation_use_has_facts() -> None:
     # A checkpoint chosen on validation questions must not be judged on them, nor trained on them.
     train, heldout, validation = (set(table[k]) for k in ("train", "heldout", "validation"))
     assert not validation & heldout and not validation & train and not train & heldout
+    # The wider held-out set (rlhf.compare_versions) is scored by the same rule and shares no question.
+    wide = set(table["heldout_wide"])
+    assert len(wide) == len(table["heldout_wide"]) > 100
+    assert not wide & (train | heldout | validation | set(table["anchor"]))
+    assert all(listed.get(q.strip()) for q in wide)
     assert all(alt and alt == alt.strip() for groups in listed.values() for g in groups for alt in g)
 
 
@@ -143,3 +148,11 @@ def test_the_best_score_is_every_bonus_and_no_penalty_and_no_answer_passes_it() 
     for answer in ("Paris.", "The capital of France is Paris, and France is in Europe.", "France capital Paris!",
                    "Paris " * 80):
         assert score(Q, answer) <= preference.best_score(Q) + 1e-9
+
+
+def test_compare_versions_judges_each_child_against_its_parent_and_the_base() -> None:
+    from rlhf.compare_versions import pairs
+
+    assert pairs(["base", "r1"]) == [("base", "r1")]
+    assert pairs(["base", "r1", "r2", "r3"]) == [("base", "r1"), ("r1", "r2"), ("r2", "r3"), ("base", "r2"),
+                                                  ("base", "r3")]
