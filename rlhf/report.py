@@ -265,6 +265,15 @@ def training_quiz_line(record: dict[str, Any]) -> str:
                  f"{_f(mean['quiz']['pct'], 1)}" + (f", validation {scored['wins']}/{scored['ties']}/{scored['losses']}"
                                                      if scored else "")
                  + ("; kept instead of one checkpoint." if mean["kept"] else " (out); not kept."))
+    expo = record.get("extrapolation")
+    if expo:
+        tried = ", ".join(
+            f"x {t['factor']:g} " + "/".join(str(t["validation"][k]) for k in ("wins", "ties", "losses"))
+            + (f" quiz {_f(t['quiz']['pct'], 1)}" if "quiz" in t else "") + ("" if t["passed"] else " (out)")
+            for t in expo["tried"])
+        factor = expo["kept_factor"]
+        line += (f" Extrapolated from the parent (ExPO: parent + factor x (kept - parent); validation W/T/L): {tried}; "
+                 + ("kept the weights as trained." if factor == 1.0 else f"kept x {factor:g}."))
     return line
 
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rlhf import dpo, ppo, quiz, validation
+from rlhf.config import extrapolation_factors
 from rlhf.reward import RewardModel, pairwise_loss, position_ids
 
 RM_CHECKPOINT = "reward_model.pt"
@@ -597,6 +598,35 @@ def _average_check(lm: nn.Module, averaged: CheckpointMean, enc: Encoder, hp: di
     return record
 
 
+def extrapolated(parent: dict[str, torch.Tensor], kept: dict[str, torch.Tensor],
+                 factor: float) -> dict[str, torch.Tensor]:
+    """ExPO's weights: ``parent + factor x (kept - parent)`` for each of ``kept``'s tensors."""
+    return {name: parent[name] + factor * (value - parent[name]) for name, value in kept.items()}
+
+
+def _extrapolation_check(lm: nn.Module, reference: nn.Module, enc: Encoder, hp: dict[str, Any], step: int,
+                         parent: quiz.QuizCheck, asked: dict[str, list[str]], parent_answers: list[str],
+                         rank: int, world: int, device: torch.device) -> dict[str, Any]:
+    """Score the kept weights and each extrapolation of them (``RLHF_DPO_EXTRAPOLATE``) on the validation
+    questions and the quiz; load the best within the points (most wins, then fewest losses, then the
+    smaller factor) into ``lm``. The kept weights (factor 1) passed already, so they are not quizzed again."""
+    kept = _trainable_state(lm)
+    start = {name: value.detach() for name, value in reference.named_parameters() if name in kept}
+    record = _validation_check(lm, enc, hp, step, asked, parent_answers, rank, world, device)
+    tried: list[dict[str, Any]] = [{"factor": 1.0, "validation": record.as_dict(), "passed": True}]
+    best, best_key = 1.0, validation.preference(record)[:2]
+    for factor in extrapolation_factors(hp["dpo_extrapolate"]):
+        lm.load_state_dict(extrapolated(start, kept, factor), strict=False)
+        check = _quiz_check(lm, enc, hp, step, parent, rank, world, device)
+        record = _validation_check(lm, enc, hp, step, asked, parent_answers, rank, world, device)
+        tried.append({"factor": factor, "quiz": check.as_dict(), "validation": record.as_dict(),
+                      "passed": check.passed})
+        if check.passed and validation.preference(record)[:2] > best_key:
+            best, best_key = factor, validation.preference(record)[:2]
+    lm.load_state_dict(kept if best == 1.0 else extrapolated(start, kept, best), strict=False)
+    return {"tried": tried, "kept_factor": best}
+
+
 def train_dpo(cfg: dict[str, Any], enc: Encoder, device: torch.device, rank: int, world: int,
               report: Any) -> tuple[list[dict[str, float]], dict[str, Any], float, dict[str, Any] | None]:
     """DPO on the training comparisons against the frozen parent; returns (history per step,
@@ -611,7 +641,9 @@ def train_dpo(cfg: dict[str, Any], enc: Encoder, device: torch.device, rank: int
     same checkpoints also answer the validation questions, and the saved policy is the one among
     those within the points with most rule wins against the parent (:func:`rlhf.validation.best_step`).
     With ``dpo_average`` the mean of every checked checkpoint's weights is quizzed (and scored) after
-    the last step and saved instead when it is within the points (:class:`CheckpointMean`).
+    the last step and saved instead when it is within the points (:class:`CheckpointMean`). With
+    ``dpo_extrapolate`` (and validation questions) the kept weights are then extrapolated away from the
+    parent by each factor and the best on validation within the points is saved (:func:`extrapolated`).
     """
     from ray.train.torch import prepare_model
 
@@ -702,6 +734,9 @@ def train_dpo(cfg: dict[str, Any], enc: Encoder, device: torch.device, rank: int
                                                     parent_answers, rank, world, device)
             if quiz_record["average"]["kept"]:  # the mean's history is the whole run's
                 quiz_record["average"]["instead_of"], quiz_record["kept_step"] = kept, step
+        if asked and hp.get("dpo_extrapolate") and kept is not None:
+            quiz_record["extrapolation"] = _extrapolation_check(unwrap(policy), reference, enc, hp, step, parent,
+                                                                asked, parent_answers, rank, world, device)
     heldout = evaluate_dpo(policy, reference, cfg["held_out"], enc, hp, rank, world, device)
     seconds = time.perf_counter() - started
     report({**heldout, "phase": "dpo_done", "dpo_seconds": seconds}, phase_seconds={"dpo": seconds})

@@ -72,7 +72,7 @@ def test_offline_loop_publishes_a_child_version(tiny_registry: tuple[Registry, s
                          heldout_percent=25, num_workers=2, cpus_per_worker=1, ray_num_cpus=2, use_gpu="false",
                          eval_max_new_tokens=8, eval_samples=1, kl_bound=1e6, pushgateway_url="",
                          algorithm="both", dpo_epochs=2, dpo_batch_size=4, dpo_lr=1e-3, dpo_quiz_every=2,
-                         dpo_select="validation",
+                         dpo_select="validation", dpo_extrapolate="2",
                          replay=True, replay_hours=1, replay_store=store, moderation_addr="")
     report = job.run(config, registry, dataset_root=feedback, now_ms=NOW_MS)
     assert list(report["children"]) == ["ppo", "dpo"] and report["version"] == report["children"]["ppo"]["version"]
@@ -146,6 +146,14 @@ def test_offline_loop_publishes_a_child_version(tiny_registry: tuple[Registry, s
     assert [c.step for c in scored] == steps
     assert all(c.wins + c.ties + c.losses == len(questions("validation")) for c in scored)
     assert quiz["kept_step"] == best_step([c["step"] for c in quiz["checks"] if c["passed"]], scored)
+    # RLHF_DPO_EXTRAPOLATE: the kept weights and the parent + 2 x (kept - parent) were scored (and the
+    # latter quizzed) on the validation questions; the report says which was published
+    expo = quiz.get("extrapolation")
+    assert (expo is not None) == (quiz["kept_step"] is not None), quiz
+    if expo:
+        assert [t["factor"] for t in expo["tried"]] == [1.0, 2.0] and expo["kept_factor"] in (1.0, 2.0)
+        assert all(sum(t["validation"].values()) - t["validation"]["step"] == len(questions("validation"))
+                   for t in expo["tried"])
     # "steps" and "final" describe the published (kept) weights, the history the whole run
     dpo_training = dpo_manifest["training"]["dpo"]
     assert dpo_training["trained_steps"] == len(dpo_history)
@@ -159,6 +167,7 @@ def test_offline_loop_publishes_a_child_version(tiny_registry: tuple[Registry, s
     md = report_markdown([report])
     assert "PPO vs DPO" in md and dpo_child["version"] in md and "non_answer" in md and "Replay FAILED" in md
     assert "quiz during training" in md and "validation questions" in md
+    assert ("Extrapolated from the parent (ExPO" in md) == bool(expo)
 
     # The next run from the child starts where this window ended: only the late ranking is new,
     # too little to train on, so nothing is published.

@@ -96,3 +96,20 @@ def test_the_quiz_line_says_whether_the_checkpoints_mean_was_kept() -> None:
     assert "The mean of the weights of steps 12, 24: quiz 79.9, validation 8/20/4; kept instead" in kept
     assert "kept the mean of the checkpoints' weights" in kept and "kept step" not in kept
     assert "(out); not kept." in training_quiz_line(record(False))
+
+
+def test_the_quiz_line_names_each_extrapolation_and_the_factor_kept() -> None:
+    from rlhf.report import training_quiz_line
+
+    def record(kept_factor: float) -> dict:
+        return {"parent": {"pct": 79.35}, "points": 1.5, "kept_step": 24,
+                "checks": [{"step": 24, "pct": 79.0, "passed": True}],
+                "extrapolation": {"kept_factor": kept_factor, "tried": [
+                    {"factor": 1.0, "validation": {"step": 24, "wins": 15, "ties": 11, "losses": 6}, "passed": True},
+                    {"factor": 2.5, "validation": {"step": 24, "wins": 19, "ties": 8, "losses": 5},
+                     "quiz": {"pct": 78.26}, "passed": True},
+                    {"factor": 3.0, "validation": {"step": 24, "wins": 21, "ties": 8, "losses": 3},
+                     "quiz": {"pct": 76.63}, "passed": False}]}}
+    line = training_quiz_line(record(2.5))
+    assert "x 1 15/11/6, x 2.5 19/8/5 quiz 78.3, x 3 21/8/3 quiz 76.6 (out); kept x 2.5." in line
+    assert "kept the weights as trained." in training_quiz_line(record(1.0))
