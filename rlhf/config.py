@@ -8,6 +8,7 @@ machine; the integration test shrinks them for the tiny model.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from services.common.config import ConfigError, env, load, positive
@@ -25,22 +26,23 @@ def extrapolation_factors(text: str) -> list[float]:
     return factors
 
 
-def _factors(text: str) -> bool:
-    try:
-        extrapolation_factors(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _iso_time(value: str) -> bool:
+def _iso_time(value: str) -> Any:
     from rlhf.replay import parse_time
 
-    try:
-        parse_time(value)
-    except ValueError:
-        return False
-    return True
+    return parse_time(value)
+
+
+def _parses(parse: Callable[[str], Any]) -> Callable[[str], bool]:
+    """A config check: ``parse`` takes the value without a ValueError."""
+
+    def check(value: str) -> bool:
+        try:
+            parse(value)
+        except ValueError:
+            return False
+        return True
+
+    return check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +114,7 @@ class RLHFConfig:
     # moved the right way: extrapolated x 2.5, 2026-12-07's SimPO round 2 won 67/31/44 against its parent
     # on 142 new held-out questions where the child itself won 45/57/40 (bench/results/rlhf_rounds_real.md).
     # Empty: off.
-    dpo_extrapolate: str = env("RLHF_DPO_EXTRAPOLATE", "", check=_factors,
+    dpo_extrapolate: str = env("RLHF_DPO_EXTRAPOLATE", "", check=_parses(extrapolation_factors),
                                hint="comma-separated factors > 1, e.g. 1.5,2,2.5,3 (empty: off)")
     # PPO
     ppo_steps: int = env("RLHF_PPO_STEPS", 20, check=lambda v: v >= 1, hint=">= 1")
@@ -157,7 +159,7 @@ class RLHFConfig:
     # RLHF_REPLAY_LIMIT distinct prompts in it.
     replay: bool = env("RLHF_REPLAY", False)
     replay_hours: float = env("RLHF_REPLAY_HOURS", 24.0, check=positive, hint="> 0 hours")
-    replay_since: str = env("RLHF_REPLAY_SINCE", "", check=lambda v: not v or _iso_time(v),
+    replay_since: str = env("RLHF_REPLAY_SINCE", "", check=lambda v: not v or _parses(_iso_time)(v),
                             hint="an ISO 8601 time such as 2026-12-01T08:00:00Z")
     replay_limit: int = env("RLHF_REPLAY_LIMIT", 64, check=lambda v: v >= 1, hint=">= 1 prompts")
     replay_exclude_simulated: bool = env("RLHF_REPLAY_EXCLUDE_SIMULATED", False)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from rlhf import quiz, validation
-from rlhf.config import ConfigError, extrapolation_factors, load_config
+from rlhf.config import ConfigError, RLHFConfig, extrapolation_factors, load_config
 from rlhf.train import extrapolated
+from services.common.config import load
 
 
 def test_the_factors_are_numbers_above_one_in_their_order() -> None:
@@ -16,8 +17,11 @@ def test_the_factors_are_numbers_above_one_in_their_order() -> None:
     for bad in ("1", "0.5", "2,x", "nan", "-2"):
         with pytest.raises(ValueError):
             extrapolation_factors(bad)
-    with pytest.raises(ConfigError, match="RLHF_DPO_EXTRAPOLATE"):
-        load_config(dpo_extrapolate="1")
+    # as the job reads it: from the environment, each variable checked, a bad one named
+    environ = {"RLHF_DPO_SELECT": "validation", "RLHF_DPO_QUIZ_EVERY": "6"}
+    with pytest.raises(ConfigError, match="RLHF_DPO_EXTRAPOLATE='1,2' is out of range: comma-separated factors > 1"):
+        load(RLHFConfig, environ={**environ, "RLHF_DPO_EXTRAPOLATE": "1,2"})
+    assert load(RLHFConfig, environ={**environ, "RLHF_DPO_EXTRAPOLATE": "2,3"}).dpo_extrapolate == "2,3"
 
 
 def test_extrapolation_needs_the_checkpoints_chosen_on_validation_with_the_quiz() -> None:
