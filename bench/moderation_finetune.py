@@ -62,8 +62,9 @@ def dev_questions() -> list[str]:
     import yaml
 
     from model.quality_questions import QUESTIONS
+    from rlhf.preference import PROMPTS_FILE
 
-    asked = yaml.safe_load(Path("rlhf/prompts.yaml").read_text(encoding="utf-8"))
+    asked = yaml.safe_load(PROMPTS_FILE.read_text(encoding="utf-8"))
     return list(dict.fromkeys([q for key in ("train", "heldout", "validation") for q in asked.get(key) or []]
                               + [q.prompt for q in QUESTIONS]))
 
