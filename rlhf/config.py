@@ -112,7 +112,8 @@ class RLHFConfig:
     # scored on the validation questions like a checkpoint, and keep the one with most validation wins
     # within the quiz points (the kept checkpoint, a = 1, competes). A round that moved little may have
     # moved the right way: extrapolated x 2.5, 2026-12-07's SimPO round 2 won 67/31/44 against its parent
-    # on 142 new held-out questions where the child itself won 45/57/40 (bench/results/rlhf_rounds_real.md).
+    # on 142 new held-out questions where the child itself won 45/57/40, but its exported build failed the quiz
+    # gate (77.7 against 79.9; bench/results/rlhf_rounds_real.md).
     # Empty: off.
     dpo_extrapolate: str = env("RLHF_DPO_EXTRAPOLATE", "", check=_parses(extrapolation_factors),
                                hint="comma-separated factors > 1, e.g. 1.5,2,2.5,3 (empty: off)")

@@ -609,7 +609,8 @@ def _extrapolation_check(lm: nn.Module, reference: nn.Module, enc: Encoder, hp: 
                          rank: int, world: int, device: torch.device) -> dict[str, Any]:
     """Score the kept weights and each extrapolation of them (``RLHF_DPO_EXTRAPOLATE``) on the validation
     questions and the quiz; load the best within the points (most wins, then fewest losses, then the
-    smaller factor) into ``lm``. The kept weights (factor 1) passed already, so they are not quizzed again."""
+    smaller factor) into ``lm``. The kept weights (factor 1, ``step``'s) passed already, so they are not quizzed
+    again; every record carries ``step``."""
     kept = _trainable_state(lm)
     start = {name: value.detach() for name, value in reference.named_parameters() if name in kept}
     record = _validation_check(lm, enc, hp, step, asked, parent_answers, rank, world, device)
@@ -735,8 +736,9 @@ def train_dpo(cfg: dict[str, Any], enc: Encoder, device: torch.device, rank: int
             if quiz_record["average"]["kept"]:  # the mean's history is the whole run's
                 quiz_record["average"]["instead_of"], quiz_record["kept_step"] = kept, step
         if asked and hp.get("dpo_extrapolate") and kept is not None:
-            quiz_record["extrapolation"] = _extrapolation_check(unwrap(policy), reference, enc, hp, step, parent,
-                                                                asked, parent_answers, rank, world, device)
+            quiz_record["extrapolation"] = _extrapolation_check(unwrap(policy), reference, enc, hp,
+                                                                quiz_record["kept_step"], parent, asked,
+                                                                parent_answers, rank, world, device)
     heldout = evaluate_dpo(policy, reference, cfg["held_out"], enc, hp, rank, world, device)
     seconds = time.perf_counter() - started
     report({**heldout, "phase": "dpo_done", "dpo_seconds": seconds}, phase_seconds={"dpo": seconds})

@@ -153,7 +153,7 @@ def test_offline_loop_publishes_a_child_version(tiny_registry: tuple[Registry, s
     if expo:
         assert [t["factor"] for t in expo["tried"]] == [1.0, 2.0] and expo["kept_factor"] in (1.0, 2.0)
         assert all(sum(t["validation"].values()) - t["validation"]["step"] == len(questions("validation"))
-                   for t in expo["tried"])
+                   and t["validation"]["step"] == quiz["kept_step"] for t in expo["tried"])
     # "steps" and "final" describe the published (kept) weights, the history the whole run
     dpo_training = dpo_manifest["training"]["dpo"]
     assert dpo_training["trained_steps"] == len(dpo_history)
