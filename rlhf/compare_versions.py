@@ -21,6 +21,7 @@ from model.paths import registry_root
 from model.registry import Registry
 from rlhf import validation
 from rlhf.job import evaluate
+from rlhf.report import at_best_line
 
 
 def pairs(versions: list[str]) -> list[tuple[str, str]]:
@@ -30,11 +31,10 @@ def pairs(versions: list[str]) -> list[tuple[str, str]]:
 
 
 def line(parent: str, child: str, result: dict[str, Any]) -> str:
-    n = result["prompts"]
     wins, ties, losses = result["child_wins"], result["ties"], result["child_losses"]
-    return (f"{child[-30:]} vs {parent[-30:]}: {wins}/{ties}/{losses} of {n} (win rate {wins / n:.2f}), "
-            f"rule score {result['parent_score_mean']:.3f} -> {result['child_score_mean']:.3f}, "
-            f"at the rule's highest score {result['at_best']['parent']} -> {result['at_best']['child']}")
+    return (f"{child[-30:]} vs {parent[-30:]}: {wins}/{ties}/{losses} of {result['prompts']} "
+            f"(win rate {result['child_win_rate']:.2f}), rule score {result['parent_score_mean']:.3f} -> "
+            f"{result['child_score_mean']:.3f}; {at_best_line(result)}")
 
 
 def main(argv: list[str] | None = None) -> int:
