@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rlhf import preference
-from rlhf.labelers import train_questions
+from rlhf.labelers import TRAINING_LISTS, train_questions
 
 
 def training_question(prompt: str, questions: Sequence[str]) -> str | None:
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("versions", nargs="+")
     args = p.parse_args(argv)
-    train = train_questions()
+    train = train_questions(lists=TRAINING_LISTS)
     rows = pads.dataset(args.dataset, format="parquet", partitioning="hive").to_table().to_pylist()
     sampled = sampled_correct(rows, train)
     registry = Registry(args.registry)

@@ -1,17 +1,16 @@
 """Simulated labelers: rank n sampled answers by a transparent rule and submit the ranking.
 
-``python -m rlhf.labelers [--target 127.0.0.1:50051] [--n 3] [--rounds 1] [--limit N]`` (``make
-rlhf-label``) drives the real gateway like any client: for each *train* question of
-``rlhf/prompts.yaml`` it opens a conversation (``ChatService.Chat`` with ``SamplingParams`` ``n`` >
-1 and ``temperature`` > 0), reads the candidates back as the gateway stored them
-(``GetConversation``), ranks them with :func:`rlhf.preference.rank` and submits the ranking, with
-the answers the rule scores the same marked as ties (``SubmitFeedback``), with the metadata
-``x-colloquy-feedback-source: simulated``, so the dataset marks them simulated and
-``RLHF_SOURCE=human`` leaves them out. Held-out questions are never labelled. With ``--version V``
-(default ``RLHF_ROUND_BASE``, which the RLHF job's rounds set) only turns answered by model version
-V are ranked: the labelers first wait until the gateway answers with V, and skip turns another
-version answered (a canary's share). These are not people: they are a rule, named as such
-everywhere.
+``python -m rlhf.labelers [--target 127.0.0.1:50051] [--n 3] [--rounds 1] [--limit N] [--questions train]``
+(``make rlhf-label``) drives the real gateway like any client: for each question of the training lists of
+``rlhf/prompts.yaml`` it is given (``train``, ``train_wide`` or both) it opens a conversation
+(``ChatService.Chat`` with ``SamplingParams`` ``n`` > 1 and ``temperature`` > 0), reads the candidates back as
+the gateway stored them (``GetConversation``), ranks them with :func:`rlhf.preference.rank` and submits the
+ranking, with the answers the rule scores the same marked as ties (``SubmitFeedback``), with the metadata
+``x-colloquy-feedback-source: simulated``, so the dataset marks them simulated and ``RLHF_SOURCE=human``
+leaves them out. Held-out questions are never labelled. With ``--version V`` (default ``RLHF_ROUND_BASE``,
+which the RLHF job's rounds set) only turns answered by model version V are ranked: the labelers first wait
+until the gateway answers with V, and skip turns another version answered (a canary's share). These are not
+people: they are a rule, named as such everywhere.
 """
 
 from __future__ import annotations
@@ -34,9 +33,16 @@ PROMPTS_FILE = Path(__file__).resolve().parent / "prompts.yaml"
 SOURCE_HEADER = ("x-colloquy-feedback-source", "simulated")
 
 
-def train_questions(path: Path = PROMPTS_FILE) -> list[str]:
-    """The questions labelers may use (``train``), never the held-out ones."""
-    return list(yaml.safe_load(path.read_text(encoding="utf-8"))["train"])
+TRAINING_LISTS = ("train", "train_wide")
+
+
+def train_questions(path: Path = PROMPTS_FILE, lists: Sequence[str] = ("train",)) -> list[str]:
+    """The questions of the training ``lists`` (of :data:`TRAINING_LISTS`), never the held-out ones."""
+    unknown = [name for name in lists if name not in TRAINING_LISTS]
+    if unknown or not lists:
+        raise ValueError(f"training question lists are {', '.join(TRAINING_LISTS)}; got {', '.join(lists) or 'none'}")
+    table = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return [q for name in lists for q in table[name]]
 
 
 class LabelerError(RuntimeError):
@@ -229,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=1, help="times each question is asked")
     parser.add_argument("--limit", type=int, default=0, help="only the first N questions (0: all)")
+    parser.add_argument("--questions", default="train",
+                        help="comma-separated training lists of rlhf/prompts.yaml to ask, in order: train (40 "
+                             "questions), train_wide (the wider set), or train,train_wide")
     parser.add_argument("--seed", type=int, default=None,
                         help="sampling seed (default: 1000 x RLHF_ROUND in a round of the job, else 0)")
     parser.add_argument("--version", default=os.environ.get("RLHF_ROUND_BASE", ""),
@@ -242,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             args.seed = default_seed()
         except ValueError as exc:
             parser.error(str(exc))
-    questions = train_questions()
+    try:
+        questions = train_questions(lists=[name.strip() for name in args.questions.split(",") if name.strip()])
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.limit:
         questions = questions[: args.limit]
     labeler = SimulatedLabeler(args.target, args.key, args.n, args.temperature, args.max_tokens,

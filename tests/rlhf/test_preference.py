@@ -125,11 +125,16 @@ def test_every_question_the_labellers_or_the_evaluation_use_has_facts() -> None:
 
     table = yaml.safe_load(preference.PROMPTS_FILE.read_text(encoding="utf-8"))
     listed = preference.facts()
-    missing = [q for q in table["train"] + table["heldout"] + table["validation"] if not listed.get(q.strip())]
+    labelled = table["train"] + table["train_wide"]
+    missing = [q for q in labelled + table["heldout"] + table["validation"] if not listed.get(q.strip())]
     assert not missing, f"rlhf/prompts.yaml: no facts for {missing}"
     # A checkpoint chosen on validation questions must not be judged on them, nor trained on them.
     train, heldout, validation = (set(table[k]) for k in ("train", "heldout", "validation"))
     assert not validation & heldout and not validation & train and not train & heldout
+    # The wider training set (rlhf.labelers --questions train_wide) is asked of no evaluation or anchor either.
+    train_wide = set(table["train_wide"])
+    assert len(train_wide) == len(table["train_wide"]) > 100
+    assert not train_wide & (train | heldout | validation | set(table["anchor"]) | set(table["heldout_wide"]))
     # The wider held-out set (rlhf.compare_versions) is scored by the same rule and shares no question.
     wide = set(table["heldout_wide"])
     assert len(wide) == len(table["heldout_wide"]) > 100
@@ -156,3 +161,17 @@ def test_compare_versions_judges_each_child_against_its_parent_and_the_base() ->
     assert pairs(["base", "r1"]) == [("base", "r1")]
     assert pairs(["base", "r1", "r2", "r3"]) == [("base", "r1"), ("r1", "r2"), ("r2", "r3"), ("base", "r2"),
                                                   ("base", "r3")]
+
+
+def test_the_labellers_ask_the_training_lists_named_and_no_other() -> None:
+    import yaml
+
+    from rlhf.labelers import train_questions
+
+    table = yaml.safe_load(preference.PROMPTS_FILE.read_text(encoding="utf-8"))
+    assert train_questions() == table["train"]
+    assert train_questions(lists=["train_wide"]) == table["train_wide"]
+    assert train_questions(lists=["train", "train_wide"]) == table["train"] + table["train_wide"]
+    for bad in (["heldout"], ["validation"], []):
+        with pytest.raises(ValueError, match="training question lists are train, train_wide"):
+            train_questions(lists=bad)
