@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from model.chat_template import render_chatml
 
@@ -94,22 +94,46 @@ def greedy(model: Any, tokenizer: Any, prompt_ids: Sequence[int], max_new_tokens
                       decode_s=end - prefill_end)
 
 
-def reference_ids(model: Any, ids: Sequence[int], max_tokens: int, eos: frozenset[int]) -> list[int]:
-    """ORT GenAI's Generator, batch 1, greedy: the reference answer's token ids (EOS included),
-    against which the engine's exactness is judged (tests and bench.gpu_engine)."""
+class ReferenceStep(NamedTuple):
+    """One greedy step of the reference: the token it chose and the next best tokens with how far below its
+    logit theirs were (a small gap is a near tie that rounding elsewhere may flip)."""
+
+    token: int
+    gaps: dict[int, float]
+
+    @property
+    def margin(self) -> float:
+        return min(self.gaps.values())
+
+
+def reference_steps(model: Any, ids: Sequence[int], max_tokens: int, eos: frozenset[int],
+                    runners_up: int = 4) -> list[ReferenceStep]:
+    """ORT GenAI's Generator, batch 1, greedy, with each step's `runners_up` next best tokens: the
+    reference against which the engine's exactness is judged (tests and bench.gpu_engine)."""
+    import numpy as np
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(ids) + max_tokens, do_sample=False)
     gen = og.Generator(model, params)
     gen.append_tokens(list(ids))
-    out: list[int] = []
+    out: list[ReferenceStep] = []
     while not gen.is_done() and len(out) < max_tokens:
+        logits = np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1)
         gen.generate_next_token()
-        out.append(int(gen.get_next_tokens()[0]))
-        if out[-1] in eos:
+        token = int(gen.get_next_tokens()[0])
+        if logits.max() > logits[token]:  # guards the gaps below: they assume greedy took the argmax
+            raise RuntimeError(f"Generator chose {token}, not its logits' argmax {int(logits.argmax())}")
+        best = [int(t) for t in np.argsort(logits)[::-1][:runners_up + 1] if int(t) != token][:runners_up]
+        out.append(ReferenceStep(token, {t: float(logits[token] - logits[t]) for t in best}))
+        if token in eos:
             break
     return out
+
+
+def reference_ids(model: Any, ids: Sequence[int], max_tokens: int, eos: frozenset[int]) -> list[int]:
+    """The reference answer's token ids (EOS included): :func:`reference_steps`' tokens."""
+    return [s.token for s in reference_steps(model, ids, max_tokens, eos)]
 
 
 def chat(model: Any, tokenizer: Any, messages: Sequence[Mapping[str, str]],

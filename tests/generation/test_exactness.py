@@ -6,6 +6,9 @@ step, greedy). The engine must give the same tokens
 - in a batch: many requests at once through fewer slots, so rows of different lengths share decode
   passes and join, leave and get compacted between them, prompts prefilled in small chunks,
 - with prefix-cache hits (a shared system message, conversations' earlier turns) and without.
+That holds when every pass runs the model's own graph (GENERATION_FLOAT32_ROWS=0). With the float32
+copy of a block-quantized build's weights (the default) answers may depart from it where the reference's
+top tokens were a near tie, and only there (test_real_model_float32_copy_...).
 Fast tests use the tiny random model; the `model`-marked ones the registry's served build.
 """
 
@@ -17,7 +20,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from model.genai import reference_ids
+from model.genai import ReferenceStep, reference_steps
 from services.generation.config import EngineSettings
 from services.generation.engine import AsyncEngine, Request, Sampling
 
@@ -33,6 +36,9 @@ QUESTIONS = [
     "What does a compiler do?", "Recommend a book for a long flight.",
 ]
 FOLLOW_UPS = ["Tell me more.", "Can you say that in one sentence?"]
+# Logits: the float32 copy and a quantized graph may choose differently where the top two are this close
+# (the largest departure measured on 30 prompts was 0.10, test_real_model_float32_copy_... says where).
+NEAR_TIE = 0.25
 
 
 def chatml(turns: list[tuple[str, str]], new: str, system: bool = True) -> str:
@@ -72,29 +78,40 @@ def metric(name: str) -> float:
     return REGISTRY.get_sample_value(name) or 0.0
 
 
-def check_exact(model_dir: Path, max_tokens: int, slots: int, chunk: int, float32_copy: bool = False,
-                texts: list[str] | None = None) -> None:
-    """`float32_copy`: the model is block-quantized, so batched decode passes run on the float32
-    copy of its weights (runner.LoadedModel.float32_session) while batch 1 keeps the quantized graph."""
+def engines(model_dir: Path, slots: int, chunk: int, n: int, float32_rows: int) -> list[AsyncEngine]:
+    """Batch 1 (no prefix cache), `slots` slots with `chunk`-token prefill chunks, the same without cache."""
+    settings = {"float32_rows": float32_rows}
+    return [AsyncEngine(model_dir, "ref", EngineSettings(max_running=1, prefix_cache_conversations=0, **settings)),
+            AsyncEngine(model_dir, "ref", EngineSettings(max_running=slots, prefill_chunk=chunk, max_waiting=n,
+                                                         **settings)),
+            AsyncEngine(model_dir, "ref", EngineSettings(max_running=slots, prefill_chunk=chunk, max_waiting=n,
+                                                         prefix_cache_conversations=0, **settings))]
+
+
+def reference(model_dir: Path, eng: AsyncEngine, texts: list[str], max_tokens: int) -> list[list[ReferenceStep]]:
     import onnxruntime_genai as og
 
-    texts = texts or prompts()
-    eng_b1 = AsyncEngine(model_dir, "ref", EngineSettings(max_running=1, prefix_cache_conversations=0))
-    eng_batch = AsyncEngine(model_dir, "ref", EngineSettings(max_running=slots, prefill_chunk=chunk,
-                                                             max_waiting=len(texts)))
-    eng_nocache = AsyncEngine(model_dir, "ref", EngineSettings(max_running=slots, prefill_chunk=chunk,
-                                                               max_waiting=len(texts), prefix_cache_conversations=0))
+    model = og.Model(str(model_dir))
     try:
-        model = og.Model(str(model_dir))
-        eos = eng_b1._model.eos
-        assert eng_b1._model.session_for(1) is eng_b1._model.session
-        assert (eng_batch._model.session_for(2) is not eng_batch._model.session) == float32_copy
-        assert (eng_batch.stats()["float32_rows"] == 2) == float32_copy  # what status() reports
-        ids = [eng_b1._model.encode(t) for t in texts]
-        ref = [strip_eos(reference_ids(model, i, max_tokens, eos), eos) for i in ids]
+        return [reference_steps(model, eng._model.encode(t), max_tokens, eng._model.eos) for t in texts]
+    finally:
         del model
-        greedy = Sampling(temperature=0, repetition_penalty=1.0, copy_penalty=0.0, max_tokens=max_tokens)
-        reqs = [Request(f"x{i}", t, greedy) for i, t in enumerate(texts)]
+
+
+def greedy_requests(texts: list[str], max_tokens: int) -> list[Request]:
+    greedy = Sampling(temperature=0, repetition_penalty=1.0, copy_penalty=0.0, max_tokens=max_tokens)
+    return [Request(f"x{i}", t, greedy) for i, t in enumerate(texts)]
+
+
+def check_exact(model_dir: Path, max_tokens: int, slots: int, chunk: int, texts: list[str] | None = None) -> None:
+    """Every pass on the model's own graph (no float32 copy): batch 1, batched, cached and not == Generator."""
+    texts = texts or prompts()
+    eng_b1, eng_batch, eng_nocache = engines(model_dir, slots, chunk, len(texts), float32_rows=0)
+    try:
+        assert eng_batch._model.session_for(slots) is eng_batch._model.session
+        eos = eng_b1._model.eos
+        ref = [strip_eos([s.token for s in steps], eos) for steps in reference(model_dir, eng_b1, texts, max_tokens)]
+        reqs = greedy_requests(texts, max_tokens)
         one_by_one = [answers(eng_b1, [r])[0] for r in reqs]
         assert one_by_one == ref  # batch 1 == ORT GenAI Generator
         batches = metric("colloquy_generation_batch_size_count")
@@ -111,6 +128,22 @@ def check_exact(model_dir: Path, max_tokens: int, slots: int, chunk: int, float3
     finally:
         for e in (eng_b1, eng_batch, eng_nocache):
             asyncio.run(e.close())
+
+
+def departures(got: list[list[int]], ref: list[list[ReferenceStep]], eos: frozenset[int]) -> list[tuple[int, int]]:
+    """(prompt, step) of each answer that is not the reference's; asserts each departure is a near tie: the
+    engine took one of the reference's next best tokens, whose logit was within NEAR_TIE of the chosen one's."""
+    out = []
+    for i, (ids, steps) in enumerate(zip(got, ref, strict=True)):
+        want = strip_eos([s.token for s in steps], eos)
+        if ids == want:
+            continue
+        k = next(k for k in range(len(want)) if k >= len(ids) or ids[k] != want[k])
+        assert k < len(ids), f"prompt {i}: the engine stopped at token {k}, the reference went on"
+        gap = steps[k].gaps.get(ids[k], float("inf"))
+        assert gap <= NEAR_TIE, f"prompt {i}, token {k}: {ids[k]} is not a near tie of the reference's {steps[k]}"
+        out.append((i, k))
+    return out
 
 
 def test_greedy_equals_ort_genai_generator_batched_and_cached(tiny_model_dir: Path) -> None:
@@ -136,11 +169,38 @@ def test_sampled_answers_do_not_depend_on_cache_or_batch(tiny_model_dir: Path) -
         asyncio.run(batched.close())
 
 
+def real_texts() -> list[str]:
+    """16 of the prompts: 8 first turns (half with the system message) and the 8 later turns."""
+    texts = prompts()
+    return texts[:8] + texts[len(QUESTIONS):]
+
+
 @pytest.mark.model
 def test_real_model_greedy_equals_ort_genai_generator(real_model_dir: Path) -> None:
-    """The served build: 16 of the prompts (8 first turns, half with the system message, and the 8
-    later turns), 24 tokens, batch 1 / 8 slots (passes of 2+ rows on the float32 copy of the
-    weights) / cached == Generator. The tiny model's test runs all 30 at 40 tokens."""
-    texts = prompts()
-    check_exact(real_model_dir, max_tokens=24, slots=8, chunk=32, float32_copy=True,
-                texts=texts[:8] + texts[len(QUESTIONS):])
+    """The served build on its own graph: the 16 real prompts, 24 tokens, batch 1 / 8 slots / cached ==
+    Generator. The tiny model's test runs all 30 at 40 tokens."""
+    check_exact(real_model_dir, max_tokens=24, slots=8, chunk=32, texts=real_texts())
+
+
+@pytest.mark.model
+def test_real_model_float32_copy_departs_from_generator_only_at_near_ties(real_model_dir: Path) -> None:
+    """With the float32 copy (the default GENERATION_FLOAT32_ROWS=2: prompts of 2+ tokens and batched decode
+    passes on float32 weights and activations) greedy answers equal the Generator's on the quantized graph
+    except where its top two tokens were within NEAR_TIE: a child's 8-bit layers quantize activations to
+    int8 (rlhf/export.py), which flips such near ties (measured 2026-12-07 on round 1's child: 9 of 30
+    answers departed, margins 0.005-0.10; the base build departed on none)."""
+    texts = real_texts()
+    eng_b1, eng_batch, _ = engines(real_model_dir, 8, 32, len(texts), float32_rows=2)
+    try:
+        model = eng_batch._model
+        if model.float32_session is None:
+            pytest.skip("the served build is not block-quantized: no float32 copy")
+        assert model.session_for(2) is model.float32_session and model.session_for(1) is model.session
+        assert eng_batch.stats()["float32_rows"] == 2  # what status() reports
+        ref = reference(real_model_dir, eng_b1, texts, 24)
+        reqs = greedy_requests(texts, 24)
+        departures([answers(eng_b1, [r])[0] for r in reqs], ref, model.eos)
+        departures(answers(eng_batch, reqs), ref, model.eos)
+    finally:
+        asyncio.run(eng_b1.close())
+        asyncio.run(eng_batch.close())
