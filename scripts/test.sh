@@ -37,7 +37,7 @@ trap cleanup EXIT
 echo "== pytest"
 export COLLOQUY_KEEP_KAFKA=1   # this script owns the broker's lifetime
 set +e
-$PY -m pytest -p no:cacheprovider -ra "$@"
+$PY -m pytest -p no:cacheprovider -ra --durations=25 "$@"
 rc=$?
 set -e
 echo "tests finished in $(( $(date +%s) - start ))s (pytest exit $rc)"
