@@ -78,14 +78,17 @@ def metric(name: str) -> float:
     return REGISTRY.get_sample_value(name) or 0.0
 
 
-def engines(model_dir: Path, slots: int, chunk: int, n: int, float32_rows: int) -> list[AsyncEngine]:
+def engines(model_dir: Path, slots: int, chunk: int, n: int, float32_rows: int,
+            nocache: bool = True) -> list[AsyncEngine]:
     """Batch 1 (no prefix cache), `slots` slots with `chunk`-token prefill chunks, the same without cache."""
     settings = {"float32_rows": float32_rows}
-    return [AsyncEngine(model_dir, "ref", EngineSettings(max_running=1, prefix_cache_conversations=0, **settings)),
-            AsyncEngine(model_dir, "ref", EngineSettings(max_running=slots, prefill_chunk=chunk, max_waiting=n,
-                                                         **settings)),
-            AsyncEngine(model_dir, "ref", EngineSettings(max_running=slots, prefill_chunk=chunk, max_waiting=n,
-                                                         prefix_cache_conversations=0, **settings))]
+    out = [AsyncEngine(model_dir, "ref", EngineSettings(max_running=1, prefix_cache_conversations=0, **settings)),
+           AsyncEngine(model_dir, "ref", EngineSettings(max_running=slots, prefill_chunk=chunk, max_waiting=n,
+                                                        **settings))]
+    if nocache:
+        out.append(AsyncEngine(model_dir, "ref", EngineSettings(max_running=slots, prefill_chunk=chunk, max_waiting=n,
+                                                                prefix_cache_conversations=0, **settings)))
+    return out
 
 
 def reference(model_dir: Path, eng: AsyncEngine, texts: list[str], max_tokens: int) -> list[list[ReferenceStep]]:
@@ -190,7 +193,7 @@ def test_real_model_float32_copy_departs_from_generator_only_at_near_ties(real_m
     int8 (rlhf/export.py), which flips such near ties (measured 2026-12-07 on round 1's child: 9 of 30
     answers departed, margins 0.005-0.10; the base build departed on none)."""
     texts = real_texts()
-    eng_b1, eng_batch, _ = engines(real_model_dir, 8, 32, len(texts), float32_rows=2)
+    eng_b1, eng_batch = engines(real_model_dir, 8, 32, len(texts), float32_rows=2, nocache=False)
     try:
         model = eng_batch._model
         if model.float32_session is None:
