@@ -101,10 +101,6 @@ class ReferenceStep(NamedTuple):
     token: int
     gaps: dict[int, float]
 
-    @property
-    def margin(self) -> float:
-        return min(self.gaps.values())
-
 
 def reference_steps(model: Any, ids: Sequence[int], max_tokens: int, eos: frozenset[int],
                     runners_up: int = 4) -> list[ReferenceStep]:

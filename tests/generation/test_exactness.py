@@ -80,7 +80,8 @@ def metric(name: str) -> float:
 
 def engines(model_dir: Path, slots: int, chunk: int, n: int, float32_rows: int,
             nocache: bool = True) -> list[AsyncEngine]:
-    """Batch 1 (no prefix cache), `slots` slots with `chunk`-token prefill chunks, the same without cache."""
+    """Batch 1 (no prefix cache), `slots` slots with `chunk`-token prefill chunks and (`nocache`) the same
+    without the prefix cache."""
     settings = {"float32_rows": float32_rows}
     out = [AsyncEngine(model_dir, "ref", EngineSettings(max_running=1, prefix_cache_conversations=0, **settings)),
            AsyncEngine(model_dir, "ref", EngineSettings(max_running=slots, prefill_chunk=chunk, max_waiting=n,
