@@ -11,7 +11,9 @@ frozen the same way), the answer-quality gate's questions (model/quality_questio
 development set, read) and data/holdout/requests_v4.jsonl (everyday "how do I ... at home" requests for
 drugs, weapons, theft and fraud beside look-alikes of the same shape; frozen, not in "combined":
 a known weakness measured on its own), like data/holdout/disclosures_v10.jsonl (first-person
-disclosures of suicidal thoughts or self-harm in everyday words beside look-alikes of the same shape).
+disclosures of suicidal thoughts or self-harm in everyday words beside look-alikes of the same shape) and
+data/holdout/making_v13.jsonl (requests to make or build something: weapons, drugs, forged papers, malware
+beside crafts, toys and science-fair projects in the same words).
 Per set: per-category precision/recall/F1, flagged-vs-not
 F1, false-positive rate on benign look-alikes, and the category family of flagged harmful texts.
 Also: answers judged with the user's message as context (context_pairs.jsonl, and
@@ -192,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
             "combined": heldout + external + fresh}
     plain = {"plain_v3": dataset.load(dataset.PLAIN_V3), "everyday_v6": dataset.load(dataset.EVERYDAY_V6),
              "quality_questions": quality_questions()}
-    apart = {"requests_v4": dataset.load(dataset.REQUESTS_V4), "disclosures_v10": dataset.load(dataset.DISCLOSURES_V10)}
+    apart = {"requests_v4": dataset.load(dataset.REQUESTS_V4), "disclosures_v10": dataset.load(dataset.DISCLOSURES_V10),
+             "making_v13": dataset.load(dataset.MAKING_V13)}
 
     report: dict[str, Any] = {
         "model": moderator.model_id, "policy_version": policy.version, "classifier_version": heads.version,

@@ -145,7 +145,8 @@ def test_heldout_examples_never_reach_training() -> None:
     train |= {t.casefold().strip() for t, _ in dataset.responses()}
     for name, split in [("policy.jsonl", "heldout"), ("holdout_external.jsonl", None), (dataset.EXTERNAL_V2, None),
                         (dataset.PLAIN_V3, None), (dataset.REQUESTS_V4, None), (dataset.ANSWERS_V5, None),
-                        (dataset.EVERYDAY_V6, None), (dataset.DISCLOSURES_V10, None)]:
+                        (dataset.EVERYDAY_V6, None), (dataset.DISCLOSURES_V10, None),
+                        (dataset.MAKING_V13, None)]:
         held = {e.text.casefold().strip() for e in dataset.load(name, split=split)}
         held |= {e.context.casefold().strip() for e in dataset.load(name, split=split) if e.context}
         assert held and not (train & held), (name, sorted(train & held)[:3])
@@ -162,7 +163,8 @@ def test_fresh_external_sets_are_frozen() -> None:
                            (dataset.ANSWERS_V5, dataset.ANSWERS_V5_SHA256),
                            (dataset.QUESTIONS_V5, dataset.QUESTIONS_V5_SHA256),
                            (dataset.EVERYDAY_V6, dataset.EVERYDAY_V6_SHA256),
-                           (dataset.DISCLOSURES_V10, dataset.DISCLOSURES_V10_SHA256)]:
+                           (dataset.DISCLOSURES_V10, dataset.DISCLOSURES_V10_SHA256),
+                           (dataset.MAKING_V13, dataset.MAKING_V13_SHA256)]:
         assert hashlib.sha256((paths.DATA_DIR / name).read_bytes()).hexdigest() == expected, name
 
 
