@@ -13,6 +13,14 @@ carry it in proportion. So a harmful text is flagged even when its category is u
 benign look-alike stays low in every category. A third head scores whether an answer complies
 with its request (for context-aware output moderation).
 
+The making head is a second harm head trained only on the requests to make or build something
+(`rules.making_request`); for such a text P(harmful) is the geometric mean of the two heads'
+(:func:`harm_probability`). The general head learnt the frame itself as harmful (the harmful rows
+in it outnumbered the crafts five to one) and put a quarter of the crafts in it over the block
+line ("How do I make a snowman?" 0.88); adding such crafts to its training moved other texts'
+scores by up to 0.3 ("Where can I find nude pictures of underage girls?" 0.64 -> 0.43), while a
+separate head leaves every text outside the frame as it was (README, "Round 13").
+
 Features: the L2-normalized mean embeddings of layers 1-6 concatenated, plus alt-profanity-check's
 probability. Each head is sigmoid(w . x + b), with Platt calibration folded into w and b. The
 weights (data/classifier.npz, ~150 KB, committed; see README) come from `python -m
@@ -45,6 +53,13 @@ def features(embeddings: np.ndarray, profanity: np.ndarray, layers: list[int]) -
                       profanity.reshape(-1, 1)]).astype(np.float32)
 
 
+def harm_probability(harm_logit: np.ndarray, making_logit: np.ndarray, making: np.ndarray) -> np.ndarray:
+    """P(harmful) per text: the harm head's, or for requests to make something (``making`` true)
+    the geometric mean of it and the making head's, so that either head's doubt lowers it."""
+    harm = sigmoid(harm_logit)
+    return np.where(making, np.sqrt(harm * sigmoid(making_logit)), harm)
+
+
 def combine(harm: np.ndarray, given_harm: np.ndarray) -> np.ndarray:
     """(n,) P(harmful) and (n, 13) P(category | harmful) -> (n, 13) category scores."""
     top = np.clip(given_harm.max(axis=1, keepdims=True), 1e-6, None)
@@ -63,8 +78,11 @@ class Heads:
         self.cat_b = arrays["cat_b"].astype(np.float32)
         self.comply_w = arrays["comply_w"].astype(np.float32)
         self.comply_b = float(arrays["comply_b"])
+        self.making_w = arrays["making_w"].astype(np.float32)
+        self.making_b = float(arrays["making_b"])
         dim = len(self.layers) * 384 + 1
-        if self.harm_w.shape != (dim,) or self.cat_w.shape != (len(CATEGORIES), dim):
+        if (self.harm_w.shape != (dim,) or self.cat_w.shape != (len(CATEGORIES), dim)
+                or self.making_w.shape != (dim,)):
             raise ClassifierError(f"classifier weights do not have {dim} features")
         self.version = str(meta.get("version", "?"))
 
@@ -87,9 +105,11 @@ class Heads:
     def features(self, embeddings: np.ndarray, profanity: np.ndarray) -> np.ndarray:
         return features(embeddings, profanity, self.layers)
 
-    def scores(self, x: np.ndarray) -> np.ndarray:
-        """(n, 13) category scores in CATEGORIES order, each in [0, 1]."""
-        harm = sigmoid(x @ self.harm_w + self.harm_b)
+    def scores(self, x: np.ndarray, making: np.ndarray | None = None) -> np.ndarray:
+        """(n, 13) category scores in CATEGORIES order, each in [0, 1]; ``making`` (n,) marks the
+        requests to make something (`rules.making_request`), which the making head reads too."""
+        making = np.zeros(len(x), dtype=bool) if making is None else making
+        harm = harm_probability(x @ self.harm_w + self.harm_b, x @ self.making_w + self.making_b, making)
         given = sigmoid(x @ self.cat_w.T + self.cat_b)
         return combine(harm, given)
 

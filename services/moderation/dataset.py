@@ -99,9 +99,20 @@ def responses() -> list[tuple[str, bool]]:
     return [(r["text"], bool(r["complies"])) for r in _read(paths.DATA_DIR / "responses.jsonl")]
 
 
+# Requests to make or build something, harmful and not, that only the making head reads (with
+# policy.jsonl's own train rows in that frame): in the general heads' training they moved texts
+# outside the frame too (README "Round 13"). All training; none is held out.
+MAKING = "making.jsonl"
+
+
+def making() -> list[Example]:
+    return load(MAKING)
+
+
 def training_fingerprint() -> str:
-    """sha256 of exactly what training reads (train split + responses), stored with the trained
-    classifier so a test notices weights that are stale against the data."""
+    """sha256 of exactly what training reads (train split, responses, making.jsonl), stored with the
+    trained classifier so a test notices weights that are stale against the data."""
     train = [[e.text, sorted(e.labels)] for e in load(split="train")]
-    text = json.dumps({"policy_train": train, "responses": responses()}, sort_keys=True)
+    extra = [[e.text, sorted(e.labels)] for e in making()]
+    text = json.dumps({"policy_train": train, "responses": responses(), "making": extra}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()

@@ -19,6 +19,10 @@
    80 training rows of that shape cost other held-out texts (README, "Round 10"). Requests only,
    like `drug_request`: an answer says "if you are thinking about suicide, ..." to help. Both
    categories are warnings, not blocks: a false match costs a crisis-line notice, never an answer.
+5. `making_request`: a request to make or build something ("How do I make a snowman?", "Show me
+   how to build a pipe bomb"). Not a verdict: it says which texts the classifier's making head
+   also reads (classifier.py). 25 of the 30 training rows in this frame were harmful, and the
+   harm head learnt the frame itself: a quarter of the crafts in it were flagged (README, "Round 13").
 """
 
 from __future__ import annotations
@@ -166,3 +170,19 @@ def disclosure(text: str, scores: dict[str, float]) -> dict[str, float]:
     if not discloses_self_harm(text):
         return scores
     return {**scores, **{c: max(scores.get(c, 0.0), DISCLOSURE_SCORE) for c in ("self-harm", "self-harm/intent")}}
+
+
+# "How do I (quickly) make", "What's the easiest way to build", "Show me how to craft", ... at the
+# start of a sentence of the request.
+_MAKING = re.compile(
+    r"(?:^|[.!?]\s+)\W*(?:how (?:do|can|would|could|should|did) (?:i|you|we|one|people)"
+    r"|what(?:'s| is) the (?:best|easiest|simplest|quickest|cheapest|fastest|right) way to"
+    r"|(?:show|tell|teach) me how to|can you (?:show|tell|teach) me how to|explain how to|steps to"
+    r"|walk me through(?: how to)?|help me)\s+(?:\w+\s+)?"
+    r"(?:make|build|create|craft|construct|assemble|cook|brew|produce|manufacture|3d print|whittle|carve|sew|bake)\b",
+    re.I)
+
+
+def making_request(text: str) -> bool:
+    """Whether ``text`` asks how to make or build something (the making head's frame)."""
+    return _MAKING.search(text) is not None

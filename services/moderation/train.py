@@ -1,7 +1,8 @@
 """Train the moderation heads: ``python -m services.moderation.train``.
 
-Reads only the train split of data/policy.jsonl and data/responses.jsonl (assistant replies:
-benign examples for every head, and the compliance head's labels), embeds them with the same
+Reads only the train split of data/policy.jsonl, data/responses.jsonl (assistant replies:
+benign examples for every head, and the compliance head's labels) and data/making.jsonl (requests to
+make or build something, for the making head alone), embeds them with the same
 ONNX encoder and normalization the service uses, and fits the heads described in
 `classifier.py`: logistic regressions (balanced class weights) on standardized features, whose
 Platt calibration is fitted on 5-fold out-of-fold decision values; standardization and
@@ -9,8 +10,8 @@ calibration are folded into the weights, so serving stays one dot product per he
 
 Validation is the train split's own out-of-fold predictions (5 folds): they choose the
 regularization strength and each category's threshold, which are written into policy.yaml
-(`--no-policy` leaves it alone). The held-out split and data/holdout/ are never read here; they
-are for `bench.moderation_eval` only.
+(`--no-policy` leaves it alone; `--keep-thresholds` skips the search and keeps the policy's).
+The held-out split and data/holdout/ are never read here; they are for `bench.moderation_eval` only.
 Deterministic: same data and encoder build -> same weights; the thresholds also depend on the
 policy's previous ones: the search starts there, and no category may fall below their
 out-of-fold recall (`RECALL_SLACK`) or flag more benign texts than they do (`FALSE_POSITIVE_SLACK`).
@@ -37,7 +38,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from services.moderation import dataset, paths, rules
 from services.moderation.categories import CATEGORIES, family
-from services.moderation.classifier import combine, features, sigmoid
+from services.moderation.classifier import combine, features, harm_probability, sigmoid
 from services.moderation.embedder import Embedder
 from services.moderation.policy import load as load_policy
 from services.moderation.profanity import Profanity
@@ -103,20 +104,26 @@ def head(x: np.ndarray, y: np.ndarray, c: float,
     return (a * w).astype(np.float32), a * (float(model.intercept_[0]) - float(w @ mu)) + b
 
 
-def fit_all(x: np.ndarray, labels: np.ndarray, c: float) -> dict[str, np.ndarray]:
+def fit_all(x: np.ndarray, labels: np.ndarray, c: float, making: np.ndarray,
+            extra: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
     """Harm head on everything, category heads on the harmful examples only (one standardization,
-    from all of `x`, so the category heads see harmful texts relative to everything)."""
+    from all of `x`, so the category heads see harmful texts relative to everything), and the
+    making head on the requests to make something only: the rows of `x` marked ``making``
+    (`rules.making_request`) and ``extra`` (data/making.jsonl's features and harm labels), which
+    no other head reads."""
     harm = labels.any(axis=1).astype(int)
     scale = scaler(x)
     hw, hb = head(x, harm, c, scale)
     xs, ls = x[harm == 1], labels[harm == 1]
     cat = [head(xs, ls[:, j].astype(int), c, scale) for j in range(len(CATEGORIES))]
+    mw, mb = head(np.vstack([x[making], extra[0]]), np.concatenate([harm[making], extra[1]]), c)
     return {"harm_w": hw, "harm_b": np.float32(hb), "cat_w": np.stack([w for w, _ in cat]),
-            "cat_b": np.array([b for _, b in cat], dtype=np.float32)}
+            "cat_b": np.array([b for _, b in cat], dtype=np.float32), "making_w": mw, "making_b": np.float32(mb)}
 
 
-def predict(arrays: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
-    harm = sigmoid(x @ arrays["harm_w"] + arrays["harm_b"])
+def predict(arrays: dict[str, np.ndarray], x: np.ndarray, making: np.ndarray) -> np.ndarray:
+    harm = harm_probability(x @ arrays["harm_w"] + arrays["harm_b"], x @ arrays["making_w"] + arrays["making_b"],
+                            making)
     return combine(harm, sigmoid(x @ arrays["cat_w"].T + arrays["cat_b"]))
 
 
@@ -136,12 +143,14 @@ def _prf(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
             "f1": round(2 * p * r / (p + r) if p + r else 0.0, 3), "positives": int(y.sum())}
 
 
-def oof_scores(x: np.ndarray, labels: np.ndarray, c: float) -> np.ndarray:
-    """The whole scorer (rules aside), 5-fold out of fold on the train split: the validation set."""
+def oof_scores(x: np.ndarray, labels: np.ndarray, c: float, making: np.ndarray,
+               extra: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """The whole scorer (rules aside), 5-fold out of fold on the train split: the validation set
+    (``extra``, the making head's own rows, trains in every fold and is never scored)."""
     harm = labels.any(axis=1)
     scores = np.zeros(labels.shape)
     for tr, te in _folds(harm.astype(int), seed=SEED + 1).split(x, harm):
-        scores[te] = predict(fit_all(x[tr], labels[tr], c), x[te])
+        scores[te] = predict(fit_all(x[tr], labels[tr], c, making[tr], extra), x[te], making[te])
     return scores
 
 
@@ -244,7 +253,7 @@ def write_thresholds(path: Path, thresholds: dict[str, float], classifier_versio
 
 
 def train(out_dir: Path, model_dir: Path | None = None, precision: str = "int8",
-          policy_file: Path | None = paths.POLICY_FILE) -> dict[str, Any]:
+          policy_file: Path | None = paths.POLICY_FILE, keep_thresholds: bool = False) -> dict[str, Any]:
     started = time.time()
     examples = dataset.load(split="train")
     responses = dataset.responses()
@@ -264,14 +273,17 @@ def train(out_dir: Path, model_dir: Path | None = None, precision: str = "int8",
     labels = np.array([[c in e.labels for c in CATEGORIES] for e in examples]
                       + [[False] * len(CATEGORIES)] * len(responses), dtype=bool)
     lookalike = np.array([e.kind == "lookalike" for e in examples] + [False] * len(responses))
+    making = np.array([rules.making_request(rules.normalize(e.text)) for e in examples] + [False] * len(responses))
+    asks = dataset.making()
+    extra = (featurize([e.text for e in asks]), np.array([bool(e.labels) for e in asks], dtype=int))
     c, grid = choose_c(x, labels.any(axis=1).astype(int))
-    arrays = fit_all(x, labels, c)
+    arrays = fit_all(x, labels, c, making, extra)
     cw, cb = head(rx, ry, c)
-    scores = oof_scores(x, labels, c)
+    scores = oof_scores(x, labels, c, making, extra)
     before = np.array([policy.categories[n].threshold for n in CATEGORIES])
     floors = recall_floors(scores, labels, before)
     ceilings = false_positive_ceilings(scores, labels, before)
-    chosen = choose_thresholds(scores, labels, lookalike, before, floors, ceilings)
+    chosen = before if keep_thresholds else choose_thresholds(scores, labels, lookalike, before, floors, ceilings)
     cv = cross_validate(scores, labels, lookalike, chosen)
     cv["at_thresholds_0.5"] = cross_validate(scores, labels, lookalike, np.full(len(CATEGORIES), 0.5))
     comply_oof = sigmoid(_oof_decision(rx, ry, c))  # uncalibrated, only its sign matters here
@@ -283,10 +295,14 @@ def train(out_dir: Path, model_dir: Path | None = None, precision: str = "int8",
         "layers": LAYERS, "features": "L2-normalized mean embedding of each layer in `layers` + profanity",
         "training": {"fingerprint": fingerprint, "examples": len(examples), "responses": len(responses),
                      "C": c, "C_grid_harm_average_precision": grid, "folds": FOLDS,
+                     "making_head_examples": {"harmful": int(labels[making].any(axis=1).sum() + extra[1].sum()),
+                                              "benign": int((~labels[making].any(axis=1)).sum()
+                                                            + len(extra[1]) - extra[1].sum())},
                      "class_weight": "balanced", "standardized": True,
                      "calibration": "Platt on out-of-fold decisions",
                      "policy_thresholds_before": dict(zip(CATEGORIES, before.tolist(), strict=True))},
-        "thresholds": {"chosen_on": "5-fold out-of-fold scores of the train split",
+        "thresholds": {"chosen_on": ("kept from the policy (--keep-thresholds)" if keep_thresholds
+                                     else "5-fold out-of-fold scores of the train split"),
                        "lookalike_fpr_target": LOOKALIKE_FPR_TARGET,
                        "started_from": "policy_thresholds_before",
                        "recall_floors": dict(zip(CATEGORIES, [round(float(f), 3) for f in floors], strict=True)),
@@ -305,7 +321,7 @@ def train(out_dir: Path, model_dir: Path | None = None, precision: str = "int8",
         print(f"  policy thresholds updated in {policy_file} (version bumped)")
     print(f"trained harm + {len(CATEGORIES)} category heads + compliance on {len(examples)} examples "
           f"(C={c}) in {time.time() - started:.1f}s -> {out_dir / 'classifier.npz'}")
-    print(f"  thresholds (chosen out of fold) {meta['thresholds']['values']}")
+    print(f"  thresholds ({meta['thresholds']['chosen_on']}) {meta['thresholds']['values']}")
     print(f"  cv flagged {cv['flagged']}  look-alike FPR {cv['lookalike_false_positive_rate']}  "
           f"family accuracy {cv['family_accuracy_among_flagged']}")
     print(f"  cv at thresholds 0.5: flagged {cv['at_thresholds_0.5']['flagged']}  "
@@ -323,8 +339,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="encoder build to train on (the one the service will run)")
     parser.add_argument("--no-policy", action="store_true",
                         help="do not write the chosen thresholds into policy.yaml")
+    parser.add_argument("--keep-thresholds", action="store_true",
+                        help="no threshold search: keep policy.yaml's (round 13's heads were trained so, README)")
     args = parser.parse_args(argv)
-    train(args.out_dir, precision=args.precision, policy_file=None if args.no_policy else paths.POLICY_FILE)
+    train(args.out_dir, precision=args.precision, policy_file=None if args.no_policy else paths.POLICY_FILE,
+          keep_thresholds=args.keep_thresholds)
 
 
 if __name__ == "__main__":

@@ -121,3 +121,26 @@ def test_a_first_person_disclosure_of_suicidal_thoughts_is_self_harm(text: str) 
 def test_accidents_plans_and_talk_about_suicide_are_left_to_the_classifier(text: str) -> None:
     scores = {"self-harm": 0.02}
     assert rules.disclosure(rules.normalize(text), scores) is scores
+
+
+@pytest.mark.parametrize("text", [
+    "How do I make a snowman?",
+    "What's the easiest way to build a doghouse?",
+    "Show me how to build a pipe bomb.",
+    "Can you tell me how to make slime?",
+    "My kids are bored. How can we make a kite?",
+    "how do i quickly make pancakes",
+])
+def test_requests_to_make_or_build_something_are_in_the_making_frame(text: str) -> None:
+    assert rules.making_request(text)
+
+
+@pytest.mark.parametrize("text", [
+    "How do I kill a Python process?",
+    "Why do volcanoes erupt?",
+    "I made a kite yesterday.",
+    "How is cheese made?",
+    "Making friends as an adult is hard.",
+])
+def test_other_texts_are_not_in_the_making_frame(text: str) -> None:
+    assert not rules.making_request(text)
