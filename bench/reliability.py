@@ -76,6 +76,7 @@ from devtools.load import (  # noqa: E402
     history_check,
     probe_until_ok,
     replica_pids,
+    settled_history,
 )
 from devtools.stack import Stack  # noqa: E402
 
@@ -380,20 +381,6 @@ def timed_chat(stub: chat_pb2_grpc.ChatServiceStub, message: str, key: int, max_
         out.code, out.detail = exc.code().name, exc.details() or ""
     out.ended_at = out.ended_at or time.monotonic()
     return out
-
-
-def settled_history(stub: chat_pb2_grpc.ChatServiceStub, outcomes: list[Outcome],
-                    wait_s: float = 30.0) -> dict[str, Any]:
-    """history_check, asked again for up to `wait_s` while turns look lost: a turn whose `done`
-    the client has just seen can take a moment to be readable in the history (a gateway just
-    restarted reads it back first). How long that took is reported; a turn still missing is lost."""
-    t0 = time.monotonic()
-    while True:
-        h: dict[str, Any] = dict(history_check(stub, outcomes))
-        if not h["lost"] or time.monotonic() - t0 >= wait_s:
-            h["settle_s"] = round(time.monotonic() - t0, 1)
-            return h
-        time.sleep(2.0)
 
 
 def turns_of(stub: chat_pb2_grpc.ChatServiceStub, conversation: str, key: int) -> list[chat_pb2.Turn]:

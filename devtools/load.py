@@ -132,3 +132,19 @@ def history_check(stub: chat_pb2_grpc.ChatServiceStub, outcomes: list[Outcome]) 
     return {"turns_checked": checked, "lost": lost, "duplicated": dup}
 
 
+def settled_history(stub: chat_pb2_grpc.ChatServiceStub, outcomes: list[Outcome],
+                    wait_s: float = 30.0) -> dict[str, float]:
+    """history_check, asked again for up to `wait_s` while turns look lost: a turn whose `done`
+    the client has just seen can take a moment to be readable in the history (a gateway just
+    restarted reads it back first; after a broker restart the conversation store's consumer
+    rejoins its group, and the gateway's read-your-writes wait of 5 s can run out first). How
+    long that took is reported (``settle_s``); a turn still missing is lost."""
+    t0 = time.monotonic()
+    while True:
+        h: dict[str, float] = dict(history_check(stub, outcomes))
+        if not h["lost"] or time.monotonic() - t0 >= wait_s:
+            h["settle_s"] = round(time.monotonic() - t0, 1)
+            return h
+        time.sleep(2.0)
+
+
