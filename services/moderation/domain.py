@@ -51,7 +51,8 @@ class Moderator:
         emb = self.embedder.embed_windows(windows)
         prof = self.profanity.predict([norm[w.text_index][w.start:w.end] for w in windows])
         x = self.heads.features(emb, prof)
-        probs = self.heads.scores(x, np.array([rules.making_request(norm[w.text_index]) for w in windows], dtype=bool))
+        asks = [rules.making_request(t) for t in norm]  # once per text, not per window
+        probs = self.heads.scores(x, np.array([asks[w.text_index] for w in windows], dtype=bool))
         best = np.zeros((len(texts), len(CATEGORIES)), dtype=np.float32)
         first = np.zeros((len(texts), x.shape[1]), dtype=np.float32)
         seen = [False] * len(texts)
