@@ -32,7 +32,7 @@ from services.moderation.categories import CATEGORIES
 from services.moderation.classifier import features
 from services.moderation.policy import load as load_policy
 from services.moderation.profanity import Profanity
-from services.moderation.train import LAYERS, cross_validate, fit_all, predict
+from services.moderation.train import LAYERS, cross_validate, fit_all, in_making_frame, making_rows, predict
 
 FOLDS = 5
 FOLD_SEED = 7
@@ -155,15 +155,13 @@ def measure(name: str, encoder: Encoder, texts: list[str], labels: np.ndarray, l
             train: np.ndarray, test: np.ndarray, questions: list[str], profanity: Profanity) -> dict[str, Any]:
     """Heads fitted on ``train`` rows, scored on ``test`` rows and the development questions."""
     x = encoder.features(texts, profanity)
-    making = np.array([rules.making_request(rules.normalize(t)) for t in texts])
-    asks = np.array([rules.making_request(rules.normalize(q)) for q in questions], dtype=bool)
-    asks = dataset.making()
-    extra = (encoder.features([e.text for e in asks], profanity), np.array([bool(e.labels) for e in asks], dtype=int))
+    making = in_making_frame(texts)
+    extra = making_rows(lambda batch: encoder.features(batch, profanity))
     heads = fit_all(x[train], labels[train], C, making[train], extra)
     policy = load_policy(paths.POLICY_FILE)
     thresholds = np.array([policy.categories[c].threshold for c in CATEGORIES])
     cv = cross_validate(predict(heads, x[test], making[test]), labels[test], lookalike[test], thresholds)
-    scores = predict(heads, encoder.features(questions, profanity), asks)
+    scores = predict(heads, encoder.features(questions, profanity), in_making_frame(questions))
     flagged = [(q, CATEGORIES[int(np.argmax(s / thresholds))], round(float(s.max()), 2))
                for q, s in zip(questions, scores, strict=True) if (s >= thresholds).any()]
     return {"encoder": name, "flagged": cv["flagged"], "lookalike_fpr": cv["lookalike_false_positive_rate"],

@@ -28,6 +28,7 @@ import io
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,17 @@ def fit_all(x: np.ndarray, labels: np.ndarray, c: float, making: np.ndarray,
     mw, mb = head(np.vstack([x[making], extra[0]]), np.concatenate([harm[making], extra[1]]), c)
     return {"harm_w": hw, "harm_b": np.float32(hb), "cat_w": np.stack([w for w, _ in cat]),
             "cat_b": np.array([b for _, b in cat], dtype=np.float32), "making_w": mw, "making_b": np.float32(mb)}
+
+
+def in_making_frame(texts: list[str]) -> np.ndarray:
+    """Which texts the making head reads (`rules.making_request` on the normalized text, as served)."""
+    return np.array([rules.making_request(rules.normalize(t)) for t in texts], dtype=bool)
+
+
+def making_rows(featurize: Callable[[list[str]], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """data/making.jsonl as the making head's extra rows: features and harm labels (1 harmful)."""
+    asks = dataset.making()
+    return featurize([e.text for e in asks]), np.array([bool(e.labels) for e in asks], dtype=int)
 
 
 def predict(arrays: dict[str, np.ndarray], x: np.ndarray, making: np.ndarray) -> np.ndarray:
@@ -273,9 +285,8 @@ def train(out_dir: Path, model_dir: Path | None = None, precision: str = "int8",
     labels = np.array([[c in e.labels for c in CATEGORIES] for e in examples]
                       + [[False] * len(CATEGORIES)] * len(responses), dtype=bool)
     lookalike = np.array([e.kind == "lookalike" for e in examples] + [False] * len(responses))
-    making = np.array([rules.making_request(rules.normalize(e.text)) for e in examples] + [False] * len(responses))
-    asks = dataset.making()
-    extra = (featurize([e.text for e in asks]), np.array([bool(e.labels) for e in asks], dtype=int))
+    making = np.concatenate([in_making_frame([e.text for e in examples]), np.zeros(len(responses), dtype=bool)])
+    extra = making_rows(featurize)
     c, grid = choose_c(x, labels.any(axis=1).astype(int))
     arrays = fit_all(x, labels, c, making, extra)
     cw, cb = head(rx, ry, c)
